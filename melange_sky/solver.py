@@ -1,0 +1,486 @@
+"""Mélange's cost-aware bin packing: the cheapest count of each GPU type that serves the whole workload.
+
+Notation (as in the paper): bucket b has rate r[b] req/s; GPU type g costs c[g] $/h and serves at most t[b, g]
+req/s of bucket b, so sending all of b to g loads it with r[b] / t[b, g] GPUs' worth of work. y[g] counts GPUs.
+
+Three formulations share that model and differ only in how a bucket may be divided among GPU types:
+
+* ``slices`` (default): b is cut into S = slice_factor equal slices, each served whole by one type. Slices of a
+  bucket are interchangeable, so an integer n[b, g] in 0..S (how many of b's slices go to g) replaces the paper's
+  S binaries per (b, g): the same optimum without the symmetry that makes branch-and-bound slow.
+* ``paper``: the paper's literal ILP, binary x[b, k, g] per slice k. Kept to cross-check ``slices``.
+* ``split``: any fraction x[b, g] in [0, 1] (the S -> infinity limit). Never dearer; x is a router's table.
+
+Every allocation is re-checked after solving (load <= headroom * count per type, shares of each bucket sum
+to 1); one that fails is a bug and raises `AllocationCheckError`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+from .config import Bucket, Config, GpuSpec
+from .errors import AllocationCheckError, InfeasibleAllocation, SolverError
+
+FORMULATIONS = ("slices", "paper", "split")
+SOLVERS = ("cbc", "highs")
+#: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
+CHECK_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """Which MILP solver runs the model. `path` points at a CBC binary elsewhere (e.g. Homebrew's on Arm Macs)."""
+
+    name: str = "cbc"
+    path: str | None = None
+    time_limit: float | None = None
+    msg: bool = False
+
+
+@dataclass(frozen=True)
+class GpuAllocation:
+    """How many GPUs of one type the plan buys, and how hard they are planned to work."""
+
+    name: str
+    count: int
+    price: float
+    load: float  # GPUs' worth of work routed to this type
+    utilisation: float | None  # load / count; None when count is 0
+
+    @property
+    def cost(self) -> float:
+        return self.count * self.price
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one bucket's requests go: share of the bucket per GPU type (shares sum to 1)."""
+
+    bucket: Bucket
+    name: str
+    rate: float
+    shares: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The fleet one GPU type alone would need, or why that type alone cannot serve the workload."""
+
+    gpu: str
+    count: int | None
+    cost: float | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A cheaper fleet another formulation finds (shown so the user can choose it)."""
+
+    formulation: str
+    cost: float
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """Everything later stages (plan, up, router, simulator) need from a solve."""
+
+    name: str
+    source: str
+    formulation: str
+    slice_factor: int
+    headroom: float
+    total_request_rate: float
+    solver: str
+    status: str  # "optimal" or "feasible" (time limit hit before optimality was proven)
+    solve_seconds: float
+    gpus: list[GpuAllocation]
+    routing: list[Route]
+    baselines: list[Baseline]
+    lower_bound: float | None = None  # proven: no fleet under this formulation costs less
+    alternative: Alternative | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def cost(self) -> float:
+        return sum(g.cost for g in self.gpus)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {g.name: g.count for g in self.gpus}
+
+    @property
+    def best_baseline(self) -> Baseline | None:
+        feasible = [b for b in self.baselines if b.cost is not None]
+        return min(feasible, key=lambda b: b.cost) if feasible else None
+
+    @property
+    def saving(self) -> float | None:
+        """$/h the mix saves against the cheapest single-GPU-type fleet."""
+        best = self.best_baseline
+        return None if best is None else best.cost - self.cost
+
+    def original_output(self) -> dict[str, Any]:
+        """The original Mélange `melange_result.json` shape: count per GPU type plus total `cost`."""
+        return {**self.counts, "cost": round(self.cost, 6)}
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best_baseline
+        return {
+            "name": self.name,
+            "config": self.source,
+            "formulation": self.formulation,
+            "slice_factor": self.slice_factor,
+            "headroom": self.headroom,
+            "total_request_rate": self.total_request_rate,
+            "solver": self.solver,
+            "status": self.status,
+            "solve_seconds": round(self.solve_seconds, 4),
+            "cost": round(self.cost, 6),
+            "counts": self.counts,
+            "gpus": [{**asdict(g), "cost": round(g.cost, 6)} for g in self.gpus],
+            "routing": [{"bucket": list(r.bucket), "name": r.name, "rate": r.rate, "shares": r.shares}
+                        for r in self.routing],
+            "baselines": [asdict(b) for b in self.baselines],
+            "best_baseline": best.gpu if best else None,
+            "saving": None if self.saving is None else round(self.saving, 6),
+            "saving_pct": None if best is None else round(100 * self.saving / best.cost, 2),
+            "lower_bound": None if self.lower_bound is None else round(self.lower_bound, 6),
+            "alternative": asdict(self.alternative) if self.alternative else None,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass
+class ModelVariables:
+    """The decision variables, keyed by domain names, and each (bucket, GPU) share as an expression of them."""
+
+    count: dict[str, Any]  # y[g]
+    assign: dict[tuple, Any]  # n[b, g] (slices), x[b, k, g] (paper) or x[b, g] (split)
+    share: dict[tuple[Bucket, str], Any]  # fraction of bucket b served by g, as a PuLP expression
+
+
+def solve(config: Config, formulation: str = "slices", options: SolverOptions = SolverOptions(),
+          compare: bool = True) -> SolveResult:
+    """Find the cheapest fleet. With `compare`, also the LP lower bound and a cheaper `split` alternative."""
+    if formulation not in FORMULATIONS:
+        raise SolverError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
+    model, variables = build_model(config, formulation)
+    status, seconds = run_model(model, options)
+    if status == "infeasible":
+        raise InfeasibleAllocation(explain_infeasible(config, formulation, options))
+    counts, routing = extract_allocation(config, variables)
+    result = make_result(config, formulation, options, status, seconds, counts, routing)
+    if not compare:
+        return result
+    # The best proven lower bound: the LP relaxation, or the split optimum (split relaxes slices and paper).
+    bounds = [_lp_bound(config, options)]
+    alternative = None
+    if formulation == "split":
+        bounds.append(result.cost if status == "optimal" else None)
+    else:
+        split = solve(config, "split", options, compare=False)
+        bounds.append(split.cost if split.status == "optimal" else None)
+        if split.cost < result.cost - 1e-9:
+            alternative = Alternative("split", split.cost, split.counts)
+    lower_bound = max((b for b in bounds if b is not None), default=None)
+    return dataclasses.replace(result, lower_bound=lower_bound, alternative=alternative)
+
+
+def build_model(config: Config, formulation: str, relax: bool = False):
+    """The MILP for `formulation` as (model, variables). `relax` makes every variable continuous."""
+    import pulp
+
+    integer = pulp.LpContinuous if relax else pulp.LpInteger
+    binary = pulp.LpContinuous if relax else pulp.LpBinary
+    S = config.slice_factor
+    rate = {b: config.bucket_rate(b) for b in config.buckets}
+    demand = [b for b in config.buckets if rate[b] > 0]
+    dominated = dominated_gpus(config)
+    gpus = [g for g in config.gpus if g.name not in dominated]
+    servers = {b: [g for g in gpus if g.tput(b) > 0] for b in demand}
+    label = {g.name: f"{k}_{_safe(g.name)}" for k, g in enumerate(config.gpus)}
+
+    model = pulp.LpProblem(f"melange_{formulation}", pulp.LpMinimize)
+    y = {g.name: model.add_variable(f"y_{label[g.name]}", lowBound=g.min_count, upBound=g.max_count, cat=integer)
+         for g in gpus}
+    model += pulp.lpSum(g.cost * y[g.name] for g in gpus), "cost_per_hour"
+
+    assign: dict[tuple, Any] = {}
+    share: dict[tuple[Bucket, str], Any] = {}
+    for b in demand:
+        i, j = b
+        if formulation == "slices":
+            for g in servers[b]:
+                assign[b, g.name] = model.add_variable(f"n_{i}_{j}_{label[g.name]}", 0, S, integer)
+                share[b, g.name] = assign[b, g.name] * (1.0 / S)
+            model += pulp.lpSum(assign[b, g.name] for g in servers[b]) == S, f"serve_{i}_{j}"
+        elif formulation == "paper":
+            for k in range(S):
+                for g in servers[b]:
+                    assign[b, k, g.name] = model.add_variable(f"x_{i}_{j}_{k}_{label[g.name]}", 0, 1, binary)
+                model += pulp.lpSum(assign[b, k, g.name] for g in servers[b]) == 1, f"serve_{i}_{j}_{k}"
+            for g in servers[b]:
+                share[b, g.name] = pulp.lpSum(assign[b, k, g.name] for k in range(S)) * (1.0 / S)
+        else:  # split
+            for g in servers[b]:
+                assign[b, g.name] = model.add_variable(f"x_{i}_{j}_{label[g.name]}", 0, 1, pulp.LpContinuous)
+                share[b, g.name] = assign[b, g.name]
+            model += pulp.lpSum(assign[b, g.name] for g in servers[b]) == 1, f"serve_{i}_{j}"
+
+    for g in gpus:
+        load = pulp.lpSum(share[b, g.name] * (rate[b] / g.tput(b)) for b in demand if (b, g.name) in share)
+        model += load <= config.headroom * y[g.name], f"capacity_{label[g.name]}"
+    return model, ModelVariables(count=y, assign=assign, share=share)
+
+
+def dominated_gpus(config: Config) -> dict[str, str]:
+    """GPU types no optimal fleet needs, each mapped to one that dominates it: no dearer, at least as fast on every
+    bucket with demand, and without a max_count (while the dominated one has no min_count). Moving all of a dominated
+    type's work onto its dominator never raises the cost, so dropping it is exact; it shrinks multi-cloud problems
+    where one GPU is offered at several prices (40 offers of 8 GPUs become 8 columns)."""
+    demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
+    order = {g.name: k for k, g in enumerate(config.gpus)}
+
+    def dominates(h: GpuSpec, g: GpuSpec) -> bool:
+        if h is g or h.max_count is not None or g.min_count > 0 or h.cost > g.cost:
+            return False
+        if any(h.tput(b) < g.tput(b) for b in demand):
+            return False
+        strictly = h.cost < g.cost or any(h.tput(b) > g.tput(b) for b in demand)
+        return strictly or order[h.name] < order[g.name]
+
+    result = {}
+    for g in config.gpus:
+        by = next((h for h in config.gpus if dominates(h, g)), None)
+        if by is not None:
+            result[g.name] = by.name
+    return result
+
+
+def run_model(model, options: SolverOptions) -> tuple[str, float]:
+    """Solve `model` in place; return ("optimal" | "feasible" | "infeasible", wall seconds)."""
+    import pulp
+
+    solver = make_solver(options)
+    started = time.perf_counter()
+    try:
+        with _quiet_stdout(options.name == "highs" and not options.msg):
+            model.solve(solver)
+    except pulp.PulpSolverError as exc:
+        raise SolverError(f"{options.name} failed: {exc}") from exc
+    seconds = time.perf_counter() - started
+    if model.sol_status == pulp.LpSolutionOptimal:
+        return "optimal", seconds
+    if model.sol_status == pulp.LpSolutionIntegerFeasible:
+        return "feasible", seconds
+    if model.status == pulp.LpStatusInfeasible or model.sol_status == pulp.LpSolutionInfeasible:
+        return "infeasible", seconds
+    limit = f" within the {options.time_limit:g} s time limit" if options.time_limit else ""
+    raise SolverError(f"{options.name} found no solution{limit} (status: {pulp.LpStatus[model.status]})")
+
+
+def make_solver(options: SolverOptions):
+    """A PuLP solver object for `options`, with an actionable error when it cannot run here."""
+    import pulp
+
+    if options.name == "cbc":
+        path = options.path or _bundled_cbc() or shutil.which("cbc")
+        if not path:
+            raise SolverError("no CBC binary found: install CBC (e.g. `brew install cbc`) and pass --solver-path, "
+                              "or use --solver highs")
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise SolverError(f"--solver-path {path}: not an executable file")
+        return pulp.COIN_CMD(path=path, msg=options.msg, timeLimit=options.time_limit)
+    if options.name == "highs":
+        if options.path:
+            raise SolverError("--solver-path applies to --solver cbc only")
+        try:
+            import highspy  # noqa: F401
+        except ImportError:
+            raise SolverError("--solver highs needs highspy: pip install 'melange-sky[highs]'") from None
+        return pulp.HiGHS(msg=options.msg, timeLimit=options.time_limit)
+    raise SolverError(f"unknown solver {options.name!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[str, int], dict]:
+    """Integer counts and per-bucket shares from a solved model, rounded clean of solver noise."""
+    import pulp
+
+    counts = {g.name: 0 for g in config.gpus}
+    counts.update({g: int(round(pulp.value(v) or 0)) for g, v in variables.count.items()})
+    routing: dict[Bucket, dict[str, float]] = {}
+    for (b, g), expr in variables.share.items():
+        value = min(max(pulp.value(expr) or 0.0, 0.0), 1.0)
+        if value > 1e-9:
+            routing.setdefault(b, {})[g] = value
+    for b, shares in routing.items():  # exact fractions for sliced forms; renormalise solver noise for split
+        total = sum(shares.values())
+        denominator = config.slice_factor if len(shares) > 1 else 1
+        routing[b] = {g: _snap(s / total, denominator) for g, s in shares.items()}
+    return counts, routing
+
+
+def make_result(config: Config, formulation: str, options: SolverOptions, status: str, seconds: float,
+                counts: dict[str, int], routing: dict[Bucket, dict[str, float]]) -> SolveResult:
+    """Build the result record and check it: a result that fails its own check is a bug, not an output."""
+    check_allocation(config, counts, routing)
+    loads = _loads(config, routing)
+    gpus = [GpuAllocation(name=g.name, count=counts[g.name], price=g.cost, load=loads[g.name],
+                          utilisation=(loads[g.name] / counts[g.name]) if counts[g.name] else None)
+            for g in config.gpus]
+    routes = [Route(bucket=b, name=config.bucket_name(b), rate=config.bucket_rate(b), shares=routing[b])
+              for b in config.buckets if b in routing]
+    return SolveResult(name=config.name, source=config.source, formulation=formulation,
+                       slice_factor=config.slice_factor, headroom=config.headroom,
+                       total_request_rate=config.total_request_rate, solver=options.name, status=status,
+                       solve_seconds=seconds, gpus=gpus, routing=routes, baselines=baselines(config),
+                       warnings=list(config.warnings))
+
+
+def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucket, dict[str, float]]) -> None:
+    """Raise `AllocationCheckError` unless every bucket is fully routed and no type is planned over headroom."""
+    problems = []
+    for b in config.buckets:
+        if config.bucket_rate(b) <= 0:
+            continue
+        shares = routing.get(b, {})
+        if abs(sum(shares.values()) - 1.0) > CHECK_TOLERANCE:
+            problems.append(f"bucket {config.bucket_name(b)} shares sum to {sum(shares.values())!r}")
+        for g, s in shares.items():
+            if config.gpu(g).tput(b) <= 0 and s > 0:
+                problems.append(f"bucket {config.bucket_name(b)} routed to {g}, which cannot serve it")
+    for g, load in _loads(config, routing).items():
+        capacity = counts[g] * config.headroom
+        if load > capacity + CHECK_TOLERANCE * max(1.0, capacity):
+            problems.append(f"{g} load {load:.6g} exceeds {counts[g]} x headroom {config.headroom:g}")
+    for gpu in config.gpus:
+        if counts[gpu.name] < gpu.min_count or (gpu.max_count is not None and counts[gpu.name] > gpu.max_count):
+            problems.append(f"{gpu.name} count {counts[gpu.name]} outside its min/max_count")
+    if problems:
+        raise AllocationCheckError("internal error, please report: the solved allocation fails its check: "
+                                   + "; ".join(problems))
+
+
+def baselines(config: Config) -> list[Baseline]:
+    """Single-GPU-type fleets (what teams do today): count = ceil(total load / headroom) of that type."""
+    result = []
+    demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
+    for gpu in config.gpus:
+        blocked = next((b for b in demand if gpu.tput(b) <= 0), None)
+        if blocked is not None:
+            result.append(Baseline(gpu.name, None, None,
+                                   f"cannot serve bucket {config.bucket_name(blocked)} (tputs 0)"))
+            continue
+        load = sum(config.bucket_rate(b) / gpu.tput(b) for b in demand)
+        count = max(math.ceil(load / config.headroom - 1e-9), gpu.min_count)
+        if gpu.max_count is not None and count > gpu.max_count:
+            result.append(Baseline(gpu.name, None, None, f"needs {count}, above its max_count {gpu.max_count}"))
+            continue
+        result.append(Baseline(gpu.name, count, count * gpu.cost))
+    return result
+
+
+def explain_infeasible(config: Config, formulation: str, options: SolverOptions) -> str:
+    """Say why no fleet fits. Only `max_count` can cause it (config validation rules out unservable buckets)."""
+    capped = [g for g in config.gpus if g.max_count is not None]
+    limits = ", ".join(f"{g.name} <= {g.max_count}" for g in capped) or "none"
+    for b in config.buckets:
+        servers = [g for g in config.gpus if g.tput(b) > 0]
+        if config.bucket_rate(b) > 0 and all(g.max_count == 0 for g in servers):
+            names = ", ".join(g.name for g in servers)
+            return (f"no fleet fits: bucket {config.bucket_name(b)} can only be served by {names}, "
+                    f"whose max_count is 0")
+    fraction = _max_servable_fraction(config, options)
+    if fraction < 1 - 1e-6:
+        return (f"no fleet fits the max_count limits ({limits}): they can serve at most {100 * fraction:.1f}% of "
+                f"the load ({fraction * config.total_request_rate:.4g} of {config.total_request_rate:g} req/s). "
+                f"Raise a max_count, add a GPU type, or lower total_request_rate")
+    return (f"no fleet fits the max_count limits ({limits}) when each bucket is cut into slice_factor "
+            f"{config.slice_factor} whole slices ({formulation}); the load itself fits: use --formulation split "
+            f"or a larger slice_factor")
+
+
+def _max_servable_fraction(config: Config, options: SolverOptions) -> float:
+    """Largest share of every bucket's demand that the max_count limits can carry (an LP)."""
+    import pulp
+
+    model = pulp.LpProblem("max_servable", pulp.LpMaximize)
+    alpha = model.add_variable("alpha", 0, 1)
+    model += alpha, "served_fraction"
+    demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
+    x = {}
+    for b in demand:
+        for g in config.gpus:
+            if g.tput(b) > 0:
+                x[b, g.name] = model.add_variable(f"x_{b[0]}_{b[1]}_{len(x)}", 0, 1)
+        model += pulp.lpSum(v for (bb, _), v in x.items() if bb == b) == alpha, f"serve_{b[0]}_{b[1]}"
+    for k, g in enumerate(config.gpus):
+        cap = config.headroom * g.max_count if g.max_count is not None else None
+        if cap is not None:
+            load = pulp.lpSum(x[b, g.name] * config.bucket_rate(b) / g.tput(b) for b in demand if (b, g.name) in x)
+            model += load <= cap, f"capacity_{k}"
+    run_model(model, SolverOptions(name=options.name, path=options.path))
+    return pulp.value(alpha) or 0.0
+
+
+def _lp_bound(config: Config, options: SolverOptions) -> float | None:
+    import pulp
+
+    model, _ = build_model(config, "split", relax=True)
+    status, _ = run_model(model, SolverOptions(name=options.name, path=options.path))
+    return pulp.value(model.objective) if status == "optimal" else None
+
+
+def _loads(config: Config, routing: dict[Bucket, dict[str, float]]) -> dict[str, float]:
+    loads = {g.name: 0.0 for g in config.gpus}
+    for b, shares in routing.items():
+        for g, s in shares.items():
+            loads[g] += s * config.bucket_rate(b) / config.gpu(g).tput(b)
+    return loads
+
+
+def _snap(value: float, denominator: int) -> float:
+    """Snap solver noise to the nearest k/denominator when within tolerance (slices give exact fractions)."""
+    nearest = round(value * denominator) / denominator
+    return nearest if abs(nearest - value) < 1e-7 else value
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", name)
+
+
+def _bundled_cbc() -> str | None:
+    """The CBC binary PuLP ships (used through COIN_CMD: PULP_CBC_CMD itself is deprecated in PuLP 3.3)."""
+    import pulp
+
+    path = getattr(pulp.PULP_CBC_CMD, "pulp_cbc_path", None)
+    return path if path and os.path.isfile(path) else None
+
+
+@contextlib.contextmanager
+def _quiet_stdout(enabled: bool) -> Iterator[None]:
+    """Silence a C library writing to fd 1 (HiGHS prints a banner whatever PuLP's `msg` says; `--json` needs a
+    clean stdout)."""
+    if not enabled:
+        yield
+        return
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
