@@ -176,7 +176,7 @@ def solve(config: Config, formulation: str = "slices", options: SolverOptions = 
     model, variables = build_model(config, formulation)
     status, seconds = run_model(model, options)
     if status == "infeasible":
-        raise InfeasibleAllocation(explain_infeasible(config, formulation, options))
+        raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options)}")
     counts, routing = extract_allocation(config, variables)
     result = make_result(config, formulation, options, status, seconds, counts, routing)
     if not compare:

@@ -1,0 +1,249 @@
+"""Bad input gets one line naming the file and the field, exit code 2, and no traceback (unless --debug)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from melange_sky import ConfigError, parse_config
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("Warning:")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_missing_file_is_named(cli, tmp_path):
+    result = cli("solve", str(tmp_path / "nope.json"))
+    assert_one_line_error(result, "nope.json", "no such file")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "file is empty"),
+    ("   \n", "file is empty"),
+    ("{", "not valid JSON"),
+    ("{\"gpu_info\": }", "not valid JSON: Expecting value (line 1, column 14)"),
+    ("[1, 2]", "must be a JSON object"),
+    ("42", "must be a JSON object"),
+])
+def test_unreadable_json_is_reported_with_position(cli, write_config, text, fragment):
+    result = cli("solve", write_config(text))
+    assert_one_line_error(result, "config.json", fragment)
+
+
+@pytest.mark.parametrize("key", ["workload_distribution", "total_request_rate", "gpu_info"])
+def test_missing_required_key_is_named(cli, write_config, example, key):
+    del example[key]
+    assert_one_line_error(cli("solve", write_config(example)), f"config.json: {key}: missing")
+
+
+def test_missing_gpu_field_is_named(cli, write_config, example):
+    del example["gpu_info"]["A10G"]["cost"]
+    assert_one_line_error(cli("solve", write_config(example)), "gpu_info.A10G.cost: missing")
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda c: c["gpu_info"]["A10G"].__setitem__("tputs", [[2, 1], [5]]), "gpu_info.A10G.tputs[1]: has 1 columns"),
+    (lambda c: c["gpu_info"]["A10G"].__setitem__("tputs", [[2, 1]]), "gpu_info.A10G.tputs: is 1x2 but"),
+    (lambda c: c["gpu_info"]["A100-80GB"].__setitem__("tputs", [[1, 2, 3], [4, 5, 6]]),
+     "gpu_info.A100-80GB.tputs: is 2x3 but workload_distribution is 2x2"),
+    (lambda c: c.__setitem__("workload_distribution", [[0.5, 0.5], [1.0]]), "workload_distribution[1]: has 1"),
+    (lambda c: c.__setitem__("workload_distribution", []), "workload_distribution: must be a non-empty array"),
+    (lambda c: c.__setitem__("workload_distribution", [[]]), "workload_distribution[0]: must be a non-empty"),
+    (lambda c: c["gpu_info"]["A10G"].__setitem__("tputs", "fast"), "gpu_info.A10G.tputs: must be a non-empty"),
+])
+def test_ragged_or_mismatched_matrices_are_rejected(cli, write_config, example, mutate, fragment):
+    mutate(example)
+    assert_one_line_error(cli("solve", write_config(example)), fragment)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("tputs", -1, "gpu_info.A10G.tputs[1][0]: must be a number >= 0"),
+    ("tputs", "5", "gpu_info.A10G.tputs[1][0]: must be a number, got string"),
+    ("tputs", True, "gpu_info.A10G.tputs[1][0]: must be a number, got boolean"),
+    ("tputs", None, "gpu_info.A10G.tputs[1][0]: must be a number, got null"),
+])
+def test_bad_throughput_cell_is_named_by_index(cli, write_config, example, field, value, fragment):
+    example["gpu_info"]["A10G"]["tputs"][1][0] = value
+    assert_one_line_error(cli("solve", write_config(example)), fragment)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_rejected(cli, write_config, example, literal):
+    text = write_config(example).replace("config.json", "config.json")
+    raw = open(text).read().replace('"cost": 1.01', f'"cost": {literal}')
+    result = cli("solve", write_config(raw))
+    assert_one_line_error(result, "gpu_info.A10G.cost: must be a finite number")
+
+
+@pytest.mark.parametrize("cost, fragment", [(-1, "must be a positive number, got -1"), (0, "must be a positive")])
+def test_non_positive_cost_is_rejected(cli, write_config, example, cost, fragment):
+    example["gpu_info"]["A10G"]["cost"] = cost
+    assert_one_line_error(cli("solve", write_config(example)), "gpu_info.A10G.cost: " + fragment)
+
+
+def test_negative_share_is_rejected(cli, write_config, example):
+    example["workload_distribution"][0][1] = -0.1
+    assert_one_line_error(cli("solve", write_config(example)), "workload_distribution[0][1]: must be a number >= 0")
+
+
+def test_all_zero_distribution_is_rejected(cli, write_config, example):
+    example["workload_distribution"] = [[0, 0], [0, 0]]
+    assert_one_line_error(cli("solve", write_config(example)), "workload_distribution: all shares are zero")
+
+
+@pytest.mark.parametrize("value, fragment", [
+    (2.5, "slice_factor: must be an integer >= 1, got 2.5"),
+    (0, "slice_factor: must be an integer >= 1, got 0"),
+    (-3, "slice_factor: must be an integer >= 1"),
+    ("4", "slice_factor: must be an integer >= 1, got \"4\""),
+])
+def test_bad_slice_factor_is_rejected(cli, write_config, example, value, fragment):
+    example["slice_factor"] = value
+    assert_one_line_error(cli("solve", write_config(example)), fragment)
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_non_positive_rate_is_rejected(cli, write_config, example, value):
+    example["total_request_rate"] = value
+    assert_one_line_error(cli("solve", write_config(example)), "total_request_rate: must be a positive number")
+
+
+def test_infinite_rate_is_rejected(cli, write_config, example):
+    raw = open(write_config(example)).read().replace('"total_request_rate": 30', '"total_request_rate": Infinity')
+    assert_one_line_error(cli("solve", write_config(raw)), "total_request_rate: must be a finite number, got inf")
+
+
+def test_duplicate_gpu_names_in_list_form_are_rejected(cli, write_config, example):
+    example["gpu_info"] = [{"name": "A10G", **example["gpu_info"]["A10G"]},
+                           {"name": "A10G", **example["gpu_info"]["A100-80GB"]}]
+    assert_one_line_error(cli("solve", write_config(example)), "gpu_info[1].name: duplicate GPU name 'A10G'")
+
+
+def test_duplicate_gpu_keys_in_dict_form_are_rejected(cli, write_config):
+    raw = ('{"workload_distribution": [[1]], "total_request_rate": 1, "gpu_info": '
+           '{"A10G": {"cost": 1, "tputs": [[1]]}, "A10G": {"cost": 2, "tputs": [[1]]}}}')
+    assert_one_line_error(cli("solve", write_config(raw)), "duplicate key 'A10G'")
+
+
+def test_bucket_no_gpu_can_serve_is_named(cli, write_config, example):
+    example["gpu_info"]["A10G"]["tputs"][0][1] = 0
+    example["gpu_info"]["A100-80GB"]["tputs"][0][1] = 0
+    assert_one_line_error(cli("solve", write_config(example)), "workload_distribution[0][1]", "bucket (0, 1)",
+                          "no GPU can serve it")
+
+
+def test_bucket_without_demand_needs_no_server(cli, write_config, example):
+    example["workload_distribution"][0][1] = 0
+    example["gpu_info"]["A10G"]["tputs"][0][1] = 0
+    example["gpu_info"]["A100-80GB"]["tputs"][0][1] = 0
+    assert cli("solve", write_config(example)).exit_code == 0
+
+
+def test_bucket_edges_name_the_unservable_bucket_in_tokens(cli, write_config, example):
+    example.update(input_buckets=[1, 25, 100], output_buckets=[1, 25, 100])
+    for gpu in example["gpu_info"].values():
+        gpu["tputs"][1][0] = 0
+    assert_one_line_error(cli("solve", write_config(example)), "input 25-100, output 1-25 tokens")
+
+
+def test_max_count_infeasibility_says_which_limits(cli, write_config, example):
+    example["gpu_info"]["A10G"]["max_count"] = 5  # A10G alone needs 12 for the whole load
+    example["gpu_info"]["A100-80GB"]["max_count"] = 0
+    result = cli("solve", write_config(example))
+    assert_one_line_error(result, "config.json: no fleet fits the max_count limits (A10G <= 5, A100-80GB <= 0)",
+                          "at most 41.7% of the load (12.5 of 30 req/s)")
+
+
+def test_max_count_zero_on_only_server_names_the_bucket(cli, write_config, example):
+    example["gpu_info"]["A10G"]["tputs"][1][1] = 0
+    example["gpu_info"]["A100-80GB"]["max_count"] = 0
+    assert_one_line_error(cli("solve", write_config(example)), "bucket (1, 1)", "A100-80GB", "max_count is 0")
+
+
+def test_slices_that_cannot_pack_suggest_split(cli, write_config):
+    # One bucket of 3 req/s; each GPU type serves 2 req/s and only one of each may be bought: 4 req/s of capacity,
+    # but a whole slice (slice_factor 1) does not fit on either type.
+    config = {"workload_distribution": [[1]], "total_request_rate": 3, "slice_factor": 1,
+              "gpu_info": {"a": {"cost": 1, "tputs": [[2]], "max_count": 1},
+                           "b": {"cost": 1, "tputs": [[2]], "max_count": 1}}}
+    result = cli("solve", write_config(config))
+    assert_one_line_error(result, "--formulation split")
+    assert cli("solve", write_config(config), "--formulation", "split").exit_code == 0
+
+
+@pytest.mark.parametrize("edges, fragment", [
+    ([1, 25], "input_buckets: has 2 edges, so 1 input buckets, but workload_distribution has 2"),
+    ([1, 100, 25], "input_buckets[2]: must be greater than input_buckets[1]"),
+    ([1], "input_buckets: must be an array of at least 2"),
+])
+def test_bad_bucket_edges_are_rejected(cli, write_config, example, edges, fragment):
+    example["input_buckets"] = edges
+    assert_one_line_error(cli("solve", write_config(example)), fragment)
+
+
+def test_min_count_above_max_count_is_rejected(cli, write_config, example):
+    example["gpu_info"]["A10G"].update(min_count=3, max_count=2)
+    assert_one_line_error(cli("solve", write_config(example)), "gpu_info.A10G.max_count: is 2, below min_count 3")
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--rate", "-1", "--rate: must be a positive number"),
+    ("--rate", "inf", "--rate: must be a finite number"),
+    ("--headroom", "1.5", "--headroom: must be in (0, 1]"),
+    ("--headroom", "0", "--headroom: must be in (0, 1]"),
+])
+def test_bad_overrides_are_rejected(cli, write_config, example, option, value, fragment):
+    assert_one_line_error(cli("solve", write_config(example), option, value), fragment)
+
+
+def test_debug_shows_the_traceback(cli, write_config, example):
+    del example["gpu_info"]
+    result = cli("solve", write_config(example), "--debug")
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ConfigError)
+
+
+def test_unknown_key_warns_with_closest_known_key(cli, write_config, example):
+    example["slice_factr"] = 2
+    example["gpu_info"]["A10G"]["max_cout"] = 3
+    result = cli("solve", write_config(example))
+    assert result.exit_code == 0
+    assert "Warning: " in result.stderr and "slice_factr: unknown key, ignored; did you mean 'slice_factor'?" in \
+        result.stderr
+    assert "gpu_info.A10G.max_cout: unknown key, ignored; did you mean 'max_count'?" in result.stderr
+
+
+def test_distribution_off_by_more_than_one_percent_is_normalised_with_warning():
+    config = parse_config({"workload_distribution": [[2, 1], [5, 2]], "total_request_rate": 30,
+                           "gpu_info": {"g": {"cost": 1, "tputs": [[1, 1], [1, 1]]}}}, source="c.json")
+    assert math.isclose(sum(map(sum, config.workload_distribution)), 1.0)
+    assert math.isclose(config.workload_distribution[1][0], 0.5)
+    assert any("shares sum to 10, not 1; normalised" in w for w in config.warnings)
+
+
+def test_distribution_off_by_rounding_is_normalised_silently():
+    config = parse_config({"workload_distribution": [[0.333, 0.333, 0.333]], "total_request_rate": 1,
+                           "gpu_info": {"g": {"cost": 1, "tputs": [[1, 1, 1]]}}})
+    assert config.warnings == ()
+    assert math.isclose(sum(config.workload_distribution[0]), 1.0)
+
+
+def test_list_form_and_dict_form_are_equivalent(example):
+    as_list = dict(example, gpu_info=[{"name": n, **g} for n, g in example["gpu_info"].items()])
+    assert parse_config(as_list).gpus == parse_config(example).gpus
+
+
+def test_slice_factor_defaults_to_one_as_in_the_original_tool(example):
+    del example["slice_factor"]
+    assert parse_config(example).slice_factor == 1
+
+
+def test_integral_float_slice_factor_is_accepted(example):
+    example["slice_factor"] = 4.0
+    assert parse_config(example).slice_factor == 4
