@@ -76,10 +76,10 @@ def main() -> None:
 @click.option("--formulation", type=click.Choice(["slices", "paper", "split"]), default="slices", show_default=True,
               help="slices: the paper's optimum at the config's slice_factor (fast form); paper: the paper's literal "
                    "ILP, for cross-checking; split: buckets divided among GPU types in any proportion (never dearer).")
-@click.option("--solver", "solver_name", type=click.Choice(["cbc", "highs"]), default="cbc", show_default=True,
-              help="MILP solver: CBC (bundled with PuLP) or HiGHS (needs highspy).")
+@click.option("--solver", "solver_name", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
+              help="MILP solver: HiGHS, or CBC (PuLP's bundled binary, or --solver-path).")
 @click.option("--solver-path", type=click.Path(dir_okay=False, path_type=str),
-              help="A CBC binary to use instead of PuLP's bundled one (e.g. /opt/homebrew/opt/cbc/bin/cbc).")
+              help="A CBC binary to use (implies --solver cbc), e.g. /opt/homebrew/opt/cbc/bin/cbc.")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds the solver may search; if it stops early it reports the best fleet and the proven gap.")
 @click.option("--headroom", type=float, help="Highest planned utilisation of any GPU, in (0, 1] (overrides the "
@@ -103,6 +103,8 @@ def solve(config: str, output: str, as_json: bool, formulation: str, solver_name
     from .solver import SolverOptions
     from .solver import solve as run_solve
 
+    if solver_path:
+        solver_name = "cbc"
     cfg = with_overrides(load_config(config), rate=rate, headroom=headroom)
     _warn(cfg.warnings)
     result = run_solve(cfg, formulation, SolverOptions(name=solver_name, path=solver_path, time_limit=time_limit))

@@ -30,16 +30,20 @@ from .config import Bucket, Config, GpuSpec
 from .errors import AllocationCheckError, InfeasibleAllocation, SolverError
 
 FORMULATIONS = ("slices", "paper", "split")
-SOLVERS = ("cbc", "highs")
+SOLVERS = ("highs", "cbc")
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
+#: "Optimal" means proven optimal: no relative gap, and an absolute gap of a millionth of a dollar per hour.
+#: (Both solvers stop within 0.01% of the bound by default, which may leave a dearer fleet.)
+OPTIMALITY_GAP_ABS = 1e-6
 
 
 @dataclass(frozen=True)
 class SolverOptions:
-    """Which MILP solver runs the model. `path` points at a CBC binary elsewhere (e.g. Homebrew's on Arm Macs)."""
+    """Which MILP solver runs the model. HiGHS by default: PuLP's bundled CBC 2.10.3 sometimes returns a dearer fleet
+    labelled optimal (a preprocessing bug, reproduced in tests). `path` points at a CBC binary elsewhere."""
 
-    name: str = "cbc"
+    name: str = "highs"
     path: str | None = None
     time_limit: float | None = None
     msg: bool = False
@@ -299,15 +303,16 @@ def make_solver(options: SolverOptions):
                               "or use --solver highs")
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise SolverError(f"--solver-path {path}: not an executable file")
-        return pulp.COIN_CMD(path=path, msg=options.msg, timeLimit=options.time_limit)
+        return pulp.COIN_CMD(path=path, msg=options.msg, timeLimit=options.time_limit, gapRel=0.0,
+                             gapAbs=OPTIMALITY_GAP_ABS)
     if options.name == "highs":
         if options.path:
             raise SolverError("--solver-path applies to --solver cbc only")
         try:
             import highspy  # noqa: F401
         except ImportError:
-            raise SolverError("--solver highs needs highspy: pip install 'melange-sky[highs]'") from None
-        return pulp.HiGHS(msg=options.msg, timeLimit=options.time_limit)
+            raise SolverError("--solver highs needs highspy: pip install highspy (or --solver cbc)") from None
+        return pulp.HiGHS(msg=options.msg, timeLimit=options.time_limit, gapRel=0.0, gapAbs=OPTIMALITY_GAP_ABS)
     raise SolverError(f"unknown solver {options.name!r}; choose one of {', '.join(SOLVERS)}")
 
 
