@@ -1,8 +1,15 @@
-"""Shared fixtures: the original Mélange example, a config writer and a CLI runner with separate stderr."""
+"""Shared fixtures: the original Mélange example, a config writer and a CLI runner with separate stderr.
+
+The whole test session runs with a temporary HOME and MELANGE_SKY_HOME (set here, before any test can import
+`sky`, which resolves `~/.sky` at import time), so tests never read or write a user's ~/.sky or ~/.melange-sky.
+"""
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +17,37 @@ from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = json.loads((REPO / "examples" / "example.json").read_text())
+
+_SESSION_HOME: str | None = None
+_SAVED_ENV: dict[str, str | None] = {}
+
+
+def pytest_configure(config) -> None:
+    """Point HOME (and so SkyPilot's ~/.sky) and MELANGE_SKY_HOME at a fresh temporary directory for the session."""
+    global _SESSION_HOME
+    _SESSION_HOME = tempfile.mkdtemp(prefix="melange-sky-test-home-")
+    for key in ("HOME", "MELANGE_SKY_HOME", "SKY_RUNTIME_DIR"):
+        _SAVED_ENV[key] = os.environ.get(key)
+    os.environ["HOME"] = _SESSION_HOME
+    os.environ["MELANGE_SKY_HOME"] = os.path.join(_SESSION_HOME, ".melange-sky")
+    os.environ.pop("SKY_RUNTIME_DIR", None)
+
+
+def pytest_unconfigure(config) -> None:
+    for key, value in _SAVED_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if _SESSION_HOME:
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_home() -> Path:
+    """The session's temporary HOME (SkyPilot keeps its state and catalogs under HOME/.sky)."""
+    assert _SESSION_HOME is not None
+    return Path(_SESSION_HOME)
 
 
 @pytest.fixture
