@@ -43,3 +43,9 @@ class OutputError(MelangeError):
     """A result could not be written where the user asked (missing directory, no permission)."""
 
     exit_code = 2
+
+
+class TemplateError(MelangeError):
+    """A task template cannot be found, has a syntax error, uses an undefined variable or renders invalid YAML."""
+
+    exit_code = 2

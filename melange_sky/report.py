@@ -60,10 +60,15 @@ def result_price(result: SolveResult, gpu: str) -> float:
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write `data` as indented JSON, atomically, so an interrupted run never leaves half a file."""
+    write_text(path, json.dumps(data, indent=4) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` atomically (temporary file, then rename), so an interrupted run never leaves half a file."""
     target = Path(path)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=4) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

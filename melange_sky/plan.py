@@ -1,0 +1,266 @@
+"""From a solved allocation to concrete replicas: one SkyPilot task per GPU instance, named and rendered.
+
+A plan is what `up` launches and what the ledger records: for each replica its cluster name
+(`<fleet>-<gpu>-<i>`), its offer (cloud, region, instance type, $/h) and its rendered task. It holds no secret
+values: tasks name their secrets (`secrets: {HF_TOKEN: null}`) and the launcher supplies them from the environment.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import Config, GpuSpec
+from .errors import ConfigError, OutputError
+from .render import Template, load_template, render
+from .solver import SolveResult
+
+DEFAULT_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+DEFAULT_PORT = 8000
+DEFAULT_SECRETS = ("HF_TOKEN",)
+DEPLOYMENT_KEYS = ("template", "model", "port", "envs", "secrets", "version", "extra_args", "readiness_path")
+#: SkyPilot's cluster-name pattern (checked server-side, sky/utils/common_utils.py).
+CLUSTER_NAME_RE = re.compile(r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")
+#: Longest cluster name we generate; SkyPilot itself truncates on-cloud names per cloud (GCP: 35) with a hash.
+MAX_CLUSTER_NAME = 63
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FORMATS = ("skypilot", "json")
+PLAN_FILE = "melange_plan.json"
+RESULT_FILE = "melange_result.json"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How each replica serves the model: which template, model, port, env vars and secret names."""
+
+    template: str = "vllm"
+    model: str = DEFAULT_MODEL
+    port: int = DEFAULT_PORT
+    envs: dict[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = DEFAULT_SECRETS
+    version: str | None = None
+    extra_args: tuple[str, ...] = ()
+    readiness_path: str = "/health"
+    extra: dict[str, Any] = field(default_factory=dict)  # other keys, passed to custom templates as `deployment`
+
+
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """One GPU instance of the fleet: where it runs, what it costs and the task that runs on it."""
+
+    cluster: str
+    gpu: str  # the solver's column name (a GPU type, or a GPU at one offer with --per-offer)
+    index: int
+    file_name: str
+    cloud: str | None
+    region: str | None
+    instance_type: str | None
+    accelerators: str
+    use_spot: bool
+    price: float  # $/h for the instance
+    task: dict[str, Any]
+    yaml: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"cluster": self.cluster, "gpu": self.gpu, "index": self.index, "file": self.file_name,
+                "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type,
+                "accelerators": self.accelerators, "use_spot": self.use_spot, "price": self.price}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A solve result made concrete: every replica with its offer and rendered task."""
+
+    fleet: str
+    result: SolveResult
+    deployment: Deployment
+    template: str
+    replicas: list[ReplicaPlan]
+    offers: dict[str, dict[str, Any]] = field(default_factory=dict)  # column name -> offer record (catalog)
+
+    @property
+    def cost(self) -> float:
+        return sum(r.price for r in self.replicas)
+
+    @property
+    def clouds(self) -> list[str]:
+        return sorted({r.cloud for r in self.replicas if r.cloud})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleet": self.fleet, "template": self.template, "model": self.deployment.model,
+                "port": self.deployment.port, "secrets": list(self.deployment.secrets),
+                "cost": round(self.cost, 6), "clouds": self.clouds,
+                "replicas": [r.summary() for r in self.replicas], "offers": self.offers,
+                "solve": self.result.to_dict()}
+
+
+def deployment_from_config(config: Config, template: str | None = None) -> Deployment:
+    """The config's `deployment` block, validated; `template` (from --template) overrides its template."""
+    raw = dict(config.deployment)
+
+    def fail(key: str, message: str) -> ConfigError:
+        return ConfigError(config.source, f"deployment.{key}", message)
+
+    def string(key: str, default: str | None) -> str | None:
+        value = raw.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise fail(key, f"must be a non-empty string, got {value!r}")
+        return value
+
+    port = raw.get("port", DEFAULT_PORT)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise fail("port", f"must be an integer port in 1..65535, got {port!r}")
+    envs = raw.get("envs", {})
+    if not isinstance(envs, dict):
+        raise fail("envs", f"must be an object of NAME: value, got {type(envs).__name__}")
+    clean_envs: dict[str, str] = {}
+    for key, value in envs.items():
+        if not ENV_NAME_RE.match(key):
+            raise fail(f"envs.{key}", "is not a valid environment variable name")
+        if isinstance(value, (dict, list)) or value is None:
+            raise fail(f"envs.{key}", f"must be a string or number, got {value!r}")
+        clean_envs[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    secrets = raw.get("secrets", list(DEFAULT_SECRETS))
+    if not isinstance(secrets, list) or not all(isinstance(s, str) and ENV_NAME_RE.match(s) for s in secrets):
+        raise fail("secrets", f"must be an array of environment variable names (e.g. [\"HF_TOKEN\"]), got {secrets!r}")
+    clash = sorted(set(secrets) & set(clean_envs))
+    if clash:
+        raise fail(f"envs.{clash[0]}", "is also listed in deployment.secrets: a secret's value must come from your "
+                                       "environment at launch time, never from the config file")
+    extra_args = raw.get("extra_args", [])
+    if not isinstance(extra_args, list) or not all(isinstance(a, (str, int, float)) for a in extra_args):
+        raise fail("extra_args", f"must be an array of command-line arguments, got {extra_args!r}")
+    readiness = string("readiness_path", "/health")
+    if not readiness.startswith("/"):
+        raise fail("readiness_path", f"must start with '/', got {readiness!r}")
+    version = raw.get("version")
+    if version is not None:
+        version = string("version", None)
+    return Deployment(template=template or string("template", "vllm"), model=string("model", DEFAULT_MODEL),
+                      port=port, envs=clean_envs, secrets=tuple(secrets), version=version,
+                      extra_args=tuple(str(a) for a in extra_args), readiness_path=readiness,
+                      extra={k: v for k, v in raw.items() if k not in DEPLOYMENT_KEYS})
+
+
+def make_plan(config: Config, result: SolveResult, deployment: Deployment | None = None,
+              offers: dict[str, dict[str, Any]] | None = None) -> Plan:
+    """Render one task per replica of `result`. `config` must be the one solved (with offers bound, so each GPU
+    entry carries its cloud, region and instance type)."""
+    deployment = deployment or deployment_from_config(config)
+    template = load_template(deployment.template)
+    slugs = _unique({g.name: _slug(g.name) for g in config.gpus})
+    files = _unique({g.name: _file_part(g.name) for g in config.gpus})
+    replicas = []
+    for allocation in result.gpus:
+        gpu = config.gpu(allocation.name)
+        for index in range(allocation.count):
+            replicas.append(_replica(config.name, gpu, index, slugs[gpu.name], files[gpu.name], deployment,
+                                     template))
+    return Plan(fleet=config.name, result=result, deployment=deployment, template=deployment.template,
+                replicas=replicas, offers=dict(offers or {}))
+
+
+def cluster_name(fleet: str, gpu: str, index: int) -> str:
+    """`<fleet>-<gpu>-<i>`, lower case and valid for SkyPilot, so `sky status` lists a fleet's clusters together."""
+    return _cluster_name(_slug(fleet, "fleet"), _slug(gpu), index)
+
+
+def write_plan(plan: Plan, out_dir: str | Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
+    """Write the plan's files into `out_dir` (created if missing); never outside it. Returns the paths written."""
+    from .report import write_json, write_text
+
+    root = Path(out_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out_dir}: {exc.strerror}") from None
+    written = []
+    if "skypilot" in formats:
+        for replica in plan.replicas:
+            path = _inside(root, replica.file_name)
+            write_text(path, replica.yaml)
+            written.append(path)
+    if "json" in formats:
+        write_json(_inside(root, RESULT_FILE), plan.result.original_output())
+        write_json(_inside(root, PLAN_FILE), plan.to_dict())
+        written += [root / RESULT_FILE, root / PLAN_FILE]
+    return written
+
+
+def stale_task_files(plan: Plan, out_dir: str | Path) -> list[str]:
+    """`skypilot_*.yaml` files in `out_dir` that this plan did not write (left from a larger earlier plan): worth a
+    warning, since launching one by hand would start a replica the plan does not want."""
+    mine = {r.file_name for r in plan.replicas}
+    return sorted(p.name for p in Path(out_dir).glob("skypilot_*.yaml") if p.name not in mine)
+
+
+def _replica(fleet: str, gpu: GpuSpec, index: int, slug: str, file_part: str, deployment: Deployment,
+             template: Template) -> ReplicaPlan:
+    accelerators = gpu.accelerators or f"{gpu.name}:1"
+    cluster = _cluster_name(_slug(fleet, "fleet"), slug, index)
+    file_name = f"skypilot_{file_part}_{index}.yaml"
+    context = {
+        "melange_version": __version__, "fleet": fleet, "cluster": cluster, "replica": index, "gpu": gpu.name,
+        "file_name": file_name, "cloud": gpu.cloud, "region": gpu.region, "instance_type": gpu.instance_type,
+        "accelerators": accelerators, "accelerator": accelerators.split(":")[0], "gpus": _gpu_count(accelerators),
+        "use_spot": gpu.use_spot, "price": gpu.cost, "model": deployment.model, "port": deployment.port,
+        "envs": deployment.envs, "secrets": list(deployment.secrets), "version": deployment.version,
+        "extra_args": list(deployment.extra_args), "readiness_path": deployment.readiness_path,
+        "deployment": {**deployment.extra, "model": deployment.model, "port": deployment.port},
+    }
+    text, task = render(template, context)
+    return ReplicaPlan(cluster=cluster, gpu=gpu.name, index=index, file_name=file_name, cloud=gpu.cloud,
+                       region=gpu.region, instance_type=gpu.instance_type, accelerators=accelerators,
+                       use_spot=gpu.use_spot, price=gpu.cost, task=task, yaml=text)
+
+
+def _gpu_count(accelerators: str) -> int:
+    _, _, count = accelerators.partition(":")
+    try:
+        return max(1, int(float(count))) if count else 1
+    except ValueError:
+        return 1
+
+
+def _slug(name: str, fallback: str = "gpu") -> str:
+    """Lower case, runs of anything but letters and digits folded to '-', starting with a letter."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if not slug:
+        return fallback
+    return slug if slug[0].isalpha() else f"{fallback[0]}{slug}"
+
+
+def _file_part(name: str) -> str:
+    """The GPU part of `skypilot_<GPU>_<i>.yaml`: the original name where it is a safe file name component
+    (`A100-80GB`), else with unsafe characters replaced (`/`, spaces, `..` can never leave the directory)."""
+    part = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip(".")
+    return part.replace("..", "_") or "gpu"
+
+
+def _unique(parts: dict[str, str]) -> dict[str, str]:
+    """Disambiguate names that sanitise to the same text ("A100/80" and "A100_80") with a short hash."""
+    counts: dict[str, int] = {}
+    for part in parts.values():
+        counts[part.lower()] = counts.get(part.lower(), 0) + 1
+    return {name: part if counts[part.lower()] == 1 else f"{part}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+            for name, part in parts.items()}
+
+
+def _cluster_name(fleet_slug: str, gpu_slug: str, index: int) -> str:
+    name = f"{fleet_slug}-{gpu_slug}-{index}"
+    if len(name) > MAX_CLUSTER_NAME:  # keep it unique: a hash of the full name replaces the cut tail
+        digest = hashlib.sha1(name.encode()).hexdigest()[:6]
+        tail = f"-{digest}-{index}"
+        name = name[: MAX_CLUSTER_NAME - len(tail)].rstrip("-") + tail
+    assert CLUSTER_NAME_RE.match(name), name
+    return name
+
+
+def _inside(root: Path, file_name: str) -> Path:
+    path = root / file_name
+    if path.resolve().parent != root.resolve():
+        raise OutputError(f"refusing to write {file_name!r} outside {root}")
+    return path
