@@ -1,9 +1,13 @@
 """The `melange-sky` command line: parse options, call the library, print. No solver, SQL or SkyPilot code here."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -67,27 +71,72 @@ def main() -> None:
     """
 
 
+@dataclass(frozen=True)
+class SolveArgs:
+    """The options every command that solves shares (solve, plan, up)."""
+
+    formulation: str
+    solver_name: str
+    solver_path: str | None
+    time_limit: float
+    headroom: float | None
+    rate: float | None
+
+    def load(self, path: str, name: str | None = None):
+        from .config import load_config, with_overrides
+
+        config = with_overrides(load_config(path), rate=self.rate, headroom=self.headroom)
+        if name:
+            config = dataclasses.replace(config, name=name)
+        _warn(config.warnings)
+        return config
+
+    @property
+    def solver(self):
+        from .solver import SolverOptions
+
+        return SolverOptions(name="cbc" if self.solver_path else self.solver_name, path=self.solver_path,
+                             time_limit=self.time_limit)
+
+
+def solve_options(command):
+    """Add the solve options to a command; it receives them as one `solve_args: SolveArgs`."""
+    options = [
+        click.option("--formulation", type=click.Choice(["slices", "paper", "split"]), default="slices",
+                     show_default=True, help="slices: the paper's optimum at the config's slice_factor (fast form); "
+                     "paper: the paper's literal ILP, for cross-checking; split: buckets divided among GPU types in "
+                     "any proportion (never dearer)."),
+        click.option("--solver", "solver_name", type=click.Choice(["highs", "cbc"]), default="highs",
+                     show_default=True, help="MILP solver: HiGHS, or CBC (PuLP's bundled binary, or --solver-path)."),
+        click.option("--solver-path", type=click.Path(dir_okay=False, path_type=str),
+                     help="A CBC binary to use (implies --solver cbc), e.g. /opt/homebrew/opt/cbc/bin/cbc."),
+        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+                     help="Seconds the solver may search; if it stops early it reports the best fleet and the "
+                          "proven gap."),
+        click.option("--headroom", type=float, help="Highest planned utilisation of any GPU, in (0, 1] (overrides "
+                                                    "the config's `headroom`; default 1)."),
+        click.option("--rate", type=float, help="Total request rate in req/s (overrides `total_request_rate`)."),
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args, formulation, solver_name, solver_path, time_limit, headroom, rate, **kwargs):
+        solve_args = SolveArgs(formulation, solver_name, solver_path, time_limit, headroom, rate)
+        return command(*args, solve_args=solve_args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=True, path_type=str))
 @click.option("-o", "--output", default="melange_result.json", show_default=True, type=click.Path(path_type=str),
               help="Where to write the result, in the original Mélange shape: {\"A10G\": 3, ..., \"cost\": 6.7}.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result record (with the routing table) "
                                                       "as JSON on stdout instead of the table.")
-@click.option("--formulation", type=click.Choice(["slices", "paper", "split"]), default="slices", show_default=True,
-              help="slices: the paper's optimum at the config's slice_factor (fast form); paper: the paper's literal "
-                   "ILP, for cross-checking; split: buckets divided among GPU types in any proportion (never dearer).")
-@click.option("--solver", "solver_name", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
-              help="MILP solver: HiGHS, or CBC (PuLP's bundled binary, or --solver-path).")
-@click.option("--solver-path", type=click.Path(dir_okay=False, path_type=str),
-              help="A CBC binary to use (implies --solver cbc), e.g. /opt/homebrew/opt/cbc/bin/cbc.")
-@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
-              help="Seconds the solver may search; if it stops early it reports the best fleet and the proven gap.")
-@click.option("--headroom", type=float, help="Highest planned utilisation of any GPU, in (0, 1] (overrides the "
-                                             "config's `headroom`; default 1).")
-@click.option("--rate", type=float, help="Total request rate in req/s (overrides `total_request_rate`).")
+@solve_options
 @debug_option
-def solve(config: str, output: str, as_json: bool, formulation: str, solver_name: str, solver_path: str | None,
-          time_limit: float, headroom: float | None, rate: float | None) -> None:
+def solve(config: str, output: str, as_json: bool, solve_args: SolveArgs) -> None:
     """Find the cheapest GPU mix for CONFIG (a Mélange config JSON).
 
     Prints the fleet (count, $/h and utilisation per GPU type), the single-GPU-type fleets and the saving, and
@@ -98,24 +147,284 @@ def solve(config: str, output: str, as_json: bool, formulation: str, solver_name
       melange-sky solve examples/example.json
       melange-sky solve config.json --formulation split --rate 50 --json
     """
-    from .config import load_config, with_overrides
     from .report import format_solve, write_json
-    from .solver import SolverOptions
     from .solver import solve as run_solve
 
-    if solver_path:
-        solver_name = "cbc"
-    cfg = with_overrides(load_config(config), rate=rate, headroom=headroom)
-    _warn(cfg.warnings)
-    result = run_solve(cfg, formulation, SolverOptions(name=solver_name, path=solver_path, time_limit=time_limit))
+    result = run_solve(solve_args.load(config), solve_args.formulation, solve_args.solver)
     write_json(output, result.original_output())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         click.echo(format_solve(result))
-    if result.status != "optimal":
-        _warn([f"the solver hit --time-limit {time_limit:g} s before proving this fleet optimal"])
+    _warn_time_limit(result, solve_args)
     click.echo(f"Wrote {output}", err=True)
+
+
+def _warn_time_limit(result, solve_args: SolveArgs) -> None:
+    if result.status != "optimal":
+        _warn([f"the solver hit --time-limit {solve_args.time_limit:g} s before proving this fleet optimal"])
+
+
+@main.command()
+@click.argument("gpu", required=False)
+@click.option("--cloud", "clouds", multiple=True, metavar="CLOUD",
+              help="Only this cloud (aws, azure, gcp, lambda); repeat for several. Default: all.")
+@click.option("--json", "as_json", is_flag=True, help="Print the offers as a JSON array instead of the table.")
+@debug_option
+def catalog(gpu: str | None, clouds: tuple[str, ...], as_json: bool) -> None:
+    """List GPU offers (cloud, region, instance type, $/h), cheapest per GPU first.
+
+    GPU may be any common spelling (A100-80GB, a100_80gb, A100-80). Prices come from SkyPilot's downloaded catalogs
+    when present (~/.sky/catalogs), else from the snapshot bundled with melange-sky.
+
+    \b
+    Examples:
+      melange-sky catalog A10G
+      melange-sky catalog A100-80GB --cloud azure --cloud gcp --json
+    """
+    from .catalog import default_catalog
+    from .report import format_offers
+
+    cat = default_catalog()
+    offers = cat.offers(gpu, clouds or None)
+    if as_json:
+        click.echo(json.dumps([o.to_dict() for o in offers], indent=2))
+    else:
+        click.echo(format_offers(offers, cat.describe(sorted({o.cloud for o in offers}))))
+
+
+def plan_options(command):
+    """Options shared by `plan` and `up`: how a config becomes replicas."""
+    options = [
+        click.option("--per-offer", is_flag=True, help="Make every (GPU, offer) pair its own column in the solve, "
+                     "so per-offer quotas (gpu_info.<GPU>.quotas) spread the fleet across clouds and regions."),
+        click.option("--template", metavar="NAME|PATH", help="Task template: vllm (default), sglang, or a Jinja "
+                     "file of your own (overrides deployment.template)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _plan_settings(solve_args: SolveArgs, per_offer: bool, template: str | None, compare: bool = True):
+    from .plan import PlanSettings
+
+    return PlanSettings(formulation=solve_args.formulation, solver=solve_args.solver, per_offer=per_offer,
+                        template=template, compare=compare)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=True, path_type=str))
+@click.option("-o", "--output-dir", "output_dir", default=".", show_default=True,
+              type=click.Path(file_okay=False, path_type=str), help="Directory for the plan's files.")
+@click.option("-f", "--format", "formats", type=click.Choice(["skypilot", "json"]), multiple=True,
+              help="skypilot: one task YAML per replica (skypilot_<GPU>_<i>.yaml); json: melange_result.json and "
+                   "melange_plan.json (the solve plus every replica's offer). Repeatable; default both.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (replicas, offers, solve) as JSON on stdout.")
+@plan_options
+@solve_options
+@debug_option
+def plan(config: str, output_dir: str, formats: tuple[str, ...], as_json: bool, per_offer: bool,
+         template: str | None, solve_args: SolveArgs) -> None:
+    """Solve CONFIG, map each GPU to a cloud offer and render one SkyPilot task per replica.
+
+    Each file launches one replica on its own: `sky launch -c NAME skypilot_A10G_0.yaml --secret HF_TOKEN`
+    (secret values come from your environment and are never written to the files). `melange-sky up` launches
+    them all.
+
+    \b
+    Examples:
+      melange-sky plan examples/example.json -f skypilot
+      melange-sky plan examples/multicloud.json --per-offer -o fleet/
+      melange-sky plan config.json --template sglang --json
+    """
+    from .plan import build_plan, stale_task_files, write_plan
+    from .report import format_plan
+
+    cfg = solve_args.load(config)
+    result = build_plan(cfg, _plan_settings(solve_args, per_offer, template))
+    _warn([w for w in result.result.warnings if w not in cfg.warnings])
+    written = write_plan(result, output_dir, tuple(formats) or ("skypilot", "json"))
+    stale = stale_task_files(result, output_dir)
+    if stale:
+        _warn([f"{output_dir}: {len(stale)} task file(s) not from this plan: {', '.join(stale[:5])}"
+               + (" ..." if len(stale) > 5 else "") + "; delete them before launching by hand"])
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
+    _warn_time_limit(result.result, solve_args)
+    click.echo(f"Wrote {len(written)} file(s) to {output_dir}", err=True)
+
+
+def _backend_option(command):
+    return click.option("--backend", metavar="NAME|MODULE:CLASS", help="Launcher to use (default: skypilot, or "
+                        "$MELANGE_SKY_BACKEND): a `melange_sky.backends` entry point or a module:Class path.")(command)
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask before spending money or deleting; never wait on a missing stdin."""
+    if yes:
+        return
+    if not sys.stdin or not sys.stdin.isatty():
+        raise click.UsageError(f"{question} Refusing without confirmation: no terminal to ask on; pass -y.")
+    click.confirm(question, abort=True)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--name", "fleet_name", help="Fleet name (default: the config's `name`, else its file name).")
+@click.option("--dryrun", is_flag=True, help="Plan and validate every task with SkyPilot, launch nothing, write "
+                                             "nothing: says what would be launched.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation before launching.")
+@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Launches in flight at once.")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Re-plans after capacity failures before giving up.")
+@click.option("--retry-until-up", is_flag=True, help="Let SkyPilot keep retrying an offer until it has capacity "
+                                                     "(instead of re-planning onto other offers).")
+@click.option("--idle-minutes-to-autostop", "-i", type=click.IntRange(min=0),
+              help="Stop (with --down: tear down) each cluster after this many idle minutes.")
+@click.option("--down", "autodown", is_flag=True, help="Tear clusters down instead of stopping them when idle "
+                                                       "(needs --idle-minutes-to-autostop).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout.")
+@_backend_option
+@plan_options
+@solve_options
+@debug_option
+def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: int, max_rounds: int,
+       retry_until_up: bool, idle_minutes_to_autostop: int | None, autodown: bool, as_json: bool,
+       backend: str | None, per_offer: bool, template: str | None, solve_args: SolveArgs) -> None:
+    """Launch the cheapest mixed fleet for CONFIG: one SkyPilot cluster per replica, across clouds.
+
+    Every replica is recorded in the ledger ($MELANGE_SKY_HOME, default ~/.melange-sky) before its launch is
+    requested. Launches run in parallel; an offer without capacity is re-planned onto others. Rerunning `up`
+    resumes: replicas already up are kept, missing ones launched, nothing duplicated.
+
+    \b
+    Examples:
+      melange-sky up examples/example.json --dryrun
+      HF_TOKEN=hf_... melange-sky up config.json -y --idle-minutes-to-autostop 60
+    """
+    from .backends import load_backend
+    from .fleet import Fleet, UpOptions, config_hash, secrets_from_env
+    from .ledger import Ledger
+    from .plan import build_plan
+    from .report import format_dryrun, format_event, format_plan, format_up
+
+    if autodown and idle_minutes_to_autostop is None:
+        raise click.UsageError("--down needs --idle-minutes-to-autostop")
+    cfg = solve_args.load(config, fleet_name)
+    settings = _plan_settings(solve_args, per_offer, template)
+    planner = functools.partial(build_plan, cfg, settings)
+    quiet_settings = _plan_settings(solve_args, per_offer, template, compare=False)
+    replanner = functools.partial(build_plan, cfg, quiet_settings)
+    fleet = Fleet(load_backend(backend), Ledger(), on_event=None if as_json else
+                  (lambda event: click.echo(format_event(event), err=True)))
+    if dryrun:
+        report = fleet.dryrun(planner)
+        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_dryrun(report))
+        return
+    first = planner()
+    _warn([w for w in first.result.warnings if w not in cfg.warnings])
+    secrets = secrets_from_env(first.deployment.secrets)
+    if not as_json:
+        click.echo(format_plan(first))
+    _confirm(f"Launch fleet {first.fleet} ({len(first.replicas)} replicas, ${first.cost:.2f}/h)?", yes)
+    options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
+                        idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
+    report = fleet.up(lambda request: replanner(request), secrets,
+                      config_hash(Path(config).read_text(encoding="utf-8")), options)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
+    if report.interrupted:
+        sys.exit(130)
+    if not report.complete:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("fleet_name", metavar="[FLEET]", required=False)
+@click.option("--refresh", is_flag=True, help="Ask the launcher (SkyPilot) for each cluster's live state and "
+                                              "endpoint first, and record it.")
+@click.option("--json", "as_json", is_flag=True, help="Print fleets and replicas as JSON on stdout.")
+@_backend_option
+@debug_option
+def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | None) -> None:
+    """Show every fleet (or FLEET): replicas, their state, endpoint and $/h, from the ledger.
+
+    \b
+    Examples:
+      melange-sky status
+      melange-sky status llama2-chat --refresh --json
+    """
+    from .fleet import Fleet, replica_dict
+    from .ledger import Ledger
+    from .report import format_status
+
+    ledger = Ledger()
+    backend_obj = _lazy_backend(backend) if refresh else None
+    replicas = Fleet(backend_obj, ledger).status(fleet_name, refresh=refresh)
+    fleets = [f for f in ledger.fleets() if fleet_name in (None, f.name)]
+    if as_json:
+        click.echo(json.dumps({"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
+                                           "replicas": [replica_dict(r) for r in replicas if r.fleet == f.name]}
+                                          for f in fleets]}, indent=2))
+    else:
+        click.echo(format_status(replicas, fleets))
+
+
+def _lazy_backend(name: str | None):
+    from .backends import load_backend
+
+    return load_backend(name)
+
+
+@main.command()
+@click.argument("fleet_name", metavar="[FLEET]", required=False)
+@click.option("--all", "all_fleets", is_flag=True, help="Tear down every fleet in the ledger.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--purge", is_flag=True, help="Forget clusters SkyPilot cannot tear down cleanly (may leave cloud "
+                                            "resources behind: check your cloud console).")
+@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Teardowns in flight at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON on stdout.")
+@_backend_option
+@debug_option
+def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, parallel: int, as_json: bool,
+         backend: str | None) -> None:
+    """Tear down FLEET (or --all): every replica's cluster, concurrently.
+
+    A cluster the launcher no longer knows counts as gone. The fleet leaves the ledger only when all its
+    clusters are gone; failures are kept and retried by the next `down`.
+
+    \b
+    Examples:
+      melange-sky down llama2-chat
+      melange-sky down --all -y
+    """
+    from .fleet import Fleet
+    from .ledger import Ledger
+    from .report import format_down, format_event
+
+    ledger = Ledger()
+    if all_fleets == bool(fleet_name):
+        raise click.UsageError("name one FLEET or pass --all")
+    names = [f.name for f in ledger.fleets()] if all_fleets else [fleet_name]
+    if not names:
+        click.echo("No fleets in the ledger: nothing to tear down.")
+        return
+    fleet = Fleet(_lazy_backend(backend), ledger, on_event=None if as_json else
+                  (lambda event: click.echo(format_event(event), err=True)))
+    known = {f.name for f in ledger.fleets()}
+    if not all_fleets and fleet_name not in known:  # already down (or never up): a no-op, as SkyPilot's `down` is
+        click.echo(f"Fleet {fleet_name} is not in the ledger: nothing to tear down"
+                   + (f" (fleets: {', '.join(sorted(known))})." if known else "."))
+        return
+    _confirm(f"Tear down {', '.join(names)}? Their clusters and disks are deleted.", yes)
+    reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        click.echo("\n".join(format_down(r) for r in reports))
+    if any(r.failed for r in reports):
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,9 +12,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
 
 Matrix = tuple[tuple[float, ...], ...]
 Bucket = tuple[int, int]
@@ -27,7 +30,7 @@ TOP_LEVEL_KEYS = (
 GPU_KEYS = (
     "name", "cost", "tputs",
     # melange-sky extensions
-    "cloud", "region", "instance_type", "accelerators", "use_spot", "max_count", "min_count",
+    "cloud", "region", "instance_type", "accelerators", "use_spot", "max_count", "min_count", "quotas",
 )
 REQUIRED_TOP_LEVEL = ("workload_distribution", "total_request_rate", "gpu_info")
 #: Distributions off from 1 by more than this are normalised with a warning (smaller drift is rounding).
@@ -36,7 +39,11 @@ NORMALISE_WARN_TOLERANCE = 0.01
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """One GPU type the solver may buy: its price, its profiled throughput per bucket, and optional limits/pins."""
+    """One GPU type the solver may buy: its price, its profiled throughput per bucket, and optional limits/pins.
+
+    `cost` is never missing: a config may omit it, and then it is the catalog's price (`cost_source` "catalog").
+    `quotas` maps offer patterns ("aws", "azure:eastus", "gcp:us-central1:g2-standard-4") to per-offer caps.
+    """
 
     name: str
     cost: float
@@ -48,6 +55,14 @@ class GpuSpec:
     instance_type: str | None = None
     accelerators: str | None = None
     use_spot: bool = False
+    quotas: tuple[tuple[str, int], ...] = ()
+    cost_source: str = "config"
+    path: str | None = field(default=None, compare=False)
+
+    @property
+    def field_path(self) -> str:
+        """The JSON path of this entry in its config, for messages ("gpu_info.A10G" or "gpu_info[0]")."""
+        return self.path or f"gpu_info.{self.name}"
 
     def tput(self, bucket: Bucket) -> float:
         return self.tputs[bucket[0]][bucket[1]]
@@ -98,7 +113,7 @@ class Config:
         raise KeyError(name)
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Config:
     """Read, parse and validate a config file; raise `ConfigError` with file and field on any problem."""
     source = str(path)
     try:
@@ -119,12 +134,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(source, None, f"duplicate key {exc.key!r} in one JSON object") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    return parse_config(data, source=source, default_name=Path(path).stem)
+    return parse_config(data, source=source, default_name=Path(path).stem, catalog=catalog)
 
 
-def parse_config(data: Any, source: str = "<config>", default_name: str = "melange") -> Config:
-    """Validate an already-decoded config object (the dict `json.load` gives)."""
-    return _Parser(source).parse(data, default_name)
+def parse_config(data: Any, source: str = "<config>", default_name: str = "melange",
+                 catalog: Catalog | None = None) -> Config:
+    """Validate an already-decoded config object (the dict `json.load` gives).
+
+    A GPU entry without `cost` gets the price of its default catalog offer from `catalog` (default: SkyPilot's
+    downloaded catalogs, else the bundled snapshot); configs that give every cost never read a catalog.
+    """
+    return _Parser(source, catalog).parse(data, default_name)
 
 
 def with_overrides(config: Config, *, rate: float | None = None, headroom: float | None = None) -> Config:
@@ -165,8 +185,10 @@ def _type_name(value: Any) -> str:
 
 
 class _Parser:
-    def __init__(self, source: str):
+    def __init__(self, source: str, catalog: Catalog | None = None):
         self.source = source
+        self.catalog = catalog
+        self.clouds: tuple[str, ...] | None = None
         self.warnings: list[str] = []
 
     def fail(self, field_path: str | None, message: str) -> ConfigError:
@@ -284,6 +306,12 @@ class _Parser:
         rate = self.positive(data["total_request_rate"], "total_request_rate")
         slice_factor = self.integer(data.get("slice_factor", 1), "slice_factor", 1)
         headroom = self.fraction(data["headroom"], "headroom") if "headroom" in data else 1.0
+        clouds = None
+        if "clouds" in data:  # before gpu_info: a GPU without a cost is priced from the catalog in these clouds
+            if not isinstance(data["clouds"], list) or not data["clouds"]:
+                raise self.fail("clouds", f"must be a non-empty array of cloud names, got {_describe(data['clouds'])}")
+            clouds = tuple(self.string(c, f"clouds[{k}]").lower() for k, c in enumerate(data["clouds"]))
+        self.clouds = clouds
         gpus = self.gpu_info(data["gpu_info"], shape)
 
         name = self.string(data["name"], "name") if "name" in data else default_name
@@ -295,11 +323,6 @@ class _Parser:
         deployment = data.get("deployment", {})
         if not isinstance(deployment, dict):
             raise self.fail("deployment", f"must be an object, got {_type_name(deployment)}")
-        clouds = None
-        if "clouds" in data:
-            if not isinstance(data["clouds"], list) or not data["clouds"]:
-                raise self.fail("clouds", f"must be a non-empty array of cloud names, got {_describe(data['clouds'])}")
-            clouds = tuple(self.string(c, f"clouds[{k}]").lower() for k, c in enumerate(data["clouds"]))
 
         config = Config(source=self.source, name=name, workload_distribution=dist, total_request_rate=rate,
                         gpus=gpus, slice_factor=slice_factor, headroom=headroom, input_buckets=input_edges,
@@ -340,10 +363,9 @@ class _Parser:
         if not isinstance(entry, dict):
             raise self.fail(path, f"must be an object with cost and tputs, got {_type_name(entry)}")
         self.check_keys(entry, GPU_KEYS, path)
-        for key in ("cost", "tputs"):
-            if key not in entry:
-                raise self.fail(f"{path}.{key}", "missing (required)")
-        cost = self.positive(entry["cost"], f"{path}.cost")
+        if "tputs" not in entry:
+            raise self.fail(f"{path}.tputs", "missing (required)")
+        cost = self.positive(entry["cost"], f"{path}.cost") if "cost" in entry else None
         tputs = self.matrix(entry["tputs"], f"{path}.tputs", shape,
                             lambda x, p: self.non_negative(x, p, " (0 means this GPU cannot serve the bucket)"))
         min_count = self.integer(entry.get("min_count", 0), f"{path}.min_count", 0)
@@ -353,8 +375,38 @@ class _Parser:
         pins = {key: self.string(entry[key], f"{path}.{key}")
                 for key in ("cloud", "region", "instance_type", "accelerators") if key in entry}
         use_spot = self.boolean(entry["use_spot"], f"{path}.use_spot") if "use_spot" in entry else False
-        return GpuSpec(name=name, cost=cost, tputs=tputs, min_count=min_count, max_count=max_count,
-                       use_spot=use_spot, **pins)
+        quotas = self.quotas(entry["quotas"], f"{path}.quotas") if "quotas" in entry else ()
+        spec = GpuSpec(name=name, cost=cost if cost is not None else 0.0, tputs=tputs, min_count=min_count,
+                       max_count=max_count, use_spot=use_spot, quotas=quotas, path=path, **pins)
+        return spec if cost is not None else self.catalog_cost(spec)
+
+    def quotas(self, value: Any, path: str) -> tuple[tuple[str, int], ...]:
+        """{"cloud[:region[:instance_type]]": max instances of each matching offer}."""
+        if not isinstance(value, dict) or not value:
+            raise self.fail(path, f'must be an object like {{"aws": 2, "azure:eastus": 1}}, got {_describe(value)}')
+        result = []
+        for pattern, cap in value.items():
+            parts = pattern.split(":")
+            if not 1 <= len(parts) <= 3 or not all(p.strip() for p in parts):
+                raise self.fail(f"{path}.{pattern}", "must be cloud, cloud:region or cloud:region:instance_type")
+            result.append((":".join([parts[0].strip().lower(), *(p.strip() for p in parts[1:])]),
+                           self.integer(cap, f"{path}.{pattern}", 0)))
+        return tuple(result)
+
+    def catalog_cost(self, spec: GpuSpec) -> GpuSpec:
+        """`spec` priced per GPU from its default catalog offer; ConfigError naming `cost` if there is none."""
+        from .errors import CatalogError
+        from .offers import default_offer
+
+        try:
+            offer = default_offer(spec, self.clouds, self.source, self.catalog)
+        except (ConfigError, CatalogError) as exc:
+            reason = exc.message if isinstance(exc, ConfigError) else str(exc)
+            raise self.fail(f"{spec.field_path}.cost", f"missing, and the catalog has no price for it ({reason}); "
+                                                      f"add a cost in $/h per GPU") from None
+        price = offer.hourly(spec.use_spot)
+        assert price is not None  # default_offer only returns offers with the price asked for
+        return dataclasses.replace(spec, cost=price / offer.gpu_count, cost_source="catalog")
 
     def check_servable(self, config: Config) -> None:
         for bucket in config.buckets:

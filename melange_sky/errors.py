@@ -45,7 +45,69 @@ class OutputError(MelangeError):
     exit_code = 2
 
 
+class BackendError(MelangeError):
+    """A launch backend failed to answer (status, endpoint, teardown) in a way we cannot use."""
+
+    exit_code = 1
+
+
+class UnknownBackend(BackendError):
+    """`--backend`/`MELANGE_SKY_BACKEND` names no installed backend, or one that cannot be loaded."""
+
+    exit_code = 2
+
+
+class InvalidTask(MelangeError):
+    """A rendered SkyPilot task failed validation; the message says which check and what SkyPilot said."""
+
+    exit_code = 2
+
+
+class LaunchError(MelangeError):
+    """A replica's launch failed (no enabled cloud, bad credentials, provisioning error); `cluster` names it."""
+
+    exit_code = 1
+
+    def __init__(self, cluster: str, reason: str):
+        self.cluster = cluster
+        self.reason = reason
+        super().__init__(f"{cluster}: {reason}")
+
+
+class CapacityError(LaunchError):
+    """The offer had no capacity (SkyPilot's ResourcesUnavailableError): re-solve without it rather than give up."""
+
+
+class LaunchCancelled(LaunchError):
+    """The launch was cancelled (Ctrl-C) before it finished; the cluster may exist half-provisioned."""
+
+
+class LedgerError(MelangeError):
+    """The ledger database is unusable (corrupt, written by a newer melange-sky) or an update found no row."""
+
+    exit_code = 1
+
+
+class FleetBusy(MelangeError):
+    """Another melange-sky process holds this fleet's lock (a concurrent `up` or `down`); `pid` names it."""
+
+    exit_code = 3
+
+    def __init__(self, fleet: str, pid: int | None):
+        self.fleet = fleet
+        self.pid = pid
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"fleet {fleet!r} is busy: {holder} is running `up` or `down` on it; wait for it to "
+                         f"finish or stop it, then retry")
+
+
 class TemplateError(MelangeError):
     """A task template cannot be found, has a syntax error, uses an undefined variable or renders invalid YAML."""
+
+    exit_code = 2
+
+
+class CatalogError(MelangeError):
+    """A GPU, cloud or instance type the price catalog does not know, or a catalog file that cannot be read."""
 
     exit_code = 2

@@ -6,17 +6,20 @@ values: tasks name their secrets (`secrets: {HF_TOKEN: null}`) and the launcher 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Mapping, Sequence
 
 from . import __version__
+from .catalog import Catalog, offer_key
 from .config import Config, GpuSpec
 from .errors import ConfigError, OutputError
+from .offers import bind_offers
 from .render import Template, load_template, render
-from .solver import SolveResult
+from .solver import SolveResult, SolverOptions, solve
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_PORT = 8000
@@ -64,10 +67,16 @@ class ReplicaPlan:
     task: dict[str, Any]
     yaml: str
 
+    @property
+    def offer(self) -> str:
+        """The offer it runs on, as the ledger and capacity exclusions name it ("aws:us-west-2:g5.xlarge")."""
+        return offer_key(self.cloud, self.region, self.instance_type, self.use_spot)
+
     def summary(self) -> dict[str, Any]:
         return {"cluster": self.cluster, "gpu": self.gpu, "index": self.index, "file": self.file_name,
                 "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type,
-                "accelerators": self.accelerators, "use_spot": self.use_spot, "price": self.price}
+                "accelerators": self.accelerators, "use_spot": self.use_spot, "price": self.price,
+                "offer": self.offer}
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,55 @@ class Plan:
                 "cost": round(self.cost, 6), "clouds": self.clouds,
                 "replicas": [r.summary() for r in self.replicas], "offers": self.offers,
                 "solve": self.result.to_dict()}
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What `up` asks of the planner when it (re-)plans a running fleet.
+
+    `fixed`: per solver column, replicas already up (the plan keeps at least that many); `names`: per column,
+    cluster names of existing replicas to reuse first (up ones first), so a re-plan never duplicates a replica;
+    `exclude`: offers found out of capacity (`catalog.offer_key`); `taken`: names no new replica may use."""
+
+    fixed: Mapping[str, int] = field(default_factory=dict)
+    names: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    exclude: frozenset[str] = frozenset()
+    taken: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How to turn a config into a plan: the solve's settings, offers per GPU type or per offer, the template."""
+
+    formulation: str = "slices"
+    solver: SolverOptions = field(default_factory=SolverOptions)
+    per_offer: bool = False
+    template: str | None = None  # overrides deployment.template
+    compare: bool = True  # also solve `split` and the LP bound, to report what they would save
+    catalog: Catalog | None = None
+
+
+def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
+               request: PlanRequest = PlanRequest()) -> Plan:
+    """Config → offers → solve → one rendered task per replica. With a `request` from a running fleet, replicas
+    already up count as fixed capacity and offers without capacity are avoided."""
+    deployment = deployment_from_config(config, settings.template)
+    load_template(deployment.template)  # a broken template fails before the solve, not after it
+    bound = bind_offers(config, settings.catalog, per_offer=settings.per_offer, exclude=request.exclude)
+    columns = []
+    for gpu in bound.config.gpus:
+        fixed = request.fixed.get(gpu.name, 0)
+        if offer_key(gpu.cloud, gpu.region, gpu.instance_type, gpu.use_spot) in request.exclude:
+            columns.append(dataclasses.replace(gpu, min_count=min(gpu.min_count, fixed), max_count=fixed))
+        elif fixed:
+            columns.append(dataclasses.replace(gpu, min_count=max(gpu.min_count, fixed),
+                                               max_count=None if gpu.max_count is None else max(gpu.max_count, fixed)))
+        else:
+            columns.append(gpu)
+    solved_config = dataclasses.replace(bound.config, gpus=tuple(columns))
+    result = solve(solved_config, settings.formulation, settings.solver, compare=settings.compare)
+    return make_plan(solved_config, result, deployment, offers={n: o.to_dict() for n, o in bound.offers.items()},
+                     names=request.names, taken=request.taken)
 
 
 def deployment_from_config(config: Config, template: str | None = None) -> Deployment:
@@ -146,19 +204,30 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
 
 
 def make_plan(config: Config, result: SolveResult, deployment: Deployment | None = None,
-              offers: dict[str, dict[str, Any]] | None = None) -> Plan:
+              offers: dict[str, dict[str, Any]] | None = None, names: Mapping[str, Sequence[str]] | None = None,
+              taken: Collection[str] = ()) -> Plan:
     """Render one task per replica of `result`. `config` must be the one solved (with offers bound, so each GPU
-    entry carries its cloud, region and instance type)."""
+    entry carries its cloud, region and instance type). A re-plan passes `names`: per column, cluster names of
+    existing replicas to reuse first; new replicas then get the next free `<fleet>-<gpu>-<i>` not in `taken`."""
     deployment = deployment or deployment_from_config(config)
     template = load_template(deployment.template)
     slugs = _unique({g.name: _slug(g.name) for g in config.gpus})
     files = _unique({g.name: _file_part(g.name) for g in config.gpus})
+    fleet_slug = _slug(config.name, "fleet")
+    used = set(taken) | {c for cs in (names or {}).values() for c in cs}
     replicas = []
     for allocation in result.gpus:
         gpu = config.gpu(allocation.name)
-        for index in range(allocation.count):
-            replicas.append(_replica(config.name, gpu, index, slugs[gpu.name], files[gpu.name], deployment,
-                                     template))
+        reuse = list((names or {}).get(gpu.name, ()))[: allocation.count]
+        index = 0
+        for position in range(allocation.count):
+            if position < len(reuse):
+                cluster = reuse[position]
+            else:
+                while (cluster := _cluster_name(fleet_slug, slugs[gpu.name], index)) in used:
+                    index += 1
+                used.add(cluster)
+            replicas.append(_replica(config.name, gpu, cluster, position, files[gpu.name], deployment, template))
     return Plan(fleet=config.name, result=result, deployment=deployment, template=deployment.template,
                 replicas=replicas, offers=dict(offers or {}))
 
@@ -197,10 +266,9 @@ def stale_task_files(plan: Plan, out_dir: str | Path) -> list[str]:
     return sorted(p.name for p in Path(out_dir).glob("skypilot_*.yaml") if p.name not in mine)
 
 
-def _replica(fleet: str, gpu: GpuSpec, index: int, slug: str, file_part: str, deployment: Deployment,
+def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str, deployment: Deployment,
              template: Template) -> ReplicaPlan:
     accelerators = gpu.accelerators or f"{gpu.name}:1"
-    cluster = _cluster_name(_slug(fleet, "fleet"), slug, index)
     file_name = f"skypilot_{file_part}_{index}.yaml"
     context = {
         "melange_version": __version__, "fleet": fleet, "cluster": cluster, "replica": index, "gpu": gpu.name,

@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import OutputError
 from .solver import SolveResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fleet import DownReport, DryRunReport, ReplicaEvent, UpReport
+    from .plan import Plan
 
 
 def format_solve(result: SolveResult) -> str:
@@ -73,3 +77,143 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def format_offers(offers: list, sources: dict[str, str] | None = None) -> str:
+    """The `melange-sky catalog` table: one offer per line, cheapest per GPU first, and where prices come from.
+
+    `offers` are `melange_sky.catalog.Offer`s; `sources` maps cloud -> the file its prices were read from.
+    """
+    if not offers:
+        return "No offers."
+    header = ("GPU", "cloud", "region", "instance type", "GPUs", "$/h", "$/GPU/h", "spot $/h", "source")
+    rows = [(o.gpu, o.cloud, o.region, o.instance_type, str(o.gpu_count), f"{o.price:.3f}",
+             f"{o.price_per_gpu:.3f}", "-" if o.spot_price is None else f"{o.spot_price:.3f}", o.source)
+            for o in offers]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    numeric = {4, 5, 6, 7}
+
+    def line(cells) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = [line(header), *(line(r) for r in rows)]
+    if sources:
+        lines += ["", "Prices per hour, on demand and spot, per instance; $/GPU/h divides by the GPUs per instance.",
+                  *(f"  {cloud}: {path}" for cloud, path in sources.items())]
+    return "\n".join(lines)
+
+
+# ---- plan, up, status, down ----------------------------------------------------------------------------------------
+_MARKS = {"up": "✓", "failed": "⨯", "unavailable": "↺", "gone": "✓", "pending": "·", "launching": "…",
+          "terminating": "…"}
+
+
+def format_plan(plan: "Plan") -> str:
+    """The `melange-sky plan` report: one line per replica with its offer and price, then the total."""
+    lines = [f"Plan for fleet {plan.fleet}: {len(plan.replicas)} replicas, template {plan.template}, "
+             f"model {plan.deployment.model}", ""]
+    rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", f"{r.price:.4g}")
+            for r in plan.replicas]
+    lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h"), rows)
+    clouds = ", ".join(plan.clouds) or "any"
+    lines += ["", f"Total ${plan.cost:.2f}/h across {clouds}."]
+    alt = plan.result.alternative
+    if alt is not None:
+        lines.append(f"--formulation {alt.formulation} would cost ${alt.cost:.2f}/h "
+                     f"(saves ${plan.result.cost - alt.cost:.2f}/h).")
+    best = plan.result.best_baseline
+    if best is not None and plan.result.saving is not None and plan.result.saving > 1e-9:
+        lines.append(f"Saves ${plan.result.saving:.2f}/h against {best.count} x {best.gpu} alone.")
+    return "\n".join(lines)
+
+
+def format_event(event: "ReplicaEvent") -> str:
+    """One progress line of `up` / `down`: ✓ up, ⨯ failed, ↺ no capacity (re-planned), … in progress."""
+    if not event.cluster:
+        return f"  ! {event.message}"
+    mark = _MARKS.get(event.state.value, " ")
+    took = f" {event.elapsed:6.1f}s" if event.elapsed else "        "
+    message = f"  {event.message}" if event.message else ""
+    return f"  {mark} {event.cluster:<40} {event.state.value:<12}{took}{message}"
+
+
+def format_up(report: "UpReport") -> str:
+    """The summary after `up`: every replica's outcome and endpoint, $/h, and what to run next."""
+    lines = [f"Fleet {report.fleet}: {len(report.up)}/{len(report.plan.replicas)} replicas up, "
+             f"${report.cost:.2f}/h running (plan ${report.plan.cost:.2f}/h), {report.rounds} round(s), "
+             f"{report.seconds:.1f} s", ""]
+    lines += _live_replica_table(report.replicas)
+    if report.unavailable_offers:
+        lines += ["", f"No capacity on: {', '.join(report.unavailable_offers)} (re-planned without them)."]
+    if report.interrupted:
+        lines += ["", "Interrupted. Every replica's state is in the ledger. Resume with the same `melange-sky up` "
+                      f"command, or remove what was launched with `melange-sky down {report.fleet}`."]
+    elif report.problems:
+        lines += ["", f"{len(report.problems)} replica(s) not up. Rerun `melange-sky up` to retry them, "
+                      f"`melange-sky status {report.fleet} --refresh` to check, or "
+                      f"`melange-sky down {report.fleet}` to remove the fleet."]
+    return "\n".join(lines)
+
+
+def format_dryrun(report: "DryRunReport") -> str:
+    lines = [f"Dry run for fleet {report.plan.fleet}: would launch {len(report.launch)} replica(s)"
+             + (f", keep {len(report.keep)} already up" if report.keep else "") + "; nothing was provisioned.", ""]
+    rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", f"{r.price:.4g}",
+             report.validations[r.cluster].level.value) for r in report.launch]
+    lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h", "validated"), rows)
+    levels = {v.level.value for v in report.validations.values()}
+    detail = next(iter(report.validations.values())).detail if report.validations else ""
+    lines += ["", f"Total ${report.plan.cost:.2f}/h. Tasks validated by SkyPilot ({', '.join(sorted(levels))}): "
+                  f"{detail}" if report.validations else f"Total ${report.plan.cost:.2f}/h."]
+    clouds = ", ".join(report.plan.clouds) or "the planned clouds"
+    lines.append(f"A real launch needs SkyPilot credentials for {clouds}: run `sky check` and make sure it lists "
+                 f"them as enabled, then rerun without --dryrun.")
+    return "\n".join(lines)
+
+
+def format_status(replicas: list, fleets: list) -> str:
+    """`melange-sky status`: per fleet, its replicas with state, endpoint and $/h."""
+    if not fleets:
+        return "No fleets in the ledger. Start one with `melange-sky up CONFIG`."
+    lines: list[str] = []
+    for fleet in fleets:
+        rows = [r for r in replicas if r.fleet == fleet.name]
+        running = sum(r.price_per_hour for r in rows if r.state.value in ("up", "launching", "terminating"))
+        up = sum(1 for r in rows if r.state.value == "up")
+        live = [r for r in rows if r.state.value != "gone"]
+        lines += [f"Fleet {fleet.name}: {up}/{len(live)} up, ${running:.2f}/h", ""]
+        lines += _live_replica_table(rows)
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def format_down(report: "DownReport") -> str:
+    lines = [f"Fleet {report.fleet}: {len(report.removed)} torn down, {len(report.already_gone)} already gone"
+             + (f", {len(report.failed)} failed" if report.failed else "") + "."]
+    for cluster, reason in sorted(report.failed.items()):
+        lines.append(f"  ⨯ {cluster}: {reason}")
+    if report.fleet_removed:
+        lines.append(f"Fleet {report.fleet} removed from the ledger.")
+    else:
+        lines.append(f"Kept in the ledger: rerun `melange-sky down {report.fleet}` to retry the failed ones.")
+    return "\n".join(lines)
+
+
+def _live_replica_table(replicas: list) -> list[str]:
+    """The replicas that may have a cluster; gone ones (torn down, or replaced after no capacity) only counted."""
+    live = [r for r in replicas if r.state.value != "gone"]
+    gone = len(replicas) - len(live)
+    return _replica_table(live) + ([f"  ({gone} gone replica(s) not shown: replaced or torn down)"] if gone else [])
+
+
+def _replica_table(replicas: list) -> list[str]:
+    rows = [(f"{_MARKS.get(r.state.value, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value,
+             r.endpoint or "-", f"{r.price_per_hour:.4g}", (r.last_error or "")[:80]) for r in replicas]
+    return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "last error"), rows)
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max([len(h)] + [len(str(row[k])) for row in rows]) for k, h in enumerate(headers)]
+    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*headers).rstrip()] + [fmt.format(*map(str, row)).rstrip() for row in rows]

@@ -1,0 +1,469 @@
+"""The ledger: what melange-sky launched, in SQLite under `$MELANGE_SKY_HOME` (default `~/.melange-sky`).
+
+It owns every SQL statement. A replica is written (PENDING) before its launch is requested and every state change
+is appended to `events`, so an interrupted `up` never loses track of a cluster. The schema version lives in
+`PRAGMA user_version` and ordered migrations are applied under a file lock; a corrupt file or one written by a newer
+melange-sky raises `LedgerError` and is never reset silently. Plans and tasks are JSON text, never pickles.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import FleetBusy, LedgerError
+
+HOME_ENV_VAR = "MELANGE_SKY_HOME"
+DB_NAME = "ledger.db"
+BUSY_TIMEOUT_MS = 10_000
+
+__all__ = [
+    "Event", "FleetLock", "FleetRecord", "Ledger", "NewReplica", "ReplicaRecord", "ReplicaState", "ledger_home",
+]
+
+
+class ReplicaState(str, enum.Enum):
+    """A replica's life: PENDING (recorded, launch not yet requested) → LAUNCHING → UP, or FAILED (hard error) /
+    UNAVAILABLE (no capacity on its offer); `down` moves any of them through TERMINATING to GONE."""
+
+    PENDING = "pending"
+    LAUNCHING = "launching"
+    UP = "up"
+    FAILED = "failed"
+    UNAVAILABLE = "unavailable"
+    TERMINATING = "terminating"
+    GONE = "gone"
+
+    @property
+    def may_have_cluster(self) -> bool:
+        """Whether a cloud cluster may exist for this state (so `down` must tear it down)."""
+        return self is not ReplicaState.GONE
+
+
+# Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Append only; never edit a shipped one.
+MIGRATIONS: list[tuple[str, ...]] = [
+    (
+        """CREATE TABLE fleets (
+            name TEXT PRIMARY KEY,
+            config_hash TEXT NOT NULL,
+            plan TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL)""",
+        """CREATE TABLE replicas (
+            cluster TEXT PRIMARY KEY,
+            fleet TEXT NOT NULL REFERENCES fleets(name),
+            gpu TEXT NOT NULL,
+            offer TEXT NOT NULL,
+            cloud TEXT,
+            region TEXT,
+            instance_type TEXT,
+            use_spot INTEGER NOT NULL DEFAULT 0,
+            price_per_hour REAL NOT NULL,
+            round INTEGER NOT NULL DEFAULT 0,
+            task TEXT,
+            state TEXT NOT NULL,
+            endpoint TEXT,
+            last_error TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL)""",
+        "CREATE INDEX replicas_by_fleet ON replicas(fleet)",
+        """CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            fleet TEXT NOT NULL,
+            cluster TEXT,
+            old_state TEXT,
+            new_state TEXT NOT NULL,
+            message TEXT NOT NULL DEFAULT '',
+            at REAL NOT NULL)""",
+        "CREATE INDEX events_by_cluster ON events(cluster)",
+    ),
+]
+
+
+def ledger_home() -> Path:
+    """`$MELANGE_SKY_HOME`, else `~/.melange-sky` (read at call time, so tests and users can redirect it)."""
+    return Path(os.environ.get(HOME_ENV_VAR) or Path.home() / ".melange-sky").expanduser()
+
+
+@dataclass(frozen=True)
+class FleetRecord:
+    name: str
+    config_hash: str
+    plan: dict[str, Any]
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class NewReplica:
+    """What the fleet knows about a replica before launching it. `offer` labels the catalog offer (for re-solving
+    without it); `task` is the rendered SkyPilot task with secret *names* only (values are refused)."""
+
+    cluster: str
+    gpu: str
+    offer: str
+    price_per_hour: float
+    cloud: str | None = None
+    region: str | None = None
+    instance_type: str | None = None
+    use_spot: bool = False
+    round: int = 0
+    task: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    cluster: str
+    fleet: str
+    gpu: str
+    offer: str
+    cloud: str | None
+    region: str | None
+    instance_type: str | None
+    use_spot: bool
+    price_per_hour: float
+    round: int
+    task: dict[str, Any] | None
+    state: ReplicaState
+    endpoint: str | None
+    last_error: str | None
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One recorded transition; old_state is None when the replica (or fleet, cluster None) was created."""
+
+    id: int
+    fleet: str
+    cluster: str | None
+    old_state: ReplicaState | None
+    new_state: str
+    message: str
+    at: float
+
+
+class _Unset:
+    pass
+
+
+_UNSET: Any = _Unset()
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
+
+
+class FleetLock:
+    """An exclusive, process-wide lock on one fleet (`fcntl.flock` on `locks/<fleet>.lock`, which holds the pid).
+    The kernel drops it when the holder exits, so a crashed `up` never leaves the fleet locked."""
+
+    def __init__(self, path: Path, fleet: str):
+        self.path = path
+        self.fleet = fleet
+        self._fd: int | None = None
+
+    def acquire(self) -> FleetLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise FleetBusy(self.fleet, int(holder) if holder.isdigit() else None) from None
+            raise LedgerError(f"cannot lock fleet {self.fleet!r} ({self.path}): {exc}") from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FleetLock:
+        return self.acquire() if self._fd is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class Ledger:
+    """The ledger database. One connection shared by all threads behind a lock: writes are tiny and serialised
+    anyway, and SQLite's busy timeout covers other processes (e.g. `status` while `up` runs)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None):
+        self.home = Path(home) if home is not None else ledger_home()
+        self.path = self.home / DB_NAME
+        self._lock = threading.RLock()
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LedgerError(f"cannot create the ledger directory {self.home}: {exc.strerror}; set "
+                              f"{HOME_ENV_VAR} to a writable directory") from exc
+        self._conn = self._open()
+
+    # -- opening, checking and migrating ------------------------------------------------------------------------
+    def _corrupt(self, exc: BaseException) -> LedgerError:
+        return LedgerError(f"the ledger {self.path} is not a readable SQLite database ({exc}); move it aside "
+                           f"(mv {self.path} {self.path}.bad) and rerun: melange-sky starts an empty ledger, and "
+                           f"clusters it had launched are still listed by `sky status`")
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise self._corrupt(exc) from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            check = conn.execute("PRAGMA quick_check").fetchone()
+            if check is None or check[0] != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {check[0] if check else 'no answer'}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate(conn)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise self._corrupt(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_version(self, version: int) -> None:
+        if version > len(MIGRATIONS):
+            raise LedgerError(f"the ledger {self.path} has schema version {version}, newer than this melange-sky "
+                              f"understands ({len(MIGRATIONS)}); upgrade melange-sky (pip install -U melange-sky) "
+                              f"or point {HOME_ENV_VAR} elsewhere")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Apply the missing migrations in order, each in its own transaction, under an inter-process file lock."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        self._check_version(version)
+        if version == len(MIGRATIONS):
+            return
+        with open(self.home / ".ledger-migrate.lock", "a+") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]  # another process may have migrated
+            self._check_version(version)
+            for target in range(version + 1, len(MIGRATIONS) + 1):
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in MIGRATIONS[target - 1]:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {target}")
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK")
+                    raise LedgerError(f"upgrading the ledger {self.path} to schema version {target} failed "
+                                      f"({exc}); it was left at version {target - 1}. Please report this") from exc
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cursor = self._conn.execute(sql, params)
+            cursor.row_factory = sqlite3.Row
+            return cursor.fetchall()
+
+    # -- fleets -------------------------------------------------------------------------------------------------
+    def lock(self, fleet: str) -> FleetLock:
+        """The fleet's exclusive lock, to use as `with ledger.lock(name):`; entering raises FleetBusy if another
+        process (or another lock object) holds it."""
+        return FleetLock(self.home / "locks" / f"{_safe_name(fleet)}.lock", fleet)
+
+    def save_fleet(self, name: str, config_hash: str, plan: Mapping[str, Any]) -> FleetRecord:
+        """Create the fleet, or update its config hash and plan (a re-run `up` may re-plan)."""
+        now = time.time()
+        plan_json = json.dumps(plan, sort_keys=True)
+        with self._tx() as conn:
+            existed = conn.execute("SELECT 1 FROM fleets WHERE name = ?", (name,)).fetchone() is not None
+            conn.execute("INSERT INTO fleets (name, config_hash, plan, created, updated) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET config_hash = excluded.config_hash, plan = excluded.plan, "
+                         "updated = excluded.updated", (name, config_hash, plan_json, now, now))
+            conn.execute("INSERT INTO events (fleet, cluster, old_state, new_state, message, at) "
+                         "VALUES (?, NULL, NULL, ?, ?, ?)",
+                         (name, "fleet-updated" if existed else "fleet-created", f"config {config_hash}", now))
+        record = self.get_fleet(name)
+        assert record is not None
+        return record
+
+    def get_fleet(self, name: str) -> FleetRecord | None:
+        rows = self._query("SELECT * FROM fleets WHERE name = ?", (name,))
+        return _fleet(rows[0]) if rows else None
+
+    def fleets(self) -> list[FleetRecord]:
+        return [_fleet(row) for row in self._query("SELECT * FROM fleets ORDER BY name")]
+
+    def remove_fleet(self, name: str) -> None:
+        """Forget a fleet and its replica rows (history stays). Refused while any replica is not GONE."""
+        now = time.time()
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM fleets WHERE name = ?", (name,)).fetchone() is None:
+                raise LedgerError(f"no fleet {name!r} in the ledger {self.path}")
+            left = [row[0] for row in conn.execute(
+                "SELECT cluster FROM replicas WHERE fleet = ? AND state != ? ORDER BY cluster",
+                (name, ReplicaState.GONE.value))]
+            if left:
+                raise LedgerError(f"fleet {name!r} still has {len(left)} replica(s) not gone ({', '.join(left)}); "
+                                  f"run `melange-sky down {name}` first")
+            conn.execute("DELETE FROM replicas WHERE fleet = ?", (name,))
+            conn.execute("DELETE FROM fleets WHERE name = ?", (name,))
+            conn.execute("INSERT INTO events (fleet, cluster, old_state, new_state, message, at) "
+                         "VALUES (?, NULL, NULL, 'fleet-removed', '', ?)", (name, now))
+
+    # -- replicas -----------------------------------------------------------------------------------------------
+    def add_replica(self, fleet: str, replica: NewReplica, message: str = "") -> ReplicaRecord:
+        """Record a replica as PENDING — call this before requesting its launch. A GONE row of the same cluster
+        name is replaced; any other existing row raises LedgerError (never a duplicate)."""
+        task = dict(replica.task) if replica.task is not None else None
+        secrets = (task or {}).get("secrets") or {}
+        if isinstance(secrets, Mapping) and any(value is not None for value in secrets.values()):
+            raise LedgerError(f"{replica.cluster}: refusing to store a task with secret values in the ledger; "
+                              f"render `secrets:` with null values and pass the values at launch")
+        now = time.time()
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM fleets WHERE name = ?", (fleet,)).fetchone() is None:
+                raise LedgerError(f"no fleet {fleet!r} in the ledger; save_fleet() it first")
+            row = conn.execute("SELECT state FROM replicas WHERE cluster = ?", (replica.cluster,)).fetchone()
+            old = None
+            if row is not None:
+                if row[0] != ReplicaState.GONE.value:
+                    raise LedgerError(f"replica {replica.cluster} is already in the ledger (state {row[0]})")
+                old = row[0]
+                conn.execute("DELETE FROM replicas WHERE cluster = ?", (replica.cluster,))
+            conn.execute(
+                "INSERT INTO replicas (cluster, fleet, gpu, offer, cloud, region, instance_type, use_spot, "
+                "price_per_hour, round, task, state, endpoint, last_error, created, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+                (replica.cluster, fleet, replica.gpu, replica.offer, replica.cloud, replica.region,
+                 replica.instance_type, int(replica.use_spot), float(replica.price_per_hour), replica.round,
+                 json.dumps(task, sort_keys=True) if task is not None else None, ReplicaState.PENDING.value,
+                 now, now))
+            self._event(conn, fleet, replica.cluster, old, ReplicaState.PENDING.value, message, now)
+        return self._replica_or_raise(replica.cluster)
+
+    def transition(self, cluster: str, state: ReplicaState, *, message: str = "", endpoint: Any = _UNSET,
+                   error: Any = _UNSET) -> ReplicaRecord:
+        """Move a replica to `state`, recording the change in history. `endpoint` / `error` are updated when given
+        (None clears them). Raises LedgerError if the replica is not in the ledger."""
+        state = ReplicaState(state)
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute("SELECT fleet, state FROM replicas WHERE cluster = ?", (cluster,)).fetchone()
+            if row is None:
+                raise LedgerError(f"replica {cluster} is not in the ledger {self.path}")
+            sets, params = ["state = ?", "updated = ?"], [state.value, now]
+            if endpoint is not _UNSET:
+                sets.append("endpoint = ?")
+                params.append(endpoint)
+            if error is not _UNSET:
+                sets.append("last_error = ?")
+                params.append(error)
+            cursor = conn.execute(f"UPDATE replicas SET {', '.join(sets)} WHERE cluster = ?", (*params, cluster))
+            if cursor.rowcount != 1:  # pragma: no cover - guarded by the SELECT in the same transaction
+                raise LedgerError(f"replica {cluster}: update matched {cursor.rowcount} rows")
+            self._event(conn, row[0], cluster, row[1], state.value, message or (error if isinstance(error, str)
+                                                                                 else ""), now)
+        return self._replica_or_raise(cluster)
+
+    def get_replica(self, cluster: str) -> ReplicaRecord | None:
+        rows = self._query("SELECT * FROM replicas WHERE cluster = ?", (cluster,))
+        return _replica(rows[0]) if rows else None
+
+    def replicas(self, fleet: str | None = None,
+                 states: Iterable[ReplicaState] | None = None) -> list[ReplicaRecord]:
+        """Replicas of one fleet (or all), optionally only in the given states, ordered by fleet then name."""
+        sql, params = "SELECT * FROM replicas WHERE 1 = 1", []
+        if fleet is not None:
+            sql += " AND fleet = ?"
+            params.append(fleet)
+        if states is not None:
+            wanted = [ReplicaState(s).value for s in states]
+            sql += f" AND state IN ({', '.join('?' for _ in wanted)})" if wanted else " AND 0"
+            params.extend(wanted)
+        return [_replica(row) for row in self._query(sql + " ORDER BY fleet, cluster", params)]
+
+    def history(self, *, fleet: str | None = None, cluster: str | None = None) -> list[Event]:
+        """Recorded transitions, oldest first."""
+        sql, params = "SELECT * FROM events WHERE 1 = 1", []
+        if fleet is not None:
+            sql += " AND fleet = ?"
+            params.append(fleet)
+        if cluster is not None:
+            sql += " AND cluster = ?"
+            params.append(cluster)
+        return [Event(row["id"], row["fleet"], row["cluster"],
+                      ReplicaState(row["old_state"]) if row["old_state"] else None, row["new_state"],
+                      row["message"], row["at"]) for row in self._query(sql + " ORDER BY id", params)]
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _event(conn: sqlite3.Connection, fleet: str, cluster: str, old: str | None, new: str, message: str,
+               at: float) -> None:
+        conn.execute("INSERT INTO events (fleet, cluster, old_state, new_state, message, at) VALUES (?, ?, ?, ?, ?, ?)",
+                     (fleet, cluster, old, new, message, at))
+
+    def _replica_or_raise(self, cluster: str) -> ReplicaRecord:
+        record = self.get_replica(cluster)
+        if record is None:  # pragma: no cover - written in the same call
+            raise LedgerError(f"replica {cluster} vanished from the ledger")
+        return record
+
+
+def _fleet(row: sqlite3.Row) -> FleetRecord:
+    return FleetRecord(row["name"], row["config_hash"], json.loads(row["plan"]), row["created"], row["updated"])
+
+
+def _replica(row: sqlite3.Row) -> ReplicaRecord:
+    return ReplicaRecord(
+        cluster=row["cluster"], fleet=row["fleet"], gpu=row["gpu"], offer=row["offer"], cloud=row["cloud"],
+        region=row["region"], instance_type=row["instance_type"], use_spot=bool(row["use_spot"]),
+        price_per_hour=row["price_per_hour"], round=row["round"],
+        task=json.loads(row["task"]) if row["task"] is not None else None, state=ReplicaState(row["state"]),
+        endpoint=row["endpoint"], last_error=row["last_error"], created=row["created"], updated=row["updated"])

@@ -1,0 +1,247 @@
+"""Bind a config's GPU entries to catalog offers, so every solver column is a concrete cloud instance.
+
+A GPU entry says what one GPU costs (`cost`, $/h) and serves (`tputs`); an offer says where to rent it. Binding
+fills in the cloud, region, instance type and accelerators of each entry (honouring its pins, the config's `clouds`
+and `use_spot`) and returns a new, fully pinned `Config` for the unchanged solver, plus column name -> `Offer`
+for the renderer.
+
+Semantics:
+- `cost` and `tputs` in a config are per GPU (as in Mélange). A column bound to an instance with k GPUs costs
+  k x the per-GPU cost and serves k x the tputs; the solver then counts instances.
+- The config's cost wins over the catalog's price (it may be a negotiated price); a difference over 10% is a
+  warning. An omitted cost is the catalog's price (filled when the config is loaded).
+- Default mode: each entry becomes one column, bound to its cheapest allowed offer (single-GPU instances first;
+  ties go to the original Mélange offers).
+- Per-offer mode: each (entry, offer) pair becomes its own column, named "A10G@aws:us-west-2" (plus
+  ":instance_type" when a region has two instance types), priced from the catalog (the config's cost applies to the
+  offer the default mode would pick). `quotas` cap each matching offer's count, so a cheap offer that runs out
+  spills the rest of the fleet to the next cloud; the solver's dominance presolve drops offers never needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from .catalog import Catalog, Offer, default_catalog, offer_key
+from .config import Config, GpuSpec
+from .errors import CatalogError, ConfigError
+
+#: A config cost further than this from the catalog's price (relative to the catalog) gets a warning.
+COST_MISMATCH_WARN = 0.10
+
+
+@dataclass(frozen=True)
+class BoundConfig:
+    """A config whose every GPU column is pinned to one offer, and the offer of each column."""
+
+    config: Config
+    offers: dict[str, Offer]
+    entries: dict[str, str] = field(default_factory=dict)  # column name -> GPU entry it came from
+    per_offer: bool = False
+
+    def to_dict(self) -> dict[str, object]:
+        return {"per_offer": self.per_offer,
+                "columns": {name: {"entry": self.entries.get(name, name), **offer.to_dict()}
+                            for name, offer in self.offers.items()}}
+
+
+def bind_offers(config: Config, catalog: Catalog | None = None, *, per_offer: bool = False,
+                exclude: Collection[str] = ()) -> BoundConfig:
+    """`config` with every GPU entry bound to catalog offers (one column each, or one per offer with `per_offer`).
+
+    `exclude` names offers (`catalog.offer_key`, with ":spot" for spot) found out of capacity: in the default mode
+    an entry moves to its next-cheapest offer (it keeps the excluded one only if it has no other); in per-offer
+    mode the excluded columns stay, for the caller to cap at the replicas already running there.
+    Raises ConfigError (file and field) for a GPU, instance type or pin the catalog cannot satisfy.
+    """
+    catalog = catalog or default_catalog()
+    warnings = list(config.warnings)
+    columns: list[GpuSpec] = []
+    offers: dict[str, Offer] = {}
+    entries: dict[str, str] = {}
+    for spec in config.gpus:
+        candidates = allowed_offers(spec, config.clouds, config.source, catalog)
+        if exclude and not per_offer:
+            candidates = [o for o in candidates if offer_key(o.cloud, o.region, o.instance_type, spec.use_spot)
+                          not in exclude] or candidates
+        chosen = _pick(candidates, spec)
+        if spec.cost_source == "config":
+            _warn_mismatch(config.source, spec, chosen, warnings)
+        picked = candidates if per_offer else [chosen]
+        names = _column_names(spec.name, picked) if per_offer else [spec.name]
+        if per_offer and spec.max_count is not None and len(picked) > 1:
+            warnings.append(f"{config.source}: {spec.field_path}.max_count: with --per-offer it caps each of its "
+                            f"{len(picked)} offers (use quotas for per-offer limits)")
+        for name, offer in zip(names, picked):
+            # The config's cost belongs to the offer the default mode picks; other offers keep the catalog's price.
+            if offer is chosen and spec.cost_source == "config":
+                cost_per_gpu = spec.cost
+            else:
+                cost_per_gpu = _price(offer, spec.use_spot) / offer.gpu_count
+            columns.append(_column(spec, name, offer, cost_per_gpu,
+                                   min_count=spec.min_count if offer is chosen else 0,
+                                   max_count=_min(spec.max_count, quota(offer, spec.quotas))))
+            offers[name] = offer
+            entries[name] = spec.name
+        _warn_unused_quotas(config.source, spec, candidates, warnings)
+    bound = dataclasses.replace(config, gpus=tuple(columns), warnings=tuple(dict.fromkeys(warnings)))
+    return BoundConfig(config=bound, offers=offers, entries=entries, per_offer=per_offer)
+
+
+def default_offer(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str,
+                  catalog: Catalog | None = None) -> Offer:
+    """The offer the default mode binds `spec` to (used to price a GPU entry that has no `cost`)."""
+    return _pick(allowed_offers(spec, clouds, source, catalog or default_catalog()), spec)
+
+
+def allowed_offers(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str, catalog: Catalog) -> list[Offer]:
+    """Every catalog offer `spec` may use: its GPU, in the allowed clouds, matching its pins, priced for its
+    `use_spot`, and not excluded by a zero quota; cheapest per GPU first. ConfigError saying why if none."""
+    path = spec.field_path
+    try:
+        allowed = catalog.check_clouds(clouds)
+    except CatalogError as exc:
+        raise ConfigError(source, "clouds", str(exc)) from None
+    if spec.cloud is not None:
+        cloud = spec.cloud.lower()
+        if cloud not in allowed:
+            try:
+                catalog.check_clouds([cloud])
+            except CatalogError as exc:
+                raise ConfigError(source, f"{path}.cloud", str(exc)) from None
+            raise ConfigError(source, f"{path}.cloud", f"is {spec.cloud!r}, which is not among the config's clouds "
+                                                       f"({', '.join(allowed)})")
+        allowed = (cloud,)
+    gpu_field, gpu_name, count = _wanted_gpu(spec, source)
+    try:
+        gpu = catalog.resolve_gpu(gpu_name, allowed)
+    except CatalogError as exc:
+        raise ConfigError(source, f"{path}{gpu_field}", str(exc)) from None
+    offers = [o for o in catalog.offers(gpu, allowed) if count is None or o.gpu_count == count]
+    if not offers:
+        raise ConfigError(source, f"{path}.accelerators", f"no offer with {count} x {gpu} per instance in "
+                                                          f"{', '.join(allowed)}")
+    if spec.region is not None:
+        in_region = [o for o in offers if o.region == spec.region]
+        if not in_region:
+            regions = sorted({o.region for o in offers})
+            raise ConfigError(source, f"{path}.region", f"no {gpu} offer in region {spec.region!r}; regions with "
+                                                        f"one: {', '.join(regions)}")
+        offers = in_region
+    if spec.instance_type is not None:
+        offers = _with_instance_type(spec, offers, allowed, gpu, source, catalog)
+    if spec.use_spot:
+        offers = [o for o in offers if o.spot_price is not None]
+        if not offers:
+            raise ConfigError(source, f"{path}.use_spot", f"the catalog has no spot price for {gpu} with these pins "
+                                                          f"(spot prices are known for: "
+                                                          f"{_spot_clouds(catalog, gpu, allowed)})")
+    offers = [o for o in offers if quota(o, spec.quotas) != 0]
+    if not offers:
+        raise ConfigError(source, f"{path}.quotas", f"every {gpu} offer has a quota of 0")
+    return sorted(offers, key=lambda o: o.sort_key(spec.use_spot))
+
+
+def quota(offer: Offer, quotas: tuple[tuple[str, int], ...]) -> int | None:
+    """The cap of the most specific quota pattern matching `offer` ("aws" < "aws:us-west-2" < "...:g5.xlarge")."""
+    best: tuple[int, int] | None = None
+    parts = (offer.cloud, offer.region, offer.instance_type)
+    for pattern, cap in quotas:
+        keys = pattern.split(":")
+        if tuple(keys) == parts[:len(keys)] and (best is None or len(keys) > best[0]):
+            best = (len(keys), cap)
+    return None if best is None else best[1]
+
+
+def _wanted_gpu(spec: GpuSpec, source: str) -> tuple[str, str, int | None]:
+    """(field suffix, GPU name, GPUs per instance or None) from the `accelerators` pin ("A100-80GB:1", count 1 by
+    default as in SkyPilot), else the entry's name with any count."""
+    if spec.accelerators is None:
+        return "", spec.name, None
+    name, _, count = spec.accelerators.partition(":")
+    try:
+        number = float(count) if count.strip() else 1.0
+    except ValueError:
+        number = 0.0
+    if not name.strip() or not number.is_integer() or number < 1:
+        raise ConfigError(source, f"{spec.field_path}.accelerators",
+                          f"must look like \"A100-80GB:1\" (a GPU name and a whole count), got {spec.accelerators!r}")
+    return ".accelerators", name.strip(), int(number)
+
+
+def _with_instance_type(spec: GpuSpec, offers: list[Offer], allowed: tuple[str, ...], gpu: str, source: str,
+                        catalog: Catalog) -> list[Offer]:
+    matching = [o for o in offers if o.instance_type == spec.instance_type]
+    if matching:
+        return matching
+    path = f"{spec.field_path}.instance_type"
+    everywhere = [o for cloud in allowed for o in catalog.cloud_offers(cloud) if o.instance_type == spec.instance_type]
+    if everywhere:
+        other = everywhere[0]
+        if other.gpu != gpu:
+            raise ConfigError(source, path, f"{spec.instance_type!r} has {other.accelerators}, not {gpu}")
+        raise ConfigError(source, path, f"{spec.instance_type!r} is not offered with these pins; it is in "
+                                        f"{', '.join(sorted({o.cloud + ':' + o.region for o in everywhere}))}")
+    known = sorted({name for cloud in allowed for name in catalog.instance_types(cloud)})
+    close = difflib.get_close_matches(spec.instance_type, known, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    files = ", ".join(str(catalog.path(cloud)[0]) for cloud in allowed)
+    raise ConfigError(source, path, f"instance type {spec.instance_type!r} is unknown to the catalog "
+                                    f"({files}){hint}")
+
+
+def _pick(candidates: list[Offer], spec: GpuSpec) -> Offer:
+    """The default offer: single-GPU instances first (unless pinned otherwise), then the cheapest per GPU."""
+    return min(candidates, key=lambda o: (o.gpu_count != 1, o.sort_key(spec.use_spot)))
+
+
+def _price(offer: Offer, use_spot: bool) -> float:
+    price = offer.hourly(use_spot)
+    assert price is not None  # allowed_offers keeps only offers with the price asked for
+    return price
+
+
+def _column(spec: GpuSpec, name: str, offer: Offer, cost_per_gpu: float, min_count: int,
+            max_count: int | None) -> GpuSpec:
+    k = offer.gpu_count
+    tputs = spec.tputs if k == 1 else tuple(tuple(k * x for x in row) for row in spec.tputs)
+    return dataclasses.replace(spec, name=name, cost=round(cost_per_gpu * k, 9), tputs=tputs, min_count=min_count,
+                               max_count=max_count if max_count is None else max(max_count, min_count),
+                               cloud=offer.cloud, region=offer.region, instance_type=offer.instance_type,
+                               accelerators=offer.accelerators)
+
+
+def _column_names(entry: str, offers: list[Offer]) -> list[str]:
+    """"A10G@aws:us-west-2", with ":instance_type" added where one region has several instance types."""
+    short = [f"{entry}@{o.cloud}:{o.region}" for o in offers]
+    return [s if short.count(s) == 1 else f"{s}:{o.instance_type}" for s, o in zip(short, offers)]
+
+
+def _min(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _warn_mismatch(source: str, spec: GpuSpec, offer: Offer, warnings: list[str]) -> None:
+    catalog_price = _price(offer, spec.use_spot) / offer.gpu_count
+    if abs(spec.cost - catalog_price) > COST_MISMATCH_WARN * catalog_price:
+        kind = "spot " if spec.use_spot else ""
+        warnings.append(f"{source}: {spec.field_path}.cost: ${spec.cost:g}/h per GPU differs by "
+                        f"{100 * abs(spec.cost - catalog_price) / catalog_price:.0f}% from the catalog's {kind}"
+                        f"${catalog_price:.4g}/h for {offer.instance_type} ({offer.cloud} {offer.region}); "
+                        f"using the config's cost")
+
+
+def _warn_unused_quotas(source: str, spec: GpuSpec, candidates: list[Offer], warnings: list[str]) -> None:
+    for pattern, cap in spec.quotas:
+        keys = pattern.split(":")
+        if cap == 0:
+            continue  # excluding offers that are not there anyway is harmless
+        if not any((o.cloud, o.region, o.instance_type)[:len(keys)] == tuple(keys) for o in candidates):
+            warnings.append(f"{source}: {spec.field_path}.quotas.{pattern}: matches none of its offers, ignored")
+
+
+def _spot_clouds(catalog: Catalog, gpu: str, clouds: tuple[str, ...]) -> str:
+    found = sorted({o.cloud for o in catalog.offers(gpu, clouds) if o.spot_price is not None})
+    return ", ".join(found) if found else "none"

@@ -1,0 +1,287 @@
+"""`FakeBackend`: a test double of `melange_sky.backends.Backend` (tests only, never in the product).
+
+Its clusters, configuration and call log live in one JSON file, so the real CLI running in a subprocess shares state
+with the test and across invocations:
+
+    fake = FakeBackend(tmp_path / "fake.json")           # or MELANGE_SKY_FAKE_STATE=<path>
+    fake.configure(latency={"launch": 2.0}, capacity_failures=[{"cloud": "aws", "instance_type": "g5.xlarge"}],
+                   hard_failures={"demo-a10g-1": "disk full"})
+    env = {**os.environ, "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend",
+           "MELANGE_SKY_FAKE_STATE": str(fake.path), "PYTHONPATH": "<repo>/tests"}
+    subprocess.run(["melange-sky", "up", ...], env=env)
+    fake.max_concurrency(); fake.calls("launch"); fake.clusters()
+
+Behaviour follows SkyPilot where it matters: a launch shows the cluster INIT while in flight; a capacity failure
+leaves no cluster; a hard failure leaves the cluster INIT (SkyPilot keeps it for debugging, so `down` must remove it);
+relaunching an UP cluster reuses it; `down` of an unknown cluster returns False.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from melange_sky.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
+from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
+
+STATE_ENV_VAR = "MELANGE_SKY_FAKE_STATE"
+METHODS = ("launch", "status", "endpoint", "down", "validate")
+_EMPTY_CONFIG: dict[str, Any] = {"latency": {}, "capacity_failures": [], "hard_failures": {}, "down_failures": {}}
+
+
+def offer_of(task: Mapping[str, Any]) -> list[dict[str, str]]:
+    """The candidate offers a task's resources allow: dicts of cloud / region / instance_type / accelerators, lower
+    case (`infra: aws/us-east-1` is split into cloud and region; `any_of` / `ordered` give several candidates)."""
+    resources = task.get("resources") or {}
+    candidates = resources.get("any_of") or resources.get("ordered") or [{}]
+    out = []
+    for extra in candidates:
+        merged = {**{k: v for k, v in resources.items() if k not in ("any_of", "ordered")}, **extra}
+        offer: dict[str, str] = {}
+        if merged.get("infra"):
+            parts = str(merged["infra"]).split("/")
+            offer["cloud"] = parts[0]
+            if len(parts) > 1:
+                offer["region"] = parts[1]
+        for key in ("cloud", "region", "instance_type"):
+            if merged.get(key):
+                offer[key] = str(merged[key])
+        accelerators = merged.get("accelerators")
+        if isinstance(accelerators, Mapping):
+            accelerators = ",".join(f"{k}:{v}" for k, v in accelerators.items())
+        if accelerators:
+            offer["accelerators"] = str(accelerators).split(":")[0]
+        out.append({k: v.lower() for k, v in offer.items()})
+    return out
+
+
+def _matches(rule: Mapping[str, Any], offer: Mapping[str, str]) -> bool:
+    keys = [k for k in rule if k != "times"]
+    return bool(keys) and all(str(rule[k]).lower() == offer.get(k) for k in keys)
+
+
+class FakeBackend:
+    """File-backed, thread- and process-safe double with injected latency and failures; see the module docstring."""
+
+    name = "fake"
+
+    def __init__(self, state_path: str | os.PathLike[str] | None = None):
+        path = state_path or os.environ.get(STATE_ENV_VAR)
+        if path is None:
+            fd, path = tempfile.mkstemp(prefix="fake-backend-", suffix=".json")
+            os.close(fd)
+            os.unlink(path)
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._cancel_events: dict[str, threading.Event] = {}
+        with self._state() as state:
+            state.setdefault("config", json.loads(json.dumps(_EMPTY_CONFIG)))
+            state.setdefault("clusters", {})
+            state.setdefault("calls", [])
+            state.setdefault("max_concurrency", 0)
+
+    # -- shared JSON state --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _state(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write the state file under an exclusive flock (threads and processes)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a+") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            state = json.loads(self.path.read_text()) if self.path.exists() and self.path.stat().st_size else {}
+            try:
+                yield state
+            finally:  # also when the caller raises on purpose (a failure it recorded in `state` first)
+                self._write(state)
+
+    def _write(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+    def _read(self) -> dict[str, Any]:
+        with self._state() as state:
+            return json.loads(json.dumps(state))
+
+    def configure(self, *, latency: Mapping[str, float] | None = None,
+                  capacity_failures: Sequence[Mapping[str, Any]] | None = None,
+                  hard_failures: Mapping[str, str] | None = None,
+                  down_failures: Mapping[str, str] | None = None) -> None:
+        """Set (replace) parts of the injected behaviour; unspecified parts stay.
+
+        latency: seconds per method name ("launch", "status", "endpoint", "down", "validate").
+        capacity_failures: rules matched against the task's offer (keys among cloud, region, instance_type,
+          accelerators; case-insensitive); a launch whose every candidate offer matches a rule raises CapacityError.
+          A rule with "times": N fails only N launches.
+        hard_failures: cluster name -> reason; its launch raises LaunchError and leaves the cluster INIT.
+        down_failures: cluster name -> reason; its `down` raises BackendError.
+        """
+        unknown = set(latency or {}) - set(METHODS)
+        if unknown:
+            raise ValueError(f"latency for unknown methods: {sorted(unknown)}")
+        with self._state() as state:
+            config = state["config"]
+            for key, value in (("latency", latency), ("capacity_failures", capacity_failures),
+                               ("hard_failures", hard_failures), ("down_failures", down_failures)):
+                if value is not None:
+                    config[key] = json.loads(json.dumps(value))
+
+    # -- inspection for tests -----------------------------------------------------------------------------------
+    def calls(self, method: str | None = None) -> list[dict[str, Any]]:
+        """Recorded calls (every process), oldest first: method, cluster(s), pid, start, end, outcome."""
+        return [c for c in self._read()["calls"] if method is None or c["method"] == method]
+
+    def max_concurrency(self) -> int:
+        """Most launches observed in flight at once within one process."""
+        return int(self._read()["max_concurrency"])
+
+    def clusters(self) -> dict[str, dict[str, Any]]:
+        return self._read()["clusters"]
+
+    def launch_count(self, cluster: str) -> int:
+        """How many launches actually created (not reused) this cluster."""
+        return sum(1 for c in self.calls("launch") if c["cluster"] == cluster and c["outcome"] == "up")
+
+    def add_cluster(self, cluster: str, status: ClusterStatus = ClusterStatus.UP, endpoint: str | None = None) \
+            -> None:
+        """Pretend a cluster exists (e.g. launched by an earlier run)."""
+        with self._state() as state:
+            state["clusters"][cluster] = {"status": ClusterStatus(status).value, "endpoint": endpoint,
+                                          "head_ip": None, "task": None}
+
+    def remove_cluster(self, cluster: str) -> None:
+        """Pretend a cluster vanished outside melange-sky (e.g. deleted in the cloud console)."""
+        with self._state() as state:
+            state["clusters"].pop(cluster, None)
+
+    # -- Backend interface --------------------------------------------------------------------------------------
+    def _latency(self, method: str) -> float:
+        return float(self._read()["config"]["latency"].get(method, 0.0))
+
+    def _record(self, state: dict[str, Any], method: str, start: float, outcome: str, **extra: Any) -> None:
+        state["calls"].append({"method": method, "pid": os.getpid(), "start": start, "end": time.time(),
+                               "outcome": outcome, **extra})
+
+    def launch(self, request: LaunchRequest) -> ClusterInfo:
+        cluster = request.cluster
+        start = time.time()
+        cancel = threading.Event()
+        with self._lock:
+            self._cancel_events[cluster] = cancel
+            self._in_flight += 1
+            in_flight = self._in_flight
+        try:
+            with self._state() as state:
+                state["max_concurrency"] = max(state["max_concurrency"], in_flight)
+                existing = state["clusters"].get(cluster)
+                if existing and existing["status"] == ClusterStatus.UP.value:
+                    self._record(state, "launch", start, "reused", cluster=cluster)
+                    return self._info(cluster, existing)
+                state["clusters"][cluster] = {"status": ClusterStatus.INIT.value, "endpoint": None, "head_ip": None,
+                                              "task": dict(request.task), "offer": offer_of(request.task),
+                                              "secret_names": sorted(request.secrets)}
+            cancelled = cancel.wait(self._latency("launch"))
+            with self._state() as state:
+                config = state["config"]
+                if cancelled:
+                    self._record(state, "launch", start, "cancelled", cluster=cluster)
+                    raise LaunchCancelled(cluster, "launch cancelled")
+                if cluster in config["hard_failures"]:
+                    reason = config["hard_failures"][cluster]
+                    self._record(state, "launch", start, "failed", cluster=cluster, reason=reason)
+                    raise LaunchError(cluster, reason)
+                rule = self._capacity_rule(config["capacity_failures"], offer_of(request.task))
+                if rule is not None:
+                    if "times" in rule:
+                        rule["times"] = int(rule["times"]) - 1
+                    del state["clusters"][cluster]
+                    self._record(state, "launch", start, "unavailable", cluster=cluster)
+                    raise CapacityError(cluster, f"no capacity for {offer_of(request.task)[0]} (fake)")
+                n = len(state["calls"]) % 250 + 1
+                head_ip = f"10.0.0.{n}"
+                record = state["clusters"][cluster]
+                record.update(status=ClusterStatus.UP.value, head_ip=head_ip,
+                              endpoint=f"{head_ip}:{request.port}" if request.port is not None else None,
+                              retry_until_up=request.retry_until_up, down=request.down,
+                              idle_minutes_to_autostop=request.idle_minutes_to_autostop)
+                self._record(state, "launch", start, "up", cluster=cluster)
+                return self._info(cluster, record)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._cancel_events.pop(cluster, None)
+
+    @staticmethod
+    def _capacity_rule(rules: list[dict[str, Any]], offers: list[dict[str, str]]) -> dict[str, Any] | None:
+        live = [r for r in rules if int(r.get("times", 1)) > 0]
+        matched = [next((r for r in live if _matches(r, offer)), None) for offer in offers]
+        return matched[0] if matched and all(m is not None for m in matched) else None
+
+    @staticmethod
+    def _info(cluster: str, record: Mapping[str, Any]) -> ClusterInfo:
+        offer = (record.get("offer") or [{}])[0]
+        return ClusterInfo(cluster, ClusterStatus(record["status"]), endpoint=record.get("endpoint"),
+                           head_ip=record.get("head_ip"), cloud=offer.get("cloud"), region=offer.get("region"))
+
+    def status(self, clusters: Sequence[str], refresh: bool = False) -> dict[str, ClusterInfo]:
+        start = time.time()
+        time.sleep(self._latency("status"))
+        with self._state() as state:
+            self._record(state, "status", start, "ok", clusters=list(clusters), refresh=refresh)
+            known = state["clusters"]
+            return {c: self._info(c, known[c]) if c in known else
+                    ClusterInfo(c, ClusterStatus.GONE, message="not known to the fake backend") for c in clusters}
+
+    def endpoint(self, cluster: str, port: int) -> str | None:
+        start = time.time()
+        time.sleep(self._latency("endpoint"))
+        with self._state() as state:
+            self._record(state, "endpoint", start, "ok", cluster=cluster, port=port)
+            record = state["clusters"].get(cluster)
+            if not record or record["status"] != ClusterStatus.UP.value or not record.get("head_ip"):
+                return None
+            return f"{record['head_ip']}:{port}"
+
+    def down(self, cluster: str, purge: bool = False) -> bool:
+        start = time.time()
+        time.sleep(self._latency("down"))
+        with self._state() as state:
+            reason = state["config"]["down_failures"].get(cluster)
+            if reason is not None and not purge:
+                self._record(state, "down", start, "failed", cluster=cluster, reason=reason)
+                raise BackendError(f"{cluster}: teardown failed: {reason}")
+            existed = state["clusters"].pop(cluster, None) is not None
+            self._record(state, "down", start, "down" if existed else "gone", cluster=cluster, purge=purge)
+            return existed
+
+    def validate(self, task: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Validation:
+        """The checks a fake can make honestly: shape, string envs, and every referenced secret supplied."""
+        start = time.time()
+        time.sleep(self._latency("validate"))
+        if not isinstance(task, Mapping):
+            raise InvalidTask(f"invalid task: expected a mapping, got {type(task).__name__}")
+        if not isinstance(task.get("resources", {}), Mapping):
+            raise InvalidTask("invalid task: resources must be a mapping")
+        bad_envs = [k for k, v in (task.get("envs") or {}).items() if not isinstance(v, str)]
+        if bad_envs:
+            raise InvalidTask(f"invalid task: envs values must be strings: {', '.join(bad_envs)}")
+        missing = [k for k in (task.get("secrets") or {}) if k not in (secrets or {})]
+        if missing:
+            raise InvalidTask(f"invalid task: secrets not supplied: {', '.join(missing)}")
+        with self._state() as state:
+            self._record(state, "validate", start, "ok")
+        return Validation(ValidationLevel.SCHEMA, "fake backend: shape, envs and secrets checked")
+
+    def cancel(self, clusters: Sequence[str] | None = None) -> list[str]:
+        with self._lock:
+            targets = [c for c in (self._cancel_events if clusters is None else clusters) if c in self._cancel_events]
+            for cluster in targets:
+                self._cancel_events[cluster].set()
+        return targets

@@ -1,0 +1,239 @@
+"""The ledger records intent before acting, keeps every transition, refuses unsafe removals and never resets itself."""
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from melange_sky import ledger as ledger_mod
+from melange_sky.errors import FleetBusy, LedgerError
+from melange_sky.ledger import Ledger, NewReplica, ReplicaState
+
+PLAN = {"A10G": 2, "cost": 2.02}
+
+
+def replica(cluster: str, gpu: str = "A10G", **kwargs) -> NewReplica:
+    fields = {"offer": "aws/us-east-1/g5.xlarge", "price_per_hour": 1.01, "cloud": "aws", "region": "us-east-1",
+              "instance_type": "g5.xlarge", "task": {"resources": {"accelerators": "A10G:1"},
+                                                     "secrets": {"HF_TOKEN": None}}}
+    fields.update(kwargs)
+    return NewReplica(cluster=cluster, gpu=gpu, **fields)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    with Ledger(tmp_path / "home") as db:
+        yield db
+
+
+def test_default_location_follows_melange_sky_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MELANGE_SKY_HOME", str(tmp_path / "elsewhere"))
+    with Ledger() as db:
+        assert db.path == tmp_path / "elsewhere" / "ledger.db"
+        assert db.path.exists()
+
+
+def test_replica_is_recorded_pending_before_launch_with_everything_a_resolve_needs(ledger):
+    ledger.save_fleet("demo", "hash1", PLAN)
+    record = ledger.add_replica("demo", replica("demo-a10g-0"))
+    assert record.state is ReplicaState.PENDING
+    again = ledger.get_replica("demo-a10g-0")
+    assert again == record
+    assert (again.offer, again.cloud, again.instance_type, again.price_per_hour) == \
+        ("aws/us-east-1/g5.xlarge", "aws", "g5.xlarge", 1.01)
+    assert again.task == {"resources": {"accelerators": "A10G:1"}, "secrets": {"HF_TOKEN": None}}
+    assert ledger.get_fleet("demo").plan == PLAN
+
+
+def test_every_transition_is_recorded_in_history(ledger):
+    ledger.save_fleet("demo", "hash1", PLAN)
+    ledger.add_replica("demo", replica("demo-a10g-0"))
+    ledger.transition("demo-a10g-0", ReplicaState.LAUNCHING)
+    ledger.transition("demo-a10g-0", ReplicaState.UP, endpoint="10.0.0.1:8000")
+    ledger.transition("demo-a10g-0", ReplicaState.TERMINATING)
+    ledger.transition("demo-a10g-0", ReplicaState.GONE, endpoint=None)
+    steps = [(e.old_state, e.new_state) for e in ledger.history(cluster="demo-a10g-0")]
+    assert steps == [(None, "pending"), (ReplicaState.PENDING, "launching"), (ReplicaState.LAUNCHING, "up"),
+                     (ReplicaState.UP, "terminating"), (ReplicaState.TERMINATING, "gone")]
+    assert ledger.get_replica("demo-a10g-0").endpoint is None
+
+
+def test_failure_reason_is_kept_as_last_error_and_in_history(ledger):
+    ledger.save_fleet("demo", "h", PLAN)
+    ledger.add_replica("demo", replica("demo-a10g-0"))
+    record = ledger.transition("demo-a10g-0", ReplicaState.UNAVAILABLE, error="no capacity in us-east-1")
+    assert record.last_error == "no capacity in us-east-1"
+    assert ledger.history(cluster="demo-a10g-0")[-1].message == "no capacity in us-east-1"
+
+
+def test_update_of_unknown_replica_raises(ledger):
+    with pytest.raises(LedgerError, match="demo-x-0 is not in the ledger"):
+        ledger.transition("demo-x-0", ReplicaState.UP)
+
+
+def test_duplicate_replica_is_refused_but_a_gone_one_can_be_relaunched(ledger):
+    ledger.save_fleet("demo", "h", PLAN)
+    ledger.add_replica("demo", replica("demo-a10g-0"))
+    with pytest.raises(LedgerError, match="already in the ledger"):
+        ledger.add_replica("demo", replica("demo-a10g-0"))
+    ledger.transition("demo-a10g-0", ReplicaState.GONE)
+    assert ledger.add_replica("demo", replica("demo-a10g-0")).state is ReplicaState.PENDING
+    assert len(ledger.replicas("demo")) == 1
+
+
+def test_secret_values_are_never_written(ledger):
+    ledger.save_fleet("demo", "h", PLAN)
+    with pytest.raises(LedgerError, match="secret values"):
+        ledger.add_replica("demo", replica("demo-a10g-0", task={"secrets": {"HF_TOKEN": "hf_abc"}}))
+    assert "hf_abc" not in ledger.path.read_bytes().decode(errors="replace")
+
+
+def test_fleet_removal_is_refused_while_replicas_remain(ledger):
+    ledger.save_fleet("demo", "h", PLAN)
+    ledger.add_replica("demo", replica("demo-a10g-0"))
+    ledger.add_replica("demo", replica("demo-a10g-1"))
+    ledger.transition("demo-a10g-0", ReplicaState.GONE)
+    ledger.transition("demo-a10g-1", ReplicaState.FAILED, error="boom")
+    with pytest.raises(LedgerError, match=r"demo-a10g-1.*melange-sky down demo"):
+        ledger.remove_fleet("demo")
+    ledger.transition("demo-a10g-1", ReplicaState.GONE)
+    ledger.remove_fleet("demo")
+    assert ledger.get_fleet("demo") is None and ledger.replicas("demo") == []
+    assert ledger.history(fleet="demo")[-1].new_state == "fleet-removed"
+
+
+def test_replicas_filter_by_fleet_and_state(ledger):
+    ledger.save_fleet("a", "h", PLAN)
+    ledger.save_fleet("b", "h", PLAN)
+    ledger.add_replica("a", replica("a-a10g-0"))
+    ledger.add_replica("a", replica("a-a10g-1"))
+    ledger.add_replica("b", replica("b-a10g-0"))
+    ledger.transition("a-a10g-1", ReplicaState.UP)
+    assert [r.cluster for r in ledger.replicas("a", states=[ReplicaState.UP])] == ["a-a10g-1"]
+    assert [r.cluster for r in ledger.replicas()] == ["a-a10g-0", "a-a10g-1", "b-a10g-0"]
+    assert ledger.replicas(states=[]) == []
+    assert [f.name for f in ledger.fleets()] == ["a", "b"]
+
+
+def test_concurrent_writers_from_threads_lose_nothing(ledger):
+    ledger.save_fleet("demo", "h", PLAN)
+    names = [f"demo-a10g-{i}" for i in range(16)]
+
+    def work(name: str) -> None:
+        ledger.add_replica("demo", replica(name))
+        for state in (ReplicaState.LAUNCHING, ReplicaState.UP):
+            ledger.transition(name, state)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {r.cluster: r.state for r in ledger.replicas("demo")} == {n: ReplicaState.UP for n in names}
+    assert len([e for e in ledger.history(fleet="demo") if e.cluster]) == 3 * len(names)
+
+
+def test_fleet_lock_refuses_a_second_holder_in_another_process_naming_its_pid(tmp_path):
+    home = tmp_path / "home"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from melange_sky.ledger import Ledger
+        with Ledger({str(home)!r}).lock("demo"):
+            print("locked", flush=True)
+            sys.stdin.readline()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with Ledger(home) as db:
+            with pytest.raises(FleetBusy) as busy:
+                db.lock("demo").acquire()
+            assert busy.value.pid == holder.pid and str(holder.pid) in str(busy.value)
+            with db.lock("other"):  # other fleets are not blocked
+                pass
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.wait(timeout=30) == 0
+            with db.lock("demo"):  # released when the holder is done
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_fleet_lock_is_exclusive_within_one_process_too(ledger):
+    with ledger.lock("demo"):
+        with pytest.raises(FleetBusy):
+            ledger.lock("demo").acquire()
+    with ledger.lock("demo"):
+        pass
+
+
+def test_corrupt_database_gives_a_clear_error_and_is_left_alone(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    garbage = b"this is not sqlite at all\n" * 200
+    (home / "ledger.db").write_bytes(garbage)
+    with pytest.raises(LedgerError, match=r"not a readable SQLite database.*mv .*ledger.db"):
+        Ledger(home)
+    assert (home / "ledger.db").read_bytes() == garbage
+
+
+def test_newer_schema_version_is_refused_not_downgraded(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    conn = sqlite3.connect(home / "ledger.db")
+    conn.execute("CREATE TABLE future (x)")
+    conn.execute(f"PRAGMA user_version = {len(ledger_mod.MIGRATIONS) + 5}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(LedgerError, match="newer than this melange-sky understands.*upgrade"):
+        Ledger(home)
+    conn = sqlite3.connect(home / "ledger.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(ledger_mod.MIGRATIONS) + 5
+    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("future",)]
+
+
+def test_empty_version_0_file_is_migrated_to_the_latest_schema_in_wal_mode(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    sqlite3.connect(home / "ledger.db").close()  # an existing, empty, version-0 database
+    with Ledger(home) as db:
+        assert db.schema_version == len(ledger_mod.MIGRATIONS)
+        db.save_fleet("demo", "h", PLAN)
+    conn = sqlite3.connect(home / "ledger.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"fleets", "replicas", "events"} <= tables
+
+
+def test_migrations_are_applied_in_order_on_an_existing_ledger_keeping_its_data(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    with Ledger(home) as db:
+        db.save_fleet("demo", "h", PLAN)
+        db.add_replica("demo", replica("demo-a10g-0"))
+    latest = len(ledger_mod.MIGRATIONS)
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [*ledger_mod.MIGRATIONS,
+                                                    ("ALTER TABLE replicas ADD COLUMN zone TEXT",),
+                                                    ("UPDATE replicas SET zone = 'us-east-1a'",)])
+    with Ledger(home) as db:
+        assert db.schema_version == latest + 2
+        assert db.get_replica("demo-a10g-0").state is ReplicaState.PENDING
+    conn = sqlite3.connect(home / "ledger.db")
+    assert conn.execute("SELECT zone FROM replicas").fetchall() == [("us-east-1a",)]
+
+
+def test_a_failing_migration_leaves_the_previous_version_intact(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    Ledger(home).close()
+    latest = len(ledger_mod.MIGRATIONS)
+    monkeypatch.setattr(ledger_mod, "MIGRATIONS", [*ledger_mod.MIGRATIONS,
+                                                    ("CREATE TABLE extra (x)", "THIS IS NOT SQL")])
+    with pytest.raises(LedgerError, match=f"to schema version {latest + 1} failed.*left at version {latest}"):
+        Ledger(home)
+    conn = sqlite3.connect(home / "ledger.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == latest
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone()[0] == 0

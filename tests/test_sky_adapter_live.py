@@ -1,0 +1,191 @@
+"""SkyPilotBackend against the real SkyPilot library and its real local API server (no cloud credentials needed).
+
+The module fixture points SkyPilot at a private port (SKYPILOT_API_SERVER_LOCAL_PORT), so it never talks to, nor
+stops, an API server someone else runs on the default 46580; the SDK starts the server on first use (≈ 8 s) and the
+fixture stops it (`sky.api_stop()`) even when a test fails. The session HOME is temporary (conftest), so SkyPilot's
+state lives there; the last check proves nothing was written under the real ~/.sky.
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from melange_sky.backends import ClusterStatus, LaunchRequest, ValidationLevel
+from melange_sky.errors import CapacityError, InvalidTask, LaunchError
+from melange_sky.sky_adapter import SkyPilotBackend
+
+pytestmark = pytest.mark.skypilot_server
+
+T = TypeVar("T")
+REAL_SKY_DIR = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".sky"
+# The first answer of a freshly started server took ≈ 15-22 s on these machines; allow for a slow shared CI box.
+SLOW_CALL_S = 180.0
+SECRET = "hf_live_test_secret_value_5f3a"
+NO_CLOUD_TASK = {"resources": {"cpus": "1+"}, "run": "echo hello", "secrets": {"HF_TOKEN": None}}
+
+
+def within(seconds: float, fn: Callable[[], T]) -> T:
+    """Run fn in a thread and fail the test (instead of hanging the suite) if it takes longer than `seconds`."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # re-raised in the test's thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        pytest.fail(f"SkyPilot call took longer than {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _snapshot(path: Path) -> list[tuple[str, float]] | None:
+    if not path.exists():
+        return None
+    return sorted((str(p), p.stat().st_mtime) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def sky_server(session_home) -> Iterator[dict[str, Any]]:
+    """A private SkyPilot API server for this module; stopped at the end whatever happened."""
+    real_before = _snapshot(REAL_SKY_DIR)
+    assert Path.home() == session_home, "conftest must point HOME at the session's temporary directory"
+    saved_port = os.environ.get("SKYPILOT_API_SERVER_LOCAL_PORT")
+    os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(_free_port())
+    import sky  # noqa: PLC0415 - only this live module pays for it
+    from sky.client import sdk  # noqa: PLC0415
+    from sky.server import common as server_common  # noqa: PLC0415
+
+    server_common.get_server_url.cache_clear()  # the URL is cached process-wide; make it see the private port
+    timings: dict[str, Any] = {"real_before": real_before}
+    try:
+        yield timings
+    finally:
+        try:
+            sky.api_stop()
+            assert not sdk._local_api_server_running(), "the SkyPilot API server is still running"  # noqa: SLF001
+        finally:
+            if saved_port is None:
+                os.environ.pop("SKYPILOT_API_SERVER_LOCAL_PORT", None)
+            else:
+                os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = saved_port
+            server_common.get_server_url.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def backend(sky_server) -> SkyPilotBackend:
+    return SkyPilotBackend()
+
+
+def test_clusters_skypilot_does_not_know_are_gone(backend, sky_server):
+    start = time.monotonic()
+    answer = within(SLOW_CALL_S, lambda: backend.status(["msky-live-a10g-0", "msky-live-l4-0"]))
+    sky_server["first_status_s"] = time.monotonic() - start
+    assert {name: info.status for name, info in answer.items()} == {
+        "msky-live-a10g-0": ClusterStatus.GONE, "msky-live-l4-0": ClusterStatus.GONE}
+    refreshed = within(SLOW_CALL_S, lambda: backend.status(["msky-live-a10g-0"], refresh=True))
+    assert refreshed["msky-live-a10g-0"].status is ClusterStatus.GONE
+
+
+def test_down_of_an_unknown_cluster_is_already_gone_twice(backend, sky_server):
+    start = time.monotonic()
+    assert within(SLOW_CALL_S, lambda: backend.down("msky-live-a10g-0")) is False
+    sky_server["down_unknown_s"] = time.monotonic() - start
+    assert within(SLOW_CALL_S, lambda: backend.down("msky-live-a10g-0", purge=True)) is False
+
+
+def test_endpoint_of_an_unknown_cluster_is_none(backend):
+    assert within(SLOW_CALL_S, lambda: backend.endpoint("msky-live-a10g-0", 8000)) is None
+
+
+def test_launch_without_an_enabled_cloud_fails_in_one_line_with_skypilots_reason(backend, session_home):
+    request = LaunchRequest("msky-live-cpu-0", NO_CLOUD_TASK, secrets={"HF_TOKEN": SECRET})
+    with pytest.raises(LaunchError) as err:
+        within(SLOW_CALL_S, lambda: backend.launch(request))
+    assert not isinstance(err.value, CapacityError)
+    message = str(err.value)
+    assert message.startswith("msky-live-cpu-0: no cloud enabled in SkyPilot")
+    assert "sky check" in message and "\n" not in message and "\x1b" not in message and "Traceback" not in message
+    assert within(SLOW_CALL_S, lambda: backend.status(["msky-live-cpu-0"]))["msky-live-cpu-0"].status \
+        is ClusterStatus.GONE
+    assert backend.cancel() == []  # nothing left in flight
+    leaked = [p for p in session_home.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == [], "the secret value reached a file"
+
+
+def test_validate_accepts_a_good_task_and_says_how_deeply(backend):
+    from sky.catalog import common as catalog_common  # noqa: PLC0415
+
+    task = {"resources": {"cloud": "aws", "instance_type": "g5.xlarge", "accelerators": "A10G:1", "ports": 8000},
+            "envs": {"MODEL": "meta-llama/Llama-2-7b-chat-hf"}, "secrets": {"HF_TOKEN": None}, "run": "serve"}
+    catalog_present = (Path(catalog_common.get_catalog_path("aws/vms.csv")).exists()
+                       and Path(catalog_common.get_catalog_path("common/accelerators.csv")).exists())
+    result = backend.validate(task, {"HF_TOKEN": SECRET})
+    if catalog_present:
+        assert result.level is ValidationLevel.FULL and "g5.xlarge $" in result.detail
+    else:  # offline and no catalog: SkyPilot cannot download it here, so schema only, and it says so
+        assert result.level is ValidationLevel.SCHEMA and "catalog" in result.detail
+
+
+def test_validate_falls_back_to_schema_only_when_the_catalog_cannot_be_downloaded(backend, monkeypatch):
+    import requests  # noqa: PLC0415
+    from sky.catalog import common as catalog_common  # noqa: PLC0415
+
+    # A cloud whose catalog no test has seeded into the session HOME, so SkyPilot must try to download it.
+    cloud, instance_type = next(((c, i) for c, i in (("lambda", "gpu_1x_a10"), ("runpod", "1x_A100-80GB_SECURE"),
+                                                     ("fluidstack", "A100_PCIE_80GB::1"))
+                                 if not Path(catalog_common.get_catalog_path(f"{c}/vms.csv")).exists()),
+                                (None, None))
+    if cloud is None:
+        pytest.skip("every candidate cloud's catalog is present; nothing to download")
+
+    class Offline:
+        exceptions = requests.exceptions
+
+        @staticmethod
+        def get(*_args: Any, **_kwargs: Any) -> None:
+            raise requests.exceptions.ConnectionError("network is unreachable (injected)")
+
+    monkeypatch.setattr(catalog_common, "requests", Offline)
+    task = {"resources": {"cloud": cloud, "instance_type": instance_type}, "run": "serve"}
+    result = within(60, lambda: backend.validate(task))
+    assert result.level is ValidationLevel.SCHEMA
+    assert "could not download its catalog" in result.detail and "injected" in result.detail
+    with pytest.raises(InvalidTask, match="nonsense_field"):  # the schema is still enforced
+        within(60, lambda: backend.validate({**task, "nonsense_field": 1}))
+
+
+@pytest.mark.parametrize("task, expected", [
+    ({"resources": {"accelerators": "A10G:1"}, "run": "serve", "nonsense_field": 1}, "nonsense_field"),
+    ({"resources": {"accelerators": "A10G:1"}, "run": "serve", "envs": {"MODEL": None}}, "MODEL"),
+    ({"resources": {"cloud": "aws", "ports": "not-a-port"}, "run": "serve"}, "not-a-port"),
+])
+def test_validate_rejects_a_bad_task_in_one_line(backend, task, expected):
+    with pytest.raises(InvalidTask) as err:
+        within(60, lambda: backend.validate(task))
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_nothing_was_written_under_the_real_sky_dir(sky_server):
+    """Runs last in this module: the server and SDK kept all their state in the session's temporary HOME."""
+    assert _snapshot(REAL_SKY_DIR) == sky_server["real_before"]
+    assert (Path.home() / ".sky").is_dir()
