@@ -1,6 +1,7 @@
 """The `melange-sky` command line: parse options, call the library, print. No solver, SQL or SkyPilot code here."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -254,6 +255,12 @@ def plan(config: str, output_dir: str, formats: tuple[str, ...], as_json: bool, 
     click.echo(f"Wrote {len(written)} file(s) to {output_dir}", err=True)
 
 
+def _launcher_output():
+    """What a launcher prints (SkyPilot says "Running on cluster: ...") goes to stderr with the progress lines, so
+    stdout holds only this command's own output (and stays parseable with --json)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _backend_option(command):
     return click.option("--backend", metavar="NAME|MODULE:CLASS", help="Launcher to use (default: skypilot, or "
                         "$MELANGE_SKY_BACKEND): a `melange_sky.backends` entry point or a module:Class path.")(command)
@@ -306,32 +313,36 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     from .backends import load_backend
     from .fleet import Fleet, UpOptions, config_hash, secrets_from_env
     from .ledger import Ledger
-    from .plan import build_plan
+    from .plan import PlanRequest, build_plan
     from .report import format_dryrun, format_event, format_plan, format_up
 
     if autodown and idle_minutes_to_autostop is None:
         raise click.UsageError("--down needs --idle-minutes-to-autostop")
     cfg = solve_args.load(config, fleet_name)
-    settings = _plan_settings(solve_args, per_offer, template)
-    planner = functools.partial(build_plan, cfg, settings)
-    quiet_settings = _plan_settings(solve_args, per_offer, template, compare=False)
-    replanner = functools.partial(build_plan, cfg, quiet_settings)
     fleet = Fleet(load_backend(backend), Ledger(), on_event=None if as_json else
                   (lambda event: click.echo(format_event(event), err=True)))
     if dryrun:
-        report = fleet.dryrun(planner)
+        planner = functools.partial(build_plan, cfg, _plan_settings(solve_args, per_offer, template))
+        with _launcher_output():
+            report = fleet.dryrun(cfg.name, planner, os.environ)
         click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_dryrun(report))
         return
-    first = planner()
+    first = build_plan(cfg, _plan_settings(solve_args, per_offer, template))
     _warn([w for w in first.result.warnings if w not in cfg.warnings])
     secrets = secrets_from_env(first.deployment.secrets)
     if not as_json:
         click.echo(format_plan(first))
     _confirm(f"Launch fleet {first.fleet} ({len(first.replicas)} replicas, ${first.cost:.2f}/h)?", yes)
+    quiet = _plan_settings(solve_args, per_offer, template, compare=False)
+
+    def planner(request: PlanRequest):  # the plan shown above, unless the ledger or a capacity failure changes it
+        return first if request == PlanRequest() else build_plan(cfg, quiet, request)
+
     options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
                         idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
-    report = fleet.up(lambda request: replanner(request), secrets,
-                      config_hash(Path(config).read_text(encoding="utf-8")), options)
+    with _launcher_output():
+        report = fleet.up(cfg.name, planner, secrets, config_hash(Path(config).read_text(encoding="utf-8")),
+                          options)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
     if report.interrupted:
         sys.exit(130)
@@ -360,7 +371,8 @@ def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | 
 
     ledger = Ledger()
     backend_obj = _lazy_backend(backend) if refresh else None
-    replicas = Fleet(backend_obj, ledger).status(fleet_name, refresh=refresh)
+    with _launcher_output():
+        replicas = Fleet(backend_obj, ledger).status(fleet_name, refresh=refresh)
     fleets = [f for f in ledger.fleets() if fleet_name in (None, f.name)]
     if as_json:
         click.echo(json.dumps({"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
@@ -418,7 +430,8 @@ def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, paral
                    + (f" (fleets: {', '.join(sorted(known))})." if known else "."))
         return
     _confirm(f"Tear down {', '.join(names)}? Their clusters and disks are deleted.", yes)
-    reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
+    with _launcher_output():
+        reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
     else:

@@ -99,9 +99,11 @@ class DryRunReport:
     launch: list[ReplicaPlan]
     keep: list[str]
     validations: dict[str, Validation]
+    missing_secrets: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"fleet": self.plan.fleet, "dryrun": True, "clouds": self.plan.clouds,
+                "missing_secrets": self.missing_secrets,
                 "cost_planned": round(self.plan.cost, 6), "launch": [r.summary() for r in self.launch],
                 "keep": self.keep, "validation": {k: str(v) for k, v in self.validations.items()}}
 
@@ -153,27 +155,29 @@ class Fleet:
         self._interrupted = threading.Event()
 
     # -- up -------------------------------------------------------------------------------------------------------
-    def dryrun(self, planner: Planner) -> DryRunReport:
-        """Everything but provisioning: plan against what the ledger has, validate every task; writes nothing."""
-        first = planner(PlanRequest())
-        request = self._reconcile_request(first.fleet, refresh=False)
-        plan = planner(request)
+    def dryrun(self, fleet: str, planner: Planner, environ: Mapping[str, str] | None = None) -> DryRunReport:
+        """Everything but provisioning: plan against what the ledger has, validate every task; writes nothing.
+        Secrets missing from `environ` are validated with a placeholder value and listed in the report."""
+        plan = planner(self._reconcile_request(fleet, refresh=False))
         up = {r.cluster for r in self.ledger.replicas(plan.fleet, [ReplicaState.UP])}
         launch = [r for r in plan.replicas if r.cluster not in up]
+        given = {name: (environ or {})[name] for name in plan.deployment.secrets if (environ or {}).get(name)}
+        placeholders = {name: "placeholder" for name in plan.deployment.secrets}
         by_shape: dict[str, Validation] = {}  # replicas of one offer differ only in name: validate each shape once
         validations = {}
         for replica in launch:
             shape = json.dumps({**replica.task, "name": None}, sort_keys=True, default=str)
             if shape not in by_shape:
-                by_shape[shape] = self.backend.validate(replica.task)
+                by_shape[shape] = self.backend.validate(replica.task, {**placeholders, **given})
             validations[replica.cluster] = by_shape[shape]
-        return DryRunReport(plan=plan, launch=launch, keep=sorted(up), validations=validations)
+        return DryRunReport(plan=plan, launch=launch, keep=sorted(up), validations=validations,
+                            missing_secrets=sorted(set(placeholders) - set(given)))
 
-    def up(self, planner: Planner, secrets: Mapping[str, str], config_digest: str,
+    def up(self, fleet: str, planner: Planner, secrets: Mapping[str, str], config_digest: str,
            options: UpOptions = UpOptions()) -> UpReport:
-        """Launch the planned fleet (or what is missing of it), re-planning around offers without capacity."""
+        """Launch the planned fleet (or what is missing of it), re-planning around offers without capacity.
+        `planner` must plan fleet `fleet` (the config's name)."""
         started = time.monotonic()
-        fleet = planner(PlanRequest()).fleet
         with self.ledger.lock(fleet):
             request = self._reconcile_request(fleet, refresh=True)
             plan = planner(request)

@@ -169,6 +169,8 @@ def format_dryrun(report: "DryRunReport") -> str:
     clouds = ", ".join(report.plan.clouds) or "the planned clouds"
     lines.append(f"A real launch needs SkyPilot credentials for {clouds}: run `sky check` and make sure it lists "
                  f"them as enabled, then rerun without --dryrun.")
+    if report.missing_secrets:
+        lines.append(f"It also needs {', '.join(report.missing_secrets)} set in your environment (not set now).")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Shared fixtures: the original Mélange example, a config writer and a CLI runner with separate stderr.
 
 The whole test session runs with a temporary HOME and MELANGE_SKY_HOME (set here, before any test can import
-`sky`, which resolves `~/.sky` at import time), so tests never read or write a user's ~/.sky or ~/.melange-sky.
+`sky`, which resolves `~/.sky` at import time), so tests never read or write a user's ~/.sky or ~/.melange-sky,
+and with SkyPilot's usage collection off, so no test sends anything off this machine.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ def pytest_configure(config) -> None:
     """Point HOME (and so SkyPilot's ~/.sky) and MELANGE_SKY_HOME at a fresh temporary directory for the session."""
     global _SESSION_HOME
     _SESSION_HOME = tempfile.mkdtemp(prefix="melange-sky-test-home-")
-    for key in ("HOME", "MELANGE_SKY_HOME", "SKY_RUNTIME_DIR"):
+    for key in ("HOME", "MELANGE_SKY_HOME", "SKY_RUNTIME_DIR", "SKYPILOT_DISABLE_USAGE_COLLECTION"):
         _SAVED_ENV[key] = os.environ.get(key)
     os.environ["HOME"] = _SESSION_HOME
+    os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"  # no telemetry calls out of the test machine
     os.environ["MELANGE_SKY_HOME"] = os.path.join(_SESSION_HOME, ".melange-sky")
     os.environ.pop("SKY_RUNTIME_DIR", None)
 

@@ -7,6 +7,7 @@ state lives there; the last check proves nothing was written under the real ~/.s
 """
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import socket
@@ -183,6 +184,71 @@ def test_validate_rejects_a_bad_task_in_one_line(backend, task, expected):
     with pytest.raises(InvalidTask) as err:
         within(60, lambda: backend.validate(task))
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+# ---- the CLI's real code path: `up`, `status --refresh` and `down` with the default (SkyPilot) backend ----------
+
+@pytest.fixture
+def live_fleet_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("MELANGE_SKY_HOME", str(tmp_path / "melange-home"))
+    monkeypatch.delenv("MELANGE_SKY_BACKEND", raising=False)
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    return tmp_path
+
+
+def test_cli_status_refresh_and_down_treat_clusters_skypilot_does_not_know_as_gone(sky_server, live_fleet_env, cli):
+    from melange_sky.ledger import Ledger, NewReplica, ReplicaState  # noqa: PLC0415
+
+    with Ledger() as ledger:  # a fleet the ledger believes is up, whose clusters SkyPilot has never seen
+        ledger.save_fleet("ghost", "0" * 16, {"fleet": "ghost"})
+        for name in ("ghost-a10g-0", "ghost-a100-80gb-0"):
+            ledger.add_replica("ghost", NewReplica(cluster=name, gpu="A10G", offer="aws:us-west-2:g5.xlarge",
+                                                   price_per_hour=1.01))
+            ledger.transition(name, ReplicaState.LAUNCHING)
+            ledger.transition(name, ReplicaState.UP, endpoint="10.1.2.3:8000")
+    status = within(SLOW_CALL_S, lambda: cli("status", "ghost", "--refresh", "--json"))
+    assert status.exit_code == 0, status.stderr
+    states = {r["cluster"]: r["state"] for r in json.loads(status.stdout)["fleets"][0]["replicas"]}
+    assert states == {"ghost-a10g-0": "gone", "ghost-a100-80gb-0": "gone"}
+    down = within(SLOW_CALL_S, lambda: cli("down", "ghost", "-y"))
+    assert down.exit_code == 0, down.stderr
+    assert "removed from the ledger" in down.stdout
+    with Ledger() as ledger:
+        assert ledger.get_fleet("ghost") is None
+
+
+def test_cli_up_without_enabled_clouds_fails_in_one_line_marks_replicas_failed_and_down_clears_them(
+        sky_server, live_fleet_env, cli, example, write_config):
+    from melange_sky.ledger import Ledger, ReplicaState  # noqa: PLC0415
+
+    example["gpu_info"] = {"A10G": example["gpu_info"]["A10G"]}
+    example["workload_distribution"] = [[0.5, 0.5], [0, 0]]
+    example["total_request_rate"] = 1.0  # one A10G replica
+    config = write_config(example, "live.json")
+    result = within(SLOW_CALL_S * 2, lambda: cli("up", config, "-y"))
+    assert result.exit_code == 1
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    with Ledger() as ledger:
+        rows = ledger.replicas("live")
+        assert [r.state for r in rows] == [ReplicaState.FAILED]
+        reason = rows[0].last_error
+    assert "\n" not in reason and ("sky check" in reason or "network" in reason), reason
+    assert reason[:60] in result.stdout + result.stderr
+    down = within(SLOW_CALL_S, lambda: cli("down", "live", "-y"))
+    assert down.exit_code == 0, down.stderr
+    with Ledger() as ledger:
+        assert ledger.get_fleet("live") is None
+    leaked = [p for p in live_fleet_env.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_cli_up_dryrun_with_skypilot_and_no_credentials_says_what_a_real_launch_needs(live_fleet_env, cli):
+    from conftest import REPO  # noqa: PLC0415
+
+    result = within(SLOW_CALL_S, lambda: cli("up", str(REPO / "examples" / "example.json"), "--dryrun"))
+    assert result.exit_code == 0, result.stderr
+    assert "would launch 4 replica(s); nothing was provisioned" in result.stdout
+    assert "run `sky check`" in result.stdout and "aws, azure" in result.stdout
 
 
 def test_nothing_was_written_under_the_real_sky_dir(sky_server):

@@ -1,0 +1,281 @@
+"""`up`, `status` and `down` end to end through the CLI, against the FakeBackend test double (tests/fake_backend.py):
+injected latency, capacity and hard failures, interrupts, re-runs and concurrent runs. The ledger is read back with
+the real `Ledger` to prove what was recorded."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from fake_backend import FakeBackend
+from melange_sky.ledger import Ledger, ReplicaState
+
+EXAMPLE = str(REPO / "examples" / "example.json")
+PLANNED = ["example-a100-80gb-0", "example-a10g-0", "example-a10g-1", "example-a10g-2"]
+
+
+@pytest.fixture
+def fleet_env(tmp_path, monkeypatch):
+    """A private ledger and fake backend for one test, visible to in-process and subprocess CLI runs alike."""
+    env = {
+        "MELANGE_SKY_HOME": str(tmp_path / "melange-home"),
+        "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend",
+        "MELANGE_SKY_FAKE_STATE": str(tmp_path / "fake.json"),
+        "HF_TOKEN": "hf_test_token_value",
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    fake = FakeBackend(env["MELANGE_SKY_FAKE_STATE"])
+    return fake, env
+
+
+def ledger_rows(env) -> dict[str, ReplicaState]:
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        return {r.cluster: r.state for r in ledger.replicas()}
+
+
+def run_cli(env, *args, **popen):
+    """The real CLI in a subprocess (fake backend importable from tests/)."""
+    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    return subprocess.Popen([sys.executable, "-m", "melange_sky.cli", *args], env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_up_launches_every_replica_and_records_endpoints(cli, fleet_env):
+    fake, env = fleet_env
+    result = cli("up", EXAMPLE, "-y")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(fake.clusters()) == PLANNED
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        rows = ledger.replicas("example")
+        assert {r.cluster: r.state for r in rows} == {c: ReplicaState.UP for c in PLANNED}
+        assert all(r.endpoint and r.endpoint.endswith(":8000") for r in rows)
+        by_cluster = {r.cluster: r for r in rows}
+        assert by_cluster["example-a10g-0"].offer == "aws:us-west-2:g5.xlarge"
+        assert by_cluster["example-a100-80gb-0"].offer == "azure:eastus:Standard_NC24ads_A100_v4"
+        history = [e.new_state for e in ledger.history(cluster="example-a10g-0")]
+    assert history == ["pending", "launching", "up"]  # intent recorded before the launch was requested
+    assert "4/4 replicas up" in result.stdout and "$6.70/h running" in result.stdout
+    assert all(c["secret_names"] == ["HF_TOKEN"] for c in fake.clusters().values())
+
+
+def test_secret_value_is_passed_to_the_launcher_but_never_stored(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    stored = Path(env["MELANGE_SKY_HOME"], "ledger.db").read_bytes()
+    assert b"hf_test_token_value" not in stored
+
+
+def test_missing_secret_stops_before_anything_is_launched(cli, fleet_env, monkeypatch):
+    fake, env = fleet_env
+    monkeypatch.delenv("HF_TOKEN")
+    result = cli("up", EXAMPLE, "-y")
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith("Error: HF_TOKEN not set in the environment")
+    assert fake.calls("launch") == [] and ledger_rows(env) == {}
+
+
+def test_offer_without_capacity_is_replanned_onto_other_offers(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-west-2", "instance_type": "g5.xlarge"}])
+    result = cli("up", EXAMPLE, "-y", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["complete"] and report["rounds"] == 2
+    assert report["unavailable_offers"] == ["aws:us-west-2:g5.xlarge"]
+    up = [r for r in report["replicas"] if r["state"] == "up"]
+    # The re-planned fleet still serves the load: the same GPU types in the same numbers, on offers with capacity.
+    assert sorted(r["gpu"] for r in up) == ["A100-80GB", "A10G", "A10G", "A10G"]
+    assert all(r["offer"] != "aws:us-west-2:g5.xlarge" for r in up)
+    assert sorted(r["cluster"] for r in up) == PLANNED == sorted(fake.clusters())  # names reused, no strays
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        history = [e.new_state for e in ledger.history(cluster="example-a10g-0")]
+    assert history == ["pending", "launching", "unavailable", "gone", "pending", "launching", "up"]
+
+
+def test_capacity_everywhere_stops_after_max_rounds_with_a_report(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(capacity_failures=[{"accelerators": "a10g"}])
+    result = cli("up", EXAMPLE, "-y", "--max-rounds", "2")
+    assert result.exit_code == 1
+    assert "No capacity on:" in result.stdout and "not up" in result.stdout
+    states = ledger_rows(env)
+    assert states["example-a100-80gb-0"] is ReplicaState.UP
+    assert ReplicaState.UNAVAILABLE in states.values()
+
+
+def test_hard_launch_failure_is_reported_and_down_removes_the_rest(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(hard_failures={"example-a10g-1": "disk quota exceeded"})
+    result = cli("up", EXAMPLE, "-y")
+    assert result.exit_code == 1
+    assert "disk quota exceeded" in result.stdout + result.stderr and "Traceback" not in result.stderr
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        failed = ledger.get_replica("example-a10g-1")
+        assert failed.state is ReplicaState.FAILED and "disk quota exceeded" in failed.last_error
+        assert sum(r.state is ReplicaState.UP for r in ledger.replicas("example")) == 3
+    down = cli("down", "example", "-y")
+    assert down.exit_code == 0, down.stderr
+    assert fake.clusters() == {}  # the failed launch's half-made cluster too
+    assert ledger_rows(env) == {}
+
+
+def test_rerunning_up_keeps_what_is_up_and_never_duplicates(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(hard_failures={"example-a10g-2": "transient"})
+    assert cli("up", EXAMPLE, "-y").exit_code == 1
+    fake.configure(hard_failures={})
+    again = cli("up", EXAMPLE, "-y")
+    assert again.exit_code == 0, again.stderr
+    assert sorted(fake.clusters()) == PLANNED
+    assert {c: fake.launch_count(c) for c in PLANNED} == {c: 1 for c in PLANNED}
+    third = cli("up", EXAMPLE, "-y")
+    assert third.exit_code == 0 and len(fake.calls("launch")) == 5  # 4 + the retried one; nothing new
+    assert ledger_rows(env) == {c: ReplicaState.UP for c in PLANNED}
+
+
+def test_rerun_relaunches_a_replica_that_vanished(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    fake.remove_cluster("example-a10g-1")  # deleted in the cloud console
+    result = cli("up", EXAMPLE, "-y")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(fake.clusters()) == PLANNED and fake.launch_count("example-a10g-1") == 2
+
+
+def test_status_lists_fleets_and_refresh_records_clusters_that_are_gone(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    plain = cli("status")
+    assert plain.exit_code == 0 and "Fleet example: 4/4 up, $6.70/h" in plain.stdout
+    fake.remove_cluster("example-a10g-0")
+    refreshed = cli("status", "example", "--refresh", "--json")
+    record = json.loads(refreshed.stdout)
+    states = {r["cluster"]: r["state"] for r in record["fleets"][0]["replicas"]}
+    assert states["example-a10g-0"] == "gone" and states["example-a10g-1"] == "up"
+    assert any(c["refresh"] for c in fake.calls("status"))
+
+
+def test_status_of_an_unknown_fleet_is_a_clean_error(cli, fleet_env):
+    result = cli("status", "nope")
+    assert result.exit_code == 1 and result.stderr.startswith("Error: no fleet 'nope'")
+
+
+def test_down_twice_second_is_a_no_op(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    first = cli("down", "example", "-y")
+    assert first.exit_code == 0 and "4 torn down" in first.stdout and "removed from the ledger" in first.stdout
+    downs = len(fake.calls("down"))
+    second = cli("down", "example", "-y")
+    assert second.exit_code == 0 and "nothing to tear down" in second.stdout
+    assert len(fake.calls("down")) == downs
+
+
+def test_failed_teardown_keeps_the_fleet_and_the_next_down_retries(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    fake.configure(down_failures={"example-a10g-0": "API timeout"})
+    first = cli("down", "example", "-y")
+    assert first.exit_code == 1 and "API timeout" in first.stdout
+    assert ledger_rows(env) == {"example-a10g-0": ReplicaState.FAILED, **{c: ReplicaState.GONE for c in PLANNED
+                                                                          if c != "example-a10g-0"}}
+    fake.configure(down_failures={})
+    second = cli("down", "example", "-y")
+    assert second.exit_code == 0 and ledger_rows(env) == {} and fake.clusters() == {}
+
+
+def test_down_without_yes_and_without_a_terminal_refuses_instead_of_hanging(fleet_env):
+    fake, env = fleet_env
+    assert run_cli(env, "up", EXAMPLE, "-y").wait(60) == 0
+    proc = run_cli(env, "down", "example", stdin=subprocess.DEVNULL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "pass -y" in err
+    assert len(fake.clusters()) == 4
+
+
+def test_down_all_tears_down_every_fleet(cli, fleet_env, tmp_path, example, write_config):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    assert cli("up", EXAMPLE, "-y", "--name", "second").exit_code == 0
+    assert len(fake.clusters()) == 8
+    result = cli("down", "--all", "-y")
+    assert result.exit_code == 0 and fake.clusters() == {} and ledger_rows(env) == {}
+
+
+def test_up_is_concurrent_and_bounded_by_parallel(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(latency={"launch": 0.5})
+    assert cli("up", EXAMPLE, "-y", "--parallel", "2").exit_code == 0
+    assert fake.max_concurrency() == 2
+    assert cli("down", "example", "-y").exit_code == 0
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    assert fake.max_concurrency() == 4
+
+
+def test_launch_options_reach_the_backend(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y", "--retry-until-up", "-i", "30", "--down").exit_code == 0
+    record = fake.clusters()["example-a10g-0"]
+    assert record["retry_until_up"] and record["down"] and record["idle_minutes_to_autostop"] == 30
+
+
+def test_interrupt_mid_launch_leaves_every_replica_in_the_ledger_and_up_resumes(fleet_env):
+    fake, env = fleet_env
+    fake.configure(latency={"launch": 30.0})
+    proc = run_cli(env, "up", EXAMPLE, "-y", "--parallel", "2")
+    wait_for(lambda: len(fake.clusters()) == 2, what="two launches in flight")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Interrupted" in out and "Traceback" not in err
+    states = ledger_rows(env)
+    assert sorted(states) == PLANNED  # no replica missing
+    assert sorted(s.value for s in states.values()) == ["failed", "failed", "pending", "pending"]
+    fake.configure(latency={"launch": 0.0})
+    resumed = run_cli(env, "up", EXAMPLE, "-y")
+    out, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 0, err
+    assert ledger_rows(env) == {c: ReplicaState.UP for c in PLANNED} and sorted(fake.clusters()) == PLANNED
+
+
+def test_a_second_concurrent_up_on_the_same_fleet_is_refused(fleet_env):
+    fake, env = fleet_env
+    fake.configure(latency={"launch": 3.0})
+    first = run_cli(env, "up", EXAMPLE, "-y")
+    wait_for(lambda: len(fake.clusters()) > 0, what="the first up to start launching")
+    second = run_cli(env, "up", EXAMPLE, "-y")
+    out, err = second.communicate(timeout=30)
+    assert second.returncode == 3 and "is busy" in err and str(first.pid) in err
+    assert first.wait(60) == 0
+    assert {c: fake.launch_count(c) for c in PLANNED} == {c: 1 for c in PLANNED}
+
+
+def test_dryrun_validates_and_launches_nothing(cli, fleet_env):
+    fake, env = fleet_env
+    result = cli("up", EXAMPLE, "--dryrun")
+    assert result.exit_code == 0, result.stderr
+    assert "would launch 4 replica(s)" in result.stdout and "sky check" in result.stdout
+    assert fake.calls("launch") == [] and len(fake.calls("validate")) == 2  # one per distinct offer
+    assert not Path(env["MELANGE_SKY_HOME"], "ledger.db").exists() or ledger_rows(env) == {}
+
+
+def test_unknown_backend_is_a_one_line_error(cli, fleet_env):
+    result = cli("up", EXAMPLE, "-y", "--backend", "nosuch")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: unknown backend 'nosuch'")
