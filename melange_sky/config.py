@@ -57,6 +57,7 @@ class GpuSpec:
     use_spot: bool = False
     quotas: tuple[tuple[str, int], ...] = ()
     cost_source: str = "config"
+    entry: str | None = None  # with --per-offer: the GPU entry this offer's column came from (one GPU type)
     path: str | None = field(default=None, compare=False)
 
     @property

@@ -207,7 +207,8 @@ def _column(spec: GpuSpec, name: str, offer: Offer, cost_per_gpu: float, min_cou
             max_count: int | None) -> GpuSpec:
     k = offer.gpu_count
     tputs = spec.tputs if k == 1 else tuple(tuple(k * x for x in row) for row in spec.tputs)
-    return dataclasses.replace(spec, name=name, cost=round(cost_per_gpu * k, 9), tputs=tputs, min_count=min_count,
+    return dataclasses.replace(spec, name=name, entry=spec.name, cost=round(cost_per_gpu * k, 9), tputs=tputs,
+                               min_count=min_count,
                                max_count=max_count if max_count is None else max(max_count, min_count),
                                cloud=offer.cloud, region=offer.region, instance_type=offer.instance_type,
                                accelerators=offer.accelerators)

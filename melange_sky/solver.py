@@ -11,6 +11,10 @@ Three formulations share that model and differ only in how a bucket may be divid
 * ``paper``: the paper's literal ILP, binary x[b, k, g] per slice k. Kept to cross-check ``slices``.
 * ``split``: any fraction x[b, g] in [0, 1] (the S -> infinity limit). Never dearer; x is a router's table.
 
+With `--per-offer`, one GPU entry becomes a column per offer (price and quota each); those columns form one GPU
+type: an integer count of the type, spread over its offers by continuous counts that the cheapest-first rule makes
+integral (`_fill_cheapest`). That keeps the model's integers at one per type however many offers there are.
+
 Every allocation is re-checked after solving (load <= headroom * count per type, shares of each bucket sum
 to 1); one that fails is a bug and raises `AllocationCheckError`.
 """
@@ -168,11 +172,16 @@ class SolveResult:
 
 @dataclass
 class ModelVariables:
-    """The decision variables, keyed by domain names, and each (bucket, GPU) share as an expression of them."""
+    """The decision variables, keyed by domain names, and each (bucket, GPU type) share as an expression of them.
 
-    count: dict[str, Any]  # y[g]
-    assign: dict[tuple, Any]  # n[b, g] (slices), x[b, k, g] (paper) or x[b, g] (split)
-    share: dict[tuple[Bucket, str], Any]  # fraction of bucket b served by g, as a PuLP expression
+    A "type" is a group of columns that serve identically (one GPU at several offers: same tputs, other prices and
+    quotas); `members` lists each type's columns and `offer` holds the per-column counts of multi-column types."""
+
+    count: dict[str, Any]  # y[t]: instances of type t
+    assign: dict[tuple, Any]  # n[b, t] (slices), x[b, k, t] (paper) or x[b, t] (split)
+    share: dict[tuple[Bucket, str], Any]  # fraction of bucket b served by type t, as a PuLP expression
+    members: dict[str, list[GpuSpec]] = field(default_factory=dict)  # type -> its columns
+    offer: dict[str, Any] = field(default_factory=dict)  # z[g]: instances of column g (types with several columns)
 
 
 def solve(config: Config, formulation: str = "slices", options: SolverOptions = SolverOptions(),
@@ -212,14 +221,33 @@ def build_model(config: Config, formulation: str, relax: bool = False):
     rate = {b: config.bucket_rate(b) for b in config.buckets}
     demand = [b for b in config.buckets if rate[b] > 0]
     dominated = dominated_gpus(config)
-    gpus = [g for g in config.gpus if g.name not in dominated]
+    columns = [g for g in config.gpus if g.name not in dominated]
+    members = offer_groups(columns)
+    gpus = [group[0] for group in members.values()]  # one representative per type: its tputs serve for all
     servers = {b: [g for g in gpus if g.tput(b) > 0] for b in demand}
     label = {g.name: f"{k}_{_safe(g.name)}" for k, g in enumerate(config.gpus)}
 
     model = pulp.LpProblem(f"melange_{formulation}", pulp.LpMinimize)
-    y = {g.name: model.add_variable(f"y_{label[g.name]}", lowBound=g.min_count, upBound=g.max_count, cat=integer)
-         for g in gpus}
-    model += pulp.lpSum(g.cost * y[g.name] for g in gpus), "cost_per_hour"
+    y: dict[str, Any] = {}
+    z: dict[str, Any] = {}
+    cost_terms = []
+    for name, group in members.items():
+        if len(group) == 1:
+            y[name] = model.add_variable(f"y_{label[name]}", lowBound=group[0].min_count,
+                                         upBound=group[0].max_count, cat=integer)
+            cost_terms.append(group[0].cost * y[name])
+            continue
+        # One GPU at several offers: an integer count of the type, spread over its offers by continuous counts.
+        # For a given total the cheapest spread fills offers in price order within their bounds, which is integral,
+        # so this has the optimum of integer counts per offer without their symmetry (see `_fill_cheapest`).
+        uncapped = any(g.max_count is None for g in group)
+        y[name] = model.add_variable(f"y_{label[name]}", lowBound=sum(g.min_count for g in group),
+                                     upBound=None if uncapped else sum(g.max_count for g in group), cat=integer)
+        for g in group:
+            z[g.name] = model.add_variable(f"z_{label[g.name]}", lowBound=g.min_count, upBound=g.max_count)
+            cost_terms.append(g.cost * z[g.name])
+        model += pulp.lpSum(z[g.name] for g in group) == y[name], f"offers_{label[name]}"
+    model += pulp.lpSum(cost_terms), "cost_per_hour"
 
     assign: dict[tuple, Any] = {}
     share: dict[tuple[Bucket, str], Any] = {}
@@ -246,7 +274,18 @@ def build_model(config: Config, formulation: str, relax: bool = False):
     for g in gpus:
         load = pulp.lpSum(share[b, g.name] * (rate[b] / g.tput(b)) for b in demand if (b, g.name) in share)
         model += load <= config.headroom * y[g.name], f"capacity_{label[g.name]}"
-    return model, ModelVariables(count=y, assign=assign, share=share)
+    return model, ModelVariables(count=y, assign=assign, share=share, members=members, offer=z)
+
+
+def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
+    """The GPU types of the model: the offers of one config entry (`--per-offer` columns of one GPU with the same
+    GPUs per instance, so the same tputs) form one type whose instances are spread over its offers; every other
+    column is a type of its own, as in the paper (two entries are two types even when their tputs are equal)."""
+    types: dict[tuple, list[GpuSpec]] = {}
+    for g in gpus:
+        key = (g.entry, g.tputs) if g.entry is not None else (g.name,)
+        types.setdefault(key, []).append(g)
+    return {group[0].name: group for group in types.values()}
 
 
 def dominated_gpus(config: Config) -> dict[str, str]:
@@ -325,7 +364,10 @@ def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[
     import pulp
 
     counts = {g.name: 0 for g in config.gpus}
-    counts.update({g: int(round(pulp.value(v) or 0)) for g, v in variables.count.items()})
+    for name, var in variables.count.items():
+        total = int(round(pulp.value(var) or 0))
+        group = variables.members.get(name) or [config.gpu(name)]
+        counts.update(_fill_cheapest(group, total) if len(group) > 1 else {name: total})
     routing: dict[Bucket, dict[str, float]] = {}
     for (b, g), expr in variables.share.items():
         value = min(max(pulp.value(expr) or 0.0, 0.0), 1.0)
@@ -335,7 +377,31 @@ def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[
         total = sum(shares.values())
         denominator = config.slice_factor if len(shares) > 1 else 1
         routing[b] = {g: _snap(s / total, denominator) for g, s in shares.items()}
+    for b, shares in routing.items():  # a type's share is spread over its offers in proportion to their counts
+        spread: dict[str, float] = {}
+        for name, share in shares.items():
+            group = variables.members.get(name) or [config.gpu(name)]
+            instances = sum(counts[g.name] for g in group)
+            for g in group:
+                if len(group) == 1 or counts[g.name]:
+                    spread[g.name] = share * counts[g.name] / instances if len(group) > 1 else share
+        routing[b] = spread
     return counts, routing
+
+
+def _fill_cheapest(group: list[GpuSpec], total: int) -> dict[str, int]:
+    """`total` instances spread over one type's offers at least cost: each offer's min_count, then the cheapest offers
+    up to their max_count. (The LP may split ties fractionally; this is the integral spread of equal cost.)"""
+    counts = {g.name: g.min_count for g in group}
+    left = total - sum(counts.values())
+    for g in sorted(group, key=lambda g: (g.cost, g.name)):
+        room = left if g.max_count is None else min(left, g.max_count - counts[g.name])
+        counts[g.name] += max(room, 0)
+        left -= max(room, 0)
+    if left:
+        raise AllocationCheckError(f"internal error, please report: {total} instances do not fit the offers of "
+                                   f"{group[0].name} and the like")
+    return counts
 
 
 def make_result(config: Config, formulation: str, options: SolverOptions, status: str, seconds: float,

@@ -131,13 +131,14 @@ def compositions(total: int, parts: int):
     return [c for c in itertools.product(range(total + 1), repeat=parts) if sum(c) == total]
 
 
-def brute_force_cheapest(data: dict) -> tuple[float, dict[str, int]] | None:
+def brute_force_cheapest(data: dict, cost_of=None) -> tuple[float, dict[str, int]] | None:
     """Cheapest fleet under the slices model by enumeration, or None when no count vector can serve the load.
 
     Enumerates every way to hand each bucket's S slices to the GPU types that can serve it (bucket by bucket,
     merging equal partial load vectors), turns each total load vector into the count vector it needs, then
     walks every count vector y in [min_count, bound] (bound = what the type alone would need, capped by
-    max_count) in order of cost and returns the first y that some assignment fits into."""
+    max_count) in order of cost and returns the first y that some assignment fits into. `cost_of(k, n)` replaces
+    cost x n as the price of n GPUs of type k (a type spread over several offers)."""
     names = list(data["gpu_info"])
     S, h = data["slice_factor"], headroom(data)
     specs = [data["gpu_info"][g] for g in names]
@@ -161,10 +162,11 @@ def brute_force_cheapest(data: dict) -> tuple[float, dict[str, int]] | None:
         if "max_count" in specs[k]:
             high = min(high, specs[k]["max_count"])
         ranges.append(range(low[k], high + 1))
-    by_cost = sorted(itertools.product(*ranges), key=lambda y: sum(spec["cost"] * n for spec, n in zip(specs, y)))
-    for y in by_cost:
+    cost_of = cost_of or (lambda k, n: specs[k]["cost"] * n)
+    price = {y: sum(cost_of(k, n) for k, n in enumerate(y)) for y in itertools.product(*ranges)}
+    for y in sorted(price, key=price.get):
         if any(all(n <= m for n, m in zip(need, y)) for need in needs):
-            return sum(spec["cost"] * n for spec, n in zip(specs, y)), dict(zip(names, y))
+            return price[y], dict(zip(names, y))
     return None
 
 
@@ -438,3 +440,48 @@ def test_cbc_never_beats_the_default_solvers_proven_optimum(data):
         assert_allocation_valid(data, cbc, "slices")
         assert default is not None, "the default solver called a problem infeasible that CBC solved"
         assert default.cost <= cbc.cost + 1e-9
+
+
+# ---- one GPU type at several offers (--per-offer columns) -----------------------------------------------------------
+def fill_cost(offers: list[tuple[float, int | None]], n: int) -> float:
+    """Cheapest price of n instances over offers (price, cap): cheapest first, each up to its cap."""
+    total, left = 0.0, n
+    for price, cap in sorted(offers, key=lambda o: o[0]):
+        take = left if cap is None else min(left, cap)
+        total, left = total + take * price, left - take
+    return total if left == 0 else math.inf
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_instances(), st.data())
+def test_a_type_spread_over_priced_and_capped_offers_costs_the_cheapest_fill(data, draw):
+    """Per-offer columns of one GPU entry form one type: the optimum is the brute-force optimum over type totals,
+    each total priced by filling the cheapest offers first within their quotas, in every formulation."""
+    import dataclasses
+
+    offers = {g: [(draw.draw(st.integers(10, 400)) / 100, draw.draw(st.none() | st.integers(0, 3)))
+                  for _ in range(draw.draw(st.integers(1, 3)))] for g in data["gpu_info"]}
+    base = parse_config(data)
+    columns = tuple(dataclasses.replace(g, name=f"{g.name}@o{k}", entry=g.name, cost=price, max_count=cap)
+                    for g in base.gpus for k, (price, cap) in enumerate(offers[g.name]))
+    config = dataclasses.replace(base, gpus=columns)
+    names = list(data["gpu_info"])
+    typed = {**data, "gpu_info": {g: {**spec} for g, spec in data["gpu_info"].items()}}
+    for g, spec in typed["gpu_info"].items():
+        if all(cap is not None for _, cap in offers[g]):
+            spec["max_count"] = sum(cap for _, cap in offers[g])
+    expected = brute_force_cheapest(typed, cost_of=lambda k, n: fill_cost(offers[names[k]], n))
+    for formulation in ("slices", "paper"):
+        try:
+            result = solve(config, formulation, compare=False)
+        except InfeasibleAllocation:
+            result = None
+        assert_same_cost(cost_or_none(result), None if expected is None else expected[0])
+        if result is not None:
+            totals = {g: sum(result.counts[f"{g}@o{k}"] for k in range(len(offers[g]))) for g in names}
+            assert fill_cost([(p, c) for p, c in offers[names[0]]], totals[names[0]]) < math.inf
+            for g in names:  # within every quota, and routed only to offers that have instances
+                for k, (_, cap) in enumerate(offers[g]):
+                    assert cap is None or result.counts[f"{g}@o{k}"] <= cap
+            for route in result.routing:
+                assert all(result.counts[name] > 0 for name in route.shares)
