@@ -107,6 +107,30 @@ class TemplateError(MelangeError):
     exit_code = 2
 
 
+class TraceError(MelangeError):
+    """A request trace cannot be read, or one of its rows is broken; the message names the file and line."""
+
+    exit_code = 2
+
+
+class BucketEdgesError(MelangeError):
+    """Bucket edges given on the command line are not at least 2 increasing token counts."""
+
+    exit_code = 2
+
+
+class ProfileError(MelangeError):
+    """Profiling an endpoint cannot start (bad endpoint URL, unknown model, config/bucket mismatch)."""
+
+    exit_code = 2
+
+
+class EndpointUnreachable(ProfileError):
+    """Nothing answers at the endpoint URL given to `profile` (refused, unknown host, timed out)."""
+
+    exit_code = 2
+
+
 class CatalogError(MelangeError):
     """A GPU, cloud or instance type the price catalog does not know, or a catalog file that cannot be read."""
 

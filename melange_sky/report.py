@@ -10,6 +10,8 @@ from .errors import OutputError
 from .solver import SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .profiler import ProfileEvent, ProfileResult
+    from .workload import WorkloadResult
     from .fleet import DownReport, DryRunReport, ReplicaEvent, UpReport
     from .plan import Plan
 
@@ -102,6 +104,122 @@ def format_offers(offers: list, sources: dict[str, str] | None = None) -> str:
         lines += ["", "Prices per hour, on demand and spot, per instance; $/GPU/h divides by the GPUs per instance.",
                   *(f"  {cloud}: {path}" for cloud, path in sources.items())]
     return "\n".join(lines)
+
+
+# ---- melange-sky workload / profile ----------------------------------------------------------------------------------
+def config_json(data: Any, indent: int = 4, _level: int = 0) -> str:
+    """JSON like `write_json`'s, but every list of numbers on one line, so a config's matrices read as matrices."""
+    pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
+    if isinstance(data, list) and data and not any(isinstance(x, (list, dict)) for x in data):
+        return json.dumps(data, ensure_ascii=False)
+    if isinstance(data, list) and data:
+        return "[\n" + ",\n".join(inner + config_json(x, indent, _level + 1) for x in data) + "\n" + pad + "]"
+    if isinstance(data, dict) and data:
+        items = (f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {config_json(v, indent, _level + 1)}"
+                 for k, v in data.items())
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    return json.dumps(data, ensure_ascii=False)
+
+
+def write_config_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write a config atomically (like `write_json`), matrices one row per line."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(config_json(data) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def format_matrix(key: str, matrix: list[list[float]]) -> str:
+    """`"key": [[...], ...]` with one row per line, to paste into a config."""
+    rows = ",\n".join("    " + json.dumps(row) for row in matrix)
+    return f'"{key}": [\n{rows}\n]'
+
+
+def _ranges(edges: tuple[int, ...]) -> list[str]:
+    return [f"{edges[k]}-{edges[k + 1]}" for k in range(len(edges) - 1)]
+
+
+def format_workload(result: "WorkloadResult") -> str:
+    """The `melange-sky workload` report: what was read, the histogram in %, the rate, and the keys to paste."""
+    lines = [f"{result.rows:,} requests from {result.source} ({result.format})"
+             + (f", {result.skipped:,} broken rows skipped" if result.skipped else "")]
+    if result.rate_source == "timestamps":
+        lines.append(f"Rate: {result.rate:.4g} req/s (mean over {result.duration:,.0f} s of timestamps)")
+    elif result.rate_source == "given":
+        lines.append(f"Rate: {result.rate:.4g} req/s (given)")
+    else:
+        lines.append("Rate: unknown (no timestamps; pass --rate)")
+    cols = _ranges(result.output_edges)
+    corner = "input \\ output"
+    width = max(len(corner), *(len(r) for r in _ranges(result.input_edges)))
+    cell = max(7, *(len(c) for c in cols))
+    lines += ["", "Share of requests (%), rows: input tokens, columns: output tokens",
+              f"  {corner:<{width}}  " + "  ".join(f"{c:>{cell}}" for c in cols)]
+    for name, row in zip(_ranges(result.input_edges), result.distribution):
+        lines.append(f"  {name:<{width}}  " + "  ".join(f"{100 * x:>{cell}.2f}" for x in row))
+    fragment = result.config_fragment()
+    lines += ["", "Config keys (paste into a config, or use --into CONFIG):",
+              format_matrix("workload_distribution", fragment["workload_distribution"]) + ","]
+    if "total_request_rate" in fragment:
+        lines.append(f'"total_request_rate": {fragment["total_request_rate"]},')
+    lines.append(f'"input_buckets": {json.dumps(fragment["input_buckets"])},')
+    lines.append(f'"output_buckets": {json.dumps(fragment["output_buckets"])}')
+    return "\n".join(lines)
+
+
+def _num(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_profile(result: "ProfileResult") -> str:
+    """The `melange-sky profile` report: one line per measured bucket, then the tputs matrix to paste."""
+    lines = [f"Profile of {result.model} at {result.endpoint}: mean TPOT SLO {result.tpot_slo_ms:g} ms, "
+             f"{result.seconds:.0f} s", ""]
+    header = (f"  {'bucket':<7} {'input':>11} {'output':>11} {'req/s':>8}  {'passed at':>9} {'TPOT ms':>7} "
+              f"{'TTFT p50/p99 ms':>17} {'latency p50/p99 ms':>19}  status")
+    lines.append(header)
+    for b in result.buckets:
+        if b.status == "not_measured":
+            continue
+        best = b.best
+        ttft = f"{_num(best.p50_ttft_ms)}/{_num(best.p99_ttft_ms)}" if best else "-"
+        latency = f"{_num(best.p50_latency_ms, '.0f')}/{_num(best.p99_latency_ms, '.0f')}" if best else "-"
+        tpot = _num(best.mean_tpot_ms) if best else "-"
+        passed_at = f"{best.rate:.3g}" if best else "-"
+        status = b.status if b.status == "ok" else f"{b.status}: {b.message}"
+        lines.append(f"  {b.cell[0]}:{b.cell[1]:<5} {f'{b.input_range[0]}-{b.input_range[1]}':>11} "
+                     f"{f'{b.output_range[0]}-{b.output_range[1]}':>11} {b.tput:>8.3g}  {passed_at:>9} {tpot:>7} {ttft:>17} "
+                     f"{latency:>19}  {status}")
+    lines.append("  (input/output: bucket ranges in tokens, profiled at their midpoint unless --size upper; req/s: "
+                 "the estimate in tputs; TPOT/TTFT/latency: measured at the highest rate that passed)")
+    skipped = result.not_measured
+    if skipped:
+        lines.append(f"Not measured (0 in tputs): {', '.join(f'{i}:{j}' for i, j in skipped)}")
+    lines += ["", "tputs for this GPU type (req/s per bucket; paste into gpu_info, or use --into CONFIG --gpu NAME):",
+              format_matrix("tputs", result.tputs)]
+    return "\n".join(lines)
+
+
+def format_profile_event(event: "ProfileEvent") -> str | None:
+    """One progress line for a live display of `profile`."""
+    where = (f"[{event.index}/{event.total}] bucket {event.cell[0]}:{event.cell[1]} "
+             f"({event.prompt_tokens} in / {event.output_tokens} out tokens)")
+    if event.kind == "bucket_start":
+        return f"{where}: measuring"
+    if event.kind == "step" and event.step is not None:
+        s = event.step
+        mark = "✓" if s.passed else "⨯"
+        return f"{where}: {mark} {s.rate:.3g} req/s: {s.reason} ({s.measured} measured, {s.seconds:.1f} s)"
+    if event.kind == "bucket_done" and event.bucket is not None:
+        b = event.bucket
+        if b.status in ("ok", "capped"):
+            return f"{where}: {b.tput:.3g} req/s" + (" (capped)" if b.status == "capped" else "")
+        return f"{where}: {b.status}: {b.message}"
+    return None
 
 
 # ---- plan, up, status, down ----------------------------------------------------------------------------------------

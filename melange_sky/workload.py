@@ -1,0 +1,605 @@
+"""Turn a request trace into Mélange's workload histogram: `melange-sky workload`.
+
+A trace is JSONL (one object per line) or CSV (a header row) with the prompt and completion token counts of each
+request, and optionally a timestamp. The reader streams the file and keeps only bucket counts, so memory does not grow
+with the number of rows (10^7 rows are the benchmark in `bench/workload_bench.py`).
+
+Buckets: with edges e0 < e1 < ... < en, bucket k holds lengths in [e_k, e_{k+1}); the last bucket also holds en.
+Lengths above the last edge go into the last bucket and lengths below the first into the first; both are counted
+and reported as warnings, because a histogram that hides them would make the solver plan for the wrong sizes.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import gzip
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Sequence
+
+from .errors import BucketEdgesError, ConfigError, TraceError
+
+try:  # orjson parses a JSONL row ~8x faster than json; it is installed with SkyPilot, json is the fallback
+    import orjson
+
+    _loads: Callable[[bytes], Any] = orjson.loads
+    _JSON_ERRORS: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
+except ImportError:  # pragma: no cover - depends on the environment
+    _loads = json.loads
+    _JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError)
+
+#: The original Mélange bucket ranges (README: 1-25, 25-100, 100-250, ...).
+DEFAULT_INPUT_EDGES: tuple[int, ...] = (1, 25, 100, 250, 500, 1000, 2000, 4000, 8000)
+DEFAULT_OUTPUT_EDGES: tuple[int, ...] = (1, 25, 100, 250, 500, 1000, 2000)
+
+#: Column (or key) pairs naming the input and output token counts, in the order they are tried.
+LENGTH_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("input_len", "output_len"),
+    ("prompt_tokens", "completion_tokens"),
+    ("input_tokens", "output_tokens"),
+    ("usage.prompt_tokens", "usage.completion_tokens"),  # CSV flattened from OpenAI usage objects
+    ("usage.input_tokens", "usage.output_tokens"),
+)
+#: Keys inside an OpenAI-style `usage` object (chat/completions, then the Responses API).
+USAGE_KEYS: tuple[tuple[str, str], ...] = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
+TIMESTAMP_COLUMNS: tuple[str, ...] = ("timestamp", "created")
+#: Above this last edge the bucket lookup table would be large; bisect is used instead.
+_LOOKUP_TABLE_LIMIT = 1 << 20
+#: How many broken rows are quoted (line number and reason) when --skip-bad skips them.
+_EXAMPLES_KEPT = 5
+
+
+@dataclass(frozen=True)
+class WorkloadResult:
+    """The histogram of one trace: counts per (input bucket, output bucket), the rate, and what was odd about it."""
+
+    source: str
+    format: str
+    input_edges: tuple[int, ...]
+    output_edges: tuple[int, ...]
+    counts: tuple[tuple[int, ...], ...]
+    rows: int  # requests counted into the histogram
+    skipped: int  # broken rows skipped (skip_bad)
+    skipped_examples: tuple[str, ...]  # "line N: reason" for the first few skipped rows
+    input_overflow: int  # input lengths above the last input edge, counted in the last bucket
+    output_overflow: int
+    input_underflow: int  # below the first edge, counted in the first bucket
+    output_underflow: int
+    timestamped_rows: int
+    first_timestamp: float | None
+    last_timestamp: float | None
+    rate: float | None  # req/s: given, or measured from the timestamps; None if neither
+    rate_source: str  # "given", "timestamps" or "none"
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.counts), len(self.counts[0])
+
+    @property
+    def distribution(self) -> list[list[float]]:
+        """Shares per bucket, summing to 1 (the config's `workload_distribution`)."""
+        return [[c / self.rows for c in row] for row in self.counts]
+
+    @property
+    def duration(self) -> float | None:
+        if self.first_timestamp is None or self.last_timestamp is None:
+            return None
+        return self.last_timestamp - self.first_timestamp
+
+    def config_fragment(self) -> dict[str, Any]:
+        """The config keys this trace determines, ready to paste into (or merge with) a Mélange config."""
+        fragment: dict[str, Any] = {"workload_distribution": [[_round_share(x) for x in row]
+                                                              for row in self.distribution]}
+        if self.rate is not None:
+            fragment["total_request_rate"] = _round_rate(self.rate)
+        fragment["input_buckets"] = list(self.input_edges)
+        fragment["output_buckets"] = list(self.output_edges)
+        return fragment
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "format": self.format, "rows": self.rows, "skipped": self.skipped,
+            "skipped_examples": list(self.skipped_examples),
+            "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
+            "counts": [list(row) for row in self.counts],
+            "workload_distribution": self.config_fragment()["workload_distribution"],
+            "total_request_rate": self.rate, "rate_source": self.rate_source,
+            "timestamped_rows": self.timestamped_rows, "first_timestamp": self.first_timestamp,
+            "last_timestamp": self.last_timestamp, "duration_s": self.duration,
+            "input_overflow": self.input_overflow, "output_overflow": self.output_overflow,
+            "input_underflow": self.input_underflow, "output_underflow": self.output_underflow,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """A config (as a JSON object) with the workload keys replaced, and what the user must still fix."""
+
+    data: dict[str, Any]
+    warnings: tuple[str, ...]
+    valid: bool  # False when the merged config would not pass `load_config` (e.g. tputs of the old shape)
+
+
+# ---- edges ---------------------------------------------------------------------------------------------------------
+def parse_edges(text: str, option: str = "--input-buckets") -> tuple[int, ...]:
+    """Edges from the command line ("1,25,100"), validated by `check_edges`."""
+    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+    values: list[int] = []
+    for part in parts:
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise BucketEdgesError(f"{option}: {part!r} is not a whole number of tokens; give increasing edges "
+                                   f"like 1,25,100,250") from None
+    return check_edges(values, option)
+
+
+def check_edges(edges: Sequence[int], option: str = "edges") -> tuple[int, ...]:
+    """At least 2 integer edges >= 0, strictly increasing: n edges make n - 1 buckets."""
+    if len(edges) < 2:
+        raise BucketEdgesError(f"{option}: needs at least 2 edges (n edges make n - 1 buckets), got "
+                               f"{len(edges)}: e.g. 1,25,100,250")
+    for k, edge in enumerate(edges):
+        if isinstance(edge, bool) or not isinstance(edge, int) or edge < 0:
+            raise BucketEdgesError(f"{option}: edge {edge!r} is not a token count >= 0")
+        if k and edge <= edges[k - 1]:
+            raise BucketEdgesError(f"{option}: edges must increase, but {edge} follows {edges[k - 1]}")
+    return tuple(edges)
+
+
+class _Bucketer:
+    """Maps a length to its bucket index: a lookup table when the last edge is small, else bisect."""
+
+    def __init__(self, edges: tuple[int, ...]):
+        self.edges = edges
+        self.last = len(edges) - 2
+        self.table: list[int] | None = None
+        if edges[-1] <= _LOOKUP_TABLE_LIMIT:
+            # index v -> bucket of length v, for 0 <= v <= last edge (the last edge itself is in the last bucket)
+            self.table = [min(max(bisect.bisect_right(edges, v) - 1, 0), self.last) for v in range(edges[-1] + 1)]
+
+    def index(self, value: int) -> int:
+        return min(max(bisect.bisect_right(self.edges, value) - 1, 0), self.last)
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+class _BadRow(Exception):
+    pass
+
+
+def _tokens(value: Any, name: str) -> int:
+    if type(value) is int:
+        if value < 0:
+            raise _BadRow(f"{name} is negative ({value})")
+        return value
+    if isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value) and value.is_integer():
+        return _tokens(int(value), name)
+    if isinstance(value, str):
+        try:
+            return _tokens(int(value.strip()), name)
+        except ValueError:
+            pass
+    if value is None or value == "":
+        raise _BadRow(f"{name} is missing")
+    raise _BadRow(f"{name} must be a whole number of tokens, got {value!r}")
+
+
+def _timestamp(value: Any, name: str) -> float | None:
+    """Epoch seconds (a number or a numeric string) or an ISO-8601 string (naive means UTC)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise _BadRow(f"{name} is not finite ({value!r})")
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            raise _BadRow(f"{name} {value!r} is neither epoch seconds nor an ISO-8601 time") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        return parsed.timestamp()
+    raise _BadRow(f"{name} must be epoch seconds or an ISO-8601 string, got {value!r}")
+
+
+def _json_lengths(obj: Any) -> tuple[Any, Any, str, str]:
+    """The raw input/output values of one JSONL object and the names they came from."""
+    if not isinstance(obj, dict):
+        raise _BadRow(f"expected a JSON object, got {type(obj).__name__}")
+    for in_key, out_key in LENGTH_COLUMNS[:3]:
+        if in_key in obj or out_key in obj:
+            return obj.get(in_key), obj.get(out_key), in_key, out_key
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        for in_key, out_key in USAGE_KEYS:
+            if in_key in usage or out_key in usage:
+                return usage.get(in_key), usage.get(out_key), f"usage.{in_key}", f"usage.{out_key}"
+    raise _BadRow("no token counts: expected input_len/output_len, prompt_tokens/completion_tokens or a "
+                  "`usage` object")
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    try:
+        handle: IO[bytes] = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    except FileNotFoundError:
+        raise TraceError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TraceError(f"{path}: is a directory, expected a JSONL or CSV trace") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read: {exc.strerror}") from None
+    if path.endswith(".gz"):
+        return gzip.open(handle, "rb")  # type: ignore[return-value]
+    return handle
+
+
+def detect_format(path: str) -> str:
+    """"jsonl" or "csv": by extension (.jsonl/.ndjson/.json, .csv/.tsv, also .gz), else by the first character."""
+    name = path[:-3] if path.endswith(".gz") else path
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    with _open_binary(path) as handle:
+        try:
+            head = handle.read(4096)
+        except (OSError, EOFError) as exc:
+            raise TraceError(f"{path}: cannot read: {exc}") from None
+    return "jsonl" if head.lstrip()[:1] == b"{" else "csv"
+
+
+def read_trace(path: str | os.PathLike[str], *, input_edges: Sequence[int] = DEFAULT_INPUT_EDGES,
+               output_edges: Sequence[int] = DEFAULT_OUTPUT_EDGES, rate: float | None = None,
+               skip_bad: bool = False, fmt: str | None = None) -> WorkloadResult:
+    """Stream a trace into a histogram.
+
+    `rate` (req/s) overrides the rate measured from timestamps. A broken row raises `TraceError` naming its line,
+    unless `skip_bad`, which skips and counts it. Raises `TraceError` for an unreadable or empty trace.
+    """
+    source = os.fspath(path)
+    in_edges = check_edges(list(input_edges), "input buckets")
+    out_edges = check_edges(list(output_edges), "output buckets")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise TraceError(f"--rate must be a positive number of requests per second, got {rate!r}")
+    fmt = fmt or detect_format(source)
+    if fmt not in ("jsonl", "csv"):
+        raise TraceError(f"{source}: unknown trace format {fmt!r}; use jsonl or csv")
+    counter = _Counter(source, in_edges, out_edges, skip_bad)
+    with _open_binary(source) as handle:
+        try:
+            if fmt == "jsonl":
+                counter.read_jsonl(handle)
+            else:
+                counter.read_csv(handle)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise TraceError(f"{source}: cannot read: {exc}") from None
+    return counter.result(fmt, rate)
+
+
+class _Counter:
+    """The streaming state: bucket counts, overflow counts, timestamp range. Never a list of rows."""
+
+    def __init__(self, source: str, in_edges: tuple[int, ...], out_edges: tuple[int, ...], skip_bad: bool):
+        self.source = source
+        self.in_edges, self.out_edges = in_edges, out_edges
+        self.skip_bad = skip_bad
+        self.cols = len(out_edges) - 1
+        self.flat = [0] * ((len(in_edges) - 1) * self.cols)
+        self.rows = self.skipped = 0
+        self.examples: list[str] = []
+        self.in_over = self.out_over = self.in_under = self.out_under = 0
+        self.ts_rows = 0
+        self.ts_min = math.inf
+        self.ts_max = -math.inf
+
+    def bad(self, line: int, reason: str) -> None:
+        if not self.skip_bad:
+            raise TraceError(f"{self.source}: line {line}: {reason}. Fix the row, or pass --skip-bad to skip and "
+                             f"count broken rows")
+        self.skipped += 1
+        if len(self.examples) < _EXAMPLES_KEPT:
+            self.examples.append(f"line {line}: {reason}")
+
+    def read_jsonl(self, handle: IO[bytes]) -> None:
+        in_b, out_b = _Bucketer(self.in_edges), _Bucketer(self.out_edges)
+        in_table, out_table = in_b.table, out_b.table
+        in_max, out_max = self.in_edges[-1], self.out_edges[-1]
+        in_min, out_min = self.in_edges[0], self.out_edges[0]
+        in_last, out_last = in_b.last, out_b.last
+        cols, flat = self.cols, self.flat
+        ts_keys = TIMESTAMP_COLUMNS
+        loads, errors = _loads, _JSON_ERRORS
+        lineno = 0
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                obj = loads(raw)
+            except errors as exc:
+                if not raw.strip():
+                    continue  # blank lines are not rows
+                self.bad(lineno, f"not valid JSON ({exc})")
+                continue
+            try:
+                # the common case inline: {"input_len": int, "output_len": int, ...}
+                if type(obj) is dict and "input_len" in obj:
+                    i_raw, o_raw, i_name, o_name = obj["input_len"], obj.get("output_len"), "input_len", "output_len"
+                else:
+                    i_raw, o_raw, i_name, o_name = _json_lengths(obj)
+                i_len = i_raw if type(i_raw) is int and i_raw >= 0 else _tokens(i_raw, i_name)
+                o_len = o_raw if type(o_raw) is int and o_raw >= 0 else _tokens(o_raw, o_name)
+                ts: Any = None
+                for key in ts_keys:
+                    if key in obj:
+                        ts = obj[key]
+                        if type(ts) is not float:
+                            ts = _timestamp(ts, key)
+                        break
+            except _BadRow as exc:
+                self.bad(lineno, str(exc))
+                continue
+            if i_len > in_max:
+                self.in_over += 1
+                i = in_last
+            else:
+                i = in_table[i_len] if in_table is not None else in_b.index(i_len)
+                if i_len < in_min:
+                    self.in_under += 1
+            if o_len > out_max:
+                self.out_over += 1
+                j = out_last
+            else:
+                j = out_table[o_len] if out_table is not None else out_b.index(o_len)
+                if o_len < out_min:
+                    self.out_under += 1
+            flat[i * cols + j] += 1
+            self.rows += 1
+            if ts is not None:
+                self.ts_rows += 1
+                if ts < self.ts_min:
+                    self.ts_min = ts
+                if ts > self.ts_max:
+                    self.ts_max = ts
+
+    def read_csv(self, handle: IO[bytes]) -> None:
+        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+        try:
+            header_line = text.readline()
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{self.source}: line 1: not UTF-8 text ({exc.reason})") from None
+        if not header_line.strip():
+            raise TraceError(f"{self.source}: empty trace, expected a CSV header row naming the token columns "
+                             f"(input_len,output_len or prompt_tokens,completion_tokens)")
+        delimiter = "\t" if header_line.count("\t") > header_line.count(",") else ","
+        header = [h.strip().lower() for h in next(csv.reader([header_line], delimiter=delimiter))]
+        lengths = next(((header.index(a), header.index(b), a, b) for a, b in LENGTH_COLUMNS
+                        if a in header and b in header), None)
+        usage_col = header.index("usage") if "usage" in header else None
+        if lengths is None and usage_col is None:
+            pairs = ", ".join(f"{a}/{b}" for a, b in LENGTH_COLUMNS)
+            raise TraceError(f"{self.source}: line 1: the CSV header has no token columns (found "
+                             f"{', '.join(header) or 'nothing'}); expected one of {pairs}, or a `usage` column")
+        ts_col = next((header.index(c) for c in TIMESTAMP_COLUMNS if c in header), None)
+        ts_name = header[ts_col] if ts_col is not None else ""
+
+        in_b, out_b = _Bucketer(self.in_edges), _Bucketer(self.out_edges)
+        in_table, out_table = in_b.table, out_b.table
+        in_max, out_max = self.in_edges[-1], self.out_edges[-1]
+        in_min, out_min = self.in_edges[0], self.out_edges[0]
+        cols, flat = self.cols, self.flat
+        width = len(header)
+        reader = csv.reader(text, delimiter=delimiter)
+        rows = iter(reader)
+        while True:
+            try:
+                record = next(rows)
+            except StopIteration:
+                break
+            except UnicodeDecodeError as exc:
+                raise TraceError(f"{self.source}: line {reader.line_num + 2}: not UTF-8 text ({exc.reason})") from None
+            except csv.Error as exc:
+                self.bad(reader.line_num + 1, f"malformed CSV ({exc})")
+                continue
+            lineno = reader.line_num + 1  # +1: the header was read before the csv reader started
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue
+            try:
+                if len(record) != width:
+                    raise _BadRow(f"has {len(record)} fields but the header has {width}")
+                if lengths is not None:
+                    i_len = _tokens(record[lengths[0]], lengths[2])
+                    o_len = _tokens(record[lengths[1]], lengths[3])
+                else:
+                    i_len, o_len = self.csv_usage(record[usage_col])  # type: ignore[index]
+                ts = _timestamp(record[ts_col], ts_name) if ts_col is not None else None
+            except _BadRow as exc:
+                self.bad(lineno, str(exc))
+                continue
+            if i_len > in_max:
+                self.in_over += 1
+                i = in_b.last
+            else:
+                i = in_table[i_len] if in_table is not None else in_b.index(i_len)
+                if i_len < in_min:
+                    self.in_under += 1
+            if o_len > out_max:
+                self.out_over += 1
+                j = out_b.last
+            else:
+                j = out_table[o_len] if out_table is not None else out_b.index(o_len)
+                if o_len < out_min:
+                    self.out_under += 1
+            flat[i * cols + j] += 1
+            self.rows += 1
+            if ts is not None:
+                self.ts_rows += 1
+                if ts < self.ts_min:
+                    self.ts_min = ts
+                if ts > self.ts_max:
+                    self.ts_max = ts
+
+    @staticmethod
+    def csv_usage(cell: str) -> tuple[int, int]:
+        try:
+            usage = json.loads(cell)
+        except json.JSONDecodeError:
+            raise _BadRow(f"the usage column is not a JSON object: {cell[:40]!r}") from None
+        i_raw, o_raw, i_name, o_name = _json_lengths({"usage": usage})
+        return _tokens(i_raw, i_name), _tokens(o_raw, o_name)
+
+    def result(self, fmt: str, rate: float | None) -> WorkloadResult:
+        if self.rows == 0:
+            hint = f" ({self.skipped} broken rows skipped)" if self.skipped else ""
+            raise TraceError(f"{self.source}: no requests in the trace{hint}; a histogram needs at least one row")
+        warnings: list[str] = []
+        if self.skipped:
+            warnings.append(f"skipped {self.skipped} broken row(s) of {self.rows + self.skipped} "
+                            f"(first: {'; '.join(self.examples)})")
+        for count, axis, edges, what in (
+                (self.in_over, "input", self.in_edges, "above the last input edge"),
+                (self.out_over, "output", self.out_edges, "above the last output edge")):
+            if count:
+                warnings.append(f"{count} request(s) ({100 * count / self.rows:.2g}%) have {axis} lengths {what} "
+                                f"({edges[-1]} tokens) and were counted in the last {axis} bucket; add an edge "
+                                f"(--{axis}-buckets ...,{_suggest_edge(edges)}) to keep them apart")
+        for count, axis, edges in ((self.in_under, "input", self.in_edges), (self.out_under, "output", self.out_edges)):
+            if count:
+                warnings.append(f"{count} request(s) have {axis} lengths below the first {axis} edge ({edges[0]}) "
+                                f"and were counted in the first {axis} bucket")
+        first = self.ts_min if self.ts_rows else None
+        last = self.ts_max if self.ts_rows else None
+        rate_source = "given" if rate is not None else "none"
+        if rate is None and self.ts_rows >= 2 and self.ts_max > self.ts_min:
+            # (n - 1) arrivals happen in the span between the first and the last one
+            rate = (self.ts_rows - 1) / (self.ts_max - self.ts_min)
+            rate_source = "timestamps"
+            if self.ts_rows < self.rows:
+                warnings.append(f"{self.rows - self.ts_rows} row(s) have no timestamp; the rate counts only the "
+                                f"{self.ts_rows} timestamped rows")
+        elif rate is None:
+            why = "no timestamps" if self.ts_rows == 0 else "fewer than 2 distinct timestamps"
+            warnings.append(f"the trace has {why}, so total_request_rate is not known: pass --rate REQ_PER_S")
+        counts = tuple(tuple(self.flat[i * self.cols:(i + 1) * self.cols]) for i in range(len(self.in_edges) - 1))
+        return WorkloadResult(
+            source=self.source, format=fmt, input_edges=self.in_edges, output_edges=self.out_edges, counts=counts,
+            rows=self.rows, skipped=self.skipped, skipped_examples=tuple(self.examples),
+            input_overflow=self.in_over, output_overflow=self.out_over, input_underflow=self.in_under,
+            output_underflow=self.out_under, timestamped_rows=self.ts_rows, first_timestamp=first,
+            last_timestamp=last, rate=rate, rate_source=rate_source, warnings=tuple(warnings))
+
+
+def _suggest_edge(edges: tuple[int, ...]) -> int:
+    return edges[-1] * 2
+
+
+def _round_share(x: float) -> float:
+    return float(f"{x:.6g}")  # significant digits: a rare bucket keeps its (tiny) share instead of rounding to 0
+
+
+def _round_rate(x: float) -> float:
+    return float(f"{x:.6g}")
+
+
+# ---- merging into a config -----------------------------------------------------------------------------------------
+def read_config_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw JSON object of a config file (unknown keys and all), so a merge keeps everything it does not own."""
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, None, "no such file (--into needs an existing config)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, None, f"cannot read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, None, "must be a JSON object")
+    return data
+
+
+def gpu_entries(gpu_info: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(field path, name, entry) for gpu_info as a dict keyed by name or as a list of {"name": ...}."""
+    if isinstance(gpu_info, dict):
+        for name, entry in gpu_info.items():
+            if isinstance(entry, dict):
+                yield f"gpu_info.{name}", str(name), entry
+    elif isinstance(gpu_info, list):
+        for k, entry in enumerate(gpu_info):
+            if isinstance(entry, dict):
+                yield f"gpu_info[{k}]", str(entry.get("name", f"#{k}")), entry
+
+
+def _matrix_shape(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+        return len(value), len(value[0])
+    return None
+
+
+def edges_for_config(config: dict[str, Any] | None, input_edges: Sequence[int] | None,
+                     output_edges: Sequence[int] | None, source: str = "<config>"
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Edges to bucket a trace with: those given, else the config's own (so its tputs keep fitting), else Mélange's."""
+    chosen = []
+    for given, key, default in ((input_edges, "input_buckets", DEFAULT_INPUT_EDGES),
+                                (output_edges, "output_buckets", DEFAULT_OUTPUT_EDGES)):
+        if given is not None:
+            chosen.append(check_edges(list(given), f"--{key.replace('_', '-')}"))
+        elif config is not None and key in config:
+            try:
+                chosen.append(check_edges(config[key], key))
+            except BucketEdgesError as exc:
+                raise ConfigError(source, key, str(exc).split(": ", 1)[-1]) from None
+        else:
+            chosen.append(tuple(default))
+    return chosen[0], chosen[1]
+
+
+def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str = "<config>") -> MergeResult:
+    """`config` with workload_distribution, total_request_rate and the bucket edges from `result`; the rest kept.
+
+    A GPU whose tputs has the old shape makes the config invalid; that is a warning saying what to run, not an
+    error, because the histogram is still what the user asked for.
+    """
+    from .config import parse_config
+
+    data = dict(config)
+    fragment = result.config_fragment()
+    warnings: list[str] = []
+    if "total_request_rate" not in fragment:
+        if "total_request_rate" in data:
+            warnings.append(f"kept total_request_rate {data['total_request_rate']} from {source}: the trace has no "
+                            f"timestamps and no --rate was given")
+    for key, value in fragment.items():
+        data[key] = value
+    rows, cols = result.shape
+    mismatched = []
+    for path, name, entry in gpu_entries(data.get("gpu_info")):
+        shape = _matrix_shape(entry.get("tputs"))
+        if shape is not None and shape != (rows, cols):
+            mismatched.append(name)
+            warnings.append(
+                f"{source}: {path}.tputs is {shape[0]}x{shape[1]} but the new workload_distribution is {rows}x{cols}:"
+                f" the config is invalid until it is re-profiled for these buckets: melange-sky profile --endpoint "
+                f"URL --model MODEL --into {source} --gpu {name}")
+    valid = not mismatched
+    if valid:
+        try:
+            parsed = parse_config(data, source=source)
+            warnings.extend(parsed.warnings)
+        except ConfigError as exc:
+            valid = False
+            warnings.append(f"the merged config does not validate yet: {exc}")
+    return MergeResult(data=data, warnings=tuple(warnings), valid=valid)

@@ -1,0 +1,131 @@
+"""A local OpenAI-compatible completions server whose speed follows a known law, for testing `melange-sky profile`.
+
+    python tests/openai_test_server.py [--base-ms 2] [--k-ms 1] [--prefill-ms-per-token 0.1] ...
+
+It listens on 127.0.0.1 on an ephemeral port and prints "PORT <n>" once ready. Law, per streamed request:
+* prompt tokens = words in the prompt (the profiler's prompts are one token per word);
+* the first token comes after prefill = prefill_ms_per_token x prompt tokens;
+* each further token comes base_ms + k_ms x A later, A = requests in the server (prefill or decode, itself included)
+  when the token's interval starts. Deadlines are absolute, so event-loop lateness does not accumulate.
+
+So a request's mean TPOT is T = base + k x (1 + L_others), and with Poisson arrivals at rate r the others in the
+server average r x W (Little's law), W = prefill + (n - 1) x T for n output tokens. Solving for T = SLO gives the
+true maximum rate: `true_max_rate` below. Failure modes for tests: prompts longer than --error-above-prompt get an
+HTTP 500; longer than --hang-above-prompt get headers and then nothing (the client must time out).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+
+def true_max_rate(slo_ms: float, base_ms: float, k_ms: float, prefill_ms_per_token: float, prompt_tokens: int,
+                  output_tokens: int) -> float:
+    """The Poisson arrival rate (req/s) at which the law above gives a mean TPOT of exactly `slo_ms`."""
+    others = (slo_ms - base_ms) / k_ms - 1
+    request_ms = prefill_ms_per_token * prompt_tokens + (output_tokens - 1) * slo_ms
+    return 1000 * others / request_ms
+
+
+class LawServer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.active = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request_line = await reader.readline()
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            parts = request_line.decode("latin-1").split(" ")
+            if len(parts) != 3:  # the client connected and gave up (a cancelled request): nothing to answer
+                return
+            method, path = parts[0], parts[1]
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+            if method == "GET" and path == "/v1/models":
+                await self.send_json(writer, 200, {"object": "list", "data": [{"id": self.args.model}]})
+            elif method == "POST" and path == "/v1/completions":
+                await self.completion(json.loads(body), writer)
+            else:
+                await self.send_json(writer, 404, {"error": {"message": f"no route {method} {path}"}})
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def send_json(self, writer: asyncio.StreamWriter, status: int, data: dict) -> None:
+        payload = json.dumps(data).encode()
+        writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + payload)
+        await writer.drain()
+
+    async def completion(self, req: dict, writer: asyncio.StreamWriter) -> None:
+        if req.get("model") != self.args.model:
+            await self.send_json(writer, 404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
+            return
+        prompt_tokens = len(str(req.get("prompt", "")).split())
+        n = int(req.get("max_tokens", 16))
+        if prompt_tokens > self.args.error_above_prompt:
+            await self.send_json(writer, 500, {"error": {"message": "simulated server error"}})
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n")
+        if prompt_tokens > self.args.hang_above_prompt:
+            await asyncio.sleep(3600)
+        loop = asyncio.get_running_loop()
+        self.active += 1
+        try:
+            deadline = loop.time() + self.args.prefill_ms_per_token * prompt_tokens / 1000
+            for k in range(n):
+                if k:
+                    deadline += (self.args.base_ms + self.args.k_ms * self.active) / 1000
+                delay = deadline - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                self.chunk(writer, {"choices": [{"index": 0, "text": " tok", "finish_reason": None}]})
+                await writer.drain()
+            self.chunk(writer, {"choices": [], "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                                         "total_tokens": prompt_tokens + n}})
+            writer.write(self.frame(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            self.active -= 1
+
+    @staticmethod
+    def frame(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    def chunk(self, writer: asyncio.StreamWriter, event: dict) -> None:
+        writer.write(self.frame(b"data: " + json.dumps(event).encode() + b"\n\n"))
+
+
+async def serve(args: argparse.Namespace) -> None:
+    law = LawServer(args)
+    server = await asyncio.start_server(law.handle, "127.0.0.1", 0, backlog=1024)
+    port = server.sockets[0].getsockname()[1]
+    print(f"PORT {port}", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="test-model")
+    parser.add_argument("--base-ms", type=float, default=2.0)
+    parser.add_argument("--k-ms", type=float, default=1.0)
+    parser.add_argument("--prefill-ms-per-token", type=float, default=0.1)
+    parser.add_argument("--error-above-prompt", type=int, default=sys.maxsize)
+    parser.add_argument("--hang-above-prompt", type=int, default=sys.maxsize)
+    args = parser.parse_args()
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

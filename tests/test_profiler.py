@@ -1,0 +1,190 @@
+"""`melange-sky profile` against a local server with a known latency law (tests/openai_test_server.py).
+
+The law gives each bucket's true maximum rate under the TPOT SLO in closed form (`true_max_rate`); the profiler must
+land within 15% of it. Timing parameters are small (a 15 ms SLO, a few tokens, 30 requests per step) so each test
+takes seconds.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from melange_sky.config import load_config
+from melange_sky.errors import EndpointUnreachable, ProfileError
+from melange_sky.profiler import (ProfileEvent, ProfileSettings, parse_cells, parse_endpoint, profile_endpoint,
+                                  representative_tokens)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from openai_test_server import true_max_rate  # noqa: E402
+
+SERVER = Path(__file__).resolve().parent / "openai_test_server.py"
+LAW = {"base_ms": 10.0, "k_ms": 0.5, "prefill_ms_per_token": 0.1}
+SLO_MS = 15.0
+# two input buckets (prompts of 20 and 200 tokens) x two output buckets (6 and 11 tokens)
+IN_EDGES, OUT_EDGES = (10, 30, 370), (4, 8, 14)
+
+
+@pytest.fixture
+def law_server():
+    """Start the law server (a subprocess on 127.0.0.1, ephemeral port) with options; stop it after the test."""
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> str:
+        cli_args = [f"--{k.replace('_', '-')}={v}" for k, v in LAW.items()] + list(args)
+        proc = subprocess.Popen([sys.executable, str(SERVER), *cli_args], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        assert line.startswith("PORT "), line
+        return f"http://127.0.0.1:{int(line.split()[1])}"
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def fast(**changes) -> ProfileSettings:
+    base = dict(tpot_slo_ms=SLO_MS, requests_per_step=30, start_rate=40.0, min_rate=20.0, max_rate=1000.0,
+                bisect_steps=4, request_timeout=5.0, connect_timeout=2.0)
+    return ProfileSettings(**{**base, **changes})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_measured_tputs_are_within_15_percent_of_the_true_max_rate(law_server):
+    url = law_server()
+    events: list[ProfileEvent] = []
+    result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES,
+                              cells=[(0, 0), (1, 1)], settings=fast(), on_progress=events.append)
+    report = []
+    for b in result.buckets:
+        if b.cell not in ((0, 0), (1, 1)):
+            assert b.status == "not_measured" and b.tput == 0
+            continue
+        truth = true_max_rate(SLO_MS, LAW["base_ms"], LAW["k_ms"], LAW["prefill_ms_per_token"], b.prompt_tokens,
+                              b.output_tokens)
+        report.append(f"{b.cell}: {b.prompt_tokens} in/{b.output_tokens} out: measured {b.tput:.1f} req/s, "
+                      f"true {truth:.1f} ({100 * (b.tput / truth - 1):+.1f}%)")
+        assert b.status == "ok"
+        assert b.tput == pytest.approx(truth, rel=0.15), report
+        assert b.best is not None and b.best.mean_tpot_ms <= SLO_MS
+        assert b.best.server_prompt_tokens == b.prompt_tokens  # one word per token, counted by the server
+        assert b.best.p50_ttft_ms <= b.best.p99_ttft_ms and b.best.p50_latency_ms <= b.best.p99_latency_ms
+    print("\n".join(report))
+    assert result.tputs[0][1] == result.tputs[1][0] == 0.0
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "bucket_start" and kinds[-1] == "bucket_done" and kinds.count("bucket_done") == 2
+    assert all(e.step is not None for e in events if e.kind == "step")
+
+
+def test_server_errors_and_timeouts_are_reported_per_bucket(law_server):
+    # prompts over 150 words hang (the client must time out); over 400 get HTTP 500
+    url = law_server("--hang-above-prompt=150", "--error-above-prompt=400")
+    result = profile_endpoint(url, "test-model", input_edges=(10, 30, 370, 1000), output_edges=(4, 8),
+                              settings=fast(request_timeout=0.4, bisect_steps=0, start_rate=20.0, max_rate=40.0))
+    by_cell = {b.cell: b for b in result.buckets}
+    assert by_cell[(0, 0)].status in ("ok", "capped") and by_cell[(0, 0)].tput >= 20
+    assert by_cell[(1, 0)].status == "failed" and "timed out after 0.4 s" in by_cell[(1, 0)].message
+    assert by_cell[(2, 0)].status == "failed" and "HTTP 500: simulated server error" in by_cell[(2, 0)].message
+    assert result.tputs[1] == [0.0] and result.tputs[2] == [0.0]
+
+
+def test_unreachable_endpoint_is_a_one_line_error_with_exit_2(cli):
+    url = f"http://127.0.0.1:{free_port()}"
+    run = cli("profile", "--endpoint", url, "--model", "m")
+    assert run.exit_code == 2
+    assert run.stderr.startswith(f"Error: cannot reach {url} (connection refused)")
+    assert run.stderr.count("\n") == 1
+    with pytest.raises(EndpointUnreachable):
+        profile_endpoint(url, "m", settings=fast())
+
+
+def test_unknown_model_is_rejected_before_measuring(law_server, cli):
+    url = law_server()
+    run = cli("profile", "--endpoint", url + "/v1/", "--model", "nope")
+    assert run.exit_code == 2
+    assert "does not serve model 'nope'; it serves: test-model" in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_bucket_shape_mismatch_with_into_config_fails_before_contacting_anything(cli, write_config, example):
+    path = write_config(example)  # 2x2 workload, no edges: the default 8x6 buckets do not fit
+    run = cli("profile", "--endpoint", f"http://127.0.0.1:{free_port()}", "--model", "m", "--into", path,
+              "--gpu", "A10G")
+    assert run.exit_code == 2
+    assert "workload_distribution is 2x2 but the buckets to profile are 8x6" in run.stderr
+
+
+def _profile_args(url: str, *extra: str) -> list[str]:
+    return ["profile", "--endpoint", url, "--model", "test-model", "--tpot-slo-ms", str(SLO_MS),
+            "--input-buckets", ",".join(map(str, IN_EDGES)), "--output-buckets", ",".join(map(str, OUT_EDGES)),
+            "--buckets", "0:0", "--requests-per-step", "10", "--start-rate", "40", "--bisect-steps", "0",
+            "--max-rate", "300", "--timeout", "5", *extra]
+
+
+def test_json_output_and_profile_file(law_server, cli, tmp_path):
+    url = law_server()
+    out = tmp_path / "p.json"
+    run = cli(*_profile_args(url, "--json", "-o", str(out)))
+    assert run.exit_code == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["tputs"][0][0] > 0 and data["tputs"][0][1] == data["tputs"][1][0] == data["tputs"][1][1] == 0
+    assert [b["status"] for b in data["buckets"]] == ["ok", "not_measured", "not_measured", "not_measured"]
+    assert data["buckets"][0]["best"]["p99_ttft_ms"] is not None and "api_key" not in data["settings"]
+    assert json.loads(out.read_text())["tputs"] == data["tputs"]
+    assert "[1/1] bucket 0:0 (20 in / 6 out tokens)" in run.stderr  # progress lines
+    human = cli(*_profile_args(url, "-q"))
+    assert '"tputs": [' in human.stdout and "Not measured (0 in tputs): 0:1, 1:0, 1:1" in human.stdout
+    assert human.stderr == ""
+
+
+@pytest.mark.parametrize("gpu_form", ["dict", "list"])
+def test_into_config_sets_the_gpu_tputs_in_both_gpu_info_forms(law_server, cli, write_config, example, gpu_form):
+    url = law_server()
+    example.update(input_buckets=list(IN_EDGES), output_buckets=list(OUT_EDGES))
+    if gpu_form == "list":
+        example["gpu_info"] = [{"name": n, **e} for n, e in example["gpu_info"].items()]
+    path = write_config(example)
+    run = cli(*_profile_args(url, "-q", "--into", path, "--gpu", "A10G"))
+    assert run.exit_code == 0, run.stderr
+    assert "3 bucket(s) were not measured and kept their previous values: 0:1, 1:0, 1:1" in run.stderr
+    merged = json.loads(Path(path).read_text())
+    a10g = (merged["gpu_info"]["A10G"] if gpu_form == "dict" else merged["gpu_info"][0])["tputs"]
+    assert a10g[0][0] >= 40 and a10g[0][1:] == [1] and a10g[1] == [5, 2]
+    # a GPU not yet in the config is added, with its cost
+    run = cli(*_profile_args(url, "-q", "--into", path, "--gpu", "L4", "--cost", "0.8"))
+    assert run.exit_code == 0, run.stderr
+    config = load_config(path)
+    assert config.gpu("L4").cost == 0.8 and config.gpu("L4").tputs[0][0] >= 40
+    assert config.gpu("L4").tputs[1] == (0.0, 0.0)
+
+
+def test_endpoint_buckets_and_sizes_parse_as_documented():
+    ep = parse_endpoint("https://host.example:8443/prefix/v1/")
+    assert (ep.scheme, ep.host, ep.port, ep.path("/v1/completions")) == ("https", "host.example", 8443,
+                                                                         "/prefix/v1/completions")
+    assert parse_endpoint("http://10.0.0.5").port == 80
+    with pytest.raises(ProfileError, match="not an http"):
+        parse_endpoint("10.0.0.5:8000")
+    assert parse_cells("0:1, 2:*", (3, 2)) == [(0, 1), (2, 0), (2, 1)]
+    with pytest.raises(ProfileError, match="outside the 3x2 buckets"):
+        parse_cells("3:0", (3, 2))
+    assert representative_tokens(1, 25) == 13 and representative_tokens(1, 25, "upper") == 24
+    with pytest.raises(ProfileError):
+        ProfileSettings(start_rate=0.01, min_rate=0.05)
+
+
+@pytest.mark.parametrize("edges, message", [("1,100,50", "edges must increase"), ("8", "needs at least 2 edges")])
+def test_bad_edges_are_a_one_line_error_with_exit_2_before_contacting_anything(cli, edges, message):
+    run = cli("profile", "--endpoint", f"http://127.0.0.1:{free_port()}", "--model", "m", "--output-buckets", edges)
+    assert run.exit_code == 2
+    assert run.stderr.startswith("Error: --output-buckets: ") and message in run.stderr
+    assert run.stderr.count("\n") == 1

@@ -1,0 +1,322 @@
+"""`melange-sky workload`: traces in every accepted shape give the exact histogram, rate, warnings and errors."""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+import subprocess
+import sys
+import tracemalloc
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from melange_sky.config import load_config
+from melange_sky.errors import BucketEdgesError, TraceError
+from melange_sky.workload import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, merge_workload, parse_edges,
+                                  read_trace)
+
+IN_EDGES = DEFAULT_INPUT_EDGES
+OUT_EDGES = DEFAULT_OUTPUT_EDGES
+
+
+def expected_counts(pairs, in_edges=IN_EDGES, out_edges=OUT_EDGES):
+    """The histogram by the definition, written independently of the code under test: [lo, hi), last closed."""
+    def index(value, edges):
+        for k in range(len(edges) - 2, -1, -1):
+            if value >= edges[k]:
+                return k
+        return 0
+    counts = [[0] * (len(out_edges) - 1) for _ in range(len(in_edges) - 1)]
+    for i, o in pairs:
+        counts[index(i, in_edges)][index(o, out_edges)] += 1
+    return counts
+
+
+def random_pairs(n=3000, seed=7):
+    rng = random.Random(seed)
+    # every edge and its neighbours, plus a spread of random lengths within the edges
+    edge_values = [v + d for v in IN_EDGES for d in (-1, 0, 1) if 1 <= v + d <= IN_EDGES[-1]]
+    out_values = [v + d for v in OUT_EDGES for d in (-1, 0, 1) if 1 <= v + d <= OUT_EDGES[-1]]
+    pairs = [(rng.choice(edge_values), rng.choice(out_values)) for _ in range(n // 3)]
+    pairs += [(rng.randint(1, IN_EDGES[-1]), rng.randint(1, OUT_EDGES[-1])) for _ in range(n - len(pairs))]
+    return pairs
+
+
+JSON_ROWS = {
+    "input_len": lambda i, o: {"input_len": i, "output_len": o},
+    "prompt_tokens": lambda i, o: {"prompt_tokens": i, "completion_tokens": o, "id": "x"},
+    "input_tokens": lambda i, o: {"input_tokens": i, "output_tokens": o},
+    "usage": lambda i, o: {"id": "cmpl-1", "usage": {"prompt_tokens": i, "completion_tokens": o,
+                                                     "total_tokens": i + o}},
+    "usage_responses_api": lambda i, o: {"usage": {"input_tokens": i, "output_tokens": o}},
+}
+
+
+@pytest.mark.parametrize("naming", sorted(JSON_ROWS))
+def test_jsonl_trace_gives_the_exact_histogram_for_each_column_naming(tmp_path, naming):
+    pairs = random_pairs()
+    path = tmp_path / "trace.jsonl"
+    path.write_text("".join(json.dumps(JSON_ROWS[naming](i, o)) + "\n" for i, o in pairs))
+    result = read_trace(path, rate=10)
+    assert [list(r) for r in result.counts] == expected_counts(pairs)
+    assert result.rows == len(pairs) and result.skipped == 0
+    assert sum(map(sum, result.distribution)) == pytest.approx(1.0)
+    assert result.input_overflow == result.output_overflow == 0
+
+
+CSV_COLUMNS = {
+    "input_len": (["input_len", "output_len"], lambda i, o: [i, o]),
+    "prompt_tokens": (["id", "prompt_tokens", "completion_tokens"], lambda i, o: ["r", i, o]),
+    "flattened_usage": (["usage.prompt_tokens", "usage.completion_tokens"], lambda i, o: [i, o]),
+    "usage_json_column": (["id", "usage"], lambda i, o: ["r", json.dumps({"prompt_tokens": i,
+                                                                          "completion_tokens": o})]),
+}
+
+
+@pytest.mark.parametrize("naming", sorted(CSV_COLUMNS))
+def test_csv_trace_gives_the_exact_histogram_for_each_column_naming(tmp_path, naming):
+    header, row = CSV_COLUMNS[naming]
+    pairs = random_pairs()
+    path = tmp_path / "trace.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(row(i, o) for i, o in pairs)
+    result = read_trace(path, rate=10)
+    assert [list(r) for r in result.counts] == expected_counts(pairs)
+    assert result.rows == len(pairs)
+
+
+def test_custom_edges_and_gzip_and_sniffed_format(tmp_path):
+    pairs = random_pairs(500)
+    path = tmp_path / "trace.log.gz"  # no telling extension: the format is sniffed from the first character
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps({"input_len": i, "output_len": o}) + "\n" for i, o in pairs))
+    edges_in, edges_out = (1, 300, 3000, 8000), (1, 50, 2000)
+    result = read_trace(path, input_edges=edges_in, output_edges=edges_out, rate=1)
+    assert result.format == "jsonl"
+    assert [list(r) for r in result.counts] == expected_counts(pairs, edges_in, edges_out)
+
+
+def test_rate_is_measured_from_epoch_timestamps(tmp_path):
+    path = tmp_path / "t.jsonl"
+    # 101 requests over 50 s: 100 gaps of 0.5 s, in shuffled order
+    rows = [{"timestamp": 1_700_000_000 + k * 0.5, "input_len": 10, "output_len": 10} for k in range(101)]
+    random.Random(1).shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = read_trace(path)
+    assert result.rate_source == "timestamps"
+    assert result.rate == pytest.approx(2.0)
+    assert result.duration == pytest.approx(50.0)
+
+
+def test_rate_is_measured_from_iso_timestamps_with_and_without_zone(tmp_path):
+    start = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    stamps = [(start + timedelta(seconds=4 * k)) for k in range(11)]  # 10 gaps over 40 s
+    texts = [s.isoformat().replace("+00:00", "Z") if k % 3 == 0 else
+             s.astimezone(timezone(timedelta(hours=2))).isoformat() if k % 3 == 1 else
+             s.replace(tzinfo=None).isoformat() for k, s in enumerate(stamps)]  # naive means UTC
+    path = tmp_path / "t.csv"
+    path.write_text("timestamp,prompt_tokens,completion_tokens\n" + "".join(f"{t},5,5\n" for t in texts))
+    result = read_trace(path)
+    assert result.rate == pytest.approx(10 / 40)
+
+
+def test_given_rate_wins_and_missing_timestamps_warn(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input_len": 5, "output_len": 5, "timestamp": 0}\n{"input_len": 5, "output_len": 5, '
+                    '"timestamp": 1}\n')
+    assert read_trace(path, rate=7.5).rate == 7.5
+    no_ts = tmp_path / "n.jsonl"
+    no_ts.write_text('{"input_len": 5, "output_len": 5}\n')
+    result = read_trace(no_ts)
+    assert result.rate is None and "total_request_rate" not in result.config_fragment()
+    assert any("pass --rate" in w for w in result.warnings)
+
+
+def test_lengths_beyond_the_edges_go_to_the_end_buckets_and_are_counted(tmp_path):
+    rows = ([(8000, 2000)] * 3  # exactly the last edges: inside, no warning
+            + [(8001, 10)] * 4 + [(50_000, 5000)] * 2 + [(10, 2001)] * 5  # beyond
+            + [(0, 0)] * 6)  # below the first edge (1)
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"input_len": i, "output_len": o}) + "\n" for i, o in rows))
+    result = read_trace(path, rate=1)
+    assert (result.input_overflow, result.output_overflow) == (6, 7)
+    assert (result.input_underflow, result.output_underflow) == (6, 6)
+    assert result.counts[-1][-1] == 3 + 2
+    assert result.counts[-1][0] == 4
+    assert result.counts[1][-1] == 0 and result.counts[0][-1] == 5  # 10 input tokens: bucket 1-25
+    assert result.counts[0][0] == 6
+    assert any(w.startswith("6 request(s)") and "input" in w and "8000" in w for w in result.warnings)
+    assert any(w.startswith("7 request(s)") and "output" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("bad_line, reason", [
+    ('{"input_len": 5, "output_len": ', "not valid JSON"),
+    ('{"input_len": -3, "output_len": 5}', "input_len is negative"),
+    ('{"input_len": 5}', "output_len is missing"),
+    ('{"input_len": 5.5, "output_len": 5}', "whole number"),
+    ('{"foo": 1}', "no token counts"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"input_len": 5, "output_len": 5, "timestamp": "yesterday"}', "ISO-8601"),
+])
+def test_a_broken_jsonl_row_is_an_error_naming_its_line(tmp_path, bad_line, reason):
+    path = tmp_path / "t.jsonl"
+    good = '{"input_len": 5, "output_len": 5}'
+    path.write_text(f"{good}\n\n{good}\n{bad_line}\n{good}\n")  # the blank line 2 is skipped, not an error
+    with pytest.raises(TraceError) as info:
+        read_trace(path, rate=1)
+    assert f"{path}: line 4: " in str(info.value) and reason in str(info.value)
+    assert "--skip-bad" in str(info.value)
+
+
+def test_a_broken_csv_row_is_an_error_naming_its_line(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("input_len,output_len\n5,5\n6,6\n7,x\n8,8\n")
+    with pytest.raises(TraceError, match=r"line 4: output_len must be a whole number"):
+        read_trace(path, rate=1)
+
+
+def test_skip_bad_skips_and_counts_broken_rows(tmp_path, cli):
+    path = tmp_path / "t.jsonl"
+    good = '{"input_len": 5, "output_len": 5}'
+    path.write_text("\n".join([good, "{oops", good, '{"input_len": -1, "output_len": 1}', good, "[]"]) + "\n")
+    result = read_trace(path, rate=1, skip_bad=True)
+    assert (result.rows, result.skipped) == (3, 3)
+    assert [e.split(":")[0] for e in result.skipped_examples] == ["line 2", "line 4", "line 6"]
+    run = cli("workload", str(path), "--skip-bad", "--rate", "1", "--json")
+    assert run.exit_code == 0, run.stderr
+    assert json.loads(run.stdout)["skipped"] == 3
+    assert "Warning: skipped 3 broken row(s) of 6" in run.stderr
+
+
+@pytest.mark.parametrize("edges, message", [
+    ("1,25,25,100", "edges must increase, but 25 follows 25"),
+    ("1,100,50", "edges must increase"),
+    ("25", "needs at least 2 edges"),
+    ("1,abc", "'abc' is not a whole number"),
+])
+def test_bad_edges_are_a_one_line_error_with_exit_2(tmp_path, cli, edges, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input_len": 5, "output_len": 5}\n')
+    run = cli("workload", str(path), "--input-buckets", edges)
+    assert run.exit_code == 2
+    assert run.stderr.startswith("Error: --input-buckets: ") and message in run.stderr
+    assert run.stderr.count("\n") == 1
+    with pytest.raises(BucketEdgesError):
+        parse_edges(edges)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing.jsonl", "no such file"),
+    (lambda p: p, "is a directory"),
+    (lambda p: (p / "empty.jsonl").write_text("") and None or p / "empty.jsonl", "no requests in the trace"),
+    (lambda p: (p / "h.csv").write_text("a,b\n1,2\n") and None or p / "h.csv", "the CSV header has no token"),
+])
+def test_an_unreadable_trace_is_a_one_line_error_with_exit_2(tmp_path, cli, make, message):
+    run = cli("workload", str(make(tmp_path)))
+    assert run.exit_code == 2
+    assert run.stderr.startswith("Error: ") and message in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_json_output_and_config_keys_file(tmp_path, cli):
+    pairs = random_pairs(300)
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"input_len": i, "output_len": o, "timestamp": k})
+                            + "\n" for k, (i, o) in enumerate(pairs)))
+    out = tmp_path / "w.json"
+    run = cli("workload", str(path), "--json", "-o", str(out))
+    assert run.exit_code == 0, run.stderr
+    data = json.loads(run.stdout)
+    assert data["counts"] == expected_counts(pairs)
+    assert data["rows"] == 300 and data["rate_source"] == "timestamps"
+    assert data["total_request_rate"] == pytest.approx(1.0)
+    assert data["written"] == str(out)
+    keys = json.loads(out.read_text())
+    assert set(keys) == {"workload_distribution", "total_request_rate", "input_buckets", "output_buckets"}
+    human = cli("workload", str(path))
+    assert "300 requests from" in human.stdout and '"workload_distribution": [' in human.stdout
+
+
+def _trace_for_2x2(tmp_path):
+    path = tmp_path / "t.jsonl"
+    rows = [(10, 10)] * 1 + [(10, 200)] * 3 + [(500, 10)] * 4 + [(500, 200)] * 2
+    path.write_text("".join(json.dumps({"prompt_tokens": i, "completion_tokens": o, "timestamp": k * 0.25}) + "\n"
+                            for k, (i, o) in enumerate(rows)))
+    return path
+
+
+@pytest.mark.parametrize("gpu_form", ["dict", "list"])
+def test_merge_into_config_updates_the_workload_and_keeps_everything_else(tmp_path, cli, example, gpu_form):
+    config = dict(example, name="fleet", deployment={"model": "m"}, input_buckets=[1, 100, 1000],
+                  output_buckets=[1, 100, 1000])
+    if gpu_form == "list":
+        config["gpu_info"] = [{"name": n, **e} for n, e in example["gpu_info"].items()]
+    target = tmp_path / "config.json"
+    target.write_text(json.dumps(config))
+    run = cli("workload", str(_trace_for_2x2(tmp_path)), "--into", str(target))
+    assert run.exit_code == 0, run.stderr
+    assert "Warning" not in run.stderr  # the config's own 2x2 edges were used, so its tputs still fit
+    merged = json.loads(target.read_text())
+    assert merged["workload_distribution"] == [[0.1, 0.3], [0.4, 0.2]]
+    assert merged["total_request_rate"] == pytest.approx(9 / 2.25)
+    for key in ("gpu_info", "name", "deployment", "slice_factor", "input_buckets", "output_buckets"):
+        assert merged[key] == config[key]
+    loaded = load_config(target)
+    assert loaded.shape == (2, 2)
+
+
+@pytest.mark.parametrize("gpu_form", ["dict", "list"])
+def test_merge_with_a_new_shape_warns_which_gpu_to_reprofile(tmp_path, cli, example, gpu_form):
+    if gpu_form == "list":
+        example["gpu_info"] = [{"name": n, **e} for n, e in example["gpu_info"].items()]
+    target = tmp_path / "config.json"
+    target.write_text(json.dumps(example))
+    out = tmp_path / "merged.json"
+    run = cli("workload", str(_trace_for_2x2(tmp_path)), "--into", str(target), "-o", str(out))
+    assert run.exit_code == 0, run.stderr
+    assert json.loads(target.read_text()) == example  # -o: the original is untouched
+    merged = json.loads(out.read_text())
+    assert len(merged["workload_distribution"]) == 8 and merged["gpu_info"] == example["gpu_info"]
+    for gpu in ("A10G", "A100-80GB"):
+        assert (f".tputs is 2x2 but the new workload_distribution is 8x6: the config is invalid until it is "
+                f"re-profiled for these buckets: melange-sky profile --endpoint URL --model MODEL --into "
+                f"{target} --gpu {gpu}") in run.stderr
+    assert merge_workload(example, read_trace(_trace_for_2x2(tmp_path)), "c").valid is False
+
+
+def test_merge_keeps_the_old_rate_when_the_trace_has_none(tmp_path, example):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input_len": 5, "output_len": 5}\n')
+    result = read_trace(path, input_edges=(1, 100, 1000), output_edges=(1, 100, 1000))
+    merged = merge_workload(example, result, "c.json")
+    assert merged.data["total_request_rate"] == example["total_request_rate"]
+    assert merged.valid and any("kept total_request_rate 30" in w for w in merged.warnings)
+
+
+def test_workload_command_does_not_import_skypilot(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"input_len": 5, "output_len": 5}\n')
+    code = ("import sys; from melange_sky.cli import main\n"
+            f"main(['workload', {str(path)!r}, '--rate', '1', '--json'], standalone_mode=False)\n"
+            "assert 'sky' not in sys.modules, 'sky was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_memory_stays_flat_however_many_rows(tmp_path):
+    path = tmp_path / "t.jsonl"
+    rng = random.Random(3)
+    with open(path, "w") as f:
+        f.write("".join(f'{{"input_len": {rng.randint(1, 9000)}, "output_len": {rng.randint(1, 2500)}, '
+                        f'"timestamp": {k * 0.01:.2f}}}\n' for k in range(50_000)))
+    tracemalloc.start()
+    try:
+        result = read_trace(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.rows == 50_000
+    assert peak < 2 * 2**20  # keeping the rows would take tens of MB; counts take kilobytes
