@@ -1,18 +1,44 @@
 """melange-sky: Mélange's cheapest GPU mix for LLM serving, deployed with SkyPilot.
 
-The library is usable on its own; `melange_sky.cli` is a thin layer over it.
+The library is usable on its own; `melange_sky.cli` is a thin layer over it. The public names below are loaded on
+first use (PEP 562), so `import melange_sky` and `melange-sky --help` stay fast; SkyPilot (`sky`) is imported only by
+`melange_sky.sky_adapter`, when the SkyPilot backend is used.
 """
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .config import Config, GpuSpec, load_config, parse_config, with_overrides
-from .errors import (AllocationCheckError, ConfigError, InfeasibleAllocation, MelangeError, OutputError,
-                     SolverError)
-from .solver import SolveResult, SolverOptions, solve
+_PUBLIC = {
+    "backends": ("Backend", "ClusterInfo", "ClusterStatus", "LaunchRequest", "load_backend"),
+    "catalog": ("Catalog", "Offer", "default_catalog"),
+    "config": ("Config", "GpuSpec", "load_config", "parse_config", "with_overrides"),
+    "errors": ("AllocationCheckError", "BackendError", "CapacityError", "CatalogError", "ConfigError", "FleetBusy",
+               "InfeasibleAllocation", "LaunchError", "LedgerError", "MelangeError", "OutputError", "ProfileError",
+               "SolverError", "TemplateError", "TraceError"),
+    "fleet": ("Fleet", "UpOptions", "UpReport"),
+    "ledger": ("Ledger", "ReplicaState"),
+    "offers": ("BoundConfig", "bind_offers"),
+    "plan": ("Plan", "PlanRequest", "PlanSettings", "ReplicaPlan", "build_plan", "make_plan", "write_plan"),
+    "profiler": ("ProfileResult", "ProfileSettings", "profile_endpoint"),
+    "solver": ("SolveResult", "SolverOptions", "solve"),
+    "workload": ("WorkloadResult", "read_trace"),
+}
+_MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 
-__all__ = [
-    "AllocationCheckError", "Config", "ConfigError", "GpuSpec", "InfeasibleAllocation", "MelangeError",
-    "OutputError", "SolveResult", "SolverError", "SolverOptions", "__version__", "load_config", "parse_config",
-    "solve", "with_overrides",
-]
+__all__ = sorted([*_MODULE_OF, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'melange_sky' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

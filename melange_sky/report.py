@@ -235,15 +235,22 @@ def format_plan(plan: "Plan") -> str:
             for r in plan.replicas]
     lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h"), rows)
     clouds = ", ".join(plan.clouds) or "any"
-    lines += ["", f"Total ${plan.cost:.2f}/h across {clouds}."]
+    lines += [""] + _plan_totals(plan)
+    return "\n".join(lines)
+
+
+def _plan_totals(plan: "Plan") -> list[str]:
+    """The plan's $/h, where it runs, and what it saves (or what another formulation would)."""
+    lines = [f"Total ${plan.cost:.2f}/h across {', '.join(plan.clouds) or 'any cloud'}."]
+    best = plan.result.best_baseline
+    if best is not None and plan.result.saving is not None and plan.result.saving > 1e-9:
+        lines.append(f"Saves ${plan.result.saving:.2f}/h ({100 * plan.result.saving / best.cost:.1f}%) against "
+                     f"{best.count} x {best.gpu} alone.")
     alt = plan.result.alternative
     if alt is not None:
         lines.append(f"--formulation {alt.formulation} would cost ${alt.cost:.2f}/h "
-                     f"(saves ${plan.result.cost - alt.cost:.2f}/h).")
-    best = plan.result.best_baseline
-    if best is not None and plan.result.saving is not None and plan.result.saving > 1e-9:
-        lines.append(f"Saves ${plan.result.saving:.2f}/h against {best.count} x {best.gpu} alone.")
-    return "\n".join(lines)
+                     f"(${plan.result.cost - alt.cost:.2f}/h less), by dividing buckets across GPU types.")
+    return lines
 
 
 def format_event(event: "ReplicaEvent") -> str:
@@ -280,10 +287,11 @@ def format_dryrun(report: "DryRunReport") -> str:
     rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", f"{r.price:.4g}",
              report.validations[r.cluster].level.value) for r in report.launch]
     lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h", "validated"), rows)
-    levels = {v.level.value for v in report.validations.values()}
-    detail = next(iter(report.validations.values())).detail if report.validations else ""
-    lines += ["", f"Total ${report.plan.cost:.2f}/h. Tasks validated by SkyPilot ({', '.join(sorted(levels))}): "
-                  f"{detail}" if report.validations else f"Total ${report.plan.cost:.2f}/h."]
+    lines += [""] + _plan_totals(report.plan)
+    if report.validations:
+        levels = {v.level.value for v in report.validations.values()}
+        detail = next(iter(report.validations.values())).detail
+        lines.append(f"Tasks validated ({', '.join(sorted(levels))}): {detail}")
     clouds = ", ".join(report.plan.clouds) or "the planned clouds"
     lines.append(f"A real launch needs SkyPilot credentials for {clouds}: run `sky check` and make sure it lists "
                  f"them as enabled, then rerun without --dryrun.")

@@ -113,9 +113,10 @@ def test_help_explains_options(cli):
         assert option in result.stdout
 
 
-def test_solve_and_help_never_import_skypilot():
+def test_solve_plan_and_help_never_import_skypilot():
     code = ("import sys; from melange_sky.cli import main\n"
-            "for args in (['--help'], ['solve', '--help'], ['solve', sys.argv[1], '-o', sys.argv[2]]):\n"
+            "for args in (['--help'], ['solve', '--help'], ['solve', sys.argv[1], '-o', sys.argv[2]],\n"
+            "             ['plan', sys.argv[1], '-o', sys.argv[2] + '.d'], ['up', '--help'], ['down', '--help']):\n"
             "    try: main(args)\n"
             "    except SystemExit as e: assert not e.code, e.code\n"
             "assert 'sky' not in sys.modules, 'sky was imported'\n")
