@@ -388,7 +388,7 @@ def _plan_settings(solve_args: SolveArgs, per_offer: bool, template: str | None,
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=True, path_type=str))
 @click.option("-o", "--output-dir", "output_dir", default=".", show_default=True,
-              type=click.Path(file_okay=False, path_type=str), help="Directory for the plan's files.")
+              type=click.Path(path_type=str), help="Directory for the plan's files (created if missing).")
 @click.option("-f", "--format", "formats", type=click.Choice(["skypilot", "json"]), multiple=True,
               help="skypilot: one task YAML per replica (skypilot_<GPU>_<i>.yaml); json: melange_result.json and "
                    "melange_plan.json (the solve plus every replica's offer). Repeatable; default both.")

@@ -18,7 +18,7 @@ from .catalog import Catalog, offer_key
 from .config import Config, GpuSpec
 from .errors import ConfigError, OutputError
 from .offers import bind_offers
-from .render import Template, load_template, render
+from .render import LINE_BREAKS, Template, load_template, render
 from .solver import SolveResult, SolverOptions, solve
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-chat-hf"
@@ -30,6 +30,9 @@ CLUSTER_NAME_RE = re.compile(r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")
 #: Longest cluster name we generate; SkyPilot itself truncates on-cloud names per cloud (GCP: 35) with a hash.
 MAX_CLUSTER_NAME = 63
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: A package version or specifier tail as pip takes it ("0.6.3", "0.4.6.post1", "1.0+cu121"): it goes into the
+#: setup command, so nothing the shell would interpret ($, quotes, spaces, line breaks).
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]*$")
 FORMATS = ("skypilot", "json")
 PLAN_FILE = "melange_plan.json"
 RESULT_FILE = "melange_result.json"
@@ -191,12 +194,18 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
     extra_args = raw.get("extra_args", [])
     if not isinstance(extra_args, list) or not all(isinstance(a, (str, int, float)) for a in extra_args):
         raise fail("extra_args", f"must be an array of command-line arguments, got {extra_args!r}")
+    for i, arg in enumerate(extra_args):
+        if isinstance(arg, str) and LINE_BREAKS.search(arg):
+            raise fail(f"extra_args[{i}]", f"must be one line (it goes into the task's run command), got {arg!r}")
     readiness = string("readiness_path", "/health")
     if not readiness.startswith("/"):
         raise fail("readiness_path", f"must start with '/', got {readiness!r}")
     version = raw.get("version")
     if version is not None:
         version = string("version", None)
+        if not VERSION_RE.match(version):
+            raise fail("version", f"must be a package version such as \"0.6.3\" (it goes into the setup command), "
+                                  f"got {version!r}")
     return Deployment(template=template or string("template", "vllm"), model=string("model", DEFAULT_MODEL),
                       port=port, envs=clean_envs, secrets=tuple(secrets), version=version,
                       extra_args=tuple(str(a) for a in extra_args), readiness_path=readiness,
@@ -242,21 +251,21 @@ def write_plan(plan: Plan, out_dir: str | Path, formats: tuple[str, ...] = FORMA
     from .report import write_json, write_text
 
     root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"{out_dir} is a file, not a directory: give a directory for the plan's files")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create {out_dir}: {exc.strerror}") from None
-    written = []
-    if "skypilot" in formats:
-        for replica in plan.replicas:
-            path = _inside(root, replica.file_name)
-            write_text(path, replica.yaml)
-            written.append(path)
-    if "json" in formats:
-        write_json(_inside(root, RESULT_FILE), plan.result.original_output())
-        write_json(_inside(root, PLAN_FILE), plan.to_dict())
-        written += [root / RESULT_FILE, root / PLAN_FILE]
-    return written
+    # Every path is checked before the first is written: a refused name leaves no half-written plan behind.
+    tasks = [(_inside(root, r.file_name), r.yaml) for r in plan.replicas] if "skypilot" in formats else []
+    records = [(_inside(root, RESULT_FILE), plan.result.original_output()),
+               (_inside(root, PLAN_FILE), plan.to_dict())] if "json" in formats else []
+    for path, text in tasks:
+        write_text(path, text)
+    for path, data in records:
+        write_json(path, data)
+    return [path for path, _ in tasks] + [path for path, _ in records]
 
 
 def stale_task_files(plan: Plan, out_dir: str | Path) -> list[str]:

@@ -8,6 +8,7 @@ scalar is a YAML scalar), so no model name or env value can break or inject YAML
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,12 @@ from typing import Any, Mapping
 from .errors import TemplateError
 
 TEMPLATE_SUFFIX = ".j2"
+#: Characters YAML (1.1, PyYAML) reads as line breaks, and others it will not take raw: JSON leaves them unescaped
+#: with ensure_ascii=False, so `tojson` escapes them itself. A raw U+2028 in a `# comment` line would end the
+#: comment and start a new YAML line (a key injected from a fleet or GPU name).
+_YAML_UNSAFE = re.compile("[\u007f-\u009f\u2028\u2029\ufeff\ud800-\udfff]")
+#: Line breaks a shell word inside a YAML block scalar (`run: |`) cannot hold: the next line would leave the block.
+LINE_BREAKS = re.compile("[\n\r\u0085\u2028\u2029]")
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ def _compile(path: str):
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(path).parent)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["tojson"] = _to_json
-    env.filters["shell_quote"] = lambda value: shlex.quote(str(value))
+    env.filters["shell_quote"] = _shell_quote
     try:
         return env.get_template(Path(path).name)
     except jinja2.TemplateSyntaxError as exc:
@@ -89,8 +96,13 @@ def render(template: Template, context: Mapping[str, Any]) -> tuple[str, dict[st
                             f"{', '.join(sorted(context))}") from None
     except jinja2.TemplateError as exc:
         raise TemplateError(f"{template.path}: rendering failed: {exc}") from None
-    try:
-        task = yaml.safe_load(text)
+    except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
+        # A template's own mistake ({{ port + "x" }}, {{ 1 / 0 }}) or a value a filter refuses: name the line.
+        line = _template_line(exc, template)
+        where = f"{template.path}:{line}" if line else str(template.path)
+        raise TemplateError(f"{where}: rendering failed: {type(exc).__name__}: {exc}") from None
+    try:  # libyaml's loader where PyYAML has it: the pure-Python one is 90% of the time of a 100-replica plan
+        task = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (rendered line {mark.line + 1})" if mark is not None else ""
@@ -103,8 +115,17 @@ def render(template: Template, context: Mapping[str, Any]) -> tuple[str, dict[st
 
 
 def _to_json(value: Any) -> str:
-    # Jinja's own tojson escapes <, >, & and ' for HTML; YAML wants plain JSON.
-    return json.dumps(value, ensure_ascii=False)
+    # Jinja's own tojson escapes <, >, & and ' for HTML; YAML wants plain JSON, with YAML's extra line breaks and
+    # non-printable characters escaped (JSON's \uXXXX is also a YAML double-quoted escape).
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(value, ensure_ascii=False))
+
+
+def _shell_quote(value: Any) -> str:
+    text = str(value)
+    if LINE_BREAKS.search(text):
+        raise ValueError(f"shell_quote: {text!r} contains a line break, which cannot stay inside the task's "
+                         f"`run:`/`setup:` block")
+    return shlex.quote(text)
 
 
 def _template_line(exc: BaseException, template: Template) -> int | None:
