@@ -283,12 +283,29 @@ class Fleet:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         if interrupted:
-            for replica in todo:
-                row = self.ledger.get_replica(replica.cluster)
-                if row is not None and row.state is ReplicaState.LAUNCHING:  # its worker could not record it
-                    self.ledger.transition(replica.cluster, ReplicaState.FAILED, error="interrupted during launch; "
-                                           "the cluster may exist: rerun `up` to resume or `down` to remove it")
+            self._record_true_states([r.cluster for r in todo])
         return outcomes, interrupted
+
+    def _record_true_states(self, clusters: list[str]) -> None:
+        """After Ctrl-C: ask the backend what became of launches that were in flight, and record it."""
+        unsure = [c for c in clusters
+                  if (row := self.ledger.get_replica(c)) is not None
+                  and row.state in (ReplicaState.LAUNCHING, ReplicaState.FAILED)]
+        try:
+            live = self.backend.status(unsure) if unsure else {}
+        except MelangeError:
+            live = {}
+        for cluster in unsure:
+            info = live.get(cluster)
+            if info is not None and info.status is ClusterStatus.UP:
+                self.ledger.transition(cluster, ReplicaState.UP, endpoint=info.endpoint, error=None,
+                                       message="interrupted, but the launch had finished")
+            elif info is not None and info.status is ClusterStatus.GONE:
+                self.ledger.transition(cluster, ReplicaState.PENDING, error=None,
+                                       message="interrupted before a cluster existed")
+            elif self.ledger.get_replica(cluster).state is ReplicaState.LAUNCHING:
+                self.ledger.transition(cluster, ReplicaState.FAILED, error="interrupted during launch; the cluster "
+                                       "may exist: rerun `up` to resume or `down` to remove it")
 
     def _launch_one(self, replica: ReplicaPlan, secrets: Mapping[str, str], options: UpOptions, round_: int,
                     port: int, stop: threading.Event) -> ReplicaState:
