@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from .plan import Plan, PlanRequest, ReplicaPlan
 
 DEFAULT_PARALLEL = 8  # launches mostly wait on clouds; SkyPilot's API server queues the rest
 DEFAULT_MAX_ROUNDS = 3
+HEARTBEAT_S = 30.0  # how often `up` reports launches still in flight
 
 
 Planner = Callable[[PlanRequest], Plan]
@@ -148,11 +149,21 @@ class Fleet:
     """Drives one backend and one ledger. Library code: returns reports, reports progress through `on_event`."""
 
     def __init__(self, backend: Backend, ledger: Ledger,
-                 on_event: Callable[[ReplicaEvent], None] | None = None):
+                 on_event: Callable[[ReplicaEvent], None] | None = None, heartbeat: float = HEARTBEAT_S):
         self.backend = backend
         self.ledger = ledger
         self.on_event = on_event or (lambda event: None)
-        self._interrupted = threading.Event()
+        self.heartbeat = heartbeat
+        self._in_flight: dict[str, tuple[str, float]] = {}  # cluster -> (gpu, launch start), for the heartbeat
+        self._in_flight_lock = threading.Lock()
+
+    def _heartbeat(self, round_: int) -> None:
+        """Launches take minutes: say every `heartbeat` seconds which ones are still in flight, and for how long."""
+        now = time.monotonic()
+        with self._in_flight_lock:
+            due = [(c, g, now - t) for c, (g, t) in sorted(self._in_flight.items()) if now - t >= self.heartbeat]
+        for cluster, gpu, elapsed in due:
+            self.on_event(ReplicaEvent(cluster, gpu, ReplicaState.LAUNCHING, elapsed, "still launching", round_))
 
     # -- up -------------------------------------------------------------------------------------------------------
     def dryrun(self, fleet: str, planner: Planner, environ: Mapping[str, str] | None = None) -> DryRunReport:
@@ -269,8 +280,11 @@ class Fleet:
         futures = {pool.submit(self._launch_one, r, secrets, options, round_, port, stop): r for r in todo}
         interrupted = False
         try:
-            for future in as_completed(futures):
-                outcomes.append((futures[future], future.result()))
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=self.heartbeat, return_when=FIRST_COMPLETED)
+                outcomes += [(futures[future], future.result()) for future in done]
+                self._heartbeat(round_)
         except KeyboardInterrupt:
             interrupted = True
             stop.set()
@@ -313,6 +327,8 @@ class Fleet:
             return ReplicaState.PENDING
         started = time.monotonic()
         self.ledger.transition(replica.cluster, ReplicaState.LAUNCHING, message=f"round {round_}")
+        with self._in_flight_lock:
+            self._in_flight[replica.cluster] = (replica.gpu, started)
         self.on_event(ReplicaEvent(replica.cluster, replica.gpu, ReplicaState.LAUNCHING, 0.0, round=round_))
         request = LaunchRequest(cluster=replica.cluster, task=replica.task, secrets=dict(secrets),
                                 retry_until_up=options.retry_until_up,
@@ -332,6 +348,8 @@ class Fleet:
             state, message = ReplicaState.FAILED, str(exc)
         except Exception as exc:  # a backend bug must not lose the replica's state
             state, message = ReplicaState.FAILED, f"{type(exc).__name__}: {exc}"
+        with self._in_flight_lock:
+            self._in_flight.pop(replica.cluster, None)
         if state is ReplicaState.UP:
             self.ledger.transition(replica.cluster, state, endpoint=endpoint, error=None, message=f"round {round_}")
         else:

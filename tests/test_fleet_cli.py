@@ -279,3 +279,22 @@ def test_dryrun_validates_and_launches_nothing(cli, fleet_env):
 def test_unknown_backend_is_a_one_line_error(cli, fleet_env):
     result = cli("up", EXAMPLE, "-y", "--backend", "nosuch")
     assert result.exit_code == 2 and result.stderr.startswith("Error: unknown backend 'nosuch'")
+
+
+def test_long_launches_report_their_elapsed_time_while_in_flight(fleet_env):
+    import functools
+
+    from melange_sky.config import load_config
+    from melange_sky.fleet import Fleet
+    from melange_sky.plan import PlanSettings, build_plan
+
+    fake, env = fleet_env
+    fake.configure(latency={"launch": 0.8})
+    events = []
+    fleet = Fleet(fake, Ledger(env["MELANGE_SKY_HOME"]), on_event=events.append, heartbeat=0.25)
+    planner = functools.partial(build_plan, load_config(EXAMPLE), PlanSettings(compare=False))
+    report = fleet.up("example", planner, {"HF_TOKEN": "x"}, "digest")
+    assert report.complete
+    beats = [e for e in events if e.message == "still launching"]
+    assert beats and {e.cluster for e in beats} <= set(PLANNED)
+    assert all(0.25 <= e.elapsed < 0.8 + 0.5 for e in beats)
