@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import MelangeError
+from .fleet import DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL
 
 DEBUG_KEY = "melange_sky.debug"
 
@@ -437,13 +438,13 @@ def _backend_option(command):
                         "$MELANGE_SKY_BACKEND): a `melange_sky.backends` entry point or a module:Class path.")(command)
 
 
-def _confirm(question: str, yes: bool) -> None:
+def _confirm(question: str, yes: bool) -> bool:
     """Ask before spending money or deleting; never wait on a missing stdin."""
     if yes:
-        return
+        return True
     if not sys.stdin or not sys.stdin.isatty():
         raise click.UsageError(f"{question} Refusing without confirmation: no terminal to ask on; pass -y.")
-    click.confirm(question, abort=True)
+    return click.confirm(question, abort=True)
 
 
 @main.command()
@@ -452,17 +453,19 @@ def _confirm(question: str, yes: bool) -> None:
 @click.option("--dryrun", is_flag=True, help="Plan and validate every task with SkyPilot, launch nothing, write "
                                              "nothing: says what would be launched.")
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation before launching.")
-@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--parallel", type=click.IntRange(min=1), default=DEFAULT_PARALLEL, show_default=True,
               help="Launches in flight at once.")
-@click.option("--max-rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Re-plans after capacity failures before giving up.")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=DEFAULT_MAX_ROUNDS, show_default=True,
+              help="Launch rounds at most: the first, plus one re-plan after each round that found an offer "
+                   "without capacity (1: never re-plan).")
 @click.option("--retry-until-up", is_flag=True, help="Let SkyPilot keep retrying an offer until it has capacity "
                                                      "(instead of re-planning onto other offers).")
 @click.option("--idle-minutes-to-autostop", "-i", type=click.IntRange(min=0),
               help="Stop (with --down: tear down) each cluster after this many idle minutes.")
 @click.option("--down", "autodown", is_flag=True, help="Tear clusters down instead of stopping them when idle "
                                                        "(needs --idle-minutes-to-autostop).")
-@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout (no prompt: "
+                                                      "use with -y).")
 @_backend_option
 @plan_options
 @solve_options
@@ -484,36 +487,46 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     from .backends import load_backend
     from .fleet import Fleet, UpOptions, config_hash, secrets_from_env
     from .ledger import Ledger
-    from .plan import PlanRequest, build_plan
-    from .report import format_dryrun, format_event, format_plan, format_up
+    from .plan import PlanRequest, build_plan, deployment_from_config
+    from .report import format_dryrun, format_event, format_preview, format_up
 
     if autodown and idle_minutes_to_autostop is None:
         raise click.UsageError("--down needs --idle-minutes-to-autostop")
     cfg = solve_args.load(config, fleet_name)
-    fleet = Fleet(load_backend(backend), Ledger(), on_event=None if as_json else
-                  (lambda event: click.echo(format_event(event), err=True)))
-    if dryrun:
-        planner = functools.partial(build_plan, cfg, _plan_settings(solve_args, per_offer, template))
+    settings = _plan_settings(solve_args, per_offer, template)
+    warned = set(cfg.warnings)
+
+    def planner(request: PlanRequest):
+        plan = build_plan(cfg, settings if request == PlanRequest() else dataclasses.replace(settings, compare=False),
+                          request)
+        _warn([w for w in plan.result.warnings if w not in warned])
+        warned.update(plan.result.warnings)
+        return plan
+
+    on_event = None if as_json else (lambda event: click.echo(format_event(event), err=True))
+    if dryrun:  # writes nothing: no ledger is created on a machine that has none
+        fleet = Fleet(load_backend(backend), Ledger() if Ledger.exists() else None, on_event)
         with _launcher_output():
             report = fleet.dryrun(cfg.name, planner, os.environ)
         click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_dryrun(report))
         return
-    first = build_plan(cfg, _plan_settings(solve_args, per_offer, template))
-    _warn([w for w in first.result.warnings if w not in cfg.warnings])
-    secrets = secrets_from_env(first.deployment.secrets)
-    if not as_json:
-        click.echo(format_plan(first))
-    _confirm(f"Launch fleet {first.fleet} ({len(first.replicas)} replicas, ${first.cost:.2f}/h)?", yes)
-    quiet = _plan_settings(solve_args, per_offer, template, compare=False)
+    secrets = secrets_from_env(deployment_from_config(cfg, template).secrets, os.environ)
 
-    def planner(request: PlanRequest):  # the plan shown above, unless the ledger or a capacity failure changes it
-        return first if request == PlanRequest() else build_plan(cfg, quiet, request)
+    stdout = sys.stdout  # the preview is this command's output, not the launcher's
+
+    def confirm(preview, notes) -> bool:
+        if not as_json:
+            click.echo(format_preview(preview, notes), file=stdout)
+        return not preview.launch or _confirm(f"Launch {len(preview.launch)} replica(s) of fleet "
+                                              f"{preview.plan.fleet} (+${preview.launch_cost:.2f}/h)?",
+                                              yes or as_json)
 
     options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
                         idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
-    with _launcher_output():
-        report = fleet.up(cfg.name, planner, secrets, config_hash(Path(config).read_text(encoding="utf-8")),
-                          options)
+    digest = config_hash(dataclasses.asdict(cfg), settings.formulation, per_offer, template)
+    with Ledger() as ledger, _launcher_output():
+        report = Fleet(load_backend(backend), ledger, on_event).up(cfg.name, planner, secrets, digest, options,
+                                                                  confirm)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
     if report.interrupted:
         sys.exit(130)
@@ -536,27 +549,14 @@ def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | 
       melange-sky status
       melange-sky status llama2-chat --refresh --json
     """
-    from .fleet import Fleet, replica_dict
+    from .backends import load_backend
+    from .fleet import Fleet
     from .ledger import Ledger
     from .report import format_status
 
-    ledger = Ledger()
-    backend_obj = _lazy_backend(backend) if refresh else None
-    with _launcher_output():
-        replicas = Fleet(backend_obj, ledger).status(fleet_name, refresh=refresh)
-    fleets = [f for f in ledger.fleets() if fleet_name in (None, f.name)]
-    if as_json:
-        click.echo(json.dumps({"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
-                                           "replicas": [replica_dict(r) for r in replicas if r.fleet == f.name]}
-                                          for f in fleets]}, indent=2))
-    else:
-        click.echo(format_status(replicas, fleets))
-
-
-def _lazy_backend(name: str | None):
-    from .backends import load_backend
-
-    return load_backend(name)
+    with Ledger() as ledger, _launcher_output():
+        report = Fleet(load_backend(backend) if refresh else None, ledger).status_report(fleet_name, refresh)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_status(report))
 
 
 @main.command()
@@ -565,7 +565,7 @@ def _lazy_backend(name: str | None):
 @click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--purge", is_flag=True, help="Forget clusters SkyPilot cannot tear down cleanly (may leave cloud "
                                             "resources behind: check your cloud console).")
-@click.option("--parallel", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--parallel", type=click.IntRange(min=1), default=DEFAULT_PARALLEL, show_default=True,
               help="Teardowns in flight at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON on stdout.")
 @_backend_option
@@ -575,40 +575,36 @@ def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, paral
     """Tear down FLEET (or --all): every replica's cluster, concurrently.
 
     A cluster the launcher no longer knows counts as gone. The fleet leaves the ledger only when all its
-    clusters are gone; failures are kept and retried by the next `down`.
+    clusters are gone; failures are kept and retried by the next `down`. A fleet that is not in the ledger
+    (already down) is a no-op.
 
     \b
     Examples:
       melange-sky down llama2-chat
       melange-sky down --all -y
     """
+    from .backends import load_backend
     from .fleet import Fleet
     from .ledger import Ledger
     from .report import format_down, format_event
 
-    ledger = Ledger()
     if all_fleets == bool(fleet_name):
         raise click.UsageError("name one FLEET or pass --all")
-    names = [f.name for f in ledger.fleets()] if all_fleets else [fleet_name]
-    if not names:
-        click.echo("No fleets in the ledger: nothing to tear down.")
-        return
-    fleet = Fleet(_lazy_backend(backend), ledger, on_event=None if as_json else
-                  (lambda event: click.echo(format_event(event), err=True)))
-    known = {f.name for f in ledger.fleets()}
-    if not all_fleets and fleet_name not in known:  # already down (or never up): a no-op, as SkyPilot's `down` is
-        click.echo(f"Fleet {fleet_name} is not in the ledger: nothing to tear down"
-                   + (f" (fleets: {', '.join(sorted(known))})." if known else "."))
-        return
-    _confirm(f"Tear down {', '.join(names)}? Their clusters and disks are deleted.", yes)
-    with _launcher_output():
-        reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
-    if as_json:
-        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
-    else:
-        click.echo("\n".join(format_down(r) for r in reports))
+    with Ledger() as ledger:
+        names = [f.name for f in ledger.fleets()] if all_fleets else [fleet_name]
+        known = [n for n in names if ledger.get_fleet(n) is not None]
+        if known:
+            _confirm(f"Tear down {', '.join(known)}? Their clusters and disks are deleted.", yes)
+        fleet = Fleet(load_backend(backend) if known else None, ledger, on_event=None if as_json else
+                      (lambda event: click.echo(format_event(event), err=True)))
+        with _launcher_output():
+            reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2) if as_json
+                   else "\n".join(format_down(r) for r in reports) or "No fleets in the ledger: nothing to tear down.")
     if any(r.failed for r in reports):
         sys.exit(1)
+    if any(r.busy for r in reports):
+        sys.exit(3)
 
 
 if __name__ == "__main__":  # pragma: no cover

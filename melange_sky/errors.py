@@ -135,3 +135,9 @@ class CatalogError(MelangeError):
     """A GPU, cloud or instance type the price catalog does not know, or a catalog file that cannot be read."""
 
     exit_code = 2
+
+
+class MissingSecret(MelangeError):
+    """A secret the replicas need (deployment.secrets, e.g. HF_TOKEN) is not set in the environment."""
+
+    exit_code = 2

@@ -35,11 +35,13 @@ __all__ = [
 
 class ReplicaState(str, enum.Enum):
     """A replica's life: PENDING (recorded, launch not yet requested) → LAUNCHING → UP, or FAILED (hard error) /
-    UNAVAILABLE (no capacity on its offer); `down` moves any of them through TERMINATING to GONE."""
+    UNAVAILABLE (no capacity on its offer); STOPPED after autostop (disks kept; `up` restarts it); `down` moves any
+    of them through TERMINATING to GONE."""
 
     PENDING = "pending"
     LAUNCHING = "launching"
     UP = "up"
+    STOPPED = "stopped"
     FAILED = "failed"
     UNAVAILABLE = "unavailable"
     TERMINATING = "terminating"
@@ -361,11 +363,7 @@ class Ledger:
     def add_replica(self, fleet: str, replica: NewReplica, message: str = "") -> ReplicaRecord:
         """Record a replica as PENDING — call this before requesting its launch. A GONE row of the same cluster
         name is replaced; any other existing row raises LedgerError (never a duplicate)."""
-        task = dict(replica.task) if replica.task is not None else None
-        secrets = (task or {}).get("secrets") or {}
-        if isinstance(secrets, Mapping) and any(value is not None for value in secrets.values()):
-            raise LedgerError(f"{replica.cluster}: refusing to store a task with secret values in the ledger; "
-                              f"render `secrets:` with null values and pass the values at launch")
+        task = _storable_task(replica)
         now = time.time()
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM fleets WHERE name = ?", (fleet,)).fetchone() is None:
@@ -412,6 +410,37 @@ class Ledger:
                                                                                  else ""), now)
         return self._replica_or_raise(cluster)
 
+    def replan_replica(self, fleet: str, replica: NewReplica, message: str = "") -> ReplicaRecord:
+        """Reuse an existing, not-up row of `fleet` for a new launch attempt: back to PENDING with the new plan's
+        offer, price, round and task (a re-plan may move it to another offer). Raises LedgerError if the row is
+        missing, belongs to another fleet, or is UP."""
+        task = _storable_task(replica)
+        now = time.time()
+        with self._tx() as conn:
+            row = conn.execute("SELECT fleet, state FROM replicas WHERE cluster = ?", (replica.cluster,)).fetchone()
+            if row is None:
+                raise LedgerError(f"replica {replica.cluster} is not in the ledger {self.path}")
+            if row[0] != fleet:
+                raise LedgerError(f"cluster {replica.cluster} belongs to fleet {row[0]!r}, not {fleet!r}")
+            if row[1] == ReplicaState.UP.value:
+                raise LedgerError(f"replica {replica.cluster} is up; refusing to re-plan it")
+            conn.execute(
+                "UPDATE replicas SET gpu = ?, offer = ?, cloud = ?, region = ?, instance_type = ?, use_spot = ?, "
+                "price_per_hour = ?, round = ?, task = ?, state = ?, endpoint = NULL, last_error = NULL, updated = ? "
+                "WHERE cluster = ?",
+                (replica.gpu, replica.offer, replica.cloud, replica.region, replica.instance_type,
+                 int(replica.use_spot), float(replica.price_per_hour), replica.round,
+                 json.dumps(task, sort_keys=True) if task is not None else None, ReplicaState.PENDING.value, now,
+                 replica.cluster))
+            self._event(conn, fleet, replica.cluster, row[1], ReplicaState.PENDING.value,
+                        message or f"re-planned on {replica.offer}", now)
+        return self._replica_or_raise(replica.cluster)
+
+    @staticmethod
+    def exists(home: str | os.PathLike[str] | None = None) -> bool:
+        """Whether a ledger database is there (so read-only commands can avoid creating one)."""
+        return (Path(home) if home is not None else ledger_home()).joinpath(DB_NAME).exists()
+
     def get_replica(self, cluster: str) -> ReplicaRecord | None:
         rows = self._query("SELECT * FROM replicas WHERE cluster = ?", (cluster,))
         return _replica(rows[0]) if rows else None
@@ -454,6 +483,16 @@ class Ledger:
         if record is None:  # pragma: no cover - written in the same call
             raise LedgerError(f"replica {cluster} vanished from the ledger")
         return record
+
+
+def _storable_task(replica: NewReplica) -> dict[str, Any] | None:
+    """The replica's task as the ledger keeps it; one carrying secret values is refused (they stay in memory)."""
+    task = dict(replica.task) if replica.task is not None else None
+    secrets = (task or {}).get("secrets") or {}
+    if isinstance(secrets, Mapping) and any(value is not None for value in secrets.values()):
+        raise LedgerError(f"{replica.cluster}: refusing to store a task with secret values in the ledger; "
+                          f"render `secrets:` with null values and pass the values at launch")
+    return task
 
 
 def _fleet(row: sqlite3.Row) -> FleetRecord:

@@ -59,6 +59,7 @@ class ReplicaPlan:
 
     cluster: str
     gpu: str  # the solver's column name (a GPU type, or a GPU at one offer with --per-offer)
+    entry: str  # the config's GPU entry it comes from (the same as `gpu` unless --per-offer)
     index: int
     file_name: str
     cloud: str | None
@@ -76,7 +77,8 @@ class ReplicaPlan:
         return offer_key(self.cloud, self.region, self.instance_type, self.use_spot)
 
     def summary(self) -> dict[str, Any]:
-        return {"cluster": self.cluster, "gpu": self.gpu, "index": self.index, "file": self.file_name,
+        return {"cluster": self.cluster, "gpu": self.gpu, "entry": self.entry, "index": self.index,
+                "file": self.file_name,
                 "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type,
                 "accelerators": self.accelerators, "use_spot": self.use_spot, "price": self.price,
                 "offer": self.offer}
@@ -111,14 +113,15 @@ class Plan:
 
 @dataclass(frozen=True)
 class PlanRequest:
-    """What `up` asks of the planner when it (re-)plans a running fleet.
+    """What `up` asks of the planner when it (re-)plans a running fleet, in terms that survive a change of mode or
+    column names: replicas are identified by (GPU entry, offer key).
 
-    `fixed`: per solver column, replicas already up (the plan keeps at least that many); `names`: per column,
-    cluster names of existing replicas to reuse first (up ones first), so a re-plan never duplicates a replica;
-    `exclude`: offers found out of capacity (`catalog.offer_key`); `taken`: names no new replica may use."""
+    `fixed`: (entry, offer) -> replicas up there (the plan keeps at least that capacity); `names`: (entry, offer,
+    cluster) of existing replicas, in the order to reuse them (up ones first), so a re-plan never duplicates a
+    replica; `exclude`: offers found out of capacity (`catalog.offer_key`); `taken`: names no new replica may use."""
 
-    fixed: Mapping[str, int] = field(default_factory=dict)
-    names: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    fixed: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    names: Sequence[tuple[str, str, str]] = ()
     exclude: frozenset[str] = frozenset()
     taken: frozenset[str] = frozenset()
 
@@ -142,10 +145,15 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
     deployment = deployment_from_config(config, settings.template)
     load_template(deployment.template)  # a broken template fails before the solve, not after it
     bound = bind_offers(config, settings.catalog, per_offer=settings.per_offer, exclude=request.exclude)
-    columns = []
+    columns, names = [], {}
     for gpu in bound.config.gpus:
-        fixed = request.fixed.get(gpu.name, 0)
-        if offer_key(gpu.cloud, gpu.region, gpu.instance_type, gpu.use_spot) in request.exclude:
+        entry, offer = gpu.entry or gpu.name, offer_key(gpu.cloud, gpu.region, gpu.instance_type, gpu.use_spot)
+        # Per offer, a column owns the replicas on its offer; per GPU type, it owns every replica of its entry
+        # (a re-plan may have moved some to another offer; they are the same GPU).
+        mine = (lambda e, o: (e, o) == (entry, offer)) if settings.per_offer else (lambda e, o: e == entry)
+        fixed = sum(n for (e, o), n in request.fixed.items() if mine(e, o))
+        names[gpu.name] = [cluster for e, o, cluster in request.names if mine(e, o)]
+        if offer in request.exclude:
             columns.append(dataclasses.replace(gpu, min_count=min(gpu.min_count, fixed), max_count=fixed))
         elif fixed:
             columns.append(dataclasses.replace(gpu, min_count=max(gpu.min_count, fixed),
@@ -155,7 +163,7 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
     solved_config = dataclasses.replace(bound.config, gpus=tuple(columns))
     result = solve(solved_config, settings.formulation, settings.solver, compare=settings.compare)
     return make_plan(solved_config, result, deployment, offers={n: o.to_dict() for n, o in bound.offers.items()},
-                     names=request.names, taken=request.taken)
+                     names=names, taken=request.taken)
 
 
 def deployment_from_config(config: Config, template: str | None = None) -> Deployment:
@@ -281,6 +289,7 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
     file_name = f"skypilot_{file_part}_{index}.yaml"
     context = {
         "melange_version": __version__, "fleet": fleet, "cluster": cluster, "replica": index, "gpu": gpu.name,
+        "entry": gpu.entry or gpu.name,
         "file_name": file_name, "cloud": gpu.cloud, "region": gpu.region, "instance_type": gpu.instance_type,
         "accelerators": accelerators, "accelerator": accelerators.split(":")[0], "gpus": _gpu_count(accelerators),
         "use_spot": gpu.use_spot, "price": gpu.cost, "model": deployment.model, "port": deployment.port,
@@ -289,7 +298,8 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
         "deployment": {**deployment.extra, "model": deployment.model, "port": deployment.port},
     }
     text, task = render(template, context)
-    return ReplicaPlan(cluster=cluster, gpu=gpu.name, index=index, file_name=file_name, cloud=gpu.cloud,
+    return ReplicaPlan(cluster=cluster, gpu=gpu.name, entry=gpu.entry or gpu.name, index=index,
+                       file_name=file_name, cloud=gpu.cloud,
                        region=gpu.region, instance_type=gpu.instance_type, accelerators=accelerators,
                        use_spot=gpu.use_spot, price=gpu.cost, task=task, yaml=text)
 

@@ -12,7 +12,7 @@ from .solver import SolveResult
 if TYPE_CHECKING:  # pragma: no cover
     from .profiler import ProfileEvent, ProfileResult
     from .workload import WorkloadResult
-    from .fleet import DownReport, DryRunReport, ReplicaEvent, UpReport
+    from .fleet import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
     from .plan import Plan
 
 
@@ -257,66 +257,88 @@ def format_event(event: "ReplicaEvent") -> str:
     """One progress line of `up` / `down`: ✓ up, ⨯ failed, ↺ no capacity (re-planned), … in progress."""
     if not event.cluster:
         return f"  ! {event.message}"
-    mark = _MARKS.get(event.state.value, " ")
+    mark = _MARKS.get(event.state.value, " ") if event.state else "!"
     took = f" {event.elapsed:6.1f}s" if event.elapsed else "        "
     message = f"  {event.message}" if event.message else ""
     return f"  {mark} {event.cluster:<40} {event.state.value:<12}{took}{message}"
 
 
+def format_preview(preview: "Preview", notes: list[str] | None = None) -> str:
+    """What `up` will do, shown before it asks: the plan, and which replicas launch and which are kept."""
+    lines = [format_plan(preview.plan), ""]
+    if preview.keep:
+        lines.append(f"Already up and kept: {len(preview.keep)} replica(s).")
+    lines.append(f"To launch: {len(preview.launch)} replica(s), +${preview.launch_cost:.2f}/h."
+                 if preview.launch else "Nothing to launch: every planned replica is up.")
+    lines += [f"Note: {note}" for note in (preview.notes if notes is None else notes)]
+    return "\n".join(lines)
+
+
 def format_up(report: "UpReport") -> str:
     """The summary after `up`: every replica's outcome and endpoint, $/h, and what to run next."""
-    lines = [f"Fleet {report.fleet}: {len(report.up)}/{len(report.plan.replicas)} replicas up, "
+    up = {r.cluster for r in report.up}
+    planned_up = sum(1 for r in report.plan.replicas if r.cluster in up)
+    lines = [f"Fleet {report.fleet}: {planned_up}/{len(report.plan.replicas)} planned replicas up, "
              f"${report.cost:.2f}/h running (plan ${report.plan.cost:.2f}/h), {report.rounds} round(s), "
              f"{report.seconds:.1f} s", ""]
     lines += _live_replica_table(report.replicas)
     if report.unavailable_offers:
-        lines += ["", f"No capacity on: {', '.join(report.unavailable_offers)} (re-planned without them)."]
+        lines += ["", f"No capacity on: {', '.join(report.unavailable_offers)}."]
+    lines += [f"Note: {note}" for note in report.notes]
     if report.interrupted:
         lines += ["", "Interrupted. Every replica's state is in the ledger. Resume with the same `melange-sky up` "
                       f"command, or remove what was launched with `melange-sky down {report.fleet}`."]
-    elif report.problems:
-        lines += ["", f"{len(report.problems)} replica(s) not up. Rerun `melange-sky up` to retry them, "
+    elif not report.complete:
+        lines += ["", f"Not complete: {len(report.problems)} replica(s) not up. Rerun `melange-sky up` to retry, "
                       f"`melange-sky status {report.fleet} --refresh` to check, or "
                       f"`melange-sky down {report.fleet}` to remove the fleet."]
     return "\n".join(lines)
 
 
 def format_dryrun(report: "DryRunReport") -> str:
-    lines = [f"Dry run for fleet {report.plan.fleet}: would launch {len(report.launch)} replica(s)"
-             + (f", keep {len(report.keep)} already up" if report.keep else "") + "; nothing was provisioned.", ""]
+    preview = report.preview
+    lines = [f"Dry run for fleet {preview.plan.fleet}: would launch {len(preview.launch)} replica(s)"
+             + (f", keep {len(preview.keep)} already up" if preview.keep else "") + "; nothing was provisioned.", ""]
     rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", f"{r.price:.4g}",
-             report.validations[r.cluster].level.value) for r in report.launch]
+             report.validations[r.cluster].level.value) for r in preview.launch]
     lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h", "validated"), rows)
-    lines += [""] + _plan_totals(report.plan)
-    if report.validations:
-        levels = {v.level.value for v in report.validations.values()}
-        detail = next(iter(report.validations.values())).detail
-        lines.append(f"Tasks validated ({', '.join(sorted(levels))}): {detail}")
-    clouds = ", ".join(report.plan.clouds) or "the planned clouds"
-    lines.append(f"A real launch needs SkyPilot credentials for {clouds}: run `sky check` and make sure it lists "
-                 f"them as enabled, then rerun without --dryrun.")
-    if report.missing_secrets:
-        lines.append(f"It also needs {', '.join(report.missing_secrets)} set in your environment (not set now).")
+    lines += [""] + _plan_totals(preview.plan)
+    for detail in dict.fromkeys(f"{v.level.value}: {v.detail}" for v in report.validations.values()):
+        lines.append(f"Validated ({detail})")
+    lines += [f"Note: {note}" for note in preview.notes]
+    if preview.launch:
+        clouds = ", ".join(preview.plan.clouds) or "the planned clouds"
+        lines.append(f"A real launch needs SkyPilot credentials for {clouds}: run `sky check` and make sure it "
+                     f"lists them as enabled, then rerun without --dryrun.")
+        if report.missing_secrets:
+            lines.append(f"It also needs {', '.join(report.missing_secrets)} set in your environment (not set now).")
     return "\n".join(lines)
 
 
-def format_status(replicas: list, fleets: list) -> str:
+def format_status(report: "StatusReport") -> str:
     """`melange-sky status`: per fleet, its replicas with state, endpoint and $/h."""
-    if not fleets:
+    if not report.fleets:
         return "No fleets in the ledger. Start one with `melange-sky up CONFIG`."
+    from .fleet import running_cost
+
     lines: list[str] = []
-    for fleet in fleets:
-        rows = [r for r in replicas if r.fleet == fleet.name]
-        running = sum(r.price_per_hour for r in rows if r.state.value in ("up", "launching", "terminating"))
-        up = sum(1 for r in rows if r.state.value == "up")
+    for fleet in report.fleets:
+        rows = report.of(fleet.name)
         live = [r for r in rows if r.state.value != "gone"]
-        lines += [f"Fleet {fleet.name}: {up}/{len(live)} up, ${running:.2f}/h", ""]
+        up = sum(1 for r in rows if r.state.value == "up")
+        lines += [f"Fleet {fleet.name}: {up}/{len(live)} up, ${running_cost(rows):.2f}/h", ""]
         lines += _live_replica_table(rows)
         lines.append("")
+    if len(report.fleets) > 1:
+        lines.append(f"All fleets: ${running_cost(report.replicas):.2f}/h")
     return "\n".join(lines).rstrip()
 
 
 def format_down(report: "DownReport") -> str:
+    if report.busy:
+        return f"Fleet {report.fleet}: skipped: {report.busy}"
+    if not (report.removed or report.already_gone or report.failed or report.fleet_removed):
+        return f"Fleet {report.fleet} is not in the ledger: nothing to tear down."
     lines = [f"Fleet {report.fleet}: {len(report.removed)} torn down, {len(report.already_gone)} already gone"
              + (f", {len(report.failed)} failed" if report.failed else "") + "."]
     for cluster, reason in sorted(report.failed.items()):

@@ -24,7 +24,7 @@ MAX_REASON_CHARS = 400
 CATALOG_FETCH_TIMEOUT_S = 20.0
 
 _SKY_STATUS = {"UP": ClusterStatus.UP, "INIT": ClusterStatus.INIT, "STOPPED": ClusterStatus.STOPPED,
-               "AUTOSTOPPING": ClusterStatus.STOPPED}
+               "AUTOSTOPPING": ClusterStatus.UP}  # still serving until it has stopped
 
 
 def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
@@ -96,7 +96,10 @@ class SkyPilotBackend:
         head_ip = getattr(handle, "head_ip", None)
         launched = getattr(handle, "launched_resources", None)
         cloud = getattr(launched, "cloud", None)
-        endpoint = self.endpoint(cluster, request.port) if request.port is not None else None
+        try:  # the cluster is up: a failed endpoint lookup must not turn that into a failed launch
+            endpoint = self.endpoint(cluster, request.port) if request.port is not None else None
+        except BackendError:
+            endpoint = None
         return ClusterInfo(cluster, ClusterStatus.UP, endpoint=endpoint, head_ip=head_ip,
                            cloud=str(cloud).lower() if cloud is not None else None,
                            region=getattr(launched, "region", None), message=f"launch request {request_id}")

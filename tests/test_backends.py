@@ -276,7 +276,7 @@ def test_adapter_maps_skypilot_statuses_and_reports_unknown_clusters_gone(sky_sd
                          {"name": "f-a-2", "status": status_lib.ClusterStatus.AUTOSTOPPING}]
     result = SkyPilotBackend().status(["f-a-0", "f-a-1", "f-a-2", "f-a-3"], refresh=True)
     assert {n: i.status for n, i in result.items()} == {"f-a-0": ClusterStatus.UP, "f-a-1": ClusterStatus.INIT,
-                                                        "f-a-2": ClusterStatus.STOPPED, "f-a-3": ClusterStatus.GONE}
+                                                        "f-a-2": ClusterStatus.UP, "f-a-3": ClusterStatus.GONE}
     assert (result["f-a-0"].cloud, result["f-a-0"].region) == ("aws", "us-east-1")
     assert result["f-a-1"].message == "ray unhealthy"
     assert calls[-1][1][1]["refresh"] is sky.StatusRefreshMode.FORCE
@@ -348,3 +348,15 @@ def test_adapter_cancel_cancels_the_in_flight_launch_request(sky_sdk):
     worker.join(10)
     assert isinstance(errors[0], LaunchCancelled)
     assert ("api_cancel", ((["launch-request"],), {"silent": True})) in calls
+
+
+def test_adapter_reports_a_launched_cluster_up_even_when_its_endpoint_lookup_fails(sky_sdk):
+    import types
+
+    from melange_sky.sky_adapter import SkyPilotBackend
+
+    _sky, answers, _calls = sky_sdk
+    answers["launch"] = (1, types.SimpleNamespace(head_ip="10.0.0.9", launched_resources=None))
+    answers["endpoints"] = ConnectionError("API server went away")  # a failure, not a "not up" answer
+    info = SkyPilotBackend().launch(LaunchRequest("f-a10g-0", OFFLINE_TASK, secrets={"HF_TOKEN": "x"}, port=8000))
+    assert info.status is ClusterStatus.UP and info.endpoint is None and info.head_ip == "10.0.0.9"

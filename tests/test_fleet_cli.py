@@ -41,6 +41,11 @@ def ledger_rows(env) -> dict[str, ReplicaState]:
         return {r.cluster: r.state for r in ledger.replicas()}
 
 
+def ledger_offer(env, cluster: str) -> str:
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        return ledger.get_replica(cluster).offer
+
+
 def run_cli(env, *args, **popen):
     """The real CLI in a subprocess (fake backend importable from tests/)."""
     full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
@@ -71,23 +76,25 @@ def test_up_launches_every_replica_and_records_endpoints(cli, fleet_env):
         assert by_cluster["example-a100-80gb-0"].offer == "azure:eastus:Standard_NC24ads_A100_v4"
         history = [e.new_state for e in ledger.history(cluster="example-a10g-0")]
     assert history == ["pending", "launching", "up"]  # intent recorded before the launch was requested
-    assert "4/4 replicas up" in result.stdout and "$6.70/h running" in result.stdout
+    assert "4/4 planned replicas up" in result.stdout and "$6.70/h running" in result.stdout
     assert all(c["secret_names"] == ["HF_TOKEN"] for c in fake.clusters().values())
 
 
 def test_secret_value_is_passed_to_the_launcher_but_never_stored(cli, fleet_env):
     fake, env = fleet_env
     assert cli("up", EXAMPLE, "-y").exit_code == 0
-    stored = Path(env["MELANGE_SKY_HOME"], "ledger.db").read_bytes()
-    assert b"hf_test_token_value" not in stored
+    files = [f for f in Path(env["MELANGE_SKY_HOME"]).rglob("*") if f.is_file()]
+    assert any(b"example-a10g-0" in f.read_bytes() for f in files)  # the scan sees what the ledger wrote
+    assert not [f for f in files if b"hf_test_token_value" in f.read_bytes()]
 
 
 def test_missing_secret_stops_before_anything_is_launched(cli, fleet_env, monkeypatch):
     fake, env = fleet_env
     monkeypatch.delenv("HF_TOKEN")
     result = cli("up", EXAMPLE, "-y")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip().startswith("Error: HF_TOKEN not set in the environment")
+    assert '"deployment": {"secrets": []}' in result.stderr
     assert fake.calls("launch") == [] and ledger_rows(env) == {}
 
 
@@ -106,7 +113,8 @@ def test_offer_without_capacity_is_replanned_onto_other_offers(cli, fleet_env):
     assert sorted(r["cluster"] for r in up) == PLANNED == sorted(fake.clusters())  # names reused, no strays
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
         history = [e.new_state for e in ledger.history(cluster="example-a10g-0")]
-    assert history == ["pending", "launching", "unavailable", "gone", "pending", "launching", "up"]
+    assert history == ["pending", "launching", "unavailable", "pending", "launching", "up"]
+    assert ledger_offer(env, "example-a10g-0") == "aws:us-east-1:g5.xlarge"  # the row follows the re-plan
 
 
 def test_capacity_everywhere_stops_after_max_rounds_with_a_report(cli, fleet_env):
@@ -298,3 +306,101 @@ def test_long_launches_report_their_elapsed_time_while_in_flight(fleet_env):
     beats = [e for e in events if e.message == "still launching"]
     assert beats and {e.cluster for e in beats} <= set(PLANNED)
     assert all(0.25 <= e.elapsed < 0.8 + 0.5 for e in beats)
+
+
+def test_rerun_in_per_offer_mode_keeps_the_replicas_already_up(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    again = cli("up", EXAMPLE, "-y", "--per-offer")
+    assert again.exit_code == 0, again.stderr
+    assert sorted(fake.clusters()) == PLANNED and len(fake.calls("launch")) == 4
+    assert "Nothing to launch" in again.stdout
+
+
+def test_what_up_shows_is_what_it_launches_on_an_existing_fleet(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    bigger = cli("up", EXAMPLE, "-y", "--rate", "60")
+    assert bigger.exit_code == 0, bigger.stderr
+    shown = int(bigger.stdout.split("To launch: ")[1].split(" ")[0])
+    assert shown == len(fake.calls("launch")) - 4 > 0
+    assert "Already up and kept: 4 replica(s)" in bigger.stdout
+    assert "config or plan settings changed" in bigger.stdout
+
+
+def test_up_on_a_complete_fleet_asks_nothing_even_without_a_terminal(fleet_env):
+    fake, env = fleet_env
+    assert run_cli(env, "up", EXAMPLE, "-y").wait(60) == 0
+    proc = run_cli(env, "up", EXAMPLE, stdin=subprocess.DEVNULL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Nothing to launch" in out and len(fake.calls("launch")) == 4
+
+
+def test_a_smaller_plan_keeps_surplus_replicas_and_says_so(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    smaller = cli("up", EXAMPLE, "-y", "--rate", "10")
+    assert smaller.exit_code == 0, smaller.stderr
+    assert "the load alone needs $3.67/h (1 replicas)" in smaller.stdout and len(fake.clusters()) == 4
+
+
+def test_stopped_clusters_are_recorded_and_relaunched_by_up(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    fake.add_cluster("example-a10g-0", status="stopped")  # autostopped
+    fake.add_cluster("example-a10g-1", status="init")  # unhealthy
+    status = json.loads(cli("status", "example", "--refresh", "--json").stdout)
+    states = {r["cluster"]: r["state"] for r in status["fleets"][0]["replicas"]}
+    assert states["example-a10g-0"] == "stopped" and states["example-a10g-1"] == "failed"
+    again = cli("up", EXAMPLE, "-y")
+    assert again.exit_code == 0, again.stderr
+    assert ledger_rows(env) == {c: ReplicaState.UP for c in PLANNED}
+    assert fake.launch_count("example-a10g-0") == 2 and fake.launch_count("example-a10g-1") == 2
+
+
+def test_fleet_names_that_share_cluster_names_are_refused(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    clash = cli("up", EXAMPLE, "-y", "--name", "Example")
+    assert clash.exit_code == 1 and "already belongs to fleet 'example'" in clash.stderr
+    assert len(fake.calls("launch")) == 4
+
+
+def test_a_failed_replica_left_out_of_the_replan_is_torn_down(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-west-2", "times": 2}],
+                   hard_failures={"example-a10g-2": "boom"})
+    result = cli("up", EXAMPLE, "-y", "--json")
+    report = json.loads(result.stdout)
+    states = {r["cluster"]: r["state"] for r in report["replicas"]}
+    assert states["example-a10g-2"] == "gone"  # not left billing in INIT
+    assert "example-a10g-2" not in fake.clusters()
+    assert result.exit_code == 0 and report["complete"]
+    assert sum(s == "up" for s in states.values()) == 4
+
+
+def test_down_json_is_json_even_when_there_is_nothing_to_do(cli, fleet_env):
+    result = cli("down", "nosuch", "-y", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["fleet"] == "nosuch"
+    result = cli("down", "--all", "-y", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+
+
+def test_heartbeat_reports_each_launch_at_most_once_per_period(fleet_env):
+    import functools
+
+    from melange_sky.config import load_config
+    from melange_sky.fleet import Fleet
+    from melange_sky.plan import PlanSettings, build_plan
+
+    fake, env = fleet_env
+    fake.configure(latency={"launch": 1.3})
+    events = []
+    fleet = Fleet(fake, Ledger(env["MELANGE_SKY_HOME"]), on_event=events.append, heartbeat=0.5)
+    planner = functools.partial(build_plan, load_config(EXAMPLE), PlanSettings(compare=False))
+    assert fleet.up("example", planner, {"HF_TOKEN": "x"}, "digest", __import__("melange_sky").UpOptions(
+        parallel=1)).complete
+    for cluster in PLANNED:
+        beats = [e for e in events if e.cluster == cluster and e.message == "still launching"]
+        assert 1 <= len(beats) <= 3, (cluster, [round(b.elapsed, 2) for b in beats])
