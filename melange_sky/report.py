@@ -123,14 +123,7 @@ def config_json(data: Any, indent: int = 4, _level: int = 0) -> str:
 
 def write_config_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write a config atomically (like `write_json`), matrices one row per line."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(config_json(data) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    write_text(path, config_json(data) + "\n")
 
 
 def format_matrix(key: str, matrix: list[list[float]]) -> str:
@@ -234,7 +227,6 @@ def format_plan(plan: "Plan") -> str:
     rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", f"{r.price:.4g}")
             for r in plan.replicas]
     lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h"), rows)
-    clouds = ", ".join(plan.clouds) or "any"
     lines += [""] + _plan_totals(plan)
     return "\n".join(lines)
 

@@ -478,7 +478,10 @@ def explain_infeasible(config: Config, formulation: str, options: SolverOptions)
     if fraction < 1 - 1e-6:
         return (f"no fleet fits the max_count limits ({limits}): they can serve at most {100 * fraction:.1f}% of "
                 f"the load ({fraction * config.total_request_rate:.4g} of {config.total_request_rate:g} req/s). "
-                f"Raise a max_count, add a GPU type, or lower total_request_rate")
+                f"Raise a max_count{' or quota' if any(g.quotas for g in capped) else ''}, add a GPU type, "
+                f"or lower total_request_rate"
+                + ("; with quotas, --per-offer spreads a GPU over all its offers" if any(
+                    g.quotas and g.entry in (None, g.name) for g in capped) else ""))
     return (f"no fleet fits the max_count limits ({limits}) when each bucket is cut into slice_factor "
             f"{config.slice_factor} whole slices ({formulation}); the load itself fits: use --formulation split "
             f"or a larger slice_factor")
