@@ -314,12 +314,45 @@ class _Counter:
             self.examples.append(f"line {line}: {reason}")
 
     def read_jsonl(self, handle: IO[bytes]) -> None:
+        self.count(self._jsonl_rows(handle))
+
+    def read_csv(self, handle: IO[bytes]) -> None:
+        self.count(self._csv_rows(handle))
+
+    def count(self, rows: Iterator[tuple[int, int, Any]]) -> None:
+        """Count (input length, output length, timestamp or None) rows into the histogram: the hot loop, kept
+        inline (lookup tables, local names) because it runs once per request of the trace."""
         in_b, out_b = _Bucketer(self.in_edges), _Bucketer(self.out_edges)
         in_table, out_table = in_b.table, out_b.table
         in_max, out_max = self.in_edges[-1], self.out_edges[-1]
         in_min, out_min = self.in_edges[0], self.out_edges[0]
         in_last, out_last = in_b.last, out_b.last
         cols, flat = self.cols, self.flat
+        for i_len, o_len, ts in rows:
+            if i_len > in_max:
+                self.in_over += 1
+                i = in_last
+            else:
+                i = in_table[i_len] if in_table is not None else in_b.index(i_len)
+                if i_len < in_min:
+                    self.in_under += 1
+            if o_len > out_max:
+                self.out_over += 1
+                j = out_last
+            else:
+                j = out_table[o_len] if out_table is not None else out_b.index(o_len)
+                if o_len < out_min:
+                    self.out_under += 1
+            flat[i * cols + j] += 1
+            self.rows += 1
+            if ts is not None:
+                self.ts_rows += 1
+                if ts < self.ts_min:
+                    self.ts_min = ts
+                if ts > self.ts_max:
+                    self.ts_max = ts
+
+    def _jsonl_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, Any]]:
         ts_keys = TIMESTAMP_COLUMNS
         loads, errors = _loads, _JSON_ERRORS
         lineno = 0
@@ -349,30 +382,9 @@ class _Counter:
             except _BadRow as exc:
                 self.bad(lineno, str(exc))
                 continue
-            if i_len > in_max:
-                self.in_over += 1
-                i = in_last
-            else:
-                i = in_table[i_len] if in_table is not None else in_b.index(i_len)
-                if i_len < in_min:
-                    self.in_under += 1
-            if o_len > out_max:
-                self.out_over += 1
-                j = out_last
-            else:
-                j = out_table[o_len] if out_table is not None else out_b.index(o_len)
-                if o_len < out_min:
-                    self.out_under += 1
-            flat[i * cols + j] += 1
-            self.rows += 1
-            if ts is not None:
-                self.ts_rows += 1
-                if ts < self.ts_min:
-                    self.ts_min = ts
-                if ts > self.ts_max:
-                    self.ts_max = ts
+            yield i_len, o_len, ts
 
-    def read_csv(self, handle: IO[bytes]) -> None:
+    def _csv_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, Any]]:
         text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
         try:
             header_line = text.readline()
@@ -393,11 +405,6 @@ class _Counter:
         ts_col = next((header.index(c) for c in TIMESTAMP_COLUMNS if c in header), None)
         ts_name = header[ts_col] if ts_col is not None else ""
 
-        in_b, out_b = _Bucketer(self.in_edges), _Bucketer(self.out_edges)
-        in_table, out_table = in_b.table, out_b.table
-        in_max, out_max = self.in_edges[-1], self.out_edges[-1]
-        in_min, out_min = self.in_edges[0], self.out_edges[0]
-        cols, flat = self.cols, self.flat
         width = len(header)
         reader = csv.reader(text, delimiter=delimiter)
         rows = iter(reader)
@@ -426,28 +433,7 @@ class _Counter:
             except _BadRow as exc:
                 self.bad(lineno, str(exc))
                 continue
-            if i_len > in_max:
-                self.in_over += 1
-                i = in_b.last
-            else:
-                i = in_table[i_len] if in_table is not None else in_b.index(i_len)
-                if i_len < in_min:
-                    self.in_under += 1
-            if o_len > out_max:
-                self.out_over += 1
-                j = out_b.last
-            else:
-                j = out_table[o_len] if out_table is not None else out_b.index(o_len)
-                if o_len < out_min:
-                    self.out_under += 1
-            flat[i * cols + j] += 1
-            self.rows += 1
-            if ts is not None:
-                self.ts_rows += 1
-                if ts < self.ts_min:
-                    self.ts_min = ts
-                if ts > self.ts_max:
-                    self.ts_max = ts
+            yield i_len, o_len, ts
 
     @staticmethod
     def csv_usage(cell: str) -> tuple[int, int]:
