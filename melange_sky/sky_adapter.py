@@ -8,9 +8,16 @@ SkyPilot's exceptions are mapped to ours with their message condensed to one lin
 from __future__ import annotations
 
 import copy
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
@@ -54,6 +61,7 @@ class SkyPilotBackend:
     name = "skypilot"
 
     def __init__(self) -> None:
+        self._catalog_unreachable: str | None = None  # set once SkyPilot could not fetch a catalog: offline
         self._lock = threading.Lock()
         self._active: dict[str, str | None] = {}     # cluster -> launch request id (None until sky.launch returns)
         self._cancel_requested: set[str] = set()
@@ -222,8 +230,9 @@ class SkyPilotBackend:
             raise InvalidTask(f"invalid SkyPilot task: {one_line(exc)}") from exc
 
     def validate(self, task: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Validation:
-        """Full check (schema, `task.validate()`, per-resource feasibility and price) when SkyPilot's catalog is
-        available; if SkyPilot needs to download it and cannot within CATALOG_FETCH_TIMEOUT_S, the schema only."""
+        """Full check (schema, `task.validate()`, per-resource feasibility and price) against SkyPilot's catalog;
+        if SkyPilot needs to download it and cannot within CATALOG_FETCH_TIMEOUT_S (offline), the same check by
+        SkyPilot against melange-sky's bundled snapshot, and for clouds the snapshot lacks, the schema only."""
         outcome: dict[str, Any] = {}
 
         def run() -> None:
@@ -232,23 +241,58 @@ class SkyPilotBackend:
             except BaseException as exc:  # handed to the caller's thread
                 outcome["error"] = exc
 
-        worker = threading.Thread(target=run, name="melange-sky-validate", daemon=True)
-        worker.start()
-        worker.join(CATALOG_FETCH_TIMEOUT_S)
-        if worker.is_alive():
-            reason = f"SkyPilot was still fetching its catalog after {CATALOG_FETCH_TIMEOUT_S:g} s"
-        elif "error" in outcome:
-            exc = outcome["error"]
-            if not _is_network_error(exc):
-                raise exc
-            reason = f"SkyPilot could not download its catalog ({one_line(exc, 120)})"
-        else:
-            return outcome["result"]
+        if self._catalog_unreachable is None:
+            worker = threading.Thread(target=run, name="melange-sky-validate", daemon=True)
+            worker.start()
+            worker.join(CATALOG_FETCH_TIMEOUT_S)
+            if worker.is_alive():
+                self._catalog_unreachable = (f"SkyPilot was still fetching its catalog after "
+                                             f"{CATALOG_FETCH_TIMEOUT_S:g} s")
+            elif "error" in outcome:
+                exc = outcome["error"]
+                if not _is_network_error(exc):
+                    raise exc
+                self._catalog_unreachable = f"SkyPilot could not download its catalog ({one_line(exc, 120)})"
+            else:
+                return outcome["result"]
+        reason = self._catalog_unreachable
+        bundled = self._validate_with_bundled_catalog(task)
+        if bundled is not None:
+            return bundled
         self._validate_schema(task)
         return Validation(ValidationLevel.SCHEMA, f"task schema only: {reason}; instance types, regions and "
                                                   f"prices were not checked (a real launch needs the catalog)")
 
-    def _validate_full(self, task: Mapping[str, Any], secrets: Mapping[str, str] | None) -> Validation:
+    @staticmethod
+    def _validate_with_bundled_catalog(task: Mapping[str, Any]) -> Validation | None:
+        """Full validation by SkyPilot in a child process whose HOME holds melange-sky's bundled catalog snapshot
+        (SkyPilot resolves its catalog directory from HOME at import, so this process cannot switch). None when
+        the child cannot do it either, e.g. a cloud the snapshot does not cover; InvalidTask when SkyPilot rejects
+        the task."""
+        from .catalog import BUNDLED_DIR, skypilot_schema_version  # noqa: PLC0415
+
+        with tempfile.TemporaryDirectory(prefix="melange-sky-validate-") as home:
+            shutil.copytree(BUNDLED_DIR, Path(home, ".sky", "catalogs", skypilot_schema_version()))
+            env = {**os.environ, "HOME": home, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
+            env.pop("SKY_RUNTIME_DIR", None)
+            try:
+                # The child imports this very melange_sky (not one that happens to be in its working directory).
+                code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
+                        f"from melange_sky.sky_adapter import _validate_child; _validate_child()")
+                done = subprocess.run([sys.executable, "-c", code], input=json.dumps(dict(task), default=str),
+                                      env=env, capture_output=True, text=True, timeout=CATALOG_FETCH_TIMEOUT_S * 6)
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+        try:
+            answer = json.loads(done.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return None
+        if "invalid" in answer:
+            raise InvalidTask(answer["invalid"])
+        return Validation(ValidationLevel.FULL, answer["detail"]) if "detail" in answer else None
+
+    def _validate_full(self, task: Mapping[str, Any], secrets: Mapping[str, str] | None,
+                       catalog: str = "SkyPilot's catalog") -> Validation:
         sky_task = self._load_task(task, secrets)
         try:
             sky_task.validate()
@@ -276,7 +320,7 @@ class SkyPilotBackend:
                 if _is_network_error(exc):
                     raise
                 raise InvalidTask(f"infeasible SkyPilot resources: {one_line(exc)}") from exc
-        detail = "schema, resources and feasibility checked against SkyPilot's catalog"
+        detail = f"schema, resources and feasibility checked against {catalog}"
         if prices:
             detail += f" ({'; '.join(prices)})"
         if unpinned:
@@ -293,3 +337,17 @@ class SkyPilotBackend:
             common_utils.validate_schema(copy.deepcopy(dict(task)), schemas.get_task_schema(), "Invalid task YAML: ")
         except Exception as exc:
             raise InvalidTask(f"invalid SkyPilot task: {one_line(exc)}") from exc
+
+
+def _validate_child() -> None:
+    """Entry point of `_validate_with_bundled_catalog`'s child: a task as JSON on stdin, one JSON line out."""
+    task = json.loads(sys.stdin.read())
+    try:
+        answer = {"detail": SkyPilotBackend()._validate_full(  # noqa: SLF001
+            task, None, catalog="melange-sky's bundled catalog snapshot (SkyPilot's own could not be downloaded)"
+        ).detail}
+    except InvalidTask as exc:
+        answer = {"invalid": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - e.g. a cloud outside the snapshot: the parent falls back
+        answer = {"unavailable": one_line(exc, 200)}
+    print(json.dumps(answer))

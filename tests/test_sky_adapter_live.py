@@ -143,16 +143,17 @@ def test_validate_accepts_a_good_task_and_says_how_deeply(backend):
     result = backend.validate(task, {"HF_TOKEN": SECRET})
     if catalog_present:
         assert result.level is ValidationLevel.FULL and "g5.xlarge $" in result.detail
-    else:  # offline and no catalog: SkyPilot cannot download it here, so schema only, and it says so
-        assert result.level is ValidationLevel.SCHEMA and "catalog" in result.detail
+    else:  # offline and no catalog: SkyPilot validates against melange-sky's bundled snapshot, and says so
+        assert result.level is ValidationLevel.FULL and "bundled catalog snapshot" in result.detail
 
 
-def test_validate_falls_back_to_schema_only_when_the_catalog_cannot_be_downloaded(backend, monkeypatch):
+def test_validate_falls_back_to_schema_only_when_the_catalog_cannot_be_downloaded(sky_server, monkeypatch):
     import requests  # noqa: PLC0415
     from sky.catalog import common as catalog_common  # noqa: PLC0415
 
     # A cloud whose catalog no test has seeded into the session HOME, so SkyPilot must try to download it.
-    cloud, instance_type = next(((c, i) for c, i in (("lambda", "gpu_1x_a10"), ("runpod", "1x_A100-80GB_SECURE"),
+    # (Clouds outside melange-sky's bundled snapshot: for those, the bundled-catalog fallback cannot help either.)
+    cloud, instance_type = next(((c, i) for c, i in (("runpod", "1x_A100-80GB_SECURE"),
                                                      ("fluidstack", "A100_PCIE_80GB::1"))
                                  if not Path(catalog_common.get_catalog_path(f"{c}/vms.csv")).exists()),
                                 (None, None))
@@ -168,11 +169,30 @@ def test_validate_falls_back_to_schema_only_when_the_catalog_cannot_be_downloade
 
     monkeypatch.setattr(catalog_common, "requests", Offline)
     task = {"resources": {"cloud": cloud, "instance_type": instance_type}, "run": "serve"}
+    backend = SkyPilotBackend()  # a fresh one: the module's backend may already know it is offline
     result = within(60, lambda: backend.validate(task))
     assert result.level is ValidationLevel.SCHEMA
     assert "could not download its catalog" in result.detail and "injected" in result.detail
     with pytest.raises(InvalidTask, match="nonsense_field"):  # the schema is still enforced
         within(60, lambda: backend.validate({**task, "nonsense_field": 1}))
+
+
+def test_offline_validation_uses_the_bundled_catalog_snapshot_in_a_child_process(monkeypatch):
+    import requests  # noqa: PLC0415
+
+    def offline(self, task, secrets, catalog="SkyPilot's catalog"):
+        raise requests.exceptions.ConnectionError("network is unreachable (injected)")
+
+    monkeypatch.setattr(SkyPilotBackend, "_validate_full", offline)  # this process only; the child is untouched
+    backend = SkyPilotBackend()
+    task = {"resources": {"cloud": "aws", "region": "us-west-2", "instance_type": "g5.xlarge",
+                          "accelerators": "A10G:1", "ports": 8000}, "secrets": {"HF_TOKEN": None}, "run": "serve"}
+    result = within(120, lambda: backend.validate(task))
+    assert result.level is ValidationLevel.FULL
+    assert "bundled catalog snapshot" in result.detail and "g5.xlarge $1.01/h" in result.detail
+    wrong = {**task, "resources": {**task["resources"], "accelerators": "H100:1"}}  # g5.xlarge has no H100
+    with pytest.raises(InvalidTask):
+        within(120, lambda: backend.validate(wrong))
 
 
 @pytest.mark.parametrize("task, expected", [
