@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover - plan pulls in the solver and the catalog
     from .plan import Plan, PlanRequest, ReplicaPlan
 
 DEFAULT_PARALLEL = 8  # launches mostly wait on clouds; SkyPilot's API server queues the rest
-DEFAULT_MAX_ROUNDS = 3
+DEFAULT_MAX_ROUNDS = 5  # a round re-solves and launches only what is still missing
 HEARTBEAT_S = 30.0  # how often `up` reports launches still in flight
 CANCEL_POLL_S = 0.5  # after Ctrl-C, how often in-flight launches are cancelled again until every worker is done
 #: States in which a cluster may be billing without serving: torn down when a re-plan leaves them out.
