@@ -30,7 +30,7 @@ KNOWN_CLOUDS = ("aws", "azure", "gcp", "lambda")
 BUNDLED_DIR = Path(__file__).resolve().parent / "data" / "catalogs"
 #: When SkyPilot is not installed (or its constants cannot be read), the schema of skypilot 0.14.
 FALLBACK_SCHEMA_VERSION = "v8"
-#: Where the bundled prices come from; printed by `melange-sky catalog` and written in docs/catalog.md.
+#: When the bundled prices were taken (sources: README, "Where prices come from").
 BUNDLED_DATE = "2025-11"
 
 #: The original Mélange mapping: among equally cheap offers, these win (A10G is $1.006/h in several AWS regions).
@@ -61,6 +61,9 @@ _GCP_HOSTS = {
     "H100": {1: ("a3-highgpu-1g",), 2: ("a3-highgpu-2g",), 4: ("a3-highgpu-4g",), 8: ("a3-highgpu-8g",)},
 }
 _GCP_N1_CPUS = {"T4": {1: 4, 2: 8, 4: 48}, "DEFAULT": {1: 8, 2: 16, 4: 32, 8: 64, 16: 128}}
+#: GPUs SkyPilot attaches to N1 hosts. Others that SkyPilot maps to machine families we do not model here (H200,
+#: B200, H100-MEGA, RTXPRO6000, ...) are left out rather than composed on a host SkyPilot would reject.
+_GCP_N1_GPUS = ("K80", "V100", "T4", "P4", "P100")
 _GCP_N1_FAMILIES = ("n1-standard", "n1-highmem", "n1-highcpu")
 
 
@@ -301,11 +304,13 @@ def _gcp_host(name: str, count: int, hosts: list) -> tuple | None:
     if name in _GCP_HOSTS:
         allowed = _GCP_HOSTS[name].get(count, ())
         fits = [h for h in hosts if h[0] in allowed]
-    else:
+    elif name in _GCP_N1_GPUS:
         cpus = _GCP_N1_CPUS.get(name, _GCP_N1_CPUS["DEFAULT"]).get(count)
         if cpus is None:
             return None
         fits = [h for h in hosts if h[0].startswith(_GCP_N1_FAMILIES) and h[1] >= cpus and h[2] >= 4 * cpus]
+    else:
+        return None
     return min(fits, key=lambda h: (h[3], h[0]), default=None)
 
 
@@ -402,7 +407,11 @@ class Catalog:
 
     def describe(self, clouds: Iterable[str] | None = None) -> dict[str, str]:
         """cloud -> the file it is read from, for users wondering where a price comes from."""
-        return {cloud: str(self.path(cloud)[0]) for cloud in self.check_clouds(clouds)}
+        described = {}
+        for cloud in self.check_clouds(clouds):
+            path, source = self.path(cloud)
+            described[cloud] = f"{path} (bundled snapshot, {BUNDLED_DATE} prices)" if source == "bundled" else str(path)
+        return described
 
 
 def default_catalog() -> Catalog:

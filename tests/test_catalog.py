@@ -110,6 +110,7 @@ def test_skypilot_catalog_on_this_machine_wins_over_the_snapshot(tmp_path, monke
     assert catalog.offers(None, ["aws"]) == [offer]  # fractional GPUs and CPU-only rows are not offers
     assert {o.source for o in catalog.offers("A100-80GB", ["azure"])} == {"bundled"}  # no azure file there
     assert catalog.describe(["aws"]) == {"aws": str(sky_dir / "aws" / "vms.csv")}
+    assert catalog.describe(["azure"])["azure"].endswith("(bundled snapshot, 2025-11 prices)")
 
 
 def test_skypilot_gcp_catalog_joins_gpu_rows_to_host_vms(tmp_path):
@@ -124,6 +125,19 @@ def test_skypilot_gcp_catalog_joins_gpu_rows_to_host_vms(tmp_path):
     [offer] = Catalog(skypilot_dir=tmp_path).offers("L4", ["gcp"])
     assert (offer.instance_type, offer.region) == ("g2-standard-4", "us-east4")
     assert (offer.price, offer.spot_price) == (pytest.approx(0.8), pytest.approx(0.28))
+
+
+def test_gpus_on_gcp_machine_families_we_do_not_model_are_left_out_not_put_on_n1_hosts(tmp_path):
+    _write(tmp_path / "gcp" / "vms.csv",
+           "InstanceType,vCPUs,MemoryGiB,AcceleratorName,AcceleratorCount,GpuInfo,Region,AvailabilityZone,Price,"
+           "SpotPrice\n"
+           "n1-highmem-64,64.0,416.0,,,,us-central1,us-central1-a,3.8,1.0\n"
+           "n1-highmem-4,4.0,26.0,,,,us-central1,us-central1-a,0.24,0.05\n"
+           ",,,H200,8,,us-central1,us-central1-a,80.0,30.0\n"  # SkyPilot puts H200 on a3-ultragpu-8g only
+           ",,,T4,1,,us-central1,us-central1-a,0.35,0.1\n")
+    catalog = Catalog(skypilot_dir=tmp_path)
+    assert {o.gpu for o in catalog.offers(None, ["gcp"])} == {"T4"}
+    assert catalog.offers("T4", ["gcp"])[0].instance_type == "n1-highmem-4"
 
 
 def test_schema_version_is_read_without_importing_sky():
