@@ -386,7 +386,10 @@ class Catalog:
         gpu = canonical_gpu(name, offered)
         if gpu not in offered:
             where = ", ".join(clouds)
-            raise CatalogError(f"no offer for GPU {gpu!r} in {where}{_did_you_mean(name, offered)}")
+            elsewhere = [c for c in KNOWN_CLOUDS if c not in clouds and gpu in self.gpu_names([c])]
+            hint = (f"; clouds with one: {', '.join(elsewhere)}" if elsewhere
+                    else _did_you_mean(name, offered))
+            raise CatalogError(f"no offer for GPU {gpu!r} in {where}{hint}")
         return gpu
 
     def offers(self, gpu: str | None = None, clouds: Iterable[str] | None = None,
