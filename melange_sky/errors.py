@@ -141,3 +141,9 @@ class MissingSecret(MelangeError):
     """A secret the replicas need (deployment.secrets, e.g. HF_TOKEN) is not set in the environment."""
 
     exit_code = 2
+
+
+class UnknownFleet(MelangeError):
+    """A command named a fleet the ledger does not have."""
+
+    exit_code = 2

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
-from .errors import CapacityError, FleetBusy, LaunchCancelled, LaunchError, LedgerError, MelangeError, MissingSecret
+from .errors import (CapacityError, FleetBusy, LaunchCancelled, LaunchError, LedgerError, MelangeError,
+                     MissingSecret, UnknownFleet)
 from .ledger import Ledger, NewReplica, ReplicaRecord, ReplicaState
 
 if TYPE_CHECKING:  # pragma: no cover - plan pulls in the solver and the catalog; `--help` imports this module
@@ -538,7 +539,7 @@ class Fleet:
         """Replicas from the ledger; with `refresh`, first reconciled with the backend's live view. While another
         process runs `up`/`down` on a fleet, its in-flight rows are left for that process to record."""
         if fleet is not None and (self.ledger is None or self.ledger.get_fleet(fleet) is None):
-            raise MelangeError(f"no fleet {fleet!r} in the ledger; `melange-sky status` lists the fleets")
+            raise UnknownFleet(f"no fleet {fleet!r} in the ledger; `melange-sky status` lists the fleets")
         if self.ledger is None:
             return []
         if refresh:

@@ -63,12 +63,13 @@ def bind_offers(config: Config, catalog: Catalog | None = None, *, per_offer: bo
     entries: dict[str, str] = {}
     for spec in config.gpus:
         candidates = allowed_offers(spec, config.clouds, config.source, catalog)
+        default = _pick(candidates, spec)  # the offer the config's cost is about
         if exclude and not per_offer:
             candidates = [o for o in candidates if offer_key(o.cloud, o.region, o.instance_type, spec.use_spot)
                           not in exclude] or candidates
         chosen = _pick(candidates, spec)
         if spec.cost_source == "config":
-            _warn_mismatch(config.source, spec, chosen, warnings)
+            _warn_mismatch(config.source, spec, default, warnings)
         picked = candidates if per_offer else [chosen]
         names = _column_names(spec.name, picked) if per_offer else [spec.name]
         if per_offer and spec.max_count is not None and len(picked) > 1:
@@ -76,7 +77,7 @@ def bind_offers(config: Config, catalog: Catalog | None = None, *, per_offer: bo
                             f"{len(picked)} offers (use quotas for per-offer limits)")
         for name, offer in zip(names, picked):
             # The config's cost belongs to the offer the default mode picks; other offers keep the catalog's price.
-            if offer is chosen and spec.cost_source == "config":
+            if offer is default and spec.cost_source == "config":
                 cost_per_gpu = spec.cost
             else:
                 cost_per_gpu = _price(offer, spec.use_spot) / offer.gpu_count

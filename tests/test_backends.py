@@ -174,12 +174,10 @@ def test_fake_launches_concurrently_and_measures_it(fake):
     fake.configure(latency={"launch": 0.5})
     threads = [threading.Thread(target=fake.launch, args=(LaunchRequest(f"demo-a10g-{i}", A10G_TASK),))
                for i in range(6)]
-    start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert time.monotonic() - start < 2.5
     assert fake.max_concurrency() == 6
     assert sorted(fake.clusters()) == [f"demo-a10g-{i}" for i in range(6)]
 

@@ -182,7 +182,7 @@ def test_status_lists_fleets_and_refresh_records_clusters_that_are_gone(cli, fle
 
 def test_status_of_an_unknown_fleet_is_a_clean_error(cli, fleet_env):
     result = cli("status", "nope")
-    assert result.exit_code == 1 and result.stderr.startswith("Error: no fleet 'nope'")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: no fleet 'nope'")
 
 
 def test_down_twice_second_is_a_no_op(cli, fleet_env):
@@ -386,3 +386,17 @@ def test_long_launches_report_their_elapsed_time_once_per_heartbeat(fleet_env):
         beats = [e for e in events if e.cluster == cluster and e.message == "still launching"]
         assert 1 <= len(beats) <= 3, (cluster, [round(b.elapsed, 2) for b in beats])
         assert all(0 < b.elapsed < 1.3 + 0.5 for b in beats)
+
+
+def test_a_replacement_on_another_offer_is_priced_from_the_catalog_not_the_configs_cost(cli, fleet_env):
+    from melange_sky.catalog import Catalog
+
+    fake, env = fleet_env
+    fake.configure(capacity_failures=[{"cloud": "azure", "region": "eastus"}])
+    report = json.loads(cli("up", EXAMPLE, "-y", "--json").stdout)
+    [a100] = [r for r in report["replicas"] if r["gpu"] == "A100-80GB" and r["state"] == "up"]
+    assert a100["offer"] != "azure:eastus:Standard_NC24ads_A100_v4"
+    cloud, region, instance_type = a100["offer"].split(":")
+    [offer] = [o for o in Catalog(skypilot_dir=None).offers("A100-80GB")
+               if (o.cloud, o.region, o.instance_type) == (cloud, region, instance_type)]
+    assert a100["price_per_hour"] == pytest.approx(offer.price)  # the config's $3.67 is for azure eastus only
