@@ -8,7 +8,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import click
 
@@ -21,6 +20,25 @@ DEBUG_KEY = "melange_sky.debug"
 
 class MelangeGroup(click.Group):
     """Turns library errors into one `Error: ...` line and their exit code; a traceback only with --debug."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's own usage errors (a bad option, a missing argument) as one line too, exit code 2."""
+        if not standalone_mode:  # a caller that handles Click's exceptions itself
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "melange-sky"
+            click.echo(f"Error: {exc.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        # Without standalone mode Click returns an exit code (from ctx.exit) instead of exiting: exit with it.
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -195,12 +213,18 @@ def catalog(gpu: str | None, clouds: tuple[str, ...], as_json: bool) -> None:
         click.echo(format_offers(offers, cat.describe(sorted({o.cloud for o in offers}))))
 
 
+def bucket_edge_options(command):
+    """--input-buckets / --output-buckets, shared by `workload` and `profile`."""
+    command = click.option("--output-buckets", metavar="EDGES", help="Output-length bucket edges in tokens (default: "
+                           "the config's with --into, else Mélange's 1,25,100,250,500,1000,2000).")(command)
+    return click.option("--input-buckets", metavar="EDGES", help="Input-length bucket edges in tokens, "
+                        "comma-separated (default: the config's with --into, else Mélange's "
+                        "1,25,100,250,500,1000,2000,4000,8000).")(command)
+
+
 @main.command()
 @click.argument("trace", type=click.Path(path_type=str))
-@click.option("--input-buckets", metavar="EDGES", help="Input-length bucket edges in tokens, comma-separated "
-              "(default: the config's with --into, else Mélange's 1,25,100,250,500,1000,2000,4000,8000).")
-@click.option("--output-buckets", metavar="EDGES", help="Output-length bucket edges in tokens (default: the "
-              "config's with --into, else Mélange's 1,25,100,250,500,1000,2000).")
+@bucket_edge_options
 @click.option("--rate", default="auto", show_default=True, help="Total request rate in req/s, or auto: the mean "
               "rate between the trace's first and last timestamp.")
 @click.option("--skip-bad", is_flag=True, help="Skip broken rows and count them, instead of stopping at the first.")
@@ -208,7 +232,8 @@ def catalog(gpu: str | None, clouds: tuple[str, ...], as_json: bool) -> None:
               help="Trace format; auto: by extension (.jsonl, .csv, also .gz), else by the first character.")
 @click.option("--into", type=click.Path(dir_okay=False, path_type=str), metavar="CONFIG",
               help="Merge into this config (in place, unless -o): replaces workload_distribution, "
-                   "total_request_rate and the bucket edges, keeps everything else.")
+                   "total_request_rate and the bucket edges, keeps everything else. In place, a merge that would "
+                   "make the config invalid (buckets that no longer fit its tputs) is refused.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
               help="Write the config keys (with --into: the merged config) to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full histogram record (counts, shares, rate, "
@@ -219,8 +244,9 @@ def workload(trace: str, input_buckets: str | None, output_buckets: str | None, 
     """Turn a request trace (JSONL or CSV) into a workload histogram for a config.
 
     Each row needs prompt and completion token counts: input_len/output_len, prompt_tokens/completion_tokens,
-    input_tokens/output_tokens, or an OpenAI-style "usage" object; an optional "timestamp" (epoch seconds or
-    ISO-8601) gives the request rate. The file is streamed: memory does not grow with its length.
+    input_tokens/output_tokens, or an OpenAI-style "usage" object; an optional "timestamp" (epoch seconds, or
+    milliseconds/microseconds, recognised by size; or ISO-8601) gives the request rate. The file is streamed:
+    memory does not grow with its length.
 
     \b
     Examples:
@@ -248,7 +274,7 @@ def workload(trace: str, input_buckets: str | None, output_buckets: str | None, 
     _warn(result.warnings)
     written = None
     if config is not None and into:
-        merged = merge_workload(config, result, source=into)
+        merged = merge_workload(config, result, source=into, in_place=not output)
         _warn(merged.warnings)
         written = output or into
         write_config_json(written, merged.data)
@@ -269,10 +295,7 @@ def workload(trace: str, input_buckets: str | None, output_buckets: str | None, 
 @click.option("--model", required=True, help="Model name as the server knows it (see URL/v1/models).")
 @click.option("--tpot-slo-ms", type=float, default=120.0, show_default=True,
               help="SLO on the mean time per output token, in milliseconds.")
-@click.option("--input-buckets", metavar="EDGES", help="Input-length bucket edges in tokens (default: the "
-              "config's with --into, else Mélange's 1,25,100,250,500,1000,2000,4000,8000).")
-@click.option("--output-buckets", metavar="EDGES", help="Output-length bucket edges in tokens (default: the "
-              "config's with --into, else Mélange's 1,25,100,250,500,1000,2000).")
+@bucket_edge_options
 @click.option("--buckets", "cells", default="all", show_default=True, metavar="all|I:J,...",
               help="Which buckets to measure: all, or 0-based cells such as 0:0,0:1,2:* (a whole row); the others "
                    "are 0 in tputs (with --into they keep their previous values).")
@@ -287,7 +310,8 @@ def workload(trace: str, input_buckets: str | None, output_buckets: str | None, 
 @click.option("--bisect-steps", type=click.IntRange(min=0), default=4, show_default=True,
               help="Bisections between the last passing and the first failing rate.")
 @click.option("--timeout", "request_timeout", type=click.FloatRange(min=0, min_open=True), default=120.0,
-              show_default=True, help="Seconds one streamed request may take; longer counts as a timeout.")
+              show_default=True, help="Seconds one streamed request may take at least (a bucket with long "
+                                      "outputs gets 3x their time at the SLO); longer counts as a timeout.")
 @click.option("--size", type=click.Choice(["mid", "upper"]), default="mid", show_default=True,
               help="Length each bucket is profiled at: its midpoint, or its largest length (conservative).")
 @click.option("--estimate", type=click.Choice(["fit", "pass"]), default="fit", show_default=True,
@@ -315,7 +339,9 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
 
     Per bucket it streams synthetic requests of the bucket's size (Poisson arrivals) at rising rates, then
     bisects, and reports the highest rate whose mean time per output token meets --tpot-slo-ms, with TTFT and
-    latency percentiles. Errors and timeouts are reported per bucket.
+    latency percentiles. Errors and timeouts are reported per bucket (up to 10% errors per rate are tolerated);
+    an HTTP 4xx on the first request (wrong URL or model) stops at once, and a profile in which no bucket could
+    be measured exits non-zero without touching --into.
 
     \b
     Examples:
@@ -351,19 +377,22 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
     result = profile_endpoint(endpoint, model, input_edges=in_edges, output_edges=out_edges, cells=chosen,
                               settings=settings, on_progress=show)
     failed = [b for b in result.buckets if b.status in ("failed", "slo_not_met")]
-    _warn([f"bucket {b.cell[0]}:{b.cell[1]} {b.status}: {b.message} (0 in tputs)" for b in failed])
+    _warn([f"bucket {b.cell[0]}:{b.cell[1]} {b.status}: {b.message} "
+           f"({'kept from the config' if into and b.status == 'failed' else '0 in tputs'})" for b in failed])
+    _warn(result.warnings)
     if output:
         write_config_json(output, result.to_dict())
         click.echo(f"Wrote {output}", err=True)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_profile(result))
+    result.check_usable(into)  # only zeros: exit non-zero, and never overwrite a GPU's tputs with them
     if config is not None and into and gpu:
         merged = merge_profile(config, result, gpu, cost, source=into)
         _warn(merged.warnings)
         write_config_json(into, merged.data)
         click.echo(f"Wrote {gpu}'s tputs into {into}", err=True)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(format_profile(result))
 
 
 def plan_options(command):

@@ -147,3 +147,9 @@ class UnknownFleet(MelangeError):
     """A command named a fleet the ledger does not have."""
 
     exit_code = 2
+
+
+class ProfileFailed(ProfileError):
+    """No bucket could be measured: nothing worth writing into a config."""
+
+    exit_code = 1

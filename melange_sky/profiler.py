@@ -10,8 +10,13 @@ meets it (steadier than the highest passing step, whose pass can be luck); `esti
 
 A step is bounded: a warm-up (requests sent until one more lifetime of the first request has passed after it
 finished; at most `requests_per_step`), then `requests_per_step` measured requests, then filler requests that keep
-the load on while the measured ones finish (at most `requests_per_step`); only measured requests count. Any error or timeout among them fails the step (a
-request that timed out broke the SLO). Errors and timeouts are reported per bucket, never raised.
+the load on while the measured ones finish (at most `requests_per_step`); only measured requests count. A timeout
+among them fails the step (a request that timed out broke the SLO); errors (HTTP 5xx, broken streams) fail it only
+when more than 10% of the measured requests error, and a step that failed only on errors is re-run once. A bucket
+is "failed" when every request of a step failed, on an HTTP 4xx, or after 2 rates in a row at which every measured
+request timed out. Each bucket's request timeout is the larger of `request_timeout` and 3x the time its output
+needs at the SLO (plus a prefill allowance), so long outputs are not cut short. Failures are reported per bucket;
+only a 4xx on the first probe request (a wrong URL or model) aborts the whole profile.
 
 The client speaks HTTP/1.1 itself (asyncio streams, standard library only), one connection per request, follows no
 redirects and only ever connects to the host and port of the endpoint URL given.
@@ -36,7 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from .errors import ConfigError, EndpointUnreachable, ProfileError
+from .errors import ConfigError, EndpointUnreachable, ProfileError, ProfileFailed
 from .workload import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, MergeResult, check_edges, edges_for_config,
                        gpu_entries)
 
@@ -50,20 +55,34 @@ would other into has more her two like him see time could no make than first bee
 down only way find use may water long little very after words called just where most know""".split())
 #: Body bytes kept from an HTTP error response, for the message.
 _ERROR_BODY_LIMIT = 4096
+#: A step fails on errors only when more than this share of its measured requests error.
+ERROR_TOLERANCE = 0.10
+#: A bucket's request timeout is at least this many times (output tokens x SLO + prefill allowance).
+TIMEOUT_SLO_MULTIPLE = 3.0
+#: Prefill allowance per prompt token in that timeout, seconds.
+_PREFILL_ALLOWANCE_S_PER_TOKEN = 0.0005
+#: A bucket stops, "failed", after this many rates in a row at which every measured request timed out.
+TIMEOUT_STEPS_TO_FAIL = 2
+#: Below this share of max_tokens (mean over a step) the server ignored ignore_eos: a warning.
+_SHORT_OUTPUT_SHARE = 0.9
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """An OpenAI-compatible server's base URL, split into what the HTTP client needs."""
 
-    url: str
+    url: str  # as given, without credentials (user:password@) and a trailing "/"
     scheme: str
     host: str
     port: int
     base_path: str  # "" or "/prefix", without a trailing "/v1"
+    origin: str = ""  # scheme://host[:port], without credentials
 
     def path(self, suffix: str) -> str:
         return f"{self.base_path}{suffix}"
+
+    def full_url(self, suffix: str) -> str:
+        return f"{self.origin}{self.path(suffix)}"
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,7 @@ class RequestRecord:
     prompt_tokens: int | None = None  # as the server counted them (usage), when it says
     error: str | None = None
     timed_out: bool = False
+    status: int | None = None  # the HTTP status of an error response
 
 
 @dataclass(frozen=True)
@@ -139,6 +159,10 @@ class StepResult:
     server_prompt_tokens: float | None = None  # mean usage.prompt_tokens
     first_error: str | None = None
     seconds: float = 0.0
+    warmup: int = 0  # requests sent before the first measured one
+    client_errors: int = 0  # measured requests answered with an HTTP 4xx (but 408, 429): the request is wrong
+    failed_on_errors: bool = False  # failed only because more than ERROR_TOLERANCE of the requests errored
+    mean_output_tokens: float | None = None  # generated per successful request (usage.completion_tokens)
 
 
 @dataclass(frozen=True)
@@ -155,6 +179,8 @@ class BucketProfile:
     message: str = ""
     best: StepResult | None = None  # the step at `tput`: its TTFT / TPOT / latency percentiles
     steps: tuple[StepResult, ...] = ()
+    warnings: tuple[str, ...] = ()
+    timeout: float | None = None  # seconds each request of this bucket may take (see `bucket_timeout`)
 
 
 @dataclass(frozen=True)
@@ -182,6 +208,27 @@ class ProfileResult:
     @property
     def not_measured(self) -> list[Cell]:
         return [b.cell for b in self.buckets if b.status == "not_measured"]
+
+    @property
+    def failed(self) -> list[Cell]:
+        return [b.cell for b in self.buckets if b.status == "failed"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for b in self.buckets for w in b.warnings]
+
+    def check_usable(self, into: str | None = None) -> None:
+        """`ProfileFailed` unless at least one bucket is ok or capped: a profile of only zeros is not a profile."""
+        measured = [b for b in self.buckets if b.status != "not_measured"]
+        if any(b.status in ("ok", "capped") for b in measured):
+            return
+        failed = [b for b in measured if b.status == "failed"]
+        if len(failed) == len(measured):
+            what = f"no bucket was measured: all {len(failed)} failed (first: {failed[0].message})"
+        else:
+            what = (f"no bucket met the SLO: {len(measured) - len(failed)} not met even at the lowest rate, "
+                    f"{len(failed)} failed")
+        raise ProfileFailed(f"{what}" + (f"; {into} not changed" if into else ""))
 
     def to_dict(self) -> dict[str, Any]:
         settings = asdict(self.settings)
@@ -218,19 +265,31 @@ ProgressCallback = Callable[[ProfileEvent], None]
 
 # ---- inputs --------------------------------------------------------------------------------------------------------
 def parse_endpoint(url: str) -> Endpoint:
-    """http(s)://host[:port][/prefix]; a trailing /v1 is dropped (the client adds /v1/completions itself)."""
+    """http(s)://host[:port][/prefix]; a trailing /v1 is dropped (the client adds /v1/completions itself).
+
+    Credentials in the URL (user:password@) are dropped from everything shown or written; a path into the API
+    (/v1/completions, /v1/chat/...) is refused with the base URL to give instead.
+    """
     parts = urlsplit(url.strip())
+    netloc = parts.netloc.rpartition("@")[2]
+    shown = parts._replace(netloc=netloc).geturl()
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ProfileError(f"--endpoint {url!r} is not an http(s) URL; give the server's base URL, e.g. "
+        raise ProfileError(f"--endpoint {shown!r} is not an http(s) URL; give the server's base URL, e.g. "
                            f"http://10.0.0.5:8000")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        raise ProfileError(f"--endpoint {url!r} has an invalid port") from None
+        raise ProfileError(f"--endpoint {shown!r} has an invalid port") from None
+    origin = f"{parts.scheme}://{netloc}"
     base = parts.path.rstrip("/")
     if base.endswith("/v1"):
         base = base[:-3]
-    return Endpoint(url=url.strip().rstrip("/"), scheme=parts.scheme, host=parts.hostname, port=port, base_path=base)
+    if "/v1/" in f"{base}/":
+        prefix = base[:f"{base}/".index("/v1/")]
+        raise ProfileError(f"--endpoint {shown!r} points into the API ({parts.path}); give the server's base URL, "
+                           f"e.g. {origin}{prefix} (the profiler calls /v1/models and /v1/completions itself)")
+    return Endpoint(url=f"{origin}{base}{'/v1' if parts.path.rstrip('/').endswith('/v1') else ''}",
+                    scheme=parts.scheme, host=parts.hostname, port=port, base_path=base, origin=origin)
 
 
 def parse_cells(text: str, shape: tuple[int, int]) -> list[Cell]:
@@ -262,6 +321,17 @@ def representative_tokens(lo: int, hi: int, size: str = "mid") -> int:
     """The length a bucket [lo, hi) is profiled at: its midpoint, or its largest length ("upper")."""
     value = (lo + hi) // 2 if size == "mid" else hi - 1
     return max(1, value, lo)
+
+
+def bucket_tokens(input_range: tuple[int, int], output_range: tuple[int, int], size: str = "mid") -> tuple[int, int]:
+    """(prompt tokens, output tokens) a bucket is profiled at; at least 2 output tokens, since TPOT needs 2."""
+    return representative_tokens(*input_range, size), max(2, representative_tokens(*output_range, size))
+
+
+def bucket_timeout(settings: ProfileSettings, prompt_tokens: int, output_tokens: int) -> float:
+    """Seconds one request of a bucket may take: --timeout, or more when its output at the SLO needs more."""
+    needed = output_tokens * settings.tpot_slo_ms / 1000 + prompt_tokens * _PREFILL_ALLOWANCE_S_PER_TOKEN
+    return round(max(settings.request_timeout, TIMEOUT_SLO_MULTIPLE * needed), 3)
 
 
 def synthetic_prompt(tokens: int, rng: random.Random) -> str:
@@ -393,7 +463,7 @@ async def _stream_completion(ep: Endpoint, payload: bytes, settings: ProfileSett
                 body += data
                 if len(body) > _ERROR_BODY_LIMIT:
                     break
-            return RequestRecord(ok=False, latency=clock() - start, error=_error_text(status, body))
+            return RequestRecord(ok=False, latency=clock() - start, error=_error_text(status, body), status=status)
         async for data in _sse_data(_body(reader, headers)):
             if data == b"[DONE]":
                 break
@@ -424,20 +494,28 @@ async def _stream_completion(ep: Endpoint, payload: bytes, settings: ProfileSett
     tokens = chunks
     prompt_tokens = None
     if usage:
-        tokens = int(usage.get("completion_tokens") or chunks)
+        try:
+            tokens = int(usage.get("completion_tokens") or chunks)
+        except (TypeError, ValueError):  # a server's odd usage object does not lose the timings
+            tokens = chunks
         prompt_tokens = usage.get("prompt_tokens")
     tpot = (last - first) / (tokens - 1) if tokens > 1 else None
     return RequestRecord(ok=True, latency=end - start, ttft=first - start, tpot=tpot, output_tokens=tokens,
                          prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None)
 
 
-async def _timed_request(ep: Endpoint, payload: bytes, settings: ProfileSettings) -> RequestRecord:
+async def _timed_request(ep: Endpoint, payload: bytes, settings: ProfileSettings, timeout: float) -> RequestRecord:
     start = time.perf_counter()
     try:
-        return await asyncio.wait_for(_stream_completion(ep, payload, settings), settings.request_timeout)
+        return await asyncio.wait_for(_stream_completion(ep, payload, settings), timeout)
     except asyncio.TimeoutError:
         return RequestRecord(ok=False, latency=time.perf_counter() - start, timed_out=True,
-                             error=f"timed out after {settings.request_timeout:g} s")
+                             error=f"timed out after {timeout:g} s")
+
+
+def _client_error(status: int | None) -> bool:
+    """An HTTP 4xx that says the request itself is wrong (not 408 timeout or 429 rate limit, which are load)."""
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
 
 
 def _os_reason(exc: BaseException) -> str:
@@ -463,15 +541,30 @@ async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) ->
     if status in (401, 403):
         raise ProfileError(f"{ep.url} refused the request ({_error_text(status, body)}): pass --api-key "
                            f"(or MELANGE_SKY_API_KEY)")
-    if status != 200:
-        return  # not every server lists its models; the completions themselves will tell
-    try:
-        served = [m.get("id") for m in json.loads(body).get("data", []) if isinstance(m, dict)]
-    except (json.JSONDecodeError, AttributeError):
-        return
+    served: list[Any] = []
+    if status == 200:  # not every server lists its models; the probe below tells
+        try:
+            served = [m.get("id") for m in json.loads(body).get("data", []) if isinstance(m, dict)]
+        except (json.JSONDecodeError, AttributeError):
+            pass
     if served and model not in served:
         raise ProfileError(f"{ep.url} does not serve model {model!r}; it serves: {', '.join(map(str, served))}. "
                            f"Pass one of them as --model")
+    # One tiny completion: a 4xx here (wrong path, model or API) would fail every bucket, so it aborts now.
+    probe = _completion_payload(model, "the", 2, settings)
+    record = await _timed_request(ep, probe, settings, settings.request_timeout)
+    if _client_error(record.status):
+        raise ProfileError(f"POST {ep.full_url('/v1/completions')} answered {record.error}: is --endpoint the "
+                           f"server's base URL (e.g. {ep.origin}) and --model {model!r} right? Try: "
+                           f"curl {ep.full_url('/v1/models')}")
+
+
+def _completion_payload(model: str, prompt: str, max_tokens: int, settings: ProfileSettings) -> bytes:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if settings.ignore_eos:
+        body["ignore_eos"] = True
+    return json.dumps(body).encode()
 
 
 # ---- one step, one bucket ------------------------------------------------------------------------------------------
@@ -504,34 +597,49 @@ def _arrival_gaps(rate: float, block: int, rng: random.Random) -> Iterator[float
         yield from (g * scale for g in gaps)
 
 
+def _errors_allowed(settings: ProfileSettings) -> int:
+    """How many measured requests of a step may error (not time out) before the errors alone fail the step."""
+    return int(ERROR_TOLERANCE * settings.requests_per_step + 1e-9)
+
+
 async def _run_step(ep: Endpoint, rate: float, make_payload: Callable[[], bytes], settings: ProfileSettings,
-                    rng: random.Random) -> StepResult:
+                    rng: random.Random, timeout: float) -> StepResult:
     """Poisson arrivals at `rate`: a warm-up, n measured requests, filler until they end (see the module docstring)."""
     n = settings.requests_per_step
+    allowed = _errors_allowed(settings)
     started = time.perf_counter()
-    stop = asyncio.Event()  # all measured requests ended, or one failed (which fails the step)
+    stop = asyncio.Event()  # all measured requests ended, or enough failed to fail the step
     measured: list[asyncio.Task[RequestRecord]] = []
     others: list[asyncio.Task[RequestRecord]] = []
-    finished = 0
+    finished = errored = 0
     filler = 0
+    warmup = 0
 
     def measured_done(task: asyncio.Task[RequestRecord]) -> None:
-        nonlocal finished
+        nonlocal finished, errored
         finished += 1
-        if finished == n or task.cancelled() or not task.result().ok:
+        if task.cancelled() or task.result().timed_out:
+            stop.set()  # a timeout fails the step: no need to wait for the others
+            return
+        if not task.result().ok:
+            errored += 1
+            if errored > allowed or _client_error(task.result().status):
+                stop.set()
+        if finished == n:
             stop.set()
 
     warm_until: float | None = None
 
     def warmed(task: asyncio.Task[RequestRecord]) -> None:
         # The first request ran on an emptier server than steady state, so wait one more of its lifetimes after it
-        # ends before measuring: requests measured earlier would see less load and flatter the rate.
+        # ends before measuring: requests measured earlier would see less load and flatter the rate. A request
+        # that failed (fast) says nothing about the load, so it does not end the warm-up; one that timed out does.
         nonlocal warm_until
-        if warm_until is None and not task.cancelled():
+        if warm_until is None and not task.cancelled() and (task.result().ok or task.result().timed_out):
             warm_until = loop.time() + task.result().latency
 
     def launch() -> asyncio.Task[RequestRecord]:
-        return asyncio.create_task(_timed_request(ep, make_payload(), settings))
+        return asyncio.create_task(_timed_request(ep, make_payload(), settings, timeout))
 
     gaps = _arrival_gaps(rate, n, rng)
     loop = asyncio.get_running_loop()
@@ -547,6 +655,8 @@ async def _run_step(ep: Endpoint, rate: float, make_payload: Callable[[], bytes]
         next_arrival += next(gaps)
         warm = warm_until is not None and loop.time() >= warm_until
         if len(measured) < n and (warm or len(others) >= n):
+            if not measured:
+                warmup = len(others)
             task = launch()
             task.add_done_callback(measured_done)
             measured.append(task)
@@ -562,26 +672,35 @@ async def _run_step(ep: Endpoint, rate: float, make_payload: Callable[[], bytes]
         task.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
     records = [t.result() for t in measured if t.done() and not t.cancelled()]
-    return _summarise(rate, len(measured) + len(others), records, settings, time.perf_counter() - started)
+    return _summarise(rate, len(measured) + len(others), records, settings, time.perf_counter() - started, warmup)
 
 
 def _summarise(rate: float, sent: int, records: list[RequestRecord], settings: ProfileSettings,
-               seconds: float) -> StepResult:
+               seconds: float, warmup: int = 0) -> StepResult:
     ok = [r for r in records if r.ok]
     timeouts = sum(1 for r in records if r.timed_out)
     errors = sum(1 for r in records if not r.ok and not r.timed_out)
+    client_errors = sum(1 for r in records if _client_error(r.status))
+    allowed = _errors_allowed(settings)
     tpots = [r.tpot for r in ok if r.tpot is not None]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
     mean_tpot = _ms(tpots)
     first_error = next((r.error for r in records if not r.ok), None)
-    if errors or timeouts:
-        passed, reason = False, f"{errors} error(s), {timeouts} timeout(s): {first_error}"
+    failed_on_errors = False
+    if timeouts:
+        passed, reason = False, f"{timeouts} timeout(s), {errors} error(s): {first_error}"
+    elif client_errors or errors > allowed:
+        passed, reason = False, (f"{errors} error(s) of {len(records)} measured requests (more than "
+                                 f"{100 * ERROR_TOLERANCE:g}%): {first_error}")
+        failed_on_errors = not client_errors
     elif mean_tpot is None:
         passed, reason = False, "no request produced 2 or more tokens, so TPOT is unknown"
     elif mean_tpot > settings.tpot_slo_ms:
         passed, reason = False, f"mean TPOT {mean_tpot:.1f} ms > SLO {settings.tpot_slo_ms:g} ms"
     else:
         passed, reason = True, f"mean TPOT {mean_tpot:.1f} ms <= SLO {settings.tpot_slo_ms:g} ms"
+    if errors and not failed_on_errors and not client_errors and not timeouts:
+        reason += f" ({errors} error(s) tolerated: {first_error})"
     server_prompt = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     return StepResult(
         rate=rate, sent=sent, measured=len(records), ok=len(ok), errors=errors, timeouts=timeouts, passed=passed,
@@ -589,45 +708,65 @@ def _summarise(rate: float, sent: int, records: list[RequestRecord], settings: P
         mean_ttft_ms=_ms(ttfts), p50_ttft_ms=_ms(ttfts, 0.5), p99_ttft_ms=_ms(ttfts, 0.99),
         p50_latency_ms=_ms([r.latency for r in ok], 0.5), p99_latency_ms=_ms([r.latency for r in ok], 0.99),
         server_prompt_tokens=round(statistics.fmean(server_prompt), 1) if server_prompt else None,
-        first_error=first_error, seconds=round(seconds, 3))
+        first_error=first_error, seconds=round(seconds, 3), warmup=warmup, client_errors=client_errors,
+        failed_on_errors=failed_on_errors,
+        mean_output_tokens=round(statistics.fmean(r.output_tokens for r in ok), 2) if ok else None)
 
 
 async def _profile_bucket(ep: Endpoint, model: str, cell: Cell, ranges: tuple[tuple[int, int], tuple[int, int]],
                           settings: ProfileSettings, rng: random.Random,
                           emit: Callable[[str, StepResult | None, BucketProfile | None], None]) -> BucketProfile:
     (i_lo, i_hi), (o_lo, o_hi) = ranges
-    prompt_tokens = representative_tokens(i_lo, i_hi, settings.size)
-    output_tokens = max(2, representative_tokens(o_lo, o_hi, settings.size))  # TPOT needs 2 tokens
+    prompt_tokens, output_tokens = bucket_tokens(*ranges, settings.size)
+    timeout = bucket_timeout(settings, prompt_tokens, output_tokens)
 
     def make_payload() -> bytes:
-        body: dict[str, Any] = {"model": model, "prompt": synthetic_prompt(prompt_tokens, rng),
-                                "max_tokens": output_tokens, "temperature": 0.0, "stream": True,
-                                "stream_options": {"include_usage": True}}
-        if settings.ignore_eos:
-            body["ignore_eos"] = True
-        return json.dumps(body).encode()
+        return _completion_payload(model, synthetic_prompt(prompt_tokens, rng), output_tokens, settings)
 
     steps: list[StepResult] = []
 
-    async def step(rate: float) -> StepResult:
-        result = await _run_step(ep, rate, make_payload, settings, rng)
+    async def run(rate: float) -> StepResult:
+        result = await _run_step(ep, rate, make_payload, settings, rng, timeout)
         steps.append(result)
         emit("step", result, None)
         return result
 
+    async def step(rate: float) -> StepResult:
+        result = await run(rate)
+        if result.failed_on_errors:  # transient errors: one more try at the same rate before it counts
+            result = await run(rate)
+        return result
+
     def done(status: str, tput: float, message: str, best: StepResult | None) -> BucketProfile:
+        warnings = []
+        short = [s for s in steps if s.mean_output_tokens is not None
+                 and s.mean_output_tokens < _SHORT_OUTPUT_SHARE * output_tokens]
+        if short and settings.ignore_eos:
+            mean = statistics.fmean(s.mean_output_tokens or 0 for s in short)
+            warnings.append(f"bucket {cell[0]}:{cell[1]}: the server generated {mean:.3g} of the {output_tokens} "
+                            f"tokens asked for (mean, {len(short)} of {len(steps)} steps): it seems to ignore "
+                            f"ignore_eos, so the load was lower than intended and this tput is too high")
         return BucketProfile(cell=cell, input_range=(i_lo, i_hi), output_range=(o_lo, o_hi),
                              prompt_tokens=prompt_tokens, output_tokens=output_tokens, status=status, tput=tput,
-                             message=message, best=best, steps=tuple(steps))
+                             message=message, best=best, steps=tuple(steps), warnings=tuple(warnings),
+                             timeout=timeout)
 
-    def hard_failure(r: StepResult) -> bool:  # the server rejects the request itself, not the load
-        return r.ok == 0 and r.errors > 0
+    def hard_failure(r: StepResult) -> BucketProfile | None:
+        """The bucket's verdict when the server rejects the request itself, whatever the load."""
+        if r.client_errors:
+            return done("failed", 0.0, f"the server rejects these requests: {r.first_error}", None)
+        if r.ok == 0 and r.timeouts == 0 and r.errors > 0:
+            return done("failed", 0.0, f"every request failed ({r.errors} of {r.errors}): {r.first_error}", None)
+        return None
+
+    def all_timed_out(r: StepResult) -> bool:
+        return r.ok == 0 and r.timeouts > 0
 
     lo: StepResult | None = None
     hi: StepResult | None = None
     first = await step(settings.start_rate)
-    if hard_failure(first):
-        return done("failed", 0.0, f"every request failed: {first.first_error}", None)
+    if (verdict := hard_failure(first)) is not None:
+        return verdict
     if first.passed:
         lo = first
         while lo.rate < settings.max_rate:
@@ -642,17 +781,26 @@ async def _profile_bucket(ep: Endpoint, model: str, cell: Cell, ranges: tuple[tu
                                            f"maximum is higher", lo)
     else:
         hi = first
+        timed_out_in_a_row = 1 if all_timed_out(first) else 0
         while hi.rate / settings.growth >= settings.min_rate * (1 - 1e-9):
+            if timed_out_in_a_row >= TIMEOUT_STEPS_TO_FAIL:
+                break
             r = await step(hi.rate / settings.growth)
             if r.passed:
                 lo = r
                 break
             hi = r
-            if hard_failure(r):
-                return done("failed", 0.0, f"every request failed: {r.first_error}", None)
+            if (verdict := hard_failure(r)) is not None:
+                return verdict
+            timed_out_in_a_row = timed_out_in_a_row + 1 if all_timed_out(r) else 0
         if lo is None:
-            if hi.timeouts and not hi.ok:
-                return done("failed", 0.0, f"requests time out even at {hi.rate:g} req/s: {hi.first_error}", None)
+            if all_timed_out(hi):
+                rates = ", ".join(f"{s.rate:g}" for s in steps[-timed_out_in_a_row:])
+                return done("failed", 0.0, f"timeouts: every measured request timed out at {rates} req/s: "
+                                           f"{hi.first_error}", None)
+            if hi.failed_on_errors:
+                return done("failed", 0.0, f"errors: more than {100 * ERROR_TOLERANCE:g}% of requests fail even "
+                                           f"at {hi.rate:g} req/s: {hi.first_error}", None)
             return done("slo_not_met", 0.0, f"the SLO fails even at {hi.rate:g} req/s ({hi.reason})", None)
     bracket = (lo.rate, hi.rate)
     for _ in range(settings.bisect_steps):
@@ -677,7 +825,7 @@ def _fit_crossing(steps: Sequence[StepResult], slo_ms: float) -> float | None:
     load noise of short steps (bisection alone follows whichever step happened to be lucky).
     """
     points = [(s.rate, s.mean_tpot_ms) for s in steps
-              if s.mean_tpot_ms is not None and s.errors == 0 and s.timeouts == 0]
+              if s.mean_tpot_ms is not None and s.timeouts == 0 and not s.failed_on_errors and not s.client_errors]
     if len(points) < 2:
         return None
     mean_x = statistics.fmean(x for x, _ in points)
@@ -700,8 +848,7 @@ async def _profile(ep: Endpoint, model: str, input_edges: tuple[int, ...], outpu
     for index, cell in enumerate(cells, 1):
         i, j = cell
         ranges = ((input_edges[i], input_edges[i + 1]), (output_edges[j], output_edges[j + 1]))
-        p_tok = representative_tokens(*ranges[0], settings.size)
-        o_tok = max(2, representative_tokens(*ranges[1], settings.size))
+        p_tok, o_tok = bucket_tokens(*ranges, settings.size)
 
         def emit(kind: str, step: StepResult | None, bucket: BucketProfile | None,
                  _cell: Cell = cell, _index: int = index, _p: int = p_tok, _o: int = o_tok) -> None:
@@ -741,10 +888,9 @@ def profile_endpoint(endpoint: str, model: str, *, input_edges: Sequence[int] = 
     for i in range(shape[0]):
         for j in range(shape[1]):
             ranges = ((in_edges[i], in_edges[i + 1]), (out_edges[j], out_edges[j + 1]))
+            p_tok, o_tok = bucket_tokens(*ranges, settings.size)
             buckets.append(by_cell.get((i, j)) or BucketProfile(
-                cell=(i, j), input_range=ranges[0], output_range=ranges[1],
-                prompt_tokens=representative_tokens(*ranges[0], settings.size),
-                output_tokens=max(2, representative_tokens(*ranges[1], settings.size)),
+                cell=(i, j), input_range=ranges[0], output_range=ranges[1], prompt_tokens=p_tok, output_tokens=o_tok,
                 status="not_measured", tput=0.0, message="not in --buckets"))
     return ProfileResult(endpoint=ep.url, model=model, tpot_slo_ms=settings.tpot_slo_ms, input_edges=in_edges,
                          output_edges=out_edges, buckets=tuple(buckets), settings=settings,
@@ -770,7 +916,9 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
                   source: str = "<config>") -> MergeResult:
     """`config` with `gpu`'s tputs set from `result` (gpu_info as a dict or a list); a new GPU entry if needed.
 
-    Buckets not measured keep the GPU's previous value when it had a tputs matrix of the same shape, else 0.
+    `gpu` matches an entry case-insensitively and through the catalog's aliases ("a10g" is "A10G"). Buckets not
+    measured, and buckets that failed (errors, timeouts: no measurement), keep the GPU's previous value when it had
+    a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0.
     """
     from .config import parse_config
 
@@ -781,7 +929,8 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
     gpu_info = data.get("gpu_info")
     if gpu_info is None:
         gpu_info = data["gpu_info"] = {}
-    entry = next((e for _path, name, e in gpu_entries(gpu_info) if name == gpu), None)
+    entry = next((e for _path, name, e in gpu_entries(gpu_info) if _same_gpu(name, gpu)), None)
+    added = entry is None
     if entry is None:
         entry = {"cost": cost} if cost is not None else {}
         if isinstance(gpu_info, list):
@@ -791,35 +940,55 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
             gpu_info[gpu] = entry
         else:
             raise ConfigError(source, "gpu_info", "must be an object keyed by GPU name or an array of GPU entries")
-        if cost is None:
-            warnings.append(f"{source}: added GPU {gpu!r} without a cost: set its $/h (or pass --cost) before solving")
     elif cost is not None:
         entry["cost"] = cost
     old = entry.get("tputs")
-    unmeasured = result.not_measured
-    if unmeasured:
-        keep = isinstance(old, list) and len(old) == rows and all(isinstance(r, list) and len(r) == cols
-                                                                  for r in old)
-        for i, j in unmeasured:
+    keep = isinstance(old, list) and len(old) == rows and all(isinstance(r, list) and len(r) == cols for r in old)
+    for cells, why in ((result.not_measured, "were not measured"), (result.failed, "failed")):
+        if not cells:
+            continue
+        for i, j in cells:
             if keep:
                 tputs[i][j] = old[i][j]
         what = "kept their previous values" if keep else "are 0"
-        warnings.append(f"{len(unmeasured)} bucket(s) were not measured and {what}: "
-                        f"{', '.join(f'{i}:{j}' for i, j in unmeasured)}")
+        warnings.append(f"{len(cells)} bucket(s) {why} and {what}: {', '.join(f'{i}:{j}' for i, j in cells)}")
     entry["tputs"] = tputs
     data.setdefault("input_buckets", list(result.input_edges))
     data.setdefault("output_buckets", list(result.output_edges))
     try:
-        warnings.extend(parse_config(data, source=source).warnings)
+        parsed = parse_config(data, source=source)
+        warnings.extend(parsed.warnings)
         valid = True
     except ConfigError as exc:
-        valid = False
+        parsed, valid = None, False
         warnings.append(f"the merged config does not validate yet: {exc}")
+    if added and cost is None:
+        spec = next((g for g in parsed.gpus if g.name == gpu), None) if parsed is not None else None
+        if spec is not None and spec.cost_source == "catalog":
+            warnings.append(f"{source}: added GPU {gpu!r}, priced from the catalog at ${spec.cost:.4g}/h per GPU "
+                            f"(pass --cost to set your own price)")
+        else:
+            warnings.append(f"{source}: added GPU {gpu!r} without a cost: set its $/h (or pass --cost) before "
+                            f"solving")
     return MergeResult(data=data, warnings=tuple(warnings), valid=valid)
 
 
+def _same_gpu(a: str, b: str) -> bool:
+    """Whether two GPU names mean the same type: equal ignoring case, or the same catalog name ("a100_80gb")."""
+    if a.lower() == b.lower():
+        return True
+    from .catalog import canonical_gpu
+    from .errors import CatalogError
+
+    try:
+        return canonical_gpu(a) == canonical_gpu(b)
+    except CatalogError:
+        return False
+
+
 __all__ = [
-    "BucketProfile", "Endpoint", "PROMPT_WORDS", "ProfileEvent", "ProfileResult", "ProfileSettings", "RequestRecord",
-    "StepResult", "check_endpoint", "config_edges", "merge_profile", "parse_cells", "parse_endpoint",
-    "profile_endpoint", "representative_tokens", "synthetic_prompt",
+    "BucketProfile", "Endpoint", "PROMPT_WORDS", "ProfileEvent", "ProfileFailed", "ProfileResult", "ProfileSettings",
+    "RequestRecord", "StepResult", "bucket_timeout", "bucket_tokens", "check_endpoint", "config_edges",
+    "merge_profile", "parse_cells", "parse_endpoint", "profile_endpoint", "representative_tokens",
+    "synthetic_prompt",
 ]

@@ -1,8 +1,10 @@
 """Turn a request trace into Mélange's workload histogram: `melange-sky workload`.
 
 A trace is JSONL (one object per line) or CSV (a header row) with the prompt and completion token counts of each
-request, and optionally a timestamp. The reader streams the file and keeps only bucket counts, so memory does not grow
-with the number of rows (10^7 rows are the benchmark in `bench/workload_bench.py`).
+request, and optionally a timestamp (epoch seconds; a trace whose numbers are milliseconds or microseconds is
+recognised by their size, with a warning; or ISO-8601). Gzip (.gz) and a UTF-8 BOM are fine. The reader streams
+the file and keeps only bucket counts, so memory does not grow with the number of rows (10^7 rows are the benchmark
+in `bench/workload_bench.py`).
 
 Buckets: with edges e0 < e1 < ... < en, bucket k holds lengths in [e_k, e_{k+1}); the last bucket also holds en.
 Lengths above the last edge go into the last bucket and lengths below the first into the first; both are counted
@@ -14,9 +16,11 @@ import bisect
 import csv
 import gzip
 import io
+import itertools
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +56,11 @@ TIMESTAMP_COLUMNS: tuple[str, ...] = ("timestamp", "created")
 _LOOKUP_TABLE_LIMIT = 1 << 20
 #: How many broken rows are quoted (line number and reason) when --skip-bad skips them.
 _EXAMPLES_KEPT = 5
+#: Numeric epoch timestamps above these are milliseconds / microseconds (1e11 s is the year 5138; 1e11 ms is 1973).
+_EPOCH_MS_ABOVE, _EPOCH_US_ABOVE = 1e11, 1e14
+#: What a corrupt or truncated gzip raises while it is read.
+_GZIP_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, gzip.BadGzipFile, zlib.error)
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -232,17 +241,21 @@ def _json_lengths(obj: Any) -> tuple[Any, Any, str, str]:
 
 
 def _open_binary(path: str) -> IO[bytes]:
+    opener: Callable[..., IO[bytes]] = gzip.open if path.endswith(".gz") else open  # type: ignore[assignment]
     try:
-        handle: IO[bytes] = open(path, "rb")  # noqa: SIM115 - closed by the caller
+        return opener(path, "rb")  # closed by the caller (a GzipFile opened by name closes its file too)
     except FileNotFoundError:
         raise TraceError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise TraceError(f"{path}: is a directory, expected a JSONL or CSV trace") from None
     except OSError as exc:
         raise TraceError(f"{path}: cannot read: {exc.strerror}") from None
-    if path.endswith(".gz"):
-        return gzip.open(handle, "rb")  # type: ignore[return-value]
-    return handle
+
+
+def _gzip_reason(exc: BaseException) -> str:
+    if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return f"not a valid gzip file, or truncated ({exc})"
+    return str(exc)
 
 
 def detect_format(path: str) -> str:
@@ -256,9 +269,9 @@ def detect_format(path: str) -> str:
     with _open_binary(path) as handle:
         try:
             head = handle.read(4096)
-        except (OSError, EOFError) as exc:
-            raise TraceError(f"{path}: cannot read: {exc}") from None
-    return "jsonl" if head.lstrip()[:1] == b"{" else "csv"
+        except _GZIP_ERRORS as exc:
+            raise TraceError(f"{path}: cannot read: {_gzip_reason(exc)}") from None
+    return "jsonl" if head.removeprefix(_BOM).lstrip()[:1] == b"{" else "csv"
 
 
 def read_trace(path: str | os.PathLike[str], *, input_edges: Sequence[int] = DEFAULT_INPUT_EDGES,
@@ -284,8 +297,8 @@ def read_trace(path: str | os.PathLike[str], *, input_edges: Sequence[int] = DEF
                 counter.read_jsonl(handle)
             else:
                 counter.read_csv(handle)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise TraceError(f"{source}: cannot read: {exc}") from None
+        except _GZIP_ERRORS as exc:
+            raise TraceError(f"{source}: cannot read: {_gzip_reason(exc)}") from None
     return counter.result(fmt, rate)
 
 
@@ -356,7 +369,8 @@ class _Counter:
         ts_keys = TIMESTAMP_COLUMNS
         loads, errors = _loads, _JSON_ERRORS
         lineno = 0
-        for lineno, raw in enumerate(handle, 1):
+        first_line = next(handle, b"")
+        for lineno, raw in enumerate(itertools.chain([first_line.removeprefix(_BOM)], handle), 1):
             try:
                 obj = loads(raw)
             except errors as exc:
@@ -385,7 +399,7 @@ class _Counter:
             yield i_len, o_len, ts
 
     def _csv_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, Any]]:
-        text = io.TextIOWrapper(handle, encoding="utf-8", newline="")
+        text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")  # -sig: a leading BOM is dropped
         try:
             header_line = text.readline()
         except UnicodeDecodeError as exc:
@@ -465,10 +479,19 @@ class _Counter:
                                 f"and were counted in the first {axis} bucket")
         first = self.ts_min if self.ts_rows else None
         last = self.ts_max if self.ts_rows else None
+        if first is not None and last is not None and first > _EPOCH_MS_ABOVE:
+            # one unit for the whole trace, judged by its earliest timestamp: seconds would be past the year 5000
+            scale, unit = (1e6, "microseconds") if first > _EPOCH_US_ABOVE else (1e3, "milliseconds")
+            warnings.append(f"the timestamps look like epoch {unit} (e.g. {first:.0f}), not seconds: read them as "
+                            f"{unit}")
+            first, last = first / scale, last / scale
+        elif first is not None and last is not None and last > _EPOCH_MS_ABOVE:
+            warnings.append(f"the timestamps mix units (from {first:.0f} to {last:.0f}: seconds and milliseconds?), "
+                            f"so the rate from them is wrong: pass --rate REQ_PER_S")
         rate_source = "given" if rate is not None else "none"
-        if rate is None and self.ts_rows >= 2 and self.ts_max > self.ts_min:
+        if rate is None and self.ts_rows >= 2 and first is not None and last is not None and last > first:
             # (n - 1) arrivals happen in the span between the first and the last one
-            rate = (self.ts_rows - 1) / (self.ts_max - self.ts_min)
+            rate = (self.ts_rows - 1) / (last - first)
             rate_source = "timestamps"
             if self.ts_rows < self.rows:
                 warnings.append(f"{self.rows - self.ts_rows} row(s) have no timestamp; the rate counts only the "
@@ -553,11 +576,22 @@ def edges_for_config(config: dict[str, Any] | None, input_edges: Sequence[int] |
     return chosen[0], chosen[1]
 
 
-def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str = "<config>") -> MergeResult:
+def config_shape(config: dict[str, Any]) -> tuple[int, int] | None:
+    """The (input, output) bucket shape a config already has: its workload_distribution's, else a GPU's tputs'."""
+    shape = _matrix_shape(config.get("workload_distribution"))
+    if shape is None:
+        shape = next((s for _p, _n, e in gpu_entries(config.get("gpu_info"))
+                      if (s := _matrix_shape(e.get("tputs"))) is not None), None)
+    return shape
+
+
+def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str = "<config>",
+                   in_place: bool = False) -> MergeResult:
     """`config` with workload_distribution, total_request_rate and the bucket edges from `result`; the rest kept.
 
-    A GPU whose tputs has the old shape makes the config invalid; that is a warning saying what to run, not an
-    error, because the histogram is still what the user asked for.
+    A GPU whose tputs has the old shape makes the config invalid. Written elsewhere (`in_place` False) that is a
+    warning saying what to run, because the histogram is still what the user asked for; `in_place` (the merge
+    would overwrite `source`) it raises `BucketEdgesError` instead, so a working config is never broken.
     """
     from .config import parse_config
 
@@ -575,7 +609,7 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
     for path, name, entry in gpu_entries(data.get("gpu_info")):
         shape = _matrix_shape(entry.get("tputs"))
         if shape is not None and shape != (rows, cols):
-            mismatched.append(name)
+            mismatched.append(f"{name} {shape[0]}x{shape[1]}")
             warnings.append(
                 f"{source}: {path}.tputs is {shape[0]}x{shape[1]} but the new workload_distribution is {rows}x{cols}:"
                 f" the config is invalid until it is re-profiled for these buckets: melange-sky profile --endpoint "
@@ -588,4 +622,15 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
         except ConfigError as exc:
             valid = False
             warnings.append(f"the merged config does not validate yet: {exc}")
+    if in_place and not valid:
+        old = config_shape(config)
+        fit = (f"pass --input-buckets and --output-buckets with {old[0] + 1} and {old[1] + 1} edges (the config's "
+               f"{old[0]}x{old[1]} buckets), " if old is not None
+               else "pass --input-buckets/--output-buckets that fit it, ")
+        if mismatched:
+            problem = f"the trace's {rows}x{cols} buckets do not fit the tputs ({', '.join(mismatched)})"
+        else:
+            problem = next((w for w in warnings if w.startswith("the merged config does not validate")), "invalid")
+        raise BucketEdgesError(f"{source}: not changed, the merged config would be invalid: {problem}; {fit}or write "
+                               f"the merged config elsewhere with -o FILE")
     return MergeResult(data=data, warnings=tuple(warnings), valid=valid)

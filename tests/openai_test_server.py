@@ -11,7 +11,9 @@ It listens on 127.0.0.1 on an ephemeral port and prints "PORT <n>" once ready. L
 So a request's mean TPOT is T = base + k x (1 + L_others), and with Poisson arrivals at rate r the others in the
 server average r x W (Little's law), W = prefill + (n - 1) x T for n output tokens. Solving for T = SLO gives the
 true maximum rate: `true_max_rate` below. Failure modes for tests: prompts longer than --error-above-prompt get an
-HTTP 500; longer than --hang-above-prompt get headers and then nothing (the client must time out).
+HTTP 500; longer than --hang-above-prompt get headers and then nothing (the client must time out); every
+--error-every-th completion request (and the first --error-first ones) gets an immediate HTTP 500 (transient errors);
+--max-output caps the tokens generated whatever max_tokens says (a server ignoring ignore_eos).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class LawServer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.active = 0
+        self.completions = 0  # completion requests received, for --error-every / --error-first
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -68,8 +71,11 @@ class LawServer:
             await self.send_json(writer, 404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
             return
         prompt_tokens = len(str(req.get("prompt", "")).split())
-        n = int(req.get("max_tokens", 16))
-        if prompt_tokens > self.args.error_above_prompt:
+        n = min(int(req.get("max_tokens", 16)), self.args.max_output)
+        self.completions += 1
+        every, first = self.args.error_every, self.args.error_first
+        if prompt_tokens > self.args.error_above_prompt or self.completions <= first or (
+                every and self.completions % every == 0):
             await self.send_json(writer, 500, {"error": {"message": "simulated server error"}})
             return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
@@ -120,6 +126,9 @@ def main() -> None:
     parser.add_argument("--prefill-ms-per-token", type=float, default=0.1)
     parser.add_argument("--error-above-prompt", type=int, default=sys.maxsize)
     parser.add_argument("--hang-above-prompt", type=int, default=sys.maxsize)
+    parser.add_argument("--error-every", type=int, default=0)
+    parser.add_argument("--error-first", type=int, default=0)
+    parser.add_argument("--max-output", type=int, default=sys.maxsize)
     args = parser.parse_args()
     try:
         asyncio.run(serve(args))

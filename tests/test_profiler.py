@@ -16,8 +16,8 @@ import pytest
 
 from melange_sky.config import load_config
 from melange_sky.errors import EndpointUnreachable, ProfileError
-from melange_sky.profiler import (ProfileEvent, ProfileSettings, parse_cells, parse_endpoint, profile_endpoint,
-                                  representative_tokens)
+from melange_sky.profiler import (BucketProfile, ProfileEvent, ProfileResult, ProfileSettings, merge_profile,
+                                  parse_cells, parse_endpoint, profile_endpoint, representative_tokens)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_test_server import true_max_rate  # noqa: E402
@@ -90,10 +90,12 @@ def test_server_errors_and_timeouts_are_reported_per_bucket(law_server):
     # prompts over 150 words hang (the client must time out); over 400 get HTTP 500
     url = law_server("--hang-above-prompt=150", "--error-above-prompt=400")
     result = profile_endpoint(url, "test-model", input_edges=(10, 30, 370, 1000), output_edges=(4, 8),
-                              settings=fast(request_timeout=0.4, bisect_steps=0, start_rate=20.0, max_rate=40.0))
+                              settings=fast(request_timeout=0.4, bisect_steps=0, start_rate=20.0, max_rate=40.0,
+                                            requests_per_step=10))
     by_cell = {b.cell: b for b in result.buckets}
     assert by_cell[(0, 0)].status in ("ok", "capped") and by_cell[(0, 0)].tput >= 20
-    assert by_cell[(1, 0)].status == "failed" and "timed out after 0.4 s" in by_cell[(1, 0)].message
+    assert by_cell[(1, 0)].status == "failed" and by_cell[(1, 0)].message.startswith("timeouts: ")
+    assert f"timed out after {by_cell[(1, 0)].timeout:g} s" in by_cell[(1, 0)].message
     assert by_cell[(2, 0)].status == "failed" and "HTTP 500: simulated server error" in by_cell[(2, 0)].message
     assert result.tputs[1] == [0.0] and result.tputs[2] == [0.0]
 
@@ -188,3 +190,119 @@ def test_bad_edges_are_a_one_line_error_with_exit_2_before_contacting_anything(c
     assert run.exit_code == 2
     assert run.stderr.startswith("Error: --output-buckets: ") and message in run.stderr
     assert run.stderr.count("\n") == 1
+
+
+def test_a_few_transient_errors_do_not_fail_a_bucket(law_server):
+    url = law_server("--error-every=17")  # ~6% of requests get an immediate HTTP 500
+    result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
+                              settings=fast())
+    b = result.buckets[0]
+    truth = true_max_rate(SLO_MS, LAW["base_ms"], LAW["k_ms"], LAW["prefill_ms_per_token"], b.prompt_tokens,
+                          b.output_tokens)
+    assert b.status == "ok", b.message
+    assert b.tput == pytest.approx(truth, rel=0.2)
+    assert any(s.errors and s.passed for s in b.steps)  # an error among the measured ones was tolerated, counted
+
+
+def test_a_bucket_whose_first_requests_fail_is_not_called_all_failed(law_server):
+    url = law_server("--error-first=3")  # the endpoint check's probe and the first requests fail, then all is well
+    result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
+                              settings=fast(bisect_steps=0, max_rate=80.0))
+    b = result.buckets[0]
+    assert b.status in ("ok", "capped") and "every request failed" not in b.message and b.tput >= 40
+    assert b.steps[0].warmup >= 2  # a warm-up request that failed fast does not end the warm-up
+
+
+def test_an_endpoint_pointing_at_v1_completions_is_rejected_naming_the_base_url(cli):
+    run = cli("profile", "--endpoint", f"http://127.0.0.1:{free_port()}/v1/completions", "--model", "m")
+    assert run.exit_code == 2 and run.stderr.count("\n") == 1
+    assert "give the server's base URL" in run.stderr and "e.g. http://127.0.0.1:" in run.stderr
+    with pytest.raises(ProfileError, match="base URL"):
+        parse_endpoint("http://host:8000/v1/chat/completions")
+    assert parse_endpoint("http://host:8000/v1").path("/v1/completions") == "/v1/completions"
+
+
+def test_a_4xx_from_completions_aborts_with_the_url_called_and_exit_2(law_server, cli, write_config, example):
+    url = law_server()
+    example.update(input_buckets=list(IN_EDGES), output_buckets=list(OUT_EDGES))
+    path = write_config(example)
+    run = cli(*_profile_args(url + "/wrong-prefix", "--into", path, "--gpu", "A10G"))
+    assert run.exit_code == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert f"POST {url}/wrong-prefix/v1/completions" in run.stderr and "HTTP 404" in run.stderr
+    assert "base URL" in run.stderr
+    assert json.loads(Path(path).read_text()) == example
+
+
+def test_when_every_bucket_fails_the_profile_exits_nonzero_and_leaves_the_config_alone(law_server, cli,
+                                                                                       write_config, example):
+    url = law_server("--error-above-prompt=1")  # every profiling request gets HTTP 500
+    example.update(input_buckets=list(IN_EDGES), output_buckets=list(OUT_EDGES))
+    path = write_config(example)
+    run = cli(*_profile_args(url, "-q", "--into", path, "--gpu", "A10G"))
+    assert run.exit_code != 0
+    assert "no bucket was measured" in run.stderr and "not changed" in run.stderr
+    assert json.loads(Path(path).read_text()) == example
+
+
+def _bucket(cell, status, tput):
+    return BucketProfile(cell=cell, input_range=(IN_EDGES[cell[0]], IN_EDGES[cell[0] + 1]),
+                         output_range=(OUT_EDGES[cell[1]], OUT_EDGES[cell[1] + 1]), prompt_tokens=20,
+                         output_tokens=6, status=status, tput=tput)
+
+
+def _result(*buckets):
+    return ProfileResult(endpoint="http://127.0.0.1:1", model="m", tpot_slo_ms=SLO_MS, input_edges=IN_EDGES,
+                         output_edges=OUT_EDGES, buckets=tuple(buckets), settings=fast(), seconds=1.0)
+
+
+def test_merging_keeps_failed_buckets_and_matches_gpu_names_case_insensitively(example):
+    example.update(input_buckets=list(IN_EDGES), output_buckets=list(OUT_EDGES))
+    result = _result(_bucket((0, 0), "ok", 50.0), _bucket((0, 1), "failed", 0.0), _bucket((1, 0), "slo_not_met", 0.0),
+                     _bucket((1, 1), "not_measured", 0.0))
+    merged = merge_profile(example, result, "a10g", source="c.json")
+    assert list(merged.data["gpu_info"]) == ["A10G", "A100-80GB"]  # no second entry next to A10G
+    assert merged.data["gpu_info"]["A10G"]["tputs"] == [[50.0, 1], [0.0, 2]]  # failed and not measured kept
+    assert merged.valid and any("0:1" in w and "failed" in w for w in merged.warnings)
+    listed = dict(example, gpu_info=[{"name": n, **e} for n, e in example["gpu_info"].items()])
+    merged = merge_profile(listed, result, "a100_80gb", source="c.json")
+    assert [e["name"] for e in merged.data["gpu_info"]] == ["A10G", "A100-80GB"]
+    added = merge_profile(example, result, "L4", source="c.json")  # no cost given: the catalog prices it
+    assert added.valid and not any("without a cost" in w for w in added.warnings)
+    assert any("L4" in w and "catalog" in w for w in added.warnings)
+
+
+def test_long_output_buckets_get_a_timeout_that_fits_their_length(law_server):
+    # 40 output tokens at >= 10 ms each take > 0.4 s: longer than --timeout 0.2, within 3x the SLO budget
+    url = law_server()
+    result = profile_endpoint(url, "test-model", input_edges=(10, 30), output_edges=(39, 41), cells=[(0, 0)],
+                              settings=fast(request_timeout=0.2, start_rate=10.0, min_rate=10.0, max_rate=10.0,
+                                            bisect_steps=0, requests_per_step=10))
+    b = result.buckets[0]
+    assert b.status in ("ok", "capped") and b.steps[0].timeouts == 0, b.message
+    assert b.timeout == pytest.approx(3 * (40 * SLO_MS / 1000 + 20 * 0.0005))
+
+
+def test_a_hanging_bucket_stops_after_two_rates_where_every_request_timed_out(law_server):
+    url = law_server("--hang-above-prompt=150")
+    result = profile_endpoint(url, "test-model", input_edges=(10, 30, 370), output_edges=(4, 8), cells=[(1, 0)],
+                              settings=fast(request_timeout=0.2, start_rate=20.0, min_rate=0.05, bisect_steps=0,
+                                            requests_per_step=10))
+    b = result.buckets[1]
+    assert b.status == "failed" and b.message.startswith("timeouts:") and "timed out after" in b.message
+    assert len(b.steps) == 2 and all(s.timeouts == s.measured for s in b.steps)
+
+
+def test_a_server_that_stops_early_despite_ignore_eos_is_warned_about(law_server):
+    url = law_server("--max-output=3")  # the 6-token bucket gets 3 tokens: half the load asked for
+    result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
+                              settings=fast(bisect_steps=0, max_rate=80.0))
+    assert any("0:0" in w and "3 of the 6" in w and "ignore_eos" in w for w in result.warnings), result.warnings
+
+
+def test_credentials_in_the_endpoint_url_are_never_shown_or_written(law_server, cli, tmp_path):
+    url = law_server().replace("http://", "http://user:s3cret@")
+    out = tmp_path / "p.json"
+    run = cli(*_profile_args(url, "-o", str(out)))
+    assert run.exit_code == 0, run.stderr
+    assert "s3cret" not in run.stdout + run.stderr + out.read_text()
+    assert "s3cret" not in parse_endpoint(url).url

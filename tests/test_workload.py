@@ -300,7 +300,8 @@ def test_workload_command_does_not_import_skypilot(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"input_len": 5, "output_len": 5}\n')
     code = ("import sys; from melange_sky.cli import main\n"
-            f"main(['workload', {str(path)!r}, '--rate', '1', '--json'], standalone_mode=False)\n"
+            f"try:\n    main(['workload', {str(path)!r}, '--rate', '1', '--json'])\n"
+            "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
             "assert 'sky' not in sys.modules, 'sky was imported'\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -320,3 +321,57 @@ def test_memory_stays_flat_however_many_rows(tmp_path):
         tracemalloc.stop()
     assert result.rows == 50_000
     assert peak < 2 * 2**20  # keeping the rows would take tens of MB; counts take kilobytes
+
+
+def test_merge_in_place_that_would_make_the_config_invalid_is_refused_with_exit_2(tmp_path, cli, example):
+    target = tmp_path / "config.json"  # a 2x2 config without edges: the default 8x6 buckets would not fit its tputs
+    target.write_text(json.dumps(example))
+    run = cli("workload", str(_trace_for_2x2(tmp_path)), "--into", str(target))
+    assert run.exit_code == 2
+    assert run.stderr.startswith("Error: ") and run.stderr.count("\n") == 1
+    assert "--input-buckets and --output-buckets with 3 and 3 edges" in run.stderr and "-o" in run.stderr
+    assert json.loads(target.read_text()) == example  # untouched
+    fixed = cli("workload", str(_trace_for_2x2(tmp_path)), "--into", str(target), "--input-buckets", "1,100,1000",
+                "--output-buckets", "1,100,1000")
+    assert fixed.exit_code == 0, fixed.stderr
+    assert load_config(target).shape == (2, 2)
+
+
+@pytest.mark.parametrize("scale, unit", [(1000, "milliseconds"), (1_000_000, "microseconds")])
+def test_epoch_timestamps_in_milliseconds_or_microseconds_give_the_rate_in_req_per_s(tmp_path, scale, unit):
+    path = tmp_path / "t.jsonl"
+    # 101 requests over 50 s, the timestamps in ms (or µs), as integers
+    rows = [{"timestamp": (1_700_000_000 + k // 2) * scale + (k % 2) * scale // 2, "input_len": 10,
+             "output_len": 10} for k in range(101)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = read_trace(path)
+    assert result.rate == pytest.approx(2.0)
+    assert result.duration == pytest.approx(50.0) and result.first_timestamp == pytest.approx(1.7e9)
+    assert any(unit in w for w in result.warnings)
+    seconds = tmp_path / "s.csv"
+    seconds.write_text("timestamp,input_len,output_len\n1700000000,1,1\n1700000004,1,1\n")
+    assert read_trace(seconds).rate == pytest.approx(0.25) and not read_trace(seconds).warnings
+
+
+def test_a_corrupt_gzip_trace_is_a_one_line_error_with_exit_2(tmp_path, cli):
+    good = gzip.compress(b'{"input_len": 5, "output_len": 5}\n' * 2000)
+    for name, data in (("crc.jsonl.gz", good[:-8] + b"\0" * 8), ("cut.jsonl.gz", good[: len(good) // 2]),
+                       ("notgz.jsonl.gz", b"plain text, not gzip\n"),
+                       ("flipped.jsonl.gz", good[:40] + bytes([good[40] ^ 0xFF]) + good[41:])):
+        path = tmp_path / name
+        path.write_bytes(data)
+        run = cli("workload", str(path))
+        assert run.exit_code == 2, (name, run.stderr)
+        assert run.stderr.startswith(f"Error: {path}: ") and run.stderr.count("\n") == 1, run.stderr
+        assert "internal error" not in run.stderr
+
+
+def test_a_utf8_bom_does_not_break_the_csv_header_or_the_first_jsonl_row(tmp_path):
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_bytes("\ufeffinput_len,output_len\n10,10\n300,30\n".encode())
+    jsonl_path = tmp_path / "t.log"  # no telling extension: sniffed past the BOM
+    jsonl_path.write_bytes("\ufeff".encode() + b'{"input_len": 10, "output_len": 10}\n{"input_len": 300, '
+                                                b'"output_len": 30}\n')
+    for path in (csv_path, jsonl_path):
+        result = read_trace(path, rate=1)
+        assert result.rows == 2 and result.counts[0][0] == 1 and result.counts[3][1] == 1
