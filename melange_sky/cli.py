@@ -83,11 +83,17 @@ def main() -> None:
     """melange-sky: the cheapest mix of GPU types for serving an LLM, deployed with SkyPilot.
 
     Given a workload histogram (request sizes), a request rate and each GPU type's price and profiled
-    throughput, it solves Mélange's integer program for the cheapest fleet.
+    throughput, it solves Mélange's integer program for the cheapest fleet, and deploys it as one SkyPilot
+    cluster per replica, across clouds.
 
     \b
-    Start with:
-      melange-sky solve examples/example.json
+    The workflow:
+      melange-sky solve examples/example.json          # the cheapest mix, and what it saves
+      melange-sky plan examples/example.json           # + one SkyPilot task per replica
+      melange-sky up examples/example.json --dryrun    # what `up` would launch, validated
+      melange-sky up examples/example.json             # launch it (needs `sky check` to pass)
+      melange-sky status / melange-sky down example    # watch / tear down
+    Inputs: `melange-sky workload TRACE` (histogram), `melange-sky profile` (tputs), `melange-sky catalog` (offers).
     """
 
 
