@@ -241,27 +241,17 @@ def test_pinned_instance_type_unknown_to_the_catalog_says_so(cli, write_config, 
     assert not (tmp_path / "out").exists()
 
 
-def test_template_with_a_syntax_error_names_file_and_line(cli, tmp_path):
-    bad = tmp_path / "bad.j2"
-    bad.write_text("name: {{ cluster | tojson }}\nrun: |\n  {% if %}\n")
-    result = cli("plan", EXAMPLE_PATH, "--template", str(bad), "-o", str(tmp_path / "out"))
-    assert_one_error_line(result, f"{bad}:3:", "syntax error")
-    assert not (tmp_path / "out").exists()
-
-
-def test_undefined_template_variable_is_named(cli, tmp_path):
+@pytest.mark.parametrize("source, line, message", [
+    ("name: {{ cluster | tojson }}\nrun: |\n  {% if %}\n", 3, "syntax error"),
+    ("name: {{ cluster | tojson }}\nrun: echo {{ no_such_variable }}\n", 2, "'no_such_variable' is undefined"),
+    ("name: {{ cluster | tojson }}\nrun: echo {{ port + 'x' }}\n", 2, "TypeError"),
+], ids=["syntax error", "undefined variable", "runtime error"])
+def test_template_errors_name_file_and_line_and_write_nothing(cli, tmp_path, source, line, message):
     tpl = tmp_path / "mine.j2"
-    tpl.write_text("name: {{ cluster | tojson }}\nrun: echo {{ no_such_variable }}\n")
+    tpl.write_text(source)
     result = cli("plan", EXAMPLE_PATH, "--template", str(tpl), "-o", str(tmp_path / "out"))
-    assert_one_error_line(result, f"{tpl}:2:", "'no_such_variable' is undefined")
+    assert_one_error_line(result, f"{tpl}:{line}:", message)
     assert not (tmp_path / "out").exists()
-
-
-def test_template_runtime_error_names_file_and_line(cli, tmp_path):
-    tpl = tmp_path / "mine.j2"
-    tpl.write_text("name: {{ cluster | tojson }}\nrun: echo {{ port + 'x' }}\n")
-    result = cli("plan", EXAMPLE_PATH, "--template", str(tpl), "-o", str(tmp_path / "out"))
-    assert_one_error_line(result, f"{tpl}:2:", "TypeError")
 
 
 def test_unknown_template_name_lists_the_builtins(cli, tmp_path):
