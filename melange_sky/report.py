@@ -35,8 +35,7 @@ def format_solve(result: SolveResult) -> str:
             lines.append(f"  {b.gpu:<{width}}  cannot serve alone: {b.reason}")
         else:
             mark = "  <- cheapest" if best is not None and b.gpu == best.gpu else ""
-            lines.append(f"  {b.gpu:<{width}}  {b.count:>5} x ${result_price(result, b.gpu):.2f} = "
-                         f"${b.cost:.2f}/h{mark}")
+            lines.append(f"  {b.gpu:<{width}}  {b.count:>5} x ${b.cost / b.count:.2f} = ${b.cost:.2f}/h{mark}")
     if best is None:
         lines.append("No single GPU type can serve this workload alone: the mix is the only fleet.")
     elif result.saving > 1e-9:
@@ -58,10 +57,6 @@ def format_solve(result: SolveResult) -> str:
         lines.append(f"Not proven optimal within the time limit: the optimum lies between "
                      f"${result.lower_bound:.2f}/h and ${result.cost:.2f}/h. Raise --time-limit to keep searching.")
     return "\n".join(lines)
-
-
-def result_price(result: SolveResult, gpu: str) -> float:
-    return next(g.price for g in result.gpus if g.name == gpu)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -390,18 +390,26 @@ def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[
 
 
 def _fill_cheapest(group: list[GpuSpec], total: int) -> dict[str, int]:
-    """`total` instances spread over one type's offers at least cost: each offer's min_count, then the cheapest offers
-    up to their max_count. (The LP may split ties fractionally; this is the integral spread of equal cost.)"""
+    """`total` instances spread over one type's offers at least cost (`cheapest_spread`); an allocation the solver
+    returned always fits, so one that does not is a bug."""
+    counts = cheapest_spread(group, total)
+    if counts is None:
+        raise AllocationCheckError(f"internal error, please report: {total} instances do not fit the offers of "
+                                   f"{group[0].name} and the like")
+    return counts
+
+
+def cheapest_spread(group: list[GpuSpec], total: int) -> dict[str, int] | None:
+    """`total` instances of one GPU type spread over its offers at least cost: each offer's min_count, then the
+    cheapest offers up to their max_count; None if they do not fit. (The LP may split price ties fractionally;
+    this is the integral spread of equal cost.)"""
     counts = {g.name: g.min_count for g in group}
     left = total - sum(counts.values())
     for g in sorted(group, key=lambda g: (g.cost, g.name)):
         room = left if g.max_count is None else min(left, g.max_count - counts[g.name])
         counts[g.name] += max(room, 0)
         left -= max(room, 0)
-    if left:
-        raise AllocationCheckError(f"internal error, please report: {total} instances do not fit the offers of "
-                                   f"{group[0].name} and the like")
-    return counts
+    return None if left else counts
 
 
 def make_result(config: Config, formulation: str, options: SolverOptions, status: str, seconds: float,
@@ -446,21 +454,27 @@ def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucke
 
 
 def baselines(config: Config) -> list[Baseline]:
-    """Single-GPU-type fleets (what teams do today): count = ceil(total load / headroom) of that type."""
+    """Single-GPU-type fleets (what teams do today): count = ceil(total load / headroom) of that type. A GPU type
+    offered at several offers (`--per-offer`) is one baseline, its instances spread over its offers by price."""
     result = []
     demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
-    for gpu in config.gpus:
+    for name, group in offer_groups(list(config.gpus)).items():
+        gpu = group[0]
+        label = gpu.entry or gpu.name if len(group) > 1 else gpu.name
         blocked = next((b for b in demand if gpu.tput(b) <= 0), None)
         if blocked is not None:
-            result.append(Baseline(gpu.name, None, None,
+            result.append(Baseline(label, None, None,
                                    f"cannot serve bucket {config.bucket_name(blocked)} (tputs 0)"))
             continue
         load = sum(config.bucket_rate(b) / gpu.tput(b) for b in demand)
-        count = max(math.ceil(load / config.headroom - 1e-9), gpu.min_count)
-        if gpu.max_count is not None and count > gpu.max_count:
-            result.append(Baseline(gpu.name, None, None, f"needs {count}, above its max_count {gpu.max_count}"))
+        count = max(math.ceil(load / config.headroom - 1e-9), sum(g.min_count for g in group))
+        spread = cheapest_spread(group, count)
+        if spread is None:
+            limit = (f"its max_count {gpu.max_count}" if len(group) == 1
+                     else f"the quotas of its {len(group)} offers")
+            result.append(Baseline(label, None, None, f"needs {count}, above {limit}"))
             continue
-        result.append(Baseline(gpu.name, count, count * gpu.cost))
+        result.append(Baseline(label, count, sum(n * config.gpu(g).cost for g, n in spread.items())))
     return result
 
 

@@ -204,6 +204,17 @@ def test_multicloud_example_file_loads_and_plans_across_clouds(bundled):
     assert {o.cloud for o in bound.offers.values()} == {"aws", "azure", "gcp"}
 
 
+def test_per_offer_baselines_are_one_per_gpu_type_spread_over_its_offers(bundled):
+    cfg = load_config(REPO / "examples" / "multicloud.json", catalog=bundled)
+    result = solve(bind_offers(cfg, bundled, per_offer=True).config)
+    baselines = {b.gpu: b for b in result.baselines}
+    assert set(baselines) == {g.name for g in cfg.gpus}  # "A100-80GB", not "A100-80GB@gcp:us-central1"
+    a100 = baselines["A100-80GB"]  # every instance of the plan is an A100-80GB: the mix cannot beat that baseline
+    assert a100.count == 3 and a100.cost == pytest.approx(result.cost)
+    assert result.saving == pytest.approx(0.0, abs=1e-9)
+    assert "quotas of its 4 offers" in baselines["A10G"].reason
+
+
 def test_solve_prices_a_costless_config_from_the_catalog_without_importing_skypilot(tmp_path):
     data = entry(EXAMPLE, "A10G", cost=None)
     path = tmp_path / "costless.json"
