@@ -499,8 +499,8 @@ def _confirm(question: str, yes: bool) -> bool:
               help="Stop (with --down: tear down) each cluster after this many idle minutes.")
 @click.option("--down", "autodown", is_flag=True, help="Tear clusters down instead of stopping them when idle "
                                                        "(needs --idle-minutes-to-autostop).")
-@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout (no prompt: "
-                                                      "use with -y).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout (needs -y when "
+                                                      "anything is to be launched or torn down).")
 @_backend_option
 @plan_options
 @solve_options
@@ -552,9 +552,13 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     def confirm(preview, notes) -> bool:
         if not as_json:
             click.echo(format_preview(preview, notes), file=stdout)
-        return not preview.launch or _confirm(f"Launch {len(preview.launch)} replica(s) of fleet "
-                                              f"{preview.plan.fleet} (+${preview.launch_cost:.2f}/h)?",
-                                              yes or as_json)
+        if not (preview.launch or preview.remove):
+            return True
+        if as_json and not yes:  # a prompt would corrupt the JSON on stdout
+            raise click.UsageError("up --json would launch or tear down replicas: pass -y as well")
+        actions = [f"launch {len(preview.launch)} replica(s) (+${preview.launch_cost:.2f}/h)"] if preview.launch else []
+        actions += [f"tear down {len(preview.remove)} that are not serving"] if preview.remove else []
+        return _confirm(f"Fleet {preview.plan.fleet}: {' and '.join(actions)}?", yes)
 
     options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
                         idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)

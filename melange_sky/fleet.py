@@ -38,8 +38,8 @@ DEFAULT_MAX_ROUNDS = 5  # a round re-solves and launches only what is still miss
 HEARTBEAT_S = 30.0  # how often `up` reports launches still in flight
 CANCEL_POLL_S = 0.5  # after Ctrl-C, how often in-flight launches are cancelled again until every worker is done
 #: States in which a cluster may be billing without serving: torn down when a re-plan leaves them out.
-NOT_SERVING = (ReplicaState.PENDING, ReplicaState.LAUNCHING, ReplicaState.FAILED, ReplicaState.UNAVAILABLE,
-               ReplicaState.STOPPED)
+NOT_SERVING = (ReplicaState.PENDING, ReplicaState.LAUNCHING, ReplicaState.FAILED, ReplicaState.UNAVAILABLE)
+# (Stopped clusters outside the plan are kept: they cost disks only, and the user may want them back.)
 
 Planner = Callable[["PlanRequest"], "Plan"]
 
@@ -71,6 +71,8 @@ class Preview:
 
     plan: Plan
     launch: list[ReplicaPlan]  # replicas to launch (new, or again: failed, stopped, gone)
+    remove: list[str]  # replicas outside the plan that are not serving (failed, out of capacity): torn down
+    surplus_stopped: list[str]  # stopped replicas outside the plan: kept
     keep: list[str]  # replicas up and part of the plan
     surplus: list[str]  # replicas up but not part of the plan (kept running; not counted in the plan's capacity)
     stale: list[str]  # replicas up whose task differs from the plan's (model, template or deployment changed)
@@ -89,13 +91,18 @@ class Preview:
         if self.surplus:
             notes.append(f"{len(self.surplus)} replica(s) up are not in the new plan and are kept running "
                          f"({', '.join(self.surplus)}); `melange-sky down` the fleet and `up` again to shrink it")
+        kept_stopped = self.surplus_stopped
+        if kept_stopped:
+            notes.append(f"{len(kept_stopped)} stopped replica(s) outside the plan are kept (disks only): "
+                         f"{', '.join(kept_stopped)}; `melange-sky down` the fleet to delete them")
         if self.stale:
             notes.append(f"{len(self.stale)} replica(s) run an older task than the plan's (model, template or "
                          f"deployment changed): {', '.join(self.stale)}; `down` and `up` again to replace them")
         return notes
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fleet": self.plan.fleet, "launch": [r.summary() for r in self.launch], "keep": self.keep,
+        return {"fleet": self.plan.fleet, "launch": [r.summary() for r in self.launch], "remove": self.remove,
+                "keep": self.keep,
                 "surplus": self.surplus, "stale": self.stale, "config_changed": self.config_changed,
                 "notes": self.notes,
                 "cost_planned": round(self.plan.cost, 6), "cost_to_launch": round(self.launch_cost, 6)}
@@ -122,8 +129,10 @@ class UpReport:
     @property
     def problems(self) -> list[ReplicaRecord]:
         """Replicas not up that may still have a cluster: planned ones that did not come up, and leftovers that
-        could not be torn down."""
-        return [r for r in self.replicas if r.state not in (ReplicaState.UP, ReplicaState.GONE)]
+        could not be torn down (stopped replicas outside the plan are kept on purpose: see `notes`)."""
+        planned = {r.cluster for r in self.plan.replicas}
+        return [r for r in self.replicas if r.state not in (ReplicaState.UP, ReplicaState.GONE)
+                and not (r.state is ReplicaState.STOPPED and r.cluster not in planned)]
 
     @property
     def complete(self) -> bool:
@@ -239,9 +248,10 @@ class Fleet:
 
     def _sync(self, rows: list[ReplicaRecord], refresh: bool, may_write_in_flight: bool) -> list[ClusterInfo]:
         """Record what the backend says of `rows` (clusters that may exist). One rule for `up` and `status`:
-        UP → up (endpoint updated); STOPPED → stopped; INIT on an up row → failed (unhealthy); GONE → gone. Rows
-        whose launch or teardown another process may have in flight (pending, launching, terminating) are only
-        changed when `may_write_in_flight` (the caller holds the fleet's lock)."""
+        UP → up (endpoint fetched if unknown); STOPPED → stopped; INIT on an up row → failed (unhealthy); GONE →
+        gone. Each write is a compare-and-set against the state read, so a concurrent `up`/`down` is never
+        overwritten; rows whose launch or teardown may be in flight elsewhere (pending, launching, terminating) are
+        only changed when `may_write_in_flight` (the caller holds the fleet's lock)."""
         live = [r for r in rows if r.state is not ReplicaState.GONE]
         if not live:
             return []
@@ -252,18 +262,31 @@ class Fleet:
             if info is None or (row.state in in_flight and not may_write_in_flight):
                 continue
             if info.status is ClusterStatus.UP:
-                if row.state is not ReplicaState.UP or (info.endpoint and info.endpoint != row.endpoint):
-                    self.ledger.transition(row.cluster, ReplicaState.UP, endpoint=info.endpoint or row.endpoint,
-                                           error=None, message="backend: up")
+                endpoint = info.endpoint or row.endpoint or self._endpoint(row)
+                if row.state is not ReplicaState.UP or endpoint != row.endpoint:
+                    self.ledger.transition(row.cluster, ReplicaState.UP, endpoint=endpoint, error=None,
+                                           message="backend: up", expect=row.state)
             elif info.status is ClusterStatus.STOPPED and row.state is not ReplicaState.STOPPED:
-                self.ledger.transition(row.cluster, ReplicaState.STOPPED, endpoint=None, message="backend: stopped")
+                self.ledger.transition(row.cluster, ReplicaState.STOPPED, endpoint=None, message="backend: stopped",
+                                       expect=row.state)
             elif info.status is ClusterStatus.INIT and row.state is ReplicaState.UP:
-                self.ledger.transition(row.cluster, ReplicaState.FAILED, endpoint=None,
+                self.ledger.transition(row.cluster, ReplicaState.FAILED, endpoint=None, expect=row.state,
                                        error="the launcher reports it INIT (provisioning or unhealthy); `up` "
                                              "relaunches it")
             elif info.status is ClusterStatus.GONE and row.state is not ReplicaState.PENDING:
-                self.ledger.transition(row.cluster, ReplicaState.GONE, endpoint=None, message="backend: not found")
+                self.ledger.transition(row.cluster, ReplicaState.GONE, endpoint=None, message="backend: not found",
+                                       expect=row.state)
         return list(answer.values())
+
+    def _endpoint(self, row: ReplicaRecord) -> str | None:
+        """Ask the backend for the serving endpoint of an up replica whose status answer had none."""
+        port = _task_port(row.task)
+        if port is None:
+            return None
+        try:
+            return self.backend.endpoint(row.cluster, port)
+        except MelangeError:
+            return None
 
     def _request(self, fleet: str, exclude: frozenset[str] = frozenset()) -> PlanRequest:
         """The ledger's replicas as a planning request: capacity up, names to reuse, names taken."""
@@ -294,6 +317,8 @@ class Fleet:
         record = self.ledger.get_fleet(fleet) if self.ledger is not None else None
         return Preview(
             plan=plan, launch=[r for r in plan.replicas if r.cluster not in up],
+            remove=sorted(c for c, r in rows.items() if c not in planned and r.state in NOT_SERVING),
+            surplus_stopped=sorted(c for c, r in rows.items() if c not in planned and r.state is ReplicaState.STOPPED),
             keep=sorted(c for c in up if c in planned), surplus=sorted(c for c in up if c not in planned),
             stale=sorted(c for c in up if c in planned and _task_differs(rows[c].task, planned[c].task)),
             config_changed=record is not None and digest is not None and record.config_hash != digest)
@@ -336,10 +361,13 @@ class Fleet:
                               preview=preview)
             if preview.launch and not preview.plan.replicas:  # pragma: no cover - a plan always has replicas
                 raise LedgerError("internal error: nothing planned")
-            unconstrained = planner(PlanRequest()) if preview.keep else plan
-            if unconstrained.cost < plan.cost - 1e-9:
+            try:  # only for a note: a fresh plan that ignores what is up (it may not even be feasible)
+                unconstrained = planner(PlanRequest()) if preview.keep else plan
+            except MelangeError:
+                unconstrained = plan
+            if unconstrained.cost < 0.99 * plan.cost:
                 report.notes.append(f"the load alone needs ${unconstrained.cost:.2f}/h "
-                                    f"({len(unconstrained.replicas)} replicas); the replicas already up are kept, "
+                                    f"({len(unconstrained.replicas)} replica(s)); the replicas already up are kept, "
                                     f"so the fleet costs ${plan.cost:.2f}/h: `down` and `up` again to shrink it")
             if confirm is not None and not confirm(preview, report.notes):
                 report.replicas = self._rows(fleet)
@@ -348,7 +376,8 @@ class Fleet:
             self.ledger.save_fleet(fleet, config_digest, plan.to_dict())
             try:
                 self._rounds(report, planner, secrets, options)
-                self._tear_down_leftovers(report)
+                if not report.interrupted:  # the user asked to stop: no minutes of teardown now
+                    self._tear_down_leftovers(report)
             except KeyboardInterrupt:  # outside a launch wait (a re-plan's solve, a ledger write): stop cleanly
                 report.interrupted = True
                 self._record_true_states([r.cluster for r in self._rows(fleet)])
@@ -387,7 +416,10 @@ class Fleet:
         """Replicas that found no capacity and that the re-plan does not reuse are marked GONE once the backend
         confirms no cluster was left behind (one that was is kept, for `up` or `down` to remove)."""
         dropped = [c for c in clusters if c not in keep]
-        live = self.backend.status(dropped, refresh=False) if dropped else {}
+        try:
+            live = self.backend.status(dropped, refresh=False) if dropped else {}
+        except MelangeError:  # unconfirmed: the rows stay unavailable, and `up`/`down` deal with them later
+            return
         for cluster in dropped:
             if cluster in live and live[cluster].status is ClusterStatus.GONE:
                 self.ledger.transition(cluster, ReplicaState.GONE, message="no capacity; replaced by the re-plan")
@@ -407,6 +439,8 @@ class Fleet:
             self.ledger.transition(row.cluster, ReplicaState.GONE, endpoint=None,
                                    message="not in the plan: torn down" if torn else "not in the plan: gone")
             self.on_event(ReplicaEvent(row.cluster, row.gpu, ReplicaState.GONE, 0.0, "not in the plan: removed"))
+            if row.state is ReplicaState.FAILED and row.last_error:
+                report.notes.append(f"{row.cluster} failed ({row.last_error}); replaced and torn down")
 
     def _record_intent(self, plan: Plan, round_: int) -> list[ReplicaPlan]:
         """Write every replica that must launch as PENDING before any launch is requested."""
@@ -488,7 +522,8 @@ class Fleet:
         for cluster in unsure:
             info = live.get(cluster)
             if info is not None and info.status is ClusterStatus.UP:
-                self.ledger.transition(cluster, ReplicaState.UP, endpoint=info.endpoint, error=None,
+                endpoint = info.endpoint or self._endpoint(self.ledger.get_replica(cluster))
+                self.ledger.transition(cluster, ReplicaState.UP, endpoint=endpoint, error=None,
                                        message="interrupted, but the launch had finished")
             elif info is not None and info.status is ClusterStatus.GONE:
                 self.ledger.transition(cluster, ReplicaState.PENDING, error=None,
@@ -542,14 +577,10 @@ class Fleet:
             raise UnknownFleet(f"no fleet {fleet!r} in the ledger; `melange-sky status` lists the fleets")
         if self.ledger is None:
             return []
-        if refresh:
+        if refresh:  # read-only as far as locks go: `status` never blocks a concurrent `up` or `down`
             names = [fleet] if fleet is not None else [f.name for f in self.ledger.fleets()]
             for name in names:
-                try:
-                    with self.ledger.lock(name):
-                        self._sync(self._rows(name), refresh=True, may_write_in_flight=True)
-                except FleetBusy:
-                    self._sync(self._rows(name), refresh=True, may_write_in_flight=False)
+                self._sync(self._rows(name), refresh=True, may_write_in_flight=False)
         return self.ledger.replicas(fleet)
 
     def status_report(self, fleet: str | None = None, refresh: bool = False) -> StatusReport:
@@ -626,6 +657,16 @@ def _task_differs(stored: Mapping[str, Any] | None, planned: Mapping[str, Any]) 
         return json.dumps({**task, "name": None, "resources": resources}, sort_keys=True, default=str)
 
     return essence(stored) != essence(planned)
+
+
+def _task_port(task: Mapping[str, Any] | None) -> int | None:
+    """The serving port a rendered task opens (`resources.ports`: an int, a string or a list of them)."""
+    ports = ((task or {}).get("resources") or {}).get("ports")
+    first = ports[0] if isinstance(ports, list) and ports else ports
+    try:
+        return int(str(first).split("-")[0]) if first is not None else None
+    except ValueError:
+        return None
 
 
 def _index(cluster: str) -> int:

@@ -387,13 +387,17 @@ class Ledger:
         return self._replica_or_raise(replica.cluster)
 
     def transition(self, cluster: str, state: ReplicaState, *, message: str = "", endpoint: Any = _UNSET,
-                   error: Any = _UNSET) -> ReplicaRecord:
+                   error: Any = _UNSET, expect: ReplicaState | None = None) -> ReplicaRecord | None:
         """Move a replica to `state`, recording the change in history. `endpoint` / `error` are updated when given
-        (None clears them). Raises LedgerError if the replica is not in the ledger."""
+        (None clears them). Raises LedgerError if the replica is not in the ledger. With `expect` (a compare-and-set
+        for writers that do not hold the fleet's lock), nothing is written and None is returned unless the replica
+        is still in that state."""
         state = ReplicaState(state)
         now = time.time()
         with self._tx() as conn:
             row = conn.execute("SELECT fleet, state FROM replicas WHERE cluster = ?", (cluster,)).fetchone()
+            if expect is not None and (row is None or row[1] != ReplicaState(expect).value):
+                return None
             if row is None:
                 raise LedgerError(f"replica {cluster} is not in the ledger {self.path}")
             sets, params = ["state = ?", "updated = ?"], [state.value, now]

@@ -212,7 +212,7 @@ def format_profile_event(event: "ProfileEvent") -> str | None:
 
 # ---- plan, up, status, down ----------------------------------------------------------------------------------------
 _MARKS = {"up": "✓", "failed": "⨯", "unavailable": "↺", "gone": "✓", "pending": "·", "launching": "…",
-          "terminating": "…"}
+          "terminating": "…", "stopped": "■"}
 
 
 def format_plan(plan: "Plan") -> str:
@@ -257,6 +257,8 @@ def format_preview(preview: "Preview", notes: list[str] | None = None) -> str:
         lines.append(f"Already up and kept: {len(preview.keep)} replica(s).")
     lines.append(f"To launch: {len(preview.launch)} replica(s), +${preview.launch_cost:.2f}/h."
                  if preview.launch else "Nothing to launch: every planned replica is up.")
+    if preview.remove:
+        lines.append(f"To tear down (not in the plan, not serving): {', '.join(preview.remove)}.")
     lines += [f"Note: {note}" for note in (preview.notes if notes is None else notes)]
     return "\n".join(lines)
 
@@ -329,7 +331,7 @@ def format_down(report: "DownReport") -> str:
     lines = [f"Fleet {report.fleet}: {len(report.removed)} torn down, {len(report.already_gone)} already gone"
              + (f", {len(report.failed)} failed" if report.failed else "") + "."]
     for cluster, reason in sorted(report.failed.items()):
-        lines.append(f"  ⨯ {cluster}: {reason}")
+        lines.append(f"  ⨯ {reason}" if reason.startswith(cluster) else f"  ⨯ {cluster}: {reason}")
     if report.fleet_removed:
         lines.append(f"Fleet {report.fleet} removed from the ledger.")
     else:

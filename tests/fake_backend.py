@@ -18,6 +18,7 @@ relaunching an UP cluster reuses it; `down` of an unknown cluster returns False.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -236,7 +237,8 @@ class FakeBackend:
         with self._state() as state:
             self._record(state, "status", start, "ok", clusters=list(clusters), refresh=refresh)
             known = state["clusters"]
-            return {c: self._info(c, known[c]) if c in known else
+            # Like SkyPilot's status, no endpoints here: callers ask `endpoint()` for those.
+            return {c: dataclasses.replace(self._info(c, known[c]), endpoint=None) if c in known else
                     ClusterInfo(c, ClusterStatus.GONE, message="not known to the fake backend") for c in clusters}
 
     def endpoint(self, cluster: str, port: int) -> str | None:

@@ -1,6 +1,8 @@
 """Choosing a backend by name, the SkyPilot adapter's lazy import, and the test double's own contract."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import subprocess
 import sys
@@ -129,7 +131,9 @@ def test_fake_reads_offers_from_the_task_resources():
 def test_fake_launch_status_endpoint_down_round_trip(fake):
     info = fake.launch(LaunchRequest("demo-a10g-0", A10G_TASK, secrets={"HF_TOKEN": "hf_secret_value"}, port=8000))
     assert info.status is ClusterStatus.UP and info.endpoint.endswith(":8000") and info.cloud == "aws"
-    assert fake.status(["demo-a10g-0", "nope"]) == {"demo-a10g-0": info, "nope": fake.status(["nope"])["nope"]}
+    # Like SkyPilot's status, the fake's carries no endpoint: `endpoint()` gives it.
+    assert fake.status(["demo-a10g-0", "nope"]) == {"demo-a10g-0": dataclasses.replace(info, endpoint=None),
+                                                    "nope": fake.status(["nope"])["nope"]}
     assert fake.status(["nope"])["nope"].status is ClusterStatus.GONE
     assert fake.endpoint("demo-a10g-0", 8000) == info.endpoint
     assert "hf_secret_value" not in fake.path.read_text()  # secret values are never stored

@@ -323,7 +323,7 @@ def test_a_smaller_plan_keeps_surplus_replicas_and_says_so(cli, fleet_env):
     assert cli("up", EXAMPLE, "-y").exit_code == 0
     smaller = cli("up", EXAMPLE, "-y", "--rate", "10")
     assert smaller.exit_code == 0, smaller.stderr
-    assert "the load alone needs $3.67/h (1 replicas)" in smaller.stdout and len(fake.clusters()) == 4
+    assert "the load alone needs $3.67/h (1 replica(s))" in smaller.stdout and len(fake.clusters()) == 4
 
 
 def test_stopped_clusters_are_recorded_and_relaunched_by_up(cli, fleet_env):
@@ -400,3 +400,65 @@ def test_a_replacement_on_another_offer_is_priced_from_the_catalog_not_the_confi
     [offer] = [o for o in Catalog(skypilot_dir=None).offers("A100-80GB")
                if (o.cloud, o.region, o.instance_type) == (cloud, region, instance_type)]
     assert a100["price_per_hour"] == pytest.approx(offer.price)  # the config's $3.67 is for azure eastus only
+
+
+def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(fleet_env):
+    fake, env = fleet_env
+    assert run_cli(env, "up", EXAMPLE, "-y", "--rate", "60").wait(60) == 0
+    fake.configure(hard_failures={"example-a10g-9": "boom"})
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:  # a failed replica outside any plan, its cluster left in INIT
+        ledger.add_replica("example", __import__("melange_sky.ledger", fromlist=["NewReplica"]).NewReplica(
+            cluster="example-a10g-9", gpu="A10G", offer="aws:us-west-2:g5.xlarge", price_per_hour=1.01))
+        ledger.transition("example-a10g-9", ReplicaState.FAILED, error="boom")
+    fake.add_cluster("example-a10g-9", status="init")
+    proc = run_cli(env, "up", EXAMPLE, stdin=subprocess.DEVNULL)  # no -y, no terminal: refuses, removes nothing
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "tear down 1" in err and "example-a10g-9" in out
+    assert "example-a10g-9" in fake.clusters()
+    assert run_cli(env, "up", EXAMPLE, "-y").wait(60) == 0
+    assert "example-a10g-9" not in fake.clusters() and ledger_rows(env)["example-a10g-9"] is ReplicaState.GONE
+
+
+def test_stopped_replicas_outside_the_plan_are_kept(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y", "--rate", "60").exit_code == 0
+    extra = sorted(fake.clusters())[-1]
+    fake.add_cluster(extra, status="stopped")
+    assert cli("status", "--refresh").exit_code == 0
+    assert cli("up", EXAMPLE, "-y", "--rate", "10").exit_code == 0
+    assert extra in fake.clusters() and not [c for c in fake.calls("down") if c["cluster"] == extra]
+
+
+def test_up_json_refuses_to_launch_without_yes(cli, fleet_env):
+    fake, env = fleet_env
+    result = cli("up", EXAMPLE, "--json")
+    assert result.exit_code == 2 and "pass -y" in result.stderr and result.stdout == ""
+    assert fake.calls("launch") == []
+
+
+def test_status_refresh_never_blocks_up_or_down(fleet_env):
+    fake, env = fleet_env
+    assert run_cli(env, "up", EXAMPLE, "-y").wait(60) == 0
+    fake.configure(latency={"status": 3.0})
+    watcher = run_cli(env, "status", "--refresh")
+    wait_for(lambda: any(c["method"] == "status" for c in fake.calls()) or watcher.poll() is not None,
+             what="status to be asking the backend")
+    down = run_cli(env, "down", "example", "-y")
+    out, err = down.communicate(timeout=60)
+    assert down.returncode == 0, err
+    watcher.communicate(timeout=60)
+    assert watcher.returncode == 0 and fake.clusters() == {}
+
+
+def test_a_replica_found_up_by_a_refresh_gets_its_endpoint_from_the_backend(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(hard_failures={"example-a10g-0": "flaky"})
+    assert cli("up", EXAMPLE, "-y").exit_code == 1
+    fake.add_cluster("example-a10g-0", status="up")  # it came up after all (the fake then knows no head ip)
+    with open(fake.path) as f:
+        state = json.load(f)
+    state["clusters"]["example-a10g-0"]["head_ip"] = "10.9.9.9"
+    fake._write(state)
+    record = json.loads(cli("status", "example", "--refresh", "--json").stdout)
+    row = {r["cluster"]: r for r in record["fleets"][0]["replicas"]}["example-a10g-0"]
+    assert row["state"] == "up" and row["endpoint"] == "10.9.9.9:8000"
