@@ -6,7 +6,9 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import click
@@ -468,6 +470,24 @@ def _launcher_output():
     return contextlib.redirect_stdout(sys.stderr)
 
 
+@contextlib.contextmanager
+def _terminations_interrupt():
+    """SIGTERM and SIGHUP (a closed terminal, a killed job) stop `up` the way Ctrl-C does: launches cancelled, every
+    replica's true state recorded. Previous handlers are restored after."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    saved = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def _backend_option(command):
     return click.option("--backend", metavar="NAME|MODULE:CLASS", help="Launcher to use (default: skypilot, or "
                         "$MELANGE_SKY_BACKEND): a `melange_sky.backends` entry point or a module:Class path.")(command)
@@ -563,7 +583,7 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
                         idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
     digest = config_hash(dataclasses.asdict(cfg), settings.formulation, per_offer, template)
-    with Ledger() as ledger, _launcher_output():
+    with Ledger() as ledger, _launcher_output(), _terminations_interrupt():
         report = Fleet(load_backend(backend), ledger, on_event).up(cfg.name, planner, secrets, digest, options,
                                                                   confirm)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))

@@ -244,12 +244,13 @@ def test_launch_options_reach_the_backend(cli, fleet_env):
     assert record["retry_until_up"] and record["down"] and record["idle_minutes_to_autostop"] == 30
 
 
-def test_interrupt_mid_launch_leaves_every_replica_in_the_ledger_and_up_resumes(fleet_env):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_mid_launch_leaves_every_replica_in_the_ledger_and_up_resumes(fleet_env, stop):
     fake, env = fleet_env
     fake.configure(latency={"launch": 30.0})
     proc = run_cli(env, "up", EXAMPLE, "-y", "--parallel", "2")
     wait_for(lambda: len(fake.clusters()) == 2, what="two launches in flight")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "Interrupted" in out and "Traceback" not in err
