@@ -120,7 +120,6 @@ class UpReport:
     interrupted: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # e.g. why a re-plan failed, surplus or stale replicas
-    preview: Preview | None = None
 
     @property
     def up(self) -> list[ReplicaRecord]:
@@ -357,10 +356,7 @@ class Fleet:
             plan = planner(self._request(fleet))
             preview = self._preview(fleet, plan, config_digest)
             report = UpReport(fleet=fleet, plan=plan, replicas=[], rounds=0, unavailable_offers=[],
-                              notes=list(preview.notes),
-                              preview=preview)
-            if preview.launch and not preview.plan.replicas:  # pragma: no cover - a plan always has replicas
-                raise LedgerError("internal error: nothing planned")
+                              notes=list(preview.notes))
             try:  # only for a note: a fresh plan that ignores what is up (it may not even be feasible)
                 unconstrained = planner(PlanRequest()) if preview.keep else plan
             except MelangeError:

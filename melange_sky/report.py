@@ -87,14 +87,7 @@ def format_offers(offers: list, sources: dict[str, str] | None = None) -> str:
     rows = [(o.gpu, o.cloud, o.region, o.instance_type, str(o.gpu_count), f"{o.price:.3f}",
              f"{o.price_per_gpu:.3f}", "-" if o.spot_price is None else f"{o.spot_price:.3f}", o.source)
             for o in offers]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    numeric = {4, 5, 6, 7}
-
-    def line(cells) -> str:
-        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    lines = [line(header), *(line(r) for r in rows)]
+    lines = _table(header, rows, right={4, 5, 6, 7}, indent="")
     if sources:
         lines += ["", "Prices per hour, on demand and spot, per instance; $/GPU/h divides by the GPUs per instance.",
                   *(f"  {cloud}: {path}" for cloud, path in sources.items())]
@@ -352,7 +345,9 @@ def _replica_table(replicas: list) -> list[str]:
     return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "last error"), rows)
 
 
-def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int] = frozenset(),
+           indent: str = "  ") -> list[str]:
+    """Aligned text columns (those in `right` right-aligned, for numbers), one line per row, header first."""
     widths = [max([len(h)] + [len(str(row[k])) for row in rows]) for k, h in enumerate(headers)]
-    fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
+    fmt = indent + "  ".join(f"{{:{'>' if k in right else '<'}{w}}}" for k, w in enumerate(widths))
     return [fmt.format(*headers).rstrip()] + [fmt.format(*map(str, row)).rstrip() for row in rows]
