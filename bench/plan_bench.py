@@ -43,13 +43,14 @@ from typing import Any, Callable
 import jinja2
 
 import melange_sky
-from melange_sky.catalog import Catalog
-from melange_sky.config import parse_config
-from melange_sky.offers import bind_offers
-from melange_sky.plan import deployment_from_config, make_plan, write_plan
-from melange_sky.render import _compile
+from melange_sky.deploy.catalog import Catalog
+from melange_sky.core.config import parse_config
+from melange_sky.deploy.offers import bind_offers
+from melange_sky.deploy.plan import deployment_from_config, make_plan, write_plan
+from melange_sky.deploy.render import _compile
 from melange_sky.errors import InfeasibleAllocation
-from melange_sky.solver import SolverOptions, solve
+from melange_sky.solve.model import SolverOptions
+from melange_sky.solve.result import solve
 
 EXAMPLE = json.loads((Path(__file__).resolve().parent.parent / "examples" / "example.json").read_text())
 TARGET_REPLICAS = 100

@@ -46,8 +46,9 @@ from typing import Any, Sequence
 
 import pulp
 
-from melange_sky.config import Config, parse_config
-from melange_sky.solver import SolverOptions, dominated_gpus, solve
+from melange_sky.core.config import Config, parse_config
+from melange_sky.solve.model import SolverOptions, dominated_gpus
+from melange_sky.solve.result import solve
 
 DEFAULT_SOLVER = SolverOptions().name  # what `melange-sky solve` uses
 
@@ -310,7 +311,7 @@ def quota_table(seeds: Sequence[int], time_limit: float) -> None:
                + [["8 types x 5 offers", solver, formulation, *timing_cells(results)]
                   for (solver, formulation), results in typed.items()]))
     emit()
-    # Both solvers run with a zero relative gap (melange_sky.solver), so proven optima must agree.
+    # Both solvers run with a zero relative gap (melange_sky.solve.model), so proven optima must agree.
     mismatches = [f"seed {a.seed} {a.formulation}: CBC ${a.cost:.4f}/h vs HiGHS ${b.cost:.4f}/h"
                   for formulation in ("slices", "split")
                   for a, b in zip(runs["cbc", formulation], runs["highs", formulation])

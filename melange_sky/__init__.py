@@ -2,7 +2,10 @@
 
 The library is usable on its own; `melange_sky.cli` is a thin layer over it. The public names below are loaded on
 first use (PEP 562), so `import melange_sky` and `melange-sky --help` stay fast; SkyPilot (`sky`) is imported only by
-`melange_sky.sky_adapter`, when the SkyPilot backend is used.
+`melange_sky.fleet.skypilot`, when the SkyPilot backend is used.
+
+The package is laid out by stage, one room (subpackage) per stage, each using only the rooms below it:
+`cli` -> `fleet` -> `deploy` -> `solve` -> `core`, and `inputs` -> `core` (README, Development).
 """
 from __future__ import annotations
 
@@ -12,19 +15,20 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "backends": ("Backend", "ClusterInfo", "ClusterStatus", "LaunchRequest", "load_backend"),
-    "catalog": ("Catalog", "Offer", "default_catalog"),
-    "config": ("Config", "GpuSpec", "load_config", "parse_config", "with_overrides"),
+    "fleet.backends": ("Backend", "ClusterInfo", "ClusterStatus", "LaunchRequest", "load_backend"),
+    "deploy.catalog": ("Catalog", "Offer", "default_catalog"),
+    "core.config": ("Config", "GpuSpec", "load_config", "parse_config", "with_overrides"),
     "errors": ("AllocationCheckError", "BackendError", "CapacityError", "CatalogError", "ConfigError", "FleetBusy",
                "InfeasibleAllocation", "LaunchError", "LedgerError", "MelangeError", "OutputError", "ProfileError",
                "SolverError", "TemplateError", "TraceError"),
-    "fleet": ("Fleet", "UpOptions", "UpReport"),
-    "ledger": ("Ledger", "ReplicaState"),
-    "offers": ("BoundConfig", "bind_offers"),
-    "plan": ("Plan", "PlanRequest", "PlanSettings", "ReplicaPlan", "build_plan", "make_plan", "write_plan"),
-    "profiler": ("ProfileResult", "ProfileSettings", "profile_endpoint"),
-    "solver": ("SolveResult", "SolverOptions", "solve"),
-    "workload": ("WorkloadResult", "read_trace"),
+    "fleet.fleet": ("Fleet", "UpOptions", "UpReport"),
+    "fleet.ledger": ("Ledger", "ReplicaState"),
+    "deploy.offers": ("BoundConfig", "bind_offers"),
+    "deploy.plan": ("Plan", "PlanRequest", "PlanSettings", "ReplicaPlan", "build_plan", "make_plan", "write_plan"),
+    "inputs.profile": ("ProfileResult", "ProfileSettings", "profile_endpoint"),
+    "solve.model": ("SolverOptions",),
+    "solve.result": ("SolveResult", "solve"),
+    "inputs.trace": ("WorkloadResult", "read_trace"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 

@@ -92,7 +92,7 @@ def sky_catalog_home(session_home) -> Path:
     """The session HOME with melange-sky's bundled price snapshot seeded where SkyPilot reads its catalogs
     (HOME/.sky/catalogs/<schema version>/<cloud>/vms.csv and common/accelerators.csv), so the real `sky` validates
     cloud + instance_type offline. No .meta md5 files (SkyPilot then never re-downloads) and no az_mappings."""
-    from melange_sky.catalog import BUNDLED_DIR, skypilot_catalog_dir
+    from melange_sky.deploy.catalog import BUNDLED_DIR, skypilot_catalog_dir
 
     target = skypilot_catalog_dir()
     assert target.is_relative_to(session_home), f"{target} is outside the test HOME"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from melange_sky import backends
+import melange_sky.fleet.backends as backends
 from melange_sky.backends import Backend, ClusterStatus, LaunchRequest, ValidationLevel, load_backend
 from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError, UnknownBackend
 
@@ -39,7 +39,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 # -- load_backend -------------------------------------------------------------------------------------------------
 def test_skypilot_is_registered_in_the_entry_point_group():
     eps = {ep.name: ep.value for ep in metadata.entry_points(group=backends.ENTRY_POINT_GROUP)}
-    assert eps.get("skypilot") == "melange_sky.sky_adapter:SkyPilotBackend"
+    assert eps.get("skypilot") == "melange_sky.fleet.skypilot:SkyPilotBackend"
 
 
 def test_default_backend_is_skypilot_and_loading_it_does_not_import_sky():
@@ -88,8 +88,8 @@ def test_unknown_name_is_one_line_listing_the_available_backends():
     ("no_such_module_xyz:Thing", "cannot import module 'no_such_module_xyz'"),
     ("fake_backend:NoSuchClass", "has no 'NoSuchClass'"),
     ("fake_backend:offer_of", "could not be created"),
-    ("melange_sky.ledger:ReplicaState", "could not be created"),
-    ("melange_sky.ledger:NewReplica", "could not be created"),
+    ("melange_sky.fleet.ledger:ReplicaState", "could not be created"),
+    ("melange_sky.fleet.ledger:NewReplica", "could not be created"),
     ("collections:OrderedDict", "does not implement the Backend interface"),
 ])
 def test_a_bad_module_class_path_is_a_clear_error(spec, expected):
@@ -268,7 +268,7 @@ def sky_sdk(monkeypatch):
 def test_adapter_maps_skypilot_statuses_and_reports_unknown_clusters_gone(sky_sdk):
     from sky.utils import status_lib
 
-    from melange_sky.sky_adapter import SkyPilotBackend
+    from melange_sky.fleet.skypilot import SkyPilotBackend
 
     sky, answers, calls = sky_sdk
     answers["status"] = [{"name": "f-a-0", "status": status_lib.ClusterStatus.UP, "cloud": "AWS", "region": "us-east-1",
@@ -287,7 +287,7 @@ def test_adapter_maps_skypilot_statuses_and_reports_unknown_clusters_gone(sky_sd
 def test_adapter_maps_no_capacity_to_capacity_error_with_the_reason_in_one_line(sky_sdk):
     from sky import exceptions as sky_exc
 
-    from melange_sky.sky_adapter import SkyPilotBackend
+    from melange_sky.fleet.skypilot import SkyPilotBackend
 
     _sky, answers, calls = sky_sdk
     answers["launch"] = sky_exc.ResourcesUnavailableError("Failed to acquire resources in all zones\nof us-east-1")
@@ -303,7 +303,7 @@ def test_adapter_maps_no_capacity_to_capacity_error_with_the_reason_in_one_line(
 
 
 def test_adapter_turns_other_skypilot_failures_into_launch_errors(sky_sdk):
-    from melange_sky.sky_adapter import SkyPilotBackend
+    from melange_sky.fleet.skypilot import SkyPilotBackend
 
     _sky, answers, _calls = sky_sdk
     answers["launch"] = RuntimeError("\x1b[31mprovisioning\nfailed\x1b[0m")
@@ -315,7 +315,7 @@ def test_adapter_turns_other_skypilot_failures_into_launch_errors(sky_sdk):
 def test_adapter_down_treats_cluster_does_not_exist_as_already_gone(sky_sdk):
     from sky import exceptions as sky_exc
 
-    from melange_sky.sky_adapter import SkyPilotBackend
+    from melange_sky.fleet.skypilot import SkyPilotBackend
 
     _sky, answers, _calls = sky_sdk
     answers["down"] = sky_exc.ClusterDoesNotExist("Cluster 'f-a-0' does not exist.")
@@ -330,7 +330,7 @@ def test_adapter_down_treats_cluster_does_not_exist_as_already_gone(sky_sdk):
 def test_adapter_cancel_cancels_the_in_flight_launch_request(sky_sdk):
     from sky import exceptions as sky_exc
 
-    from melange_sky.sky_adapter import SkyPilotBackend
+    from melange_sky.fleet.skypilot import SkyPilotBackend
 
     _sky, answers, calls = sky_sdk
     cancelled = threading.Event()
@@ -355,7 +355,7 @@ def test_adapter_cancel_cancels_the_in_flight_launch_request(sky_sdk):
 def test_adapter_reports_a_launched_cluster_up_even_when_its_endpoint_lookup_fails(sky_sdk):
     import types
 
-    from melange_sky.sky_adapter import SkyPilotBackend
+    from melange_sky.fleet.skypilot import SkyPilotBackend
 
     _sky, answers, _calls = sky_sdk
     answers["launch"] = (1, types.SimpleNamespace(head_ip="10.0.0.9", launched_resources=None))

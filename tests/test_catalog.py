@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from melange_sky.catalog import (BUNDLED_DIR, KNOWN_CLOUDS, Catalog, canonical_gpu, skypilot_catalog_dir,
+from melange_sky.deploy.catalog import (BUNDLED_DIR, KNOWN_CLOUDS, Catalog, canonical_gpu, skypilot_catalog_dir,
                                  skypilot_schema_version)
 from melange_sky.errors import CatalogError
 
@@ -140,7 +140,7 @@ def test_gpus_on_gcp_machine_families_we_do_not_model_are_left_out_not_put_on_n1
 
 
 def test_schema_version_is_read_without_importing_sky():
-    code = ("import sys; from melange_sky.catalog import skypilot_schema_version as v; print(v()); "
+    code = ("import sys; from melange_sky.deploy.catalog import skypilot_schema_version as v; print(v()); "
             "assert 'sky' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -150,7 +150,7 @@ def test_schema_version_is_read_without_importing_sky():
 
 
 def test_only_the_clouds_asked_for_are_read(monkeypatch):
-    import melange_sky.catalog as catalog_module
+    import melange_sky.deploy.catalog as catalog_module
 
     read = []
     original = catalog_module.read_vms_csv

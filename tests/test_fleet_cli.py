@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 from fake_backend import FakeBackend
-from melange_sky.ledger import Ledger, ReplicaState
+from melange_sky.fleet.ledger import Ledger, ReplicaState
 
 EXAMPLE = str(REPO / "examples" / "example.json")
 PLANNED = ["example-a100-80gb-0", "example-a10g-0", "example-a10g-1", "example-a10g-2"]
@@ -372,9 +372,9 @@ def test_down_json_is_json_even_when_there_is_nothing_to_do(cli, fleet_env):
 def test_long_launches_report_their_elapsed_time_once_per_heartbeat(fleet_env):
     import functools
 
-    from melange_sky.config import load_config
-    from melange_sky.fleet import Fleet
-    from melange_sky.plan import PlanSettings, build_plan
+    from melange_sky.core.config import load_config
+    from melange_sky.fleet.fleet import Fleet
+    from melange_sky.deploy.plan import PlanSettings, build_plan
 
     fake, env = fleet_env
     fake.configure(latency={"launch": 1.3})
@@ -390,7 +390,7 @@ def test_long_launches_report_their_elapsed_time_once_per_heartbeat(fleet_env):
 
 
 def test_a_replacement_on_another_offer_is_priced_from_the_catalog_not_the_configs_cost(cli, fleet_env):
-    from melange_sky.catalog import Catalog
+    from melange_sky.deploy.catalog import Catalog
 
     fake, env = fleet_env
     fake.configure(capacity_failures=[{"cloud": "azure", "region": "eastus"}])
@@ -408,7 +408,7 @@ def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(fleet_en
     assert run_cli(env, "up", EXAMPLE, "-y", "--rate", "60").wait(60) == 0
     fake.configure(hard_failures={"example-a10g-9": "boom"})
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:  # a failed replica outside any plan, its cluster left in INIT
-        ledger.add_replica("example", __import__("melange_sky.ledger", fromlist=["NewReplica"]).NewReplica(
+        ledger.add_replica("example", __import__("melange_sky.fleet.ledger", fromlist=["NewReplica"]).NewReplica(
             cluster="example-a10g-9", gpu="A10G", offer="aws:us-west-2:g5.xlarge", price_per_hour=1.01))
         ledger.transition("example-a10g-9", ReplicaState.FAILED, error="boom")
     fake.add_cluster("example-a10g-9", status="init")

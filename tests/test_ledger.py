@@ -9,9 +9,9 @@ import threading
 
 import pytest
 
-from melange_sky import ledger as ledger_mod
+import melange_sky.fleet.ledger as ledger_mod
 from melange_sky.errors import FleetBusy, LedgerError
-from melange_sky.ledger import Ledger, NewReplica, ReplicaState
+from melange_sky.fleet.ledger import Ledger, NewReplica, ReplicaState
 
 PLAN = {"A10G": 2, "cost": 2.02}
 
@@ -141,7 +141,7 @@ def test_fleet_lock_refuses_a_second_holder_in_another_process_naming_its_pid(tm
     home = tmp_path / "home"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from melange_sky.ledger import Ledger
+        from melange_sky.fleet.ledger import Ledger
         with Ledger({str(home)!r}).lock("demo"):
             print("locked", flush=True)
             sys.stdin.readline()

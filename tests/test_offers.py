@@ -12,8 +12,8 @@ import pytest
 
 from conftest import EXAMPLE, REPO
 from melange_sky import ConfigError, load_config, parse_config, solve
-from melange_sky.catalog import Catalog
-from melange_sky.offers import bind_offers, quota
+from melange_sky.deploy.catalog import Catalog
+from melange_sky.deploy.offers import bind_offers, quota
 
 MULTICLOUD = json.loads((REPO / "examples" / "multicloud.json").read_text())
 

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import melange_sky
 from melange_sky import load_config
-from melange_sky.catalog import Catalog
-from melange_sky.plan import PlanSettings, build_plan, write_plan
-from melange_sky.render import builtin_template_dir, builtin_templates
+from melange_sky.deploy.catalog import Catalog
+from melange_sky.deploy.plan import PlanSettings, build_plan, write_plan
+from melange_sky.deploy.render import builtin_template_dir, builtin_templates
 
 catalog = Catalog(skypilot_dir=None)
 plan = build_plan(load_config(sys.argv[1]), PlanSettings(catalog=catalog, compare=False))
@@ -98,7 +98,7 @@ def test_a_plain_wheel_install_finds_templates_and_the_bundled_catalog(tmp_path)
 
 def test_a_source_checkout_finds_its_templates(tmp_path):
     """`python -m melange_sky.cli plan` with only the checkout on PYTHONPATH (no install), run from elsewhere."""
-    done = isolated_python(["-c", "import melange_sky, melange_sky.render as r; "
+    done = isolated_python(["-c", "import melange_sky, melange_sky.deploy.render as r; "
                                   "print(melange_sky.__file__); print(r.builtin_template_dir()); "
                                   "print(','.join(r.builtin_templates()))"], REPO, tmp_path)
     package, template_dir, templates = done.stdout.split()

@@ -320,8 +320,8 @@ def test_a_symlink_planted_in_the_output_dir_is_not_followed_outside_it(cli, tmp
 
 def test_write_plan_into_a_file_says_it_is_not_a_directory(tmp_path):
     from melange_sky import OutputError, load_config
-    from melange_sky.plan import PlanSettings, build_plan, write_plan
-    from melange_sky.catalog import Catalog
+    from melange_sky.deploy.plan import PlanSettings, build_plan, write_plan
+    from melange_sky.deploy.catalog import Catalog
 
     (tmp_path / "afile").write_text("keep me")
     plan = build_plan(load_config(EXAMPLE_PATH), PlanSettings(catalog=Catalog(skypilot_dir=None), compare=False))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from melange_sky.config import load_config
+from melange_sky.core.config import load_config
 from melange_sky.errors import EndpointUnreachable, ProfileError
-from melange_sky.profiler import (BucketProfile, ProfileEvent, ProfileResult, ProfileSettings, merge_profile,
+from melange_sky.inputs.profile import (BucketProfile, ProfileEvent, ProfileResult, ProfileSettings, merge_profile,
                                   parse_cells, parse_endpoint, profile_endpoint, representative_tokens)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

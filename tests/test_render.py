@@ -9,9 +9,9 @@ import yaml
 
 from melange_sky import load_config, solve
 from melange_sky.errors import ConfigError, TemplateError
-from melange_sky.plan import (CLUSTER_NAME_RE, MAX_CLUSTER_NAME, cluster_name, deployment_from_config, make_plan,
+from melange_sky.deploy.plan import (CLUSTER_NAME_RE, MAX_CLUSTER_NAME, cluster_name, deployment_from_config, make_plan,
                               write_plan)
-from melange_sky.render import builtin_templates, load_template, render
+from melange_sky.deploy.render import builtin_templates, load_template, render
 
 
 def pinned(config, **pins):

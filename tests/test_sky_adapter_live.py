@@ -21,7 +21,7 @@ import pytest
 
 from melange_sky.backends import ClusterStatus, LaunchRequest, ValidationLevel
 from melange_sky.errors import CapacityError, InvalidTask, LaunchError
-from melange_sky.sky_adapter import SkyPilotBackend
+from melange_sky.fleet.skypilot import SkyPilotBackend
 
 pytestmark = pytest.mark.skypilot_server
 
@@ -217,7 +217,7 @@ def live_fleet_env(monkeypatch, tmp_path):
 
 
 def test_cli_status_refresh_and_down_treat_clusters_skypilot_does_not_know_as_gone(sky_server, live_fleet_env, cli):
-    from melange_sky.ledger import Ledger, NewReplica, ReplicaState  # noqa: PLC0415
+    from melange_sky.fleet.ledger import Ledger, NewReplica, ReplicaState  # noqa: PLC0415
 
     with Ledger() as ledger:  # a fleet the ledger believes is up, whose clusters SkyPilot has never seen
         ledger.save_fleet("ghost", "0" * 16, {"fleet": "ghost"})
@@ -239,7 +239,7 @@ def test_cli_status_refresh_and_down_treat_clusters_skypilot_does_not_know_as_go
 
 def test_cli_up_without_enabled_clouds_fails_in_one_line_marks_replicas_failed_and_down_clears_them(
         sky_server, live_fleet_env, cli, example, write_config):
-    from melange_sky.ledger import Ledger, ReplicaState  # noqa: PLC0415
+    from melange_sky.fleet.ledger import Ledger, ReplicaState  # noqa: PLC0415
 
     example["gpu_info"] = {"A10G": example["gpu_info"]["A10G"]}
     example["workload_distribution"] = [[0.5, 0.5], [0, 0]]

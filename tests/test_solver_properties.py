@@ -16,9 +16,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from melange_sky.config import parse_config
+from melange_sky.core.config import parse_config
 from melange_sky.errors import InfeasibleAllocation
-from melange_sky.solver import SolverOptions, build_model, run_model, solve
+from melange_sky.solve.model import SolverOptions, build_model, run_model
+from melange_sky.solve.result import solve
 
 HAS_HIGHS = importlib.util.find_spec("highspy") is not None
 #: Capacity slack for the brute force (loads are small rationals; 1e-9 only absorbs float rounding).

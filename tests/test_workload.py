@@ -12,9 +12,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from melange_sky.config import load_config
+from melange_sky.core.config import load_config
 from melange_sky.errors import BucketEdgesError, TraceError
-from melange_sky.workload import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, merge_workload, parse_edges,
+from melange_sky.inputs.trace import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, merge_workload, parse_edges,
                                   read_trace)
 
 IN_EDGES = DEFAULT_INPUT_EDGES

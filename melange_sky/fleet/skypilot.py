@@ -20,8 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
-from .errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
+from melange_sky.fleet.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
+from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
 
 T = TypeVar("T")
 
@@ -269,7 +269,7 @@ class SkyPilotBackend:
         (SkyPilot resolves its catalog directory from HOME at import, so this process cannot switch). None when
         the child cannot do it either, e.g. a cloud the snapshot does not cover; InvalidTask when SkyPilot rejects
         the task."""
-        from .catalog import BUNDLED_DIR, skypilot_schema_version  # noqa: PLC0415
+        from melange_sky.deploy.catalog import BUNDLED_DIR, skypilot_schema_version  # noqa: PLC0415
 
         with tempfile.TemporaryDirectory(prefix="melange-sky-validate-") as home:
             shutil.copytree(BUNDLED_DIR, Path(home, ".sky", "catalogs", skypilot_schema_version()))
@@ -278,7 +278,7 @@ class SkyPilotBackend:
             try:
                 # The child imports this very melange_sky (not one that happens to be in its working directory).
                 code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
-                        f"from melange_sky.sky_adapter import _validate_child; _validate_child()")
+                        f"from melange_sky.fleet.skypilot import _validate_child; _validate_child()")
                 done = subprocess.run([sys.executable, "-c", code], input=json.dumps(dict(task), default=str),
                                       env=env, capture_output=True, text=True, timeout=CATALOG_FETCH_TIMEOUT_S * 6)
             except (OSError, subprocess.TimeoutExpired):

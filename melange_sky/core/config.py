@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from melange_sky.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .catalog import Catalog
+    from melange_sky.deploy.catalog import Catalog
 
 Matrix = tuple[tuple[float, ...], ...]
 Bucket = tuple[int, int]
@@ -396,8 +396,8 @@ class _Parser:
 
     def catalog_cost(self, spec: GpuSpec) -> GpuSpec:
         """`spec` priced per GPU from its default catalog offer; ConfigError naming `cost` if there is none."""
-        from .errors import CatalogError
-        from .offers import default_offer
+        from melange_sky.errors import CatalogError
+        from melange_sky.deploy.offers import default_offer
 
         try:
             offer = default_offer(spec, self.clouds, self.source, self.catalog)

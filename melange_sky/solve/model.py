@@ -1,4 +1,4 @@
-"""Mélange's cost-aware bin packing: the cheapest count of each GPU type that serves the whole workload.
+"""The Mélange MILP: variables, constraints and the solver that runs them.
 
 Notation (as in the paper): bucket b has rate r[b] req/s; GPU type g costs c[g] $/h and serves at most t[b, g]
 req/s of bucket b, so sending all of b to g loads it with r[b] / t[b, g] GPUs' worth of work. y[g] counts GPUs.
@@ -15,29 +15,38 @@ With `--per-offer`, one GPU entry becomes a column per offer (price and quota ea
 type: an integer count of the type, spread over its offers by continuous counts that the cheapest-first rule makes
 integral (`_fill_cheapest`). That keeps the model's integers at one per type however many offers there are.
 
-Every allocation is re-checked after solving (load <= headroom * count per type, shares of each bucket sum
-to 1); one that fails is a bug and raises `AllocationCheckError`.
+PuLP is imported inside the functions that use it: `melange-sky --help` never pays for it.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 import os
 import re
 import shutil
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Iterator
 
-from .config import Bucket, Config, GpuSpec
-from .errors import AllocationCheckError, InfeasibleAllocation, SolverError
+from melange_sky.core.config import Bucket, Config, GpuSpec
+from melange_sky.errors import AllocationCheckError, SolverError
 
-FORMULATIONS = ("slices", "paper", "split")
 SOLVERS = ("highs", "cbc")
-#: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
-CHECK_TOLERANCE = 1e-6
-#: "Optimal" means proven optimal: no relative gap, and an absolute gap of a millionth of a dollar per hour.
+
+
+class Formulation(StrEnum):
+    """How a bucket's traffic may be divided among GPU types (see the module's docstring)."""
+
+    SLICES = "slices"
+    PAPER = "paper"
+    SPLIT = "split"
+
+
+class SolveStatus(StrEnum):
+    OPTIMAL = "optimal"  # proven optimal
+    FEASIBLE = "feasible"  # the time limit stopped the search before optimality was proven
+    INFEASIBLE = "infeasible"
 #: (Both solvers stop within 0.01% of the bound by default, which may leave a dearer fleet.)
 OPTIMALITY_GAP_ABS = 1e-6
 #: Share of HiGHS's effort spent on primal heuristics (its default is 0.05). On the benchmark the bound is reached
@@ -56,120 +65,6 @@ class SolverOptions:
     msg: bool = False
 
 
-@dataclass(frozen=True)
-class GpuAllocation:
-    """How many GPUs of one type the plan buys, and how hard they are planned to work."""
-
-    name: str
-    count: int
-    price: float
-    load: float  # GPUs' worth of work routed to this type
-    utilisation: float | None  # load / count; None when count is 0
-
-    @property
-    def cost(self) -> float:
-        return self.count * self.price
-
-
-@dataclass(frozen=True)
-class Route:
-    """Where one bucket's requests go: share of the bucket per GPU type (shares sum to 1)."""
-
-    bucket: Bucket
-    name: str
-    rate: float
-    shares: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The fleet one GPU type alone would need, or why that type alone cannot serve the workload."""
-
-    gpu: str
-    count: int | None
-    cost: float | None
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Alternative:
-    """A cheaper fleet another formulation finds (shown so the user can choose it)."""
-
-    formulation: str
-    cost: float
-    counts: dict[str, int]
-
-
-@dataclass(frozen=True)
-class SolveResult:
-    """Everything later stages (plan, up, router, simulator) need from a solve."""
-
-    name: str
-    source: str
-    formulation: str
-    slice_factor: int
-    headroom: float
-    total_request_rate: float
-    solver: str
-    status: str  # "optimal" or "feasible" (time limit hit before optimality was proven)
-    solve_seconds: float
-    gpus: list[GpuAllocation]
-    routing: list[Route]
-    baselines: list[Baseline]
-    lower_bound: float | None = None  # proven: no fleet under this formulation costs less
-    alternative: Alternative | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def cost(self) -> float:
-        return sum(g.cost for g in self.gpus)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        return {g.name: g.count for g in self.gpus}
-
-    @property
-    def best_baseline(self) -> Baseline | None:
-        feasible = [b for b in self.baselines if b.cost is not None]
-        return min(feasible, key=lambda b: b.cost) if feasible else None
-
-    @property
-    def saving(self) -> float | None:
-        """$/h the mix saves against the cheapest single-GPU-type fleet."""
-        best = self.best_baseline
-        return None if best is None else best.cost - self.cost
-
-    def original_output(self) -> dict[str, Any]:
-        """The original Mélange `melange_result.json` shape: count per GPU type plus total `cost`."""
-        return {**self.counts, "cost": round(self.cost, 6)}
-
-    def to_dict(self) -> dict[str, Any]:
-        best = self.best_baseline
-        return {
-            "name": self.name,
-            "config": self.source,
-            "formulation": self.formulation,
-            "slice_factor": self.slice_factor,
-            "headroom": self.headroom,
-            "total_request_rate": self.total_request_rate,
-            "solver": self.solver,
-            "status": self.status,
-            "solve_seconds": round(self.solve_seconds, 4),
-            "cost": round(self.cost, 6),
-            "counts": self.counts,
-            "gpus": [{**asdict(g), "cost": round(g.cost, 6)} for g in self.gpus],
-            "routing": [{"bucket": list(r.bucket), "name": r.name, "rate": r.rate, "shares": r.shares}
-                        for r in self.routing],
-            "baselines": [asdict(b) for b in self.baselines],
-            "best_baseline": best.gpu if best else None,
-            "saving": None if self.saving is None else round(self.saving, 6),
-            "saving_pct": None if best is None else round(100 * self.saving / best.cost, 2),
-            "lower_bound": None if self.lower_bound is None else round(self.lower_bound, 6),
-            "alternative": asdict(self.alternative) if self.alternative else None,
-            "warnings": list(self.warnings),
-        }
-
-
 @dataclass
 class ModelVariables:
     """The decision variables, keyed by domain names, and each (bucket, GPU type) share as an expression of them.
@@ -184,34 +79,7 @@ class ModelVariables:
     offer: dict[str, Any] = field(default_factory=dict)  # z[g]: instances of column g (types with several columns)
 
 
-def solve(config: Config, formulation: str = "slices", options: SolverOptions = SolverOptions(),
-          compare: bool = True) -> SolveResult:
-    """Find the cheapest fleet. With `compare`, also the LP lower bound and a cheaper `split` alternative."""
-    if formulation not in FORMULATIONS:
-        raise SolverError(f"unknown formulation {formulation!r}; choose one of {', '.join(FORMULATIONS)}")
-    model, variables = build_model(config, formulation)
-    status, seconds = run_model(model, options)
-    if status == "infeasible":
-        raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options)}")
-    counts, routing = extract_allocation(config, variables)
-    result = make_result(config, formulation, options, status, seconds, counts, routing)
-    if not compare:
-        return result
-    # The best proven lower bound: the LP relaxation, or the split optimum (split relaxes slices and paper).
-    bounds = [_lp_bound(config, options)]
-    alternative = None
-    if formulation == "split":
-        bounds.append(result.cost if status == "optimal" else None)
-    else:
-        split = solve(config, "split", options, compare=False)
-        bounds.append(split.cost if split.status == "optimal" else None)
-        if split.cost < result.cost - 1e-9:
-            alternative = Alternative("split", split.cost, split.counts)
-    lower_bound = max((b for b in bounds if b is not None), default=None)
-    return dataclasses.replace(result, lower_bound=lower_bound, alternative=alternative)
-
-
-def build_model(config: Config, formulation: str, relax: bool = False):
+def build_model(config: Config, formulation: Formulation | str, relax: bool = False):
     """The MILP for `formulation` as (model, variables). `relax` makes every variable continuous."""
     import pulp
 
@@ -253,12 +121,12 @@ def build_model(config: Config, formulation: str, relax: bool = False):
     share: dict[tuple[Bucket, str], Any] = {}
     for b in demand:
         i, j = b
-        if formulation == "slices":
+        if formulation == Formulation.SLICES:
             for g in servers[b]:
                 assign[b, g.name] = model.add_variable(f"n_{i}_{j}_{label[g.name]}", 0, S, integer)
                 share[b, g.name] = assign[b, g.name] * (1.0 / S)
             model += pulp.lpSum(assign[b, g.name] for g in servers[b]) == S, f"serve_{i}_{j}"
-        elif formulation == "paper":
+        elif formulation == Formulation.PAPER:
             for k in range(S):
                 for g in servers[b]:
                     assign[b, k, g.name] = model.add_variable(f"x_{i}_{j}_{k}_{label[g.name]}", 0, 1, binary)
@@ -312,8 +180,8 @@ def dominated_gpus(config: Config) -> dict[str, str]:
     return result
 
 
-def run_model(model, options: SolverOptions) -> tuple[str, float]:
-    """Solve `model` in place; return ("optimal" | "feasible" | "infeasible", wall seconds)."""
+def run_model(model, options: SolverOptions) -> tuple[SolveStatus, float]:
+    """Solve `model` in place; return its status and the wall seconds it took."""
     import pulp
 
     solver = make_solver(options)
@@ -325,11 +193,11 @@ def run_model(model, options: SolverOptions) -> tuple[str, float]:
         raise SolverError(f"{options.name} failed: {exc}") from exc
     seconds = time.perf_counter() - started
     if model.sol_status == pulp.LpSolutionOptimal:
-        return "optimal", seconds
+        return SolveStatus.OPTIMAL, seconds
     if model.sol_status == pulp.LpSolutionIntegerFeasible:
-        return "feasible", seconds
+        return SolveStatus.FEASIBLE, seconds
     if model.status == pulp.LpStatusInfeasible or model.sol_status == pulp.LpSolutionInfeasible:
-        return "infeasible", seconds
+        return SolveStatus.INFEASIBLE, seconds
     limit = f" within the {options.time_limit:g} s time limit" if options.time_limit else ""
     raise SolverError(f"{options.name} found no solution{limit} (status: {pulp.LpStatus[model.status]})")
 
@@ -412,96 +280,7 @@ def cheapest_spread(group: list[GpuSpec], total: int) -> dict[str, int] | None:
     return None if left else counts
 
 
-def make_result(config: Config, formulation: str, options: SolverOptions, status: str, seconds: float,
-                counts: dict[str, int], routing: dict[Bucket, dict[str, float]]) -> SolveResult:
-    """Build the result record and check it: a result that fails its own check is a bug, not an output."""
-    check_allocation(config, counts, routing)
-    loads = _loads(config, routing)
-    gpus = [GpuAllocation(name=g.name, count=counts[g.name], price=g.cost, load=loads[g.name],
-                          utilisation=(loads[g.name] / counts[g.name]) if counts[g.name] else None)
-            for g in config.gpus]
-    routes = [Route(bucket=b, name=config.bucket_name(b), rate=config.bucket_rate(b), shares=routing[b])
-              for b in config.buckets if b in routing]
-    return SolveResult(name=config.name, source=config.source, formulation=formulation,
-                       slice_factor=config.slice_factor, headroom=config.headroom,
-                       total_request_rate=config.total_request_rate, solver=options.name, status=status,
-                       solve_seconds=seconds, gpus=gpus, routing=routes, baselines=baselines(config),
-                       warnings=list(config.warnings))
-
-
-def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucket, dict[str, float]]) -> None:
-    """Raise `AllocationCheckError` unless every bucket is fully routed and no type is planned over headroom."""
-    problems = []
-    for b in config.buckets:
-        if config.bucket_rate(b) <= 0:
-            continue
-        shares = routing.get(b, {})
-        if abs(sum(shares.values()) - 1.0) > CHECK_TOLERANCE:
-            problems.append(f"bucket {config.bucket_name(b)} shares sum to {sum(shares.values())!r}")
-        for g, s in shares.items():
-            if config.gpu(g).tput(b) <= 0 and s > 0:
-                problems.append(f"bucket {config.bucket_name(b)} routed to {g}, which cannot serve it")
-    for g, load in _loads(config, routing).items():
-        capacity = counts[g] * config.headroom
-        if load > capacity + CHECK_TOLERANCE * max(1.0, capacity):
-            problems.append(f"{g} load {load:.6g} exceeds {counts[g]} x headroom {config.headroom:g}")
-    for gpu in config.gpus:
-        if counts[gpu.name] < gpu.min_count or (gpu.max_count is not None and counts[gpu.name] > gpu.max_count):
-            problems.append(f"{gpu.name} count {counts[gpu.name]} outside its min/max_count")
-    if problems:
-        raise AllocationCheckError("internal error, please report: the solved allocation fails its check: "
-                                   + "; ".join(problems))
-
-
-def baselines(config: Config) -> list[Baseline]:
-    """Single-GPU-type fleets (what teams do today): count = ceil(total load / headroom) of that type. A GPU type
-    offered at several offers (`--per-offer`) is one baseline, its instances spread over its offers by price."""
-    result = []
-    demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
-    for name, group in offer_groups(list(config.gpus)).items():
-        gpu = group[0]
-        label = gpu.entry or gpu.name if len(group) > 1 else gpu.name
-        blocked = next((b for b in demand if gpu.tput(b) <= 0), None)
-        if blocked is not None:
-            result.append(Baseline(label, None, None,
-                                   f"cannot serve bucket {config.bucket_name(blocked)} (tputs 0)"))
-            continue
-        load = sum(config.bucket_rate(b) / gpu.tput(b) for b in demand)
-        count = max(math.ceil(load / config.headroom - 1e-9), sum(g.min_count for g in group))
-        spread = cheapest_spread(group, count)
-        if spread is None:
-            limit = (f"its max_count {gpu.max_count}" if len(group) == 1
-                     else f"the quotas of its {len(group)} offers")
-            result.append(Baseline(label, None, None, f"needs {count}, above {limit}"))
-            continue
-        result.append(Baseline(label, count, sum(n * config.gpu(g).cost for g, n in spread.items())))
-    return result
-
-
-def explain_infeasible(config: Config, formulation: str, options: SolverOptions) -> str:
-    """Say why no fleet fits. Only `max_count` can cause it (config validation rules out unservable buckets)."""
-    capped = [g for g in config.gpus if g.max_count is not None]
-    limits = ", ".join(f"{g.name} <= {g.max_count}" for g in capped) or "none"
-    for b in config.buckets:
-        servers = [g for g in config.gpus if g.tput(b) > 0]
-        if config.bucket_rate(b) > 0 and all(g.max_count == 0 for g in servers):
-            names = ", ".join(g.name for g in servers)
-            return (f"no fleet fits: bucket {config.bucket_name(b)} can only be served by {names}, "
-                    f"whose max_count is 0")
-    fraction = _max_servable_fraction(config, options)
-    if fraction < 1 - 1e-6:
-        return (f"no fleet fits the max_count limits ({limits}): they can serve at most {100 * fraction:.1f}% of "
-                f"the load ({fraction * config.total_request_rate:.4g} of {config.total_request_rate:g} req/s). "
-                f"Raise a max_count{' or quota' if any(g.quotas for g in capped) else ''}, add a GPU type, "
-                f"or lower total_request_rate"
-                + ("; with quotas, --per-offer spreads a GPU over all its offers" if any(
-                    g.quotas and g.entry in (None, g.name) for g in capped) else ""))
-    return (f"no fleet fits the max_count limits ({limits}) when each bucket is cut into slice_factor "
-            f"{config.slice_factor} whole slices ({formulation}); the load itself fits: use --formulation split "
-            f"or a larger slice_factor")
-
-
-def _max_servable_fraction(config: Config, options: SolverOptions) -> float:
+def max_servable_fraction(config: Config, options: SolverOptions) -> float:
     """Largest share of every bucket's demand that the max_count limits can carry (an LP)."""
     import pulp
 
@@ -524,20 +303,12 @@ def _max_servable_fraction(config: Config, options: SolverOptions) -> float:
     return pulp.value(alpha) or 0.0
 
 
-def _lp_bound(config: Config, options: SolverOptions) -> float | None:
+def lp_bound(config: Config, options: SolverOptions) -> float | None:
     import pulp
 
-    model, _ = build_model(config, "split", relax=True)
+    model, _ = build_model(config, Formulation.SPLIT, relax=True)
     status, _ = run_model(model, SolverOptions(name=options.name, path=options.path))
-    return pulp.value(model.objective) if status == "optimal" else None
-
-
-def _loads(config: Config, routing: dict[Bucket, dict[str, float]]) -> dict[str, float]:
-    loads = {g.name: 0.0 for g in config.gpus}
-    for b, shares in routing.items():
-        for g, s in shares.items():
-            loads[g] += s * config.bucket_rate(b) / config.gpu(g).tput(b)
-    return loads
+    return pulp.value(model.objective) if status is SolveStatus.OPTIMAL else None
 
 
 def _snap(value: float, denominator: int) -> float:
@@ -565,8 +336,6 @@ def _quiet_stdout(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    import sys
-
     sys.stdout.flush()
     saved = os.dup(1)
     try:

@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
-from . import __version__
-from .catalog import Catalog, offer_key
-from .config import Config, GpuSpec
-from .errors import ConfigError, OutputError
-from .offers import bind_offers
-from .render import LINE_BREAKS, Template, load_template, render
-from .solver import SolveResult, SolverOptions, solve
+from melange_sky import __version__
+from melange_sky._io import write_json, write_text
+from melange_sky.deploy.catalog import Catalog, offer_key
+from melange_sky.core.config import Config, GpuSpec
+from melange_sky.errors import ConfigError, OutputError
+from melange_sky.deploy.offers import bind_offers
+from melange_sky.deploy.render import LINE_BREAKS, Template, load_template, render
+from melange_sky.solve.model import SolverOptions
+from melange_sky.solve.result import SolveResult, solve
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_PORT = 8000
@@ -256,8 +258,6 @@ def cluster_name(fleet: str, gpu: str, index: int) -> str:
 
 def write_plan(plan: Plan, out_dir: str | Path, formats: tuple[str, ...] = FORMATS) -> list[Path]:
     """Write the plan's files into `out_dir` (created if missing); never outside it. Returns the paths written."""
-    from .report import write_json, write_text
-
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         raise OutputError(f"{out_dir} is a file, not a directory: give a directory for the plan's files")

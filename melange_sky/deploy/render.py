@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import TemplateError
+from melange_sky.errors import TemplateError
 
 TEMPLATE_SUFFIX = ".j2"
 #: Characters YAML (1.1, PyYAML) reads as line breaks, and others it will not take raw: JSON leaves them unescaped
@@ -45,7 +45,7 @@ def builtin_template_dir() -> Path:
             return Path(str(installed))
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parent.parent / "templates"
+    return Path(__file__).resolve().parents[2] / "templates"
 
 
 def builtin_templates() -> list[str]:

@@ -25,13 +25,13 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
-from .errors import (CapacityError, FleetBusy, LaunchCancelled, LaunchError, LedgerError, MelangeError,
+from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
+from melange_sky.errors import (CapacityError, FleetBusy, LaunchCancelled, LaunchError, LedgerError, MelangeError,
                      MissingSecret, UnknownFleet)
-from .ledger import Ledger, NewReplica, ReplicaRecord, ReplicaState
+from melange_sky.fleet.ledger import Ledger, NewReplica, ReplicaRecord, ReplicaState
 
 if TYPE_CHECKING:  # pragma: no cover - plan pulls in the solver and the catalog; `--help` imports this module
-    from .plan import Plan, PlanRequest, ReplicaPlan
+    from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
 
 DEFAULT_PARALLEL = 8  # launches mostly wait on clouds; SkyPilot's API server queues the rest
 DEFAULT_MAX_ROUNDS = 5  # a round re-solves and launches only what is still missing
@@ -289,7 +289,7 @@ class Fleet:
 
     def _request(self, fleet: str, exclude: frozenset[str] = frozenset()) -> PlanRequest:
         """The ledger's replicas as a planning request: capacity up, names to reuse, names taken."""
-        from .plan import PlanRequest
+        from melange_sky.deploy.plan import PlanRequest
 
         rows = [r for r in self._rows(fleet) if r.state is not ReplicaState.GONE]
         fixed: dict[tuple[str, str], int] = {}
@@ -348,7 +348,7 @@ class Fleet:
 
         `planner` must plan fleet `fleet`. `confirm` is shown the preview (under the lock, before anything is
         launched); returning False stops there."""
-        from .plan import PlanRequest
+        from melange_sky.deploy.plan import PlanRequest
 
         started = time.monotonic()
         with self.ledger.lock(fleet):

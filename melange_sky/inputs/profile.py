@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from .errors import ConfigError, EndpointUnreachable, ProfileError, ProfileFailed
-from .workload import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, MergeResult, check_edges, edges_for_config,
+from melange_sky.errors import ConfigError, EndpointUnreachable, ProfileError, ProfileFailed
+from melange_sky.inputs.trace import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, MergeResult, check_edges, edges_for_config,
                        gpu_entries)
 
 Cell = tuple[int, int]
@@ -920,7 +920,7 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
     measured, and buckets that failed (errors, timeouts: no measurement), keep the GPU's previous value when it had
     a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0.
     """
-    from .config import parse_config
+    from melange_sky.core.config import parse_config
 
     data = copy.deepcopy(config)
     warnings: list[str] = []
@@ -977,8 +977,8 @@ def _same_gpu(a: str, b: str) -> bool:
     """Whether two GPU names mean the same type: equal ignoring case, or the same catalog name ("a100_80gb")."""
     if a.lower() == b.lower():
         return True
-    from .catalog import canonical_gpu
-    from .errors import CatalogError
+    from melange_sky.deploy.catalog import canonical_gpu
+    from melange_sky.errors import CatalogError
 
     try:
         return canonical_gpu(a) == canonical_gpu(b)

@@ -24,9 +24,9 @@ import difflib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from .catalog import Catalog, Offer, default_catalog, offer_key
-from .config import Config, GpuSpec
-from .errors import CatalogError, ConfigError
+from melange_sky.deploy.catalog import Catalog, Offer, default_catalog, offer_key
+from melange_sky.core.config import Config, GpuSpec
+from melange_sky.errors import CatalogError, ConfigError
 
 #: A config cost further than this from the catalog's price (relative to the catalog) gets a warning.
 COST_MISMATCH_WARN = 0.10

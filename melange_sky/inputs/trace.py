@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
-from .errors import BucketEdgesError, ConfigError, TraceError
+from melange_sky.errors import BucketEdgesError, ConfigError, TraceError
 
 try:  # orjson parses a JSONL row ~8x faster than json; it is installed with SkyPilot, json is the fallback
     import orjson
@@ -593,7 +593,7 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
     warning saying what to run, because the histogram is still what the user asked for; `in_place` (the merge
     would overwrite `source`) it raises `BucketEdgesError` instead, so a working config is never broken.
     """
-    from .config import parse_config
+    from melange_sky.core.config import parse_config
 
     data = dict(config)
     fragment = result.config_fragment()

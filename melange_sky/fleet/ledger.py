@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import FleetBusy, LedgerError
+from melange_sky.errors import FleetBusy, LedgerError
 
 HOME_ENV_VAR = "MELANGE_SKY_HOME"
 DB_NAME = "ledger.db"

@@ -1,19 +1,16 @@
-"""Human-readable text for results, and JSON files written the same way everywhere. No printing here."""
+"""Human-readable text for results: the tables and lines the commands print. No printing here."""
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import OutputError
-from .solver import SolveResult
+from melange_sky.solve.result import SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .profiler import ProfileEvent, ProfileResult
-    from .workload import WorkloadResult
-    from .fleet import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
-    from .plan import Plan
+    from melange_sky.inputs.profile import ProfileEvent, ProfileResult
+    from melange_sky.inputs.trace import WorkloadResult
+    from melange_sky.fleet.fleet import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
+    from melange_sky.deploy.plan import Plan
 
 
 def format_solve(result: SolveResult) -> str:
@@ -59,23 +56,6 @@ def format_solve(result: SolveResult) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write `data` as indented JSON, atomically, so an interrupted run never leaves half a file."""
-    write_text(path, json.dumps(data, indent=4) + "\n")
-
-
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write `text` atomically (temporary file, then rename), so an interrupted run never leaves half a file."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
-
-
 def format_offers(offers: list, sources: dict[str, str] | None = None) -> str:
     """The `melange-sky catalog` table: one offer per line, cheapest per GPU first, and where prices come from.
 
@@ -95,25 +75,6 @@ def format_offers(offers: list, sources: dict[str, str] | None = None) -> str:
 
 
 # ---- melange-sky workload / profile ----------------------------------------------------------------------------------
-def config_json(data: Any, indent: int = 4, _level: int = 0) -> str:
-    """JSON like `write_json`'s, but every list of numbers on one line, so a config's matrices read as matrices."""
-    pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
-    if isinstance(data, list) and data and not any(isinstance(x, (list, dict)) for x in data):
-        return json.dumps(data, ensure_ascii=False)
-    if isinstance(data, list) and data:
-        return "[\n" + ",\n".join(inner + config_json(x, indent, _level + 1) for x in data) + "\n" + pad + "]"
-    if isinstance(data, dict) and data:
-        items = (f"{inner}{json.dumps(str(k), ensure_ascii=False)}: {config_json(v, indent, _level + 1)}"
-                 for k, v in data.items())
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    return json.dumps(data, ensure_ascii=False)
-
-
-def write_config_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write a config atomically (like `write_json`), matrices one row per line."""
-    write_text(path, config_json(data) + "\n")
-
-
 def format_matrix(key: str, matrix: list[list[float]]) -> str:
     """`"key": [[...], ...]` with one row per line, to paste into a config."""
     rows = ",\n".join("    " + json.dumps(row) for row in matrix)
@@ -301,7 +262,7 @@ def format_status(report: "StatusReport") -> str:
     """`melange-sky status`: per fleet, its replicas with state, endpoint and $/h."""
     if not report.fleets:
         return "No fleets in the ledger. Start one with `melange-sky up CONFIG`."
-    from .fleet import running_cost
+    from melange_sky.fleet.fleet import running_cost
 
     lines: list[str] = []
     for fleet in report.fleets:

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .errors import CatalogError
+from melange_sky.errors import CatalogError
 
 #: Clouds whose `vms.csv` layout melange-sky understands (GCP prices GPUs apart from their host VM).
 KNOWN_CLOUDS = ("aws", "azure", "gcp", "lambda")
-BUNDLED_DIR = Path(__file__).resolve().parent / "data" / "catalogs"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "catalogs"  # melange_sky/data/catalogs
 #: When SkyPilot is not installed (or its constants cannot be read), the schema of skypilot 0.14.
 FALLBACK_SCHEMA_VERSION = "v8"
 #: When the bundled prices were taken (sources: README, "Where prices come from").

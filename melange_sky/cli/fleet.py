@@ -1,0 +1,202 @@
+"""`up`, `status` and `down`: the fleet's lifecycle."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from melange_sky.cli.main import warn, debug_option, main
+from melange_sky.cli.options import backend_option, plan_settings, plan_options, solve_options, SolveArgs
+from melange_sky.cli.text import format_down, format_dryrun, format_event, format_preview, format_status, format_up
+from melange_sky.deploy.plan import build_plan, deployment_from_config, PlanRequest
+from melange_sky.fleet.backends import load_backend
+from melange_sky.fleet.fleet import (config_hash, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, secrets_from_env,
+                                     UpOptions)
+from melange_sky.fleet.ledger import Ledger
+
+
+def _launcher_output():
+    """What a launcher prints (SkyPilot says "Running on cluster: ...") goes to stderr with the progress lines, so
+    stdout holds only this command's own output (and stays parseable with --json)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+@contextlib.contextmanager
+def _terminations_interrupt():
+    """SIGTERM and SIGHUP (a closed terminal, a killed job) stop `up` the way Ctrl-C does: launches cancelled, every
+    replica's true state recorded. Previous handlers are restored after."""
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    saved = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def confirm_or_refuse(question: str, yes: bool) -> bool:
+    """Ask before spending money or deleting; never wait on a missing stdin."""
+    if yes:
+        return True
+    if not sys.stdin or not sys.stdin.isatty():
+        raise click.UsageError(f"{question} Refusing without confirmation: no terminal to ask on; pass -y.")
+    return click.confirm(question, abort=True)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--name", "fleet_name", help="Fleet name (default: the config's `name`, else its file name).")
+@click.option("--dryrun", is_flag=True, help="Plan and validate every task with SkyPilot, launch nothing, write "
+                                             "nothing: says what would be launched.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation before launching.")
+@click.option("--parallel", type=click.IntRange(min=1), default=DEFAULT_PARALLEL, show_default=True,
+              help="Launches in flight at once.")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=DEFAULT_MAX_ROUNDS, show_default=True,
+              help="Launch rounds at most: the first, plus one re-plan after each round that found an offer "
+                   "without capacity (1: never re-plan).")
+@click.option("--retry-until-up", is_flag=True, help="Let SkyPilot keep retrying an offer until it has capacity "
+                                                     "(instead of re-planning onto other offers).")
+@click.option("--idle-minutes-to-autostop", "-i", type=click.IntRange(min=0),
+              help="Stop (with --down: tear down) each cluster after this many idle minutes.")
+@click.option("--down", "autodown", is_flag=True, help="Tear clusters down instead of stopping them when idle "
+                                                       "(needs --idle-minutes-to-autostop).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout (needs -y when "
+                                                      "anything is to be launched or torn down).")
+@backend_option
+@plan_options
+@solve_options
+@debug_option
+def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: int, max_rounds: int,
+       retry_until_up: bool, idle_minutes_to_autostop: int | None, autodown: bool, as_json: bool,
+       backend: str | None, per_offer: bool, template: str | None, solve_args: SolveArgs) -> None:
+    """Launch the cheapest mixed fleet for CONFIG: one SkyPilot cluster per replica, across clouds.
+
+    Every replica is recorded in the ledger ($MELANGE_SKY_HOME, default ~/.melange-sky) before its launch is
+    requested. Launches run in parallel; an offer without capacity is re-planned onto others. Rerunning `up`
+    resumes: replicas already up are kept, missing ones launched, nothing duplicated.
+
+    \b
+    Examples:
+      melange-sky up examples/example.json --dryrun
+      HF_TOKEN=hf_... melange-sky up config.json -y --idle-minutes-to-autostop 60
+    """
+    if autodown and idle_minutes_to_autostop is None:
+        raise click.UsageError("--down needs --idle-minutes-to-autostop")
+    cfg = solve_args.load(config, fleet_name)
+    settings = plan_settings(solve_args, per_offer, template)
+    warned = set(cfg.warnings)
+
+    def planner(request: PlanRequest):
+        plan = build_plan(cfg, settings if request == PlanRequest() else dataclasses.replace(settings, compare=False),
+                          request)
+        warn([w for w in plan.result.warnings if w not in warned])
+        warned.update(plan.result.warnings)
+        return plan
+
+    on_event = None if as_json else (lambda event: click.echo(format_event(event), err=True))
+    if dryrun:  # writes nothing: no ledger is created on a machine that has none
+        fleet = Fleet(load_backend(backend), Ledger() if Ledger.exists() else None, on_event)
+        with _launcher_output():
+            report = fleet.dryrun(cfg.name, planner, os.environ)
+        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_dryrun(report))
+        return
+    secrets = secrets_from_env(deployment_from_config(cfg, template).secrets, os.environ)
+
+    stdout = sys.stdout  # the preview is this command's output, not the launcher's
+
+    def confirm(preview, notes) -> bool:
+        if not as_json:
+            click.echo(format_preview(preview, notes), file=stdout)
+        if not (preview.launch or preview.remove):
+            return True
+        if as_json and not yes:  # a prompt would corrupt the JSON on stdout
+            raise click.UsageError("up --json would launch or tear down replicas: pass -y as well")
+        actions = [f"launch {len(preview.launch)} replica(s) (+${preview.launch_cost:.2f}/h)"] if preview.launch else []
+        actions += [f"tear down {len(preview.remove)} that are not serving"] if preview.remove else []
+        return confirm_or_refuse(f"Fleet {preview.plan.fleet}: {' and '.join(actions)}?", yes)
+
+    options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
+                        idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
+    digest = config_hash(dataclasses.asdict(cfg), settings.formulation, per_offer, template)
+    with Ledger() as ledger, _launcher_output(), _terminations_interrupt():
+        report = Fleet(load_backend(backend), ledger, on_event).up(cfg.name, planner, secrets, digest, options,
+                                                                  confirm)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
+    if report.interrupted:
+        sys.exit(130)
+    if not report.complete:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("fleet_name", metavar="[FLEET]", required=False)
+@click.option("--refresh", is_flag=True, help="Ask the launcher (SkyPilot) for each cluster's live state and "
+                                              "endpoint first, and record it.")
+@click.option("--json", "as_json", is_flag=True, help="Print fleets and replicas as JSON on stdout.")
+@backend_option
+@debug_option
+def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | None) -> None:
+    """Show every fleet (or FLEET): replicas, their state, endpoint and $/h, from the ledger.
+
+    \b
+    Examples:
+      melange-sky status
+      melange-sky status llama2-chat --refresh --json
+    """
+    with Ledger() as ledger, _launcher_output():
+        report = Fleet(load_backend(backend) if refresh else None, ledger).status_report(fleet_name, refresh)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_status(report))
+
+
+@main.command()
+@click.argument("fleet_name", metavar="[FLEET]", required=False)
+@click.option("--all", "all_fleets", is_flag=True, help="Tear down every fleet in the ledger.")
+@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--purge", is_flag=True, help="Forget clusters SkyPilot cannot tear down cleanly (may leave cloud "
+                                            "resources behind: check your cloud console).")
+@click.option("--parallel", type=click.IntRange(min=1), default=DEFAULT_PARALLEL, show_default=True,
+              help="Teardowns in flight at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON on stdout.")
+@backend_option
+@debug_option
+def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, parallel: int, as_json: bool,
+         backend: str | None) -> None:
+    """Tear down FLEET (or --all): every replica's cluster, concurrently.
+
+    A cluster the launcher no longer knows counts as gone. The fleet leaves the ledger only when all its
+    clusters are gone; failures are kept and retried by the next `down`. A fleet that is not in the ledger
+    (already down) is a no-op.
+
+    \b
+    Examples:
+      melange-sky down llama2-chat
+      melange-sky down --all -y
+    """
+    if all_fleets == bool(fleet_name):
+        raise click.UsageError("name one FLEET or pass --all")
+    with Ledger() as ledger:
+        names = [f.name for f in ledger.fleets()] if all_fleets else [fleet_name]
+        known = [n for n in names if ledger.get_fleet(n) is not None]
+        if known:
+            confirm_or_refuse(f"Tear down {', '.join(known)}? Their clusters and disks are deleted.", yes)
+        fleet = Fleet(load_backend(backend) if known else None, ledger, on_event=None if as_json else
+                      (lambda event: click.echo(format_event(event), err=True)))
+        with _launcher_output():
+            reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2) if as_json
+                   else "\n".join(format_down(r) for r in reports) or "No fleets in the ledger: nothing to tear down.")
+    if any(r.failed for r in reports):
+        sys.exit(1)
+    if any(r.busy for r in reports):
+        sys.exit(3)

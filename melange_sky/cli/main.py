@@ -1,0 +1,94 @@
+"""The `melange-sky` command group: one-line errors with their exit codes, `--debug`, and the top-level help.
+
+The commands live beside it, one module per room they drive (plan, inputs, fleet); each parses, calls the library
+and prints. No solver, SQL or SkyPilot code in this package."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from melange_sky import __version__
+from melange_sky.errors import MelangeError
+
+DEBUG_KEY = "melange_sky.debug"
+
+
+class MelangeGroup(click.Group):
+    """Turns library errors into one `Error: ...` line and their exit code; a traceback only with --debug."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """Click's own usage errors (a bad option, a missing argument) as one line too, exit code 2."""
+        if not standalone_mode:  # a caller that handles Click's exceptions itself
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "melange-sky"
+            click.echo(f"Error: {exc.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+        # Without standalone mode Click returns an exit code (from ctx.exit) instead of exiting: exit with it.
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MelangeError as exc:
+            if _debug(ctx):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+            if _debug(ctx):
+                raise
+            click.echo(f"Error: internal error: {type(exc).__name__}: {exc}. Rerun with --debug for the traceback "
+                       f"and please report it.", err=True)
+            ctx.exit(1)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get(DEBUG_KEY)) or os.environ.get("MELANGE_SKY_DEBUG", "") not in ("", "0")
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.meta[DEBUG_KEY] = True
+
+
+debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                            help="Show the full traceback when something fails.")
+
+
+def warn(messages) -> None:
+    for message in messages:
+        click.echo(f"Warning: {message}", err=True)
+
+
+@click.group(cls=MelangeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="melange-sky")
+@debug_option
+def main() -> None:
+    """melange-sky: the cheapest mix of GPU types for serving an LLM, deployed with SkyPilot.
+
+    Given a workload histogram (request sizes), a request rate and each GPU type's price and profiled
+    throughput, it solves Mélange's integer program for the cheapest fleet, and deploys it as one SkyPilot
+    cluster per replica, across clouds.
+
+    \b
+    The workflow:
+      melange-sky solve examples/example.json          # the cheapest mix, and what it saves
+      melange-sky plan examples/example.json           # + one SkyPilot task per replica
+      melange-sky up examples/example.json --dryrun    # what `up` would launch, validated
+      melange-sky up examples/example.json             # launch it (needs `sky check` to pass)
+      melange-sky status / melange-sky down example    # watch / tear down
+    Inputs: `melange-sky workload TRACE` (histogram), `melange-sky profile` (tputs), `melange-sky catalog` (offers).
+    """

@@ -1,0 +1,104 @@
+"""Options shared by several commands, and the small helpers their callbacks share (warnings, confirmation)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from dataclasses import dataclass
+
+import click
+
+from melange_sky.cli.main import warn
+from melange_sky.core.config import load_config, with_overrides
+from melange_sky.deploy.plan import PlanSettings
+from melange_sky.solve.model import SolverOptions
+
+
+@dataclass(frozen=True)
+class SolveArgs:
+    """The options every command that solves shares (solve, plan, up)."""
+
+    formulation: str
+    solver_name: str
+    solver_path: str | None
+    time_limit: float
+    headroom: float | None
+    rate: float | None
+
+    def load(self, path: str, name: str | None = None):
+        config = with_overrides(load_config(path), rate=self.rate, headroom=self.headroom)
+        if name:
+            config = dataclasses.replace(config, name=name)
+        warn(config.warnings)
+        return config
+
+    @property
+    def solver(self):
+        return SolverOptions(name="cbc" if self.solver_path else self.solver_name, path=self.solver_path,
+                             time_limit=self.time_limit)
+
+
+def solve_options(command):
+    """Add the solve options to a command; it receives them as one `solve_args: SolveArgs`."""
+    options = [
+        click.option("--formulation", type=click.Choice(["slices", "paper", "split"]), default="slices",
+                     show_default=True, help="slices: the paper's optimum at the config's slice_factor (fast form); "
+                     "paper: the paper's literal ILP, for cross-checking; split: buckets divided among GPU types in "
+                     "any proportion (never dearer)."),
+        click.option("--solver", "solver_name", type=click.Choice(["highs", "cbc"]), default="highs",
+                     show_default=True, help="MILP solver: HiGHS, or CBC (PuLP's bundled binary, or --solver-path)."),
+        click.option("--solver-path", type=click.Path(dir_okay=False, path_type=str),
+                     help="A CBC binary to use (implies --solver cbc), e.g. /opt/homebrew/opt/cbc/bin/cbc."),
+        click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+                     help="Seconds the solver may search; if it stops early it reports the best fleet and the "
+                          "proven gap."),
+        click.option("--headroom", type=float, help="Highest planned utilisation of any GPU, in (0, 1] (overrides "
+                                                    "the config's `headroom`; default 1)."),
+        click.option("--rate", type=float, help="Total request rate in req/s (overrides `total_request_rate`)."),
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args, formulation, solver_name, solver_path, time_limit, headroom, rate, **kwargs):
+        solve_args = SolveArgs(formulation, solver_name, solver_path, time_limit, headroom, rate)
+        return command(*args, solve_args=solve_args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def warn_time_limit(result, solve_args: SolveArgs) -> None:
+    if result.status != "optimal":
+        warn([f"the solver hit --time-limit {solve_args.time_limit:g} s before proving this fleet optimal"])
+
+
+def bucket_edge_options(command):
+    """--input-buckets / --output-buckets, shared by `workload` and `profile`."""
+    command = click.option("--output-buckets", metavar="EDGES", help="Output-length bucket edges in tokens (default: "
+                           "the config's with --into, else Mélange's 1,25,100,250,500,1000,2000).")(command)
+    return click.option("--input-buckets", metavar="EDGES", help="Input-length bucket edges in tokens, "
+                        "comma-separated (default: the config's with --into, else Mélange's "
+                        "1,25,100,250,500,1000,2000,4000,8000).")(command)
+
+
+def plan_options(command):
+    """Options shared by `plan` and `up`: how a config becomes replicas."""
+    options = [
+        click.option("--per-offer", is_flag=True, help="Make every (GPU, offer) pair its own column in the solve, "
+                     "so per-offer quotas (gpu_info.<GPU>.quotas) spread the fleet across clouds and regions."),
+        click.option("--template", metavar="NAME|PATH", help="Task template: vllm (default), sglang, or a Jinja "
+                     "file of your own (overrides deployment.template)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def plan_settings(solve_args: SolveArgs, per_offer: bool, template: str | None, compare: bool = True):
+    return PlanSettings(formulation=solve_args.formulation, solver=solve_args.solver, per_offer=per_offer,
+                        template=template, compare=compare)
+
+
+def backend_option(command):
+    return click.option("--backend", metavar="NAME|MODULE:CLASS", help="Launcher to use (default: skypilot, or "
+                        "$MELANGE_SKY_BACKEND): a `melange_sky.backends` entry point or a module:Class path.")(command)
