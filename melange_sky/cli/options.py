@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import click
 
 from melange_sky.cli.main import warn
-from melange_sky.core.config import load_config, with_overrides
+from melange_sky.core.config import with_overrides
+from melange_sky.deploy.offers import load_config
 from melange_sky.deploy.plan import PlanSettings
 from melange_sky.solve.model import SolverOptions
 

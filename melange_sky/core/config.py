@@ -12,12 +12,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from melange_sky.errors import ConfigError
-
-if TYPE_CHECKING:
-    from melange_sky.deploy.catalog import Catalog
+from melange_sky.errors import CatalogError, ConfigError
 
 Matrix = tuple[tuple[float, ...], ...]
 Bucket = tuple[int, int]
@@ -69,6 +67,11 @@ class GpuSpec:
         return self.tputs[bucket[0]][bucket[1]]
 
 
+#: Prices a GPU entry that has no `cost`: (entry, the config's clouds, the config's source) -> $/h per GPU. Raises
+#: `ConfigError` or `CatalogError` saying why there is no price. The catalog's is `melange_sky.deploy.offers`'.
+Pricer = Callable[[GpuSpec, "tuple[str, ...] | None", str], float]
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated config. `workload_distribution` is normalised to sum to 1."""
@@ -114,7 +117,7 @@ class Config:
         raise KeyError(name)
 
 
-def load_config(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Config:
+def load_config(path: str | os.PathLike[str], price: Pricer | None = None) -> Config:
     """Read, parse and validate a config file; raise `ConfigError` with file and field on any problem."""
     source = str(path)
     try:
@@ -135,17 +138,17 @@ def load_config(path: str | os.PathLike[str], catalog: Catalog | None = None) ->
         raise ConfigError(source, None, f"duplicate key {exc.key!r} in one JSON object") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    return parse_config(data, source=source, default_name=Path(path).stem, catalog=catalog)
+    return parse_config(data, source=source, default_name=Path(path).stem, price=price)
 
 
 def parse_config(data: Any, source: str = "<config>", default_name: str = "melange",
-                 catalog: Catalog | None = None) -> Config:
+                 price: Pricer | None = None) -> Config:
     """Validate an already-decoded config object (the dict `json.load` gives).
 
-    A GPU entry without `cost` gets the price of its default catalog offer from `catalog` (default: SkyPilot's
-    downloaded catalogs, else the bundled snapshot); configs that give every cost never read a catalog.
+    A GPU entry without `cost` is priced by `price` (`melange_sky.deploy.offers.catalog_pricer` gives the catalog's
+    price); without one, a missing cost is an error. Configs that give every cost never need a price.
     """
-    return _Parser(source, catalog).parse(data, default_name)
+    return _Parser(source, price).parse(data, default_name)
 
 
 def with_overrides(config: Config, *, rate: float | None = None, headroom: float | None = None) -> Config:
@@ -186,9 +189,9 @@ def _type_name(value: Any) -> str:
 
 
 class _Parser:
-    def __init__(self, source: str, catalog: Catalog | None = None):
+    def __init__(self, source: str, price: Pricer | None = None):
         self.source = source
-        self.catalog = catalog
+        self.price = price
         self.clouds: tuple[str, ...] | None = None
         self.warnings: list[str] = []
 
@@ -395,19 +398,16 @@ class _Parser:
         return tuple(result)
 
     def catalog_cost(self, spec: GpuSpec) -> GpuSpec:
-        """`spec` priced per GPU from its default catalog offer; ConfigError naming `cost` if there is none."""
-        from melange_sky.errors import CatalogError
-        from melange_sky.deploy.offers import default_offer
-
+        """`spec` priced per GPU by the pricer; ConfigError naming `cost` if there is no price for it."""
+        if self.price is None:
+            raise self.fail(f"{spec.field_path}.cost", "missing: add a cost in $/h per GPU")
         try:
-            offer = default_offer(spec, self.clouds, self.source, self.catalog)
+            cost = self.price(spec, self.clouds, self.source)
         except (ConfigError, CatalogError) as exc:
             reason = exc.message if isinstance(exc, ConfigError) else str(exc)
             raise self.fail(f"{spec.field_path}.cost", f"missing, and the catalog has no price for it ({reason}); "
                                                       f"add a cost in $/h per GPU") from None
-        price = offer.hourly(spec.use_spot)
-        assert price is not None  # default_offer only returns offers with the price asked for
-        return dataclasses.replace(spec, cost=price / offer.gpu_count, cost_source="catalog")
+        return dataclasses.replace(spec, cost=cost, cost_source="catalog")
 
     def check_servable(self, config: Config) -> None:
         for bucket in config.buckets:

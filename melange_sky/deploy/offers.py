@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
+from melange_sky.core import config as core_config
+from melange_sky.core.config import Config, GpuSpec, Pricer
 from melange_sky.deploy.catalog import Catalog, Offer, default_catalog, offer_key
-from melange_sky.core.config import Config, GpuSpec
 from melange_sky.errors import CatalogError, ConfigError
 
 #: A config cost further than this from the catalog's price (relative to the catalog) gets a warning.
@@ -95,6 +98,29 @@ def default_offer(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str,
                   catalog: Catalog | None = None) -> Offer:
     """The offer the default mode binds `spec` to (used to price a GPU entry that has no `cost`)."""
     return _pick(allowed_offers(spec, clouds, source, catalog or default_catalog()), spec)
+
+
+def catalog_pricer(catalog: Catalog | None = None) -> Pricer:
+    """A config's price lookup for GPU entries without `cost`: their default offer's price per GPU in `catalog`
+    (default: SkyPilot's downloaded catalogs, else the bundled snapshot, read only when a cost is missing)."""
+    def price(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str) -> float:
+        offer = default_offer(spec, clouds, source, catalog)
+        hourly = offer.hourly(spec.use_spot)
+        assert hourly is not None  # default_offer only returns offers with the price asked for
+        return hourly / offer.gpu_count
+
+    return price
+
+
+def load_config(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Config:
+    """`melange_sky.core.config.load_config` with missing costs priced from `catalog` (see `catalog_pricer`)."""
+    return core_config.load_config(path, price=catalog_pricer(catalog))
+
+
+def parse_config(data: Any, source: str = "<config>", default_name: str = "melange",
+                 catalog: Catalog | None = None) -> Config:
+    """`melange_sky.core.config.parse_config` with missing costs priced from `catalog` (see `catalog_pricer`)."""
+    return core_config.parse_config(data, source, default_name, price=catalog_pricer(catalog))
 
 
 def allowed_offers(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str, catalog: Catalog) -> list[Offer]:
