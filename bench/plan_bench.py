@@ -37,20 +37,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jinja2
 
 import melange_sky
-from melange_sky.deploy.catalog import Catalog
 from melange_sky.core.config import parse_config
+from melange_sky.deploy.catalog import Catalog
 from melange_sky.deploy.offers import bind_offers
 from melange_sky.deploy.plan import deployment_from_config, make_plan, write_plan
 from melange_sky.deploy.render import _compile
 from melange_sky.errors import InfeasibleAllocation
-from melange_sky.solve.model import SolverOptions
-from melange_sky.solve.result import solve
+from melange_sky.solver.model import SolverOptions
+from melange_sky.solver.result import solve
 
 EXAMPLE = json.loads((Path(__file__).resolve().parent.parent / "examples" / "example.json").read_text())
 TARGET_REPLICAS = 100

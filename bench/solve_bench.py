@@ -10,9 +10,9 @@ Markdown goes to stdout and one progress line per solve to stderr, so
 ``python bench/solve_bench.py > bench.md`` leaves just the report in ``bench.md``. It prints:
 
 * the machine: cores, CPU model, Python and PuLP versions;
-* Table 1: the default ``slices`` formulation and ``split`` with the default solver (HiGHS), solved to proven optimality under a time
-  limit: median / p90 / max solve seconds, how many proved optimal, how many of the 40 columns the dominance
-  presolve keeps, then one row per instance;
+* Table 1: the default ``slices`` formulation and ``split`` with the default solver (HiGHS), solved to proven
+  optimality under a time limit: median / p90 / max solve seconds, how many proved optimal, how many of the 40
+  columns the dominance presolve keeps, then one row per instance;
 * Table 2: the same instances with per-offer quotas (``max_count``), which the presolve cannot drop, with CBC and
   HiGHS;
 * Table 3: ``slices`` against the paper's literal ``paper`` formulation, with a cost cross-check;
@@ -40,15 +40,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pulp
 
 from melange_sky.core.config import Config, parse_config
-from melange_sky.solve.model import SolverOptions, dominated_gpus
-from melange_sky.solve.result import solve
+from melange_sky.solver.model import SolverOptions, dominated_gpus
+from melange_sky.solver.result import solve
 
 DEFAULT_SOLVER = SolverOptions().name  # what `melange-sky solve` uses
 
@@ -311,7 +312,7 @@ def quota_table(seeds: Sequence[int], time_limit: float) -> None:
                + [["8 types x 5 offers", solver, formulation, *timing_cells(results)]
                   for (solver, formulation), results in typed.items()]))
     emit()
-    # Both solvers run with a zero relative gap (melange_sky.solve.model), so proven optima must agree.
+    # Both solvers run with a zero relative gap (melange_sky.solver.model), so proven optima must agree.
     mismatches = [f"seed {a.seed} {a.formulation}: CBC ${a.cost:.4f}/h vs HiGHS ${b.cost:.4f}/h"
                   for formulation in ("slices", "split")
                   for a, b in zip(runs["cbc", formulation], runs["highs", formulation])
@@ -348,7 +349,8 @@ def paper_table(seeds: Sequence[int], sliced: dict[int, Run], time_limit: float)
                             f"${fast.cost:.6f}/h ({fast.status})")
         rows.append([seed, paper.status, f"{paper.seconds:.2f}", f"{paper.cost:.4f}", fast.status,
                      f"{fast.seconds:.2f}", f"{fast.cost:.4f}", speedup, costs])
-    emit(f"## Table 3: `slices` vs the literal `paper` formulation, {DEFAULT_SOLVER}, paper time limit {time_limit:g} s")
+    emit(f"## Table 3: `slices` vs the literal `paper` formulation, {DEFAULT_SOLVER}, "
+         f"paper time limit {time_limit:g} s")
     emit()
     emit(table(["seed", "paper status", "paper s", "paper $/h", "slices status", "slices s", "slices $/h",
                 "speed-up", "costs"], rows))

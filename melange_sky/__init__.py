@@ -5,7 +5,7 @@ first use (PEP 562), so `import melange_sky` and `melange-sky --help` stay fast;
 `melange_sky.fleet.skypilot`, when the SkyPilot backend is used.
 
 The package is laid out by stage, one room (subpackage) per stage, each using only the rooms below it:
-`cli` -> `fleet` -> `deploy` -> `solve` -> `core`, and `inputs` -> `core` (README, Development).
+`cli` -> `fleet` -> `deploy` -> `solver` -> `core`, and `inputs` -> `core` (README, Development).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ _PUBLIC = {
     "deploy.offers": ("BoundConfig", "bind_offers", "load_config", "parse_config"),  # costs priced from the catalog
     "deploy.plan": ("Plan", "PlanRequest", "PlanSettings", "ReplicaPlan", "build_plan", "make_plan", "write_plan"),
     "inputs.profile": ("ProfileResult", "ProfileSettings", "profile_endpoint"),
-    "solve.model": ("SolverOptions",),
-    "solve.result": ("SolveResult", "solve"),
+    "solver.model": ("SolverOptions",),
+    "solver.result": ("SolveResult", "solve"),
     "inputs.trace": ("WorkloadResult", "read_trace"),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from melange_sky.core.config import parse_config
 from melange_sky.errors import InfeasibleAllocation
-from melange_sky.solve.model import SolverOptions, build_model, run_model
-from melange_sky.solve.result import solve
+from melange_sky.solver.model import SolverOptions, build_model, run_model
+from melange_sky.solver.result import solve
 
 HAS_HIGHS = importlib.util.find_spec("highspy") is not None
 #: Capacity slack for the brute force (loads are small rationals; 1e-9 only absorbs float rounding).

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from dataclasses import dataclass
 
 import click
@@ -12,7 +11,7 @@ from melange_sky.cli.main import warn
 from melange_sky.core.config import with_overrides
 from melange_sky.deploy.offers import load_config
 from melange_sky.deploy.plan import PlanSettings
-from melange_sky.solve.model import SolverOptions
+from melange_sky.solver.model import SolverOptions
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,13 @@ import json
 
 import click
 
-from melange_sky.cli.main import warn, debug_option, main
-from melange_sky.cli.options import plan_settings, warn_time_limit, plan_options, solve_options, SolveArgs
 from melange_sky._io import write_json
+from melange_sky.cli.main import debug_option, main, warn
+from melange_sky.cli.options import SolveArgs, plan_options, plan_settings, solve_options, warn_time_limit
 from melange_sky.cli.text import format_offers, format_plan, format_solve
 from melange_sky.deploy.catalog import default_catalog
 from melange_sky.deploy.plan import build_plan, stale_task_files, write_plan
-from melange_sky.solve.result import solve as run_solve
+from melange_sky.solver.result import solve as run_solve
 
 
 @main.command()

@@ -10,9 +10,9 @@ import difflib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from melange_sky.errors import CatalogError, ConfigError

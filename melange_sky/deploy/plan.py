@@ -9,19 +9,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any
 
 from melange_sky import __version__
 from melange_sky._io import write_json, write_text
-from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.core.config import Config, GpuSpec
-from melange_sky.errors import ConfigError, OutputError
+from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.deploy.offers import bind_offers
 from melange_sky.deploy.render import LINE_BREAKS, Template, load_template, render
-from melange_sky.solve.model import SolverOptions
-from melange_sky.solve.result import SolveResult, solve
+from melange_sky.errors import ConfigError, OutputError
+from melange_sky.solver.model import SolverOptions
+from melange_sky.solver.result import SolveResult, solve
 
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_PORT = 8000
@@ -152,7 +153,9 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
         entry, offer = gpu.entry or gpu.name, offer_key(gpu.cloud, gpu.region, gpu.instance_type, gpu.use_spot)
         # Per offer, a column owns the replicas on its offer; per GPU type, it owns every replica of its entry
         # (a re-plan may have moved some to another offer; they are the same GPU).
-        mine = (lambda e, o: (e, o) == (entry, offer)) if settings.per_offer else (lambda e, o: e == entry)
+        def mine(e: str, o: str, entry: str = entry, offer: str = offer) -> bool:
+            return (e, o) == (entry, offer) if settings.per_offer else e == entry
+
         fixed = sum(n for (e, o), n in request.fixed.items() if mine(e, o))
         names[gpu.name] = [cluster for e, o, cluster in request.names if mine(e, o)]
         if offer in request.exclude:

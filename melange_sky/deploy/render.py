@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from melange_sky.errors import TemplateError
 
@@ -68,7 +69,7 @@ def load_template(name_or_path: str) -> Template:
 
 @lru_cache(maxsize=32)
 def _compile(path: str):
-    import jinja2
+    import jinja2  # noqa: PLC0415 - heavy: kept off `--help`
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(path).parent)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
@@ -84,8 +85,8 @@ def _compile(path: str):
 
 def render(template: Template, context: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """The rendered YAML text and the task config it parses to (a mapping, checked)."""
-    import jinja2
-    import yaml
+    import jinja2  # noqa: PLC0415 - heavy: kept off `--help`
+    import yaml  # noqa: PLC0415 - heavy: kept off `--help`
 
     try:
         text = template.jinja.render(**context)

@@ -13,8 +13,8 @@ from typing import Any
 
 from melange_sky.core.config import Bucket, Config
 from melange_sky.errors import AllocationCheckError, InfeasibleAllocation, SolverError
-from melange_sky.solve.model import (Formulation, SolveStatus, SolverOptions, build_model, cheapest_spread, extract_allocation, lp_bound,
-                                     max_servable_fraction, offer_groups, run_model)
+from melange_sky.solver.model import (Formulation, SolverOptions, SolveStatus, build_model, cheapest_spread,
+                                     extract_allocation, lp_bound, max_servable_fraction, offer_groups, run_model)
 
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
@@ -211,7 +211,7 @@ def baselines(config: Config) -> list[Baseline]:
     offered at several offers (`--per-offer`) is one baseline, its instances spread over its offers by price."""
     result = []
     demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
-    for name, group in offer_groups(list(config.gpus)).items():
+    for group in offer_groups(list(config.gpus)).values():
         gpu = group[0]
         label = gpu.entry or gpu.name if len(group) > 1 else gpu.name
         blocked = next((b for b in demand if gpu.tput(b) <= 0), None)

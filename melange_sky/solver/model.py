@@ -25,9 +25,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Iterator
+from typing import Any
 
 from melange_sky.core.config import Bucket, Config, GpuSpec
 from melange_sky.errors import AllocationCheckError, SolverError
@@ -81,7 +82,7 @@ class ModelVariables:
 
 def build_model(config: Config, formulation: Formulation | str, relax: bool = False):
     """The MILP for `formulation` as (model, variables). `relax` makes every variable continuous."""
-    import pulp
+    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
 
     integer = pulp.LpContinuous if relax else pulp.LpInteger
     binary = pulp.LpContinuous if relax else pulp.LpBinary
@@ -182,7 +183,7 @@ def dominated_gpus(config: Config) -> dict[str, str]:
 
 def run_model(model, options: SolverOptions) -> tuple[SolveStatus, float]:
     """Solve `model` in place; return its status and the wall seconds it took."""
-    import pulp
+    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
 
     solver = make_solver(options)
     started = time.perf_counter()
@@ -204,7 +205,7 @@ def run_model(model, options: SolverOptions) -> tuple[SolveStatus, float]:
 
 def make_solver(options: SolverOptions):
     """A PuLP solver object for `options`, with an actionable error when it cannot run here."""
-    import pulp
+    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
 
     if options.name == "cbc":
         path = options.path or _bundled_cbc() or shutil.which("cbc")
@@ -219,7 +220,7 @@ def make_solver(options: SolverOptions):
         if options.path:
             raise SolverError("--solver-path applies to --solver cbc only")
         try:
-            import highspy  # noqa: F401
+            import highspy  # noqa: F401, PLC0415 - only probes that HiGHS is installed
         except ImportError:
             raise SolverError("--solver highs needs highspy: pip install highspy (or --solver cbc)") from None
         return pulp.HiGHS(msg=options.msg, timeLimit=options.time_limit, gapRel=0.0, gapAbs=OPTIMALITY_GAP_ABS,
@@ -229,7 +230,7 @@ def make_solver(options: SolverOptions):
 
 def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[str, int], dict]:
     """Integer counts and per-bucket shares from a solved model, rounded clean of solver noise."""
-    import pulp
+    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
 
     counts = {g.name: 0 for g in config.gpus}
     for name, var in variables.count.items():
@@ -282,7 +283,7 @@ def cheapest_spread(group: list[GpuSpec], total: int) -> dict[str, int] | None:
 
 def max_servable_fraction(config: Config, options: SolverOptions) -> float:
     """Largest share of every bucket's demand that the max_count limits can carry (an LP)."""
-    import pulp
+    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
 
     model = pulp.LpProblem("max_servable", pulp.LpMaximize)
     alpha = model.add_variable("alpha", 0, 1)
@@ -304,7 +305,7 @@ def max_servable_fraction(config: Config, options: SolverOptions) -> float:
 
 
 def lp_bound(config: Config, options: SolverOptions) -> float | None:
-    import pulp
+    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
 
     model, _ = build_model(config, Formulation.SPLIT, relax=True)
     status, _ = run_model(model, SolverOptions(name=options.name, path=options.path))
@@ -323,7 +324,7 @@ def _safe(name: str) -> str:
 
 def _bundled_cbc() -> str | None:
     """The CBC binary PuLP ships (used through COIN_CMD: PULP_CBC_CMD itself is deprecated in PuLP 3.3)."""
-    import pulp
+    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
 
     path = getattr(pulp.PULP_CBC_CMD, "pulp_cbc_path", None)
     return path if path and os.path.isfile(path) else None
