@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from melange_sky.core.gpus import canonical_gpu, did_you_mean
 from melange_sky.errors import CatalogError
 
 #: Clouds whose `vms.csv` layout melange-sky understands (GCP prices GPUs apart from their host VM).
@@ -37,17 +38,6 @@ BUNDLED_DATE = "2025-11"
 PREFERRED_OFFERS = {
     "A10G": ("aws", "us-west-2", "g5.xlarge"),
     "A100-80GB": ("azure", "eastus", "Standard_NC24ads_A100_v4"),
-}
-
-#: Canonical accelerator names (SkyPilot's spelling) that may appear without being in any loaded catalog.
-CANONICAL_GPUS = ("T4", "L4", "A10", "A10G", "L40S", "L40", "A100", "A100-80GB", "H100", "H200", "V100",
-                  "V100-32GB", "A6000", "B200", "GH200")
-#: Extra spellings, keyed by their normalised form (upper case, letters and digits only).
-_ALIASES = {
-    "A10040GB": "A100", "A10040G": "A100", "A10040": "A100",
-    "A10080": "A100-80GB", "A10080G": "A100-80GB",
-    "H10080GB": "H100", "H10080G": "H100", "H10080": "H100", "H100SXM": "H100", "H100PCIE": "H100",
-    "L40S48GB": "L40S", "A10G24GB": "A10G",
 }
 
 # GCP attaches GPUs to a host VM: these GPUs need their own machine family (count -> machine types), others go
@@ -124,42 +114,6 @@ class Offer:
                 "accelerators": self.accelerators, "gpu_count": self.gpu_count, "price": self.price,
                 "spot_price": self.spot_price, "price_per_gpu": self.price_per_gpu,
                 "spot_price_per_gpu": self.spot_price_per_gpu, "source": self.source}
-
-
-# ---- GPU names ---------------------------------------------------------------------------------------------------
-
-def _normalise(name: str) -> str:
-    key = re.sub(r"[^A-Z0-9]", "", name.upper())
-    for prefix in ("NVIDIA", "TESLA"):
-        if key.startswith(prefix) and len(key) > len(prefix):
-            key = key[len(prefix):]
-    return key
-
-
-_BASE_TABLE = {**_ALIASES, **{_normalise(n): n for n in CANONICAL_GPUS}}
-
-
-def canonical_gpu(name: str, known: Iterable[str] = ()) -> str:
-    """The canonical accelerator name for `name` ("a100_80gb" -> "A100-80GB"); CatalogError if it is unknown.
-
-    `known` adds names found in the catalogs (e.g. a new GPU in SkyPilot's downloaded catalog).
-    """
-    key = _normalise(name)
-    found = _BASE_TABLE.get(key)
-    if found is not None:
-        return found
-    extra = {_normalise(n): n for n in known}
-    if key in extra:
-        return extra[key]
-    raise CatalogError(f"unknown GPU {name!r}{_did_you_mean(name, list(dict.fromkeys([*CANONICAL_GPUS, *known])))}")
-
-
-def _did_you_mean(name: str, names: list[str]) -> str:
-    by_key = {_normalise(n): n for n in names}
-    close = difflib.get_close_matches(_normalise(name), list(by_key), n=3, cutoff=0.5)
-    if close:
-        return "; did you mean " + " or ".join(repr(by_key[c]) for c in close) + "?"
-    return f"; known GPUs: {', '.join(sorted(names))}"
 
 
 # ---- where SkyPilot keeps its catalogs ----------------------------------------------------------------------------
@@ -388,7 +342,7 @@ class Catalog:
             where = ", ".join(clouds)
             elsewhere = [c for c in KNOWN_CLOUDS if c not in clouds and gpu in self.gpu_names([c])]
             hint = (f"; clouds with one: {', '.join(elsewhere)}" if elsewhere
-                    else _did_you_mean(name, offered))
+                    else did_you_mean(name, offered))
             raise CatalogError(f"no offer for GPU {gpu!r} in {where}{hint}")
         return gpu
 

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
+from melange_sky.core.gpus import same_gpu
 from melange_sky.errors import ConfigError, EndpointUnreachable, ProfileError, ProfileFailed
 from melange_sky.inputs.trace import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, MergeResult, check_edges, edges_for_config,
                        gpu_entries)
@@ -929,7 +930,7 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
     gpu_info = data.get("gpu_info")
     if gpu_info is None:
         gpu_info = data["gpu_info"] = {}
-    entry = next((e for _path, name, e in gpu_entries(gpu_info) if _same_gpu(name, gpu)), None)
+    entry = next((e for _path, name, e in gpu_entries(gpu_info) if same_gpu(name, gpu)), None)
     added = entry is None
     if entry is None:
         entry = {"cost": cost} if cost is not None else {}
@@ -971,19 +972,6 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
             warnings.append(f"{source}: added GPU {gpu!r} without a cost: set its $/h (or pass --cost) before "
                             f"solving")
     return MergeResult(data=data, warnings=tuple(warnings), valid=valid)
-
-
-def _same_gpu(a: str, b: str) -> bool:
-    """Whether two GPU names mean the same type: equal ignoring case, or the same catalog name ("a100_80gb")."""
-    if a.lower() == b.lower():
-        return True
-    from melange_sky.deploy.catalog import canonical_gpu
-    from melange_sky.errors import CatalogError
-
-    try:
-        return canonical_gpu(a) == canonical_gpu(b)
-    except CatalogError:
-        return False
 
 
 __all__ = [
