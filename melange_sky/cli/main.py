@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import click
 
@@ -18,12 +19,12 @@ DEBUG_KEY = "melange_sky.debug"
 class MelangeGroup(click.Group):
     """Turns library errors into one `Error: ...` line and their exit code; a traceback only with --debug."""
 
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         """Click's own usage errors (a bad option, a missing argument) as one line too, exit code 2."""
         if not standalone_mode:  # a caller that handles Click's exceptions itself
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         try:
-            rv = super().main(*args, standalone_mode=False, **kwargs)
+            rv = super().main(*args, standalone_mode=False, **kwargs)  # type: ignore[call-overload]
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "melange-sky"
             click.echo(f"Error: {exc.format_message()} (see `{where} --help`)", err=True)

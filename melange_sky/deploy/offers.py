@@ -212,7 +212,7 @@ def _with_instance_type(spec: GpuSpec, offers: list[Offer], allowed: tuple[str, 
         raise ConfigError(source, path, f"{spec.instance_type!r} is not offered with these pins; it is in "
                                         f"{', '.join(sorted({o.cloud + ':' + o.region for o in everywhere}))}")
     known = sorted({name for cloud in allowed for name in catalog.instance_types(cloud)})
-    close = difflib.get_close_matches(spec.instance_type, known, n=2, cutoff=0.6)
+    close = difflib.get_close_matches(spec.instance_type or "", known, n=2, cutoff=0.6)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     files = ", ".join(str(catalog.path(cloud)[0]) for cloud in allowed)
     raise ConfigError(source, path, f"instance type {spec.instance_type!r} is unknown to the catalog "

@@ -178,9 +178,9 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
     def fail(key: str, message: str) -> ConfigError:
         return ConfigError(config.source, f"deployment.{key}", message)
 
-    def string(key: str, default: str | None) -> str | None:
+    def string(key: str, default: str) -> str:
         value = raw.get(key, default)
-        if value is not None and (not isinstance(value, str) or not value.strip()):
+        if not isinstance(value, str) or not value.strip():
             raise fail(key, f"must be a non-empty string, got {value!r}")
         return value
 
@@ -215,7 +215,7 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
         raise fail("readiness_path", f"must start with '/', got {readiness!r}")
     version = raw.get("version")
     if version is not None:
-        version = string("version", None)
+        version = string("version", "")
         if not VERSION_RE.match(version):
             raise fail("version", f"must be a package version such as \"0.6.3\" (it goes into the setup command), "
                                   f"got {version!r}")

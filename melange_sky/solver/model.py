@@ -109,9 +109,9 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
         # One GPU at several offers: an integer count of the type, spread over its offers by continuous counts.
         # For a given total the cheapest spread fills offers in price order within their bounds, which is integral,
         # so this has the optimum of integer counts per offer without their symmetry (see `_fill_cheapest`).
-        uncapped = any(g.max_count is None for g in group)
+        caps = [g.max_count for g in group if g.max_count is not None]
         y[name] = model.add_variable(f"y_{label[name]}", lowBound=sum(g.min_count for g in group),
-                                     upBound=None if uncapped else sum(g.max_count for g in group), cat=integer)
+                                     upBound=sum(caps) if len(caps) == len(group) else None, cat=integer)
         for g in group:
             z[g.name] = model.add_variable(f"z_{label[g.name]}", lowBound=g.min_count, upBound=g.max_count)
             cost_terms.append(g.cost * z[g.name])
@@ -243,17 +243,17 @@ def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[
         if value > 1e-9:
             routing.setdefault(b, {})[g] = value
     for b, shares in routing.items():  # exact fractions for sliced forms; renormalise solver noise for split
-        total = sum(shares.values())
+        share_sum = sum(shares.values())
         denominator = config.slice_factor if len(shares) > 1 else 1
-        routing[b] = {g: _snap(s / total, denominator) for g, s in shares.items()}
+        routing[b] = {g: _snap(s / share_sum, denominator) for g, s in shares.items()}
     for b, shares in routing.items():  # a type's share is spread over its offers in proportion to their counts
         spread: dict[str, float] = {}
         for name, share in shares.items():
             group = variables.members.get(name) or [config.gpu(name)]
-            instances = sum(counts[g.name] for g in group)
-            for g in group:
-                if len(group) == 1 or counts[g.name]:
-                    spread[g.name] = share * counts[g.name] / instances if len(group) > 1 else share
+            instances = sum(counts[column.name] for column in group)
+            for column in group:
+                if len(group) == 1 or counts[column.name]:
+                    spread[column.name] = share * counts[column.name] / instances if len(group) > 1 else share
         routing[b] = spread
     return counts, routing
 
@@ -289,7 +289,7 @@ def max_servable_fraction(config: Config, options: SolverOptions) -> float:
     alpha = model.add_variable("alpha", 0, 1)
     model += alpha, "served_fraction"
     demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
-    x = {}
+    x: dict[tuple[Bucket, str], Any] = {}
     for b in demand:
         for g in config.gpus:
             if g.tput(b) > 0:

@@ -95,13 +95,13 @@ class SolveResult:
     @property
     def best_baseline(self) -> Baseline | None:
         feasible = [b for b in self.baselines if b.cost is not None]
-        return min(feasible, key=lambda b: b.cost) if feasible else None
+        return min(feasible, key=lambda b: b.cost or 0.0) if feasible else None
 
     @property
     def saving(self) -> float | None:
         """$/h the mix saves against the cheapest single-GPU-type fleet."""
         best = self.best_baseline
-        return None if best is None else best.cost - self.cost
+        return None if best is None or best.cost is None else best.cost - self.cost
 
     def original_output(self) -> dict[str, Any]:
         """The original Mélange `melange_result.json` shape: count per GPU type plus total `cost`."""
@@ -127,7 +127,8 @@ class SolveResult:
             "baselines": [asdict(b) for b in self.baselines],
             "best_baseline": best.gpu if best else None,
             "saving": None if self.saving is None else round(self.saving, 6),
-            "saving_pct": None if best is None else round(100 * self.saving / best.cost, 2),
+            "saving_pct": (None if best is None or best.cost is None or self.saving is None
+                           else round(100 * self.saving / best.cost, 2)),
             "lower_bound": None if self.lower_bound is None else round(self.lower_bound, 6),
             "alternative": asdict(self.alternative) if self.alternative else None,
             "warnings": list(self.warnings),
