@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from melange_sky.inputs.trace import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES
+from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES
 
 TIME_TARGET_S = 60.0
 RSS_TARGET_MB = 200.0

@@ -12,10 +12,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, parse_edges
 from melange_sky.core.config import load_config
 from melange_sky.errors import BucketEdgesError, TraceError
-from melange_sky.inputs.trace import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, merge_workload, parse_edges,
-                                  read_trace)
+from melange_sky.inputs.trace import merge_workload, read_trace
 
 IN_EDGES = DEFAULT_INPUT_EDGES
 OUT_EDGES = DEFAULT_OUTPUT_EDGES

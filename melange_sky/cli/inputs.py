@@ -5,13 +5,15 @@ import json
 
 import click
 
-from melange_sky.cli.main import warn, debug_option, main
-from melange_sky.cli.options import bucket_edge_options
 from melange_sky._io import write_config_json
+from melange_sky.cli.main import debug_option, main, warn
+from melange_sky.cli.options import bucket_edge_options
 from melange_sky.cli.text import format_profile, format_profile_event, format_workload
+from melange_sky.core.buckets import parse_edges
+from melange_sky.core.config_doc import edges_for_config, read_config_object
 from melange_sky.errors import ProfileError, TraceError
-from melange_sky.inputs.profile import config_edges, merge_profile, parse_cells, profile_endpoint, ProfileSettings
-from melange_sky.inputs.trace import edges_for_config, merge_workload, parse_edges, read_config_object, read_trace
+from melange_sky.inputs.profile import ProfileSettings, config_edges, merge_profile, parse_cells, profile_endpoint
+from melange_sky.inputs.trace import merge_workload, read_trace
 
 
 @main.command()

@@ -38,13 +38,13 @@ import ssl
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from urllib.parse import urlsplit
 
-from melange_sky.core.gpus import same_gpu
-from melange_sky.errors import ConfigError, EndpointUnreachable, ProfileError, ProfileFailed
-from melange_sky.inputs.trace import (DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, MergeResult, check_edges, edges_for_config,
-                       gpu_entries)
+from melange_sky.errors import EndpointUnreachable, ProfileError, ProfileFailed
+from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
+from melange_sky.core.config_doc import MergeResult, check_merged, edges_for_config, gpu_entry
 
 Cell = tuple[int, int]
 
@@ -452,7 +452,7 @@ async def _stream_completion(ep: Endpoint, payload: bytes, settings: ProfileSett
     usage: dict[str, Any] | None = None
     try:
         reader, writer = await _connect(ep, settings.connect_timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         return RequestRecord(ok=False, latency=clock() - start, error=f"cannot connect: {_os_reason(exc)}")
     try:
         writer.write(_request_bytes(ep, "POST", "/v1/completions", payload, settings.api_key))
@@ -509,7 +509,7 @@ async def _timed_request(ep: Endpoint, payload: bytes, settings: ProfileSettings
     start = time.perf_counter()
     try:
         return await asyncio.wait_for(_stream_completion(ep, payload, settings), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return RequestRecord(ok=False, latency=time.perf_counter() - start, timed_out=True,
                              error=f"timed out after {timeout:g} s")
 
@@ -534,7 +534,7 @@ async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) ->
     """Fail fast, in one line, when nothing listens at the endpoint or it does not serve `model`."""
     try:
         status, body = await asyncio.wait_for(_http_get(ep, "/v1/models", settings), settings.connect_timeout * 2)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError) as exc:
         raise EndpointUnreachable(f"cannot reach {ep.url} ({_os_reason(exc)}): is the server running and the port "
                                   f"open? Try: curl {ep.url}/v1/models") from None
     except (_HttpError, asyncio.IncompleteReadError, ValueError) as exc:
@@ -651,7 +651,7 @@ async def _run_step(ep: Endpoint, rate: float, make_payload: Callable[[], bytes]
             try:
                 await asyncio.wait_for(stop.wait(), delay)
                 continue
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         next_arrival += next(gaps)
         warm = warm_until is not None and loop.time() >= warm_until
@@ -921,27 +921,12 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
     measured, and buckets that failed (errors, timeouts: no measurement), keep the GPU's previous value when it had
     a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0.
     """
-    from melange_sky.core.config import parse_config
-
     data = copy.deepcopy(config)
     warnings: list[str] = []
     tputs = result.tputs
     rows, cols = len(tputs), len(tputs[0])
-    gpu_info = data.get("gpu_info")
-    if gpu_info is None:
-        gpu_info = data["gpu_info"] = {}
-    entry = next((e for _path, name, e in gpu_entries(gpu_info) if same_gpu(name, gpu)), None)
-    added = entry is None
-    if entry is None:
-        entry = {"cost": cost} if cost is not None else {}
-        if isinstance(gpu_info, list):
-            entry = {"name": gpu, **entry}
-            gpu_info.append(entry)
-        elif isinstance(gpu_info, dict):
-            gpu_info[gpu] = entry
-        else:
-            raise ConfigError(source, "gpu_info", "must be an object keyed by GPU name or an array of GPU entries")
-    elif cost is not None:
+    entry, added = gpu_entry(data, gpu, source)
+    if cost is not None:
         entry["cost"] = cost
     old = entry.get("tputs")
     keep = isinstance(old, list) and len(old) == rows and all(isinstance(r, list) and len(r) == cols for r in old)
@@ -956,13 +941,9 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
     entry["tputs"] = tputs
     data.setdefault("input_buckets", list(result.input_edges))
     data.setdefault("output_buckets", list(result.output_edges))
-    try:
-        parsed = parse_config(data, source=source)
-        warnings.extend(parsed.warnings)
-        valid = True
-    except ConfigError as exc:
-        parsed, valid = None, False
-        warnings.append(f"the merged config does not validate yet: {exc}")
+    parsed, found = check_merged(data, source)
+    warnings.extend(found)
+    valid = parsed is not None
     if added and cost is None:
         spec = next((g for g in parsed.gpus if g.name == gpu), None) if parsed is not None else None
         if spec is not None and spec.cost_source == "catalog":

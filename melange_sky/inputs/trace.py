@@ -6,13 +6,12 @@ recognised by their size, with a warning; or ISO-8601). Gzip (.gz) and a UTF-8 B
 the file and keeps only bucket counts, so memory does not grow with the number of rows (10^7 rows are the benchmark
 in `bench/workload_bench.py`).
 
-Buckets: with edges e0 < e1 < ... < en, bucket k holds lengths in [e_k, e_{k+1}); the last bucket also holds en.
-Lengths above the last edge go into the last bucket and lengths below the first into the first; both are counted
-and reported as warnings, because a histogram that hides them would make the solver plan for the wrong sizes.
+Buckets follow `melange_sky.core.buckets`: [e_k, e_{k+1}), the last one closed, lengths outside the edges clamped
+into the first or last bucket. Those clamped lengths are counted and reported as warnings, because a histogram that
+hides them would make the solver plan for the wrong sizes.
 """
 from __future__ import annotations
 
-import bisect
 import csv
 import gzip
 import io
@@ -22,11 +21,13 @@ import math
 import os
 import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from datetime import datetime, UTC
+from typing import IO, Any
+from collections.abc import Callable, Iterator, Sequence
 
-from melange_sky.errors import BucketEdgesError, ConfigError, TraceError
+from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, Bucketer, check_edges
+from melange_sky.core.config_doc import MergeResult, check_merged, config_shape, gpu_entries, matrix_shape
+from melange_sky.errors import BucketEdgesError, TraceError
 
 try:  # orjson parses a JSONL row ~8x faster than json; it is installed with SkyPilot, json is the fallback
     import orjson
@@ -36,10 +37,6 @@ try:  # orjson parses a JSONL row ~8x faster than json; it is installed with Sky
 except ImportError:  # pragma: no cover - depends on the environment
     _loads = json.loads
     _JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError)
-
-#: The original Mélange bucket ranges (README: 1-25, 25-100, 100-250, ...).
-DEFAULT_INPUT_EDGES: tuple[int, ...] = (1, 25, 100, 250, 500, 1000, 2000, 4000, 8000)
-DEFAULT_OUTPUT_EDGES: tuple[int, ...] = (1, 25, 100, 250, 500, 1000, 2000)
 
 #: Column (or key) pairs naming the input and output token counts, in the order they are tried.
 LENGTH_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -52,8 +49,6 @@ LENGTH_COLUMNS: tuple[tuple[str, str], ...] = (
 #: Keys inside an OpenAI-style `usage` object (chat/completions, then the Responses API).
 USAGE_KEYS: tuple[tuple[str, str], ...] = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
 TIMESTAMP_COLUMNS: tuple[str, ...] = ("timestamp", "created")
-#: Above this last edge the bucket lookup table would be large; bisect is used instead.
-_LOOKUP_TABLE_LIMIT = 1 << 20
 #: How many broken rows are quoted (line number and reason) when --skip-bad skips them.
 _EXAMPLES_KEPT = 5
 #: Numeric epoch timestamps above these are milliseconds / microseconds (1e11 s is the year 5138; 1e11 ms is 1973).
@@ -127,57 +122,6 @@ class WorkloadResult:
         }
 
 
-@dataclass(frozen=True)
-class MergeResult:
-    """A config (as a JSON object) with the workload keys replaced, and what the user must still fix."""
-
-    data: dict[str, Any]
-    warnings: tuple[str, ...]
-    valid: bool  # False when the merged config would not pass `load_config` (e.g. tputs of the old shape)
-
-
-# ---- edges ---------------------------------------------------------------------------------------------------------
-def parse_edges(text: str, option: str = "--input-buckets") -> tuple[int, ...]:
-    """Edges from the command line ("1,25,100"), validated by `check_edges`."""
-    parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
-    values: list[int] = []
-    for part in parts:
-        try:
-            values.append(int(part))
-        except ValueError:
-            raise BucketEdgesError(f"{option}: {part!r} is not a whole number of tokens; give increasing edges "
-                                   f"like 1,25,100,250") from None
-    return check_edges(values, option)
-
-
-def check_edges(edges: Sequence[int], option: str = "edges") -> tuple[int, ...]:
-    """At least 2 integer edges >= 0, strictly increasing: n edges make n - 1 buckets."""
-    if len(edges) < 2:
-        raise BucketEdgesError(f"{option}: needs at least 2 edges (n edges make n - 1 buckets), got "
-                               f"{len(edges)}: e.g. 1,25,100,250")
-    for k, edge in enumerate(edges):
-        if isinstance(edge, bool) or not isinstance(edge, int) or edge < 0:
-            raise BucketEdgesError(f"{option}: edge {edge!r} is not a token count >= 0")
-        if k and edge <= edges[k - 1]:
-            raise BucketEdgesError(f"{option}: edges must increase, but {edge} follows {edges[k - 1]}")
-    return tuple(edges)
-
-
-class _Bucketer:
-    """Maps a length to its bucket index: a lookup table when the last edge is small, else bisect."""
-
-    def __init__(self, edges: tuple[int, ...]):
-        self.edges = edges
-        self.last = len(edges) - 2
-        self.table: list[int] | None = None
-        if edges[-1] <= _LOOKUP_TABLE_LIMIT:
-            # index v -> bucket of length v, for 0 <= v <= last edge (the last edge itself is in the last bucket)
-            self.table = [min(max(bisect.bisect_right(edges, v) - 1, 0), self.last) for v in range(edges[-1] + 1)]
-
-    def index(self, value: int) -> int:
-        return min(max(bisect.bisect_right(self.edges, value) - 1, 0), self.last)
-
-
 # ---- reading -------------------------------------------------------------------------------------------------------
 class _BadRow(Exception):
     pass
@@ -219,7 +163,7 @@ def _timestamp(value: Any, name: str) -> float | None:
         except ValueError:
             raise _BadRow(f"{name} {value!r} is neither epoch seconds nor an ISO-8601 time") from None
         if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
+            parsed = parsed.replace(tzinfo=UTC)
         return parsed.timestamp()
     raise _BadRow(f"{name} must be epoch seconds or an ISO-8601 string, got {value!r}")
 
@@ -335,7 +279,7 @@ class _Counter:
     def count(self, rows: Iterator[tuple[int, int, Any]]) -> None:
         """Count (input length, output length, timestamp or None) rows into the histogram: the hot loop, kept
         inline (lookup tables, local names) because it runs once per request of the trace."""
-        in_b, out_b = _Bucketer(self.in_edges), _Bucketer(self.out_edges)
+        in_b, out_b = Bucketer(self.in_edges), Bucketer(self.out_edges)
         in_table, out_table = in_b.table, out_b.table
         in_max, out_max = self.in_edges[-1], self.out_edges[-1]
         in_min, out_min = self.in_edges[0], self.out_edges[0]
@@ -521,70 +465,6 @@ def _round_rate(x: float) -> float:
 
 
 # ---- merging into a config -----------------------------------------------------------------------------------------
-def read_config_object(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw JSON object of a config file (unknown keys and all), so a merge keeps everything it does not own."""
-    source = os.fspath(path)
-    try:
-        text = Path(source).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(source, None, "no such file (--into needs an existing config)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, None, f"cannot read: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(source, None, "must be a JSON object")
-    return data
-
-
-def gpu_entries(gpu_info: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(field path, name, entry) for gpu_info as a dict keyed by name or as a list of {"name": ...}."""
-    if isinstance(gpu_info, dict):
-        for name, entry in gpu_info.items():
-            if isinstance(entry, dict):
-                yield f"gpu_info.{name}", str(name), entry
-    elif isinstance(gpu_info, list):
-        for k, entry in enumerate(gpu_info):
-            if isinstance(entry, dict):
-                yield f"gpu_info[{k}]", str(entry.get("name", f"#{k}")), entry
-
-
-def _matrix_shape(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
-        return len(value), len(value[0])
-    return None
-
-
-def edges_for_config(config: dict[str, Any] | None, input_edges: Sequence[int] | None,
-                     output_edges: Sequence[int] | None, source: str = "<config>"
-                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Edges to bucket a trace with: those given, else the config's own (so its tputs keep fitting), else Mélange's."""
-    chosen = []
-    for given, key, default in ((input_edges, "input_buckets", DEFAULT_INPUT_EDGES),
-                                (output_edges, "output_buckets", DEFAULT_OUTPUT_EDGES)):
-        if given is not None:
-            chosen.append(check_edges(list(given), f"--{key.replace('_', '-')}"))
-        elif config is not None and key in config:
-            try:
-                chosen.append(check_edges(config[key], key))
-            except BucketEdgesError as exc:
-                raise ConfigError(source, key, str(exc).split(": ", 1)[-1]) from None
-        else:
-            chosen.append(tuple(default))
-    return chosen[0], chosen[1]
-
-
-def config_shape(config: dict[str, Any]) -> tuple[int, int] | None:
-    """The (input, output) bucket shape a config already has: its workload_distribution's, else a GPU's tputs'."""
-    shape = _matrix_shape(config.get("workload_distribution"))
-    if shape is None:
-        shape = next((s for _p, _n, e in gpu_entries(config.get("gpu_info"))
-                      if (s := _matrix_shape(e.get("tputs"))) is not None), None)
-    return shape
-
-
 def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str = "<config>",
                    in_place: bool = False) -> MergeResult:
     """`config` with workload_distribution, total_request_rate and the bucket edges from `result`; the rest kept.
@@ -593,8 +473,6 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
     warning saying what to run, because the histogram is still what the user asked for; `in_place` (the merge
     would overwrite `source`) it raises `BucketEdgesError` instead, so a working config is never broken.
     """
-    from melange_sky.core.config import parse_config
-
     data = dict(config)
     fragment = result.config_fragment()
     warnings: list[str] = []
@@ -607,7 +485,7 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
     rows, cols = result.shape
     mismatched = []
     for path, name, entry in gpu_entries(data.get("gpu_info")):
-        shape = _matrix_shape(entry.get("tputs"))
+        shape = matrix_shape(entry.get("tputs"))
         if shape is not None and shape != (rows, cols):
             mismatched.append(f"{name} {shape[0]}x{shape[1]}")
             warnings.append(
@@ -615,13 +493,12 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
                 f" the config is invalid until it is re-profiled for these buckets: melange-sky profile --endpoint "
                 f"URL --model MODEL --into {source} --gpu {name}")
     valid = not mismatched
+    problems: list[str] = []
     if valid:
-        try:
-            parsed = parse_config(data, source=source)
-            warnings.extend(parsed.warnings)
-        except ConfigError as exc:
-            valid = False
-            warnings.append(f"the merged config does not validate yet: {exc}")
+        parsed, found = check_merged(data, source)
+        warnings.extend(found)
+        if parsed is None:
+            valid, problems = False, found
     if in_place and not valid:
         old = config_shape(config)
         fit = (f"pass --input-buckets and --output-buckets with {old[0] + 1} and {old[1] + 1} edges (the config's "
@@ -630,7 +507,7 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
         if mismatched:
             problem = f"the trace's {rows}x{cols} buckets do not fit the tputs ({', '.join(mismatched)})"
         else:
-            problem = next((w for w in warnings if w.startswith("the merged config does not validate")), "invalid")
+            problem = problems[0] if problems else "invalid"
         raise BucketEdgesError(f"{source}: not changed, the merged config would be invalid: {problem}; {fit}or write "
                                f"the merged config elsewhere with -o FILE")
     return MergeResult(data=data, warnings=tuple(warnings), valid=valid)

@@ -1,0 +1,128 @@
+"""Editing a config *document*: the raw JSON object of a config file, changed in place of the user's own edits.
+
+`workload --into` and `profile --into` each own a few keys of a config and must keep every other key (unknown ones
+too) as the user wrote it; `core.config` only reads. This module holds what both edits share: reading the raw
+object, walking `gpu_info` in either of its forms, the bucket shape and edges a document implies, and checking the
+merged document against the real parser so the user hears what is still wrong before they solve.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
+from melange_sky.core.config import Config, Pricer, parse_config
+from melange_sky.core.gpus import same_gpu
+from melange_sky.errors import BucketEdgesError, ConfigError
+
+#: How a merge's warnings start when the merged document does not pass `parse_config`.
+NOT_VALID_YET = "the merged config does not validate yet"
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """A config (as a JSON object) with the workload keys replaced, and what the user must still fix."""
+
+    data: dict[str, Any]
+    warnings: tuple[str, ...]
+    valid: bool  # False when the merged config would not pass `load_config` (e.g. tputs of the old shape)
+
+
+def read_config_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw JSON object of a config file (unknown keys and all), so a merge keeps everything it does not own."""
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(source, None, "no such file (--into needs an existing config)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, None, f"cannot read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, None, "must be a JSON object")
+    return data
+
+
+def gpu_entries(gpu_info: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(field path, name, entry) for gpu_info as a dict keyed by name or as a list of {"name": ...}."""
+    if isinstance(gpu_info, dict):
+        for name, entry in gpu_info.items():
+            if isinstance(entry, dict):
+                yield f"gpu_info.{name}", str(name), entry
+    elif isinstance(gpu_info, list):
+        for k, entry in enumerate(gpu_info):
+            if isinstance(entry, dict):
+                yield f"gpu_info[{k}]", str(entry.get("name", f"#{k}")), entry
+
+
+def gpu_entry(data: dict[str, Any], gpu: str, source: str = "<config>") -> tuple[dict[str, Any], bool]:
+    """`gpu`'s entry in `data`'s gpu_info, matched however it is spelled (`same_gpu`), else a new empty one added
+    in the document's own form (a key, or {"name": gpu} appended to the list); and whether it was added."""
+    gpu_info = data.get("gpu_info")
+    if gpu_info is None:
+        gpu_info = data["gpu_info"] = {}
+    entry = next((e for _path, name, e in gpu_entries(gpu_info) if same_gpu(name, gpu)), None)
+    if entry is not None:
+        return entry, False
+    if isinstance(gpu_info, list):
+        entry = {"name": gpu}
+        gpu_info.append(entry)
+    elif isinstance(gpu_info, dict):
+        entry = gpu_info[gpu] = {}
+    else:
+        raise ConfigError(source, "gpu_info", "must be an object keyed by GPU name or an array of GPU entries")
+    return entry, True
+
+
+def matrix_shape(value: Any) -> tuple[int, int] | None:
+    """(rows, columns) of a JSON matrix (a list of lists), judged by its first row; None if it is not one."""
+    if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+        return len(value), len(value[0])
+    return None
+
+
+def config_shape(config: dict[str, Any]) -> tuple[int, int] | None:
+    """The (input, output) bucket shape a config already has: its workload_distribution's, else a GPU's tputs'."""
+    shape = matrix_shape(config.get("workload_distribution"))
+    if shape is None:
+        shape = next((s for _p, _n, e in gpu_entries(config.get("gpu_info"))
+                      if (s := matrix_shape(e.get("tputs"))) is not None), None)
+    return shape
+
+
+def edges_for_config(config: dict[str, Any] | None, input_edges: Sequence[int] | None,
+                     output_edges: Sequence[int] | None, source: str = "<config>"
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Edges to bucket a trace with: those given, else the config's own (so its tputs keep fitting), else Mélange's."""
+    chosen = []
+    for given, key, default in ((input_edges, "input_buckets", DEFAULT_INPUT_EDGES),
+                                (output_edges, "output_buckets", DEFAULT_OUTPUT_EDGES)):
+        if given is not None:
+            chosen.append(check_edges(list(given), f"--{key.replace('_', '-')}"))
+        elif config is not None and key in config:
+            try:
+                chosen.append(check_edges(config[key], key))
+            except BucketEdgesError as exc:
+                raise ConfigError(source, key, str(exc).split(": ", 1)[-1]) from None
+        else:
+            chosen.append(tuple(default))
+    return chosen[0], chosen[1]
+
+
+def check_merged(data: dict[str, Any], source: str = "<config>", price: Pricer | None = None
+                 ) -> tuple[Config | None, list[str]]:
+    """The merged document parsed as a config, and the warnings to show with it: the parser's own, or (parsed None)
+    the one reason it does not validate yet. A merge still writes an invalid document where the user asked, so the
+    reason is a warning for them to act on, not an error."""
+    try:
+        parsed = parse_config(data, source=source, price=price)
+    except ConfigError as exc:
+        return None, [f"{NOT_VALID_YET}: {exc}"]
+    return parsed, list(parsed.warnings)
