@@ -14,6 +14,7 @@ from melange_sky import __version__
 from melange_sky.errors import MelangeError
 
 DEBUG_KEY = "melange_sky.debug"
+INTERRUPTED = 130  # the exit code of a Ctrl-C, SIGTERM or SIGHUP, wherever it lands (README: exit codes)
 
 
 class MelangeGroup(click.Group):
@@ -32,9 +33,15 @@ class MelangeGroup(click.Group):
         except click.ClickException as exc:
             exc.show()
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:  # Click turns a Ctrl-C into Abort: the documented exit code is 130, not 1
+            if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+                click.echo("Interrupted.", err=True)
+                sys.exit(INTERRUPTED)
             click.echo("Aborted.", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:  # outside Click's own handler (while it builds the context)
+            click.echo("Interrupted.", err=True)
+            sys.exit(INTERRUPTED)
         # Without standalone mode Click returns an exit code (from ctx.exit) instead of exiting: exit with it.
         sys.exit(rv if isinstance(rv, int) else 0)
 

@@ -23,7 +23,9 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,6 +57,31 @@ OPTIMALITY_GAP_ABS = 1e-6
 HIGHS_HEURISTIC_EFFORT = 0.3
 
 
+def _pulp() -> Any:
+    """PuLP, imported on first use (~0.3 s, kept off `--help`) so that a Ctrl-C meanwhile is never lost.
+
+    PuLP probes optional solvers inside bare `except:` clauses (HiGHS among them): a Ctrl-C landing there would be
+    swallowed and HiGHS recorded as missing. HiGHS is imported first, outside them, and a Ctrl-C (or SIGTERM, SIGHUP)
+    during PuLP's own import is held until it ends, then delivered."""
+    if "pulp" in sys.modules:
+        return sys.modules["pulp"]
+    with contextlib.suppress(ImportError):
+        import highspy  # noqa: F401, PLC0415 - see the docstring
+    held: list[int] = []
+    saved: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            saved[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
+    try:
+        import pulp  # noqa: PLC0415 - see the docstring
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if held:  # delivered now, to the handlers the process had (Ctrl-C: KeyboardInterrupt)
+        signal.raise_signal(held[0])
+    return pulp
+
+
 @dataclass(frozen=True)
 class SolverOptions:
     """Which MILP solver runs the model. HiGHS by default: PuLP's bundled CBC 2.10.3 sometimes returns a dearer fleet
@@ -82,7 +109,7 @@ class ModelVariables:
 
 def build_model(config: Config, formulation: Formulation | str, relax: bool = False):
     """The MILP for `formulation` as (model, variables). `relax` makes every variable continuous."""
-    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
+    pulp = _pulp()
 
     integer = pulp.LpContinuous if relax else pulp.LpInteger
     binary = pulp.LpContinuous if relax else pulp.LpBinary
@@ -183,7 +210,7 @@ def dominated_gpus(config: Config) -> dict[str, str]:
 
 def run_model(model, options: SolverOptions) -> tuple[SolveStatus, float]:
     """Solve `model` in place; return its status and the wall seconds it took."""
-    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
+    pulp = _pulp()
 
     solver = make_solver(options)
     started = time.perf_counter()
@@ -205,7 +232,7 @@ def run_model(model, options: SolverOptions) -> tuple[SolveStatus, float]:
 
 def make_solver(options: SolverOptions):
     """A PuLP solver object for `options`, with an actionable error when it cannot run here."""
-    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
+    pulp = _pulp()
 
     if options.name == "cbc":
         path = options.path or _bundled_cbc() or shutil.which("cbc")
@@ -219,10 +246,8 @@ def make_solver(options: SolverOptions):
     if options.name == "highs":
         if options.path:
             raise SolverError("--solver-path applies to --solver cbc only")
-        try:
-            import highspy  # noqa: F401, PLC0415 - only probes that HiGHS is installed
-        except ImportError:
-            raise SolverError("--solver highs needs highspy: pip install highspy (or --solver cbc)") from None
+        if not pulp.HiGHS().available():
+            raise SolverError("--solver highs needs highspy: pip install highspy (or --solver cbc)")
         return pulp.HiGHS(msg=options.msg, timeLimit=options.time_limit, gapRel=0.0, gapAbs=OPTIMALITY_GAP_ABS,
                           mip_heuristic_effort=HIGHS_HEURISTIC_EFFORT)
     raise SolverError(f"unknown solver {options.name!r}; choose one of {', '.join(SOLVERS)}")
@@ -230,7 +255,7 @@ def make_solver(options: SolverOptions):
 
 def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[str, int], dict]:
     """Integer counts and per-bucket shares from a solved model, rounded clean of solver noise."""
-    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
+    pulp = _pulp()
 
     counts = {g.name: 0 for g in config.gpus}
     for name, var in variables.count.items():
@@ -283,7 +308,7 @@ def cheapest_spread(group: list[GpuSpec], total: int) -> dict[str, int] | None:
 
 def max_servable_fraction(config: Config, options: SolverOptions) -> float:
     """Largest share of every bucket's demand that the max_count limits can carry (an LP)."""
-    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
+    pulp = _pulp()
 
     model = pulp.LpProblem("max_servable", pulp.LpMaximize)
     alpha = model.add_variable("alpha", 0, 1)
@@ -305,7 +330,7 @@ def max_servable_fraction(config: Config, options: SolverOptions) -> float:
 
 
 def lp_bound(config: Config, options: SolverOptions) -> float | None:
-    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
+    pulp = _pulp()
 
     model, _ = build_model(config, Formulation.SPLIT, relax=True)
     status, _ = run_model(model, SolverOptions(name=options.name, path=options.path))
@@ -324,7 +349,7 @@ def _safe(name: str) -> str:
 
 def _bundled_cbc() -> str | None:
     """The CBC binary PuLP ships (used through COIN_CMD: PULP_CBC_CMD itself is deprecated in PuLP 3.3)."""
-    import pulp  # noqa: PLC0415 - heavy: kept off `--help`
+    pulp = _pulp()
 
     path = getattr(pulp.PULP_CBC_CMD, "pulp_cbc_path", None)
     return path if path and os.path.isfile(path) else None
