@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from melange_sky.solve.result import SolveResult
+from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState, running_cost
+from melange_sky.solver.result import SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from melange_sky.inputs.profile import ProfileEvent, ProfileResult
@@ -165,8 +166,9 @@ def format_profile_event(event: "ProfileEvent") -> str | None:
 
 
 # ---- plan, up, status, down ----------------------------------------------------------------------------------------
-_MARKS = {"up": "✓", "failed": "⨯", "unavailable": "↺", "gone": "✓", "pending": "·", "launching": "…",
-          "terminating": "…", "stopped": "■"}
+_MARKS = {ReplicaState.UP: "✓", ReplicaState.FAILED: "⨯", ReplicaState.UNAVAILABLE: "↺", ReplicaState.GONE: "✓",
+          ReplicaState.PENDING: "·", ReplicaState.LAUNCHING: "…", ReplicaState.TERMINATING: "…",
+          ReplicaState.STOPPED: "■"}
 
 
 def format_plan(plan: "Plan") -> str:
@@ -198,7 +200,7 @@ def format_event(event: "ReplicaEvent") -> str:
     """One progress line of `up` / `down`: ✓ up, ⨯ failed, ↺ no capacity (re-planned), … in progress."""
     if not event.cluster:
         return f"  ! {event.message}"
-    mark = _MARKS.get(event.state.value, " ") if event.state else "!"
+    mark = _MARKS.get(event.state, " ") if event.state else "!"
     took = f" {event.elapsed:6.1f}s" if event.elapsed else "        "
     message = f"  {event.message}" if event.message else ""
     return f"  {mark} {event.cluster:<40} {event.state.value:<12}{took}{message}"
@@ -262,13 +264,11 @@ def format_status(report: "StatusReport") -> str:
     """`melange-sky status`: per fleet, its replicas with state, endpoint and $/h."""
     if not report.fleets:
         return "No fleets in the ledger. Start one with `melange-sky up CONFIG`."
-    from melange_sky.fleet.fleet import running_cost
-
     lines: list[str] = []
     for fleet in report.fleets:
         rows = report.of(fleet.name)
-        live = [r for r in rows if r.state.value != "gone"]
-        up = sum(1 for r in rows if r.state.value == "up")
+        live = [r for r in rows if r.state.may_have_cluster]
+        up = sum(1 for r in rows if r.state is ReplicaState.UP)
         lines += [f"Fleet {fleet.name}: {up}/{len(live)} up, ${running_cost(rows):.2f}/h", ""]
         lines += _live_replica_table(rows)
         lines.append("")
@@ -293,15 +293,15 @@ def format_down(report: "DownReport") -> str:
     return "\n".join(lines)
 
 
-def _live_replica_table(replicas: list) -> list[str]:
+def _live_replica_table(replicas: list[ReplicaRecord]) -> list[str]:
     """The replicas that may have a cluster; gone ones (torn down, or replaced after no capacity) only counted."""
-    live = [r for r in replicas if r.state.value != "gone"]
+    live = [r for r in replicas if r.state.may_have_cluster]
     gone = len(replicas) - len(live)
     return _replica_table(live) + ([f"  ({gone} gone replica(s) not shown: replaced or torn down)"] if gone else [])
 
 
-def _replica_table(replicas: list) -> list[str]:
-    rows = [(f"{_MARKS.get(r.state.value, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value,
+def _replica_table(replicas: list[ReplicaRecord]) -> list[str]:
+    rows = [(f"{_MARKS.get(r.state, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value,
              r.endpoint or "-", f"{r.price_per_hour:.4g}", (r.last_error or "")[:80]) for r in replicas]
     return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "last error"), rows)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
 from melange_sky.errors import (CapacityError, FleetBusy, LaunchCancelled, LaunchError, LedgerError, MelangeError,
                      MissingSecret, UnknownFleet)
-from melange_sky.fleet.ledger import Ledger, NewReplica, ReplicaRecord, ReplicaState
+from melange_sky.fleet.ledger import Ledger, NewReplica, ReplicaRecord, ReplicaState, running_cost
 
 if TYPE_CHECKING:  # pragma: no cover - plan pulls in the solver and the catalog; `--help` imports this module
     from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
@@ -37,9 +37,6 @@ DEFAULT_PARALLEL = 8  # launches mostly wait on clouds; SkyPilot's API server qu
 DEFAULT_MAX_ROUNDS = 5  # a round re-solves and launches only what is still missing
 HEARTBEAT_S = 30.0  # how often `up` reports launches still in flight
 CANCEL_POLL_S = 0.5  # after Ctrl-C, how often in-flight launches are cancelled again until every worker is done
-#: States in which a cluster may be billing without serving: torn down when a re-plan leaves them out.
-NOT_SERVING = (ReplicaState.PENDING, ReplicaState.LAUNCHING, ReplicaState.FAILED, ReplicaState.UNAVAILABLE)
-# (Stopped clusters outside the plan are kept: they cost disks only, and the user may want them back.)
 
 Planner = Callable[["PlanRequest"], "Plan"]
 
@@ -147,7 +144,7 @@ class UpReport:
         return {"fleet": self.fleet, "complete": self.complete, "interrupted": self.interrupted,
                 "rounds": self.rounds, "seconds": round(self.seconds, 3), "cost_up": round(self.cost, 6),
                 "cost_planned": round(self.plan.cost, 6), "unavailable_offers": self.unavailable_offers,
-                "notes": self.notes, "replicas": [replica_dict(r) for r in self.replicas]}
+                "notes": self.notes, "replicas": [r.to_dict() for r in self.replicas]}
 
 
 @dataclass(frozen=True)
@@ -181,13 +178,7 @@ class StatusReport:
     def to_dict(self) -> dict[str, Any]:
         return {"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
                             "updated": f.updated, "cost_running": round(running_cost(self.of(f.name)), 6),
-                            "replicas": [replica_dict(r) for r in self.of(f.name)]} for f in self.fleets]}
-
-
-def running_cost(replicas: Sequence[ReplicaRecord]) -> float:
-    """$/h of the replicas that may be billing for instances (disks of stopped ones aside)."""
-    billing = (ReplicaState.UP, ReplicaState.LAUNCHING, ReplicaState.TERMINATING, ReplicaState.FAILED)
-    return sum(r.price_per_hour for r in replicas if r.state in billing)
+                            "replicas": [r.to_dict() for r in self.of(f.name)]} for f in self.fleets]}
 
 
 @dataclass
@@ -220,13 +211,6 @@ def secrets_from_env(names: Sequence[str], environ: Mapping[str, str]) -> dict[s
     return {name: environ[name] for name in names}
 
 
-def replica_dict(r: ReplicaRecord) -> dict[str, Any]:
-    return {"cluster": r.cluster, "fleet": r.fleet, "gpu": r.gpu, "offer": r.offer, "cloud": r.cloud,
-            "region": r.region, "instance_type": r.instance_type, "use_spot": r.use_spot,
-            "price_per_hour": r.price_per_hour, "state": r.state.value, "endpoint": r.endpoint,
-            "last_error": r.last_error, "round": r.round, "updated": r.updated}
-
-
 class Fleet:
     """Drives one backend and one ledger. Library code: returns reports, reports progress through `on_event`.
 
@@ -255,10 +239,9 @@ class Fleet:
         if not live:
             return []
         answer = self.backend.status([r.cluster for r in live], refresh=refresh)
-        in_flight = (ReplicaState.PENDING, ReplicaState.LAUNCHING, ReplicaState.TERMINATING)
         for row in live:
             info = answer.get(row.cluster)
-            if info is None or (row.state in in_flight and not may_write_in_flight):
+            if info is None or (row.state.in_flight and not may_write_in_flight):
                 continue
             if info.status is ClusterStatus.UP:
                 endpoint = info.endpoint or row.endpoint or self._endpoint(row)
@@ -316,7 +299,7 @@ class Fleet:
         record = self.ledger.get_fleet(fleet) if self.ledger is not None else None
         return Preview(
             plan=plan, launch=[r for r in plan.replicas if r.cluster not in up],
-            remove=sorted(c for c, r in rows.items() if c not in planned and r.state in NOT_SERVING),
+            remove=sorted(c for c, r in rows.items() if c not in planned and r.state.not_serving),
             surplus_stopped=sorted(c for c, r in rows.items() if c not in planned and r.state is ReplicaState.STOPPED),
             keep=sorted(c for c in up if c in planned), surplus=sorted(c for c in up if c not in planned),
             stale=sorted(c for c in up if c in planned and _task_differs(rows[c].task, planned[c].task)),
@@ -425,7 +408,7 @@ class Fleet:
         tear them down. Surplus replicas that are up are kept (they serve) and reported."""
         planned = {r.cluster for r in report.plan.replicas}
         for row in self._rows(report.fleet):
-            if row.cluster in planned or row.state not in NOT_SERVING:
+            if row.cluster in planned or not row.state.not_serving:
                 continue
             try:
                 torn = self.backend.down(row.cluster)
@@ -510,7 +493,7 @@ class Fleet:
         """After Ctrl-C: ask the backend what became of launches that were in flight, and record it."""
         unsure = [c for c in clusters
                   if (row := self.ledger.get_replica(c)) is not None
-                  and row.state in (ReplicaState.LAUNCHING, ReplicaState.FAILED)]
+                  and row.state.cluster_uncertain]
         try:
             live = self.backend.status(unsure) if unsure else {}
         except MelangeError:

@@ -30,6 +30,7 @@ BUSY_TIMEOUT_MS = 10_000
 
 __all__ = [
     "Event", "FleetLock", "FleetRecord", "Ledger", "NewReplica", "ReplicaRecord", "ReplicaState", "ledger_home",
+    "running_cost",
 ]
 
 
@@ -51,6 +52,29 @@ class ReplicaState(str, enum.Enum):
     def may_have_cluster(self) -> bool:
         """Whether a cloud cluster may exist for this state (so `down` must tear it down)."""
         return self is not ReplicaState.GONE
+
+    @property
+    def billing(self) -> bool:
+        """Whether its instance may be billing (a stopped one costs disks only; pending and gone ones nothing)."""
+        return self in (ReplicaState.UP, ReplicaState.LAUNCHING, ReplicaState.TERMINATING, ReplicaState.FAILED)
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a launch or teardown may be running in the process holding the fleet's lock: only that process
+        records what becomes of it."""
+        return self in (ReplicaState.PENDING, ReplicaState.LAUNCHING, ReplicaState.TERMINATING)
+
+    @property
+    def not_serving(self) -> bool:
+        """Whether it may bill without serving: torn down when a re-plan leaves it out. (Stopped replicas are not:
+        they cost disks only, and the user may want them back.)"""
+        return self in (ReplicaState.PENDING, ReplicaState.LAUNCHING, ReplicaState.FAILED, ReplicaState.UNAVAILABLE)
+
+    @property
+    def cluster_uncertain(self) -> bool:
+        """Whether a launch was requested and did not come up, so only the launcher knows if a cluster exists (what
+        an interrupted `up` asks it before recording)."""
+        return self in (ReplicaState.LAUNCHING, ReplicaState.FAILED)
 
 
 # Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Append only; never edit a shipped one.
@@ -110,7 +134,10 @@ class FleetRecord:
 @dataclass(frozen=True)
 class NewReplica:
     """What the fleet knows about a replica before launching it. `offer` labels the catalog offer (for re-solving
-    without it); `task` is the rendered SkyPilot task with secret *names* only (values are refused)."""
+    without it); `task` is the rendered SkyPilot task with secret *names* only (values are refused).
+
+    Kept apart from `deploy.plan.ReplicaPlan` so the ledger writes rows without depending on the planner (no YAML,
+    file name or solver column), and from `ReplicaRecord` because a launch has not given it a state yet."""
 
     cluster: str
     gpu: str
@@ -126,6 +153,8 @@ class NewReplica:
 
 @dataclass(frozen=True)
 class ReplicaRecord:
+    """A replica's ledger row: what was planned (`NewReplica`'s fields) plus what its launch made of it."""
+
     cluster: str
     fleet: str
     gpu: str
@@ -142,6 +171,19 @@ class ReplicaRecord:
     last_error: str | None
     created: float
     updated: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as `--json` prints it (no task: it is in the plan)."""
+        return {"cluster": self.cluster, "fleet": self.fleet, "gpu": self.gpu, "offer": self.offer,
+                "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type,
+                "use_spot": self.use_spot, "price_per_hour": self.price_per_hour, "state": self.state.value,
+                "endpoint": self.endpoint, "last_error": self.last_error, "round": self.round,
+                "updated": self.updated}
+
+
+def running_cost(replicas: Iterable[ReplicaRecord]) -> float:
+    """$/h of the replicas that may be billing for instances (disks of stopped ones aside)."""
+    return sum(r.price_per_hour for r in replicas if r.state.billing)
 
 
 @dataclass(frozen=True)
