@@ -11,6 +11,7 @@ from melange_sky.cli.options import bucket_edge_options
 from melange_sky.cli.text import format_profile, format_profile_event, format_workload
 from melange_sky.core.buckets import parse_edges
 from melange_sky.core.config_doc import edges_for_config, read_config_object
+from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import ProfileError, TraceError
 from melange_sky.inputs.profile import ProfileSettings, config_edges, merge_profile, parse_cells, profile_endpoint
 from melange_sky.inputs.trace import merge_workload, read_trace
@@ -64,7 +65,7 @@ def workload(trace: str, input_buckets: str | None, output_buckets: str | None, 
     warn(result.warnings)
     written = None
     if config is not None and into:
-        merged = merge_workload(config, result, source=into, in_place=not output)
+        merged = merge_workload(config, result, source=into, in_place=not output, price=catalog_pricer())
         warn(merged.warnings)
         written = output or into
         write_config_json(written, merged.data)
@@ -174,7 +175,7 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
         click.echo(format_profile(result))
     result.check_usable(into)  # only zeros: exit non-zero, and never overwrite a GPU's tputs with them
     if config is not None and into and gpu:
-        merged = merge_profile(config, result, gpu, cost, source=into)
+        merged = merge_profile(config, result, gpu, cost, source=into, price=catalog_pricer())
         warn(merged.warnings)
         write_config_json(into, merged.data)
         click.echo(f"Wrote {gpu}'s tputs into {into}", err=True)

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 from melange_sky.errors import EndpointUnreachable, ProfileError, ProfileFailed
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
+from melange_sky.core.config import Pricer
 from melange_sky.core.config_doc import MergeResult, check_merged, edges_for_config, gpu_entry
 
 Cell = tuple[int, int]
@@ -914,12 +915,13 @@ def config_edges(config: dict[str, Any], input_edges: Sequence[int] | None, outp
 
 
 def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost: float | None = None,
-                  source: str = "<config>") -> MergeResult:
+                  source: str = "<config>", price: Pricer | None = None) -> MergeResult:
     """`config` with `gpu`'s tputs set from `result` (gpu_info as a dict or a list); a new GPU entry if needed.
 
     `gpu` matches an entry case-insensitively and through the catalog's aliases ("a10g" is "A10G"). Buckets not
     measured, and buckets that failed (errors, timeouts: no measurement), keep the GPU's previous value when it had
-    a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0.
+    a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0. `price` prices a GPU
+    added without `cost` (see `core.config.Pricer`); without one the merge warns that the GPU needs a cost.
     """
     data = copy.deepcopy(config)
     warnings: list[str] = []
@@ -941,7 +943,7 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
     entry["tputs"] = tputs
     data.setdefault("input_buckets", list(result.input_edges))
     data.setdefault("output_buckets", list(result.output_edges))
-    parsed, found = check_merged(data, source)
+    parsed, found = check_merged(data, source, price)
     warnings.extend(found)
     valid = parsed is not None
     if added and cost is None:

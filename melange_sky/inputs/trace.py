@@ -20,12 +20,13 @@ import json
 import math
 import os
 import zlib
-from dataclasses import dataclass, field
-from datetime import datetime, UTC
-from typing import IO, Any
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, Bucketer, check_edges
+from melange_sky.core.config import Pricer
 from melange_sky.core.config_doc import MergeResult, check_merged, config_shape, gpu_entries, matrix_shape
 from melange_sky.errors import BucketEdgesError, TraceError
 
@@ -466,12 +467,13 @@ def _round_rate(x: float) -> float:
 
 # ---- merging into a config -----------------------------------------------------------------------------------------
 def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str = "<config>",
-                   in_place: bool = False) -> MergeResult:
+                   in_place: bool = False, price: Pricer | None = None) -> MergeResult:
     """`config` with workload_distribution, total_request_rate and the bucket edges from `result`; the rest kept.
 
     A GPU whose tputs has the old shape makes the config invalid. Written elsewhere (`in_place` False) that is a
     warning saying what to run, because the histogram is still what the user asked for; `in_place` (the merge
     would overwrite `source`) it raises `BucketEdgesError` instead, so a working config is never broken.
+    `price` prices GPU entries without a cost while the merged config is checked (see `core.config.Pricer`).
     """
     data = dict(config)
     fragment = result.config_fragment()
@@ -495,7 +497,7 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
     valid = not mismatched
     problems: list[str] = []
     if valid:
-        parsed, found = check_merged(data, source)
+        parsed, found = check_merged(data, source, price)
         warnings.extend(found)
         if parsed is None:
             valid, problems = False, found
