@@ -10,7 +10,7 @@ from melange_sky.solver.result import SolveResult
 if TYPE_CHECKING:  # pragma: no cover
     from melange_sky.inputs.profile import ProfileEvent, ProfileResult
     from melange_sky.inputs.trace import WorkloadResult
-    from melange_sky.fleet.fleet import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
+    from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
     from melange_sky.deploy.plan import Plan
 
 
@@ -196,17 +196,18 @@ def _plan_totals(plan: "Plan") -> list[str]:
     return lines
 
 
-def format_event(event: "ReplicaEvent") -> str:
+def format_event(event: ReplicaEvent) -> str:
     """One progress line of `up` / `down`: ✓ up, ⨯ failed, ↺ no capacity (re-planned), … in progress."""
     if not event.cluster:
         return f"  ! {event.message}"
     mark = _MARKS.get(event.state, " ") if event.state else "!"
     took = f" {event.elapsed:6.1f}s" if event.elapsed else "        "
     message = f"  {event.message}" if event.message else ""
-    return f"  {mark} {event.cluster:<40} {event.state.value:<12}{took}{message}"
+    state = event.state.value if event.state else ""
+    return f"  {mark} {event.cluster:<40} {state:<12}{took}{message}"
 
 
-def format_preview(preview: "Preview", notes: list[str] | None = None) -> str:
+def format_preview(preview: Preview, notes: list[str] | None = None) -> str:
     """What `up` will do, shown before it asks: the plan, and which replicas launch and which are kept."""
     lines = [format_plan(preview.plan), ""]
     if preview.keep:
@@ -219,7 +220,7 @@ def format_preview(preview: "Preview", notes: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_up(report: "UpReport") -> str:
+def format_up(report: UpReport) -> str:
     """The summary after `up`: every replica's outcome and endpoint, $/h, and what to run next."""
     up = {r.cluster for r in report.up}
     planned_up = sum(1 for r in report.plan.replicas if r.cluster in up)
@@ -240,7 +241,7 @@ def format_up(report: "UpReport") -> str:
     return "\n".join(lines)
 
 
-def format_dryrun(report: "DryRunReport") -> str:
+def format_dryrun(report: DryRunReport) -> str:
     preview = report.preview
     lines = [f"Dry run for fleet {preview.plan.fleet}: would launch {len(preview.launch)} replica(s)"
              + (f", keep {len(preview.keep)} already up" if preview.keep else "") + "; nothing was provisioned.", ""]
@@ -260,7 +261,7 @@ def format_dryrun(report: "DryRunReport") -> str:
     return "\n".join(lines)
 
 
-def format_status(report: "StatusReport") -> str:
+def format_status(report: StatusReport) -> str:
     """`melange-sky status`: per fleet, its replicas with state, endpoint and $/h."""
     if not report.fleets:
         return "No fleets in the ledger. Start one with `melange-sky up CONFIG`."
@@ -277,7 +278,7 @@ def format_status(report: "StatusReport") -> str:
     return "\n".join(lines).rstrip()
 
 
-def format_down(report: "DownReport") -> str:
+def format_down(report: DownReport) -> str:
     if report.busy:
         return f"Fleet {report.fleet}: skipped: {report.busy}"
     if not (report.removed or report.already_gone or report.failed or report.fleet_removed):

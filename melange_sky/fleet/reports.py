@@ -1,0 +1,164 @@
+"""What the fleet's operations return: plain records the CLI prints (text or `--json`) and a controller could read.
+
+No I/O here; `to_dict()` is each record's `--json` form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from melange_sky.deploy.plan import Plan, ReplicaPlan
+from melange_sky.fleet.backends import Validation
+from melange_sky.fleet.ledger import FleetRecord, ReplicaRecord, ReplicaState, running_cost
+
+
+@dataclass(frozen=True)
+class ReplicaEvent:
+    """A replica changed state (for the live progress display). An empty `cluster` is a fleet-wide note."""
+
+    cluster: str
+    gpu: str
+    state: ReplicaState | None
+    elapsed: float  # seconds since this replica's launch was requested (0 before)
+    message: str = ""
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What `up` is about to do, computed under the fleet's lock from the same reconciliation it then executes."""
+
+    plan: Plan
+    launch: list[ReplicaPlan]  # replicas to launch (new, or again: failed, stopped, gone)
+    remove: list[str]  # replicas outside the plan that are not serving (failed, out of capacity): torn down
+    surplus_stopped: list[str]  # stopped replicas outside the plan: kept
+    keep: list[str]  # replicas up and part of the plan
+    surplus: list[str]  # replicas up but not part of the plan (kept running; not counted in the plan's capacity)
+    stale: list[str]  # replicas up whose task differs from the plan's (model, template or deployment changed)
+    config_changed: bool  # the fleet was last planned from another config or other settings
+
+    @property
+    def launch_cost(self) -> float:
+        return sum(r.price for r in self.launch)
+
+    @property
+    def changes(self) -> bool:
+        """Whether `up` would launch or tear down anything: what the user is asked to confirm."""
+        return bool(self.launch or self.remove)
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know before confirming: changed config, surplus or outdated replicas."""
+        notes = []
+        if self.config_changed:
+            notes.append("the config or plan settings changed since this fleet was last brought up")
+        if self.surplus:
+            notes.append(f"{len(self.surplus)} replica(s) up are not in the new plan and are kept running "
+                         f"({', '.join(self.surplus)}); `melange-sky down` the fleet and `up` again to shrink it")
+        kept_stopped = self.surplus_stopped
+        if kept_stopped:
+            notes.append(f"{len(kept_stopped)} stopped replica(s) outside the plan are kept (disks only): "
+                         f"{', '.join(kept_stopped)}; `melange-sky down` the fleet to delete them")
+        if self.stale:
+            notes.append(f"{len(self.stale)} replica(s) run an older task than the plan's (model, template or "
+                         f"deployment changed): {', '.join(self.stale)}; `down` and `up` again to replace them")
+        return notes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleet": self.plan.fleet, "launch": [r.summary() for r in self.launch], "remove": self.remove,
+                "keep": self.keep,
+                "surplus": self.surplus, "stale": self.stale, "config_changed": self.config_changed,
+                "notes": self.notes,
+                "cost_planned": round(self.plan.cost, 6), "cost_to_launch": round(self.launch_cost, 6)}
+
+
+@dataclass
+class UpReport:
+    """What `up` did: the final plan, every replica's final ledger row, the rounds, offers found full, notes."""
+
+    fleet: str
+    plan: Plan
+    replicas: list[ReplicaRecord]
+    rounds: int
+    unavailable_offers: list[str]
+    interrupted: bool = False
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # e.g. why a re-plan failed, surplus or stale replicas
+
+    @property
+    def up(self) -> list[ReplicaRecord]:
+        return [r for r in self.replicas if r.state is ReplicaState.UP]
+
+    @property
+    def problems(self) -> list[ReplicaRecord]:
+        """Replicas not up that may still have a cluster: planned ones that did not come up, and leftovers that
+        could not be torn down (stopped replicas outside the plan are kept on purpose: see `notes`)."""
+        planned = {r.cluster for r in self.plan.replicas}
+        return [r for r in self.replicas if r.state not in (ReplicaState.UP, ReplicaState.GONE)
+                and not (r.state is ReplicaState.STOPPED and r.cluster not in planned)]
+
+    @property
+    def complete(self) -> bool:
+        planned = {r.cluster for r in self.up}
+        return (not self.interrupted and not self.problems
+                and all(r.cluster in planned for r in self.plan.replicas))
+
+    @property
+    def cost(self) -> float:
+        return sum(r.price_per_hour for r in self.up)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleet": self.fleet, "complete": self.complete, "interrupted": self.interrupted,
+                "rounds": self.rounds, "seconds": round(self.seconds, 3), "cost_up": round(self.cost, 6),
+                "cost_planned": round(self.plan.cost, 6), "unavailable_offers": self.unavailable_offers,
+                "notes": self.notes, "replicas": [r.to_dict() for r in self.replicas]}
+
+
+@dataclass(frozen=True)
+class DryRunReport:
+    """What `up --dryrun` found: the plan, which replicas would launch or stay, and how each task validated."""
+
+    preview: Preview
+    validations: dict[str, Validation]
+    missing_secrets: list[str] = field(default_factory=list)
+
+    @property
+    def plan(self) -> Plan:
+        return self.preview.plan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.preview.to_dict(), "dryrun": True, "clouds": self.plan.clouds,
+                "missing_secrets": self.missing_secrets,
+                "validation": {k: str(v) for k, v in self.validations.items()}}
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """Fleets and their replicas as the ledger has them (after a refresh, as the launcher saw them)."""
+
+    fleets: list[FleetRecord]
+    replicas: list[ReplicaRecord]
+
+    def of(self, fleet: str) -> list[ReplicaRecord]:
+        return [r for r in self.replicas if r.fleet == fleet]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
+                            "updated": f.updated, "cost_running": round(running_cost(self.of(f.name)), 6),
+                            "replicas": [r.to_dict() for r in self.of(f.name)]} for f in self.fleets]}
+
+
+@dataclass
+class DownReport:
+    """What `down` did to one fleet: torn down, already gone, failed (kept for the next `down`), or busy."""
+
+    fleet: str
+    removed: list[str]  # torn down now
+    already_gone: list[str]
+    failed: dict[str, str]  # cluster -> reason; kept in the ledger for the next `down`
+    fleet_removed: bool
+    busy: str | None = None  # another process held the fleet's lock: nothing was done
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleet": self.fleet, "removed": self.removed, "already_gone": self.already_gone,
+                "failed": self.failed, "fleet_removed": self.fleet_removed, "busy": self.busy}
