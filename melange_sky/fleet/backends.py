@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-class ClusterStatus(str, enum.Enum):
+class ClusterStatus(str, enum.Enum):  # noqa: UP042 - plugin interface: members' str() kept
     """A cluster's live state as the launcher sees it. GONE: the launcher does not know the cluster (never launched,
     torn down, or removed outside melange-sky) — an answer, not an error."""
 
@@ -73,7 +73,7 @@ class LaunchRequest:
     port: int | None = None
 
 
-class ValidationLevel(str, enum.Enum):
+class ValidationLevel(str, enum.Enum):  # noqa: UP042 - plugin interface: members' str() kept
     """How thoroughly a task was checked: FULL (schema, resources, feasibility and price against the catalog) or
     SCHEMA (the task JSON schema only, because the catalog was not available offline)."""
 
@@ -132,7 +132,7 @@ class Backend(Protocol):
 
 
 def _entry_points() -> dict[str, Any]:
-    from importlib import metadata  # ~60 ms: only when a backend is looked up by name
+    from importlib import metadata  # noqa: PLC0415 - ~60 ms, kept off `--help`: only on a lookup by name
 
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class ReplicaState(str, enum.Enum):
+class ReplicaState(str, enum.Enum):  # noqa: UP042 - members' str() kept as released
     """A replica's life: PENDING (recorded, launch not yet requested) → LAUNCHING → UP, or FAILED (hard error) /
     UNAVAILABLE (no capacity on its offer); STOPPED after autostop (disks kept; `up` restarts it); `down` moves any
     of them through TERMINATING to GONE."""

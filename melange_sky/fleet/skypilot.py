@@ -20,8 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from melange_sky.fleet.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
+from melange_sky.deploy.catalog import BUNDLED_DIR, skypilot_schema_version
 from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
+from melange_sky.fleet.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
 
 T = TypeVar("T")
 
@@ -238,7 +239,7 @@ class SkyPilotBackend:
         def run() -> None:
             try:
                 outcome["result"] = self._validate_full(task, secrets)
-            except BaseException as exc:  # handed to the caller's thread
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, re-raised there
                 outcome["error"] = exc
 
         if self._catalog_unreachable is None:
@@ -269,15 +270,13 @@ class SkyPilotBackend:
         (SkyPilot resolves its catalog directory from HOME at import, so this process cannot switch). None when
         the child cannot do it either, e.g. a cloud the snapshot does not cover; InvalidTask when SkyPilot rejects
         the task."""
-        from melange_sky.deploy.catalog import BUNDLED_DIR, skypilot_schema_version  # noqa: PLC0415
-
         with tempfile.TemporaryDirectory(prefix="melange-sky-validate-") as home:
             shutil.copytree(BUNDLED_DIR, Path(home, ".sky", "catalogs", skypilot_schema_version()))
             env = {**os.environ, "HOME": home, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
             env.pop("SKY_RUNTIME_DIR", None)
             try:
                 # The child imports this very melange_sky (not one that happens to be in its working directory).
-                code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
+                code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
                         f"from melange_sky.fleet.skypilot import _validate_child; _validate_child()")
                 done = subprocess.run([sys.executable, "-c", code], input=json.dumps(dict(task), default=str),
                                       env=env, capture_output=True, text=True, timeout=CATALOG_FETCH_TIMEOUT_S * 6)
