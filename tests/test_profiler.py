@@ -17,8 +17,10 @@ import pytest
 from melange_sky.core.config import load_config
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import EndpointUnreachable, ProfileError
-from melange_sky.inputs.profile import (BucketProfile, ProfileEvent, ProfileResult, ProfileSettings, merge_profile,
-                                  parse_cells, parse_endpoint, profile_endpoint, representative_tokens)
+from melange_sky.inputs.http import parse_endpoint
+from melange_sky.inputs.profile import parse_cells, profile_endpoint, representative_tokens
+from melange_sky.inputs.profile_result import (BucketProfile, ProfileEvent, ProfileResult, ProfileSettings,
+                                               merge_profile)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from openai_test_server import true_max_rate  # noqa: E402
@@ -267,7 +269,8 @@ def test_merging_keeps_failed_buckets_and_matches_gpu_names_case_insensitively(e
     listed = dict(example, gpu_info=[{"name": n, **e} for n, e in example["gpu_info"].items()])
     merged = merge_profile(listed, result, "a100_80gb", source="c.json")
     assert [e["name"] for e in merged.data["gpu_info"]] == ["A10G", "A100-80GB"]
-    added = merge_profile(example, result, "L4", source="c.json", price=catalog_pricer())  # no cost given: the catalog prices it
+    added = merge_profile(example, result, "L4", source="c.json",
+                          price=catalog_pricer())  # no cost given: the catalog prices it
     assert added.valid and not any("without a cost" in w for w in added.warnings)
     assert any("L4" in w and "catalog" in w for w in added.warnings)
 

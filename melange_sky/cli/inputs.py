@@ -13,7 +13,8 @@ from melange_sky.core.buckets import parse_edges
 from melange_sky.core.config_doc import edges_for_config, read_config_object
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import ProfileError, TraceError
-from melange_sky.inputs.profile import ProfileSettings, config_edges, merge_profile, parse_cells, profile_endpoint
+from melange_sky.inputs.profile import parse_cells, profile_endpoint
+from melange_sky.inputs.profile_result import ProfileEvent, ProfileSettings, config_edges, merge_profile
 from melange_sky.inputs.trace import merge_workload, read_trace
 
 
@@ -155,7 +156,7 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
         in_edges, out_edges = edges_for_config(None, given_in, given_out)
     chosen = parse_cells(cells, (len(in_edges) - 1, len(out_edges) - 1))
 
-    def show(event) -> None:
+    def show(event: ProfileEvent) -> None:
         line = format_profile_event(event)
         if line and not quiet:
             click.echo(line, err=True)

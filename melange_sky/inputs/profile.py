@@ -18,8 +18,8 @@ request timed out. Each bucket's request timeout is the larger of `request_timeo
 needs at the SLO (plus a prefill allowance), so long outputs are not cut short. Failures are reported per bucket;
 only a 4xx on the first probe request (a wrong URL or model) aborts the whole profile.
 
-The client speaks HTTP/1.1 itself (asyncio streams, standard library only), one connection per request, follows no
-redirects and only ever connects to the host and port of the endpoint URL given.
+The requests go through `melange_sky.inputs.http` (HTTP/1.1 over asyncio streams, one connection per request, no
+redirects, only the endpoint's host and port); what is measured is recorded in `melange_sky.inputs.profile_result`.
 
 Prompt sizes: a prompt of N tokens is N words drawn at random from common English words that are each a single
 token (with their leading space) in the GPT-2/cl100k, Llama and Mistral tokenizers, so N words ~ N tokens (+1 BOS on
@@ -30,24 +30,20 @@ representative output length with "ignore_eos": true (vLLM, SGLang), so every re
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import math
 import random
-import ssl
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from urllib.parse import urlsplit
 
-from melange_sky.errors import EndpointUnreachable, ProfileError, ProfileFailed
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
-from melange_sky.core.config import Pricer
-from melange_sky.core.config_doc import MergeResult, check_merged, edges_for_config, gpu_entry
-
-Cell = tuple[int, int]
+from melange_sky.errors import EndpointUnreachable, ProfileError
+from melange_sky.inputs.http import (COMPLETIONS_PATH, Client, Endpoint, HttpError, RequestRecord, error_text,
+                                     is_client_error, os_reason, parse_endpoint)
+from melange_sky.inputs.profile_result import (BucketProfile, Cell, ProfileEvent, ProfileResult, ProfileSettings,
+                                               ProgressCallback, StepResult)
 
 #: Words that are one token each (with a leading space) in the common LLM tokenizers.
 PROMPT_WORDS: tuple[str, ...] = tuple("""
@@ -55,8 +51,6 @@ the of and to in is it you that he was for on are with as his they at be this fr
 all were when we there can an your which their said if do will each about how up out them then she many some so these
 would other into has more her two like him see time could no make than first been its who now people my made over did
 down only way find use may water long little very after words called just where most know""".split())
-#: Body bytes kept from an HTTP error response, for the message.
-_ERROR_BODY_LIMIT = 4096
 #: A step fails on errors only when more than this share of its measured requests error.
 ERROR_TOLERANCE = 0.10
 #: A bucket's request timeout is at least this many times (output tokens x SLO + prefill allowance).
@@ -69,231 +63,7 @@ TIMEOUT_STEPS_TO_FAIL = 2
 _SHORT_OUTPUT_SHARE = 0.9
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """An OpenAI-compatible server's base URL, split into what the HTTP client needs."""
-
-    url: str  # as given, without credentials (user:password@) and a trailing "/"
-    scheme: str
-    host: str
-    port: int
-    base_path: str  # "" or "/prefix", without a trailing "/v1"
-    origin: str = ""  # scheme://host[:port], without credentials
-
-    def path(self, suffix: str) -> str:
-        return f"{self.base_path}{suffix}"
-
-    def full_url(self, suffix: str) -> str:
-        return f"{self.origin}{self.path(suffix)}"
-
-
-@dataclass(frozen=True)
-class ProfileSettings:
-    """How hard and how long to measure. Defaults suit a real GPU server; tests shrink them."""
-
-    tpot_slo_ms: float = 120.0
-    requests_per_step: int = 50  # measured requests per step (plus warm-up and filler, each at most as many)
-    start_rate: float = 1.0  # req/s of the first step
-    max_rate: float = 512.0  # stop growing here and report the bucket as capped
-    min_rate: float = 0.05  # stop shrinking here and report the SLO as not met
-    growth: float = 2.0
-    bisect_steps: int = 4  # each halves the interval between the last passing and the first failing rate
-    request_timeout: float = 120.0  # seconds for a whole streamed request
-    connect_timeout: float = 5.0
-    size: str = "mid"  # representative length of a bucket: "mid" (midpoint) or "upper" (largest length)
-    estimate: str = "fit"  # tput: "fit" (SLO crossing of a line through the bracketing steps) or "pass" (highest pass)
-    ignore_eos: bool = True
-    api_key: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.tpot_slo_ms > 0, "--tpot-slo-ms must be positive"),
-            (self.requests_per_step >= 1, "--requests-per-step must be at least 1"),
-            (0 < self.min_rate <= self.start_rate <= self.max_rate,
-             "rates must satisfy 0 < min rate <= --start-rate <= --max-rate"),
-            (self.growth > 1, "growth must be above 1"),
-            (self.bisect_steps >= 0, "bisect steps must be >= 0"),
-            (self.request_timeout > 0 and self.connect_timeout > 0, "timeouts must be positive"),
-            (self.size in ("mid", "upper"), "--size must be mid or upper"),
-            (self.estimate in ("fit", "pass"), "--estimate must be fit or pass"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ProfileError(message)
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One streamed request: its timings (seconds) or why it failed."""
-
-    ok: bool
-    latency: float
-    ttft: float | None = None
-    tpot: float | None = None
-    output_tokens: int = 0
-    prompt_tokens: int | None = None  # as the server counted them (usage), when it says
-    error: str | None = None
-    timed_out: bool = False
-    status: int | None = None  # the HTTP status of an error response
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """One rate tried on one bucket: the measured requests' statistics and whether the SLO held."""
-
-    rate: float
-    sent: int
-    measured: int
-    ok: int
-    errors: int
-    timeouts: int
-    passed: bool
-    reason: str
-    mean_tpot_ms: float | None = None
-    p50_tpot_ms: float | None = None
-    p99_tpot_ms: float | None = None
-    mean_ttft_ms: float | None = None
-    p50_ttft_ms: float | None = None
-    p99_ttft_ms: float | None = None
-    p50_latency_ms: float | None = None
-    p99_latency_ms: float | None = None
-    server_prompt_tokens: float | None = None  # mean usage.prompt_tokens
-    first_error: str | None = None
-    seconds: float = 0.0
-    warmup: int = 0  # requests sent before the first measured one
-    client_errors: int = 0  # measured requests answered with an HTTP 4xx (but 408, 429): the request is wrong
-    failed_on_errors: bool = False  # failed only because more than ERROR_TOLERANCE of the requests errored
-    mean_output_tokens: float | None = None  # generated per successful request (usage.completion_tokens)
-
-
-@dataclass(frozen=True)
-class BucketProfile:
-    """The outcome for one bucket. `tput` is the highest passing rate (0 unless status is ok or capped)."""
-
-    cell: Cell
-    input_range: tuple[int, int]
-    output_range: tuple[int, int]
-    prompt_tokens: int
-    output_tokens: int
-    status: str  # "ok", "capped" (passed at max_rate), "slo_not_met", "failed" (errors/timeouts), "not_measured"
-    tput: float
-    message: str = ""
-    best: StepResult | None = None  # the step at `tput`: its TTFT / TPOT / latency percentiles
-    steps: tuple[StepResult, ...] = ()
-    warnings: tuple[str, ...] = ()
-    timeout: float | None = None  # seconds each request of this bucket may take (see `bucket_timeout`)
-
-
-@dataclass(frozen=True)
-class ProfileResult:
-    """The profile of one GPU type: a `tputs` matrix over the buckets, and per bucket how it was measured."""
-
-    endpoint: str
-    model: str
-    tpot_slo_ms: float
-    input_edges: tuple[int, ...]
-    output_edges: tuple[int, ...]
-    buckets: tuple[BucketProfile, ...]
-    settings: ProfileSettings
-    seconds: float
-
-    @property
-    def tputs(self) -> list[list[float]]:
-        """Requests/s per bucket; 0 where not measured, failed or the SLO was never met (see `buckets`)."""
-        rows, cols = len(self.input_edges) - 1, len(self.output_edges) - 1
-        matrix = [[0.0] * cols for _ in range(rows)]
-        for b in self.buckets:
-            matrix[b.cell[0]][b.cell[1]] = round(b.tput, 3)
-        return matrix
-
-    @property
-    def not_measured(self) -> list[Cell]:
-        return [b.cell for b in self.buckets if b.status == "not_measured"]
-
-    @property
-    def failed(self) -> list[Cell]:
-        return [b.cell for b in self.buckets if b.status == "failed"]
-
-    @property
-    def warnings(self) -> list[str]:
-        return [w for b in self.buckets for w in b.warnings]
-
-    def check_usable(self, into: str | None = None) -> None:
-        """`ProfileFailed` unless at least one bucket is ok or capped: a profile of only zeros is not a profile."""
-        measured = [b for b in self.buckets if b.status != "not_measured"]
-        if any(b.status in ("ok", "capped") for b in measured):
-            return
-        failed = [b for b in measured if b.status == "failed"]
-        if len(failed) == len(measured):
-            what = f"no bucket was measured: all {len(failed)} failed (first: {failed[0].message})"
-        else:
-            what = (f"no bucket met the SLO: {len(measured) - len(failed)} not met even at the lowest rate, "
-                    f"{len(failed)} failed")
-        raise ProfileFailed(f"{what}" + (f"; {into} not changed" if into else ""))
-
-    def to_dict(self) -> dict[str, Any]:
-        settings = asdict(self.settings)
-        settings.pop("api_key", None)  # never written to a file
-        return {"endpoint": self.endpoint, "model": self.model, "tpot_slo_ms": self.tpot_slo_ms,
-                "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
-                "tputs": self.tputs, "seconds": round(self.seconds, 2), "settings": settings,
-                "buckets": [_bucket_dict(b) for b in self.buckets]}
-
-
-def _bucket_dict(b: BucketProfile) -> dict[str, Any]:
-    d = asdict(b)
-    d["cell"] = list(b.cell)
-    d["input_range"], d["output_range"] = list(b.input_range), list(b.output_range)
-    return d
-
-
-@dataclass(frozen=True)
-class ProfileEvent:
-    """Progress for a live display: a bucket starts, a step ends, or a bucket ends."""
-
-    kind: str  # "bucket_start", "step", "bucket_done"
-    cell: Cell
-    index: int  # 1-based position among the buckets being measured
-    total: int
-    prompt_tokens: int
-    output_tokens: int
-    step: StepResult | None = None
-    bucket: BucketProfile | None = None
-
-
-ProgressCallback = Callable[[ProfileEvent], None]
-
-
-# ---- inputs --------------------------------------------------------------------------------------------------------
-def parse_endpoint(url: str) -> Endpoint:
-    """http(s)://host[:port][/prefix]; a trailing /v1 is dropped (the client adds /v1/completions itself).
-
-    Credentials in the URL (user:password@) are dropped from everything shown or written; a path into the API
-    (/v1/completions, /v1/chat/...) is refused with the base URL to give instead.
-    """
-    parts = urlsplit(url.strip())
-    netloc = parts.netloc.rpartition("@")[2]
-    shown = parts._replace(netloc=netloc).geturl()
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ProfileError(f"--endpoint {shown!r} is not an http(s) URL; give the server's base URL, e.g. "
-                           f"http://10.0.0.5:8000")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ProfileError(f"--endpoint {shown!r} has an invalid port") from None
-    origin = f"{parts.scheme}://{netloc}"
-    base = parts.path.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3]
-    if "/v1/" in f"{base}/":
-        prefix = base[:f"{base}/".index("/v1/")]
-        raise ProfileError(f"--endpoint {shown!r} points into the API ({parts.path}); give the server's base URL, "
-                           f"e.g. {origin}{prefix} (the profiler calls /v1/models and /v1/completions itself)")
-    return Endpoint(url=f"{origin}{base}{'/v1' if parts.path.rstrip('/').endswith('/v1') else ''}",
-                    scheme=parts.scheme, host=parts.hostname, port=port, base_path=base, origin=origin)
-
-
+# ---- what to send --------------------------------------------------------------------------------------------------
 def parse_cells(text: str, shape: tuple[int, int]) -> list[Cell]:
     """`--buckets`: "all", or cells "I:J" (0-based input, output bucket index), comma-separated; "I:*" is a row."""
     rows, cols = shape
@@ -341,207 +111,32 @@ def synthetic_prompt(tokens: int, rng: random.Random) -> str:
     return " ".join(rng.choices(PROMPT_WORDS, k=tokens))
 
 
-# ---- HTTP over asyncio streams -------------------------------------------------------------------------------------
-class _HttpError(Exception):
-    pass
+def _completion_payload(model: str, prompt: str, max_tokens: int, settings: ProfileSettings) -> bytes:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if settings.ignore_eos:
+        body["ignore_eos"] = True
+    return json.dumps(body).encode()
 
 
-async def _connect(ep: Endpoint, timeout: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    ctx = ssl.create_default_context() if ep.scheme == "https" else None
-    return await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port, ssl=ctx), timeout)
-
-
-def _request_bytes(ep: Endpoint, method: str, path: str, body: bytes | None, api_key: str | None) -> bytes:
-    host = ep.host if ":" not in ep.host else f"[{ep.host}]"
-    default_port = 443 if ep.scheme == "https" else 80
-    lines = [f"{method} {ep.path(path)} HTTP/1.1", f"Host: {host}" + ("" if ep.port == default_port else f":{ep.port}"),
-             "User-Agent: melange-sky-profile", "Connection: close"]
-    if body is not None:
-        lines += ["Content-Type: application/json", "Accept: text/event-stream", f"Content-Length: {len(body)}"]
-    if api_key:
-        lines.append(f"Authorization: Bearer {api_key}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
-
-
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    status_line = await reader.readline()
-    parts = status_line.decode("latin-1").split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-        raise _HttpError(f"not an HTTP response: {status_line[:60]!r}")
-    headers: dict[str, str] = {}
-    while True:
-        line = await reader.readline()
-        if line in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(parts[1]), headers
-
-
-async def _body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
-    """The response body as it arrives: chunked, Content-Length or until the server closes."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            size_line = await reader.readline()
-            if not size_line:
-                raise _HttpError("connection closed in the middle of the response")
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                return
-            data = await reader.readexactly(size)
-            await reader.readline()
-            yield data
-    elif "content-length" in headers:
-        remaining = int(headers["content-length"])
-        while remaining > 0:
-            data = await reader.read(min(remaining, 65536))
-            if not data:
-                raise _HttpError("connection closed in the middle of the response")
-            remaining -= len(data)
-            yield data
-    else:
-        while data := await reader.read(65536):
-            yield data
-
-
-async def _sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The payload of each `data:` line of a server-sent event stream."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
-    if buffer.startswith(b"data:"):
-        yield buffer[5:].strip()
-
-
-def _error_text(status: int, body: bytes) -> str:
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-        err = data.get("error", data) if isinstance(data, dict) else data
-        text = err.get("message", text) if isinstance(err, dict) else str(err)
-    except (json.JSONDecodeError, AttributeError):
-        pass
-    text = " ".join(str(text).split())
-    return f"HTTP {status}: {text[:200]}" if text else f"HTTP {status}"
-
-
-async def _http_get(ep: Endpoint, path: str, settings: ProfileSettings) -> tuple[int, bytes]:
-    reader, writer = await _connect(ep, settings.connect_timeout)
-    try:
-        writer.write(_request_bytes(ep, "GET", path, None, settings.api_key))
-        await writer.drain()
-        status, headers = await _read_head(reader)
-        body = b""
-        async for data in _body(reader, headers):
-            body += data
-            if len(body) > 1 << 20:
-                break
-        return status, body
-    finally:
-        writer.close()
-
-
-async def _stream_completion(ep: Endpoint, payload: bytes, settings: ProfileSettings) -> RequestRecord:
-    clock = time.perf_counter
-    start = clock()
-    first = last = None
-    chunks = 0
-    usage: dict[str, Any] | None = None
-    try:
-        reader, writer = await _connect(ep, settings.connect_timeout)
-    except (TimeoutError, OSError) as exc:
-        return RequestRecord(ok=False, latency=clock() - start, error=f"cannot connect: {_os_reason(exc)}")
-    try:
-        writer.write(_request_bytes(ep, "POST", "/v1/completions", payload, settings.api_key))
-        await writer.drain()
-        status, headers = await _read_head(reader)
-        if status != 200:
-            body = b""
-            async for data in _body(reader, headers):
-                body += data
-                if len(body) > _ERROR_BODY_LIMIT:
-                    break
-            return RequestRecord(ok=False, latency=clock() - start, error=_error_text(status, body), status=status)
-        async for data in _sse_data(_body(reader, headers)):
-            if data == b"[DONE]":
-                break
-            try:
-                event = json.loads(data)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            if "error" in event:
-                return RequestRecord(ok=False, latency=clock() - start, error=_error_text(200, data))
-            choices = event.get("choices") or []
-            if choices and isinstance(choices[0], dict) and choices[0].get("text"):
-                now = clock()
-                if first is None:
-                    first = now
-                last = now
-                chunks += 1
-            if isinstance(event.get("usage"), dict):
-                usage = event["usage"]
-    except (OSError, asyncio.IncompleteReadError, _HttpError, ValueError) as exc:
-        return RequestRecord(ok=False, latency=clock() - start, error=f"broken response: {_os_reason(exc)}")
-    finally:
-        writer.close()
-    end = clock()
-    if first is None or last is None:
-        return RequestRecord(ok=False, latency=end - start, error="the stream ended without any token")
-    tokens = chunks
-    prompt_tokens = None
-    if usage:
-        try:
-            tokens = int(usage.get("completion_tokens") or chunks)
-        except (TypeError, ValueError):  # a server's odd usage object does not lose the timings
-            tokens = chunks
-        prompt_tokens = usage.get("prompt_tokens")
-    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-    return RequestRecord(ok=True, latency=end - start, ttft=first - start, tpot=tpot, output_tokens=tokens,
-                         prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None)
-
-
-async def _timed_request(ep: Endpoint, payload: bytes, settings: ProfileSettings, timeout: float) -> RequestRecord:
-    start = time.perf_counter()
-    try:
-        return await asyncio.wait_for(_stream_completion(ep, payload, settings), timeout)
-    except TimeoutError:
-        return RequestRecord(ok=False, latency=time.perf_counter() - start, timed_out=True,
-                             error=f"timed out after {timeout:g} s")
-
-
-def _client_error(status: int | None) -> bool:
-    """An HTTP 4xx that says the request itself is wrong (not 408 timeout or 429 rate limit, which are load)."""
-    return status is not None and 400 <= status < 500 and status not in (408, 429)
-
-
-def _os_reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+def _client(ep: Endpoint, settings: ProfileSettings) -> Client:
+    return Client(ep, connect_timeout=settings.connect_timeout, api_key=settings.api_key)
 
 
 # ---- checking the endpoint -----------------------------------------------------------------------------------------
 async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) -> None:
-    """Fail fast, in one line, when nothing listens at the endpoint or it does not serve `model`."""
+    """Fail fast, in one line, when nothing listens at the endpoint or it does not serve `model`: a wrong URL or
+    model would otherwise show up as every bucket failing, after minutes of measuring."""
+    client = _client(ep, settings)
     try:
-        status, body = await asyncio.wait_for(_http_get(ep, "/v1/models", settings), settings.connect_timeout * 2)
+        status, body = await asyncio.wait_for(client.get("/v1/models"), settings.connect_timeout * 2)
     except (TimeoutError, OSError) as exc:
-        raise EndpointUnreachable(f"cannot reach {ep.url} ({_os_reason(exc)}): is the server running and the port "
+        raise EndpointUnreachable(f"cannot reach {ep.url} ({os_reason(exc)}): is the server running and the port "
                                   f"open? Try: curl {ep.url}/v1/models") from None
-    except (_HttpError, asyncio.IncompleteReadError, ValueError) as exc:
+    except (HttpError, asyncio.IncompleteReadError, ValueError) as exc:
         raise EndpointUnreachable(f"{ep.url} does not answer like an HTTP server ({exc})") from None
     if status in (401, 403):
-        raise ProfileError(f"{ep.url} refused the request ({_error_text(status, body)}): pass --api-key "
+        raise ProfileError(f"{ep.url} refused the request ({error_text(status, body)}): pass --api-key "
                            f"(or MELANGE_SKY_API_KEY)")
     served: list[Any] = []
     if status == 200:  # not every server lists its models; the probe below tells
@@ -554,19 +149,11 @@ async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) ->
                            f"Pass one of them as --model")
     # One tiny completion: a 4xx here (wrong path, model or API) would fail every bucket, so it aborts now.
     probe = _completion_payload(model, "the", 2, settings)
-    record = await _timed_request(ep, probe, settings, settings.request_timeout)
-    if _client_error(record.status):
-        raise ProfileError(f"POST {ep.full_url('/v1/completions')} answered {record.error}: is --endpoint the "
+    record = await client.timed_completion(probe, settings.request_timeout)
+    if is_client_error(record.status):
+        raise ProfileError(f"POST {ep.full_url(COMPLETIONS_PATH)} answered {record.error}: is --endpoint the "
                            f"server's base URL (e.g. {ep.origin}) and --model {model!r} right? Try: "
                            f"curl {ep.full_url('/v1/models')}")
-
-
-def _completion_payload(model: str, prompt: str, max_tokens: int, settings: ProfileSettings) -> bytes:
-    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                            "stream": True, "stream_options": {"include_usage": True}}
-    if settings.ignore_eos:
-        body["ignore_eos"] = True
-    return json.dumps(body).encode()
 
 
 # ---- one step, one bucket ------------------------------------------------------------------------------------------
@@ -604,7 +191,7 @@ def _errors_allowed(settings: ProfileSettings) -> int:
     return int(ERROR_TOLERANCE * settings.requests_per_step + 1e-9)
 
 
-async def _run_step(ep: Endpoint, rate: float, make_payload: Callable[[], bytes], settings: ProfileSettings,
+async def _run_step(client: Client, rate: float, make_payload: Callable[[], bytes], settings: ProfileSettings,
                     rng: random.Random, timeout: float) -> StepResult:
     """Poisson arrivals at `rate`: a warm-up, n measured requests, filler until they end (see the module docstring)."""
     n = settings.requests_per_step
@@ -625,7 +212,7 @@ async def _run_step(ep: Endpoint, rate: float, make_payload: Callable[[], bytes]
             return
         if not task.result().ok:
             errored += 1
-            if errored > allowed or _client_error(task.result().status):
+            if errored > allowed or is_client_error(task.result().status):
                 stop.set()
         if finished == n:
             stop.set()
@@ -641,7 +228,7 @@ async def _run_step(ep: Endpoint, rate: float, make_payload: Callable[[], bytes]
             warm_until = loop.time() + task.result().latency
 
     def launch() -> asyncio.Task[RequestRecord]:
-        return asyncio.create_task(_timed_request(ep, make_payload(), settings, timeout))
+        return asyncio.create_task(client.timed_completion(make_payload(), timeout))
 
     gaps = _arrival_gaps(rate, n, rng)
     loop = asyncio.get_running_loop()
@@ -682,7 +269,7 @@ def _summarise(rate: float, sent: int, records: list[RequestRecord], settings: P
     ok = [r for r in records if r.ok]
     timeouts = sum(1 for r in records if r.timed_out)
     errors = sum(1 for r in records if not r.ok and not r.timed_out)
-    client_errors = sum(1 for r in records if _client_error(r.status))
+    client_errors = sum(1 for r in records if is_client_error(r.status))
     allowed = _errors_allowed(settings)
     tpots = [r.tpot for r in ok if r.tpot is not None]
     ttfts = [r.ttft for r in ok if r.ttft is not None]
@@ -715,7 +302,7 @@ def _summarise(rate: float, sent: int, records: list[RequestRecord], settings: P
         mean_output_tokens=round(statistics.fmean(r.output_tokens for r in ok), 2) if ok else None)
 
 
-async def _profile_bucket(ep: Endpoint, model: str, cell: Cell, ranges: tuple[tuple[int, int], tuple[int, int]],
+async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[tuple[int, int], tuple[int, int]],
                           settings: ProfileSettings, rng: random.Random,
                           emit: Callable[[str, StepResult | None, BucketProfile | None], None]) -> BucketProfile:
     (i_lo, i_hi), (o_lo, o_hi) = ranges
@@ -728,7 +315,7 @@ async def _profile_bucket(ep: Endpoint, model: str, cell: Cell, ranges: tuple[tu
     steps: list[StepResult] = []
 
     async def run(rate: float) -> StepResult:
-        result = await _run_step(ep, rate, make_payload, settings, rng, timeout)
+        result = await _run_step(client, rate, make_payload, settings, rng, timeout)
         steps.append(result)
         emit("step", result, None)
         return result
@@ -845,6 +432,7 @@ async def _profile(ep: Endpoint, model: str, input_edges: tuple[int, ...], outpu
                    cells: list[Cell], settings: ProfileSettings, on_progress: ProgressCallback | None
                    ) -> list[BucketProfile]:
     await check_endpoint(ep, model, settings)
+    client = _client(ep, settings)
     rng = random.Random(settings.seed)
     results = []
     for index, cell in enumerate(cells, 1):
@@ -859,7 +447,7 @@ async def _profile(ep: Endpoint, model: str, input_edges: tuple[int, ...], outpu
                                          output_tokens=_o, step=step, bucket=bucket))
 
         emit("bucket_start", None, None)
-        bucket = await _profile_bucket(ep, model, cell, ranges, settings, rng, emit)
+        bucket = await _profile_bucket(client, model, cell, ranges, settings, rng, emit)
         emit("bucket_done", None, bucket)
         results.append(bucket)
     return results
@@ -899,67 +487,7 @@ def profile_endpoint(endpoint: str, model: str, *, input_edges: Sequence[int] = 
                          seconds=time.perf_counter() - started)
 
 
-# ---- merging into a config -----------------------------------------------------------------------------------------
-def config_edges(config: dict[str, Any], input_edges: Sequence[int] | None, output_edges: Sequence[int] | None,
-                 source: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The bucket edges to profile for `--into CONFIG`, checked against its workload shape before any measuring."""
-    dist = config.get("workload_distribution")
-    shape = (len(dist), len(dist[0])) if isinstance(dist, list) and dist and isinstance(dist[0], list) else None
-    in_edges, out_edges = edges_for_config(config, input_edges, output_edges, source)
-    if shape is not None and shape != (len(in_edges) - 1, len(out_edges) - 1):
-        raise ProfileError(
-            f"{source}: workload_distribution is {shape[0]}x{shape[1]} but the buckets to profile are "
-            f"{len(in_edges) - 1}x{len(out_edges) - 1}; pass --input-buckets and --output-buckets with "
-            f"{shape[0] + 1} and {shape[1] + 1} edges (or add input_buckets/output_buckets to the config)")
-    return in_edges, out_edges
-
-
-def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost: float | None = None,
-                  source: str = "<config>", price: Pricer | None = None) -> MergeResult:
-    """`config` with `gpu`'s tputs set from `result` (gpu_info as a dict or a list); a new GPU entry if needed.
-
-    `gpu` matches an entry case-insensitively and through the catalog's aliases ("a10g" is "A10G"). Buckets not
-    measured, and buckets that failed (errors, timeouts: no measurement), keep the GPU's previous value when it had
-    a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0. `price` prices a GPU
-    added without `cost` (see `core.config.Pricer`); without one the merge warns that the GPU needs a cost.
-    """
-    data = copy.deepcopy(config)
-    warnings: list[str] = []
-    tputs = result.tputs
-    rows, cols = len(tputs), len(tputs[0])
-    entry, added = gpu_entry(data, gpu, source)
-    if cost is not None:
-        entry["cost"] = cost
-    old = entry.get("tputs")
-    keep = isinstance(old, list) and len(old) == rows and all(isinstance(r, list) and len(r) == cols for r in old)
-    for cells, why in ((result.not_measured, "were not measured"), (result.failed, "failed")):
-        if not cells:
-            continue
-        for i, j in cells:
-            if keep:
-                tputs[i][j] = old[i][j]
-        what = "kept their previous values" if keep else "are 0"
-        warnings.append(f"{len(cells)} bucket(s) {why} and {what}: {', '.join(f'{i}:{j}' for i, j in cells)}")
-    entry["tputs"] = tputs
-    data.setdefault("input_buckets", list(result.input_edges))
-    data.setdefault("output_buckets", list(result.output_edges))
-    parsed, found = check_merged(data, source, price)
-    warnings.extend(found)
-    valid = parsed is not None
-    if added and cost is None:
-        spec = next((g for g in parsed.gpus if g.name == gpu), None) if parsed is not None else None
-        if spec is not None and spec.cost_source == "catalog":
-            warnings.append(f"{source}: added GPU {gpu!r}, priced from the catalog at ${spec.cost:.4g}/h per GPU "
-                            f"(pass --cost to set your own price)")
-        else:
-            warnings.append(f"{source}: added GPU {gpu!r} without a cost: set its $/h (or pass --cost) before "
-                            f"solving")
-    return MergeResult(data=data, warnings=tuple(warnings), valid=valid)
-
-
 __all__ = [
-    "BucketProfile", "Endpoint", "PROMPT_WORDS", "ProfileEvent", "ProfileFailed", "ProfileResult", "ProfileSettings",
-    "RequestRecord", "StepResult", "bucket_timeout", "bucket_tokens", "check_endpoint", "config_edges",
-    "merge_profile", "parse_cells", "parse_endpoint", "profile_endpoint", "representative_tokens",
-    "synthetic_prompt",
+    "ERROR_TOLERANCE", "PROMPT_WORDS", "ProfileResult", "ProfileSettings", "bucket_timeout", "bucket_tokens",
+    "check_endpoint", "parse_cells", "profile_endpoint", "representative_tokens", "synthetic_prompt",
 ]
