@@ -2,36 +2,36 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 
 import click
 
-from melange_sky.cli.main import warn, debug_option, main
-from melange_sky.cli.options import backend_option, plan_settings, plan_options, solve_options, SolveArgs
+from melange_sky.cli.main import debug_option, main, warn
+from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
 from melange_sky.cli.text import format_down, format_dryrun, format_event, format_preview, format_status, format_up
-from melange_sky.deploy.plan import build_plan, deployment_from_config, PlanRequest
 from melange_sky.fleet.backends import load_backend
-from melange_sky.fleet.fleet import (config_hash, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, secrets_from_env,
-                                     UpOptions)
+from melange_sky.fleet.fleet import DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
 from melange_sky.fleet.ledger import Ledger
+from melange_sky.fleet.reports import Preview, ReplicaEvent
+from melange_sky.fleet.up import bring_up, dry_run, launch_secrets
 
 
-def _launcher_output():
+def _launcher_output() -> contextlib.redirect_stdout:
     """What a launcher prints (SkyPilot says "Running on cluster: ...") goes to stderr with the progress lines, so
     stdout holds only this command's own output (and stays parseable with --json)."""
     return contextlib.redirect_stdout(sys.stderr)
 
 
 @contextlib.contextmanager
-def _terminations_interrupt():
+def _terminations_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP (a closed terminal, a killed job) stop `up` the way Ctrl-C does: launches cancelled, every
     replica's true state recorded. Previous handlers are restored after."""
-    def interrupt(_signum, _frame):
+    def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
@@ -95,48 +95,51 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
         raise click.UsageError("--down needs --idle-minutes-to-autostop")
     cfg = solve_args.load(config, fleet_name)
     settings = plan_settings(solve_args, per_offer, template)
-    warned = set(cfg.warnings)
-
-    def planner(request: PlanRequest):
-        plan = build_plan(cfg, settings if request == PlanRequest() else dataclasses.replace(settings, compare=False),
-                          request)
-        warn([w for w in plan.result.warnings if w not in warned])
-        warned.update(plan.result.warnings)
-        return plan
-
-    on_event = None if as_json else (lambda event: click.echo(format_event(event), err=True))
+    on_event = None if as_json else _print_event
     if dryrun:  # writes nothing: no ledger is created on a machine that has none
-        fleet = Fleet(load_backend(backend), Ledger() if Ledger.exists() else None, on_event)
-        with _launcher_output():
-            report = fleet.dryrun(cfg.name, planner, os.environ)
-        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_dryrun(report))
+        launcher = load_backend(backend)
+        with (Ledger() if Ledger.exists() else contextlib.nullcontext()) as ledger, _launcher_output():
+            dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=_print_warning)
+        click.echo(json.dumps(dry.to_dict(), indent=2) if as_json else format_dryrun(dry))
         return
-    secrets = secrets_from_env(deployment_from_config(cfg, template).secrets, os.environ)
-
+    secrets = launch_secrets(cfg, settings, os.environ)
     stdout = sys.stdout  # the preview is this command's output, not the launcher's
 
-    def confirm(preview, notes) -> bool:
+    def show(preview: Preview, notes: list[str]) -> None:
         if not as_json:
             click.echo(format_preview(preview, notes), file=stdout)
-        if not (preview.launch or preview.remove):
-            return True
+
+    options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
+                        idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
+    with Ledger() as ledger, _launcher_output(), _terminations_interrupt():
+        report = bring_up(cfg, settings, load_backend(backend), ledger, secrets, options,
+                          confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
+                          on_warning=_print_warning)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
+    if report.interrupted:
+        sys.exit(130)
+    if not report.complete:
+        sys.exit(1)
+
+
+def _up_confirmation(yes: bool, as_json: bool) -> Callable[[Preview], bool]:
+    """The question `up` asks before launching or tearing down; with --json only -y answers it."""
+    def confirm(preview: Preview) -> bool:
         if as_json and not yes:  # a prompt would corrupt the JSON on stdout
             raise click.UsageError("up --json would launch or tear down replicas: pass -y as well")
         actions = [f"launch {len(preview.launch)} replica(s) (+${preview.launch_cost:.2f}/h)"] if preview.launch else []
         actions += [f"tear down {len(preview.remove)} that are not serving"] if preview.remove else []
         return confirm_or_refuse(f"Fleet {preview.plan.fleet}: {' and '.join(actions)}?", yes)
 
-    options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
-                        idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
-    digest = config_hash(dataclasses.asdict(cfg), settings.formulation, per_offer, template)
-    with Ledger() as ledger, _launcher_output(), _terminations_interrupt():
-        report = Fleet(load_backend(backend), ledger, on_event).up(cfg.name, planner, secrets, digest, options,
-                                                                  confirm)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
-    if report.interrupted:
-        sys.exit(130)
-    if not report.complete:
-        sys.exit(1)
+    return confirm
+
+
+def _print_event(event: ReplicaEvent) -> None:
+    click.echo(format_event(event), err=True)
+
+
+def _print_warning(message: str) -> None:
+    warn([message])
 
 
 @main.command()
@@ -186,12 +189,11 @@ def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, paral
     if all_fleets == bool(fleet_name):
         raise click.UsageError("name one FLEET or pass --all")
     with Ledger() as ledger:
-        names = [f.name for f in ledger.fleets()] if all_fleets else [fleet_name]
+        names = [f.name for f in ledger.fleets()] if all_fleets or not fleet_name else [fleet_name]
         known = [n for n in names if ledger.get_fleet(n) is not None]
         if known:
             confirm_or_refuse(f"Tear down {', '.join(known)}? Their clusters and disks are deleted.", yes)
-        fleet = Fleet(load_backend(backend) if known else None, ledger, on_event=None if as_json else
-                      (lambda event: click.echo(format_event(event), err=True)))
+        fleet = Fleet(load_backend(backend) if known else None, ledger, on_event=None if as_json else _print_event)
         with _launcher_output():
             reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2) if as_json

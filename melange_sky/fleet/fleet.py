@@ -15,17 +15,14 @@ Rules this module keeps:
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
 
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
-from melange_sky.errors import FleetBusy, MelangeError, MissingSecret, UnknownFleet
+from melange_sky.errors import FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
 from melange_sky.fleet.ledger import Ledger, ReplicaRecord, ReplicaState
@@ -49,22 +46,6 @@ class UpOptions:
     retry_until_up: bool = False
     idle_minutes_to_autostop: int | None = None
     down: bool = False  # autodown: tear the cluster down after idle_minutes_to_autostop
-
-
-def config_hash(*parts: Any) -> str:
-    """A short digest of the effective config and the settings that shape the plan."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def secrets_from_env(names: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
-    """The secrets' values from the environment; a missing one is an error before anything is launched."""
-    missing = [name for name in names if not environ.get(name)]
-    if missing:
-        raise MissingSecret(f"{', '.join(missing)} not set in the environment: the replicas need "
-                            f"{'it' if len(missing) == 1 else 'them'} at launch. Export {missing[0]}=... and rerun, "
-                            f"or set \"deployment\": {{\"secrets\": []}} in the config if the model needs no token")
-    return {name: environ[name] for name in names}
 
 
 class Fleet:

@@ -1,0 +1,97 @@
+"""`up` as one library call: plan a config against what the ledger has, confirm, launch, re-plan around offers
+without capacity. The CLI, a controller or a router share it; the caller chooses the I/O (backend, ledger, how to
+confirm, where progress and warnings go) and prints nothing it did not ask for.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from melange_sky.core.config import Config
+from melange_sky.deploy.plan import Plan, PlanRequest, PlanSettings, build_plan, deployment_from_config
+from melange_sky.errors import MissingSecret
+from melange_sky.fleet.backends import Backend
+from melange_sky.fleet.fleet import Fleet, Planner, UpOptions
+from melange_sky.fleet.ledger import Ledger
+from melange_sky.fleet.reports import DryRunReport, Preview, ReplicaEvent, UpReport
+
+__all__ = ["bring_up", "config_digest", "config_hash", "dry_run", "launch_secrets", "make_planner",
+           "secrets_from_env"]
+
+OnEvent = Callable[[ReplicaEvent], None]
+OnWarning = Callable[[str], None]
+
+
+def config_hash(*parts: Any) -> str:
+    """A short digest of the effective config and the settings that shape the plan."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_digest(config: Config, settings: PlanSettings) -> str:
+    """What the ledger keeps to tell, on the next `up`, whether the fleet was planned from another config."""
+    return config_hash(dataclasses.asdict(config), settings.formulation, settings.per_offer, settings.template)
+
+
+def secrets_from_env(names: Sequence[str], environ: Mapping[str, str]) -> dict[str, str]:
+    """The secrets' values from the environment; a missing one is an error before anything is launched."""
+    missing = [name for name in names if not environ.get(name)]
+    if missing:
+        raise MissingSecret(f"{', '.join(missing)} not set in the environment: the replicas need "
+                            f"{'it' if len(missing) == 1 else 'them'} at launch. Export {missing[0]}=... and rerun, "
+                            f"or set \"deployment\": {{\"secrets\": []}} in the config if the model needs no token")
+    return {name: environ[name] for name in names}
+
+
+def launch_secrets(config: Config, settings: PlanSettings, environ: Mapping[str, str]) -> dict[str, str]:
+    """The secrets the config's replicas need, from `environ`: checked before a ledger is opened or a launcher
+    loaded, so a missing token costs nothing."""
+    return secrets_from_env(deployment_from_config(config, settings.template).secrets, environ)
+
+
+def make_planner(config: Config, settings: PlanSettings, on_warning: OnWarning | None = None) -> Planner:
+    """The planner `up` calls on each (re-)plan. Only the first plan of a fleet compares formulations (re-plans
+    are for capacity, not for advice); each solver warning is passed to `on_warning` once (the config's own are
+    the caller's to show)."""
+    warned = set(config.warnings)
+
+    def planner(request: PlanRequest) -> Plan:
+        first = request == PlanRequest()
+        plan = build_plan(config, settings if first else dataclasses.replace(settings, compare=False), request)
+        for warning in [w for w in plan.result.warnings if w not in warned]:
+            if on_warning is not None:
+                on_warning(warning)
+        warned.update(plan.result.warnings)
+        return plan
+
+    return planner
+
+
+def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger, secrets: Mapping[str, str],
+             options: UpOptions = UpOptions(), *, confirm: Callable[[Preview], bool] | None = None,
+             on_preview: Callable[[Preview, list[str]], None] | None = None, on_event: OnEvent | None = None,
+             on_warning: OnWarning | None = None) -> UpReport:
+    """Bring fleet `config.name` up (or what is missing of it) and return what happened.
+
+    Under the fleet's lock, `on_preview` is shown the plan and what it changes (with notes); `confirm` is asked only
+    when something would be launched or torn down, and False stops there (None: go ahead). `secrets` come from
+    `launch_secrets` or the caller's own store; they reach the launcher only, never the ledger."""
+    def gate(preview: Preview, notes: list[str]) -> bool:
+        if on_preview is not None:
+            on_preview(preview, notes)
+        return not preview.changes or confirm is None or confirm(preview)
+
+    fleet = Fleet(backend, ledger, on_event)
+    return fleet.up(config.name, make_planner(config, settings, on_warning), secrets, config_digest(config, settings),
+                    options, gate)
+
+
+def dry_run(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger | None,
+            environ: Mapping[str, str], *, on_event: OnEvent | None = None,
+            on_warning: OnWarning | None = None) -> DryRunReport:
+    """What `bring_up` would launch, every task validated by the launcher; writes nothing (`ledger` None: a
+    machine that never launched). Secrets missing from `environ` are listed, not an error."""
+    return Fleet(backend, ledger, on_event).dryrun(config.name, make_planner(config, settings, on_warning), environ)
