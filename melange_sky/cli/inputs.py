@@ -14,7 +14,8 @@ from melange_sky.core.config_doc import edges_for_config, read_config_object
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import ProfileError, TraceError
 from melange_sky.inputs.profile import parse_cells, profile_endpoint
-from melange_sky.inputs.profile_result import ProfileEvent, ProfileSettings, config_edges, merge_profile
+from melange_sky.inputs.profile_result import (BucketStatus, Estimate, ProfileEvent, ProfileSettings, ProfileSize,
+                                               config_edges, merge_profile)
 from melange_sky.inputs.trace import merge_workload, read_trace
 
 
@@ -104,9 +105,9 @@ def workload(trace: str, input_buckets: str | None, output_buckets: str | None, 
 @click.option("--timeout", "request_timeout", type=click.FloatRange(min=0, min_open=True), default=120.0,
               show_default=True, help="Seconds one streamed request may take at least (a bucket with long "
                                       "outputs gets 3x their time at the SLO); longer counts as a timeout.")
-@click.option("--size", type=click.Choice(["mid", "upper"]), default="mid", show_default=True,
+@click.option("--size", type=click.Choice([s.value for s in ProfileSize]), default="mid", show_default=True,
               help="Length each bucket is profiled at: its midpoint, or its largest length (conservative).")
-@click.option("--estimate", type=click.Choice(["fit", "pass"]), default="fit", show_default=True,
+@click.option("--estimate", type=click.Choice([e.value for e in Estimate]), default="fit", show_default=True,
               help="tputs value: fit: where a line through the measured TPOT of the steps around the SLO meets it "
                    "(steadier); pass: the highest rate that passed.")
 @click.option("--no-ignore-eos", is_flag=True, help="Do not send \"ignore_eos\": true (for servers that reject it).")
@@ -145,8 +146,8 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
         raise ProfileError("--into CONFIG and --gpu NAME go together: which GPU type's tputs to set in which config")
     settings = ProfileSettings(
         tpot_slo_ms=tpot_slo_ms, requests_per_step=requests_per_step, start_rate=start_rate, max_rate=max_rate,
-        min_rate=min(min_rate, start_rate), bisect_steps=bisect_steps, request_timeout=request_timeout, size=size,
-        estimate=estimate, ignore_eos=not no_ignore_eos, api_key=api_key)
+        min_rate=min(min_rate, start_rate), bisect_steps=bisect_steps, request_timeout=request_timeout,
+        size=ProfileSize(size), estimate=Estimate(estimate), ignore_eos=not no_ignore_eos, api_key=api_key)
     given_in = parse_edges(input_buckets, "--input-buckets") if input_buckets else None
     given_out = parse_edges(output_buckets, "--output-buckets") if output_buckets else None
     config = read_config_object(into) if into else None
@@ -163,9 +164,9 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
 
     result = profile_endpoint(endpoint, model, input_edges=in_edges, output_edges=out_edges, cells=chosen,
                               settings=settings, on_progress=show)
-    failed = [b for b in result.buckets if b.status in ("failed", "slo_not_met")]
+    failed = [b for b in result.buckets if b.status in (BucketStatus.FAILED, BucketStatus.SLO_NOT_MET)]
     warn([f"bucket {b.cell[0]}:{b.cell[1]} {b.status}: {b.message} "
-           f"({'kept from the config' if into and b.status == 'failed' else '0 in tputs'})" for b in failed])
+           f"({'kept from the config' if into and b.status == BucketStatus.FAILED else '0 in tputs'})" for b in failed])
     warn(result.warnings)
     if output:
         write_config_json(output, result.to_dict())

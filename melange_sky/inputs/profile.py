@@ -42,8 +42,9 @@ from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, 
 from melange_sky.errors import EndpointUnreachable, ProfileError
 from melange_sky.inputs.http import (COMPLETIONS_PATH, Client, Endpoint, HttpError, RequestRecord, error_text,
                                      is_client_error, os_reason, parse_endpoint)
-from melange_sky.inputs.profile_result import (BucketProfile, Cell, ProfileEvent, ProfileResult, ProfileSettings,
-                                               ProgressCallback, StepResult)
+from melange_sky.inputs.profile_result import (BucketProfile, BucketStatus, Cell, Estimate, EventKind, ProfileEvent,
+                                               ProfileResult, ProfileSettings, ProfileSize, ProgressCallback,
+                                               StepResult)
 
 #: Words that are one token each (with a leading space) in the common LLM tokenizers.
 PROMPT_WORDS: tuple[str, ...] = tuple("""
@@ -89,13 +90,14 @@ def parse_cells(text: str, shape: tuple[int, int]) -> list[Cell]:
     return cells
 
 
-def representative_tokens(lo: int, hi: int, size: str = "mid") -> int:
+def representative_tokens(lo: int, hi: int, size: ProfileSize = ProfileSize.MID) -> int:
     """The length a bucket [lo, hi) is profiled at: its midpoint, or its largest length ("upper")."""
-    value = (lo + hi) // 2 if size == "mid" else hi - 1
+    value = (lo + hi) // 2 if size == ProfileSize.MID else hi - 1
     return max(1, value, lo)
 
 
-def bucket_tokens(input_range: tuple[int, int], output_range: tuple[int, int], size: str = "mid") -> tuple[int, int]:
+def bucket_tokens(input_range: tuple[int, int], output_range: tuple[int, int],
+                  size: ProfileSize = ProfileSize.MID) -> tuple[int, int]:
     """(prompt tokens, output tokens) a bucket is profiled at; at least 2 output tokens, since TPOT needs 2."""
     return representative_tokens(*input_range, size), max(2, representative_tokens(*output_range, size))
 
@@ -304,7 +306,7 @@ def _summarise(rate: float, sent: int, records: list[RequestRecord], settings: P
 
 async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[tuple[int, int], tuple[int, int]],
                           settings: ProfileSettings, rng: random.Random,
-                          emit: Callable[[str, StepResult | None, BucketProfile | None], None]) -> BucketProfile:
+                          emit: Callable[[EventKind, StepResult | None, BucketProfile | None], None]) -> BucketProfile:
     (i_lo, i_hi), (o_lo, o_hi) = ranges
     prompt_tokens, output_tokens = bucket_tokens(*ranges, settings.size)
     timeout = bucket_timeout(settings, prompt_tokens, output_tokens)
@@ -317,7 +319,7 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
     async def run(rate: float) -> StepResult:
         result = await _run_step(client, rate, make_payload, settings, rng, timeout)
         steps.append(result)
-        emit("step", result, None)
+        emit(EventKind.STEP, result, None)
         return result
 
     async def step(rate: float) -> StepResult:
@@ -326,7 +328,7 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
             result = await run(rate)
         return result
 
-    def done(status: str, tput: float, message: str, best: StepResult | None) -> BucketProfile:
+    def done(status: BucketStatus, tput: float, message: str, best: StepResult | None) -> BucketProfile:
         warnings = []
         short = [s for s in steps if s.mean_output_tokens is not None
                  and s.mean_output_tokens < _SHORT_OUTPUT_SHARE * output_tokens]
@@ -343,9 +345,10 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
     def hard_failure(r: StepResult) -> BucketProfile | None:
         """The bucket's verdict when the server rejects the request itself, whatever the load."""
         if r.client_errors:
-            return done("failed", 0.0, f"the server rejects these requests: {r.first_error}", None)
+            return done(BucketStatus.FAILED, 0.0, f"the server rejects these requests: {r.first_error}", None)
         if r.ok == 0 and r.timeouts == 0 and r.errors > 0:
-            return done("failed", 0.0, f"every request failed ({r.errors} of {r.errors}): {r.first_error}", None)
+            return done(BucketStatus.FAILED, 0.0, f"every request failed ({r.errors} of {r.errors}): {r.first_error}",
+                        None)
         return None
 
     def all_timed_out(r: StepResult) -> bool:
@@ -366,8 +369,8 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
                 hi = r
                 break
         if hi is None:
-            return done("capped", lo.rate, f"the SLO still held at --max-rate {settings.max_rate:g} req/s; the real "
-                                           f"maximum is higher", lo)
+            return done(BucketStatus.CAPPED, lo.rate, f"the SLO still held at --max-rate {settings.max_rate:g} req/s; "
+                                                      f"the real maximum is higher", lo)
     else:
         hi = first
         timed_out_in_a_row = 1 if all_timed_out(first) else 0
@@ -385,12 +388,12 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
         if lo is None:
             if all_timed_out(hi):
                 rates = ", ".join(f"{s.rate:g}" for s in steps[-timed_out_in_a_row:])
-                return done("failed", 0.0, f"timeouts: every measured request timed out at {rates} req/s: "
-                                           f"{hi.first_error}", None)
+                return done(BucketStatus.FAILED, 0.0, f"timeouts: every measured request timed out at {rates} req/s: "
+                                                      f"{hi.first_error}", None)
             if hi.failed_on_errors:
-                return done("failed", 0.0, f"errors: more than {100 * ERROR_TOLERANCE:g}% of requests fail even "
-                                           f"at {hi.rate:g} req/s: {hi.first_error}", None)
-            return done("slo_not_met", 0.0, f"the SLO fails even at {hi.rate:g} req/s ({hi.reason})", None)
+                return done(BucketStatus.FAILED, 0.0, f"errors: more than {100 * ERROR_TOLERANCE:g}% of requests fail "
+                                                      f"even at {hi.rate:g} req/s: {hi.first_error}", None)
+            return done(BucketStatus.SLO_NOT_MET, 0.0, f"the SLO fails even at {hi.rate:g} req/s ({hi.reason})", None)
     bracket = (lo.rate, hi.rate)
     for _ in range(settings.bisect_steps):
         r = await step((lo.rate + hi.rate) / 2)
@@ -399,12 +402,12 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
         else:
             hi = r
     message = f"highest pass {lo.rate:.3g} req/s, fails at {hi.rate:.3g} req/s: {hi.reason}"
-    if settings.estimate == "fit":
+    if settings.estimate == Estimate.FIT:
         crossing = _fit_crossing([s for s in steps if bracket[0] <= s.rate <= bracket[1]], settings.tpot_slo_ms)
         if crossing is not None:
             tput = min(max(crossing, bracket[0]), bracket[1])
-            return done("ok", tput, f"fitted crossing of the SLO; {message}", lo)
-    return done("ok", lo.rate, message, lo)
+            return done(BucketStatus.OK, tput, f"fitted crossing of the SLO; {message}", lo)
+    return done(BucketStatus.OK, lo.rate, message, lo)
 
 
 def _fit_crossing(steps: Sequence[StepResult], slo_ms: float) -> float | None:
@@ -440,15 +443,15 @@ async def _profile(ep: Endpoint, model: str, input_edges: tuple[int, ...], outpu
         ranges = ((input_edges[i], input_edges[i + 1]), (output_edges[j], output_edges[j + 1]))
         p_tok, o_tok = bucket_tokens(*ranges, settings.size)
 
-        def emit(kind: str, step: StepResult | None, bucket: BucketProfile | None,
+        def emit(kind: EventKind, step: StepResult | None, bucket: BucketProfile | None,
                  _cell: Cell = cell, _index: int = index, _p: int = p_tok, _o: int = o_tok) -> None:
             if on_progress is not None:
                 on_progress(ProfileEvent(kind=kind, cell=_cell, index=_index, total=len(cells), prompt_tokens=_p,
                                          output_tokens=_o, step=step, bucket=bucket))
 
-        emit("bucket_start", None, None)
+        emit(EventKind.BUCKET_START, None, None)
         bucket = await _profile_bucket(client, model, cell, ranges, settings, rng, emit)
-        emit("bucket_done", None, bucket)
+        emit(EventKind.BUCKET_DONE, None, bucket)
         results.append(bucket)
     return results
 
@@ -481,7 +484,7 @@ def profile_endpoint(endpoint: str, model: str, *, input_edges: Sequence[int] = 
             p_tok, o_tok = bucket_tokens(*ranges, settings.size)
             buckets.append(by_cell.get((i, j)) or BucketProfile(
                 cell=(i, j), input_range=ranges[0], output_range=ranges[1], prompt_tokens=p_tok, output_tokens=o_tok,
-                status="not_measured", tput=0.0, message="not in --buckets"))
+                status=BucketStatus.NOT_MEASURED, tput=0.0, message="not in --buckets"))
     return ProfileResult(endpoint=ep.url, model=model, tpot_slo_ms=settings.tpot_slo_ms, input_edges=in_edges,
                          output_edges=out_edges, buckets=tuple(buckets), settings=settings,
                          seconds=time.perf_counter() - started)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Any
 
 from melange_sky.core.config import Pricer
@@ -17,6 +18,43 @@ from melange_sky.errors import ProfileError, ProfileFailed
 
 #: A bucket's cell in the config's matrices: (input bucket index, output bucket index), 0-based.
 Cell = tuple[int, int]
+
+
+class ProfileSize(StrEnum):
+    """The length a bucket is profiled at (`--size`)."""
+
+    MID = "mid"  # its midpoint
+    UPPER = "upper"  # its largest length: conservative
+
+
+class Estimate(StrEnum):
+    """Which rate becomes a bucket's tput (`--estimate`)."""
+
+    FIT = "fit"  # where a line through the mean TPOT of the bracketing steps meets the SLO
+    PASS = "pass"  # the highest rate that passed
+
+
+class BucketStatus(StrEnum):
+    """How a bucket's profile ended."""
+
+    OK = "ok"
+    CAPPED = "capped"  # passed at max_rate: the real maximum is higher
+    SLO_NOT_MET = "slo_not_met"  # a measured 0: not met even at the lowest rate
+    FAILED = "failed"  # no measurement: errors, timeouts, or the server rejects the requests
+    NOT_MEASURED = "not_measured"  # not among the buckets asked for
+
+    @property
+    def has_tput(self) -> bool:
+        """Whether the bucket's tput is a measured maximum rate (ok or capped)."""
+        return self in (BucketStatus.OK, BucketStatus.CAPPED)
+
+
+class EventKind(StrEnum):
+    """What a progress event reports."""
+
+    BUCKET_START = "bucket_start"
+    STEP = "step"  # one rate tried
+    BUCKET_DONE = "bucket_done"
 
 
 @dataclass(frozen=True)
@@ -32,8 +70,8 @@ class ProfileSettings:
     bisect_steps: int = 4  # each halves the interval between the last passing and the first failing rate
     request_timeout: float = 120.0  # seconds for a whole streamed request
     connect_timeout: float = 5.0
-    size: str = "mid"  # representative length of a bucket: "mid" (midpoint) or "upper" (largest length)
-    estimate: str = "fit"  # tput: "fit" (SLO crossing of a line through the bracketing steps) or "pass" (highest pass)
+    size: ProfileSize = ProfileSize.MID  # representative length of a bucket
+    estimate: Estimate = Estimate.FIT  # which rate is the bucket's tput
     ignore_eos: bool = True
     api_key: str | None = None
     seed: int = 0
@@ -47,12 +85,15 @@ class ProfileSettings:
             (self.growth > 1, "growth must be above 1"),
             (self.bisect_steps >= 0, "bisect steps must be >= 0"),
             (self.request_timeout > 0 and self.connect_timeout > 0, "timeouts must be positive"),
-            (self.size in ("mid", "upper"), "--size must be mid or upper"),
-            (self.estimate in ("fit", "pass"), "--estimate must be fit or pass"),
+            (self.size in tuple(ProfileSize), "--size must be mid or upper"),
+            (self.estimate in tuple(Estimate), "--estimate must be fit or pass"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ProfileError(message)
+        # a caller may pass the plain strings ("upper"); keep the enum members
+        object.__setattr__(self, "size", ProfileSize(self.size))
+        object.__setattr__(self, "estimate", Estimate(self.estimate))
 
 
 @dataclass(frozen=True)
@@ -93,13 +134,16 @@ class BucketProfile:
     output_range: tuple[int, int]
     prompt_tokens: int
     output_tokens: int
-    status: str  # "ok", "capped" (passed at max_rate), "slo_not_met", "failed" (errors/timeouts), "not_measured"
+    status: BucketStatus
     tput: float
     message: str = ""
     best: StepResult | None = None  # the step at `tput`: its TTFT / TPOT / latency percentiles
     steps: tuple[StepResult, ...] = ()
     warnings: tuple[str, ...] = ()
     timeout: float | None = None  # seconds each request of this bucket may take (see `bucket_timeout`)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "status", BucketStatus(self.status))  # "ok" given as a plain string is OK too
 
 
 @dataclass(frozen=True)
@@ -126,11 +170,11 @@ class ProfileResult:
 
     @property
     def not_measured(self) -> list[Cell]:
-        return [b.cell for b in self.buckets if b.status == "not_measured"]
+        return [b.cell for b in self.buckets if b.status == BucketStatus.NOT_MEASURED]
 
     @property
     def failed(self) -> list[Cell]:
-        return [b.cell for b in self.buckets if b.status == "failed"]
+        return [b.cell for b in self.buckets if b.status == BucketStatus.FAILED]
 
     @property
     def warnings(self) -> list[str]:
@@ -138,10 +182,10 @@ class ProfileResult:
 
     def check_usable(self, into: str | None = None) -> None:
         """`ProfileFailed` unless at least one bucket is ok or capped: a profile of only zeros is not a profile."""
-        measured = [b for b in self.buckets if b.status != "not_measured"]
-        if any(b.status in ("ok", "capped") for b in measured):
+        measured = [b for b in self.buckets if b.status != BucketStatus.NOT_MEASURED]
+        if any(b.status.has_tput for b in measured):
             return
-        failed = [b for b in measured if b.status == "failed"]
+        failed = [b for b in measured if b.status == BucketStatus.FAILED]
         if len(failed) == len(measured):
             what = f"no bucket was measured: all {len(failed)} failed (first: {failed[0].message})"
         else:
@@ -169,7 +213,7 @@ def _bucket_dict(b: BucketProfile) -> dict[str, Any]:
 class ProfileEvent:
     """Progress for a live display: a bucket starts, a step ends, or a bucket ends."""
 
-    kind: str  # "bucket_start", "step", "bucket_done"
+    kind: EventKind
     cell: Cell
     index: int  # 1-based position among the buckets being measured
     total: int
@@ -243,6 +287,6 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
 
 
 __all__ = [
-    "BucketProfile", "Cell", "ProfileEvent", "ProfileResult", "ProfileSettings", "ProgressCallback", "StepResult",
-    "config_edges", "merge_profile",
+    "BucketProfile", "BucketStatus", "Cell", "Estimate", "EventKind", "ProfileEvent", "ProfileResult",
+    "ProfileSettings", "ProfileSize", "ProgressCallback", "StepResult", "config_edges", "merge_profile",
 ]

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import IO, Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, Bucketer, check_edges
@@ -59,6 +60,14 @@ _GZIP_ERRORS: tuple[type[Exception], ...] = (OSError, EOFError, gzip.BadGzipFile
 _BOM = b"\xef\xbb\xbf"
 
 
+class RateSource(StrEnum):
+    """Where a histogram's total_request_rate came from."""
+
+    GIVEN = "given"  # --rate
+    TIMESTAMPS = "timestamps"  # measured between the first and the last timestamp
+    NONE = "none"  # neither: the config keeps its own rate, or the user must give one
+
+
 @dataclass(frozen=True)
 class WorkloadResult:
     """The histogram of one trace: counts per (input bucket, output bucket), the rate, and what was odd about it."""
@@ -79,7 +88,7 @@ class WorkloadResult:
     first_timestamp: float | None
     last_timestamp: float | None
     rate: float | None  # req/s: given, or measured from the timestamps; None if neither
-    rate_source: str  # "given", "timestamps" or "none"
+    rate_source: RateSource
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -433,11 +442,11 @@ class _Counter:
         elif first is not None and last is not None and last > _EPOCH_MS_ABOVE:
             warnings.append(f"the timestamps mix units (from {first:.0f} to {last:.0f}: seconds and milliseconds?), "
                             f"so the rate from them is wrong: pass --rate REQ_PER_S")
-        rate_source = "given" if rate is not None else "none"
+        rate_source = RateSource.GIVEN if rate is not None else RateSource.NONE
         if rate is None and self.ts_rows >= 2 and first is not None and last is not None and last > first:
             # (n - 1) arrivals happen in the span between the first and the last one
             rate = (self.ts_rows - 1) / (last - first)
-            rate_source = "timestamps"
+            rate_source = RateSource.TIMESTAMPS
             if self.ts_rows < self.rows:
                 warnings.append(f"{self.rows - self.ts_rows} row(s) have no timestamp; the rate counts only the "
                                 f"{self.ts_rows} timestamped rows")
