@@ -1,6 +1,7 @@
 """The fleet lifecycle: bring a plan up, watch it, tear it down — through a `Backend`, recorded in the `Ledger`.
 
-Rules this module keeps:
+It does the reading, writing and waiting (threads, ledger, backend); what to plan, launch, record or tear down is
+decided by the pure rules in `reconcile`, and what it returns is in `reports`. The guarantees it keeps:
 - a replica is written to the ledger (PENDING) before its launch is requested, and every outcome is recorded, so
   an interrupted `up` never leaves a cluster the ledger does not know about;
 - what `up` shows for confirmation (`Preview`) is what it launches: both come from one reconciliation, under the
@@ -41,6 +42,8 @@ Planner = Callable[[PlanRequest], Plan]
 
 @dataclass(frozen=True)
 class UpOptions:
+    """How `up` launches: concurrency, re-plan rounds, and what SkyPilot does with idle clusters."""
+
     parallel: int = DEFAULT_PARALLEL
     max_rounds: int = DEFAULT_MAX_ROUNDS  # launch rounds: the first, plus re-plans after capacity failures
     retry_until_up: bool = False
@@ -66,6 +69,7 @@ class Fleet:
 
     @property
     def _db(self) -> Ledger:
+        """The ledger, for the operations that write (a dry run and a plain `status` may have none)."""
         assert self.ledger is not None, "this operation needs a ledger"
         return self.ledger
 

@@ -124,6 +124,8 @@ def ledger_home() -> Path:
 
 @dataclass(frozen=True)
 class FleetRecord:
+    """A fleet's ledger row: the digest of the config it was planned from and its last plan (JSON)."""
+
     name: str
     config_hash: str
     plan: dict[str, Any]
