@@ -8,7 +8,7 @@ from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState, running_cost
 from melange_sky.solver.result import SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from melange_sky.inputs.profile import ProfileEvent, ProfileResult
+    from melange_sky.inputs.profile_result import ProfileEvent, ProfileResult
     from melange_sky.inputs.trace import WorkloadResult
     from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
     from melange_sky.deploy.plan import Plan

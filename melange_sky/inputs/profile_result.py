@@ -170,14 +170,17 @@ class ProfileResult:
 
     @property
     def not_measured(self) -> list[Cell]:
+        """Cells left out (`--buckets`): a merge keeps the config's previous values there."""
         return [b.cell for b in self.buckets if b.status == BucketStatus.NOT_MEASURED]
 
     @property
     def failed(self) -> list[Cell]:
+        """Cells with no measurement (errors, timeouts): a merge keeps the config's previous values there too."""
         return [b.cell for b in self.buckets if b.status == BucketStatus.FAILED]
 
     @property
     def warnings(self) -> list[str]:
+        """Every bucket's warnings, for the CLI to show once."""
         return [w for b in self.buckets for w in b.warnings]
 
     def check_usable(self, into: str | None = None) -> None:
@@ -194,6 +197,7 @@ class ProfileResult:
         raise ProfileFailed(f"{what}" + (f"; {into} not changed" if into else ""))
 
     def to_dict(self) -> dict[str, Any]:
+        """The full profile as JSON-ready data (`profile --json` / `-o`), without the API key."""
         settings = asdict(self.settings)
         settings.pop("api_key", None)  # never written to a file
         return {"endpoint": self.endpoint, "model": self.model, "tpot_slo_ms": self.tpot_slo_ms,

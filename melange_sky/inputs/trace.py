@@ -93,6 +93,7 @@ class WorkloadResult:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(input buckets, output buckets): the shape every GPU's tputs must have in the config."""
         return len(self.counts), len(self.counts[0])
 
     @property
@@ -102,6 +103,7 @@ class WorkloadResult:
 
     @property
     def duration(self) -> float | None:
+        """Seconds between the first and the last timestamp, the span the measured rate is over; None without."""
         if self.first_timestamp is None or self.last_timestamp is None:
             return None
         return self.last_timestamp - self.first_timestamp
@@ -117,6 +119,7 @@ class WorkloadResult:
         return fragment
 
     def to_dict(self) -> dict[str, Any]:
+        """The full record as JSON-ready data (`workload --json`)."""
         return {
             "source": self.source, "format": self.format, "rows": self.rows, "skipped": self.skipped,
             "skipped_examples": list(self.skipped_examples),
