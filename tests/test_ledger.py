@@ -197,10 +197,12 @@ def test_newer_schema_version_is_refused_not_downgraded(tmp_path):
     assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("future",)]
 
 
-def test_empty_version_0_file_is_migrated_to_the_latest_schema_in_wal_mode(tmp_path):
+def test_a_version_0_database_is_migrated_to_the_latest_schema_in_wal_mode(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    sqlite3.connect(home / "ledger.db").close()  # an existing, empty, version-0 database
+    conn = sqlite3.connect(home / "ledger.db")  # an existing version-0 database: a header, no tables
+    conn.execute("VACUUM")
+    conn.close()
     with Ledger(home) as db:
         assert db.schema_version == len(ledger_mod.MIGRATIONS)
         db.save_fleet("demo", "h", PLAN)
@@ -208,6 +210,28 @@ def test_empty_version_0_file_is_migrated_to_the_latest_schema_in_wal_mode(tmp_p
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"fleets", "replicas", "events"} <= tables
+
+
+def test_an_empty_ledger_file_is_reported_corrupt_not_taken_for_a_new_ledger(tmp_path):
+    # SQLite opens a 0-byte file as a new, empty database: that would forget every fleet it listed (and so every
+    # cluster still billing). A ledger is made whole before it appears, so an empty one is a lost one.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ledger.db").write_bytes(b"")
+    with pytest.raises(LedgerError, match="not a readable SQLite database .*the file is empty"):
+        Ledger(home)
+    assert (home / "ledger.db").read_bytes() == b""  # left alone
+
+
+def test_a_new_ledger_appears_whole_even_when_two_processes_make_it_at_once(tmp_path):
+    home = tmp_path / "home"
+    code = ("import sys; from melange_sky.fleet.ledger import Ledger\n"
+            "with Ledger(sys.argv[1]) as db: db.save_fleet(sys.argv[2], 'h', {})")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(home), f"f{k}"]) for k in range(4)]
+    assert [p.wait(60) for p in procs] == [0, 0, 0, 0]
+    with Ledger(home) as db:
+        assert sorted(f.name for f in db.fleets()) == ["f0", "f1", "f2", "f3"]
+    assert not list(home.glob(".ledger.db.*"))  # no temporary file left
 
 
 def test_migrations_are_applied_in_order_on_an_existing_ledger_keeping_its_data(tmp_path, monkeypatch):
@@ -237,3 +261,28 @@ def test_a_failing_migration_leaves_the_previous_version_intact(tmp_path, monkey
     conn = sqlite3.connect(home / "ledger.db")
     assert conn.execute("PRAGMA user_version").fetchone()[0] == latest
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'extra'").fetchone()[0] == 0
+
+
+def test_a_compare_and_set_fails_on_a_row_that_left_its_state_and_came_back(ledger):
+    # `status --refresh` reads a row, waits on the launcher, then writes its answer. Meanwhile `up` may relaunch
+    # the replica (failed -> pending -> launching -> failed): same state, but a cluster now exists.
+    ledger.save_fleet("demo", "h", PLAN)
+    ledger.add_replica("demo", replica("demo-a10g-0"))
+    ledger.transition("demo-a10g-0", ReplicaState.FAILED, error="boom")
+    seen = ledger.get_replica("demo-a10g-0")
+    for state in (ReplicaState.PENDING, ReplicaState.LAUNCHING, ReplicaState.FAILED):
+        ledger.transition("demo-a10g-0", state)
+    assert ledger.get_replica("demo-a10g-0").state is seen.state
+    assert ledger.transition("demo-a10g-0", ReplicaState.GONE, expect=seen) is None
+    assert ledger.get_replica("demo-a10g-0").state is ReplicaState.FAILED
+    current = ledger.get_replica("demo-a10g-0")
+    assert ledger.transition("demo-a10g-0", ReplicaState.GONE, expect=current).state is ReplicaState.GONE
+
+
+def test_row_versions_never_repeat_even_when_a_gone_row_is_replaced(ledger):
+    ledger.save_fleet("demo", "h", PLAN)
+    ledger.add_replica("demo", replica("demo-a10g-0"))
+    ledger.transition("demo-a10g-0", ReplicaState.GONE)
+    before = ledger.get_replica("demo-a10g-0").version
+    ledger.add_replica("demo", replica("demo-a10g-0"))  # the GONE row is replaced by a new one
+    assert ledger.get_replica("demo-a10g-0").version > before

@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
-from melange_sky.errors import FleetBusy, MelangeError, UnknownFleet
+from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
 from melange_sky.fleet.ledger import Ledger, ReplicaRecord, ReplicaState
@@ -88,14 +88,20 @@ class Fleet:
         return row
 
     def _sync(self, rows: list[ReplicaRecord], refresh: bool, may_write_in_flight: bool) -> list[ClusterInfo]:
-        """Record what the backend says of `rows` (clusters that may exist), by `reconcile.status_transition`. Each
-        write is a compare-and-set against the state read, so a concurrent `up`/`down` is never overwritten; rows
-        whose launch or teardown may be in flight elsewhere (pending, launching, terminating) are only changed when
-        `may_write_in_flight` (the caller holds the fleet's lock)."""
+        """Record what the backend says of `rows` (clusters that may exist), by `reconcile.status_transition`.
+
+        Each write is a compare-and-set against the row's version as read, so a row that changed meanwhile (even
+        one that left its state and came back to it) is never overwritten with an outdated answer. Rows whose
+        launch or teardown may be in flight elsewhere (pending, launching, terminating) are only changed when
+        `may_write_in_flight` (the caller holds the fleet's lock). A cluster is recorded gone only on a refreshed
+        answer: a cached one misses clusters created moments ago, so it is confirmed first."""
         live = [r for r in rows if r.state is not ReplicaState.GONE]
         if not live:
             return []
-        answer = self._launcher.status([r.cluster for r in live], refresh=refresh)
+        answer = self._status([r.cluster for r in live], refresh=refresh)
+        unconfirmed = [c for c, info in answer.items() if info.status is ClusterStatus.GONE and not refresh]
+        if unconfirmed:
+            answer.update(self._status(unconfirmed, refresh=True))
         for row in live:
             info = answer.get(row.cluster)
             if info is None or (row.state.in_flight and not may_write_in_flight):
@@ -105,9 +111,28 @@ class Fleet:
                 endpoint = info.endpoint or row.endpoint or self._endpoint(row)
             change = reconcile.status_transition(row, info.status, endpoint)
             if change is not None:
-                self._db.transition(row.cluster, change.state, message=change.message, expect=row.state,
+                self._db.transition(row.cluster, change.state, message=change.message, expect=row,
                                     **change.changes())
         return list(answer.values())
+
+    def _status(self, clusters: list[str], refresh: bool) -> dict[str, ClusterInfo]:
+        """The backend's status answer; whatever a (third-party) backend raises becomes a BackendError, which every
+        caller handles as "no answer"."""
+        try:
+            return self._launcher.status(clusters, refresh=refresh)
+        except MelangeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a backend's bug must not abort `up` or `down` halfway
+            raise BackendError(f"the launcher's status failed: {type(exc).__name__}: {exc}") from exc
+
+    def _down(self, cluster: str, purge: bool = False) -> bool:
+        """`backend.down`, with anything it raises as a BackendError (see `_status`)."""
+        try:
+            return self._launcher.down(cluster, purge=purge)
+        except MelangeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see `_status`
+            raise BackendError(f"teardown failed: {type(exc).__name__}: {exc}") from exc
 
     def _endpoint(self, row: ReplicaRecord) -> str | None:
         """Ask the backend for the serving endpoint of an up replica whose status answer had none."""
@@ -116,7 +141,7 @@ class Fleet:
             return None
         try:
             return self._launcher.endpoint(row.cluster, port)
-        except MelangeError:
+        except Exception:  # noqa: BLE001 - no endpoint yet: a later `status --refresh` asks again
             return None
 
     def _preview(self, fleet: str, plan: Plan, digest: str | None) -> Preview:
@@ -159,11 +184,15 @@ class Fleet:
         launched); returning False stops there."""
         started = time.monotonic()
         with self._db.lock(fleet):
-            self._sync(self._rows(fleet), refresh=False, may_write_in_flight=True)
+            unsynced = None
+            try:
+                self._sync(self._rows(fleet), refresh=False, may_write_in_flight=True)
+            except MelangeError as exc:  # plan from the ledger's states; relaunching a live cluster reuses it
+                unsynced = f"could not read the launcher's status ({exc}): planned from the ledger's states"
             plan = planner(reconcile.plan_request(self._rows(fleet)))
             preview = self._preview(fleet, plan, config_digest)
             report = UpReport(fleet=fleet, plan=plan, replicas=[], rounds=0, unavailable_offers=[],
-                              notes=list(preview.notes))
+                              notes=list(preview.notes) + ([unsynced] if unsynced else []))
             try:  # only for a note: a fresh plan that ignores what is up (it may not even be feasible)
                 unconstrained = planner(PlanRequest()) if preview.keep else plan
             except MelangeError:
@@ -222,7 +251,7 @@ class Fleet:
         confirms no cluster was left behind (one that was is kept, for `up` or `down` to remove)."""
         dropped = [c for c in clusters if c not in keep]
         try:
-            live = self._launcher.status(dropped, refresh=False) if dropped else {}
+            live = self._status(dropped, refresh=True) if dropped else {}
         except MelangeError:  # unconfirmed: the rows stay unavailable, and `up`/`down` deal with them later
             return
         for cluster in dropped:
@@ -234,7 +263,7 @@ class Fleet:
         replicas that are up are kept (they serve) and reported."""
         for row in reconcile.leftovers(self._rows(report.fleet), report.plan):
             try:
-                torn = self._launcher.down(row.cluster)
+                torn = self._down(row.cluster)
             except MelangeError as exc:
                 report.notes.append(f"{row.cluster} is not in the plan and could not be torn down: {exc}")
                 continue
@@ -292,7 +321,7 @@ class Fleet:
             while not all(f.done() for f in futures):
                 try:
                     self._launcher.cancel(clusters)
-                except MelangeError:
+                except Exception:  # noqa: BLE001 - the next poll cancels again; the workers' outcomes count
                     pass
                 wait(list(futures), timeout=CANCEL_POLL_S)
         finally:
@@ -315,7 +344,7 @@ class Fleet:
         unsure = [c for c in clusters
                   if (row := self._db.get_replica(c)) is not None and row.state.cluster_uncertain]
         try:
-            live = self._launcher.status(unsure) if unsure else {}
+            live = self._status(unsure, refresh=True) if unsure else {}
         except MelangeError:
             live = {}
         for cluster in unsure:
@@ -402,11 +431,9 @@ class Fleet:
             self.on_event(ReplicaEvent(row.cluster, row.gpu, ReplicaState.TERMINATING, 0.0))
             started = time.monotonic()
             try:
-                torn = self._launcher.down(row.cluster, purge=purge)
-            except MelangeError as exc:
+                torn = self._down(row.cluster, purge=purge)
+            except MelangeError as exc:  # recorded, and retried by the next `down`
                 reason = str(exc)
-            except Exception as exc:  # noqa: BLE001 - recorded, and retried by the next `down`
-                reason = f"{type(exc).__name__}: {exc}"
             else:
                 self._db.transition(row.cluster, ReplicaState.GONE, endpoint=None,
                                     message="torn down" if torn else "already gone")

@@ -173,6 +173,9 @@ class ReplicaRecord:
     last_error: str | None
     created: float
     updated: float
+    #: The id of the row's latest history event: it grows with every write, and never repeats (not even when a
+    #: GONE row is replaced), so a writer that does not hold the fleet's lock can compare-and-set on it.
+    version: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The row as `--json` prints it (no task: it is in the plan)."""
@@ -273,6 +276,10 @@ class Ledger:
                            f"clusters it had launched are still listed by `sky status`")
 
     def _open(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            self._create()
+        elif self.path.stat().st_size == 0:  # SQLite would take it for a new database: it never is one (`_create`)
+            raise self._corrupt(sqlite3.DatabaseError("the file is empty"))
         try:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                    check_same_thread=False)
@@ -293,6 +300,28 @@ class Ledger:
             conn.close()
             raise
         return conn
+
+    def _create(self) -> None:
+        """Make a new ledger in a temporary file and link it into place once it is whole, so a ledger file that
+        exists is never legitimately empty or half made (an empty one is a lost ledger, not a new one)."""
+        tmp = self.home / f".{DB_NAME}.{os.getpid()}.{threading.get_ident()}.new"
+        tmp.unlink(missing_ok=True)
+        try:
+            conn = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                self._migrate(conn)
+            finally:
+                conn.close()
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:  # another process made it first: use theirs
+                pass
+        except (OSError, sqlite3.Error) as exc:
+            raise LedgerError(f"cannot create the ledger {self.path}: {exc}; set {HOME_ENV_VAR} to a writable "
+                              f"directory") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _check_version(self, version: int) -> None:
         if version > len(MIGRATIONS):
@@ -431,16 +460,18 @@ class Ledger:
         return self._replica_or_raise(replica.cluster)
 
     def transition(self, cluster: str, state: ReplicaState, *, message: str = "", endpoint: Any = _UNSET,
-                   error: Any = _UNSET, expect: ReplicaState | None = None) -> ReplicaRecord | None:
+                   error: Any = _UNSET, expect: ReplicaRecord | None = None) -> ReplicaRecord | None:
         """Move a replica to `state`, recording the change in history. `endpoint` / `error` are updated when given
-        (None clears them). Raises LedgerError if the replica is not in the ledger. With `expect` (a compare-and-set
-        for writers that do not hold the fleet's lock), nothing is written and None is returned unless the replica
-        is still in that state."""
+        (None clears them). Raises LedgerError if the replica is not in the ledger. With `expect`, the row as the
+        caller read it (a compare-and-set for writers that do not hold the fleet's lock), nothing is written and
+        None is returned unless the row is still that version: not merely in the same state, which a row can leave
+        and come back to (failed -> pending -> launching -> failed) while the caller waited on the launcher."""
         state = ReplicaState(state)
         now = time.time()
         with self._tx() as conn:
-            row = conn.execute("SELECT fleet, state FROM replicas WHERE cluster = ?", (cluster,)).fetchone()
-            if expect is not None and (row is None or row[1] != ReplicaState(expect).value):
+            row = conn.execute(f"SELECT fleet, state, {_VERSION} FROM replicas WHERE cluster = ?",
+                               (cluster,)).fetchone()
+            if expect is not None and (row is None or row[2] != expect.version):
                 return None
             if row is None:
                 raise LedgerError(f"replica {cluster} is not in the ledger {self.path}")
@@ -490,13 +521,13 @@ class Ledger:
         return (Path(home) if home is not None else ledger_home()).joinpath(DB_NAME).exists()
 
     def get_replica(self, cluster: str) -> ReplicaRecord | None:
-        rows = self._query("SELECT * FROM replicas WHERE cluster = ?", (cluster,))
+        rows = self._query(f"{_REPLICAS} WHERE cluster = ?", (cluster,))
         return _replica(rows[0]) if rows else None
 
     def replicas(self, fleet: str | None = None,
                  states: Iterable[ReplicaState] | None = None) -> list[ReplicaRecord]:
         """Replicas of one fleet (or all), optionally only in the given states, ordered by fleet then name."""
-        sql, params = "SELECT * FROM replicas WHERE 1 = 1", []
+        sql, params = f"{_REPLICAS} WHERE 1 = 1", []
         if fleet is not None:
             sql += " AND fleet = ?"
             params.append(fleet)
@@ -547,10 +578,16 @@ def _fleet(row: sqlite3.Row) -> FleetRecord:
     return FleetRecord(row["name"], row["config_hash"], json.loads(row["plan"]), row["created"], row["updated"])
 
 
+#: A replica's version: its latest history event's id (events are never deleted while a row exists).
+_VERSION = "(SELECT COALESCE(MAX(id), 0) FROM events WHERE events.cluster = replicas.cluster) AS version"
+_REPLICAS = f"SELECT *, {_VERSION} FROM replicas"
+
+
 def _replica(row: sqlite3.Row) -> ReplicaRecord:
     return ReplicaRecord(
         cluster=row["cluster"], fleet=row["fleet"], gpu=row["gpu"], offer=row["offer"], cloud=row["cloud"],
         region=row["region"], instance_type=row["instance_type"], use_spot=bool(row["use_spot"]),
         price_per_hour=row["price_per_hour"], round=row["round"],
         task=json.loads(row["task"]) if row["task"] is not None else None, state=ReplicaState(row["state"]),
-        endpoint=row["endpoint"], last_error=row["last_error"], created=row["created"], updated=row["updated"])
+        endpoint=row["endpoint"], last_error=row["last_error"], created=row["created"], updated=row["updated"],
+        version=row["version"])
