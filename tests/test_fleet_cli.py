@@ -264,6 +264,38 @@ def test_interrupt_mid_launch_leaves_every_replica_in_the_ledger_and_up_resumes(
     assert ledger_rows(env) == {c: ReplicaState.UP for c in PLANNED} and sorted(fake.clusters()) == PLANNED
 
 
+def test_a_ctrl_c_landing_inside_the_launch_wait_is_taken_at_a_safe_point(fleet_env, tmp_path):
+    # A KeyboardInterrupt raised inside concurrent.futures.wait (while it holds the futures' locks) could leave a
+    # lock held, so no launch could ever finish and `up` would hang after Ctrl-C. While launches run, a Ctrl-C only
+    # sets a flag that the wait loop checks. Here the signal is delivered inside the wait itself.
+    fake, env = fleet_env
+    fake.configure(latency={"launch": 30.0})
+    probe = tmp_path / "raised-inside-wait"
+    code = f"""
+import os, signal, sys, time
+import melange_sky.fleet.fleet as fleet_module
+real_wait = fleet_module.wait
+def wait(*args, **kwargs):
+    fleet_module.wait = real_wait
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)
+    except KeyboardInterrupt:
+        open({str(probe)!r}, "w").close()
+        raise
+    return real_wait(*args, **kwargs)
+fleet_module.wait = wait
+sys.argv = ["melange-sky", "up", {EXAMPLE!r}, "-y", "--parallel", "2"]
+from melange_sky.__main__ import run
+run()
+"""
+    full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert not probe.exists() and "Traceback" not in done.stderr
+    assert sorted(ledger_rows(env)) == PLANNED
+
+
 def test_a_second_concurrent_up_on_the_same_fleet_is_refused(fleet_env):
     fake, env = fleet_env
     fake.configure(latency={"launch": 3.0})
