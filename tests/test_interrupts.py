@@ -1,8 +1,12 @@
 """A Ctrl-C is exit code 130 wherever it lands (README: exit codes): never a traceback, never another error."""
 from __future__ import annotations
 
+import os
+import pty
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +80,35 @@ run()
     assert done.returncode == 130, done.stderr
     assert "HiGHS" not in done.stderr and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "Interrupted."
+
+
+def test_ctrl_c_at_the_confirmation_prompt_is_an_interruption_and_launches_nothing(tmp_path):
+    env = {**os.environ, "MELANGE_SKY_HOME": str(tmp_path / "home"), "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend",
+           "MELANGE_SKY_FAKE_STATE": str(tmp_path / "fake.json"), "HF_TOKEN": "hf_test",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    master, slave = pty.openpty()  # a terminal, so `up` asks instead of refusing
+    proc = subprocess.Popen([sys.executable, "-m", "melange_sky", "up", EXAMPLE_PATH], stdin=slave, stdout=slave,
+                            stderr=slave, env=env, cwd=tmp_path)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120
+    while b"[y/N]" not in seen and time.monotonic() < deadline:
+        try:
+            seen += os.read(master, 4096)
+        except OSError:
+            break
+    assert b"[y/N]" in seen, seen.decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    rest = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        rest += chunk
+    os.close(master)
+    assert b"Interrupted." in rest and b"Traceback" not in rest
+    assert not (tmp_path / "fake.json").exists() or b'"launch"' not in (tmp_path / "fake.json").read_bytes()
