@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 import tracemalloc
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -113,7 +113,7 @@ def test_rate_is_measured_from_epoch_timestamps(tmp_path):
 
 
 def test_rate_is_measured_from_iso_timestamps_with_and_without_zone(tmp_path):
-    start = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+    start = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     stamps = [(start + timedelta(seconds=4 * k)) for k in range(11)]  # 10 gaps over 40 s
     texts = [s.isoformat().replace("+00:00", "Z") if k % 3 == 0 else
              s.astimezone(timezone(timedelta(hours=2))).isoformat() if k % 3 == 1 else
