@@ -2,7 +2,7 @@
 was measured, the GPU's `tputs` matrix, progress events, and `merge_profile` (`profile --into CONFIG`).
 
 Plain records (no I/O, no asyncio): the rate search in `melange_sky.inputs.profile` fills them, the CLI prints and
-writes them, and a later reader (a fleet controller re-profiling a GPU) can load them without the HTTP client.
+writes them, and code that only reads or merges a profile does not pull in the HTTP client.
 """
 from __future__ import annotations
 
@@ -230,7 +230,6 @@ class ProfileEvent:
 ProgressCallback = Callable[[ProfileEvent], None]
 
 
-
 # ---- merging into a config -----------------------------------------------------------------------------------------
 def config_edges(config: dict[str, Any], input_edges: Sequence[int] | None, output_edges: Sequence[int] | None,
                  source: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -250,7 +249,7 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
                   source: str = "<config>", price: Pricer | None = None) -> MergeResult:
     """`config` with `gpu`'s tputs set from `result` (gpu_info as a dict or a list); a new GPU entry if needed.
 
-    `gpu` matches an entry case-insensitively and through the catalog's aliases ("a10g" is "A10G"). Buckets not
+    `gpu` matches an entry case-insensitively and through the GPU aliases of `core.gpus` ("a10g" is "A10G"). Buckets not
     measured, and buckets that failed (errors, timeouts: no measurement), keep the GPU's previous value when it had
     a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0. `price` prices a GPU
     added without `cost` (see `core.config.Pricer`); without one the merge warns that the GPU needs a cost.
