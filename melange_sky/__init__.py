@@ -24,7 +24,8 @@ _PUBLIC = {
     "fleet.ledger": ("Ledger", "ReplicaState"),
     "deploy.offers": ("BoundConfig", "bind_offers", "load_config", "parse_config"),  # costs priced from the catalog
     "deploy.plan": ("Plan", "PlanRequest", "PlanSettings", "ReplicaPlan", "build_plan", "make_plan", "write_plan"),
-    "inputs.profile": ("ProfileResult", "ProfileSettings", "profile_endpoint"),
+    "inputs.profile": ("profile_endpoint",),
+    "inputs.profile_result": ("ProfileResult", "ProfileSettings"),
     "solver.model": ("SolverOptions",),
     "solver.result": ("SolveResult", "solve"),
     "inputs.trace": ("WorkloadResult", "read_trace"),

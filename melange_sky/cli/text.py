@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState, running_cost
 from melange_sky.solver.result import SolveResult
@@ -29,12 +30,12 @@ def format_solve(result: SolveResult) -> str:
     lines += ["", "Single-GPU-type fleets:"]
     best = result.best_baseline
     for b in result.baselines:
-        if b.cost is None:
+        if b.cost is None or not b.count:
             lines.append(f"  {b.gpu:<{width}}  cannot serve alone: {b.reason}")
         else:
             mark = "  <- cheapest" if best is not None and b.gpu == best.gpu else ""
             lines.append(f"  {b.gpu:<{width}}  {b.count:>5} x ${b.cost / b.count:.2f} = ${b.cost:.2f}/h{mark}")
-    if best is None:
+    if best is None or best.cost is None or result.saving is None:
         lines.append("No single GPU type can serve this workload alone: the mix is the only fleet.")
     elif result.saving > 1e-9:
         lines.append(f"The mix saves ${result.saving:.2f}/h ({100 * result.saving / best.cost:.1f}%) against "
@@ -86,7 +87,7 @@ def _ranges(edges: tuple[int, ...]) -> list[str]:
     return [f"{edges[k]}-{edges[k + 1]}" for k in range(len(edges) - 1)]
 
 
-def format_workload(result: "WorkloadResult") -> str:
+def format_workload(result: WorkloadResult) -> str:
     """The `melange-sky workload` report: what was read, the histogram in %, the rate, and the keys to paste."""
     lines = [f"{result.rows:,} requests from {result.source} ({result.format})"
              + (f", {result.skipped:,} broken rows skipped" if result.skipped else "")]
@@ -118,7 +119,7 @@ def _num(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_profile(result: "ProfileResult") -> str:
+def format_profile(result: ProfileResult) -> str:
     """The `melange-sky profile` report: one line per measured bucket, then the tputs matrix to paste."""
     lines = [f"Profile of {result.model} at {result.endpoint}: mean TPOT SLO {result.tpot_slo_ms:g} ms, "
              f"{result.seconds:.0f} s", ""]
@@ -135,8 +136,8 @@ def format_profile(result: "ProfileResult") -> str:
         passed_at = f"{best.rate:.3g}" if best else "-"
         status = b.status if b.status == "ok" else f"{b.status}: {b.message}"
         lines.append(f"  {b.cell[0]}:{b.cell[1]:<5} {f'{b.input_range[0]}-{b.input_range[1]}':>11} "
-                     f"{f'{b.output_range[0]}-{b.output_range[1]}':>11} {b.tput:>8.3g}  {passed_at:>9} {tpot:>7} {ttft:>17} "
-                     f"{latency:>19}  {status}")
+                     f"{f'{b.output_range[0]}-{b.output_range[1]}':>11} {b.tput:>8.3g}  {passed_at:>9} {tpot:>7} "
+                     f"{ttft:>17} {latency:>19}  {status}")
     lines.append("  (input/output: bucket ranges in tokens, profiled at their midpoint unless --size upper; req/s: "
                  "the estimate in tputs; TPOT/TTFT/latency: measured at the highest rate that passed)")
     skipped = result.not_measured
@@ -147,7 +148,7 @@ def format_profile(result: "ProfileResult") -> str:
     return "\n".join(lines)
 
 
-def format_profile_event(event: "ProfileEvent") -> str | None:
+def format_profile_event(event: ProfileEvent) -> str | None:
     """One progress line for a live display of `profile`."""
     where = (f"[{event.index}/{event.total}] bucket {event.cell[0]}:{event.cell[1]} "
              f"({event.prompt_tokens} in / {event.output_tokens} out tokens)")
@@ -171,7 +172,7 @@ _MARKS = {ReplicaState.UP: "✓", ReplicaState.FAILED: "⨯", ReplicaState.UNAVA
           ReplicaState.STOPPED: "■"}
 
 
-def format_plan(plan: "Plan") -> str:
+def format_plan(plan: Plan) -> str:
     """The `melange-sky plan` report: one line per replica with its offer and price, then the total."""
     lines = [f"Plan for fleet {plan.fleet}: {len(plan.replicas)} replicas, template {plan.template}, "
              f"model {plan.deployment.model}", ""]
@@ -182,11 +183,11 @@ def format_plan(plan: "Plan") -> str:
     return "\n".join(lines)
 
 
-def _plan_totals(plan: "Plan") -> list[str]:
+def _plan_totals(plan: Plan) -> list[str]:
     """The plan's $/h, where it runs, and what it saves (or what another formulation would)."""
     lines = [f"Total ${plan.cost:.2f}/h across {', '.join(plan.clouds) or 'any cloud'}."]
     best = plan.result.best_baseline
-    if best is not None and plan.result.saving is not None and plan.result.saving > 1e-9:
+    if best is not None and best.cost and plan.result.saving is not None and plan.result.saving > 1e-9:
         lines.append(f"Saves ${plan.result.saving:.2f}/h ({100 * plan.result.saving / best.cost:.1f}%) against "
                      f"{best.count} x {best.gpu} alone.")
     alt = plan.result.alternative
@@ -307,7 +308,7 @@ def _replica_table(replicas: list[ReplicaRecord]) -> list[str]:
     return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "last error"), rows)
 
 
-def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int] = frozenset(),
+def _table(headers: tuple[str, ...], rows: Sequence[Sequence[object]], right: Collection[int] = frozenset(),
            indent: str = "  ") -> list[str]:
     """Aligned text columns (those in `right` right-aligned, for numbers), one line per row, header first."""
     widths = [max([len(h)] + [len(str(row[k])) for row in rows]) for k, h in enumerate(headers)]

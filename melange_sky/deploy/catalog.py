@@ -21,7 +21,8 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
+from collections.abc import Iterable, Iterator
 
 from melange_sky.core.gpus import canonical_gpu, did_you_mean
 from melange_sky.errors import CatalogError
@@ -42,7 +43,7 @@ PREFERRED_OFFERS = {
 
 # GCP attaches GPUs to a host VM: these GPUs need their own machine family (count -> machine types), others go
 # on N1 machines with enough vCPUs and >= 4 GB of memory per vCPU (SkyPilot's gcp_catalog rules, 0.14).
-_GCP_HOSTS = {
+_GCP_HOSTS: dict[str, dict[int, tuple[str, ...]]] = {
     "A100": {1: ("a2-highgpu-1g",), 2: ("a2-highgpu-2g",), 4: ("a2-highgpu-4g",), 8: ("a2-highgpu-8g",),
              16: ("a2-megagpu-16g",)},
     "A100-80GB": {1: ("a2-ultragpu-1g",), 2: ("a2-ultragpu-2g",), 4: ("a2-ultragpu-4g",), 8: ("a2-ultragpu-8g",)},
