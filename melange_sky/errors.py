@@ -153,3 +153,10 @@ class ProfileFailed(ProfileError):
     """No bucket could be measured: nothing worth writing into a config."""
 
     exit_code = 1
+
+
+class ServeError(MelangeError):
+    """The router cannot start as asked: a config without usable bucket edges, a bad --replica, a fleet without a
+    plan, a public --host without an API key, a routes document that does not validate."""
+
+    exit_code = 2

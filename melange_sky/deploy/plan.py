@@ -27,7 +27,14 @@ from melange_sky.solver.result import SolveResult, solve
 DEFAULT_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 DEFAULT_PORT = 8000
 DEFAULT_SECRETS = ("HF_TOKEN",)
-DEPLOYMENT_KEYS = ("template", "model", "port", "envs", "secrets", "version", "extra_args", "readiness_path")
+#: The secret holding the key replicas admit (`deployment.api_key_secret: true` names this one): the router's key
+#: by default (`melange-sky serve` sends MELANGE_SKY_API_KEY to replicas unless MELANGE_SKY_UPSTREAM_API_KEY is set).
+DEFAULT_API_KEY_SECRET = "MELANGE_SKY_API_KEY"
+#: The engine version a builtin template installs when `deployment.version` is absent: the version you profile is
+#: the version you deploy. `"version": null` installs the latest instead.
+DEFAULT_ENGINE_VERSIONS = {"vllm": "0.33.0", "sglang": "0.5.23"}
+DEPLOYMENT_KEYS = ("template", "model", "port", "envs", "secrets", "version", "extra_args", "readiness_path",
+                   "api_key_secret")
 #: SkyPilot's cluster-name pattern (checked server-side, sky/utils/common_utils.py).
 CLUSTER_NAME_RE = re.compile(r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")
 #: Longest cluster name we generate; SkyPilot itself truncates on-cloud names per cloud (GCP: 35) with a hash.
@@ -54,6 +61,8 @@ class Deployment:
     extra_args: tuple[str, ...] = ()
     readiness_path: str = "/health"
     extra: dict[str, Any] = field(default_factory=dict)  # other keys, passed to custom templates as `deployment`
+    #: The secret (also in `secrets`) whose value the engine requires as its API key; None: the engine admits anyone.
+    api_key_secret: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,9 @@ class Plan:
     template: str
     replicas: list[ReplicaPlan]
     offers: dict[str, dict[str, Any]] = field(default_factory=dict)  # column name -> offer record (catalog)
+    #: What a router needs beyond the solve (`melange-sky serve FLEET`): bucket edges, the workload histogram, each
+    #: column's tputs and GPU entry. See `router_record`.
+    router: dict[str, Any] = field(default_factory=dict)
 
     @property
     def cost(self) -> float:
@@ -111,7 +123,7 @@ class Plan:
                 "port": self.deployment.port, "secrets": list(self.deployment.secrets),
                 "cost": round(self.cost, 6), "clouds": self.clouds,
                 "replicas": [r.summary() for r in self.replicas], "offers": self.offers,
-                "solve": self.result.to_dict()}
+                "solve": self.result.to_dict(), "router": self.router}
 
 
 @dataclass(frozen=True)
@@ -213,16 +225,35 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
     readiness = string("readiness_path", "/health")
     if not readiness.startswith("/"):
         raise fail("readiness_path", f"must start with '/', got {readiness!r}")
-    version = raw.get("version")
+    chosen_template = template or string("template", "vllm")
+    # Absent: a builtin template's pinned engine version; null: the latest; a string: that version.
+    if "version" in raw:
+        version = None if raw["version"] is None else string("version", "")
+    else:
+        version = DEFAULT_ENGINE_VERSIONS.get(chosen_template)
     if version is not None:
-        version = string("version", "")
         if not VERSION_RE.match(version):
             raise fail("version", f"must be a package version such as \"0.6.3\" (it goes into the setup command), "
                                   f"got {version!r}")
-    return Deployment(template=template or string("template", "vllm"), model=string("model", DEFAULT_MODEL),
+    api_key_secret = raw.get("api_key_secret")
+    if api_key_secret is True:
+        api_key_secret = DEFAULT_API_KEY_SECRET
+    elif api_key_secret is False:
+        api_key_secret = None
+    if api_key_secret is not None and not (isinstance(api_key_secret, str) and ENV_NAME_RE.match(api_key_secret)):
+        raise fail("api_key_secret", f"must be true or an environment variable name such as "
+                                     f"\"{DEFAULT_API_KEY_SECRET}\" (the secret holding the replicas' API key), got "
+                                     f"{api_key_secret!r}")
+    if api_key_secret in clean_envs:
+        raise fail(f"envs.{api_key_secret}", "is deployment.api_key_secret: a secret's value must come from your "
+                                             "environment at launch time, never from the config file")
+    if api_key_secret and api_key_secret not in secrets:
+        secrets = [*secrets, api_key_secret]  # passed like every secret: named in the task, value from the env
+    return Deployment(template=chosen_template, model=string("model", DEFAULT_MODEL),
                       port=port, envs=clean_envs, secrets=tuple(secrets), version=version,
                       extra_args=tuple(str(a) for a in extra_args), readiness_path=readiness,
-                      extra={k: v for k, v in raw.items() if k not in DEPLOYMENT_KEYS})
+                      extra={k: v for k, v in raw.items() if k not in DEPLOYMENT_KEYS},
+                      api_key_secret=api_key_secret)
 
 
 def make_plan(config: Config, result: SolveResult, deployment: Deployment | None = None,
@@ -251,7 +282,18 @@ def make_plan(config: Config, result: SolveResult, deployment: Deployment | None
                 used.add(cluster)
             replicas.append(_replica(config.name, gpu, cluster, position, files[gpu.name], deployment, template))
     return Plan(fleet=config.name, result=result, deployment=deployment, template=deployment.template,
-                replicas=replicas, offers=dict(offers or {}))
+                replicas=replicas, offers=dict(offers or {}), router=router_record(config))
+
+
+def router_record(config: Config) -> dict[str, Any]:
+    """What `melange-sky serve FLEET` reads from a stored plan besides the solve: the config's bucket edges (None
+    where it has none: Mélange's defaults then), its workload histogram, and per solver column its tputs and GPU
+    entry (a ledger row names the entry; `--per-offer` columns are offers of it)."""
+    return {"input_buckets": None if config.input_buckets is None else list(config.input_buckets),
+            "output_buckets": None if config.output_buckets is None else list(config.output_buckets),
+            "workload_distribution": [list(row) for row in config.workload_distribution],
+            "tputs": {g.name: [list(row) for row in g.tputs] for g in config.gpus},
+            "entries": {g.name: g.entry or g.name for g in config.gpus}}
 
 
 def cluster_name(fleet: str, gpu: str, index: int) -> str:
@@ -298,6 +340,7 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
         "use_spot": gpu.use_spot, "price": gpu.cost, "model": deployment.model, "port": deployment.port,
         "envs": deployment.envs, "secrets": list(deployment.secrets), "version": deployment.version,
         "extra_args": list(deployment.extra_args), "readiness_path": deployment.readiness_path,
+        "api_key_secret": deployment.api_key_secret,
         "deployment": {**deployment.extra, "model": deployment.model, "port": deployment.port},
     }
     text, task = render(template, context)

@@ -1,0 +1,100 @@
+"""The router's Prometheus metrics (`GET /metrics`), all named `melange_*`, in a registry of its own per router.
+
+Counted on the data path: requests by bucket, GPU type and status; upstream errors by replica and kind; retries;
+spills; the router's added latency; estimated and reported prompt tokens. Read at scrape time from the router's
+state (so nothing is updated per request): requests in flight per replica, whether each replica takes traffic, and
+the prompt-token correction factor per endpoint.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics,
+                               generate_latest)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+#: Added latency is the router's own time: microseconds to a few milliseconds.
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+
+class _Live(Collector):
+    """Gauges read from the router when scraped."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]):
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self.state()
+        in_flight = GaugeMetricFamily("melange_in_flight", "Requests in flight per replica", labels=["replica", "gpu"])
+        up = GaugeMetricFamily("melange_replica_up", "1 if the replica takes traffic, 0 while ejected",
+                               labels=["replica", "gpu"])
+        for replica in state["replicas"]:
+            in_flight.add_metric([replica.name, replica.gpu], replica.in_flight)
+            up.add_metric([replica.name, replica.gpu], 0 if replica.ejected else 1)
+        correction = GaugeMetricFamily("melange_prompt_token_correction", "Factor applied to chars/4 (or the "
+                                       "tokenizer's count) to estimate prompt tokens, learnt from reported usage",
+                                       labels=["endpoint"])
+        for kind, value in state["corrections"].items():
+            correction.add_metric([str(kind)], value)
+        draining = GaugeMetricFamily("melange_draining", "1 while the router drains before exiting")
+        draining.add_metric([], 1 if state["draining"] else 0)
+        yield from (in_flight, up, correction, draining)
+
+
+class Metrics:
+    """One router's metrics. Label children are cached: `.labels()` is the slow part of a counter."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]):
+        disable_created_metrics()  # no `*_created` series: half the text, and nothing a dashboard of this uses
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self._requests = Counter("melange_requests", "Requests answered, by bucket (I:J, or I:* without max_tokens),"
+                                 " GPU type that served it and status (HTTP code; stream_error: a stream cut after it "
+                                 "began; 499: the client went away)", ["bucket", "gpu", "status"], registry=r)
+        self._errors = Counter("melange_upstream_errors", "Failed upstream attempts by replica and kind (connect, "
+                               "disconnect, timeout, status_5xx, stream_cut, empty)", ["replica", "gpu", "kind"],
+                               registry=r)
+        self._retries = Counter("melange_retries", "Requests sent again to another replica after a failure before "
+                                "any byte reached the client, by the GPU type that failed", ["gpu"], registry=r)
+        self._spills = Counter("melange_spills", "Requests served by another GPU type than the plan's round-robin "
+                               "would pick, because a planned type had no available replica", ["bucket", "gpu"],
+                               registry=r)
+        self.added_latency = Histogram("melange_added_latency_seconds", "The router's own time per request "
+                                       "(parse, route, relay), upstream time excluded", buckets=LATENCY_BUCKETS,
+                                       registry=r)
+        self._estimated = Counter("melange_prompt_tokens_estimated", "Prompt tokens as estimated for routing, over "
+                                  "requests whose answer reported usage", ["endpoint"], registry=r)
+        self._reported = Counter("melange_prompt_tokens_reported", "Prompt tokens the replicas reported "
+                                 "(usage.prompt_tokens)", ["endpoint"], registry=r)
+        r.register(_Live(state))
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request(self, bucket: str, gpu: str, status: int | str) -> None:
+        self._child(self._requests, bucket, gpu, str(status)).inc()
+
+    def upstream_error(self, replica: str, gpu: str, kind: str) -> None:
+        self._child(self._errors, replica, gpu, kind).inc()
+
+    def retry(self, gpu: str) -> None:
+        self._child(self._retries, gpu).inc()
+
+    def spill(self, bucket: str, gpu: str) -> None:
+        self._child(self._spills, bucket, gpu).inc()
+
+    def prompt_tokens(self, endpoint: str, estimated: float, reported: int) -> None:
+        self._child(self._estimated, endpoint).inc(estimated)
+        self._child(self._reported, endpoint).inc(reported)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

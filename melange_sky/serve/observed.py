@@ -1,0 +1,94 @@
+"""The workload the router actually sees: requests per bucket over a sliding window, and the arrival rate.
+
+Requests are counted by their *reported* sizes (`usage.prompt_tokens` / `usage.completion_tokens` of the answer),
+bucketed with the plan's edges by `core.buckets` (lengths past the edges go to the nearest bucket, as `workload`
+counts a trace). A stream that carries no usage (a client that did not ask for `stream_options.include_usage`) is
+counted by the router's corrected input estimate and the number of streamed events (about one token each in vLLM
+and SGLang); `usage_source` says how many of each. Arrivals count every request the router accepted, answered or
+not, so `total_request_rate` is the offered load.
+
+The window is a ring of time slots (1/60 of the window each): memory is fixed, old slots expire as time passes.
+`to_dict()` is `GET /workload`: the config's keys (`workload_distribution`, `total_request_rate`, `input_buckets`,
+`output_buckets`) plus `window_s`, `span_s`, `counts` and `requests`, so `melange-sky workload --from URL` can turn
+it into config keys for a re-plan.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from melange_sky.core.buckets import Bucketer
+
+SLOTS = 60
+
+__all__ = ["ObservedWorkload"]
+
+
+class _Slot:
+    __slots__ = ("arrivals", "counts", "estimated", "index", "reported")
+
+    def __init__(self, index: int, cells: int):
+        self.index = index
+        self.arrivals = 0
+        self.reported = 0
+        self.estimated = 0
+        self.counts = [0] * cells
+
+
+class ObservedWorkload:
+    """Counts per bucket and arrivals over the last `window_s` seconds."""
+
+    def __init__(self, input_edges: tuple[int, ...], output_edges: tuple[int, ...], window_s: float = 3600.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.input_edges, self.output_edges = input_edges, output_edges
+        self.inputs, self.outputs = Bucketer(input_edges), Bucketer(output_edges)
+        self.cols = len(output_edges) - 1
+        self.cells = (len(input_edges) - 1) * self.cols
+        self.window_s = window_s
+        self.slot_s = window_s / SLOTS
+        self.clock = clock
+        self.started = clock()
+        self.slots: list[_Slot | None] = [None] * SLOTS
+
+    def _slot(self) -> _Slot:
+        index = int((self.clock() - self.started) / self.slot_s)
+        position = index % SLOTS
+        slot = self.slots[position]
+        if slot is None or slot.index != index:
+            slot = self.slots[position] = _Slot(index, self.cells)
+        return slot
+
+    def arrival(self) -> None:
+        self._slot().arrivals += 1
+
+    def record(self, input_tokens: int, output_tokens: int, reported: bool) -> None:
+        slot = self._slot()
+        slot.counts[self.inputs.index(input_tokens) * self.cols + self.outputs.index(output_tokens)] += 1
+        if reported:
+            slot.reported += 1
+        else:
+            slot.estimated += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        now = self.clock()
+        current = int((now - self.started) / self.slot_s)
+        live = [s for s in self.slots if s is not None and current - s.index < SLOTS]
+        counts = [0] * self.cells
+        for slot in live:
+            for k, n in enumerate(slot.counts):
+                if n:
+                    counts[k] += n
+        requests = sum(counts)
+        arrivals = sum(s.arrivals for s in live)
+        # The span the live slots cover: from the start of the oldest one (or the router's start) to now.
+        span = (now - self.started) - max(current - SLOTS + 1, 0) * self.slot_s
+        rows = [counts[i * self.cols:(i + 1) * self.cols] for i in range(len(self.input_edges) - 1)]
+        return {
+            "workload_distribution": [[round(c / requests, 6) if requests else 0.0 for c in row] for row in rows],
+            "total_request_rate": round(arrivals / span, 6) if span > 0 else 0.0,
+            "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
+            "window_s": self.window_s, "span_s": round(span, 3), "counts": rows, "requests": requests,
+            "arrivals": arrivals,
+            "usage_source": {"reported": sum(s.reported for s in live), "estimated": sum(s.estimated for s in live)},
+        }

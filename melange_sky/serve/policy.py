@@ -1,0 +1,296 @@
+"""Which replica serves a request: the routing policy, apart from the data path, so it is tested without a socket.
+
+The size-aware policy (`size`, the default) does what the plan assumes:
+
+1. **Bucket**: the request's input tokens (`tokens.Sizer`) and its `max_tokens` pick a bucket with the bucket rules
+   of `core.buckets` (lengths past the edges go to the nearest bucket, as `workload` counts them). Without an output
+   length the request is routed by its input *row*: each GPU type's share is the plan's shares in that row weighted
+   by the histogram's output distribution for the row.
+2. **GPU type**: smooth weighted round-robin over the bucket's shares (nginx's algorithm: every pick adds each
+   type's weight to its running score, the highest score wins and pays back the total), so the realised split
+   follows the plan request by request, even at low rates. Only types with a replica that can take a request take
+   part; when the chosen type has none, its share goes to the others in proportion to theirs (a spill).
+3. **Spill beyond the plan**: when no type with a share is available, types that can serve the bucket (tputs > 0)
+   take it in proportion to their planned capacity for it. When none can, the request is refused with the reason.
+4. **Replica**: the one of the type with the fewest requests in flight; ties broken at random.
+
+Replica health (ejection with exponential backoff, re-admission after a good probe) is plain state on `Replica`,
+changed by the data path; the policy only reads it.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from melange_sky.core.buckets import Bucketer
+from melange_sky.core.config import Bucket
+from melange_sky.serve.routes import Routes
+from melange_sky.serve.tokens import Kind, Sizer, output_tokens
+
+#: Connection-level failures that are not a refused connection (a reset, a timeout, a 5xx) eject a replica only
+#: after this many in a row: one stale keep-alive connection is no reason to stop sending to a server.
+SOFT_FAILURES_TO_EJECT = 2
+DEFAULT_EJECT_BASE_S = 1.0
+DEFAULT_EJECT_MAX_S = 60.0
+
+__all__ = ["Choice", "Lane", "NoReplica", "Policy", "Replica", "SizeAwarePolicy", "Target", "make_policy"]
+
+
+@dataclass(eq=False)
+class Replica:
+    """A server behind the router and what the router knows of it right now."""
+
+    name: str
+    gpu: str
+    url: str
+    in_flight: int = 0
+    ejected: bool = False
+    failures: int = 0  # failures in a row
+    ejections: int = 0  # ejections in a row (each doubles the wait before the next probe)
+    retry_at: float = 0.0  # while ejected: when to probe GET /health again (monotonic seconds)
+    last_error: str | None = None
+    served: int = 0  # requests sent to it
+
+    def fail(self, now: float, reason: str, hard: bool, base: float = DEFAULT_EJECT_BASE_S,
+             cap: float = DEFAULT_EJECT_MAX_S) -> bool:
+        """Count a failure; eject on a hard one (connection refused) or after a few soft ones. True if ejected now."""
+        self.last_error = reason
+        self.failures += 1
+        if self.ejected or not (hard or self.failures >= SOFT_FAILURES_TO_EJECT):
+            return False
+        self.ejected = True
+        self.retry_at = now + min(base * 2 ** self.ejections, cap)
+        self.ejections += 1
+        return True
+
+    def succeed(self) -> None:
+        self.failures = 0
+
+    def probed(self, now: float, ok: bool, reason: str | None = None, base: float = DEFAULT_EJECT_BASE_S,
+               cap: float = DEFAULT_EJECT_MAX_S) -> None:
+        """The outcome of a health probe while ejected: re-admit, or wait twice as long before the next one."""
+        if ok:
+            self.ejected, self.failures, self.ejections = False, 0, 0
+            return
+        self.last_error = reason or self.last_error
+        self.retry_at = now + min(base * 2 ** self.ejections, cap)
+        self.ejections += 1
+
+    def to_dict(self, now: float) -> dict[str, Any]:
+        return {"name": self.name, "gpu": self.gpu, "url": self.url,
+                "state": "ejected" if self.ejected else "up", "in_flight": self.in_flight, "served": self.served,
+                "failures_in_a_row": self.failures, "last_error": self.last_error,
+                "next_probe_in_s": round(max(self.retry_at - now, 0.0), 3) if self.ejected else None}
+
+
+@dataclass(eq=False)
+class Lane:
+    """Where the requests of one bucket (or, without an output length, one input row) may go, with the running
+    scores of the weighted round-robin."""
+
+    label: str  # "2:3", or "2:*" for an input row
+    description: str
+    plan: list[tuple[str, float]]  # (GPU type, plan share > 0)
+    spill: list[tuple[str, float]]  # (GPU type, weight): types that can serve it but have no share
+    unservable: tuple[str, ...]  # types whose tputs say they cannot serve it
+    scores: dict[str, float] = field(default_factory=dict)
+    spill_scores: dict[str, float] = field(default_factory=dict)
+
+    def shares(self) -> dict[str, float]:
+        total = sum(w for _, w in self.plan)
+        return {g: w / total for g, w in self.plan} if total else {}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A request as the policy sees it: its lane and the sizes it was put there by."""
+
+    lane: Lane
+    kind: Kind
+    input_tokens: int
+    raw_input: float  # the uncorrected estimate (what reported usage corrects)
+    output_tokens: int | None
+    stream: bool
+
+
+@dataclass(frozen=True)
+class Choice:
+    replica: Replica
+    spilled: bool  # a planned type of the lane was unavailable, or none was and a type without a share took it
+
+
+class NoReplica(Exception):
+    """No replica can take the request; `reason` says why, for the 503."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Policy:
+    """A routing policy: sizes a request (`target`) and picks its replica (`choose`). Subclasses register under
+    their `name`, so `--policy NAME` (and a routes push) can name one."""
+
+    registry: ClassVar[dict[str, type[Policy]]] = {}
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Policy.registry[cls.name] = cls
+
+    def __init__(self, routes: Routes, replicas: Sequence[Replica], sizer: Sizer,
+                 rng: random.Random | None = None):
+        self.routes = routes
+        self.replicas = list(replicas)
+        self.sizer = sizer
+        self.rng = rng or random.Random()
+
+    def target(self, body: dict[str, Any], kind: Kind) -> Target:
+        raise NotImplementedError
+
+    def choose(self, target: Target, exclude: Sequence[Replica] = ()) -> Choice:
+        raise NotImplementedError
+
+
+def make_policy(name: str, routes: Routes, replicas: Sequence[Replica], sizer: Sizer,
+                rng: random.Random | None = None) -> Policy:
+    try:
+        cls = Policy.registry[name]
+    except KeyError:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(sorted(Policy.registry))}") \
+            from None
+    return cls(routes, replicas, sizer, rng)
+
+
+class SizeAwarePolicy(Policy):
+    """The plan's shares per bucket, by smooth weighted round-robin; spills; least-in-flight replica."""
+
+    name = "size"
+
+    def __init__(self, routes: Routes, replicas: Sequence[Replica], sizer: Sizer,
+                 rng: random.Random | None = None):
+        super().__init__(routes, replicas, sizer, rng)
+        self.by_gpu: dict[str, list[Replica]] = {g.name: [] for g in routes.gpus}
+        for replica in self.replicas:
+            if replica.gpu in self.by_gpu:
+                self.by_gpu[replica.gpu].append(replica)
+        self.inputs = Bucketer(routes.input_edges)
+        self.outputs = Bucketer(routes.output_edges)
+        rows, cols = routes.shape
+        self.lanes = {(i, j): self._bucket_lane((i, j)) for i in range(rows) for j in range(cols)}
+        self.rows = {i: self._row_lane(i) for i in range(rows)}
+
+    # -- lanes -------------------------------------------------------------------------------------------------------
+    def _capacity(self, gpu_name: str, bucket: Bucket) -> float:
+        gpu = self.routes.gpu(gpu_name)
+        if gpu is None or gpu.tputs is None:
+            return 0.0
+        return max(gpu.planned, 1) * gpu.tputs[bucket[0]][bucket[1]]
+
+    def _bucket_lane(self, bucket: Bucket) -> Lane:
+        shares = self.routes.shares.get(bucket, {})
+        plan = [(g.name, shares[g.name]) for g in self.routes.gpus if shares.get(g.name, 0) > 0]
+        spill = [(g.name, self._capacity(g.name, bucket)) for g in self.routes.gpus
+                 if g.name not in shares and self._capacity(g.name, bucket) > 0]
+        unservable = tuple(g.name for g in self.routes.gpus if g.tputs is not None and not g.serves(bucket))
+        return Lane(f"{bucket[0]}:{bucket[1]}", self.routes.bucket_name(bucket), plan, spill, unservable)
+
+    def _row_lane(self, row: int) -> Lane:
+        cols = self.routes.shape[1]
+        weights = list(self.routes.distribution[row])
+        if sum(weights) <= 0:
+            weights = [1.0] * cols
+        planned: dict[str, float] = {}
+        covered = sum(w for j, w in enumerate(weights) if self.routes.shares.get((row, j)))
+        for j, w in enumerate(weights):
+            for name, share in self.routes.shares.get((row, j), {}).items():
+                planned[name] = planned.get(name, 0.0) + w * share / covered
+        plan = [(g.name, planned[g.name]) for g in self.routes.gpus if planned.get(g.name, 0) > 0]
+        spill = []
+        for gpu in self.routes.gpus:
+            weight = sum(w * self._capacity(gpu.name, (row, j)) for j, w in enumerate(weights))
+            if gpu.name not in planned and weight > 0:
+                spill.append((gpu.name, weight))
+        unservable = tuple(g.name for g in self.routes.gpus
+                           if g.tputs is not None and not any(g.serves((row, j)) for j in range(cols)))
+        edges = self.routes.input_edges
+        return Lane(f"{row}:*", f"input {edges[row]}-{edges[row + 1]} tokens, no max_tokens", plan, spill,
+                    unservable)
+
+    # -- choosing ----------------------------------------------------------------------------------------------------
+    def target(self, body: dict[str, Any], kind: Kind) -> Target:
+        tokens, raw = self.sizer.prompt_tokens(body, kind)
+        out = output_tokens(body)
+        row = self.inputs.index(tokens)
+        lane = self.rows[row] if out is None else self.lanes[(row, self.outputs.index(out))]
+        return Target(lane, kind, tokens, raw, out, body.get("stream") is True)
+
+    def choose(self, target: Target, exclude: Sequence[Replica] = ()) -> Choice:
+        lane = target.lane
+        gpu, skipped = self._round_robin(lane.plan, lane.scores, exclude)
+        if gpu is None:
+            gpu, _ = self._round_robin(lane.spill, lane.spill_scores, exclude)
+            if gpu is None:
+                raise NoReplica(self.reason(lane, exclude))
+            skipped = True
+        return Choice(self._least_loaded(gpu, exclude), skipped)
+
+    def available(self, gpu: str, exclude: Sequence[Replica] = ()) -> bool:
+        return any(not r.ejected and r not in exclude for r in self.by_gpu.get(gpu, ()))
+
+    def _round_robin(self, weights: list[tuple[str, float]], scores: dict[str, float],
+                     exclude: Sequence[Replica]) -> tuple[str | None, bool]:
+        """Smooth weighted round-robin among the available types: (the pick, whether a type was unavailable)."""
+        best: str | None = None
+        best_score = 0.0
+        total = 0.0
+        skipped = False
+        for gpu, weight in weights:
+            if not self.available(gpu, exclude):
+                skipped = True
+                continue
+            score = scores.get(gpu, 0.0) + weight
+            scores[gpu] = score
+            total += weight
+            if best is None or score > best_score:
+                best, best_score = gpu, score
+        if best is not None:
+            scores[best] = best_score - total
+        return best, skipped
+
+    def _least_loaded(self, gpu: str, exclude: Sequence[Replica]) -> Replica:
+        least: list[Replica] = []
+        low = 0
+        for replica in self.by_gpu[gpu]:
+            if replica.ejected or replica in exclude:
+                continue
+            if not least or replica.in_flight < low:
+                least, low = [replica], replica.in_flight
+            elif replica.in_flight == low:
+                least.append(replica)
+        return least[0] if len(least) == 1 else self.rng.choice(least)
+
+    def reason(self, lane: Lane, exclude: Sequence[Replica] = ()) -> str:
+        """Why no replica can take a request of this lane: per GPU type, its replicas and their state."""
+        parts = []
+        for gpu, _ in lane.plan + lane.spill:
+            replicas = self.by_gpu.get(gpu, [])
+            if not replicas:
+                parts.append(f"{gpu} has no replica")
+                continue
+            ejected = [r for r in replicas if r.ejected]
+            tried = [r for r in replicas if r in exclude and not r.ejected]
+            state = f"{gpu}: {len(ejected)} of {len(replicas)} replica(s) ejected"
+            if tried:
+                state += f", {len(tried)} already tried for this request"
+            errors = sorted({r.last_error for r in replicas if r.last_error})
+            if errors:
+                state += f" (last error: {errors[-1]})"
+            parts.append(state)
+        parts.extend(f"{gpu} cannot serve it (tputs 0)" for gpu in lane.unservable)
+        if not lane.plan and not lane.spill and not lane.unservable:
+            parts.append("no GPU type of the plan has throughput figures for it")
+        return f"no replica can take this request (bucket {lane.label}: {lane.description}): " + "; ".join(parts)

@@ -1,0 +1,381 @@
+"""The router's table as one validated document: bucket edges, the workload histogram, each GPU type's planned count
+and throughputs, the plan's share of every bucket per GPU type, and the replicas (GPU type + base URL).
+
+It is built from a solved config (`serve --config`) or from a fleet's stored plan and its ledger rows (`serve
+FLEET`), and `parse_routes` validates the same document from JSON, so a controller can hand the router a whole new
+table and the router swaps it in at once. Plain data only: no aiohttp here (this module is on the CLI's import path).
+"""
+from __future__ import annotations
+
+import math
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
+from melange_sky.core.config import Bucket, Config
+from melange_sky.core.gpus import same_gpu
+from melange_sky.errors import BucketEdgesError, ServeError, UnknownFleet
+from melange_sky.fleet.ledger import Ledger, ReplicaState
+from melange_sky.solver.result import SolveResult
+
+ROUTES_VERSION = 1
+Matrix = tuple[tuple[float, ...], ...]
+
+__all__ = ["FleetSource", "GpuRoute", "ReplicaSpec", "Routes", "RoutesSource", "StaticSource", "bucket_edges",
+           "fleet_routes", "name_replicas", "normalise_url", "parse_replica_arg", "parse_routes", "routes_from_plan",
+           "routes_from_solve"]
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One server behind the router: a unique name, its GPU type (a `gpus` entry) and its base URL."""
+
+    name: str
+    gpu: str
+    url: str  # scheme://host:port, no path
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "gpu": self.gpu, "url": self.url}
+
+
+@dataclass(frozen=True)
+class GpuRoute:
+    """A GPU type of the plan: how many replicas the plan counts, and its max req/s per bucket (None: unknown, then
+    only the plan's shares say where it may serve)."""
+
+    name: str
+    planned: int
+    tputs: Matrix | None = None
+
+    def serves(self, bucket: Bucket) -> bool:
+        return self.tputs is not None and self.tputs[bucket[0]][bucket[1]] > 0
+
+
+@dataclass(frozen=True)
+class Routes:
+    """The routing table. `shares[bucket][gpu]` is the plan's share of that bucket's requests for the GPU type (each
+    bucket's shares sum to 1; buckets without demand in the plan have none)."""
+
+    source: str
+    input_edges: tuple[int, ...]
+    output_edges: tuple[int, ...]
+    distribution: Matrix
+    gpus: tuple[GpuRoute, ...]
+    shares: Mapping[Bucket, Mapping[str, float]]
+    replicas: tuple[ReplicaSpec, ...] = ()
+    total_request_rate: float | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.input_edges) - 1, len(self.output_edges) - 1
+
+    def gpu(self, name: str) -> GpuRoute | None:
+        return next((g for g in self.gpus if g.name == name), None)
+
+    def bucket_name(self, bucket: Bucket) -> str:
+        i, j = bucket
+        return (f"input {self.input_edges[i]}-{self.input_edges[i + 1]}, output {self.output_edges[j]}-"
+                f"{self.output_edges[j + 1]} tokens")
+
+    def with_replicas(self, replicas: Iterable[ReplicaSpec]) -> Routes:
+        return replace(self, replicas=tuple(replicas))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The document `parse_routes` reads back (GET /routes shows it with each replica's live state)."""
+        return {
+            "version": ROUTES_VERSION, "source": self.source,
+            "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
+            "workload_distribution": [list(row) for row in self.distribution],
+            "total_request_rate": self.total_request_rate,
+            "gpus": {g.name: {"planned": g.planned, "tputs": None if g.tputs is None else [list(r) for r in g.tputs]}
+                     for g in self.gpus},
+            "routing": [{"bucket": [i, j], "shares": dict(self.shares[(i, j)])} for i, j in sorted(self.shares)],
+            "replicas": [r.to_dict() for r in self.replicas],
+        }
+
+
+# ---- building --------------------------------------------------------------------------------------------------------
+def bucket_edges(config: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The config's edges; Mélange's defaults for an axis without edges only when that axis has the default size."""
+    rows, cols = config.shape
+    chosen = []
+    for edges, key, default, size in ((config.input_buckets, "input_buckets", DEFAULT_INPUT_EDGES, rows),
+                                      (config.output_buckets, "output_buckets", DEFAULT_OUTPUT_EDGES, cols)):
+        if edges is None:
+            if size != len(default) - 1:
+                raise ServeError(
+                    f"{config.source}: no {key} and its workload_distribution is {rows}x{cols}, not Mélange's "
+                    f"default 8x6: add input_buckets and output_buckets (edges in tokens, one more than buckets, "
+                    f"e.g. [1, 25, 100, 250]) so the router can size requests")
+            edges = default
+        chosen.append(tuple(edges))
+    return chosen[0], chosen[1]
+
+
+def routes_from_solve(config: Config, result: SolveResult, replicas: Sequence[ReplicaSpec] = ()) -> Routes:
+    """The table of a solved config (`serve --config`): its edges, tputs and the solve's shares."""
+    in_edges, out_edges = bucket_edges(config)
+    routes = Routes(
+        source=config.source, input_edges=in_edges, output_edges=out_edges, distribution=config.workload_distribution,
+        gpus=tuple(GpuRoute(g.name, result.counts.get(g.name, 0), g.tputs) for g in config.gpus),
+        shares={r.bucket: dict(r.shares) for r in result.routing}, replicas=tuple(replicas),
+        total_request_rate=config.total_request_rate)
+    return parse_routes(routes.to_dict(), config.source)  # one set of checks for every source
+
+
+def routes_from_plan(plan: Mapping[str, Any], replicas: Sequence[ReplicaSpec] = (), source: str = "plan") -> Routes:
+    """The table of a stored plan (`Plan.to_dict`): shares per GPU *entry* (a `--per-offer` plan's columns summed
+    into the GPU type they belong to, which is what ledger rows name), edges and tputs from its `router` record."""
+    solve = plan.get("solve")
+    router = plan.get("router")
+    if not isinstance(solve, Mapping) or not isinstance(router, Mapping):
+        raise ServeError(f"{source}: the stored plan has no routing record (it was planned by an older "
+                         f"melange-sky): re-run `melange-sky up CONFIG` to store it, or serve the replicas with "
+                         f"`melange-sky serve --config CONFIG --replica GPU=URL ...`")
+    entries: dict[str, str] = dict(router.get("entries") or {})
+    for column in (solve.get("counts") or {}):
+        entries.setdefault(column, column)
+    planned: dict[str, int] = {}
+    for column, count in (solve.get("counts") or {}).items():
+        planned[entries[column]] = planned.get(entries[column], 0) + int(count)
+    tputs: dict[str, Any] = {}
+    for column, matrix in (router.get("tputs") or {}).items():
+        tputs.setdefault(entries.get(column, column), matrix)  # one GPU type: the same tputs at every offer
+    shares: list[dict[str, Any]] = []
+    for route in solve.get("routing") or []:
+        merged: dict[str, float] = {}
+        for column, share in (route.get("shares") or {}).items():
+            merged[entries.get(column, column)] = merged.get(entries.get(column, column), 0.0) + float(share)
+        shares.append({"bucket": route.get("bucket"), "shares": merged})
+    rows = router.get("workload_distribution")
+    in_edges, out_edges = router.get("input_buckets"), router.get("output_buckets")
+    if rows is not None and isinstance(rows, list) and rows and isinstance(rows[0], list):
+        if in_edges is None and len(rows) == len(DEFAULT_INPUT_EDGES) - 1:
+            in_edges = list(DEFAULT_INPUT_EDGES)
+        if out_edges is None and len(rows[0]) == len(DEFAULT_OUTPUT_EDGES) - 1:
+            out_edges = list(DEFAULT_OUTPUT_EDGES)
+    if in_edges is None or out_edges is None:
+        raise ServeError(f"{source}: the plan's config has no input_buckets/output_buckets and is not Mélange's "
+                         f"default 8x6: add bucket edges to the config and re-run `melange-sky up CONFIG`")
+    names = set(planned) | set(tputs)
+    known = [r for r in replicas if r.gpu in names]
+    warnings = [f"{r.name} ({r.gpu}) is not a GPU type of the plan: not routed to" for r in replicas
+                if r.gpu not in names]
+    doc = {"version": ROUTES_VERSION, "source": source, "input_buckets": in_edges, "output_buckets": out_edges,
+           "workload_distribution": rows, "total_request_rate": solve.get("total_request_rate"),
+           "gpus": {n: {"planned": planned.get(n, 0), "tputs": tputs.get(n)} for n in sorted(names)},
+           "routing": shares, "replicas": [r.to_dict() for r in known]}
+    routes = parse_routes(doc, source)
+    return replace(routes, warnings=routes.warnings + tuple(warnings))
+
+
+def fleet_routes(fleet: str, ledger: Ledger | None = None) -> Routes:
+    """A fleet's table from the ledger: its stored plan, and its replicas that are `up` with a known endpoint."""
+    if ledger is None:
+        with _open_ledger(fleet) as db:
+            return fleet_routes(fleet, db)
+    record = ledger.get_fleet(fleet)
+    if record is None:
+        raise UnknownFleet(f"no fleet named {fleet!r} in the ledger ({ledger.path}); `melange-sky status` lists "
+                           f"fleets")
+    replicas = [ReplicaSpec(r.cluster, r.gpu, normalise_url(r.endpoint, f"{r.cluster}'s endpoint"))
+                for r in ledger.replicas(fleet) if r.state is ReplicaState.UP and r.endpoint]
+    return routes_from_plan(record.plan, replicas, source=f"fleet {fleet}")
+
+
+def _open_ledger(fleet: str) -> Ledger:
+    if not Ledger.exists():  # opening would create an empty one
+        raise UnknownFleet(f"no fleet named {fleet!r}: there is no ledger yet (`melange-sky up CONFIG` makes one)")
+    return Ledger()
+
+
+class RoutesSource(Protocol):
+    """Where a router's routes come from: a fixed table, or a fleet re-read every `refresh_s` (`refreshing`)."""
+
+    description: str
+    refreshing: bool
+
+    def load(self) -> Routes: ...
+
+
+class StaticSource:
+    """Routes that never change by themselves (`serve --config`)."""
+
+    refreshing = False
+
+    def __init__(self, routes: Routes):
+        self.routes = routes
+        self.description = routes.source
+
+    def load(self) -> Routes:
+        return self.routes
+
+
+class FleetSource:
+    """A fleet's routes, re-read from the ledger on every `load` (`serve FLEET`: membership follows `up`/`down`)."""
+
+    refreshing = True
+
+    def __init__(self, fleet: str, ledger: Ledger | None = None):
+        self.fleet = fleet
+        self.ledger = ledger
+        self.description = f"fleet {fleet}"
+
+    def load(self) -> Routes:
+        if self.ledger is None:
+            self.ledger = _open_ledger(self.fleet)
+        return fleet_routes(self.fleet, self.ledger)
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+
+
+# ---- command-line pieces ---------------------------------------------------------------------------------------------
+def normalise_url(url: str, where: str = "--replica") -> str:
+    """`http://host:port` from a base URL or a bare `host:port` (a ledger endpoint). Refuses paths (`.../v1`: give
+    the base URL), credentials (keys go through --upstream-api-key) and other schemes."""
+    text = url.strip()
+    if "://" not in text:
+        text = f"http://{text}"
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ServeError(f"{where}: {url!r} is not an http(s) URL like http://10.0.0.5:8000")
+    if parts.username or parts.password:
+        raise ServeError(f"{where}: credentials in the URL are not supported; pass the replicas' key with "
+                         f"--upstream-api-key or MELANGE_SKY_UPSTREAM_API_KEY")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ServeError(f"{where}: {url!r} has a path; give the server's base URL (http://host:port), the router "
+                         f"adds /v1/...")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ServeError(f"{where}: {url!r} has an invalid port") from None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def parse_replica_arg(text: str, gpu_names: Sequence[str]) -> tuple[str, str]:
+    """`GPU=URL` → (the config's GPU name, normalised URL); GPU matches a gpu_info name however it is spelled."""
+    gpu, sep, url = text.partition("=")
+    if not sep or not gpu.strip() or not url.strip():
+        raise ServeError(f"--replica {text!r}: expected GPU=URL, e.g. --replica A10G=http://10.0.0.5:8000")
+    match = next((n for n in gpu_names if n == gpu.strip()), None) or next(
+        (n for n in gpu_names if same_gpu(n, gpu.strip())), None)
+    if match is None:
+        raise ServeError(f"--replica {text!r}: {gpu.strip()!r} is not a GPU type of the config (gpu_info has "
+                         f"{', '.join(gpu_names)})")
+    return match, normalise_url(url, f"--replica {text!r}")
+
+
+def name_replicas(pairs: Sequence[tuple[str, str]]) -> list[ReplicaSpec]:
+    """Name `--replica` servers `<gpu>-<i>` in the order given; the same URL twice is refused."""
+    seen: dict[str, int] = {}
+    urls: set[str] = set()
+    replicas = []
+    for gpu, url in pairs:
+        if url in urls:
+            raise ServeError(f"--replica: {url} is given twice")
+        urls.add(url)
+        index = seen.get(gpu, 0)
+        seen[gpu] = index + 1
+        replicas.append(ReplicaSpec(f"{gpu.lower()}-{index}", gpu, url))
+    return replicas
+
+
+# ---- validation ------------------------------------------------------------------------------------------------------
+def parse_routes(doc: Any, source: str = "routes") -> Routes:
+    """Validate a routes document (`Routes.to_dict()`'s shape) into `Routes`; `ServeError` names the field."""
+    def fail(path: str, message: str) -> ServeError:
+        return ServeError(f"{source}: {path}: {message}")
+
+    if not isinstance(doc, Mapping):
+        raise ServeError(f"{source}: a routes document must be a JSON object")
+    if doc.get("version", ROUTES_VERSION) != ROUTES_VERSION:
+        raise fail("version", f"is {doc.get('version')!r}; this router reads version {ROUTES_VERSION}")
+    edges = []
+    for key in ("input_buckets", "output_buckets"):
+        try:
+            edges.append(check_edges(list(doc.get(key) or []), key))
+        except (BucketEdgesError, TypeError) as exc:
+            raise fail(key, str(exc).split(": ", 1)[-1]) from None
+    shape = (len(edges[0]) - 1, len(edges[1]) - 1)
+    distribution = _matrix(doc.get("workload_distribution"), shape, "workload_distribution", fail)
+    gpus_doc = doc.get("gpus")
+    if not isinstance(gpus_doc, Mapping) or not gpus_doc:
+        raise fail("gpus", "must be an object of GPU type -> {planned, tputs}")
+    gpus = []
+    for name, entry in gpus_doc.items():
+        where = f"gpus.{name}"
+        if not isinstance(entry, Mapping):
+            raise fail(where, "must be an object {planned, tputs}")
+        planned = entry.get("planned", 0)
+        if isinstance(planned, bool) or not isinstance(planned, int) or planned < 0:
+            raise fail(f"{where}.planned", f"must be a whole number >= 0, got {planned!r}")
+        raw = entry.get("tputs")
+        gpus.append(GpuRoute(str(name), planned, None if raw is None else _matrix(raw, shape, f"{where}.tputs", fail)))
+    by_name = {g.name: g for g in gpus}
+    shares: dict[Bucket, dict[str, float]] = {}
+    routing = doc.get("routing") or []
+    if not isinstance(routing, list):
+        raise fail("routing", "must be an array of {bucket: [i, j], shares: {GPU: share}}")
+    for k, route in enumerate(routing):
+        where = f"routing[{k}]"
+        bucket = route.get("bucket") if isinstance(route, Mapping) else None
+        if (not isinstance(bucket, list) or len(bucket) != 2 or not all(isinstance(x, int) for x in bucket)
+                or not (0 <= bucket[0] < shape[0] and 0 <= bucket[1] < shape[1])):
+            raise fail(f"{where}.bucket", f"must be [i, j] inside the {shape[0]}x{shape[1]} buckets, got {bucket!r}")
+        cell = (bucket[0], bucket[1])
+        if cell in shares:
+            raise fail(f"{where}.bucket", f"{bucket} is routed twice")
+        raw_shares = route.get("shares")
+        if not isinstance(raw_shares, Mapping):
+            raise fail(f"{where}.shares", "must be an object of GPU type -> share")
+        clean: dict[str, float] = {}
+        for gpu, share in raw_shares.items():
+            if gpu not in by_name:
+                raise fail(f"{where}.shares.{gpu}", "is not in gpus")
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+                raise fail(f"{where}.shares.{gpu}", f"must be a number in [0, 1], got {share!r}")
+            if share > 0 and by_name[gpu].tputs is not None and not by_name[gpu].serves(cell):
+                raise fail(f"{where}.shares.{gpu}", "routes to a GPU type whose tputs for the bucket is 0")
+            if share > 0:
+                clean[gpu] = float(share)
+        total = sum(clean.values())
+        if clean:
+            shares[cell] = {g: s / total for g, s in clean.items()}
+    replicas_doc = doc.get("replicas") or []
+    if not isinstance(replicas_doc, list):
+        raise fail("replicas", "must be an array of {name, gpu, url}")
+    replicas, names = [], set()
+    for k, item in enumerate(replicas_doc):
+        where = f"replicas[{k}]"
+        if not isinstance(item, Mapping) or not all(isinstance(item.get(x), str) and item.get(x)
+                                                    for x in ("name", "gpu", "url")):
+            raise fail(where, "must be an object with string name, gpu and url")
+        if item["gpu"] not in by_name:
+            raise fail(f"{where}.gpu", f"{item['gpu']!r} is not in gpus")
+        if item["name"] in names:
+            raise fail(f"{where}.name", f"{item['name']!r} is used twice")
+        names.add(item["name"])
+        replicas.append(ReplicaSpec(item["name"], item["gpu"], normalise_url(item["url"], f"{source}: {where}.url")))
+    rate = doc.get("total_request_rate")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0):
+        raise fail("total_request_rate", f"must be a number >= 0 or null, got {rate!r}")
+    return Routes(source=str(doc.get("source") or source), input_edges=edges[0], output_edges=edges[1],
+                  distribution=distribution, gpus=tuple(gpus), shares=shares, replicas=tuple(replicas),
+                  total_request_rate=None if rate is None else float(rate))
+
+
+def _matrix(value: Any, shape: tuple[int, int], path: str, fail: Any) -> Matrix:
+    rows, cols = shape
+    if not isinstance(value, list) or len(value) != rows or not all(
+            isinstance(row, list) and len(row) == cols for row in value):
+        raise fail(path, f"must be a {rows}x{cols} matrix (one row per input bucket, one column per output bucket)")
+    for i, row in enumerate(value):
+        for j, x in enumerate(row):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+                raise fail(f"{path}[{i}][{j}]", f"must be a number >= 0, got {x!r}")
+    return tuple(tuple(float(x) for x in row) for row in value)

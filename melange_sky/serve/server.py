@@ -1,0 +1,646 @@
+"""The router's data path: one OpenAI-compatible endpoint on aiohttp (server and client), in front of the replicas.
+
+A request is read whole (orjson), sized and given a replica by the routing policy (`policy.py`, which knows the
+buckets and shares; this module knows neither), and relayed: a non-streaming answer whole, a stream chunk by chunk
+as it arrives (`iter_any`, never buffered). One `ClientSession` per router, created on startup with a connection
+pool sized for many concurrent streams; no access log.
+
+Failures:
+- A connection error or a 5xx before any byte went to the client: the request goes to another replica (another GPU
+  type if needed), up to `retries` more times. A stream's response starts only with its first upstream chunk, so an
+  upstream that fails before producing anything is retried too.
+- After a stream began, the client has part of a generation: the stream ends with an error event, never a second
+  generation.
+- A failing replica is ejected (at once when its connection is refused, after two failures in a row otherwise) and
+  re-probed at `GET /health` with exponential backoff; a good probe re-admits it.
+- A client that disconnects cancels its handler (aiohttp's handler cancellation), which closes the upstream
+  connection, so the replica stops generating.
+- SIGTERM (or Ctrl-C): stop accepting, let in-flight requests finish up to `drain_s`, then exit.
+
+Auth: with an API key, every route but `/health` needs `Authorization: Bearer KEY` (compared in constant time; the
+key is never logged). Replicas get the upstream key as their Bearer token, never the client's header.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from melange_sky.errors import MelangeError, ServeError
+from melange_sky.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from melange_sky.serve.observed import ObservedWorkload
+from melange_sky.serve.policy import NoReplica, Policy, Replica, Target, make_policy
+from melange_sky.serve.routes import Routes, RoutesSource
+from melange_sky.serve.settings import ServeSettings
+from melange_sky.serve.tokens import Kind, Sizer
+
+try:  # uvloop: a faster event loop; it comes with SkyPilot, and the router works without it
+    import uvloop
+
+    _LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - depends on the environment
+    _LOOP_FACTORY = None
+
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_PATH = "/v1/chat/completions"
+JSON = "application/json"
+#: How much of a stream's end is kept to find its usage event (the last events before `data: [DONE]`).
+_TAIL_CHUNKS = 2
+
+__all__ = ["Router", "RouterServer", "run"]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _error(status: int, message: str, kind: str, code: str | int | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+    body = orjson.dumps({"error": {"message": message, "type": kind, "param": None,
+                                   "code": code if code is not None else status}})
+    return web.Response(body=body, status=status, headers={"Content-Type": JSON, **(headers or {})})
+
+
+@dataclass
+class _Failure:
+    """An attempt that failed before any byte reached the client: what to answer if no retry succeeds."""
+
+    status: int
+    body: bytes
+    content_type: str = JSON
+
+    def response(self) -> web.Response:
+        return web.Response(body=self.body, status=self.status, headers={"Content-Type": self.content_type})
+
+
+class Router:
+    """One router's state: routes and policy (swapped whole), replicas by name, the sizer, the observed workload,
+    metrics, and the upstream session. The aiohttp handlers are its methods."""
+
+    def __init__(self, routes: Routes, settings: ServeSettings = ServeSettings(), sizer: Sizer | None = None,
+                 source: RoutesSource | None = None, log: Callable[[str], None] = _stderr):
+        self.settings = settings
+        self.sizer = sizer or Sizer()
+        self.source = source
+        self.log = log
+        self.rng = random.Random(settings.seed)
+        self.metrics = Metrics(self._live_state)
+        self.draining = False
+        self.in_flight = 0
+        self.session: aiohttp.ClientSession | None = None
+        self._key = settings.api_key.encode() if settings.api_key else None
+        self._upstream_headers = {"Content-Type": JSON}
+        if settings.upstream_api_key:
+            self._upstream_headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
+        self._tasks: list[asyncio.Task[None]] = []
+        self._probing: set[str] = set()
+        self._refresh_error: str | None = None
+        self.replicas: dict[str, Replica] = {}
+        self.routes: Routes | None = None
+        self.policy: Policy
+        self.observed: ObservedWorkload
+        self.swap(routes)
+
+    # -- routes ------------------------------------------------------------------------------------------------------
+    def swap(self, routes: Routes) -> list[str]:
+        """Replace the routes at once. Replicas kept by name keep their state (in flight, ejection); requests in
+        flight finish on the replicas they hold, removed or not. Returns what changed, one line each."""
+        replicas, changes = [], []
+        for spec in routes.replicas:
+            old = self.replicas.get(spec.name)
+            if old is not None and (old.url, old.gpu) == (spec.url, spec.gpu):
+                replicas.append(old)
+            else:
+                replicas.append(Replica(spec.name, spec.gpu, spec.url))
+                changes.append(f"+ {spec.name} ({spec.gpu}) {spec.url}")
+        names = {r.name for r in replicas}
+        changes.extend(f"- {r.name} ({r.gpu}) {r.url}" for r in self.replicas.values() if r.name not in names)
+        previous = self.routes
+        self.policy = make_policy(self.settings.policy, routes, replicas, self.sizer, self.rng)
+        self.replicas = {r.name: r for r in replicas}
+        if previous is None or (previous.input_edges, previous.output_edges) != (routes.input_edges,
+                                                                                routes.output_edges):
+            self.observed = ObservedWorkload(routes.input_edges, routes.output_edges, self.settings.window_s)
+        if previous is not None and previous.to_dict() | {"replicas": []} != routes.to_dict() | {"replicas": []}:
+            changes.append("routing table changed")
+        self.routes = routes
+        return changes
+
+    async def refresh(self) -> list[str]:
+        """Re-read the routes from the source (the ledger, in a thread) and swap them in if they changed."""
+        if self.source is None:
+            return []
+        try:
+            routes = await asyncio.to_thread(self.source.load)
+        except MelangeError as exc:
+            if str(exc) != self._refresh_error:
+                self.log(f"Warning: cannot refresh {self.source.description}: {exc}; keeping the current routes")
+            self._refresh_error = str(exc)
+            return []
+        self._refresh_error = None
+        if self.routes is not None and routes.to_dict() == self.routes.to_dict():
+            return []
+        changes = self.swap(routes)
+        for line in changes:
+            self.log(f"{self.source.description}: {line}")
+        return changes
+
+    def _live_state(self) -> dict[str, Any]:
+        return {"replicas": list(self.replicas.values()), "corrections": dict(self.sizer.corrections),
+                "draining": self.draining}
+
+    # -- the application ---------------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post(COMPLETIONS_PATH, self.completions)
+        app.router.add_post(CHAT_PATH, self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_get("/routes", self.routes_doc)
+        app.router.add_get("/workload", self.workload)
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, _app: web.Application) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=4.0, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s,
+                                        sock_read=self.settings.read_timeout_s)
+        # keepalive 4 s: below uvicorn's 5 s (vLLM), so the router never reuses a connection the replica just closed
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        self._tasks.append(asyncio.create_task(self._probe_loop()))
+        if self.source is not None and self.source.refreshing:
+            self._tasks.append(asyncio.create_task(self._refresh_loop()))
+
+    async def _cleanup(self, _app: web.Application) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.session is not None:
+            await self.session.close()
+
+    def _denied(self, request: web.Request) -> web.Response | None:
+        if self._key is None:
+            return None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._key):
+            return None
+        return _error(401, "invalid or missing API key: send it as 'Authorization: Bearer KEY'",
+                      "invalid_request_error", "invalid_api_key")
+
+    # -- generation --------------------------------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Kind.COMPLETIONS)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Kind.CHAT)
+
+    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        start = time.perf_counter()
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        if self.draining:
+            return _error(503, "the router is shutting down", "service_unavailable", headers={"Connection": "close"})
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return _error(400, "the request body is not valid JSON", "invalid_request_error")
+        if not isinstance(body, dict):
+            return _error(400, "the request body must be a JSON object", "invalid_request_error")
+        policy, observed = self.policy, self.observed  # one routes table for the whole request, even across a swap
+        target = policy.target(body, kind)
+        observed.arrival()
+        tried: list[Replica] = []
+        failure: _Failure | None = None
+        gpu = "none"
+        self.in_flight += 1
+        try:
+            for attempt in range(self.settings.retries + 1):
+                try:
+                    choice = policy.choose(target, tried)
+                except NoReplica as exc:
+                    if failure is not None:
+                        break
+                    self.metrics.request(target.lane.label, "none", 503)
+                    return _error(503, exc.reason, "service_unavailable")
+                replica = choice.replica
+                if attempt:
+                    self.metrics.retry(tried[-1].gpu)
+                if choice.spilled:
+                    self.metrics.spill(target.lane.label, replica.gpu)
+                tried.append(replica)
+                gpu = replica.gpu
+                replica.in_flight += 1
+                replica.served += 1
+                try:
+                    if target.stream:
+                        outcome = await self._relay_stream(request, raw, target, replica, start)
+                    else:
+                        outcome = await self._relay(request, raw, target, replica, start)
+                finally:
+                    replica.in_flight -= 1
+                if not isinstance(outcome, _Failure):
+                    return outcome
+                failure = outcome
+            assert failure is not None
+            self.metrics.request(target.lane.label, gpu, failure.status)
+            return failure.response()
+        except asyncio.CancelledError:  # the client went away (or the drain deadline passed)
+            self.metrics.request(target.lane.label, gpu, 499)
+            raise
+        finally:
+            self.in_flight -= 1
+
+    def _headers(self, replica: Replica, target: Target, content_type: str) -> dict[str, str]:
+        return {"Content-Type": content_type, "X-Melange-Gpu": replica.gpu, "X-Melange-Bucket": target.lane.label}
+
+    async def _relay(self, request: web.Request, raw: bytes, target: Target, replica: Replica,
+                     start: float) -> web.StreamResponse | _Failure:
+        assert self.session is not None
+        sent = time.perf_counter()
+        try:
+            async with self.session.post(replica.url + request.path, data=raw,
+                                         headers=self._upstream_headers) as upstream:
+                data = await upstream.read()
+                status = upstream.status
+                content_type = upstream.headers.get("Content-Type", JSON)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return self._failed(replica, exc)
+        received = time.perf_counter()
+        if status >= 500:
+            return self._failed_status(replica, status, data, content_type)
+        replica.succeed()
+        if status == 200:
+            self._learn(target, _usage(data), None)
+        response = web.Response(body=data, status=status, headers=self._headers(replica, target, content_type))
+        self.metrics.request(target.lane.label, replica.gpu, status)
+        self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - received))
+        return response
+
+    async def _relay_stream(self, request: web.Request, raw: bytes, target: Target, replica: Replica,
+                            start: float) -> web.StreamResponse | _Failure:
+        assert self.session is not None
+        sent = time.perf_counter()
+        out: web.StreamResponse | None = None
+        tail: list[bytes] = []
+        events = 0
+        try:
+            async with self.session.post(replica.url + request.path, data=raw,
+                                         headers=self._upstream_headers) as upstream:
+                if upstream.status != 200:
+                    data = await upstream.read()
+                    content_type = upstream.headers.get("Content-Type", JSON)
+                    if upstream.status >= 500:
+                        return self._failed_status(replica, upstream.status, data, content_type)
+                    replica.succeed()
+                    self.metrics.request(target.lane.label, replica.gpu, upstream.status)
+                    return web.Response(body=data, status=upstream.status,
+                                        headers=self._headers(replica, target, content_type))
+                content_type = upstream.headers.get("Content-Type", "text/event-stream")
+                async for chunk in upstream.content.iter_any():
+                    if out is None:
+                        # The response starts with the first upstream chunk: until then a failure is retried.
+                        out = web.StreamResponse(status=200, headers={
+                            **self._headers(replica, target, content_type), "Cache-Control": "no-cache"})
+                        try:
+                            await out.prepare(request)
+                        except ConnectionError:
+                            return self._client_gone(target, replica, out)
+                        self.metrics.added_latency.observe(sent - start)
+                    try:
+                        await out.write(chunk)
+                    except ConnectionError:
+                        return self._client_gone(target, replica, out)
+                    tail.append(chunk)
+                    if len(tail) > _TAIL_CHUNKS:
+                        del tail[0]
+                    events += chunk.count(b"\n\n")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if out is None:
+                return self._failed(replica, exc)
+            return await self._cut(target, replica, out, exc, tail)
+        if out is None:
+            return self._failed(replica, None)
+        replica.succeed()
+        with contextlib.suppress(ConnectionError):
+            await out.write_eof()
+        self._learn(target, _stream_usage(b"".join(tail)), events)
+        self.metrics.request(target.lane.label, replica.gpu, 200)
+        return out
+
+    async def _cut(self, target: Target, replica: Replica, out: web.StreamResponse, exc: BaseException,
+                   tail: list[bytes]) -> web.StreamResponse:
+        """The upstream broke after the stream began: end it with an error event (never a second generation)."""
+        reason = _describe(exc)
+        self._record_failure(replica, reason, "stream_cut", hard=False)
+        event = orjson.dumps({"error": {"message": f"the replica serving this stream failed: {reason}",
+                                        "type": "server_error", "param": None, "code": 502}})
+        separator = b"" if not tail or tail[-1].endswith(b"\n\n") else b"\n\n"
+        with contextlib.suppress(ConnectionError):
+            await out.write(separator + b"data: " + event + b"\n\ndata: [DONE]\n\n")
+            await out.write_eof()
+        self.metrics.request(target.lane.label, replica.gpu, "stream_error")
+        return out
+
+    def _client_gone(self, target: Target, replica: Replica, out: web.StreamResponse) -> web.StreamResponse:
+        self.metrics.request(target.lane.label, replica.gpu, 499)
+        return out  # leaving the upstream block closes the upstream connection: the replica stops generating
+
+    def _failed(self, replica: Replica, exc: BaseException | None) -> _Failure:
+        if exc is None:
+            reason, kind, hard = "the stream ended before any data", "empty", False
+        else:
+            reason, kind = _describe(exc), _error_kind(exc)
+            hard = isinstance(exc, aiohttp.ClientConnectorError)  # refused, unreachable, unknown host
+        self._record_failure(replica, reason, kind, hard)
+        body = orjson.dumps({"error": {"message": f"replica {replica.name} ({replica.gpu}) failed: {reason}",
+                                       "type": "server_error", "param": None, "code": 502}})
+        return _Failure(502, body)
+
+    def _failed_status(self, replica: Replica, status: int, data: bytes, content_type: str) -> _Failure:
+        self._record_failure(replica, f"HTTP {status}", "status_5xx", hard=False)
+        return _Failure(status, data, content_type)
+
+    def _record_failure(self, replica: Replica, reason: str, kind: str, hard: bool) -> None:
+        self.metrics.upstream_error(replica.name, replica.gpu, kind)
+        if replica.fail(time.monotonic(), reason, hard, self.settings.eject_base_s, self.settings.eject_max_s):
+            wait = max(replica.retry_at - time.monotonic(), 0.0)
+            self.log(f"ejected {replica.name} ({replica.gpu}, {replica.url}): {reason}; probing /health in "
+                     f"{wait:.3g} s")
+
+    def _learn(self, target: Target, usage: tuple[int, int] | None, events: int | None) -> None:
+        """Count the request in the observed workload (reported sizes when the answer has usage) and correct the
+        prompt estimate with the reported count."""
+        if usage is not None:
+            prompt, completion = usage
+            self.sizer.observe(target.kind, target.raw_input, prompt)
+            self.metrics.prompt_tokens(target.kind, target.input_tokens, prompt)
+            self.observed.record(prompt, completion, reported=True)
+            return
+        if events is not None:  # a stream without usage: about one token per event, less the framing events
+            output = max(events - (2 if target.kind is Kind.CHAT else 1), 0)
+        else:
+            output = target.output_tokens or 0
+        self.observed.record(target.input_tokens, output, reported=False)
+
+    # -- the other endpoints -----------------------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        live = [r for r in self.replicas.values() if not r.ejected]
+        answers = await asyncio.gather(*(self._get_json(r, "/v1/models") for r in live), return_exceptions=True)
+        models: dict[str, Any] = {}
+        answered = 0
+        for answer in answers:
+            if isinstance(answer, dict):
+                answered += 1
+                for model in answer.get("data") or []:
+                    if isinstance(model, dict) and isinstance(model.get("id"), str):
+                        models.setdefault(model["id"], model)
+        if not answered:
+            return _error(503, f"no replica answered /v1/models ({len(live)} available of {len(self.replicas)})",
+                          "service_unavailable")
+        return web.Response(body=orjson.dumps({"object": "list", "data": list(models.values())}),
+                            headers={"Content-Type": JSON})
+
+    async def _get_json(self, replica: Replica, path: str) -> Any:
+        assert self.session is not None
+        timeout = aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
+        async with self.session.get(replica.url + path, headers=self._upstream_headers, timeout=timeout) as answer:
+            if answer.status != 200:
+                raise aiohttp.ClientResponseError(answer.request_info, (), status=answer.status)
+            return orjson.loads(await answer.read())
+
+    def health_doc(self) -> tuple[int, dict[str, Any]]:
+        gpus: dict[str, dict[str, int]] = {}
+        assert self.routes is not None
+        for gpu in self.routes.gpus:
+            mine = [r for r in self.replicas.values() if r.gpu == gpu.name]
+            gpus[gpu.name] = {"planned": gpu.planned, "replicas": len(mine),
+                              "available": sum(not r.ejected for r in mine)}
+        available = sum(not r.ejected for r in self.replicas.values())
+        status = "draining" if self.draining else "ok" if available else "unavailable"
+        return (200 if status == "ok" else 503), {
+            "status": status, "replicas": len(self.replicas), "available": available,
+            "ejected": len(self.replicas) - available, "in_flight": self.in_flight, "gpus": gpus}
+
+    async def health(self, _request: web.Request) -> web.StreamResponse:
+        code, doc = self.health_doc()
+        return web.Response(body=orjson.dumps(doc), status=code, headers={"Content-Type": JSON})
+
+    async def metrics_text(self, request: web.Request) -> web.StreamResponse:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def routes_view(self) -> dict[str, Any]:
+        assert self.routes is not None
+        now = time.monotonic()
+        doc = self.routes.to_dict()
+        doc["replicas"] = [r.to_dict(now) for r in self.replicas.values()]
+        doc.update(policy=self.settings.policy, draining=self.draining, in_flight=self.in_flight,
+                   prompt_token_correction={str(k): round(v, 4) for k, v in self.sizer.corrections.items()},
+                   warnings=list(self.routes.warnings))
+        return doc
+
+    async def routes_doc(self, request: web.Request) -> web.StreamResponse:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        return web.Response(body=orjson.dumps(self.routes_view()), headers={"Content-Type": JSON})
+
+    async def workload(self, request: web.Request) -> web.StreamResponse:
+        denied = self._denied(request)
+        if denied is not None:
+            return denied
+        assert self.routes is not None
+        doc = {**self.observed.to_dict(), "source": self.routes.source}
+        return web.Response(body=orjson.dumps(doc), headers={"Content-Type": JSON})
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        return _error(404, f"no route {request.method} {request.path}: this router serves POST {COMPLETIONS_PATH}, "
+                           f"POST {CHAT_PATH}, GET /v1/models, /health, /metrics, /routes, /workload",
+                      "invalid_request_error")
+
+    # -- background work ---------------------------------------------------------------------------------------------
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.probe_interval_s)
+            now = time.monotonic()
+            for replica in list(self.replicas.values()):
+                if replica.ejected and replica.retry_at <= now and replica.name not in self._probing:
+                    self._probing.add(replica.name)
+                    self._tasks.append(asyncio.create_task(self._probe(replica)))
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _probe(self, replica: Replica) -> None:
+        assert self.session is not None
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
+            async with self.session.get(replica.url + "/health", headers=self._upstream_headers,
+                                        timeout=timeout) as answer:
+                ok, reason = answer.status == 200, f"GET /health: HTTP {answer.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            ok, reason = False, f"GET /health: {_describe(exc)}"
+        finally:
+            self._probing.discard(replica.name)
+        replica.probed(time.monotonic(), ok, reason, self.settings.eject_base_s, self.settings.eject_max_s)
+        if ok:
+            self.log(f"re-admitted {replica.name} ({replica.gpu}): /health answered 200")
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_s)
+            await self.refresh()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        error = exc.os_error
+        return f"cannot connect: {os.strerror(error.errno) if error.errno else error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "disconnect"
+
+
+def _usage(data: bytes) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) of a JSON answer, if it reports them."""
+    if b'"usage"' not in data:
+        return None
+    try:
+        usage = orjson.loads(data).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return _usage_pair(usage)
+
+
+def _stream_usage(tail: bytes) -> tuple[int, int] | None:
+    """The usage of a stream, from its last events (present when the client asked for
+    `stream_options.include_usage`, or the server always sends it)."""
+    if b'"usage"' not in tail:
+        return None
+    for event in reversed(tail.split(b"\n\n")):
+        event = event.strip()
+        if not event.startswith(b"data:") or b'"usage"' not in event:
+            continue
+        try:
+            usage = orjson.loads(event[5:].strip()).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            continue
+        found = _usage_pair(usage)
+        if found is not None:
+            return found
+    return None
+
+
+def _usage_pair(usage: Any) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, int) and isinstance(completion, int) and prompt >= 0 and completion >= 0:
+        return prompt, completion
+    return None
+
+
+class RouterServer:
+    """A router listening on host:port (port 0: any free port); `start` returns its base URL, `stop` drains."""
+
+    def __init__(self, router: Router, host: str = "127.0.0.1", port: int = 8080):
+        self.router, self.host, self.port = router, host, port
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        self.runner = web.AppRunner(self.router.app(), access_log=None, handler_cancellation=True,
+                                    shutdown_timeout=self.router.settings.drain_s)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=2048, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            raise ServeError(f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}") from None
+        sockets = [s for s in self.runner.addresses if s]
+        port = sockets[0][1] if sockets else self.port
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (up to the drain deadline), close everything."""
+        self.router.draining = True
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+def run(router: Router, on_listening: Callable[[str], None] = _stderr) -> int:
+    """Serve until SIGTERM or Ctrl-C, then drain. Blocks; returns the exit code (0 after SIGTERM, 130 after
+    Ctrl-C). Uses uvloop when it is installed."""
+    with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
+        return runner.run(_serve(router, on_listening))
+
+
+async def _serve(router: Router, on_listening: Callable[[str], None]) -> int:
+    server = RouterServer(router, router.settings.host, router.settings.port)
+    await server.start()
+    on_listening(server.url)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def signalled(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+        if len(received) > 1 and drain is not None:  # a second signal: stop waiting for requests in flight
+            drain.cancel()
+
+    drain: asyncio.Task[None] | None = None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signalled, signum)
+    try:
+        await stop.wait()
+        router.log(f"{signal.Signals(received[0]).name}: draining {router.in_flight} request(s) in flight "
+                   f"(up to {router.settings.drain_s:g} s; again to stop now)")
+        drain = asyncio.create_task(server.stop())
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    router.log("stopped")
+    return 130 if received[0] == signal.SIGINT else 0

@@ -1,0 +1,54 @@
+"""How a router listens and behaves, and the rule that keeps it from serving the world without a key.
+
+Plain data, no aiohttp: the CLI checks these before the server (and its heavy imports) is loaded.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+from dataclasses import dataclass, field
+
+from melange_sky.errors import ServeError
+
+__all__ = ["ServeSettings", "check_exposure", "is_loopback"]
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the router listens and behaves. Keys are kept out of `repr`."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = field(default=None, repr=False)
+    upstream_api_key: str | None = field(default=None, repr=False)
+    policy: str = "size"
+    retries: int = 2
+    drain_s: float = 30.0
+    refresh_s: float = 10.0
+    window_s: float = 3600.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0  # the longest silence from an upstream (between stream chunks, or to the answer)
+    probe_interval_s: float = 0.5  # how often ejected replicas are checked for a due probe
+    probe_timeout_s: float = 5.0
+    eject_base_s: float = 1.0
+    eject_max_s: float = 60.0
+    seed: int | None = None  # tie-breaks between equally loaded replicas (tests fix it)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return True
+    with contextlib.suppress(OSError):
+        infos = socket.getaddrinfo(host, None)
+        return bool(infos) and all(str(i[4][0]).startswith("127.") or i[4][0] == "::1" for i in infos)
+    return False
+
+
+def check_exposure(settings: ServeSettings, no_auth: bool) -> None:
+    """Refuse to serve a non-loopback address without an API key, unless the user said --no-auth."""
+    if settings.api_key or no_auth or is_loopback(settings.host):
+        return
+    raise ServeError(f"refusing to serve on {settings.host} without an API key: anyone who can reach it could use "
+                     f"your GPUs. Set MELANGE_SKY_API_KEY (or --api-key), or pass --no-auth if something in front "
+                     f"of the router checks clients")
