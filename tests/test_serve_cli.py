@@ -244,6 +244,7 @@ def test_fleet_mode_routes_to_the_ledgers_up_replicas_and_follows_membership(tmp
                 assert response.status == 200 and (await response.read()).endswith(b"data: [DONE]\n\n")
                 routes = await (await session.get(url + "/routes")).json()
                 assert routes["source"] == "fleet mix" and routes["gpus"]["A10G"]["planned"] == 3
+                assert list(routes["gpus"]) == ["A10G", "A100-80GB"]  # the config's order
                 assert sorted(r["name"] for r in routes["replicas"]) == sorted([second, a100])
         finally:
             await server.stop()

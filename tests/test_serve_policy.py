@@ -363,6 +363,7 @@ def test_the_observed_workload_counts_reported_sizes_over_a_sliding_window():
     assert doc["workload_distribution"] == [[0.75, 0.0], [0.0, 0.25]]
     assert doc["total_request_rate"] == pytest.approx(4 / 30, rel=1e-5)
     assert doc["usage_source"] == {"reported": 3, "estimated": 1}
+    assert (doc["input_overflow"], doc["output_overflow"], doc["input_underflow"]) == (1, 1, 0)
     assert (doc["input_buckets"], doc["output_buckets"], doc["window_s"]) == ([1, 100, 1000], [1, 50, 500], 60)
     now[0] = 100.0  # everything recorded at t=0 has left the 60 s window
     observed.arrival()

@@ -9,8 +9,8 @@ not, so `total_request_rate` is the offered load.
 
 The window is a ring of time slots (1/60 of the window each): memory is fixed, old slots expire as time passes.
 `to_dict()` is `GET /workload`: the config's keys (`workload_distribution`, `total_request_rate`, `input_buckets`,
-`output_buckets`) plus `window_s`, `span_s`, `counts` and `requests`, so `melange-sky workload --from URL` can turn
-it into config keys for a re-plan.
+`output_buckets`) plus `window_s`, `span_s`, `counts`, `requests` and the lengths counted past the edges, so
+`melange-sky workload --from URL` can turn it into config keys for a re-plan.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ __all__ = ["ObservedWorkload"]
 
 
 class _Slot:
-    __slots__ = ("arrivals", "counts", "estimated", "index", "reported")
+    __slots__ = ("arrivals", "clamped", "counts", "estimated", "index", "reported")
 
     def __init__(self, index: int, cells: int):
         self.index = index
@@ -34,6 +34,7 @@ class _Slot:
         self.reported = 0
         self.estimated = 0
         self.counts = [0] * cells
+        self.clamped = [0, 0, 0, 0]  # input above / below the edges, output above / below
 
 
 class ObservedWorkload:
@@ -65,6 +66,10 @@ class ObservedWorkload:
     def record(self, input_tokens: int, output_tokens: int, reported: bool) -> None:
         slot = self._slot()
         slot.counts[self.inputs.index(input_tokens) * self.cols + self.outputs.index(output_tokens)] += 1
+        if not self.input_edges[0] <= input_tokens <= self.input_edges[-1]:
+            slot.clamped[0 if input_tokens > self.input_edges[-1] else 1] += 1
+        if not self.output_edges[0] <= output_tokens <= self.output_edges[-1]:
+            slot.clamped[2 if output_tokens > self.output_edges[-1] else 3] += 1
         if reported:
             slot.reported += 1
         else:
@@ -84,6 +89,7 @@ class ObservedWorkload:
         # The span the live slots cover: from the start of the oldest one (or the router's start) to now.
         span = (now - self.started) - max(current - SLOTS + 1, 0) * self.slot_s
         rows = [counts[i * self.cols:(i + 1) * self.cols] for i in range(len(self.input_edges) - 1)]
+        clamped = [sum(s.clamped[k] for s in live) for k in range(4)]
         return {
             "workload_distribution": [[round(c / requests, 6) if requests else 0.0 for c in row] for row in rows],
             "total_request_rate": round(arrivals / span, 6) if span > 0 else 0.0,
@@ -91,4 +97,6 @@ class ObservedWorkload:
             "window_s": self.window_s, "span_s": round(span, 3), "counts": rows, "requests": requests,
             "arrivals": arrivals,
             "usage_source": {"reported": sum(s.reported for s in live), "estimated": sum(s.estimated for s in live)},
+            "input_overflow": clamped[0], "input_underflow": clamped[1],
+            "output_overflow": clamped[2], "output_underflow": clamped[3],
         }

@@ -160,13 +160,16 @@ def routes_from_plan(plan: Mapping[str, Any], replicas: Sequence[ReplicaSpec] = 
     if in_edges is None or out_edges is None:
         raise ServeError(f"{source}: the plan's config has no input_buckets/output_buckets and is not Mélange's "
                          f"default 8x6: add bucket edges to the config and re-run `melange-sky up CONFIG`")
-    names = set(planned) | set(tputs)
+    # The config's order: `solve.gpus` is a list (the ledger stores the plan's objects with sorted keys).
+    ordered = [entries.get(str(g.get("name")), str(g.get("name"))) for g in solve.get("gpus") or []
+               if isinstance(g, Mapping)]
+    names = list(dict.fromkeys([*ordered, *planned, *tputs]))
     known = [r for r in replicas if r.gpu in names]
     warnings = [f"{r.name} ({r.gpu}) is not a GPU type of the plan: not routed to" for r in replicas
                 if r.gpu not in names]
     doc = {"version": ROUTES_VERSION, "source": source, "input_buckets": in_edges, "output_buckets": out_edges,
            "workload_distribution": rows, "total_request_rate": solve.get("total_request_rate"),
-           "gpus": {n: {"planned": planned.get(n, 0), "tputs": tputs.get(n)} for n in sorted(names)},
+           "gpus": {n: {"planned": planned.get(n, 0), "tputs": tputs.get(n)} for n in names},
            "routing": shares, "replicas": [r.to_dict() for r in known]}
     routes = parse_routes(doc, source)
     return replace(routes, warnings=routes.warnings + tuple(warnings))
