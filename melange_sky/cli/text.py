@@ -95,6 +95,8 @@ def format_workload(result: WorkloadResult) -> str:
         lines.append(f"Rate: {result.rate:.4g} req/s (mean over {result.duration:,.0f} s of timestamps)")
     elif result.rate_source == "given":
         lines.append(f"Rate: {result.rate:.4g} req/s (given)")
+    elif result.rate_source == "observed":
+        lines.append(f"Rate: {result.rate:.4g} req/s (arrivals the router counted over its window)")
     else:
         lines.append("Rate: unknown (no timestamps; pass --rate)")
     cols = _ranges(result.output_edges)

@@ -19,6 +19,9 @@ import itertools
 import json
 import math
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +68,7 @@ class RateSource(StrEnum):
 
     GIVEN = "given"  # --rate
     TIMESTAMPS = "timestamps"  # measured between the first and the last timestamp
+    OBSERVED = "observed"  # arrivals a router counted over its window (`workload --from URL`)
     NONE = "none"  # neither: the config keeps its own rate, or the user must give one
 
 
@@ -475,6 +479,103 @@ def _round_share(x: float) -> float:
 
 def _round_rate(x: float) -> float:
     return float(f"{x:.6g}")
+
+
+# ---- a router's observed workload (`workload --from URL`) ---------------------------------------------------------
+#: The most bytes read from a router's /workload answer (a few KB in practice).
+_OBSERVED_LIMIT = 1 << 24
+
+
+def fetch_observed(url: str, api_key: str | None = None, timeout: float = 10.0) -> tuple[str, dict[str, Any]]:
+    """GET the observed workload of a `melange-sky serve` router: (the URL read, without credentials, and its JSON).
+
+    `url` is the router's base URL (`/workload` is added) or the full `.../workload` URL; `api_key` goes as a Bearer
+    token. Every failure is a one-line `TraceError`."""
+    parts = urllib.parse.urlsplit(url.strip())
+    netloc = parts.netloc.rpartition("@")[2]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TraceError(f"--from {url!r} is not an http(s) URL; give the router's URL, e.g. http://127.0.0.1:8080")
+    path = parts.path.rstrip("/")
+    if not path.endswith("/workload"):
+        path += "/workload"
+    shown = urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
+    headers = {"Accept": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")),
+                                     headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - http(s) checked above
+            data = response.read(_OBSERVED_LIMIT)
+    except urllib.error.HTTPError as exc:
+        hint = (": pass the router's key with --api-key or MELANGE_SKY_API_KEY" if exc.code == 401
+                else ": is this a melange-sky router (`melange-sky serve`)?" if exc.code == 404 else "")
+        raise TraceError(f"{shown}: HTTP {exc.code}{hint}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TraceError(f"{shown}: cannot reach the router ({reason})") from None
+    try:
+        doc = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TraceError(f"{shown}: the answer is not JSON: is this a melange-sky router?") from None
+    if not isinstance(doc, dict):
+        raise TraceError(f"{shown}: the answer is not a workload document (a JSON object)")
+    return shown, doc
+
+
+def observed_workload(doc: dict[str, Any], source: str, rate: float | None = None) -> WorkloadResult:
+    """The histogram a router counted (its `GET /workload` document) as a `WorkloadResult`, like a trace's: counts
+    per bucket by reported sizes, its edges, and its arrival rate unless `rate` is given."""
+    try:
+        in_edges = check_edges(doc.get("input_buckets") or [], "input_buckets")
+        out_edges = check_edges(doc.get("output_buckets") or [], "output_buckets")
+    except BucketEdgesError as exc:
+        raise TraceError(f"{source}: not a workload document: {exc}") from None
+    counts = doc.get("counts")
+    shape = (len(in_edges) - 1, len(out_edges) - 1)
+    if (not isinstance(counts, list) or len(counts) != shape[0]
+            or not all(isinstance(row, list) and len(row) == shape[1] for row in counts)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for row in counts for c in row)):
+        raise TraceError(f"{source}: not a workload document: counts must be a {shape[0]}x{shape[1]} matrix of "
+                         f"request counts")
+    rows = sum(sum(row) for row in counts)
+    span = doc.get("span_s")
+    if rows == 0:
+        raise TraceError(f"{source}: the router has counted no answered requests in its window yet"
+                         + (f" ({span:.0f} s)" if isinstance(span, (int, float)) else "")
+                         + "; send traffic through it first")
+    warnings = []
+    rate_source = RateSource.GIVEN
+    if rate is None:
+        observed = doc.get("total_request_rate")
+        if isinstance(observed, (int, float)) and not isinstance(observed, bool) and observed > 0:
+            rate, rate_source = float(observed), RateSource.OBSERVED
+        else:
+            rate_source = RateSource.NONE
+            warnings.append("the router reported no arrival rate, so total_request_rate is not known: pass --rate")
+    window = doc.get("window_s")
+    if isinstance(span, (int, float)) and isinstance(window, (int, float)) and span < window:
+        warnings.append(f"the router has counted for {span:.0f} s of its {window:.0f} s window: a short sample")
+    usage = doc.get("usage_source")
+    estimated = usage.get("estimated", 0) if isinstance(usage, dict) else 0
+    if isinstance(estimated, int) and estimated > 0:
+        warnings.append(f"{estimated} of {rows} request(s) were counted from the router's estimates (streams "
+                        f"without usage); clients that send stream_options.include_usage give exact sizes")
+    clamped: dict[str, int] = {}
+    for key in ("input_overflow", "output_overflow", "input_underflow", "output_underflow"):
+        value = doc.get(key)
+        clamped[key] = value if isinstance(value, int) and value >= 0 else 0
+    for axis, edges in (("input", in_edges), ("output", out_edges)):
+        if clamped[f"{axis}_overflow"]:
+            warnings.append(f"{clamped[f'{axis}_overflow']} request(s) have {axis} lengths above the last {axis} "
+                            f"edge ({edges[-1]} tokens) and were counted in the last {axis} bucket")
+    return WorkloadResult(
+        source=source, format="router", input_edges=in_edges, output_edges=out_edges,
+        counts=tuple(tuple(row) for row in counts), rows=rows, skipped=0, skipped_examples=(),
+        input_overflow=clamped["input_overflow"], output_overflow=clamped["output_overflow"],
+        input_underflow=clamped["input_underflow"], output_underflow=clamped["output_underflow"],
+        timestamped_rows=0, first_timestamp=None, last_timestamp=None, rate=rate, rate_source=rate_source,
+        warnings=tuple(warnings))
 
 
 # ---- merging into a config -----------------------------------------------------------------------------------------
