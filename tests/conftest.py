@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def pytest_configure(config) -> None:
     os.environ["SKYPILOT_DISABLE_USAGE_COLLECTION"] = "1"  # no telemetry calls out of the test machine
     os.environ["MELANGE_SKY_HOME"] = os.path.join(_SESSION_HOME, ".melange-sky")
     os.environ.pop("SKY_RUNTIME_DIR", None)
+    # A suite started as a background job (`pytest &`, CI runners, nohup) inherits SIGINT ignored, and so would every
+    # CLI it starts: the tests that press Ctrl-C on them would wait for nothing. A Python handler here makes children
+    # start with the default disposition, as a terminal's foreground command does.
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config) -> None:

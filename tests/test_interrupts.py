@@ -82,33 +82,85 @@ run()
     assert done.stderr.strip().splitlines()[-1] == "Interrupted."
 
 
+class _Terminal:
+    """`melange-sky up` on a pseudo-terminal (so it asks before launching), with the fake backend."""
+
+    def __init__(self, tmp_path, command: list[str] | None = None):
+        env = {**os.environ, "MELANGE_SKY_HOME": str(tmp_path / "home"),
+               "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend", "MELANGE_SKY_FAKE_STATE": str(tmp_path / "fake.json"),
+               "HF_TOKEN": "hf_test", "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+        self.state = tmp_path / "fake.json"
+        self.master, slave = pty.openpty()
+        command = command or [sys.executable, "-m", "melange_sky", "up", EXAMPLE_PATH]
+        self.proc = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=tmp_path)
+        os.close(slave)
+
+    def read_until(self, marker: bytes) -> bytes:
+        seen = b""
+        deadline = time.monotonic() + 120  # a hang guard only
+        while marker not in seen and time.monotonic() < deadline:
+            try:
+                seen += os.read(self.master, 4096)
+            except OSError:
+                break
+        return seen
+
+    def finish(self) -> tuple[int, bytes]:
+        code = self.proc.wait(60)
+        rest = self.read_until(b"\0never")
+        os.close(self.master)
+        return code, rest
+
+    def launched(self) -> bool:
+        return self.state.exists() and b'"launch"' in self.state.read_bytes()
+
+
 def test_ctrl_c_at_the_confirmation_prompt_is_an_interruption_and_launches_nothing(tmp_path):
-    env = {**os.environ, "MELANGE_SKY_HOME": str(tmp_path / "home"), "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend",
-           "MELANGE_SKY_FAKE_STATE": str(tmp_path / "fake.json"), "HF_TOKEN": "hf_test",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    master, slave = pty.openpty()  # a terminal, so `up` asks instead of refusing
-    proc = subprocess.Popen([sys.executable, "-m", "melange_sky", "up", EXAMPLE_PATH], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, cwd=tmp_path)
-    os.close(slave)
-    seen = b""
-    deadline = time.monotonic() + 120
-    while b"[y/N]" not in seen and time.monotonic() < deadline:
-        try:
-            seen += os.read(master, 4096)
-        except OSError:
-            break
-    assert b"[y/N]" in seen, seen.decode(errors="replace")
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130
-    rest = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        rest += chunk
-    os.close(master)
-    assert b"Interrupted." in rest and b"Traceback" not in rest
-    assert not (tmp_path / "fake.json").exists() or b'"launch"' not in (tmp_path / "fake.json").read_bytes()
+    term = _Terminal(tmp_path)
+    assert b"[y/N]" in term.read_until(b"[y/N]")
+    term.proc.send_signal(signal.SIGINT)  # at once: it may land while the prompt is still being shown
+    code, rest = term.finish()
+    assert code == 130 and b"Interrupted." in rest and b"Traceback" not in rest
+    assert not term.launched()
+
+
+@pytest.mark.parametrize("answer, code", [(b"n\n", 1), (b"\n", 1), (b"\x04", 1), (b"y\n", 0)],
+                         ids=["no", "default-no", "ctrl-d", "yes"])
+def test_the_confirmation_prompt_launches_only_on_yes(tmp_path, answer, code):
+    term = _Terminal(tmp_path)
+    assert b"[y/N]" in term.read_until(b"[y/N]")
+    os.write(term.master, answer)
+    got, rest = term.finish()
+    assert got == code, rest.decode(errors="replace")
+    assert term.launched() == (code == 0)
+    if code == 1:
+        assert b"Aborted." in rest
+
+
+def test_a_ctrl_c_taken_by_another_thread_still_interrupts_the_prompt(tmp_path):
+    # The kernel may hand a process's SIGINT to any thread (numpy/HiGHS start some); Python then only flags it, and a
+    # main thread blocked in a plain read() would sleep on until Enter. Here a helper thread takes the signal itself
+    # once the prompt is up.
+    code = f"""
+import signal, sys, threading, time
+import melange_sky.cli.fleet as fleet_cli
+shown = threading.Event()
+real_echo = fleet_cli.click.echo
+def echo(message=None, *args, **kwargs):
+    real_echo(message, *args, **kwargs)
+    if message and "[y/N]" in str(message):
+        shown.set()
+fleet_cli.click.echo = echo
+def ctrl_c_on_this_thread():
+    shown.wait()
+    time.sleep(0.3)  # let the main thread settle into waiting for an answer
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+threading.Thread(target=ctrl_c_on_this_thread, daemon=True).start()
+sys.argv = ["melange-sky", "up", {EXAMPLE_PATH!r}]
+from melange_sky.__main__ import run
+run()
+"""
+    term = _Terminal(tmp_path, [sys.executable, "-c", code])
+    code_, rest = term.finish()
+    assert code_ == 130 and b"Interrupted." in rest, rest.decode(errors="replace")
+    assert not term.launched()

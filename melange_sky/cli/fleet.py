@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import sys
 import threading
@@ -45,13 +46,29 @@ def _terminations_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+PROMPT_POLL_S = 0.1  # how soon a Ctrl-C at a confirmation prompt is acted on
+
+
 def confirm_or_refuse(question: str, yes: bool) -> bool:
     """Ask before spending money or deleting; never wait on a missing stdin."""
     if yes:
         return True
     if not sys.stdin or not sys.stdin.isatty():
         raise click.UsageError(f"{question} Refusing without confirmation: no terminal to ask on; pass -y.")
-    return click.confirm(question, abort=True)
+    click.echo(f"{question} [y/N]: ", nl=False)
+    while True:
+        # Not input(): a Ctrl-C that lands as the prompt appears (or on another thread) is only noticed by a blocked
+        # read once Enter is pressed. Waiting in short slices lets Python run the interrupt at once.
+        ready, _, _ = select.select([sys.stdin], [], [], PROMPT_POLL_S)
+        if ready:
+            break
+    answer = sys.stdin.readline()
+    if not answer:  # end of input (Ctrl-D)
+        click.echo()
+        raise click.Abort()
+    if answer.strip().lower() not in ("y", "yes"):
+        raise click.Abort()
+    return True
 
 
 @main.command()
