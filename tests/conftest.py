@@ -16,6 +16,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import settings
+
+# Property tests draw the same cases on every run (a suite that passes passes again), from a fixed seed; the long
+# random search is `bench/property_search.py`, or HYPOTHESIS_PROFILE=random here.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("random", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = json.loads((REPO / "examples" / "example.json").read_text())
