@@ -1,26 +1,32 @@
 """The `melange-sky` command (and `python -m melange_sky`).
 
 Loading the command line takes ~0.1 s; a Ctrl-C in that time would print a KeyboardInterrupt traceback from the middle
-of an import. Until the CLI has loaded, Ctrl-C exits at once with the documented code for an interruption (130).
+of an import. Until the CLI has loaded, a Ctrl-C is held, then ends the command with the documented code for an
+interruption (130).
 """
 import signal
 import sys
 
 INTERRUPTED = 130
+_held: list[int] = []
 
 
-def _exit_interrupted(_signum: int, _frame: object) -> None:
-    print("Interrupted.", file=sys.stderr)
-    sys.exit(INTERRUPTED)
+def _hold(signum: int, _frame: object) -> None:
+    _held.append(signum)
 
 
+# While the CLI loads, a Ctrl-C is held and acted on once loading ends (~0.1 s later): raised in the middle of an
+# import it could leave a C extension half-initialised (a crash), or be swallowed by a library's bare `except:`.
 _previous = signal.getsignal(signal.SIGINT)
 if _previous is signal.default_int_handler:  # leave an ignored SIGINT (nohup, background jobs) ignored
-    signal.signal(signal.SIGINT, _exit_interrupted)
+    signal.signal(signal.SIGINT, _hold)
 from melange_sky.cli import main  # noqa: E402 - loaded under the handler above
 
 if _previous is signal.default_int_handler:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if _held:
+    print("Interrupted.", file=sys.stderr)
+    sys.exit(INTERRUPTED)
 
 
 def run() -> None:

@@ -350,8 +350,9 @@ class Ledger:
                     conn.execute("ROLLBACK")
                     raise LedgerError(f"upgrading the ledger {self.path} to schema version {target} failed "
                                       f"({exc}); it was left at version {target - 1}. Please report this") from exc
-                except BaseException:
-                    conn.execute("ROLLBACK")
+                except BaseException:  # a Ctrl-C may land before BEGIN took effect or after COMMIT did
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                     raise
 
     @property
@@ -372,11 +373,14 @@ class Ledger:
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._conn.in_transaction:  # left open by a Ctrl-C that landed between an earlier BEGIN and its try
+                self._conn.execute("ROLLBACK")
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 

@@ -61,18 +61,18 @@ def _pulp() -> Any:
     """PuLP, imported on first use (~0.3 s, kept off `--help`) so that a Ctrl-C meanwhile is never lost.
 
     PuLP probes optional solvers inside bare `except:` clauses (HiGHS among them): a Ctrl-C landing there would be
-    swallowed and HiGHS recorded as missing. HiGHS is imported first, outside them, and a Ctrl-C (or SIGTERM, SIGHUP)
-    during PuLP's own import is held until it ends, then delivered."""
+    swallowed and HiGHS recorded as missing, and one in HiGHS's own import (numpy's) could leave it half loaded. So a
+    Ctrl-C (or SIGTERM, SIGHUP) while HiGHS and then PuLP load is held until they have, then delivered."""
     if "pulp" in sys.modules:
         return sys.modules["pulp"]
-    with contextlib.suppress(ImportError):
-        import highspy  # noqa: F401, PLC0415 - see the docstring
     held: list[int] = []
     saved: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             saved[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
     try:
+        with contextlib.suppress(ImportError):
+            import highspy  # noqa: F401, PLC0415 - see the docstring
         import pulp  # noqa: PLC0415 - see the docstring
     finally:
         for sig, handler in saved.items():
