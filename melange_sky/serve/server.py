@@ -538,13 +538,21 @@ def _error_kind(exc: BaseException) -> str:
 
 
 def _usage(data: bytes) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) of a JSON answer, if it reports them."""
-    if b'"usage"' not in data:
+    """(prompt_tokens, completion_tokens) of a JSON answer, if it reports them.
+
+    Servers put `usage` last, so the answer's tail from its last `"usage"` key is parsed alone (`{` + the tail is a
+    JSON object exactly when that key is at the top level; `"usage"` cannot occur inside a JSON string, whose quotes
+    are escaped). Otherwise, the whole answer."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
         return None
     try:
-        usage = orjson.loads(data).get("usage")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
+        usage = orjson.loads(b"{" + data[at:]).get("usage")
+    except orjson.JSONDecodeError:
+        try:
+            usage = orjson.loads(data).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
     return _usage_pair(usage)
 
 
