@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import os
 import random
@@ -58,6 +59,10 @@ CHAT_PATH = "/v1/chat/completions"
 JSON = "application/json"
 #: How much of a stream's end is kept to find its usage event (the last events before `data: [DONE]`).
 _TAIL_CHUNKS = 2
+#: A serving router collects young objects after this many more allocations than frees (CPython: 700). Requests in
+#: flight hold more than 700 objects, so at the default every collection found them alive and pushed them into the
+#: old generations, hundreds of times a second, and a full collection followed every second or so.
+GC_YOUNG_THRESHOLD = 10_000
 
 __all__ = ["Router", "RouterServer", "run"]
 
@@ -623,9 +628,19 @@ def run(router: Router, on_listening: Callable[[str], None] = _stderr) -> int:
         return runner.run(_serve(router, on_listening))
 
 
+def _tune_gc() -> None:
+    """Once the router listens: what the process holds by then (imports, the solve, the routes) goes to the
+    permanent generation, which full collections skip (they took 20 ms, a stall of every request in flight; now
+    about 1 ms), and young collections run far less often (GC_YOUNG_THRESHOLD). A few % of a core, and the p99."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(max(gc.get_threshold()[0], GC_YOUNG_THRESHOLD), *gc.get_threshold()[1:])
+
+
 async def _serve(router: Router, on_listening: Callable[[str], None]) -> int:
     server = RouterServer(router, router.settings.host, router.settings.port)
     await server.start()
+    _tune_gc()
     on_listening(server.url)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
