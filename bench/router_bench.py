@@ -1,8 +1,8 @@
 """The router on one core: throughput, added latency and 1,000 concurrent streams, against a minimal aiohttp relay.
 
-    python bench/router_bench.py                        # about 3 minutes; wrk if installed, else a Python client
+    python bench/router_bench.py                        # about 5 minutes; wrk if installed, else a Python client
     python bench/router_bench.py -o bench/results/router_bench.md
-    python bench/router_bench.py --quick                # 3 s runs, one trial: a smoke run (about 1 minute)
+    python bench/router_bench.py --quick                # 3 s runs, one trial: a smoke run (under 1 minute)
     python bench/router_bench.py --install-wrk          # first `apt-get install -y wrk` (Debian's package)
 
 Setup (2 cores or more): the router — the real `melange-sky serve --config CFG --replica GPU=URL ...` — runs pinned
@@ -21,9 +21,10 @@ What is measured:
    connections, median of --trials runs; and each server's own CPU time per request (/proc), which is what bounds
    it on a core of its own, and holds up better than req/s when something else shares the machine.
 2. Added latency at half of the router's peak: requests at that rate (Poisson arrivals over 128 connections) go
-   direct to an upstream, through the router and through the relay; added latency = router minus direct, at p50 and
-   p99. The router's own histogram (`melange_added_latency_seconds` in /metrics) is shown too: it times the
-   router's code but not the HTTP parsing or the client session's work, so it is a lower bound.
+   direct to an upstream, through the router and through the relay, --trials times; added latency = router minus
+   direct at p50 and at p99, per trial, and its median. The router's own histogram (`melange_added_latency_seconds`
+   in /metrics) is shown too: it times the router's code but not the HTTP parsing or the client session's work, so
+   it is a lower bound.
 3. 1,000 concurrent streams for --streams-s seconds: errors seen by the client (connect, read, write, timeout,
    non-200, a body without `data: [DONE]` or with an error event), the router's non-200 answers and upstream errors,
    and the most streams in flight in the router at once (sampled from /health).
@@ -731,19 +732,20 @@ def bench(args: argparse.Namespace) -> Results:
                              f"{run.rate:8,.0f} req/s  {run.cpu_us:5.0f} µs CPU/req  p99 {run.p99_ms:6.2f} ms  "
                              f"errors {run.error_count}  other load {run.foreign_pct:3.0f}%")
 
-        # 2. latency at half of the router's peak: direct, router, relay at the same offered rate
+        # 2. latency at half of the router's peak: direct, router, relay at the same offered rate, per trial
         for stream in (False, True):
             rate = results.peaks[("router", stream)].median / 2
             check = "sse" if stream else "json"
-            row: dict[str, Any] = {"rate": rate}
-            for name, port in (("direct", ports[0]), ("router", router_port), ("relay", relay_port)):
-                before = _metrics(router_url)["buckets"] if name == "router" else {}
-                row[name] = loader.run(port, _body(stream), LATENCY_CONNECTIONS, duration, rate=rate, check=check)
-                if name == "router":
-                    row["histogram"] = _histogram_quantiles(before, _metrics(router_url)["buckets"])
-                progress(f"  half peak {'stream' if stream else 'plain '} {name:6} {row[name].rate:8,.0f} req/s  "
-                         f"p50 {row[name].p50_ms:.3f} ms  p99 {row[name].p99_ms:.3f} ms  "
-                         f"other load {row[name].foreign_pct:3.0f}%")
+            row: dict[str, Any] = {"rate": rate, "direct": [], "router": [], "relay": []}
+            before = _metrics(router_url)["buckets"]
+            for trial in range(trials):
+                for name, port in (("direct", ports[0]), ("router", router_port), ("relay", relay_port)):
+                    run = loader.run(port, _body(stream), LATENCY_CONNECTIONS, duration, rate=rate, check=check)
+                    row[name].append(run)
+                    progress(f"  trial {trial + 1}/{trials} half peak {'stream' if stream else 'plain '} {name:6} "
+                             f"{run.rate:8,.0f} req/s  p50 {run.p50_ms:.3f} ms  p99 {run.p99_ms:.3f} ms  "
+                             f"errors {run.error_count}  other load {run.foreign_pct:3.0f}%")
+            row["histogram"] = _histogram_quantiles(before, _metrics(router_url)["buckets"])
             results.latency[stream] = row
 
         # 3. concurrent streams, each 32 events STREAM_GAP_MS apart
@@ -826,26 +828,37 @@ def report(args: argparse.Namespace, results: Results) -> str:
         "what goes through core 0, so the load side never limits a run.",
         "",
         f"**Added latency at half of the router's peak** ({LATENCY_CONNECTIONS} connections, Poisson arrivals, "
-        f"{r.duration:g} s per path): the same offered rate straight to an upstream, through the router and through "
-        "the relay; added = router − direct, percentile by percentile. The router's own histogram "
+        f"{r.duration:g} s per path, {r.trials} trials, medians): the same offered rate straight to an upstream, "
+        "through the router and through the relay, one after the other; added = router − direct, percentile by "
+        "percentile, per trial (median and range). The router's own histogram "
         "(`melange_added_latency_seconds` in /metrics, shown as bucket upper bounds) times its code between reading "
         "a request and relaying it, but not HTTP parsing, the client session's work or the wait for the event loop: "
         "a lower bound, which is why the client-side difference is the figure held to the target.",
         "",
-        "| | req/s | direct p50 / p99 ms | router p50 / p99 ms | relay p50 / p99 ms | added p50 / p99 ms "
-        "| router histogram p50 / p99 | target |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| | req/s | direct p50 / p99 ms | router p50 / p99 ms | relay p50 / p99 ms | added p50 / p99 ms (range) "
+        "| router histogram p50 / p99 | errors | target |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for stream in (False, True):
         row = r.latency[stream]
         direct, router, relay = row["direct"], row["router"], row["relay"]
-        added50, added99 = router.p50_ms - direct.p50_ms, router.p99_ms - direct.p99_ms
+
+        def median(runs: list[Load], key: str) -> float:
+            return statistics.median(getattr(run, key) for run in runs)
+
+        added = {key: [b - a for a, b in zip((getattr(x, key) for x in direct), (getattr(x, key) for x in router),
+                                             strict=True)] for key in ("p50_ms", "p99_ms")}
+        added50, added99 = statistics.median(added["p50_ms"]), statistics.median(added["p99_ms"])
         h50, h99, _ = row["histogram"]
+        errors = sum(x.error_count for x in direct + router + relay)
         lines.append(
-            f"| {'streaming (to the last event)' if stream else 'non-streaming'} | {router.rate:,.0f} "
-            f"| {direct.p50_ms:.2f} / {direct.p99_ms:.2f} | {router.p50_ms:.2f} / {router.p99_ms:.2f} "
-            f"| {relay.p50_ms:.2f} / {relay.p99_ms:.2f} | **{added50:.2f} / {added99:.2f}** "
-            f"| ≤ {h50 * 1000:g} / ≤ {h99 * 1000:g} ms | p50 ≤ 1, p99 ≤ 5: {_met(added50 <= 1 and added99 <= 5)} |")
+            f"| {'streaming (to the last event)' if stream else 'non-streaming'} | {median(router, 'rate'):,.0f} "
+            f"| {median(direct, 'p50_ms'):.2f} / {median(direct, 'p99_ms'):.2f} "
+            f"| {median(router, 'p50_ms'):.2f} / {median(router, 'p99_ms'):.2f} "
+            f"| {median(relay, 'p50_ms'):.2f} / {median(relay, 'p99_ms'):.2f} "
+            f"| **{added50:.2f} / {added99:.2f}** ({min(added['p50_ms']):.2f}–{max(added['p50_ms']):.2f} / "
+            f"{min(added['p99_ms']):.2f}–{max(added['p99_ms']):.2f}) | ≤ {h50 * 1000:g} / ≤ {h99 * 1000:g} ms "
+            f"| {errors} | p50 ≤ 1, p99 ≤ 5: {_met(added50 <= 1 and added99 <= 5)} |")
     c = r.concurrency
     load = c["load"]
     client_errors = ", ".join(f"{k} {v}" for k, v in load.errors.items() if v) or "none"
@@ -858,7 +871,8 @@ def report(args: argparse.Namespace, results: Results) -> str:
         f"{STREAM_GAP_MS} ms apart (about {TOKENS * STREAM_GAP_MS / 1000:.1f} s): {load.requests:,} streams "
         f"completed by the client ({ok:,} answered 200 by the router; {load.rate * (TOKENS + 1):,.0f} events/s); "
         f"at most {c['most_in_flight']:,} requests in flight in the router ({c['samples']} samples of /health); "
-        f"stream time p50 / p99 {load.p50_ms:,.0f} / {load.p99_ms:,.0f} ms.",
+        f"stream time p50 / p99 {load.p50_ms:,.0f} / {load.p99_ms:,.0f} ms; the router used "
+        f"{load.server_cpu_s / load.seconds * 100:.0f}% of its core; other load {load.foreign_pct:.0f}%.",
         f"Errors: client side {client_errors}; router answers other than 200: "
         f"{', '.join(f'{k}: {v}' for k, v in statuses.items()) or 'none'}; upstream errors: {c['upstream_errors']}. "
         f"({cut:,} streams were still open when the load generator stopped and closed its connections: the router "
