@@ -808,7 +808,8 @@ def report(args: argparse.Namespace, results: Results) -> str:
         f"**Peak throughput**: {args.connections} connections, closed loop, {r.duration:g} s per run, median of "
         f"{r.trials} runs (range), router and relay alternating. CPU/req is the server process's own CPU time per "
         "request (what bounds it on a core of its own); \"other load\" is the CPU that processes outside this "
-        "benchmark used meanwhile, in % of both cores (worst run).",
+        "benchmark used meanwhile, in % of both cores (worst run), the kernel's own network work included (its "
+        "softirq time: the few % of the streaming runs).",
         "",
         "| | router req/s | relay req/s | router / relay | CPU/req router / relay | errors | other load | target |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
