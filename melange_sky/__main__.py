@@ -7,23 +7,14 @@ interruption (130).
 import signal
 import sys
 
+from melange_sky._signals import signals_held
+
 INTERRUPTED = 130
-_held: list[int] = []
-
-
-def _hold(signum: int, _frame: object) -> None:
-    _held.append(signum)
-
 
 # While the CLI loads, a Ctrl-C is held and acted on once loading ends (~0.1 s later): raised in the middle of an
 # import it could leave a C extension half-initialised (a crash), or be swallowed by a library's bare `except:`.
-_previous = signal.getsignal(signal.SIGINT)
-if _previous is signal.default_int_handler:  # leave an ignored SIGINT (nohup, background jobs) ignored
-    signal.signal(signal.SIGINT, _hold)
-from melange_sky.cli import main  # noqa: E402 - loaded under the handler above
-
-if _previous is signal.default_int_handler:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+with signals_held((signal.SIGINT,)) as _held:
+    from melange_sky.cli import main
 if _held:
     print("Interrupted.", file=sys.stderr)
     sys.exit(INTERRUPTED)

@@ -16,14 +16,13 @@ decided by the pure rules in `reconcile`, and what it returns is in `reports`. T
 """
 from __future__ import annotations
 
-import contextlib
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
+from melange_sky._signals import signals_held
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
 from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
@@ -38,7 +37,7 @@ DEFAULT_PARALLEL = 8  # launches mostly wait on clouds; SkyPilot's API server qu
 DEFAULT_MAX_ROUNDS = 5  # a round re-solves and launches only what is still missing
 HEARTBEAT_S = 30.0  # how often `up` reports launches still in flight
 CANCEL_POLL_S = 0.5  # after Ctrl-C, how often in-flight launches are cancelled again until every worker is done
-INTERRUPT_POLL_S = 0.2  # while launches run, how soon a Ctrl-C (taken as a flag, see `_interrupts_set`) is seen
+INTERRUPT_POLL_S = 0.2  # while launches run, how soon a held Ctrl-C is seen
 
 Planner = Callable[[PlanRequest], Plan]
 
@@ -302,19 +301,21 @@ class Fleet:
         futures: dict[Future[ReplicaState], ReplicaPlan] = {}
         interrupted = False
         try:
-            with _interrupts_set(stop):
+            # While launches run, a Ctrl-C (and SIGTERM/SIGHUP as the CLI handles them) is held and seen by this loop:
+            # raised inside `concurrent.futures.wait` it could leave a future's lock held, and no worker could finish.
+            with signals_held() as held:
                 for replica in todo:
                     futures[pool.submit(self._launch_one, replica, secrets, options, round_, port, stop)] = replica
                 pending = set(futures)
                 next_beat = time.monotonic() + self.heartbeat
-                while pending and not stop.is_set():
+                while pending and not held:
                     timeout = min(INTERRUPT_POLL_S, max(0.0, next_beat - time.monotonic()))
                     done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                     outcomes += [(futures[future], future.result()) for future in done]
                     if time.monotonic() >= next_beat:
                         self._heartbeat(round_)
                         next_beat = time.monotonic() + self.heartbeat
-            if stop.is_set():
+            if held:
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             interrupted = True
@@ -463,24 +464,3 @@ class Fleet:
             self._db.remove_fleet(fleet)
         return DownReport(fleet=fleet, removed=sorted(removed), already_gone=sorted(gone), failed=failed,
                           fleet_removed=not failed)
-
-
-@contextlib.contextmanager
-def _interrupts_set(flag: threading.Event) -> Iterator[None]:
-    """While launches are in flight, a Ctrl-C (and SIGTERM/SIGHUP, where the process handles them in Python, as the
-    CLI does) sets `flag` instead of raising KeyboardInterrupt wherever the main thread happens to be: raised inside
-    `concurrent.futures.wait`'s lock juggling it could leave a future's lock held, and the workers could then never
-    finish. Handlers are restored after; outside the main thread nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {}
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        handler = signal.getsignal(sig)
-        if callable(handler):  # a Python handler (Ctrl-C's default included); SIG_DFL / SIG_IGN keep their meaning
-            saved[sig] = signal.signal(sig, lambda _signum, _frame: flag.set())
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)

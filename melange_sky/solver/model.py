@@ -23,15 +23,14 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from melange_sky._signals import deliver, signals_held
 from melange_sky.core.config import Bucket, Config, GpuSpec
 from melange_sky.errors import AllocationCheckError, SolverError
 
@@ -65,20 +64,11 @@ def _pulp() -> Any:
     Ctrl-C (or SIGTERM, SIGHUP) while HiGHS and then PuLP load is held until they have, then delivered."""
     if "pulp" in sys.modules:
         return sys.modules["pulp"]
-    held: list[int] = []
-    saved: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            saved[sig] = signal.signal(sig, lambda signum, _frame: held.append(signum))
-    try:
+    with signals_held() as held:
         with contextlib.suppress(ImportError):
             import highspy  # noqa: F401, PLC0415 - see the docstring
         import pulp  # noqa: PLC0415 - see the docstring
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    if held:  # delivered now, to the handlers the process had (Ctrl-C: KeyboardInterrupt)
-        signal.raise_signal(held[0])
+    deliver(held)
     return pulp
 
 
