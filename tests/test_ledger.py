@@ -11,7 +11,7 @@ import pytest
 
 import melange_sky.fleet.ledger as ledger_mod
 from melange_sky.errors import FleetBusy, LedgerError
-from melange_sky.fleet.ledger import Ledger, NewReplica, ReplicaState
+from melange_sky.fleet.ledger import Ledger, NewReplica, ReplicaState, Role
 
 PLAN = {"A10G": 2, "cost": 2.02}
 
@@ -286,3 +286,43 @@ def test_row_versions_never_repeat_even_when_a_gone_row_is_replaced(ledger):
     before = ledger.get_replica("demo-a10g-0").version
     ledger.add_replica("demo", replica("demo-a10g-0"))  # the GONE row is replaced by a new one
     assert ledger.get_replica("demo-a10g-0").version > before
+
+
+def test_a_version_1_ledger_keeps_its_rows_as_replicas_after_the_router_migration(tmp_path):
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    for statement in ledger_mod.MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO fleets VALUES ('f', 'h', '{}', 0, 0)")
+    conn.execute("INSERT INTO replicas (cluster, fleet, gpu, offer, price_per_hour, state, created, updated) "
+                 "VALUES ('f-a10g-0', 'f', 'A10G', 'aws', 1.0, 'up', 0, 0)")
+    conn.commit()
+    conn.close()
+    with Ledger(tmp_path) as db:
+        assert db.schema_version == len(ledger_mod.MIGRATIONS)
+        [row] = db.replicas("f")
+        assert (row.cluster, row.role) == ("f-a10g-0", Role.REPLICA)
+        assert db.router("f") is None
+
+
+def test_the_router_is_a_cluster_of_the_fleet_but_never_one_of_its_replicas(ledger):
+    ledger.save_fleet("f", "h", {})
+    ledger.add_replica("f", NewReplica("f-a10g-0", "A10G", "aws", 1.0))
+    ledger.add_replica("f", NewReplica("f-router", "router", "aws:us-east-1:m6i.large", 0.096, role=Role.ROUTER))
+    assert [r.cluster for r in ledger.replicas("f")] == ["f-a10g-0"]
+    assert [r.cluster for r in ledger.replicas("f", roles=None)] == ["f-a10g-0", "f-router"]
+    router = ledger.router("f")
+    assert router is not None and router.role is Role.ROUTER and router.state is ReplicaState.PENDING
+    with pytest.raises(LedgerError, match="not gone"):  # `down` must remove the router too
+        ledger.transition("f-a10g-0", ReplicaState.GONE)
+        ledger.remove_fleet("f")
+
+
+def test_fleet_wide_events_are_kept_in_the_fleets_history_in_order(ledger):
+    ledger.save_fleet("f", "h", {})
+    first = ledger.record_event("f", "scale-up", "p95 rate 40 req/s needs $12.00/h")
+    second = ledger.record_event("f", "drain", "f-a10g-3 left the router")
+    kinds = [(e.cluster, e.new_state, e.message) for e in ledger.history(fleet="f") if e.id >= first.id]
+    assert kinds == [(None, "scale-up", "p95 rate 40 req/s needs $12.00/h"),
+                     (None, "drain", "f-a10g-3 left the router")]
+    assert second.id > first.id

@@ -29,8 +29,8 @@ DB_NAME = "ledger.db"
 BUSY_TIMEOUT_MS = 10_000
 
 __all__ = [
-    "Event", "FleetLock", "FleetRecord", "Ledger", "NewReplica", "ReplicaRecord", "ReplicaState", "ledger_home",
-    "running_cost",
+    "Event", "FleetLock", "FleetRecord", "Ledger", "NewReplica", "ReplicaRecord", "ReplicaState", "Role",
+    "ledger_home", "running_cost",
 ]
 
 
@@ -77,6 +77,14 @@ class ReplicaState(str, enum.Enum):  # noqa: UP042 - members' str() kept as rele
         return self in (ReplicaState.LAUNCHING, ReplicaState.FAILED)
 
 
+class Role(enum.StrEnum):
+    """What a cluster of the fleet does: a REPLICA serves the model on GPUs; the ROUTER (one per fleet, a small CPU
+    instance) is the fleet's endpoint. Both bill and both are torn down by `down`; only replicas are routed to."""
+
+    REPLICA = "replica"
+    ROUTER = "router"
+
+
 # Ordered migrations: MIGRATIONS[i] takes the schema from version i to i + 1. Append only; never edit a shipped one.
 MIGRATIONS: list[tuple[str, ...]] = [
     (
@@ -114,6 +122,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
             at REAL NOT NULL)""",
         "CREATE INDEX events_by_cluster ON events(cluster)",
     ),
+    # 2: the fleet's router is a cluster of its own, recorded like a replica (written before its launch, every
+    # change in history) but never routed to.
+    ("ALTER TABLE replicas ADD COLUMN role TEXT NOT NULL DEFAULT 'replica'",),
 ]
 
 
@@ -151,6 +162,7 @@ class NewReplica:
     use_spot: bool = False
     round: int = 0
     task: Mapping[str, Any] | None = None
+    role: Role = Role.REPLICA
 
 
 @dataclass(frozen=True)
@@ -176,6 +188,7 @@ class ReplicaRecord:
     #: The id of the row's latest history event: it grows with every write, and never repeats (not even when a
     #: GONE row is replaced), so a writer that does not hold the fleet's lock can compare-and-set on it.
     version: int = 0
+    role: Role = Role.REPLICA
 
     def to_dict(self) -> dict[str, Any]:
         """The row as `--json` prints it (no task: it is in the plan)."""
@@ -183,7 +196,7 @@ class ReplicaRecord:
                 "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type,
                 "use_spot": self.use_spot, "price_per_hour": self.price_per_hour, "state": self.state.value,
                 "endpoint": self.endpoint, "last_error": self.last_error, "round": self.round,
-                "updated": self.updated}
+                "created": self.created, "updated": self.updated, "role": self.role.value}
 
 
 def running_cost(replicas: Iterable[ReplicaRecord]) -> float:
@@ -454,12 +467,12 @@ class Ledger:
                 conn.execute("DELETE FROM replicas WHERE cluster = ?", (replica.cluster,))
             conn.execute(
                 "INSERT INTO replicas (cluster, fleet, gpu, offer, cloud, region, instance_type, use_spot, "
-                "price_per_hour, round, task, state, endpoint, last_error, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?)",
+                "price_per_hour, round, task, state, endpoint, last_error, created, updated, role) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
                 (replica.cluster, fleet, replica.gpu, replica.offer, replica.cloud, replica.region,
                  replica.instance_type, int(replica.use_spot), float(replica.price_per_hour), replica.round,
                  json.dumps(task, sort_keys=True) if task is not None else None, ReplicaState.PENDING.value,
-                 now, now))
+                 now, now, Role(replica.role).value))
             self._event(conn, fleet, replica.cluster, old, ReplicaState.PENDING.value, message, now)
         return self._replica_or_raise(replica.cluster)
 
@@ -528,10 +541,15 @@ class Ledger:
         rows = self._query(f"{_REPLICAS} WHERE cluster = ?", (cluster,))
         return _replica(rows[0]) if rows else None
 
-    def replicas(self, fleet: str | None = None,
-                 states: Iterable[ReplicaState] | None = None) -> list[ReplicaRecord]:
-        """Replicas of one fleet (or all), optionally only in the given states, ordered by fleet then name."""
+    def replicas(self, fleet: str | None = None, states: Iterable[ReplicaState] | None = None,
+                 roles: Iterable[Role] | None = (Role.REPLICA,)) -> list[ReplicaRecord]:
+        """Clusters of one fleet (or all), ordered by fleet then name: by default its replicas only (`roles=None`:
+        its router too), optionally only in the given states."""
         sql, params = f"{_REPLICAS} WHERE 1 = 1", []
+        if roles is not None:
+            wanted_roles = [Role(r).value for r in roles]
+            sql += f" AND role IN ({', '.join('?' for _ in wanted_roles)})" if wanted_roles else " AND 0"
+            params.extend(wanted_roles)
         if fleet is not None:
             sql += " AND fleet = ?"
             params.append(fleet)
@@ -540,6 +558,21 @@ class Ledger:
             sql += f" AND state IN ({', '.join('?' for _ in wanted)})" if wanted else " AND 0"
             params.extend(wanted)
         return [_replica(row) for row in self._query(sql + " ORDER BY fleet, cluster", params)]
+
+    def router(self, fleet: str) -> ReplicaRecord | None:
+        """The fleet's router cluster, if it has one in the ledger (gone ones included)."""
+        rows = self.replicas(fleet, roles=(Role.ROUTER,))
+        return rows[0] if rows else None
+
+    def record_event(self, fleet: str, kind: str, message: str) -> Event:
+        """A fleet-wide action (a scale-up, a drain, a push of routes, a refused plan) in the fleet's history, with
+        no cluster: what a controller did and why, for `status` and for the next pass (hold times)."""
+        now = time.time()
+        with self._tx() as conn:
+            cursor = conn.execute("INSERT INTO events (fleet, cluster, old_state, new_state, message, at) "
+                                  "VALUES (?, NULL, NULL, ?, ?, ?)", (fleet, kind, message, now))
+            event_id = int(cursor.lastrowid or 0)
+        return Event(event_id, fleet, None, None, kind, message, now)
 
     def history(self, *, fleet: str | None = None, cluster: str | None = None) -> list[Event]:
         """Recorded transitions, oldest first."""
@@ -594,4 +627,4 @@ def _replica(row: sqlite3.Row) -> ReplicaRecord:
         price_per_hour=row["price_per_hour"], round=row["round"],
         task=json.loads(row["task"]) if row["task"] is not None else None, state=ReplicaState(row["state"]),
         endpoint=row["endpoint"], last_error=row["last_error"], created=row["created"], updated=row["updated"],
-        version=row["version"])
+        version=row["version"], role=Role(row["role"]))
