@@ -1,0 +1,131 @@
+"""`sweep`: what the mix and each single GPU type cost over a range of request rates (table, JSON, figure)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from melange_sky._io import write_json
+from melange_sky.cli.main import debug_option, main, warn
+from melange_sky.cli.options import SolveArgs, solve_options
+from melange_sky.solver.result import Baseline
+from melange_sky.solver.sweep import MixCost, Sweep, check_plotting, plot_sweep, sweep_rates
+from melange_sky.solver.sweep import sweep as run_sweep
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--rates", metavar="R1,R2,...", help="Request rates in req/s, comma-separated (e.g. 1,2,5,10,20).")
+@click.option("--from", "start", type=float, help="First rate of an evenly spaced range, req/s (default: --to / "
+                                                   "--steps, or --to / 100 with --log).")
+@click.option("--to", "stop", type=float, help="Last rate of the range, req/s (default: twice the config's "
+                                               "total_request_rate).")
+@click.option("--steps", type=int, help="Rates in the range, both ends included (default: 20).")
+@click.option("--log", is_flag=True, help="Space the range geometrically (and draw a log rate axis).")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep as JSON on stdout instead of the table.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the sweep as JSON to this file.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.png",
+              help="Draw cost vs rate (the mix, split, each GPU type alone) above the mix's GPUs per rate, as a "
+                   "PNG. Needs matplotlib: pip install 'melange-sky[plot]'.")
+@solve_options
+@debug_option
+def sweep(config: str, rates: str | None, start: float | None, stop: float | None, steps: int | None, log: bool,
+          as_json: bool, output: str | None, plot: str | None, solve_args: SolveArgs) -> None:
+    """Cost of the cheapest mix and of each single GPU type over request rates, for CONFIG.
+
+    Each rate is solved as `solve --rate R` would: the mix under --formulation, the `split` mix and every
+    single-GPU-type fleet. A rate no fleet fits shows as infeasible. --rate sets the config's rate that the
+    default range (20 steps up to twice it) is built from.
+
+    \b
+    Examples:
+      melange-sky sweep examples/example.json
+      melange-sky sweep examples/example.json --rates 1,2,5,10,20,50,100 --json
+      melange-sky sweep examples/example.json --from 1 --to 100 --steps 50 --plot sweep.png
+    """
+    if plot:
+        check_plotting()  # before any solving: a missing extra is a one-line error, at once
+    cfg = solve_args.load(config)
+    result = run_sweep(cfg, sweep_rates(cfg, rates, start, stop, steps, log), solve_args.formulation,
+                       solve_args.solver)
+    written = []
+    if output:
+        write_json(output, result.to_dict())
+        written.append(output)
+    if plot:
+        plot_sweep(result, plot)
+        written.append(plot)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_sweep(result))
+    if any(p.mix.status == "feasible" or p.split.status == "feasible" for p in result.points):
+        warn([f"the solver hit --time-limit {solve_args.time_limit:g} s at some rates (marked *) before proving "
+              f"the fleet optimal"])
+    for path in written:
+        click.echo(f"Wrote {path}", err=True)
+
+
+def format_sweep(result: Sweep) -> str:
+    """The sweep as an aligned table: one rate per line, $/h per fleet, the saving and the mix's GPUs."""
+    split = result.formulation != "split"
+    names = result.baseline_names
+    headers = ["req/s", f"{result.formulation} $/h", *(["split $/h"] if split else []),
+               *(f"{n} $/h" for n in names), "saving", f"fleet ({result.formulation})"]
+    rows = []
+    for p in result.points:
+        by_name = {b.gpu: b for b in p.baselines}
+        saving, best = p.saving, p.best_baseline
+        rows.append([f"{p.rate:g}", _mix_cell(p.mix), *([_mix_cell(p.split)] if split else []),
+                     *(_baseline_cell(by_name.get(n)) for n in names),
+                     "-" if saving is None or best is None or not best.cost
+                     else f"{saving:.2f} ({100 * saving / best.cost:.1f}%)",
+                     " + ".join(f"{n} {g}" for g, n in p.mix.counts.items()) or "-"])
+    widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
+    last = len(headers) - 1
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) if k == last else c.rjust(w)
+                                for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lo, hi = result.rates[0], result.rates[-1]
+    lines = [f"Cost sweep for {result.name}: {len(result.points)} rate(s), {lo:g} to {hi:g} req/s; formulation "
+             f"{result.formulation}, slice_factor {result.slice_factor}, headroom {100 * result.headroom:g}%. "
+             f"Costs in $/h.", "", line(headers), *(line(r) for r in rows)]
+    notes = _infeasible_notes(result)
+    if notes:
+        lines += ["", *notes]
+    if any("*" in cell for r in rows for cell in r[1:-1]):
+        lines.append("* the time limit stopped the search before this fleet was proven optimal")
+    solves = len(result.points) * (2 if split else 1)
+    lines += ["", f"Solved {solves} fleets at {len(result.points)} rate(s) in {result.seconds:.2f} s "
+                  f"({result.solver}); saving: the mix against the cheapest single-GPU-type fleet."]
+    return "\n".join(lines)
+
+
+def _mix_cell(mix: MixCost) -> str:
+    if mix.cost is None:
+        return "infeasible"
+    return f"{mix.cost:.2f}" + ("*" if mix.status == "feasible" else "")
+
+
+def _baseline_cell(baseline: Baseline | None) -> str:
+    return "infeasible" if baseline is None or baseline.cost is None else f"{baseline.cost:.2f}"
+
+
+def _infeasible_notes(result: Sweep) -> list[str]:
+    """Why each infeasible column is so: how many rates, the first one, and the solver's reason there."""
+    seen: dict[str, tuple[int, float, str]] = {}
+
+    def note(label: str, rate: float, reason: str | None) -> None:
+        count, first, why = seen.get(label, (0, rate, reason or "no fleet fits"))
+        seen[label] = (count + 1, first, why)
+
+    for p in result.points:
+        for mix in [p.mix] if p.split is p.mix else [p.mix, p.split]:
+            if mix.cost is None:
+                note(f"mix ({mix.formulation})", p.rate, mix.reason)
+        for b in p.baselines:
+            if b.cost is None:
+                note(f"{b.gpu} alone", p.rate, b.reason)
+    total = len(result.points)
+    return [f"{label}: infeasible at {count} of {total} rate(s), first at {first:g} req/s: {why}"
+            for label, (count, first, why) in seen.items()]
