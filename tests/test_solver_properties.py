@@ -13,7 +13,7 @@ import math
 
 import pulp
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from melange_sky.core.config import parse_config
@@ -453,19 +453,41 @@ def fill_cost(offers: list[tuple[float, int | None]], n: int) -> float:
     return total if left == 0 else math.inf
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(small_instances(), st.data())
-def test_a_type_spread_over_priced_and_capped_offers_costs_the_cheapest_fill(data, draw):
-    """Per-offer columns of one GPU entry form one type: the optimum is the brute-force optimum over type totals,
-    each total priced by filling the cheapest offers first within their quotas, in every formulation."""
+@st.composite
+def spread_instances(draw):
+    """A small instance and, per GPU type, 1-3 offers (price, cap or None)."""
+    data = draw(small_instances())
+    offers = {g: [(draw(st.integers(10, 400)) / 100, draw(st.none() | st.integers(0, 3)))
+                  for _ in range(draw(st.integers(1, 3)))] for g in data["gpu_info"]}
+    return data, offers
+
+
+#: Issue 12's counterexample: G1's cheap offer is capped at 1, so the second G1 comes from its $0.14 offer: G1 x 2
+#: = $0.24. The presolve dropped that offer for G2 ($0.13, as fast, uncapped) and answered G2 x 2 = $0.26.
+CAPPED_FILL_CASE = ({"workload_distribution": [[1]], "total_request_rate": 2, "slice_factor": 1,
+                     "gpu_info": {"G0-x": {"cost": 1.0, "tputs": [[0]]}, "G1-x": {"cost": 1.0, "tputs": [[1]]},
+                                  "G2-x": {"cost": 1.0, "tputs": [[1]]}}},
+                    {"G0-x": [(1.0, None)], "G1-x": [(0.14, None), (0.10, 1)], "G2-x": [(0.13, None)]})
+
+
+def spread_over_offers(data: dict, offers: dict):
+    """The config `--per-offer` would make: one column per (type, offer) with the offer's price and cap."""
     import dataclasses
 
-    offers = {g: [(draw.draw(st.integers(10, 400)) / 100, draw.draw(st.none() | st.integers(0, 3)))
-                  for _ in range(draw.draw(st.integers(1, 3)))] for g in data["gpu_info"]}
     base = parse_config(data)
     columns = tuple(dataclasses.replace(g, name=f"{g.name}@o{k}", entry=g.name, cost=price, max_count=cap)
                     for g in base.gpus for k, (price, cap) in enumerate(offers[g.name]))
-    config = dataclasses.replace(base, gpus=columns)
+    return dataclasses.replace(base, gpus=columns)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spread_instances())
+@example(CAPPED_FILL_CASE)
+def test_a_type_spread_over_priced_and_capped_offers_costs_the_cheapest_fill(case):
+    """Per-offer columns of one GPU entry form one type: the optimum is the brute-force optimum over type totals,
+    each total priced by filling the cheapest offers first within their quotas, in every formulation."""
+    data, offers = case
+    config = spread_over_offers(data, offers)
     names = list(data["gpu_info"])
     typed = {**data, "gpu_info": {g: {**spec} for g, spec in data["gpu_info"].items()}}
     for g, spec in typed["gpu_info"].items():
@@ -486,3 +508,10 @@ def test_a_type_spread_over_priced_and_capped_offers_costs_the_cheapest_fill(dat
                     assert cap is None or result.counts[f"{g}@o{k}"] <= cap
             for route in result.routing:
                 assert all(result.counts[name] > 0 for name in route.shares)
+
+
+def test_a_capped_cheap_offer_and_a_dearer_uncapped_one_beat_a_type_between_them():
+    """Issue 12: G1 at $0.10 (1 at most) + G1 at $0.14 = $0.24 beats G2 x 2 = $0.26."""
+    result = solve(spread_over_offers(*CAPPED_FILL_CASE), compare=False)
+    assert result.cost == pytest.approx(0.24)
+    assert {name: n for name, n in result.counts.items() if n} == {"G1-x@o0": 1, "G1-x@o1": 1}

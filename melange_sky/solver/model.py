@@ -12,8 +12,16 @@ Three formulations share that model and differ only in how a bucket may be divid
 * ``split``: any fraction x[b, g] in [0, 1] (the S -> infinity limit). Never dearer; x is a router's table.
 
 With `--per-offer`, one GPU entry becomes a column per offer (price and quota each); those columns form one GPU
-type: an integer count of the type, spread over its offers by continuous counts that the cheapest-first rule makes
-integral (`_fill_cheapest`). That keeps the model's integers at one per type however many offers there are.
+type: an integer count y of the type, spread over its offers by counts z. For a given integer y the cheapest spread
+is a min-cost problem whose only constraints are sum(z) = y and each offer's bounds: its matrix is totally unimodular,
+so its optimum is integral and is the cheapest-first fill (`_fill_cheapest`). The continuous z are therefore exact,
+and the model keeps one integer per type however many offers there are. A quota shared by several columns (a
+cloud's regional GPU quota, `SharedCap`) breaks that structure (it weighs columns by their GPUs per instance and may
+span types), so the columns under one get integer counts: exact again, at the price of more integers.
+
+The dominance presolve (`dominated_gpus`) drops columns no optimal fleet needs. A column that is one offer of a type
+may only be dropped for a cheaper uncapped offer of the same type, or together with its whole type: its share of
+the work cannot move to another type on its own, since work is assigned to types, not offers.
 
 PuLP is imported inside the functions that use it: `melange-sky --help` never pays for it.
 """
@@ -25,7 +33,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -83,6 +91,20 @@ class SolverOptions:
     msg: bool = False
 
 
+@dataclass(frozen=True)
+class SharedCap:
+    """At most `cap` GPUs across several columns together: a quota pattern ("azure:eastus") matching several
+    offers, as clouds count quotas (GPUs per region, not instances per instance type). `columns` maps each column
+    to its GPUs per instance."""
+
+    name: str  # where it comes from, for messages: "gpu_info.A100-80GB.quotas.azure:eastus"
+    columns: tuple[tuple[str, int], ...]
+    cap: int
+
+    def gpus(self, counts: dict[str, int]) -> int:
+        return sum(k * counts.get(column, 0) for column, k in self.columns)
+
+
 @dataclass
 class ModelVariables:
     """The decision variables, keyed by domain names, and each (bucket, GPU type) share as an expression of them.
@@ -95,10 +117,13 @@ class ModelVariables:
     share: dict[tuple[Bucket, str], Any]  # fraction of bucket b served by type t, as a PuLP expression
     members: dict[str, list[GpuSpec]] = field(default_factory=dict)  # type -> its columns
     offer: dict[str, Any] = field(default_factory=dict)  # z[g]: instances of column g (types with several columns)
+    integral: frozenset[str] = frozenset()  # columns whose z is an integer (under a shared cap)
 
 
-def build_model(config: Config, formulation: Formulation | str, relax: bool = False):
-    """The MILP for `formulation` as (model, variables). `relax` makes every variable continuous."""
+def build_model(config: Config, formulation: Formulation | str, relax: bool = False,
+                caps: Sequence[SharedCap] = ()):
+    """The MILP for `formulation` as (model, variables). `relax` makes every variable continuous; `caps` bound
+    the GPUs of several columns together."""
     pulp = _pulp()
 
     integer = pulp.LpContinuous if relax else pulp.LpInteger
@@ -106,8 +131,9 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
     S = config.slice_factor
     rate = {b: config.bucket_rate(b) for b in config.buckets}
     demand = [b for b in config.buckets if rate[b] > 0]
-    dominated = dominated_gpus(config)
+    dominated = dominated_gpus(config, caps)
     columns = [g for g in config.gpus if g.name not in dominated]
+    shared = {column for cap in caps for column, _ in cap.columns}
     members = offer_groups(columns)
     gpus = [group[0] for group in members.values()]  # one representative per type: its tputs serve for all
     servers = {b: [g for g in gpus if g.tput(b) > 0] for b in demand}
@@ -123,17 +149,21 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
                                          upBound=group[0].max_count, cat=integer)
             cost_terms.append(group[0].cost * y[name])
             continue
-        # One GPU at several offers: an integer count of the type, spread over its offers by continuous counts.
-        # For a given total the cheapest spread fills offers in price order within their bounds, which is integral,
-        # so this has the optimum of integer counts per offer without their symmetry (see `_fill_cheapest`).
-        caps = [g.max_count for g in group if g.max_count is not None]
+        # One GPU at several offers: an integer count of the type, spread over its offers by counts that are
+        # continuous (exact, see the module's docstring) except under a shared cap.
+        bounds = [g.max_count for g in group if g.max_count is not None]
         y[name] = model.add_variable(f"y_{label[name]}", lowBound=sum(g.min_count for g in group),
-                                     upBound=sum(caps) if len(caps) == len(group) else None, cat=integer)
+                                     upBound=sum(bounds) if len(bounds) == len(group) else None, cat=integer)
         for g in group:
-            z[g.name] = model.add_variable(f"z_{label[g.name]}", lowBound=g.min_count, upBound=g.max_count)
+            z[g.name] = model.add_variable(f"z_{label[g.name]}", lowBound=g.min_count, upBound=g.max_count,
+                                           cat=integer if g.name in shared else pulp.LpContinuous)
             cost_terms.append(g.cost * z[g.name])
         model += pulp.lpSum(z[g.name] for g in group) == y[name], f"offers_{label[name]}"
     model += pulp.lpSum(cost_terms), "cost_per_hour"
+    for k, cap in enumerate(caps):
+        used = [(z[c] if c in z else y[c], n) for c, n in cap.columns if c in z or c in y]
+        if used:
+            model += pulp.lpSum(n * var for var, n in used) <= cap.cap, f"shared_cap_{k}"
 
     assign: dict[tuple, Any] = {}
     share: dict[tuple[Bucket, str], Any] = {}
@@ -160,7 +190,8 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
     for g in gpus:
         load = pulp.lpSum(share[b, g.name] * (rate[b] / g.tput(b)) for b in demand if (b, g.name) in share)
         model += load <= config.headroom * y[g.name], f"capacity_{label[g.name]}"
-    return model, ModelVariables(count=y, assign=assign, share=share, members=members, offer=z)
+    return model, ModelVariables(count=y, assign=assign, share=share, members=members, offer=z,
+                                 integral=frozenset(shared & set(z)))
 
 
 def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
@@ -174,16 +205,22 @@ def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
     return {group[0].name: group for group in types.values()}
 
 
-def dominated_gpus(config: Config) -> dict[str, str]:
-    """GPU types no optimal fleet needs, each mapped to one that dominates it: no dearer, at least as fast on every
-    bucket with demand, and without a max_count (while the dominated one has no min_count). Moving all of a dominated
-    type's work onto its dominator never raises the cost, so dropping it is exact; it shrinks multi-cloud problems
-    where one GPU is offered at several prices (40 offers of 8 GPUs become 8 columns)."""
+def dominated_gpus(config: Config, caps: Sequence[SharedCap] = ()) -> dict[str, str]:
+    """Columns no optimal fleet needs, each mapped to one that dominates it: no dearer, at least as fast on every
+    bucket with demand, and uncapped (no max_count, under no shared cap) while the dominated one has no min_count.
+    Moving a dominated type's work onto its dominator never raises the cost, so dropping it is exact; it shrinks
+    multi-cloud problems where one GPU is offered at several prices (40 offers of 8 GPUs become 8 columns).
+
+    An offer of a multi-offer type (`offer_groups`) is dropped only for a dominating offer of its own type, or with
+    its whole type when one column outside dominates every offer of it: the work of one offer alone cannot move to
+    another type (a type's work is shared by its offers), so a cheaper uncapped G2 does not make G1's dearer uncapped
+    offer unnecessary while G1 also has a cheap capped one."""
     demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
     order = {g.name: k for k, g in enumerate(config.gpus)}
+    shared = {column for cap in caps for column, _ in cap.columns}
 
     def dominates(h: GpuSpec, g: GpuSpec) -> bool:
-        if h is g or h.max_count is not None or g.min_count > 0 or h.cost > g.cost:
+        if h is g or h.max_count is not None or h.name in shared or g.min_count > 0 or h.cost > g.cost:
             return False
         if any(h.tput(b) < g.tput(b) for b in demand):
             return False
@@ -191,10 +228,14 @@ def dominated_gpus(config: Config) -> dict[str, str]:
         return strictly or order[h.name] < order[g.name]
 
     result = {}
-    for g in config.gpus:
-        by = next((h for h in config.gpus if dominates(h, g)), None)
-        if by is not None:
-            result[g.name] = by.name
+    for group in offer_groups(list(config.gpus)).values():
+        names = {g.name for g in group}
+        outside = [h for h in config.gpus if h.name not in names] if len(group) > 1 else list(config.gpus)
+        by = next((h for h in outside if all(dominates(h, g) for g in group)), None)
+        for g in group:
+            within = by or next((h for h in group if dominates(h, g)), None)
+            if within is not None:
+                result[g.name] = within.name
     return result
 
 
@@ -251,7 +292,13 @@ def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[
     for name, var in variables.count.items():
         total = int(round(pulp.value(var) or 0))
         group = variables.members.get(name) or [config.gpu(name)]
-        counts.update(_fill_cheapest(group, total) if len(group) > 1 else {name: total})
+        if len(group) == 1:
+            counts[name] = total
+            continue
+        fixed = {g.name: int(round(pulp.value(variables.offer[g.name]) or 0)) for g in group
+                 if g.name in variables.integral}
+        counts.update(fixed)
+        counts.update(_fill_cheapest([g for g in group if g.name not in fixed], total - sum(fixed.values())))
     routing: dict[Bucket, dict[str, float]] = {}
     for (b, g), expr in variables.share.items():
         value = min(max(pulp.value(expr) or 0.0, 0.0), 1.0)
@@ -279,7 +326,7 @@ def _fill_cheapest(group: list[GpuSpec], total: int) -> dict[str, int]:
     counts = cheapest_spread(group, total)
     if counts is None:
         raise AllocationCheckError(f"internal error, please report: {total} instances do not fit the offers of "
-                                   f"{group[0].name} and the like")
+                                   f"{', '.join(g.name for g in group) or 'a GPU type'}")
     return counts
 
 
@@ -296,8 +343,8 @@ def cheapest_spread(group: list[GpuSpec], total: int) -> dict[str, int] | None:
     return None if left else counts
 
 
-def max_servable_fraction(config: Config, options: SolverOptions) -> float:
-    """Largest share of every bucket's demand that the max_count limits can carry (an LP)."""
+def max_servable_fraction(config: Config, options: SolverOptions, caps: Sequence[SharedCap] = ()) -> float:
+    """Largest share of every bucket's demand that the max_count limits and shared caps can carry (an LP)."""
     pulp = _pulp()
 
     model = pulp.LpProblem("max_servable", pulp.LpMaximize)
@@ -315,14 +362,19 @@ def max_servable_fraction(config: Config, options: SolverOptions) -> float:
         if cap is not None:
             load = pulp.lpSum(x[b, g.name] * config.bucket_rate(b) / g.tput(b) for b in demand if (b, g.name) in x)
             model += load <= cap, f"capacity_{k}"
+    for k, shared in enumerate(caps):
+        gpus = [(config.gpu(column), n) for column, n in shared.columns]
+        load = pulp.lpSum(n * x[b, g.name] * config.bucket_rate(b) / g.tput(b)
+                          for g, n in gpus for b in demand if (b, g.name) in x)
+        model += load <= config.headroom * shared.cap, f"shared_cap_{k}"
     run_model(model, SolverOptions(name=options.name, path=options.path))
     return pulp.value(alpha) or 0.0
 
 
-def lp_bound(config: Config, options: SolverOptions) -> float | None:
+def lp_bound(config: Config, options: SolverOptions, caps: Sequence[SharedCap] = ()) -> float | None:
     pulp = _pulp()
 
-    model, _ = build_model(config, Formulation.SPLIT, relax=True)
+    model, _ = build_model(config, Formulation.SPLIT, relax=True, caps=caps)
     status, _ = run_model(model, SolverOptions(name=options.name, path=options.path))
     return pulp.value(model.objective) if status is SolveStatus.OPTIMAL else None
 

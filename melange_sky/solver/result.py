@@ -2,22 +2,29 @@
 teams do today (one GPU type alone).
 
 Every allocation is re-checked after solving (load <= headroom * count per type, shares of each bucket sum
-to 1); one that fails is a bug and raises `AllocationCheckError`.
+to 1, shared caps kept); one that fails is a bug and raises `AllocationCheckError`.
+
+A baseline is the cheapest fleet of one GPU entry alone, solved by the same model with every column the mix may use
+for it (every offer, quota and instance size with `--per-offer`): a mix of one GPU type then saves nothing against
+itself.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from melange_sky.core.config import Bucket, Config
+from melange_sky.core.config import Bucket, Config, GpuSpec
 from melange_sky.errors import AllocationCheckError, InfeasibleAllocation, SolverError
-from melange_sky.solver.model import (Formulation, SolverOptions, SolveStatus, build_model, cheapest_spread,
-                                     extract_allocation, lp_bound, max_servable_fraction, offer_groups, run_model)
+from melange_sky.solver.model import (Formulation, SharedCap, SolverOptions, SolveStatus, build_model,
+                                     extract_allocation, lp_bound, max_servable_fraction, run_model)
 
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
+#: Two fleets' $/h closer than this are the same cost (solvers stop within 1e-6 of the optimum).
+SAME_COST = 1e-6
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,7 @@ class GpuAllocation:
     price: float
     load: float  # GPUs' worth of work routed to this type
     utilisation: float | None  # load / count; None when count is 0
+    gpus_per_instance: int = 1  # GPUs in one instance of this column (bound to an 8-GPU offer: 8; counts instances)
 
     @property
     def cost(self) -> float:
@@ -49,10 +57,11 @@ class Route:
 class Baseline:
     """The fleet one GPU type alone would need, or why that type alone cannot serve the workload."""
 
-    gpu: str
-    count: int | None
+    gpu: str  # the GPU entry
+    count: int | None  # instances
     cost: float | None
     reason: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)  # column -> instances, where they are (offers, sizes)
 
 
 @dataclass(frozen=True)
@@ -98,10 +107,18 @@ class SolveResult:
         return min(feasible, key=lambda b: b.cost or 0.0) if feasible else None
 
     @property
+    def replicas(self) -> int:
+        """Instances in the fleet: one cluster each."""
+        return sum(g.count for g in self.gpus)
+
+    @property
     def saving(self) -> float | None:
-        """$/h the mix saves against the cheapest single-GPU-type fleet."""
+        """$/h the mix saves against the cheapest single-GPU-type fleet (0 when that fleet is the mix itself)."""
         best = self.best_baseline
-        return None if best is None or best.cost is None else best.cost - self.cost
+        if best is None or best.cost is None:
+            return None
+        saving = best.cost - self.cost
+        return 0.0 if abs(saving) < SAME_COST else saving
 
     def original_output(self) -> dict[str, Any]:
         """The original Mélange `melange_result.json` shape: count per GPU type plus total `cost`."""
@@ -136,28 +153,26 @@ class SolveResult:
 
 
 def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
-          options: SolverOptions = SolverOptions(), compare: bool = True) -> SolveResult:
-    """Find the cheapest fleet. With `compare`, also the LP lower bound and a cheaper `split` alternative."""
+          options: SolverOptions = SolverOptions(), compare: bool = True,
+          caps: Sequence[SharedCap] = ()) -> SolveResult:
+    """Find the cheapest fleet and the single-GPU-type baselines. With `compare`, also the LP lower bound and a
+    cheaper `split` alternative. `caps` bound the GPUs of several columns together (quotas across offers)."""
     try:
         formulation = Formulation(formulation)
     except ValueError:
         raise SolverError(f"unknown formulation {formulation!r}; choose one of "
                           f"{', '.join(f.value for f in Formulation)}") from None
-    model, variables = build_model(config, formulation)
-    status, seconds = run_model(model, options)
-    if status is SolveStatus.INFEASIBLE:
-        raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options)}")
-    counts, routing = extract_allocation(config, variables)
-    result = make_result(config, formulation, options, status, seconds, counts, routing)
+    result = _solve_fleet(config, formulation, options, caps)
+    result = dataclasses.replace(result, baselines=baselines(config, formulation, options, caps))
     if not compare:
         return result
     # The best proven lower bound: the LP relaxation, or the split optimum (split relaxes slices and paper).
-    bounds = [lp_bound(config, options)]
+    bounds = [lp_bound(config, options, caps)]
     alternative = None
     if formulation is Formulation.SPLIT:
-        bounds.append(result.cost if status is SolveStatus.OPTIMAL else None)
+        bounds.append(result.cost if result.status is SolveStatus.OPTIMAL else None)
     else:
-        split = solve(config, Formulation.SPLIT, options, compare=False)
+        split = _solve_fleet(config, Formulation.SPLIT, options, caps)
         bounds.append(split.cost if split.status is SolveStatus.OPTIMAL else None)
         if split.cost < result.cost - 1e-9:
             alternative = Alternative(Formulation.SPLIT, split.cost, split.counts)
@@ -165,25 +180,51 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     return dataclasses.replace(result, lower_bound=lower_bound, alternative=alternative)
 
 
+def _solve_fleet(config: Config, formulation: Formulation, options: SolverOptions,
+                 caps: Sequence[SharedCap]) -> SolveResult:
+    """The cheapest fleet alone (no baselines, no comparison); InfeasibleAllocation saying why if none fits."""
+    model, variables = build_model(config, formulation, caps=caps)
+    status, seconds = run_model(model, options)
+    if status is SolveStatus.INFEASIBLE:
+        raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options, caps)}")
+    counts, routing = extract_allocation(config, variables)
+    return make_result(config, formulation, options, status, seconds, counts, routing, caps)
+
+
 def make_result(config: Config, formulation: Formulation, options: SolverOptions, status: SolveStatus,
-                seconds: float,
-                counts: dict[str, int], routing: dict[Bucket, dict[str, float]]) -> SolveResult:
-    """Build the result record and check it: a result that fails its own check is a bug, not an output."""
-    check_allocation(config, counts, routing)
+                seconds: float, counts: dict[str, int], routing: dict[Bucket, dict[str, float]],
+                caps: Sequence[SharedCap] = ()) -> SolveResult:
+    """Build the result record (baselines left to `solve`) and check it: a result that fails its own check is a
+    bug, not an output."""
+    check_allocation(config, counts, routing, caps)
     loads = _loads(config, routing)
     gpus = [GpuAllocation(name=g.name, count=counts[g.name], price=g.cost, load=loads[g.name],
-                          utilisation=(loads[g.name] / counts[g.name]) if counts[g.name] else None)
+                          utilisation=(loads[g.name] / counts[g.name]) if counts[g.name] else None,
+                          gpus_per_instance=gpus_per_instance(g))
             for g in config.gpus]
     routes = [Route(bucket=b, name=config.bucket_name(b), rate=config.bucket_rate(b), shares=routing[b])
               for b in config.buckets if b in routing]
     return SolveResult(name=config.name, source=config.source, formulation=formulation,
                        slice_factor=config.slice_factor, headroom=config.headroom,
                        total_request_rate=config.total_request_rate, solver=options.name, status=status,
-                       solve_seconds=seconds, gpus=gpus, routing=routes, baselines=baselines(config),
+                       solve_seconds=seconds, gpus=gpus, routing=routes, baselines=[],
                        warnings=list(config.warnings))
 
 
-def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucket, dict[str, float]]) -> None:
+def gpus_per_instance(gpu: GpuSpec) -> int:
+    """GPUs in one instance of a column bound to an offer ("A100-80GB:8" -> 8); 1 for an unbound entry, whose
+    counts are GPUs."""
+    if gpu.entry is None or not gpu.accelerators:
+        return 1
+    _, _, count = gpu.accelerators.partition(":")
+    try:
+        return max(1, int(float(count))) if count.strip() else 1
+    except ValueError:
+        return 1
+
+
+def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucket, dict[str, float]],
+                     caps: Sequence[SharedCap] = ()) -> None:
     """Raise `AllocationCheckError` unless every bucket is fully routed and no type is planned over headroom."""
     problems = []
     for b in config.buckets:
@@ -202,51 +243,73 @@ def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucke
     for gpu in config.gpus:
         if counts[gpu.name] < gpu.min_count or (gpu.max_count is not None and counts[gpu.name] > gpu.max_count):
             problems.append(f"{gpu.name} count {counts[gpu.name]} outside its min/max_count")
+    for cap in caps:
+        if cap.gpus(counts) > cap.cap:
+            problems.append(f"{cap.name}: {cap.gpus(counts)} GPUs over its cap {cap.cap}")
     if problems:
         raise AllocationCheckError("internal error, please report: the solved allocation fails its check: "
                                    + "; ".join(problems))
 
 
-def baselines(config: Config) -> list[Baseline]:
-    """Single-GPU-type fleets (what teams do today): count = ceil(total load / headroom) of that type. A GPU type
-    offered at several offers (`--per-offer`) is one baseline, its instances spread over its offers by price."""
-    result = []
+def baselines(config: Config, formulation: Formulation | str = Formulation.SLICES,
+              options: SolverOptions = SolverOptions(), caps: Sequence[SharedCap] = ()) -> list[Baseline]:
+    """Single-GPU-type fleets (what teams do today): per GPU entry, the cheapest fleet of it alone under the same
+    model, with every column of it (with `--per-offer`: every offer, quota and instance size). One plain column is
+    ceil(total load / headroom) instances; several, or shared caps, are solved."""
+    entries: dict[str, list[GpuSpec]] = {}
+    for g in config.gpus:
+        entries.setdefault(g.entry or g.name, []).append(g)
     demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
-    for group in offer_groups(list(config.gpus)).values():
-        gpu = group[0]
-        label = gpu.entry or gpu.name if len(group) > 1 else gpu.name
-        blocked = next((b for b in demand if gpu.tput(b) <= 0), None)
+    result = []
+    for label, columns in entries.items():
+        blocked = next((b for b in demand if all(g.tput(b) <= 0 for g in columns)), None)
         if blocked is not None:
             result.append(Baseline(label, None, None,
                                    f"cannot serve bucket {config.bucket_name(blocked)} (tputs 0)"))
             continue
-        load = sum(config.bucket_rate(b) / gpu.tput(b) for b in demand)
-        count = max(math.ceil(load / config.headroom - 1e-9), sum(g.min_count for g in group))
-        spread = cheapest_spread(group, count)
-        if spread is None:
-            limit = (f"its max_count {gpu.max_count}" if len(group) == 1
-                     else f"the quotas of its {len(group)} offers")
-            result.append(Baseline(label, None, None, f"needs {count}, above {limit}"))
+        names = {g.name for g in columns}
+        own_caps = [dataclasses.replace(cap, columns=tuple((c, n) for c, n in cap.columns if c in names))
+                    for cap in caps if any(c in names for c, _ in cap.columns)]
+        limit = (f"its max_count {columns[0].max_count}" if len(columns) == 1 and not own_caps
+                 else f"the quotas of its {len(columns)} offer{'s' if len(columns) > 1 else ''}")
+        if len(columns) == 1 and not own_caps:
+            gpu = columns[0]
+            load = sum(config.bucket_rate(b) / gpu.tput(b) for b in demand)
+            count = max(math.ceil(load / config.headroom - 1e-9), gpu.min_count)
+            if gpu.max_count is not None and count > gpu.max_count:
+                result.append(Baseline(label, None, None, f"needs {count}, above {limit}"))
+            else:
+                result.append(Baseline(label, count, count * gpu.cost, counts={gpu.name: count}))
             continue
-        result.append(Baseline(label, count, sum(n * config.gpu(g).cost for g, n in spread.items())))
+        alone = dataclasses.replace(config, gpus=tuple(columns))
+        try:
+            fleet = _solve_fleet(alone, Formulation(formulation), options, own_caps)
+        except InfeasibleAllocation:
+            result.append(Baseline(label, None, None, f"the load does not fit {limit}"))
+            continue
+        result.append(Baseline(label, fleet.replicas, fleet.cost,
+                               counts={name: n for name, n in fleet.counts.items() if n}))
     return result
 
 
-def explain_infeasible(config: Config, formulation: Formulation, options: SolverOptions) -> str:
-    """Say why no fleet fits. Only `max_count` can cause it (config validation rules out unservable buckets)."""
+def explain_infeasible(config: Config, formulation: Formulation, options: SolverOptions,
+                       caps: Sequence[SharedCap] = ()) -> str:
+    """Say why no fleet fits. Only `max_count` and shared caps can cause it (config validation rules out
+    unservable buckets)."""
     capped = [g for g in config.gpus if g.max_count is not None]
-    limits = ", ".join(f"{g.name} <= {g.max_count}" for g in capped) or "none"
+    limits = ", ".join([f"{g.name} <= {g.max_count}" for g in capped]
+                       + [f"{cap.name} <= {cap.cap} GPUs" for cap in caps]) or "none"
     for b in config.buckets:
         servers = [g for g in config.gpus if g.tput(b) > 0]
         if config.bucket_rate(b) > 0 and all(g.max_count == 0 for g in servers):
             names = ", ".join(g.name for g in servers)
             return (f"no fleet fits: bucket {config.bucket_name(b)} can only be served by {names}, "
                     f"whose max_count is 0")
-    fraction = max_servable_fraction(config, options)
+    fraction = max_servable_fraction(config, options, caps)
     if fraction < 1 - 1e-6:
         return (f"no fleet fits the max_count limits ({limits}): they can serve at most {100 * fraction:.1f}% of "
                 f"the load ({fraction * config.total_request_rate:.4g} of {config.total_request_rate:g} req/s). "
-                f"Raise a max_count{' or quota' if any(g.quotas for g in capped) else ''}, add a GPU type, "
+                f"Raise a max_count{' or quota' if caps or any(g.quotas for g in capped) else ''}, add a GPU type, "
                 f"or lower total_request_rate"
                 + ("; with quotas, --per-offer spreads a GPU over all its offers" if any(
                     g.quotas and g.entry in (None, g.name) for g in capped) else ""))
