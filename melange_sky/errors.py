@@ -160,3 +160,10 @@ class ServeError(MelangeError):
     plan, a public --host without an API key, a routes document that does not validate."""
 
     exit_code = 2
+
+
+class RouterError(MelangeError):
+    """A running router refused an admin call (a routes push, a routes read) or could not be reached; the message
+    names the router and the reason, never the admin token."""
+
+    exit_code = 1

@@ -295,7 +295,7 @@ def test_swapping_the_routes_keeps_requests_in_flight_on_a_removed_replica():
             fleet.router.replicas["a100-1"].in_flight = 0
             routes = fleet.router.routes
             changes = fleet.router.swap(routes.with_replicas(r for r in routes.replicas if r.name != "a100-0"))
-            assert changes == [f"- a100-0 (A100-80GB) {held.url}"]
+            assert changes == [f"- a100-0 (A100-80GB) {held.url}, draining 1 request(s) in flight"]
             for _ in range(5):
                 status, headers, raw = await post(session, fleet.url, Kind.COMPLETIONS, body(Kind.COMPLETIONS, 1, 1))
                 assert json.loads(raw)["served_by"] == "a100-1"

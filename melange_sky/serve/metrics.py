@@ -2,8 +2,9 @@
 
 Counted on the data path: requests by bucket, GPU type and status; upstream errors by replica and kind; retries;
 spills; the router's added latency; estimated and reported prompt tokens. Read at scrape time from the router's
-state (so nothing is updated per request): requests in flight per replica, whether each replica takes traffic, and
-the prompt-token correction factor per endpoint.
+state (so nothing is updated per request): requests in flight per replica, whether each replica takes traffic, the
+prompt-token correction factor per endpoint, the routes' generation and the requests still draining on replicas
+the routes no longer have.
 """
 from __future__ import annotations
 
@@ -42,7 +43,13 @@ class _Live(Collector):
             correction.add_metric([str(kind)], value)
         draining = GaugeMetricFamily("melange_draining", "1 while the router drains before exiting")
         draining.add_metric([], 1 if state["draining"] else 0)
-        yield from (in_flight, up, correction, draining)
+        generation = GaugeMetricFamily("melange_routes_generation", "Routes swapped in so far (each push to PUT "
+                                       "/admin/routes, each fleet refresh that changed them)")
+        generation.add_metric([], state["generation"])
+        retired = GaugeMetricFamily("melange_retired_in_flight", "Requests in flight on replicas the routes no "
+                                    "longer have (they finish; nothing new goes there)")
+        retired.add_metric([], state["retired_in_flight"])
+        yield from (in_flight, up, correction, draining, generation, retired)
 
 
 class Metrics:

@@ -8,21 +8,31 @@ and SGLang); `usage_source` says how many of each. Arrivals count every request 
 not, so `total_request_rate` is the offered load.
 
 The window is a ring of time slots (1/60 of the window each): memory is fixed, old slots expire as time passes.
+Arrivals are also counted per minute (minutes from the counting's start, not the wall clock's), so a controller
+can size on a high percentile of the recent per-minute rates instead of the window's mean: `minute_arrivals` (each
+complete minute of the window, oldest first) and `rate_percentiles` (p50/p95/p99/max of those minutes in req/s,
+nearest-rank: each one a rate some minute really had).
 `to_dict()` is `GET /workload`: the config's keys (`workload_distribution`, `total_request_rate`, `input_buckets`,
-`output_buckets`) plus `window_s`, `span_s`, `counts`, `requests` and the lengths counted past the edges, so
+`output_buckets`) plus `window_s`, `span_s`, `counts`, `requests`, the per-minute arrivals and the lengths counted
+past the edges, so
 `melange-sky workload --from URL` can turn it into config keys for a re-plan.
 """
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from melange_sky.core.buckets import Bucketer
 
 SLOTS = 60
+MINUTE_S = 60.0
+#: The percentiles of per-minute rates `GET /workload` reports (`watch --autoscale` sizes on p95 by default).
+RATE_PERCENTILES = (50, 95, 99)
 
-__all__ = ["ObservedWorkload"]
+__all__ = ["MINUTE_S", "ObservedWorkload", "rate_percentiles"]
 
 
 class _Slot:
@@ -41,7 +51,7 @@ class ObservedWorkload:
     """Counts per bucket and arrivals over the last `window_s` seconds."""
 
     def __init__(self, input_edges: tuple[int, ...], output_edges: tuple[int, ...], window_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, minute_s: float = MINUTE_S):
         self.input_edges, self.output_edges = input_edges, output_edges
         self.inputs, self.outputs = Bucketer(input_edges), Bucketer(output_edges)
         self.cols = len(output_edges) - 1
@@ -51,9 +61,15 @@ class ObservedWorkload:
         self.clock = clock
         self.started = clock()
         self.slots: list[_Slot | None] = [None] * SLOTS
+        self.minute_s = minute_s
+        #: Complete minutes kept: those the window holds whole (at least one).
+        self.minutes_kept = max(int(window_s // minute_s), 1)
+        self._minute = 0  # the current minute, counted from `started`
+        self._minute_arrivals = 0
+        self._minutes: deque[int] = deque(maxlen=self.minutes_kept)  # arrivals of the minutes before `_minute`
 
-    def _slot(self) -> _Slot:
-        index = int((self.clock() - self.started) / self.slot_s)
+    def _slot(self, now: float | None = None) -> _Slot:
+        index = int(((self.clock() if now is None else now) - self.started) / self.slot_s)
         position = index % SLOTS
         slot = self.slots[position]
         if slot is None or slot.index != index:
@@ -61,7 +77,25 @@ class ObservedWorkload:
         return slot
 
     def arrival(self) -> None:
-        self._slot().arrivals += 1
+        now = self.clock()
+        self._slot(now).arrivals += 1
+        minute = int((now - self.started) / self.minute_s)
+        if minute != self._minute:
+            self._roll(minute)
+        self._minute_arrivals += 1
+
+    def _roll(self, minute: int) -> None:
+        """Close the current minute (and the empty ones since) when `minute` has begun."""
+        if minute <= self._minute:
+            return
+        self._minutes.append(self._minute_arrivals)
+        self._minutes.extend([0] * min(minute - self._minute - 1, self.minutes_kept))
+        self._minute, self._minute_arrivals = minute, 0
+
+    def minute_arrivals(self) -> list[int]:
+        """Arrivals in each complete minute of the window, oldest first."""
+        self._roll(int((self.clock() - self.started) / self.minute_s))
+        return list(self._minutes)
 
     def record(self, input_tokens: int, output_tokens: int, reported: bool) -> None:
         slot = self._slot()
@@ -90,13 +124,26 @@ class ObservedWorkload:
         span = (now - self.started) - max(current - SLOTS + 1, 0) * self.slot_s
         rows = [counts[i * self.cols:(i + 1) * self.cols] for i in range(len(self.input_edges) - 1)]
         clamped = [sum(s.clamped[k] for s in live) for k in range(4)]
+        minutes = self.minute_arrivals()
         return {
             "workload_distribution": [[round(c / requests, 6) if requests else 0.0 for c in row] for row in rows],
             "total_request_rate": round(arrivals / span, 6) if span > 0 else 0.0,
             "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
             "window_s": self.window_s, "span_s": round(span, 3), "counts": rows, "requests": requests,
-            "arrivals": arrivals,
+            "arrivals": arrivals, "minute_arrivals": minutes,
+            "rate_percentiles": rate_percentiles([n / self.minute_s for n in minutes]),
             "usage_source": {"reported": sum(s.reported for s in live), "estimated": sum(s.estimated for s in live)},
             "input_overflow": clamped[0], "input_underflow": clamped[1],
             "output_overflow": clamped[2], "output_underflow": clamped[3],
         }
+
+
+def rate_percentiles(rates: Sequence[float]) -> dict[str, float]:
+    """{"p50", "p95", "p99", "max"} of per-minute rates, nearest-rank (the smallest rate at least p% of the minutes
+    do not exceed: a rate some minute had, never an interpolation below it); empty without any minute."""
+    if not rates:
+        return {}
+    ordered = sorted(rates)
+    found = {f"p{p}": ordered[max(math.ceil(p / 100 * len(ordered)), 1) - 1] for p in RATE_PERCENTILES}
+    found["max"] = ordered[-1]
+    return {k: round(v, 6) for k, v in found.items()}

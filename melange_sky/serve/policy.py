@@ -35,7 +35,8 @@ SOFT_FAILURES_TO_EJECT = 2
 DEFAULT_EJECT_BASE_S = 1.0
 DEFAULT_EJECT_MAX_S = 60.0
 
-__all__ = ["Choice", "Lane", "NoReplica", "Policy", "Replica", "SizeAwarePolicy", "Target", "make_policy"]
+__all__ = ["Choice", "Lane", "NoReplica", "NoRoutesPolicy", "Policy", "Replica", "SizeAwarePolicy", "Target",
+           "make_policy"]
 
 
 @dataclass(eq=False)
@@ -162,6 +163,21 @@ def make_policy(name: str, routes: Routes, replicas: Sequence[Replica], sizer: S
         raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(sorted(Policy.registry))}") \
             from None
     return cls(routes, replicas, sizer, rng)
+
+
+class NoRoutesPolicy(Policy):
+    """A router without routes yet (`serve --pushed` before the first `PUT /admin/routes`): every request is refused
+    with `reason`. Not registered: no one chooses it by name."""
+
+    def __init__(self, reason: str):  # no routes, no replicas: none of Policy's state
+        self.why = reason
+        self.lane = Lane("none", "no routes", [], [], ())
+
+    def target(self, body: dict[str, Any], kind: Kind) -> Target:
+        return Target(self.lane, kind, 0, 0.0, None, body.get("stream") is True)
+
+    def choose(self, target: Target, exclude: Sequence[Replica] = ()) -> Choice:
+        raise NoReplica(self.why)
 
 
 class SizeAwarePolicy(Policy):

@@ -2,13 +2,14 @@
 and throughputs, the plan's share of every bucket per GPU type, and the replicas (GPU type + base URL).
 
 It is built from a solved config (`serve --config`) or from a fleet's stored plan and its ledger rows (`serve
-FLEET`), and `parse_routes` validates the same document from JSON, so a controller can hand the router a whole new
-table and the router swaps it in at once. Plain data only: no aiohttp here (this module is on the CLI's import path).
+FLEET`; the document itself by `deploy.membership.routes_document`, which the fleet also pushes to its router), and
+`parse_routes` validates the same document from JSON, so the fleet or a controller can hand the router a whole new
+table (`PUT /admin/routes`) and the router swaps it in at once. Plain data only: no aiohttp here (this module is on
+the CLI's import path).
 """
 from __future__ import annotations
 
 import math
-import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -16,11 +17,11 @@ from typing import Any, Protocol
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
 from melange_sky.core.config import Bucket, Config
 from melange_sky.core.gpus import same_gpu
+from melange_sky.deploy.membership import ROUTES_VERSION, normalise_url, routes_document
 from melange_sky.errors import BucketEdgesError, ServeError, UnknownFleet
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.solver.result import SolveResult
 
-ROUTES_VERSION = 1
 Matrix = tuple[tuple[float, ...], ...]
 
 __all__ = ["FleetSource", "GpuRoute", "ReplicaSpec", "Routes", "RoutesSource", "StaticSource", "bucket_edges",
@@ -127,50 +128,9 @@ def routes_from_solve(config: Config, result: SolveResult, replicas: Sequence[Re
 
 
 def routes_from_plan(plan: Mapping[str, Any], replicas: Sequence[ReplicaSpec] = (), source: str = "plan") -> Routes:
-    """The table of a stored plan (`Plan.to_dict`): shares per GPU *entry* (a `--per-offer` plan's columns summed
-    into the GPU type they belong to, which is what ledger rows name), edges and tputs from its `router` record."""
-    solve = plan.get("solve")
-    router = plan.get("router")
-    if not isinstance(solve, Mapping) or not isinstance(router, Mapping):
-        raise ServeError(f"{source}: the stored plan has no routing record (it was planned by an older "
-                         f"melange-sky): re-run `melange-sky up CONFIG` to store it, or serve the replicas with "
-                         f"`melange-sky serve --config CONFIG --replica GPU=URL ...`")
-    entries: dict[str, str] = dict(router.get("entries") or {})
-    for column in (solve.get("counts") or {}):
-        entries.setdefault(column, column)
-    planned: dict[str, int] = {}
-    for column, count in (solve.get("counts") or {}).items():
-        planned[entries[column]] = planned.get(entries[column], 0) + int(count)
-    tputs: dict[str, Any] = {}
-    for column, matrix in (router.get("tputs") or {}).items():
-        tputs.setdefault(entries.get(column, column), matrix)  # one GPU type: the same tputs at every offer
-    shares: list[dict[str, Any]] = []
-    for route in solve.get("routing") or []:
-        merged: dict[str, float] = {}
-        for column, share in (route.get("shares") or {}).items():
-            merged[entries.get(column, column)] = merged.get(entries.get(column, column), 0.0) + float(share)
-        shares.append({"bucket": route.get("bucket"), "shares": merged})
-    rows = router.get("workload_distribution")
-    in_edges, out_edges = router.get("input_buckets"), router.get("output_buckets")
-    if rows is not None and isinstance(rows, list) and rows and isinstance(rows[0], list):
-        if in_edges is None and len(rows) == len(DEFAULT_INPUT_EDGES) - 1:
-            in_edges = list(DEFAULT_INPUT_EDGES)
-        if out_edges is None and len(rows[0]) == len(DEFAULT_OUTPUT_EDGES) - 1:
-            out_edges = list(DEFAULT_OUTPUT_EDGES)
-    if in_edges is None or out_edges is None:
-        raise ServeError(f"{source}: the plan's config has no input_buckets/output_buckets and is not Mélange's "
-                         f"default 8x6: add bucket edges to the config and re-run `melange-sky up CONFIG`")
-    # The config's order: `solve.gpus` is a list (the ledger stores the plan's objects with sorted keys).
-    ordered = [entries.get(str(g.get("name")), str(g.get("name"))) for g in solve.get("gpus") or []
-               if isinstance(g, Mapping)]
-    names = list(dict.fromkeys([*ordered, *planned, *tputs]))
-    known = [r for r in replicas if r.gpu in names]
-    warnings = [f"{r.name} ({r.gpu}) is not a GPU type of the plan: not routed to" for r in replicas
-                if r.gpu not in names]
-    doc = {"version": ROUTES_VERSION, "source": source, "input_buckets": in_edges, "output_buckets": out_edges,
-           "workload_distribution": rows, "total_request_rate": solve.get("total_request_rate"),
-           "gpus": {n: {"planned": planned.get(n, 0), "tputs": tputs.get(n)} for n in names},
-           "routing": shares, "replicas": [r.to_dict() for r in known]}
+    """The table of a stored plan (`Plan.to_dict`), validated: the document `deploy.membership.routes_document`
+    builds (what the fleet pushes to its router), with its warnings."""
+    doc, warnings = routes_document(plan, [(r.name, r.gpu, r.url) for r in replicas], source)
     routes = parse_routes(doc, source)
     return replace(routes, warnings=routes.warnings + tuple(warnings))
 
@@ -184,7 +144,7 @@ def fleet_routes(fleet: str, ledger: Ledger | None = None) -> Routes:
     if record is None:
         raise UnknownFleet(f"no fleet named {fleet!r} in the ledger ({ledger.path}); `melange-sky status` lists "
                            f"fleets")
-    replicas = [ReplicaSpec(r.cluster, r.gpu, normalise_url(r.endpoint, f"{r.cluster}'s endpoint"))
+    replicas = [ReplicaSpec(r.cluster, r.gpu, r.endpoint)  # routes_document normalises the endpoints
                 for r in ledger.replicas(fleet) if r.state is ReplicaState.UP and r.endpoint]
     return routes_from_plan(record.plan, replicas, source=f"fleet {fleet}")
 
@@ -238,28 +198,6 @@ class FleetSource:
 
 
 # ---- command-line pieces ---------------------------------------------------------------------------------------------
-def normalise_url(url: str, where: str = "--replica") -> str:
-    """`http://host:port` from a base URL or a bare `host:port` (a ledger endpoint). Refuses paths (`.../v1`: give
-    the base URL), credentials (keys go through --upstream-api-key) and other schemes."""
-    text = url.strip()
-    if "://" not in text:
-        text = f"http://{text}"
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ServeError(f"{where}: {url!r} is not an http(s) URL like http://10.0.0.5:8000")
-    if parts.username or parts.password:
-        raise ServeError(f"{where}: credentials in the URL are not supported; pass the replicas' key with "
-                         f"--upstream-api-key or MELANGE_SKY_UPSTREAM_API_KEY")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ServeError(f"{where}: {url!r} has a path; give the server's base URL (http://host:port), the router "
-                         f"adds /v1/...")
-    try:
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise ServeError(f"{where}: {url!r} has an invalid port") from None
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 def parse_replica_arg(text: str, gpu_names: Sequence[str]) -> tuple[str, str]:
     """`GPU=URL` → (the config's GPU name, normalised URL); GPU matches a gpu_info name however it is spelled."""
     gpu, sep, url = text.partition("=")

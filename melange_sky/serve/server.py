@@ -19,6 +19,13 @@ Failures:
 
 Auth: with an API key, every route but `/health` needs `Authorization: Bearer KEY` (compared in constant time; the
 key is never logged). Replicas get the upstream key as their Bearer token, never the client's header.
+
+Membership (the admin API, on when the router has an admin token, `MELANGE_SKY_ADMIN_TOKEN`): `PUT /admin/routes`
+validates a whole routes document and swaps it in at once (an invalid one is refused, the old routes keep serving);
+`GET /admin/routes` shows it with the requests in flight per replica URL. Both need `Authorization: Bearer TOKEN`
+with the admin token, never the clients' key; the token also opens /routes, /workload and /metrics (what the fleet's
+controller reads), never generation. A replica a swap removes gets no new request and no retry; the requests it has
+in flight finish (streams included) and are counted as `draining` until they do.
 """
 from __future__ import annotations
 
@@ -39,11 +46,12 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from melange_sky.deploy.membership import ADMIN_ROUTES_PATH, ADMIN_TOKEN_ENV, MAX_ROUTES_BYTES
 from melange_sky.errors import MelangeError, ServeError
 from melange_sky.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from melange_sky.serve.observed import ObservedWorkload
-from melange_sky.serve.policy import NoReplica, Policy, Replica, Target, make_policy
-from melange_sky.serve.routes import Routes, RoutesSource
+from melange_sky.serve.policy import NoReplica, NoRoutesPolicy, Policy, Replica, Target, make_policy
+from melange_sky.serve.routes import Routes, RoutesSource, parse_routes
 from melange_sky.serve.settings import ServeSettings
 from melange_sky.serve.tokens import Kind, Sizer
 
@@ -63,6 +71,7 @@ _TAIL_CHUNKS = 2
 #: flight hold more than 700 objects, so at the default every collection found them alive and pushed them into the
 #: old generations, hundreds of times a second, and a full collection followed every second or so.
 GC_YOUNG_THRESHOLD = 10_000
+NO_ROUTES = f"no routes yet: this router serves the routes pushed to PUT {ADMIN_ROUTES_PATH}, and none came yet"
 
 __all__ = ["Router", "RouterServer", "run"]
 
@@ -93,10 +102,14 @@ class _Failure:
 
 class Router:
     """One router's state: routes and policy (swapped whole), replicas by name, the sizer, the observed workload,
-    metrics, and the upstream session. The aiohttp handlers are its methods."""
+    metrics, and the upstream session. The aiohttp handlers are its methods.
 
-    def __init__(self, routes: Routes, settings: ServeSettings = ServeSettings(), sizer: Sizer | None = None,
-                 source: RoutesSource | None = None, log: Callable[[str], None] = _stderr):
+    `routes` None: no routes until the first `PUT /admin/routes` (`serve --pushed`); requests get 503 meanwhile.
+    `clock` times the observed workload (tests pass their own)."""
+
+    def __init__(self, routes: Routes | None, settings: ServeSettings = ServeSettings(), sizer: Sizer | None = None,
+                 source: RoutesSource | None = None, log: Callable[[str], None] = _stderr,
+                 clock: Callable[[], float] = time.monotonic):
         self.settings = settings
         self.sizer = sizer or Sizer()
         self.source = source
@@ -107,6 +120,9 @@ class Router:
         self.in_flight = 0
         self.session: aiohttp.ClientSession | None = None
         self._key = settings.api_key.encode() if settings.api_key else None
+        self._admin = settings.admin_token.encode() if settings.admin_token else None
+        self._admin_lock = asyncio.Lock()
+        self.clock = clock
         self._upstream_headers = {"Content-Type": JSON}
         if settings.upstream_api_key:
             self._upstream_headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
@@ -115,35 +131,58 @@ class Router:
         self._probing: set[str] = set()
         self._refresh_error: str | None = None
         self.replicas: dict[str, Replica] = {}
+        self.retired: list[Replica] = []  # removed by a swap with requests still in flight (draining)
+        self.generation = 0  # routes swapped in so far (each push, each refresh that changed them)
         self.routes: Routes | None = None
-        self.policy: Policy
-        self.observed: ObservedWorkload
-        self.swap(routes)
+        self.policy: Policy = NoRoutesPolicy(NO_ROUTES)
+        self.observed = ObservedWorkload((0, 1), (0, 1), settings.window_s, clock)  # replaced by the first routes
+        self._loaded: dict[str, Any] | None = None  # the source's last table, to tell its changes from pushes
+        if routes is not None:
+            self.swap(routes)
+            if source is not None:
+                self._loaded = routes.to_dict()
 
     # -- routes ------------------------------------------------------------------------------------------------------
     def swap(self, routes: Routes) -> list[str]:
-        """Replace the routes at once. Replicas kept by name keep their state (in flight, ejection); requests in
-        flight finish on the replicas they hold, removed or not. Returns what changed, one line each."""
+        """Replace the routes at once. Replicas kept by name keep their state (in flight, ejection), and so does one
+        re-added while it still drains; requests in flight finish on the replicas they hold, removed or not, and a
+        removed replica gets nothing new (retries included). Returns what changed, one line each."""
+        draining = {(r.name, r.url, r.gpu): r for r in self.retired}
         replicas, changes = [], []
         for spec in routes.replicas:
             old = self.replicas.get(spec.name)
             if old is not None and (old.url, old.gpu) == (spec.url, spec.gpu):
                 replicas.append(old)
-            else:
-                replicas.append(Replica(spec.name, spec.gpu, spec.url))
-                changes.append(f"+ {spec.name} ({spec.gpu}) {spec.url}")
-        names = {r.name for r in replicas}
-        changes.extend(f"- {r.name} ({r.gpu}) {r.url}" for r in self.replicas.values() if r.name not in names)
+                continue
+            old = draining.get((spec.name, spec.url, spec.gpu))
+            replicas.append(old if old is not None else Replica(spec.name, spec.gpu, spec.url))
+            changes.append(f"+ {spec.name} ({spec.gpu}) {spec.url}")
+        kept = {id(r) for r in replicas}
+        removed = [r for r in self.replicas.values() if id(r) not in kept]
+        changes.extend(f"- {r.name} ({r.gpu}) {r.url}" + (f", draining {r.in_flight} request(s) in flight"
+                                                          if r.in_flight else "") for r in removed)
         previous = self.routes
         self.policy = make_policy(self.settings.policy, routes, replicas, self.sizer, self.rng)
         self.replicas = {r.name: r for r in replicas}
+        self.retired = [r for r in (*self.retired, *removed) if id(r) not in kept and r.in_flight > 0]
         if previous is None or (previous.input_edges, previous.output_edges) != (routes.input_edges,
                                                                                 routes.output_edges):
-            self.observed = ObservedWorkload(routes.input_edges, routes.output_edges, self.settings.window_s)
+            self.observed = ObservedWorkload(routes.input_edges, routes.output_edges, self.settings.window_s,
+                                             self.clock)
         if previous is not None and previous.to_dict() | {"replicas": []} != routes.to_dict() | {"replicas": []}:
             changes.append("routing table changed")
         self.routes = routes
+        self.generation += 1
         return changes
+
+    def draining_in_flight(self) -> dict[str, int]:
+        """Requests in flight per URL of the replicas the routes no longer have (0 everywhere: the drain is done)."""
+        self.retired = [r for r in self.retired if r.in_flight > 0]
+        return _by_url(self.retired)
+
+    def in_flight_by_url(self) -> dict[str, int]:
+        """Requests in flight per replica URL, routed or draining."""
+        return _by_url([*self.replicas.values(), *self.retired])
 
     async def refresh(self) -> list[str]:
         """Re-read the routes from the source (the ledger, in a thread) and swap them in if they changed."""
@@ -157,8 +196,10 @@ class Router:
             self._refresh_error = str(exc)
             return []
         self._refresh_error = None
-        if self.routes is not None and routes.to_dict() == self.routes.to_dict():
+        loaded = routes.to_dict()
+        if loaded == self._loaded:  # the source did not change: keep what is served (it may have been pushed)
             return []
+        self._loaded = loaded
         changes = self.swap(routes)
         for line in changes:
             self.log(f"{self.source.description}: {line}")
@@ -166,7 +207,8 @@ class Router:
 
     def _live_state(self) -> dict[str, Any]:
         return {"replicas": list(self.replicas.values()), "corrections": dict(self.sizer.corrections),
-                "draining": self.draining}
+                "draining": self.draining, "generation": self.generation,
+                "retired_in_flight": sum(r.in_flight for r in self.retired)}
 
     # -- the application ---------------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -178,6 +220,8 @@ class Router:
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_get("/routes", self.routes_doc)
         app.router.add_get("/workload", self.workload)
+        app.router.add_put(ADMIN_ROUTES_PATH, self.admin_put_routes)
+        app.router.add_get(ADMIN_ROUTES_PATH, self.admin_get_routes)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
@@ -214,6 +258,22 @@ class Router:
         return _error(401, "invalid or missing API key: send it as 'Authorization: Bearer KEY'",
                       "invalid_request_error", "invalid_api_key")
 
+    def _denied_read(self, request: web.Request) -> web.Response | None:
+        """The operator's endpoints (/routes, /workload, /metrics): the API key, or the admin token."""
+        if self._key is None or (self._admin is not None and self._admin_denied(request) is None):
+            return None
+        return self._denied(request)
+
+    def _admin_denied(self, request: web.Request) -> web.Response | None:
+        if self._admin is None:
+            return _error(404, f"no admin API: this router was started without {ADMIN_TOKEN_ENV}",
+                          "invalid_request_error")
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._admin):
+            return None
+        return _error(401, "invalid or missing admin token: send the fleet's admin token as "
+                           "'Authorization: Bearer TOKEN'", "invalid_request_error", "invalid_admin_token")
+
     # -- generation --------------------------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, Kind.COMPLETIONS)
@@ -235,7 +295,7 @@ class Router:
             return _error(400, "the request body is not valid JSON", "invalid_request_error")
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object", "invalid_request_error")
-        policy, observed = self.policy, self.observed  # one routes table for the whole request, even across a swap
+        policy, observed = self.policy, self.observed
         target = policy.target(body, kind)
         self._later(observed.arrival)
         tried: list[Replica] = []
@@ -244,6 +304,9 @@ class Router:
         self.in_flight += 1
         try:
             for attempt in range(self.settings.retries + 1):
+                if self.policy is not policy:  # routes swapped while it was out: retry along the new ones only
+                    policy = self.policy
+                    target = policy.target(body, kind)
                 try:
                     choice = policy.choose(target, tried)
                 except NoReplica as exc:
@@ -454,7 +517,9 @@ class Router:
 
     def health_doc(self) -> tuple[int, dict[str, Any]]:
         gpus: dict[str, dict[str, int]] = {}
-        assert self.routes is not None
+        if self.routes is None:
+            return 503, {"status": "no_routes", "replicas": 0, "available": 0, "ejected": 0,
+                         "in_flight": self.in_flight, "gpus": gpus, "reason": NO_ROUTES}
         for gpu in self.routes.gpus:
             mine = [r for r in self.replicas.values() if r.gpu == gpu.name]
             gpus[gpu.name] = {"planned": gpu.planned, "replicas": len(mine),
@@ -470,7 +535,7 @@ class Router:
         return web.Response(body=orjson.dumps(doc), status=code, headers={"Content-Type": JSON})
 
     async def metrics_text(self, request: web.Request) -> web.StreamResponse:
-        denied = self._denied(request)
+        denied = self._denied_read(request)
         if denied is not None:
             return denied
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -486,23 +551,67 @@ class Router:
         return doc
 
     async def routes_doc(self, request: web.Request) -> web.StreamResponse:
-        denied = self._denied(request)
+        denied = self._denied_read(request)
         if denied is not None:
             return denied
+        if self.routes is None:
+            return _error(503, NO_ROUTES, "service_unavailable")
         return web.Response(body=orjson.dumps(self.routes_view()), headers={"Content-Type": JSON})
 
     async def workload(self, request: web.Request) -> web.StreamResponse:
-        denied = self._denied(request)
+        denied = self._denied_read(request)
         if denied is not None:
             return denied
-        assert self.routes is not None
+        if self.routes is None:
+            return _error(503, NO_ROUTES, "service_unavailable")
         doc = {**self.observed.to_dict(), "source": self.routes.source}
         return web.Response(body=orjson.dumps(doc), headers={"Content-Type": JSON})
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         return _error(404, f"no route {request.method} {request.path}: this router serves POST {COMPLETIONS_PATH}, "
-                           f"POST {CHAT_PATH}, GET /v1/models, /health, /metrics, /routes, /workload",
+                           f"POST {CHAT_PATH}, GET /v1/models, /health, /metrics, /routes, /workload"
+                           + (f"; GET and PUT {ADMIN_ROUTES_PATH} with the admin token" if self._admin else ""),
                       "invalid_request_error")
+
+    # -- the admin API -----------------------------------------------------------------------------------------------
+    async def admin_put_routes(self, request: web.Request) -> web.StreamResponse:
+        """Swap in a pushed routes document, or refuse it (400, one line) and keep serving the old one."""
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        async with self._admin_lock:  # one push at a time: generations follow the order pushes are taken in
+            raw = await _read_limited(request, MAX_ROUTES_BYTES)
+            if raw is None:
+                return self._refused(f"the routes document is larger than {MAX_ROUTES_BYTES} bytes")
+            try:
+                doc = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                return self._refused(f"the routes document is not valid JSON ({exc})")
+            try:  # a big table takes milliseconds to check: off the loop, which keeps relaying meanwhile
+                routes = await asyncio.to_thread(parse_routes, doc, f"PUT {ADMIN_ROUTES_PATH}")
+            except ServeError as exc:
+                return self._refused(str(exc))
+            changes = self.swap(routes)
+            for line in changes:
+                self.log(f"routes pushed (generation {self.generation}): {line}")
+            answer = {"accepted": True, "replicas": len(self.replicas), "generation": self.generation,
+                      "draining": self.draining_in_flight(), "changes": changes}
+        return web.Response(body=orjson.dumps(answer), headers={"Content-Type": JSON})
+
+    def _refused(self, reason: str) -> web.Response:
+        line = " ".join(reason.split())
+        self.log(f"refused a routes push: {line}; still serving generation {self.generation}")
+        return _error(400, line, "invalid_request_error", "invalid_routes")
+
+    async def admin_get_routes(self, request: web.Request) -> web.StreamResponse:
+        """The routes served now, their generation, and the requests in flight per replica URL (draining: the
+        URLs the routes no longer have)."""
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        doc = {"routes": None if self.routes is None else self.routes.to_dict(), "generation": self.generation,
+               "inflight": self.in_flight_by_url(), "draining": self.draining_in_flight()}
+        return web.Response(body=orjson.dumps(doc), headers={"Content-Type": JSON})
 
     # -- background work ---------------------------------------------------------------------------------------------
     async def _probe_loop(self) -> None:
@@ -534,6 +643,26 @@ class Router:
         while True:
             await asyncio.sleep(self.settings.refresh_s)
             await self.refresh()
+
+
+def _by_url(replicas: list[Replica]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for replica in replicas:
+        if replica.in_flight:
+            counts[replica.url] = counts.get(replica.url, 0) + replica.in_flight
+    return counts
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The request's body, or None when it is longer than `limit` bytes (read no further)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    data = bytearray()
+    async for chunk in request.content.iter_any():
+        data += chunk
+        if len(data) > limit:
+            return None
+    return bytes(data)
 
 
 def _call_soon(callback: Callable[..., object], *args: Any) -> None:

@@ -5,12 +5,15 @@ Plain data, no aiohttp: the CLI checks these before the server (and its heavy im
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from melange_sky.deploy.membership import ADMIN_TOKEN_ENV
 from melange_sky.errors import ServeError
 
-__all__ = ["ServeSettings", "check_exposure", "is_loopback"]
+__all__ = ["ServeSettings", "admin_token_from_env", "check_exposure", "is_loopback"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,9 @@ class ServeSettings:
     port: int = 8080
     api_key: str | None = field(default=None, repr=False)
     upstream_api_key: str | None = field(default=None, repr=False)
+    #: Enables `GET`/`PUT /admin/routes` (membership pushed by the fleet). From the environment only
+    #: (`admin_token_from_env`): a command-line flag would show in `ps`.
+    admin_token: str | None = field(default=None, repr=False)
     policy: str = "size"
     retries: int = 2
     drain_s: float = 30.0
@@ -33,6 +39,17 @@ class ServeSettings:
     eject_base_s: float = 1.0
     eject_max_s: float = 60.0
     seed: int | None = None  # tie-breaks between equally loaded replicas (tests fix it)
+
+    def __post_init__(self) -> None:
+        if self.admin_token and self.api_key and self.admin_token == self.api_key:
+            raise ServeError(f"{ADMIN_TOKEN_ENV} is the same as the API key: the admin endpoints must not accept "
+                             f"the key clients hold; give the router a token of its own")
+
+
+def admin_token_from_env(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The router's admin token, from MELANGE_SKY_ADMIN_TOKEN (surrounding blanks dropped; empty: none)."""
+    token = environ.get(ADMIN_TOKEN_ENV, "").strip()
+    return token or None
 
 
 def is_loopback(host: str) -> bool:
