@@ -5,9 +5,11 @@ import click
 
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, solve_options, warn_time_limit
-from melange_sky.serve.routes import (FleetSource, Routes, RoutesSource, StaticSource, name_replicas,
-                                      parse_replica_arg, routes_from_solve)
-from melange_sky.serve.settings import ServeSettings, check_exposure
+from melange_sky.deploy.membership import ADMIN_ROUTES_PATH, ADMIN_TOKEN_ENV
+from melange_sky.errors import ServeError
+from melange_sky.serve.routes import (FleetSource, Routes, RoutesSource, StaticSource, load_routes_file,
+                                      name_replicas, parse_replica_arg, routes_from_solve)
+from melange_sky.serve.settings import ServeSettings, admin_token_from_env, check_exposure
 from melange_sky.serve.tokens import Sizer, load_tokenizer
 from melange_sky.solver.result import solve as run_solve
 
@@ -20,6 +22,11 @@ from melange_sky.solver.result import solve as run_solve
 @click.option("--replica", "replica_args", multiple=True, metavar="GPU=URL",
               help="With --config: an OpenAI-compatible server and its GPU type (a gpu_info name), e.g. "
                    "A10G=http://10.0.0.5:8000. Repeat for each server.")
+@click.option("--pushed", is_flag=True,
+              help=f"Serve the routes pushed to PUT {ADMIN_ROUTES_PATH} (the fleet's own router, on a VM without "
+                   f"the ledger): no FLEET, no --config; needs {ADMIN_TOKEN_ENV}. Answers 503 until the first push.")
+@click.option("--routes", "routes_file", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="With --pushed: serve this routes document (JSON, as GET /routes shows) until the first push.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Any other than loopback needs an API key (or --no-auth).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
@@ -46,40 +53,61 @@ from melange_sky.solver.result import solve as run_solve
 @solve_options
 @debug_option
 @click.pass_context
-def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_args: tuple[str, ...], host: str,
-          port: int, api_key: str | None, no_auth: bool, upstream_api_key: str | None, tokenizer: str | None,
-          refresh_s: float, drain_s: float, retries: int, window_s: float, solve_args: SolveArgs) -> None:
+def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_args: tuple[str, ...], pushed: bool,
+          routes_file: str | None, host: str, port: int, api_key: str | None, no_auth: bool,
+          upstream_api_key: str | None, tokenizer: str | None, refresh_s: float, drain_s: float, retries: int,
+          window_s: float, solve_args: SolveArgs) -> None:
     """Serve one OpenAI-compatible endpoint that routes each request to the GPU type the plan chose for its size.
 
     FLEET: the replicas that are up in the ledger (re-read every --refresh-s) and the routing table of the fleet's
     stored plan. --config CONFIG --replica GPU=URL ...: any OpenAI-compatible servers, with the routing table of
-    CONFIG's solve (the solve options apply).
+    CONFIG's solve (the solve options apply). --pushed: only what the fleet pushes (`up`, `down` and `watch` do,
+    with the fleet's admin token); no ledger is read.
 
     A request's bucket: its prompt at 4 characters per token (corrected by the replicas' reported counts, or exact
     with --tokenizer) and its max_tokens (without one, its input row). Its GPU type: the plan's shares of the
     bucket, by smooth weighted round-robin; a type without a healthy replica spills to the others. Its replica:
     the fewest requests in flight. POST /v1/completions and /v1/chat/completions (streaming or not), GET
-    /v1/models, /health, /metrics (Prometheus), /routes, /workload (the observed histogram: see `workload --from`).
+    /v1/models, /health, /metrics (Prometheus), /routes, /workload (the observed histogram and per-minute arrival
+    rates: see `workload --from`).
+
+    Admin API, when MELANGE_SKY_ADMIN_TOKEN is set (from the environment only; never the clients' key): PUT
+    /admin/routes swaps in a whole routes document at once (an invalid one gets 400 and the old routes keep
+    serving); GET /admin/routes shows it with the requests in flight per replica. A replica a push removes gets no
+    new request; those in flight finish. In FLEET mode a ledger change seen by the refresh replaces pushed routes.
 
     \b
     Examples:
       melange-sky serve example
       melange-sky serve --config config.json --replica A10G=http://10.0.0.5:8000 --replica A100-80GB=http://10.0.0.6:8000
       MELANGE_SKY_API_KEY=... melange-sky serve example --host 0.0.0.0 --port 8080
+      MELANGE_SKY_ADMIN_TOKEN=... MELANGE_SKY_API_KEY=... melange-sky serve --pushed --host 0.0.0.0
     """
-    if bool(fleet) == bool(config):
-        raise click.UsageError("give a FLEET from the ledger, or --config CONFIG with --replica GPU=URL ...")
+    if pushed and (fleet or config or replica_args):
+        raise click.UsageError("--pushed serves only the routes pushed to it: no FLEET, --config or --replica")
+    if routes_file and not pushed:
+        raise click.UsageError("--routes FILE goes with --pushed (FLEET and --config make their own routes)")
+    if not pushed and bool(fleet) == bool(config):
+        raise click.UsageError("give a FLEET from the ledger, --config CONFIG with --replica GPU=URL ..., or "
+                               "--pushed")
+    admin_token = admin_token_from_env()
+    if pushed and not admin_token:
+        raise ServeError(f"--pushed needs {ADMIN_TOKEN_ENV} in the environment: the fleet pushes the routes with "
+                         f"that token (`melange-sky up` makes one per fleet and passes it to its router)")
     if fleet and replica_args:
         raise click.UsageError("--replica goes with --config: a fleet's replicas come from the ledger")
     if config and not replica_args:
         raise click.UsageError("--config needs the servers to route to: --replica GPU=URL (repeat for each)")
     settings = ServeSettings(host=host, port=port, api_key=None if no_auth else api_key,
-                             upstream_api_key=upstream_api_key or api_key, retries=retries, drain_s=drain_s,
-                             refresh_s=refresh_s, window_s=window_s)
+                             upstream_api_key=upstream_api_key or api_key, admin_token=admin_token, retries=retries,
+                             drain_s=drain_s, refresh_s=refresh_s, window_s=window_s)
     check_exposure(settings, no_auth)
     sizer = Sizer(load_tokenizer(tokenizer) if tokenizer else None)
-    source: RoutesSource
-    if config:
+    source: RoutesSource | None = None
+    routes: Routes | None = None
+    if pushed:
+        routes = load_routes_file(routes_file) if routes_file else None
+    elif config:
         cfg = solve_args.load(config)
         result = run_solve(cfg, solve_args.formulation, solve_args.solver, compare=False)
         warn_time_limit(result, solve_args)
@@ -88,10 +116,18 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
     else:
         assert fleet is not None
         source = FleetSource(fleet)
-    routes = source.load()
-    warn(routes.warnings)
-    click.echo(_summary(routes, settings, bool(tokenizer)))
-    warn(_shortfalls(routes))
+    if source is not None:
+        routes = source.load()
+    if routes is not None:
+        warn(routes.warnings)
+        click.echo(_summary(routes, settings, bool(tokenizer)))
+        warn(_shortfalls(routes))
+    else:
+        click.echo(f"No routes yet: requests get 503 until the fleet pushes them to PUT {ADMIN_ROUTES_PATH}.\n"
+                   + _auth_line(settings, bool(tokenizer)))
+    if settings.admin_token and not pushed:
+        click.echo(f"Admin API on ({ADMIN_TOKEN_ENV}): pushes to PUT {ADMIN_ROUTES_PATH} swap the routes"
+                   + ("; the ledger's next change replaces them." if fleet else "."))
     from melange_sky.serve import server  # noqa: PLC0415 - heavy: kept off --help
 
     router = server.Router(routes, settings, sizer, source, log=lambda line: click.echo(line, err=True))
@@ -110,12 +146,16 @@ def _summary(routes: Routes, settings: ServeSettings, tokenizer: bool) -> str:
         mine = [r.url for r in routes.replicas if r.gpu == gpu.name]
         lines.append(f"  {gpu.name:<{width}}  {gpu.planned:>7}  {len(mine):>8}  {', '.join(mine)}")
     lines.append("")
-    lines.append(("Clients must send the API key (Authorization: Bearer)." if settings.api_key else
-                  "No API key: the router serves anyone who can reach it.")
-                 + (" Replicas get a Bearer key." if settings.upstream_api_key else "")
-                 + (" Prompt tokens: counted by --tokenizer." if tokenizer else
-                    " Prompt tokens: characters / 4, corrected by reported usage."))
+    lines.append(_auth_line(settings, tokenizer))
     return "\n".join(lines)
+
+
+def _auth_line(settings: ServeSettings, tokenizer: bool) -> str:
+    return (("Clients must send the API key (Authorization: Bearer)." if settings.api_key else
+             "No API key: the router serves anyone who can reach it.")
+            + (" Replicas get a Bearer key." if settings.upstream_api_key else "")
+            + (" Prompt tokens: counted by --tokenizer." if tokenizer else
+               " Prompt tokens: characters / 4, corrected by reported usage."))
 
 
 def _shortfalls(routes: Routes) -> list[str]:

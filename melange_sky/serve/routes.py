@@ -9,6 +9,7 @@ the CLI's import path).
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -25,8 +26,8 @@ from melange_sky.solver.result import SolveResult
 Matrix = tuple[tuple[float, ...], ...]
 
 __all__ = ["FleetSource", "GpuRoute", "ReplicaSpec", "Routes", "RoutesSource", "StaticSource", "bucket_edges",
-           "fleet_routes", "name_replicas", "normalise_url", "parse_replica_arg", "parse_routes", "routes_from_plan",
-           "routes_from_solve"]
+           "fleet_routes", "load_routes_file", "name_replicas", "normalise_url", "parse_replica_arg", "parse_routes",
+           "routes_from_plan", "routes_from_solve"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,18 @@ def routes_from_plan(plan: Mapping[str, Any], replicas: Sequence[ReplicaSpec] = 
     doc, warnings = routes_document(plan, [(r.name, r.gpu, r.url) for r in replicas], source)
     routes = parse_routes(doc, source)
     return replace(routes, warnings=routes.warnings + tuple(warnings))
+
+
+def load_routes_file(path: str) -> Routes:
+    """A routes document from a JSON file (`serve --pushed --routes FILE`: what to serve until the first push)."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            doc = json.load(file)
+    except OSError as exc:
+        raise ServeError(f"--routes {path}: cannot read it ({exc.strerror or exc})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ServeError(f"--routes {path}: not a JSON routes document ({exc})") from None
+    return parse_routes(doc, path)
 
 
 def fleet_routes(fleet: str, ledger: Ledger | None = None) -> Routes:
