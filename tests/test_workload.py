@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tracemalloc
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, 
 from melange_sky.core.config import load_config
 from melange_sky.errors import BucketEdgesError, TraceError
 from melange_sky.inputs.trace import merge_workload, read_trace
+from melange_sky.inputs.trace_formats import ColumnChoice
 
 IN_EDGES = DEFAULT_INPUT_EDGES
 OUT_EDGES = DEFAULT_OUTPUT_EDGES
@@ -281,9 +283,13 @@ def test_merge_with_a_new_shape_warns_which_gpu_to_reprofile(tmp_path, cli, exam
     merged = json.loads(out.read_text())
     assert len(merged["workload_distribution"]) == 8 and merged["gpu_info"] == example["gpu_info"]
     for gpu in ("A10G", "A100-80GB"):
-        assert (f".tputs is 2x2 but the new workload_distribution is 8x6: the config is invalid until it is "
-                f"re-profiled for these buckets: melange-sky profile --endpoint URL --model MODEL --into "
-                f"{target} --gpu {gpu}") in run.stderr
+        # the hint names the file written (-o), the one to re-profile into, not the untouched original
+        hint = next(line for line in run.stderr.splitlines() if line.endswith(f" --gpu {gpu}"))
+        assert hint.startswith(f"Warning: {out}: gpu_info")
+        assert hint.endswith(f".tputs is 2x2 but the new workload_distribution is 8x6: the config is invalid until "
+                             f"it is re-profiled for these buckets: melange-sky profile --endpoint URL --model MODEL "
+                             f"--into {out} --gpu {gpu}")
+    assert f"--into {target} " not in run.stderr
     assert merge_workload(example, read_trace(_trace_for_2x2(tmp_path)), "c").valid is False
 
 
@@ -375,3 +381,204 @@ def test_a_utf8_bom_does_not_break_the_csv_header_or_the_first_jsonl_row(tmp_pat
     for path in (csv_path, jsonl_path):
         result = read_trace(path, rate=1)
         assert result.rows == 2 and result.counts[0][0] == 1 and result.counts[3][1] == 1
+
+
+# ---- peak rates: per-minute percentiles --------------------------------------------------------------------------
+def bursty_trace(path, minutes=20, low=5.0, high=50.0, seed=5, t0=1_700_000_000.0):
+    """Poisson arrivals whose rate alternates low / high req/s minute by minute, starting with a request at t0.
+    Returns the rows written."""
+    rng = random.Random(seed)
+    rows, t = [t0], t0
+    for m in range(minutes):
+        rate, end = (low if m % 2 == 0 else high), t0 + 60 * (m + 1)
+        while True:
+            t += rng.expovariate(rate)
+            if t >= end:
+                t = end  # memoryless: restart the next minute's clock at its start
+                break
+            rows.append(t)
+    with open(path, "w") as f:
+        f.writelines(f'{{"timestamp": {ts:.4f}, "input_len": 100, "output_len": 50}}\n' for ts in rows)
+    return rows
+
+
+def test_a_bursty_trace_reports_the_mean_and_the_p95_of_its_generator(tmp_path):
+    path = tmp_path / "bursty.jsonl"
+    bursty_trace(path)  # 10 minutes at 5 req/s, 10 at 50: mean 27.5, p95 50
+    result = read_trace(path)
+    assert result.rate_source == "timestamps" and result.rate_percentile is None
+    assert result.rate == pytest.approx(27.5, rel=0.03) and result.mean_rate == result.rate
+    pct = result.rate_percentiles
+    assert pct.minutes == 19  # the 20th minute ends after the last arrival: partial, left out
+    assert pct.p95 == pytest.approx(50, rel=0.05)
+    assert pct.max == pytest.approx(50, rel=0.08)
+    assert pct.p50 == pytest.approx(5, rel=0.2)
+    assert result.burst_ratio == pytest.approx(50 / 27.5, rel=0.06)
+    peak = read_trace(path, rate_percentile=95)
+    assert peak.rate == pct.p95 and peak.rate_percentile == 95 and peak.mean_rate == result.mean_rate
+    assert peak.config_fragment()["total_request_rate"] == pytest.approx(pct.p95, rel=1e-5)
+
+
+def test_rate_percentile_goes_into_the_config_keys_and_the_report_says_which_rate(tmp_path, cli):
+    path = tmp_path / "bursty.jsonl"
+    bursty_trace(path)
+    out = tmp_path / "w.json"
+    run = cli("workload", str(path), "--rate-percentile", "p95", "-o", str(out), "--json")
+    assert run.exit_code == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["rate_percentile"] == 95
+    assert record["total_request_rate"] == pytest.approx(50, rel=0.05)
+    assert record["mean_request_rate"] == pytest.approx(27.5, rel=0.03)
+    assert set(record["rate_percentiles"]) == {"p50", "p95", "p99", "max", "minutes"}
+    assert record["rate_percentiles"]["p95"] == pytest.approx(record["total_request_rate"], rel=1e-5)
+    assert json.loads(out.read_text())["total_request_rate"] == pytest.approx(record["total_request_rate"], rel=1e-5)
+    text = cli("workload", str(path), "--rate-percentile", "95").stdout
+    assert "(the p95 of the per-minute rate over 19 minutes; mean 27" in text
+    mean = cli("workload", str(path)).stdout
+    assert "mean over 1,200 s of timestamps" in mean or "mean over 1,199 s of timestamps" in mean
+    assert "Per-minute rate over 19 complete minute(s): p50 " in mean
+    assert "a fleet sized on the mean saturates in every such burst; plan for it with --rate-percentile 95" in mean
+
+
+def test_per_minute_rates_count_idle_minutes_and_leave_out_the_partial_last_one(tmp_path):
+    # minute 0: 120 arrivals, minute 1: none, minute 2: 6, minute 3: 60, then 30 s of minute 4 (partial) at 10 req/s
+    stamps = ([k * 0.5 for k in range(120)] + [120 + k * 10 for k in range(6)] + [180 + k for k in range(60)]
+              + [240 + k * 0.1 for k in range(300)])
+    path = tmp_path / "t.csv"
+    rows = list(enumerate(stamps))
+    random.Random(2).shuffle(rows[1:])  # unsorted after the first row: the minutes start at the first row's time
+    path.write_text("timestamp,input_len,output_len\n" + "".join(f"{t},5,5\n" for _, t in rows))
+    pct = read_trace(path).rate_percentiles
+    assert pct.minutes == 4
+    assert (pct.p50, pct.max) == (pytest.approx(6 / 60), pytest.approx(2.0))  # sorted 0, 6, 60, 120 per minute
+    assert read_trace(path, rate_percentile=25).rate == 0.0  # the idle minute
+    assert read_trace(path, rate_percentile=75).rate == pytest.approx(1.0)
+
+
+def test_rate_percentile_needs_a_complete_minute_and_a_valid_percentile(tmp_path, cli):
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(f'{{"timestamp": {k}, "input_len": 5, "output_len": 5}}\n' for k in range(50)))
+    result = read_trace(short)
+    assert result.rate == pytest.approx(1.0) and result.rate_percentiles is None
+    assert "Per-minute rate: unknown (the timestamps span less than one complete minute)" in \
+        cli("workload", str(short)).stdout
+    for args, message in ((("--rate-percentile", "95"), "needs at least one complete minute of timestamps"),
+                          (("--rate-percentile", "0"), "--rate-percentile must be a percentile in (0, 100]"),
+                          (("--rate-percentile", "p101"), "must be a percentile"),
+                          (("--rate-percentile", "high"), "must be a percentile"),
+                          (("--rate-percentile", "95", "--rate", "3"), "--rate or --rate-percentile, not both")):
+        run = cli("workload", str(short), *args)
+        assert run.exit_code == 2, (args, run.stderr)
+        assert message in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert read_trace(short, rate=2).rate == 2.0
+
+
+# ---- public traces, unmodified -------------------------------------------------------------------------------------
+TRACES = Path(__file__).parent / "data" / "traces"
+
+
+def _csv_pairs(path, in_col, out_col, skip=lambda row: False):
+    with open(path, newline="") as f:
+        return [(int(r[in_col]), int(r[out_col])) for r in csv.DictReader(f) if not skip(r)]
+
+
+def test_the_azure_llm_inference_trace_reads_as_it_comes(cli):
+    path = TRACES / "azure_llm_inference_2023_conv.csv"  # TIMESTAMP like 2023-11-16 18:15:46.6805900
+    result = read_trace(path)
+    assert result.trace_format == "azure" and result.rows == 31 and not result.warnings
+    assert [list(r) for r in result.counts] == expected_counts(_csv_pairs(path, "ContextTokens", "GeneratedTokens"))
+    assert result.first_timestamp == pytest.approx(datetime(2023, 11, 16, 18, 15, 46, 680590, UTC).timestamp())
+    assert result.duration == pytest.approx(120.0) and result.rate == pytest.approx(30 / 120)
+    pct = result.rate_percentiles  # 20 arrivals in the first minute, 10 in the second
+    assert pct.minutes == 2 and (pct.p50, pct.max) == (pytest.approx(10 / 60), pytest.approx(20 / 60))
+    run = cli("workload", str(path))
+    assert run.exit_code == 0, run.stderr
+    assert run.stdout.startswith(f"31 requests from {path} (csv, Azure LLM inference trace columns)")
+
+
+def test_burstgpt_reads_as_it_comes_and_its_failed_requests_are_skipped_and_counted(cli):
+    path = TRACES / "burstgpt_sample.csv"  # Timestamp in s from the start; 3 rows with 0 response tokens
+    result = read_trace(path)
+    answered = _csv_pairs(path, "Request tokens", "Response tokens", lambda r: r["Response tokens"] == "0")
+    assert result.trace_format == "burstgpt" and result.failed == 3 and result.rows == len(answered) == 37
+    assert [list(r) for r in result.counts] == expected_counts(answered)
+    with open(path, newline="") as f:
+        times = [float(r["Timestamp"]) for r in csv.DictReader(f) if r["Response tokens"] != "0"]
+    assert result.rate == pytest.approx((len(times) - 1) / (max(times) - min(times)))
+    assert ("skipped 3 failed request(s) (BurstGPT logs a failure as 0 response tokens), of 40: the histogram and "
+            "the rate count the 37 answered") in result.warnings
+    run = cli("workload", str(path), "--json")
+    assert run.exit_code == 0, run.stderr
+    assert json.loads(run.stdout)["failed"] == 3 and json.loads(run.stdout)["trace_format"] == "burstgpt"
+    assert "Warning: skipped 3 failed request(s)" in run.stderr
+    assert "37 requests from" in cli("workload", str(path)).stdout
+
+
+def test_a_mooncake_trace_reads_as_it_comes_with_times_in_milliseconds():
+    path = TRACES / "mooncake_sample.jsonl"  # timestamp: ms from the trace's start
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    result = read_trace(path)
+    assert result.trace_format == "mooncake" and result.rows == 30
+    assert [list(r) for r in result.counts] == expected_counts(
+        [(min(r["input_length"], IN_EDGES[-1]), r["output_length"]) for r in rows])
+    assert result.duration == pytest.approx(rows[-1]["timestamp"] / 1000)
+    assert result.rate == pytest.approx(29 / (rows[-1]["timestamp"] / 1000))
+    assert result.rate_percentiles is not None and result.rate_percentiles.minutes == 2
+    assert not any("milliseconds" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_columns_named_on_the_command_line(tmp_path, cli, fmt):
+    pairs = random_pairs(200)
+    path = tmp_path / f"t.{fmt}"
+    if fmt == "csv":
+        path.write_text("Arrival,Prompt Len,gen\n" + "".join(f"{k * 500},{i},{o}\n" for k, (i, o) in enumerate(pairs)))
+    else:
+        path.write_text("".join(json.dumps({"Arrival": k * 500, "req": {"Prompt Len": i}, "gen": o}) + "\n"
+                                for k, (i, o) in enumerate(pairs)))
+    in_col = "Prompt Len" if fmt == "csv" else "req.Prompt Len"
+    run = cli("workload", str(path), "--input-column", in_col, "--output-column", "gen", "--time-column", "Arrival",
+              "--time-unit", "ms", "--json")
+    assert run.exit_code == 0, run.stderr
+    record = json.loads(run.stdout)
+    assert record["counts"] == expected_counts(pairs)
+    assert record["total_request_rate"] == pytest.approx(2.0) and record["duration_s"] == pytest.approx(99.5)
+    missing = cli("workload", str(path), "--input-column", "nope", "--output-column", "gen")
+    assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "--input-column 'nope' is not a column of the trace" in missing.stderr
+
+
+def test_an_unknown_header_names_the_recognised_formats_and_the_column_options(tmp_path, cli):
+    path = tmp_path / "t.csv"
+    path.write_text("when,in,out\n1,2,3\n")
+    run = cli("workload", str(path))
+    assert run.exit_code == 2 and len(run.stderr.strip().splitlines()) == 1
+    for part in ("the CSV header has no token columns (found when, in, out)", "Azure LLM inference trace",
+                 "BurstGPT", "Mooncake", "--input-column"):
+        assert part in run.stderr
+    assert cli("workload", str(path), "--input-column", "in", "--output-column", "out", "--time-column",
+               "when").exit_code == 0
+
+
+def test_a_column_option_overrides_one_side_of_a_recognised_format(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens,Cached\n2024-05-10 00:00:00.0023000,900,0,30\n"
+                    "2024-05-10 00:00:02.0023000,10,5,8\n")
+    result = read_trace(path, columns=ColumnChoice(input="cached"))
+    assert result.trace_format is None and result.failed == 0  # the user's own reading: 0 output tokens is kept
+    assert result.counts[1][0] == 1 and result.counts[0][0] == 1 and result.rate == pytest.approx(0.5)
+
+
+def test_memory_stays_flat_over_a_long_span_of_minutes(tmp_path):
+    path = tmp_path / "t.csv"
+    with open(path, "w") as f:  # 30,000 rows over about a month: a counter per busy minute, not per row
+        f.write("timestamp,input_len,output_len\n")
+        f.writelines(f"{1_700_000_000 + k * 86.4},{k % 900},{k % 300}\n" for k in range(30_000))
+    tracemalloc.start()
+    try:
+        result = read_trace(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.rate_percentiles.minutes == 43_198
+    assert peak < 6 * 2**20

@@ -33,6 +33,18 @@ from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, 
 from melange_sky.core.config import Pricer
 from melange_sky.core.config_doc import MergeResult, check_merged, config_shape, gpu_entries, matrix_shape
 from melange_sky.errors import BucketEdgesError, TraceError
+from melange_sky.inputs.trace_formats import (
+    LENGTH_COLUMNS,
+    SECONDS_PER_UNIT,
+    USAGE_KEYS,
+    ColumnChoice,
+    TimeUnit,
+    TraceColumns,
+    expected_names,
+    find_columns,
+    usage_columns,
+)
+from melange_sky.inputs.trace_rates import MINUTE_S, MinuteBins, MinuteRates, RatePercentiles, observed_rates
 
 try:  # orjson parses a JSONL row ~8x faster than json; it is installed with SkyPilot, json is the fallback
     import orjson
@@ -43,17 +55,6 @@ except ImportError:  # pragma: no cover - depends on the environment
     _loads = json.loads
     _JSON_ERRORS = (json.JSONDecodeError, UnicodeDecodeError)
 
-#: Column (or key) pairs naming the input and output token counts, in the order they are tried.
-LENGTH_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("input_len", "output_len"),
-    ("prompt_tokens", "completion_tokens"),
-    ("input_tokens", "output_tokens"),
-    ("usage.prompt_tokens", "usage.completion_tokens"),  # CSV flattened from OpenAI usage objects
-    ("usage.input_tokens", "usage.output_tokens"),
-)
-#: Keys inside an OpenAI-style `usage` object (chat/completions, then the Responses API).
-USAGE_KEYS: tuple[tuple[str, str], ...] = (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens"))
-TIMESTAMP_COLUMNS: tuple[str, ...] = ("timestamp", "created")
 #: How many broken rows are quoted (line number and reason) when --skip-bad skips them.
 _EXAMPLES_KEPT = 5
 #: Numeric epoch timestamps above these are milliseconds / microseconds (1e11 s is the year 5138; 1e11 ms is 1973).
@@ -94,6 +95,12 @@ class WorkloadResult:
     rate: float | None  # req/s: given, or measured from the timestamps; None if neither
     rate_source: RateSource
     warnings: tuple[str, ...] = field(default=())
+    mean_rate: float | None = None  # req/s over the whole span (timestamps, or the router's window)
+    rate_percentiles: RatePercentiles | None = None  # of the per-minute rate; None without a complete minute
+    rate_percentile: float | None = None  # `rate` is this percentile of the per-minute rate (--rate-percentile)
+    trace_format: str | None = None  # the public trace format recognised by its columns (KnownFormat.key)
+    columns: str = ""  # how the token counts were read, for the report
+    failed: int = 0  # failed requests the format marks (0 output tokens in BurstGPT), skipped and counted
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -135,8 +142,18 @@ class WorkloadResult:
             "last_timestamp": self.last_timestamp, "duration_s": self.duration,
             "input_overflow": self.input_overflow, "output_overflow": self.output_overflow,
             "input_underflow": self.input_underflow, "output_underflow": self.output_underflow,
+            "mean_request_rate": self.mean_rate, "rate_percentile": self.rate_percentile,
+            "rate_percentiles": self.rate_percentiles.to_dict() if self.rate_percentiles is not None else None,
+            "trace_format": self.trace_format, "failed": self.failed,
             "warnings": list(self.warnings),
         }
+
+    @property
+    def burst_ratio(self) -> float | None:
+        """How far the busiest 5% of minutes exceed the mean (p95 / mean); None when either is unknown."""
+        if self.rate_percentiles is None or not self.mean_rate:
+            return None
+        return self.rate_percentiles.p95 / self.mean_rate
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
@@ -161,28 +178,83 @@ def _tokens(value: Any, name: str) -> int:
     raise _BadRow(f"{name} must be a whole number of tokens, got {value!r}")
 
 
-def _timestamp(value: Any, name: str) -> float | None:
-    """Epoch seconds (a number or a numeric string) or an ISO-8601 string (naive means UTC)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
+def _iso_seconds(text: str, name: str) -> float:
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise _BadRow(f"{name} {text!r} is neither a number nor an ISO-8601 time") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+class _Clock:
+    """Timestamps to seconds: numbers in the trace's time unit, ISO-8601 strings (naive means UTC).
+
+    With the unit `auto`, the first numeric timestamp decides it for the whole trace: epoch seconds, or epoch
+    milliseconds / microseconds when the number is too large for seconds (1e11 s is the year 5138)."""
+
+    def __init__(self, unit: TimeUnit):
+        self.auto = unit is TimeUnit.AUTO
+        self.scale: float | None = None if self.auto else SECONDS_PER_UNIT[unit]
+        self.example: float | None = None  # the numeric timestamp that decided an auto unit
+
+    def seconds(self, value: Any, name: str) -> float | None:
+        kind = type(value)
+        if kind is float or kind is int:
+            raw = float(value)
+        elif value is None or value == "":
+            return None
+        elif kind is str:
+            text = value.strip()
+            try:
+                raw = float(text)
+            except ValueError:
+                return _iso_seconds(text, name)
+        else:
+            raise _BadRow(f"{name} must be a number or an ISO-8601 string, got {value!r}")
+        if not math.isfinite(raw):
             raise _BadRow(f"{name} is not finite ({value!r})")
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return float(text)
-        except ValueError:
-            pass
-        try:
-            parsed = datetime.fromisoformat(text)
-        except ValueError:
-            raise _BadRow(f"{name} {value!r} is neither epoch seconds nor an ISO-8601 time") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    raise _BadRow(f"{name} must be epoch seconds or an ISO-8601 string, got {value!r}")
+        scale = self.scale
+        if scale is None:
+            self.example = raw
+            scale = self.scale = 1e-6 if raw > _EPOCH_US_ABOVE else 1e-3 if raw > _EPOCH_MS_ABOVE else 1.0
+        return raw * scale
+
+    def unit_warnings(self, first: float, last: float) -> tuple[list[str], bool]:
+        """What to say about an auto unit (ms or µs read by size), and whether the units look mixed."""
+        if not self.auto or self.scale is None:
+            return [], False
+        if self.scale == 1.0:
+            return [], last > _EPOCH_MS_ABOVE
+        unit = "microseconds" if self.scale < 1e-3 else "milliseconds"
+        said = [f"the timestamps look like epoch {unit} (e.g. {self.example:.0f}), not seconds: read them as {unit}"]
+        return said, first < _EPOCH_MS_ABOVE * 1e-3  # a seconds value among them reads as 1973 or before
+
+
+def _lower(name: str | None) -> str | None:
+    return name.strip().lower() if name and name.strip() else None
+
+
+def _json_names(obj: dict[str, Any]) -> dict[str, str]:
+    """An object's keys, and one level of nested keys as `a.b`, lower-cased -> as written."""
+    names = {k.lower(): k for k in obj}
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            names.update((f"{key.lower()}.{sub.lower()}", f"{key}.{sub}") for sub in value)
+    return names
+
+
+def _lookup(obj: dict[str, Any], key: str) -> Any:
+    """obj[key], or a dotted path into nested objects (`usage.prompt_tokens`); None when absent."""
+    if key in obj:
+        return obj[key]
+    value: Any = obj
+    for part in key.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _json_lengths(obj: Any) -> tuple[Any, Any, str, str]:
@@ -237,47 +309,60 @@ def detect_format(path: str) -> str:
 
 def read_trace(path: str | os.PathLike[str], *, input_edges: Sequence[int] = DEFAULT_INPUT_EDGES,
                output_edges: Sequence[int] = DEFAULT_OUTPUT_EDGES, rate: float | None = None,
-               skip_bad: bool = False, fmt: str | None = None) -> WorkloadResult:
-    """Stream a trace into a histogram.
+               skip_bad: bool = False, fmt: str | None = None, columns: ColumnChoice | None = None,
+               rate_percentile: float | None = None) -> WorkloadResult:
+    """Stream a trace into a histogram, with its mean and per-minute peak rates.
 
-    `rate` (req/s) overrides the rate measured from timestamps. A broken row raises `TraceError` naming its line,
-    unless `skip_bad`, which skips and counts it. Raises `TraceError` for an unreadable or empty trace.
+    `rate` (req/s) overrides the rate measured from timestamps; `rate_percentile` (0-100] makes the rate that
+    percentile of the per-minute rate instead of the mean. `columns` names the token and time columns (else a
+    recognised format's, or the generic names, are used). A broken row raises `TraceError` naming its line, unless
+    `skip_bad`, which skips and counts it. Raises `TraceError` for an unreadable or empty trace.
     """
     source = os.fspath(path)
     in_edges = check_edges(list(input_edges), "input buckets")
     out_edges = check_edges(list(output_edges), "output buckets")
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise TraceError(f"--rate must be a positive number of requests per second, got {rate!r}")
+    if rate is not None and rate_percentile is not None:
+        raise TraceError("give --rate or --rate-percentile, not both")
     fmt = fmt or detect_format(source)
     if fmt not in ("jsonl", "csv"):
         raise TraceError(f"{source}: unknown trace format {fmt!r}; use jsonl or csv")
-    counter = _Counter(source, in_edges, out_edges, skip_bad)
+    counter = _Counter(source, in_edges, out_edges, skip_bad, columns or ColumnChoice())
     with _open_binary(source) as handle:
         try:
             if fmt == "jsonl":
-                counter.read_jsonl(handle)
+                counter.count(counter.jsonl_rows(handle))
             else:
-                counter.read_csv(handle)
+                counter.count(counter.csv_rows(handle))
         except _GZIP_ERRORS as exc:
             raise TraceError(f"{source}: cannot read: {_gzip_reason(exc)}") from None
-    return counter.result(fmt, rate)
+    return counter.result(fmt, rate, rate_percentile)
 
 
 class _Counter:
-    """The streaming state: bucket counts, overflow counts, timestamp range. Never a list of rows."""
+    """The streaming state: bucket counts, overflow counts, timestamp range, arrivals per minute. Never a list of
+    rows."""
 
-    def __init__(self, source: str, in_edges: tuple[int, ...], out_edges: tuple[int, ...], skip_bad: bool):
+    def __init__(self, source: str, in_edges: tuple[int, ...], out_edges: tuple[int, ...], skip_bad: bool,
+                 choice: ColumnChoice):
         self.source = source
         self.in_edges, self.out_edges = in_edges, out_edges
         self.skip_bad = skip_bad
+        # CSV headers are compared lower-cased, and so are the user's column names
+        self.choice = ColumnChoice(_lower(choice.input), _lower(choice.output), _lower(choice.time),
+                                   choice.time_unit)
+        self.columns: TraceColumns | None = None
+        self.clock = _Clock(choice.time_unit)
         self.cols = len(out_edges) - 1
         self.flat = [0] * ((len(in_edges) - 1) * self.cols)
-        self.rows = self.skipped = 0
+        self.rows = self.skipped = self.failed = 0
         self.examples: list[str] = []
         self.in_over = self.out_over = self.in_under = self.out_under = 0
         self.ts_rows = 0
         self.ts_min = math.inf
         self.ts_max = -math.inf
+        self.minutes = MinuteBins()
 
     def bad(self, line: int, reason: str) -> None:
         if not self.skip_bad:
@@ -287,21 +372,18 @@ class _Counter:
         if len(self.examples) < _EXAMPLES_KEPT:
             self.examples.append(f"line {line}: {reason}")
 
-    def read_jsonl(self, handle: IO[bytes]) -> None:
-        self.count(self._jsonl_rows(handle))
-
-    def read_csv(self, handle: IO[bytes]) -> None:
-        self.count(self._csv_rows(handle))
-
-    def count(self, rows: Iterator[tuple[int, int, Any]]) -> None:
-        """Count (input length, output length, timestamp or None) rows into the histogram: the hot loop, kept
-        inline (lookup tables, local names) because it runs once per request of the trace."""
+    def count(self, rows: Iterator[tuple[int, int, float | None]]) -> None:
+        """Count (input length, output length, seconds or None) rows into the histogram and the minutes: the hot
+        loop, kept inline (lookup tables, local names) because it runs once per request of the trace."""
         in_b, out_b = Bucketer(self.in_edges), Bucketer(self.out_edges)
         in_table, out_table = in_b.table, out_b.table
         in_max, out_max = self.in_edges[-1], self.out_edges[-1]
         in_min, out_min = self.in_edges[0], self.out_edges[0]
         in_last, out_last = in_b.last, out_b.last
         cols, flat = self.cols, self.flat
+        bins, anchor = self.minutes.bins, self.minutes.anchor
+        minute, in_minute, lo, hi = 0, 0, 0.0, 0.0  # the minute being counted: [lo, hi), mostly the next row's too
+        floor, width = math.floor, MINUTE_S
         for i_len, o_len, ts in rows:
             if i_len > in_max:
                 self.in_over += 1
@@ -325,10 +407,33 @@ class _Counter:
                     self.ts_min = ts
                 if ts > self.ts_max:
                     self.ts_max = ts
+                if lo <= ts < hi:
+                    in_minute += 1
+                else:
+                    if in_minute:
+                        bins[minute] = bins.get(minute, 0) + in_minute
+                    if anchor is None:
+                        anchor = self.minutes.anchor = ts
+                    minute = floor((ts - anchor) / width)
+                    lo = anchor + minute * width
+                    hi, in_minute = lo + width, 1
+        if in_minute:
+            bins[minute] = bins.get(minute, 0) + in_minute
 
-    def _jsonl_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, Any]]:
-        ts_keys = TIMESTAMP_COLUMNS
+    def _found(self, columns: TraceColumns) -> TraceColumns:
+        self.columns = columns
+        self.clock = _Clock(columns.time_unit)
+        return columns
+
+    def jsonl_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, float | None]]:
         loads, errors = _loads, _JSON_ERRORS
+        seconds = self.clock.seconds
+        # the keys, found in the first object with token counts: (input, output, time keys, by the names in it)
+        in_key: str | None = None
+        out_key = ""
+        ts_keys: tuple[str, ...] = ()
+        exact = fail_zero = False  # exact: only these keys (the user's, or a known format's), no generic fallback
+        found = False
         lineno = 0
         first_line = next(handle, b"")
         for lineno, raw in enumerate(itertools.chain([first_line.removeprefix(_BOM)], handle), 1):
@@ -340,26 +445,48 @@ class _Counter:
                 self.bad(lineno, f"not valid JSON ({exc})")
                 continue
             try:
-                # the common case inline: {"input_len": int, "output_len": int, ...}
-                if type(obj) is dict and "input_len" in obj:
-                    i_raw, o_raw, i_name, o_name = obj["input_len"], obj.get("output_len"), "input_len", "output_len"
+                if not found and type(obj) is dict:
+                    names = _json_names(obj)
+                    columns = self._json_columns(list(names))
+                    if columns is not None:
+                        found = True
+                        seconds = self.clock.seconds
+                        in_key, out_key = columns.input, columns.output or ""
+                        ts_keys = tuple(names.get(t, t) for t in columns.times)
+                        exact = columns.known is not None or bool(self.choice.input or self.choice.output)
+                        fail_zero = columns.zero_output_is_failure
+                        if in_key is not None:
+                            in_key, out_key = names.get(in_key, in_key), names.get(out_key, out_key)
+                if type(obj) is dict and in_key is not None and in_key in obj:  # the common case, inline
+                    i_raw, o_raw, i_name, o_name = obj[in_key], obj.get(out_key), in_key, out_key
+                elif exact and type(obj) is dict and in_key is not None:
+                    i_raw, o_raw, i_name, o_name = _lookup(obj, in_key), _lookup(obj, out_key), in_key, out_key
                 else:
                     i_raw, o_raw, i_name, o_name = _json_lengths(obj)
                 i_len = i_raw if type(i_raw) is int and i_raw >= 0 else _tokens(i_raw, i_name)
                 o_len = o_raw if type(o_raw) is int and o_raw >= 0 else _tokens(o_raw, o_name)
-                ts: Any = None
+                ts: float | None = None
                 for key in ts_keys:
-                    if key in obj:
-                        ts = obj[key]
-                        if type(ts) is not float:
-                            ts = _timestamp(ts, key)
+                    value = obj.get(key)
+                    if value is not None:
+                        ts = seconds(value, key)
                         break
             except _BadRow as exc:
                 self.bad(lineno, str(exc))
                 continue
+            if fail_zero and o_len == 0:
+                self.failed += 1
+                continue
             yield i_len, o_len, ts
 
-    def _csv_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, Any]]:
+    def _json_columns(self, names: list[str]) -> TraceColumns | None:
+        """The columns of a JSONL trace, judged by its first object's keys (lower-cased, nested ones dotted)."""
+        columns = find_columns(names, self.choice, self.source)
+        if columns is None and "usage" in names:
+            columns = usage_columns(self.choice)
+        return self._found(columns) if columns is not None else None
+
+    def csv_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, float | None]]:
         text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")  # -sig: a leading BOM is dropped
         try:
             header_line = text.readline()
@@ -370,15 +497,20 @@ class _Counter:
                              f"(input_len,output_len or prompt_tokens,completion_tokens)")
         delimiter = "\t" if header_line.count("\t") > header_line.count(",") else ","
         header = [h.strip().lower() for h in next(csv.reader([header_line], delimiter=delimiter))]
-        lengths = next(((header.index(a), header.index(b), a, b) for a, b in LENGTH_COLUMNS
-                        if a in header and b in header), None)
-        usage_col = header.index("usage") if "usage" in header else None
-        if lengths is None and usage_col is None:
-            pairs = ", ".join(f"{a}/{b}" for a, b in LENGTH_COLUMNS)
+        columns = find_columns(header, self.choice, self.source)
+        usage_col = None
+        if columns is None and "usage" in header:
+            columns, usage_col = usage_columns(self.choice), header.index("usage")
+        if columns is None:
             raise TraceError(f"{self.source}: line 1: the CSV header has no token columns (found "
-                             f"{', '.join(header) or 'nothing'}); expected one of {pairs}, or a `usage` column")
-        ts_col = next((header.index(c) for c in TIMESTAMP_COLUMNS if c in header), None)
+                             f"{', '.join(header) or 'nothing'}); expected {expected_names()}")
+        self._found(columns)
+        lengths = ((header.index(columns.input), header.index(columns.output), columns.input, columns.output)
+                   if columns.input is not None and columns.output is not None else None)
+        ts_col = next((header.index(c) for c in columns.times if c in header), None)
         ts_name = header[ts_col] if ts_col is not None else ""
+        fail_zero = columns.zero_output_is_failure
+        seconds = self.clock.seconds
 
         width = len(header)
         reader = csv.reader(text, delimiter=delimiter)
@@ -404,9 +536,12 @@ class _Counter:
                     o_len = _tokens(record[lengths[1]], lengths[3])
                 else:
                     i_len, o_len = self.csv_usage(record[usage_col])  # type: ignore[index]
-                ts = _timestamp(record[ts_col], ts_name) if ts_col is not None else None
+                ts = seconds(record[ts_col], ts_name) if ts_col is not None else None
             except _BadRow as exc:
                 self.bad(lineno, str(exc))
+                continue
+            if fail_zero and o_len == 0:
+                self.failed += 1
                 continue
             yield i_len, o_len, ts
 
@@ -419,11 +554,21 @@ class _Counter:
         i_raw, o_raw, i_name, o_name = _json_lengths({"usage": usage})
         return _tokens(i_raw, i_name), _tokens(o_raw, o_name)
 
-    def result(self, fmt: str, rate: float | None) -> WorkloadResult:
+    def result(self, fmt: str, rate: float | None, rate_percentile: float | None) -> WorkloadResult:
+        columns = self.columns
+        known = columns.known if columns is not None else None
+        failed_note = ""
+        if self.failed:
+            failed_note = (f"skipped {self.failed} failed request(s) ({known.title if known else 'the format'} "
+                           f"logs a failure as 0 {known.output if known else 'output tokens'})")
         if self.rows == 0:
             hint = f" ({self.skipped} broken rows skipped)" if self.skipped else ""
+            hint += f" ({failed_note})" if failed_note else ""
             raise TraceError(f"{self.source}: no requests in the trace{hint}; a histogram needs at least one row")
         warnings: list[str] = []
+        if failed_note:
+            warnings.append(f"{failed_note}, of {self.rows + self.failed}: the histogram and the rate count the "
+                            f"{self.rows} answered")
         if self.skipped:
             warnings.append(f"skipped {self.skipped} broken row(s) of {self.rows + self.skipped} "
                             f"(first: {'; '.join(self.examples)})")
@@ -440,23 +585,33 @@ class _Counter:
                                 f"and were counted in the first {axis} bucket")
         first = self.ts_min if self.ts_rows else None
         last = self.ts_max if self.ts_rows else None
-        if first is not None and last is not None and first > _EPOCH_MS_ABOVE:
-            # one unit for the whole trace, judged by its earliest timestamp: seconds would be past the year 5000
-            scale, unit = (1e6, "microseconds") if first > _EPOCH_US_ABOVE else (1e3, "milliseconds")
-            warnings.append(f"the timestamps look like epoch {unit} (e.g. {first:.0f}), not seconds: read them as "
-                            f"{unit}")
-            first, last = first / scale, last / scale
-        elif first is not None and last is not None and last > _EPOCH_MS_ABOVE:
-            warnings.append(f"the timestamps mix units (from {first:.0f} to {last:.0f}: seconds and milliseconds?), "
-                            f"so the rate from them is wrong: pass --rate REQ_PER_S")
-        rate_source = RateSource.GIVEN if rate is not None else RateSource.NONE
-        if rate is None and self.ts_rows >= 2 and first is not None and last is not None and last > first:
+        mixed = False
+        if first is not None and last is not None:
+            said, mixed = self.clock.unit_warnings(first, last)
+            warnings += said
+            if mixed:
+                warnings.append(f"the timestamps mix units (from {first:.0f} to {last:.0f} s: seconds and "
+                                f"milliseconds?), so the rate from them is wrong: pass --rate REQ_PER_S, or "
+                                f"--time-unit")
+        mean_rate: float | None = None
+        minutes: MinuteRates | None = None
+        if self.ts_rows >= 2 and first is not None and last is not None and last > first:
             # (n - 1) arrivals happen in the span between the first and the last one
-            rate = (self.ts_rows - 1) / (last - first)
-            rate_source = RateSource.TIMESTAMPS
+            mean_rate = (self.ts_rows - 1) / (last - first)
+            minutes = None if mixed else self.minutes.complete(first, last)
             if self.ts_rows < self.rows:
                 warnings.append(f"{self.rows - self.ts_rows} row(s) have no timestamp; the rate counts only the "
                                 f"{self.ts_rows} timestamped rows")
+        rate_source = RateSource.GIVEN if rate is not None else RateSource.NONE
+        if rate is None and rate_percentile is not None:
+            if minutes is None:
+                span = f"span {last - first:.0f} s" if mean_rate is not None and first is not None \
+                    and last is not None else "have no two distinct times"
+                raise TraceError(f"{self.source}: --rate-percentile needs at least one complete minute of "
+                                 f"timestamps, and the trace's timestamps {span}: pass --rate REQ_PER_S")
+            rate, rate_source = minutes.percentile(rate_percentile), RateSource.TIMESTAMPS
+        elif rate is None and mean_rate is not None:
+            rate, rate_source = mean_rate, RateSource.TIMESTAMPS
         elif rate is None:
             why = "no timestamps" if self.ts_rows == 0 else "fewer than 2 distinct timestamps"
             warnings.append(f"the trace has {why}, so total_request_rate is not known: pass --rate REQ_PER_S")
@@ -466,7 +621,11 @@ class _Counter:
             rows=self.rows, skipped=self.skipped, skipped_examples=tuple(self.examples),
             input_overflow=self.in_over, output_overflow=self.out_over, input_underflow=self.in_under,
             output_underflow=self.out_under, timestamped_rows=self.ts_rows, first_timestamp=first,
-            last_timestamp=last, rate=rate, rate_source=rate_source, warnings=tuple(warnings))
+            last_timestamp=last, rate=rate, rate_source=rate_source, warnings=tuple(warnings), mean_rate=mean_rate,
+            rate_percentiles=minutes.shown() if minutes is not None else None,
+            rate_percentile=rate_percentile if rate_source is RateSource.TIMESTAMPS else None,
+            trace_format=known.key if known else None, columns=columns.describe() if columns else "",
+            failed=self.failed)
 
 
 def _suggest_edge(edges: tuple[int, ...]) -> int:
@@ -523,9 +682,15 @@ def fetch_observed(url: str, api_key: str | None = None, timeout: float = 10.0) 
     return shown, doc
 
 
-def observed_workload(doc: dict[str, Any], source: str, rate: float | None = None) -> WorkloadResult:
+def observed_workload(doc: dict[str, Any], source: str, rate: float | None = None,
+                      rate_percentile: float | None = None) -> WorkloadResult:
     """The histogram a router counted (its `GET /workload` document) as a `WorkloadResult`, like a trace's: counts
-    per bucket by reported sizes, its edges, and its arrival rate unless `rate` is given."""
+    per bucket by reported sizes, its edges, and its arrival rate unless `rate` is given.
+
+    `rate_percentile` takes that percentile of the router's per-minute arrivals (`minute_arrivals`, or its
+    `rate_percentiles`) instead of its mean rate; a router too old to send them makes that a `TraceError`."""
+    if rate is not None and rate_percentile is not None:
+        raise TraceError("give --rate or --rate-percentile, not both")
     try:
         in_edges = check_edges(doc.get("input_buckets") or [], "input_buckets")
         out_edges = check_edges(doc.get("output_buckets") or [], "output_buckets")
@@ -545,11 +710,24 @@ def observed_workload(doc: dict[str, Any], source: str, rate: float | None = Non
                          + (f" ({span:.0f} s)" if isinstance(span, (int, float)) else "")
                          + "; send traffic through it first")
     warnings = []
+    observed = doc.get("total_request_rate")
+    mean_rate = (float(observed) if isinstance(observed, (int, float)) and not isinstance(observed, bool)
+                 and observed > 0 else None)
+    minutes, shown = observed_rates(doc)
     rate_source = RateSource.GIVEN
-    if rate is None:
-        observed = doc.get("total_request_rate")
-        if isinstance(observed, (int, float)) and not isinstance(observed, bool) and observed > 0:
-            rate, rate_source = float(observed), RateSource.OBSERVED
+    if rate is None and rate_percentile is not None:
+        picked = shown.get(rate_percentile) if shown is not None else None
+        if picked is None and minutes is not None:
+            picked = minutes.percentile(rate_percentile)
+        if picked is None:
+            raise TraceError(f"{source}: the router reports no per-minute arrivals (minute_arrivals), so "
+                             f"--rate-percentile cannot be read from it: a melange-sky router older than this "
+                             f"command, or one without a complete minute counted yet. Drop --rate-percentile, or "
+                             f"pass --rate")
+        rate, rate_source = picked, RateSource.OBSERVED
+    elif rate is None:
+        if mean_rate is not None:
+            rate, rate_source = mean_rate, RateSource.OBSERVED
         else:
             rate_source = RateSource.NONE
             warnings.append("the router reported no arrival rate, so total_request_rate is not known: pass --rate")
@@ -575,17 +753,19 @@ def observed_workload(doc: dict[str, Any], source: str, rate: float | None = Non
         input_overflow=clamped["input_overflow"], output_overflow=clamped["output_overflow"],
         input_underflow=clamped["input_underflow"], output_underflow=clamped["output_underflow"],
         timestamped_rows=0, first_timestamp=None, last_timestamp=None, rate=rate, rate_source=rate_source,
-        warnings=tuple(warnings))
+        warnings=tuple(warnings), mean_rate=mean_rate, rate_percentiles=shown,
+        rate_percentile=rate_percentile if rate_source is RateSource.OBSERVED else None, columns="router counts")
 
 
 # ---- merging into a config -----------------------------------------------------------------------------------------
 def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str = "<config>",
-                   in_place: bool = False, price: Pricer | None = None) -> MergeResult:
+                   in_place: bool = False, price: Pricer | None = None, target: str | None = None) -> MergeResult:
     """`config` with workload_distribution, total_request_rate and the bucket edges from `result`; the rest kept.
 
-    A GPU whose tputs has the old shape makes the config invalid. Written elsewhere (`in_place` False) that is a
-    warning saying what to run, because the histogram is still what the user asked for; `in_place` (the merge
-    would overwrite `source`) it raises `BucketEdgesError` instead, so a working config is never broken.
+    A GPU whose tputs has the old shape makes the config invalid. Written elsewhere (`in_place` False, to `target`)
+    that is a warning saying what to run on `target`, because the histogram is still what the user asked for;
+    `in_place` (the merge would overwrite `source`) it raises `BucketEdgesError` instead, so a working config is
+    never broken.
     `price` prices GPU entries without a cost while the merged config is checked (see `core.config.Pricer`).
     """
     data = dict(config)
@@ -599,14 +779,15 @@ def merge_workload(config: dict[str, Any], result: WorkloadResult, source: str =
         data[key] = value
     rows, cols = result.shape
     mismatched = []
+    written = source if in_place or target is None else target  # the file the re-profile must go into
     for path, name, entry in gpu_entries(data.get("gpu_info")):
         shape = matrix_shape(entry.get("tputs"))
         if shape is not None and shape != (rows, cols):
             mismatched.append(f"{name} {shape[0]}x{shape[1]}")
             warnings.append(
-                f"{source}: {path}.tputs is {shape[0]}x{shape[1]} but the new workload_distribution is {rows}x{cols}:"
-                f" the config is invalid until it is re-profiled for these buckets: melange-sky profile --endpoint "
-                f"URL --model MODEL --into {source} --gpu {name}")
+                f"{written}: {path}.tputs is {shape[0]}x{shape[1]} but the new workload_distribution is "
+                f"{rows}x{cols}: the config is invalid until it is re-profiled for these buckets: melange-sky "
+                f"profile --endpoint URL --model MODEL --into {written} --gpu {name}")
     valid = not mismatched
     problems: list[str] = []
     if valid:
