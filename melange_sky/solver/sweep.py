@@ -11,14 +11,15 @@ import io
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from melange_sky.core.config import Config, with_overrides
 from melange_sky.errors import ConfigError, InfeasibleAllocation, OutputError
-from melange_sky.solver.model import Formulation, SolverOptions
-from melange_sky.solver.result import Baseline, SolveResult, solve
+from melange_sky.solver.model import Formulation, SharedCap, SolverOptions
+from melange_sky.solver.result import SAME_COST, Baseline, SolveResult, baselines, solve
 
 #: More rates than this is a typo (a --steps of 10000), not a figure anyone can read.
 MAX_RATES = 1000
@@ -67,7 +68,8 @@ class SweepPoint:
         best = self.best_baseline
         if best is None or best.cost is None or self.mix.cost is None:
             return None
-        return best.cost - self.mix.cost
+        saving = best.cost - self.mix.cost
+        return 0.0 if abs(saving) < SAME_COST else saving
 
     def to_dict(self) -> dict[str, Any]:
         best, saving = self.best_baseline, self.saving
@@ -193,9 +195,10 @@ def check_rates(rates: list[float], option: str = "--rates") -> list[float]:
 
 
 def sweep(config: Config, rates: list[float], formulation: Formulation | str = Formulation.SLICES,
-          options: SolverOptions = SolverOptions()) -> Sweep:
+          options: SolverOptions = SolverOptions(), caps: Sequence[SharedCap] = ()) -> Sweep:
     """Solve `config` at every rate (in this process): the mix under `formulation`, the `split` mix and the
-    single-GPU-type fleets. A rate no fleet fits becomes an infeasible point, not an error."""
+    single-GPU-type fleets, as `solve` reports them. `caps` are the shared quotas of a per-offer config (see
+    `solve`). A rate no fleet fits becomes an infeasible point, not an error."""
     formulation = Formulation(formulation)
     rates = check_rates(list(rates))
     started = time.perf_counter()
@@ -203,11 +206,9 @@ def sweep(config: Config, rates: list[float], formulation: Formulation | str = F
     for rate in rates:
         at_rate = with_overrides(config, rate=rate)
         begun = time.perf_counter()
-        mix, result = _mix(at_rate, formulation, options)
-        split, split_result = (mix, result) if formulation is Formulation.SPLIT else _mix(at_rate, Formulation.SPLIT,
-                                                                                         options)
-        solved = result or split_result
-        found = solved.baselines if solved is not None else _unservable(config, mix.reason)
+        mix, result = _mix(at_rate, formulation, options, caps)
+        split = mix if formulation is Formulation.SPLIT else _mix(at_rate, Formulation.SPLIT, options, caps)[0]
+        found = result.baselines if result is not None else baselines(at_rate, formulation, options, caps)
         points.append(SweepPoint(rate=rate, mix=mix, split=split, baselines=found,
                                  seconds=time.perf_counter() - begun))
     return Sweep(name=config.name, source=config.source, formulation=formulation, solver=options.name,
@@ -216,19 +217,13 @@ def sweep(config: Config, rates: list[float], formulation: Formulation | str = F
                  seconds=time.perf_counter() - started)
 
 
-def _mix(config: Config, formulation: Formulation, options: SolverOptions) -> tuple[MixCost, SolveResult | None]:
+def _mix(config: Config, formulation: Formulation, options: SolverOptions,
+         caps: Sequence[SharedCap]) -> tuple[MixCost, SolveResult | None]:
     try:
-        result = solve(config, formulation, options, compare=False)
+        result = solve(config, formulation, options, compare=False, caps=caps)
     except InfeasibleAllocation as exc:
         return MixCost(formulation, None, {}, "infeasible", _reason(str(exc), config.source)), None
     return MixCost(formulation, result.cost, {k: v for k, v in result.counts.items() if v}, str(result.status)), result
-
-
-def _unservable(config: Config, reason: str | None) -> list[Baseline]:
-    """Single-type fleets at a rate where even `split` fits no fleet: none fits either (one type serving everything
-    is a fleet of every formulation), for the same reason."""
-    types = list(dict.fromkeys(g.entry or g.name for g in config.gpus))
-    return [Baseline(name, None, None, reason or "no fleet fits") for name in types]
 
 
 def _reason(message: str, source: str) -> str:
