@@ -5,12 +5,11 @@ import json
 
 import click
 
-from melange_sky._io import write_config_json
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import bucket_edge_options
 from melange_sky.cli.text import format_profile, format_profile_event
 from melange_sky.core.buckets import parse_edges
-from melange_sky.core.config_doc import edges_for_config, read_config_object
+from melange_sky.core.config_doc import edges_for_config, read_config_object, write_config
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import ProfileError
 from melange_sky.inputs.profile import parse_cells, profile_endpoint
@@ -105,7 +104,7 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
            f"({'kept from the config' if into and b.status == BucketStatus.FAILED else '0 in tputs'})" for b in failed])
     warn(result.warnings)
     if output:
-        write_config_json(output, result.to_dict())
+        warn(write_config(output, result.to_dict()))
         click.echo(f"Wrote {output}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -115,5 +114,5 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
     if config is not None and into and gpu:
         merged = merge_profile(config, result, gpu, cost, source=into, price=catalog_pricer())
         warn(merged.warnings)
-        write_config_json(into, merged.data)
+        warn(write_config(into, merged.data))
         click.echo(f"Wrote {gpu}'s tputs into {into}", err=True)

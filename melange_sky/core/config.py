@@ -1,6 +1,7 @@
 """Read and validate a Mélange config: the original format exactly, plus melange-sky's optional extensions.
 
-Every problem is reported as a `ConfigError` naming the file and the JSON field, so the user can fix it in one go.
+A config is JSON, or YAML when its name ends in .yaml or .yml (SkyPilot users write YAML). Every problem is reported
+as a `ConfigError` naming the file and the field (and, in a YAML file, its line), so the user can fix it in one go.
 Soft problems (unknown keys, a distribution that does not sum to 1) become warnings carried on the `Config`.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import difflib
 import json
 import math
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ GPU_KEYS = (
     "cloud", "region", "instance_type", "accelerators", "use_spot", "max_count", "min_count", "quotas",
 )
 REQUIRED_TOP_LEVEL = ("workload_distribution", "total_request_rate", "gpu_info")
+#: File name endings read as YAML; every other config file is JSON.
+YAML_SUFFIXES = (".yaml", ".yml")
 #: Distributions off from 1 by more than this are normalised with a warning (smaller drift is rounding).
 NORMALISE_WARN_TOLERANCE = 0.01
 
@@ -117,38 +121,181 @@ class Config:
         raise KeyError(name)
 
 
-def load_config(path: str | os.PathLike[str], price: Pricer | None = None) -> Config:
-    """Read, parse and validate a config file; raise `ConfigError` with file and field on any problem."""
+def is_yaml(path: str | os.PathLike[str]) -> bool:
+    """Whether a config file is YAML (by its name: .yaml or .yml), else JSON."""
+    return Path(path).suffix.lower() in YAML_SUFFIXES
+
+
+@dataclass(frozen=True)
+class ConfigDocument:
+    """A config file decoded (JSON or YAML) but not validated, and the line of each field in it (YAML only)."""
+
+    source: str
+    data: Any
+    format: str  # "json" or "yaml"
+    lines: Mapping[str, int] = field(default_factory=dict)  # field path ("gpu_info.A10G.tputs[1][0]") -> line
+
+
+def read_config_document(path: str | os.PathLike[str], missing: str = "no such file") -> ConfigDocument:
+    """Read and decode a config file, JSON or YAML by its name; `ConfigError` (one line, with the line and column of
+    a syntax error) if it cannot be read or decoded. `missing` is the message for a file that does not exist."""
     source = str(path)
+    yaml_file = is_yaml(path)
+    kind = "YAML" if yaml_file else "JSON"
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(source, None, "no such file") from None
+        raise ConfigError(source, None, missing) from None
     except IsADirectoryError:
-        raise ConfigError(source, None, "is a directory, expected a JSON file") from None
+        raise ConfigError(source, None, f"is a directory, expected a {kind} file") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(source, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(source, None, f"cannot read: {exc.strerror}") from None
     if not text.strip():
-        raise ConfigError(source, None, "file is empty, expected a JSON object")
+        raise ConfigError(source, None, f"file is empty, expected a {'YAML mapping' if yaml_file else 'JSON object'}")
+    if yaml_file:
+        data, lines = _decode_yaml(text, source)
+        return ConfigDocument(source, data, "yaml", lines)
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
         raise ConfigError(source, None, f"duplicate key {exc.key!r} in one JSON object") from None
     except json.JSONDecodeError as exc:
-        raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    return parse_config(data, source=source, default_name=Path(path).stem, price=price)
+        hint = ("; a YAML config needs a name ending in .yaml or .yml"
+                if exc.lineno == 1 and exc.colno == 1 and not text.lstrip().startswith(("{", "[")) else "")
+        raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno}){hint}") \
+            from None
+    return ConfigDocument(source, data, "json")
+
+
+def load_config(path: str | os.PathLike[str], price: Pricer | None = None) -> Config:
+    """Read, parse and validate a config file (JSON, or YAML by its name); raise `ConfigError` with file and field
+    (and line, in YAML) on any problem."""
+    document = read_config_document(path)
+    return parse_config(document.data, source=document.source, default_name=Path(path).stem, price=price,
+                        lines=document.lines, kind="YAML mapping" if document.format == "yaml" else "JSON object")
 
 
 def parse_config(data: Any, source: str = "<config>", default_name: str = "melange",
-                 price: Pricer | None = None) -> Config:
-    """Validate an already-decoded config object (the dict `json.load` gives).
+                 price: Pricer | None = None, *, lines: Mapping[str, int] | None = None,
+                 kind: str = "JSON object") -> Config:
+    """Validate an already-decoded config object (the dict `json.load` or `read_config_document` gives).
 
     A GPU entry without `cost` is priced by `price` (`melange_sky.deploy.offers.catalog_pricer` gives the catalog's
-    price); without one, a missing cost is an error. Configs that give every cost never need a price.
+    price); without one, a missing cost is an error. Configs that give every cost never need a price. With `lines`
+    (field path -> line, as `read_config_document` gives for YAML), messages say "file:line: field: ...".
     """
-    return _Parser(source, price).parse(data, default_name)
+    return _Parser(source, price, lines, kind).parse(data, default_name)
+
+
+# ---- YAML ---------------------------------------------------------------------------------------------------------
+# PyYAML is imported only when a YAML config is read: `melange-sky --help` and JSON configs never pay for it.
+
+def _yaml_loader_class() -> Any:
+    """PyYAML's safe loader (C-accelerated when available), also reading 1e6 as a number, as YAML 1.2 and JSON do
+    (YAML 1.1 wants 1.0e+6 and would hand the parser the string "1e6")."""
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        import yaml  # noqa: PLC0415 - lazy: only YAML configs need it
+
+        base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+        class Loader(base):  # type: ignore[misc, valid-type]
+            pass
+
+        Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+            list("-+0123456789"))
+        _YAML_LOADER = Loader
+    return _YAML_LOADER
+
+
+_YAML_LOADER: Any = None
+
+
+def _decode_yaml(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    """The YAML document's data (as JSON would give it: string keys, no duplicates) and the line of every field."""
+    import yaml  # noqa: PLC0415 - lazy: only YAML configs need it
+
+    loader = _yaml_loader_class()(text)
+    lines: dict[str, int] = {}
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError(source, None, "has no YAML document (only comments?), expected a YAML mapping")
+        data = _from_node(loader, node, "", lines, source, set(), {})
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        problem = " ".join((exc.problem or exc.context or "syntax error").split())
+        if exc.problem and exc.context:  # "expected a single document in the stream" + "but found another document"
+            context = " ".join(exc.context.split())
+            problem = f"{context}, {problem}" if problem.startswith("but ") else f"{problem} ({context})"
+        if mark is not None and _char_at(text, mark.line, mark.column) == "\t":
+            problem = "a tab where YAML does not allow one: indent with spaces"
+        raise ConfigError(where, None, f"not valid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, None, f"not valid YAML: {' '.join(str(exc).split())}") from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _char_at(text: str, line: int, column: int) -> str:
+    lines = text.splitlines()
+    return lines[line][column] if line < len(lines) and column < len(lines[line]) else ""
+
+
+def _from_node(loader: Any, node: Any, path: str, lines: dict[str, int], source: str, open_nodes: set[int],
+               built: dict[int, Any]) -> Any:
+    """`node` as plain data, recording each field's line under its path; an aliased node is built once (shared, as
+    PyYAML does), so a document of nested aliases costs its size, not its expansion."""
+    import yaml  # noqa: PLC0415 - lazy: only YAML configs need it
+
+    if isinstance(node, yaml.ScalarNode):
+        return loader.construct_object(node, deep=True)
+    if id(node) in open_nodes:  # an alias to a node that contains it
+        raise ConfigError(f"{source}:{node.start_mark.line + 1}", path or None, "refers to itself (recursive alias)")
+    if id(node) in built:
+        return built[id(node)]
+    open_nodes.add(id(node))
+    try:
+        built[id(node)] = value = _collection(loader, node, path, lines, source, open_nodes, built)
+        return value
+    finally:
+        open_nodes.discard(id(node))
+
+
+def _collection(loader: Any, node: Any, path: str, lines: dict[str, int], source: str, open_nodes: set[int],
+                built: dict[int, Any]) -> Any:
+    import yaml  # noqa: PLC0415 - lazy: only YAML configs need it
+
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for k, child in enumerate(node.value):
+            lines.setdefault(f"{path}[{k}]", child.start_mark.line + 1)
+            items.append(_from_node(loader, child, f"{path}[{k}]", lines, source, open_nodes, built))
+        return items
+    own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+    loader.flatten_mapping(node)  # YAML merge keys (<<: *defaults) first, then the mapping's own keys override them
+    merged = len(node.value) - own
+    mapping: dict[str, Any] = {}
+    written: set[str] = set()  # keys the mapping itself gives (two of them is a duplicate, unlike an override)
+    for k, (key_node, value_node) in enumerate(node.value):
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{source}:{line}", path or None, "a key must be a plain name, not a list or mapping")
+        raw = loader.construct_object(key_node, deep=True)
+        key = raw if isinstance(raw, str) else str(key_node.value)  # JSON's keys are strings: 4090 -> "4090"
+        if k >= merged:
+            if key in written:
+                raise ConfigError(f"{source}:{line}", path or None, f"duplicate key {key!r} in one YAML mapping")
+            written.add(key)
+        child_path = f"{path}.{key}" if path else key
+        lines[child_path] = line
+        mapping[key] = _from_node(loader, value_node, child_path, lines, source, open_nodes, built)
+    return mapping
 
 
 def with_overrides(config: Config, *, rate: float | None = None, headroom: float | None = None) -> Config:
@@ -179,7 +326,8 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _describe(value: Any) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
+    # default=str: a YAML config can hold values JSON cannot (a date, a set), and they still need describing
+    text = json.dumps(value, default=str) if not isinstance(value, float) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -189,18 +337,48 @@ def _type_name(value: Any) -> str:
 
 
 class _Parser:
-    def __init__(self, source: str, price: Pricer | None = None):
+    def __init__(self, source: str, price: Pricer | None = None, lines: Mapping[str, int] | None = None,
+                 kind: str = "JSON object"):
         self.source = source
         self.price = price
+        self.lines = lines or {}
+        self.kind = kind
         self.clouds: tuple[str, ...] | None = None
         self.warnings: list[str] = []
 
-    def fail(self, field_path: str | None, message: str) -> ConfigError:
-        return ConfigError(self.source, field_path, message)
+    def where(self, field_path: str | None) -> str:
+        """The source, with the field's line when known ("config.yaml:7"); a field the file lacks (a missing key)
+        gets the line of the nearest enclosing field it has."""
+        path = field_path or ""
+        while path:
+            if path in self.lines:
+                return f"{self.source}:{self.lines[path]}"
+            cut = max(path.rfind("."), path.rfind("["))
+            if cut <= 0:
+                break
+            path = path[:cut]
+        return self.source
+
+    def fail(self, field_path: str | None, message: str, at: str | None = None) -> ConfigError:
+        """The error for `field_path`; `at` names another field whose line to give (a misspelling of it)."""
+        return ConfigError(self.where(at or field_path), field_path, message)
 
     def warn(self, field_path: str | None, message: str) -> None:
-        where = f"{self.source}: {field_path}: " if field_path else f"{self.source}: "
+        source = self.where(field_path)
+        where = f"{source}: {field_path}: " if field_path else f"{source}: "
         self.warnings.append(where + message)
+
+    def require(self, obj: dict[str, Any], key: str, prefix: str, known: tuple[str, ...]) -> None:
+        """ConfigError if `key` is missing from `obj`, naming the unknown key that looks like a misspelling of it."""
+        if key in obj:
+            return
+        path = f"{prefix}.{key}" if prefix else key
+        unknown = [str(k) for k in obj if k not in known]
+        close = difflib.get_close_matches(key, unknown, n=1, cutoff=0.6)
+        if close:
+            typo = f"{prefix}.{close[0]}" if prefix else close[0]
+            raise self.fail(path, f"missing (required); the config has {close[0]!r}: did you mean {key!r}?", at=typo)
+        raise self.fail(path, "missing (required)")
 
     # ---- scalars -------------------------------------------------------------------------------------------------
     def number(self, value: Any, path: str | None) -> float:
@@ -252,8 +430,8 @@ class _Parser:
         for key in obj:
             if key in known:
                 continue
-            where = f"{prefix}.{key}" if prefix else key
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            where = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
             self.warn(where, f"unknown key, ignored{hint}")
 
@@ -290,12 +468,11 @@ class _Parser:
     # ---- the config ----------------------------------------------------------------------------------------------
     def parse(self, data: Any, default_name: str) -> Config:
         if not isinstance(data, dict):
-            raise self.fail(None, f"must be a JSON object with {', '.join(REQUIRED_TOP_LEVEL)}, "
+            raise self.fail(None, f"must be a {self.kind} with {', '.join(REQUIRED_TOP_LEVEL)}, "
                                   f"got {_type_name(data)}")
         self.check_keys(data, TOP_LEVEL_KEYS, "")
         for key in REQUIRED_TOP_LEVEL:
-            if key not in data:
-                raise self.fail(key, "missing (required)")
+            self.require(data, key, "", TOP_LEVEL_KEYS)
 
         dist = self.matrix(data["workload_distribution"], "workload_distribution", None,
                            lambda x, p: self.non_negative(x, p))
@@ -367,8 +544,7 @@ class _Parser:
         if not isinstance(entry, dict):
             raise self.fail(path, f"must be an object with cost and tputs, got {_type_name(entry)}")
         self.check_keys(entry, GPU_KEYS, path)
-        if "tputs" not in entry:
-            raise self.fail(f"{path}.tputs", "missing (required)")
+        self.require(entry, "tputs", path, GPU_KEYS)
         cost = self.positive(entry["cost"], f"{path}.cost") if "cost" in entry else None
         tputs = self.matrix(entry["tputs"], f"{path}.tputs", shape,
                             lambda x, p: self.non_negative(x, p, " (0 means this GPU cannot serve the bucket)"))

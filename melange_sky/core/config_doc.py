@@ -1,21 +1,28 @@
-"""Editing a config *document*: the raw JSON object of a config file, changed in place of the user's own edits.
+"""Editing a config *document*: the raw object of a config file (JSON or YAML), changed in place of the user's own
+edits.
 
 `workload --into` and `profile --into` each own a few keys of a config and must keep every other key (unknown ones
 too) as the user wrote it; `core.config` only reads. This module holds what both edits share: reading the raw
-object, walking `gpu_info` in either of its forms, the bucket shape and edges a document implies, and checking the
-merged document against the real parser so the user hears what is still wrong before they solve.
+object, walking `gpu_info` in either of its forms, the bucket shape and edges a document implies, checking the
+merged document against the real parser so the user hears what is still wrong before they solve, and writing it
+back in the file's own format.
+
+A YAML config is written back as YAML (keys in their order, matrices one row per line). PyYAML cannot keep
+comments: when a rewrite would drop some, the previous file is kept beside it as `<name>.bak` and the caller gets
+a warning saying so.
 """
 from __future__ import annotations
 
-import json
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
-from melange_sky.core.config import Config, Pricer, parse_config
+from melange_sky._io import config_json, write_text
+from melange_sky.core.config import Config, Pricer, is_yaml, parse_config, read_config_document
 from melange_sky.core.gpus import same_gpu
 from melange_sky.errors import BucketEdgesError, ConfigError
 
@@ -33,21 +40,66 @@ class MergeResult:
 
 
 def read_config_object(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw JSON object of a config file (unknown keys and all), so a merge keeps everything it does not own."""
-    source = os.fspath(path)
+    """The raw object of a config file, JSON or YAML (unknown keys and all), so a merge keeps everything it does not
+    own. Read exactly as `load_config` reads it, with the same one-line errors."""
+    document = read_config_document(path, missing="no such file (--into needs an existing config)")
+    if not isinstance(document.data, dict):
+        raise ConfigError(document.source, None,
+                          "must be a YAML mapping" if document.format == "yaml" else "must be a JSON object")
+    return document.data
+
+
+def config_text(path: str | os.PathLike[str], data: dict[str, Any]) -> str:
+    """`data` as the text of a config file named `path`: YAML for .yaml/.yml, else JSON; matrices one row per line."""
+    if not is_yaml(path):
+        return config_json(data) + "\n"
+    import yaml  # noqa: PLC0415 - lazy: only YAML configs need it
+
+    class Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
+        """Block style, but a list of plain values on one line: `- [2, 1]`, as a matrix row reads."""
+
+    def represent_list(dumper: Any, value: list[Any]) -> Any:
+        flow = bool(value) and not any(isinstance(x, (list, dict)) for x in value)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
+
+    Dumper.add_representer(list, represent_list)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=120)
+
+
+def write_config(path: str | os.PathLike[str], data: dict[str, Any]) -> list[str]:
+    """Write a config document atomically in the format its name says (YAML or JSON); the warnings to show. A YAML
+    file whose comments the rewrite drops (PyYAML cannot keep them) is first copied to `<name>.bak`."""
+    warnings = []
+    target = Path(path)
+    if is_yaml(target) and target.is_file() and _has_yaml_comments(target):
+        backup = target.with_name(target.name + ".bak")
+        try:
+            shutil.copy2(target, backup)
+        except OSError as exc:
+            raise ConfigError(str(target), None, f"has comments a rewrite would drop, and the copy to {backup} "
+                                                 f"failed ({exc.strerror}): nothing was written") from None
+        warnings.append(f"{target}: rewritten without its comments (PyYAML cannot keep them); the previous file, "
+                        f"comments and all, is {backup}")
+    write_text(target, config_text(target, data))
+    return warnings
+
+
+def _has_yaml_comments(path: Path) -> bool:
+    """Whether a YAML file has a comment: a # at a line's start or after a blank, outside quotes."""
     try:
-        text = Path(source).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(source, None, "no such file (--into needs an existing config)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, None, f"cannot read: {exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(source, None, f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(source, None, "must be a JSON object")
-    return data
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    for line in text.splitlines():
+        quote = None
+        for k, char in enumerate(line):
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif char == "#" and (k == 0 or line[k - 1] in " \t"):
+                return True
+    return False
 
 
 def gpu_entries(gpu_info: Any) -> Iterator[tuple[str, str, dict[str, Any]]]:
