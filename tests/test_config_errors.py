@@ -42,6 +42,21 @@ def test_missing_required_key_is_named(cli, write_config, example, key):
     assert_one_line_error(cli("solve", write_config(example)), f"config.json: {key}: missing")
 
 
+@pytest.mark.parametrize("key, typo", [("total_request_rate", "total_request_rte"),
+                                        ("workload_distribution", "workload_distributions"),
+                                        ("gpu_info", "gpuinfo")])
+def test_a_misspelt_required_key_is_named_with_the_spelling_it_needs(cli, write_config, example, key, typo):
+    example[typo] = example.pop(key)
+    assert_one_line_error(cli("solve", write_config(example)),
+                          f"config.json: {key}: missing (required); the config has {typo!r}: did you mean {key!r}?")
+
+
+def test_a_misspelt_tputs_is_named_with_the_spelling_it_needs(cli, write_config, example):
+    example["gpu_info"]["A10G"]["tput"] = example["gpu_info"]["A10G"].pop("tputs")
+    assert_one_line_error(cli("solve", write_config(example)),
+                          "gpu_info.A10G.tputs: missing (required); the config has 'tput': did you mean 'tputs'?")
+
+
 def test_missing_gpu_field_is_named(cli, write_config, example):
     del example["gpu_info"]["A10G"]["tputs"]  # (a missing cost is filled from the catalog: see test_offers.py)
     assert_one_line_error(cli("solve", write_config(example)), "gpu_info.A10G.tputs: missing")
