@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO
 from melange_sky.core.config import with_overrides
 from melange_sky.deploy.offers import load_config
+from melange_sky.solver.model import SharedCap
 from melange_sky.solver.result import solve
 from melange_sky.solver.sweep import default_range, rate_range, sweep
 
@@ -198,3 +199,14 @@ def test_sweep_help_imports_neither_the_solver_nor_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "--plot FILE.png" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_library_sweep_applies_shared_caps_as_solve_does():
+    config = load_config(EXAMPLE_PATH)
+    caps = [SharedCap("quota", (("A100-80GB", 1),), 1)]  # at most one A100-80GB GPU
+    result = sweep(config, [30, 60], caps=caps)
+    for point in result.points:
+        direct = solve(with_overrides(config, rate=point.rate), compare=False, caps=caps)
+        assert point.mix.cost == pytest.approx(direct.cost) and point.mix.counts["A100-80GB"] <= 1
+        assert [(b.gpu, b.cost) for b in point.baselines] == [(b.gpu, b.cost) for b in direct.baselines]
+    assert result.points[1].mix.cost > sweep(config, [60]).points[0].mix.cost  # the cap binds at 60 req/s
