@@ -1,7 +1,10 @@
 """`melange-sky workload --from URL`: what a running router observed, turned into config keys like a trace is."""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import threading
 
 import aiohttp
 import pytest
@@ -97,3 +100,94 @@ def test_a_router_that_is_not_there_or_has_seen_nothing_says_so(cli, monkeypatch
     finally:
         loop.run(fleet.__aexit__(None, None, None))
         loop.close()
+
+
+# ---- peak rates from a router: minute_arrivals and rate_percentiles, and older routers without them ---------------
+OLD_DOC = {"input_buckets": [1, 100, 1000], "output_buckets": [1, 100, 1000], "counts": [[30, 10], [5, 5]],
+           "total_request_rate": 12.5, "window_s": 3600.0, "span_s": 3600.0, "requests": 50}
+MINUTES = [300, 3000, 300, 3000, 0, 3000, 300, 3000, 300, 600]  # arrivals per complete minute, oldest first
+NEW_DOC = {**OLD_DOC, "minute_arrivals": MINUTES,
+           "rate_percentiles": {"p50": 5.0, "p95": 50.0, "p99": 50.0, "max": 50.0}}
+
+
+@contextlib.contextmanager
+def serving(doc):
+    """A stand-in router answering GET /workload with `doc`, on a free local port, stopped on exit."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = json.dumps(doc).encode()
+            self.send_response(200 if self.path == "/workload" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_the_routers_per_minute_peaks_are_shown_and_can_be_planned_for(cli, tmp_path, monkeypatch):
+    monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
+    with serving(NEW_DOC) as url:
+        shown = cli("workload", "--from", url)
+        p95 = cli("workload", "--from", url, "--rate-percentile", "95", "--json", "-o", str(tmp_path / "w.json"))
+        p80 = cli("workload", "--from", url, "--rate-percentile", "80", "--json")
+    assert shown.exit_code == 0, shown.stderr
+    assert "Rate: 12.5 req/s (arrivals the router counted over its window)" in shown.stdout
+    assert "Per-minute rate over 10 complete minute(s): p50 5, p95 50, p99 50, max 50 req/s" in shown.stdout
+    assert "plan for it with --rate-percentile 95" in shown.stdout
+    assert p95.exit_code == 0, p95.stderr
+    record = json.loads(p95.stdout)
+    assert record["total_request_rate"] == 50.0 and record["rate_percentile"] == 95
+    assert record["mean_request_rate"] == 12.5 and record["rate_source"] == "observed"
+    assert record["rate_percentiles"] == {"p50": 5.0, "p95": 50.0, "p99": 50.0, "max": 50.0, "minutes": 10}
+    assert json.loads((tmp_path / "w.json").read_text())["total_request_rate"] == 50.0
+    # a percentile the router does not report is read from its minutes: the 8th of 10 sorted is 3000 per minute
+    assert p80.exit_code == 0, p80.stderr
+    assert json.loads(p80.stdout)["total_request_rate"] == 50.0
+
+
+def test_percentiles_only_or_minutes_only_are_enough(cli, monkeypatch):
+    monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
+    only_percentiles = {k: v for k, v in NEW_DOC.items() if k != "minute_arrivals"}
+    only_minutes = {k: v for k, v in NEW_DOC.items() if k != "rate_percentiles"}
+    with serving(only_percentiles) as url:
+        p99 = cli("workload", "--from", url, "--rate-percentile", "p99", "--json")
+        p90 = cli("workload", "--from", url, "--rate-percentile", "90")
+    assert p99.exit_code == 0 and json.loads(p99.stdout)["total_request_rate"] == 50.0
+    assert p90.exit_code == 2 and "no per-minute arrivals (minute_arrivals) and no p90 in rate_percentiles" \
+        in p90.stderr
+    with serving(only_minutes) as url:
+        record = json.loads(cli("workload", "--from", url, "--rate-percentile", "50", "--json").stdout)
+    assert record["total_request_rate"] == 5.0  # the 5th of the 10 sorted minutes: 300 arrivals
+    assert record["rate_percentiles"] == {"p50": 5.0, "p95": 50.0, "p99": 50.0, "max": 50.0, "minutes": 10}
+
+
+def test_an_older_router_without_per_minute_arrivals_still_gives_the_mean(cli, monkeypatch):
+    monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
+    with serving(OLD_DOC) as url:
+        mean = cli("workload", "--from", url, "--json")
+        peak = cli("workload", "--from", url, "--rate-percentile", "95")
+    assert mean.exit_code == 0, mean.stderr
+    record = json.loads(mean.stdout)
+    assert record["total_request_rate"] == 12.5 and record["rate_percentiles"] is None
+    assert peak.exit_code == 2 and len(peak.stderr.strip().splitlines()) == 1
+    assert "the router reports no per-minute arrivals (minute_arrivals)" in peak.stderr
+    assert "Drop --rate-percentile, or pass --rate" in peak.stderr
+
+
+def test_a_router_without_a_complete_minute_yet_cannot_give_a_percentile(cli, router):
+    result = cli("workload", "--from", router.url, "--api-key", "rk", "--rate-percentile", "95")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "the router has no complete minute of arrivals yet (it has counted for " in result.stderr
+    assert "ask again later, or pass --rate" in result.stderr

@@ -719,11 +719,16 @@ def observed_workload(doc: dict[str, Any], source: str, rate: float | None = Non
         picked = shown.get(rate_percentile) if shown is not None else None
         if picked is None and minutes is not None:
             picked = minutes.percentile(rate_percentile)
+        if picked is None and isinstance(doc.get("minute_arrivals"), list) and not doc["minute_arrivals"]:
+            counted = f" (it has counted for {span:.0f} s)" if isinstance(span, (int, float)) else ""
+            raise TraceError(f"{source}: the router has no complete minute of arrivals yet{counted}, so "
+                             f"--rate-percentile cannot be read from it: ask again later, or pass --rate")
         if picked is None:
-            raise TraceError(f"{source}: the router reports no per-minute arrivals (minute_arrivals), so "
-                             f"--rate-percentile cannot be read from it: a melange-sky router older than this "
-                             f"command, or one without a complete minute counted yet. Drop --rate-percentile, or "
-                             f"pass --rate")
+            which = ("no per-minute arrivals (minute_arrivals)" if shown is None
+                     else f"no per-minute arrivals (minute_arrivals) and no p{rate_percentile:g} in rate_percentiles")
+            raise TraceError(f"{source}: the router reports {which}, so --rate-percentile cannot be read from it "
+                             f"(a melange-sky router older than this command?). Drop --rate-percentile, or pass "
+                             f"--rate")
         rate, rate_source = picked, RateSource.OBSERVED
     elif rate is None:
         if mean_rate is not None:
@@ -754,7 +759,7 @@ def observed_workload(doc: dict[str, Any], source: str, rate: float | None = Non
         input_underflow=clamped["input_underflow"], output_underflow=clamped["output_underflow"],
         timestamped_rows=0, first_timestamp=None, last_timestamp=None, rate=rate, rate_source=rate_source,
         warnings=tuple(warnings), mean_rate=mean_rate, rate_percentiles=shown,
-        rate_percentile=rate_percentile if rate_source is RateSource.OBSERVED else None, columns="router counts")
+        rate_percentile=rate_percentile if rate_source is RateSource.OBSERVED else None)
 
 
 # ---- merging into a config -----------------------------------------------------------------------------------------
