@@ -16,7 +16,8 @@ reader never sees half a number). It answers like vLLM's OpenAI server, closely 
 
 With the environment variable FAKE_REPLICA_API_KEY set (never on the command line, where `ps` shows it), generation
 and /v1/models need `Authorization: Bearer <key>`, as vLLM with VLLM_API_KEY does; /health and /stats stay open.
-SIGTERM and SIGINT stop it cleanly (exit 0).
+SIGTERM and SIGINT stop it within a fraction of a second (exit 0), cutting requests in flight, as a torn-down VM
+would: draining is the router's job, not the replica's.
 """
 from __future__ import annotations
 
@@ -145,7 +146,7 @@ def write_port(path: Path, port: int) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     replica = Replica(args.name, args.gpu, args.model, args.token_delay_ms / 1000, os.environ.get(API_KEY_ENV) or None)
-    runner = web.AppRunner(replica.app(), access_log=None, handler_cancellation=True, shutdown_timeout=2)
+    runner = web.AppRunner(replica.app(), access_log=None, handler_cancellation=True, shutdown_timeout=0.2)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=1024)
     await site.start()

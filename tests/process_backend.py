@@ -52,7 +52,9 @@ raises LaunchCancelled). `validate` checks the shape only (level SCHEMA).
 
 For tests: `kill(cluster)` (out of band, the cache untouched: a preemption), `live_processes()` (every process still
 running in any group this backend ever started, by cluster: `{}` after a clean `down`), `kill_all()` (a fixture
-finalizer), `clusters()`, `log(cluster)`, `state_text()`.
+finalizer), `history()` (every launch, up, failure, kill, death found by a refresh and down, with the replica's
+requests in flight at the moment it was killed or torn down), `stats(cluster)` (a replica's request counts now),
+`clusters()`, `log(cluster)`, `state_text()`.
 """
 from __future__ import annotations
 
@@ -219,6 +221,25 @@ def health_ok(port: int) -> bool:
         return False
 
 
+def replica_stats(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A fake replica's GET /stats (requests received, finished, in flight), None for other tasks or no answer."""
+    if record.get("kind") != "replica" or record.get("port") is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{record['port']}/stats", timeout=5) as answer:
+            stats = json.loads(answer.read())
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return stats if isinstance(stats, dict) else None
+
+
+def in_flight_of(stats: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a history event keeps of a replica's stats at the moment it was torn down or killed."""
+    if stats is None:
+        return {}
+    return {"in_flight": stats.get("in_flight"), "received": stats.get("received"), "finished": stats.get("finished")}
+
+
 def _mask(text: str, secrets: Mapping[str, str]) -> str:
     for value in secrets.values():
         if value:
@@ -241,6 +262,7 @@ class ProcessBackend:
             state.setdefault("clusters", {})
             state.setdefault("spawned", [])
             state.setdefault("launches", 0)
+            state.setdefault("history", [])
 
     # -- the shared file ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -259,6 +281,10 @@ class ProcessBackend:
                 tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
                 os.replace(tmp, self.path)
 
+    @staticmethod
+    def _event(state: dict[str, Any], event: str, cluster: str, **extra: Any) -> None:
+        state["history"].append({"at": time.time(), "event": event, "cluster": cluster, "by": os.getpid(), **extra})
+
     def _snapshot(self) -> dict[str, Any]:
         with self._state() as state:
             return json.loads(json.dumps(state))
@@ -267,6 +293,18 @@ class ProcessBackend:
     def clusters(self) -> dict[str, dict[str, Any]]:
         """The cached view: cluster -> record (status, kind, pid, pgid, port, declared_port, log, ...)."""
         return self._snapshot()["clusters"]
+
+    def history(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Every launch, up, failure, cancel, out-of-band kill, refresh-found death and down, oldest first:
+        {"at", "event", "cluster", "pid", "by" (the pid that acted), ...}. `down` and `killed` of a replica also
+        carry its `in_flight`, `received` and `finished` request counts just before its processes were signalled:
+        a drained replica was torn down with in_flight 0."""
+        return [e for e in self._snapshot()["history"] if event is None or e["event"] == event]
+
+    def stats(self, cluster: str) -> dict[str, Any] | None:
+        """The replica's request counts now (GET /stats), None if it is not a running replica."""
+        record = self._snapshot()["clusters"].get(cluster)
+        return replica_stats(record) if record is not None else None
 
     def state_text(self) -> str:
         return self.path.read_text() if self.path.exists() else ""
@@ -282,7 +320,10 @@ class ProcessBackend:
         record = self._snapshot()["clusters"].get(cluster)
         if record is None or not group_members(record["pgid"], record["started"]):
             return False
+        stats = replica_stats(record)
         _signal_group(record["pgid"], record["started"], sig)
+        with self._state() as state:
+            self._event(state, "killed", cluster, pid=record["pid"], signal=sig.name, **in_flight_of(stats))
         deadline = time.monotonic() + 30.0
         while group_members(record["pgid"], record["started"]) and time.monotonic() < deadline:
             self._reap()
@@ -339,6 +380,7 @@ class ProcessBackend:
                 current = state["clusters"].get(cluster)
                 if current is not None and current["pid"] == record["pid"]:
                     current["status"] = ClusterStatus.UP.value
+                    self._event(state, "up", cluster, pid=current["pid"], port=current["port"])
                     record = current
                 return self._info(cluster, record, request.port)
         finally:
@@ -381,6 +423,7 @@ class ProcessBackend:
                   "secret_names": sorted(request.secrets)}
         state["clusters"][cluster] = record
         state["spawned"].append({"cluster": cluster, "pid": child.pid, "pgid": child.pid, "started": started})
+        self._event(state, "launched", cluster, pid=child.pid, kind=record["kind"])
         return record
 
     def _base_env(self, names_to_drop: Sequence[str]) -> dict[str, str]:
@@ -459,7 +502,7 @@ class ProcessBackend:
         what = "its /health" if record["kind"] == "replica" else f"127.0.0.1:{record['port']}"
         while True:
             if cancel.is_set():
-                self._abandon(request.cluster, record)
+                self._abandon(request.cluster, record, "cancelled")
                 raise LaunchCancelled(request.cluster, "launch cancelled")
             port = self._ready(record)
             if port is not None and is_alive(record["pid"], record["started"]):
@@ -472,20 +515,21 @@ class ProcessBackend:
             if not is_alive(record["pid"], record["started"]):
                 child = self._children.get(record["pid"])
                 code = child.poll() if child is not None else None
-                self._abandon(request.cluster, record)
+                self._abandon(request.cluster, record, "failed")
                 raise LaunchError(request.cluster, f"process backend: the process exited"
                                                    f"{f' ({code})' if code is not None else ''} before {what} "
                                                    f"answered: {self._tail(Path(record['log']), request.secrets)}")
             if time.monotonic() > deadline:
-                self._abandon(request.cluster, record)
+                self._abandon(request.cluster, record, "failed")
                 raise LaunchError(request.cluster, f"process backend: {what} did not answer within {timeout:g} s: "
                                                    f"{self._tail(Path(record['log']), request.secrets)}")
             time.sleep(POLL_S)
 
-    def _abandon(self, cluster: str, record: Mapping[str, Any]) -> None:
+    def _abandon(self, cluster: str, record: Mapping[str, Any], why: str) -> None:
         """A failed or cancelled launch leaves nothing: its processes stop and the cluster is forgotten."""
         stop_group(record["pgid"], record["started"], 0.0, self._children.get(record["pid"]))
         with self._state() as state:
+            self._event(state, why, cluster, pid=record["pid"])
             current = state["clusters"].get(cluster)
             if current is not None and current["pid"] == record["pid"]:
                 del state["clusters"][cluster]
@@ -519,6 +563,7 @@ class ProcessBackend:
                 record = state["clusters"].get(cluster)
                 if refresh and record is not None and not is_alive(record["pid"], record["started"]):
                     del state["clusters"][cluster]
+                    self._event(state, "gone", cluster, pid=record["pid"])
                     leftovers.append(record)
                     answer[cluster] = ClusterInfo(cluster, ClusterStatus.GONE,
                                                   message=f"process {record['pid']} is no longer running")
@@ -540,9 +585,11 @@ class ProcessBackend:
             record = state["clusters"].pop(cluster, None)
         if record is None:
             return False
+        stats = replica_stats(record) if is_alive(record["pid"], record["started"]) else None
         grace = float(os.environ.get(GRACE_ENV_VAR) or DEFAULT_GRACE_S)
         stop_group(record["pgid"], record["started"], grace, self._children.get(record["pid"]))
         with self._state() as state:  # a launch of the same name may have started meanwhile: keep its directory
+            self._event(state, "down", cluster, pid=record["pid"], purge=purge, **in_flight_of(stats))
             if cluster not in state["clusters"]:
                 shutil.rmtree(record["host"], ignore_errors=True)
         self._reap()

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from melange_sky.backends import ClusterStatus, LaunchRequest, ValidationLevel, load_backend
-from melange_sky.errors import InvalidTask, LaunchError
+from melange_sky.errors import InvalidTask, LaunchCancelled, LaunchError
 from process_backend import ProcessBackend
 
 TESTS = Path(__file__).resolve().parent
@@ -348,3 +349,53 @@ def test_kill_all_stops_every_group_even_after_the_cluster_was_forgotten(tmp_pat
     assert len(backend.live_processes()["orphans"]) == 2  # python and sleep, orphaned
     assert backend.kill_all() == ["orphans"]
     assert backend.live_processes() == {}
+
+
+def test_down_records_the_requests_a_replica_had_in_flight(backend, monkeypatch):
+    """What the drain checks of issue 10 read: a replica torn down mid-request says so in the history."""
+    monkeypatch.setenv("PROCESS_BACKEND_TOKEN_DELAY_MS", "50")
+    idle = backend.launch(LaunchRequest("idle-a10g-0", gpu_task("idle-a10g-0"), port=8000))
+    busy = backend.launch(LaunchRequest("busy-a10g-0", gpu_task("busy-a10g-0"), port=8000))
+    assert request_json(f"http://{idle.endpoint}/v1/completions", {"prompt": "x", "max_tokens": 1})[0] == 200
+    outcome: list[object] = []
+    client = threading.Thread(target=lambda: outcome.append(_try_stream(f"http://{busy.endpoint}/v1/completions")))
+    client.start()
+    deadline = time.monotonic() + 30
+    while (backend.stats("busy-a10g-0") or {}).get("in_flight") != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert backend.down("busy-a10g-0") and backend.down("idle-a10g-0")
+    client.join(30)
+    downs = {e["cluster"]: e for e in backend.history("down")}
+    assert (downs["busy-a10g-0"]["in_flight"], downs["busy-a10g-0"]["finished"]) == (1, 0)
+    assert (downs["idle-a10g-0"]["in_flight"], downs["idle-a10g-0"]["finished"]) == (0, 1)
+    cut = outcome[0] if outcome else None  # the stream (200 tokens x 50 ms) was cut by the teardown
+    assert isinstance(cut, Exception) or (isinstance(cut, list) and "[DONE]" not in cut and len(cut) < 200)
+    assert [e["event"] for e in backend.history() if e["cluster"] == "busy-a10g-0"] == ["launched", "up", "down"]
+
+
+def _try_stream(url: str) -> object:
+    try:
+        return stream_events(url, {"prompt": "x", "max_tokens": 200})
+    except Exception as exc:
+        return exc
+
+
+def test_cancel_stops_a_launch_in_flight_and_leaves_nothing(tmp_path, backend):
+    task = cpu_task(tmp_path, free_port(), "sleep 600")
+    failures: list[BaseException] = []
+
+    def launch() -> None:
+        try:
+            backend.launch(LaunchRequest("cancelled-router", task, secrets={"ROUTER_TOKEN": "x"}))
+        except BaseException as exc:
+            failures.append(exc)
+
+    launcher = threading.Thread(target=launch)
+    launcher.start()
+    deadline = time.monotonic() + 30
+    while not backend.cancel() and time.monotonic() < deadline:  # until the launch is in flight
+        time.sleep(0.02)
+    launcher.join(60)
+    assert len(failures) == 1 and isinstance(failures[0], LaunchCancelled)
+    assert backend.live_processes() == {} and backend.clusters() == {}
+    assert backend.cancel() == []
