@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from melange_sky.deploy.catalog import (BUNDLED_DIR, KNOWN_CLOUDS, Catalog, canonical_gpu, skypilot_catalog_dir,
-                                 skypilot_schema_version)
+from melange_sky.deploy.catalog import (BUNDLED_DIR, HOSTED_CATALOG_URL, KNOWN_CLOUDS, Catalog, canonical_gpu,
+                                        skypilot_catalog_dir, skypilot_schema_version)
 from melange_sky.errors import CatalogError
 
 
@@ -185,6 +185,39 @@ def test_catalog_command_unknown_gpu_is_one_error_line(cli):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: unknown GPU 'A100-40X'")
     assert "Traceback" not in result.stderr
+
+
+def test_catalog_command_for_a_gpu_the_snapshot_lacks_says_how_to_get_skypilots_full_catalog(cli):
+    result = cli("catalog", "H200")
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: the bundled catalog snapshot (2025-11 prices, a few regions) has no offer for "
+                           "'H200' in aws, azure, gcp, lambda; SkyPilot's full catalog (every region) may have it")
+    assert f"{HOSTED_CATALOG_URL}/{skypilot_schema_version()}/<cloud>/vms.csv into {skypilot_catalog_dir()}/<cloud>/" \
+        in line
+    assert "did you mean" not in line
+
+
+def test_a_gpu_missing_from_skypilots_own_catalog_names_that_catalog(tmp_path):
+    _write(tmp_path / "aws" / "vms.csv",
+           "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region,"
+           "AvailabilityZone,Arch\n"
+           "g5.xlarge,A10G,1.0,4.0,16.0,,0.9,0.5,us-east-1,use1-az1,x86_64\n")
+    with pytest.raises(CatalogError) as info:
+        Catalog(skypilot_dir=tmp_path).offers("H200", ["aws"])
+    assert str(info.value) == f"no offer for GPU 'H200' in aws (SkyPilot's catalog in {tmp_path})"
+
+
+def test_solve_warns_on_a_gpu_the_catalog_does_not_know_and_still_solves(cli, write_config, example):
+    example["gpu_info"]["RTX4090"] = {"cost": 0.5, "tputs": [[1, 1], [1, 1]]}
+    result = cli("solve", write_config(example))
+    assert result.exit_code == 0, result.stderr
+    assert "Warning: " in result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if "RTX4090" in line]
+    assert warning.startswith("Warning: ") and "gpu_info.RTX4090: unknown GPU 'RTX4090'" in warning
+    assert "RTX4090" in result.stdout  # solved at its config cost
+    plan = cli("plan", write_config(example), "-o", "out")
+    assert plan.exit_code == 2 and "gpu_info.RTX4090: unknown GPU 'RTX4090'" in plan.stderr
 
 
 def test_catalog_command_never_imports_skypilot(tmp_path):

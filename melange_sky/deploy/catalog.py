@@ -22,9 +22,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
-from melange_sky.core.gpus import canonical_gpu, did_you_mean
+from melange_sky.core.gpus import canonical_gpu
 from melange_sky.errors import CatalogError
 
 #: Clouds whose `vms.csv` layout melange-sky understands (GCP prices GPUs apart from their host VM).
@@ -34,6 +34,8 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "catalogs"  # me
 FALLBACK_SCHEMA_VERSION = "v8"
 #: When the bundled prices were taken (sources: README, "Where prices come from").
 BUNDLED_DATE = "2025-11"
+#: Where SkyPilot downloads its catalogs from (sky/skylet/constants.py: HOSTED_CATALOG_DIR_URL), + /<schema>/<cloud>.
+HOSTED_CATALOG_URL = "https://raw.githubusercontent.com/skypilot-org/skypilot-catalog/master/catalogs"
 
 #: The original Mélange mapping: among equally cheap offers, these win (A10G is $1.006/h in several AWS regions).
 PREFERRED_OFFERS = {
@@ -335,16 +337,25 @@ class Catalog:
         return sorted({o.gpu for cloud in self.check_clouds(clouds) for o in self.cloud_offers(cloud)})
 
     def resolve_gpu(self, name: str, clouds: Iterable[str] | None = None) -> str:
-        """`name` as a canonical GPU name offered in `clouds`; CatalogError listing close names otherwise."""
+        """`name` as a canonical GPU name offered in `clouds`; CatalogError saying why not otherwise: close names
+        for a name no catalog knows, the clouds that have it, or (a real GPU the bundled snapshot lacks) how to
+        get SkyPilot's full catalog."""
         clouds = self.check_clouds(clouds)
         offered = self.gpu_names(clouds)
-        gpu = canonical_gpu(name, offered)
+        try:
+            gpu = canonical_gpu(name, offered)
+        except CatalogError:  # perhaps a GPU only other clouds rent (read only now: SkyPilot's GCP file is large)
+            gpu = canonical_gpu(name, self.gpu_names(KNOWN_CLOUDS))
         if gpu not in offered:
             where = ", ".join(clouds)
             elsewhere = [c for c in KNOWN_CLOUDS if c not in clouds and gpu in self.gpu_names([c])]
-            hint = (f"; clouds with one: {', '.join(elsewhere)}" if elsewhere
-                    else did_you_mean(name, offered))
-            raise CatalogError(f"no offer for GPU {gpu!r} in {where}{hint}")
+            if elsewhere:
+                raise CatalogError(f"no offer for GPU {gpu!r} in {where}; clouds with one: {', '.join(elsewhere)}")
+            bundled = [c for c in clouds if self.path(c)[1] == "bundled"]
+            if bundled:  # a GPU we know by name, but the snapshot's few regions do not rent it
+                raise CatalogError(f"the bundled catalog snapshot ({BUNDLED_DATE} prices, a few regions) has no "
+                                   f"offer for {gpu!r} in {', '.join(bundled)}; {full_catalog_hint(bundled)}")
+            raise CatalogError(f"no offer for GPU {gpu!r} in {where} (SkyPilot's catalog in {self.skypilot_dir})")
         return gpu
 
     def offers(self, gpu: str | None = None, clouds: Iterable[str] | None = None,
@@ -370,6 +381,15 @@ class Catalog:
             path, source = self.path(cloud)
             described[cloud] = f"{path} (bundled snapshot, {BUNDLED_DATE} prices)" if source == "bundled" else str(path)
         return described
+
+
+def full_catalog_hint(clouds: Sequence[str]) -> str:
+    """How to get SkyPilot's full catalog where melange-sky reads it (the end of a missing-offer message)."""
+    target = skypilot_catalog_dir()
+    cloud = clouds[0] if len(clouds) == 1 else "<cloud>"
+    return (f"SkyPilot's full catalog (every region) may have it: SkyPilot downloads it into {target}/ on first "
+            f"use, or fetch {HOSTED_CATALOG_URL}/{target.name}/{cloud}/vms.csv into {target}/{cloud}/; "
+            f"melange-sky reads it there")
 
 
 def default_catalog() -> Catalog:
