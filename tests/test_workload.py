@@ -582,3 +582,22 @@ def test_memory_stays_flat_over_a_long_span_of_minutes(tmp_path):
         tracemalloc.stop()
     assert result.rate_percentiles.minutes == 43_198
     assert peak < 6 * 2**20
+
+
+def test_iso_times_in_every_spelling_read_the_same_instant_across_minute_and_day_boundaries(tmp_path):
+    base = datetime(2023, 12, 31, 23, 58, 1, 250000, UTC)
+    instants = [base + timedelta(seconds=37.125 * k) for k in range(12)]  # crosses minutes, the day and the year
+    spellings = [
+        lambda t: t.replace(tzinfo=None).isoformat(" ") + "0",  # Azure: 7 fractional digits, naive (UTC)
+        lambda t: t.isoformat().replace("+00:00", "Z"),
+        lambda t: t.astimezone(timezone(timedelta(hours=5, minutes=30))).isoformat(),
+        lambda t: t.replace(tzinfo=None).isoformat("T", "milliseconds"),
+    ]
+    rows = [(spellings[k % 4](t), t) for k, t in enumerate(instants)]
+    random.Random(4).shuffle(rows)
+    path = tmp_path / "t.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(f"{s},10,10\n" for s, _ in rows))
+    result = read_trace(path)
+    assert result.first_timestamp == pytest.approx(instants[0].timestamp(), abs=1e-6)
+    assert result.last_timestamp == pytest.approx(instants[-1].timestamp(), abs=1e-6)
+    assert result.rate == pytest.approx(11 / (37.125 * 11))

@@ -198,6 +198,26 @@ class _Clock:
         self.auto = unit is TimeUnit.AUTO
         self.scale: float | None = None if self.auto else SECONDS_PER_UNIT[unit]
         self.example: float | None = None  # the numeric timestamp that decided an auto unit
+        self.iso = False  # the times seen are ISO-8601 strings: try that first
+        self.minute_text = ""  # "2023-11-16 18:15", the minute of the last ISO time read ...
+        self.minute_start = 0.0  # ... and its epoch seconds
+
+    def _iso(self, text: str, name: str) -> float:
+        """An ISO-8601 time in epoch seconds. Traces write times to the minute alike row after row, so the date and
+        minute (`YYYY-MM-DD HH:MM`) are parsed once per minute, and only the seconds per row."""
+        if len(text) > 17 and text[16] == ":" and text[13] == ":":
+            if text[:16] != self.minute_text:
+                try:
+                    self.minute_start, self.minute_text = _iso_seconds(text[:16], name), text[:16]
+                except _BadRow:
+                    return _iso_seconds(text, name)
+            try:
+                second = float(text[17:])  # a zone ("Z", "+02:00") after the seconds is not a float: parsed whole
+            except ValueError:
+                return _iso_seconds(text, name)
+            if 0 <= second < 61:
+                return self.minute_start + second
+        return _iso_seconds(text, name)
 
     def seconds(self, value: Any, name: str) -> float | None:
         kind = type(value)
@@ -207,10 +227,16 @@ class _Clock:
             return None
         elif kind is str:
             text = value.strip()
+            if self.iso:
+                try:
+                    return self._iso(text, name)
+                except _BadRow:
+                    pass  # a number among ISO times: read below
             try:
                 raw = float(text)
             except ValueError:
-                return _iso_seconds(text, name)
+                self.iso = True
+                return self._iso(text, name)
         else:
             raise _BadRow(f"{name} must be a number or an ISO-8601 string, got {value!r}")
         if not math.isfinite(raw):
