@@ -125,20 +125,24 @@ def is_alive(pid: int, started: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X", "x") and stat[2] == started
 
 
-def group_members(pgid: int, started: int) -> list[int]:
+def process_groups() -> dict[int, list[int]]:
+    """Every running process (zombies excluded) by process group, from one scan of /proc."""
+    groups: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            stat = _stat(int(entry.name))
+            if stat is not None and stat[0] not in ("Z", "X", "x"):
+                groups.setdefault(stat[1], []).append(int(entry.name))
+    return groups
+
+
+def group_members(pgid: int, started: int, groups: Mapping[int, list[int]] | None = None) -> list[int]:
     """Running processes of the group that the leader (pid `pgid`, started at `started`) made. Empty when the leader's
     pid now names another process: then the group number was recycled and is not ours."""
     leader = _stat(pgid)
     if leader is not None and leader[2] != started:
         return []
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _stat(int(entry.name))
-        if stat is not None and stat[1] == pgid and stat[0] not in ("Z", "X", "x"):
-            members.append(int(entry.name))
-    return sorted(members)
+    return sorted((groups if groups is not None else process_groups()).get(pgid, []))
 
 
 def _signal_group(pgid: int, started: int, sig: signal.Signals) -> bool:
@@ -334,8 +338,9 @@ class ProcessBackend:
     def live_processes(self) -> dict[str, list[int]]:
         """Every process still running in a group this backend ever started (any CLI process), by cluster."""
         live: dict[str, list[int]] = {}
+        groups = process_groups()
         for spawned in self._snapshot()["spawned"]:
-            members = group_members(spawned["pgid"], spawned["started"])
+            members = group_members(spawned["pgid"], spawned["started"], groups)
             if members:
                 live.setdefault(spawned["cluster"], []).extend(members)
         return live
@@ -346,8 +351,9 @@ class ProcessBackend:
         if not self.path.exists():
             return []
         killed = []
+        groups = process_groups()
         for spawned in self._snapshot()["spawned"]:
-            if group_members(spawned["pgid"], spawned["started"]):
+            if group_members(spawned["pgid"], spawned["started"], groups):
                 killed.append(spawned["cluster"])
                 stop_group(spawned["pgid"], spawned["started"], 0.0, self._children.get(spawned["pid"]))
         self._reap()

@@ -140,10 +140,10 @@ def test_cli_up_serves_from_local_processes_and_down_leaves_none_running(tmp_pat
     assert backend.live_processes() == {}, down.stderr
     assert backend.clusters() == {}
     assert cli.replicas() == {}
-    files = [backend.path, *sorted((backend.dir / "logs").glob("*.log"))]
-    assert len(files) == 5
+    files = [path for path in backend.dir.rglob("*") if path.is_file()]
+    assert backend.path in files and len([f for f in files if f.suffix == ".log"]) >= 4
     for path in files:
-        assert SECRET not in path.read_text(), f"the secret's value is in {path}"
+        assert SECRET not in path.read_text(errors="replace"), f"the secret's value is in {path}"
 
 
 def test_cli_status_refresh_records_a_killed_replica_gone_and_up_relaunches_it(tmp_path, backend):
