@@ -12,6 +12,7 @@ import pytest
 
 from conftest import EXAMPLE, REPO
 from melange_sky import ConfigError, load_config, parse_config, solve
+from melange_sky.errors import InfeasibleAllocation
 from melange_sky.deploy.catalog import Catalog
 from melange_sky.deploy.offers import bind_offers, quota
 
@@ -180,19 +181,22 @@ def test_per_offer_makes_one_named_column_per_offer(bundled):
 
 def test_per_offer_quotas_spread_the_fleet_over_two_clouds(bundled):
     bound = bind_offers(config(MULTICLOUD, bundled), bundled, per_offer=True)
-    result = solve(bound.config)
+    result = solve(bound.config, caps=bound.caps)
     used = {name: n for name, n in result.counts.items() if n}
     assert len({bound.offers[name].cloud for name in used}) >= 2, used
     for name, count in used.items():
         cap = bound.config.gpu(name).max_count
         assert cap is None or count <= cap
+    azure_a100 = sum(n * bound.offers[c].gpu_count for c, n in used.items()
+                     if bound.offers[c].cloud == "azure" and bound.entries[c] == "A100-80GB")
+    assert azure_a100 <= 1  # "azure": 1 is one A100-80GB in all of Azure
 
     # The same fleet without quotas stays in one cloud: the quotas are what spread it.
     data = copy.deepcopy(MULTICLOUD)
     for gpu in data["gpu_info"].values():
         gpu.pop("quotas", None)
     free = bind_offers(config(data, bundled), bundled, per_offer=True)
-    unlimited = solve(free.config)
+    unlimited = solve(free.config, caps=free.caps)
     assert len({free.offers[n].cloud for n, c in unlimited.counts.items() if c}) == 1
     assert unlimited.cost <= result.cost
 
@@ -206,13 +210,60 @@ def test_multicloud_example_file_loads_and_plans_across_clouds(bundled):
 
 def test_per_offer_baselines_are_one_per_gpu_type_spread_over_its_offers(bundled):
     cfg = load_config(REPO / "examples" / "multicloud.json", catalog=bundled)
-    result = solve(bind_offers(cfg, bundled, per_offer=True).config)
+    bound = bind_offers(cfg, bundled, per_offer=True)
+    result = solve(bound.config, caps=bound.caps)
     baselines = {b.gpu: b for b in result.baselines}
     assert set(baselines) == {g.name for g in cfg.gpus}  # "A100-80GB", not "A100-80GB@gcp:us-central1"
     a100 = baselines["A100-80GB"]  # every instance of the plan is an A100-80GB: the mix cannot beat that baseline
     assert a100.count == 3 and a100.cost == pytest.approx(result.cost)
-    assert result.saving == pytest.approx(0.0, abs=1e-9)
+    assert result.saving == 0.0
     assert "quotas of its 4 offers" in baselines["A10G"].reason
+
+
+# ---- quotas count GPUs, as clouds do --------------------------------------------------------------------------------
+def eastus_a100(rate: float, **pins) -> dict:
+    """Only A100-80GB in Azure eastus, where it comes as NC24ads (1 GPU) and NC48ads (2 GPUs); 0.0375 GPUs per req/s."""
+    data = copy.deepcopy(MULTICLOUD)
+    data["gpu_info"] = {"A100-80GB": {"tputs": [[20, 20], [40, 20]], "region": "eastus",
+                                      "quotas": {"azure:eastus": 4}, **pins}}
+    data["clouds"], data["total_request_rate"] = ["azure"], rate
+    return data
+
+
+def test_a_region_quota_caps_the_gpus_of_all_its_offers_together(bundled):
+    bound = bind_offers(config(eastus_a100(100), bundled), bundled, per_offer=True)  # needs 3.75 GPUs
+    assert {o.instance_type for o in bound.offers.values()} == {"Standard_NC24ads_A100_v4", "Standard_NC48ads_A100_v4"}
+    result = solve(bound.config, caps=bound.caps)
+    assert sum(n * bound.offers[c].gpu_count for c, n in result.counts.items()) == 4
+    # 7.5 GPUs do not fit in 4: before, each instance type got the 4 (4 NC24 + 4 NC48 = 12 GPUs)
+    bound = bind_offers(config(eastus_a100(200), bundled), bundled, per_offer=True)
+    with pytest.raises(InfeasibleAllocation, match=r"gpu_info.A100-80GB.quotas.azure:eastus <= 4 GPUs"):
+        solve(bound.config, caps=bound.caps)
+
+
+def test_a_region_quota_counts_gpus_not_instances_in_the_default_mode(bundled):
+    bound = bind_offers(config(eastus_a100(100, accelerators="A100-80GB:2"), bundled), bundled)
+    assert bound.config.gpus[0].instance_type == "Standard_NC48ads_A100_v4" and bound.config.gpus[0].max_count == 2
+
+
+def test_an_instance_type_quota_caps_that_instance_type_alone(bundled):
+    data = eastus_a100(100)
+    data["gpu_info"]["A100-80GB"]["quotas"] = {"azure:eastus:Standard_NC48ads_A100_v4": 2}
+    bound = bind_offers(config(data, bundled), bundled, per_offer=True)
+    caps = {bound.offers[g.name].instance_type: g.max_count for g in bound.config.gpus}
+    assert caps == {"Standard_NC24ads_A100_v4": None, "Standard_NC48ads_A100_v4": 1} and bound.caps == ()
+
+
+def test_a_zero_quota_excludes_unless_a_more_specific_pattern_allows(bundled):
+    data = entry(EXAMPLE, "A10G", quotas={"aws": 0, "aws:us-east-1": 2})
+    bound = bind_offers(config(data, bundled), bundled, per_offer=True)
+    a10g = [g for g in bound.config.gpus if g.entry == "A10G"]
+    assert a10g and {g.region for g in a10g} == {"us-east-1"}
+    if len(a10g) == 1:
+        assert a10g[0].max_count == 2
+    else:
+        assert [(c.name, c.cap, {n for n, _ in c.columns}) for c in bound.caps] == [
+            ("gpu_info.A10G.quotas.aws:us-east-1", 2, {g.name for g in a10g})]
 
 
 def test_solve_prices_a_costless_config_from_the_catalog_without_importing_skypilot(tmp_path):

@@ -10,7 +10,7 @@ import click
 from melange_sky.cli.main import warn
 from melange_sky.core.config import with_overrides
 from melange_sky.deploy.offers import load_config
-from melange_sky.deploy.plan import PlanSettings
+from melange_sky.deploy.plan import DEFAULT_MAX_REPLICAS, PlanSettings
 from melange_sky.solver.model import SolverOptions
 
 
@@ -24,6 +24,7 @@ class SolveArgs:
     time_limit: float
     headroom: float | None
     rate: float | None
+    max_replicas: int = DEFAULT_MAX_REPLICAS
 
     def load(self, path: str, name: str | None = None):
         config = with_overrides(load_config(path), rate=self.rate, headroom=self.headroom)
@@ -55,11 +56,14 @@ def solve_options(command):
         click.option("--headroom", type=float, help="Highest planned utilisation of any GPU, in (0, 1] (overrides "
                                                     "the config's `headroom`; default 1)."),
         click.option("--rate", type=float, help="Total request rate in req/s (overrides `total_request_rate`)."),
+        click.option("--max-replicas", type=click.IntRange(min=1), default=DEFAULT_MAX_REPLICAS, show_default=True,
+                     help="Most replicas (instances) the fleet may have: a larger one is an error before anything "
+                          "is written or launched."),
     ]
 
     @functools.wraps(command)
-    def wrapper(*args, formulation, solver_name, solver_path, time_limit, headroom, rate, **kwargs):
-        solve_args = SolveArgs(formulation, solver_name, solver_path, time_limit, headroom, rate)
+    def wrapper(*args, formulation, solver_name, solver_path, time_limit, headroom, rate, max_replicas, **kwargs):
+        solve_args = SolveArgs(formulation, solver_name, solver_path, time_limit, headroom, rate, max_replicas)
         return command(*args, solve_args=solve_args, **kwargs)
 
     for option in reversed(options):
@@ -81,11 +85,16 @@ def bucket_edge_options(command):
                         "1,25,100,250,500,1000,2000,4000,8000).")(command)
 
 
+def per_offer_option(command):
+    """--per-offer, shared by `solve`, `plan` and `up` (so `solve` shows the fleet `plan` makes)."""
+    return click.option("--per-offer", is_flag=True, help="Make every (GPU, offer) pair its own column in the solve, "
+                        "so quotas (gpu_info.<GPU>.quotas) spread the fleet across clouds and regions.")(command)
+
+
 def plan_options(command):
     """Options shared by `plan` and `up`: how a config becomes replicas."""
     options = [
-        click.option("--per-offer", is_flag=True, help="Make every (GPU, offer) pair its own column in the solve, "
-                     "so per-offer quotas (gpu_info.<GPU>.quotas) spread the fleet across clouds and regions."),
+        per_offer_option,
         click.option("--template", metavar="NAME|PATH", help="Task template: vllm (default), sglang, or a Jinja "
                      "file of your own (overrides deployment.template)."),
     ]
@@ -96,7 +105,7 @@ def plan_options(command):
 
 def plan_settings(solve_args: SolveArgs, per_offer: bool, template: str | None, compare: bool = True):
     return PlanSettings(formulation=solve_args.formulation, solver=solve_args.solver, per_offer=per_offer,
-                        template=template, compare=compare)
+                        template=template, compare=compare, max_replicas=solve_args.max_replicas)
 
 
 def backend_option(command):

@@ -7,40 +7,47 @@ import click
 
 from melange_sky._io import write_json
 from melange_sky.cli.main import debug_option, main, warn
-from melange_sky.cli.options import SolveArgs, plan_options, plan_settings, solve_options, warn_time_limit
+from melange_sky.cli.options import (SolveArgs, per_offer_option, plan_options, plan_settings, solve_options,
+                                     warn_time_limit)
 from melange_sky.cli.text import format_offers, format_plan, format_solve
 from melange_sky.deploy.catalog import default_catalog
-from melange_sky.deploy.plan import build_plan, stale_task_files, write_plan
-from melange_sky.solver.result import solve as run_solve
+from melange_sky.deploy.plan import build_plan, solve_offers, stale_task_files, write_plan
+
+RESULT_FILE = "melange_result.json"
 
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=True, path_type=str))
-@click.option("-o", "--output", default="melange_result.json", show_default=True, type=click.Path(path_type=str),
-              help="Where to write the result, in the original Mélange shape: {\"A10G\": 3, ..., \"cost\": 6.7}.")
+@click.option("-o", "--output", type=click.Path(path_type=str),
+              help=f"Where to write the result, in the original Mélange shape: {{\"A10G\": 3, ..., \"cost\": 6.7}} "
+                   f"(default {RESULT_FILE}; with --json, only if given).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result record (with the routing table) "
                                                       "as JSON on stdout instead of the table.")
+@per_offer_option
 @solve_options
 @debug_option
-def solve(config: str, output: str, as_json: bool, solve_args: SolveArgs) -> None:
+def solve(config: str, output: str | None, as_json: bool, per_offer: bool, solve_args: SolveArgs) -> None:
     """Find the cheapest GPU mix for CONFIG (a Mélange config JSON).
 
-    Prints the fleet (count, $/h and utilisation per GPU type), the single-GPU-type fleets and the saving, and
-    writes melange_result.json.
+    Each GPU is bound to a cloud offer as `plan` binds it (spot prices with use_spot, instance sizes, quotas;
+    --per-offer as in `plan`), so this is the fleet `plan` makes. Prints the fleet (count, $/h and utilisation per
+    GPU type), the single-GPU-type fleets and the saving, and writes melange_result.json.
 
     \b
     Examples:
       melange-sky solve examples/example.json
       melange-sky solve config.json --formulation split --rate 50 --json
     """
-    result = run_solve(solve_args.load(config), solve_args.formulation, solve_args.solver)
-    write_json(output, result.original_output())
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        click.echo(format_solve(result))
+    cfg = solve_args.load(config)
+    result = solve_offers(cfg, plan_settings(solve_args, per_offer, None))
+    warn([w for w in result.warnings if w not in cfg.warnings])
+    output = output or (None if as_json else RESULT_FILE)
+    if output:
+        write_json(output, result.original_output())
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_solve(result))
     warn_time_limit(result, solve_args)
-    click.echo(f"Wrote {output}", err=True)
+    if output:
+        click.echo(f"Wrote {output}", err=True)
 
 
 @main.command()

@@ -2,46 +2,65 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState, running_cost
-from melange_sky.solver.result import SolveResult
+from melange_sky.solver.result import Baseline, SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from melange_sky.inputs.profile_result import ProfileEvent, ProfileResult
     from melange_sky.inputs.trace import WorkloadResult
     from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
-    from melange_sky.deploy.plan import Plan
+    from melange_sky.deploy.plan import Plan, ReplicaPlan
+
+
+#: Hours in a month for $/month figures (365 x 24 / 12, the clouds' own convention).
+HOURS_PER_MONTH = 730
+
+
+def per_month(cost_per_hour: float) -> str:
+    """"$4,891/month" for $6.70/h, run around the clock."""
+    return f"${cost_per_hour * HOURS_PER_MONTH:,.0f}/month"
 
 
 def format_solve(result: SolveResult) -> str:
-    """The `melange-sky solve` report: the fleet, single-GPU baselines, the saving, and a cheaper alternative."""
+    """The `melange-sky solve` report: the fleet, single-GPU baselines, the saving, and a cheaper alternative.
+    With `--per-offer`, offers with no replica are left out of the table (counted below it)."""
     lines = [f"Fleet for {result.name}: formulation {result.formulation}, slice_factor {result.slice_factor}, "
-             f"{result.total_request_rate:g} req/s, headroom {100 * result.headroom:g}%", ""]
-    width = max([len("GPU")] + [len(g.name) for g in result.gpus])
-    lines.append(f"  {'GPU':<{width}}  {'count':>5}  {'$/h each':>8}  {'$/h':>8}  {'utilisation':>11}")
-    for g in result.gpus:
-        util = "-" if g.utilisation is None else f"{100 * g.utilisation:.1f}%"
-        lines.append(f"  {g.name:<{width}}  {g.count:>5}  {g.price:>8.2f}  {g.cost:>8.2f}  {util:>11}")
-    total = sum(g.count for g in result.gpus)
-    lines.append(f"  {'total':<{width}}  {total:>5}  {'':>8}  {result.cost:>8.2f}")
+             f"{result.total_request_rate:,g} req/s, headroom {100 * result.headroom:g}%", ""]
+    shown = [g for g in result.gpus if g.count or g.entry in (None, g.name)]
+    rows = [(_column_label(g.name, g.gpus_per_instance), f"{g.count:,}", _price(g.price), f"{g.cost:,.2f}",
+             "-" if g.utilisation is None else f"{100 * g.utilisation:.1f}%") for g in shown]
+    rows.append(("total", f"{result.replicas:,}", "", f"{result.cost:,.2f}", ""))
+    table = _table(("GPU", "count", "$/h each", "$/h", "utilisation"), rows, right={1, 2, 3, 4})
+    lines += table
+    if len(shown) < len(result.gpus):
+        lines.append(f"  ({len(result.gpus) - len(shown)} offers with no replica not shown)")
+    lines.append(f"  ${result.cost:,.2f}/h = {per_month(result.cost)} ({HOURS_PER_MONTH} h)")
 
     lines += ["", "Single-GPU-type fleets:"]
+    width = len(table[0]) - len(table[0].lstrip()) + max(len(r[0]) for r in rows) - 2
+    count_width = max([5] + [len(f"{b.count:,}") for b in result.baselines if b.count])
     best = result.best_baseline
     for b in result.baselines:
         if b.cost is None or not b.count:
             lines.append(f"  {b.gpu:<{width}}  cannot serve alone: {b.reason}")
+            continue
+        mark = "  <- cheapest" if best is not None and b.gpu == best.gpu else ""
+        if _plain(result, b):
+            lines.append(f"  {b.gpu:<{width}}  {b.count:>{count_width},} x ${b.cost / b.count:,.2f} = "
+                         f"${b.cost:,.2f}/h{mark}")
         else:
-            mark = "  <- cheapest" if best is not None and b.gpu == best.gpu else ""
-            lines.append(f"  {b.gpu:<{width}}  {b.count:>5} x ${b.cost / b.count:.2f} = ${b.cost:.2f}/h{mark}")
+            lines.append(f"  {b.gpu:<{width}}  {baseline_fleet(result, b)} = ${b.cost:,.2f}/h{mark}")
     if best is None or best.cost is None or result.saving is None:
         lines.append("No single GPU type can serve this workload alone: the mix is the only fleet.")
     elif result.saving > 1e-9:
-        lines.append(f"The mix saves ${result.saving:.2f}/h ({100 * result.saving / best.cost:.1f}%) against "
-                     f"{best.count} x {best.gpu}.")
+        lines.append(f"The mix saves ${result.saving:,.2f}/h ({100 * result.saving / best.cost:.1f}%) against "
+                     f"{baseline_fleet(result, best)}.")
     else:
-        lines.append(f"No saving: the cheapest fleet is {best.count} x {best.gpu}.")
+        lines.append(f"No saving: the cheapest fleet is {baseline_fleet(result, best)} alone.")
 
     alt = result.alternative
     if alt is not None:
@@ -56,6 +75,30 @@ def format_solve(result: SolveResult) -> str:
         lines.append(f"Not proven optimal within the time limit: the optimum lies between "
                      f"${result.lower_bound:.2f}/h and ${result.cost:.2f}/h. Raise --time-limit to keep searching.")
     return "\n".join(lines)
+
+
+def _column_label(name: str, gpus_per_instance: int) -> str:
+    """A column's name, saying where its count means instances of several GPUs."""
+    return f"{name} ({gpus_per_instance}-GPU instance)" if gpus_per_instance > 1 else name
+
+
+def _plain(result: SolveResult, baseline: Baseline) -> bool:
+    """A baseline of one single-GPU column: "12 x $1.01" says it all."""
+    sizes = {g.name: g.gpus_per_instance for g in result.gpus}
+    return len(baseline.counts) <= 1 and all(sizes.get(c, 1) == 1 for c in baseline.counts)
+
+
+def baseline_fleet(result: SolveResult, baseline: Baseline) -> str:
+    """A single-GPU-type fleet in words: "12 x A100-80GB", "1 x 8-GPU instance + 4 x A100-80GB"."""
+    sizes = {g.name: g.gpus_per_instance for g in result.gpus}
+    by_size: dict[int, int] = {}
+    for column, n in baseline.counts.items():
+        by_size[sizes.get(column, 1)] = by_size.get(sizes.get(column, 1), 0) + n
+    if not by_size:
+        return f"{baseline.count:,} x {baseline.gpu}"
+    parts = [f"{n:,} x {k}-GPU instance" if k > 1 else f"{n:,} x {baseline.gpu}"
+             for k, n in sorted(by_size.items(), reverse=True)]
+    return " + ".join(parts)
 
 
 def format_offers(offers: list, sources: dict[str, str] | None = None) -> str:
@@ -169,6 +212,10 @@ def format_profile_event(event: ProfileEvent) -> str | None:
 
 
 # ---- plan, up, status, down ----------------------------------------------------------------------------------------
+#: A launcher's own price list in a validation detail ("(Azure Standard_NC24ads_A100_v4 $3.67/h; ...)"): the
+#: catalog's price, which differs from the plan's where the config gives its own cost. One price per replica: ours.
+_LAUNCHER_PRICES = re.compile(r" \((?:[^()$;]+ \$[\d.,]+/h(?:; )?)+\)")
+
 _MARKS = {ReplicaState.UP: "✓", ReplicaState.FAILED: "⨯", ReplicaState.UNAVAILABLE: "↺", ReplicaState.GONE: "✓",
           ReplicaState.PENDING: "·", ReplicaState.LAUNCHING: "…", ReplicaState.TERMINATING: "…",
           ReplicaState.STOPPED: "■"}
@@ -178,20 +225,30 @@ def format_plan(plan: Plan) -> str:
     """The `melange-sky plan` report: one line per replica with its offer and price, then the total."""
     lines = [f"Plan for fleet {plan.fleet}: {len(plan.replicas)} replicas, template {plan.template}, "
              f"model {plan.deployment.model}", ""]
-    rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", f"{r.price:.4g}")
-            for r in plan.replicas]
-    lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h"), rows)
+    rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", _gpus(r.accelerators),
+             _price(r.price)) for r in plan.replicas]
+    lines += _table(("replica", "GPU", "cloud", "region", "instance type", "GPUs", "$/h"), rows, right={5, 6})
     lines += [""] + _plan_totals(plan)
     return "\n".join(lines)
 
 
+def _price(price: float) -> str:
+    """A replica's $/h, the same wherever it is shown (solve, plan, the dry run)."""
+    return f"{price:,.4g}" if price < 1000 else f"{price:,.0f}"
+
+
+def _gpus(accelerators: str) -> str:
+    _, _, count = accelerators.partition(":")
+    return count or "1"
+
+
 def _plan_totals(plan: Plan) -> list[str]:
-    """The plan's $/h, where it runs, and what it saves (or what another formulation would)."""
-    lines = [f"Total ${plan.cost:.2f}/h across {', '.join(plan.clouds) or 'any cloud'}."]
+    """The plan's $/h and $/month, where it runs, and what it saves (or what another formulation would)."""
+    lines = [f"Total ${plan.cost:,.2f}/h ({per_month(plan.cost)}) across {', '.join(plan.clouds) or 'any cloud'}."]
     best = plan.result.best_baseline
     if best is not None and best.cost and plan.result.saving is not None and plan.result.saving > 1e-9:
-        lines.append(f"Saves ${plan.result.saving:.2f}/h ({100 * plan.result.saving / best.cost:.1f}%) against "
-                     f"{best.count} x {best.gpu} alone.")
+        lines.append(f"Saves ${plan.result.saving:,.2f}/h ({100 * plan.result.saving / best.cost:.1f}%) against "
+                     f"{baseline_fleet(plan.result, best)} alone.")
     alt = plan.result.alternative
     if alt is not None:
         lines.append(f"--formulation {alt.formulation} would cost ${alt.cost:.2f}/h "
@@ -215,16 +272,18 @@ def format_preview(preview: Preview, notes: list[str] | None = None) -> str:
     lines = [format_plan(preview.plan), ""]
     if preview.keep:
         lines.append(f"Already up and kept: {len(preview.keep)} replica(s).")
-    lines.append(f"To launch: {len(preview.launch)} replica(s), +${preview.launch_cost:.2f}/h."
-                 if preview.launch else "Nothing to launch: every planned replica is up.")
+    lines.append(f"To launch: {len(preview.launch)} replica(s), +${preview.launch_cost:,.2f}/h "
+                 f"(+{per_month(preview.launch_cost)})." if preview.launch
+                 else "Nothing to launch: every planned replica is up.")
     if preview.remove:
         lines.append(f"To tear down (not in the plan, not serving): {', '.join(preview.remove)}.")
     lines += [f"Note: {note}" for note in (preview.notes if notes is None else notes)]
     return "\n".join(lines)
 
 
-def format_up(report: UpReport) -> str:
-    """The summary after `up`: every replica's outcome and endpoint, $/h, and what to run next."""
+def format_up(report: UpReport, shown: Collection[str] = ()) -> str:
+    """The summary after `up`: every replica's outcome and endpoint, $/h, and what to run next. Notes in `shown`
+    (those the preview printed) are not repeated."""
     up = {r.cluster for r in report.up}
     planned_up = sum(1 for r in report.plan.replicas if r.cluster in up)
     lines = [f"Fleet {report.fleet}: {planned_up}/{len(report.plan.replicas)} planned replicas up, "
@@ -233,7 +292,7 @@ def format_up(report: UpReport) -> str:
     lines += _live_replica_table(report.replicas)
     if report.unavailable_offers:
         lines += ["", f"No capacity on: {', '.join(report.unavailable_offers)}."]
-    lines += [f"Note: {note}" for note in report.notes]
+    lines += [f"Note: {note}" for note in dict.fromkeys(report.notes) if note not in shown]
     if report.interrupted:
         lines += ["", "Interrupted. Every replica's state is in the ledger. Resume with the same `melange-sky up` "
                       f"command, or remove what was launched with `melange-sky down {report.fleet}`."]
@@ -248,13 +307,19 @@ def format_dryrun(report: DryRunReport) -> str:
     preview = report.preview
     lines = [f"Dry run for fleet {preview.plan.fleet}: would launch {len(preview.launch)} replica(s)"
              + (f", keep {len(preview.keep)} already up" if preview.keep else "") + "; nothing was provisioned.", ""]
-    rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", f"{r.price:.4g}",
-             report.validations[r.cluster].level.value) for r in preview.launch]
-    lines += _table(("replica", "GPU", "cloud", "region", "instance type", "$/h", "validated"), rows)
+    rows = [(r.cluster, r.gpu, r.cloud or "-", r.region or "-", r.instance_type or "-", _gpus(r.accelerators),
+             _price(r.price), report.validations[r.cluster].level.value) for r in preview.launch]
+    lines += _table(("replica", "GPU", "cloud", "region", "instance type", "GPUs", "$/h", "validated"), rows,
+                    right={5, 6})
     lines += [""] + _plan_totals(preview.plan)
-    for detail in dict.fromkeys(f"{v.level.value}: {v.detail}" for v in report.validations.values()):
-        lines.append(f"Validated ({detail})")
-    lines += [f"Note: {note}" for note in preview.notes]
+    kinds: dict[str, list[ReplicaPlan]] = {}  # one line per kind of offer, priced as in the table
+    for replica in preview.launch:
+        kinds.setdefault(replica.offer, []).append(replica)
+    for offer, replicas in kinds.items():
+        v = report.validations[replicas[0].cluster]
+        lines.append(f"Validated {offer}: {len(replicas)} replica{'s' if len(replicas) > 1 else ''} at "
+                     f"${_price(replicas[0].price)}/h, {v.level.value}: {_LAUNCHER_PRICES.sub('', v.detail)}")
+    lines += [f"Note: {note}" for note in dict.fromkeys(preview.notes)]
     if preview.launch:
         clouds = ", ".join(preview.plan.clouds) or "the planned clouds"
         lines.append(f"A real launch needs SkyPilot credentials for {clouds}: run `sky check` and make sure it "

@@ -14,15 +14,21 @@ Semantics:
   ties go to the original Mélange offers).
 - Per-offer mode: each (entry, offer) pair becomes its own column, named "A10G@aws:us-west-2" (plus
   ":instance_type" when a region has two instance types), priced from the catalog (the config's cost applies to the
-  offer the default mode would pick). `quotas` cap each matching offer's count, so a cheap offer that runs out
-  spills the rest of the fleet to the next cloud; the solver's dominance presolve drops offers never needed.
+  offer the default mode would pick), so a cheap offer that runs out of quota spills the rest of the fleet to the
+  next cloud; the solver's dominance presolve drops offers never needed.
+- Quotas mean what clouds mean: GPUs. A pattern ("azure", "azure:eastus") caps the GPUs of all the entry's offers it
+  matches together (an NC24ads with 1 GPU and an NC48ads with 2 share "azure:eastus": 4); the full
+  "cloud:region:instance_type" caps one instance type. Every matching pattern applies. A 0 excludes the offers it
+  matches unless a more specific pattern allows them ({"aws": 0, "aws:us-east-1": 2}: only us-east-1, 2 GPUs).
+  A cap over one column is its max_count (instances: the cap's GPUs over the instance's); over several it is a
+  `SharedCap` the solver keeps.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +36,7 @@ from melange_sky.core import config as core_config
 from melange_sky.core.config import Config, GpuSpec, Pricer
 from melange_sky.deploy.catalog import Catalog, Offer, default_catalog, offer_key
 from melange_sky.errors import CatalogError, ConfigError
+from melange_sky.solver.model import SharedCap
 
 #: A config cost further than this from the catalog's price (relative to the catalog) gets a warning.
 COST_MISMATCH_WARN = 0.10
@@ -43,6 +50,7 @@ class BoundConfig:
     offers: dict[str, Offer]
     entries: dict[str, str] = field(default_factory=dict)  # column name -> GPU entry it came from
     per_offer: bool = False
+    caps: tuple[SharedCap, ...] = ()  # quotas over several columns (GPUs), for the solver
 
     def to_dict(self) -> dict[str, object]:
         return {"per_offer": self.per_offer,
@@ -51,20 +59,29 @@ class BoundConfig:
 
 
 def bind_offers(config: Config, catalog: Catalog | None = None, *, per_offer: bool = False,
-                exclude: Collection[str] = ()) -> BoundConfig:
+                exclude: Collection[str] = (), strict: bool = True) -> BoundConfig:
     """`config` with every GPU entry bound to catalog offers (one column each, or one per offer with `per_offer`).
 
     `exclude` names offers (`catalog.offer_key`, with ":spot" for spot) found out of capacity: in the default mode
     an entry moves to its next-cheapest offer (it keeps the excluded one only if it has no other); in per-offer
     mode the excluded columns stay, for the caller to cap at the replicas already running there.
-    Raises ConfigError (file and field) for a GPU, instance type or pin the catalog cannot satisfy.
+    Raises ConfigError (file and field) for a GPU, instance type or pin the catalog cannot satisfy; unless not
+    `strict`, where an entry whose GPU the catalog does not know stays as the config gives it, with a warning (what
+    `solve` does: it can solve a GPU no catalog lists, `plan` cannot launch it).
     """
     catalog = catalog or default_catalog()
     warnings = list(config.warnings)
     columns: list[GpuSpec] = []
     offers: dict[str, Offer] = {}
     entries: dict[str, str] = {}
+    caps: list[SharedCap] = []
     for spec in config.gpus:
+        unknown = None if strict else _unknown_gpu(spec, config.clouds, config.source, catalog)
+        if unknown is not None:
+            warnings.append(unknown)
+            columns.append(spec)
+            entries[spec.name] = spec.name
+            continue
         candidates = allowed_offers(spec, config.clouds, config.source, catalog)
         default = _pick(candidates, spec)  # the offer the config's cost is about
         if exclude and not per_offer:
@@ -78,20 +95,24 @@ def bind_offers(config: Config, catalog: Catalog | None = None, *, per_offer: bo
         if per_offer and spec.max_count is not None and len(picked) > 1:
             warnings.append(f"{config.source}: {spec.field_path}.max_count: with --per-offer it caps each of its "
                             f"{len(picked)} offers (use quotas for per-offer limits)")
+        limits = quota_caps(spec.quotas, dict(zip(names, picked)))
         for name, offer in zip(names, picked):
             # The config's cost belongs to the offer the default mode picks; other offers keep the catalog's price.
             if offer is default and spec.cost_source == "config":
                 cost_per_gpu = spec.cost
             else:
                 cost_per_gpu = _price(offer, spec.use_spot) / offer.gpu_count
+            alone = [cap // offer.gpu_count for _, matched, cap in limits if matched == (name,)]
             columns.append(_column(spec, name, offer, cost_per_gpu,
                                    min_count=spec.min_count if offer is chosen else 0,
-                                   max_count=_min(spec.max_count, quota(offer, spec.quotas))))
+                                   max_count=_min(spec.max_count, min(alone, default=None))))
             offers[name] = offer
             entries[name] = spec.name
+        caps += [SharedCap(f"{spec.field_path}.quotas.{pattern}", tuple((n, offers[n].gpu_count) for n in matched),
+                           cap) for pattern, matched, cap in limits if len(matched) > 1]
         _warn_unused_quotas(config.source, spec, candidates, warnings)
     bound = dataclasses.replace(config, gpus=tuple(columns), warnings=tuple(dict.fromkeys(warnings)))
-    return BoundConfig(config=bound, offers=offers, entries=entries, per_offer=per_offer)
+    return BoundConfig(config=bound, offers=offers, entries=entries, per_offer=per_offer, caps=tuple(caps))
 
 
 def default_offer(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str,
@@ -172,14 +193,46 @@ def allowed_offers(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str, c
 
 
 def quota(offer: Offer, quotas: tuple[tuple[str, int], ...]) -> int | None:
-    """The cap of the most specific quota pattern matching `offer` ("aws" < "aws:us-west-2" < "...:g5.xlarge")."""
+    """The cap of the most specific quota pattern matching `offer` ("aws" < "aws:us-west-2" < "...:g5.xlarge"):
+    whether the offer may be used at all (0: excluded)."""
     best: tuple[int, int] | None = None
-    parts = (offer.cloud, offer.region, offer.instance_type)
     for pattern, cap in quotas:
         keys = pattern.split(":")
-        if tuple(keys) == parts[:len(keys)] and (best is None or len(keys) > best[0]):
+        if _matches(pattern, offer) and (best is None or len(keys) > best[0]):
             best = (len(keys), cap)
     return None if best is None else best[1]
+
+
+def quota_caps(quotas: tuple[tuple[str, int], ...],
+               offers: Mapping[str, Offer]) -> list[tuple[str, tuple[str, ...], int]]:
+    """Per non-zero quota pattern: (pattern, the columns whose offers it matches, its cap in GPUs). Each caps the
+    GPUs of those columns together, as a cloud's quota does."""
+    result = []
+    for pattern, cap in quotas:
+        matched = tuple(name for name, offer in offers.items() if _matches(pattern, offer))
+        if cap and matched:
+            result.append((pattern, matched, cap))
+    return result
+
+
+def _matches(pattern: str, offer: Offer) -> bool:
+    keys = tuple(pattern.split(":"))
+    return keys == (offer.cloud, offer.region, offer.instance_type)[:len(keys)]
+
+
+def _unknown_gpu(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str, catalog: Catalog) -> str | None:
+    """A warning if the catalog knows no GPU by `spec`'s name (in the allowed clouds), else None."""
+    gpu_field, gpu_name, _ = _wanted_gpu(spec, source)
+    try:
+        allowed = catalog.check_clouds([spec.cloud.lower()] if spec.cloud else clouds)
+    except CatalogError:
+        return None  # not about the GPU: `allowed_offers` says what is wrong
+    try:
+        catalog.resolve_gpu(gpu_name, allowed)
+    except CatalogError as exc:
+        return (f"{source}: {spec.field_path}{gpu_field}: {exc}; solved at its config cost, but `plan` and `up` "
+                f"need a catalog offer for it")
+    return None
 
 
 def _wanted_gpu(spec: GpuSpec, source: str) -> tuple[str, str, int | None]:

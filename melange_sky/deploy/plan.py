@@ -44,6 +44,8 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: setup command, so nothing the shell would interpret ($, quotes, spaces, line breaks).
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+!-]*$")
 FORMATS = ("skypilot", "json")
+#: `--max-replicas`' default: far above any fleet a config means, far below what a mistyped rate asks for.
+DEFAULT_MAX_REPLICAS = 500
 PLAN_FILE = "melange_plan.json"
 RESULT_FILE = "melange_result.json"
 
@@ -151,6 +153,18 @@ class PlanSettings:
     template: str | None = None  # overrides deployment.template
     compare: bool = True  # also solve `split` and the LP bound, to report what they would save
     catalog: Catalog | None = None
+    #: Most replicas (instances) a plan may have: a larger fleet is an error before anything is rendered or written
+    #: (a mistyped rate must not write 50,000 task files). None: no limit.
+    max_replicas: int | None = DEFAULT_MAX_REPLICAS
+
+
+def solve_offers(config: Config, settings: PlanSettings = PlanSettings()) -> SolveResult:
+    """The fleet `plan` would make of `config` with `settings`, without rendering it: entries bound to offers as
+    `plan` binds them (per offer or not, spot prices, quotas), solved by the same model. What `solve` shows.
+    A GPU the catalog does not know is solved at its config cost, with a warning (`plan` refuses it)."""
+    bound = bind_offers(config, settings.catalog, per_offer=settings.per_offer, strict=False)
+    return solve(bound.config, settings.formulation, settings.solver, compare=settings.compare, caps=bound.caps,
+                 max_replicas=settings.max_replicas)
 
 
 def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
@@ -160,7 +174,8 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
     deployment = deployment_from_config(config, settings.template)
     load_template(deployment.template)  # a broken template fails before the solve, not after it
     bound = bind_offers(config, settings.catalog, per_offer=settings.per_offer, exclude=request.exclude)
-    columns, names = [], {}
+    columns: list[GpuSpec] = []
+    names: dict[str, list[str]] = {}
     for gpu in bound.config.gpus:
         entry, offer = gpu.entry or gpu.name, offer_key(gpu.cloud, gpu.region, gpu.instance_type, gpu.use_spot)
         # Per offer, a column owns the replicas on its offer; per GPU type, it owns every replica of its entry
@@ -178,7 +193,11 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
         else:
             columns.append(gpu)
     solved_config = dataclasses.replace(bound.config, gpus=tuple(columns))
-    result = solve(solved_config, settings.formulation, settings.solver, compare=settings.compare)
+    # A quota never forces a replica that is up to go: a cap rises to what already runs under it.
+    caps = [dataclasses.replace(cap, cap=max(cap.cap, cap.gpus({g.name: g.min_count for g in columns})))
+            for cap in bound.caps]
+    result = solve(solved_config, settings.formulation, settings.solver, compare=settings.compare, caps=caps,
+                   max_replicas=settings.max_replicas)
     return make_plan(solved_config, result, deployment, offers={n: o.to_dict() for n, o in bound.offers.items()},
                      names=names, taken=request.taken)
 
@@ -264,7 +283,7 @@ def make_plan(config: Config, result: SolveResult, deployment: Deployment | None
     existing replicas to reuse first; new replicas then get the next free `<fleet>-<gpu>-<i>` not in `taken`."""
     deployment = deployment or deployment_from_config(config)
     template = load_template(deployment.template)
-    slugs = _unique({g.name: _slug(g.name) for g in config.gpus})
+    slugs = _unique({g.name: _column_slug(g) for g in config.gpus})
     files = _unique({g.name: _file_part(g.name) for g in config.gpus})
     fleet_slug = _slug(config.name, "fleet")
     used = set(taken) | {c for cs in (names or {}).values() for c in cs}
@@ -364,6 +383,16 @@ def _slug(name: str, fallback: str = "gpu") -> str:
     if not slug:
         return fallback
     return slug if slug[0].isalpha() else f"{fallback[0]}{slug}"
+
+
+def _column_slug(gpu: GpuSpec) -> str:
+    """The GPU part of a cluster name: the GPU's name; for a `--per-offer` column (one GPU at one offer) the
+    entry's name and a short tag of the offer, "a100-80gb-azure-3f2a" rather than the whole
+    "a100-80gb-azure-eastus-standard-nc24ads-a100-v4" (the ledger keeps the full offer)."""
+    if gpu.entry is None or gpu.entry == gpu.name:
+        return _slug(gpu.name)
+    offer = offer_key(gpu.cloud, gpu.region, gpu.instance_type, gpu.use_spot)
+    return f"{_slug(gpu.entry)}-{_slug(gpu.cloud or 'offer')}-{hashlib.sha1(offer.encode()).hexdigest()[:4]}"
 
 
 def _file_part(name: str) -> str:
