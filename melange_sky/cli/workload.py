@@ -25,6 +25,8 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
 
 #: Above this p95 / mean ratio of the per-minute rate, the report says how much planning for the mean would miss.
 _BURSTY = 1.25
+#: Below this many complete minutes, p95 and p99 are the busiest minute or two, and the report says so.
+_FEW_MINUTES = 20
 
 
 @main.command()
@@ -159,7 +161,9 @@ def _rate_lines(result: WorkloadResult) -> list[str]:
     if pct is not None:
         over = f" over {pct.minutes:,} complete minute(s)" if pct.minutes is not None else ""
         lines.append(f"Per-minute rate{over}: p50 {pct.p50:.4g}, p95 {pct.p95:.4g}, p99 {pct.p99:.4g}, "
-                     f"max {pct.max:.4g} req/s")
+                     f"max {pct.max:.4g} req/s"
+                     + (" (under 20 minutes: p95 and p99 are the busiest minutes)"
+                        if pct.minutes is not None and pct.minutes < _FEW_MINUTES else ""))
         ratio = result.burst_ratio
         if result.rate_percentile is None and source != RateSource.GIVEN and ratio is not None and ratio > _BURSTY:
             lines.append(f"Bursty: the p95 minute is {ratio:.2g}x the mean, and a fleet sized on the mean "
