@@ -1,0 +1,395 @@
+"""The fleet's router as one more SkyPilot task: a small CPU instance running `melange-sky serve --pushed`.
+
+The router is the fleet's one public endpoint; `up` launches it next to the replicas and pushes it the routes
+(`PUT /admin/routes`). This module plans it: the config's `deployment.router` block (cloud, region, instance_type or
+cpus, port), the CPU offer it runs on (by default the cheapest in the cloud that hosts most replicas, in the region
+that hosts most of them there), and its task rendered from the builtin `router.j2` template.
+
+The router's host gets melange-sky without any package index: the installed package's own source directory goes to
+the host through `file_mounts` and runs from `PYTHONPATH`; `setup` installs only what `serve` imports
+(`ROUTER_REQUIREMENTS`, the ranges tested here) into a venv. No SkyPilot, PuLP, HiGHS or Jinja on the router.
+
+The task names its secrets (`MELANGE_SKY_ADMIN_TOKEN`, and `MELANGE_SKY_API_KEY` when clients need a key); their
+values come from the launcher's environment at launch time and are never in the rendered YAML.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import melange_sky
+from melange_sky import __version__
+from melange_sky.core.config import Config
+from melange_sky.deploy.catalog import KNOWN_CLOUDS, Catalog, default_catalog, offer_key
+from melange_sky.deploy.plan import CLUSTER_NAME_RE, ENV_NAME_RE, MAX_CLUSTER_NAME, _slug
+from melange_sky.deploy.render import load_template, render
+from melange_sky.errors import CatalogError, ConfigError
+
+ROUTER_TEMPLATE = "router"
+DEFAULT_ROUTER_PORT = 8080
+ROUTER_KEYS = ("cloud", "region", "instance_type", "cpus", "port", "use_spot")
+#: The secret `serve --pushed` reads the admin token from (PUT /admin/routes), and the one it reads clients' key from.
+ADMIN_TOKEN_SECRET = "MELANGE_SKY_ADMIN_TOKEN"
+CLIENT_KEY_SECRET = "MELANGE_SKY_API_KEY"
+#: What `python -m melange_sky serve` imports, in the ranges tested with this release (the repository's venv):
+#: nothing else of melange-sky's dependencies is loaded by it (tests/test_router_task.py checks with an import blocker).
+ROUTER_REQUIREMENTS = (
+    "aiohttp>=3.14,<3.15",
+    "click>=8.1,<8.2",
+    "orjson>=3.13,<3.14",
+    "prometheus-client>=0.26,<0.27",
+    "uvloop>=0.23,<0.24",
+)
+#: The Python the router's venv gets (uv fetches it when the host has none): the version melange-sky is tested on.
+ROUTER_PYTHON = "3.11"
+#: Where the router lives on its host, under the host user's HOME: the shipped source in `src/`, its venv in `venv/`.
+REMOTE_DIR = "melange-sky-router"
+#: Without a pin: at least this many vCPUs and GiB of memory (the router itself uses one core; SkyPilot's own
+#: agent runs beside it).
+DEFAULT_MIN_CPUS = 2
+DEFAULT_MIN_MEMORY_GIB = 4.0
+_CPUS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(\+?)\s*$")
+#: GCP machine families that come with GPUs attached although their catalog rows name none (A2, A3, G2, ...):
+#: never CPU offers (SkyPilot prices them with their GPUs).
+_GCP_GPU_FAMILIES = re.compile(r"^(a\d+|g[2-9])-")
+#: Instance types a default choice skips: burstable or shared-core (CPU credits run out under steady load) and Arm
+#: (where the catalog has no Arch column). A pinned instance_type is taken as given.
+_NOT_BY_DEFAULT = {
+    "aws": re.compile(r"^(t\d[a-z]*|a1)\."),
+    "gcp": re.compile(r"^(e2-(micro|small|medium)|f1-|g1-|t2a-|c4a-)"),
+    "azure": re.compile(r"^Standard_(B|[A-Z]+\d+[a-z]*p[a-z]*_)"),
+}
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """The config's `deployment.router` block, checked: what the user pinned (None: choose) and the port."""
+
+    cloud: str | None = None
+    region: str | None = None
+    instance_type: str | None = None
+    cpus: str | None = None  # SkyPilot's form: "2" exactly, "2+" at least
+    port: int = DEFAULT_ROUTER_PORT
+    use_spot: bool = False
+
+
+@dataclass(frozen=True)
+class CpuOffer:
+    """A CPU instance type in a region, with its on-demand $/h (the cheapest of the region's zones)."""
+
+    cloud: str
+    region: str
+    instance_type: str
+    vcpus: float
+    memory_gib: float
+    price: float
+    source: str  # "bundled" or "skypilot"
+
+    @property
+    def key(self) -> str:
+        return offer_key(self.cloud, self.region, self.instance_type)
+
+
+@dataclass(frozen=True)
+class RouterPlan:
+    """The router of one fleet: its cluster, the offer it runs on and why, and its rendered task."""
+
+    fleet: str
+    cluster: str
+    cloud: str
+    region: str
+    instance_type: str
+    price: float  # $/h
+    port: int
+    reason: str  # why this offer, for the preview ("near the replicas: 3 of 4 in aws us-east-1")
+    secrets: tuple[str, ...]  # names only; values come from the environment at launch
+    task: dict[str, Any] = field(repr=False)
+    yaml: str = field(repr=False)
+
+    @property
+    def offer(self) -> str:
+        return offer_key(self.cloud, self.region, self.instance_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fleet": self.fleet, "cluster": self.cluster, "cloud": self.cloud, "region": self.region,
+                "instance_type": self.instance_type, "offer": self.offer, "price": self.price, "port": self.port,
+                "reason": self.reason, "secrets": list(self.secrets), "task": self.task}
+
+
+# ---- the config block ---------------------------------------------------------------------------------------------
+
+def router_spec(config: Config) -> RouterSpec:
+    """The config's `deployment.router` block, checked (defaults when absent)."""
+    return parse_router_block(config.deployment.get("router"), config.source)
+
+
+def parse_router_block(raw: Any, source: str) -> RouterSpec:
+    """`deployment.router` as a RouterSpec; a ConfigError naming the field (and a close key name) otherwise."""
+    path = "deployment.router"
+    if raw is None:
+        return RouterSpec()
+    if not isinstance(raw, dict):
+        raise ConfigError(source, path, f"must be an object such as {{\"cloud\": \"aws\", \"port\": 8080}}, got "
+                                        f"{type(raw).__name__}")
+    for key in raw:
+        if key not in ROUTER_KEYS:
+            close = difflib.get_close_matches(str(key), ROUTER_KEYS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(ROUTER_KEYS)}"
+            raise ConfigError(source, f"{path}.{key}", f"unknown key; {hint}")
+
+    def string(key: str) -> str | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value.strip() or value != value.strip():
+            raise ConfigError(source, f"{path}.{key}", f"must be a non-empty string without surrounding blanks, "
+                                                       f"got {value!r}")
+        return value
+
+    cloud = string("cloud")
+    if cloud is not None:
+        cloud = cloud.lower()
+        if cloud not in KNOWN_CLOUDS:
+            close = difflib.get_close_matches(cloud, KNOWN_CLOUDS, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known clouds: {', '.join(KNOWN_CLOUDS)}"
+            raise ConfigError(source, f"{path}.cloud", f"unknown cloud {raw['cloud']!r}; {hint}")
+    instance_type = string("instance_type")
+    cpus = _cpus(raw.get("cpus"), source, f"{path}.cpus")
+    if instance_type is not None and cpus is not None:
+        raise ConfigError(source, f"{path}.cpus", "give instance_type or cpus, not both (an instance type fixes its "
+                                                  "vCPUs)")
+    port = raw.get("port", DEFAULT_ROUTER_PORT)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(source, f"{path}.port", f"must be an integer port in 1..65535, got {port!r}")
+    use_spot = raw.get("use_spot", False)
+    if use_spot is not False:
+        raise ConfigError(source, f"{path}.use_spot", f"must be false, got {use_spot!r}: the router is the fleet's "
+                                                      f"only endpoint, and a preempted spot instance takes it down")
+    return RouterSpec(cloud=cloud, region=string("region"), instance_type=instance_type, cpus=cpus, port=port)
+
+
+def _cpus(value: Any, source: str, path: str) -> str | None:
+    """SkyPilot's `cpus`: a number (exactly) or "N+" (at least), as a string."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = f"{value:g}"
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        text = ""
+    match = _CPUS_RE.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(source, path, f"must be a vCPU count such as 2 or \"2+\" (at least 2), got {value!r}")
+    return f"{float(match.group(1)):g}{match.group(2)}"
+
+
+def _cpus_fit(cpus: str | None, vcpus: float) -> bool:
+    if cpus is None:
+        return vcpus >= DEFAULT_MIN_CPUS
+    wanted = float(cpus.rstrip("+"))
+    return vcpus >= wanted if cpus.endswith("+") else math.isclose(vcpus, wanted)
+
+
+# ---- CPU offers ---------------------------------------------------------------------------------------------------
+
+def cpu_offers(catalog: Catalog, clouds: Iterable[str] | None = None) -> list[CpuOffer]:
+    """Every instance type without an accelerator in `clouds` (default: all), from the same `vms.csv` files the GPU
+    offers come from; one offer per (region, instance type), cheapest first."""
+    offers = [o for cloud in catalog.check_clouds(clouds) for o in _read_cpu_offers(*catalog.path(cloud), cloud)]
+    return sorted(offers, key=lambda o: (o.price, o.cloud, o.region, o.instance_type))
+
+
+def _read_cpu_offers(path: Path, source: str, cloud: str) -> tuple[CpuOffer, ...]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return _read_cpu_file(path, source, cloud, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=16)
+def _read_cpu_file(path: Path, source: str, cloud: str, _mtime_ns: int, _size: int) -> tuple[CpuOffer, ...]:
+    """A `vms.csv`'s CPU offers, read once per version of the file (choosing, then explaining a failure, reads
+    the same files)."""
+    best: dict[tuple[str, str], CpuOffer] = {}
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, [])
+            column = {name: i for i, name in enumerate(header)}
+            needed = ("InstanceType", "vCPUs", "MemoryGiB", "Price", "Region")
+            if any(name not in column for name in needed):
+                return ()
+            accelerator, arch = column.get("AcceleratorName"), column.get("Arch")
+            for row in reader:
+                if len(row) < len(header) or (accelerator is not None and row[accelerator].strip()):
+                    continue
+                if arch is not None and row[arch].strip() not in ("", "x86_64"):
+                    continue
+                instance, region = row[column["InstanceType"]].strip(), row[column["Region"]].strip()
+                vcpus, memory, price = (_number(row[column[k]]) for k in ("vCPUs", "MemoryGiB", "Price"))
+                if not instance or not region or vcpus is None or memory is None or price is None or price <= 0:
+                    continue
+                if cloud == "gcp" and _GCP_GPU_FAMILIES.match(instance):
+                    continue
+                old = best.get((region, instance))
+                if old is None or price < old.price:
+                    best[(region, instance)] = CpuOffer(cloud, region, instance, vcpus, memory, price, source)
+    except OSError as exc:
+        raise CatalogError(f"cannot read the catalog {path}: {exc.strerror}") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise CatalogError(f"cannot parse the catalog {path}: {exc}") from None
+    return tuple(best.values())
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# ---- choosing the offer -------------------------------------------------------------------------------------------
+
+#: Where one replica runs: its cloud, or (cloud, region).
+Placement = str | tuple[str | None, str | None]
+
+
+def choose_router_offer(spec: RouterSpec, replicas: Iterable[Placement], catalog: Catalog,
+                        source: str = "config", clouds: Iterable[str] | None = None) -> tuple[CpuOffer, str]:
+    """The CPU offer the router runs on, and why.
+
+    Pinned fields narrow the choice. Unpinned, the router goes to the cloud hosting most replicas (a tie: the one
+    with the cheapest offer), in that cloud's region hosting most of them when it has an offer there (no
+    cross-region hop on every request), else the cloud's cheapest; clouds without a CPU offer are passed over, and
+    when no replica's cloud has one, the cheapest in `clouds` (the config's `clouds`; default: every known cloud)."""
+    path = "deployment.router"
+    places = [(p, None) if isinstance(p, str) else p for p in replicas]
+    counts = Counter(c for c, _ in places if c)
+    regions = Counter((c, r) for c, r in places if c and r)
+    allowed = [spec.cloud] if spec.cloud else list(catalog.check_clouds(clouds))
+
+    def fitting(where: list[str]) -> list[CpuOffer]:
+        return [o for o in cpu_offers(catalog, where)
+                if (spec.region is None or o.region == spec.region)
+                and (o.instance_type == spec.instance_type if spec.instance_type else _default_fit(spec, o))]
+
+    # The replicas' clouds first: with SkyPilot's downloaded catalogs, each cloud is a file of megabytes.
+    near = [c for c in allowed if c in counts]
+    offers = (fitting(near) if near else []) or fitting(allowed)
+    if not offers:
+        raise _no_offer(spec, catalog, allowed, source, path)
+    by_cloud: dict[str, list[CpuOffer]] = {}
+    for offer in offers:  # cheapest first
+        by_cloud.setdefault(offer.cloud, []).append(offer)
+    # Most replicas first; among equals, the cheapest offer (clouds without replicas come last).
+    cloud = min(by_cloud, key=lambda c: (-counts.get(c, 0), by_cloud[c][0].price, c))
+    local = [o for o in by_cloud[cloud] if regions.get((cloud, o.region))]
+    if local:
+        most = max(regions[(cloud, o.region)] for o in local)
+        offer = next(o for o in local if regions[(cloud, o.region)] == most)  # a tie: the cheaper region
+        reason = f"near the replicas: {most} of {len(places)} in {cloud} {offer.region}"
+    elif counts.get(cloud):
+        offer = by_cloud[cloud][0]
+        reason = f"near the replicas: {counts[cloud]} of {len(places)} in {cloud}"
+    else:
+        offer = by_cloud[cloud][0]
+        reason = "the cheapest CPU offer"
+    if spec.instance_type and spec.region:
+        reason = "pinned by deployment.router"
+    elif spec.cloud or spec.region or spec.instance_type or spec.cpus:
+        reason += " within deployment.router's pins"
+    return offer, reason
+
+
+def _default_fit(spec: RouterSpec, offer: CpuOffer) -> bool:
+    skip = _NOT_BY_DEFAULT.get(offer.cloud)
+    if skip is not None and skip.match(offer.instance_type):
+        return False
+    return _cpus_fit(spec.cpus, offer.vcpus) and offer.memory_gib >= DEFAULT_MIN_MEMORY_GIB
+
+
+def _no_offer(spec: RouterSpec, catalog: Catalog, allowed: list[str], source: str, path: str) -> ConfigError:
+    files = ", ".join(str(catalog.path(c)[0]) for c in allowed)
+    if spec.instance_type:
+        everywhere = [o for o in cpu_offers(catalog) if o.instance_type == spec.instance_type]
+        if everywhere:
+            where = ", ".join(sorted({f"{o.cloud}:{o.region}" for o in everywhere}))
+            return ConfigError(source, f"{path}.instance_type", f"{spec.instance_type!r} is not offered with these "
+                                                                f"pins; it is in {where}")
+        known = sorted({o.instance_type for o in cpu_offers(catalog, allowed)})
+        close = difflib.get_close_matches(spec.instance_type, known, n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return ConfigError(source, f"{path}.instance_type", f"CPU instance type {spec.instance_type!r} is unknown "
+                                                            f"to the catalog ({files}){hint}")
+    if spec.region:
+        regions = sorted({o.region for o in cpu_offers(catalog, allowed)})
+        close = difflib.get_close_matches(spec.region, regions, n=2, cutoff=0.6)
+        hint = (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close
+                else f"; regions with one: {', '.join(regions)}" if regions else "")
+        return ConfigError(source, f"{path}.region", f"no CPU offer in {spec.region!r} ({files}){hint}")
+    if spec.cpus:
+        return ConfigError(source, f"{path}.cpus", f"no CPU offer with {spec.cpus} vCPUs in {', '.join(allowed)} "
+                                                   f"({files})")
+    return ConfigError(source, path, f"no CPU offer in {', '.join(allowed)} ({files}); pin one with "
+                                     f"deployment.router.cloud/region/instance_type")
+
+
+# ---- the task -----------------------------------------------------------------------------------------------------
+
+def router_cluster_name(fleet: str) -> str:
+    """`<fleet>-router`, lower case and valid for SkyPilot, beside the replicas' `<fleet>-<gpu>-<i>`."""
+    name = f"{_slug(fleet, 'fleet')}-router"
+    if len(name) > MAX_CLUSTER_NAME:  # keep it unique: a hash of the full name replaces the cut tail
+        tail = f"-{hashlib.sha1(name.encode()).hexdigest()[:6]}-router"
+        name = name[: MAX_CLUSTER_NAME - len(tail)].rstrip("-") + tail
+    assert CLUSTER_NAME_RE.match(name), name
+    return name
+
+
+def package_source_dir() -> Path:
+    """The directory of the melange_sky package this process runs: what the router's host gets."""
+    return Path(melange_sky.__file__).resolve().parent
+
+
+def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key: bool = False,
+                      upstream_key_secret: str | None = None, catalog: Catalog | None = None) -> RouterPlan:
+    """Plan the fleet's router: the `deployment.router` block, the offer, the rendered task.
+
+    `replicas`: where the plan's replicas run (clouds, or (cloud, region) pairs). `api_key`: clients must send the
+    key in secret MELANGE_SKY_API_KEY (else the router serves anyone who reaches its port: `--no-auth`).
+    `upstream_key_secret`: the secret holding the replicas' key (`deployment.api_key_secret`) when the router must
+    send one; it defaults to the client key in `serve`, so it matters only when it is another secret."""
+    spec = router_spec(config)
+    if upstream_key_secret is not None and not ENV_NAME_RE.match(upstream_key_secret):
+        raise ValueError(f"upstream_key_secret must be an environment variable name, got {upstream_key_secret!r}")
+    offer, reason = choose_router_offer(spec, replicas, catalog or default_catalog(), config.source, config.clouds)
+    cluster = router_cluster_name(config.name)
+    secrets = [ADMIN_TOKEN_SECRET]
+    if api_key:
+        secrets.append(CLIENT_KEY_SECRET)
+    if upstream_key_secret and upstream_key_secret not in secrets:
+        secrets.append(upstream_key_secret)
+    context = {
+        "melange_version": __version__, "fleet": config.name, "cluster": cluster, "cloud": offer.cloud,
+        "region": offer.region, "instance_type": offer.instance_type, "cpus": spec.cpus, "price": offer.price,
+        "port": spec.port, "use_spot": False, "secrets": secrets, "api_key": api_key,
+        "admin_token_secret": ADMIN_TOKEN_SECRET, "client_key_secret": CLIENT_KEY_SECRET,
+        "upstream_key_secret": upstream_key_secret, "source_dir": str(package_source_dir()),
+        "remote_dir": REMOTE_DIR, "python_version": ROUTER_PYTHON, "requirements": list(ROUTER_REQUIREMENTS),
+    }
+    text, task = render(load_template(ROUTER_TEMPLATE), context)
+    return RouterPlan(fleet=config.name, cluster=cluster, cloud=offer.cloud, region=offer.region,
+                      instance_type=offer.instance_type, price=offer.price, port=spec.port, reason=reason,
+                      secrets=tuple(secrets), task=task, yaml=text)
