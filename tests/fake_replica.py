@@ -13,6 +13,8 @@ reader never sees half a number). It answers like vLLM's OpenAI server, closely 
 - GET /v1/models, GET /health (200 {"ok": true}).
 - GET /stats: requests received, finished, in flight and streams cut by their client, for tests that check where
   traffic went and that a drained replica has nothing in flight.
+- POST /control {"healthy": false, "token_delay_ms": 50}: knobs for tests, applied at once; unhealthy makes
+  /health answer 503 (what a router's probe sees of a sick replica) while generation still works.
 
 With the environment variable FAKE_REPLICA_API_KEY set (never on the command line, where `ps` shows it), generation
 and /v1/models need `Authorization: Bearer <key>`, as vLLM with VLLM_API_KEY does; /health and /stats stay open.
@@ -49,6 +51,7 @@ class Replica:
         self.finished = 0
         self.in_flight = 0
         self.disconnects = 0
+        self.healthy = True
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -57,6 +60,7 @@ class Replica:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
+        app.router.add_post("/control", self.control)
         return app
 
     def _denied(self, request: web.Request) -> web.Response | None:
@@ -66,10 +70,19 @@ class Replica:
         return None
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": self.healthy}, status=200 if self.healthy else 503)
+
+    async def control(self, request: web.Request) -> web.Response:
+        knobs = await request.json()
+        if "healthy" in knobs:
+            self.healthy = bool(knobs["healthy"])
+        if "token_delay_ms" in knobs:
+            self.token_delay_s = float(knobs["token_delay_ms"]) / 1000
+        return web.json_response({"healthy": self.healthy, "token_delay_ms": self.token_delay_s * 1000})
 
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": self.name, "gpu": self.gpu, "pid": os.getpid(), "received": self.received,
+        return web.json_response({"name": self.name, "gpu": self.gpu, "pid": os.getpid(), "healthy": self.healthy,
+                                  "token_delay_ms": self.token_delay_s * 1000, "received": self.received,
                                   "finished": self.finished, "in_flight": self.in_flight,
                                   "disconnects": self.disconnects})
 

@@ -54,7 +54,8 @@ For tests: `kill(cluster)` (out of band, the cache untouched: a preemption), `li
 running in any group this backend ever started, by cluster: `{}` after a clean `down`), `kill_all()` (a fixture
 finalizer), `history()` (every launch, up, failure, kill, death found by a refresh and down, with the replica's
 requests in flight at the moment it was killed or torn down), `stats(cluster)` (a replica's request counts now),
-`clusters()`, `log(cluster)`, `state_text()`.
+`control(cluster, healthy=False, token_delay_ms=...)` (a sick or slower replica; the launcher still says UP),
+`kill(cluster, signal.SIGSTOP)` (a hung one), `clusters()`, `log(cluster)`, `state_text()`.
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ DEFAULT_GRACE_S = 5.0
 REPLICA_SCRIPT = Path(__file__).resolve().with_name("fake_replica.py")
 REPLICA_API_KEY_ENV = "FAKE_REPLICA_API_KEY"  # read by fake_replica.py
 POLL_S = 0.05
+_PAUSING = (signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP)
 LOG_TAIL_CHARS = 1500
 #: Not inherited by a task's process: a remote host has none of them.
 STRIPPED_ENV_PREFIXES = ("MELANGE_SKY_", "PROCESS_BACKEND_")
@@ -158,6 +160,8 @@ def stop_group(pgid: int, started: int, grace_s: float, reap: subprocess.Popen |
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30.0)):
         if not _signal_group(pgid, started, sig):
             break
+        if sig is signal.SIGTERM:  # a frozen (SIGSTOPped) process acts on SIGTERM only once continued
+            _signal_group(pgid, started, signal.SIGCONT)
         deadline = time.monotonic() + wait_s
         while group_members(pgid, started) and time.monotonic() < deadline:
             if reap is not None:
@@ -305,6 +309,20 @@ class ProcessBackend:
         a drained replica was torn down with in_flight 0."""
         return [e for e in self._snapshot()["history"] if event is None or e["event"] == event]
 
+    def control(self, cluster: str, **knobs: Any) -> dict[str, Any]:
+        """Turn a running replica's knobs (`healthy=False`: its /health answers 503; `token_delay_ms=50`): POST
+        /control. The launcher's status does not change: SkyPilot knows hosts, not the health of what they serve."""
+        record = self._snapshot()["clusters"].get(cluster)
+        if record is None or record.get("kind") != "replica" or record.get("port") is None:
+            raise ValueError(f"{cluster} is not a running replica of this backend")
+        req = urllib.request.Request(f"http://127.0.0.1:{record['port']}/control", data=json.dumps(knobs).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as answer:
+            result: dict[str, Any] = json.loads(answer.read())
+        with self._state() as state:
+            self._event(state, "control", cluster, **knobs)
+        return result
+
     def stats(self, cluster: str) -> dict[str, Any] | None:
         """The replica's request counts now (GET /stats), None if it is not a running replica."""
         record = self._snapshot()["clusters"].get(cluster)
@@ -320,14 +338,18 @@ class ProcessBackend:
 
     def kill(self, cluster: str, sig: signal.Signals = signal.SIGKILL) -> bool:
         """Kill the cluster's processes out of band (a preemption, a crash): the cached status still says UP until
-        a refresh. Returns once none of them runs; False if the cluster had no running process."""
+        a refresh. Returns once none of them runs; False if the cluster had no running process. SIGSTOP / SIGCONT
+        freeze and thaw it instead (a hung replica: its port accepts, nothing answers) and return at once."""
         record = self._snapshot()["clusters"].get(cluster)
         if record is None or not group_members(record["pgid"], record["started"]):
             return False
-        stats = replica_stats(record)
+        stats = replica_stats(record) if sig is not signal.SIGCONT else None
         _signal_group(record["pgid"], record["started"], sig)
         with self._state() as state:
-            self._event(state, "killed", cluster, pid=record["pid"], signal=sig.name, **in_flight_of(stats))
+            self._event(state, "killed" if sig not in _PAUSING else sig.name.lower(), cluster, pid=record["pid"],
+                        signal=sig.name, **in_flight_of(stats))
+        if sig in _PAUSING:
+            return True
         deadline = time.monotonic() + 30.0
         while group_members(record["pgid"], record["started"]) and time.monotonic() < deadline:
             self._reap()
@@ -591,7 +613,9 @@ class ProcessBackend:
             record = state["clusters"].pop(cluster, None)
         if record is None:
             return False
-        stats = replica_stats(record) if is_alive(record["pid"], record["started"]) else None
+        leader = _stat(record["pid"])
+        frozen = leader is None or leader[0] in ("T", "t")  # a SIGSTOPped replica would not answer /stats
+        stats = replica_stats(record) if is_alive(record["pid"], record["started"]) and not frozen else None
         grace = float(os.environ.get(GRACE_ENV_VAR) or DEFAULT_GRACE_S)
         stop_group(record["pgid"], record["started"], grace, self._children.get(record["pid"]))
         with self._state() as state:  # a launch of the same name may have started meanwhile: keep its directory

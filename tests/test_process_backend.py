@@ -399,3 +399,20 @@ def test_cancel_stops_a_launch_in_flight_and_leaves_nothing(tmp_path, backend):
     assert len(failures) == 1 and isinstance(failures[0], LaunchCancelled)
     assert backend.live_processes() == {} and backend.clusters() == {}
     assert backend.cancel() == []
+
+
+def test_a_sick_or_frozen_replica_still_reads_up_and_down_still_stops_it(backend):
+    """Application health is not the launcher's business (SkyPilot reports hosts): only the router's probes see it."""
+    info = backend.launch(LaunchRequest("sick-a10g-0", gpu_task("sick-a10g-0"), port=8000))
+    assert backend.control("sick-a10g-0", healthy=False, token_delay_ms=1)["healthy"] is False
+    assert request_json(f"http://{info.endpoint}/health")[0] == 503
+    assert request_json(f"http://{info.endpoint}/v1/completions", {"prompt": "x", "max_tokens": 2})[0] == 200
+    assert backend.status(["sick-a10g-0"], refresh=True)["sick-a10g-0"].status is ClusterStatus.UP
+
+    assert backend.kill("sick-a10g-0", signal.SIGSTOP)
+    with pytest.raises(OSError):  # accepted by the kernel, answered by no one
+        urllib.request.urlopen(f"http://{info.endpoint}/health", timeout=0.5)
+    assert backend.status(["sick-a10g-0"], refresh=True)["sick-a10g-0"].status is ClusterStatus.UP
+    assert backend.down("sick-a10g-0") is True
+    assert backend.live_processes() == {}
+    assert [e["event"] for e in backend.history()] == ["launched", "up", "control", "sigstop", "down"]
