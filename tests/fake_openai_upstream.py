@@ -5,7 +5,8 @@
 prints "PORT <n>" once it listens (on 127.0.0.1). It answers POST /v1/completions and /v1/chat/completions
 (streaming or not) with `max_tokens` one-word tokens (16 without), reports usage with prompt_tokens = characters / 4
 (rounded up) of the prompt or of the chat's contents joined by newlines, and says which server answered in
-`served_by`. Knobs for tests (in-process): `gate` holds every stream after its first event until set; `cut` aborts
+`served_by`. Knobs for tests (in-process): `gate` holds every stream after its first event until set; `hold` holds
+every generation request before it is answered at all (`held` counts those waiting); `cut` aborts
 a stream's connection after its first event; `status` answers every generation with that HTTP status; `healthy`
 False makes /health answer 503. `requests` keeps every generation request's JSON body; `disconnects` counts streams
 whose client went away before the end.
@@ -34,6 +35,8 @@ class FakeUpstream:
         self.gpu, self.name, self.model, self.api_key, self.delay_s = gpu, name or gpu, model, api_key, delay_s
         self.requests: list[dict] = []
         self.gate: asyncio.Event | None = None
+        self.hold: asyncio.Event | None = None
+        self.held = 0
         self.first_event = asyncio.Event()  # set when a stream sent its first event
         self.cut = False
         self.status: int | None = None
@@ -85,6 +88,12 @@ class FakeUpstream:
             return denied
         body = await request.json()
         self.requests.append(body)
+        if self.hold is not None:
+            self.held += 1
+            try:
+                await self.hold.wait()
+            finally:
+                self.held -= 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.status is not None:
@@ -170,8 +179,9 @@ class Fleet:
     `replicas` maps a replica name to its GPU type; names listed in `dead` get a URL where nothing listens."""
 
     def __init__(self, doc: dict, replicas: dict[str, str], dead: tuple[str, ...] = (), log: list | None = None,
-                 **settings):
+                 clock=None, **settings):
         self.doc, self.replica_gpus, self.dead, self.settings = doc, replicas, dead, settings
+        self.clock = clock
         self.upstreams: dict[str, FakeUpstream] = {}
         self.holders: list = []
         self.logs = log if log is not None else []
@@ -196,7 +206,8 @@ class Fleet:
             replicas.append({"name": name, "gpu": gpu, "url": url})
         doc = {**self.doc, "replicas": replicas}
         settings = {"port": 0, "seed": 1, "probe_interval_s": 0.02, "eject_base_s": 0.05, **self.settings}
-        self.router = Router(parse_routes(doc), ServeSettings(**settings), log=self.logs.append)
+        extra = {"clock": self.clock} if self.clock is not None else {}
+        self.router = Router(parse_routes(doc), ServeSettings(**settings), log=self.logs.append, **extra)
         self.server = RouterServer(self.router, "127.0.0.1", 0)
         self.url = await self.server.start()
         return self

@@ -115,7 +115,8 @@ def test_a_stream_cut_after_it_began_ends_with_an_error_event_and_is_not_generat
 
 def test_a_failure_before_any_byte_is_retried_on_another_replica_and_the_replica_ejected():
     async def scenario():
-        async with Fleet(DOC, {"a100-0": "A100-80GB", "a100-1": "A100-80GB"}) as fleet, \
+        # ejected for a minute: its /health answers 200, and a probe must not re-admit it before the end
+        async with Fleet(DOC, {"a100-0": "A100-80GB", "a100-1": "A100-80GB"}, eject_base_s=60) as fleet, \
                 aiohttp.ClientSession() as session:
             broken = fleet.upstreams["a100-0"]
             broken.status = 500

@@ -88,8 +88,8 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
     if routes_file and not pushed:
         raise click.UsageError("--routes FILE goes with --pushed (FLEET and --config make their own routes)")
     if not pushed and bool(fleet) == bool(config):
-        raise click.UsageError("give a FLEET from the ledger, --config CONFIG with --replica GPU=URL ..., or "
-                               "--pushed")
+        raise click.UsageError("give a FLEET from the ledger, or --config CONFIG with --replica GPU=URL ..., "
+                               "or --pushed")
     admin_token = admin_token_from_env()
     if pushed and not admin_token:
         raise ServeError(f"--pushed needs {ADMIN_TOKEN_ENV} in the environment: the fleet pushes the routes with "
