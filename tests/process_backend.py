@@ -199,6 +199,15 @@ def accelerator_name(task: Mapping[str, Any]) -> str:
     return "GPU"
 
 
+def placement(task: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The (cloud, region) the task asks for (`cloud`/`region` or `infra: cloud/region`), what status reports."""
+    resources = task.get("resources") or {}
+    infra = str(resources.get("infra") or "").split("/")
+    cloud = resources.get("cloud") or infra[0] or None
+    region = resources.get("region") or (infra[1] if len(infra) > 1 else None)
+    return (str(cloud).lower() if cloud else None), (str(region) if region else None)
+
+
 def token_delay_ms(gpu: str, spec: str | None) -> float:
     """The per-token delay for `gpu` from a spec like "5" or "A10G=20,A100-80GB=5,3"."""
     default = DEFAULT_TOKEN_DELAY_MS
@@ -448,6 +457,7 @@ class ProcessBackend:
         record = {"status": ClusterStatus.INIT.value, "kind": "replica" if gpu else "task", "pid": child.pid,
                   "pgid": child.pid, "started": started, "port": None if gpu else port, "declared_port": port,
                   "host": str(host), "log": str(log_path), "launched_at": time.time(),
+                  "cloud": placement(task)[0], "region": placement(task)[1],
                   "secret_names": sorted(request.secrets)}
         state["clusters"][cluster] = record
         state["spawned"].append({"cluster": cluster, "pid": child.pid, "pgid": child.pid, "started": started})
@@ -580,8 +590,8 @@ class ProcessBackend:
         if status is ClusterStatus.UP and record.get("port") is not None and (
                 port is None or record.get("declared_port") in (None, port)):
             endpoint = f"127.0.0.1:{record['port']}"
-        return ClusterInfo(cluster, status, endpoint=endpoint, head_ip="127.0.0.1", cloud="local",
-                           message=f"pid {record['pid']}")
+        return ClusterInfo(cluster, status, endpoint=endpoint, head_ip="127.0.0.1", cloud=record.get("cloud"),
+                           region=record.get("region"), message=f"pid {record['pid']} on 127.0.0.1")
 
     def status(self, clusters: Sequence[str], refresh: bool = False) -> dict[str, ClusterInfo]:
         answer: dict[str, ClusterInfo] = {}

@@ -77,7 +77,7 @@ def stream_events(url: str, body: dict) -> list[dict | str]:
 
 def gpu_task(name: str, gpu: str = "A10G", run: str = "vllm serve x", secrets: tuple[str, ...] = ()) -> dict:
     """A replica task as the vllm template renders it (the parts the backend reads)."""
-    return {"name": name, "resources": {"accelerators": f"{gpu}:1", "ports": 8000},
+    return {"name": name, "resources": {"accelerators": f"{gpu}:1", "ports": 8000, "infra": "aws/us-west-2"},
             "envs": {"MODEL_NAME": "test-model", "PORT": "8000", "MELANGE_GPU": gpu},
             "secrets": {key: None for key in secrets}, "run": run, "setup": "pip install vllm"}
 
@@ -185,6 +185,7 @@ def test_backend_is_selected_by_module_path(tmp_path, monkeypatch):
 def test_killed_replica_reads_up_until_a_refresh_then_gone_and_relaunches_afresh(backend):
     info = backend.launch(LaunchRequest("r-a10g-0", gpu_task("r-a10g-0"), port=8000))
     assert info.status is ClusterStatus.UP and info.endpoint and info.endpoint.startswith("127.0.0.1:")
+    assert (info.cloud, info.region) == ("aws", "us-west-2")  # where the task asked to run, as status reports it
     assert backend.endpoint("r-a10g-0", 8000) == info.endpoint
     assert backend.endpoint("r-a10g-0", 9999) is None  # the task does not expose that port
     first_pid = backend.clusters()["r-a10g-0"]["pid"]
