@@ -8,9 +8,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -303,17 +306,29 @@ def test_real_skypilot_prices_every_bundled_cpu_offer_as_we_do(sky_catalog_home)
 # ---- the router's host: only the packages the task installs -------------------------------------------------------
 
 BLOCKER = textwrap.dedent("""\
-    import importlib.abc, json, os, runpy, sys
+    import importlib.abc, importlib.machinery, json, os, runpy, sys
     # "org": the standard library's own probe for Jython (copy.py), not a package
     allowed = set(json.loads(os.environ["ROUTER_TEST_ALLOWED"])) | set(sys.stdlib_module_names) | {"melange_sky", "org"}
-    class Blocker(importlib.abc.MetaPathFinder):
+    class OnlyAllowed(importlib.abc.MetaPathFinder):
+        \"\"\"Every finder but the builtin and frozen ones, behind a check: a package outside `allowed` is absent
+        (find_spec answers None, as on a host without it; probes such as yarl's find_spec("pydantic_core") see
+        the same).\"\"\"
+        def __init__(self, finders):
+            self.finders = finders
         def find_spec(self, name, path=None, target=None):
-            top = name.partition(".")[0]
-            if top not in allowed:
-                print(f"BLOCKED {name}", file=sys.stderr)
-                raise ModuleNotFoundError(f"blocked on the router host: {name}", name=name)
+            if name.partition(".")[0] not in allowed:
+                print(f"ABSENT {name}", file=sys.stderr)
+                return None
+            for finder in self.finders:
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    return spec
             return None
-    sys.meta_path.insert(0, Blocker())
+        def invalidate_caches(self):
+            for finder in self.finders:
+                getattr(finder, "invalidate_caches", lambda: None)()
+    keep = (importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter)
+    sys.meta_path[:] = [*keep, OnlyAllowed([f for f in sys.meta_path if f not in keep])]
     flag, target, *rest = sys.argv[1:]
     if flag == "-c":
         sys.argv = ["-c", *rest]
@@ -377,7 +392,7 @@ def test_the_import_blocker_admits_the_router_requirements_and_not_the_heavy_one
     assert not {"sky", "pulp", "highspy", "jinja2", "yaml", "tokenizers"} & allowed
     shim_python = f'. "{home}/melange-sky-router/venv/bin/activate" && python -c "import jinja2"'
     done = subprocess.run(["bash", "-c", shim_python], env=env, cwd=home, capture_output=True, text=True, timeout=60)
-    assert done.returncode != 0 and "BLOCKED jinja2" in done.stderr
+    assert done.returncode != 0 and "ABSENT jinja2" in done.stderr and "No module named 'jinja2'" in done.stderr
 
 
 def test_the_run_script_starts_serve_with_only_the_router_requirements(router_host):
@@ -389,6 +404,40 @@ def test_the_run_script_starts_serve_with_only_the_router_requirements(router_ho
     done = subprocess.run(["bash", "-c", script], env=env, cwd=home, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage: python -m melange_sky serve [OPTIONS]")
+    assert "--pushed" in done.stdout
     assert f"MELANGE_SKY_FROM {home}/melange-sky-router/src/melange_sky" in done.stderr
-    blocked = [line for line in done.stderr.splitlines() if line.startswith("BLOCKED")]
-    assert blocked == [], blocked
+
+
+def test_the_run_script_starts_the_pushed_router_with_only_the_router_requirements(router_host):
+    """The task's `run` script as rendered, on loopback and a free port instead of 0.0.0.0:8080: the router (aiohttp,
+    uvloop, prometheus_client) starts listening on a host with only ROUTER_REQUIREMENTS, then stops on SIGTERM."""
+    home, env, task = router_host
+    script, swapped = re.subn(r"--host 0\.0\.0\.0 --port \d+", "--host 127.0.0.1 --port 0", task["run"])
+    assert swapped == 1
+    env = {**env, ADMIN_TOKEN_SECRET: "admin-token-for-this-test", CLIENT_KEY_SECRET: "client-key-for-this-test"}
+    router = subprocess.Popen(["bash", "-c", script], env=env, cwd=home, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in router.stdout:  # waits for the event, not a time: the process either listens or ends
+            lines.append(line)
+            if line.startswith("Listening on http://127.0.0.1:"):
+                break
+        assert lines and lines[-1].startswith("Listening on"), "".join(lines) + router.stderr.read()
+        url = lines[-1].split()[2]
+        try:  # it answers (no routes pushed yet: 503); once it has, its SIGTERM handler is in place
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+            with opener.open(f"{url}/health", timeout=60) as answer:
+                status = answer.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        assert status in (200, 503)
+        router.send_signal(signal.SIGTERM)  # `exec` made the router the script's own process
+        assert router.wait(timeout=60) in (0, 130, 143)
+    finally:
+        if router.poll() is None:
+            router.kill()
+            router.wait()
+    stderr = router.stderr.read()
+    assert "SIGTERM: draining" in stderr and "Error" not in stderr, stderr
+    assert "admin-token-for-this-test" not in stderr + "".join(lines)

@@ -30,6 +30,7 @@ import melange_sky
 from melange_sky import __version__
 from melange_sky.core.config import Config
 from melange_sky.deploy.catalog import KNOWN_CLOUDS, Catalog, default_catalog, offer_key
+from melange_sky.deploy.membership import ADMIN_TOKEN_ENV
 from melange_sky.deploy.plan import CLUSTER_NAME_RE, ENV_NAME_RE, MAX_CLUSTER_NAME, _slug
 from melange_sky.deploy.render import load_template, render
 from melange_sky.errors import CatalogError, ConfigError
@@ -38,7 +39,7 @@ ROUTER_TEMPLATE = "router"
 DEFAULT_ROUTER_PORT = 8080
 ROUTER_KEYS = ("cloud", "region", "instance_type", "cpus", "port", "use_spot")
 #: The secret `serve --pushed` reads the admin token from (PUT /admin/routes), and the one it reads clients' key from.
-ADMIN_TOKEN_SECRET = "MELANGE_SKY_ADMIN_TOKEN"
+ADMIN_TOKEN_SECRET = ADMIN_TOKEN_ENV
 CLIENT_KEY_SECRET = "MELANGE_SKY_API_KEY"
 #: What `python -m melange_sky serve` imports, in the ranges tested with this release (the repository's venv):
 #: nothing else of melange-sky's dependencies is loaded by it (tests/test_router_task.py checks with an import blocker).
