@@ -417,3 +417,31 @@ def test_a_sick_or_frozen_replica_still_reads_up_and_down_still_stops_it(backend
     assert backend.down("sick-a10g-0") is True
     assert backend.live_processes() == {}
     assert [e["event"] for e in backend.history()] == ["launched", "up", "control", "sigstop", "down"]
+
+
+def test_the_fleets_rendered_router_task_comes_up_from_the_shipped_source(tmp_path, backend, monkeypatch):
+    """The real router task (deploy/router_task.py, templates/router.j2) on this backend, as issue 10's end-to-end
+    test will run it: its file_mounts, its `run` and its admin token secret work on a "host" without the repository
+    on PYTHONPATH. The source that runs is the shipped copy: Python writes its bytecode next to it."""
+    from melange_sky.core.config import load_config
+    from melange_sky.deploy.router_task import ADMIN_TOKEN_SECRET, build_router_plan
+
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    config_path = tmp_path / "fleet.json"
+    config_path.write_text(json.dumps({**json.loads(EXAMPLE.read_text()), "name": "pb",
+                                       "deployment": {"router": {"port": free_port()}}}))
+    plan = build_router_plan(load_config(config_path), ["aws"])
+    token = "admin-token-for-the-process-router"
+    assert backend.validate(plan.task, {ADMIN_TOKEN_SECRET: token}).level is ValidationLevel.SCHEMA
+    info = backend.launch(LaunchRequest(plan.cluster, plan.task, secrets={ADMIN_TOKEN_SECRET: token}, port=plan.port))
+    assert info.endpoint == f"127.0.0.1:{plan.port}"
+
+    status, health = request_json(f"http://{info.endpoint}/health")
+    assert (status, health["status"]) == (503, "no_routes")  # up, and waiting for the fleet to push its routes
+    assert request_json(f"http://{info.endpoint}/admin/routes")[0] == 401
+    status, routes = request_json(f"http://{info.endpoint}/admin/routes", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200 and routes["routes"] is None
+    shipped = Path(backend.clusters()[plan.cluster]["host"]).rglob("melange_sky/__pycache__/__init__*.pyc")
+    assert list(shipped), "the router imported melange_sky from somewhere else than its file_mounts"
+    assert token not in backend.state_text() and token not in backend.log(plan.cluster)
+    assert backend.down(plan.cluster) and backend.live_processes() == {}
