@@ -457,3 +457,33 @@ def test_a_router_without_routes_refuses_requests_until_a_push_and_then_serves()
             await upstream.stop()
 
     run(scenario)
+
+
+class Source:
+    """A routes source that changes only when the test says (a ledger, for `serve FLEET`)."""
+
+    refreshing = True
+    description = "fleet test"
+
+    def __init__(self, routes) -> None:
+        self.routes = routes
+
+    def load(self):
+        return self.routes
+
+
+def test_in_fleet_mode_a_push_holds_until_the_ledger_itself_changes():
+    def doc(*names: str) -> dict:
+        return {**copy.deepcopy(DOC), "replicas": [{"name": n, "gpu": "A100-80GB", "url": f"http://127.0.0.1:{k + 1}"}
+                                                   for k, n in enumerate(names)]}
+
+    async def scenario():
+        source = Source(parse_routes(doc("a100-0", "a100-1")))
+        router = Router(source.routes, ServeSettings(admin_token=ADMIN), source=source, log=lambda line: None)
+        router.swap(parse_routes(doc("a100-0")))  # what a push does
+        assert await router.refresh() == [] and list(router.replicas) == ["a100-0"]  # the ledger did not change
+        source.routes = parse_routes(doc("a100-0", "a100-1", "a100-2"))
+        assert await router.refresh() != []
+        assert list(router.replicas) == ["a100-0", "a100-1", "a100-2"] and router.generation == 3
+
+    run(scenario)

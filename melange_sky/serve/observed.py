@@ -66,6 +66,7 @@ class ObservedWorkload:
         self.minutes_kept = max(int(window_s // minute_s), 1)
         self._minute = 0  # the current minute, counted from `started`
         self._minute_arrivals = 0
+        self._minute_end = self.started + minute_s
         self._minutes: deque[int] = deque(maxlen=self.minutes_kept)  # arrivals of the minutes before `_minute`
 
     def _slot(self, now: float | None = None) -> _Slot:
@@ -79,9 +80,8 @@ class ObservedWorkload:
     def arrival(self) -> None:
         now = self.clock()
         self._slot(now).arrivals += 1
-        minute = int((now - self.started) / self.minute_s)
-        if minute != self._minute:
-            self._roll(minute)
+        if now >= self._minute_end:  # one comparison per request; the division only once a minute
+            self._roll(int((now - self.started) / self.minute_s))
         self._minute_arrivals += 1
 
     def _roll(self, minute: int) -> None:
@@ -91,6 +91,7 @@ class ObservedWorkload:
         self._minutes.append(self._minute_arrivals)
         self._minutes.extend([0] * min(minute - self._minute - 1, self.minutes_kept))
         self._minute, self._minute_arrivals = minute, 0
+        self._minute_end = self.started + (minute + 1) * self.minute_s
 
     def minute_arrivals(self) -> list[int]:
         """Arrivals in each complete minute of the window, oldest first."""
