@@ -125,3 +125,57 @@ def test_solve_plan_and_help_never_import_skypilot():
         done = subprocess.run([sys.executable, "-c", code, EXAMPLE_PATH, f"{tmp}/r.json"], capture_output=True,
                               text=True)
     assert done.returncode == 0, done.stderr
+
+
+# ---- issue 12: solve shows what plan makes; guards; output hygiene --------------------------------------------------
+SPOT = {"name": "spot", "workload_distribution": [[0.2, 0.1], [0.5, 0.2]], "total_request_rate": 50,
+        "slice_factor": 1, "gpu_info": {"L4": {"tputs": [[2, 1], [5, 2]], "use_spot": True},
+                                        "A100-80GB": {"tputs": [[20, 20], [40, 20]], "use_spot": True}}}
+
+
+@pytest.mark.parametrize("per_offer", [(), ("--per-offer",)])
+def test_solve_gives_the_fleet_and_prices_plan_makes_with_spot_offers(cli, write_config, tmp_path, per_offer):
+    # A100-80GB's only spot offers are 8-GPU instances: solve once counted single GPUs at an eighth of their price.
+    path = write_config(SPOT)
+    solved = json.loads(cli("solve", path, "--json", *per_offer).stdout)
+    planned = json.loads(cli("plan", path, "--json", "-o", str(tmp_path / "plan"), *per_offer).stdout)
+    assert solved["counts"] == planned["solve"]["counts"]
+    assert solved["cost"] == pytest.approx(planned["cost"])
+    prices = {g["name"]: g["price"] for g in solved["gpus"]}
+    assert all(r["price"] == prices[r["gpu"]] for r in planned["replicas"])  # one price per replica
+
+
+def test_solve_counts_8_gpu_instances_and_says_so(cli, write_config):
+    data = {**SPOT, "gpu_info": {"A100-80GB": SPOT["gpu_info"]["A100-80GB"]}, "total_request_rate": 240}
+    out = cli("solve", write_config(data), "-o", "r.json").stdout
+    assert "A100-80GB (8-GPU instance)" in out
+
+
+def test_a_fleet_above_max_replicas_is_one_line_exit_2_and_writes_nothing(cli, tmp_path):
+    result = cli("solve", EXAMPLE_PATH, "--rate", "1e6")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "above --max-replicas 500" in result.stderr
+    assert not (tmp_path / "melange_result.json").exists()
+    assert cli("solve", EXAMPLE_PATH, "--rate", "1000", "--max-replicas", "100", "--json").exit_code == 0
+
+
+def test_json_writes_no_file_unless_o_is_given(cli, tmp_path):
+    assert cli("solve", EXAMPLE_PATH, "--json").exit_code == 0
+    assert not (tmp_path / "melange_result.json").exists()
+    assert cli("solve", EXAMPLE_PATH, "--json", "-o", "r.json").exit_code == 0
+    assert json.loads((tmp_path / "r.json").read_text())["cost"] == pytest.approx(6.7)
+
+
+def test_table_stays_aligned_for_short_gpu_names_and_large_counts(cli, write_config):
+    data = {"workload_distribution": [[1.0]], "total_request_rate": 30000, "slice_factor": 1,
+            "gpu_info": {"L4": {"cost": 0.8, "tputs": [[100]]}, "T4": {"cost": 0.5, "tputs": [[40]]}}}
+    out = cli("solve", write_config(data), "-o", "r.json").stdout.splitlines()
+    header = next(line for line in out if line.strip().startswith("GPU"))
+    table = out[out.index(header):out.index("Single-GPU-type fleets:")]
+    rows = [line for line in table if line.strip().split(" ")[0] in ("L4", "T4", "total")]
+    assert len(rows) == 3
+    for column, lines in (("count", rows), ("$/h each", rows[:2]), ("$/h ", rows)):  # numbers end under headers
+        end = header.rindex(column) + len(column.strip())
+        for row in lines:
+            assert row[end - 1] != " " and (len(row) == end or row[end] == " "), (column, row)
+    assert "300" in rows[-1] and "$175,200/month" in "\n".join(out)

@@ -391,3 +391,58 @@ def test_hf_token_from_the_environment_never_reaches_any_written_file(cli, tmp_p
     assert token not in result.stdout + result.stderr
     for path in (tmp_path / "out").glob("*.yaml"):
         assert yaml.safe_load(path.read_text())["secrets"] == {"HF_TOKEN": None}
+
+
+# ---- issue 12: true baselines, guards, short names, one Validated line per offer ----------------------------------
+ONLY80 = {"name": "only80", "workload_distribution": [[0.2, 0.1], [0.5, 0.2]], "total_request_rate": 240,
+          "slice_factor": 1, "gpu_info": {"A100-80GB": {"tputs": [[20, 20], [40, 20]]}}}
+
+
+def test_a_plan_of_one_gpu_type_claims_no_saving_against_itself(cli, write_config, tmp_path):
+    """The catalog has A100-80GB in 1-, 2- and 8-GPU instances (Lambda); the per-offer plan mixes them, and the
+    baseline is the same GPU type with the same offers: no saving (it once claimed one against 1-GPU offers)."""
+    path = write_config(ONLY80)
+    record = json.loads(plan_ok(cli, path, "--per-offer", "--json", "-o", str(tmp_path / "a")).stdout)
+    assert any(r["accelerators"] == "A100-80GB:8" for r in record["replicas"])
+    assert record["solve"]["saving"] == 0
+    assert record["solve"]["baselines"][0]["cost"] == pytest.approx(record["cost"])
+    text = plan_ok(cli, path, "--per-offer", "-o", str(tmp_path / "b")).stdout
+    assert "Saves" not in text
+    solved = cli("solve", path, "--per-offer", "-o", str(tmp_path / "r.json")).stdout
+    assert "No saving: the cheapest fleet is 1 x 8-GPU instance + " in solved
+
+
+def test_per_offer_cluster_names_stay_short_and_the_ledger_keeps_the_offer(cli, write_config, tmp_path):
+    record = json.loads(plan_ok(cli, write_config(ONLY80), "--per-offer", "--json", "-o", str(tmp_path)).stdout)
+    for replica in record["replicas"]:
+        assert len(replica["cluster"]) <= 32, replica["cluster"]
+        assert replica["cluster"].startswith(f"only80-a100-80gb-{replica['cloud']}-")
+        assert replica["offer"].count(":") == 2  # cloud:region:instance_type, in full
+    assert len({r["cluster"] for r in record["replicas"]}) == len(record["replicas"])
+
+
+def test_default_mode_cluster_names_are_unchanged(cli, tmp_path):
+    record = json.loads(plan_ok(cli, EXAMPLE_PATH, "--json", "-o", str(tmp_path)).stdout)
+    assert [r["cluster"] for r in record["replicas"]] == ["example-a10g-0", "example-a10g-1", "example-a10g-2",
+                                                        "example-a100-80gb-0"]
+
+
+def test_plan_above_max_replicas_writes_no_file(cli, tmp_path):
+    result = cli("plan", EXAMPLE_PATH, "--rate", "1e6", "-o", str(tmp_path / "out"))
+    assert_one_error_line(result, "37,500 replicas", "above --max-replicas 500")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_validates_in_one_line_per_kind_of_offer_at_the_plans_price(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("MELANGE_SKY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MELANGE_SKY_BACKEND", "fake_backend:FakeBackend")
+    monkeypatch.setenv("MELANGE_SKY_FAKE_STATE", str(tmp_path / "fake.json"))
+    result = cli("up", EXAMPLE_PATH, "--dryrun")
+    assert result.exit_code == 0, result.stderr
+    validated = [line for line in result.stdout.splitlines() if line.startswith("Validated")]
+    assert validated == [
+        "Validated aws:us-west-2:g5.xlarge: 3 replicas at $1.01/h, schema: fake backend: shape, envs and secrets "
+        "checked",
+        "Validated azure:eastus:Standard_NC24ads_A100_v4: 1 replica at $3.67/h, schema: fake backend: shape, envs "
+        "and secrets checked"]
+    assert "$4,891/month" in result.stdout

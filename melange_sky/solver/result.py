@@ -37,6 +37,7 @@ class GpuAllocation:
     load: float  # GPUs' worth of work routed to this type
     utilisation: float | None  # load / count; None when count is 0
     gpus_per_instance: int = 1  # GPUs in one instance of this column (bound to an 8-GPU offer: 8; counts instances)
+    entry: str | None = None  # the config's GPU entry, when this column is one offer of it (`--per-offer`)
 
     @property
     def cost(self) -> float:
@@ -154,15 +155,21 @@ class SolveResult:
 
 def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
           options: SolverOptions = SolverOptions(), compare: bool = True,
-          caps: Sequence[SharedCap] = ()) -> SolveResult:
+          caps: Sequence[SharedCap] = (), max_replicas: int | None = None) -> SolveResult:
     """Find the cheapest fleet and the single-GPU-type baselines. With `compare`, also the LP lower bound and a
-    cheaper `split` alternative. `caps` bound the GPUs of several columns together (quotas across offers)."""
+    cheaper `split` alternative. `caps` bound the GPUs of several columns together (quotas across offers); a fleet
+    of more than `max_replicas` instances raises InfeasibleAllocation (before baselines and comparisons)."""
     try:
         formulation = Formulation(formulation)
     except ValueError:
         raise SolverError(f"unknown formulation {formulation!r}; choose one of "
                           f"{', '.join(f.value for f in Formulation)}") from None
     result = _solve_fleet(config, formulation, options, caps)
+    if max_replicas is not None and result.replicas > max_replicas:
+        fleet = ", ".join(f"{g.count:,} x {g.name}" for g in result.gpus if g.count)
+        raise InfeasibleAllocation(f"{config.source}: the cheapest fleet at {config.total_request_rate:g} req/s has "
+                                   f"{result.replicas:,} replicas ({fleet}), above --max-replicas {max_replicas}: "
+                                   f"check the request rate, or raise --max-replicas")
     result = dataclasses.replace(result, baselines=baselines(config, formulation, options, caps))
     if not compare:
         return result
@@ -200,7 +207,7 @@ def make_result(config: Config, formulation: Formulation, options: SolverOptions
     loads = _loads(config, routing)
     gpus = [GpuAllocation(name=g.name, count=counts[g.name], price=g.cost, load=loads[g.name],
                           utilisation=(loads[g.name] / counts[g.name]) if counts[g.name] else None,
-                          gpus_per_instance=gpus_per_instance(g))
+                          gpus_per_instance=gpus_per_instance(g), entry=g.entry)
             for g in config.gpus]
     routes = [Route(bucket=b, name=config.bucket_name(b), rate=config.bucket_rate(b), shares=routing[b])
               for b in config.buckets if b in routing]
