@@ -66,7 +66,7 @@ def test_table_columns_stay_aligned_for_short_and_long_numbers(cli):
     # cells are separated by 2+ spaces; number columns (all but the fleet) are right-aligned: one end on every line
     ends = [[m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][:6] for line in table]
     assert all(e == ends[0] for e in ends), "\n".join(table)
-    assert _row("\n".join(table), "2000")[1] == "275.25"  # 75 x A100-80GB
+    assert _row("\n".join(table), "2,000")[1] == "275.25"  # 75 x A100-80GB
 
 
 def test_infeasible_rates_are_rows_with_their_reason_not_errors(cli, example, write_config):
@@ -210,3 +210,31 @@ def test_library_sweep_applies_shared_caps_as_solve_does():
         assert point.mix.cost == pytest.approx(direct.cost) and point.mix.counts["A100-80GB"] <= 1
         assert [(b.gpu, b.cost) for b in point.baselines] == [(b.gpu, b.cost) for b in direct.baselines]
     assert result.points[1].mix.cost > sweep(config, [60]).points[0].mix.cost  # the cap binds at 60 req/s
+
+
+def test_a_rate_above_max_replicas_is_an_infeasible_row_not_a_crash(cli):
+    result = cli("sweep", EXAMPLE_PATH, "--rates", "30,1e6")
+    assert result.exit_code == 0, result.stderr
+    assert _row(result.stdout, "1,000,000")[1:3] == ["infeasible", "infeasible"]
+    assert "37,500 replicas" in result.stdout and "--max-replicas 500" in result.stdout
+    point = _json(cli, EXAMPLE_PATH, "--rates", "1e6", "--max-replicas", "40000")["points"][0]
+    assert point["mix"]["counts"] == {"A100-80GB": 37500}
+
+
+def test_per_offer_sweep_gives_what_solve_per_offer_gives(cli):
+    multicloud = str(REPO / "examples" / "multicloud.json")
+    point = _json(cli, multicloud, "--per-offer", "--rates", "50")["points"][0]
+    solved = cli("solve", multicloud, "--per-offer", "--rate", "50", "--json")
+    assert solved.exit_code == 0, solved.stderr
+    record = json.loads(solved.stdout)
+    assert point["mix"]["cost"] == pytest.approx(record["cost"])
+    assert point["mix"]["counts"] == {g: n for g, n in record["counts"].items() if n}
+    assert [(b["gpu"], b["cost"]) for b in point["baselines"]] == [(b["gpu"], b["cost"]) for b in record["baselines"]]
+
+
+def test_counts_of_multi_gpu_instances_say_so(cli, example, write_config):
+    example["gpu_info"]["A100-80GB"] = {"tputs": example["gpu_info"]["A100-80GB"]["tputs"], "cloud": "aws",
+                                        "instance_type": "p4de.24xlarge"}
+    result = cli("sweep", write_config(example), "--rates", "300")
+    assert result.exit_code == 0, result.stderr
+    assert _row(result.stdout, "300")[-1] == "2 A100-80GB (8-GPU instances)"

@@ -7,7 +7,8 @@ import click
 
 from melange_sky._io import write_json
 from melange_sky.cli.main import debug_option, main, warn
-from melange_sky.cli.options import SolveArgs, solve_options
+from melange_sky.cli.options import SolveArgs, per_offer_option, solve_options
+from melange_sky.deploy.offers import bind_offers
 from melange_sky.solver.result import Baseline
 from melange_sky.solver.sweep import MixCost, Sweep, check_plotting, plot_sweep, sweep_rates
 from melange_sky.solver.sweep import sweep as run_sweep
@@ -28,15 +29,17 @@ from melange_sky.solver.sweep import sweep as run_sweep
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.png",
               help="Draw cost vs rate (the mix, split, each GPU type alone) above the mix's GPUs per rate, as a "
                    "PNG. Needs matplotlib: pip install 'melange-sky[plot]'.")
+@per_offer_option
 @solve_options
 @debug_option
 def sweep(config: str, rates: str | None, start: float | None, stop: float | None, steps: int | None, log: bool,
-          as_json: bool, output: str | None, plot: str | None, solve_args: SolveArgs) -> None:
+          as_json: bool, output: str | None, plot: str | None, per_offer: bool, solve_args: SolveArgs) -> None:
     """Cost of the cheapest mix and of each single GPU type over request rates, for CONFIG.
 
-    Each rate is solved as `solve --rate R` would: the mix under --formulation, the `split` mix and every
-    single-GPU-type fleet. A rate no fleet fits shows as infeasible. --rate sets the config's rate that the
-    default range (20 steps up to twice it) is built from.
+    Each rate is solved as `solve --rate R` would (GPUs bound to offers as `plan` binds them): the mix under
+    --formulation, the `split` mix and every single-GPU-type fleet. A rate no fleet fits, or whose fleet is
+    above --max-replicas, shows as infeasible. --rate sets the config's rate that the default range (20 steps up
+    to twice it) is built from.
 
     \b
     Examples:
@@ -47,8 +50,11 @@ def sweep(config: str, rates: str | None, start: float | None, stop: float | Non
     if plot:
         check_plotting()  # before any solving: a missing extra is a one-line error, at once
     cfg = solve_args.load(config)
-    result = run_sweep(cfg, sweep_rates(cfg, rates, start, stop, steps, log), solve_args.formulation,
-                       solve_args.solver)
+    chosen = sweep_rates(cfg, rates, start, stop, steps, log)
+    bound = bind_offers(cfg, per_offer=per_offer, strict=False)  # as `solve` binds them
+    warn([w for w in bound.config.warnings if w not in cfg.warnings])
+    result = run_sweep(bound.config, chosen, solve_args.formulation, solve_args.solver, caps=bound.caps,
+                       max_replicas=solve_args.max_replicas)
     written = []
     if output:
         write_json(output, result.to_dict())
@@ -74,11 +80,11 @@ def format_sweep(result: Sweep) -> str:
     for p in result.points:
         by_name = {b.gpu: b for b in p.baselines}
         saving, best = p.saving, p.best_baseline
-        rows.append([f"{p.rate:g}", _mix_cell(p.mix), *([_mix_cell(p.split)] if split else []),
+        rows.append([_rate(p.rate), _mix_cell(p.mix), *([_mix_cell(p.split)] if split else []),
                      *(_baseline_cell(by_name.get(n)) for n in names),
                      "-" if saving is None or best is None or not best.cost
-                     else f"{saving:.2f} ({100 * saving / best.cost:.1f}%)",
-                     " + ".join(f"{n} {g}" for g, n in p.mix.counts.items()) or "-"])
+                     else f"{saving:,.2f} ({100 * saving / best.cost:.1f}%)",
+                     " + ".join(_fleet_part(result, g, n) for g, n in p.mix.counts.items()) or "-"])
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
     last = len(headers) - 1
 
@@ -86,8 +92,8 @@ def format_sweep(result: Sweep) -> str:
         return "  " + "  ".join(c.ljust(w) if k == last else c.rjust(w)
                                 for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    lo, hi = result.rates[0], result.rates[-1]
-    lines = [f"Cost sweep for {result.name}: {len(result.points)} rate(s), {lo:g} to {hi:g} req/s; formulation "
+    span = f"{_rate(result.rates[0])} to {_rate(result.rates[-1])}"
+    lines = [f"Cost sweep for {result.name}: {len(result.points)} rate(s), {span} req/s; formulation "
              f"{result.formulation}, slice_factor {result.slice_factor}, headroom {100 * result.headroom:g}%. "
              f"Costs in $/h.", "", line(headers), *(line(r) for r in rows)]
     notes = _infeasible_notes(result)
@@ -101,14 +107,25 @@ def format_sweep(result: Sweep) -> str:
     return "\n".join(lines)
 
 
+def _fleet_part(result: Sweep, column: str, count: int) -> str:
+    """"3 A10G", or "2 A100-80GB (8-GPU instances)" where a count means instances of a bound offer."""
+    k = result.instance_gpus.get(column, 1)
+    return f"{count:,} {column}" + (f" ({k}-GPU instance{'s' if count > 1 else ''})" if k > 1 else "")
+
+
 def _mix_cell(mix: MixCost) -> str:
     if mix.cost is None:
         return "infeasible"
-    return f"{mix.cost:.2f}" + ("*" if mix.status == "feasible" else "")
+    return f"{mix.cost:,.2f}" + ("*" if mix.status == "feasible" else "")
 
 
 def _baseline_cell(baseline: Baseline | None) -> str:
-    return "infeasible" if baseline is None or baseline.cost is None else f"{baseline.cost:.2f}"
+    return "infeasible" if baseline is None or baseline.cost is None else f"{baseline.cost:,.2f}"
+
+
+def _rate(rate: float) -> str:
+    """1,000,000 rather than 1e+06; 2.5 stays 2.5."""
+    return f"{int(rate):,}" if rate == int(rate) else f"{rate:,.6g}"
 
 
 def _infeasible_notes(result: Sweep) -> list[str]:
@@ -127,5 +144,5 @@ def _infeasible_notes(result: Sweep) -> list[str]:
             if b.cost is None:
                 note(f"{b.gpu} alone", p.rate, b.reason)
     total = len(result.points)
-    return [f"{label}: infeasible at {count} of {total} rate(s), first at {first:g} req/s: {why}"
+    return [f"{label}: infeasible at {count} of {total} rate(s), first at {_rate(first)} req/s: {why}"
             for label, (count, first, why) in seen.items()]

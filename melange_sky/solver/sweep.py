@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,7 @@ class Sweep:
     types: dict[str, str]  # column -> the GPU type it belongs to (the baselines' labels)
     points: list[SweepPoint]
     seconds: float
+    instance_gpus: dict[str, int] = field(default_factory=dict)  # column -> GPUs per instance (counts are instances)
 
     @property
     def rates(self) -> list[float]:
@@ -116,7 +117,8 @@ class Sweep:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "config": self.source, "formulation": str(self.formulation),
                 "solver": self.solver, "headroom": self.headroom, "slice_factor": self.slice_factor,
-                "gpus": list(self.gpus), "types": dict(self.types), "seconds": round(self.seconds, 4),
+                "gpus": list(self.gpus), "types": dict(self.types), "instance_gpus": dict(self.instance_gpus),
+                "seconds": round(self.seconds, 4),
                 "points": [p.to_dict() for p in self.points]}
 
 
@@ -195,32 +197,38 @@ def check_rates(rates: list[float], option: str = "--rates") -> list[float]:
 
 
 def sweep(config: Config, rates: list[float], formulation: Formulation | str = Formulation.SLICES,
-          options: SolverOptions = SolverOptions(), caps: Sequence[SharedCap] = ()) -> Sweep:
+          options: SolverOptions = SolverOptions(), caps: Sequence[SharedCap] = (),
+          max_replicas: int | None = None) -> Sweep:
     """Solve `config` at every rate (in this process): the mix under `formulation`, the `split` mix and the
-    single-GPU-type fleets, as `solve` reports them. `caps` are the shared quotas of a per-offer config (see
-    `solve`). A rate no fleet fits becomes an infeasible point, not an error."""
+    single-GPU-type fleets, as `solve` reports them. `caps` are the shared quotas of a config bound to offers (see
+    `solve`). A rate no fleet fits, or whose fleet has more than `max_replicas` instances, becomes an infeasible
+    point with its reason, not an error."""
     formulation = Formulation(formulation)
     rates = check_rates(list(rates))
     started = time.perf_counter()
     points = []
+    instance_gpus = {g.name: 1 for g in config.gpus}
     for rate in rates:
         at_rate = with_overrides(config, rate=rate)
         begun = time.perf_counter()
-        mix, result = _mix(at_rate, formulation, options, caps)
-        split = mix if formulation is Formulation.SPLIT else _mix(at_rate, Formulation.SPLIT, options, caps)[0]
+        mix, result = _mix(at_rate, formulation, options, caps, max_replicas)
+        split = (mix if formulation is Formulation.SPLIT
+                 else _mix(at_rate, Formulation.SPLIT, options, caps, max_replicas)[0])
         found = result.baselines if result is not None else baselines(at_rate, formulation, options, caps)
+        if result is not None:
+            instance_gpus.update({g.name: g.gpus_per_instance for g in result.gpus})
         points.append(SweepPoint(rate=rate, mix=mix, split=split, baselines=found,
                                  seconds=time.perf_counter() - begun))
     return Sweep(name=config.name, source=config.source, formulation=formulation, solver=options.name,
                  headroom=config.headroom, slice_factor=config.slice_factor, gpus=[g.name for g in config.gpus],
                  types={g.name: g.entry or g.name for g in config.gpus}, points=points,
-                 seconds=time.perf_counter() - started)
+                 seconds=time.perf_counter() - started, instance_gpus=instance_gpus)
 
 
 def _mix(config: Config, formulation: Formulation, options: SolverOptions,
-         caps: Sequence[SharedCap]) -> tuple[MixCost, SolveResult | None]:
+         caps: Sequence[SharedCap], max_replicas: int | None) -> tuple[MixCost, SolveResult | None]:
     try:
-        result = solve(config, formulation, options, compare=False, caps=caps)
+        result = solve(config, formulation, options, compare=False, caps=caps, max_replicas=max_replicas)
     except InfeasibleAllocation as exc:
         return MixCost(formulation, None, {}, "infeasible", _reason(str(exc), config.source)), None
     return MixCost(formulation, result.cost, {k: v for k, v in result.counts.items() if v}, str(result.status)), result
@@ -301,8 +309,8 @@ def plot_sweep(result: Sweep, path: str | os.PathLike[str]) -> None:
         count_ax.bar(lefts, heights, width=widths, bottom=bottom, align="edge", color=colour[t], label=t,
                      edgecolor="white", linewidth=0.4)
         bottom = [b + h for b, h in zip(bottom, heights)]
-    per_offer = any(column != kind for column, kind in result.types.items())
-    count_ax.set_ylabel(f"{'Instances' if per_offer else 'GPUs'} in the mix ({result.formulation})")
+    instances = any(k > 1 for k in result.instance_gpus.values())
+    count_ax.set_ylabel(f"{'Instances' if instances else 'GPUs'} in the mix ({result.formulation})")
     count_ax.set_xlabel("Request rate (req/s)")
     count_ax.grid(True, axis="y", alpha=0.3)
     count_ax.legend(loc="upper left", fontsize=9, title="GPU type", title_fontsize=9)
