@@ -453,7 +453,8 @@ class _Counter:
 
     def jsonl_rows(self, handle: IO[bytes]) -> Iterator[tuple[int, int, float | None]]:
         loads, errors = _loads, _JSON_ERRORS
-        seconds = self.clock.seconds
+        clock = self.clock
+        seconds = clock.seconds
         # the keys, found in the first object with token counts: (input, output, time keys, by the names in it)
         in_key: str | None = None
         out_key = ""
@@ -476,7 +477,8 @@ class _Counter:
                     columns = self._json_columns(list(names))
                     if columns is not None:
                         found = True
-                        seconds = self.clock.seconds
+                        clock = self.clock
+                        seconds = clock.seconds
                         in_key, out_key = columns.input, columns.output or ""
                         ts_keys = tuple(names.get(t, t) for t in columns.times)
                         exact = columns.known is not None or bool(self.choice.input or self.choice.output)
@@ -495,7 +497,9 @@ class _Counter:
                 for key in ts_keys:
                     value = obj.get(key)
                     if value is not None:
-                        ts = seconds(value, key)
+                        scale = clock.scale
+                        # the common case inline: a float in a unit already known
+                        ts = value * scale if type(value) is float and scale is not None else seconds(value, key)
                         break
             except _BadRow as exc:
                 self.bad(lineno, str(exc))
