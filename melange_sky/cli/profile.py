@@ -1,36 +1,55 @@
-"""`profile`: each bucket's max throughput under the SLO, measured on a running OpenAI-compatible server."""
+"""`profile`: each bucket's max throughput under the SLOs, measured on a running OpenAI-compatible server."""
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
+from melange_sky._io import write_config_json
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import bucket_edge_options
-from melange_sky.cli.text import format_profile, format_profile_event
+from melange_sky.cli.text import format_matrix
 from melange_sky.core.buckets import parse_edges
-from melange_sky.core.config_doc import edges_for_config, read_config_object, write_config
+from melange_sky.core.config_doc import edges_for_config, read_config_object
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import ProfileError
 from melange_sky.inputs.profile import parse_cells, profile_endpoint
-from melange_sky.inputs.profile_result import (BucketStatus, Estimate, ProfileEvent, ProfileSettings, ProfileSize,
-                                               config_edges, merge_profile)
+from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind, ProfileEvent, ProfileResult,
+                                               ProfileSettings, ProfileSize, config_edges, merge_profile, slo_label)
+
+#: The TPOT SLO when no SLO is given.
+DEFAULT_TPOT_SLO_MS = 120.0
 
 
 @main.command()
 @click.option("--endpoint", required=True, metavar="URL", help="Base URL of the OpenAI-compatible server (vLLM, "
               "SGLang), e.g. http://10.0.0.5:8000. Nothing but this host and port is contacted.")
 @click.option("--model", required=True, help="Model name as the server knows it (see URL/v1/models).")
-@click.option("--tpot-slo-ms", type=float, default=120.0, show_default=True,
-              help="SLO on the mean time per output token, in milliseconds.")
+@click.option("--tpot-slo-ms", type=click.FloatRange(min=0, min_open=True),
+              help=f"SLO on the mean time per output token, ms [default: {DEFAULT_TPOT_SLO_MS:g} when no other SLO "
+                   f"is given].")
+@click.option("--ttft-slo-ms", type=click.FloatRange(min=0, min_open=True),
+              help="SLO on the time to first token at --ttft-percentile, ms (queueing shows here, not in TPOT).")
+@click.option("--ttft-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
+              show_default=True, help="Percentile --ttft-slo-ms holds at.")
+@click.option("--latency-slo-ms", type=click.FloatRange(min=0, min_open=True),
+              help="SLO on the whole request's latency at --latency-percentile, ms.")
+@click.option("--latency-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
+              show_default=True, help="Percentile --latency-slo-ms holds at.")
 @bucket_edge_options
 @click.option("--buckets", "cells", default="all", show_default=True, metavar="all|I:J,...",
               help="Which buckets to measure: all, or 0-based cells such as 0:0,0:1,2:* (a whole row); the others "
                    "are 0 in tputs (with --into they keep their previous values).")
-@click.option("--requests-per-step", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Measured requests per rate tried (plus a warm-up and a filler of at most as many).")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+              help="Time cap per bucket; a bucket that hits it keeps the best rate it had and is marked cut_short.")
+@click.option("--max-step-seconds", type=click.FloatRange(min=0, min_open=True),
+              help="Time cap per rate tried [default: 30 s or 15 request durations at the SLO, the larger]; a step "
+                   "that hits it undecided is judged on what it has and marked cut short.")
+@click.option("--requests-per-step", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Measured requests per rate tried, at least (a step usually measures more: see above).")
 @click.option("--start-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="First rate tried, req/s; it doubles while the SLO holds, then bisects.")
+              help="First rate tried, req/s; it doubles while the SLOs hold, then bisects.")
 @click.option("--max-rate", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
               help="Highest rate tried, req/s.")
 @click.option("--min-rate", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
@@ -43,45 +62,67 @@ from melange_sky.inputs.profile_result import (BucketStatus, Estimate, ProfileEv
 @click.option("--size", type=click.Choice([s.value for s in ProfileSize]), default="mid", show_default=True,
               help="Length each bucket is profiled at: its midpoint, or its largest length (conservative).")
 @click.option("--estimate", type=click.Choice([e.value for e in Estimate]), default="fit", show_default=True,
-              help="tputs value: fit: where a line through the measured TPOT of the steps around the SLO meets it "
-                   "(steadier); pass: the highest rate that passed.")
+              help="tputs value: fit: where a line through the measured statistic of the steps around the SLO meets "
+                   "it (steadier); pass: the highest rate that passed.")
 @click.option("--no-ignore-eos", is_flag=True, help="Do not send \"ignore_eos\": true (for servers that reject it).")
 @click.option("--api-key", envvar="MELANGE_SKY_API_KEY", help="Bearer token for the server "
                                                               "[env MELANGE_SKY_API_KEY]; never written to a file.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
-              help="Write the full profile (tputs, per-bucket steps, TTFT/TPOT/latency percentiles) as JSON.")
+              help="Write the full profile (tputs, headroom, per-bucket steps, TTFT/TPOT/latency) as JSON.")
 @click.option("--into", type=click.Path(dir_okay=False, path_type=str), metavar="CONFIG",
               help="Set --gpu's tputs in this config (in place); gpu_info may be a dict or a list.")
 @click.option("--gpu", help="GPU type name the endpoint runs on, for --into (added to gpu_info if missing).")
 @click.option("--cost", type=click.FloatRange(min=0, min_open=True), help="$/h of --gpu, for --into.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full profile as JSON on stdout.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No estimate or progress lines on stderr.")
 @debug_option
-def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | None, output_buckets: str | None,
-            cells: str, requests_per_step: int, start_rate: float, max_rate: float, min_rate: float,
-            bisect_steps: int, request_timeout: float, size: str, estimate: str, no_ignore_eos: bool,
-            api_key: str | None,
+def profile(endpoint: str, model: str, tpot_slo_ms: float | None, ttft_slo_ms: float | None, ttft_percentile: float,
+            latency_slo_ms: float | None, latency_percentile: float, input_buckets: str | None,
+            output_buckets: str | None, cells: str, max_minutes: float | None, max_step_seconds: float | None,
+            requests_per_step: int, start_rate: float, max_rate: float, min_rate: float, bisect_steps: int,
+            request_timeout: float, size: str, estimate: str, no_ignore_eos: bool, api_key: str | None,
             output: str | None, into: str | None, gpu: str | None, cost: float | None, as_json: bool,
             quiet: bool) -> None:
-    """Measure one GPU type's tputs (max req/s per bucket within a TPOT SLO) from a running model server.
+    """Measure one GPU type's tputs (max req/s per bucket within the SLOs) from a running model server.
 
-    Per bucket it streams synthetic requests of the bucket's size (Poisson arrivals) at rising rates, then
-    bisects, and reports the highest rate whose mean time per output token meets --tpot-slo-ms, with TTFT and
-    latency percentiles. Errors and timeouts are reported per bucket (up to 10% errors per rate are tolerated);
-    an HTTP 4xx on the first request (wrong URL or model) stops at once, and a profile in which no bucket could
-    be measured exits non-zero without touching --into.
+    Per bucket it streams synthetic requests of the bucket's size with Poisson arrivals at rising rates, then
+    bisects, and reports the highest rate at which every SLO given holds (--tpot-slo-ms, --ttft-slo-ms,
+    --latency-slo-ms; mean TPOT 120 ms when none is given), which SLO set it, and TTFT / latency percentiles.
+
+    \b
+    Each rate is measured in steady state:
+    - arrivals keep going for as long as the step needs, and the server starts
+      at the load the SLO allows (rate x latency at the SLO requests in flight);
+    - only requests started once in flight has settled count (Little's law:
+      in flight = rate x latency);
+    - a step ends when each SLO's estimate (a ~95% interval from batch means)
+      decides pass or fail, so steps far from the limit are short and steps
+      near it long; a step at its time cap is judged on what it has and
+      marked cut short.
+    Steps last a few request durations: seconds for short outputs, minutes
+    for long outputs at a slow TPOT. An estimate of the total time is shown
+    first, then a line per rate tried (-q silences both).
+
+    Errors and timeouts are reported per bucket (up to 10% errors per rate are tolerated); an HTTP 4xx on the
+    first request (wrong URL or model) stops at once, and a profile in which no bucket could be measured exits
+    non-zero without touching --into. The report suggests a config `headroom` from the measured variability.
 
     \b
     Examples:
       melange-sky profile --endpoint http://10.0.0.5:8000 --model meta-llama/Llama-2-7b-chat-hf
-      melange-sky profile --endpoint http://10.0.0.5:8000 --model M --buckets 0:*,1:* -o a10g.json
-      melange-sky profile --endpoint http://10.0.0.5:8000 --model M --into config.json --gpu A10G --cost 1.01
+      melange-sky profile --endpoint URL --model M --ttft-slo-ms 500 --tpot-slo-ms 50 --max-minutes 10
+      melange-sky profile --endpoint URL --model M --buckets 0:*,1:* -o a10g.json
+      melange-sky profile --endpoint URL --model M --into config.json --gpu A10G --cost 1.01
     """
     if bool(into) != bool(gpu):
         raise ProfileError("--into CONFIG and --gpu NAME go together: which GPU type's tputs to set in which config")
+    if tpot_slo_ms is None and ttft_slo_ms is None and latency_slo_ms is None:
+        tpot_slo_ms = DEFAULT_TPOT_SLO_MS
     settings = ProfileSettings(
-        tpot_slo_ms=tpot_slo_ms, requests_per_step=requests_per_step, start_rate=start_rate, max_rate=max_rate,
-        min_rate=min(min_rate, start_rate), bisect_steps=bisect_steps, request_timeout=request_timeout,
+        tpot_slo_ms=tpot_slo_ms, ttft_slo_ms=ttft_slo_ms, ttft_percentile=ttft_percentile,
+        latency_slo_ms=latency_slo_ms, latency_percentile=latency_percentile, requests_per_step=requests_per_step,
+        start_rate=start_rate, max_rate=max_rate, min_rate=min(min_rate, start_rate), bisect_steps=bisect_steps,
+        max_step_seconds=max_step_seconds, max_minutes=max_minutes, request_timeout=request_timeout,
         size=ProfileSize(size), estimate=Estimate(estimate), ignore_eos=not no_ignore_eos, api_key=api_key)
     given_in = parse_edges(input_buckets, "--input-buckets") if input_buckets else None
     given_out = parse_edges(output_buckets, "--output-buckets") if output_buckets else None
@@ -101,10 +142,10 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
                               settings=settings, on_progress=show)
     failed = [b for b in result.buckets if b.status in (BucketStatus.FAILED, BucketStatus.SLO_NOT_MET)]
     warn([f"bucket {b.cell[0]}:{b.cell[1]} {b.status}: {b.message} "
-           f"({'kept from the config' if into and b.status == BucketStatus.FAILED else '0 in tputs'})" for b in failed])
+          f"({'kept from the config' if into and b.status == BucketStatus.FAILED else '0 in tputs'})" for b in failed])
     warn(result.warnings)
     if output:
-        warn(write_config(output, result.to_dict()))
+        write_config_json(output, result.to_dict())
         click.echo(f"Wrote {output}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -114,5 +155,76 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float, input_buckets: str | 
     if config is not None and into and gpu:
         merged = merge_profile(config, result, gpu, cost, source=into, price=catalog_pricer())
         warn(merged.warnings)
-        warn(write_config(into, merged.data))
+        write_config_json(into, merged.data)
         click.echo(f"Wrote {gpu}'s tputs into {into}", err=True)
+
+
+# ---- text ----------------------------------------------------------------------------------------------------------
+def _num(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def format_profile(result: ProfileResult) -> str:
+    """The `melange-sky profile` report: one line per measured bucket, the headroom to plan with, then the tputs
+    matrix to paste."""
+    settings = result.settings
+    lines = [f"Profile of {result.model} at {result.endpoint}: {settings.slo_text()}, {_minutes(result.seconds)}", ""]
+    header = (f"  {'bucket':<7} {'input':>11} {'output':>11} {'req/s':>8}  {'limit':<12} {'passed at':>9} "
+              f"{'TPOT ms':>7} {'TTFT p50/p99 ms':>17} {'latency p50/p99 ms':>19} {'time':>8}  status")
+    lines.append(header)
+    for b in result.buckets:
+        if b.status == BucketStatus.NOT_MEASURED:
+            continue
+        best = b.best
+        ttft = f"{_num(best.p50_ttft_ms)}/{_num(best.p99_ttft_ms)}" if best else "-"
+        latency = f"{_num(best.p50_latency_ms, '.0f')}/{_num(best.p99_latency_ms, '.0f')}" if best else "-"
+        tpot = _num(best.mean_tpot_ms) if best else "-"
+        passed_at = f"{best.rate:.3g}" if best else "-"
+        limit = slo_label(b.limit, settings) if b.limit is not None and b.status.has_tput else "-"
+        status = b.status if b.status == BucketStatus.OK else f"{b.status}: {b.message}"
+        lines.append(f"  {b.cell[0]}:{b.cell[1]:<5} {f'{b.input_range[0]}-{b.input_range[1]}':>11} "
+                     f"{f'{b.output_range[0]}-{b.output_range[1]}':>11} {b.tput:>8.3g}  {limit:<12} {passed_at:>9} "
+                     f"{tpot:>7} {ttft:>17} {latency:>19} {_minutes(b.seconds):>8}  {status}")
+    lines.append("  (input/output: bucket ranges in tokens, profiled at their midpoint unless --size upper; req/s: "
+                 "the estimate in tputs; limit: the SLO that set it; TPOT/TTFT/latency: measured at the highest "
+                 "rate that passed)")
+    skipped = result.not_measured
+    if skipped:
+        lines.append(f"Not measured (0 in tputs): {', '.join(f'{i}:{j}' for i, j in skipped)}")
+    headroom = result.headroom
+    if headroom is not None:
+        lines.append(f"Measured variability: plan with headroom <= {math.floor(100 * headroom) / 100:.2f} (each "
+                     f"bucket's tput is known within about {100 * (1 - headroom):.0f}%; bursty traffic needs less, "
+                     f"see the README)")
+    lines += ["", "tputs for this GPU type (req/s per bucket; paste into gpu_info, or use --into CONFIG --gpu NAME):",
+              format_matrix("tputs", result.tputs)]
+    return "\n".join(lines)
+
+
+def format_profile_event(event: ProfileEvent) -> str | None:
+    """One progress line for a live display of `profile`."""
+    if event.kind == EventKind.ESTIMATE and event.seconds is not None:
+        bound = f" (at most {_minutes(event.max_seconds)} with --max-minutes)" if event.max_seconds else ""
+        return (f"Profiling {event.total} bucket(s): about {_minutes(event.seconds)} expected{bound}; a step lasts "
+                f"a few request durations")
+    where = (f"[{event.index}/{event.total}] bucket {event.cell[0]}:{event.cell[1]} "
+             f"({event.prompt_tokens} in / {event.output_tokens} out tokens)")
+    if event.kind == EventKind.BUCKET_START:
+        return f"{where}: measuring"
+    if event.kind == EventKind.STEP and event.step is not None:
+        s = event.step
+        mark = "✓" if s.passed else "⨯"
+        load = f", {s.in_flight:.3g} in flight" if s.in_flight is not None else ""
+        return f"{where}: {mark} {s.rate:.3g} req/s: {s.reason} ({s.measured} measured{load}, {s.seconds:.1f} s)"
+    if event.kind == EventKind.BUCKET_DONE and event.bucket is not None:
+        b = event.bucket
+        took = f", {_minutes(b.seconds)}"
+        if b.status in (BucketStatus.OK, BucketStatus.CAPPED):
+            limit = f" (limit: {b.limit})" if b.limit is not None and b.status == BucketStatus.OK else ""
+            return f"{where}: {b.tput:.3g} req/s{limit}" + (" (capped)" if b.status == "capped" else "") + took
+        return f"{where}: {b.status}: {b.message}{took}"
+    return None

@@ -39,19 +39,29 @@ class BucketStatus(StrEnum):
 
     OK = "ok"
     CAPPED = "capped"  # passed at max_rate: the real maximum is higher
+    CUT_SHORT = "cut_short"  # hit --max-minutes: tput is the best it had (0 when nothing had passed yet)
     SLO_NOT_MET = "slo_not_met"  # a measured 0: not met even at the lowest rate
     FAILED = "failed"  # no measurement: errors, timeouts, or the server rejects the requests
     NOT_MEASURED = "not_measured"  # not among the buckets asked for
 
     @property
     def has_tput(self) -> bool:
-        """Whether the bucket's tput is a measured maximum rate (ok or capped)."""
-        return self in (BucketStatus.OK, BucketStatus.CAPPED)
+        """Whether the bucket's tput is a measured rate (ok, capped, or cut short with the best it had)."""
+        return self in (BucketStatus.OK, BucketStatus.CAPPED, BucketStatus.CUT_SHORT)
+
+
+class Slo(StrEnum):
+    """The SLOs a profile can hold (`--tpot-slo-ms`, `--ttft-slo-ms`, `--latency-slo-ms`)."""
+
+    TPOT = "tpot"  # mean time per output token
+    TTFT = "ttft"  # time to first token, at --ttft-percentile
+    LATENCY = "latency"  # whole request, at --latency-percentile
 
 
 class EventKind(StrEnum):
     """What a progress event reports."""
 
+    ESTIMATE = "estimate"  # how long the whole profile should take, before measuring
     BUCKET_START = "bucket_start"
     STEP = "step"  # one rate tried
     BUCKET_DONE = "bucket_done"
@@ -59,15 +69,25 @@ class EventKind(StrEnum):
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """How hard and how long to measure. Defaults suit a real GPU server; tests shrink them."""
+    """What to hold and how hard and long to measure. Defaults suit a real GPU server; tests shrink them.
 
-    tpot_slo_ms: float = 120.0
-    requests_per_step: int = 50  # measured requests per step (plus warm-up and filler, each at most as many)
+    Every SLO given must hold; `tpot_slo_ms` alone (120 ms) is the default when none is given.
+    """
+
+    tpot_slo_ms: float | None = 120.0  # mean time per output token, ms
+    ttft_slo_ms: float | None = None  # time to first token at ttft_percentile, ms
+    ttft_percentile: float = 90.0
+    latency_slo_ms: float | None = None  # whole request at latency_percentile, ms
+    latency_percentile: float = 90.0
+    requests_per_step: int = 20  # at least this many measured requests per step
     start_rate: float = 1.0  # req/s of the first step
     max_rate: float = 512.0  # stop growing here and report the bucket as capped
     min_rate: float = 0.05  # stop shrinking here and report the SLO as not met
     growth: float = 2.0
     bisect_steps: int = 4  # each halves the interval between the last passing and the first failing rate
+    precision: float = 0.03  # a step may end once its SLO estimate is known within this share of the SLO
+    max_step_seconds: float | None = None  # a step's time cap; None: 30 s or 15 request durations, the larger
+    max_minutes: float | None = None  # a bucket's time cap; past it the bucket is cut short
     request_timeout: float = 120.0  # seconds for a whole streamed request
     connect_timeout: float = 5.0
     size: ProfileSize = ProfileSize.MID  # representative length of a bucket
@@ -78,12 +98,19 @@ class ProfileSettings:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.tpot_slo_ms > 0, "--tpot-slo-ms must be positive"),
+            (any(v is not None for v in (self.tpot_slo_ms, self.ttft_slo_ms, self.latency_slo_ms)),
+             "give at least one SLO: --tpot-slo-ms, --ttft-slo-ms or --latency-slo-ms"),
+            (all(v is None or v > 0 for v in (self.tpot_slo_ms, self.ttft_slo_ms, self.latency_slo_ms)),
+             "SLOs must be positive"),
+            (0 < self.ttft_percentile < 100 and 0 < self.latency_percentile < 100, "percentiles must be in (0, 100)"),
             (self.requests_per_step >= 1, "--requests-per-step must be at least 1"),
             (0 < self.min_rate <= self.start_rate <= self.max_rate,
              "rates must satisfy 0 < min rate <= --start-rate <= --max-rate"),
             (self.growth > 1, "growth must be above 1"),
             (self.bisect_steps >= 0, "bisect steps must be >= 0"),
+            (0 < self.precision < 1, "precision must be in (0, 1)"),
+            (self.max_step_seconds is None or self.max_step_seconds > 0, "the step time cap must be positive"),
+            (self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be positive"),
             (self.request_timeout > 0 and self.connect_timeout > 0, "timeouts must be positive"),
             (self.size in tuple(ProfileSize), "--size must be mid or upper"),
             (self.estimate in tuple(Estimate), "--estimate must be fit or pass"),
@@ -95,10 +122,51 @@ class ProfileSettings:
         object.__setattr__(self, "size", ProfileSize(self.size))
         object.__setattr__(self, "estimate", Estimate(self.estimate))
 
+    @property
+    def slos(self) -> dict[Slo, float]:
+        """The SLOs given, in ms."""
+        given = {Slo.TPOT: self.tpot_slo_ms, Slo.TTFT: self.ttft_slo_ms, Slo.LATENCY: self.latency_slo_ms}
+        return {slo: value for slo, value in given.items() if value is not None}
+
+    def slo_text(self) -> str:
+        """The SLOs in words: "mean TPOT <= 120 ms, p90 TTFT <= 500 ms"."""
+        parts = []
+        for slo, value in self.slos.items():
+            parts.append(f"{slo_label(slo, self)} <= {value:g} ms")
+        return ", ".join(parts)
+
+
+def slo_label(slo: Slo, settings: ProfileSettings) -> str:
+    """How an SLO's statistic is named in messages: "mean TPOT", "p90 TTFT", "p90 latency"."""
+    if slo == Slo.TPOT:
+        return "mean TPOT"
+    q = settings.ttft_percentile if slo == Slo.TTFT else settings.latency_percentile
+    return f"p{q:g} {'TTFT' if slo == Slo.TTFT else 'latency'}"
+
+
+@dataclass(frozen=True)
+class SloCheck:
+    """One SLO's statistic in one step: its estimate, the half-width of its ~95% interval, and the verdict."""
+
+    slo: Slo
+    value_ms: float  # mean TPOT, or the TTFT / latency percentile
+    half_width_ms: float  # of the statistic's confidence interval (batch means over the step)
+    limit_ms: float
+    decided: bool  # the interval lies on one side of the limit, or is narrower than the precision asked for
+
+    @property
+    def passed(self) -> bool:
+        """Whether the estimate is within the SLO."""
+        return self.value_ms <= self.limit_ms
+
 
 @dataclass(frozen=True)
 class StepResult:
-    """One rate tried on one bucket: the measured requests' statistics and whether the SLO held."""
+    """One rate tried on one bucket: the measured requests' statistics and whether every SLO held.
+
+    Only requests started once the load had settled count (see `melange_sky.inputs.profile`); `cut_short` marks a
+    step that hit its time cap before its estimate could decide pass or fail (it is judged on what it had).
+    """
 
     rate: float
     sent: int
@@ -119,15 +187,22 @@ class StepResult:
     server_prompt_tokens: float | None = None  # mean usage.prompt_tokens
     first_error: str | None = None
     seconds: float = 0.0
-    warmup: int = 0  # requests sent before the first measured one
+    warmup: int = 0  # requests sent in the step before the measured ones (fillers and before the load settled)
     client_errors: int = 0  # measured requests answered with an HTTP 4xx (but 408, 429): the request is wrong
     failed_on_errors: bool = False  # failed only because more than ERROR_TOLERANCE (profile.py) of the requests errored
     mean_output_tokens: float | None = None  # generated per successful request (usage.completion_tokens)
+    checks: tuple[SloCheck, ...] = ()  # per SLO: estimate, interval, verdict
+    limit: Slo | None = None  # the SLO that failed (a failing step) or came nearest its limit (a passing one)
+    cut_short: bool = False  # hit the step's time cap undecided
+    overloaded: bool = False  # requests in flight kept growing past what the SLO allows: no steady state
+    settle_seconds: float = 0.0  # from the step's start until measuring began
+    in_flight: float | None = None  # mean requests in flight while measuring
+    mean_latency_ms: float | None = None
 
 
 @dataclass(frozen=True)
 class BucketProfile:
-    """The outcome for one bucket. `tput` is the highest passing rate (0 unless status is ok or capped)."""
+    """The outcome for one bucket. `tput` is the highest rate at which every SLO holds (0 unless it has a tput)."""
 
     cell: Cell
     input_range: tuple[int, int]
@@ -141,9 +216,14 @@ class BucketProfile:
     steps: tuple[StepResult, ...] = ()
     warnings: tuple[str, ...] = ()
     timeout: float | None = None  # seconds each request of this bucket may take (see `bucket_timeout`)
+    limit: Slo | None = None  # the SLO that set tput
+    headroom: float | None = None  # suggested utilisation: tput's lower confidence bound / tput (see `profile`)
+    seconds: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "status", BucketStatus(self.status))  # "ok" given as a plain string is OK too
+        if self.limit is not None:
+            object.__setattr__(self, "limit", Slo(self.limit))
 
 
 @dataclass(frozen=True)
@@ -152,7 +232,7 @@ class ProfileResult:
 
     endpoint: str
     model: str
-    tpot_slo_ms: float
+    tpot_slo_ms: float | None
     input_edges: tuple[int, ...]
     output_edges: tuple[int, ...]
     buckets: tuple[BucketProfile, ...]
@@ -175,8 +255,16 @@ class ProfileResult:
 
     @property
     def failed(self) -> list[Cell]:
-        """Cells with no measurement (errors, timeouts): a merge keeps the config's previous values there too."""
-        return [b.cell for b in self.buckets if b.status == BucketStatus.FAILED]
+        """Cells with no measurement (errors, timeouts, cut short before any rate passed): a merge keeps the
+        config's previous values there too."""
+        return [b.cell for b in self.buckets if b.status == BucketStatus.FAILED
+                or (b.status == BucketStatus.CUT_SHORT and b.tput <= 0)]
+
+    @property
+    def headroom(self) -> float | None:
+        """The utilisation to plan with (config `headroom`): the lowest of the measured buckets' suggestions."""
+        found = [b.headroom for b in self.buckets if b.headroom is not None and b.status.has_tput and b.tput > 0]
+        return min(found) if found else None
 
     @property
     def warnings(self) -> list[str]:
@@ -186,7 +274,7 @@ class ProfileResult:
     def check_usable(self, into: str | None = None) -> None:
         """`ProfileFailed` unless at least one bucket is ok or capped: a profile of only zeros is not a profile."""
         measured = [b for b in self.buckets if b.status != BucketStatus.NOT_MEASURED]
-        if any(b.status.has_tput for b in measured):
+        if any(b.status.has_tput and b.tput > 0 for b in measured):
             return
         failed = [b for b in measured if b.status == BucketStatus.FAILED]
         if len(failed) == len(measured):
@@ -201,8 +289,10 @@ class ProfileResult:
         settings = asdict(self.settings)
         settings.pop("api_key", None)  # never written to a file
         return {"endpoint": self.endpoint, "model": self.model, "tpot_slo_ms": self.tpot_slo_ms,
+                "slos": {str(slo): value for slo, value in self.settings.slos.items()},
                 "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
-                "tputs": self.tputs, "seconds": round(self.seconds, 2), "settings": settings,
+                "tputs": self.tputs, "headroom": self.headroom, "seconds": round(self.seconds, 2),
+                "settings": settings,
                 "buckets": [_bucket_dict(b) for b in self.buckets]}
 
 
@@ -215,16 +305,18 @@ def _bucket_dict(b: BucketProfile) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ProfileEvent:
-    """Progress for a live display: a bucket starts, a step ends, or a bucket ends."""
+    """Progress for a live display: the expected duration, a bucket starts, a step ends, or a bucket ends."""
 
     kind: EventKind
-    cell: Cell
-    index: int  # 1-based position among the buckets being measured
-    total: int
-    prompt_tokens: int
-    output_tokens: int
+    cell: Cell = (0, 0)
+    index: int = 0  # 1-based position among the buckets being measured
+    total: int = 0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
     step: StepResult | None = None
     bucket: BucketProfile | None = None
+    seconds: float | None = None  # ESTIMATE: the whole profile's expected duration
+    max_seconds: float | None = None  # ESTIMATE: its bound from --max-minutes, if given
 
 
 ProgressCallback = Callable[[ProfileEvent], None]
@@ -291,5 +383,6 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
 
 __all__ = [
     "BucketProfile", "BucketStatus", "Cell", "Estimate", "EventKind", "ProfileEvent", "ProfileResult",
-    "ProfileSettings", "ProfileSize", "ProgressCallback", "StepResult", "config_edges", "merge_profile",
+    "ProfileSettings", "ProfileSize", "ProgressCallback", "Slo", "SloCheck", "StepResult", "config_edges",
+    "merge_profile", "slo_label",
 ]
