@@ -11,7 +11,6 @@ from melange_sky.solver.result import Baseline, SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from melange_sky.inputs.profile_result import ProfileEvent, ProfileResult
-    from melange_sky.inputs.trace import WorkloadResult
     from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
     from melange_sky.deploy.plan import Plan, ReplicaPlan
 
@@ -124,40 +123,6 @@ def format_matrix(key: str, matrix: list[list[float]]) -> str:
     """`"key": [[...], ...]` with one row per line, to paste into a config."""
     rows = ",\n".join("    " + json.dumps(row) for row in matrix)
     return f'"{key}": [\n{rows}\n]'
-
-
-def _ranges(edges: tuple[int, ...]) -> list[str]:
-    return [f"{edges[k]}-{edges[k + 1]}" for k in range(len(edges) - 1)]
-
-
-def format_workload(result: WorkloadResult) -> str:
-    """The `melange-sky workload` report: what was read, the histogram in %, the rate, and the keys to paste."""
-    lines = [f"{result.rows:,} requests from {result.source} ({result.format})"
-             + (f", {result.skipped:,} broken rows skipped" if result.skipped else "")]
-    if result.rate_source == "timestamps":
-        lines.append(f"Rate: {result.rate:.4g} req/s (mean over {result.duration:,.0f} s of timestamps)")
-    elif result.rate_source == "given":
-        lines.append(f"Rate: {result.rate:.4g} req/s (given)")
-    elif result.rate_source == "observed":
-        lines.append(f"Rate: {result.rate:.4g} req/s (arrivals the router counted over its window)")
-    else:
-        lines.append("Rate: unknown (no timestamps; pass --rate)")
-    cols = _ranges(result.output_edges)
-    corner = "input \\ output"
-    width = max(len(corner), *(len(r) for r in _ranges(result.input_edges)))
-    cell = max(7, *(len(c) for c in cols))
-    lines += ["", "Share of requests (%), rows: input tokens, columns: output tokens",
-              f"  {corner:<{width}}  " + "  ".join(f"{c:>{cell}}" for c in cols)]
-    for name, row in zip(_ranges(result.input_edges), result.distribution):
-        lines.append(f"  {name:<{width}}  " + "  ".join(f"{100 * x:>{cell}.2f}" for x in row))
-    fragment = result.config_fragment()
-    lines += ["", "Config keys (paste into a config, or use --into CONFIG):",
-              format_matrix("workload_distribution", fragment["workload_distribution"]) + ","]
-    if "total_request_rate" in fragment:
-        lines.append(f'"total_request_rate": {fragment["total_request_rate"]},')
-    lines.append(f'"input_buckets": {json.dumps(fragment["input_buckets"])},')
-    lines.append(f'"output_buckets": {json.dumps(fragment["output_buckets"])}')
-    return "\n".join(lines)
 
 
 def _num(value: float | None, spec: str = ".1f") -> str:
