@@ -253,6 +253,8 @@ class Scenario:
 
     # -- CLI processes
     def start(self, *args: str) -> tuple[CliRun, subprocess.Popen]:
+        if args and args[0] == "up":  # the replicas' lifecycle under faults: shrinks drain at once, no router
+            args = ("up", "--no-router", "--drain-timeout", "0", *args[1:])
         run = CliRun(list(args), started=time.time())
         n = len(self.runs)
         self.runs.append(run)

@@ -391,7 +391,7 @@ class ChaosBackend:
                 raise RuntimeError(f"{cluster}: chaos RuntimeError after the cluster was created")
             record["cache"] = "up"
             self._set_real(state, cluster, "up", why="launch finished")
-            record["head_ip"] = f"10.{rng_byte(cluster)}.0.{attempt % 250 + 1}"
+            record["head_ip"] = f"127.{rng_byte(cluster)}.0.{attempt % 250 + 1}"  # loopback only
             if outcome == "fail_after_up":
                 record["fails_at"] = time.time() + self._ms(self._rng(state["config"], "fail", cluster, attempt),
                                                             state["config"]["fail_after_ms"])

@@ -206,7 +206,7 @@ class FakeBackend:
                     self._record(state, "launch", start, "unavailable", cluster=cluster)
                     raise CapacityError(cluster, f"no capacity for {offer_of(request.task)[0]} (fake)")
                 n = len(state["calls"]) % 250 + 1
-                head_ip = f"10.0.0.{n}"
+                head_ip = f"127.0.0.{n}"  # loopback: nothing a test pushes to may leave the machine
                 record = state["clusters"][cluster]
                 record.update(status=ClusterStatus.UP.value, head_ip=head_ip,
                               endpoint=f"{head_ip}:{request.port}" if request.port is not None else None,

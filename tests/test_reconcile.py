@@ -70,7 +70,7 @@ def test_a_records_json_form_keeps_the_documented_keys_and_leaves_the_task_out()
     record = row("f-a10g-0", S.UP, endpoint="http://1.2.3.4:8000", task_=task("f-a10g-0"))
     assert list(record.to_dict()) == ["cluster", "fleet", "gpu", "offer", "cloud", "region", "instance_type",
                                       "use_spot", "price_per_hour", "state", "endpoint", "last_error", "round",
-                                      "updated"]
+                                      "created", "updated", "role"]
     assert record.to_dict()["state"] == "up"
 
 

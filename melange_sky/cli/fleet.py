@@ -16,10 +16,10 @@ from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
 from melange_sky.cli.text import format_down, format_dryrun, format_event, format_preview, format_status, format_up
 from melange_sky.fleet.backends import load_backend
-from melange_sky.fleet.fleet import DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
+from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.reports import Preview, ReplicaEvent
-from melange_sky.fleet.up import bring_up, dry_run, launch_secrets
+from melange_sky.fleet.up import bring_up, dry_run, launch_secrets, router_setup
 
 
 def _launcher_output() -> contextlib.redirect_stdout:
@@ -90,23 +90,38 @@ def confirm_or_refuse(question: str, yes: bool) -> bool:
                                                        "(needs --idle-minutes-to-autostop).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final report as JSON on stdout (needs -y when "
                                                       "anything is to be launched or torn down).")
+@click.option("--no-router", is_flag=True, help="Launch no router (the fleet's one endpoint); serve the replicas "
+                                                "yourself, e.g. with `melange-sky serve FLEET`.")
+@click.option("--no-shrink", is_flag=True, help="Keep every replica that is up, even when a fresh plan needs fewer "
+                                                "or another mix (the surplus is reported, not removed).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
+              metavar="SECONDS", help="A replica the plan no longer needs leaves the router first; its requests in "
+                                      "flight get this long to finish before it is torn down.")
 @backend_option
 @plan_options
 @solve_options
 @debug_option
 def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: int, max_rounds: int,
-       retry_until_up: bool, idle_minutes_to_autostop: int | None, autodown: bool, as_json: bool,
-       backend: str | None, per_offer: bool, template: str | None, solve_args: SolveArgs) -> None:
-    """Launch the cheapest mixed fleet for CONFIG: one SkyPilot cluster per replica, across clouds.
+       retry_until_up: bool, idle_minutes_to_autostop: int | None, autodown: bool, as_json: bool, no_router: bool,
+       no_shrink: bool, drain_timeout: float, backend: str | None, per_offer: bool, template: str | None,
+       solve_args: SolveArgs) -> None:
+    """Launch the cheapest mixed fleet for CONFIG: one SkyPilot cluster per replica, across clouds, and a router
+    (a small CPU instance) as the fleet's one OpenAI-compatible endpoint.
 
     Every replica is recorded in the ledger ($MELANGE_SKY_HOME, default ~/.melange-sky) before its launch is
     requested. Launches run in parallel; an offer without capacity is re-planned onto others. Rerunning `up`
-    resumes: replicas already up are kept, missing ones launched, nothing duplicated.
+    reconciles with the clouds' live state: replicas up are kept, dead or preempted ones relaunched, nothing
+    duplicated; when the config now needs fewer replicas or a cheaper mix, the new ones come up first, then the
+    ones no longer needed leave the router, finish their requests (--drain-timeout) and are torn down.
+
+    Clients send MELANGE_SKY_API_KEY to the router (made for the fleet when unset: it is in
+    $MELANGE_SKY_HOME/keys/FLEET.json, mode 0600). The router's admin token lives only there.
 
     \b
     Examples:
       melange-sky up examples/example.json --dryrun
       HF_TOKEN=hf_... melange-sky up config.json -y --idle-minutes-to-autostop 60
+      melange-sky up config.json --rate 5 -y          # shrink: drain, then tear down what is no longer needed
     """
     if autodown and idle_minutes_to_autostop is None:
         raise click.UsageError("--down needs --idle-minutes-to-autostop")
@@ -116,7 +131,8 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     if dryrun:  # writes nothing: no ledger is created on a machine that has none
         launcher = load_backend(backend)
         with (Ledger() if Ledger.exists() else contextlib.nullcontext()) as ledger, _launcher_output():
-            dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=_print_warning)
+            dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=_print_warning,
+                          router=not no_router, shrink=not no_shrink)
         click.echo(json.dumps(dry.to_dict(), indent=2) if as_json else format_dryrun(dry))
         return
     secrets = launch_secrets(cfg, settings, os.environ)
@@ -127,11 +143,13 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
             click.echo(format_preview(preview, notes), file=stdout)
 
     options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
-                        idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown)
+                        idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown, shrink=not no_shrink,
+                        drain_timeout=drain_timeout)
+    router = None if no_router else router_setup(cfg, settings, os.environ)
     with Ledger() as ledger, _launcher_output(), _terminations_interrupt():
         report = bring_up(cfg, settings, load_backend(backend), ledger, secrets, options,
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
-                          on_warning=_print_warning)
+                          on_warning=_print_warning, router=router)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
     if report.interrupted:
         sys.exit(130)
@@ -144,8 +162,12 @@ def _up_confirmation(yes: bool, as_json: bool) -> Callable[[Preview], bool]:
     def confirm(preview: Preview) -> bool:
         if as_json and not yes:  # a prompt would corrupt the JSON on stdout
             raise click.UsageError("up --json would launch or tear down replicas: pass -y as well")
-        actions = [f"launch {len(preview.launch)} replica(s) (+${preview.launch_cost:.2f}/h)"] if preview.launch else []
+        launching = len(preview.launch) + (preview.router is not None)
+        what = "replica(s)" if preview.router is None else "cluster(s), the router included"
+        actions = [f"launch {launching} {what} (+${preview.launch_cost:.2f}/h)"] if launching else []
         actions += [f"tear down {len(preview.remove)} that are not serving"] if preview.remove else []
+        actions += ([f"drain and tear down {len(preview.drain)} no longer needed (-${preview.drain_saving:.2f}/h)"]
+                    if preview.drain else [])
         return confirm_or_refuse(f"Fleet {preview.plan.fleet}: {' and '.join(actions)}?", yes)
 
     return confirm

@@ -12,7 +12,12 @@ decided by the pure rules in `reconcile`, and what it returns is in `reports`. T
 - re-running `up` reconciles: replicas that are up stay (identified by GPU entry and offer, so a change of mode or
   of column names does not duplicate them), missing ones launch under reused names, never duplicated; replicas left
   outside the final plan that are not serving are torn down, so nothing is left billing unseen;
-- `down` removes a fleet from the ledger only when every one of its clusters is gone.
+- a fleet may have a router (one more cluster, a small CPU instance: the fleet's endpoint); after every change of
+  the replicas, the ones up are pushed to it (`PUT /admin/routes`), so its membership is the ledger's;
+- a shrink (a re-plan that needs fewer replicas, or another mix) is make-before-break: the new plan comes up first,
+  then the replicas it no longer needs leave the router, finish their requests (up to the drain timeout) and only
+  then are torn down, each step recorded;
+- `down` removes a fleet from the ledger only when every one of its clusters (the router too) is gone.
 """
 from __future__ import annotations
 
@@ -20,26 +25,46 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from melange_sky._signals import signals_held
+from melange_sky.deploy.membership import get_admin_routes, push_routes, routes_document
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
 from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
-from melange_sky.fleet.ledger import Ledger, ReplicaRecord, ReplicaState
+from melange_sky.fleet.keys import ADMIN_TOKEN_ENV, API_KEY_ENV, FleetKeys, forget_keys, load_keys
+from melange_sky.fleet.ledger import Ledger, ReplicaRecord, ReplicaState, Role
 from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
 
-__all__ = ["DEFAULT_MAX_ROUNDS", "DEFAULT_PARALLEL", "DownReport", "DryRunReport", "Fleet", "Planner", "Preview",
-           "ReplicaEvent", "StatusReport", "UpOptions", "UpReport"]
+__all__ = ["DEFAULT_DRAIN_TIMEOUT", "DEFAULT_MAX_ROUNDS", "DEFAULT_PARALLEL", "DownReport", "DryRunReport", "Fleet",
+           "Planner", "Preview", "ReplicaEvent", "RouterSetup", "StatusReport", "UpOptions", "UpReport"]
 
 DEFAULT_PARALLEL = 8  # launches mostly wait on clouds; SkyPilot's API server queues the rest
 DEFAULT_MAX_ROUNDS = 5  # a round re-solves and launches only what is still missing
 HEARTBEAT_S = 30.0  # how often `up` reports launches still in flight
 CANCEL_POLL_S = 0.5  # after Ctrl-C, how often in-flight launches are cancelled again until every worker is done
 INTERRUPT_POLL_S = 0.2  # while launches run, how soon a held Ctrl-C is seen
+DEFAULT_DRAIN_TIMEOUT = 120.0  # seconds a removed replica may take to finish its requests before its teardown
+DRAIN_POLL_S = 0.5  # how often a drain asks the router what is still in flight
+ROUTER_TIMEOUT_S = 10.0  # one admin call to the router
 
 Planner = Callable[[PlanRequest], Plan]
+
+
+@dataclass(frozen=True)
+class RouterSetup:
+    """The fleet's router for `up`: its task, planned from the replicas' plan (the cloud hosting most of them), and
+    the fleet's keys (the admin token for membership pushes; the client key it admits)."""
+
+    plan: Callable[[Plan], ReplicaPlan]
+    keys: FleetKeys
+    upstream_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)  # the replicas' key, if another
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        """What the router's launch gets (in memory, as SkyPilot secrets): its admin token and client key."""
+        return {**self.upstream_secrets, ADMIN_TOKEN_ENV: self.keys.admin_token, API_KEY_ENV: self.keys.api_key}
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,8 @@ class UpOptions:
     retry_until_up: bool = False
     idle_minutes_to_autostop: int | None = None
     down: bool = False  # autodown: tear the cluster down after idle_minutes_to_autostop
+    shrink: bool = True  # replicas up that a fresh plan does not need are drained and torn down (False: kept)
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
 
 
 class Fleet:
@@ -68,6 +95,8 @@ class Fleet:
         self.heartbeat = heartbeat
         self._in_flight: dict[str, tuple[str, float]] = {}  # cluster -> (gpu, launch start), for the heartbeat
         self._in_flight_lock = threading.Lock()
+        self._router: RouterSetup | None = None  # during `up`: the router's task planner and the fleet's keys
+        self._router_cluster: str | None = None
 
     @property
     def _db(self) -> Ledger:
@@ -146,7 +175,12 @@ class Fleet:
         except Exception:  # noqa: BLE001 - no endpoint yet: a later `status --refresh` asks again
             return None
 
-    def _preview(self, fleet: str, plan: Plan, digest: str | None) -> Preview:
+    def _clusters(self, fleet: str) -> list[ReplicaRecord]:
+        """Every cluster of the fleet: its replicas and its router."""
+        return self.ledger.replicas(fleet, roles=None) if self.ledger is not None else []
+
+    def _preview(self, fleet: str, plan: Plan, digest: str | None, shrink: bool = False,
+                 router: ReplicaPlan | None = None) -> Preview:
         rows = self._rows(fleet)
         known = {r.cluster for r in rows}
         owners = {}  # who owns the planned names this fleet does not have (a name must not cross fleets)
@@ -156,13 +190,19 @@ class Fleet:
                     owners[replica.cluster] = other.fleet
         record = self.ledger.get_fleet(fleet) if self.ledger is not None else None
         return reconcile.preview(fleet, plan, rows, owners, record.config_hash if record is not None else None,
-                                 digest)
+                                 digest, shrink=shrink, router=router)
 
     # -- up -------------------------------------------------------------------------------------------------------
-    def dryrun(self, fleet: str, planner: Planner, environ: Mapping[str, str] | None = None) -> DryRunReport:
-        """Everything but provisioning: plan against what the ledger has, validate every task; writes nothing.
-        Secrets missing from `environ` are validated with a placeholder value and listed in the report."""
-        preview = self._preview(fleet, planner(reconcile.plan_request(self._rows(fleet))), None)
+    def dryrun(self, fleet: str, planner: Planner, environ: Mapping[str, str] | None = None,
+               router: Callable[[Plan], ReplicaPlan] | None = None, shrink: bool = True) -> DryRunReport:
+        """Everything but provisioning: plan against what the ledger has, validate every task (the router's too);
+        writes nothing. Secrets missing from `environ` are validated with a placeholder value and listed."""
+        plan, shrinking = self._plan(fleet, planner, shrink) if self.ledger is not None else (
+            planner(PlanRequest()), False)
+        router_row = self.ledger.router(fleet) if self.ledger is not None else None
+        router_plan = (router(plan) if router is not None
+                       and (router_row is None or router_row.state is not ReplicaState.UP) else None)
+        preview = self._preview(fleet, plan, None, shrink=shrinking, router=router_plan)
         env = environ or {}
         secrets = preview.plan.deployment.secrets
         given = {name: env[name] for name in secrets if env.get(name)}
@@ -174,55 +214,108 @@ class Fleet:
                 by_shape[shape] = self._launcher.validate(replica.task, {**{n: "placeholder" for n in secrets},
                                                                          **given})
             validations[replica.cluster] = by_shape[shape]
+        if router_plan is not None:  # its secrets are the fleet's keys: validated with placeholders
+            names = list(router_plan.task.get("secrets") or {})
+            validations[router_plan.cluster] = self._launcher.validate(router_plan.task,
+                                                                       {n: "placeholder" for n in names})
         return DryRunReport(preview=preview, validations=validations,
                             missing_secrets=sorted(set(secrets) - set(given)))
 
     def up(self, fleet: str, planner: Planner, secrets: Mapping[str, str], config_digest: str,
            options: UpOptions = UpOptions(),
-           confirm: Callable[[Preview, list[str]], bool] | None = None) -> UpReport:
-        """Launch the planned fleet (or what is missing of it), re-planning around offers without capacity.
+           confirm: Callable[[Preview, list[str]], bool] | None = None,
+           router: RouterSetup | None = None) -> UpReport:
+        """Launch the planned fleet (or what is missing of it), re-planning around offers without capacity; with
+        `options.shrink`, drain and tear down the replicas up that the plan no longer needs, once it is up.
 
         `planner` must plan fleet `fleet`. `confirm` is shown the preview (under the lock, before anything is
-        launched); returning False stops there."""
+        launched); returning False stops there. `router`: launch the fleet's router if it is not up, and push it
+        the replicas after every change (None: no router is launched; one that is up is still kept informed)."""
         started = time.monotonic()
         with self._db.lock(fleet):
             unsynced = None
-            try:
-                self._sync(self._rows(fleet), refresh=False, may_write_in_flight=True)
+            try:  # the clouds' truth, not the launcher's cache: a replica preempted or stopped meanwhile is redone
+                self._sync(self._clusters(fleet), refresh=True, may_write_in_flight=True)
             except MelangeError as exc:  # plan from the ledger's states; relaunching a live cluster reuses it
                 unsynced = f"could not read the launcher's status ({exc}): planned from the ledger's states"
-            plan = planner(reconcile.plan_request(self._rows(fleet)))
-            preview = self._preview(fleet, plan, config_digest)
+            plan, shrinking = self._plan(fleet, planner, options.shrink)
+            router_plan = self._router_to_launch(fleet, plan, router)
+            preview = self._preview(fleet, plan, config_digest, shrink=shrinking, router=router_plan)
             report = UpReport(fleet=fleet, plan=plan, replicas=[], rounds=0, unavailable_offers=[],
-                              notes=list(preview.notes) + ([unsynced] if unsynced else []))
-            try:  # only for a note: a fresh plan that ignores what is up (it may not even be feasible)
-                unconstrained = planner(PlanRequest()) if preview.keep else plan
-            except MelangeError:
-                unconstrained = plan
-            note = reconcile.shrink_note(plan, unconstrained)
-            if note is not None:
-                report.notes.append(note)
+                              notes=list(preview.notes) + ([unsynced] if unsynced else []),
+                              expects_router=router is not None)
+            if not shrinking:
+                try:  # only for a note: a fresh plan that ignores what is up (it may not even be feasible)
+                    unconstrained = planner(PlanRequest()) if preview.keep else plan
+                except MelangeError:
+                    unconstrained = plan
+                note = reconcile.shrink_note(plan, unconstrained)
+                if note is not None:
+                    report.notes.append(note)
             if confirm is not None and not confirm(preview, report.notes):
                 report.replicas = self._rows(fleet)
+                report.router = self._db.router(fleet)
                 report.notes.append("not confirmed: nothing was launched")
                 return report
             self._db.save_fleet(fleet, config_digest, plan.to_dict())
+            self._router = router
+            self._router_cluster = router_plan.cluster if router_plan is not None else None
+            drain = frozenset(r.cluster for r in preview.drain)
             try:
-                self._rounds(report, planner, secrets, options)
+                self._rounds(report, planner, secrets, options, router_plan, drain)
                 if not report.interrupted:  # the user asked to stop: no minutes of teardown now
                     self._tear_down_leftovers(report)
+                    self._push_members(fleet, report.notes)
+                    if preview.drain:
+                        self._drain(report, preview.drain, options.drain_timeout)
             except KeyboardInterrupt:  # outside a launch wait (a re-plan's solve, a ledger write): stop cleanly
                 report.interrupted = True
-                self._record_true_states([r.cluster for r in self._rows(fleet)])
+                self._record_true_states([r.cluster for r in self._clusters(fleet)])
+            finally:
+                self._router = self._router_cluster = None
             report.replicas = self._rows(fleet)
+            report.router = self._db.router(fleet)
         report.seconds = time.monotonic() - started
         return report
 
-    def _rounds(self, report: UpReport, planner: Planner, secrets: Mapping[str, str], options: UpOptions) -> None:
+    def _plan(self, fleet: str, planner: Planner, shrink: bool) -> tuple[Plan, bool]:
+        """The plan `up` brings up, and whether it shrinks: the plan that keeps every replica up, unless `shrink`
+        and a fresh plan (which reuses the replicas it wants) is cheaper by more than a cent an hour."""
+        rows = self._rows(fleet)
+        kept = planner(reconcile.plan_request(rows))
+        if not shrink or not any(r.state is ReplicaState.UP for r in rows):
+            return kept, False
+        try:
+            fresh = planner(reconcile.plan_request(rows, keep_up=False))
+        except MelangeError:  # keep what runs
+            return kept, False
+        return (fresh, True) if reconcile.worth_shrinking(kept, fresh) else (kept, False)
+
+    def _router_to_launch(self, fleet: str, plan: Plan, router: RouterSetup | None) -> ReplicaPlan | None:
+        """The router's task when `up` must launch it: asked for, and not up already."""
+        if router is None:
+            return None
+        row = self._db.router(fleet) if self.ledger is not None else None
+        if row is not None and row.state is ReplicaState.UP:
+            return None
+        return router.plan(plan)
+
+    def _rounds(self, report: UpReport, planner: Planner, secrets: Mapping[str, str], options: UpOptions,
+                router: ReplicaPlan | None = None, drain: frozenset[str] = frozenset()) -> None:
         while True:
             report.rounds += 1
             todo = self._record_intent(report.plan, report.rounds)
+            if router is not None and report.rounds == 1:
+                todo.append(self._record_router_intent(report.fleet, router))
             outcomes, interrupted = self._launch_all(todo, secrets, options, report.rounds, report.plan.deployment.port)
+            if router is not None and report.rounds == 1:
+                state = dict((r.cluster, s) for r, s in outcomes).get(router.cluster)
+                outcomes = [(r, s) for r, s in outcomes if r.cluster != router.cluster]
+                if state is not None and state is not ReplicaState.UP:
+                    row = self._db.router(report.fleet)
+                    report.notes.append(f"the router {router.cluster} did not come up ({state.value}: "
+                                        f"{row.last_error if row is not None else ''}); the replicas serve without "
+                                        f"it; `up` or `watch` tries again")
             full = sorted({r.offer for r, state in outcomes if state is ReplicaState.UNAVAILABLE})
             report.unavailable_offers += [o for o in full if o not in report.unavailable_offers]
             if interrupted:
@@ -236,7 +329,7 @@ class Fleet:
                 return
             try:
                 plan = planner(reconcile.plan_request(self._rows(report.fleet),
-                                                      exclude=frozenset(report.unavailable_offers)))
+                                                      exclude=frozenset(report.unavailable_offers), drop=drain))
             except MelangeError as exc:  # e.g. no fleet fits without those offers: report it, launch nothing more
                 report.notes.append(f"re-plan without {', '.join(report.unavailable_offers)} failed: {exc}")
                 self.on_event(ReplicaEvent("", "", None, 0.0, report.notes[-1], report.rounds))
@@ -247,6 +340,116 @@ class Fleet:
             record = self._db.get_fleet(report.fleet)
             assert record is not None  # saved before the first round, and locked since
             self._db.save_fleet(report.fleet, record.config_hash, plan.to_dict())
+
+    def _record_router_intent(self, fleet: str, router: ReplicaPlan) -> ReplicaPlan:
+        """Write the router's row (PENDING) before its launch is requested, like a replica's."""
+        new = reconcile.new_replica(router, 1, role=Role.ROUTER)
+        row = self._db.get_replica(router.cluster)
+        if row is not None and row.state is not ReplicaState.GONE:
+            self._db.replan_replica(fleet, new, message=f"router: launch again on {new.offer}")
+        else:
+            self._db.add_replica(fleet, new, message=f"router: planned on {new.offer}")
+        self.on_event(ReplicaEvent(router.cluster, router.entry, ReplicaState.PENDING, 0.0, round=1))
+        return router
+
+    # -- membership and drains ------------------------------------------------------------------------------------
+    def _router_link(self, fleet: str) -> tuple[str, str] | None:
+        """The router's base URL and the admin token, when the fleet has a router up and its keys."""
+        row = self._db.router(fleet)
+        if row is None or row.state is not ReplicaState.UP or not row.endpoint:
+            return None
+        keys = self._router.keys if self._router is not None else load_keys(fleet, self._db.home)
+        if keys is None:
+            return None
+        return reconcile.endpoint_url(row.endpoint), keys.admin_token
+
+    def push_members(self, fleet: str) -> str | None:
+        """Tell the fleet's router which replicas serve (the ledger's up ones) and the stored plan's routing table.
+        Returns what happened, for a report; None when the fleet has no router up. Raises RouterError."""
+        link = self._router_link(fleet)
+        record = self._db.get_fleet(fleet)
+        if link is None or record is None:
+            return None
+        members = reconcile.members(self._rows(fleet))
+        doc, _warnings = routes_document(record.plan, members, source=f"fleet {fleet}")
+        answer = push_routes(link[0], doc, link[1], ROUTER_TIMEOUT_S)
+        message = f"{len(members)} replica(s) in the router's routes (generation {answer.get('generation')})"
+        self._db.record_event(fleet, "routes-pushed", message)
+        self.on_event(ReplicaEvent("", "", None, 0.0, f"router: {message}"))
+        return message
+
+    def _push_members(self, fleet: str, notes: list[str]) -> bool:
+        """`push_members`, a failure noted (a later `up` or `watch` pushes again). True when pushed."""
+        try:
+            return self.push_members(fleet) is not None
+        except MelangeError as exc:
+            notes.append(f"could not update the router's routes: {exc}")
+            self._db.record_event(fleet, "routes-push-failed", str(exc))
+            return False
+
+    def _drain(self, report: UpReport, rows: list[ReplicaRecord], timeout: float) -> None:
+        """Make-before-break removal: only once the whole plan is up, the replicas it no longer needs leave the
+        router (TERMINATING, pushed), finish what is in flight up to `timeout`, then are torn down."""
+        fleet = report.fleet
+        up = {r.cluster for r in self._rows(fleet) if r.state is ReplicaState.UP}
+        missing = [r.cluster for r in report.plan.replicas if r.cluster not in up]
+        if missing:
+            report.notes.append(f"kept {len(rows)} replica(s) the plan no longer needs "
+                                f"({', '.join(r.cluster for r in rows)}): the plan is not fully up "
+                                f"({', '.join(missing)} missing); `up` again to shrink once it is")
+            return
+        leaving = []
+        for row in rows:
+            current = self._db.get_replica(row.cluster)
+            if current is None or current.state is not ReplicaState.UP:
+                continue
+            self._db.transition(row.cluster, ReplicaState.TERMINATING, message="draining: left the router")
+            self.on_event(ReplicaEvent(row.cluster, row.gpu, ReplicaState.TERMINATING, 0.0, "draining"))
+            leaving.append(current)
+        if not leaving:
+            return
+        routed = self._router_link(fleet) is not None
+        if routed and not self._push_members(fleet, report.notes):
+            for row in leaving:  # still in the router's routes: tearing them down would fail their requests
+                self._db.transition(row.cluster, ReplicaState.UP, message="drain abandoned: the router was not "
+                                                                          "told")
+            report.notes.append("the drain was abandoned (the router could not be told); `up` tries again")
+            return
+        urls = [reconcile.endpoint_url(r.endpoint) for r in leaving if r.endpoint]
+        waited = self._wait_drained(fleet, urls, timeout) if routed else self._wait(timeout)
+        self._db.record_event(fleet, "drained", f"{', '.join(r.cluster for r in leaving)} after {waited:.1f} s")
+        for row in leaving:
+            try:
+                torn = self._down(row.cluster)
+            except MelangeError as exc:
+                self._db.transition(row.cluster, ReplicaState.FAILED, error=f"teardown after drain failed: {exc}")
+                report.notes.append(f"{row.cluster} was drained but could not be torn down: {exc}; `up` or `down` "
+                                    f"retries")
+                continue
+            self._db.transition(row.cluster, ReplicaState.GONE, endpoint=None,
+                                message=f"drained ({waited:.1f} s) and torn down" if torn else "drained; gone")
+            self.on_event(ReplicaEvent(row.cluster, row.gpu, ReplicaState.GONE, waited, "drained and torn down"))
+            report.drained.append(row.cluster)
+
+    def _wait_drained(self, fleet: str, urls: list[str], timeout: float) -> float:
+        """Poll the router until none of `urls` has a request in flight, or `timeout`; seconds waited."""
+        started = time.monotonic()
+        while True:
+            link = self._router_link(fleet)
+            try:
+                inflight = get_admin_routes(link[0], link[1], ROUTER_TIMEOUT_S).get("inflight") or {} if link else {}
+            except MelangeError:
+                inflight = {url: 1 for url in urls}  # unknown: assume busy until the timeout
+            waited = time.monotonic() - started
+            if reconcile.drained(inflight, urls) or waited >= timeout:
+                return waited
+            time.sleep(min(DRAIN_POLL_S, max(0.0, timeout - waited)))
+
+    @staticmethod
+    def _wait(timeout: float) -> float:
+        """No router to ask (routers reading the ledger drop the replicas at their next refresh): wait it out."""
+        time.sleep(timeout)
+        return timeout
 
     def _forget_unprovisioned(self, clusters: list[str], keep: set[str]) -> None:
         """Replicas that found no capacity and that the re-plan does not reuse are marked GONE once the backend
@@ -283,6 +486,8 @@ class Fleet:
             if row is not None and row.state is ReplicaState.UP:
                 continue
             new = reconcile.new_replica(replica, round_)
+            if row is not None and row.role is Role.ROUTER:
+                raise MelangeError(f"{replica.cluster} is this fleet's router, not a replica")
             if row is not None and row.state is not ReplicaState.GONE:
                 self._db.replan_replica(plan.fleet, new, message=f"round {round_}: launch again on {new.offer}")
             else:
@@ -372,10 +577,15 @@ class Fleet:
         with self._in_flight_lock:
             self._in_flight[replica.cluster] = (replica.entry, started)
         self.on_event(ReplicaEvent(replica.cluster, replica.entry, ReplicaState.LAUNCHING, 0.0, round=round_))
-        request = LaunchRequest(cluster=replica.cluster, task=replica.task, secrets=dict(secrets),
+        is_router = self._router is not None and replica.cluster == self._router_cluster
+        request = LaunchRequest(cluster=replica.cluster, task=replica.task,
+                                secrets=dict(self._router.secrets if self._router is not None and is_router
+                                             else secrets),
                                 retry_until_up=options.retry_until_up,
-                                idle_minutes_to_autostop=options.idle_minutes_to_autostop, down=options.down,
-                                port=port)
+                                # the router serves until `down`: it is never idle-stopped with the replicas
+                                idle_minutes_to_autostop=None if is_router else options.idle_minutes_to_autostop,
+                                down=options.down and not is_router,
+                                port=reconcile.task_port(replica.task) or port)
         state, message, endpoint = ReplicaState.UP, "", None
         try:
             endpoint = self._launcher.launch(request).endpoint
@@ -403,13 +613,14 @@ class Fleet:
         if refresh:  # read-only as far as locks go: `status` never blocks a concurrent `up` or `down`
             names = [fleet] if fleet is not None else [f.name for f in self.ledger.fleets()]
             for name in names:
-                self._sync(self._rows(name), refresh=True, may_write_in_flight=False)
+                self._sync(self._clusters(name), refresh=True, may_write_in_flight=False)
         return self.ledger.replicas(fleet)
 
     def status_report(self, fleet: str | None = None, refresh: bool = False) -> StatusReport:
         replicas = self.status(fleet, refresh)
         fleets = [f for f in (self.ledger.fleets() if self.ledger is not None else []) if fleet in (None, f.name)]
-        return StatusReport(fleets=fleets, replicas=replicas)
+        routers = {f.name: r for f in fleets if self.ledger is not None and (r := self.ledger.router(f.name))}
+        return StatusReport(fleets=fleets, replicas=replicas, routers=routers)
 
     # -- down -----------------------------------------------------------------------------------------------------
     def down(self, fleet: str, purge: bool = False, parallel: int = DEFAULT_PARALLEL) -> DownReport:
@@ -428,7 +639,7 @@ class Fleet:
             lock.release()
 
     def _down_locked(self, fleet: str, purge: bool, parallel: int) -> DownReport:
-        rows = [r for r in self._db.replicas(fleet) if r.state.may_have_cluster]
+        rows = [r for r in self._clusters(fleet) if r.state.may_have_cluster]
         removed: list[str] = []
         gone: list[str] = []
         failed: dict[str, str] = {}
@@ -462,5 +673,6 @@ class Fleet:
                     gone.append(cluster)
         if not failed:
             self._db.remove_fleet(fleet)
+            forget_keys(fleet, self._db.home)  # its router is gone: the tokens open nothing any more
         return DownReport(fleet=fleet, removed=sorted(removed), already_gone=sorted(gone), failed=failed,
                           fleet_removed=not failed)

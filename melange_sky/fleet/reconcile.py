@@ -16,7 +16,7 @@ from typing import Any, Literal
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
 from melange_sky.errors import CapacityError, LaunchCancelled, LaunchError, LedgerError, MelangeError
 from melange_sky.fleet.backends import ClusterStatus
-from melange_sky.fleet.ledger import NewReplica, ReplicaRecord, ReplicaState
+from melange_sky.fleet.ledger import NewReplica, ReplicaRecord, ReplicaState, Role
 from melange_sky.fleet.reports import Preview
 
 
@@ -46,13 +46,19 @@ class Transition:
 
 
 # -- planning ------------------------------------------------------------------------------------------------------
-def plan_request(rows: Iterable[ReplicaRecord], exclude: frozenset[str] = frozenset()) -> PlanRequest:
-    """A fleet's ledger rows as a planning request: capacity up (kept), names to reuse, names taken."""
+def plan_request(rows: Iterable[ReplicaRecord], exclude: frozenset[str] = frozenset(), keep_up: bool = True,
+                 drop: frozenset[str] = frozenset()) -> PlanRequest:
+    """A fleet's ledger rows as a planning request: capacity up (kept), names to reuse, names taken.
+
+    `keep_up` False plans afresh (a shrink may drop replicas that are up); their names are still reused first, so
+    replicas the new plan still wants keep serving. `drop`: up replicas being removed (drained), not capacity."""
     live = [r for r in rows if r.state is not ReplicaState.GONE]
     fixed: dict[tuple[str, str], int] = {}
     names = []
     for row in sorted(live, key=lambda r: (r.state is not ReplicaState.UP, cluster_index(r.cluster), r.cluster)):
-        if row.state is ReplicaState.UP:
+        if row.cluster in drop:
+            continue
+        if row.state is ReplicaState.UP and keep_up:
             fixed[row.gpu, row.offer] = fixed.get((row.gpu, row.offer), 0) + 1
         # Reusable names: up replicas (kept), and not-up ones whose cluster name can take a new launch: any on
         # an offer still in use, and those that found no capacity (no cluster was made) wherever they were.
@@ -69,10 +75,12 @@ def leftovers(rows: Iterable[ReplicaRecord], plan: Plan) -> list[ReplicaRecord]:
 
 
 def preview(fleet: str, plan: Plan, rows: Sequence[ReplicaRecord], owners: Mapping[str, str] | None = None,
-            stored_digest: str | None = None, digest: str | None = None) -> Preview:
+            stored_digest: str | None = None, digest: str | None = None, shrink: bool = False,
+            router: ReplicaPlan | None = None) -> Preview:
     """What `up` would do with `plan` given the fleet's `rows`. `owners`: the fleet owning each planned cluster
     name the ledger has outside these rows (a name taken by another fleet is an error); `stored_digest`: the config
-    digest the fleet was last planned from, compared with `digest`."""
+    digest the fleet was last planned from, compared with `digest`. With `shrink`, replicas up outside the plan are
+    drained and torn down (else kept, as surplus); `router`: the router task to launch (None: none to launch)."""
     by_name = {r.cluster: r for r in rows}
     owners = owners or {}
     taken = [r.cluster for r in plan.replicas if r.cluster not in by_name and owners.get(r.cluster, fleet) != fleet]
@@ -81,13 +89,25 @@ def preview(fleet: str, plan: Plan, rows: Sequence[ReplicaRecord], owners: Mappi
                           f"differ only in case or punctuation share cluster names); choose another --name")
     up = {c for c, r in by_name.items() if r.state is ReplicaState.UP}
     planned = {r.cluster: r for r in plan.replicas}
+    outside = sorted(c for c in up if c not in planned)
     return Preview(
         plan=plan, launch=[r for r in plan.replicas if r.cluster not in up],
         remove=sorted(r.cluster for r in leftovers(rows, plan)),
         surplus_stopped=sorted(c for c, r in by_name.items() if c not in planned and r.state is ReplicaState.STOPPED),
-        keep=sorted(c for c in up if c in planned), surplus=sorted(c for c in up if c not in planned),
+        keep=sorted(c for c in up if c in planned), surplus=[] if shrink else outside,
+        drain=[by_name[c] for c in outside] if shrink else [], router=router,
         stale=sorted(c for c in up if c in planned and task_differs(by_name[c].task, planned[c].task)),
         config_changed=stored_digest is not None and digest is not None and stored_digest != digest)
+
+
+#: A fresh plan replaces the one that keeps every replica up only when it saves more than this ($/h): replicas are
+#: not churned for nothing.
+SHRINK_MIN_SAVING = 0.01
+
+
+def worth_shrinking(kept: Plan, fresh: Plan) -> bool:
+    """Whether to adopt `fresh` (planned afresh, dropping replicas that are up) over `kept` (every replica up kept)."""
+    return fresh.cost < kept.cost - SHRINK_MIN_SAVING
 
 
 def shrink_note(plan: Plan, unconstrained: Plan) -> str | None:
@@ -99,11 +119,28 @@ def shrink_note(plan: Plan, unconstrained: Plan) -> str | None:
     return None
 
 
-def new_replica(replica: ReplicaPlan, round_: int) -> NewReplica:
-    """What the ledger records of a planned replica before its launch is requested."""
+def new_replica(replica: ReplicaPlan, round_: int, role: Role = Role.REPLICA) -> NewReplica:
+    """What the ledger records of a planned replica (or the router) before its launch is requested."""
     return NewReplica(cluster=replica.cluster, gpu=replica.entry, offer=replica.offer, price_per_hour=replica.price,
                       cloud=replica.cloud, region=replica.region, instance_type=replica.instance_type,
-                      use_spot=replica.use_spot, round=round_, task=replica.task)
+                      use_spot=replica.use_spot, round=round_, task=replica.task, role=role)
+
+
+def members(rows: Iterable[ReplicaRecord]) -> list[tuple[str, str, str]]:
+    """The replicas a router may send requests to, as (cluster, GPU entry, URL): those the ledger has up at a known
+    endpoint. Pushed after every change, so the router's membership is the ledger's."""
+    return [(r.cluster, r.gpu, endpoint_url(r.endpoint)) for r in rows
+            if r.state is ReplicaState.UP and r.endpoint and r.role is Role.REPLICA]
+
+
+def endpoint_url(endpoint: str) -> str:
+    """A backend's "host:port" (or a URL) as the base URL to reach it."""
+    return endpoint if "://" in endpoint else f"http://{endpoint}"
+
+
+def drained(inflight: Mapping[str, int], urls: Iterable[str]) -> bool:
+    """Whether none of `urls` has a request in flight at the router (its `GET /admin/routes` "inflight")."""
+    return all(inflight.get(url, 0) == 0 for url in urls)
 
 
 # -- what the launcher's answers mean ------------------------------------------------------------------------------

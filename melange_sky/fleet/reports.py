@@ -36,15 +36,24 @@ class Preview:
     surplus: list[str]  # replicas up but not part of the plan (kept running; not counted in the plan's capacity)
     stale: list[str]  # replicas up whose task differs from the plan's (model, template or deployment changed)
     config_changed: bool  # the fleet was last planned from another config or other settings
+    #: replicas up that the plan no longer needs: once the plan is up, they leave the router, finish what they
+    #: serve (up to the drain timeout) and are torn down
+    drain: list[ReplicaRecord] = field(default_factory=list)
+    router: ReplicaPlan | None = None  # the fleet's router, to launch (None: up already, or not deployed)
 
     @property
     def launch_cost(self) -> float:
-        return sum(r.price for r in self.launch)
+        return sum(r.price for r in self.launch) + (self.router.price if self.router is not None else 0.0)
+
+    @property
+    def drain_saving(self) -> float:
+        """$/h no longer paid once the drained replicas are torn down."""
+        return sum(r.price_per_hour for r in self.drain)
 
     @property
     def changes(self) -> bool:
         """Whether `up` would launch or tear down anything: what the user is asked to confirm."""
-        return bool(self.launch or self.remove)
+        return bool(self.launch or self.remove or self.drain or self.router)
 
     @property
     def notes(self) -> list[str]:
@@ -52,6 +61,13 @@ class Preview:
         notes = []
         if self.config_changed:
             notes.append("the config or plan settings changed since this fleet was last brought up")
+        if self.router is not None:
+            notes.append(f"router {self.router.cluster} on {self.router.offer} (${self.router.price:.2f}/h) will be "
+                         f"launched: the fleet's endpoint")
+        if self.drain:
+            notes.append(f"once the plan is up, {len(self.drain)} replica(s) it no longer needs leave the router, "
+                         f"finish their requests and are torn down, saving ${self.drain_saving:.2f}/h: "
+                         f"{', '.join(f'{r.cluster} (${r.price_per_hour:.2f}/h)' for r in self.drain)}")
         if self.surplus:
             notes.append(f"{len(self.surplus)} replica(s) up are not in the new plan and are kept running "
                          f"({', '.join(self.surplus)}); `melange-sky down` the fleet and `up` again to shrink it")
@@ -68,6 +84,8 @@ class Preview:
         return {"fleet": self.plan.fleet, "launch": [r.summary() for r in self.launch], "remove": self.remove,
                 "keep": self.keep,
                 "surplus": self.surplus, "stale": self.stale, "config_changed": self.config_changed,
+                "drain": [r.cluster for r in self.drain], "drain_saving": round(self.drain_saving, 6),
+                "router": self.router.summary() if self.router is not None else None,
                 "notes": self.notes,
                 "cost_planned": round(self.plan.cost, 6), "cost_to_launch": round(self.launch_cost, 6)}
 
@@ -84,6 +102,16 @@ class UpReport:
     interrupted: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # e.g. why a re-plan failed, surplus or stale replicas
+    drained: list[str] = field(default_factory=list)  # replicas the plan no longer needed: drained and torn down
+    router: ReplicaRecord | None = None  # the fleet's router row after `up` (None: the fleet has none)
+    expects_router: bool = False  # `up` was asked to have a router up
+
+    @property
+    def endpoint(self) -> str | None:
+        """The fleet's one endpoint: its router's, when it is up."""
+        if self.router is None or self.router.state is not ReplicaState.UP or not self.router.endpoint:
+            return None
+        return self.router.endpoint if "://" in self.router.endpoint else f"http://{self.router.endpoint}"
 
     @property
     def up(self) -> list[ReplicaRecord]:
@@ -101,7 +129,8 @@ class UpReport:
     def complete(self) -> bool:
         planned = {r.cluster for r in self.up}
         return (not self.interrupted and not self.problems
-                and all(r.cluster in planned for r in self.plan.replicas))
+                and all(r.cluster in planned for r in self.plan.replicas)
+                and (not self.expects_router or self.endpoint is not None))
 
     @property
     def cost(self) -> float:
@@ -111,7 +140,8 @@ class UpReport:
         return {"fleet": self.fleet, "complete": self.complete, "interrupted": self.interrupted,
                 "rounds": self.rounds, "seconds": round(self.seconds, 3), "cost_up": round(self.cost, 6),
                 "cost_planned": round(self.plan.cost, 6), "unavailable_offers": self.unavailable_offers,
-                "notes": self.notes, "replicas": [r.to_dict() for r in self.replicas]}
+                "notes": self.notes, "replicas": [r.to_dict() for r in self.replicas], "drained": self.drained,
+                "endpoint": self.endpoint, "router": self.router.to_dict() if self.router is not None else None}
 
 
 @dataclass(frozen=True)
@@ -138,13 +168,26 @@ class StatusReport:
 
     fleets: list[FleetRecord]
     replicas: list[ReplicaRecord]
+    routers: dict[str, ReplicaRecord] = field(default_factory=dict)  # fleet -> its router's row, if it has one
 
     def of(self, fleet: str) -> list[ReplicaRecord]:
         return [r for r in self.replicas if r.fleet == fleet]
 
+    def endpoint(self, fleet: str) -> str | None:
+        """The fleet's one endpoint: its router's URL while the router is up."""
+        router = self.routers.get(fleet)
+        if router is None or router.state is not ReplicaState.UP or not router.endpoint:
+            return None
+        return router.endpoint if "://" in router.endpoint else f"http://{router.endpoint}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
-                            "updated": f.updated, "cost_running": round(running_cost(self.of(f.name)), 6),
+                            "updated": f.updated,
+                            "cost_running": round(running_cost([*self.of(f.name),
+                                                                *([self.routers[f.name]]
+                                                                  if f.name in self.routers else [])]), 6),
+                            "endpoint": self.endpoint(f.name),
+                            "router": self.routers[f.name].to_dict() if f.name in self.routers else None,
                             "replicas": [r.to_dict() for r in self.of(f.name)]} for f in self.fleets]}
 
 

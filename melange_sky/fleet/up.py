@@ -11,15 +11,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from melange_sky.core.config import Config
-from melange_sky.deploy.plan import Plan, PlanRequest, PlanSettings, build_plan, deployment_from_config
+from melange_sky.deploy.plan import (Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
+                                     deployment_from_config)
+from melange_sky.deploy.router_task import ROUTER_TEMPLATE, build_router_plan
 from melange_sky.errors import MissingSecret
 from melange_sky.fleet.backends import Backend
-from melange_sky.fleet.fleet import Fleet, Planner, UpOptions
+from melange_sky.fleet.fleet import Fleet, Planner, RouterSetup, UpOptions
+from melange_sky.fleet.keys import API_KEY_ENV, fleet_keys
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.reports import DryRunReport, Preview, ReplicaEvent, UpReport
 
 __all__ = ["bring_up", "config_digest", "config_hash", "dry_run", "launch_secrets", "make_planner",
-           "secrets_from_env"]
+           "router_planner", "router_setup", "secrets_from_env"]
 
 OnEvent = Callable[[ReplicaEvent], None]
 OnWarning = Callable[[str], None]
@@ -70,10 +73,37 @@ def make_planner(config: Config, settings: PlanSettings, on_warning: OnWarning |
     return planner
 
 
+def router_planner(config: Config, settings: PlanSettings) -> Callable[[Plan], ReplicaPlan]:
+    """The fleet's router task for a plan of its replicas (near most of them), as a row `up` launches like one. It
+    always asks clients for a key: the user's MELANGE_SKY_API_KEY, else one made for the fleet (in its key file)."""
+    deployment = deployment_from_config(config, settings.template)
+    upstream = deployment.api_key_secret if deployment.api_key_secret not in (None, API_KEY_ENV) else None
+
+    def plan_router(plan: Plan) -> ReplicaPlan:
+        router = build_router_plan(config, [(r.cloud, r.region) for r in plan.replicas], api_key=True,
+                                   upstream_key_secret=upstream, catalog=settings.catalog)
+        return ReplicaPlan(cluster=router.cluster, gpu=ROUTER_TEMPLATE, entry=ROUTER_TEMPLATE, index=0,
+                           file_name=f"skypilot_{ROUTER_TEMPLATE}.yaml", cloud=router.cloud, region=router.region,
+                           instance_type=router.instance_type, accelerators="", use_spot=False, price=router.price,
+                           task=router.task, yaml=router.yaml)
+
+    return plan_router
+
+
+def router_setup(config: Config, settings: PlanSettings, environ: Mapping[str, str]) -> RouterSetup:
+    """What `up` needs to run the fleet's router: its task planner and the fleet's keys (made at the first `up`, in
+    a 0600 file under $MELANGE_SKY_HOME), plus the replicas' key when it is a secret of another name."""
+    deployment = deployment_from_config(config, settings.template)
+    upstream = deployment.api_key_secret if deployment.api_key_secret not in (None, API_KEY_ENV) else None
+    keys = fleet_keys(config.name, api_key=environ.get(API_KEY_ENV) or None)
+    extra = secrets_from_env([upstream], environ) if upstream else {}
+    return RouterSetup(plan=router_planner(config, settings), keys=keys, upstream_secrets=extra)
+
+
 def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger, secrets: Mapping[str, str],
              options: UpOptions = UpOptions(), *, confirm: Callable[[Preview], bool] | None = None,
              on_preview: Callable[[Preview, list[str]], None] | None = None, on_event: OnEvent | None = None,
-             on_warning: OnWarning | None = None) -> UpReport:
+             on_warning: OnWarning | None = None, router: RouterSetup | None = None) -> UpReport:
     """Bring fleet `config.name` up (or what is missing of it) and return what happened.
 
     Under the fleet's lock, `on_preview` is shown the plan and what it changes (with notes); `confirm` is asked only
@@ -86,12 +116,15 @@ def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: L
 
     fleet = Fleet(backend, ledger, on_event)
     return fleet.up(config.name, make_planner(config, settings, on_warning), secrets, config_digest(config, settings),
-                    options, gate)
+                    options, gate, router=router)
 
 
 def dry_run(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger | None,
             environ: Mapping[str, str], *, on_event: OnEvent | None = None,
-            on_warning: OnWarning | None = None) -> DryRunReport:
-    """What `bring_up` would launch, every task validated by the launcher; writes nothing (`ledger` None: a
-    machine that never launched). Secrets missing from `environ` are listed, not an error."""
-    return Fleet(backend, ledger, on_event).dryrun(config.name, make_planner(config, settings, on_warning), environ)
+            on_warning: OnWarning | None = None, router: bool = True, shrink: bool = True) -> DryRunReport:
+    """What `bring_up` would launch, every task validated by the launcher (the router's too, unless `router` is
+    False); writes nothing (`ledger` None: a machine that never launched). Secrets missing from `environ` are
+    listed, not an error."""
+    return Fleet(backend, ledger, on_event).dryrun(config.name, make_planner(config, settings, on_warning), environ,
+                                                   router=router_planner(config, settings) if router else None,
+                                                   shrink=shrink)
