@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 from melange_sky._signals import signals_held
 from melange_sky.deploy.membership import get_admin_routes, push_routes, routes_document
@@ -97,6 +98,7 @@ class Fleet:
         self._in_flight_lock = threading.Lock()
         self._router: RouterSetup | None = None  # during `up`: the router's task planner and the fleet's keys
         self._router_cluster: str | None = None
+        self._record: dict[str, Any] = {}  # during `up`: what the ledger keeps beside the plan
 
     @property
     def _db(self) -> Ledger:
@@ -224,13 +226,14 @@ class Fleet:
     def up(self, fleet: str, planner: Planner, secrets: Mapping[str, str], config_digest: str,
            options: UpOptions = UpOptions(),
            confirm: Callable[[Preview, list[str]], bool] | None = None,
-           router: RouterSetup | None = None) -> UpReport:
+           router: RouterSetup | None = None, record: Mapping[str, Any] | None = None) -> UpReport:
         """Launch the planned fleet (or what is missing of it), re-planning around offers without capacity; with
         `options.shrink`, drain and tear down the replicas up that the plan no longer needs, once it is up.
 
         `planner` must plan fleet `fleet`. `confirm` is shown the preview (under the lock, before anything is
         launched); returning False stops there. `router`: launch the fleet's router if it is not up, and push it
-        the replicas after every change (None: no router is launched; one that is up is still kept informed)."""
+        the replicas after every change (None: no router is launched; one that is up is still kept informed).
+        `record`: kept in the ledger beside the plan (the config and settings, for a controller to re-plan)."""
         started = time.monotonic()
         with self._db.lock(fleet):
             unsynced = None
@@ -257,7 +260,8 @@ class Fleet:
                 report.router = self._db.router(fleet)
                 report.notes.append("not confirmed: nothing was launched")
                 return report
-            self._db.save_fleet(fleet, config_digest, plan.to_dict())
+            self._record = dict(record or {})
+            self._db.save_fleet(fleet, config_digest, {**plan.to_dict(), **self._record})
             self._router = router
             self._router_cluster = router_plan.cluster if router_plan is not None else None
             drain = frozenset(r.cluster for r in preview.drain)
@@ -339,7 +343,7 @@ class Fleet:
             report.plan = plan
             record = self._db.get_fleet(report.fleet)
             assert record is not None  # saved before the first round, and locked since
-            self._db.save_fleet(report.fleet, record.config_hash, plan.to_dict())
+            self._db.save_fleet(report.fleet, record.config_hash, {**plan.to_dict(), **self._record})
 
     def _record_router_intent(self, fleet: str, router: ReplicaPlan) -> ReplicaPlan:
         """Write the router's row (PENDING) before its launch is requested, like a replica's."""

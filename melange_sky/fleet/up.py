@@ -10,19 +10,20 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from melange_sky.core.config import Config
-from melange_sky.deploy.plan import (Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
+from melange_sky.core.config import Config, GpuSpec
+from melange_sky.deploy.plan import (DEFAULT_MAX_REPLICAS, Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
                                      deployment_from_config)
 from melange_sky.deploy.router_task import ROUTER_TEMPLATE, build_router_plan
-from melange_sky.errors import MissingSecret
+from melange_sky.errors import LedgerError, MissingSecret
+from melange_sky.solver.model import SolverOptions
 from melange_sky.fleet.backends import Backend
 from melange_sky.fleet.fleet import Fleet, Planner, RouterSetup, UpOptions
 from melange_sky.fleet.keys import API_KEY_ENV, fleet_keys
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.reports import DryRunReport, Preview, ReplicaEvent, UpReport
 
-__all__ = ["bring_up", "config_digest", "config_hash", "dry_run", "launch_secrets", "make_planner",
-           "router_planner", "router_setup", "secrets_from_env"]
+__all__ = ["bring_up", "config_digest", "config_hash", "dry_run", "fleet_config", "fleet_record", "launch_secrets",
+           "make_planner", "router_planner", "router_setup", "secrets_from_env"]
 
 OnEvent = Callable[[ReplicaEvent], None]
 OnWarning = Callable[[str], None]
@@ -32,6 +33,47 @@ def config_hash(*parts: Any) -> str:
     """A short digest of the effective config and the settings that shape the plan."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fleet_record(config: Config, settings: PlanSettings) -> dict[str, Any]:
+    """What the ledger keeps beside a fleet's plan so a controller can re-plan it without the config file: the
+    effective config (costs resolved, overrides applied) and the plan settings `up` used."""
+    solver = settings.solver
+    return {"config": dataclasses.asdict(config),
+            "settings": {"formulation": settings.formulation, "per_offer": settings.per_offer,
+                         "template": settings.template, "max_replicas": settings.max_replicas,
+                         "solver": {"name": solver.name, "path": solver.path, "time_limit": solver.time_limit}}}
+
+
+def fleet_config(record: Mapping[str, Any], source: str) -> tuple[Config, PlanSettings]:
+    """The config and plan settings a fleet was last brought up with (`fleet_record`, as the ledger stores it)."""
+    stored, options = record.get("config"), record.get("settings")
+    if not isinstance(stored, Mapping) or not isinstance(options, Mapping):
+        raise LedgerError(f"{source}: the ledger has no config for this fleet (it was brought up by an older "
+                          f"melange-sky); run `melange-sky up CONFIG` once to store it")
+    fields = dict(stored)
+    gpus = tuple(GpuSpec(**{**g, "tputs": _matrix(g["tputs"]), "quotas": tuple(tuple(q) for q in g["quotas"])})
+                 for g in fields.pop("gpus"))
+    config = Config(**{**fields, "gpus": gpus, "workload_distribution": _matrix(fields["workload_distribution"]),
+                       "input_buckets": _edges(fields.get("input_buckets")),
+                       "output_buckets": _edges(fields.get("output_buckets")),
+                       "clouds": None if fields.get("clouds") is None else tuple(fields["clouds"]),
+                       "warnings": ()})
+    solver = options.get("solver") or {}
+    settings = PlanSettings(formulation=options.get("formulation", "slices"),
+                            solver=SolverOptions(name=solver.get("name", "highs"), path=solver.get("path"),
+                                                 time_limit=solver.get("time_limit")),
+                            per_offer=bool(options.get("per_offer")), template=options.get("template"),
+                            max_replicas=options.get("max_replicas", DEFAULT_MAX_REPLICAS))
+    return config, settings
+
+
+def _matrix(rows: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(row) for row in rows)
+
+
+def _edges(edges: Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if edges is None else tuple(edges)
 
 
 def config_digest(config: Config, settings: PlanSettings) -> str:
@@ -116,7 +158,7 @@ def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: L
 
     fleet = Fleet(backend, ledger, on_event)
     return fleet.up(config.name, make_planner(config, settings, on_warning), secrets, config_digest(config, settings),
-                    options, gate, router=router)
+                    options, gate, router=router, record=fleet_record(config, settings))
 
 
 def dry_run(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger | None,
