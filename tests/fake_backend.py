@@ -157,10 +157,14 @@ class FakeBackend:
             state["clusters"][cluster] = {"status": ClusterStatus(status).value, "endpoint": endpoint,
                                           "head_ip": None, "task": None}
 
-    def remove_cluster(self, cluster: str) -> None:
-        """Pretend a cluster vanished outside melange-sky (e.g. deleted in the cloud console)."""
+    def remove_cluster(self, cluster: str, cached_until_refresh: bool = False) -> None:
+        """Pretend a cluster vanished outside melange-sky (e.g. deleted in the cloud console, or preempted).
+        `cached_until_refresh`: the launcher's cached status still shows it as it was, like SkyPilot's without
+        `refresh`, until a refreshed status asks the cloud."""
         with self._state() as state:
-            state["clusters"].pop(cluster, None)
+            record = state["clusters"].pop(cluster, None)
+            if cached_until_refresh and record is not None:
+                state.setdefault("stale", {})[cluster] = record
 
     # -- Backend interface --------------------------------------------------------------------------------------
     def _latency(self, method: str) -> float:
@@ -236,7 +240,14 @@ class FakeBackend:
         time.sleep(self._latency("status"))
         with self._state() as state:
             self._record(state, "status", start, "ok", clusters=list(clusters), refresh=refresh)
-            known = state["clusters"]
+            known = dict(state["clusters"])
+            stale = state.setdefault("stale", {})
+            for cluster in clusters:
+                if cluster in stale and cluster not in known:
+                    if refresh:
+                        del stale[cluster]
+                    else:
+                        known[cluster] = stale[cluster]
             # Like SkyPilot's status, no endpoints here: callers ask `endpoint()` for those.
             return {c: dataclasses.replace(self._info(c, known[c]), endpoint=None) if c in known else
                     ClusterInfo(c, ClusterStatus.GONE, message="not known to the fake backend") for c in clusters}
