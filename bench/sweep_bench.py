@@ -81,10 +81,10 @@ def main() -> None:
     args = parser.parse_args()
 
     print("# melange-sky sweep benchmark\n")
-    print("| cores | CPU | Python | melange-sky | PuLP | matplotlib |")
-    print("|---|---|---|---|---|---|")
+    print("| cores | CPU | Python | melange-sky | PuLP | matplotlib | load average at start (1 min) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {os.cpu_count()} | {cpu_model()} | {platform.python_version()} | {melange_sky.__version__} | "
-          f"{pulp.__version__} | {matplotlib.__version__} |\n")
+          f"{pulp.__version__} | {matplotlib.__version__} | {os.getloadavg()[0]:.1f} |\n")
 
     config = load_config(EXAMPLE)
     sweep(config, RATES[:2])  # warm: PuLP and HiGHS imported, not timed
@@ -120,6 +120,7 @@ def main() -> None:
             print(f"| `{label}` | {stats(seconds)} | {'yes' if max(seconds) < TARGET_SECONDS else 'NO'} |",
                   flush=True)
 
+    print(f"\nLoad average (1 min) after these: {os.getloadavg()[0]:.1f} (other processes share the cores).")
     if args.no_large:
         return
     sys.path.insert(0, str(Path(__file__).resolve().parent))
