@@ -362,3 +362,26 @@ def test_adapter_reports_a_launched_cluster_up_even_when_its_endpoint_lookup_fai
     answers["endpoints"] = ConnectionError("API server went away")  # a failure, not a "not up" answer
     info = SkyPilotBackend().launch(LaunchRequest("f-a10g-0", OFFLINE_TASK, secrets={"HF_TOKEN": "x"}, port=8000))
     assert info.status is ClusterStatus.UP and info.endpoint is None and info.head_ip == "10.0.0.9"
+
+
+def test_debug_shows_the_libraries_log_lines_for_that_command_only(cli, monkeypatch, tmp_path):
+    import logging  # noqa: PLC0415
+
+    import melange_sky.cli.plan as plan_cli  # noqa: PLC0415
+    from melange_sky.fleet.skypilot import SKY_LOG  # noqa: PLC0415
+
+    logger = logging.getLogger("melange_sky")
+    before = (list(logger.handlers), logger.level)
+    shown = plan_cli.default_catalog
+
+    def logging_catalog():  # stands in for SkyPilot saying something while a command runs
+        SKY_LOG.error("Failed to fetch aws catalog aws/vms.csv.")
+        return shown()
+
+    monkeypatch.setattr(plan_cli, "default_catalog", logging_catalog)
+    debug = cli("catalog", "A10G", "--debug")
+    assert debug.exit_code == 0, debug.stderr
+    assert debug.stderr == "[skypilot] Failed to fetch aws catalog aws/vms.csv.\n"
+    quiet = cli("catalog", "A10G")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    assert (list(logger.handlers), logger.level) == before

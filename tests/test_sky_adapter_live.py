@@ -11,6 +11,8 @@ import json
 import os
 import pwd
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -269,6 +271,70 @@ def test_cli_up_dryrun_with_skypilot_and_no_credentials_says_what_a_real_launch_
     assert result.exit_code == 0, result.stderr
     assert "would launch 4 replica(s); nothing was provisioned" in result.stdout
     assert "run `sky check`" in result.stdout and "aws, azure" in result.stdout
+
+
+# ---- SkyPilot's own log lines stay out of melange-sky's output (shown with --debug) -------------------------------
+# In child processes: SkyPilot's handler writes to the stdout it saw at import, which only a fresh process shows
+# as a user would see it. Each gets its own fresh HOME (so SkyPilot has no catalog and must try to fetch one).
+
+def _fresh_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.upper() not in ("NO_PROXY", "SKY_RUNTIME_DIR",
+                                                                    "SKYPILOT_API_SERVER_LOCAL_PORT")}
+    # A proxy on a closed port for everything but this machine: SkyPilot's catalog download fails at once, online
+    # or not, and its local API server still answers.
+    closed = f"http://127.0.0.1:{_free_port()}"
+    return {**env, "HOME": str(home), "MELANGE_SKY_HOME": str(home / "melange"), "HTTPS_PROXY": closed,
+            "HTTP_PROXY": closed, "NO_PROXY": "127.0.0.1,localhost", "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+            "FORCE_COLOR": "1", **extra}
+
+
+def _melange_sky(home: Path, *args: str) -> subprocess.CompletedProcess:
+    home.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "melange_sky.cli", *args], capture_output=True, text=True,
+                          env=_fresh_env(home), cwd=home, timeout=SLOW_CALL_S)
+
+
+def test_up_dryrun_keeps_skypilots_catalog_messages_out_of_its_output_unless_debug(tmp_path):
+    from conftest import REPO  # noqa: PLC0415
+
+    example = str(REPO / "examples" / "example.json")
+    quiet = _melange_sky(tmp_path / "quiet", "up", example, "--dryrun")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "would launch 4 replica(s)" in quiet.stdout and "full" in quiet.stdout  # it did validate
+    for stream in (quiet.stdout, quiet.stderr):
+        assert "Failed to fetch" not in stream and "catalog common/accelerators.csv" not in stream
+        assert "\x1b[" not in stream
+    assert quiet.stderr == ""
+
+    debug = _melange_sky(tmp_path / "debug", "up", example, "--dryrun", "--debug")
+    assert debug.returncode == 0, debug.stderr
+    assert "[skypilot] Failed to fetch common catalog common/accelerators.csv." in debug.stderr
+    assert "\x1b[" not in debug.stderr  # shown, but without colour codes
+    assert debug.stdout == quiet.stdout
+
+
+def test_talking_to_skypilots_api_server_prints_nothing_of_skypilots(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    script = (
+        "import sys\n"
+        "from melange_sky.fleet.skypilot import SkyPilotBackend\n"
+        "backend = SkyPilotBackend()\n"
+        "try:\n"
+        "    print('status:', backend.status(['no-such-cluster'])['no-such-cluster'].status.value, flush=True)\n"
+        "    print('down:', backend.down('no-such-cluster'), flush=True)\n"
+        "finally:\n"
+        "    print('--- stopping', flush=True)\n"
+        "    sys.stderr.write('--- stopping\\n')\n"
+        "    import sky\n"
+        "    sky.api_stop()\n")
+    env = _fresh_env(home, SKYPILOT_API_SERVER_LOCAL_PORT=str(_free_port()))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=home,
+                          timeout=SLOW_CALL_S)
+    assert done.returncode == 0, done.stderr
+    out, err = done.stdout.split("--- stopping")[0], done.stderr.split("--- stopping")[0]
+    assert out == "status: gone\ndown: False\n"  # no "Starting SkyPilot API server", spinner or colour codes
+    assert err == ""
 
 
 def test_nothing_was_written_under_the_real_sky_dir(sky_server):

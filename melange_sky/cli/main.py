@@ -4,6 +4,7 @@ The commands live beside it, one module per room they drive (plan, inputs, fleet
 and prints. No solver, SQL or SkyPilot code in this package."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -14,6 +15,7 @@ from melange_sky import __version__
 from melange_sky.errors import MelangeError
 
 DEBUG_KEY = "melange_sky.debug"
+LOGS_KEY = "melange_sky.logs"
 INTERRUPTED = 130  # the exit code of a Ctrl-C, SIGTERM or SIGHUP, wherever it lands (README: exit codes)
 
 
@@ -46,6 +48,8 @@ class MelangeGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
+        if _debug(ctx):  # MELANGE_SKY_DEBUG=1 (--debug itself turns them on as it is parsed)
+            _show_library_logs(ctx)
         try:
             return super().invoke(ctx)
         except MelangeError as exc:
@@ -70,10 +74,38 @@ def _debug(ctx: click.Context) -> bool:
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         ctx.meta[DEBUG_KEY] = True
+        _show_library_logs(ctx)
+
+
+class _StderrLog(logging.Handler):
+    """A library log record as one line on the current stderr: "[skypilot] Failed to fetch ..."."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = "skypilot" if record.name.endswith(".sky") else record.name
+        click.echo(f"[{name}] {record.getMessage()}", err=True)
+
+
+def _show_library_logs(ctx: click.Context) -> None:
+    """With --debug, melange-sky's library logs (SkyPilot's own lines among them) go to stderr until the command
+    ends; without it they are dropped (the library only logs, it never prints)."""
+    if ctx.meta.get(LOGS_KEY):
+        return
+    logger = logging.getLogger("melange_sky")
+    handler, level = _StderrLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    ctx.meta[LOGS_KEY] = True
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        ctx.meta.pop(LOGS_KEY, None)
+
+    ctx.call_on_close(restore)
 
 
 debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
-                            help="Show the full traceback when something fails.")
+                            help="Show the full traceback when something fails, and SkyPilot's own log lines.")
 
 
 def warn(messages) -> None:

@@ -4,11 +4,20 @@
 SkyPilot's SDK is client-server: `sky.launch/status/down/endpoints` return a request id and `sky.get` waits for the
 local API server's answer (the first call starts that server, ≈ 6-8 s; the first status answer took ≈ 15 s here).
 SkyPilot's exceptions are mapped to ours with their message condensed to one line; nothing here prints a traceback.
+
+SkyPilot also prints its own log lines (with colour codes) to the stdout it saw at import: "Failed to fetch common
+catalog ...", "Starting SkyPilot API server" and its spinner. None of that is melange-sky's output: every call into
+SkyPilot goes through `_sky_call`, which re-logs SkyPilot's records, colour codes removed, to the logger
+`melange_sky.fleet.skypilot.sky` (shown only where the application shows melange-sky's logs: the CLI's --debug) and
+keeps SkyPilot's spinners and prints quiet unless that logger is enabled for DEBUG.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,18 +25,26 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from melange_sky.deploy.catalog import BUNDLED_DIR, skypilot_schema_version
 from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
 from melange_sky.fleet.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+_LOG = logging.getLogger(__name__)
+_LOG.addHandler(logging.NullHandler())  # a library's records show only where the application asks (the CLI's --debug)
+#: SkyPilot's own log records, re-logged here without colour codes (see the module's docstring).
+SKY_LOG = _LOG.getChild("sky")
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MAX_REASON_CHARS = 400
+# Set in the bundled-catalog validation child's environment when SkyPilot's lines are wanted (--debug).
+_CHILD_DEBUG = "MELANGE_SKY_VALIDATE_DEBUG"
 # How long `validate` waits for SkyPilot to fetch a missing catalog before falling back to schema-only checks.
 CATALOG_FETCH_TIMEOUT_S = 20.0
 
@@ -42,9 +59,71 @@ def one_line(text: object, limit: int = MAX_REASON_CHARS) -> str:
 
 
 def _sky() -> Any:
-    import sky  # noqa: PLC0415 - deliberately lazy: importing sky costs ~3 s
+    if "sky" not in sys.modules:
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        import sky  # noqa: PLC0415 - deliberately lazy: importing sky costs ~3 s
 
+        # Importing sky runs logging.basicConfig(level=INFO) (sky/catalog/data_fetchers/fetch_vsphere.py): a root
+        # handler on stderr that would print every library's INFO lines. Configuring the root logger is the
+        # application's call, so undo it.
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    import sky  # noqa: PLC0415 - loaded above or before
+
+    _route_sky_logs()
     return sky
+
+
+class _ToMelangeLog(logging.Handler):
+    """Re-logs a SkyPilot record to `SKY_LOG`, colour codes removed, at its own level."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = _ANSI.sub("", record.getMessage()).strip()
+        except Exception:  # noqa: BLE001 - a record that cannot format itself must not fail a launch
+            return
+        if message:
+            SKY_LOG.log(record.levelno, "%s", message)
+
+
+def _route_sky_logs() -> None:
+    """Take SkyPilot's handlers (a stream handler on the stdout it saw at import, on `sky` and on any `sky.*` logger
+    that does not propagate) off its loggers, and send their records to `SKY_LOG` instead."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or not (name == "sky" or name.startswith("sky.")):
+            continue
+        for handler in list(logger.handlers):
+            if not isinstance(handler, _ToMelangeLog):
+                logger.removeHandler(handler)
+        if (name == "sky" or not logger.propagate) and not any(isinstance(h, _ToMelangeLog) for h in logger.handlers):
+            logger.addHandler(_ToMelangeLog())
+
+
+@contextlib.contextmanager
+def _sky_quiet() -> Iterator[Any]:
+    """`sky`, with its log records routed to `SKY_LOG` and, unless that logger shows DEBUG, its spinners (drawn only
+    from the main thread, e.g. "Starting SkyPilot API server") and prints silenced."""
+    sky = _sky()
+    if SKY_LOG.isEnabledFor(logging.DEBUG) or threading.current_thread() is not threading.main_thread():
+        yield sky  # worker threads draw no spinner; SkyPilot's silent() swaps process globals, not safe across them
+        return
+    from sky import sky_logging  # noqa: PLC0415 - sky is loaded by now
+
+    with sky_logging.silent():
+        yield sky
+
+
+def _sky_call(method: Callable[P, T]) -> Callable[P, T]:
+    """Run a backend method with SkyPilot's own output kept out of melange-sky's (see `_sky_quiet`)."""
+    @functools.wraps(method)
+    def quiet(*args: P.args, **kwargs: P.kwargs) -> T:
+        with _sky_quiet():
+            return method(*args, **kwargs)
+
+    return quiet
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -68,6 +147,7 @@ class SkyPilotBackend:
         self._cancel_requested: set[str] = set()
 
     # -- launch -------------------------------------------------------------------------------------------------
+    @_sky_call
     def launch(self, request: LaunchRequest) -> ClusterInfo:
         """Submit `sky.launch` for the request's cluster and wait for it. Raises CapacityError, LaunchCancelled or
         LaunchError (one line, with the request id for `sky api logs`)."""
@@ -150,6 +230,7 @@ class SkyPilotBackend:
         return targets
 
     @staticmethod
+    @_sky_call
     def _api_cancel(request_ids: list[str]) -> None:
         sky = _sky()
         try:
@@ -159,6 +240,7 @@ class SkyPilotBackend:
                 from exc
 
     # -- status / endpoint / down ------------------------------------------------------------------------------
+    @_sky_call
     def status(self, clusters: Sequence[str], refresh: bool = False) -> dict[str, ClusterInfo]:
         """`sky.status` of the named clusters; those SkyPilot does not list are GONE."""
         names = list(dict.fromkeys(clusters))
@@ -181,6 +263,7 @@ class SkyPilotBackend:
         return {name: found.get(name, ClusterInfo(name, ClusterStatus.GONE, message="not known to SkyPilot"))
                 for name in names}
 
+    @_sky_call
     def endpoint(self, cluster: str, port: int) -> str | None:
         """`sky.endpoints(cluster, port)`; None when the cluster is not up or does not expose the port."""
         sky = _sky()
@@ -195,6 +278,7 @@ class SkyPilotBackend:
         value = endpoints.get(port, endpoints.get(str(port))) if endpoints else None
         return str(value) if value else None
 
+    @_sky_call
     def down(self, cluster: str, purge: bool = False) -> bool:
         """`sky.down`; ClusterDoesNotExist means it is already gone (False). Other failures raise BackendError."""
         sky = _sky()
@@ -230,6 +314,7 @@ class SkyPilotBackend:
                 raise
             raise InvalidTask(f"invalid SkyPilot task: {one_line(exc)}") from exc
 
+    @_sky_call
     def validate(self, task: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Validation:
         """Full check (schema, `task.validate()`, per-resource feasibility and price) against SkyPilot's catalog;
         if SkyPilot needs to download it and cannot within CATALOG_FETCH_TIMEOUT_S (offline), the same check by
@@ -274,6 +359,9 @@ class SkyPilotBackend:
             shutil.copytree(BUNDLED_DIR, Path(home, ".sky", "catalogs", skypilot_schema_version()))
             env = {**os.environ, "HOME": home, "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
             env.pop("SKY_RUNTIME_DIR", None)
+            env.pop(_CHILD_DEBUG, None)
+            if SKY_LOG.isEnabledFor(logging.DEBUG):
+                env[_CHILD_DEBUG] = "1"  # the child writes SkyPilot's lines to its stderr, passed on to SKY_LOG
             try:
                 # The child imports this very melange_sky (not one that happens to be in its working directory).
                 code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
@@ -282,9 +370,13 @@ class SkyPilotBackend:
                                       env=env, capture_output=True, text=True, timeout=CATALOG_FETCH_TIMEOUT_S * 6)
             except (OSError, subprocess.TimeoutExpired):
                 return None
+        *said, last = done.stdout.strip().splitlines() or [""]
+        for line in [*said, *done.stderr.splitlines()]:  # SkyPilot's own lines in the child: for --debug only
+            if line.strip():
+                SKY_LOG.debug("(validation with the bundled catalog) %s", _ANSI.sub("", line).rstrip())
         try:
-            answer = json.loads(done.stdout.strip().splitlines()[-1])
-        except (IndexError, ValueError):
+            answer = json.loads(last)
+        except ValueError:
             return None
         if "invalid" in answer:
             raise InvalidTask(answer["invalid"])
@@ -340,6 +432,9 @@ class SkyPilotBackend:
 
 def _validate_child() -> None:
     """Entry point of `_validate_with_bundled_catalog`'s child: a task as JSON on stdin, one JSON line out."""
+    if os.environ.get(_CHILD_DEBUG):
+        SKY_LOG.addHandler(logging.StreamHandler(sys.stderr))
+        SKY_LOG.setLevel(logging.DEBUG)
     task = json.loads(sys.stdin.read())
     try:
         answer = {"detail": SkyPilotBackend()._validate_full(  # noqa: SLF001
