@@ -8,8 +8,8 @@
 
 An open loop (as real clients are): a dispatcher thread starts a request every 1/rate seconds whatever the fleet is
 doing, on a pool of worker threads, so a slow or broken fleet shows as failures, not as a load that politely backs
-off. The mix cycles through four shapes, two per input bucket and output bucket of tests/data/e2e_fleet.json:
-small and large prompts, few and many tokens, streaming (SSE) and not, completions and chat.
+off. The mix cycles through `SHAPES`: small and large prompts, few and many tokens, streaming (SSE) and not,
+completions and chat, in the shares of tests/data/e2e_fleet.json's buckets (so the router observes that workload).
 
 Every request becomes an `Outcome` with its start and end (time.monotonic(), comparable with the test's own
 clock), whether it succeeded and the replica that served it: fake replicas (tests/fake_replica.py) put `served_by`
@@ -45,13 +45,15 @@ class Shape:
     stream: bool
 
 
-#: Small and large prompts (bucket edges 64 tokens), few and many tokens (edge 16), streamed or not.
-SHAPES = (
-    Shape("small", "/v1/completions", 40, 8, False),
-    Shape("small-stream", "/v1/chat/completions", 60, 12, True),
-    Shape("large", "/v1/completions", 1200, 40, False),
-    Shape("large-stream", "/v1/completions", 800, 80, True),
-)
+SMALL = Shape("small", "/v1/completions", 40, 8, False)  # ~10 prompt tokens: input bucket 0, output bucket 0
+SMALL_STREAM = Shape("small-stream", "/v1/chat/completions", 60, 12, True)  # bucket (0, 0)
+SMALL_LONG = Shape("small-long-stream", "/v1/completions", 100, 40, True)  # (0, 1): 25 tokens in, 40 out
+LARGE = Shape("large", "/v1/completions", 1200, 8, False)  # (1, 0): 300 tokens in
+LARGE_LONG = Shape("large-long-stream", "/v1/completions", 800, 80, True)  # (1, 1): 200 tokens in, 80 out
+
+#: One cycle of the mix: the shares of tests/data/e2e_fleet.json's workload_distribution (input edges 1/64/1024,
+#: output edges 1/16/128): 0.4 small-short, 0.2 small-long, 0.3 large-short, 0.1 large-long; half of it streamed.
+SHAPES = (SMALL, SMALL_STREAM, SMALL, SMALL_STREAM, SMALL_LONG, SMALL_LONG, LARGE, LARGE, LARGE, LARGE_LONG)
 
 
 @dataclass
@@ -165,6 +167,8 @@ class Load:
     def _body(self, index: int, shape: Shape) -> dict:
         text = (f"request {index} " + "lorem ipsum " * (shape.prompt_chars // 12 + 1))[:shape.prompt_chars]
         body: dict = {"model": self.model, "max_tokens": shape.max_tokens, "stream": shape.stream}
+        if shape.stream:
+            body["stream_options"] = {"include_usage": True}
         if shape.path.endswith("/chat/completions"):
             body["messages"] = [{"role": "user", "content": text}]
         else:
