@@ -167,3 +167,10 @@ class RouterError(MelangeError):
     names the router and the reason, never the admin token."""
 
     exit_code = 1
+
+
+class ControllerError(MelangeError):
+    """`watch` cannot run as asked: another controller holds the fleet, autoscaling without a router to read the
+    workload from."""
+
+    exit_code = 2

@@ -1,0 +1,144 @@
+"""`watch`: the fleet controller, one pass (`--once`) or a loop."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+import click
+
+from melange_sky.cli.fleet import _launcher_output, _print_event, _print_warning, _terminations_interrupt
+from melange_sky.cli.main import INTERRUPTED, debug_option, main
+from melange_sky.cli.options import backend_option
+from melange_sky.controller.rules import DEFAULT_MIN_REQUESTS, DEFAULT_SCALE_DOWN_AFTER_MIN
+from melange_sky.controller.watch import DEFAULT_INTERVAL_S, Action, Controller, PassReport, WatchOptions, watch_lock
+from melange_sky.errors import UnknownFleet
+from melange_sky.fleet.backends import load_backend
+from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_PARALLEL, UpOptions
+from melange_sky.fleet.ledger import Ledger
+from melange_sky.inputs.trace_rates import parse_rate_percentile
+
+
+@main.command()
+@click.argument("fleet_name", metavar="FLEET")
+@click.option("--once", is_flag=True, help="Run one pass and exit (0: the fleet is as planned; 1: the pass failed, "
+                                           "left replicas missing, or --max-cost refused a plan). For cron.")
+@click.option("--interval", type=click.FloatRange(min=1), default=DEFAULT_INTERVAL_S, show_default=True,
+              metavar="SECONDS", help="Seconds between the starts of two passes.")
+@click.option("--autoscale", is_flag=True, help="Re-plan from the traffic the fleet's router observes (its "
+                                                "/workload): scale up at once, down after --scale-down-after.")
+@click.option("--rate-percentile", default="95", show_default=True, metavar="P",
+              help="Plan for this percentile of the router's per-minute request rates (95, p99, max), not their "
+                   "mean; before a complete minute, the mean is used.")
+@click.option("--scale-down-after", type=click.FloatRange(min=0), default=DEFAULT_SCALE_DOWN_AFTER_MIN,
+              show_default=True, metavar="MINUTES",
+              help="Scale down only once the need has stayed below the plan's rate this long; then to the highest "
+                   "need seen in that window.")
+@click.option("--max-cost", type=click.FloatRange(min=0), metavar="$/H",
+              help="Never bring up a plan costing more (replicas and router): it is reported and recorded, not "
+                   "launched, and the fleet stays as it is.")
+@click.option("--from", "workload_url", metavar="URL",
+              help="Read the traffic from this `melange-sky serve` router (its base URL) instead of the fleet's "
+                   "own router; its key from MELANGE_SKY_API_KEY, else the fleet's.")
+@click.option("--min-requests", type=click.IntRange(min=1), default=DEFAULT_MIN_REQUESTS, show_default=True,
+              help="Use the router's observed bucket shares only once it counted this many requests (else the "
+                   "config's workload_distribution).")
+@click.option("--no-health-check", is_flag=True,
+              help="Do not probe the replicas' readiness path (when this machine cannot reach their endpoints): "
+                   "only the launcher's status counts.")
+@click.option("--no-shrink", is_flag=True, help="Never remove replicas that are up (scale-downs keep them).")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
+              metavar="SECONDS", help="How long a replica leaving the fleet may finish its requests.")
+@click.option("--parallel", type=click.IntRange(min=1), default=DEFAULT_PARALLEL, show_default=True,
+              help="Launches in flight at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per pass on stdout (progress stays on "
+                                                      "stderr).")
+@backend_option
+@debug_option
+def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_percentile: str,
+          scale_down_after: float, max_cost: float | None, workload_url: str | None, min_requests: int,
+          no_health_check: bool, no_shrink: bool, drain_timeout: float, parallel: int, as_json: bool,
+          backend: str | None) -> None:
+    """Keep FLEET (brought up by `melange-sky up`) serving: the controller.
+
+    Each pass asks the clouds for every cluster's live state, and probes each replica up at its readiness path
+    (deployment.readiness_path, default /health; two tries). Replicas that died, were preempted or stopped, or
+    failed both probes (torn down first) are relaunched under their names by the same steps as `up`: an offer
+    without capacity is re-planned onto others, and the router learns the new members. The fleet is re-planned
+    from the config and settings its last `up` stored in the ledger: no config file is needed.
+
+    With --autoscale, the pass reads the router's observed traffic and plans for the --rate-percentile of its
+    per-minute rates. A higher need than the plan's rate scales up at once; a lower one scales down only after it
+    has held for --scale-down-after minutes (the need is recorded each pass, so `watch --once` from cron keeps the
+    hold too). A scale-down is make-before-break: replicas no longer needed leave the router and drain first.
+
+    Every action is recorded in the ledger as a fleet event and printed as one line. Ctrl-C leaves the fleet as
+    it is (exit 130). One controller per fleet: a second `watch` of it is refused. Secrets the replicas need
+    (e.g. HF_TOKEN) must be set in this environment, as for `up`.
+
+    \b
+    Examples:
+      melange-sky watch llama2-chat --once                      # heal once: relaunch what died
+      melange-sky watch llama2-chat --autoscale --max-cost 40   # heal and follow the load, every 60 s
+      melange-sky watch llama2-chat --autoscale --rate-percentile 99 --scale-down-after 30
+      melange-sky watch demo --autoscale --from http://127.0.0.1:8080   # a fleet served by `melange-sky serve`
+      */5 * * * *  melange-sky watch llama2-chat --once --autoscale --json >> watch.jsonl   # from cron
+    """
+    options = WatchOptions(autoscale=autoscale, rate_percentile=parse_rate_percentile(rate_percentile),
+                           scale_down_after_s=scale_down_after * 60, max_cost=max_cost, workload_url=workload_url,
+                           min_requests=min_requests, health_check=not no_health_check,
+                           up=UpOptions(parallel=parallel, shrink=not no_shrink, drain_timeout=drain_timeout))
+    with Ledger() as ledger:
+        controller = Controller(fleet_name, load_backend(backend), ledger, os.environ, options,
+                                on_action=_print_action(fleet_name), on_event=_print_event,
+                                on_warning=_print_warning)
+        controller.check()
+        lock = watch_lock(ledger, fleet_name)
+        stdout = sys.stdout  # the passes' JSON: this command's output, not the launcher's (sent to stderr)
+        try:
+            with _launcher_output(), _terminations_interrupt():
+                code = _loop(controller, once, interval, as_json, stdout)
+        except KeyboardInterrupt:
+            code = INTERRUPTED
+        finally:
+            lock.release()
+    if code == INTERRUPTED:
+        click.echo(f"Interrupted: fleet {fleet_name} is left as it is.", err=True)
+    sys.exit(code)
+
+
+def _loop(controller: Controller, once: bool, interval: float, as_json: bool, stdout: TextIO) -> int:
+    """Passes until --once is done, the fleet is gone, or Ctrl-C; the exit code."""
+    while True:
+        started = time.monotonic()
+        try:
+            report = controller.run_pass()
+        except UnknownFleet:
+            click.echo(f"Fleet {controller.fleet} is no longer in the ledger (`down`?): nothing left to watch.",
+                       err=True)
+            return 0
+        if as_json:
+            click.echo(json.dumps(report.to_dict()), file=stdout)
+        else:
+            click.echo(_summary(report), err=True)
+        if report.interrupted:
+            return INTERRUPTED
+        if once:
+            return 0 if report.ok else 1
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def _print_action(fleet: str) -> Callable[[Action], None]:
+    def show(action: Action) -> None:
+        click.echo(f"watch {fleet}: {action.kind}: {action.message}", err=True)
+
+    return show
+
+
+def _summary(report: PassReport) -> str:
+    state = "failed" if report.error else "interrupted" if report.interrupted else "ok" if report.ok else "incomplete"
+    acted = f"{len(report.actions)} action(s)" if report.actions else "nothing to do"
+    return f"watch {report.fleet}: pass {state} in {report.seconds:.1f} s: {acted}"

@@ -1,0 +1,154 @@
+"""The controller's decisions, pure: what a router's `/workload` says the fleet needs, when to scale up or down, what
+the budget allows, which failed probes replace a replica.
+
+No clock, no ledger, no HTTP here: `watch.py` reads (the router, the ledger's events, the probes) and acts; these
+functions decide from values it passes in, `now` included, so every rule is tested with injected times
+(tests/test_controller_rules.py).
+"""
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from melange_sky.inputs.trace_rates import MINUTE_S, observed_rates
+
+__all__ = ["DEFAULT_MIN_REQUESTS", "DEFAULT_RATE_PERCENTILE", "DEFAULT_SCALE_DOWN_AFTER_MIN", "Decision", "Need",
+           "Scale", "distribution_from", "need_from_workload", "need_message", "needs_from_messages",
+           "over_budget", "scale_decision", "to_replace"]
+
+DEFAULT_RATE_PERCENTILE = 95.0
+DEFAULT_SCALE_DOWN_AFTER_MIN = 10.0
+#: Fewer requests than this in the router's histogram: its shares are noise; the config's distribution is kept.
+DEFAULT_MIN_REQUESTS = 100
+#: Event kind of a need observation: the controller's memory of recent needs, read back for the scale-down hold.
+NEED_EVENT = "need"
+
+
+@dataclass(frozen=True)
+class Need:
+    """The request rate (req/s) the fleet should be planned for, and where it came from (for the event line)."""
+
+    rate: float
+    source: str  # e.g. "p95 of 12 complete minute(s)", "mean over 40 s (no complete minute yet)"
+
+
+def need_from_workload(doc: Mapping[str, Any], percentile: float) -> Need | None:
+    """The need a router's `/workload` document shows: the `percentile` of its per-minute arrival rates (its
+    `minute_arrivals`, else its `rate_percentiles` when `percentile` is one of those), else, with no complete minute
+    yet, its mean rate. None when it reports no arrivals at all (no decision is taken on silence: scaling to nothing
+    is `down`)."""
+    minutes, shown = observed_rates(doc)
+    if minutes is not None:
+        rate = minutes.percentile(percentile)
+        source = f"p{percentile:g} of {minutes.minutes} complete minute(s)"
+    elif shown is not None and shown.get(percentile) is not None:
+        rate = float(shown.get(percentile) or 0.0)
+        source = f"p{percentile:g} of the router's per-minute rates"
+    else:
+        mean = doc.get("total_request_rate")
+        if not isinstance(mean, (int, float)) or isinstance(mean, bool) or not math.isfinite(mean):
+            return None
+        span = doc.get("span_s")
+        over = f" over {span:.0f} s" if isinstance(span, (int, float)) and not isinstance(span, bool) else ""
+        rate, source = float(mean), f"mean{over} (no complete minute yet)"
+    return Need(rate, source) if rate > 0 else None
+
+
+def distribution_from(doc: Mapping[str, Any], shape: tuple[int, int], input_edges: Sequence[int] | None,
+                      output_edges: Sequence[int] | None, min_requests: int) -> tuple[list[list[float]] | None, str]:
+    """The router's observed workload distribution (shares per bucket) when it counted at least `min_requests` in
+    buckets of the config's `shape` and edges (None: the config has none, only the shape is checked); else None
+    and why the config's distribution is kept."""
+    counts = doc.get("counts")
+    if (not isinstance(counts, list) or len(counts) != shape[0]
+            or not all(isinstance(row, list) and len(row) == shape[1] for row in counts)
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for row in counts for c in row)):
+        return None, (f"the router's histogram is not {shape[0]}x{shape[1]} like the config's: the config's "
+                      f"workload_distribution is kept")
+    if ((input_edges is not None and list(doc.get("input_buckets") or []) != list(input_edges))
+            or (output_edges is not None and list(doc.get("output_buckets") or []) != list(output_edges))):
+        return None, "the router's bucket edges are not the config's: the config's workload_distribution is kept"
+    total = sum(c for row in counts for c in row)
+    if total < min_requests:
+        return None, f"{total} request(s) counted (< {min_requests}): the config's workload_distribution is kept"
+    return [[c / total for c in row] for row in counts], f"the distribution of {total} observed request(s)"
+
+
+class Scale(enum.Enum):
+    """What to do with the plan's rate: raise it now, lower it (the hold is over), wait, or nothing."""
+
+    UP = "scale-up"
+    DOWN = "scale-down"
+    HOLD = "hold"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Decision:
+    scale: Scale
+    rate: float  # the rate to plan for (the current one unless UP or DOWN)
+    reason: str
+
+
+def scale_decision(current: float, need: float, history: Iterable[tuple[float, float]], now: float,
+                   hold_s: float) -> Decision:
+    """Scale up at once when `need` is above the plan's `current` rate; scale down only when every need observed
+    since some moment at least `hold_s` ago (`history`: (time, rate) observations, `need` at `now` included or
+    not) has stayed below `current`, and then to the highest need seen in the hold window (never below what the
+    window saw)."""
+    if need > current:
+        return Decision(Scale.UP, need, f"need {need:.4g} req/s > plan {current:.4g} req/s")
+    if need == current:
+        return Decision(Scale.NONE, current, f"need {need:.4g} req/s = plan")
+    observed = sorted([*[(at, rate) for at, rate in history if at <= now], (now, need)])
+    start = now  # when the current run of needs below the plan began
+    for at, rate in reversed(observed):
+        if rate >= current:
+            break
+        start = at
+    held = now - start
+    if held < hold_s:
+        return Decision(Scale.HOLD, current, f"need {need:.4g} req/s < plan {current:.4g} req/s for "
+                                             f"{held / MINUTE_S:.1f} of {hold_s / MINUTE_S:g} min before scaling down")
+    window = [rate for at, rate in observed if at >= now - hold_s]
+    target = max(window)
+    return Decision(Scale.DOWN, target, f"need below plan {current:.4g} req/s for {held / MINUTE_S:.1f} min "
+                                        f"(>= {hold_s / MINUTE_S:g}); highest need in that window {target:.4g} req/s")
+
+
+def over_budget(cost: float, max_cost: float | None) -> bool:
+    """Whether a plan at `cost` $/h exceeds the cap (None: no cap). A cent's rounding is not an excess."""
+    return max_cost is not None and cost > max_cost + 1e-9
+
+
+_NEED = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?) req/s")
+
+
+def need_message(need: Need) -> str:
+    """A need event's message: the rate first (read back by `needs_from_messages`), then its source."""
+    return f"{need.rate:.6g} req/s ({need.source})"
+
+
+def needs_from_messages(events: Iterable[tuple[float, str]]) -> list[tuple[float, float]]:
+    """(time, rate) of the need events' messages (`need_message`); messages that do not parse are skipped."""
+    out = []
+    for at, message in events:
+        match = _NEED.match(message)
+        if match is not None:
+            out.append((at, float(match.group(1))))
+    return out
+
+
+def to_replace(probes: Mapping[str, bool]) -> tuple[list[str], str | None]:
+    """The replicas to replace after readiness probes (`probes`: cluster -> answered on at least one of its tries).
+    When every one of several replicas failed, this machine probably cannot reach them (private addresses, a
+    firewall): none is replaced, and the note says so; one replica alone that fails is replaced."""
+    failed = sorted(c for c, ok in probes.items() if not ok)
+    if len(probes) > 1 and len(failed) == len(probes):
+        return [], (f"all {len(failed)} replicas failed their readiness probe from this machine: none replaced (if "
+                    f"their endpoints are not reachable from here, pass --no-health-check)")
+    return failed, None

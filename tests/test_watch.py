@@ -1,0 +1,271 @@
+"""`watch` through the real CLI against the FakeBackend (tests/fake_backend.py): a pass relaunches what the cloud
+lost and replaces what stops answering, a second controller is refused, --max-cost refuses a plan and records it,
+and --autoscale follows a router's /workload (a small local HTTP server here): up at once, down after the hold. The
+ledger is read back to prove what was recorded."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from fake_backend import FakeBackend
+from melange_sky.fleet.ledger import Ledger, ReplicaState
+from test_fleet_cli import EXAMPLE, PLANNED, run_cli, wait_for
+
+
+@pytest.fixture
+def fleet_env(tmp_path, monkeypatch):
+    """A private ledger and fake backend (as in test_fleet_cli), for in-process and subprocess CLI runs alike."""
+    env = {"MELANGE_SKY_HOME": str(tmp_path / "melange-home"), "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend",
+           "MELANGE_SKY_FAKE_STATE": str(tmp_path / "fake.json"), "HF_TOKEN": "hf_test_token_value"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return FakeBackend(env["MELANGE_SKY_FAKE_STATE"]), env
+
+
+def events(env, kind: str) -> list[str]:
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        return [e.message for e in ledger.history(fleet="example") if e.cluster is None and e.new_state == kind]
+
+
+def up_replicas(env) -> list[str]:
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        return sorted(r.cluster for r in ledger.replicas("example") if r.state is ReplicaState.UP)
+
+
+@contextmanager
+def http_server(host: str, port: int, handler_for):
+    """A loopback HTTP server answering GET with `handler_for(path) -> (status, body dict)`."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            status, body = handler_for(self.path, self.headers.get("Authorization"))
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_watch_once_relaunches_a_replica_the_cloud_lost(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    fake.remove_cluster("example-a10g-1")  # preempted and gone: the ledger still says up
+    result = cli("watch", "example", "--once", "--no-health-check")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(fake.clusters()) == PLANNED and up_replicas(env) == PLANNED
+    assert fake.launch_count("example-a10g-1") == 2
+    assert [c["cluster"] for c in fake.calls("launch")][4:] == ["example-a10g-1"]  # only the lost one
+    assert "watch example: relaunch: not up: example-a10g-1" in result.stderr
+    assert "watch example: up: complete: 4/4 planned replica(s) up, $6.70/h" in result.stderr
+    assert events(env, "relaunch") == ["not up: example-a10g-1; bringing the plan back ($6.70/h)"]
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        history = [e.new_state for e in ledger.history(cluster="example-a10g-1")]
+    assert history[-4:] == ["gone", "pending", "launching", "up"]
+
+
+def test_watch_once_on_a_whole_fleet_does_nothing_and_says_so(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    result = cli("watch", "example", "--once", "--no-health-check", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["actions"] == [] and report["up"] is None
+    assert len(fake.calls("launch")) == 4
+
+
+def test_replica_failing_its_readiness_probe_twice_is_torn_down_and_relaunched(cli, fleet_env, example,
+                                                                               write_config):
+    fake, env = fleet_env
+    port = free_port()
+    config = write_config({**example, "name": "example", "deployment": {"port": port}})
+    assert cli("up", "--no-router", config, "-y").exit_code == 0
+    hosts = {c: r["endpoint"].split(":")[0] for c, r in fake.clusters().items()}
+    assert len(set(hosts.values())) == 4  # one loopback address each
+    sick = "example-a10g-2"
+    probed = []
+
+    def health(path, _auth):
+        probed.append(path)
+        return 200, {"status": "ok"}
+
+    with contextlib_servers([(hosts[c], port) for c in PLANNED if c != sick], health):
+        result = cli("watch", "example", "--once")
+    assert result.exit_code == 0, result.stderr
+    assert set(probed) == {"/health"}
+    assert fake.launch_count(sick) == 2 and all(fake.launch_count(c) == 1 for c in PLANNED if c != sick)
+    assert up_replicas(env) == PLANNED
+    assert f"unhealthy: replica {sick}: readiness probe failed twice" in result.stderr
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        history = [(e.new_state, e.message) for e in ledger.history(cluster=sick)]
+    assert [s for s, _ in history[-5:]] == ["terminating", "gone", "pending", "launching", "up"]
+    assert "unhealthy" in history[-4][1]
+    assert len(events(env, "unhealthy")) == 1
+
+
+@contextmanager
+def contextlib_servers(addresses, handler_for):
+    servers = []
+    try:
+        for host, port in addresses:
+            cm = http_server(host, port, handler_for)
+            cm.__enter__()
+            servers.append(cm)
+        yield
+    finally:
+        for cm in reversed(servers):
+            cm.__exit__(None, None, None)
+
+
+def test_second_watcher_is_refused_naming_the_first_and_ctrl_c_leaves_the_fleet(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    first = run_cli(env, "watch", "example", "--no-health-check", "--interval", "3600")
+    try:
+        wait_for(lambda: "pass ok" in (first.stderr.readline() or ""), what="the first watcher's pass")
+        second = cli("watch", "example", "--once", "--no-health-check")
+        assert second.exit_code == 2
+        assert second.stderr.strip() == (f"Error: fleet 'example' is already watched by process {first.pid}; stop "
+                                         f"that `melange-sky watch` first (one controller per fleet)")
+        first.send_signal(signal.SIGINT)
+        _out, err = first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 130
+    assert "Interrupted: fleet example is left as it is." in err
+    assert fake.calls("down") == [] and up_replicas(env) == PLANNED
+    assert cli("watch", "example", "--once", "--no-health-check").exit_code == 0  # the lock went with it
+
+
+def test_plan_above_max_cost_is_reported_recorded_and_not_launched(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    fake.remove_cluster("example-a100-80gb-0")
+    result = cli("watch", "example", "--once", "--no-health-check", "--max-cost", "5", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["refused"] and report["up"] is None
+    assert [a["kind"] for a in report["actions"]] == ["over-budget"]
+    message = events(env, "over-budget")
+    assert message == ["relaunching example-a100-80gb-0 needs the plan at $6.70/h > --max-cost $5.00/h: not "
+                       "launched; the fleet stays as it is"]
+    assert len(fake.calls("launch")) == 4  # nothing launched
+    assert cli("watch", "example", "--once", "--no-health-check", "--max-cost", "6.70").exit_code == 0
+    assert up_replicas(env) == PLANNED
+
+
+def workload_doc(per_minute: int, minutes: int = 10, counts=((40, 20), (100, 40))) -> dict:
+    """A router's /workload: the example's 2x2 buckets, `per_minute` arrivals in each complete minute."""
+    return {"input_buckets": [1, 100, 1000], "output_buckets": [1, 100, 1000], "counts": [list(r) for r in counts],
+            "total_request_rate": per_minute / 60, "requests": sum(map(sum, counts)),
+            "minute_arrivals": [per_minute] * minutes,
+            "rate_percentiles": {"p50": per_minute / 60, "p95": per_minute / 60, "p99": per_minute / 60,
+                                 "max": per_minute / 60}}
+
+
+@pytest.fixture
+def router_stub():
+    """A loopback `/workload` whose document the test changes; it records the Authorization headers it got."""
+    state = {"doc": workload_doc(1800), "auth": []}
+
+    def answer(path, auth):
+        state["auth"].append(auth)
+        return (200, state["doc"]) if path == "/workload" else (404, {})
+
+    with http_server("127.0.0.1", 0, answer) as server:
+        state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+        yield state
+
+
+def test_autoscale_scales_up_at_once_and_down_only_after_the_hold(cli, fleet_env, router_stub):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0  # planned for 30 req/s: $6.70/h
+    common = ["--once", "--no-health-check", "--autoscale", "--from", router_stub["url"], "--drain-timeout", "0",
+              "--json"]
+    router_stub["doc"] = workload_doc(60 * 60)  # 60 req/s in every minute
+    grow = cli("watch", "example", *common, "--scale-down-after", "0.04")
+    assert grow.exit_code == 0, grow.stderr
+    report = json.loads(grow.stdout)
+    assert report["decision"]["scale"] == "scale-up" and report["need"]["rate"] == 60
+    assert report["up"]["complete"] and report["up"]["cost_up"] > 6.70
+    grown, grown_cost, downs = up_replicas(env), report["up"]["cost_up"], len(fake.calls("down"))
+    assert events(env, "scale-up")[0].startswith("30 -> 60 req/s")
+
+    router_stub["doc"] = workload_doc(10 * 60)  # the load falls to 10 req/s
+    held = cli("watch", "example", *common, "--scale-down-after", "0.04")  # 2.4 s
+    assert held.exit_code == 0, held.stderr
+    assert json.loads(held.stdout)["decision"]["scale"] == "hold"
+    assert up_replicas(env) == grown and len(fake.calls("down")) == downs
+    time.sleep(2.6)
+    shrink = cli("watch", "example", *common, "--scale-down-after", "0.04")
+    assert shrink.exit_code == 0, shrink.stderr
+    report = json.loads(shrink.stdout)
+    assert report["decision"]["scale"] == "scale-down" and report["decision"]["rate"] == 10
+    assert report["up"]["drained"] and report["up"]["cost_up"] < 6.70 < grown_cost
+    assert report["up"]["complete"] and set(up_replicas(env)) != set(grown)
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        stored = ledger.get_fleet("example").plan["config"]
+    assert stored["total_request_rate"] == 10  # the next pass plans from the scaled config
+    assert stored["workload_distribution"] == [[0.2, 0.1], [0.5, 0.2]]
+    assert [m.split(":")[0] for m in events(env, "need")] == ["60 req/s (p95 of 10 complete minute(s))",
+                                                             "10 req/s (p95 of 10 complete minute(s))",
+                                                             "10 req/s (p95 of 10 complete minute(s))"]
+
+
+def test_autoscale_above_max_cost_keeps_the_fleet(cli, fleet_env, router_stub):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    router_stub["doc"] = workload_doc(100 * 60)
+    result = cli("watch", "example", "--once", "--no-health-check", "--autoscale", "--from", router_stub["url"],
+                 "--max-cost", "10")
+    assert result.exit_code == 1
+    assert "watch example: over-budget: scale-up to 100 req/s needs $" in result.stderr
+    assert len(fake.calls("launch")) == 4 and up_replicas(env) == PLANNED
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        assert ledger.get_fleet("example").plan["config"]["total_request_rate"] == 30
+
+
+def test_autoscale_without_a_router_or_from_is_a_one_line_error(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    result = cli("watch", "example", "--once", "--autoscale")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: --autoscale reads the traffic from the fleet's router")
+    assert "--from URL" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_fleet_and_missing_secret_are_one_line_errors(cli, fleet_env, monkeypatch):
+    fake, env = fleet_env
+    result = cli("watch", "nope", "--once")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: no fleet 'nope' in the ledger")
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    monkeypatch.delenv("HF_TOKEN")
+    result = cli("watch", "example", "--once")
+    assert result.exit_code == 2 and result.stderr.startswith("Error: HF_TOKEN not set in the environment")
+    assert len(fake.calls("launch")) == 4
