@@ -113,11 +113,20 @@ def scale_decision(current: float, need: float, history: Iterable[tuple[float, f
     held = now - start
     if held < hold_s:
         return Decision(Scale.HOLD, current, f"need {need:.4g} req/s < plan {current:.4g} req/s for "
-                                             f"{held / MINUTE_S:.1f} of {hold_s / MINUTE_S:g} min before scaling down")
+                                             f"{_duration(held)} of {_duration(hold_s)} before scaling down")
     window = [rate for at, rate in observed if at >= now - hold_s]
     target = max(window)
-    return Decision(Scale.DOWN, target, f"need below plan {current:.4g} req/s for {held / MINUTE_S:.1f} min "
-                                        f"(>= {hold_s / MINUTE_S:g}); highest need in that window {target:.4g} req/s")
+    return Decision(Scale.DOWN, target, f"need below plan {current:.4g} req/s for {_duration(held)} (hold "
+                                        f"{_duration(hold_s)}); highest need in that window {target:.4g} req/s")
+
+
+def _duration(seconds: float) -> str:
+    """`9 min 59 s`, `45 s`, `10 min`: truncated, so a hold not yet over never reads as over."""
+    whole = int(seconds)
+    minutes, rest = divmod(whole, int(MINUTE_S))
+    if not minutes:
+        return f"{rest} s"
+    return f"{minutes} min {rest} s" if rest else f"{minutes} min"
 
 
 def over_budget(cost: float, max_cost: float | None) -> bool:
