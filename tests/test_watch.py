@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fake_backend import FakeBackend
+from melange_sky.fleet.keys import load_keys
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from test_fleet_cli import EXAMPLE, PLANNED, run_cli, wait_for
 
@@ -41,10 +42,18 @@ def up_replicas(env) -> list[str]:
 
 @contextmanager
 def http_server(host: str, port: int, handler_for):
-    """A loopback HTTP server answering GET with `handler_for(path) -> (status, body dict)`."""
+    """A loopback HTTP server answering GET with `handler_for(path, authorization) -> (status, body dict)`, and PUT
+    with `handler_for(path, authorization, body)` when it takes a third argument."""
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
-            status, body = handler_for(self.path, self.headers.get("Authorization"))
+            self._answer(handler_for(self.path, self.headers.get("Authorization")))
+
+        def do_PUT(self):  # noqa: N802
+            sent = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+            self._answer(handler_for(self.path, self.headers.get("Authorization"), sent))
+
+        def _answer(self, answer):
+            status, body = answer
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -269,3 +278,71 @@ def test_unknown_fleet_and_missing_secret_are_one_line_errors(cli, fleet_env, mo
     result = cli("watch", "example", "--once")
     assert result.exit_code == 2 and result.stderr.startswith("Error: HF_TOKEN not set in the environment")
     assert len(fake.calls("launch")) == 4
+
+
+class RouterStub:
+    """The fleet router's admin and workload API at its ledger endpoint (a loopback address of the fake backend):
+    /workload wants the fleet's client key, /admin/routes its admin token; pushed documents are kept."""
+
+    def __init__(self, keys):
+        self.keys = keys
+        self.doc = workload_doc(1800)
+        self.routes = None
+        self.pushes = []
+        self.workload_auth = []
+
+    def __call__(self, path, auth, sent=None):
+        if path == "/workload":
+            self.workload_auth.append(auth)
+            return (200, self.doc) if auth == f"Bearer {self.keys.api_key}" else (401, {})
+        if path == "/admin/routes":
+            if auth != f"Bearer {self.keys.admin_token}":
+                return 401, {}
+            if sent is None:
+                return 200, {"routes": self.routes, "generation": len(self.pushes), "inflight": {}, "draining": {}}
+            self.routes = sent
+            self.pushes.append(sent)
+            return 200, {"accepted": True, "replicas": len(sent["replicas"]), "generation": len(self.pushes)}
+        return 200, {"status": "ok"}
+
+
+@pytest.fixture
+def routed_fleet(cli, fleet_env, example, write_config):
+    """The example fleet up with its router, and a RouterStub listening where the ledger says the router is."""
+    fake, env = fleet_env
+    port = free_port()
+    config = write_config({**example, "name": "example", "input_buckets": [1, 100, 1000],
+                           "output_buckets": [1, 100, 1000], "deployment": {"router": {"port": port}}})
+    assert cli("up", config, "-y").exit_code == 0
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        host, router_port = ledger.router("example").endpoint.split(":")
+    keys = load_keys("example", env["MELANGE_SKY_HOME"])
+    stub = RouterStub(keys)
+    with http_server(host, int(router_port), stub):
+        yield fake, env, stub
+
+
+def test_a_router_that_lost_its_routes_is_pushed_the_ledgers_replicas(cli, routed_fleet):
+    fake, env, router = routed_fleet
+    result = cli("watch", "example", "--once", "--no-health-check")
+    assert result.exit_code == 0, result.stderr
+    assert "routes-resync: the router routes to 0 replica(s), the ledger has 4 up: pushing" in result.stderr
+    assert sorted(r["name"] for r in router.pushes[-1]["replicas"]) == PLANNED
+    again = cli("watch", "example", "--once", "--no-health-check", "--json")
+    assert json.loads(again.stdout)["actions"] == [] and len(router.pushes) == 1  # in step: nothing pushed
+
+
+def test_autoscale_reads_the_fleets_router_with_its_client_key_and_pushes_the_new_members(cli, routed_fleet):
+    fake, env, router = routed_fleet
+    router.doc = workload_doc(60 * 60, counts=((10, 10), (60, 20)))  # 100 requests: enough for its shares
+    result = cli("watch", "example", "--once", "--no-health-check", "--autoscale", "--drain-timeout", "0",
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["decision"]["scale"] == "scale-up" and report["up"]["complete"]
+    assert router.workload_auth == [f"Bearer {router.keys.api_key}"]
+    assert sorted(r["name"] for r in router.pushes[-1]["replicas"]) == up_replicas(env) != PLANNED
+    assert router.keys.api_key not in result.stderr + result.stdout
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:  # the router's histogram replaced the config's
+        assert ledger.get_fleet("example").plan["config"]["workload_distribution"] == [[0.1, 0.1], [0.6, 0.2]]
+    assert router.pushes[-1]["workload_distribution"] == [[0.1, 0.1], [0.6, 0.2]]
