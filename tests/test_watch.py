@@ -346,3 +346,15 @@ def test_autoscale_reads_the_fleets_router_with_its_client_key_and_pushes_the_ne
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:  # the router's histogram replaced the config's
         assert ledger.get_fleet("example").plan["config"]["workload_distribution"] == [[0.1, 0.1], [0.6, 0.2]]
     assert router.pushes[-1]["workload_distribution"] == [[0.1, 0.1], [0.6, 0.2]]
+
+
+def test_watch_once_relaunches_the_router_the_cloud_lost(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    fake.remove_cluster("example-router")
+    result = cli("watch", "example", "--once", "--no-health-check")
+    assert result.exit_code == 0, result.stderr
+    assert "watch example: relaunch: not up: example-router;" in result.stderr
+    assert fake.launch_count("example-router") == 2 and all(fake.launch_count(c) == 1 for c in PLANNED)
+    assert sorted(fake.clusters()["example-router"]["secret_names"]) == ["MELANGE_SKY_ADMIN_TOKEN",
+                                                                         "MELANGE_SKY_API_KEY"]
