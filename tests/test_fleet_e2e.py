@@ -9,9 +9,12 @@ open-loop client load (tests/e2e_load.py) through the fleet's one endpoint from 
    succeed, every replica serves some.
 2. A replica is killed out of band (a preemption), with requests in flight on it; the controller's single pass
    (`watch FLEET --once`) relaunches it: a new process, up in the ledger, back in the router's routes, serving.
-3. The load rises, and the fleet grows (`up --rate HIGH`).
-4. The load falls, and `up --rate LOW` shrinks make-before-break: the replicas no longer needed leave the router,
-   drain (each is torn down with nothing in flight), and are removed; the preview said which and what they cost.
+3. The load rises; once the router observes it, `watch FLEET --once --autoscale` grows the fleet (a --max-cost below
+   the new plan's cost first: reported, nothing launched). The router has no complete minute within a test, so the
+   need is its /workload mean since it started, as `watch` says; the load stays high until that mean is.
+4. The load falls, and `up --rate LOW` shrinks make-before-break: the replicas no longer needed (those its dry run
+   names) leave the router, drain (each is torn down with nothing in flight: they were made slow so requests are in
+   flight on them when the shrink starts, and those requests succeed), and are removed.
 5. `down` leaves no process running and no fleet in the ledger.
 
 After every step the router's membership (`GET /admin/routes` with the admin token from the fleet's key file) is the
@@ -45,7 +48,8 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 CONFIG = TESTS / "data" / "e2e_fleet.json"
 FLEET = "e2e"
-LOW, HIGH = 4.0, 12.0  # req/s: 1 L4 + 1 A10G ($1.81/h), then 2 L4 + 2 A10G ($3.62/h)
+LOW, HIGH = 4.0, 16.0  # req/s: LOW is 1 L4 + 1 A10G ($1.81/h)
+NEED = 9.0  # req/s observed before autoscaling: 3 or 4 replicas ($2.8-4.0/h) whatever the observed bucket shares
 HF_SECRET = "hf_e2e_secret_value_5d1c"
 CLI_TIMEOUT_S = 120
 WAIT_S = 45.0  # the deadline of any one wait (generous: the machine is shared)
@@ -68,11 +72,11 @@ class Fleet:
     env: dict[str, str]
     outputs: list[str] = field(default_factory=list)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
         done = subprocess.run([sys.executable, "-m", "melange_sky", *args], env=self.env, cwd=self.tmp,
                               capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
         self.outputs += [done.stdout, done.stderr]
-        assert done.returncode == 0, (f"melange-sky {' '.join(args)} exited {done.returncode}:\n"
+        assert done.returncode == expect, (f"melange-sky {' '.join(args)} exited {done.returncode}:\n"
                                       f"{done.stdout}\n{done.stderr}")
         return done
 
@@ -176,26 +180,37 @@ def test_fleet_serves_heals_grows_and_shrinks_under_continuous_load_and_down_lea
         killed_at = time.monotonic()
         assert fleet.pb.kill(victim)
         killed = (killed_at, time.monotonic())
-        heal = heal_command(fleet)
-        fleet.cli(*heal)
+        healing = fleet.cli("watch", FLEET, "--once")
+        said = healing.stdout + healing.stderr
+        assert any(victim in line and "relaunch" in line for line in said.splitlines()), said  # one line per action
         assert fleet.pb.clusters()[victim]["pid"] != old_pid, "the dead replica was not relaunched"
-        healed = fleet.check_membership(url, " ".join(heal[:3]))
+        healed = fleet.check_membership(url, "watch --once")
         assert set(healed) == set(first) and healed[victim] != first[victim]  # a new process on a new port
         since = time.monotonic()
         load.wait_until(lambda lo: lo.served(since)[victim] >= 3, WAIT_S, f"{victim} to serve again")
 
-        # 3. the load rises: the fleet grows ------------------------------------------------------------------------
+        # 3. the load rises: the controller, reading the router's observed traffic, grows the fleet -----------------
+        # Its per-minute rates need a complete minute; before one, the router's /workload gives the mean since it
+        # started, which is what `watch --autoscale` then sizes on (said in its output). The load goes to HIGH until
+        # that mean is well above what 2 replicas can take.
         load.set_rate(HIGH)
-        fleet.cli("up", str(fleet.config), "--rate", str(HIGH), "-y")
-        grown = fleet.check_membership(url, "up --rate HIGH")
-        assert len(grown) == 4 and set(first) < set(grown)
+        wait_for(lambda: observed_rate(url, keys["api_key"]) >= NEED, f"the router to observe >= {NEED} req/s")
+        capped = fleet.cli("watch", FLEET, "--once", "--autoscale", "--max-cost", "2.5", expect=1)
+        said = capped.stdout + capped.stderr
+        assert any("--max-cost" in line and "not launched" in line for line in said.splitlines()), said
+        assert fleet.check_membership(url, "watch --autoscale --max-cost (refused)") == healed
+        fleet.cli("watch", FLEET, "--once", "--autoscale")
+        grown = fleet.check_membership(url, "watch --once --autoscale")
+        assert len(grown) > len(first), f"the fleet did not grow: {sorted(grown)}"
         since = time.monotonic()
-        load.wait_until(lambda lo: all(lo.served(since)[c] >= 3 for c in grown), WAIT_S, "every replica to serve")
+        load.wait_until(lambda lo: all(lo.served(since)[c] >= 2 for c in grown), WAIT_S, "every replica to serve")
 
         # 4. the load falls: shrink, make-before-break, with drain --------------------------------------------------
         # The replicas the smaller plan does not reuse are made slow (a large stream then lasts ~3 s), so the
         # shrink finds requests in flight on them: the drain has something to wait for.
-        leaving = set(grown) - set(first)
+        plan = json.loads(fleet.cli("up", str(fleet.config), "--rate", str(LOW), "--dryrun", "--json").stdout)
+        leaving = set(drain_list(plan))
+        assert leaving and leaving < set(grown), f"the dry run of the shrink drains {sorted(leaving)}"
         for cluster in leaving:
             fleet.pb.control(cluster, token_delay_ms=40)
         wait_for(lambda: all((fleet.pb.stats(c) or {}).get("in_flight", 0) >= 1 for c in leaving),
@@ -205,7 +220,8 @@ def test_fleet_serves_heals_grows_and_shrinks_under_continuous_load_and_down_lea
         shrink = fleet.cli("up", str(fleet.config), "--rate", str(LOW), "-y", "--drain-timeout", "30")
         shrunk = fleet.check_membership(url, "up --rate LOW (shrink)")
         removed = set(grown) - set(shrunk)
-        assert set(shrunk) == set(first) and removed == leaving
+        assert removed == leaving, "the shrink did not remove what its preview said"
+        assert len(shrunk) == 2 and len(grown) > 2
         preview = shrink.stdout.split(f"Fleet {FLEET}:")[0]
         for cluster in removed:
             assert cluster in preview, f"the preview did not say {cluster} would be removed:\n{shrink.stdout}"
@@ -235,5 +251,12 @@ def test_fleet_serves_heals_grows_and_shrinks_under_continuous_load_and_down_lea
     assert unexplained == [], f"{len(unexplained)} requests failed outside the kill: {unexplained[:5]}"
 
 
-def heal_command(fleet: Fleet) -> list[str]:
-    return ["up", str(fleet.config), "--rate", str(LOW), "-y"]
+def observed_rate(url: str, api_key: str) -> float:
+    request = urllib.request.Request(f"{url}/workload", headers={"Authorization": f"Bearer {api_key}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return float(json.loads(answer.read())["total_request_rate"])
+
+
+def drain_list(dryrun: dict) -> list[str]:
+    """The replicas `up --dryrun --json` says the real `up` will drain and tear down."""
+    return list(dryrun["drain"])
