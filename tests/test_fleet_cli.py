@@ -334,7 +334,7 @@ def test_rerun_in_per_offer_mode_keeps_the_replicas_already_up(cli, fleet_env):
 def test_what_up_shows_is_what_it_launches_on_an_existing_fleet(cli, fleet_env):
     fake, env = fleet_env
     assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    bigger = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "60")
+    bigger = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "60", "--no-shrink")
     assert bigger.exit_code == 0, bigger.stderr
     shown = int(bigger.stdout.split("To launch: ")[1].split(" ")[0])
     assert shown == len(fake.calls("launch")) - 4 > 0
@@ -354,7 +354,7 @@ def test_up_on_a_complete_fleet_asks_nothing_even_without_a_terminal(fleet_env):
 def test_a_smaller_plan_keeps_surplus_replicas_and_says_so(cli, fleet_env):
     fake, env = fleet_env
     assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    smaller = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "10")
+    smaller = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "10", "--no-shrink")
     assert smaller.exit_code == 0, smaller.stderr
     assert "the load alone needs $3.67/h (1 replica(s))" in smaller.stdout and len(fake.clusters()) == 4
 
@@ -445,11 +445,11 @@ def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(fleet_en
         ledger.transition("example-a10g-9", ReplicaState.FAILED, error="boom")
     fake.add_cluster("example-a10g-9", status="init")
     # no -y, no terminal: refuses, removes nothing
-    proc = run_cli(env, "up", "--no-router", EXAMPLE, stdin=subprocess.DEVNULL)
+    proc = run_cli(env, "up", "--no-router", EXAMPLE, "--rate", "60", stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "tear down 1" in err and "example-a10g-9" in out
     assert "example-a10g-9" in fake.clusters()
-    assert run_cli(env, "up", "--no-router", EXAMPLE, "-y").wait(60) == 0
+    assert run_cli(env, "up", "--no-router", EXAMPLE, "-y", "--rate", "60").wait(60) == 0
     assert "example-a10g-9" not in fake.clusters() and ledger_rows(env)["example-a10g-9"] is ReplicaState.GONE
 
 

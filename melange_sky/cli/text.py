@@ -6,7 +6,7 @@ import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
-from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState, running_cost
+from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
 from melange_sky.solver.result import Baseline, SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -254,7 +254,13 @@ def format_up(report: UpReport, shown: Collection[str] = ()) -> str:
     lines = [f"Fleet {report.fleet}: {planned_up}/{len(report.plan.replicas)} planned replicas up, "
              f"${report.cost:.2f}/h running (plan ${report.plan.cost:.2f}/h), {report.rounds} round(s), "
              f"{report.seconds:.1f} s", ""]
-    lines += _live_replica_table(report.replicas)
+    lines += _live_replica_table([*report.replicas, *([report.router] if report.router is not None else [])])
+    if report.drained:
+        lines += ["", f"Drained and torn down {len(report.drained)} replica(s) the plan no longer needs: "
+                      f"{', '.join(report.drained)}."]
+    if report.endpoint:
+        lines += ["", f"Endpoint: {report.endpoint}/v1  (OpenAI-compatible; clients send the key in "
+                      f"$MELANGE_SKY_HOME/keys/{report.fleet}.json as 'Authorization: Bearer KEY')"]
     if report.unavailable_offers:
         lines += ["", f"No capacity on: {', '.join(report.unavailable_offers)}."]
     lines += [f"Note: {note}" for note in dict.fromkeys(report.notes) if note not in shown]
@@ -295,7 +301,8 @@ def format_dryrun(report: DryRunReport) -> str:
 
 
 def format_status(report: StatusReport) -> str:
-    """`melange-sky status`: per fleet, its replicas with state, endpoint and $/h."""
+    """`melange-sky status`: per fleet, its endpoint, what it costs (serving, planned, so far) and its replicas with
+    state, endpoint, uptime and cost to date."""
     if not report.fleets:
         return "No fleets in the ledger. Start one with `melange-sky up CONFIG`."
     lines: list[str] = []
@@ -303,11 +310,29 @@ def format_status(report: StatusReport) -> str:
         rows = report.of(fleet.name)
         live = [r for r in rows if r.state.may_have_cluster]
         up = sum(1 for r in rows if r.state is ReplicaState.UP)
-        lines += [f"Fleet {fleet.name}: {up}/{len(live)} up, ${running_cost(rows):.2f}/h", ""]
-        lines += _live_replica_table(rows)
+        serving, planned = report.serving_cost(fleet.name), report.planned_cost(fleet.name)
+        lines.append(f"Fleet {fleet.name}: {up}/{len(live)} up, ${serving:.2f}/h serving ({per_month(serving)})"
+                     + (f", plan ${planned:.2f}/h" if planned is not None else "")
+                     + f", ${report.cost_to_date(fleet.name):,.2f} so far")
+        unsure = [r for r in rows if r.state in (ReplicaState.FAILED, ReplicaState.STOPPED)]
+        if unsure:
+            lines.append(f"  {len(unsure)} failed or stopped replica(s) may still bill (a failed launch may hold a "
+                         f"cluster, a stopped one its disks): `melange-sky status {fleet.name} --refresh` checks")
+        router = report.routers.get(fleet.name)
+        endpoint = report.endpoint(fleet.name)
+        if endpoint:
+            lines.append(f"  Endpoint: {endpoint}/v1  (clients send the key in $MELANGE_SKY_HOME/keys/"
+                         f"{fleet.name}.json as 'Authorization: Bearer KEY')")
+        elif router is not None and router.state.may_have_cluster:
+            lines.append(f"  Router {router.cluster}: {router.state.value}"
+                         + (f" ({router.last_error})" if router.last_error else "") + "; `melange-sky up` or "
+                         "`watch` relaunches it")
+        lines.append("")
+        lines += _live_replica_table([*rows, *([router] if router is not None else [])], report)
         lines.append("")
     if len(report.fleets) > 1:
-        lines.append(f"All fleets: ${running_cost(report.replicas):.2f}/h")
+        total = sum(report.serving_cost(f.name) for f in report.fleets)
+        lines.append(f"All fleets: ${total:.2f}/h serving ({per_month(total)})")
     return "\n".join(lines).rstrip()
 
 
@@ -327,17 +352,42 @@ def format_down(report: DownReport) -> str:
     return "\n".join(lines)
 
 
-def _live_replica_table(replicas: list[ReplicaRecord]) -> list[str]:
-    """The replicas that may have a cluster; gone ones (torn down, or replaced after no capacity) only counted."""
+def _live_replica_table(replicas: list[ReplicaRecord], report: StatusReport | None = None) -> list[str]:
+    """The replicas that may have a cluster; gone ones (torn down, or replaced after no capacity) only counted.
+    With a status `report`, each row's uptime and cost to date too."""
     live = [r for r in replicas if r.state.may_have_cluster]
     gone = len(replicas) - len(live)
-    return _replica_table(live) + ([f"  ({gone} gone replica(s) not shown: replaced or torn down)"] if gone else [])
+    return (_replica_table(live, report)
+            + ([f"  ({gone} gone replica(s) not shown: replaced or torn down)"] if gone else []))
 
 
-def _replica_table(replicas: list[ReplicaRecord]) -> list[str]:
-    rows = [(f"{_MARKS.get(r.state, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value,
-             r.endpoint or "-", f"{r.price_per_hour:.4g}", (r.last_error or "")[:80]) for r in replicas]
-    return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "last error"), rows)
+def _replica_table(replicas: list[ReplicaRecord], report: StatusReport | None = None) -> list[str]:
+    if report is None:
+        plain = [(f"{_MARKS.get(r.state, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value,
+                  r.endpoint or "-", f"{r.price_per_hour:.4g}", (r.last_error or "")[:80]) for r in replicas]
+        return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "last error"), plain)
+    rows: list[tuple[str, ...]] = []
+    for r in replicas:
+        spent = report.usage.get(r.cluster)
+        rows.append((f"{_MARKS.get(r.state, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value, r.endpoint or "-",
+                     f"{r.price_per_hour:.4g}", _duration(spent.uptime_seconds) if spent else "-",
+                     f"{spent.cost_to_date:,.2f}" if spent else "-", (r.last_error or "")[:80]))
+    return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "uptime", "$ so far", "last error"), rows,
+                  right={5, 6, 7})
+
+
+def _duration(seconds: float) -> str:
+    """"-" when not up, else "42s", "17m", "3h05m", "2d04h"."""
+    if seconds <= 0:
+        return "-"
+    minutes, hours = int(seconds // 60), int(seconds // 3600)
+    if seconds < 60:
+        return f"{int(seconds)}s"
+    if hours < 1:
+        return f"{minutes}m"
+    if hours < 48:
+        return f"{hours}h{minutes % 60:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
 
 
 def _table(headers: tuple[str, ...], rows: Sequence[Sequence[object]], right: Collection[int] = frozenset(),

@@ -29,14 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky._signals import signals_held
-from melange_sky.deploy.membership import get_admin_routes, push_routes, routes_document
+from melange_sky.deploy.membership import get_admin_routes, normalise_url, push_routes, routes_document
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
 from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
 from melange_sky.fleet.keys import ADMIN_TOKEN_ENV, API_KEY_ENV, FleetKeys, forget_keys, load_keys
-from melange_sky.fleet.ledger import Ledger, ReplicaRecord, ReplicaState, Role
-from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
+from melange_sky.fleet.ledger import Event, Ledger, ReplicaRecord, ReplicaState, Role
+from melange_sky.fleet.reports import (DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport,
+                                       Usage, usage)
 
 __all__ = ["DEFAULT_DRAIN_TIMEOUT", "DEFAULT_MAX_ROUNDS", "DEFAULT_PARALLEL", "DownReport", "DryRunReport", "Fleet",
            "Planner", "Preview", "ReplicaEvent", "RouterSetup", "StatusReport", "UpOptions", "UpReport"]
@@ -419,7 +420,7 @@ class Fleet:
                                                                           "told")
             report.notes.append("the drain was abandoned (the router could not be told); `up` tries again")
             return
-        urls = [reconcile.endpoint_url(r.endpoint) for r in leaving if r.endpoint]
+        urls = [_router_url(r.endpoint) for r in leaving if r.endpoint]
         waited = self._wait_drained(fleet, urls, timeout) if routed else self._wait(timeout)
         self._db.record_event(fleet, "drained", f"{', '.join(r.cluster for r in leaving)} after {waited:.1f} s")
         for row in leaving:
@@ -624,7 +625,17 @@ class Fleet:
         replicas = self.status(fleet, refresh)
         fleets = [f for f in (self.ledger.fleets() if self.ledger is not None else []) if fleet in (None, f.name)]
         routers = {f.name: r for f in fleets if self.ledger is not None and (r := self.ledger.router(f.name))}
-        return StatusReport(fleets=fleets, replicas=replicas, routers=routers)
+        spent: dict[str, Usage] = {}
+        now = time.time()
+        for record in fleets:
+            assert self.ledger is not None
+            events: dict[str, list[Event]] = {}
+            for event in self.ledger.history(fleet=record.name):
+                if event.cluster is not None:
+                    events.setdefault(event.cluster, []).append(event)
+            for row in [*[r for r in replicas if r.fleet == record.name], *filter(None, [routers.get(record.name)])]:
+                spent[row.cluster] = usage(row, events.get(row.cluster, []), now, since=record.created)
+        return StatusReport(fleets=fleets, replicas=replicas, routers=routers, usage=spent)
 
     # -- down -----------------------------------------------------------------------------------------------------
     def down(self, fleet: str, purge: bool = False, parallel: int = DEFAULT_PARALLEL) -> DownReport:
@@ -680,3 +691,11 @@ class Fleet:
             forget_keys(fleet, self._db.home)  # its router is gone: the tokens open nothing any more
         return DownReport(fleet=fleet, removed=sorted(removed), already_gone=sorted(gone), failed=failed,
                           fleet_removed=not failed)
+
+
+def _router_url(endpoint: str) -> str:
+    """A replica's endpoint as the router spells it in its in-flight counts (normalised, so they compare)."""
+    try:
+        return normalise_url(endpoint, "endpoint")
+    except MelangeError:
+        return reconcile.endpoint_url(endpoint)

@@ -9,7 +9,44 @@ from typing import Any
 
 from melange_sky.deploy.plan import Plan, ReplicaPlan
 from melange_sky.fleet.backends import Validation
-from melange_sky.fleet.ledger import FleetRecord, ReplicaRecord, ReplicaState, running_cost
+from melange_sky.fleet.ledger import Event, FleetRecord, ReplicaRecord, ReplicaState, running_cost
+
+#: States in which a cluster's instance bills for sure: provisioning, serving, being torn down. A failed launch may
+#: or may not hold one; its time is not counted (a cost to date never claims what may not have been paid).
+BILLED_STATES = frozenset({ReplicaState.LAUNCHING.value, ReplicaState.UP.value, ReplicaState.TERMINATING.value})
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A cluster's time and money so far, from its ledger events: how long it billed, and its current stretch up."""
+
+    billed_seconds: float
+    uptime_seconds: float  # since it last came up (0 when it is not up)
+    cost_to_date: float  # billed hours x its $/h
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"billed_seconds": round(self.billed_seconds, 1), "uptime_seconds": round(self.uptime_seconds, 1),
+                "cost_to_date": round(self.cost_to_date, 6)}
+
+
+def usage(row: ReplicaRecord, events: list[Event], now: float, since: float = 0.0) -> Usage:
+    """`Usage` of `row` from its events (oldest first) at or after `since` (the fleet's creation: a name reused by
+    an earlier fleet does not bill this one)."""
+    billed = 0.0
+    state: str | None = None
+    at = up_since = 0.0
+    for event in events:
+        if event.at < since:
+            continue
+        if state in BILLED_STATES:
+            billed += max(0.0, event.at - at)
+        if event.new_state == ReplicaState.UP.value and state != ReplicaState.UP.value:
+            up_since = event.at
+        state, at = event.new_state, event.at
+    if state in BILLED_STATES:
+        billed += max(0.0, now - at)
+    uptime = now - up_since if state == ReplicaState.UP.value else 0.0
+    return Usage(billed, max(0.0, uptime), billed / 3600 * row.price_per_hour)
 
 
 @dataclass(frozen=True)
@@ -169,6 +206,22 @@ class StatusReport:
     fleets: list[FleetRecord]
     replicas: list[ReplicaRecord]
     routers: dict[str, ReplicaRecord] = field(default_factory=dict)  # fleet -> its router's row, if it has one
+    usage: dict[str, Usage] = field(default_factory=dict)  # cluster -> its time and cost so far
+
+    def serving_cost(self, fleet: str) -> float:
+        """$/h of what serves: replicas up, and the router when up (what the fleet costs while it works)."""
+        rows = [*self.of(fleet), *([self.routers[fleet]] if fleet in self.routers else [])]
+        return sum(r.price_per_hour for r in rows if r.state is ReplicaState.UP)
+
+    def planned_cost(self, fleet: str) -> float | None:
+        record = next((f for f in self.fleets if f.name == fleet), None)
+        cost = record.plan.get("cost") if record is not None else None
+        return float(cost) if isinstance(cost, (int, float)) else None
+
+    def cost_to_date(self, fleet: str) -> float:
+        clusters = [r.cluster for r in self.of(fleet)] + ([self.routers[fleet].cluster] if fleet in self.routers
+                                                          else [])
+        return sum(self.usage[c].cost_to_date for c in clusters if c in self.usage)
 
     def of(self, fleet: str) -> list[ReplicaRecord]:
         return [r for r in self.replicas if r.fleet == fleet]
@@ -186,9 +239,15 @@ class StatusReport:
                             "cost_running": round(running_cost([*self.of(f.name),
                                                                 *([self.routers[f.name]]
                                                                   if f.name in self.routers else [])]), 6),
+                            "cost_serving": round(self.serving_cost(f.name), 6),
+                            "cost_planned": self.planned_cost(f.name),
+                            "cost_to_date": round(self.cost_to_date(f.name), 6),
                             "endpoint": self.endpoint(f.name),
-                            "router": self.routers[f.name].to_dict() if f.name in self.routers else None,
-                            "replicas": [r.to_dict() for r in self.of(f.name)]} for f in self.fleets]}
+                            "router": self._row(self.routers[f.name]) if f.name in self.routers else None,
+                            "replicas": [self._row(r) for r in self.of(f.name)]} for f in self.fleets]}
+
+    def _row(self, row: ReplicaRecord) -> dict[str, Any]:
+        return {**row.to_dict(), **(self.usage[row.cluster].to_dict() if row.cluster in self.usage else {})}
 
 
 @dataclass
