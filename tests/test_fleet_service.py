@@ -163,3 +163,33 @@ def test_dryrun_validates_the_routers_task_too(cli, fleet_env):
     dry = json.loads(result.stdout)
     assert dry["router"]["cluster"] == ROUTER and ROUTER in dry["validation"]
     assert fake.calls("launch") == []
+
+
+def test_cost_to_date_counts_the_time_a_cluster_billed_and_uptime_its_current_stretch():
+    from melange_sky.fleet.ledger import Event, ReplicaRecord
+    from melange_sky.fleet.reports import usage
+
+    row = ReplicaRecord("f-a10g-0", "f", "A10G", "aws", "aws", None, None, False, 3.6, 1, None, ReplicaState.UP,
+                        None, None, 0.0, 0.0)
+
+    def event(i: int, state: str, at: float) -> Event:
+        return Event(i, "f", "f-a10g-0", None, state, "", at)
+
+    events = [event(1, "pending", 1000), event(2, "launching", 1010), event(3, "up", 1100),
+              event(4, "failed", 1500), event(5, "pending", 1600), event(6, "launching", 1700),
+              event(7, "up", 1800)]
+    spent = usage(row, events, now=2800)
+    # billed: launching 90 s + up 400 s (failed: not claimed) + launching 100 s + up 1,000 s
+    assert spent.billed_seconds == 1590 and spent.uptime_seconds == 1000
+    assert spent.cost_to_date == pytest.approx(1590 / 3600 * 3.6)
+    assert usage(row, events, now=2800, since=1650).billed_seconds == 1100  # an earlier fleet of that name
+
+
+def test_status_of_a_fleet_whose_replicas_all_failed_claims_no_serving_cost(cli, fleet_env):
+    fake, env = fleet_env
+    fake.configure(hard_failures={c: "boom" for c in PLANNED})
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 1
+    status = cli("status", "example")
+    assert "0/4 up, $0.00/h serving" in status.stdout and "may still bill" in status.stdout
+    [fleet] = json.loads(cli("status", "example", "--json").stdout)["fleets"]
+    assert fleet["cost_serving"] == 0 and fleet["cost_planned"] == pytest.approx(6.70)
