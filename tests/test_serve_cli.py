@@ -338,3 +338,16 @@ def test_the_stored_plan_holds_what_the_router_needs(write_config):
     assert record["router"]["entries"] == {"A10G": "A10G", "A100-80GB": "A100-80GB"}
     assert json.loads(json.dumps(record))["router"]["tputs"]["A10G"] == [[2, 1], [5, 2]]
 
+
+
+def test_a_sigterm_right_after_the_listening_line_drains_instead_of_killing(tmp_path):
+    """A launcher (or a test backend) may stop the router the moment it says it listens: its handlers are in place
+    by then, so it drains and exits 0 instead of dying of the signal."""
+    env = {"MELANGE_SKY_ADMIN_TOKEN": "admin-token-for-this-test-0123456789"}
+    for _ in range(5):
+        proc, _url, _ = start_cli("serve", "--pushed", "--port", "0", env=env)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(HANG_GUARD_S) == 0, proc.stderr.read()
+        finally:
+            stop(proc)

@@ -788,7 +788,6 @@ async def _serve(router: Router, on_listening: Callable[[str], None]) -> int:
     server = RouterServer(router, router.settings.host, router.settings.port)
     await server.start()
     _tune_gc()
-    on_listening(server.url)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[int] = []
@@ -802,6 +801,7 @@ async def _serve(router: Router, on_listening: Callable[[str], None]) -> int:
     drain: asyncio.Task[None] | None = None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signalled, signum)
+    on_listening(server.url)  # only now: a SIGTERM right after the line drains instead of killing the router
     try:
         await stop.wait()
         router.log(f"{signal.Signals(received[0]).name}: draining {router.in_flight} request(s) in flight "
