@@ -30,6 +30,13 @@ def fleet_env(tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
+    # The example with bucket edges: a router can only route a config that has them (or Mélange's default 8x6).
+    config = json.loads(Path(EXAMPLE).read_text())
+    config.update(input_buckets=[1, 100, 4000], output_buckets=[1, 100, 2000])
+    (tmp_path / "conf").mkdir()
+    routed = tmp_path / "conf" / "example.json"
+    routed.write_text(json.dumps(config))
+    env["CONFIG"] = str(routed)
     return FakeBackend(env["MELANGE_SKY_FAKE_STATE"]), env
 
 
@@ -40,7 +47,7 @@ def rows(env, roles=None) -> dict[str, ReplicaState]:
 
 def test_up_launches_the_router_beside_the_replicas_with_the_fleets_keys_as_secrets(cli, fleet_env):
     fake, env = fleet_env
-    result = cli("up", EXAMPLE, "-y")
+    result = cli("up", env["CONFIG"], "-y")
     assert result.exit_code == 0, result.stderr
     assert sorted(fake.clusters()) == sorted([*PLANNED, ROUTER])
     router = fake.clusters()[ROUTER]
@@ -57,7 +64,7 @@ def test_up_launches_the_router_beside_the_replicas_with_the_fleets_keys_as_secr
 
 def test_the_fleets_keys_live_only_in_a_0600_file_never_in_the_ledger_or_the_output(cli, fleet_env):
     fake, env = fleet_env
-    result = cli("up", EXAMPLE, "-y")
+    result = cli("up", env["CONFIG"], "-y")
     assert result.exit_code == 0, result.stderr
     key_file = Path(env["MELANGE_SKY_HOME"], "keys", "example.json")
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -68,21 +75,21 @@ def test_the_fleets_keys_live_only_in_a_0600_file_never_in_the_ledger_or_the_out
     others = [f for f in Path(env["MELANGE_SKY_HOME"]).rglob("*") if f.is_file() and f != key_file]
     assert others and not [f for f in others for s in secrets if s in f.read_bytes()]
     assert not [s for s in secrets if s.decode() in result.stdout + result.stderr]
-    again = cli("up", EXAMPLE, "-y")  # the admin token stays while the fleet lives
+    again = cli("up", env["CONFIG"], "-y")  # the admin token stays while the fleet lives
     assert again.exit_code == 0 and json.loads(key_file.read_text())["admin_token"] == keys["admin_token"]
 
 
 def test_the_users_client_key_is_the_routers_when_it_is_set(cli, fleet_env, monkeypatch):
     fake, env = fleet_env
     monkeypatch.setenv("MELANGE_SKY_API_KEY", "users-own-key-0123456789")
-    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    assert cli("up", env["CONFIG"], "-y").exit_code == 0
     keys = json.loads(Path(env["MELANGE_SKY_HOME"], "keys", "example.json").read_text())
     assert keys["api_key"] == "users-own-key-0123456789" and keys["api_key_generated"] is False
 
 
 def test_no_router_launches_none_and_status_shows_no_endpoint(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 0
     assert ROUTER not in fake.clusters()
     [fleet] = json.loads(cli("status", "--json").stdout)["fleets"]
     assert fleet["endpoint"] is None and fleet["router"] is None
@@ -90,7 +97,7 @@ def test_no_router_launches_none_and_status_shows_no_endpoint(cli, fleet_env):
 
 def test_down_removes_the_router_and_forgets_the_keys(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    assert cli("up", env["CONFIG"], "-y").exit_code == 0
     result = cli("down", "example", "-y")
     assert result.exit_code == 0, result.stderr
     assert fake.clusters() == {}
@@ -100,18 +107,18 @@ def test_down_removes_the_router_and_forgets_the_keys(cli, fleet_env):
 
 def test_the_router_is_relaunched_when_the_cloud_lost_it(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    assert cli("up", env["CONFIG"], "-y").exit_code == 0
     fake.remove_cluster(ROUTER)  # preempted, or deleted in the console
-    result = cli("up", EXAMPLE, "-y")
+    result = cli("up", env["CONFIG"], "-y")
     assert result.exit_code == 0, result.stderr
     assert ROUTER in fake.clusters() and rows(env)[ROUTER] is ReplicaState.UP
 
 
 def test_up_reconciles_with_the_clouds_refreshed_state_not_the_launchers_cache(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 0
     fake.remove_cluster("example-a10g-1", cached_until_refresh=True)  # the cache still says up
-    result = cli("up", "--no-router", EXAMPLE, "-y")
+    result = cli("up", "--no-router", env["CONFIG"], "-y")
     assert result.exit_code == 0, result.stderr
     launched = [c["cluster"] for c in fake.calls("launch")]
     assert launched.count("example-a10g-1") == 2 and len(launched) == 5
@@ -120,13 +127,13 @@ def test_up_reconciles_with_the_clouds_refreshed_state_not_the_launchers_cache(c
 
 def test_a_lower_rate_shrinks_after_saying_what_goes_and_what_it_saves(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y", "--rate", "30").exit_code == 0
+    assert cli("up", "--no-router", env["CONFIG"], "-y", "--rate", "30").exit_code == 0
     big = set(fake.clusters())
-    preview = cli("up", "--no-router", EXAMPLE, "--rate", "6", "--dryrun", "--json")
+    preview = cli("up", "--no-router", env["CONFIG"], "--rate", "6", "--dryrun", "--json")
     assert preview.exit_code == 0, preview.stderr
     dry = json.loads(preview.stdout)
     assert dry["drain"] and dry["drain_saving"] > 0 and dry["launch"] == []
-    result = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "6", "--drain-timeout", "0", "--json")
+    result = cli("up", "--no-router", env["CONFIG"], "-y", "--rate", "6", "--drain-timeout", "0", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert sorted(report["drained"]) == sorted(dry["drain"])  # the preview said exactly what then happened
@@ -141,24 +148,24 @@ def test_a_lower_rate_shrinks_after_saying_what_goes_and_what_it_saves(cli, flee
 
 def test_no_shrink_keeps_the_replicas_up_and_only_reports_them(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y", "--rate", "30").exit_code == 0
+    assert cli("up", "--no-router", env["CONFIG"], "-y", "--rate", "30").exit_code == 0
     big = set(fake.clusters())
-    result = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "6", "--no-shrink", "--json")
+    result = cli("up", "--no-router", env["CONFIG"], "-y", "--rate", "6", "--no-shrink", "--json")
     assert result.exit_code == 0, result.stderr
     assert set(fake.clusters()) == big and json.loads(result.stdout)["drained"] == []
 
 
 def test_the_same_rate_again_changes_nothing(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    again = cli("up", "--no-router", EXAMPLE, "-y", "--json")
+    assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 0
+    again = cli("up", "--no-router", env["CONFIG"], "-y", "--json")
     assert again.exit_code == 0 and json.loads(again.stdout)["drained"] == []
     assert len(fake.calls("launch")) == 4
 
 
 def test_dryrun_validates_the_routers_task_too(cli, fleet_env):
     fake, env = fleet_env
-    result = cli("up", EXAMPLE, "--dryrun", "--json")
+    result = cli("up", env["CONFIG"], "--dryrun", "--json")
     assert result.exit_code == 0, result.stderr
     dry = json.loads(result.stdout)
     assert dry["router"]["cluster"] == ROUTER and ROUTER in dry["validation"]
@@ -188,8 +195,16 @@ def test_cost_to_date_counts_the_time_a_cluster_billed_and_uptime_its_current_st
 def test_status_of_a_fleet_whose_replicas_all_failed_claims_no_serving_cost(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(hard_failures={c: "boom" for c in PLANNED})
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 1
+    assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 1
     status = cli("status", "example")
     assert "0/4 up, $0.00/h serving" in status.stdout and "may still bill" in status.stdout
     [fleet] = json.loads(cli("status", "example", "--json").stdout)["fleets"]
     assert fleet["cost_serving"] == 0 and fleet["cost_planned"] == pytest.approx(6.70)
+
+
+def test_a_config_the_router_cannot_route_gets_no_router_and_says_why(cli, fleet_env):
+    fake, env = fleet_env
+    result = cli("up", EXAMPLE, "-y")  # the original example: a 2x2 histogram without bucket edges
+    assert result.exit_code == 0, result.stderr
+    assert ROUTER not in fake.clusters() and "no router is launched" in result.stdout
+    assert "input_buckets/output_buckets" in result.stdout

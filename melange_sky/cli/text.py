@@ -290,7 +290,7 @@ def format_dryrun(report: DryRunReport) -> str:
         v = report.validations[replicas[0].cluster]
         lines.append(f"Validated {offer}: {len(replicas)} replica{'s' if len(replicas) > 1 else ''} at "
                      f"${_price(replicas[0].price)}/h, {v.level.value}: {_LAUNCHER_PRICES.sub('', v.detail)}")
-    lines += [f"Note: {note}" for note in dict.fromkeys(preview.notes)]
+    lines += [f"Note: {note}" for note in dict.fromkeys([*preview.notes, *report.notes])]
     if preview.launch:
         clouds = ", ".join(preview.plan.clouds) or "the planned clouds"
         lines.append(f"A real launch needs SkyPilot credentials for {clouds}: run `sky check` and make sure it "

@@ -202,9 +202,7 @@ class Fleet:
         writes nothing. Secrets missing from `environ` are validated with a placeholder value and listed."""
         plan, shrinking = self._plan(fleet, planner, shrink) if self.ledger is not None else (
             planner(PlanRequest()), False)
-        router_row = self.ledger.router(fleet) if self.ledger is not None else None
-        router_plan = (router(plan) if router is not None
-                       and (router_row is None or router_row.state is not ReplicaState.UP) else None)
+        router_plan, unroutable = self._router_to_launch(fleet, plan, router)
         preview = self._preview(fleet, plan, None, shrink=shrinking, router=router_plan)
         env = environ or {}
         secrets = preview.plan.deployment.secrets
@@ -222,7 +220,8 @@ class Fleet:
             validations[router_plan.cluster] = self._launcher.validate(router_plan.task,
                                                                        {n: "placeholder" for n in names})
         return DryRunReport(preview=preview, validations=validations,
-                            missing_secrets=sorted(set(secrets) - set(given)))
+                            missing_secrets=sorted(set(secrets) - set(given)),
+                            notes=[unroutable] if unroutable else [])
 
     def up(self, fleet: str, planner: Planner, secrets: Mapping[str, str], config_digest: str,
            options: UpOptions = UpOptions(),
@@ -243,11 +242,11 @@ class Fleet:
             except MelangeError as exc:  # plan from the ledger's states; relaunching a live cluster reuses it
                 unsynced = f"could not read the launcher's status ({exc}): planned from the ledger's states"
             plan, shrinking = self._plan(fleet, planner, options.shrink)
-            router_plan = self._router_to_launch(fleet, plan, router)
+            router_plan, unroutable = self._router_to_launch(fleet, plan, router.plan if router else None)
             preview = self._preview(fleet, plan, config_digest, shrink=shrinking, router=router_plan)
             report = UpReport(fleet=fleet, plan=plan, replicas=[], rounds=0, unavailable_offers=[],
-                              notes=list(preview.notes) + ([unsynced] if unsynced else []),
-                              expects_router=router is not None)
+                              notes=list(preview.notes) + [n for n in (unsynced, unroutable) if n],
+                              expects_router=router is not None and unroutable is None)
             if not shrinking:
                 try:  # only for a note: a fresh plan that ignores what is up (it may not even be feasible)
                     unconstrained = planner(PlanRequest()) if preview.keep else plan
@@ -296,14 +295,19 @@ class Fleet:
             return kept, False
         return (fresh, True) if reconcile.worth_shrinking(kept, fresh) else (kept, False)
 
-    def _router_to_launch(self, fleet: str, plan: Plan, router: RouterSetup | None) -> ReplicaPlan | None:
-        """The router's task when `up` must launch it: asked for, and not up already."""
+    def _router_to_launch(self, fleet: str, plan: Plan,
+                          router: Callable[[Plan], ReplicaPlan] | None) -> tuple[ReplicaPlan | None, str | None]:
+        """The router's task when `up` must launch it (asked for, and not up already), or why it is not launched."""
         if router is None:
-            return None
-        row = self._db.router(fleet) if self.ledger is not None else None
+            return None, None
+        row = self.ledger.router(fleet) if self.ledger is not None else None
         if row is not None and row.state is ReplicaState.UP:
-            return None
-        return router.plan(plan)
+            return None, None
+        try:  # a router that could not route would bill for nothing
+            routes_document(plan.to_dict(), [], source=f"fleet {fleet}")
+        except MelangeError as exc:
+            return None, f"no router is launched: {exc}"
+        return router(plan), None
 
     def _rounds(self, report: UpReport, planner: Planner, secrets: Mapping[str, str], options: UpOptions,
                 router: ReplicaPlan | None = None, drain: frozenset[str] = frozenset()) -> None:

@@ -188,6 +188,7 @@ class DryRunReport:
     preview: Preview
     validations: dict[str, Validation]
     missing_secrets: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. why no router would be launched
 
     @property
     def plan(self) -> Plan:
@@ -195,7 +196,7 @@ class DryRunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.preview.to_dict(), "dryrun": True, "clouds": self.plan.clouds,
-                "missing_secrets": self.missing_secrets,
+                "missing_secrets": self.missing_secrets, "notes": [*self.preview.notes, *self.notes],
                 "validation": {k: str(v) for k, v in self.validations.items()}}
 
 
