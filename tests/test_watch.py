@@ -350,9 +350,11 @@ def test_autoscale_reads_the_fleets_router_with_its_client_key_and_pushes_the_ne
     assert router.pushes[-1]["workload_distribution"] == [[0.1, 0.1], [0.6, 0.2]]
 
 
-def test_watch_once_relaunches_the_router_the_cloud_lost(cli, fleet_env):
+def test_watch_once_relaunches_the_router_the_cloud_lost(cli, fleet_env, example, write_config):
     fake, env = fleet_env
-    assert cli("up", EXAMPLE, "-y").exit_code == 0
+    config = write_config({**example, "name": "example", "input_buckets": [1, 100, 1000],
+                           "output_buckets": [1, 100, 1000]})  # routable: up launches a router for it
+    assert cli("up", config, "-y").exit_code == 0
     fake.remove_cluster("example-router")
     result = cli("watch", "example", "--once", "--no-health-check")
     assert result.exit_code == 0, result.stderr

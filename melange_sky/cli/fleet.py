@@ -137,8 +137,10 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
         return
     secrets = launch_secrets(cfg, settings, os.environ)
     stdout = sys.stdout  # the preview is this command's output, not the launcher's
+    shown: list[str] = []  # notes the preview printed: the summary does not repeat them
 
     def show(preview: Preview, notes: list[str]) -> None:
+        shown.extend(notes)
         if not as_json:
             click.echo(format_preview(preview, notes), file=stdout)
 
@@ -150,7 +152,7 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
         report = bring_up(cfg, settings, load_backend(backend), ledger, secrets, options,
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
                           on_warning=_print_warning, router=router)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report, shown))
     if report.interrupted:
         sys.exit(130)
     if not report.complete:

@@ -237,11 +237,16 @@ def format_preview(preview: Preview, notes: list[str] | None = None) -> str:
     lines = [format_plan(preview.plan), ""]
     if preview.keep:
         lines.append(f"Already up and kept: {len(preview.keep)} replica(s).")
-    lines.append(f"To launch: {len(preview.launch)} replica(s), +${preview.launch_cost:,.2f}/h "
-                 f"(+{per_month(preview.launch_cost)})." if preview.launch
+    router = " and the router" if preview.router is not None else ""
+    lines.append(f"To launch: {len(preview.launch)} replica(s){router}, +${preview.launch_cost:,.2f}/h "
+                 f"(+{per_month(preview.launch_cost)})." if preview.launch or preview.router
                  else "Nothing to launch: every planned replica is up.")
     if preview.remove:
         lines.append(f"To tear down (not in the plan, not serving): {', '.join(preview.remove)}.")
+    if preview.drain:
+        lines.append(f"To drain, then tear down once the plan is up (no longer needed): "
+                     f"{', '.join(r.cluster for r in preview.drain)}, -${preview.drain_saving:,.2f}/h "
+                     f"(-{per_month(preview.drain_saving)}).")
     lines += [f"Note: {note}" for note in (preview.notes if notes is None else notes)]
     return "\n".join(lines)
 

@@ -256,15 +256,7 @@ class Controller:
     def _planned(self, config: Config, settings: PlanSettings, rows: list[ReplicaRecord]) -> Plan:
         """The plan `up` would bring up for `config` given the ledger's rows (the rule of `Fleet.up`): the one keeping
         every replica up, unless shrinking is allowed and a fresh plan is cheaper."""
-        planner = make_planner(config, settings)
-        kept = planner(reconcile.plan_request(rows))
-        if not self.options.up.shrink or not any(r.state is ReplicaState.UP for r in rows):
-            return kept
-        try:
-            fresh = planner(reconcile.plan_request(rows, keep_up=False))
-        except MelangeError:
-            return kept
-        return fresh if reconcile.worth_shrinking(kept, fresh) else kept
+        return reconcile.choose_plan(rows, make_planner(config, settings), self.options.up.shrink)[0]
 
     # -- health ---------------------------------------------------------------------------------------------------
     def _replace_unhealthy(self, report: PassReport, fleet: Fleet, config: Config, settings: PlanSettings) -> None:

@@ -283,17 +283,7 @@ class Fleet:
         return report
 
     def _plan(self, fleet: str, planner: Planner, shrink: bool) -> tuple[Plan, bool]:
-        """The plan `up` brings up, and whether it shrinks: the plan that keeps every replica up, unless `shrink`
-        and a fresh plan (which reuses the replicas it wants) is cheaper by more than a cent an hour."""
-        rows = self._rows(fleet)
-        kept = planner(reconcile.plan_request(rows))
-        if not shrink or not any(r.state is ReplicaState.UP for r in rows):
-            return kept, False
-        try:
-            fresh = planner(reconcile.plan_request(rows, keep_up=False))
-        except MelangeError:  # keep what runs
-            return kept, False
-        return (fresh, True) if reconcile.worth_shrinking(kept, fresh) else (kept, False)
+        return reconcile.choose_plan(self._rows(fleet), planner, shrink)
 
     def _router_to_launch(self, fleet: str, plan: Plan,
                           router: Callable[[Plan], ReplicaPlan] | None) -> tuple[ReplicaPlan | None, str | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -108,6 +108,21 @@ SHRINK_MIN_SAVING = 0.01
 def worth_shrinking(kept: Plan, fresh: Plan) -> bool:
     """Whether to adopt `fresh` (planned afresh, dropping replicas that are up) over `kept` (every replica up kept)."""
     return fresh.cost < kept.cost - SHRINK_MIN_SAVING
+
+
+def choose_plan(rows: Sequence[ReplicaRecord], planner: Callable[[PlanRequest], Plan],
+                shrink: bool) -> tuple[Plan, bool]:
+    """The plan `up` brings up, and whether it shrinks: the plan keeping every replica up, unless `shrink` and a
+    fresh plan (which reuses the replicas it wants) is cheaper by more than `SHRINK_MIN_SAVING`. One rule for `up`
+    and for a controller pricing what `up` would do."""
+    kept = planner(plan_request(rows))
+    if not shrink or not any(r.state is ReplicaState.UP for r in rows):
+        return kept, False
+    try:
+        fresh = planner(plan_request(rows, keep_up=False))
+    except MelangeError:  # keep what runs
+        return kept, False
+    return (fresh, True) if worth_shrinking(kept, fresh) else (kept, False)
 
 
 def shrink_note(plan: Plan, unconstrained: Plan) -> str | None:

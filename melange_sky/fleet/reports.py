@@ -101,10 +101,6 @@ class Preview:
         if self.router is not None:
             notes.append(f"router {self.router.cluster} on {self.router.offer} (${self.router.price:.2f}/h) will be "
                          f"launched: the fleet's endpoint")
-        if self.drain:
-            notes.append(f"once the plan is up, {len(self.drain)} replica(s) it no longer needs leave the router, "
-                         f"finish their requests and are torn down, saving ${self.drain_saving:.2f}/h: "
-                         f"{', '.join(f'{r.cluster} (${r.price_per_hour:.2f}/h)' for r in self.drain)}")
         if self.surplus:
             notes.append(f"{len(self.surplus)} replica(s) up are not in the new plan and are kept running "
                          f"({', '.join(self.surplus)}); `melange-sky down` the fleet and `up` again to shrink it")
