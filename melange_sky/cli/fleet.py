@@ -22,14 +22,14 @@ from melange_sky.fleet.reports import Preview, ReplicaEvent
 from melange_sky.fleet.up import bring_up, dry_run, launch_secrets, router_setup
 
 
-def _launcher_output() -> contextlib.redirect_stdout:
+def launcher_output() -> contextlib.redirect_stdout:
     """What a launcher prints (SkyPilot says "Running on cluster: ...") goes to stderr with the progress lines, so
     stdout holds only this command's own output (and stays parseable with --json)."""
     return contextlib.redirect_stdout(sys.stderr)
 
 
 @contextlib.contextmanager
-def _terminations_interrupt() -> Iterator[None]:
+def terminations_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP (a closed terminal, a killed job) stop `up` the way Ctrl-C does: launches cancelled, every
     replica's true state recorded. Previous handlers are restored after."""
     def interrupt(_signum: int, _frame: object) -> None:
@@ -127,11 +127,11 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
         raise click.UsageError("--down needs --idle-minutes-to-autostop")
     cfg = solve_args.load(config, fleet_name)
     settings = plan_settings(solve_args, per_offer, template)
-    on_event = None if as_json else _print_event
+    on_event = None if as_json else print_event
     if dryrun:  # writes nothing: no ledger is created on a machine that has none
         launcher = load_backend(backend)
-        with (Ledger() if Ledger.exists() else contextlib.nullcontext()) as ledger, _launcher_output():
-            dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=_print_warning,
+        with (Ledger() if Ledger.exists() else contextlib.nullcontext()) as ledger, launcher_output():
+            dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=print_warning,
                           router=not no_router, shrink=not no_shrink)
         click.echo(json.dumps(dry.to_dict(), indent=2) if as_json else format_dryrun(dry))
         return
@@ -148,10 +148,10 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
                         idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown, shrink=not no_shrink,
                         drain_timeout=drain_timeout)
     router = None if no_router else router_setup(cfg, settings, os.environ)
-    with Ledger() as ledger, _launcher_output(), _terminations_interrupt():
+    with Ledger() as ledger, launcher_output(), terminations_interrupt():
         report = bring_up(cfg, settings, load_backend(backend), ledger, secrets, options,
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
-                          on_warning=_print_warning, router=router)
+                          on_warning=print_warning, router=router)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report, shown))
     if report.interrupted:
         sys.exit(130)
@@ -175,11 +175,11 @@ def _up_confirmation(yes: bool, as_json: bool) -> Callable[[Preview], bool]:
     return confirm
 
 
-def _print_event(event: ReplicaEvent) -> None:
+def print_event(event: ReplicaEvent) -> None:
     click.echo(format_event(event), err=True)
 
 
-def _print_warning(message: str) -> None:
+def print_warning(message: str) -> None:
     warn([message])
 
 
@@ -198,7 +198,7 @@ def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | 
       melange-sky status
       melange-sky status llama2-chat --refresh --json
     """
-    with Ledger() as ledger, _launcher_output():
+    with Ledger() as ledger, launcher_output():
         report = Fleet(load_backend(backend) if refresh else None, ledger).status_report(fleet_name, refresh)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_status(report))
 
@@ -234,8 +234,8 @@ def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, paral
         known = [n for n in names if ledger.get_fleet(n) is not None]
         if known:
             confirm_or_refuse(f"Tear down {', '.join(known)}? Their clusters and disks are deleted.", yes)
-        fleet = Fleet(load_backend(backend) if known else None, ledger, on_event=None if as_json else _print_event)
-        with _launcher_output():
+        fleet = Fleet(load_backend(backend) if known else None, ledger, on_event=None if as_json else print_event)
+        with launcher_output():
             reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2) if as_json
                    else "\n".join(format_down(r) for r in reports) or "No fleets in the ledger: nothing to tear down.")

@@ -10,7 +10,7 @@ from typing import TextIO
 
 import click
 
-from melange_sky.cli.fleet import _launcher_output, _print_event, _print_warning, _terminations_interrupt
+from melange_sky.cli.fleet import launcher_output, print_event, print_warning, terminations_interrupt
 from melange_sky.cli.main import INTERRUPTED, debug_option, main
 from melange_sky.cli.options import backend_option
 from melange_sky.controller.rules import DEFAULT_MIN_REQUESTS, DEFAULT_SCALE_DOWN_AFTER_MIN
@@ -93,13 +93,13 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
                            up=UpOptions(parallel=parallel, shrink=not no_shrink, drain_timeout=drain_timeout))
     with Ledger() as ledger:
         controller = Controller(fleet_name, load_backend(backend), ledger, os.environ, options,
-                                on_action=_print_action(fleet_name), on_event=_print_event,
-                                on_warning=_print_warning)
+                                on_action=_print_action(fleet_name), on_event=print_event,
+                                on_warning=print_warning)
         controller.check()
         lock = watch_lock(ledger, fleet_name)
         stdout = sys.stdout  # the passes' JSON: this command's output, not the launcher's (sent to stderr)
         try:
-            with _launcher_output(), _terminations_interrupt():
+            with launcher_output(), terminations_interrupt():
                 code = _loop(controller, once, interval, as_json, stdout)
         except KeyboardInterrupt:
             code = INTERRUPTED
