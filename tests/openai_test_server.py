@@ -13,7 +13,12 @@ server average r x W (Little's law), W = prefill + (n - 1) x T for n output toke
 true maximum rate: `true_max_rate` below. Failure modes for tests: prompts longer than --error-above-prompt get an
 HTTP 500; longer than --hang-above-prompt get headers and then nothing (the client must time out); every
 --error-every-th completion request (and the first --error-first ones) gets an immediate HTTP 500 (transient errors);
---max-output caps the tokens generated whatever max_tokens says (a server ignoring ignore_eos).
+--max-output caps the tokens generated whatever max_tokens says (a server ignoring ignore_eos); --max-batch N
+serves at most N requests at once and queues the others before their prefill (FIFO; queued requests are not in A),
+so past N x (1 / request time) the queue, and TTFT, grow while TPOT stays bounded, as in vLLM at its batch limit.
+
+The server is one asyncio process; the profiler's accuracy tests run it with per-token intervals of 5 ms or more,
+which dwarf the event loop's lateness on a busy machine (a late token does not delay the next one's deadline).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class LawServer:
         self.args = args
         self.active = 0
         self.completions = 0  # completion requests received, for --error-every / --error-first
+        self.batch = asyncio.Semaphore(args.max_batch) if args.max_batch else None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -83,6 +89,8 @@ class LawServer:
         if prompt_tokens > self.args.hang_above_prompt:
             await asyncio.sleep(3600)
         loop = asyncio.get_running_loop()
+        if self.batch is not None:
+            await self.batch.acquire()
         self.active += 1
         try:
             deadline = loop.time() + self.args.prefill_ms_per_token * prompt_tokens / 1000
@@ -100,6 +108,8 @@ class LawServer:
             await writer.drain()
         finally:
             self.active -= 1
+            if self.batch is not None:
+                self.batch.release()
 
     @staticmethod
     def frame(data: bytes) -> bytes:
@@ -129,6 +139,7 @@ def main() -> None:
     parser.add_argument("--error-every", type=int, default=0)
     parser.add_argument("--error-first", type=int, default=0)
     parser.add_argument("--max-output", type=int, default=sys.maxsize)
+    parser.add_argument("--max-batch", type=int, default=0, help="0: no limit")
     args = parser.parse_args()
     try:
         asyncio.run(serve(args))

@@ -96,6 +96,9 @@ _MAX_BATCHES, _BATCH_MIN = 10, 4
 _BLOCK_MIN = 20
 #: The step's latency is the mean of its last this-many requests to finish.
 _RECENT = 20
+#: A step looks at its estimate again and again as requests finish; so that these repeated looks do not end it on a
+#: lucky stretch, pass or fail is decided only when the limit lies this many half-widths of the ~95% interval away.
+_SEQUENTIAL = 1.5
 #: Student's t (two-sided 95%) by degrees of freedom.
 _T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
@@ -236,7 +239,7 @@ def _mean_check(slo: Slo, values: Sequence[float], limit: float, precision: floa
         batches = _batch_means(values, durations)
         half = _t95(len(batches)) * max(statistics.stdev(batches) / math.sqrt(len(batches)),
                                          statistics.stdev(values) / math.sqrt(len(values)))
-    decided = abs(point - limit) > half or half <= precision * limit
+    decided = abs(point - limit) > _SEQUENTIAL * half or half <= precision * limit
     return SloCheck(slo=slo, value_ms=round(point, 3), half_width_ms=round(half, 3), limit_ms=limit, decided=decided)
 
 
@@ -255,34 +258,38 @@ def _percentile_check(slo: Slo, values: Sequence[float], q: float, limit: float,
         binomial = max(share * (1 - share), 1.0 / n) / n
         batch_var = statistics.variance(batches) / len(batches)
         effective = n / max(1.0, batch_var / binomial)
-    z = 1.96
+    z = 1.96 * _SEQUENTIAL
     centre = (share + z * z / (2 * effective)) / (1 + z * z / effective)
     spread = z / (1 + z * z / effective) * math.sqrt(share * (1 - share) / effective
                                                       + z * z / (4 * effective * effective))
     allowed = 1 - q
-    q_spread = z * math.sqrt(q * (1 - q) / effective)
+    q_spread = 1.96 * math.sqrt(q * (1 - q) / effective)
     half = (_percentile(values, q + q_spread) - _percentile(values, q - q_spread)) / 2
     decided = centre + spread < allowed or centre - spread > allowed or half <= precision * limit
     return SloCheck(slo=slo, value_ms=round(point, 3), half_width_ms=round(half, 3), limit_ms=limit, decided=decided)
 
 
-def _slo_checks(records: Sequence[RequestRecord], settings: ProfileSettings, durations: float) -> list[SloCheck]:
+def _slo_checks(records: Sequence[RequestRecord], settings: ProfileSettings, durations: float,
+                precision: dict[Slo, float] | None = None) -> list[SloCheck]:
     """Each SLO's statistic over the measured requests (in start order, over `durations` request durations); an SLO
-    with no value yet is left out."""
+    with no value yet is left out. `precision`: per SLO, the share of its limit within which knowing the statistic
+    is enough (see `_precision`)."""
     ok = [r for r in records if r.ok]
     checks = []
     for slo, limit in settings.slos.items():
         if slo == Slo.TPOT:
             tpots = [1000 * r.tpot for r in ok if r.tpot is not None]
             if tpots:
-                checks.append(_mean_check(slo, tpots, limit, settings.precision, durations))
+                checks.append(_mean_check(slo, tpots, limit, (precision or {}).get(slo, settings.precision),
+                                              durations))
             continue
         if slo == Slo.TTFT:
             values, q = [1000 * r.ttft for r in ok if r.ttft is not None], settings.ttft_percentile / 100
         else:
             values, q = [1000 * r.latency for r in ok], settings.latency_percentile / 100
         if values:
-            checks.append(_percentile_check(slo, values, q, limit, settings.precision, durations))
+            checks.append(_percentile_check(slo, values, q, limit, (precision or {}).get(slo, settings.precision),
+                                            durations))
     return checks
 
 
@@ -405,6 +412,7 @@ class _StepPlan:
     slo_latency: float
     latency_guess: float
     cap: float
+    precision: dict[Slo, float] | None = None  # per SLO, see `_precision`
 
 
 def _mean_in_flight(samples: Sequence[tuple[float, float]], since: float, now: float, area_now: float) -> float:
@@ -458,13 +466,14 @@ async def _run_step(load: _Load, rate: float, plan: _StepPlan, settings: Profile
         now = loop.time()
         area = load.area()
         samples.append((now, area))
-        while samples and samples[0][0] < now - _SETTLE_MAX * max(latency, plan.slo_latency) - 1:
-            samples.popleft()
         done = load.done.get(step, [])
         latency = _recent_latency(done, plan.latency_guess)
         elapsed = now - t0
-        window_mean = _mean_in_flight(samples, now - max(latency, tick), now, area)
-        if elapsed >= 2 * max(latency, plan.slo_latency) and window_mean > (
+        window = max(2 * max(latency, plan.slo_latency), _BLOCK_MIN / rate)
+        while samples and samples[0][0] < now - max(_SETTLE_MAX * latency, window) - 1:
+            samples.popleft()
+        window_mean = _mean_in_flight(samples, now - window, now, area)
+        if elapsed >= window and window_mean > (
                 _OVERLOAD * want + 3 * math.sqrt(want) + 2) and any(d.record.ok for d in done):
             overloaded = True  # no steady state: requests pile up faster than they finish (they do finish: a
             break  # server that answers nothing is left to time out)
@@ -495,7 +504,7 @@ async def _run_step(load: _Load, rate: float, plan: _StepPlan, settings: Profile
         enough = len(measured) >= settings.requests_per_step and cutoff - settled >= _MIN_SPAN * latency
         if enough:
             checks = _slo_checks([d.record for d in sorted(measured, key=lambda d: d.start)], settings,
-                                 (cutoff - settled) / latency)
+                                 (cutoff - settled) / latency, plan.precision)
             if len(checks) == len(settings.slos) and (all(c.decided for c in checks)
                                                       or any(c.decided and not c.passed for c in checks)):
                 break
@@ -579,6 +588,26 @@ def _binding(checks: Sequence[SloCheck], settings: ProfileSettings) -> Slo | Non
 
 
 # ---- one bucket ----------------------------------------------------------------------------------------------------
+def _precision(steps: Sequence[StepResult], settings: ProfileSettings) -> dict[Slo, float]:
+    """Per SLO, how well its statistic must be known for the rate to be known within `settings.precision`.
+
+    Near saturation the statistic rises steeply with the rate (10% more rate can double TPOT), elsewhere slowly;
+    its elasticity between the two steps around the limit, d ln(statistic) / d ln(rate), converts the rate's
+    precision into the statistic's. Before a step has passed and one failed it is the rate's precision itself.
+    """
+    out = {}
+    for slo, limit in settings.slos.items():
+        points = [(s.rate, c.value_ms) for s in steps if not s.overloaded for c in s.checks
+                  if c.slo == slo and c.value_ms > 0]
+        below = max((p for p in points if p[1] <= limit), default=None)
+        above = min((p for p in points if p[1] > limit), default=None)
+        elasticity = 1.0
+        if below is not None and above is not None and above[0] > below[0] and above[1] > below[1]:
+            elasticity = math.log(above[1] / below[1]) / math.log(above[0] / below[0])
+        out[slo] = min(max(settings.precision * elasticity, settings.precision / 10), 0.1)
+    return out
+
+
 def slo_latency(settings: ProfileSettings, output_tokens: int, probe: RequestRecord | None = None) -> float:
     """Seconds a request of the bucket takes when the server sits exactly at the tightest SLO: what fills the
     server at a step's start (rate x this many in flight) and sets the pace of a step (settling, measuring)."""
@@ -605,14 +634,17 @@ def step_cap(settings: ProfileSettings, latency: float) -> float:
 def estimate_seconds(settings: ProfileSettings, output_tokens: Sequence[int]) -> float:
     """A rough duration of a profile before it starts: per bucket, the steps a search typically takes (half the
     doublings to --max-rate, then the bisections), each about the time for --requests-per-step arrivals plus
-    4 request durations at the SLO (settling, measuring, the last requests finishing)."""
+    4 request durations at the SLO (settling, measuring, the last requests finishing); the bisections near the
+    limit about 100 arrivals and 6 durations more, since they measure until the statistic is precise."""
     doublings = max(1, math.ceil(math.log(settings.max_rate / settings.start_rate, settings.growth) / 2))
     total = 0.0
     for n in output_tokens:
         latency = slo_latency(settings, n)
         rates = [settings.start_rate * settings.growth ** k for k in range(doublings + 1)]
-        rates += [rates[-1]] * settings.bisect_steps
-        bucket = sum(min(step_cap(settings, latency), settings.requests_per_step / r + 4 * latency) for r in rates)
+        cap = step_cap(settings, latency)
+        bucket = sum(min(cap, settings.requests_per_step / r + 4 * latency) for r in rates)
+        # near the limit a step measures until the statistic is precise: ~100 more requests or durations
+        bucket += settings.bisect_steps * min(cap, 100 / rates[-1] + 6 * latency)
         total += min(bucket, 60 * settings.max_minutes) if settings.max_minutes else bucket
     return total
 
@@ -673,8 +705,9 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
                      if s.mean_latency_ms is not None and not s.overloaded]
         guess = min(latencies)[1] if latencies else (probe.latency if probe.ok else target)
         cap = min(step_cap(settings, target), deadline - loop.time())
-        result = await _run_step(load, rate, _StepPlan(slo_latency=target, latency_guess=min(guess, target),
-                                                       cap=max(cap, 0.0)), settings)
+        plan = _StepPlan(slo_latency=target, latency_guess=min(guess, target), cap=max(cap, 0.0),
+                         precision=_precision(steps, settings))
+        result = await _run_step(load, rate, plan, settings)
         steps.append(result)
         emit(EventKind.STEP, result, None)
         if loop.time() >= deadline:

@@ -85,7 +85,7 @@ class ProfileSettings:
     min_rate: float = 0.05  # stop shrinking here and report the SLO as not met
     growth: float = 2.0
     bisect_steps: int = 4  # each halves the interval between the last passing and the first failing rate
-    precision: float = 0.03  # a step may end once its SLO estimate is known within this share of the SLO
+    precision: float = 0.03  # a step may end once its SLO estimate pins the rate within this share (see profile.py)
     max_step_seconds: float | None = None  # a step's time cap; None: 30 s or 15 request durations, the larger
     max_minutes: float | None = None  # a bucket's time cap; past it the bucket is cut short
     request_timeout: float = 120.0  # seconds for a whole streamed request
