@@ -246,3 +246,35 @@ def test_the_serving_port_is_the_first_port_a_task_opens(ports, port):
 def test_the_replica_number_is_read_from_the_end_of_the_cluster_name():
     assert reconcile.cluster_index("llama-a100-80gb-12") == 12
     assert reconcile.cluster_index("llama") == 0
+
+
+def test_a_fresh_plan_replaces_the_running_one_only_for_a_real_saving():
+    kept = plan(replica("f-a10g-0", 3.0), replica("f-a10g-1", 3.0))
+    assert reconcile.worth_shrinking(kept, plan(replica("f-a10g-0", 3.0)))  # half the cost
+    assert not reconcile.worth_shrinking(kept, plan(replica("f-a10g-0", 2.9), replica("f-a10g-1", 2.9)))  # 3%
+    assert not reconcile.worth_shrinking(plan(replica("f-a10g-0", 0.1)), plan(replica("f-a10g-0", 0.091)))  # <1c
+
+
+def test_a_shrinking_plan_request_reuses_the_names_of_replicas_up_without_fixing_their_capacity():
+    rows = [row("f-a10g-0", S.UP), row("f-a10g-1", S.UP), row("f-a10g-2", S.FAILED)]
+    request = reconcile.plan_request(rows, keep_up=False)
+    assert request.fixed == {} and [n[2] for n in request.names][:2] == ["f-a10g-0", "f-a10g-1"]
+    drained = reconcile.plan_request(rows, drop=frozenset({"f-a10g-1"}))
+    assert drained.fixed == {("A10G", AWS): 1} and "f-a10g-1" not in [n[2] for n in drained.names]
+
+
+def test_a_shrinking_preview_drains_the_replicas_up_outside_the_plan_instead_of_keeping_them():
+    rows = [row("f-a10g-0", S.UP), row("f-a10g-1", S.UP, price=2.5)]
+    shrinking = reconcile.preview("f", plan(replica("f-a10g-0")), rows, shrink=True)
+    assert [r.cluster for r in shrinking.drain] == ["f-a10g-1"] and shrinking.surplus == []
+    assert shrinking.drain_saving == 2.5 and shrinking.changes
+    keeping = reconcile.preview("f", plan(replica("f-a10g-0")), rows)
+    assert keeping.drain == [] and keeping.surplus == ["f-a10g-1"] and not keeping.changes
+
+
+def test_the_routers_members_are_the_replicas_up_at_a_known_endpoint():
+    rows = [row("f-a10g-0", S.UP, endpoint="1.2.3.4:8000"), row("f-a10g-1", S.UP, endpoint=None),
+            row("f-a10g-2", S.FAILED, endpoint="1.2.3.5:8000")]
+    assert reconcile.members(rows) == [("f-a10g-0", "A10G", "http://1.2.3.4:8000")]
+    assert reconcile.drained({"http://1.2.3.4:8000": 0}, ["http://1.2.3.4:8000"])
+    assert not reconcile.drained({"http://1.2.3.4:8000": 2}, ["http://1.2.3.4:8000"])

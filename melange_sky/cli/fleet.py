@@ -93,7 +93,8 @@ def confirm_or_refuse(question: str, yes: bool) -> bool:
 @click.option("--no-router", is_flag=True, help="Launch no router (the fleet's one endpoint); serve the replicas "
                                                 "yourself, e.g. with `melange-sky serve FLEET`.")
 @click.option("--no-shrink", is_flag=True, help="Keep every replica that is up, even when a fresh plan needs fewer "
-                                                "or another mix (the surplus is reported, not removed).")
+                                                "or another mix (the surplus is reported, not removed). Without it, "
+                                                "up shrinks when the fresh plan saves over 5% of the fleet's $/h.")
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
               metavar="SECONDS", help="A replica the plan no longer needs leaves the router first; its requests in "
                                       "flight get this long to finish before it is torn down.")

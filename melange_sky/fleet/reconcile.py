@@ -100,14 +100,15 @@ def preview(fleet: str, plan: Plan, rows: Sequence[ReplicaRecord], owners: Mappi
         config_changed=stored_digest is not None and digest is not None and stored_digest != digest)
 
 
-#: A fresh plan replaces the one that keeps every replica up only when it saves more than this ($/h): replicas are
-#: not churned for nothing.
+#: A fresh plan replaces the one that keeps every replica up only when it saves more than this ($/h) and this share
+#: of the fleet's cost: replicas that serve are not churned (relaunched elsewhere, drained) for pennies.
 SHRINK_MIN_SAVING = 0.01
+SHRINK_MIN_FRACTION = 0.05
 
 
 def worth_shrinking(kept: Plan, fresh: Plan) -> bool:
     """Whether to adopt `fresh` (planned afresh, dropping replicas that are up) over `kept` (every replica up kept)."""
-    return fresh.cost < kept.cost - SHRINK_MIN_SAVING
+    return fresh.cost < kept.cost - max(SHRINK_MIN_SAVING, SHRINK_MIN_FRACTION * kept.cost)
 
 
 def choose_plan(rows: Sequence[ReplicaRecord], planner: Callable[[PlanRequest], Plan],
