@@ -164,3 +164,21 @@ def test_written_yaml_round_trips_to_the_task(example_plan, tmp_path):
     for replica in example_plan.replicas:
         assert yaml.safe_load((tmp_path / replica.file_name).read_text()) == replica.task
     assert os.listdir(tmp_path) and not (tmp_path / "melange_plan.json").exists()
+
+
+def test_the_router_task_template_is_not_offered_as_a_replica_template(tmp_path):
+    from melange_sky.deploy.offers import parse_config
+    from melange_sky.deploy.plan import deployment_from_config
+    from melange_sky.deploy.render import builtin_templates
+    from melange_sky.errors import ConfigError
+
+    assert "router" not in builtin_templates() and {"vllm", "sglang"} <= set(builtin_templates())
+    config = parse_config({"workload_distribution": [[1.0]], "total_request_rate": 1,
+                           "gpu_info": {"A10G": {"cost": 1.0, "tputs": [[1.0]]}},
+                           "deployment": {"template": "router", "router": {"port": 9000}}}, "c.json")
+    with pytest.raises(ConfigError, match="deployment.template: 'router' is melange-sky's router task"):
+        deployment_from_config(config)
+    ok = parse_config({**{"workload_distribution": [[1.0]], "total_request_rate": 1,
+                          "gpu_info": {"A10G": {"cost": 1.0, "tputs": [[1.0]]}}},
+                       "deployment": {"router": {"port": 9000}}}, "c.json")
+    assert "router" not in deployment_from_config(ok).extra  # the router's block is not a replica template's

@@ -19,7 +19,8 @@ from melange_sky._io import write_json, write_text
 from melange_sky.core.config import Config, GpuSpec
 from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.deploy.offers import bind_offers
-from melange_sky.deploy.render import LINE_BREAKS, Template, load_template, render
+from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, Template, builtin_templates, load_template,
+                                       render)
 from melange_sky.errors import ConfigError, OutputError
 from melange_sky.solver.model import SolverOptions
 from melange_sky.solver.result import SolveResult, solve
@@ -34,7 +35,7 @@ DEFAULT_API_KEY_SECRET = "MELANGE_SKY_API_KEY"
 #: the version you deploy. `"version": null` installs the latest instead.
 DEFAULT_ENGINE_VERSIONS = {"vllm": "0.33.0", "sglang": "0.5.23"}
 DEPLOYMENT_KEYS = ("template", "model", "port", "envs", "secrets", "version", "extra_args", "readiness_path",
-                   "api_key_secret")
+                   "api_key_secret", "router")  # router: the router's block (deploy/router_task.py)
 #: SkyPilot's cluster-name pattern (checked server-side, sky/utils/common_utils.py).
 CLUSTER_NAME_RE = re.compile(r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")
 #: Longest cluster name we generate; SkyPilot itself truncates on-cloud names per cloud (GCP: 35) with a hash.
@@ -245,6 +246,9 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
     if not readiness.startswith("/"):
         raise fail("readiness_path", f"must start with '/', got {readiness!r}")
     chosen_template = template or string("template", "vllm")
+    if chosen_template in INTERNAL_TEMPLATES:
+        raise fail("template", f"{chosen_template!r} is melange-sky's router task, not a replica template; choose "
+                               f"one of {', '.join(builtin_templates())} or give a file path")
     # Absent: a builtin template's pinned engine version; null: the latest; a string: that version.
     if "version" in raw:
         version = None if raw["version"] is None else string("version", "")

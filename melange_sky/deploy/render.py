@@ -49,8 +49,14 @@ def builtin_template_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "templates"
 
 
+#: Builtin templates that are not a replica's (`router.j2` renders the fleet's router task).
+INTERNAL_TEMPLATES = frozenset({"router"})
+
+
 def builtin_templates() -> list[str]:
-    return sorted(p.name[: -len(TEMPLATE_SUFFIX)] for p in builtin_template_dir().glob(f"*{TEMPLATE_SUFFIX}"))
+    """The builtin replica templates a config or --template may name."""
+    return sorted(name for p in builtin_template_dir().glob(f"*{TEMPLATE_SUFFIX}")
+                  if (name := p.name[: -len(TEMPLATE_SUFFIX)]) not in INTERNAL_TEMPLATES)
 
 
 def load_template(name_or_path: str) -> Template:
