@@ -208,3 +208,16 @@ def test_a_config_the_router_cannot_route_gets_no_router_and_says_why(cli, fleet
     assert result.exit_code == 0, result.stderr
     assert ROUTER not in fake.clusters() and "no router is launched" in result.stdout
     assert "input_buckets/output_buckets" in result.stdout
+
+
+def test_another_client_key_than_the_routers_is_refused_not_silently_split(cli, fleet_env, monkeypatch):
+    fake, env = fleet_env
+    monkeypatch.setenv("MELANGE_SKY_API_KEY", "first-key-0123456789")
+    assert cli("up", env["CONFIG"], "-y").exit_code == 0
+    monkeypatch.setenv("MELANGE_SKY_API_KEY", "second-key-0123456789")
+    result = cli("up", env["CONFIG"], "-y")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "is not the client key fleet example's router was launched with" in result.stderr
+    assert "second-key" not in result.stderr and "first-key" not in result.stderr
+    monkeypatch.delenv("MELANGE_SKY_API_KEY")  # unset: the fleet's own key
+    assert cli("up", env["CONFIG"], "-y").exit_code == 0

@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from melange_sky.errors import LedgerError
+from melange_sky.errors import LedgerError, MissingSecret
 from melange_sky.fleet.ledger import ledger_home
 
 __all__ = ["ADMIN_TOKEN_ENV", "API_KEY_ENV", "FleetKeys", "fleet_keys", "forget_keys", "keys_path", "load_keys"]
@@ -42,13 +42,17 @@ def keys_path(fleet: str, home: str | os.PathLike[str] | None = None) -> Path:
 
 def fleet_keys(fleet: str, api_key: str | None = None, home: str | os.PathLike[str] | None = None) -> FleetKeys:
     """The fleet's keys, made at its first `up`: a random admin token, and the client key `api_key` (the user's
-    MELANGE_SKY_API_KEY) or, without one, a random one. A later `api_key` different from the stored one replaces it
-    (the user rotated it); the admin token never changes while the fleet lives."""
+    MELANGE_SKY_API_KEY) or, without one, a random one. They never change while the fleet lives: its router was
+    launched with them, so a different `api_key` later is refused (it would not be the key the router admits)."""
     path = keys_path(fleet, home)
     stored = _read(path)
-    if stored is not None and (api_key is None or api_key == stored["api_key"]):
+    if stored is not None:
+        if api_key is not None and api_key != stored["api_key"]:
+            raise MissingSecret(f"MELANGE_SKY_API_KEY is not the client key fleet {fleet}'s router was launched "
+                                f"with (in {path}): unset it to use the fleet's key, or `melange-sky down {fleet}` "
+                                f"and `up` again to change keys")
         return FleetKeys(path, stored["admin_token"], stored["api_key"], bool(stored.get("api_key_generated")))
-    admin = stored["admin_token"] if stored is not None else secrets.token_urlsafe(32)
+    admin = secrets.token_urlsafe(32)
     key, generated = (api_key, False) if api_key else (secrets.token_urlsafe(32), True)
     _write(path, {"admin_token": admin, "api_key": key, "api_key_generated": generated})
     return FleetKeys(path, admin, key, generated)
