@@ -10,34 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from fake_backend import FakeBackend
 from melange_sky.fleet.ledger import Ledger, ReplicaState
+from test_fleet_cli import EXAMPLE, PLANNED
+from test_fleet_cli import fleet_env  # noqa: F401 - a fixture: the one service_env extends
 
-EXAMPLE = str(REPO / "examples" / "example.json")
-PLANNED = ["example-a100-80gb-0", "example-a10g-0", "example-a10g-1", "example-a10g-2"]
 ROUTER = "example-router"
 
 
 @pytest.fixture
-def fleet_env(tmp_path, monkeypatch):
-    env = {
-        "MELANGE_SKY_HOME": str(tmp_path / "melange-home"),
-        "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend",
-        "MELANGE_SKY_FAKE_STATE": str(tmp_path / "fake.json"),
-        "HF_TOKEN": "hf_test_token_value",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+def service_env(fleet_env, tmp_path, monkeypatch):  # noqa: F811 - the imported fixture, as an argument
+    """test_fleet_cli's private ledger and fake launcher, no client key in the environment, and env["CONFIG"]: the
+    example with bucket edges (a router can only route a config that has them, or Mélange's default 8x6)."""
+    fake, env = fleet_env
     monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
-    # The example with bucket edges: a router can only route a config that has them (or Mélange's default 8x6).
     config = json.loads(Path(EXAMPLE).read_text())
     config.update(input_buckets=[1, 100, 4000], output_buckets=[1, 100, 2000])
     (tmp_path / "conf").mkdir()
     routed = tmp_path / "conf" / "example.json"
     routed.write_text(json.dumps(config))
-    env["CONFIG"] = str(routed)
-    return FakeBackend(env["MELANGE_SKY_FAKE_STATE"]), env
+    return fake, {**env, "CONFIG": str(routed)}
 
 
 def rows(env, roles=None) -> dict[str, ReplicaState]:
@@ -45,8 +36,8 @@ def rows(env, roles=None) -> dict[str, ReplicaState]:
         return {r.cluster: r.state for r in ledger.replicas(roles=roles)}
 
 
-def test_up_launches_the_router_beside_the_replicas_with_the_fleets_keys_as_secrets(cli, fleet_env):
-    fake, env = fleet_env
+def test_up_launches_the_router_beside_the_replicas_with_the_fleets_keys_as_secrets(cli, service_env):
+    fake, env = service_env
     result = cli("up", env["CONFIG"], "-y")
     assert result.exit_code == 0, result.stderr
     assert sorted(fake.clusters()) == sorted([*PLANNED, ROUTER])
@@ -62,8 +53,8 @@ def test_up_launches_the_router_beside_the_replicas_with_the_fleets_keys_as_secr
     assert fleet["endpoint"] == f"http://{row.endpoint}" and fleet["router"]["cluster"] == ROUTER
 
 
-def test_the_fleets_keys_live_only_in_a_0600_file_never_in_the_ledger_or_the_output(cli, fleet_env):
-    fake, env = fleet_env
+def test_the_fleets_keys_live_only_in_a_0600_file_never_in_the_ledger_or_the_output(cli, service_env):
+    fake, env = service_env
     result = cli("up", env["CONFIG"], "-y")
     assert result.exit_code == 0, result.stderr
     key_file = Path(env["MELANGE_SKY_HOME"], "keys", "example.json")
@@ -79,24 +70,24 @@ def test_the_fleets_keys_live_only_in_a_0600_file_never_in_the_ledger_or_the_out
     assert again.exit_code == 0 and json.loads(key_file.read_text())["admin_token"] == keys["admin_token"]
 
 
-def test_the_users_client_key_is_the_routers_when_it_is_set(cli, fleet_env, monkeypatch):
-    fake, env = fleet_env
+def test_the_users_client_key_is_the_routers_when_it_is_set(cli, service_env, monkeypatch):
+    fake, env = service_env
     monkeypatch.setenv("MELANGE_SKY_API_KEY", "users-own-key-0123456789")
     assert cli("up", env["CONFIG"], "-y").exit_code == 0
     keys = json.loads(Path(env["MELANGE_SKY_HOME"], "keys", "example.json").read_text())
     assert keys["api_key"] == "users-own-key-0123456789" and keys["api_key_generated"] is False
 
 
-def test_no_router_launches_none_and_status_shows_no_endpoint(cli, fleet_env):
-    fake, env = fleet_env
+def test_no_router_launches_none_and_status_shows_no_endpoint(cli, service_env):
+    fake, env = service_env
     assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 0
     assert ROUTER not in fake.clusters()
     [fleet] = json.loads(cli("status", "--json").stdout)["fleets"]
     assert fleet["endpoint"] is None and fleet["router"] is None
 
 
-def test_down_removes_the_router_and_forgets_the_keys(cli, fleet_env):
-    fake, env = fleet_env
+def test_down_removes_the_router_and_forgets_the_keys(cli, service_env):
+    fake, env = service_env
     assert cli("up", env["CONFIG"], "-y").exit_code == 0
     result = cli("down", "example", "-y")
     assert result.exit_code == 0, result.stderr
@@ -105,8 +96,8 @@ def test_down_removes_the_router_and_forgets_the_keys(cli, fleet_env):
     assert rows(env) == {}
 
 
-def test_the_router_is_relaunched_when_the_cloud_lost_it(cli, fleet_env):
-    fake, env = fleet_env
+def test_the_router_is_relaunched_when_the_cloud_lost_it(cli, service_env):
+    fake, env = service_env
     assert cli("up", env["CONFIG"], "-y").exit_code == 0
     fake.remove_cluster(ROUTER)  # preempted, or deleted in the console
     result = cli("up", env["CONFIG"], "-y")
@@ -114,8 +105,8 @@ def test_the_router_is_relaunched_when_the_cloud_lost_it(cli, fleet_env):
     assert ROUTER in fake.clusters() and rows(env)[ROUTER] is ReplicaState.UP
 
 
-def test_up_reconciles_with_the_clouds_refreshed_state_not_the_launchers_cache(cli, fleet_env):
-    fake, env = fleet_env
+def test_up_reconciles_with_the_clouds_refreshed_state_not_the_launchers_cache(cli, service_env):
+    fake, env = service_env
     assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 0
     fake.remove_cluster("example-a10g-1", cached_until_refresh=True)  # the cache still says up
     result = cli("up", "--no-router", env["CONFIG"], "-y")
@@ -125,8 +116,8 @@ def test_up_reconciles_with_the_clouds_refreshed_state_not_the_launchers_cache(c
     assert rows(env)["example-a10g-1"] is ReplicaState.UP
 
 
-def test_a_lower_rate_shrinks_after_saying_what_goes_and_what_it_saves(cli, fleet_env):
-    fake, env = fleet_env
+def test_a_lower_rate_shrinks_after_saying_what_goes_and_what_it_saves(cli, service_env):
+    fake, env = service_env
     assert cli("up", "--no-router", env["CONFIG"], "-y", "--rate", "30").exit_code == 0
     big = set(fake.clusters())
     preview = cli("up", "--no-router", env["CONFIG"], "--rate", "6", "--dryrun", "--json")
@@ -146,8 +137,8 @@ def test_a_lower_rate_shrinks_after_saying_what_goes_and_what_it_saves(cli, flee
     assert ("terminating", "draining: left the router") in history and history[-1][0] == "gone"
 
 
-def test_no_shrink_keeps_the_replicas_up_and_only_reports_them(cli, fleet_env):
-    fake, env = fleet_env
+def test_no_shrink_keeps_the_replicas_up_and_only_reports_them(cli, service_env):
+    fake, env = service_env
     assert cli("up", "--no-router", env["CONFIG"], "-y", "--rate", "30").exit_code == 0
     big = set(fake.clusters())
     result = cli("up", "--no-router", env["CONFIG"], "-y", "--rate", "6", "--no-shrink", "--json")
@@ -155,16 +146,16 @@ def test_no_shrink_keeps_the_replicas_up_and_only_reports_them(cli, fleet_env):
     assert set(fake.clusters()) == big and json.loads(result.stdout)["drained"] == []
 
 
-def test_the_same_rate_again_changes_nothing(cli, fleet_env):
-    fake, env = fleet_env
+def test_the_same_rate_again_changes_nothing(cli, service_env):
+    fake, env = service_env
     assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 0
     again = cli("up", "--no-router", env["CONFIG"], "-y", "--json")
     assert again.exit_code == 0 and json.loads(again.stdout)["drained"] == []
     assert len(fake.calls("launch")) == 4
 
 
-def test_dryrun_validates_the_routers_task_too(cli, fleet_env):
-    fake, env = fleet_env
+def test_dryrun_validates_the_routers_task_too(cli, service_env):
+    fake, env = service_env
     result = cli("up", env["CONFIG"], "--dryrun", "--json")
     assert result.exit_code == 0, result.stderr
     dry = json.loads(result.stdout)
@@ -192,8 +183,8 @@ def test_cost_to_date_counts_the_time_a_cluster_billed_and_uptime_its_current_st
     assert usage(row, events, now=2800, since=1650).billed_seconds == 1100  # an earlier fleet of that name
 
 
-def test_status_of_a_fleet_whose_replicas_all_failed_claims_no_serving_cost(cli, fleet_env):
-    fake, env = fleet_env
+def test_status_of_a_fleet_whose_replicas_all_failed_claims_no_serving_cost(cli, service_env):
+    fake, env = service_env
     fake.configure(hard_failures={c: "boom" for c in PLANNED})
     assert cli("up", "--no-router", env["CONFIG"], "-y").exit_code == 1
     status = cli("status", "example")
@@ -202,16 +193,16 @@ def test_status_of_a_fleet_whose_replicas_all_failed_claims_no_serving_cost(cli,
     assert fleet["cost_serving"] == 0 and fleet["cost_planned"] == pytest.approx(6.70)
 
 
-def test_a_config_the_router_cannot_route_gets_no_router_and_says_why(cli, fleet_env):
-    fake, env = fleet_env
+def test_a_config_the_router_cannot_route_gets_no_router_and_says_why(cli, service_env):
+    fake, env = service_env
     result = cli("up", EXAMPLE, "-y")  # the original example: a 2x2 histogram without bucket edges
     assert result.exit_code == 0, result.stderr
     assert ROUTER not in fake.clusters() and "no router is launched" in result.stdout
     assert "input_buckets/output_buckets" in result.stdout
 
 
-def test_another_client_key_than_the_routers_is_refused_not_silently_split(cli, fleet_env, monkeypatch):
-    fake, env = fleet_env
+def test_another_client_key_than_the_routers_is_refused_not_silently_split(cli, service_env, monkeypatch):
+    fake, env = service_env
     monkeypatch.setenv("MELANGE_SKY_API_KEY", "first-key-0123456789")
     assert cli("up", env["CONFIG"], "-y").exit_code == 0
     monkeypatch.setenv("MELANGE_SKY_API_KEY", "second-key-0123456789")
