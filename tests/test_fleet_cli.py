@@ -19,6 +19,9 @@ from melange_sky.fleet.ledger import Ledger, ReplicaState
 
 EXAMPLE = str(REPO / "examples" / "example.json")
 PLANNED = ["example-a100-80gb-0", "example-a10g-0", "example-a10g-1", "example-a10g-2"]
+#: `up` as these tests use it: the replicas' lifecycle alone (the router is tests/test_fleet_service.py's), a shrink
+#: tearing down at once (no router to ask what is in flight, it would wait the whole drain timeout)
+UP = ("up", "--no-router", "--drain-timeout", "0")
 
 
 @pytest.fixture
@@ -64,7 +67,7 @@ def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
 
 def test_up_launches_every_replica_and_records_endpoints(cli, fleet_env):
     fake, env = fleet_env
-    result = cli("up", "--no-router", EXAMPLE, "-y")
+    result = cli(*UP, EXAMPLE, "-y")
     assert result.exit_code == 0, result.stderr
     assert sorted(fake.clusters()) == PLANNED
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
@@ -82,7 +85,7 @@ def test_up_launches_every_replica_and_records_endpoints(cli, fleet_env):
 
 def test_secret_value_is_passed_to_the_launcher_but_never_stored(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     files = [f for f in Path(env["MELANGE_SKY_HOME"]).rglob("*") if f.is_file()]
     assert any(b"example-a10g-0" in f.read_bytes() for f in files)  # the scan sees what the ledger wrote
     assert not [f for f in files if b"hf_test_token_value" in f.read_bytes()]
@@ -91,7 +94,7 @@ def test_secret_value_is_passed_to_the_launcher_but_never_stored(cli, fleet_env)
 def test_missing_secret_stops_before_anything_is_launched(cli, fleet_env, monkeypatch):
     fake, env = fleet_env
     monkeypatch.delenv("HF_TOKEN")
-    result = cli("up", "--no-router", EXAMPLE, "-y")
+    result = cli(*UP, EXAMPLE, "-y")
     assert result.exit_code == 2
     assert result.stderr.strip().startswith("Error: HF_TOKEN not set in the environment")
     assert '"deployment": {"secrets": []}' in result.stderr
@@ -101,7 +104,7 @@ def test_missing_secret_stops_before_anything_is_launched(cli, fleet_env, monkey
 def test_offer_without_capacity_is_replanned_onto_other_offers(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-west-2", "instance_type": "g5.xlarge"}])
-    result = cli("up", "--no-router", EXAMPLE, "-y", "--json")
+    result = cli(*UP, EXAMPLE, "-y", "--json")
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["complete"] and report["rounds"] == 2
@@ -120,7 +123,7 @@ def test_offer_without_capacity_is_replanned_onto_other_offers(cli, fleet_env):
 def test_capacity_everywhere_stops_after_max_rounds_with_a_report(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(capacity_failures=[{"accelerators": "a10g"}])
-    result = cli("up", "--no-router", EXAMPLE, "-y", "--max-rounds", "2")
+    result = cli(*UP, EXAMPLE, "-y", "--max-rounds", "2")
     assert result.exit_code == 1
     assert "No capacity on:" in result.stdout and "not up" in result.stdout
     states = ledger_rows(env)
@@ -131,7 +134,7 @@ def test_capacity_everywhere_stops_after_max_rounds_with_a_report(cli, fleet_env
 def test_hard_launch_failure_is_reported_and_down_removes_the_rest(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(hard_failures={"example-a10g-1": "disk quota exceeded"})
-    result = cli("up", "--no-router", EXAMPLE, "-y")
+    result = cli(*UP, EXAMPLE, "-y")
     assert result.exit_code == 1
     assert "disk quota exceeded" in result.stdout + result.stderr and "Traceback" not in result.stderr
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
@@ -147,29 +150,29 @@ def test_hard_launch_failure_is_reported_and_down_removes_the_rest(cli, fleet_en
 def test_rerunning_up_keeps_what_is_up_and_never_duplicates(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(hard_failures={"example-a10g-2": "transient"})
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 1
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 1
     fake.configure(hard_failures={})
-    again = cli("up", "--no-router", EXAMPLE, "-y")
+    again = cli(*UP, EXAMPLE, "-y")
     assert again.exit_code == 0, again.stderr
     assert sorted(fake.clusters()) == PLANNED
     assert {c: fake.launch_count(c) for c in PLANNED} == {c: 1 for c in PLANNED}
-    third = cli("up", "--no-router", EXAMPLE, "-y")
+    third = cli(*UP, EXAMPLE, "-y")
     assert third.exit_code == 0 and len(fake.calls("launch")) == 5  # 4 + the retried one; nothing new
     assert ledger_rows(env) == {c: ReplicaState.UP for c in PLANNED}
 
 
 def test_rerun_relaunches_a_replica_that_vanished(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     fake.remove_cluster("example-a10g-1")  # deleted in the cloud console
-    result = cli("up", "--no-router", EXAMPLE, "-y")
+    result = cli(*UP, EXAMPLE, "-y")
     assert result.exit_code == 0, result.stderr
     assert sorted(fake.clusters()) == PLANNED and fake.launch_count("example-a10g-1") == 2
 
 
 def test_status_lists_fleets_and_refresh_records_clusters_that_are_gone(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     plain = cli("status")
     assert plain.exit_code == 0 and "Fleet example: 4/4 up, $6.70/h" in plain.stdout
     fake.remove_cluster("example-a10g-0")
@@ -187,7 +190,7 @@ def test_status_of_an_unknown_fleet_is_a_clean_error(cli, fleet_env):
 
 def test_down_twice_second_is_a_no_op(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     first = cli("down", "example", "-y")
     assert first.exit_code == 0 and "4 torn down" in first.stdout and "removed from the ledger" in first.stdout
     downs = len(fake.calls("down"))
@@ -198,7 +201,7 @@ def test_down_twice_second_is_a_no_op(cli, fleet_env):
 
 def test_failed_teardown_keeps_the_fleet_and_the_next_down_retries(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     fake.configure(down_failures={"example-a10g-0": "API timeout"})
     first = cli("down", "example", "-y")
     assert first.exit_code == 1 and "API timeout" in first.stdout
@@ -211,7 +214,7 @@ def test_failed_teardown_keeps_the_fleet_and_the_next_down_retries(cli, fleet_en
 
 def test_down_without_yes_and_without_a_terminal_refuses_instead_of_hanging(fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, "up", "--no-router", EXAMPLE, "-y").wait(60) == 0
+    assert run_cli(env, *UP, EXAMPLE, "-y").wait(60) == 0
     proc = run_cli(env, "down", "example", stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "pass -y" in err
@@ -220,8 +223,8 @@ def test_down_without_yes_and_without_a_terminal_refuses_instead_of_hanging(flee
 
 def test_down_all_tears_down_every_fleet(cli, fleet_env, tmp_path, example, write_config):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    assert cli("up", "--no-router", EXAMPLE, "-y", "--name", "second").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y", "--name", "second").exit_code == 0
     assert len(fake.clusters()) == 8
     result = cli("down", "--all", "-y")
     assert result.exit_code == 0 and fake.clusters() == {} and ledger_rows(env) == {}
@@ -230,16 +233,16 @@ def test_down_all_tears_down_every_fleet(cli, fleet_env, tmp_path, example, writ
 def test_up_is_concurrent_and_bounded_by_parallel(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(latency={"launch": 0.5})
-    assert cli("up", "--no-router", EXAMPLE, "-y", "--parallel", "2").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y", "--parallel", "2").exit_code == 0
     assert fake.max_concurrency() == 2
     assert cli("down", "example", "-y").exit_code == 0
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     assert fake.max_concurrency() == 4
 
 
 def test_launch_options_reach_the_backend(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y", "--retry-until-up", "-i", "30", "--down").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y", "--retry-until-up", "-i", "30", "--down").exit_code == 0
     record = fake.clusters()["example-a10g-0"]
     assert record["retry_until_up"] and record["down"] and record["idle_minutes_to_autostop"] == 30
 
@@ -248,7 +251,7 @@ def test_launch_options_reach_the_backend(cli, fleet_env):
 def test_interrupt_mid_launch_leaves_every_replica_in_the_ledger_and_up_resumes(fleet_env, stop):
     fake, env = fleet_env
     fake.configure(latency={"launch": 30.0})
-    proc = run_cli(env, "up", "--no-router", EXAMPLE, "-y", "--parallel", "2")
+    proc = run_cli(env, *UP, EXAMPLE, "-y", "--parallel", "2")
     wait_for(lambda: len(fake.clusters()) == 2, what="two launches in flight")
     proc.send_signal(stop)
     out, err = proc.communicate(timeout=30)
@@ -258,7 +261,7 @@ def test_interrupt_mid_launch_leaves_every_replica_in_the_ledger_and_up_resumes(
     assert sorted(states) == PLANNED  # no replica missing
     assert sorted(s.value for s in states.values()) == ["failed", "failed", "pending", "pending"]
     fake.configure(latency={"launch": 0.0})
-    resumed = run_cli(env, "up", "--no-router", EXAMPLE, "-y")
+    resumed = run_cli(env, *UP, EXAMPLE, "-y")
     out, err = resumed.communicate(timeout=60)
     assert resumed.returncode == 0, err
     assert ledger_rows(env) == {c: ReplicaState.UP for c in PLANNED} and sorted(fake.clusters()) == PLANNED
@@ -285,7 +288,7 @@ def wait(*args, **kwargs):
         raise
     return real_wait(*args, **kwargs)
 fleet_module.wait = wait
-sys.argv = ["melange-sky", "up", "--no-router", {EXAMPLE!r}, "-y", "--parallel", "2"]
+sys.argv = ["melange-sky", "up", "--no-router", "--drain-timeout", "0", {EXAMPLE!r}, "-y", "--parallel", "2"]
 from melange_sky.__main__ import run
 run()
 """
@@ -299,9 +302,9 @@ run()
 def test_a_second_concurrent_up_on_the_same_fleet_is_refused(fleet_env):
     fake, env = fleet_env
     fake.configure(latency={"launch": 3.0})
-    first = run_cli(env, "up", "--no-router", EXAMPLE, "-y")
+    first = run_cli(env, *UP, EXAMPLE, "-y")
     wait_for(lambda: len(fake.clusters()) > 0, what="the first up to start launching")
-    second = run_cli(env, "up", "--no-router", EXAMPLE, "-y")
+    second = run_cli(env, *UP, EXAMPLE, "-y")
     out, err = second.communicate(timeout=30)
     assert second.returncode == 3 and "is busy" in err and str(first.pid) in err
     assert first.wait(60) == 0
@@ -310,7 +313,7 @@ def test_a_second_concurrent_up_on_the_same_fleet_is_refused(fleet_env):
 
 def test_dryrun_validates_and_launches_nothing(cli, fleet_env):
     fake, env = fleet_env
-    result = cli("up", "--no-router", EXAMPLE, "--dryrun")
+    result = cli(*UP, EXAMPLE, "--dryrun")
     assert result.exit_code == 0, result.stderr
     assert "would launch 4 replica(s)" in result.stdout and "sky check" in result.stdout
     assert fake.calls("launch") == [] and len(fake.calls("validate")) == 2  # one per distinct offer
@@ -318,14 +321,14 @@ def test_dryrun_validates_and_launches_nothing(cli, fleet_env):
 
 
 def test_unknown_backend_is_a_one_line_error(cli, fleet_env):
-    result = cli("up", "--no-router", EXAMPLE, "-y", "--backend", "nosuch")
+    result = cli(*UP, EXAMPLE, "-y", "--backend", "nosuch")
     assert result.exit_code == 2 and result.stderr.startswith("Error: unknown backend 'nosuch'")
 
 
 def test_rerun_in_per_offer_mode_keeps_the_replicas_already_up(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    again = cli("up", "--no-router", EXAMPLE, "-y", "--per-offer")
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
+    again = cli(*UP, EXAMPLE, "-y", "--per-offer")
     assert again.exit_code == 0, again.stderr
     assert sorted(fake.clusters()) == PLANNED and len(fake.calls("launch")) == 4
     assert "Nothing to launch" in again.stdout
@@ -333,8 +336,8 @@ def test_rerun_in_per_offer_mode_keeps_the_replicas_already_up(cli, fleet_env):
 
 def test_what_up_shows_is_what_it_launches_on_an_existing_fleet(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    bigger = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "60", "--no-shrink")
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
+    bigger = cli(*UP, EXAMPLE, "-y", "--rate", "60", "--no-shrink")
     assert bigger.exit_code == 0, bigger.stderr
     shown = int(bigger.stdout.split("To launch: ")[1].split(" ")[0])
     assert shown == len(fake.calls("launch")) - 4 > 0
@@ -344,8 +347,8 @@ def test_what_up_shows_is_what_it_launches_on_an_existing_fleet(cli, fleet_env):
 
 def test_up_on_a_complete_fleet_asks_nothing_even_without_a_terminal(fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, "up", "--no-router", EXAMPLE, "-y").wait(60) == 0
-    proc = run_cli(env, "up", "--no-router", EXAMPLE, stdin=subprocess.DEVNULL)
+    assert run_cli(env, *UP, EXAMPLE, "-y").wait(60) == 0
+    proc = run_cli(env, *UP, EXAMPLE, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert "Nothing to launch" in out and len(fake.calls("launch")) == 4
@@ -353,21 +356,21 @@ def test_up_on_a_complete_fleet_asks_nothing_even_without_a_terminal(fleet_env):
 
 def test_a_smaller_plan_keeps_surplus_replicas_and_says_so(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    smaller = cli("up", "--no-router", EXAMPLE, "-y", "--rate", "10", "--no-shrink")
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
+    smaller = cli(*UP, EXAMPLE, "-y", "--rate", "10", "--no-shrink")
     assert smaller.exit_code == 0, smaller.stderr
     assert "the load alone needs $3.67/h (1 replica(s))" in smaller.stdout and len(fake.clusters()) == 4
 
 
 def test_stopped_clusters_are_recorded_and_relaunched_by_up(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     fake.add_cluster("example-a10g-0", status="stopped")  # autostopped
     fake.add_cluster("example-a10g-1", status="init")  # unhealthy
     status = json.loads(cli("status", "example", "--refresh", "--json").stdout)
     states = {r["cluster"]: r["state"] for r in status["fleets"][0]["replicas"]}
     assert states["example-a10g-0"] == "stopped" and states["example-a10g-1"] == "failed"
-    again = cli("up", "--no-router", EXAMPLE, "-y")
+    again = cli(*UP, EXAMPLE, "-y")
     assert again.exit_code == 0, again.stderr
     assert ledger_rows(env) == {c: ReplicaState.UP for c in PLANNED}
     assert fake.launch_count("example-a10g-0") == 2 and fake.launch_count("example-a10g-1") == 2
@@ -375,8 +378,8 @@ def test_stopped_clusters_are_recorded_and_relaunched_by_up(cli, fleet_env):
 
 def test_fleet_names_that_share_cluster_names_are_refused(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
-    clash = cli("up", "--no-router", EXAMPLE, "-y", "--name", "Example")
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
+    clash = cli(*UP, EXAMPLE, "-y", "--name", "Example")
     assert clash.exit_code == 1 and "already belongs to fleet 'example'" in clash.stderr
     assert len(fake.calls("launch")) == 4
 
@@ -385,7 +388,7 @@ def test_a_failed_replica_left_out_of_the_replan_is_torn_down(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-west-2", "times": 2}],
                    hard_failures={"example-a10g-2": "boom"})
-    result = cli("up", "--no-router", EXAMPLE, "-y", "--json")
+    result = cli(*UP, EXAMPLE, "-y", "--json")
     report = json.loads(result.stdout)
     states = {r["cluster"]: r["state"] for r in report["replicas"]}
     assert states["example-a10g-2"] == "gone"  # not left billing in INIT
@@ -426,7 +429,7 @@ def test_a_replacement_on_another_offer_is_priced_from_the_catalog_not_the_confi
 
     fake, env = fleet_env
     fake.configure(capacity_failures=[{"cloud": "azure", "region": "eastus"}])
-    report = json.loads(cli("up", "--no-router", EXAMPLE, "-y", "--json").stdout)
+    report = json.loads(cli(*UP, EXAMPLE, "-y", "--json").stdout)
     [a100] = [r for r in report["replicas"] if r["gpu"] == "A100-80GB" and r["state"] == "up"]
     assert a100["offer"] != "azure:eastus:Standard_NC24ads_A100_v4"
     cloud, region, instance_type = a100["offer"].split(":")
@@ -437,7 +440,7 @@ def test_a_replacement_on_another_offer_is_priced_from_the_catalog_not_the_confi
 
 def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, "up", "--no-router", EXAMPLE, "-y", "--rate", "60").wait(60) == 0
+    assert run_cli(env, *UP, EXAMPLE, "-y", "--rate", "60").wait(60) == 0
     fake.configure(hard_failures={"example-a10g-9": "boom"})
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:  # a failed replica outside any plan, its cluster left in INIT
         ledger.add_replica("example", __import__("melange_sky.fleet.ledger", fromlist=["NewReplica"]).NewReplica(
@@ -445,34 +448,34 @@ def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(fleet_en
         ledger.transition("example-a10g-9", ReplicaState.FAILED, error="boom")
     fake.add_cluster("example-a10g-9", status="init")
     # no -y, no terminal: refuses, removes nothing
-    proc = run_cli(env, "up", "--no-router", EXAMPLE, "--rate", "60", stdin=subprocess.DEVNULL)
+    proc = run_cli(env, *UP, EXAMPLE, "--rate", "60", stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "tear down 1" in err and "example-a10g-9" in out
     assert "example-a10g-9" in fake.clusters()
-    assert run_cli(env, "up", "--no-router", EXAMPLE, "-y", "--rate", "60").wait(60) == 0
+    assert run_cli(env, *UP, EXAMPLE, "-y", "--rate", "60").wait(60) == 0
     assert "example-a10g-9" not in fake.clusters() and ledger_rows(env)["example-a10g-9"] is ReplicaState.GONE
 
 
 def test_stopped_replicas_outside_the_plan_are_kept(cli, fleet_env):
     fake, env = fleet_env
-    assert cli("up", "--no-router", EXAMPLE, "-y", "--rate", "60").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y", "--rate", "60").exit_code == 0
     extra = sorted(fake.clusters())[-1]
     fake.add_cluster(extra, status="stopped")
     assert cli("status", "--refresh").exit_code == 0
-    assert cli("up", "--no-router", EXAMPLE, "-y", "--rate", "10").exit_code == 0
+    assert cli(*UP, EXAMPLE, "-y", "--rate", "10").exit_code == 0
     assert extra in fake.clusters() and not [c for c in fake.calls("down") if c["cluster"] == extra]
 
 
 def test_up_json_refuses_to_launch_without_yes(cli, fleet_env):
     fake, env = fleet_env
-    result = cli("up", "--no-router", EXAMPLE, "--json")
+    result = cli(*UP, EXAMPLE, "--json")
     assert result.exit_code == 2 and "pass -y" in result.stderr and result.stdout == ""
     assert fake.calls("launch") == []
 
 
 def test_status_refresh_never_blocks_up_or_down(fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, "up", "--no-router", EXAMPLE, "-y").wait(60) == 0
+    assert run_cli(env, *UP, EXAMPLE, "-y").wait(60) == 0
     fake.configure(latency={"status": 3.0})
     watcher = run_cli(env, "status", "--refresh")
     wait_for(lambda: any(c["method"] == "status" for c in fake.calls()) or watcher.poll() is not None,
@@ -487,7 +490,7 @@ def test_status_refresh_never_blocks_up_or_down(fleet_env):
 def test_a_replica_found_up_by_a_refresh_gets_its_endpoint_from_the_backend(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(hard_failures={"example-a10g-0": "flaky"})
-    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 1
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 1
     fake.add_cluster("example-a10g-0", status="up")  # it came up after all (the fake then knows no head ip)
     with open(fake.path) as f:
         state = json.load(f)

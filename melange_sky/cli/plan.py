@@ -27,7 +27,7 @@ RESULT_FILE = "melange_result.json"
 @solve_options
 @debug_option
 def solve(config: str, output: str | None, as_json: bool, per_offer: bool, solve_args: SolveArgs) -> None:
-    """Find the cheapest GPU mix for CONFIG (a Mélange config JSON).
+    """Find the cheapest GPU mix for CONFIG (a Mélange config, JSON or YAML).
 
     Each GPU is bound to a cloud offer as `plan` binds it (spot prices with use_spot, instance sizes, quotas;
     --per-offer as in `plan`), so this is the fleet `plan` makes. Prints the fleet (count, $/h and utilisation per

@@ -415,6 +415,9 @@ class Fleet:
             report.notes.append("the drain was abandoned (the router could not be told); `up` tries again")
             return
         urls = [_router_url(r.endpoint) for r in leaving if r.endpoint]
+        if not routed and timeout > 0:
+            self.on_event(ReplicaEvent("", "", None, 0.0, f"no router to ask what is in flight: waiting "
+                                                          f"--drain-timeout {timeout:g} s before the teardown"))
         waited = self._wait_drained(fleet, urls, timeout) if routed else self._wait(timeout)
         self._db.record_event(fleet, "drained", f"{', '.join(r.cluster for r in leaving)} after {waited:.1f} s")
         for row in leaving:
