@@ -16,6 +16,9 @@ HTTP 500; longer than --hang-above-prompt get headers and then nothing (the clie
 --max-output caps the tokens generated whatever max_tokens says (a server ignoring ignore_eos); --max-batch N
 serves at most N requests at once and queues the others before their prefill (FIFO; queued requests are not in A),
 so past N x (1 / request time) the queue, and TTFT, grow while TPOT stays bounded, as in vLLM at its batch limit.
+--smooth-ms S makes A = 1 + the time-mean of requests in the server over the last S ms: the same mean as the
+instantaneous count (so the same `true_max_rate`), but with about 1 request in flight a request's TPOT no longer
+swings by k per neighbour, so a profile's estimate converges in seconds instead of minutes.
 
 The server is one asyncio process; the profiler's accuracy tests run it with per-token intervals of 5 ms or more,
 which dwarf the event loop's lateness on a busy machine (a late token does not delay the next one's deadline).
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import collections
 import json
 import sys
 
@@ -40,6 +45,9 @@ class LawServer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.active = 0
+        self.area = 0.0  # requests in the server integrated over time (request-seconds), for --smooth-ms
+        self.since = 0.0
+        self.history: collections.deque[tuple[float, float]] = collections.deque()  # (time, area) at each change
         self.completions = 0  # completion requests received, for --error-every / --error-first
         self.batch = asyncio.Semaphore(args.max_batch) if args.max_batch else None
 
@@ -91,12 +99,12 @@ class LawServer:
         loop = asyncio.get_running_loop()
         if self.batch is not None:
             await self.batch.acquire()
-        self.active += 1
+        self.count(+1)
         try:
             deadline = loop.time() + self.args.prefill_ms_per_token * prompt_tokens / 1000
             for k in range(n):
                 if k:
-                    deadline += (self.args.base_ms + self.args.k_ms * self.active) / 1000
+                    deadline += (self.args.base_ms + self.args.k_ms * self.load()) / 1000
                 delay = deadline - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -107,9 +115,42 @@ class LawServer:
             writer.write(self.frame(b"data: [DONE]\n\n") + b"0\r\n\r\n")
             await writer.drain()
         finally:
-            self.active -= 1
+            self.count(-1)
             if self.batch is not None:
                 self.batch.release()
+
+    def count(self, delta: int) -> None:
+        now = asyncio.get_running_loop().time()
+        self.area += self.active * (now - self.since)
+        self.since = now
+        self.active += delta
+        if self.args.smooth_ms:
+            self.history.append((now, self.area))
+            while len(self.history) > 2 and self.history[1][0] < now - self.args.smooth_ms / 1000:
+                self.history.popleft()
+
+    def load(self) -> float:
+        """A: the requests in the server now, or with --smooth-ms 1 + their time-mean over the last S ms."""
+        if not self.args.smooth_ms:
+            return self.active
+        now = asyncio.get_running_loop().time()
+        window = self.args.smooth_ms / 1000
+        area_now = self.area + self.active * (now - self.since)
+        times = [t for t, _ in self.history]
+        i = bisect.bisect_left(times, now - window)
+        if i == 0:  # the server is younger than the window: what it has
+            t0, a0 = (times[0], self.history[0][1]) if times else (now, area_now)
+        else:  # interpolate the area at now - window inside the step before it (in flight was constant there)
+            t_prev, a_prev = self.history[i - 1]
+            t0, a0 = now - window, a_prev + (self.active_at(i - 1)) * (now - window - t_prev)
+        return 1 + (area_now - a0) / max(now - t0, 1e-9)
+
+    def active_at(self, i: int) -> float:
+        """Requests in flight just after the i-th recorded change."""
+        if i + 1 < len(self.history):
+            (t1, a1), (t2, a2) = self.history[i], self.history[i + 1]
+            return (a2 - a1) / (t2 - t1) if t2 > t1 else 0.0
+        return self.active
 
     @staticmethod
     def frame(data: bytes) -> bytes:
@@ -140,6 +181,7 @@ def main() -> None:
     parser.add_argument("--error-first", type=int, default=0)
     parser.add_argument("--max-output", type=int, default=sys.maxsize)
     parser.add_argument("--max-batch", type=int, default=0, help="0: no limit")
+    parser.add_argument("--smooth-ms", type=float, default=0.0, help="0: A is the count now")
     args = parser.parse_args()
     try:
         asyncio.run(serve(args))

@@ -311,3 +311,60 @@ def test_credentials_in_the_endpoint_url_are_never_shown_or_written(law_server, 
     assert run.exit_code == 0, run.stderr
     assert "s3cret" not in run.stdout + run.stderr + out.read_text()
     assert "s3cret" not in parse_endpoint(url).url
+
+
+def test_every_slo_given_must_hold_and_the_report_names_the_one_that_set_the_limit(law_server):
+    # 6-token outputs take 2 ms + 5 x TPOT (54.5 ms idle): a p90 latency of 70 ms needs TPOT <= 13.6 ms, tighter
+    # than the 15 ms TPOT SLO, so the latency SLO binds well below the TPOT-only maximum (about 0.65 x)
+    url = law_server()
+    result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
+                              settings=fast(latency_slo_ms=70.0, start_rate=20.0, min_rate=5.0, bisect_steps=2,
+                                            max_step_seconds=3.0))
+    b = result.buckets[0]
+    tpot_only = true_max_rate(SLO_MS, LAW["base_ms"], LAW["k_ms"], LAW["prefill_ms_per_token"], b.prompt_tokens,
+                              b.output_tokens)
+    assert b.status == "ok" and b.limit == "latency", b.message
+    assert 0 < b.tput < 0.9 * tpot_only
+    checks = {c.slo: c for c in b.best.checks}
+    assert set(checks) == {"tpot", "latency"} and checks["tpot"].passed and checks["latency"].passed
+    assert result.to_dict()["slos"] == {"tpot": SLO_MS, "latency": 70.0}
+
+
+def test_queueing_shows_in_ttft_and_a_ttft_slo_limits_the_rate(law_server):
+    # at most 4 requests decode at once: TPOT stays <= 12 ms whatever the rate, the rest queue before prefill, so
+    # only the TTFT SLO can stop the rate below the batch's capacity (4 / 62 ms = 64.5 req/s)
+    url = law_server("--max-batch=4")
+    result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
+                              settings=fast(ttft_slo_ms=10.0, start_rate=16.0, min_rate=2.0, bisect_steps=2,
+                                            max_step_seconds=3.0))
+    b = result.buckets[0]
+    assert b.status == "ok" and b.limit == "ttft", b.message
+    assert 10 <= b.tput < 64.5
+    assert all(c.passed for c in b.best.checks) and all(c.value_ms <= 12.5 for c in b.best.checks if c.slo == "tpot")
+    assert any(c.slo == "ttft" and not c.passed for s in b.steps for c in s.checks)
+
+
+def test_a_bucket_past_max_minutes_is_cut_short_and_keeps_its_best_rate(law_server):
+    url = law_server()
+    result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
+                              settings=fast(max_minutes=0.03, start_rate=20.0, bisect_steps=4))
+    b = result.buckets[0]
+    assert b.status == "cut_short" and "cut short by --max-minutes 0.03" in b.message
+    passed = [s.rate for s in b.steps if s.passed]
+    assert b.tput == (max(passed) if passed else 0.0) and result.tputs[0][0] == b.tput
+    assert b.seconds < 0.03 * 60 + 5  # the last step ends at the bucket's cap, not at its own
+
+
+def test_cli_shows_an_estimate_the_limiting_slo_and_keeps_the_record_fields(law_server, cli, tmp_path):
+    url = law_server()
+    out = tmp_path / "p.json"
+    args = [a for a in _profile_args(url, "-o", str(out)) if a not in ("--tpot-slo-ms", str(SLO_MS))]
+    run = cli(*args, "--latency-slo-ms", "200")  # another SLO given: no default TPOT SLO
+    assert run.exit_code == 0, run.stderr
+    assert run.stderr.startswith("Profiling 1 bucket(s): about ")
+    assert "p90 latency <= 200 ms" in run.stdout
+    data = json.loads(out.read_text())
+    assert data["slos"] == {"latency": 200.0} and data["settings"]["tpot_slo_ms"] is None
+    bucket = data["buckets"][0]
+    assert {"cell", "prompt_tokens", "output_tokens", "tput", "status", "limit", "headroom"} <= set(bucket)
+    assert bucket["cell"] == [0, 0] and bucket["status"] in ("ok", "capped") and bucket["tput"] > 0
