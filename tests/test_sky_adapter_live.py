@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import random
 import socket
 import subprocess
 import sys
@@ -61,6 +62,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_api_port() -> int:
+    """A port for a private SkyPilot API server whose queue manager's port is free too: SkyPilot derives that one
+    (50000 + (50011 - 50000 + port - 46580) mod 10000, in the ephemeral range) and refuses to start when it is
+    taken, which a plain free port left to chance (1 start in 3 failed on a busy machine). The API port itself is
+    drawn below the ephemeral range, where no client socket takes it meanwhile."""
+    from sky.server import common as server_common  # noqa: PLC0415 - only this live module pays for sky
+    from sky.server.requests.queues import mp_queue  # noqa: PLC0415
+
+    for port in random.Random().sample(range(20000, 32000), 500):
+        offset = port - server_common.DEFAULT_SERVER_PORT
+        queue = 50000 + (mp_queue.DEFAULT_QUEUE_MANAGER_PORT - 50000 + offset) % 10000
+        if _bindable(port) and _bindable(queue):
+            return port
+    raise AssertionError("no free port pair for a SkyPilot API server")
+
+
 def _snapshot(path: Path) -> list[tuple[str, float]] | None:
     if not path.exists():
         return None
@@ -73,7 +99,7 @@ def sky_server(session_home) -> Iterator[dict[str, Any]]:
     real_before = _snapshot(REAL_SKY_DIR)
     assert Path.home() == session_home, "conftest must point HOME at the session's temporary directory"
     saved_port = os.environ.get("SKYPILOT_API_SERVER_LOCAL_PORT")
-    os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(_free_port())
+    os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(_free_api_port())
     import sky  # noqa: PLC0415 - only this live module pays for it
     from sky.client import sdk  # noqa: PLC0415
     from sky.server import common as server_common  # noqa: PLC0415
@@ -328,7 +354,7 @@ def test_talking_to_skypilots_api_server_prints_nothing_of_skypilots(tmp_path):
         "    sys.stderr.write('--- stopping\\n')\n"
         "    import sky\n"
         "    sky.api_stop()\n")
-    env = _fresh_env(home, SKYPILOT_API_SERVER_LOCAL_PORT=str(_free_port()))
+    env = _fresh_env(home, SKYPILOT_API_SERVER_LOCAL_PORT=str(_free_api_port()))
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=home,
                           timeout=SLOW_CALL_S)
     assert done.returncode == 0, done.stderr
