@@ -315,6 +315,7 @@ class _Load:
         self.in_flight = 0
         self.sent: dict[int, int] = {}  # step -> arrivals sent (fillers included)
         self.done: dict[int, list[_Done]] = {}  # step -> finished arrivals (fillers excluded), in finishing order
+        self.answered = False  # some request of the bucket (filler or not) finished well: the server works
         self._area = 0.0
         self._since = self.loop.time()
         self._tasks: set[asyncio.Task[RequestRecord]] = set()
@@ -341,7 +342,10 @@ class _Load:
         def finished(t: asyncio.Task[RequestRecord]) -> None:
             self._count(-1)
             self._tasks.discard(t)
-            if not filler and not t.cancelled():
+            if t.cancelled():
+                return
+            self.answered = self.answered or t.result().ok
+            if not filler:
                 self.done.setdefault(step, []).append(_Done(start, t.result()))
 
         task.add_done_callback(finished)
@@ -393,6 +397,14 @@ class _Load:
                     pass
             self.send(self.output_tokens)
             next_at += next(gaps)
+
+    async def cancel_in_flight(self) -> None:
+        """Abandon the requests in flight (closing a stream aborts it on vLLM and SGLang): after an overloaded step,
+        so the next one does not start with a backlog it would take minutes to drain."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Stop the arrivals and cancel what is in flight (the bucket is done)."""
@@ -469,14 +481,14 @@ async def _run_step(load: _Load, rate: float, plan: _StepPlan, settings: Profile
         done = load.done.get(step, [])
         latency = _recent_latency(done, plan.latency_guess)
         elapsed = now - t0
-        window = max(2 * max(latency, plan.slo_latency), _BLOCK_MIN / rate)
+        window = max(2 * plan.slo_latency, _BLOCK_MIN / rate)  # not the latency seen: overloaded, it only grows
         while samples and samples[0][0] < now - max(_SETTLE_MAX * latency, window) - 1:
             samples.popleft()
         window_mean = _mean_in_flight(samples, now - window, now, area)
         if elapsed >= window and window_mean > (
-                _OVERLOAD * want + 3 * math.sqrt(want) + 2) and any(d.record.ok for d in done):
-            overloaded = True  # no steady state: requests pile up faster than they finish (they do finish: a
-            break  # server that answers nothing is left to time out)
+                _OVERLOAD * want + 3 * math.sqrt(want) + 2) and load.answered:
+            overloaded = True  # no steady state: requests pile up faster than they finish (a server that has
+            break  # answered nothing yet is left to time out instead)
         if settled is None:
             if elapsed >= _SETTLE_MIN * latency:
                 little = rate * latency
@@ -510,6 +522,8 @@ async def _run_step(load: _Load, rate: float, plan: _StepPlan, settings: Profile
                 break
     now = loop.time()
     done = load.done.get(step, [])
+    if overloaded:
+        await load.cancel_in_flight()
     durations = 1.0
     if settled is not None:
         in_flight_mean = (load.area() - settled_area) / max(now - settled, 1e-9)
@@ -697,6 +711,7 @@ async def _profile_bucket(client: Client, model: str, cell: Cell, ranges: tuple[
     target = slo_latency(settings, output_tokens, probe)
     steps: list[StepResult] = []
     load = _Load(client, make_payload, output_tokens, timeout, rng, block_seconds=target)
+    load.answered = probe.ok
     stopped = False
 
     async def run(rate: float) -> StepResult:
