@@ -10,7 +10,6 @@ from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
 from melange_sky.solver.result import Baseline, SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from melange_sky.inputs.profile_result import ProfileEvent, ProfileResult
     from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
     from melange_sky.deploy.plan import Plan, ReplicaPlan
 
@@ -123,57 +122,6 @@ def format_matrix(key: str, matrix: list[list[float]]) -> str:
     """`"key": [[...], ...]` with one row per line, to paste into a config."""
     rows = ",\n".join("    " + json.dumps(row) for row in matrix)
     return f'"{key}": [\n{rows}\n]'
-
-
-def _num(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_profile(result: ProfileResult) -> str:
-    """The `melange-sky profile` report: one line per measured bucket, then the tputs matrix to paste."""
-    lines = [f"Profile of {result.model} at {result.endpoint}: mean TPOT SLO {result.tpot_slo_ms:g} ms, "
-             f"{result.seconds:.0f} s", ""]
-    header = (f"  {'bucket':<7} {'input':>11} {'output':>11} {'req/s':>8}  {'passed at':>9} {'TPOT ms':>7} "
-              f"{'TTFT p50/p99 ms':>17} {'latency p50/p99 ms':>19}  status")
-    lines.append(header)
-    for b in result.buckets:
-        if b.status == "not_measured":
-            continue
-        best = b.best
-        ttft = f"{_num(best.p50_ttft_ms)}/{_num(best.p99_ttft_ms)}" if best else "-"
-        latency = f"{_num(best.p50_latency_ms, '.0f')}/{_num(best.p99_latency_ms, '.0f')}" if best else "-"
-        tpot = _num(best.mean_tpot_ms) if best else "-"
-        passed_at = f"{best.rate:.3g}" if best else "-"
-        status = b.status if b.status == "ok" else f"{b.status}: {b.message}"
-        lines.append(f"  {b.cell[0]}:{b.cell[1]:<5} {f'{b.input_range[0]}-{b.input_range[1]}':>11} "
-                     f"{f'{b.output_range[0]}-{b.output_range[1]}':>11} {b.tput:>8.3g}  {passed_at:>9} {tpot:>7} "
-                     f"{ttft:>17} {latency:>19}  {status}")
-    lines.append("  (input/output: bucket ranges in tokens, profiled at their midpoint unless --size upper; req/s: "
-                 "the estimate in tputs; TPOT/TTFT/latency: measured at the highest rate that passed)")
-    skipped = result.not_measured
-    if skipped:
-        lines.append(f"Not measured (0 in tputs): {', '.join(f'{i}:{j}' for i, j in skipped)}")
-    lines += ["", "tputs for this GPU type (req/s per bucket; paste into gpu_info, or use --into CONFIG --gpu NAME):",
-              format_matrix("tputs", result.tputs)]
-    return "\n".join(lines)
-
-
-def format_profile_event(event: ProfileEvent) -> str | None:
-    """One progress line for a live display of `profile`."""
-    where = (f"[{event.index}/{event.total}] bucket {event.cell[0]}:{event.cell[1]} "
-             f"({event.prompt_tokens} in / {event.output_tokens} out tokens)")
-    if event.kind == "bucket_start":
-        return f"{where}: measuring"
-    if event.kind == "step" and event.step is not None:
-        s = event.step
-        mark = "✓" if s.passed else "⨯"
-        return f"{where}: {mark} {s.rate:.3g} req/s: {s.reason} ({s.measured} measured, {s.seconds:.1f} s)"
-    if event.kind == "bucket_done" and event.bucket is not None:
-        b = event.bucket
-        if b.status in ("ok", "capped"):
-            return f"{where}: {b.tput:.3g} req/s" + (" (capped)" if b.status == "capped" else "")
-        return f"{where}: {b.status}: {b.message}"
-    return None
 
 
 # ---- plan, up, status, down ----------------------------------------------------------------------------------------
