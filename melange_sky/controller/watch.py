@@ -205,12 +205,8 @@ class Controller:
             plan = self._planned(target, settings, rows)
             decision = report.decision
             assert decision is not None
-            if rules.over_budget(plan.cost + router_cost, self.options.max_cost):
-                self._act(report, "over-budget", f"{decision.scale.value} to {decision.rate:.4g} req/s needs "
-                                                 f"${plan.cost + router_cost:.2f}/h > --max-cost "
-                                                 f"${self.options.max_cost:.2f}/h: not launched; the fleet stays "
-                                                 f"as it is")
-                report.refused = True
+            if self._refused(report, f"{decision.scale.value} to {decision.rate:.4g} req/s needs",
+                             plan.cost + router_cost):
                 target = config
             else:
                 report.cost_planned = plan.cost + router_cost
@@ -223,16 +219,20 @@ class Controller:
                 return
             plan = self._planned(config, settings, rows)
             what = ", ".join(missing + ([router.cluster] if router is not None and router_down else []))
-            if rules.over_budget(plan.cost + router_cost, self.options.max_cost):
-                self._act(report, "over-budget", f"relaunching {what} needs the plan at "
-                                                 f"${plan.cost + router_cost:.2f}/h > --max-cost "
-                                                 f"${self.options.max_cost:.2f}/h: not launched; the fleet stays "
-                                                 f"as it is")
-                report.refused = True
+            if self._refused(report, f"relaunching {what} needs the plan at", plan.cost + router_cost):
                 return
             report.cost_planned = plan.cost + router_cost
             self._act(report, "relaunch", f"not up: {what}; bringing the plan back (${report.cost_planned:.2f}/h)")
         self._bring_up(report, target, settings, router)
+
+    def _refused(self, report: PassReport, what: str, cost: float) -> bool:
+        """Whether `cost` ($/h) is over --max-cost: then the refusal is an action (event and line), nothing launches."""
+        if not rules.over_budget(cost, self.options.max_cost):
+            return False
+        self._act(report, "over-budget", f"{what} ${cost:.2f}/h > --max-cost ${self.options.max_cost:.2f}/h: not "
+                                         f"launched; the fleet stays as it is")
+        report.refused = True
+        return True
 
     def _bring_up(self, report: PassReport, config: Config, settings: PlanSettings,
                   router: ReplicaRecord | None) -> None:
