@@ -1,7 +1,8 @@
 """`profile` lands within 10% of the true maximum rate over a grid of loads (the law server's `true_max_rate`).
 
-The grid spans the two ends the steady state matters for: short outputs with about 100 requests in flight at the
-true maximum (where a step that never fills the server overstates the rate most), and about 1 request in flight
+The grid spans the ends the steady state matters for: short outputs with about 100 requests in flight at the true
+maximum (where a step that never fills the server overstates the rate most), 125-token outputs with about 80 in
+flight (1.5 s requests: the old fixed-size steps never reached their concurrency), and about 1 request in flight
 (where the TPOT of single requests is noisiest, so the step must measure long enough). bench/profile_bench.py runs
 a longer grid (outputs up to 500 tokens, the issue's table) through the CLI.
 
@@ -61,6 +62,9 @@ GRID = {
     # 2.3x that here, so the instantaneous law would need minutes of steps for a 10% test; the server's A is the
     # time-mean over 300 ms instead (--smooth-ms: same mean, same true_max_rate, far less noise per request).
     # Steps capped at 8 s each (judged on what they have) to keep the file short.
+    # 125-token outputs (1.5 s requests), ~80 others in flight at ~52 req/s: a step must keep arrivals going for
+    # several request durations before the server holds the steady state's concurrency
+    "125_tokens_80_in_flight": Case(8.0, 0.05, 0.1, 12.0, (10, 30), (100, 150), start_rate=40.0),
     "4_tokens_1_in_flight": Case(4.0, 3.0, 0.1, 10.0, (1, 10), (3, 6), start_rate=20.0, precision=0.05,
                                  bisect_steps=2, max_step_seconds=8.0, smooth_ms=300.0),
 }
