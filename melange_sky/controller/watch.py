@@ -13,7 +13,6 @@ pure rules of `rules`. What it keeps:
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +29,7 @@ from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend
 from melange_sky.fleet.fleet import Fleet, UpOptions
 from melange_sky.fleet.keys import load_keys
-from melange_sky.fleet.ledger import FleetLock, Ledger, ReplicaRecord, ReplicaState, Role
+from melange_sky.fleet.ledger import FleetLock, Ledger, ReplicaRecord, ReplicaState, Role, safe_name
 from melange_sky.fleet.reports import Preview, ReplicaEvent, UpReport
 from melange_sky.fleet.up import bring_up, fleet_config, launch_secrets, make_planner, router_setup
 from melange_sky.inputs.trace import fetch_observed
@@ -112,8 +111,7 @@ class PassReport:
 def watch_lock(ledger: Ledger, fleet: str) -> FleetLock:
     """The controller's own lock on `fleet` (not the fleet's lock, which `up` takes for each change), held for the
     whole watch: a second controller is refused with the holder's pid."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", fleet) or "_"
-    lock = FleetLock(ledger.home / "locks" / "watch" / f"{safe}.lock", fleet)
+    lock = FleetLock(ledger.home / "locks" / "watch" / f"{safe_name(fleet)}.lock", fleet)
     try:
         return lock.acquire()
     except FleetBusy as exc:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from melange_sky.errors import LedgerError, MissingSecret
-from melange_sky.fleet.ledger import ledger_home
+from melange_sky.fleet.ledger import ledger_home, safe_name
 
 __all__ = ["ADMIN_TOKEN_ENV", "API_KEY_ENV", "FleetKeys", "fleet_keys", "forget_keys", "keys_path", "load_keys"]
 
@@ -36,8 +35,7 @@ class FleetKeys:
 
 
 def keys_path(fleet: str, home: str | os.PathLike[str] | None = None) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", fleet) or "_"
-    return (Path(home) if home is not None else ledger_home()) / "keys" / f"{safe}.json"
+    return (Path(home) if home is not None else ledger_home()) / "keys" / f"{safe_name(fleet)}.json"
 
 
 def fleet_keys(fleet: str, api_key: str | None = None, home: str | os.PathLike[str] | None = None) -> FleetKeys:

@@ -30,7 +30,7 @@ BUSY_TIMEOUT_MS = 10_000
 
 __all__ = [
     "Event", "FleetLock", "FleetRecord", "Ledger", "NewReplica", "ReplicaRecord", "ReplicaState", "Role",
-    "ledger_home", "running_cost",
+    "ledger_home", "running_cost", "safe_name",
 ]
 
 
@@ -224,7 +224,8 @@ class _Unset:
 _UNSET: Any = _Unset()
 
 
-def _safe_name(name: str) -> str:
+def safe_name(name: str) -> str:
+    """`name` as a file name (a fleet's lock or key file): anything but letters, digits, `.`, `_`, `-` is `_`."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "_"
 
 
@@ -407,7 +408,7 @@ class Ledger:
     def lock(self, fleet: str) -> FleetLock:
         """The fleet's exclusive lock, to use as `with ledger.lock(name):`; entering raises FleetBusy if another
         process (or another lock object) holds it."""
-        return FleetLock(self.home / "locks" / f"{_safe_name(fleet)}.lock", fleet)
+        return FleetLock(self.home / "locks" / f"{safe_name(fleet)}.lock", fleet)
 
     def save_fleet(self, name: str, config_hash: str, plan: Mapping[str, Any]) -> FleetRecord:
         """Create the fleet, or update its config hash and plan (a re-run `up` may re-plan)."""
