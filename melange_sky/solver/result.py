@@ -164,12 +164,7 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     except ValueError:
         raise SolverError(f"unknown formulation {formulation!r}; choose one of "
                           f"{', '.join(f.value for f in Formulation)}") from None
-    result = _solve_fleet(config, formulation, options, caps)
-    if max_replicas is not None and result.replicas > max_replicas:
-        fleet = ", ".join(f"{g.count:,} x {g.name}" for g in result.gpus if g.count)
-        raise InfeasibleAllocation(f"{config.source}: the cheapest fleet at {config.total_request_rate:g} req/s has "
-                                   f"{result.replicas:,} replicas ({fleet}), above --max-replicas {max_replicas}: "
-                                   f"check the request rate, or raise --max-replicas")
+    result = solve_fleet(config, formulation, options, caps, max_replicas)
     result = dataclasses.replace(result, baselines=baselines(config, formulation, options, caps))
     if not compare:
         return result
@@ -179,7 +174,7 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     if formulation is Formulation.SPLIT:
         bounds.append(result.cost if result.status is SolveStatus.OPTIMAL else None)
     else:
-        split = _solve_fleet(config, Formulation.SPLIT, options, caps)
+        split = solve_fleet(config, Formulation.SPLIT, options, caps)
         bounds.append(split.cost if split.status is SolveStatus.OPTIMAL else None)
         if split.cost < result.cost - 1e-9:
             alternative = Alternative(Formulation.SPLIT, split.cost, split.counts)
@@ -187,15 +182,23 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     return dataclasses.replace(result, lower_bound=lower_bound, alternative=alternative)
 
 
-def _solve_fleet(config: Config, formulation: Formulation, options: SolverOptions,
-                 caps: Sequence[SharedCap]) -> SolveResult:
-    """The cheapest fleet alone (no baselines, no comparison); InfeasibleAllocation saying why if none fits."""
+def solve_fleet(config: Config, formulation: Formulation, options: SolverOptions = SolverOptions(),
+                caps: Sequence[SharedCap] = (), max_replicas: int | None = None) -> SolveResult:
+    """The cheapest fleet alone, without `solve`'s baselines and comparisons (for a caller that solves one config
+    under several formulations and needs its baselines once: a sweep's mix and split). InfeasibleAllocation says
+    why when no fleet fits, or when it has more than `max_replicas` instances."""
     model, variables = build_model(config, formulation, caps=caps)
     status, seconds = run_model(model, options)
     if status is SolveStatus.INFEASIBLE:
         raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options, caps)}")
     counts, routing = extract_allocation(config, variables)
-    return make_result(config, formulation, options, status, seconds, counts, routing, caps)
+    result = make_result(config, formulation, options, status, seconds, counts, routing, caps)
+    if max_replicas is not None and result.replicas > max_replicas:
+        fleet = ", ".join(f"{g.count:,} x {g.name}" for g in result.gpus if g.count)
+        raise InfeasibleAllocation(f"{config.source}: the cheapest fleet at {config.total_request_rate:g} req/s has "
+                                   f"{result.replicas:,} replicas ({fleet}), above --max-replicas {max_replicas}: "
+                                   f"check the request rate, or raise --max-replicas")
+    return result
 
 
 def make_result(config: Config, formulation: Formulation, options: SolverOptions, status: SolveStatus,
@@ -290,7 +293,7 @@ def baselines(config: Config, formulation: Formulation | str = Formulation.SLICE
             continue
         alone = dataclasses.replace(config, gpus=tuple(columns))
         try:
-            fleet = _solve_fleet(alone, Formulation(formulation), options, own_caps)
+            fleet = solve_fleet(alone, Formulation(formulation), options, own_caps)
         except InfeasibleAllocation:
             result.append(Baseline(label, None, None, f"the load does not fit {limit}"))
             continue

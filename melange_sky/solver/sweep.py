@@ -1,9 +1,10 @@
 """A cost sweep over request rates: what the cheapest mix and each single GPU type cost as traffic grows.
 
-Every rate is solved in this process with the same `solve()` the `solve` command runs (the config's formulation,
-then `split`), so a sweep's row at rate r is exactly what `solve --rate r` reports. A rate no fleet fits is a row
-marked infeasible with its reason, not an error. `plot_sweep` draws the Mélange paper's cost-vs-rate figure with the
-fleet's composition beneath; matplotlib is an optional extra (`melange-sky[plot]`), imported only to draw.
+Every rate is solved in this process by what the `solve` command's `solve()` runs (`solve_fleet` under the config's
+formulation, then `split`, and its `baselines` once), so a sweep's row at rate r is exactly what `solve --rate r`
+reports. A rate no fleet fits is a row marked infeasible with its reason, not an error. `plot_sweep` draws the
+Mélange paper's cost-vs-rate figure with the fleet's composition beneath; matplotlib is an optional extra
+(`melange-sky[plot]`), imported only to draw.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 from melange_sky.core.config import Config, with_overrides
 from melange_sky.errors import ConfigError, InfeasibleAllocation, OutputError
 from melange_sky.solver.model import Formulation, SharedCap, SolverOptions
-from melange_sky.solver.result import SAME_COST, Baseline, SolveResult, baselines, solve
+from melange_sky.solver.result import SAME_COST, Baseline, SolveResult, baselines, solve_fleet
 
 #: More rates than this is a typo (a --steps of 10000), not a figure anyone can read.
 MAX_RATES = 1000
@@ -214,7 +215,7 @@ def sweep(config: Config, rates: list[float], formulation: Formulation | str = F
         mix, result = _mix(at_rate, formulation, options, caps, max_replicas)
         split = (mix if formulation is Formulation.SPLIT
                  else _mix(at_rate, Formulation.SPLIT, options, caps, max_replicas)[0])
-        found = result.baselines if result is not None else baselines(at_rate, formulation, options, caps)
+        found = baselines(at_rate, formulation, options, caps)  # once per rate: the mix's, not split's
         if result is not None:
             instance_gpus.update({g.name: g.gpus_per_instance for g in result.gpus})
         points.append(SweepPoint(rate=rate, mix=mix, split=split, baselines=found,
@@ -228,7 +229,7 @@ def sweep(config: Config, rates: list[float], formulation: Formulation | str = F
 def _mix(config: Config, formulation: Formulation, options: SolverOptions,
          caps: Sequence[SharedCap], max_replicas: int | None) -> tuple[MixCost, SolveResult | None]:
     try:
-        result = solve(config, formulation, options, compare=False, caps=caps, max_replicas=max_replicas)
+        result = solve_fleet(config, formulation, options, caps, max_replicas)
     except InfeasibleAllocation as exc:
         return MixCost(formulation, None, {}, "infeasible", _reason(str(exc), config.source)), None
     return MixCost(formulation, result.cost, {k: v for k, v in result.counts.items() if v}, str(result.status)), result
