@@ -14,7 +14,6 @@ values come from the launcher's environment at launch time and are never in the 
 """
 from __future__ import annotations
 
-import csv
 import difflib
 import hashlib
 import math
@@ -29,11 +28,11 @@ from typing import Any
 import melange_sky
 from melange_sky import __version__
 from melange_sky.core.config import Config
-from melange_sky.deploy.catalog import KNOWN_CLOUDS, Catalog, default_catalog, offer_key
+from melange_sky.deploy.catalog import KNOWN_CLOUDS, Catalog, _float, _rows, default_catalog, offer_key
 from melange_sky.deploy.membership import ADMIN_TOKEN_ENV
 from melange_sky.deploy.plan import CLUSTER_NAME_RE, ENV_NAME_RE, MAX_CLUSTER_NAME, _slug
 from melange_sky.deploy.render import load_template, render
-from melange_sky.errors import CatalogError, ConfigError
+from melange_sky.errors import ConfigError
 
 ROUTER_TEMPLATE = "router"
 DEFAULT_ROUTER_PORT = 8080
@@ -223,42 +222,19 @@ def _read_cpu_file(path: Path, source: str, cloud: str, _mtime_ns: int, _size: i
     """A `vms.csv`'s CPU offers, read once per version of the file (choosing, then explaining a failure, reads
     the same files)."""
     best: dict[tuple[str, str], CpuOffer] = {}
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, [])
-            column = {name: i for i, name in enumerate(header)}
-            needed = ("InstanceType", "vCPUs", "MemoryGiB", "Price", "Region")
-            if any(name not in column for name in needed):
-                return ()
-            accelerator, arch = column.get("AcceleratorName"), column.get("Arch")
-            for row in reader:
-                if len(row) < len(header) or (accelerator is not None and row[accelerator].strip()):
-                    continue
-                if arch is not None and row[arch].strip() not in ("", "x86_64"):
-                    continue
-                instance, region = row[column["InstanceType"]].strip(), row[column["Region"]].strip()
-                vcpus, memory, price = (_number(row[column[k]]) for k in ("vCPUs", "MemoryGiB", "Price"))
-                if not instance or not region or vcpus is None or memory is None or price is None or price <= 0:
-                    continue
-                if cloud == "gcp" and _GCP_GPU_FAMILIES.match(instance):
-                    continue
-                old = best.get((region, instance))
-                if old is None or price < old.price:
-                    best[(region, instance)] = CpuOffer(cloud, region, instance, vcpus, memory, price, source)
-    except OSError as exc:
-        raise CatalogError(f"cannot read the catalog {path}: {exc.strerror}") from None
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise CatalogError(f"cannot parse the catalog {path}: {exc}") from None
+    for row in _rows(path):
+        if (row.get("AcceleratorName") or "").strip() or (row.get("Arch") or "").strip() not in ("", "x86_64"):
+            continue
+        instance, region = (row.get("InstanceType") or "").strip(), (row.get("Region") or "").strip()
+        vcpus, memory, price = (_float(row.get(k)) for k in ("vCPUs", "MemoryGiB", "Price"))
+        if not instance or not region or vcpus is None or memory is None or price is None or price <= 0:
+            continue
+        if cloud == "gcp" and _GCP_GPU_FAMILIES.match(instance):
+            continue
+        old = best.get((region, instance))
+        if old is None or price < old.price:
+            best[(region, instance)] = CpuOffer(cloud, region, instance, vcpus, memory, price, source)
     return tuple(best.values())
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
 
 
 # ---- choosing the offer -------------------------------------------------------------------------------------------
