@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
-import json
 import os
 import random
 import threading
@@ -54,6 +52,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from backend_doubles import CancellableLaunches, locked_json
 from melange_sky.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
 from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
 
@@ -104,7 +103,7 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-class ChaosBackend:
+class ChaosBackend(CancellableLaunches):
     """See the module docstring. Thread- and process-safe; every method follows `melange_sky.backends.Backend`."""
 
     name = "chaos"
@@ -134,19 +133,12 @@ class ChaosBackend:
     def _state(self) -> Iterator[dict[str, Any]]:
         """Read-modify-write the state under an exclusive flock; written back even when the body raises (a fault
         is recorded before it is raised)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            text = self.path.read_text() if self.path.exists() else ""
-            state = json.loads(text) if text.strip() else {}
+        with locked_json(self.path) as state:
             self._advance(state, time.time())
             try:
                 yield state
             finally:
                 self._advance(state, time.time())
-                tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_text(json.dumps(state, sort_keys=True))
-                os.replace(tmp, self.path)
 
     def snapshot(self) -> dict[str, Any]:
         with self._state() as state:
@@ -328,16 +320,8 @@ class ChaosBackend:
 
     # -- Backend interface ----------------------------------------------------------------------------------------
     def launch(self, request: LaunchRequest) -> ClusterInfo:
-        cluster = request.cluster
-        cancel = threading.Event()
-        with self._lock:
-            self._cancel_events[cluster] = cancel
-        try:
+        with self._cancellable(request.cluster) as cancel:
             return self._launch(request, cancel)
-        finally:
-            with self._lock:
-                if self._cancel_events.get(cluster) is cancel:
-                    del self._cancel_events[cluster]
 
     def _launch(self, request: LaunchRequest, cancel: threading.Event) -> ClusterInfo:
         cluster = request.cluster
@@ -475,13 +459,6 @@ class ChaosBackend:
         if not isinstance(task, Mapping):
             raise InvalidTask(f"invalid task: expected a mapping, got {type(task).__name__}")
         return Validation(ValidationLevel.SCHEMA, "chaos backend: shape checked")
-
-    def cancel(self, clusters: Sequence[str] | None = None) -> list[str]:
-        with self._lock:
-            targets = [c for c in (self._cancel_events if clusters is None else clusters) if c in self._cancel_events]
-            for cluster in targets:
-                self._cancel_events[cluster].set()
-        return targets
 
 
 def rng_byte(cluster: str) -> int:

@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from backend_doubles import CancellableLaunches, locked_json
 from melange_sky.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
 from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
 
@@ -68,7 +68,7 @@ def _matches(rule: Mapping[str, Any], offer: Mapping[str, str]) -> bool:
     return bool(keys) and all(str(rule[k]).lower() == offer.get(k) for k in keys)
 
 
-class FakeBackend:
+class FakeBackend(CancellableLaunches):
     """File-backed, thread- and process-safe double with injected latency and failures; see the module docstring."""
 
     name = "fake"
@@ -90,22 +90,8 @@ class FakeBackend:
             state.setdefault("max_concurrency", 0)
 
     # -- shared JSON state --------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _state(self) -> Iterator[dict[str, Any]]:
-        """Read-modify-write the state file under an exclusive flock (threads and processes)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(self.path.suffix + ".lock"), "a+") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            state = json.loads(self.path.read_text()) if self.path.exists() and self.path.stat().st_size else {}
-            try:
-                yield state
-            finally:  # also when the caller raises on purpose (a failure it recorded in `state` first)
-                self._write(state)
-
-    def _write(self, state: dict[str, Any]) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+    def _state(self) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        return locked_json(self.path, indent=1)
 
     def _read(self) -> dict[str, Any]:
         with self._state() as state:
@@ -177,51 +163,53 @@ class FakeBackend:
     def launch(self, request: LaunchRequest) -> ClusterInfo:
         cluster = request.cluster
         start = time.time()
-        cancel = threading.Event()
-        with self._lock:
-            self._cancel_events[cluster] = cancel
-            self._in_flight += 1
-            in_flight = self._in_flight
-        try:
-            with self._state() as state:
-                state["max_concurrency"] = max(state["max_concurrency"], in_flight)
-                existing = state["clusters"].get(cluster)
-                if existing and existing["status"] == ClusterStatus.UP.value:
-                    self._record(state, "launch", start, "reused", cluster=cluster)
-                    return self._info(cluster, existing)
-                state["clusters"][cluster] = {"status": ClusterStatus.INIT.value, "endpoint": None, "head_ip": None,
-                                              "task": dict(request.task), "offer": offer_of(request.task),
-                                              "secret_names": sorted(request.secrets)}
-            cancelled = cancel.wait(self._latency("launch"))
-            with self._state() as state:
-                config = state["config"]
-                if cancelled:
-                    self._record(state, "launch", start, "cancelled", cluster=cluster)
-                    raise LaunchCancelled(cluster, "launch cancelled")
-                if cluster in config["hard_failures"]:
-                    reason = config["hard_failures"][cluster]
-                    self._record(state, "launch", start, "failed", cluster=cluster, reason=reason)
-                    raise LaunchError(cluster, reason)
-                rule = self._capacity_rule(config["capacity_failures"], offer_of(request.task))
-                if rule is not None:
-                    if "times" in rule:
-                        rule["times"] = int(rule["times"]) - 1
-                    del state["clusters"][cluster]
-                    self._record(state, "launch", start, "unavailable", cluster=cluster)
-                    raise CapacityError(cluster, f"no capacity for {offer_of(request.task)[0]} (fake)")
-                n = len(state["calls"]) % 250 + 1
-                head_ip = f"127.0.0.{n}"  # loopback: nothing a test pushes to may leave the machine
-                record = state["clusters"][cluster]
-                record.update(status=ClusterStatus.UP.value, head_ip=head_ip,
-                              endpoint=f"{head_ip}:{request.port}" if request.port is not None else None,
-                              retry_until_up=request.retry_until_up, down=request.down,
-                              idle_minutes_to_autostop=request.idle_minutes_to_autostop)
-                self._record(state, "launch", start, "up", cluster=cluster)
-                return self._info(cluster, record)
-        finally:
+        with self._cancellable(cluster) as cancel:
             with self._lock:
-                self._in_flight -= 1
-                self._cancel_events.pop(cluster, None)
+                self._in_flight += 1
+                in_flight = self._in_flight
+            try:
+                return self._launch(request, cancel, start, in_flight)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+
+    def _launch(self, request: LaunchRequest, cancel: threading.Event, start: float, in_flight: int) -> ClusterInfo:
+        cluster = request.cluster
+        with self._state() as state:
+            state["max_concurrency"] = max(state["max_concurrency"], in_flight)
+            existing = state["clusters"].get(cluster)
+            if existing and existing["status"] == ClusterStatus.UP.value:
+                self._record(state, "launch", start, "reused", cluster=cluster)
+                return self._info(cluster, existing)
+            state["clusters"][cluster] = {"status": ClusterStatus.INIT.value, "endpoint": None, "head_ip": None,
+                                          "task": dict(request.task), "offer": offer_of(request.task),
+                                          "secret_names": sorted(request.secrets)}
+        cancelled = cancel.wait(self._latency("launch"))
+        with self._state() as state:
+            config = state["config"]
+            if cancelled:
+                self._record(state, "launch", start, "cancelled", cluster=cluster)
+                raise LaunchCancelled(cluster, "launch cancelled")
+            if cluster in config["hard_failures"]:
+                reason = config["hard_failures"][cluster]
+                self._record(state, "launch", start, "failed", cluster=cluster, reason=reason)
+                raise LaunchError(cluster, reason)
+            rule = self._capacity_rule(config["capacity_failures"], offer_of(request.task))
+            if rule is not None:
+                if "times" in rule:
+                    rule["times"] = int(rule["times"]) - 1
+                del state["clusters"][cluster]
+                self._record(state, "launch", start, "unavailable", cluster=cluster)
+                raise CapacityError(cluster, f"no capacity for {offer_of(request.task)[0]} (fake)")
+            n = len(state["calls"]) % 250 + 1
+            head_ip = f"127.0.0.{n}"  # loopback: nothing a test pushes to may leave the machine
+            record = state["clusters"][cluster]
+            record.update(status=ClusterStatus.UP.value, head_ip=head_ip,
+                          endpoint=f"{head_ip}:{request.port}" if request.port is not None else None,
+                          retry_until_up=request.retry_until_up, down=request.down,
+                          idle_minutes_to_autostop=request.idle_minutes_to_autostop)
+            self._record(state, "launch", start, "up", cluster=cluster)
+            return self._info(cluster, record)
 
     @staticmethod
     def _capacity_rule(rules: list[dict[str, Any]], offers: list[dict[str, str]]) -> dict[str, Any] | None:
@@ -291,10 +279,3 @@ class FakeBackend:
         with self._state() as state:
             self._record(state, "validate", start, "ok")
         return Validation(ValidationLevel.SCHEMA, "fake backend: shape, envs and secrets checked")
-
-    def cancel(self, clusters: Sequence[str] | None = None) -> list[str]:
-        with self._lock:
-            targets = [c for c in (self._cancel_events if clusters is None else clusters) if c in self._cancel_events]
-            for cluster in targets:
-                self._cancel_events[cluster].set()
-        return targets

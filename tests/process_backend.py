@@ -60,7 +60,6 @@ requests in flight at the moment it was killed or torn down), `stats(cluster)` (
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -73,10 +72,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from backend_doubles import CancellableLaunches, locked_json
 from melange_sky.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
 from melange_sky.errors import InvalidTask, LaunchCancelled, LaunchError
 
@@ -264,7 +264,7 @@ def _mask(text: str, secrets: Mapping[str, str]) -> str:
     return text
 
 
-class ProcessBackend:
+class ProcessBackend(CancellableLaunches):
     """See the module docstring. Thread- and process-safe; every method follows `melange_sky.backends.Backend`."""
 
     name = "process"
@@ -282,21 +282,9 @@ class ProcessBackend:
             state.setdefault("history", [])
 
     # -- the shared file ------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _state(self) -> Iterator[dict[str, Any]]:
-        """Read-modify-write the state under an exclusive flock (threads and processes); written back even when the
-        body raises, so a process recorded before a failure is never forgotten."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "state.json.lock", "a+") as lock_file:
-            fcntl.flock(lock_file, fcntl.LOCK_EX)
-            text = self.path.read_text() if self.path.exists() else ""
-            state = json.loads(text) if text.strip() else {}
-            try:
-                yield state
-            finally:
-                tmp = self.path.with_name(f"state.json.{os.getpid()}.{threading.get_ident()}.tmp")
-                tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-                os.replace(tmp, self.path)
+    def _state(self) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        """Written back even when the body raises, so a process recorded before a failure is never forgotten."""
+        return locked_json(self.path, indent=1)
 
     @staticmethod
     def _event(state: dict[str, Any], event: str, cluster: str, **extra: Any) -> None:
@@ -398,31 +386,27 @@ class ProcessBackend:
     # -- Backend interface ----------------------------------------------------------------------------------------
     def launch(self, request: LaunchRequest) -> ClusterInfo:
         cluster = request.cluster
-        cancel = threading.Event()
-        with self._lock:
-            self._cancel_events[cluster] = cancel
         try:
-            with self._state() as state:
-                record = state["clusters"].get(cluster)
-                if record is not None and is_alive(record["pid"], record["started"]):
-                    if record["status"] == ClusterStatus.UP.value:
-                        return self._info(cluster, record, request.port)
-                    # another process's launch of it is in flight: wait for that one below
-                else:
-                    if record is not None:  # died since: leftovers go, the "host" starts clean
-                        stop_group(record["pgid"], record["started"], 0.0)
-                    record = self._spawn(state, request)
-            self._wait_ready(request, record, cancel)
-            with self._state() as state:
-                current = state["clusters"].get(cluster)
-                if current is not None and current["pid"] == record["pid"]:
-                    current["status"] = ClusterStatus.UP.value
-                    self._event(state, "up", cluster, pid=current["pid"], port=current["port"])
-                    record = current
-                return self._info(cluster, record, request.port)
+            with self._cancellable(cluster) as cancel:
+                with self._state() as state:
+                    record = state["clusters"].get(cluster)
+                    if record is not None and is_alive(record["pid"], record["started"]):
+                        if record["status"] == ClusterStatus.UP.value:
+                            return self._info(cluster, record, request.port)
+                        # another process's launch of it is in flight: wait for that one below
+                    else:
+                        if record is not None:  # died since: leftovers go, the "host" starts clean
+                            stop_group(record["pgid"], record["started"], 0.0)
+                        record = self._spawn(state, request)
+                self._wait_ready(request, record, cancel)
+                with self._state() as state:
+                    current = state["clusters"].get(cluster)
+                    if current is not None and current["pid"] == record["pid"]:
+                        current["status"] = ClusterStatus.UP.value
+                        self._event(state, "up", cluster, pid=current["pid"], port=current["port"])
+                        record = current
+                    return self._info(cluster, record, request.port)
         finally:
-            with self._lock:
-                self._cancel_events.pop(cluster, None)
             self._reap()
 
     def _spawn(self, state: dict[str, Any], request: LaunchRequest) -> dict[str, Any]:
@@ -650,9 +634,3 @@ class ProcessBackend:
             raise InvalidTask(f"invalid task: secrets not supplied: {', '.join(missing)}")
         return Validation(ValidationLevel.SCHEMA, "process backend: shape, ports and secrets checked; runs locally")
 
-    def cancel(self, clusters: Sequence[str] | None = None) -> list[str]:
-        with self._lock:
-            targets = [c for c in (self._cancel_events if clusters is None else clusters) if c in self._cancel_events]
-            for cluster in targets:
-                self._cancel_events[cluster].set()
-        return targets
