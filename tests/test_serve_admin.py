@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from fake_openai_upstream import FakeUpstream, Fleet
 from test_serve_cli import HANG_GUARD_S, LoopThread, start_cli, stop
-from test_serve_policy import DOC, body
+from test_serve_policy import DOC, PER_OFFER_PLAN, body
 
 from melange_sky.deploy.membership import (ADMIN_ROUTES_PATH, ADMIN_TOKEN_ENV, get_admin_routes, push_routes,
                                            routes_document)
@@ -288,14 +288,7 @@ def _closed_port() -> int:
 
 
 def test_the_routes_document_of_a_stored_plan_is_what_serve_fleet_routes_by():
-    plan = {"solve": {"counts": {"A10G@aws:us-west-2": 1, "A10G@aws:us-east-1": 1, "A100-80GB": 1},
-                      "total_request_rate": 30,
-                      "routing": [{"bucket": [0, 0], "shares": {"A10G@aws:us-west-2": 0.25,
-                                                                "A10G@aws:us-east-1": 0.25, "A100-80GB": 0.5}}]},
-            "router": {"input_buckets": [1, 100], "output_buckets": [1, 50], "workload_distribution": [[1.0]],
-                       "tputs": {"A10G@aws:us-west-2": [[2]], "A10G@aws:us-east-1": [[2]], "A100-80GB": [[20]]},
-                       "entries": {"A10G@aws:us-west-2": "A10G", "A10G@aws:us-east-1": "A10G",
-                                   "A100-80GB": "A100-80GB"}}}
+    plan = copy.deepcopy(PER_OFFER_PLAN)
     replicas = [("f-a10g-0", "A10G", "10.0.0.5:8000"), ("f-t4-0", "T4", "http://10.0.0.6:8000")]
     doc, warnings = routes_document(plan, replicas, "fleet f")
     assert doc["replicas"] == [{"name": "f-a10g-0", "gpu": "A10G", "url": "http://10.0.0.5:8000"}]

@@ -315,15 +315,20 @@ def test_routes_from_a_solve_carry_its_shares_counts_and_edges(write_config, exa
     assert [r.name for r in routes.replicas] == ["a10g-0", "a100-80gb-0"]
 
 
+#: A stored plan solved per offer: two A10G columns (two regions) that route as one GPU type.
+PER_OFFER_PLAN = {
+    "solve": {"counts": {"A10G@aws:us-west-2": 1, "A10G@aws:us-east-1": 1, "A100-80GB": 1},
+              "total_request_rate": 30,
+              "routing": [{"bucket": [0, 0], "shares": {"A10G@aws:us-west-2": 0.25, "A10G@aws:us-east-1": 0.25,
+                                                        "A100-80GB": 0.5}}]},
+    "router": {"input_buckets": [1, 100], "output_buckets": [1, 50], "workload_distribution": [[1.0]],
+               "tputs": {"A10G@aws:us-west-2": [[2]], "A10G@aws:us-east-1": [[2]], "A100-80GB": [[20]]},
+               "entries": {"A10G@aws:us-west-2": "A10G", "A10G@aws:us-east-1": "A10G", "A100-80GB": "A100-80GB"}},
+}
+
+
 def test_a_per_offer_plan_is_routed_by_gpu_entry():
-    plan = {"solve": {"counts": {"A10G@aws:us-west-2": 1, "A10G@aws:us-east-1": 1, "A100-80GB": 1},
-                      "total_request_rate": 30,
-                      "routing": [{"bucket": [0, 0], "shares": {"A10G@aws:us-west-2": 0.25,
-                                                                "A10G@aws:us-east-1": 0.25, "A100-80GB": 0.5}}]},
-            "router": {"input_buckets": [1, 100], "output_buckets": [1, 50], "workload_distribution": [[1.0]],
-                       "tputs": {"A10G@aws:us-west-2": [[2]], "A10G@aws:us-east-1": [[2]], "A100-80GB": [[20]]},
-                       "entries": {"A10G@aws:us-west-2": "A10G", "A10G@aws:us-east-1": "A10G",
-                                   "A100-80GB": "A100-80GB"}}}
+    plan = copy.deepcopy(PER_OFFER_PLAN)
     replicas = name_replicas([("A10G", "http://a:1"), ("T4", "http://t:1")])
     routes = routes_from_plan(plan, replicas, "fleet f")
     assert routes.shares[(0, 0)] == {"A10G": 0.5, "A100-80GB": 0.5}
