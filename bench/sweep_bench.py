@@ -39,6 +39,7 @@ import melange_sky
 from melange_sky.deploy.offers import load_config
 from melange_sky.solver.model import SolverOptions
 from melange_sky.solver.sweep import Sweep, plot_sweep, rate_range, sweep
+from solve_bench import cpu_model, load_instance  # bench/, the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "example.json"
@@ -58,16 +59,6 @@ def timed(fn: Callable[[], object], runs: int) -> tuple[list[float], object]:
 
 def stats(seconds: list[float]) -> str:
     return f"{statistics.median(seconds):.2f} | {min(seconds):.2f} | {max(seconds):.2f}"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def fleets(result: Sweep) -> int:
@@ -123,9 +114,6 @@ def main() -> None:
     print(f"\nLoad average (1 min) after these: {os.getloadavg()[0]:.1f} (other processes share the cores).")
     if args.no_large:
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from solve_bench import load_instance
-
     large = load_instance(1)
     rates = rate_range(0.25 * large.total_request_rate, 2.5 * large.total_request_rate, 10)
     options = SolverOptions(time_limit=LARGE_TIME_LIMIT)
