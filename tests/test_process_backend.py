@@ -109,15 +109,13 @@ class Cli:
         return {r["cluster"]: r for fleet in fleets for r in fleet["replicas"]}
 
 
-def up_args(cli: Cli) -> list[str]:
-    """`up` for the replicas only: once `up` also launches a router (issue 10 item 1), that is another test's job."""
-    return ["--no-router"] if "--no-router" in cli("up", "--help").stdout else []
+#: `up` of the replicas only: the router `up` also launches is another test's job.
+UP_REPLICAS = ("up", str(EXAMPLE), "-y", "--no-router")
 
 
 def test_cli_up_serves_from_local_processes_and_down_leaves_none_running(tmp_path, backend):
     cli = Cli(tmp_path, backend)
-    extra = up_args(cli)
-    cli.ok("up", str(EXAMPLE), "-y", *extra)
+    cli.ok(*UP_REPLICAS)
 
     replicas = cli.replicas()
     assert len(replicas) == 4 and {r["state"] for r in replicas.values()} == {"up"}
@@ -148,8 +146,7 @@ def test_cli_up_serves_from_local_processes_and_down_leaves_none_running(tmp_pat
 
 def test_cli_status_refresh_records_a_killed_replica_gone_and_up_relaunches_it(tmp_path, backend):
     cli = Cli(tmp_path, backend)
-    extra = up_args(cli)
-    cli.ok("up", str(EXAMPLE), "-y", *extra)
+    cli.ok(*UP_REPLICAS)
     before = cli.replicas()
     victim = "example-a10g-0"
     old_pid = backend.clusters()[victim]["pid"]
@@ -163,7 +160,7 @@ def test_cli_status_refresh_records_a_killed_replica_gone_and_up_relaunches_it(t
     assert {c: r["endpoint"] for c, r in after.items() if c != victim} == \
         {c: r["endpoint"] for c, r in before.items() if c != victim}
 
-    cli.ok("up", str(EXAMPLE), "-y", *extra)
+    cli.ok(*UP_REPLICAS)
     relaunched = cli.replicas()[victim]
     assert relaunched["state"] == "up" and backend.clusters()[victim]["pid"] != old_pid
     status, answer = request_json(f"http://{relaunched['endpoint']}/v1/completions",
