@@ -11,9 +11,7 @@ from melange_sky.cli.options import (SolveArgs, per_offer_option, plan_options, 
                                      warn_time_limit)
 from melange_sky.cli.text import format_offers, format_plan, format_solve
 from melange_sky.deploy.catalog import default_catalog
-from melange_sky.deploy.plan import build_plan, solve_offers, stale_task_files, write_plan
-
-RESULT_FILE = "melange_result.json"
+from melange_sky.deploy.plan import RESULT_FILE, build_plan, solve_offers, stale_task_files, write_plan
 
 
 @main.command()
