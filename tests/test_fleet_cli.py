@@ -492,10 +492,8 @@ def test_a_replica_found_up_by_a_refresh_gets_its_endpoint_from_the_backend(cli,
     fake.configure(hard_failures={"example-a10g-0": "flaky"})
     assert cli(*UP, EXAMPLE, "-y").exit_code == 1
     fake.add_cluster("example-a10g-0", status="up")  # it came up after all (the fake then knows no head ip)
-    with open(fake.path) as f:
-        state = json.load(f)
-    state["clusters"]["example-a10g-0"]["head_ip"] = "10.9.9.9"
-    fake._write(state)
+    with fake._state() as state:
+        state["clusters"]["example-a10g-0"]["head_ip"] = "10.9.9.9"
     record = json.loads(cli("status", "example", "--refresh", "--json").stdout)
     row = {r["cluster"]: r for r in record["fleets"][0]["replicas"]}["example-a10g-0"]
     assert row["state"] == "up" and row["endpoint"] == "10.9.9.9:8000"
