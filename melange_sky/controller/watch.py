@@ -261,9 +261,8 @@ class Controller:
         """Probe every replica up (its readiness path) and the router (any HTTP answer); those failing two tries
         leave the router and are torn down, recorded, for the bring-up to relaunch under the same name."""
         path = deployment_from_config(config, settings.template).readiness_path
-        targets = {r.cluster: (reconcile.endpoint_url(r.endpoint).rstrip("/") + path, r.role is Role.ROUTER)
-                   for r in self.ledger.replicas(self.fleet, roles=None)
-                   if r.state is ReplicaState.UP and r.endpoint}
+        targets = {r.cluster: (r.url.rstrip("/") + path, r.role is Role.ROUTER)
+                   for r in self.ledger.replicas(self.fleet, roles=None) if r.url is not None}
         if not targets:
             return
         results = _probe_all(targets)
@@ -313,10 +312,10 @@ class Controller:
                       router: ReplicaRecord | None) -> None:
         """Nothing to launch: make sure the router routes to the ledger's replicas up (a router restarted, or a push
         that failed earlier), and push them again if not."""
-        keys = load_keys(self.fleet, self.ledger.home)
-        if router is None or router.state is not ReplicaState.UP or not router.endpoint or keys is None:
+        url = router.url if router is not None else None
+        keys = load_keys(self.fleet, self.ledger.home) if url is not None else None
+        if url is None or keys is None:
             return
-        url = reconcile.endpoint_url(router.endpoint)
         wanted = sorted(normalise_url(u) for _, _, u in reconcile.members(rows))
         try:
             routes = get_admin_routes(url, keys.admin_token, ROUTER_TIMEOUT_S).get("routes") or {}
@@ -337,10 +336,10 @@ class Controller:
         if self.options.workload_url is not None:
             return self.options.workload_url, key
         router = self.ledger.router(self.fleet)
-        if router is None or router.state is not ReplicaState.UP or not router.endpoint:
+        if router is None or router.url is None:
             raise ControllerError(f"the fleet's router is not up ({router.state.value if router else 'none'}): no "
                                   f"traffic to autoscale from this pass")
-        return reconcile.endpoint_url(router.endpoint), keys.api_key if keys is not None else key
+        return router.url, keys.api_key if keys is not None else key
 
     def _autoscale(self, report: PassReport, config: Config) -> Config:
         """The config to bring up after reading the traffic: the same object when the plan's rate stands."""

@@ -355,12 +355,12 @@ class Fleet:
     def _router_link(self, fleet: str) -> tuple[str, str] | None:
         """The router's base URL and the admin token, when the fleet has a router up and its keys."""
         row = self._db.router(fleet)
-        if row is None or row.state is not ReplicaState.UP or not row.endpoint:
+        if row is None or row.url is None:
             return None
         keys = self._router.keys if self._router is not None else load_keys(fleet, self._db.home)
         if keys is None:
             return None
-        return reconcile.endpoint_url(row.endpoint), keys.admin_token
+        return row.url, keys.admin_token
 
     def push_members(self, fleet: str) -> str | None:
         """Tell the fleet's router which replicas serve (the ledger's up ones) and the stored plan's routing table.
@@ -414,7 +414,7 @@ class Fleet:
                                                                           "told")
             report.notes.append("the drain was abandoned (the router could not be told); `up` tries again")
             return
-        urls = [_router_url(r.endpoint) for r in leaving if r.endpoint]
+        urls = [_router_url(r.url) for r in leaving if r.url is not None]
         if not routed and timeout > 0:
             self.on_event(ReplicaEvent("", "", None, 0.0, f"no router to ask what is in flight: waiting "
                                                           f"--drain-timeout {timeout:g} s before the teardown"))
@@ -690,9 +690,9 @@ class Fleet:
                           fleet_removed=not failed)
 
 
-def _router_url(endpoint: str) -> str:
-    """A replica's endpoint as the router spells it in its in-flight counts (normalised, so they compare)."""
+def _router_url(url: str) -> str:
+    """A replica's URL as the router spells it in its in-flight counts (normalised, so they compare)."""
     try:
-        return normalise_url(endpoint, "endpoint")
+        return normalise_url(url, "endpoint")
     except MelangeError:
-        return reconcile.endpoint_url(endpoint)
+        return url

@@ -190,6 +190,13 @@ class ReplicaRecord:
     version: int = 0
     role: Role = Role.REPLICA
 
+    @property
+    def url(self) -> str | None:
+        """The base URL to reach it while it is up at a known endpoint (a backend's "host:port", or a URL)."""
+        if self.state is not ReplicaState.UP or not self.endpoint:
+            return None
+        return self.endpoint if "://" in self.endpoint else f"http://{self.endpoint}"
+
     def to_dict(self) -> dict[str, Any]:
         """The row as `--json` prints it (no task: it is in the plan)."""
         return {"cluster": self.cluster, "fleet": self.fleet, "gpu": self.gpu, "offer": self.offer,

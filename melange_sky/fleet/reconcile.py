@@ -145,13 +145,7 @@ def new_replica(replica: ReplicaPlan, round_: int, role: Role = Role.REPLICA) ->
 def members(rows: Iterable[ReplicaRecord]) -> list[tuple[str, str, str]]:
     """The replicas a router may send requests to, as (cluster, GPU entry, URL): those the ledger has up at a known
     endpoint. Pushed after every change, so the router's membership is the ledger's."""
-    return [(r.cluster, r.gpu, endpoint_url(r.endpoint)) for r in rows
-            if r.state is ReplicaState.UP and r.endpoint and r.role is Role.REPLICA]
-
-
-def endpoint_url(endpoint: str) -> str:
-    """A backend's "host:port" (or a URL) as the base URL to reach it."""
-    return endpoint if "://" in endpoint else f"http://{endpoint}"
+    return [(r.cluster, r.gpu, r.url) for r in rows if r.url is not None and r.role is Role.REPLICA]
 
 
 def drained(inflight: Mapping[str, int], urls: Iterable[str]) -> bool:

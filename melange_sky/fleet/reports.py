@@ -142,9 +142,7 @@ class UpReport:
     @property
     def endpoint(self) -> str | None:
         """The fleet's one endpoint: its router's, when it is up."""
-        if self.router is None or self.router.state is not ReplicaState.UP or not self.router.endpoint:
-            return None
-        return self.router.endpoint if "://" in self.router.endpoint else f"http://{self.router.endpoint}"
+        return self.router.url if self.router is not None else None
 
     @property
     def up(self) -> list[ReplicaRecord]:
@@ -226,9 +224,7 @@ class StatusReport:
     def endpoint(self, fleet: str) -> str | None:
         """The fleet's one endpoint: its router's URL while the router is up."""
         router = self.routers.get(fleet)
-        if router is None or router.state is not ReplicaState.UP or not router.endpoint:
-            return None
-        return router.endpoint if "://" in router.endpoint else f"http://{router.endpoint}"
+        return router.url if router is not None else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
