@@ -118,8 +118,7 @@ def make_planner(config: Config, settings: PlanSettings, on_warning: OnWarning |
 def router_planner(config: Config, settings: PlanSettings) -> Callable[[Plan], ReplicaPlan]:
     """The fleet's router task for a plan of its replicas (near most of them), as a row `up` launches like one. It
     always asks clients for a key: the user's MELANGE_SKY_API_KEY, else one made for the fleet (in its key file)."""
-    deployment = deployment_from_config(config, settings.template)
-    upstream = deployment.api_key_secret if deployment.api_key_secret not in (None, API_KEY_ENV) else None
+    upstream = _upstream_key_secret(config, settings)
 
     def plan_router(plan: Plan) -> ReplicaPlan:
         router = build_router_plan(config, [(r.cloud, r.region) for r in plan.replicas], api_key=True,
@@ -132,11 +131,16 @@ def router_planner(config: Config, settings: PlanSettings) -> Callable[[Plan], R
     return plan_router
 
 
+def _upstream_key_secret(config: Config, settings: PlanSettings) -> str | None:
+    """The secret holding the key the replicas want, when it is not the router's own client key."""
+    secret = deployment_from_config(config, settings.template).api_key_secret
+    return secret if secret != API_KEY_ENV else None
+
+
 def router_setup(config: Config, settings: PlanSettings, environ: Mapping[str, str]) -> RouterSetup:
     """What `up` needs to run the fleet's router: its task planner and the fleet's keys (made at the first `up`, in
     a 0600 file under $MELANGE_SKY_HOME), plus the replicas' key when it is a secret of another name."""
-    deployment = deployment_from_config(config, settings.template)
-    upstream = deployment.api_key_secret if deployment.api_key_secret not in (None, API_KEY_ENV) else None
+    upstream = _upstream_key_secret(config, settings)
     keys = fleet_keys(config.name, api_key=environ.get(API_KEY_ENV) or None)
     extra = secrets_from_env([upstream], environ) if upstream else {}
     return RouterSetup(plan=router_planner(config, settings), keys=keys, upstream_secrets=extra)
