@@ -313,18 +313,23 @@ def test_workload_command_does_not_import_skypilot(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def read_trace_traced(path):
+    """read_trace(path) and the peak bytes Python allocated while it ran."""
+    tracemalloc.start()
+    try:
+        result = read_trace(path)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_memory_stays_flat_however_many_rows(tmp_path):
     path = tmp_path / "t.jsonl"
     rng = random.Random(3)
     with open(path, "w") as f:
         f.write("".join(f'{{"input_len": {rng.randint(1, 9000)}, "output_len": {rng.randint(1, 2500)}, '
                         f'"timestamp": {k * 0.01:.2f}}}\n' for k in range(50_000)))
-    tracemalloc.start()
-    try:
-        result = read_trace(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = read_trace_traced(path)
     assert result.rows == 50_000
     assert peak < 2 * 2**20  # keeping the rows would take tens of MB; counts take kilobytes
 
@@ -574,12 +579,7 @@ def test_memory_stays_flat_over_a_long_span_of_minutes(tmp_path):
     with open(path, "w") as f:  # 30,000 rows over about a month: a counter per busy minute, not per row
         f.write("timestamp,input_len,output_len\n")
         f.writelines(f"{1_700_000_000 + k * 86.4},{k % 900},{k % 300}\n" for k in range(30_000))
-    tracemalloc.start()
-    try:
-        result = read_trace(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = read_trace_traced(path)
     assert result.rate_percentiles.minutes == 43_198
     assert peak < 6 * 2**20
 
