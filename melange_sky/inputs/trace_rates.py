@@ -23,6 +23,13 @@ MINUTE_S = 60.0
 SHOWN_PERCENTILES: tuple[tuple[str, float], ...] = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("max", 100.0))
 
 
+def nearest_rank(count: int, p: float) -> int:
+    """The 0-based index of the `p`-th percentile among `count` sorted values, nearest rank: the smallest value that
+    at least p% of them do not exceed, so always a value some minute really had (the router's `GET /workload` and
+    a trace's report agree on what p95 means)."""
+    return max(math.ceil(p / 100 * count), 1) - 1
+
+
 @dataclass(frozen=True)
 class MinuteRates:
     """Arrivals per complete minute, kept as the distinct counts (idle minutes as `idle`): percentiles need no more,
@@ -37,7 +44,7 @@ class MinuteRates:
 
     def percentile(self, p: float) -> float:
         """The per-minute rate in req/s that `p`% of the minutes did not exceed (nearest rank)."""
-        rank = max(math.ceil(p / 100 * self.minutes), 1) - 1
+        rank = nearest_rank(self.minutes, p)
         return 0.0 if rank < self.idle else self.busy[rank - self.idle] / MINUTE_S
 
     def shown(self) -> RatePercentiles:
