@@ -24,9 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from openai_test_server import true_max_rate  # noqa: E402
-
-SERVER = ROOT / "tests" / "openai_test_server.py"
+from openai_test_server import start_server, true_max_rate  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -69,15 +67,11 @@ def pinned(core: int) -> list[str]:
 
 def run_case(case: Case, workdir: Path) -> tuple[list[dict], float]:
     """(per measured bucket: cell, tokens, tput, truth, error, status, limit, seconds), the run's wall time."""
-    server = subprocess.Popen([*pinned(0), sys.executable, str(SERVER), *case.server_args()], stdout=subprocess.PIPE,
-                              text=True)
+    server, url = start_server(case.server_args(), prefix=pinned(0))
     try:
-        line = server.stdout.readline() if server.stdout else ""
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"the law server did not start: {line!r}")
         out = workdir / "profile.json"
         cmd = [*pinned(1), sys.executable, "-m", "melange_sky.cli", "profile", "--endpoint",
-               f"http://127.0.0.1:{int(line.split()[1])}", "--model", "test-model", "--tpot-slo-ms",
+               url, "--model", "test-model", "--tpot-slo-ms",
                str(case.slo_ms), "--buckets", case.buckets, "-o", str(out), "-q", *case.extra]
         if case.input_edges:
             cmd += ["--input-buckets", case.input_edges]

@@ -30,7 +30,9 @@ import asyncio
 import bisect
 import collections
 import json
+import subprocess
 import sys
+from collections.abc import Sequence
 
 
 def true_max_rate(slo_ms: float, base_ms: float, k_ms: float, prefill_ms_per_token: float, prompt_tokens: int,
@@ -39,6 +41,18 @@ def true_max_rate(slo_ms: float, base_ms: float, k_ms: float, prefill_ms_per_tok
     others = (slo_ms - base_ms) / k_ms - 1
     request_ms = prefill_ms_per_token * prompt_tokens + (output_tokens - 1) * slo_ms
     return 1000 * others / request_ms
+
+
+def start_server(args: Sequence[str], prefix: Sequence[str] = ()) -> tuple[subprocess.Popen, str]:
+    """Run this file as a subprocess with `args` (after `prefix`, e.g. a taskset); (the process, its base URL) once
+    it listens. The caller terminates the process."""
+    proc = subprocess.Popen([*prefix, sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("PORT "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the law server did not start: {line!r}")
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}"
 
 
 class LawServer:

@@ -24,9 +24,8 @@ from melange_sky.inputs.profile import profile_endpoint
 from melange_sky.inputs.profile_result import ProfileSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openai_test_server import true_max_rate  # noqa: E402
+from openai_test_server import start_server, true_max_rate  # noqa: E402
 
-SERVER = Path(__file__).resolve().parent / "openai_test_server.py"
 TOLERANCE = 0.10
 
 
@@ -75,11 +74,9 @@ def law_server():
     procs: list[subprocess.Popen] = []
 
     def start(case: Case) -> str:
-        proc = subprocess.Popen([sys.executable, str(SERVER), *case.args()], stdout=subprocess.PIPE, text=True)
+        proc, url = start_server(case.args())
         procs.append(proc)
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        return f"http://127.0.0.1:{int(line.split()[1])}"
+        return url
 
     yield start
     for proc in procs:

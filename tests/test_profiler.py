@@ -23,9 +23,8 @@ from melange_sky.inputs.profile_result import (BucketProfile, ProfileEvent, Prof
                                                merge_profile)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from openai_test_server import true_max_rate  # noqa: E402
+from openai_test_server import start_server, true_max_rate  # noqa: E402
 
-SERVER = Path(__file__).resolve().parent / "openai_test_server.py"
 LAW = {"base_ms": 10.0, "k_ms": 0.5, "prefill_ms_per_token": 0.1}
 SLO_MS = 15.0
 # two input buckets (prompts of 20 and 200 tokens) x two output buckets (6 and 11 tokens)
@@ -38,12 +37,9 @@ def law_server():
     procs: list[subprocess.Popen] = []
 
     def start(*args: str) -> str:
-        cli_args = [f"--{k.replace('_', '-')}={v}" for k, v in LAW.items()] + list(args)
-        proc = subprocess.Popen([sys.executable, str(SERVER), *cli_args], stdout=subprocess.PIPE, text=True)
+        proc, url = start_server([f"--{k.replace('_', '-')}={v}" for k, v in LAW.items()] + list(args))
         procs.append(proc)
-        line = proc.stdout.readline()
-        assert line.startswith("PORT "), line
-        return f"http://127.0.0.1:{int(line.split()[1])}"
+        return url
 
     yield start
     for proc in procs:
