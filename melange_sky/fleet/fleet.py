@@ -407,18 +407,18 @@ class Fleet:
             leaving.append(current)
         if not leaving:
             return
-        routed = self._router_link(fleet) is not None
-        if routed and not self._push_members(fleet, report.notes):
+        link = self._router_link(fleet)
+        if link is not None and not self._push_members(fleet, report.notes):
             for row in leaving:  # still in the router's routes: tearing them down would fail their requests
                 self._db.transition(row.cluster, ReplicaState.UP, message="drain abandoned: the router was not "
                                                                           "told")
             report.notes.append("the drain was abandoned (the router could not be told); `up` tries again")
             return
         urls = [_router_url(r.url) for r in leaving if r.url is not None]
-        if not routed and timeout > 0:
+        if link is None and timeout > 0:
             self.on_event(ReplicaEvent("", "", None, 0.0, f"no router to ask what is in flight: waiting "
                                                           f"--drain-timeout {timeout:g} s before the teardown"))
-        waited = self._wait_drained(fleet, urls, timeout) if routed else self._wait(timeout)
+        waited = self._wait_drained(link, urls, timeout)
         self._db.record_event(fleet, "drained", f"{', '.join(r.cluster for r in leaving)} after {waited:.1f} s")
         for row in leaving:
             try:
@@ -433,25 +433,24 @@ class Fleet:
             self.on_event(ReplicaEvent(row.cluster, row.gpu, ReplicaState.GONE, waited, "drained and torn down"))
             report.drained.append(row.cluster)
 
-    def _wait_drained(self, fleet: str, urls: list[str], timeout: float) -> float:
-        """Poll the router until none of `urls` has a request in flight, or `timeout`; seconds waited."""
+    @staticmethod
+    def _wait_drained(link: tuple[str, str] | None, urls: list[str], timeout: float) -> float:
+        """Poll the router (`link`: its URL and admin token) until none of `urls` has a request in flight, or
+        `timeout`; seconds waited. With no router to ask (routers reading the ledger drop the replicas at their next
+        refresh), wait `timeout` out."""
+        if link is None:
+            time.sleep(timeout)
+            return timeout
         started = time.monotonic()
         while True:
-            link = self._router_link(fleet)
             try:
-                inflight = get_admin_routes(link[0], link[1], ROUTER_TIMEOUT_S).get("inflight") or {} if link else {}
+                inflight = get_admin_routes(link[0], link[1], ROUTER_TIMEOUT_S).get("inflight") or {}
             except MelangeError:
                 inflight = {url: 1 for url in urls}  # unknown: assume busy until the timeout
             waited = time.monotonic() - started
             if reconcile.drained(inflight, urls) or waited >= timeout:
                 return waited
             time.sleep(min(DRAIN_POLL_S, max(0.0, timeout - waited)))
-
-    @staticmethod
-    def _wait(timeout: float) -> float:
-        """No router to ask (routers reading the ledger drop the replicas at their next refresh): wait it out."""
-        time.sleep(timeout)
-        return timeout
 
     def _forget_unprovisioned(self, clusters: list[str], keep: set[str]) -> None:
         """Replicas that found no capacity and that the re-plan does not reuse are marked GONE once the backend
