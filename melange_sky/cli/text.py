@@ -281,7 +281,7 @@ def format_status(report: StatusReport) -> str:
                          + (f" ({router.last_error})" if router.last_error else "") + "; `melange-sky up` or "
                          "`watch` relaunches it")
         lines.append("")
-        lines += _live_replica_table([*rows, *([router] if router is not None else [])], report)
+        lines += _live_replica_table(report.clusters(fleet.name), report)
         lines.append("")
     if len(report.fleets) > 1:
         total = sum(report.serving_cost(f.name) for f in report.fleets)

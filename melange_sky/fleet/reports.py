@@ -205,8 +205,7 @@ class StatusReport:
 
     def serving_cost(self, fleet: str) -> float:
         """$/h of what serves: replicas up, and the router when up (what the fleet costs while it works)."""
-        rows = [*self.of(fleet), *([self.routers[fleet]] if fleet in self.routers else [])]
-        return sum(r.price_per_hour for r in rows if r.state is ReplicaState.UP)
+        return sum(r.price_per_hour for r in self.clusters(fleet) if r.state is ReplicaState.UP)
 
     def planned_cost(self, fleet: str) -> float | None:
         record = next((f for f in self.fleets if f.name == fleet), None)
@@ -214,12 +213,15 @@ class StatusReport:
         return float(cost) if isinstance(cost, (int, float)) else None
 
     def cost_to_date(self, fleet: str) -> float:
-        clusters = [r.cluster for r in self.of(fleet)] + ([self.routers[fleet].cluster] if fleet in self.routers
-                                                          else [])
-        return sum(self.usage[c].cost_to_date for c in clusters if c in self.usage)
+        return sum(self.usage[r.cluster].cost_to_date for r in self.clusters(fleet) if r.cluster in self.usage)
 
     def of(self, fleet: str) -> list[ReplicaRecord]:
         return [r for r in self.replicas if r.fleet == fleet]
+
+    def clusters(self, fleet: str) -> list[ReplicaRecord]:
+        """The fleet's replicas and its router: every cluster that bills."""
+        router = self.routers.get(fleet)
+        return [*self.of(fleet), *([router] if router is not None else [])]
 
     def endpoint(self, fleet: str) -> str | None:
         """The fleet's one endpoint: its router's URL while the router is up."""
@@ -229,9 +231,7 @@ class StatusReport:
     def to_dict(self) -> dict[str, Any]:
         return {"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
                             "updated": f.updated,
-                            "cost_running": round(running_cost([*self.of(f.name),
-                                                                *([self.routers[f.name]]
-                                                                  if f.name in self.routers else [])]), 6),
+                            "cost_running": round(running_cost(self.clusters(f.name)), 6),
                             "cost_serving": round(self.serving_cost(f.name), 6),
                             "cost_planned": self.planned_cost(f.name),
                             "cost_to_date": round(self.cost_to_date(f.name), 6),
