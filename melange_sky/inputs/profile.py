@@ -468,7 +468,6 @@ async def _run_step(load: _Load, rate: float, plan: _StepPlan, settings: Profile
     samples: deque[tuple[float, float]] = deque()
     settled: float | None = None
     settled_area = 0.0
-    fillers = max(0, fill)
     sent_before = 0
     cut_short = overloaded = False
     in_flight_mean: float | None = None
@@ -536,12 +535,12 @@ async def _run_step(load: _Load, rate: float, plan: _StepPlan, settings: Profile
     return _summarise(rate, load.sent.get(step, 0), [d.record for d in kept], settings, now - began,
                       warmup=sent_before if settled is not None else load.sent.get(step, 0), cut_short=cut_short,
                       overloaded=overloaded, settle_seconds=(settled - t0) if settled is not None else elapsed,
-                      in_flight=in_flight_mean, fillers=fillers, want=want, durations=durations)
+                      in_flight=in_flight_mean, want=want, durations=durations)
 
 
 def _summarise(rate: float, sent: int, records: list[RequestRecord], settings: ProfileSettings, seconds: float,
                warmup: int = 0, cut_short: bool = False, overloaded: bool = False, settle_seconds: float = 0.0,
-               in_flight: float | None = None, fillers: int = 0, want: float = 0.0, durations: float = 1.0
+               in_flight: float | None = None, want: float = 0.0, durations: float = 1.0
                ) -> StepResult:
     ok = [r for r in records if r.ok]
     timeouts = sum(1 for r in records if r.timed_out)
