@@ -19,18 +19,15 @@ past the edges, so
 """
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from melange_sky.core.buckets import Bucketer
+from melange_sky.inputs.trace_rates import MINUTE_S, SHOWN_PERCENTILES, nearest_rank
 
 SLOTS = 60
-MINUTE_S = 60.0
-#: The percentiles of per-minute rates `GET /workload` reports (`watch --autoscale` sizes on p95 by default).
-RATE_PERCENTILES = (50, 95, 99)
 
 __all__ = ["MINUTE_S", "ObservedWorkload", "rate_percentiles"]
 
@@ -51,7 +48,7 @@ class ObservedWorkload:
     """Counts per bucket and arrivals over the last `window_s` seconds."""
 
     def __init__(self, input_edges: tuple[int, ...], output_edges: tuple[int, ...], window_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic, minute_s: float = MINUTE_S):
+                 clock: Callable[[], float] = time.monotonic):
         self.input_edges, self.output_edges = input_edges, output_edges
         self.inputs, self.outputs = Bucketer(input_edges), Bucketer(output_edges)
         self.cols = len(output_edges) - 1
@@ -61,12 +58,11 @@ class ObservedWorkload:
         self.clock = clock
         self.started = clock()
         self.slots: list[_Slot | None] = [None] * SLOTS
-        self.minute_s = minute_s
         #: Complete minutes kept: those the window holds whole (at least one).
-        self.minutes_kept = max(int(window_s // minute_s), 1)
+        self.minutes_kept = max(int(window_s // MINUTE_S), 1)
         self._minute = 0  # the current minute, counted from `started`
         self._minute_arrivals = 0
-        self._minute_end = self.started + minute_s
+        self._minute_end = self.started + MINUTE_S
         self._minutes: deque[int] = deque(maxlen=self.minutes_kept)  # arrivals of the minutes before `_minute`
 
     def _slot(self, now: float | None = None) -> _Slot:
@@ -81,7 +77,7 @@ class ObservedWorkload:
         now = self.clock()
         self._slot(now).arrivals += 1
         if now >= self._minute_end:  # one comparison per request; the division only once a minute
-            self._roll(int((now - self.started) / self.minute_s))
+            self._roll(int((now - self.started) / MINUTE_S))
         self._minute_arrivals += 1
 
     def _roll(self, minute: int) -> None:
@@ -91,11 +87,11 @@ class ObservedWorkload:
         self._minutes.append(self._minute_arrivals)
         self._minutes.extend([0] * min(minute - self._minute - 1, self.minutes_kept))
         self._minute, self._minute_arrivals = minute, 0
-        self._minute_end = self.started + (minute + 1) * self.minute_s
+        self._minute_end = self.started + (minute + 1) * MINUTE_S
 
     def minute_arrivals(self) -> list[int]:
         """Arrivals in each complete minute of the window, oldest first."""
-        self._roll(int((self.clock() - self.started) / self.minute_s))
+        self._roll(int((self.clock() - self.started) / MINUTE_S))
         return list(self._minutes)
 
     def record(self, input_tokens: int, output_tokens: int, reported: bool) -> None:
@@ -132,7 +128,7 @@ class ObservedWorkload:
             "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
             "window_s": self.window_s, "span_s": round(span, 3), "counts": rows, "requests": requests,
             "arrivals": arrivals, "minute_arrivals": minutes,
-            "rate_percentiles": rate_percentiles([n / self.minute_s for n in minutes]),
+            "rate_percentiles": rate_percentiles([n / MINUTE_S for n in minutes]),
             "usage_source": {"reported": sum(s.reported for s in live), "estimated": sum(s.estimated for s in live)},
             "input_overflow": clamped[0], "input_underflow": clamped[1],
             "output_overflow": clamped[2], "output_underflow": clamped[3],
@@ -145,6 +141,4 @@ def rate_percentiles(rates: Sequence[float]) -> dict[str, float]:
     if not rates:
         return {}
     ordered = sorted(rates)
-    found = {f"p{p}": ordered[max(math.ceil(p / 100 * len(ordered)), 1) - 1] for p in RATE_PERCENTILES}
-    found["max"] = ordered[-1]
-    return {k: round(v, 6) for k, v in found.items()}
+    return {name: round(ordered[nearest_rank(len(ordered), p)], 6) for name, p in SHOWN_PERCENTILES}
