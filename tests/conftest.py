@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,13 @@ EXAMPLE = json.loads((REPO / "examples" / "example.json").read_text())
 
 _SESSION_HOME: str | None = None
 _SAVED_ENV: dict[str, str | None] = {}
+
+
+def free_port() -> int:
+    """A loopback port free at the moment of asking (for a server a test starts on a port it must name)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def pytest_configure(config) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from e2e_load import Load, Outcome
 from melange_sky.fleet.ledger import Ledger, ReplicaState
@@ -54,11 +54,6 @@ HF_SECRET = "hf_e2e_secret_value_5d1c"
 CLI_TIMEOUT_S = 120
 WAIT_S = 45.0  # the deadline of any one wait (generous: the machine is shared)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -26,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from melange_sky.backends import ClusterStatus, LaunchRequest, ValidationLevel, load_backend
 from melange_sky.errors import InvalidTask, LaunchCancelled, LaunchError
@@ -45,11 +46,6 @@ def backend(tmp_path):
     yield pb
     pb.kill_all()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def request_json(url: str, body: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:

@@ -7,12 +7,12 @@ takes seconds.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from melange_sky.core.config import load_config
 from melange_sky.deploy.offers import catalog_pricer
@@ -52,11 +52,6 @@ def fast(**changes) -> ProfileSettings:
                 bisect_steps=4, request_timeout=5.0, connect_timeout=2.0)
     return ProfileSettings(**{**base, **changes})
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_measured_tputs_are_within_15_percent_of_the_true_max_rate(law_server):

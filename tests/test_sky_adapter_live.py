@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import free_port
 
 from melange_sky.backends import ClusterStatus, LaunchRequest, ValidationLevel
 from melange_sky.errors import CapacityError, InvalidTask, LaunchError
@@ -55,11 +56,6 @@ def within(seconds: float, fn: Callable[[], T]) -> T:
         raise outcome["error"]
     return outcome["value"]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _bindable(port: int) -> bool:
@@ -308,7 +304,7 @@ def _fresh_env(home: Path, **extra: str) -> dict[str, str]:
                                                                     "SKYPILOT_API_SERVER_LOCAL_PORT")}
     # A proxy on a closed port for everything but this machine: SkyPilot's catalog download fails at once, online
     # or not, and its local API server still answers.
-    closed = f"http://127.0.0.1:{_free_port()}"
+    closed = f"http://127.0.0.1:{free_port()}"
     return {**env, "HOME": str(home), "MELANGE_SKY_HOME": str(home / "melange"), "HTTPS_PROXY": closed,
             "HTTP_PROXY": closed, "NO_PROXY": "127.0.0.1,localhost", "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
             "FORCE_COLOR": "1", **extra}

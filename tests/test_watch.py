@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import free_port
 
 from fake_backend import FakeBackend
 from melange_sky.fleet.keys import load_keys
@@ -75,11 +75,6 @@ def http_server(host: str, port: int, handler_for):
         server.shutdown()
         server.server_close()
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_watch_once_relaunches_a_replica_the_cloud_lost(cli, fleet_env):
