@@ -18,7 +18,8 @@ from melange_sky.core.config import load_config
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import EndpointUnreachable, ProfileError
 from melange_sky.inputs.http import parse_endpoint
-from melange_sky.inputs.profile import parse_cells, profile_endpoint, representative_tokens
+from melange_sky.core.slo import representative_tokens
+from melange_sky.inputs.profile import parse_cells, profile_endpoint
 from melange_sky.inputs.profile_result import (BucketProfile, ProfileEvent, ProfileResult, ProfileSettings,
                                                merge_profile)
 

@@ -56,11 +56,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
+from melange_sky.core.slo import Slo, bucket_tokens, percentile, representative_tokens
 from melange_sky.errors import EndpointUnreachable, ProfileError
 from melange_sky.inputs.http import (COMPLETIONS_PATH, Client, Endpoint, HttpError, RequestRecord, error_text,
                                      is_client_error, os_reason, parse_endpoint)
 from melange_sky.inputs.profile_result import (BucketProfile, BucketStatus, Cell, Estimate, EventKind, ProfileEvent,
-                                               ProfileResult, ProfileSettings, ProfileSize, ProgressCallback, Slo,
+                                               ProfileResult, ProfileSettings, ProgressCallback,
                                                SloCheck, StepResult, slo_label)
 
 #: Words that are one token each (with a leading space) in the common LLM tokenizers.
@@ -129,18 +130,6 @@ def parse_cells(text: str, shape: tuple[int, int]) -> list[Cell]:
     return cells
 
 
-def representative_tokens(lo: int, hi: int, size: ProfileSize = ProfileSize.MID) -> int:
-    """The length a bucket [lo, hi) is profiled at: its midpoint, or its largest length ("upper")."""
-    value = (lo + hi) // 2 if size == ProfileSize.MID else hi - 1
-    return max(1, value, lo)
-
-
-def bucket_tokens(input_range: tuple[int, int], output_range: tuple[int, int],
-                  size: ProfileSize = ProfileSize.MID) -> tuple[int, int]:
-    """(prompt tokens, output tokens) a bucket is profiled at; at least 2 output tokens, since TPOT needs 2."""
-    return representative_tokens(*input_range, size), max(2, representative_tokens(*output_range, size))
-
-
 def bucket_timeout(settings: ProfileSettings, prompt_tokens: int, output_tokens: int) -> float:
     """Seconds one request of a bucket may take: --timeout, or more when its output at the SLO needs more."""
     prefill = prompt_tokens * _PREFILL_ALLOWANCE_S_PER_TOKEN
@@ -200,20 +189,10 @@ async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) ->
 
 
 # ---- statistics ----------------------------------------------------------------------------------------------------
-def _percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    pos = (len(ordered) - 1) * min(max(q, 0.0), 1.0)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def _ms(values: Sequence[float], q: float | None = None) -> float | None:
     if not values:
         return None
-    value = statistics.fmean(values) if q is None else _percentile(values, q)
+    value = statistics.fmean(values) if q is None else percentile(values, q)
     return round(1000 * value, 3)
 
 
@@ -249,7 +228,7 @@ def _percentile_check(slo: Slo, values: Sequence[float], q: float, limit: float,
     confidence, on one side of 1 - q (a Wilson interval, its sample size shrunk by the batches' extra spread), or
     when the quantile itself is known within the precision asked for."""
     n = len(values)
-    point = _percentile(values, q)
+    point = percentile(values, q)
     over = [1.0 if v > limit else 0.0 for v in values]
     share = statistics.fmean(over)
     effective = float(n)
@@ -264,7 +243,7 @@ def _percentile_check(slo: Slo, values: Sequence[float], q: float, limit: float,
                                                       + z * z / (4 * effective * effective))
     allowed = 1 - q
     q_spread = 1.96 * math.sqrt(q * (1 - q) / effective)
-    half = (_percentile(values, q + q_spread) - _percentile(values, q - q_spread)) / 2
+    half = (percentile(values, q + q_spread) - percentile(values, q - q_spread)) / 2
     decided = centre + spread < allowed or centre - spread > allowed or half <= precision * limit
     return SloCheck(slo=slo, value_ms=round(point, 3), half_width_ms=round(half, 3), limit_ms=limit, decided=decided)
 

@@ -14,17 +14,11 @@ from typing import Any
 
 from melange_sky.core.config import Pricer
 from melange_sky.core.config_doc import MergeResult, check_merged, edges_for_config, gpu_entry
+from melange_sky.core.slo import ProfileSize, Slo, Slos
 from melange_sky.errors import ProfileError, ProfileFailed
 
 #: A bucket's cell in the config's matrices: (input bucket index, output bucket index), 0-based.
 Cell = tuple[int, int]
-
-
-class ProfileSize(StrEnum):
-    """The length a bucket is profiled at (`--size`)."""
-
-    MID = "mid"  # its midpoint
-    UPPER = "upper"  # its largest length: conservative
 
 
 class Estimate(StrEnum):
@@ -48,14 +42,6 @@ class BucketStatus(StrEnum):
     def has_tput(self) -> bool:
         """Whether the bucket's tput is a measured rate (ok, capped, or cut short with the best it had)."""
         return self in (BucketStatus.OK, BucketStatus.CAPPED, BucketStatus.CUT_SHORT)
-
-
-class Slo(StrEnum):
-    """The SLOs a profile can hold (`--tpot-slo-ms`, `--ttft-slo-ms`, `--latency-slo-ms`)."""
-
-    TPOT = "tpot"  # mean time per output token
-    TTFT = "ttft"  # time to first token, at --ttft-percentile
-    LATENCY = "latency"  # whole request, at --latency-percentile
 
 
 class EventKind(StrEnum):
@@ -123,25 +109,24 @@ class ProfileSettings:
         object.__setattr__(self, "estimate", Estimate(self.estimate))
 
     @property
+    def slo_spec(self) -> Slos:
+        """The SLOs as every stage that measures or predicts a rate reads them (`core.slo`)."""
+        return Slos(tpot_ms=self.tpot_slo_ms, ttft_ms=self.ttft_slo_ms, ttft_percentile=self.ttft_percentile,
+                    latency_ms=self.latency_slo_ms, latency_percentile=self.latency_percentile)
+
+    @property
     def slos(self) -> dict[Slo, float]:
         """The SLOs given, in ms."""
-        given = {Slo.TPOT: self.tpot_slo_ms, Slo.TTFT: self.ttft_slo_ms, Slo.LATENCY: self.latency_slo_ms}
-        return {slo: value for slo, value in given.items() if value is not None}
+        return self.slo_spec.limits
 
     def slo_text(self) -> str:
         """The SLOs in words: "mean TPOT <= 120 ms, p90 TTFT <= 500 ms"."""
-        parts = []
-        for slo, value in self.slos.items():
-            parts.append(f"{slo_label(slo, self)} <= {value:g} ms")
-        return ", ".join(parts)
+        return self.slo_spec.text()
 
 
 def slo_label(slo: Slo, settings: ProfileSettings) -> str:
     """How an SLO's statistic is named in messages: "mean TPOT", "p90 TTFT", "p90 latency"."""
-    if slo == Slo.TPOT:
-        return "mean TPOT"
-    q = settings.ttft_percentile if slo == Slo.TTFT else settings.latency_percentile
-    return f"p{q:g} {'TTFT' if slo == Slo.TTFT else 'latency'}"
+    return settings.slo_spec.label(slo)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""What a bucket's max rate means, shared by every stage that measures or predicts one (`profile` against a server,
+the engine model's `estimate`, `simulate`): the length a bucket is run at, the SLOs and how each is read off a set of
+requests. One definition here, so an estimate and a profile of the same server answer the same question.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Slo(StrEnum):
+    """The SLOs a rate can be held to (`--tpot-slo-ms`, `--ttft-slo-ms`, `--latency-slo-ms`)."""
+
+    TPOT = "tpot"  # mean time per output token
+    TTFT = "ttft"  # time to first token, at --ttft-percentile
+    LATENCY = "latency"  # whole request, at --latency-percentile
+
+
+class ProfileSize(StrEnum):
+    """The length a bucket is run at (`--size`)."""
+
+    MID = "mid"  # its midpoint
+    UPPER = "upper"  # its largest length: conservative
+
+
+def representative_tokens(lo: int, hi: int, size: ProfileSize = ProfileSize.MID) -> int:
+    """The length a bucket [lo, hi) is run at: its midpoint, or its largest length ("upper")."""
+    value = (lo + hi) // 2 if size == ProfileSize.MID else hi - 1
+    return max(1, value, lo)
+
+
+def bucket_tokens(input_range: tuple[int, int], output_range: tuple[int, int],
+                  size: ProfileSize = ProfileSize.MID) -> tuple[int, int]:
+    """(prompt tokens, output tokens) a bucket is run at; at least 2 output tokens, since TPOT needs 2."""
+    return representative_tokens(*input_range, size), max(2, representative_tokens(*output_range, size))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (q in [0, 1]) of `values`, linearly interpolated between order statistics."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * min(max(q, 0.0), 1.0)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Slos:
+    """The SLOs a rate must hold (ms; None: not held) and the percentiles TTFT and latency are read at."""
+
+    tpot_ms: float | None = 120.0
+    ttft_ms: float | None = None
+    ttft_percentile: float = 90.0
+    latency_ms: float | None = None
+    latency_percentile: float = 90.0
+
+    @property
+    def limits(self) -> dict[Slo, float]:
+        """The SLOs given, in ms."""
+        given = {Slo.TPOT: self.tpot_ms, Slo.TTFT: self.ttft_ms, Slo.LATENCY: self.latency_ms}
+        return {slo: value for slo, value in given.items() if value is not None}
+
+    def label(self, slo: Slo) -> str:
+        """How an SLO's statistic is named in messages: "mean TPOT", "p90 TTFT", "p90 latency"."""
+        if slo == Slo.TPOT:
+            return "mean TPOT"
+        q = self.ttft_percentile if slo == Slo.TTFT else self.latency_percentile
+        return f"p{q:g} {'TTFT' if slo == Slo.TTFT else 'latency'}"
+
+    def text(self) -> str:
+        """The SLOs in words: "mean TPOT <= 120 ms, p90 TTFT <= 500 ms"."""
+        return ", ".join(f"{self.label(slo)} <= {value:g} ms" for slo, value in self.limits.items())
+
+    def statistic_ms(self, slo: Slo, tpots_s: Sequence[float], ttfts_s: Sequence[float],
+                     latencies_s: Sequence[float]) -> float | None:
+        """An SLO's statistic over a set of requests (seconds in, ms out): the mean TPOT, or the TTFT or latency
+        percentile; None when no request has the value."""
+        if slo == Slo.TPOT:
+            return 1000 * statistics.fmean(tpots_s) if tpots_s else None
+        values, q = ((ttfts_s, self.ttft_percentile) if slo == Slo.TTFT else (latencies_s, self.latency_percentile))
+        return 1000 * percentile(values, q / 100) if values else None
