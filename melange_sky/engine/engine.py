@@ -1,0 +1,335 @@
+"""One vLLM V1 engine, step by step: its scheduler, its KV cache and the time of each step.
+
+The scheduler mirrors vllm/v1/core/sched/scheduler.py `Scheduler.schedule()` (FCFS policy):
+  1. RUNNING requests first, in the order they were admitted: a decoding request takes 1 token of the step's budget
+     (`max_num_batched_tokens`), a request still prefilling takes min(what is left of its prompt, the budget left)
+     (chunked prefill). Each needs KV slots for the tokens it adds; when a request cannot get its next block, the
+     NEWEST running request is preempted (recompute: its blocks are freed, it goes back to the front of WAITING, and
+     later re-prefills its prompt and the tokens it had generated), until the request fits or is itself the one
+     preempted.
+  2. Then, only if nothing was preempted this step, WAITING requests FCFS while budget is left and fewer than
+     `max_num_seqs` are running: each takes min(its tokens, the budget left) if the KV blocks for that chunk are free
+     (else the step stops admitting).
+  3. The step runs: every decoding request emits one token; a request whose prefill completes emits its first token
+     (or, after a preemption, its next one). A request that has emitted `max_tokens` finishes and frees its blocks.
+Prefix caching is not modelled (random prompts share no prefix); recompute does not reuse freed blocks.
+
+The work per step does not grow with the batch: decoding requests are counters (how many, the sum of their contexts,
+and how many sit at each position mod block_size, since those at a block boundary are the ones needing a new block),
+and a request is touched only when it joins, finishes, is preempted or prefills. Facts this relies on (true in vLLM
+V1 too): at most one request is part-way through its prefill at a step's start, and it is the newest running one;
+max_num_batched_tokens >= max_num_seqs, so every decode fits the budget.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+from melange_sky.engine.calibration import load_fit
+from melange_sky.engine.errors import EngineError
+from melange_sky.engine.hardware import GpuSpec, gpu_spec
+from melange_sky.engine.memory import MemoryPlan, memory_plan
+from melange_sky.engine.models import ModelSpec, normalise_dtype
+from melange_sky.engine.settings import EngineSettings
+from melange_sky.engine.step_time import Coefficients, StepCost
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one engine step did. Emitters at its end: (decoding before - preempted) | first_token | resumed; each
+    emits exactly one token; `finished` emitted their last."""
+
+    duration_s: float  # model step time (already divided by `speed`)
+    first_token: tuple[Hashable, ...]  # requests whose FIRST output token comes out at this step's end
+    resumed: tuple[Hashable, ...]  # preempted requests whose recompute completed here: they emit again
+    finished: tuple[Hashable, ...]  # requests that emitted their LAST token at this step's end
+    preempted: tuple[Hashable, ...]  # requests evicted while scheduling this step (emit nothing this step)
+    batch_tokens: int  # tokens processed this step (prefill chunk tokens + decodes)
+    decodes: int  # decode requests in the batch
+
+
+@dataclass(eq=False)
+class _Request:
+    id: Hashable
+    prompt: int
+    max_tokens: int
+    generated: int = 0  # output tokens emitted so far (kept current while not decoding)
+    computed: int = 0  # tokens in the KV cache (while prefilling)
+    blocks: int = 0  # KV blocks held (while prefilling)
+    decoding: bool = False
+    offset: int = 0  # while decoding: tokens in the KV cache = offset + the engine's tick
+    epoch: int = 0  # bumped at each preemption: stale finish entries are skipped
+    started: bool = False  # has emitted a first token (a later prefill completion is a resume)
+
+    @property
+    def target(self) -> int:
+        """Tokens to prefill: the prompt, plus what it had generated when it was preempted."""
+        return self.prompt + self.generated
+
+
+class Engine:
+    """A vLLM V1 engine on one GPU type (a TP group): `add` requests, `step` until `has_work` is false.
+
+    Raises DoesNotFit when the weights leave no room for a KV cache (an answer: that GPU cannot serve the model).
+    A calibration fit saved for the GPU (`estimate --calibrate`) replaces the default coefficients; `fit_source`
+    says which file, or is None.
+    """
+
+    def __init__(self, model: ModelSpec, gpu: GpuSpec | str, *, tp: int = 1, dtype: str = "bf16",
+                 settings: EngineSettings = EngineSettings(), speed: float = 1.0,
+                 coefficients: Coefficients | None = None):
+        if tp < 1:
+            raise EngineError(f"--tp must be at least 1, got {tp}")
+        if speed <= 0:
+            raise EngineError(f"--speed must be positive, got {speed}")
+        self.model = model
+        self.gpu = gpu_spec(gpu)
+        self.tp = settings.tensor_parallel_size or tp
+        self.dtype = normalise_dtype(settings.dtype or dtype)
+        self.speed = speed
+        self.fit_source: str | None = None
+        if coefficients is None:
+            fit = load_fit(self.gpu.name)
+            coefficients = fit.coefficients if fit else Coefficients()
+            self.fit_source = fit.path if fit else None
+        self.coefficients = coefficients
+        self.memory: MemoryPlan = memory_plan(model, self.gpu, self.tp, self.dtype, settings)
+        resolved = settings.resolve(self.gpu, model)
+        self.settings = resolved
+        self.block_size = resolved.block_size
+        self.kv_blocks = self.memory.blocks
+        self.notes: list[str] = []
+        self.max_model_len = resolved.max_model_len or model.max_position_embeddings
+        if self.max_model_len > self.memory.kv_tokens:
+            if settings.max_model_len is not None:
+                raise EngineError(
+                    f"max_model_len {settings.max_model_len} needs {settings.max_model_len} tokens of KV cache but "
+                    f"{self.gpu.name} (TP {self.tp}) holds {self.memory.kv_tokens}: lower max_model_len or raise "
+                    f"gpu_memory_utilization (vLLM refuses to start here too)")
+            self.notes.append(f"max_model_len {self.max_model_len} does not fit the KV cache "
+                              f"({self.memory.kv_tokens} tokens): modelled as {self.memory.kv_tokens}; deploy with "
+                              f"max_model_len <= {self.memory.kv_tokens}")
+            self.max_model_len = self.memory.kv_tokens
+        self.max_num_seqs = resolved.max_num_seqs or 256
+        self.max_num_batched_tokens = resolved.max_num_batched_tokens or 2048
+        self.chunked_prefill = resolved.enable_chunked_prefill
+        self.cost = StepCost(model, self.gpu, self.tp, self.dtype, resolved.kv_dtype_bytes or 2, coefficients)
+        self._free = self.kv_blocks
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[Hashable, _Request] = {}  # admission order; the last is the newest
+        self._requests: dict[Hashable, _Request] = {}
+        self._prefilling: _Request | None = None  # the (at most one) running request part-way through its prefill
+        # decoding requests as counters
+        self._tick = 0
+        self._decoders = 0
+        self._offset_sum = 0
+        self._residues = [0] * self.block_size  # decoders by (offset mod block_size)
+        self._finish_at: dict[int, list[tuple[_Request, int]]] = {}
+        self.peak_blocks_used = 0
+        self.preemptions = 0
+
+    # ---- public state ----------------------------------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Share of KV blocks in use (vLLM's vllm:kv_cache_usage_perc / gpu_cache_usage_perc)."""
+        return (self.kv_blocks - self._free) / self.kv_blocks
+
+    @property
+    def description(self) -> str:
+        """One line: the engine as modelled (for `estimate` and `emulate` to print)."""
+        fit = f"; calibrated ({self.fit_source})" if self.fit_source else ""
+        return (f"{self.model.name} on {self.gpu.name}" + (f" x{self.tp}" if self.tp > 1 else "") +
+                f", {self.dtype}: {self.kv_blocks} KV blocks of {self.block_size} tokens "
+                f"({self.memory.kv_tokens} tokens), max_num_seqs {self.max_num_seqs}, max_num_batched_tokens "
+                f"{self.max_num_batched_tokens}{fit}")
+
+    # ---- requests --------------------------------------------------------------------------------------------------
+    def add(self, request_id: Hashable, prompt_tokens: int, max_tokens: int) -> None:
+        """A request joins WAITING (FCFS). EngineError if it is longer than max_model_len (vLLM answers 400)."""
+        if request_id in self._requests:
+            raise EngineError(f"request {request_id!r} is already in the engine")
+        if prompt_tokens < 1 or max_tokens < 1:
+            raise EngineError("a request needs at least 1 prompt token and max_tokens >= 1")
+        if prompt_tokens + max_tokens > self.max_model_len:
+            raise EngineError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
+                              f"asks for {prompt_tokens} prompt + {max_tokens} output tokens")
+        request = _Request(request_id, prompt_tokens, max_tokens)
+        self._requests[request_id] = request
+        self._waiting.append(request)
+
+    def abort(self, request_id: Hashable) -> None:
+        """A client went away: its blocks are freed and it never emits again (unknown ids are ignored)."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        if request_id in self._running:
+            del self._running[request_id]
+            self._release(request)
+        else:
+            self._waiting.remove(request)
+
+    # ---- the step --------------------------------------------------------------------------------------------------
+    def step(self) -> Step | None:
+        """Schedule and run one step; None when nothing is running or waiting."""
+        if not self._running and not self._waiting:
+            return None
+        bs = self.block_size
+        budget = self.max_num_batched_tokens
+        preempted: list[Hashable] = []
+        # 1. running decodes: those at a block boundary need a block; preempt the newest until they fit
+        need = self._residues[(-self._tick) % bs]
+        while need > self._free:
+            preempted.append(self._preempt_newest().id)
+            need = self._residues[(-self._tick) % bs]
+        self._free -= need
+        budget -= self._decoders
+        # the running request still prefilling (the newest), its next chunk
+        chunks: list[tuple[_Request, int]] = []
+        p = self._prefilling
+        if p is not None and budget > 0:
+            chunk = min(p.target - p.computed, budget)
+            extra = self._blocks_for(p.computed + chunk) - p.blocks
+            if extra > self._free:
+                self._preempt(p)  # it is the newest: vLLM preempts it, and it is the one that cannot run
+                self._running.pop(p.id)
+                preempted.append(p.id)
+            else:
+                self._free -= extra
+                p.blocks += extra
+                chunks.append((p, chunk))
+                budget -= chunk
+        # 2. waiting requests, FCFS, only when nothing was preempted
+        if not preempted:
+            while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
+                request = self._waiting[0]
+                wanted = request.target - request.computed
+                if not self.chunked_prefill and wanted > budget:
+                    break
+                chunk = min(wanted, budget)
+                blocks = self._blocks_for(request.computed + chunk) - request.blocks
+                if blocks > self._free:
+                    break
+                self._waiting.popleft()
+                self._free -= blocks
+                request.blocks += blocks
+                self._running[request.id] = request
+                chunks.append((request, chunk))
+                budget -= chunk
+        # 3. run it
+        decodes = self._decoders
+        prefill_tokens = sum(c for _r, c in chunks)
+        attention = sum(c * (r.computed + c / 2) for r, c in chunks)
+        context = sum(r.computed for r, _c in chunks)
+        completing = [r for r, c in chunks if r.computed + c == r.target]
+        decode_context = self._offset_sum + decodes * (self._tick + 1)
+        if decodes + prefill_tokens == 0:
+            raise AssertionError("an engine step scheduled nothing")  # a scheduler bug, never a user error
+        seconds = self.cost.seconds(prefill_tokens=prefill_tokens, prefill_attention=attention,
+                                    prefill_context=context, decodes=decodes, decode_context=decode_context,
+                                    sampled=decodes + len(completing), requests=decodes + len(chunks))
+        used = self.kv_blocks - self._free
+        if used > self.peak_blocks_used:
+            self.peak_blocks_used = used
+        # decoders advance one token; those at their last token finish
+        self._tick += 1
+        finished: list[Hashable] = []
+        for request, epoch in self._finish_at.pop(self._tick, ()):
+            if request.epoch == epoch and request.decoding and request.id in self._running:
+                del self._running[request.id]
+                request.generated = request.max_tokens
+                self._release(request)
+                del self._requests[request.id]
+                finished.append(request.id)
+        # prefill chunks advance; completed prefills emit
+        first: list[Hashable] = []
+        resumed: list[Hashable] = []
+        self._prefilling = None
+        for request, chunk in chunks:
+            request.computed += chunk
+            if request.computed < request.target:
+                self._prefilling = request
+                continue
+            request.generated += 1
+            (resumed if request.started else first).append(request.id)
+            request.started = True
+            if request.generated >= request.max_tokens:
+                del self._running[request.id]
+                self._free += request.blocks
+                request.blocks = 0
+                del self._requests[request.id]
+                finished.append(request.id)
+            else:
+                self._start_decoding(request)
+        return Step(duration_s=seconds / self.speed, first_token=tuple(first), resumed=tuple(resumed),
+                    finished=tuple(finished), preempted=tuple(preempted), batch_tokens=decodes + prefill_tokens,
+                    decodes=decodes)
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------------------
+    def _blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def _start_decoding(self, request: _Request) -> None:
+        """A request whose prefill completed (and emitted) joins the decode counters."""
+        # tokens in the cache now: its prompt and every generated token but the last (fed at the next step)
+        request.decoding = True
+        request.offset = request.prompt + request.generated - 1 - self._tick
+        self._decoders += 1
+        self._offset_sum += request.offset
+        self._residues[request.offset % self.block_size] += 1
+        remaining = request.max_tokens - request.generated
+        self._finish_at.setdefault(self._tick + remaining, []).append((request, request.epoch))
+
+    def _stop_decoding(self, request: _Request) -> int:
+        """Remove a decoding request from the counters; the tokens it has in the KV cache."""
+        request.decoding = False
+        self._decoders -= 1
+        self._offset_sum -= request.offset
+        self._residues[request.offset % self.block_size] -= 1
+        return request.offset + self._tick
+
+    def _release(self, request: _Request) -> None:
+        """Free a request's blocks (it leaves RUNNING: finished, aborted or preempted)."""
+        if request.decoding:
+            tokens = self._stop_decoding(request)
+            request.generated = tokens - request.prompt + 1
+            self._free += self._blocks_for(tokens)
+        else:
+            self._free += request.blocks
+            if self._prefilling is request:
+                self._prefilling = None
+        request.blocks = 0
+
+    def _preempt(self, request: _Request) -> None:
+        """Recompute preemption: blocks freed, back to the front of WAITING, its progress forgotten."""
+        self._release(request)
+        request.computed = 0
+        request.epoch += 1
+        self._waiting.appendleft(request)
+        self.preemptions += 1
+
+    def _preempt_newest(self) -> _Request:
+        _id, victim = self._running.popitem()
+        self._preempt(victim)
+        return victim
+
+
+def kv_blocks_needed(tokens: int, block_size: int = 16) -> int:
+    """KV blocks a request of `tokens` tokens holds."""
+    return math.ceil(tokens / block_size)
+
+
+__all__ = ["Engine", "Step", "kv_blocks_needed"]

@@ -1,0 +1,110 @@
+"""What a GPU can do, from its datasheet: memory, memory bandwidth, dense tensor-core TFLOPs, the link TP uses.
+
+Every figure carries its source. Peak FLOPs are the DENSE figures (datasheets also print a 2x "with sparsity" number
+that no LLM kernel reaches). Names are the catalog's (SkyPilot's) spellings, so `--gpu a100_80gb` and a config's
+`"A100-80GB"` find the same row; "H100" is the SXM part clouds rent, "H100-PCIE" the PCIe card.
+
+A new GPU is a new row: the step-time model (step_time.py) needs nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from melange_sky.core.gpus import canonical_gpu, did_you_mean, gpu_key
+from melange_sky.engine.errors import EngineError
+from melange_sky.errors import CatalogError
+
+MIB = 1024 ** 2
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU's datasheet figures (per GPU, not per board)."""
+
+    name: str  # the catalog's spelling
+    memory_gb: float  # datasheet capacity, GB (what messages print)
+    memory_bytes: int  # the total CUDA reports (nvidia-smi memory.total), what gpu_memory_utilization applies to
+    bandwidth_gbs: float  # peak DRAM bandwidth, GB/s
+    bf16_tflops: float  # dense FP16/BF16 tensor-core peak, TFLOP/s
+    fp8_tflops: float | None  # dense FP8 tensor-core peak; None where the GPU has no FP8 tensor cores
+    link: str  # what a tensor-parallel all-reduce runs over: "nvlink", "pcie", "infinity-fabric"
+    link_gbs: float  # that link's bandwidth per GPU, one direction, GB/s
+    bf16: bool = True  # has BF16 (Turing and Volta run FP16 instead; same peak for the model)
+
+    @property
+    def has_fp8(self) -> bool:
+        """Whether FP8 weights run on FP8 tensor cores (Ada, Hopper, CDNA3); elsewhere vLLM runs FP8 weights as
+        weight-only (Marlin W8A16): half the weight bytes, BF16 compute."""
+        return self.fp8_tflops is not None
+
+
+# Sources (vendor datasheets; the dense column):
+#  T4      NVIDIA T4 datasheet (nvidia.com/.../tesla-t4/t4-tensor-core-datasheet-951643.pdf): 16 GB GDDR6, 320 GB/s,
+#          FP16 mixed precision 65 TFLOPS; no BF16/FP8. PCIe Gen3 x16: 15.75 GB/s per direction.
+#  L4      NVIDIA L4 datasheet (nvidia.com/en-us/data-center/l4/): 24 GB GDDR6, 300 GB/s, BF16 242 TFLOPS* and FP8
+#          485 TFLOPS* (*with sparsity) -> 121 / 242.5 dense. PCIe Gen4 x16: 31.5 GB/s per direction.
+#  A10G    AWS G5 (aws.amazon.com/ec2/instance-types/g5/): 24 GB GDDR6, 600 GB/s. NVIDIA publishes no A10G sheet; the
+#          A10G is an A10 die with fewer tensor-core clocks/SMs enabled: ~70 TFLOPS dense BF16 (the figure AWS and
+#          cloud GPU comparisons quote; e.g. Modal's and Baseten's GPU guides), against the A10's 125.
+#  A10     NVIDIA A10 datasheet (nvidia.com/en-us/data-center/products/a10-gpu/): 24 GB GDDR6, 600 GB/s, BF16 125
+#          TFLOPS dense (250 sparse). PCIe Gen4 x16.
+#  L40S    NVIDIA L40S datasheet (nvidia.com/en-us/data-center/l40s/): 48 GB GDDR6, 864 GB/s, BF16 362.05 dense (733
+#          sparse), FP8 733 dense (1,466 sparse). PCIe Gen4 x16.
+#  V100    NVIDIA V100 datasheet (images.nvidia.com/content/technologies/volta/pdf/volta-v100-datasheet-update-us-
+#          1165301-r5.pdf), SXM2: 16/32 GB HBM2, 900 GB/s, tensor 125 TFLOPS (FP16); NVLink 300 GB/s total
+#          (6 links x 25 GB/s x 2 directions -> 150 GB/s one way).
+#  A100    NVIDIA A100 datasheet (nvidia.com/.../a100/pdf/nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf), SXM:
+#          40 GB HBM2 1,555 GB/s; 80 GB HBM2e 2,039 GB/s; BF16 312 dense (624 sparse); NVLink 600 GB/s (300 one way).
+#  H100    NVIDIA H100 datasheet (nvidia.com/en-us/data-center/h100/), SXM: 80 GB HBM3, 3.35 TB/s, BF16 989 dense
+#          (1,979 sparse), FP8 1,979 dense; NVLink 900 GB/s (450 one way). PCIe: 80 GB HBM2e, 2.0 TB/s, BF16 756
+#          dense, FP8 1,513 dense; PCIe Gen5 x16: 63 GB/s one way.
+#  H200    NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200/), SXM: 141 GB HBM3e, 4.8 TB/s, same Hopper
+#          compute as the H100 SXM (BF16 989, FP8 1,979 dense); NVLink 900 GB/s.
+#  MI300X  AMD Instinct MI300X data sheet (amd.com/.../instinct-mi300x-data-sheet.pdf): 192 GB HBM3, 5.3 TB/s, FP16/BF16
+#          1,307.4 TFLOPS dense, FP8 2,614.9 dense; Infinity Fabric 7 links x 64 GB/s one way = 448 GB/s.
+# memory_bytes: nvidia-smi's memory.total (MiB) on cloud instances with ECC on (the total torch.cuda.mem_get_info
+# reports, which is what vLLM multiplies by gpu_memory_utilization); MI300X: rocm-smi's 192 GiB.
+_TABLE: tuple[GpuSpec, ...] = (
+    GpuSpec("T4", 16, 15360 * MIB, 320, 65, None, "pcie", 15.75, bf16=False),
+    GpuSpec("L4", 24, 23034 * MIB, 300, 121, 242.5, "pcie", 31.5),
+    GpuSpec("A10G", 24, 23028 * MIB, 600, 70, None, "pcie", 31.5),
+    GpuSpec("A10", 24, 23028 * MIB, 600, 125, None, "pcie", 31.5),
+    GpuSpec("L40S", 48, 46068 * MIB, 864, 362.05, 733, "pcie", 31.5),
+    GpuSpec("V100", 16, 16160 * MIB, 900, 125, None, "nvlink", 150, bf16=False),
+    GpuSpec("V100-32GB", 32, 32510 * MIB, 900, 125, None, "nvlink", 150, bf16=False),
+    GpuSpec("A100", 40, 40960 * MIB, 1555, 312, None, "nvlink", 300),
+    GpuSpec("A100-80GB", 80, 81920 * MIB, 2039, 312, None, "nvlink", 300),
+    GpuSpec("H100", 80, 81559 * MIB, 3350, 989, 1979, "nvlink", 450),
+    GpuSpec("H100-PCIE", 80, 81559 * MIB, 2000, 756, 1513, "pcie", 63),
+    GpuSpec("H200", 141, 143771 * MIB, 4800, 989, 1979, "nvlink", 450),
+    GpuSpec("MI300X", 192, 192 * 1024 * MIB, 5300, 1307.4, 2614.9, "infinity-fabric", 448),
+)
+_BY_NAME = {g.name: g for g in _TABLE}
+#: The GPU types the engine model knows, in the catalog's spelling.
+GPU_NAMES: tuple[str, ...] = tuple(g.name for g in _TABLE)
+# Spellings that core.gpus folds into one catalog name but whose datasheets differ.
+_OWN_KEYS = {"H100PCIE": "H100-PCIE", "H100PCIE80GB": "H100-PCIE", "H100SXM": "H100", "H100SXM5": "H100",
+             "A10040GB": "A100", "A100SXM": "A100", "A100SXM80GB": "A100-80GB", "V10016GB": "V100",
+             "MI300X": "MI300X", "MI300": "MI300X", "H200SXM": "H200", "H200141GB": "H200"}
+
+
+def gpu_spec(name: str | GpuSpec) -> GpuSpec:
+    """The datasheet row for `name`, however it is spelled ("a100_80gb", "NVIDIA H100 SXM"); EngineError if the
+    engine model has no datasheet for it."""
+    if isinstance(name, GpuSpec):
+        return name
+    key = gpu_key(name)
+    own = _OWN_KEYS.get(key) or {gpu_key(g): g for g in GPU_NAMES}.get(key)
+    if own is not None:
+        return _BY_NAME[own]
+    try:
+        canonical = canonical_gpu(name)
+    except CatalogError:
+        canonical = None
+    if canonical in _BY_NAME:
+        return _BY_NAME[canonical]
+    raise EngineError(f"no datasheet for GPU {name!r}{did_you_mean(name, list(GPU_NAMES))} (the engine model knows "
+                      f"{', '.join(GPU_NAMES)})")
+
+
+__all__ = ["GPU_NAMES", "GpuSpec", "gpu_spec"]
