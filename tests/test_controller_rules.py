@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from melange_sky.controller.rules import (Need, Scale, distribution_from, need_from_workload, need_message,
-                                          needs_from_messages, over_budget, scale_decision, to_replace)
+from melange_sky.controller.rules import (Need, Scale, distribution_from, need_from_workload, need_data,
+                                          need_message, needs_from_events, over_budget, scale_decision, to_replace)
 
 HOLD = 600.0  # 10 minutes
 NOW = 100_000.0
@@ -64,10 +64,12 @@ def test_zero_hold_scales_down_on_the_first_lower_need():
     assert scale_decision(30.0, 6.0, [], NOW, 0.0).scale is Scale.DOWN
 
 
-def test_need_events_round_trip_through_their_messages():
-    message = need_message(Need(12.345678, "p95 of 12 complete minute(s)")) + ": need 12.35 req/s < plan"
-    assert needs_from_messages([(NOW, message), (NOW + 1, "garbage"), (NOW + 2, "1e-3 req/s (mean)")]) == [
-        (NOW, 12.3457), (NOW + 2, 0.001)]
+def test_need_events_round_trip_through_their_data_at_full_precision():
+    need = Need(12.345678901, "p95 of 12 complete minute(s)")
+    assert need_message(need) == "12.3457 req/s (p95 of 12 complete minute(s))"  # for people, rounded
+    events = [(NOW, need_data(need)), (NOW + 1, None), (NOW + 2, {"rate": "12"}), (NOW + 3, {"rate": float("nan")}),
+              (NOW + 4, {"rate": True}), (NOW + 5, {"rate": 0.001})]
+    assert needs_from_events(events) == [(NOW, 12.345678901), (NOW + 5, 0.001)]
 
 
 def test_max_cost_refuses_only_what_exceeds_it():

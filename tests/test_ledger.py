@@ -326,3 +326,33 @@ def test_fleet_wide_events_are_kept_in_the_fleets_history_in_order(ledger):
     assert kinds == [(None, "scale-up", "p95 rate 40 req/s needs $12.00/h"),
                      (None, "drain", "f-a10g-3 left the router")]
     assert second.id > first.id
+
+
+def test_a_fleet_events_data_is_kept_as_values_and_read_back_by_kind(ledger):
+    ledger.save_fleet("f", "h", {})
+    ledger.record_event("f", "need", "12.3457 req/s (p95)", {"rate": 12.345678901, "source": "p95"})
+    ledger.record_event("f", "drain", "f-a10g-3 left the router")
+    [need] = ledger.history(fleet="f", kind="need")
+    assert need.data == {"rate": 12.345678901, "source": "p95"}  # not the message's rounded prose
+    assert [e.data for e in ledger.history(fleet="f", kind="drain")] == [None]
+
+
+def test_need_events_of_a_version_2_ledger_keep_their_rates_as_data_after_the_migration(tmp_path):
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    for statement in [*ledger_mod.MIGRATIONS[0], *ledger_mod.MIGRATIONS[1]]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 2")
+    conn.execute("INSERT INTO fleets VALUES ('f', 'h', '{}', 0, 0)")
+    rows = [("need", "12.5 req/s (p95 of 3 complete minute(s)): need 12.5 req/s < plan 30 req/s", 1.0),
+            ("need", "1e-05 req/s (mean over 40 s (no complete minute yet)): hold", 2.0),
+            ("need", "no number here", 3.0),
+            ("scale-up", "30 -> 60 req/s: 4 replica(s)", 4.0)]
+    conn.executemany("INSERT INTO events (fleet, cluster, old_state, new_state, message, at) "
+                     "VALUES ('f', NULL, NULL, ?, ?, ?)", rows)
+    conn.commit()
+    conn.close()
+    with Ledger(tmp_path) as db:
+        assert db.schema_version == len(ledger_mod.MIGRATIONS)
+        assert [(e.at, e.data) for e in db.history(fleet="f", kind="need")] == [
+            (1.0, {"rate": 12.5}), (2.0, {"rate": 1e-05}), (3.0, None)]
+        assert [e.data for e in db.history(fleet="f", kind="scale-up")] == [None]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,14 +16,15 @@ from typing import Any
 from melange_sky.inputs.trace_rates import MINUTE_S, observed_rates
 
 __all__ = ["DEFAULT_MIN_REQUESTS", "DEFAULT_RATE_PERCENTILE", "DEFAULT_SCALE_DOWN_AFTER_MIN", "Decision", "Need",
-           "Scale", "distribution_from", "need_from_workload", "need_message", "needs_from_messages",
-           "over_budget", "scale_decision", "to_replace"]
+           "Scale", "distribution_from", "need_data", "need_from_workload", "need_message",
+           "needs_from_events", "over_budget", "scale_decision", "to_replace"]
 
 DEFAULT_RATE_PERCENTILE = 95.0
 DEFAULT_SCALE_DOWN_AFTER_MIN = 10.0
 #: Fewer requests than this in the router's histogram: its shares are noise; the config's distribution is kept.
 DEFAULT_MIN_REQUESTS = 100
-#: Event kind of a need observation: the controller's memory of recent needs, read back for the scale-down hold.
+#: Event kind of a need observation: the controller's memory of recent needs, read back (its data) for the
+#: scale-down hold.
 NEED_EVENT = "need"
 
 
@@ -134,21 +134,23 @@ def over_budget(cost: float, max_cost: float | None) -> bool:
     return max_cost is not None and cost > max_cost + 1e-9
 
 
-_NEED = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?) req/s")
-
-
 def need_message(need: Need) -> str:
-    """A need event's message: the rate first (read back by `needs_from_messages`), then its source."""
+    """A need event's message, for people (`status`, the event line): the rate and where it came from."""
     return f"{need.rate:.6g} req/s ({need.source})"
 
 
-def needs_from_messages(events: Iterable[tuple[float, str]]) -> list[tuple[float, float]]:
-    """(time, rate) of the need events' messages (`need_message`); messages that do not parse are skipped."""
+def need_data(need: Need) -> dict[str, Any]:
+    """A need event's data, what the next pass reads back (`needs_from_events`): the rate as a number."""
+    return {"rate": need.rate, "source": need.source}
+
+
+def needs_from_events(events: Iterable[tuple[float, Mapping[str, Any] | None]]) -> list[tuple[float, float]]:
+    """(time, rate) of need events, from their data (`need_data`); an event without a finite rate is skipped."""
     out = []
-    for at, message in events:
-        match = _NEED.match(message)
-        if match is not None:
-            out.append((at, float(match.group(1))))
+    for at, data in events:
+        rate = (data or {}).get("rate")
+        if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate):
+            out.append((at, float(rate)))
     return out
 
 

@@ -5,8 +5,8 @@ It does the reading and acting; the decisions (need, scale up/down, budget, whic
 pure rules of `rules`. What it keeps:
 - the ledger stays the truth of what was launched, the launcher's refreshed status the truth of what runs;
 - every action is one fleet event in the ledger and one call of `on_action` (the CLI prints it as one line);
-- the scale-down hold lives in the ledger (`need` events), so passes of separate processes (`watch --once` from
-  cron) share it;
+- the scale-down hold lives in the ledger (`need` events, their rates kept as data), so passes of separate
+  processes (`watch --once` from cron) share it;
 - a plan above `max_cost` is reported and recorded, never launched: the fleet stays as it is;
 - one controller per fleet (`watch_lock`); each change runs under the fleet's own lock, taken by `up`.
 """
@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky.core.config import Config
+from melange_sky.core.tls import client_context
 from melange_sky.deploy.membership import get_admin_routes, normalise_url
 from melange_sky.deploy.plan import Plan, PlanSettings, deployment_from_config
+from melange_sky.deploy.router_task import router_certfile
 from melange_sky.errors import ControllerError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend
@@ -157,8 +159,8 @@ class Controller:
             raise UnknownFleet(f"no fleet {self.fleet!r} in the ledger; `melange-sky status` lists the fleets")
         return fleet_config(record.plan, f"fleet {self.fleet}")
 
-    def _act(self, report: PassReport, kind: str, message: str) -> None:
-        self.ledger.record_event(self.fleet, kind, message)
+    def _act(self, report: PassReport, kind: str, message: str, data: Mapping[str, Any] | None = None) -> None:
+        self.ledger.record_event(self.fleet, kind, message, data)
         action = Action(kind, message)
         report.actions.append(action)
         self.on_action(action)
@@ -261,7 +263,7 @@ class Controller:
         """Probe every replica up (its readiness path) and the router (any HTTP answer); those failing two tries
         leave the router and are torn down, recorded, for the bring-up to relaunch under the same name."""
         path = deployment_from_config(config, settings.template).readiness_path
-        targets = {r.cluster: (r.url.rstrip("/") + path, r.role is Role.ROUTER)
+        targets = {r.cluster: _Probe(r.url.rstrip("/") + path, r.role is Role.ROUTER, router_certfile(r.task))
                    for r in self.ledger.replicas(self.fleet, roles=None) if r.url is not None}
         if not targets:
             return
@@ -318,7 +320,9 @@ class Controller:
             return
         wanted = sorted(normalise_url(u) for _, _, u in reconcile.members(rows))
         try:
-            routes = get_admin_routes(url, keys.admin_token, ROUTER_TIMEOUT_S).get("routes") or {}
+            routes = get_admin_routes(url, keys.admin_token, ROUTER_TIMEOUT_S,
+                                      cafile=router_certfile(router.task if router is not None else None)
+                                      ).get("routes") or {}
         except MelangeError as exc:
             if self.on_warning is not None:
                 self.on_warning(f"could not read the router's routes: {exc}")
@@ -351,12 +355,12 @@ class Controller:
             self._act(report, "no-traffic", f"{source}: no arrivals counted; no scaling decision (scaling to "
                                             f"nothing is `melange-sky down`)")
             return config
-        history = rules.needs_from_messages((e.at, e.message) for e in self.ledger.history(fleet=self.fleet)
-                                            if e.cluster is None and e.new_state == rules.NEED_EVENT)
+        history = rules.needs_from_events((e.at, e.data)
+                                          for e in self.ledger.history(fleet=self.fleet, kind=rules.NEED_EVENT))
         decision = rules.scale_decision(config.total_request_rate, need.rate, history, self.clock(),
                                         self.options.scale_down_after_s)
         report.decision = decision
-        self._act(report, rules.NEED_EVENT, f"{rules.need_message(need)}: {decision.reason}")
+        self._act(report, rules.NEED_EVENT, f"{rules.need_message(need)}: {decision.reason}", rules.need_data(need))
         if decision.scale not in (Scale.UP, Scale.DOWN):
             return config
         shares, why = rules.distribution_from(doc, config.shape, config.input_buckets, config.output_buckets,
@@ -368,20 +372,34 @@ class Controller:
         return dataclasses.replace(config, total_request_rate=decision.rate, workload_distribution=distribution)
 
 
-def _probe_all(targets: Mapping[str, tuple[str, bool]]) -> dict[str, tuple[bool, str]]:
+@dataclass(frozen=True)
+class _Probe:
+    """A readiness probe: the URL, whether any HTTP answer will do (the router), the certificate a TLS router shows."""
+
+    url: str
+    any_answer: bool = False
+    cafile: str | None = None
+
+
+def _probe_all(targets: Mapping[str, _Probe]) -> dict[str, tuple[bool, str]]:
     with ThreadPoolExecutor(max_workers=min(16, len(targets)), thread_name_prefix="melange-probe") as pool:
-        answers = pool.map(lambda item: (item[0], _probe(*item[1])), sorted(targets.items()))
+        answers = pool.map(lambda item: (item[0], _probe(item[1])), sorted(targets.items()))
         return dict(answers)
 
 
 _PROBE_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _probe(url: str, any_answer: bool) -> tuple[bool, str]:
+def _probe(probe: _Probe) -> tuple[bool, str]:
     """(healthy, why not): a 2xx answer, or for the router (`any_answer`) any HTTP answer (a 503 without routes is
-    alive: the next push fixes it)."""
+    alive: the next push fixes it); an https one verified against its certificate."""
+    url, any_answer = probe.url, probe.any_answer
+    opener = _PROBE_OPENER
     try:
-        with _PROBE_OPENER.open(urllib.request.Request(url, method="GET"), timeout=PROBE_TIMEOUT_S) as answer:
+        if url.startswith("https://"):
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                 urllib.request.HTTPSHandler(context=client_context(probe.cafile)))
+        with opener.open(urllib.request.Request(url, method="GET"), timeout=PROBE_TIMEOUT_S) as answer:
             return 200 <= answer.status < 300 or any_answer, f"HTTP {answer.status}"
     except urllib.error.HTTPError as exc:
         exc.close()
@@ -389,6 +407,8 @@ def _probe(url: str, any_answer: bool) -> tuple[bool, str]:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return False, f"{url}: {reason}"
+    except MelangeError as exc:  # the certificate to verify it with cannot be read
+        return False, f"{url}: {exc}"
 
 
 def _preview_line(preview: Preview) -> str:

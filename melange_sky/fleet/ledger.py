@@ -125,6 +125,12 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # 2: the fleet's router is a cluster of its own, recorded like a replica (written before its launch, every
     # change in history) but never routed to.
     ("ALTER TABLE replicas ADD COLUMN role TEXT NOT NULL DEFAULT 'replica'",),
+    # 3: a fleet event may carry data (a JSON object) beside its message, for what a later reader needs as values: a
+    # controller's need observations keep their rate as a number (the scale-down hold), not as prose to parse. Need
+    # events recorded before keep theirs: the rate their message starts with ("12.5 req/s (p95 of ...)").
+    ("ALTER TABLE events ADD COLUMN data TEXT",
+     "UPDATE events SET data = '{\"rate\": ' || CAST(substr(message, 1, instr(message, ' req/s') - 1) AS REAL) || '}' "
+     "WHERE cluster IS NULL AND new_state = 'need' AND message GLOB '[0-9]*' AND instr(message, ' req/s') > 1"),
 ]
 
 
@@ -222,6 +228,7 @@ class Event:
     new_state: str
     message: str
     at: float
+    data: Mapping[str, Any] | None = None  # what a fleet event records as values (`Ledger.record_event`)
 
 
 class _Unset:
@@ -572,18 +579,23 @@ class Ledger:
         rows = self.replicas(fleet, roles=(Role.ROUTER,))
         return rows[0] if rows else None
 
-    def record_event(self, fleet: str, kind: str, message: str) -> Event:
+    def record_event(self, fleet: str, kind: str, message: str, data: Mapping[str, Any] | None = None) -> Event:
         """A fleet-wide action (a scale-up, a drain, a push of routes, a refused plan) in the fleet's history, with
-        no cluster: what a controller did and why, for `status` and for the next pass (hold times)."""
+        no cluster: what a controller did and why, for `status`; `data` (JSON-able values) is what the next pass
+        reads back (a need's rate, for the scale-down hold): read as data, never parsed out of `message`."""
         now = time.time()
+        stored = dict(data) if data is not None else None
         with self._tx() as conn:
-            cursor = conn.execute("INSERT INTO events (fleet, cluster, old_state, new_state, message, at) "
-                                  "VALUES (?, NULL, NULL, ?, ?, ?)", (fleet, kind, message, now))
+            cursor = conn.execute("INSERT INTO events (fleet, cluster, old_state, new_state, message, at, data) "
+                                  "VALUES (?, NULL, NULL, ?, ?, ?, ?)",
+                                  (fleet, kind, message, now,
+                                   json.dumps(stored, sort_keys=True) if stored is not None else None))
             event_id = int(cursor.lastrowid or 0)
-        return Event(event_id, fleet, None, None, kind, message, now)
+        return Event(event_id, fleet, None, None, kind, message, now, stored)
 
-    def history(self, *, fleet: str | None = None, cluster: str | None = None) -> list[Event]:
-        """Recorded transitions, oldest first."""
+    def history(self, *, fleet: str | None = None, cluster: str | None = None,
+                kind: str | None = None) -> list[Event]:
+        """Recorded transitions, oldest first; with `kind`, only the fleet events of that kind (`record_event`)."""
         sql, params = "SELECT * FROM events WHERE 1 = 1", []
         if fleet is not None:
             sql += " AND fleet = ?"
@@ -591,9 +603,13 @@ class Ledger:
         if cluster is not None:
             sql += " AND cluster = ?"
             params.append(cluster)
+        if kind is not None:
+            sql += " AND cluster IS NULL AND new_state = ?"
+            params.append(kind)
         return [Event(row["id"], row["fleet"], row["cluster"],
                       ReplicaState(row["old_state"]) if row["old_state"] else None, row["new_state"],
-                      row["message"], row["at"]) for row in self._query(sql + " ORDER BY id", params)]
+                      row["message"], row["at"], _event_data(row["data"]))
+                for row in self._query(sql + " ORDER BY id", params)]
 
     # -- helpers ------------------------------------------------------------------------------------------------
     @staticmethod
@@ -617,6 +633,17 @@ def _storable_task(replica: NewReplica) -> dict[str, Any] | None:
         raise LedgerError(f"{replica.cluster}: refusing to store a task with secret values in the ledger; "
                           f"render `secrets:` with null values and pass the values at launch")
     return task
+
+
+def _event_data(text: str | None) -> dict[str, Any] | None:
+    """An event's data column as written by `record_event` (a JSON object), else None."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _fleet(row: sqlite3.Row) -> FleetRecord:
