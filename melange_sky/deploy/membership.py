@@ -3,7 +3,8 @@ serve, and the two admin calls that hand it to a running router (`PUT /admin/rou
 
 Pure data and the standard library only: the fleet builds and pushes documents from worker threads (`up`, `down`,
 `watch`), and the router (`serve`) validates the same document with `serve.routes.parse_routes`. The admin token
-goes only into the `Authorization` header: never into a URL, a message or an error.
+goes only into the `Authorization` header: never into a URL, a message or an error. A router that serves TLS
+(`deployment.router.tls`) is called over https and verified against its certificate (`core.tls.client_context`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES
-from melange_sky.errors import RouterError, ServeError
+from melange_sky.core.tls import client_context
+from melange_sky.errors import MelangeError, RouterError, ServeError
 
 #: The routes document's format version (`parse_routes` refuses any other).
 ROUTES_VERSION = 1
@@ -120,21 +122,36 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
 
-def push_routes(url: str, doc: Mapping[str, Any], admin_token: str, timeout: float = 10.0) -> dict[str, Any]:
+def push_routes(url: str, doc: Mapping[str, Any], admin_token: str, timeout: float = 10.0, *,
+                cafile: str | None = None) -> dict[str, Any]:
     """Hand a running router (base URL) a new routes document: it validates it and swaps it in at once, or keeps
     the old one and says why. Returns the router's answer ({"accepted", "replicas", "generation", "draining"});
-    `RouterError` (one line, never the token) when it refuses or cannot be reached."""
+    `RouterError` (one line, never the token) when it refuses or cannot be reached. `cafile`: the certificate an
+    https router must present (its `deployment.router.tls.certfile`)."""
     body = json.dumps(doc, separators=(",", ":")).encode()
-    return _call("PUT", url, admin_token, timeout, body)
+    return _call("PUT", url, admin_token, timeout, body, cafile)
 
 
-def get_admin_routes(url: str, admin_token: str, timeout: float = 10.0) -> dict[str, Any]:
+def get_admin_routes(url: str, admin_token: str, timeout: float = 10.0, *,
+                     cafile: str | None = None) -> dict[str, Any]:
     """What a running router routes by now ({"routes", "generation", "inflight", "draining"}), to check that its
-    membership matches the ledger and to wait for a drain; `RouterError` as `push_routes`."""
-    return _call("GET", url, admin_token, timeout, None)
+    membership matches the ledger and to wait for a drain; `RouterError` and `cafile` as `push_routes`."""
+    return _call("GET", url, admin_token, timeout, None, cafile)
 
 
-def _call(method: str, url: str, admin_token: str, timeout: float, body: bytes | None) -> dict[str, Any]:
+def _opener(base: str, cafile: str | None) -> urllib.request.OpenerDirector:
+    if not base.startswith("https://"):
+        return _OPENER
+    try:
+        context = client_context(cafile)
+    except MelangeError as exc:
+        raise RouterError(f"router {base}: {exc}") from None
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
+                                       urllib.request.HTTPSHandler(context=context))
+
+
+def _call(method: str, url: str, admin_token: str, timeout: float, body: bytes | None,
+          cafile: str | None = None) -> dict[str, Any]:
     what = f"{method} {ADMIN_ROUTES_PATH}"
     try:
         base = normalise_url(url, "router URL")
@@ -147,7 +164,7 @@ def _call(method: str, url: str, admin_token: str, timeout: float, body: bytes |
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(base + ADMIN_ROUTES_PATH, data=body, method=method, headers=headers)
     try:
-        with _OPENER.open(request, timeout=timeout) as answer:
+        with _opener(base, cafile).open(request, timeout=timeout) as answer:
             data = answer.read()
     except urllib.error.HTTPError as exc:
         try:

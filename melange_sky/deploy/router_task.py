@@ -19,7 +19,7 @@ import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -53,6 +53,9 @@ ROUTER_REQUIREMENTS = (
 ROUTER_PYTHON = "3.11"
 #: Where the router lives on its host, under the host user's HOME: the shipped source in `src/`, its venv in `venv/`.
 REMOTE_DIR = "melange-sky-router"
+#: Where a TLS router's certificate and key land on its host (file mounts from the user's paths; under HOME).
+TLS_CERT_MOUNT = f"~/{REMOTE_DIR}/tls/cert.pem"
+TLS_KEY_MOUNT = f"~/{REMOTE_DIR}/tls/key.pem"
 #: Without a pin: at least this many vCPUs and GiB of memory (the router itself uses one core; SkyPilot's own
 #: agent runs beside it).
 DEFAULT_MIN_CPUS = 2
@@ -333,6 +336,15 @@ def router_cluster_name(fleet: str) -> str:
         name = name[: MAX_CLUSTER_NAME - len(tail)].rstrip("-") + tail
     assert CLUSTER_NAME_RE.match(name), name
     return name
+
+
+def router_certfile(task: Mapping[str, Any] | None) -> str | None:
+    """The certificate (a path on this machine) a router task mounts to serve TLS, which its clients (membership
+    pushes, the controller) verify it against; None for a plain-HTTP router or another task. Read from the task
+    launched, so it is the certificate the running router has."""
+    mounts = (task or {}).get("file_mounts")
+    certfile = mounts.get(TLS_CERT_MOUNT) if isinstance(mounts, Mapping) else None
+    return certfile if isinstance(certfile, str) else None
 
 
 def package_source_dir() -> Path:
