@@ -1,0 +1,96 @@
+"""bench/data/published_vllm.json, the published vLLM measurements the engine model is compared with, is well formed.
+
+This checks the data, not the accuracy (that is bench/estimate_accuracy.py's figure, never a test): every point names
+a source with a URL, an engine version and its setup, runs on a GPU of the engine's hardware table and a bundled
+model, and sets only engine flags the engine reads, so the bench can run every point as the source ran it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from melange_sky.engine import BUNDLED_MODELS, ENGINE_SETTING_KEYS, GPU_NAMES, EngineSettings
+
+DATA = Path(__file__).resolve().parent.parent / "bench" / "data" / "published_vllm.json"
+SOURCE_FIELDS = ("url", "title", "date", "vllm_version", "setup")
+MEASURES = ("output_tokens_per_s", "tpot_ms_mean", "ttft_ms_mean")
+
+
+def _data() -> dict[str, Any]:
+    return json.loads(DATA.read_text())
+
+
+def _points() -> list[dict[str, Any]]:
+    return _data()["points"]
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def test_every_source_has_a_url_an_engine_version_and_its_setup() -> None:
+    for key, source in _data()["sources"].items():
+        for field in SOURCE_FIELDS:
+            assert isinstance(source.get(field), str) and source[field].strip(), f"source {key}: no {field}"
+        assert source["url"].startswith("https://"), f"source {key}: url {source['url']!r}"
+
+
+def test_points_have_unique_ids_and_cite_a_listed_source() -> None:
+    points = _points()
+    ids = Counter(p["id"] for p in points)
+    assert [i for i, n in ids.items() if n > 1] == []
+    sources = _data()["sources"]
+    for p in points:
+        assert p["source"] in sources, f"{p['id']}: unknown source {p['source']!r}"
+        assert isinstance(p.get("quote"), str) and p["quote"].strip(), f"{p['id']}: no quote from the source"
+
+
+@pytest.mark.parametrize("point", _points(), ids=lambda p: p["id"])
+def test_point_runs_on_a_known_gpu_and_bundled_model(point: dict[str, Any]) -> None:
+    assert point["gpu"] in GPU_NAMES
+    assert point["model"] in BUNDLED_MODELS
+    assert point["dtype"] in ("bf16", "fp16", "fp8")
+    assert _positive_int(point["tp"])
+
+
+@pytest.mark.parametrize("point", _points(), ids=lambda p: p["id"])
+def test_point_setup_is_complete_closed_or_open_loop(point: dict[str, Any]) -> None:
+    assert _positive_int(point["input_tokens"]) and _positive_int(point["output_tokens"])
+    assert point["lengths"] in ("fixed", "mean")
+    closed, rate = point.get("concurrency"), point.get("rate")
+    assert (closed is None) != (rate is None), "exactly one of concurrency and rate"
+    assert _positive_int(point["requests"])
+    if closed is not None:
+        assert _positive_int(closed) and closed <= point["requests"]
+    else:
+        assert _positive_number(rate)
+
+
+@pytest.mark.parametrize("point", _points(), ids=lambda p: p["id"])
+def test_point_sets_only_engine_flags_the_engine_accepts(point: dict[str, Any]) -> None:
+    deployment = point["deployment"]
+    assert set(deployment) <= set(ENGINE_SETTING_KEYS)
+    EngineSettings.from_deployment(deployment, source=point["id"])  # raises ConfigError on a bad value
+
+
+@pytest.mark.parametrize("point", _points(), ids=lambda p: p["id"])
+def test_point_measures_throughput_or_tpot(point: dict[str, Any]) -> None:
+    measured = point["measured"]
+    assert set(measured) <= set(MEASURES) and measured
+    assert "output_tokens_per_s" in measured or "tpot_ms_mean" in measured
+    assert all(_positive_number(v) for v in measured.values())
+
+
+def test_the_table_covers_fifteen_points_over_five_gpu_types() -> None:
+    points = _points()
+    assert len(points) >= 15
+    assert len({p["gpu"] for p in points}) >= 5
