@@ -1,0 +1,455 @@
+"""`melange-sky emulate`: the engine model behind an OpenAI-compatible server, in real time.
+
+One `Emulator` per server drives one `Engine` on the wall clock: a request joins the engine's queue when it arrives
+(`engine.add`) and so its batch at the next step boundary; the loop runs a step (`engine.step()`), sleeps until the
+step's end and then hands each emitting request its one token (the emitters rule of ENGINE_API.md). Step ends are
+absolute deadlines (start of the first step after idling + the sum of the model's step times), so a late wake-up
+never delays the steps after it. The event loop's timers are late by up to a millisecond (epoll and libuv count in
+ms), so the loop sleeps until `SPIN_S` before the deadline and then yields to the other tasks until it is reached
+(`_sleep_until`): the steps' emission times follow the model's to tens of microseconds on an idle core.
+
+`estimate` drives the same `Engine` on a virtual clock: the emulator is that model with a real clock, not another.
+
+The server (aiohttp) looks like vLLM's OpenAI server to a client, the router and the profiler: POST
+/v1/completions and /v1/chat/completions (streamed or not, `usage`, `stream_options.include_usage`), GET
+/v1/models, /health and /metrics (vLLM's gauge names). With an API key, /v1/* needs `Authorization: Bearer KEY`
+(401 otherwise; /health and /metrics stay open, as in vLLM). A client that goes away aborts its request in the
+engine (aiohttp cancels the handler), which frees its KV blocks at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hmac
+import itertools
+import signal
+import time
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from melange_sky.core.config import read_config_document
+from melange_sky.engine.emulator_openai import Answer, ApiError, Kind, parse_generation
+from melange_sky.engine.engine import Engine, Step
+from melange_sky.engine.models import load_model
+from melange_sky.engine.settings import EngineSettings
+from melange_sky.errors import MelangeError
+
+try:  # uvloop: a faster event loop (the router's dependency); the emulator works without it
+    import uvloop
+
+    _LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - depends on the environment
+    _LOOP_FACTORY = None
+
+#: The loop sleeps on a timer until this long before a step's end, then yields until the end is reached: timers
+#: fire up to ~1 ms late. At most `SPIN_SHARE` of the step, so a fast --speed does not keep a core busy.
+SPIN_S = 0.0015
+SPIN_SHARE = 0.25
+JSON = "application/json"
+EVENT_STREAM = "text/event-stream; charset=utf-8"
+#: Young-generation GC threshold once serving (as the router does: requests in flight hold many objects).
+_GC_YOUNG_THRESHOLD = 10_000
+
+__all__ = ["EmulateError", "Emulated", "Emulator", "EmulatorServer", "EmulatorSettings", "StepRecord", "prepare", "run"]
+
+
+class EmulateError(MelangeError):
+    """The emulator cannot serve as asked (the port is taken)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step as the emulator ran it: its scheduled end (time.monotonic, seconds), the model's duration and how many
+    requests emitted a token at its end (the bench compares clients' inter-token gaps with these)."""
+
+    end: float
+    duration_s: float
+    emitters: int
+
+
+class _Request:
+    """A request in the emulator: how many tokens the engine has emitted for it and who takes them.
+
+    A handler either waits (`wait`) to be woken at each token (`each`) or at the end, or sets `push`, which the
+    engine loop calls with each token's index and whether it is the last, right at the step's end: a stream then
+    costs one socket write per token and no task switch (hundreds of streams share one core)."""
+
+    __slots__ = ("rid", "prompt_tokens", "max_tokens", "emitted", "done", "each", "waiter", "push")
+
+    def __init__(self, rid: int, prompt_tokens: int, max_tokens: int, each: bool):
+        self.rid, self.prompt_tokens, self.max_tokens = rid, prompt_tokens, max_tokens
+        self.emitted = 0
+        self.done = False
+        self.each = each  # wake the handler at every token (until it sets `push`), else only at the end
+        self.waiter: asyncio.Future[None] | None = None
+        self.push: Callable[[int, bool], None] | None = None
+
+    async def wait(self, seen: int) -> None:
+        """Until a token after the first `seen` came out (when woken at each token) or the request is done."""
+        while not self.done and (self.emitted <= seen or not self.each):
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+
+    def wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Emulator:
+    """The real-time clock around one engine (see the module docstring). Create it, then `start()` inside the
+    event loop that serves; `submit` and `abort` come from the request handlers of that loop."""
+
+    def __init__(self, engine: Engine, *, spin_s: float = SPIN_S, record_steps: bool = False):
+        self.engine = engine
+        self.spin_s = spin_s
+        self.steps: list[StepRecord] | None = [] if record_steps else None
+        self._requests: dict[Hashable, _Request] = {}
+        self._decoding: set[Hashable] = set()
+        self._ids: Iterator[int] = itertools.count()
+        self._idle: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        # vLLM's counters (GET /metrics)
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.finished_total = 0
+        self.preemptions_total = 0
+        self.aborted_total = 0
+        self.step_count = 0
+
+    # -- the handlers' side ------------------------------------------------------------------------------------------
+    def submit(self, prompt_tokens: int, max_tokens: int, *, stream: bool) -> _Request:
+        """A new request: it waits in the engine's queue until the next step boundary schedules it."""
+        req = _Request(next(self._ids), prompt_tokens, max_tokens, stream)
+        self.engine.add(req.rid, prompt_tokens, max_tokens)
+        self._requests[req.rid] = req
+        self.prompt_tokens_total += prompt_tokens
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+        return req
+
+    def abort(self, req: _Request) -> None:
+        """The client went away: the engine frees the request's blocks and it emits nothing more."""
+        if req.done or self._requests.pop(req.rid, None) is None:
+            return
+        self._decoding.discard(req.rid)
+        self.engine.abort(req.rid)
+        self.aborted_total += 1
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and neither finished nor aborted."""
+        return len(self._requests)
+
+    # -- the clock ---------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine loop in the running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="emulator-engine")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        loop, clock = asyncio.get_running_loop(), time.monotonic
+        start = clock()
+        while True:
+            if not self.engine.has_work:
+                self._idle = loop.create_future()
+                await self._idle
+                self._idle = None
+                start = clock()  # the first step after idling starts now
+                continue
+            step = self.engine.step()
+            if step is None:  # nothing the engine can run yet
+                await asyncio.sleep(0)
+                start = clock()
+                continue
+            end = start + step.duration_s
+            await self._sleep_until(loop, end, step.duration_s)
+            self._emit(step, end)
+            start = end
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, deadline: float, duration: float) -> None:
+        """A timer until shortly before `deadline` (time.monotonic), then yield to the other tasks (their I/O
+        included) until it. The timer's delay is taken from the loop's own clock: uvloop's `loop.time()` is the
+        time its current iteration began, in whole ms, and its timers count from there."""
+        early = deadline - min(self.spin_s, SPIN_SHARE * duration)
+        if early > time.monotonic():
+            await asyncio.sleep(early - loop.time())
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0)
+
+    def _emit(self, step: Step, end: float) -> None:
+        """The step's end: one token for each emitter; the finished ones are done (ENGINE_API.md's rule)."""
+        requests, decoding = self._requests, self._decoding
+        decoding.difference_update(step.preempted)
+        decoding.update(r for r in step.first_token if r in requests)  # not the ones aborted during the step
+        decoding.update(r for r in step.resumed if r in requests)
+        finished = frozenset(step.finished) if step.finished else frozenset()
+        for rid in decoding:
+            req = requests[rid]
+            index = req.emitted
+            req.emitted = index + 1
+            if req.push is not None:
+                req.push(index, rid in finished)
+            elif req.each:
+                req.wake()
+        emitters = len(decoding)
+        for rid in finished:
+            if rid in decoding:
+                decoding.discard(rid)
+                req = requests.pop(rid)
+                req.done = True
+                req.wake()
+                self.finished_total += 1
+        self.generation_tokens_total += emitters
+        self.preemptions_total += len(step.preempted)
+        self.step_count += 1
+        if self.steps is not None:
+            self.steps.append(StepRecord(end, step.duration_s, emitters))
+
+
+# ---- the server ----------------------------------------------------------------------------------------------------
+def _pusher(answer: Answer, transport: asyncio.Transport) -> Callable[[int, bool], None]:
+    """Writes token `index` of `answer` to the socket as one HTTP chunk (the response is chunked and its headers
+    went out with the first token, so raw chunks between aiohttp's own writes keep the framing)."""
+
+    def push(index: int, last: bool) -> None:
+        if not transport.is_closing():
+            transport.write(answer.chunk(index, last))
+
+    return push
+
+
+@dataclass(frozen=True)
+class EmulatorSettings:
+    """How the emulator's server listens and what it calls its model."""
+
+    served_model_name: str
+    max_model_len: int
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_root: str = ""  # what /v1/models shows as the model's root (vLLM: the model path)
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+
+class _VllmGauges(Collector):
+    """vLLM's metric names (v1: vllm/v1/metrics/loggers.py), read from the engine at scrape time."""
+
+    def __init__(self, emulator: Emulator, model_name: str):
+        self.emulator, self.labels = emulator, {"model_name": model_name, "engine": "0"}
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.emulator
+        names, values = list(self.labels), list(self.labels.values())
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            metric = GaugeMetricFamily(name, doc, labels=names)
+            metric.add_metric(values, value)
+            return metric
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            metric = CounterMetricFamily(name, doc, labels=names)
+            metric.add_metric(values, value)
+            return metric
+
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", e.engine.running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", e.engine.waiting)
+        yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                    float(e.engine.kv_cache_usage))
+        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", e.preemptions_total)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", e.prompt_tokens_total)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", e.generation_tokens_total)
+        success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
+                                      labels=[*names, "finished_reason"])
+        success.add_metric([*values, "length"], e.finished_total)
+        yield success
+
+
+class EmulatorServer:
+    """The OpenAI-compatible server around an `Emulator`. `start()` (port 0: any free port) returns its URL."""
+
+    def __init__(self, emulator: Emulator, settings: EmulatorSettings):
+        self.emulator, self.settings = emulator, settings
+        self._key = settings.api_key.encode() if settings.api_key else None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_VllmGauges(emulator, settings.served_model_name))
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        """vLLM's --api-key: every /v1 path needs `Authorization: Bearer KEY`."""
+        if self._key is not None and request.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, b"Bearer " + self._key):
+                return web.Response(body=b'{"error":"Unauthorized"}', status=401, content_type=JSON)
+        return await handler(request)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Kind.COMPLETIONS)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Kind.CHAT)
+
+    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        try:
+            try:
+                body = orjson.loads(await request.read())
+            except orjson.JSONDecodeError:
+                raise ApiError(400, "the request body is not valid JSON") from None
+            gen = parse_generation(body, kind, self.settings.served_model_name, self.settings.max_model_len)
+        except ApiError as exc:
+            return web.Response(body=exc.body(), status=exc.status, content_type=JSON)
+        answer = Answer(gen)
+        emulator = self.emulator
+        if not gen.stream:
+            req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=False)
+            try:
+                await req.wait(0)
+            finally:
+                emulator.abort(req)  # a no-op once done; a client gone meanwhile frees its blocks
+            return web.Response(body=answer.whole(req.emitted), content_type=JSON)
+        out = web.StreamResponse(headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=True)
+        try:
+            await req.wait(0)
+            sent = req.emitted  # the first token(s), with the headers, through aiohttp's writer
+            await out.write(answer.tokens(0, sent, req.done))
+            transport = request.transport
+            if not req.done and transport is not None:
+                req.push = _pusher(answer, transport)  # the rest straight from the engine loop (see _Request)
+                req.each = False
+                await req.wait(sent)
+            sent = req.emitted
+        finally:
+            emulator.abort(req)  # a no-op once done; a client gone meanwhile frees its blocks
+        await out.write(answer.end(sent))
+        await out.write_eof()
+        return out
+
+    async def models(self, _request: web.Request) -> web.StreamResponse:
+        s = self.settings
+        model = {"id": s.served_model_name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
+                 "root": s.model_root or s.served_model_name, "parent": None, "max_model_len": s.max_model_len}
+        return web.Response(body=orjson.dumps({"object": "list", "data": [model]}), content_type=JSON)
+
+    async def health(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200)
+
+    async def metrics(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> str:
+        """Listen (and start the engine loop); the base URL."""
+        self.runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.settings.host, self.settings.port, backlog=2048, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            self.runner = None
+            raise EmulateError(f"cannot listen on {self.settings.host}:{self.settings.port}: "
+                               f"{exc.strerror or exc}") from None
+        self.emulator.start()
+        sockets = [a for a in self.runner.addresses if a]
+        port = sockets[0][1] if sockets else self.settings.port
+        host = f"[{self.settings.host}]" if ":" in self.settings.host else self.settings.host
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        await self.emulator.stop()
+
+
+def run(emulator: Emulator, settings: EmulatorSettings, on_listening: Callable[[str], None]) -> int:
+    """Serve until SIGTERM or Ctrl-C. Blocks; the exit code (0 after SIGTERM, 130 after Ctrl-C)."""
+    with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
+        return runner.run(_serve(emulator, settings, on_listening))
+
+
+async def _serve(emulator: Emulator, settings: EmulatorSettings, on_listening: Callable[[str], None]) -> int:
+    server = EmulatorServer(emulator, settings)
+    url = await server.start()
+    gc.collect()
+    gc.freeze()  # what is alive now is never garbage: full collections skip it (the router does the same)
+    gc.set_threshold(max(gc.get_threshold()[0], _GC_YOUNG_THRESHOLD), *gc.get_threshold()[1:])
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[int] = []
+
+    def signalled(signum: int) -> None:
+        received.append(signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, signalled, signum)
+    on_listening(url)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.stop()
+    return 130 if received and received[0] == signal.SIGINT else 0
+
+
+# ---- building one from the command line's terms --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Emulated:
+    """An emulator ready to serve, and what it emulates in words (what `emulate` prints before listening)."""
+
+    emulator: Emulator
+    settings: EmulatorSettings
+    summary: str
+
+
+def prepare(model: str, gpu: str, *, tp: int = 1, dtype: str = "bf16", speed: float = 1.0,
+            config: str | None = None, served_model_name: str | None = None, host: str = "127.0.0.1",
+            port: int = 8000, api_key: str | None = None, record_steps: bool = False) -> Emulated:
+    """The engine for `model` on `gpu` (engine settings from `config`'s `deployment`, else vLLM's defaults) behind
+    an emulator. Raises DoesNotFit (and the engine's other one-line errors) before anything listens."""
+    engine_settings = EngineSettings()
+    if config is not None:
+        document = read_config_document(config)
+        deployment = document.data.get("deployment") if isinstance(document.data, dict) else None
+        engine_settings = EngineSettings.from_deployment(deployment, source=document.source)
+    engine = Engine(load_model(model), gpu, tp=tp, dtype=dtype, settings=engine_settings, speed=speed)
+    settings = EmulatorSettings(served_model_name=served_model_name or model, max_model_len=engine.max_model_len,
+                                host=host, port=port, api_key=api_key, model_root=model)
+    lines = [f"Emulating {engine.description}, max_model_len {engine.max_model_len}.",
+             *(f"Note: {note}" for note in engine.notes),
+             ("Real time (--speed 1)." if speed == 1 else
+              f"At {speed:g}x speed: every step time / {speed:g} (rates x {speed:g}, times / {speed:g})."),
+             f"Serving it as {settings.served_model_name!r}"
+             + ("; clients send the API key as a Bearer token." if api_key else "; no API key.")]
+    return Emulated(Emulator(engine, record_steps=record_steps), settings, "\n".join(lines))
