@@ -16,7 +16,6 @@ import sys
 import time
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from melange_sky.engine import Engine, load_model
