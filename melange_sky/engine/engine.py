@@ -22,6 +22,7 @@ max_num_batched_tokens >= max_num_seqs, so every decode fits the budget.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
 from collections.abc import Hashable
@@ -127,6 +128,7 @@ class Engine:
         self._offset_sum = 0
         self._residues = [0] * self.block_size  # decoders by (offset mod block_size)
         self._finish_at: dict[int, list[tuple[_Request, int]]] = {}
+        self._finish_ticks: list[int] = []  # heap of the keys of _finish_at
         self.peak_blocks_used = 0
         self.preemptions = 0
 
@@ -278,6 +280,66 @@ class Engine:
                     finished=tuple(finished), preempted=tuple(preempted), batch_tokens=decodes + prefill_tokens,
                     decodes=decodes)
 
+    def skip_decodes(self, limit_s: float) -> tuple[int, float]:
+        """Run, at once, the pure-decode steps that come before anything changes: no prefill, no admission, no
+        finish, no preemption, and ending within `limit_s` seconds (model time, after `speed`). Returns (steps,
+        seconds). Each of those steps would have emitted one token per decoding request and nothing else, so a
+        caller that only needs events (the estimator) loses nothing; `step()` then runs the next eventful step.
+        This is what keeps a long decode phase from costing one Python step per token."""
+        d = self._decoders
+        if d == 0 or self._prefilling is not None or limit_s <= 0:
+            return 0, 0.0
+        if self._waiting and len(self._running) < self.max_num_seqs:
+            head = self._waiting[0]
+            chunk = min(head.target - head.computed, self.max_num_batched_tokens - d)
+            if chunk > 0 and (self.chunked_prefill or chunk == head.target - head.computed) and \
+                    self._blocks_for(head.computed + chunk) - head.blocks <= self._free:
+                return 0, 0.0  # the next step admits it
+        while self._finish_ticks and self._finish_ticks[0] not in self._finish_at:
+            heapq.heappop(self._finish_ticks)
+        tau = self._tick
+        k = (self._finish_ticks[0] - 1 - tau) if self._finish_ticks else 1 << 30
+        if k <= 0:
+            return 0, 0.0
+        # blocks: over any block_size consecutive steps every decoder needs exactly one new block
+        bs = self.block_size
+        cycles = self._free // d
+        k_blocks = base = cycles * bs
+        spare = self._free - cycles * d
+        for j in range(bs):
+            r = self._residues[(-(tau + base + j)) % bs]
+            if r > spare:
+                break
+            spare -= r
+            k_blocks = base + j + 1
+        k = min(k, k_blocks)
+        # time: step j takes a + b (c0 + d j)
+        a, b = self.cost.decode_line(d)
+        a /= self.speed
+        b /= self.speed
+        c0 = self._offset_sum + d * (tau + 1)
+        half = b * d / 2
+        lin = a + b * c0 - half
+        if math.isinf(limit_s):
+            k_time = k
+        elif half > 0:
+            k_time = int((-lin + math.sqrt(lin * lin + 4 * half * limit_s)) / (2 * half))
+        else:
+            k_time = int(limit_s / lin) if lin > 0 else k
+        k = min(k, k_time)
+        while k > 0 and k * lin + half * k * k > limit_s:  # float rounding
+            k -= 1
+        if k <= 0:
+            return 0, 0.0
+        seconds = k * lin + half * k * k
+        need = (k // bs) * d + sum(self._residues[(-(tau + j)) % bs] for j in range((k // bs) * bs, k))
+        self._free -= need
+        self._tick += k
+        used = self.kv_blocks - self._free
+        if used > self.peak_blocks_used:
+            self.peak_blocks_used = used
+        return k, seconds
+
     # ---- bookkeeping -----------------------------------------------------------------------------------------------
     def _blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -291,7 +353,12 @@ class Engine:
         self._offset_sum += request.offset
         self._residues[request.offset % self.block_size] += 1
         remaining = request.max_tokens - request.generated
-        self._finish_at.setdefault(self._tick + remaining, []).append((request, request.epoch))
+        tick = self._tick + remaining
+        entries = self._finish_at.get(tick)
+        if entries is None:
+            entries = self._finish_at[tick] = []
+            heapq.heappush(self._finish_ticks, tick)
+        entries.append((request, request.epoch))
 
     def _stop_decoding(self, request: _Request) -> int:
         """Remove a decoding request from the counters; the tokens it has in the KV cache."""

@@ -10,16 +10,23 @@ statistics (melange_sky.core.slo), so an estimate and a profile of the same serv
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 import statistics
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from melange_sky.core.slo import percentile
+from melange_sky.core.config import Pricer
+from melange_sky.core.config_doc import MergeResult, check_merged, gpu_entry
+from melange_sky.core.gpus import same_gpu
+from melange_sky.core.slo import ProfileSize, Slo, Slos, bucket_tokens, percentile
 from melange_sky.engine.engine import Engine
-from melange_sky.engine.errors import EngineError
+from melange_sky.engine.errors import DoesNotFit, EngineError
+from melange_sky.engine.hardware import GpuSpec, gpu_spec
+from melange_sky.engine.models import ModelSpec
+from melange_sky.engine.settings import EngineSettings
 
 
 @dataclass(frozen=True)
@@ -72,10 +79,12 @@ class _Timing:
 
 
 def run_point(engine: Engine, *, input_tokens: int, output_tokens: int, concurrency: int | None = None,
-              rate: float | None = None, requests: int | None = None, seed: int = 0) -> PointResult:
+              rate: float | None = None, requests: int | None = None, seed: int = 0,
+              skip: bool = True) -> PointResult:
     """Run one benchmark point on `engine` (which must be idle) and measure it. Exactly one of `concurrency` (closed
     loop) and `rate` (open loop, Poisson) is given; `requests` defaults to max(concurrency, 200) closed, or
-    max(200, 60 s of arrivals) open."""
+    max(200, 60 s of arrivals) open. `skip` jumps over eventless decode steps (`Engine.skip_decodes`): the same
+    answer, faster."""
     if (concurrency is None) == (rate is None):
         raise EngineError("give exactly one of --concurrency and --rate")
     if input_tokens < 1 or output_tokens < 1:
@@ -110,6 +119,9 @@ def run_point(engine: Engine, *, input_tokens: int, output_tokens: int, concurre
             if not engine.has_work:
                 now = next_arrival
                 continue
+        if skip:
+            limit = (next_arrival - now) if rate is not None and len(timings) < requests else math.inf
+            now += engine.skip_decodes(limit)[1]
         step = engine.step()
         if step is None:
             break
@@ -142,4 +154,233 @@ def _summarise(engine: Engine, timings: dict[Hashable, _Timing], output_tokens: 
 
 EngineFactory = Callable[[], Engine]
 
-__all__ = ["EngineFactory", "PointResult", "Stats", "run_point"]
+# ---- table mode ----------------------------------------------------------------------------------------------------
+#: Relative precision of a bucket's max rate (the bisection stops when the bracket is this narrow).
+RATE_PRECISION = 0.02
+#: Requests measured per rate, at least and at most (plus a warm-up of about two latencies' worth of arrivals).
+MIN_MEASURED, MAX_MEASURED = 60, 400
+#: A rate is overloaded when requests in flight exceed this many times what the SLOs allow (rate x latency at the
+#: SLO), as `profile` judges a step (melange_sky/inputs/profile.py).
+OVERLOAD_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class RateCheck:
+    """One rate tried at steady state: whether every SLO held, and each SLO's statistic (ms)."""
+
+    rate: float
+    passed: bool
+    overloaded: bool
+    statistics: dict[Slo, float | None]
+    limit: Slo | None = None  # the SLO that failed (or, passing, came nearest its limit)
+
+
+@dataclass(frozen=True)
+class BucketRate:
+    """A bucket's max rate on one engine: `tput` req/s (0: the SLO is not met even alone)."""
+
+    cell: tuple[int, int]
+    prompt_tokens: int
+    output_tokens: int
+    tput: float
+    limit: Slo | None
+    checks: tuple[RateCheck, ...] = ()
+
+
+@dataclass(frozen=True)
+class GpuTable:
+    """One GPU type's `tputs` over a config's buckets, or why it has none (`note`: "does not fit: ...")."""
+
+    gpu: str
+    tputs: list[list[float]] | None
+    note: str | None = None
+    engine: str | None = None  # Engine.description
+    fit_source: str | None = None  # the calibration fit used, if any
+    buckets: tuple[BucketRate, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"tputs": self.tputs}
+        if self.note:
+            data["note"] = self.note
+        if self.engine:
+            data["engine"] = self.engine
+        if self.fit_source:
+            data["calibration"] = self.fit_source
+        return data
+
+
+TableProgress = Callable[[str, int, int, "BucketRate | None"], None]
+
+
+def check_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, rate: float, slos: Slos,
+               seed: int = 0, latency_hint_s: float | None = None) -> RateCheck:
+    """Run Poisson arrivals at `rate` until the measured requests are done and judge the SLOs at steady state:
+    a warm-up of about two latencies' worth of arrivals is discarded, then MIN..MAX_MEASURED requests are measured
+    while arrivals go on (so the last ones see the same load as the first). Deterministic for a seed."""
+    engine = make_engine()
+    rng = random.Random(seed)
+    latency = latency_hint_s or 1.0
+    limits = slos.limits
+    allowed = _latency_at_slo(slos, output_tokens, latency)
+    in_flight_cap = OVERLOAD_FACTOR * rate * allowed + 8
+    warmup = min(MAX_MEASURED, math.ceil(2 * rate * latency) + 10)
+    measured = min(MAX_MEASURED, max(MIN_MEASURED, math.ceil(2 * rate * latency)))
+    last = warmup + measured
+    arrivals: list[float] = []
+    first: dict[int, float] = {}
+    done: dict[int, float] = {}
+    now = 0.0
+    next_arrival = rng.expovariate(rate)
+    pending = measured
+    overloaded = False
+    while pending > 0:
+        while next_arrival <= now:
+            rid = len(arrivals)
+            arrivals.append(next_arrival)
+            engine.add(rid, prompt_tokens, output_tokens)
+            next_arrival += rng.expovariate(rate)
+        if engine.running + engine.waiting > in_flight_cap:
+            overloaded = True
+            break
+        if not engine.has_work:
+            now = next_arrival
+            continue
+        now += engine.skip_decodes(next_arrival - now)[1]
+        step = engine.step()
+        if step is None:
+            continue
+        now += step.duration_s
+        for got in step.first_token:
+            first[int(got)] = now  # type: ignore[call-overload]  # ids here are the ints added above
+        for got in step.finished:
+            rid = int(got)  # type: ignore[call-overload]
+            done[rid] = now
+            if warmup <= rid < last:
+                pending -= 1
+    if overloaded:
+        return RateCheck(rate, False, True, {slo: None for slo in limits}, None)
+    ids = range(warmup, last)
+    ttfts = [first[i] - arrivals[i] for i in ids]
+    tpots = [(done[i] - first[i]) / (output_tokens - 1) for i in ids] if output_tokens > 1 else []
+    latencies = [done[i] - arrivals[i] for i in ids]
+    values = {slo: slos.statistic_ms(slo, tpots, ttfts, latencies) for slo in limits}
+    ratios = {slo: (v / limits[slo]) if v is not None else 0.0 for slo, v in values.items()}
+    worst = max(ratios, key=lambda k: ratios[k]) if ratios else None
+    passed = all(r <= 1.0 for r in ratios.values())
+    return RateCheck(rate, passed, False, values, worst)
+
+
+def _latency_at_slo(slos: Slos, output_tokens: int, alone_s: float) -> float:
+    """How long a request may take under the SLOs (s): what `profile` scales its in-flight bound by."""
+    if slos.latency_ms is not None:
+        return slos.latency_ms / 1000
+    allowed = (slos.ttft_ms or 0) / 1000 + (output_tokens - 1) * (slos.tpot_ms or 0) / 1000
+    return max(allowed, 2 * alone_s)
+
+
+def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, slos: Slos, *,
+             cell: tuple[int, int] = (0, 0), seed: int = 0, precision: float = RATE_PRECISION) -> BucketRate:
+    """The highest Poisson rate at which every SLO holds at steady state, to `precision` (relative): bracketed by
+    the engine's saturated throughput (a closed loop at max_num_seqs), then bisected."""
+    probe = make_engine()
+    alone = run_point(probe, input_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=1, requests=1)
+    alone_s = (alone.latency_ms.mean if alone.latency_ms else 0.0) / 1000
+    single = check_rate(make_engine, prompt_tokens, output_tokens, 1e-3 / max(alone_s, 1e-3), slos, seed, alone_s)
+    checks = [single]
+    if not single.passed:
+        return BucketRate(cell, prompt_tokens, output_tokens, 0.0, single.limit, tuple(checks))
+    engine = make_engine()
+    fits = max(1, engine.memory.kv_tokens // (prompt_tokens + output_tokens))
+    concurrency = min(engine.max_num_seqs, 2 * fits)
+    saturated = run_point(engine, input_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=concurrency,
+                          requests=3 * concurrency, seed=seed).requests_per_s
+    lo, hi = 0.0, 1.05 * saturated
+    lo_check: RateCheck | None = None
+    while hi - lo > precision * hi:
+        rate = (lo + hi) / 2 if lo > 0 else hi / 2
+        check = check_rate(make_engine, prompt_tokens, output_tokens, rate, slos, seed, alone_s)
+        checks.append(check)
+        if check.passed:
+            lo, lo_check = rate, check
+        else:
+            hi = rate
+        if lo == 0 and hi < precision * saturated:
+            break  # passes alone but not at any rate worth serving
+    limit = (checks[-1].limit if lo_check is None else lo_check.limit)
+    return BucketRate(cell, prompt_tokens, output_tokens, round(lo, 3), limit, tuple(checks))
+
+
+def max_rates(model: ModelSpec, gpus: Sequence[str], input_edges: Sequence[int], output_edges: Sequence[int],
+              slos: Slos, *, tp: int = 1, dtype: str = "bf16", settings: EngineSettings = EngineSettings(),
+              size: ProfileSize = ProfileSize.MID, seed: int = 0,
+              progress: TableProgress | None = None) -> dict[str, GpuTable]:
+    """Each GPU type's `tputs` over the buckets given by the edges: per bucket, at its representative lengths
+    (`core.slo.bucket_tokens`, as `profile` runs it), the highest Poisson rate whose SLO statistics hold at steady
+    state. A GPU that cannot hold the model gets no matrix and a note."""
+    rows, cols = len(input_edges) - 1, len(output_edges) - 1
+    tables: dict[str, GpuTable] = {}
+    for name in gpus:
+        spec = gpu_spec(name)
+        try:
+            first = Engine(model, spec, tp=tp, dtype=dtype, settings=settings)
+        except DoesNotFit as exc:
+            tables[spec.name] = GpuTable(spec.name, None, note=str(exc))
+            continue
+        tputs = [[0.0] * cols for _ in range(rows)]
+        buckets: list[BucketRate] = []
+        total = rows * cols
+        for k, (i, j) in enumerate((i, j) for i in range(rows) for j in range(cols)):
+            prompt, output = bucket_tokens((input_edges[i], input_edges[i + 1]),
+                                           (output_edges[j], output_edges[j + 1]), size)
+            if progress:
+                progress(spec.name, k, total, None)
+            if prompt + output > first.max_model_len:
+                buckets.append(BucketRate((i, j), prompt, output, 0.0, None))
+                continue
+
+            def make(spec: GpuSpec = spec) -> Engine:
+                return Engine(model, spec, tp=tp, dtype=dtype, settings=settings)
+
+            bucket = max_rate(make, prompt, output, slos, cell=(i, j), seed=seed)
+            buckets.append(bucket)
+            tputs[i][j] = bucket.tput
+            if progress:
+                progress(spec.name, k + 1, total, bucket)
+        notes = "; ".join(first.notes) or None
+        tables[spec.name] = GpuTable(spec.name, tputs, note=notes, engine=first.description,
+                                     fit_source=first.fit_source, buckets=tuple(buckets))
+    return tables
+
+
+def merge_tables(config: dict[str, Any], tables: dict[str, GpuTable], input_edges: Sequence[int],
+                 output_edges: Sequence[int], source: str = "<config>", price: Pricer | None = None) -> MergeResult:
+    """`config` with each estimated GPU's tputs set (a new gpu_info entry where needed, gpu_info as a dict or a list),
+    the bucket edges recorded, and a catalog cost written for a GPU that has none (priced by `price`, as `profile
+    --into` does). GPUs without a matrix (does not fit) are left out, with a warning."""
+    data = copy.deepcopy(config)
+    warnings: list[str] = []
+    added: list[str] = []
+    for name, table in tables.items():
+        if table.tputs is None:
+            warnings.append(f"{name}: {table.note}: no entry written")
+            continue
+        entry, new = gpu_entry(data, name, source)
+        entry["tputs"] = [list(row) for row in table.tputs]
+        if "cost" not in entry:
+            added.append(name)
+    data.setdefault("input_buckets", list(input_edges))
+    data.setdefault("output_buckets", list(output_edges))
+    parsed, found = check_merged(data, source, price)
+    if parsed is not None:
+        for gpu in parsed.gpus:
+            if any(same_gpu(gpu.name, name) for name in added) and gpu.cost_source == "catalog":
+                entry, _new = gpu_entry(data, gpu.name, source)
+                entry["cost"] = round(gpu.cost, 4)
+                warnings.append(f"{source}: {gpu.name} priced from the catalog at ${gpu.cost:.4g}/h per GPU "
+                                f"(set its cost to use your own price)")
+    warnings.extend(found)
+    return MergeResult(data=data, warnings=tuple(warnings), valid=parsed is not None)
+
+
+__all__ = ["BucketRate", "EngineFactory", "GpuTable", "PointResult", "RateCheck", "Stats", "check_rate", "max_rate",
+           "max_rates", "merge_tables", "run_point"]

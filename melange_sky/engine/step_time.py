@@ -96,6 +96,14 @@ class StepCost:
         self._fixed_s = (m.num_layers * c.layer_us + c.step_us) * 1e-6
         self._request_s = c.request_us * 1e-6
 
+    def decode_line(self, decodes: int) -> tuple[float, float]:
+        """(a, b): a pure-decode step of `decodes` requests attending to `context` tokens in all takes
+        a + b x context seconds (what lets the estimator jump over many decode steps at once)."""
+        if decodes <= 0:
+            return 0.0, 0.0
+        a = self.seconds(decodes=decodes, sampled=decodes, requests=decodes)
+        return a, self._kv_s_per_token
+
     def seconds(self, *, prefill_tokens: int = 0, prefill_attention: float = 0.0, prefill_context: int = 0,
                 decodes: int = 0, decode_context: int = 0, sampled: int = 0, requests: int = 0) -> float:
         """One step's time. `prefill_attention` = sum of t (c + t/2) over the chunks (t tokens after c cached);

@@ -1,0 +1,169 @@
+"""`estimate --calibrate PROFILE`: refit one GPU type's step-time coefficients on a real profile of it.
+
+A profile record (`profile -o`, melange_sky/inputs/profile_result.py `ProfileResult.to_dict`) holds, per bucket, the
+lengths it ran and the max rate the server sustained under its SLOs. The fit scales three groups of coefficients —
+memory-side efficiencies (weight and KV reads), compute-side efficiencies (GEMM and attention MFU) and overheads
+(per step, per layer, per request) — so that the engine model's max rates for those buckets match the measured ones
+(least squares on log rates, coordinate search). Three scales, not every coefficient: one profile cannot tell more
+apart, and the roofline shape keeps its physics for other models and lengths. The fit is saved where every later
+Engine of that GPU type finds it (engine/calibration.py).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+from typing import Any
+
+from melange_sky.core.slo import Slos
+from melange_sky.engine.calibration import fit_path, save_fit
+from melange_sky.engine.engine import Engine
+from melange_sky.engine.errors import EngineError
+from melange_sky.engine.estimate import max_rate
+from melange_sky.engine.hardware import gpu_spec
+from melange_sky.engine.models import ModelSpec
+from melange_sky.engine.settings import EngineSettings
+from melange_sky.engine.step_time import Coefficients
+
+#: Buckets used for the fit, at most (spread over the measured ones): each costs a rate search per trial.
+MAX_FIT_BUCKETS = 12
+#: Rate precision during the fit (the final errors are computed at the usual precision).
+FIT_PRECISION = 0.04
+
+
+@dataclass(frozen=True)
+class Target:
+    """One measured bucket: its lengths and the max rate the real server sustained."""
+
+    cell: tuple[int, int]
+    prompt_tokens: int
+    output_tokens: int
+    tput: float
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What `--calibrate` did: the fit's scales and coefficients, the errors before and after, where it is saved."""
+
+    gpu: str
+    model: str
+    scales: dict[str, float]
+    coefficients: Coefficients
+    error_before: float  # median absolute relative error of the buckets' max rates, default coefficients
+    error_after: float
+    buckets: int
+    path: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gpu": self.gpu, "model": self.model, "scales": self.scales,
+                "coefficients": self.coefficients.to_dict(), "error_before": round(self.error_before, 4),
+                "error_after": round(self.error_after, 4), "buckets": self.buckets, "path": self.path}
+
+    def text(self) -> str:
+        scales = ", ".join(f"{k} x{v:.3g}" for k, v in self.scales.items())
+        return (f"Calibrated {self.gpu} on {self.buckets} measured bucket(s) of {self.model}: median error of the "
+                f"max rates {100 * self.error_before:.0f}% before, {100 * self.error_after:.0f}% after ({scales}).\n"
+                f"Saved {self.path}: later estimates and emulations on {self.gpu} use it.")
+
+
+def scaled(base: Coefficients, memory: float, compute: float, overhead: float) -> Coefficients:
+    """`base` with its memory-side and compute-side efficiencies and its overheads scaled."""
+    return replace(base, weight_bw_eff=base.weight_bw_eff * memory, kv_bw_eff=base.kv_bw_eff * memory,
+                   gemm_mfu=base.gemm_mfu * compute, attn_mfu=base.attn_mfu * compute,
+                   layer_us=base.layer_us * overhead, request_us=base.request_us * overhead,
+                   step_us=base.step_us * overhead)
+
+
+def targets_from_profile(record: dict[str, Any], source: str = "<profile>") -> tuple[list[Target], Slos]:
+    """The measured buckets (status ok, a rate above 0) and the SLOs of a profile record."""
+    try:
+        settings = record.get("settings") or {}
+        slos = Slos(tpot_ms=settings.get("tpot_slo_ms", record.get("tpot_slo_ms")),
+                    ttft_ms=settings.get("ttft_slo_ms"), ttft_percentile=settings.get("ttft_percentile", 90.0),
+                    latency_ms=settings.get("latency_slo_ms"),
+                    latency_percentile=settings.get("latency_percentile", 90.0))
+        targets = [Target((int(b["cell"][0]), int(b["cell"][1])), int(b["prompt_tokens"]), int(b["output_tokens"]),
+                          float(b["tput"]))
+                   for b in record["buckets"] if b.get("status") == "ok" and float(b.get("tput") or 0) > 0]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        raise EngineError(f"{source}: not a profile record (write one with `melange-sky profile -o FILE`): "
+                          f"{exc}") from exc
+    if not slos.limits:
+        raise EngineError(f"{source}: the profile has no SLO to calibrate against")
+    if not targets:
+        raise EngineError(f"{source}: no bucket was measured (status ok) in this profile: nothing to fit")
+    return targets, slos
+
+
+def predicted_rates(model: ModelSpec, gpu: str, targets: list[Target], slos: Slos, coefficients: Coefficients, *,
+                    tp: int = 1, dtype: str = "bf16", settings: EngineSettings = EngineSettings(),
+                    precision: float = 0.02) -> list[float]:
+    """The engine model's max rate for each target bucket with `coefficients`."""
+    def make() -> Engine:
+        return Engine(model, gpu, tp=tp, dtype=dtype, settings=settings, coefficients=coefficients)
+
+    return [max_rate(make, t.prompt_tokens, t.output_tokens, slos, cell=t.cell, precision=precision).tput
+            for t in targets]
+
+
+def median_error(predicted: list[float], targets: list[Target]) -> float:
+    """Median absolute relative error of predicted against measured rates."""
+    return statistics.median(abs(p - t.tput) / t.tput for p, t in zip(predicted, targets))
+
+
+def _loss(predicted: list[float], targets: list[Target]) -> float:
+    return statistics.fmean(math.log(max(p, 1e-6) / t.tput) ** 2 for p, t in zip(predicted, targets))
+
+
+def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str = "<profile>", tp: int = 1,
+              dtype: str = "bf16", settings: EngineSettings = EngineSettings(), save: bool = True
+              ) -> CalibrationResult:
+    """Fit `gpu`'s coefficient scales to a profile record measured with `model`; save the fit (unless `save` is
+    False) where later engines of that GPU type find it."""
+    name = gpu_spec(gpu).name
+    targets, slos = targets_from_profile(record, source)
+    if len(targets) > MAX_FIT_BUCKETS:
+        stride = len(targets) / MAX_FIT_BUCKETS
+        targets = [targets[int(k * stride)] for k in range(MAX_FIT_BUCKETS)]
+    base = Coefficients()
+    kwargs: dict[str, Any] = {"tp": tp, "dtype": dtype, "settings": settings}
+
+    def loss(scales: tuple[float, float, float]) -> float:
+        return _loss(predicted_rates(model, name, targets, slos, scaled(base, *scales), precision=FIT_PRECISION,
+                                     **kwargs), targets)
+
+    before = predicted_rates(model, name, targets, slos, base, **kwargs)
+    best = (1.0, 1.0, 1.0)
+    best_loss = _loss(before, targets)
+    step = math.log(2.0)
+    while step > math.log(1.03):  # coordinate search in log space, halving the step
+        improved = False
+        for axis in range(3):
+            for direction in (1, -1):
+                trial = list(best)
+                trial[axis] = best[axis] * math.exp(direction * step)
+                if not 0.05 <= trial[axis] <= 20:
+                    continue
+                if axis < 2 and trial[axis] * max(base.weight_bw_eff, base.gemm_mfu) > 1.0:
+                    continue  # no efficiency above the datasheet peak
+                value = loss((trial[0], trial[1], trial[2]))
+                if value < best_loss - 1e-9:
+                    best, best_loss, improved = (trial[0], trial[1], trial[2]), value, True
+                    break
+        if not improved:
+            step /= 2
+    fitted = scaled(base, *best)
+    after = predicted_rates(model, name, targets, slos, fitted, **kwargs)
+    scales = {"memory": round(best[0], 4), "compute": round(best[1], 4), "overhead": round(best[2], 4)}
+    result = CalibrationResult(name, model.name, scales, fitted, median_error(before, targets),
+                               median_error(after, targets), len(targets), str(fit_path(name)))
+    if save:
+        data = result.to_json()
+        data["profile"] = source
+        data.pop("path")
+        save_fit(data, name)
+    return result
+
+
+__all__ = ["CalibrationResult", "Target", "calibrate", "median_error", "predicted_rates", "scaled",
+           "targets_from_profile"]
