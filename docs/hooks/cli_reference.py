@@ -28,7 +28,7 @@ def cli_reference_markdown() -> str:
         command = main.get_command(top_ctx, name)
         if command is None or command.hidden:
             continue
-        text, _ = _help(command, f"melange-sky {name}", top_ctx)
+        text, _ = _help(command, name, top_ctx)
         short = command.get_short_help_str(limit=WIDTH)
         parts += [f"## {name}", "", short, "", "```text", text, "```", ""]
     return "\n".join(parts)
