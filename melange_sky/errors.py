@@ -169,6 +169,19 @@ class RouterError(MelangeError):
     exit_code = 1
 
 
+class CallFailed(MelangeError):
+    """An HTTP call (`inputs.http.Client`) got no answer, or an error status: `status` (None without an answer) and
+    a one-line `reason`. Callers that know what the endpoint is turn it into their own error saying what to do."""
+
+    exit_code = 1
+
+    def __init__(self, target: str, reason: str, status: int | None = None):
+        self.target = target  # "GET https://host/workload": what was called, never with credentials
+        self.reason = reason
+        self.status = status
+        super().__init__(f"{target}: {reason}")
+
+
 class ControllerError(MelangeError):
     """`watch` cannot run as asked: another controller holds the fleet, autoscaling without a router to read the
     workload from."""

@@ -42,8 +42,9 @@ def router():
         loop.close()
 
 
-def test_the_observed_histogram_becomes_config_keys(cli, router, tmp_path):
-    result = cli("workload", "--from", router.url, "--api-key", "rk", "-o", str(tmp_path / "w.json"))
+def test_the_observed_histogram_becomes_config_keys_from_the_endpoint_up_prints(cli, router, tmp_path):
+    # the endpoint as `up` and `status` print it ends in /v1: the router's /workload is beside the API, not in it
+    result = cli("workload", "--from", router.url + "/v1/", "--api-key", "rk", "-o", str(tmp_path / "w.json"))
     assert result.exit_code == 0, result.stderr
     assert f"10 requests from {router.url}/workload (router)" in result.stdout
     assert "req/s (arrivals the router counted over its window)" in result.stdout

@@ -16,7 +16,8 @@ import pytest
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, parse_edges
 from melange_sky.core.config import load_config
 from melange_sky.errors import BucketEdgesError, TraceError
-from melange_sky.inputs.trace import merge_workload, read_trace
+from melange_sky.inputs.trace import read_trace
+from melange_sky.inputs.workload import merge_workload
 from melange_sky.inputs.trace_formats import ColumnChoice
 
 IN_EDGES = DEFAULT_INPUT_EDGES

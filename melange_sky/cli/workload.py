@@ -12,16 +12,11 @@ from melange_sky.core.buckets import parse_edges
 from melange_sky.core.config_doc import edges_for_config, read_config_object, write_config
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import TraceError
-from melange_sky.inputs.trace import (
-    RateSource,
-    WorkloadResult,
-    fetch_observed,
-    merge_workload,
-    observed_workload,
-    read_trace,
-)
+from melange_sky.inputs.router_workload import fetch_observed, observed_workload
+from melange_sky.inputs.trace import read_trace
 from melange_sky.inputs.trace_formats import ColumnChoice, TimeUnit
 from melange_sky.inputs.trace_rates import parse_rate_percentile
+from melange_sky.inputs.workload import RateSource, WorkloadResult, merge_workload
 
 #: Above this p95 / mean ratio of the per-minute rate, the report says how much planning for the mean would miss.
 _BURSTY = 1.25
@@ -33,7 +28,7 @@ _FEW_MINUTES = 20
 @click.argument("trace", type=click.Path(path_type=str), required=False)
 @click.option("--from", "router_url", metavar="URL", help="Instead of a TRACE: the workload a `melange-sky serve` "
               "router observed (its GET /workload: requests per bucket by reported usage over its window, and the "
-              "arrival rate), e.g. http://127.0.0.1:8080.")
+              "arrival rate): its endpoint as `up` prints it, with or without /v1, e.g. http://127.0.0.1:8080/v1.")
 @click.option("--api-key", envvar="MELANGE_SKY_API_KEY", metavar="KEY", help="With --from: the router's key "
               "[env MELANGE_SKY_API_KEY]; never written to a file.")
 @bucket_edge_options

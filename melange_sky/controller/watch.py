@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky.core.config import Config
-from melange_sky.core.tls import client_context
 from melange_sky.deploy.membership import get_admin_routes, normalise_url
 from melange_sky.deploy.plan import Plan, PlanSettings, deployment_from_config
 from melange_sky.deploy.router_task import router_certfile
-from melange_sky.errors import ControllerError, FleetBusy, MelangeError, UnknownFleet
+from melange_sky.errors import CallFailed, ControllerError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend
 from melange_sky.fleet.fleet import Fleet, UpOptions
@@ -34,7 +32,8 @@ from melange_sky.fleet.keys import load_keys
 from melange_sky.fleet.ledger import FleetLock, Ledger, ReplicaRecord, ReplicaState, Role, safe_name
 from melange_sky.fleet.reports import Preview, ReplicaEvent, UpReport
 from melange_sky.fleet.up import bring_up, fleet_config, launch_secrets, make_planner, router_setup
-from melange_sky.inputs.trace import fetch_observed
+from melange_sky.inputs.http import Client, parse_endpoint
+from melange_sky.inputs.router_workload import fetch_observed
 from melange_sky.controller import rules
 from melange_sky.controller.rules import Decision, Need, Scale
 
@@ -387,28 +386,17 @@ def _probe_all(targets: Mapping[str, _Probe]) -> dict[str, tuple[bool, str]]:
         return dict(answers)
 
 
-_PROBE_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
 def _probe(probe: _Probe) -> tuple[bool, str]:
     """(healthy, why not): a 2xx answer, or for the router (`any_answer`) any HTTP answer (a 503 without routes is
     alive: the next push fixes it); an https one verified against its certificate."""
-    url, any_answer = probe.url, probe.any_answer
-    opener = _PROBE_OPENER
+    parts = urllib.parse.urlsplit(probe.url)
     try:
-        if url.startswith("https://"):
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                                 urllib.request.HTTPSHandler(context=client_context(probe.cafile)))
-        with opener.open(urllib.request.Request(url, method="GET"), timeout=PROBE_TIMEOUT_S) as answer:
-            return 200 <= answer.status < 300 or any_answer, f"HTTP {answer.status}"
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return any_answer, f"HTTP {exc.code} from {url}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return False, f"{url}: {reason}"
-    except MelangeError as exc:  # the certificate to verify it with cannot be read
-        return False, f"{url}: {exc}"
+        endpoint = parse_endpoint(f"{parts.scheme}://{parts.netloc}", "readiness probe", ControllerError)
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        status = Client(endpoint, timeout=PROBE_TIMEOUT_S, cafile=probe.cafile).status(path)
+    except (CallFailed, ControllerError) as exc:
+        return False, f"{probe.url}: {exc.reason if isinstance(exc, CallFailed) else exc}"
+    return 200 <= status < 300 or probe.any_answer, f"HTTP {status}" + ("" if status < 300 else f" from {probe.url}")
 
 
 def _preview_line(preview: Preview) -> str:

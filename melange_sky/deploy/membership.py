@@ -1,23 +1,21 @@
 """A fleet's membership as the router reads it: the routes document built from a stored plan and the replicas that
 serve, and the two admin calls that hand it to a running router (`PUT /admin/routes`) and read it back.
 
-Pure data and the standard library only: the fleet builds and pushes documents from worker threads (`up`, `down`,
-`watch`), and the router (`serve`) validates the same document with `serve.routes.parse_routes`. The admin token
-goes only into the `Authorization` header: never into a URL, a message or an error. A router that serves TLS
-(`deployment.router.tls`) is called over https and verified against its certificate (`core.tls.client_context`).
+Pure data, and calls through the project's one HTTP client (`inputs.http`): the fleet builds and pushes documents
+from worker threads (`up`, `down`, `watch`), and the router (`serve`) validates the same document with
+`serve.routes.parse_routes`. The admin token goes only into the `Authorization` header: never into a URL, a message
+or an error. A router that serves TLS (`deployment.router.tls`) is called over https and verified against its
+certificate (`core.tls.client_context`).
 """
 from __future__ import annotations
 
-import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES
-from melange_sky.core.tls import client_context
-from melange_sky.errors import MelangeError, RouterError, ServeError
+from melange_sky.errors import CallFailed, RouterError, ServeError
+from melange_sky.inputs.http import Client, parse_endpoint
 
 #: The routes document's format version (`parse_routes` refuses any other).
 ROUTES_VERSION = 1
@@ -110,26 +108,13 @@ def routes_document(plan: Mapping[str, Any], replicas: Sequence[tuple[str, str, 
 
 
 # ---- the admin calls -------------------------------------------------------------------------------------------------
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: following one would send the admin token to wherever it points."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
-                         newurl: str) -> None:
-        return None
-
-
-#: Direct connections only (no proxy from the environment: the token is for the router alone), no redirects.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-
-
 def push_routes(url: str, doc: Mapping[str, Any], admin_token: str, timeout: float = 10.0, *,
                 cafile: str | None = None) -> dict[str, Any]:
     """Hand a running router (base URL) a new routes document: it validates it and swaps it in at once, or keeps
     the old one and says why. Returns the router's answer ({"accepted", "replicas", "generation", "draining"});
     `RouterError` (one line, never the token) when it refuses or cannot be reached. `cafile`: the certificate an
     https router must present (its `deployment.router.tls.certfile`)."""
-    body = json.dumps(doc, separators=(",", ":")).encode()
-    return _call("PUT", url, admin_token, timeout, body, cafile)
+    return _call("PUT", url, admin_token, timeout, doc, cafile)
 
 
 def get_admin_routes(url: str, admin_token: str, timeout: float = 10.0, *,
@@ -139,83 +124,21 @@ def get_admin_routes(url: str, admin_token: str, timeout: float = 10.0, *,
     return _call("GET", url, admin_token, timeout, None, cafile)
 
 
-def _opener(base: str, cafile: str | None) -> urllib.request.OpenerDirector:
-    if not base.startswith("https://"):
-        return _OPENER
-    try:
-        context = client_context(cafile)
-    except MelangeError as exc:
-        raise RouterError(f"router {base}: {exc}") from None
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
-                                       urllib.request.HTTPSHandler(context=context))
-
-
-def _call(method: str, url: str, admin_token: str, timeout: float, body: bytes | None,
+def _call(method: str, url: str, admin_token: str, timeout: float, body: Mapping[str, Any] | None,
           cafile: str | None = None) -> dict[str, Any]:
     what = f"{method} {ADMIN_ROUTES_PATH}"
-    try:
-        base = normalise_url(url, "router URL")
-    except ServeError as exc:
-        raise RouterError(_clean(str(exc), admin_token)) from None
+    endpoint = parse_endpoint(url, "router URL", RouterError, "http://10.0.0.5:8080")
+    base = endpoint.base_url
     if not admin_token:
         raise RouterError(f"router {base}: {what} needs the fleet's admin token, and it is empty")
-    headers = {"Authorization": f"Bearer {admin_token}", "Accept": "application/json"}
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(base + ADMIN_ROUTES_PATH, data=body, method=method, headers=headers)
+    client = Client(endpoint, api_key=admin_token, timeout=timeout, cafile=cafile)
     try:
-        with _opener(base, cafile).open(request, timeout=timeout) as answer:
-            data = answer.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            reason = _reason(exc.read())
-        finally:
-            exc.close()
+        return client.json_call(method, ADMIN_ROUTES_PATH, body)
+    except CallFailed as exc:
+        if exc.status is None:
+            raise RouterError(f"router {base} unreachable ({what}): {exc.reason}") from None
+        if 200 <= exc.status < 300:
+            raise RouterError(f"router {base}: {what}: {exc.reason}") from None
         hint = {401: " (the router has another admin token)",
-                404: " (the router has no admin API: is MELANGE_SKY_ADMIN_TOKEN set where it runs?)"}.get(exc.code, "")
-        raise RouterError(_clean(f"router {base}: {what} refused (HTTP {exc.code}{hint}): {reason}",
-                                 admin_token)) from None
-    except urllib.error.URLError as exc:
-        raise RouterError(_clean(f"router {base} unreachable ({what}): {_os_reason(exc.reason)}",
-                                 admin_token)) from None
-    except (OSError, ValueError) as exc:  # timeouts while reading, a reset, a malformed status line
-        raise RouterError(_clean(f"router {base} unreachable ({what}): {_os_reason(exc)}", admin_token)) from None
-    try:
-        answer_doc = json.loads(data)
-    except ValueError:
-        answer_doc = None
-    if not isinstance(answer_doc, dict):
-        raise RouterError(_clean(f"router {base}: {what} answered something that is not a JSON object: "
-                                 f"{_first_line(data)}", admin_token))
-    return answer_doc
-
-
-def _reason(data: bytes) -> str:
-    """The message of an error answer in OpenAI's shape, or its first line."""
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return _first_line(data)
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return _first_line(error["message"].encode())
-    return _first_line(data)
-
-
-def _os_reason(reason: object) -> str:
-    if isinstance(reason, TimeoutError):
-        return "timed out"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return _first_line(str(reason).encode()) or type(reason).__name__
-
-
-def _first_line(data: bytes, limit: int = 300) -> str:
-    text = data.decode("utf-8", "replace").strip()
-    line = text.splitlines()[0] if text else "(empty answer)"
-    return line if len(line) <= limit else line[:limit] + "..."
-
-
-def _clean(message: str, token: str) -> str:
-    """The message without the token, whatever echoed it (a proxy, a server quoting the request)."""
-    return message.replace(token, "[admin token]") if token else message
+                404: " (the router has no admin API: is MELANGE_SKY_ADMIN_TOKEN set where it runs?)"}
+        raise RouterError(f"router {base}: {what} refused ({exc.reason}){hint.get(exc.status, '')}") from None

@@ -1,34 +1,51 @@
-"""A small asyncio HTTP/1.1 client for OpenAI-compatible servers (vLLM, SGLang): GET a JSON document, or stream a
-completion over server-sent events (SSE) and time every token.
+"""The one HTTP client for melange-sky's own endpoints (a router's /workload and /admin/routes, a replica's
+readiness path) and for the OpenAI-compatible servers the profiler measures.
 
-It speaks HTTP/1.1 itself (asyncio streams, standard library only), one connection per request, follows no
-redirects and only ever connects to the host and port of the endpoint URL given. Nothing here knows about buckets,
-rates or SLOs: the profiler (`melange_sky.inputs.profile`) drives it, and a router can reuse it.
+* `parse_endpoint`: a base URL, http or https, with or without the trailing `/v1` that `up` and `status` print; a
+  path prefix is kept, credentials (user:password@) are dropped from everything shown, a path into the API
+  (`/v1/completions`) is refused with the base URL to give instead.
+* `Client`: one endpoint with its key (a Bearer token: never in a URL or a message), timeouts and TLS (the system's
+  CAs, or only a given CA or certificate file, as for a router with a self-signed certificate). Synchronous JSON
+  calls (`get_json`, `put_json`, `status`) for the CLI, the fleet and the controller, which call from worker
+  threads; asynchronous streamed completions (`stream_completion`) for the profiler, which times every token.
+* one-line errors: `CallFailed` says what was called and why (the HTTP status and the server's message, or why
+  there was no answer); the caller adds what to do about it.
+
+It follows no redirects and uses no proxy from the environment: a key goes only to the host and port named. The
+standard library only (http.client, asyncio streams, ssl).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.client
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from melange_sky.errors import ProfileError
+from melange_sky.core.tls import client_context
+from melange_sky.errors import CallFailed, MelangeError, ProfileError
 
 #: Body bytes kept from an HTTP error response, for the message.
 _ERROR_BODY_LIMIT = 4096
-#: Body bytes kept from a GET (a model list), so a misbehaving server cannot fill memory.
-_GET_BODY_LIMIT = 1 << 20
+#: Body bytes kept from a GET, so a misbehaving server cannot fill memory (a router's /workload is a few KB, a
+#: routes document at most 8 MiB).
+BODY_LIMIT = 1 << 24
 #: The path of OpenAI's (legacy) completions API, which every OpenAI-compatible server serves.
 COMPLETIONS_PATH = "/v1/completions"
+#: Body bytes kept from an async GET (a model list).
+_GET_BODY_LIMIT = 1 << 20
+#: Seconds a synchronous call may wait for the connection and then for each read.
+DEFAULT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """An OpenAI-compatible server's base URL, split into what the HTTP client needs."""
+    """A server's base URL, split into what the HTTP client needs."""
 
     url: str  # as given, without credentials (user:password@) and a trailing "/"
     scheme: str
@@ -37,6 +54,11 @@ class Endpoint:
     base_path: str  # "" or "/prefix", without a trailing "/v1"
     origin: str = ""  # scheme://host[:port], without credentials
 
+    @property
+    def base_url(self) -> str:
+        """scheme://host[:port][/prefix]: where the API paths (/v1/..., /workload) go, for messages."""
+        return f"{self.origin}{self.base_path}"
+
     def path(self, suffix: str) -> str:
         """The request path of an API path ("/v1/models") on this server, behind its prefix."""
         return f"{self.base_path}{suffix}"
@@ -44,6 +66,36 @@ class Endpoint:
     def full_url(self, suffix: str) -> str:
         """The URL of an API path, for messages the user can paste into curl."""
         return f"{self.origin}{self.path(suffix)}"
+
+
+def parse_endpoint(url: str, what: str = "--endpoint", error: type[Exception] = ProfileError,
+                   example: str = "http://10.0.0.5:8000") -> Endpoint:
+    """http(s)://host[:port][/prefix][/v1]: the trailing /v1 is dropped (the client adds the API paths itself).
+
+    Credentials in the URL (user:password@) are dropped from everything shown or written; a path into the API
+    (/v1/completions, /v1/chat/...) is refused with the base URL to give instead. `error` (a MelangeError class) is
+    raised, naming `what` (the option or source the URL came from), with `example` as the form to give.
+    """
+    parts = urlsplit(url.strip())
+    netloc = parts.netloc.rpartition("@")[2]
+    shown = parts._replace(netloc=netloc).geturl()
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise error(f"{what} {shown!r} is not an http(s) URL; give the server's base URL, e.g. {example}")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise error(f"{what} {shown!r} has an invalid port") from None
+    origin = f"{parts.scheme}://{netloc}"
+    base = parts.path.rstrip("/")
+    with_v1 = base.endswith("/v1")
+    if with_v1:
+        base = base[:-3]
+    if "/v1/" in f"{base}/":
+        prefix = base[:f"{base}/".index("/v1/")]
+        raise error(f"{what} {shown!r} points into the API ({parts.path}); give the server's base URL, e.g. "
+                    f"{origin}{prefix} (the API paths are added to it)")
+    return Endpoint(url=f"{origin}{base}{'/v1' if with_v1 else ''}", scheme=parts.scheme, host=parts.hostname,
+                    port=port, base_path=base, origin=origin)
 
 
 @dataclass(frozen=True)
@@ -63,34 +115,6 @@ class RequestRecord:
 
 class HttpError(Exception):
     """The server's answer is not the HTTP we can read (no status line, a body cut short)."""
-
-
-def parse_endpoint(url: str) -> Endpoint:
-    """http(s)://host[:port][/prefix]; a trailing /v1 is dropped (the client adds /v1/completions itself).
-
-    Credentials in the URL (user:password@) are dropped from everything shown or written; a path into the API
-    (/v1/completions, /v1/chat/...) is refused with the base URL to give instead.
-    """
-    parts = urlsplit(url.strip())
-    netloc = parts.netloc.rpartition("@")[2]
-    shown = parts._replace(netloc=netloc).geturl()
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ProfileError(f"--endpoint {shown!r} is not an http(s) URL; give the server's base URL, e.g. "
-                           f"http://10.0.0.5:8000")
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise ProfileError(f"--endpoint {shown!r} has an invalid port") from None
-    origin = f"{parts.scheme}://{netloc}"
-    base = parts.path.rstrip("/")
-    if base.endswith("/v1"):
-        base = base[:-3]
-    if "/v1/" in f"{base}/":
-        prefix = base[:f"{base}/".index("/v1/")]
-        raise ProfileError(f"--endpoint {shown!r} points into the API ({parts.path}); give the server's base URL, "
-                           f"e.g. {origin}{prefix} (the profiler calls /v1/models and /v1/completions itself)")
-    return Endpoint(url=f"{origin}{base}{'/v1' if parts.path.rstrip('/').endswith('/v1') else ''}",
-                    scheme=parts.scheme, host=parts.hostname, port=port, base_path=base, origin=origin)
 
 
 # ---- reading a response --------------------------------------------------------------------------------------------
@@ -162,6 +186,13 @@ def error_text(status: int, body: bytes) -> str:
     return f"HTTP {status}: {text[:200]}" if text else f"HTTP {status}"
 
 
+def first_line(data: bytes, limit: int = 300) -> str:
+    """The first line of an answer's body, cut at `limit` characters, for a one-line message."""
+    text = data.decode("utf-8", "replace").strip()
+    line = text.splitlines()[0] if text else "(empty answer)"
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
 def is_client_error(status: int | None) -> bool:
     """An HTTP 4xx that says the request itself is wrong (not 408 timeout or 429 rate limit, which are load)."""
     return status is not None and 400 <= status < 500 and status not in (408, 429)
@@ -175,24 +206,116 @@ def os_reason(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    return str(exc) or type(exc).__name__
+    return first_line(str(exc).encode(), 200) if str(exc).strip() else type(exc).__name__
+
 
 
 # ---- the client ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Answer:
+    """An HTTP answer of a synchronous call, whatever its status."""
+
+    status: int
+    body: bytes
+
+
+@dataclass(frozen=True)
 class Client:
-    """Requests to one endpoint. Holds no connection: each request opens its own and closes it when done."""
+    """Calls to one endpoint. Holds no connection: each call opens its own and closes it when done.
+
+    `cafile` (PEM): an https endpoint must present this certificate (a router's own, self-signed or not; see
+    `core.tls`); without it, the system's CAs and the host name are checked as by any HTTPS client.
+    """
 
     endpoint: Endpoint
-    connect_timeout: float = 5.0
+    connect_timeout: float = 5.0  # streamed completions: the connection (the request has its own time limit)
     api_key: str | None = None  # sent as a Bearer token
-    user_agent: str = "melange-sky-profile"
+    user_agent: str = "melange-sky"
+    timeout: float = DEFAULT_TIMEOUT_S  # synchronous calls: the connection, then each read
+    cafile: str | None = None
 
+    # -- shared by both kinds of call ---------------------------------------------------------------------------
+    def tls(self) -> ssl.SSLContext | None:
+        """The TLS context for an https endpoint (None for http); `CallFailed` when `cafile` is not usable."""
+        if self.endpoint.scheme != "https":
+            return None
+        try:
+            return _tls_context(self.cafile)
+        except MelangeError as exc:
+            raise CallFailed(self.endpoint.base_url, f"cannot verify its TLS certificate: {exc}") from None
+
+    def headers(self, json_body: bool = False, stream: bool = False) -> dict[str, str]:
+        """The request headers: the key as a Bearer token, JSON in and out."""
+        headers = {"User-Agent": self.user_agent, "Accept": "text/event-stream" if stream else "application/json"}
+        if json_body:
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def clean(self, text: str) -> str:
+        """`text` without the key, whatever echoed it (a proxy, a server quoting the request)."""
+        return text.replace(self.api_key, "[key]") if self.api_key else text
+
+    # -- synchronous JSON calls (the CLI, the fleet, the controller) ---------------------------------------------
+    def call(self, method: str, path: str, body: bytes | None = None, limit: int = BODY_LIMIT) -> Answer:
+        """One request for an API path and its answer, whatever the status (at most `limit` body bytes kept).
+        `CallFailed` (status None) when there is no answer: its reason is why ("connection refused", "timed out",
+        a TLS certificate not trusted, an answer that is not HTTP)."""
+        ep = self.endpoint
+        target = f"{method} {ep.full_url(path)}"
+        context = self.tls()
+        connection = (http.client.HTTPSConnection(ep.host, ep.port, timeout=self.timeout, context=context)
+                      if context is not None else http.client.HTTPConnection(ep.host, ep.port, timeout=self.timeout))
+        try:
+            connection.request(method, ep.path(path), body=body, headers=self.headers(json_body=body is not None))
+            response = connection.getresponse()
+            return Answer(response.status, response.read(limit))
+        except ssl.SSLCertVerificationError as exc:
+            hint = "" if self.cafile else "; give the server's certificate (or its CA's) to trust it"
+            raise CallFailed(target, self.clean(f"TLS certificate not trusted: {exc.verify_message}{hint}")) \
+                from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise CallFailed(target, self.clean(os_reason(exc))) from None
+        finally:
+            connection.close()
+
+    def json_call(self, method: str, path: str, doc: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """A call with a JSON body (or none) whose 2xx answer is a JSON object; `CallFailed` otherwise: an error
+        status with the server's message (OpenAI's `error.message`, or its first line), or an answer that is not
+        a JSON object."""
+        body = json.dumps(doc, separators=(",", ":")).encode() if doc is not None else None
+        answer = self.call(method, path, body)
+        target = f"{method} {self.endpoint.full_url(path)}"
+        if not 200 <= answer.status < 300:
+            raise CallFailed(target, self.clean(error_text(answer.status, answer.body)), answer.status)
+        try:
+            data = json.loads(answer.body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict):
+            raise CallFailed(target, self.clean(f"the answer is not a JSON object: {first_line(answer.body)}"),
+                             answer.status)
+        return data
+
+    def get_json(self, path: str) -> dict[str, Any]:
+        """GET an API path whose answer is a JSON object (see `json_call`)."""
+        return self.json_call("GET", path)
+
+    def put_json(self, path: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT a JSON document to an API path; the answer is a JSON object (see `json_call`)."""
+        return self.json_call("PUT", path, doc)
+
+    def status(self, path: str) -> int:
+        """GET an API path for its status alone (a readiness probe); `CallFailed` without an answer."""
+        return self.call("GET", path, limit=_ERROR_BODY_LIMIT).status
+
+    # -- streamed completions (the profiler; asyncio) -------------------------------------------------------------
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A fresh connection to the endpoint (TLS for https); OSError or TimeoutError if there is none."""
         ep = self.endpoint
-        ctx = ssl.create_default_context() if ep.scheme == "https" else None
-        return await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port, ssl=ctx), self.connect_timeout)
+        return await asyncio.wait_for(asyncio.open_connection(ep.host, ep.port, ssl=self.tls()),
+                                      self.connect_timeout)
 
     def request_bytes(self, method: str, path: str, body: bytes | None) -> bytes:
         """The bytes of one request for an API path; a body is JSON and asks for an event stream back."""
@@ -200,12 +323,11 @@ class Client:
         host = ep.host if ":" not in ep.host else f"[{ep.host}]"
         default_port = 443 if ep.scheme == "https" else 80
         lines = [f"{method} {ep.path(path)} HTTP/1.1",
-                 f"Host: {host}" + ("" if ep.port == default_port else f":{ep.port}"),
-                 f"User-Agent: {self.user_agent}", "Connection: close"]
+                 f"Host: {host}" + ("" if ep.port == default_port else f":{ep.port}"), "Connection: close"]
+        headers = self.headers(json_body=body is not None, stream=body is not None)
         if body is not None:
-            lines += ["Content-Type: application/json", "Accept: text/event-stream", f"Content-Length: {len(body)}"]
-        if self.api_key:
-            lines.append(f"Authorization: Bearer {self.api_key}")
+            headers["Content-Length"] = str(len(body))
+        lines += [f"{name}: {value}" for name, value in headers.items()]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
 
     async def get(self, path: str) -> tuple[int, bytes]:
@@ -300,7 +422,15 @@ class Client:
                                  error=f"timed out after {timeout:g} s")
 
 
+@functools.lru_cache(maxsize=16)
+def _tls_context(cafile: str | None) -> ssl.SSLContext:
+    """One context per CA file: building one loads the system's CAs (milliseconds), and a profile makes a
+    connection per request."""
+    return client_context(cafile)
+
+
 __all__ = [
-    "COMPLETIONS_PATH", "Client", "Endpoint", "HttpError", "RequestRecord", "error_text", "is_client_error",
-    "iter_body", "os_reason", "parse_endpoint", "read_head", "sse_data",
+    "BODY_LIMIT", "COMPLETIONS_PATH", "DEFAULT_TIMEOUT_S", "Answer", "Client", "Endpoint", "HttpError",
+    "RequestRecord", "error_text", "first_line", "is_client_error", "iter_body", "os_reason", "parse_endpoint",
+    "read_head", "sse_data",
 ]
