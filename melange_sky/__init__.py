@@ -16,13 +16,13 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "fleet.backends": ("Backend", "ClusterInfo", "ClusterStatus", "LaunchRequest", "load_backend"),
     "deploy.catalog": ("Catalog", "Offer", "default_catalog"),
-    "core.config": ("Config", "GpuSpec", "with_overrides"),
+    "core.config": ("Config", "GpuSpec", "load_config", "parse_config", "with_overrides"),
     "errors": ("AllocationCheckError", "BackendError", "CapacityError", "CatalogError", "ConfigError", "FleetBusy",
                "InfeasibleAllocation", "LaunchError", "LedgerError", "MelangeError", "OutputError", "ProfileError",
                "SolverError", "TemplateError", "TraceError"),
     "fleet.fleet": ("Fleet", "UpOptions", "UpReport"),
     "fleet.ledger": ("Ledger", "ReplicaState"),
-    "deploy.offers": ("BoundConfig", "bind_offers", "load_config", "parse_config"),  # costs priced from the catalog
+    "deploy.offers": ("BoundConfig", "bind_offers", "catalog_pricer"),  # load_config(path, price=catalog_pricer())
     "deploy.plan": ("Plan", "PlanRequest", "PlanSettings", "ReplicaPlan", "build_plan", "make_plan", "write_plan"),
     "inputs.profile": ("profile_endpoint",),
     "inputs.profile_result": ("ProfileResult", "ProfileSettings"),

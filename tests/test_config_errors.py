@@ -224,14 +224,36 @@ def test_debug_shows_the_traceback(cli, write_config, example):
     assert isinstance(result.exception, ConfigError)
 
 
-def test_unknown_key_warns_with_closest_known_key(cli, write_config, example):
-    example["slice_factr"] = 2
-    example["gpu_info"]["A10G"]["max_cout"] = 3
-    result = cli("solve", write_config(example))
-    assert result.exit_code == 0
-    assert "Warning: " in result.stderr and "slice_factr: unknown key, ignored; did you mean 'slice_factor'?" in \
-        result.stderr
-    assert "gpu_info.A10G.max_cout: unknown key, ignored; did you mean 'max_count'?" in result.stderr
+def test_a_misspelt_optional_key_is_an_error_with_the_key_it_looks_like(cli, write_config, example):
+    example["slice_factr"] = 2  # silently solving at slice_factor 1 would be the wrong answer
+    assert_one_line_error(cli("solve", write_config(example)),
+                          "config.json: slice_factr: unknown key; did you mean 'slice_factor'?", "x-")
+
+
+@pytest.mark.parametrize("where, key, fragment", [
+    (("gpu_info", "A10G"), "max_cout", "gpu_info.A10G.max_cout: unknown key; did you mean 'max_count'?"),
+    ((), "zzz", "zzz: unknown key; known keys: workload_distribution, total_request_rate"),
+])
+def test_unknown_keys_are_errors_at_every_level(cli, write_config, example, where, key, fragment):
+    block = example
+    for part in where:
+        block = block[part]
+    block[key] = 1
+    assert_one_line_error(cli("solve", write_config(example)), fragment)
+
+
+def test_x_keys_are_the_users_notes_at_every_level(cli, write_config, example, tmp_path):
+    example["gpu_info"]["A10G"]["quotas"] = {"aws": 4}
+    plain = cli("solve", write_config(example), "-o", str(tmp_path / "plain.json"))
+    example["x-note"] = "from the March trace"
+    example["gpu_info"]["A10G"]["x-note"] = {"any": ["shape"]}
+    example["gpu_info"]["x-note"] = "not a GPU"
+    example["gpu_info"]["A10G"]["quotas"]["x-note"] = "asked for 8"
+    example["deployment"] = {"x-note": "v2 rollout", "router": {"x-note": "near the users"}}
+    result = cli("solve", write_config(example), "-o", str(tmp_path / "noted.json"))
+    assert (plain.exit_code, result.exit_code) == (0, 0), result.stderr
+    assert "x-note" not in result.stderr
+    assert (tmp_path / "noted.json").read_text() == (tmp_path / "plain.json").read_text()
 
 
 def test_distribution_off_by_more_than_one_percent_is_normalised_with_warning():

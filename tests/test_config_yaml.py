@@ -76,12 +76,23 @@ def test_a_missing_key_in_yaml_gets_the_line_of_its_entry(cli, tmp_path):
     assert _error_line(cli("solve", str(path))) == f"Error: {path}:7: gpu_info.A10G.tputs: missing (required)"
 
 
-def test_unknown_keys_in_yaml_warn_with_their_line(cli, tmp_path):
+def test_an_unknown_key_in_yaml_is_an_error_at_its_line(cli, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(EXAMPLE_YAML.read_text() + "slice_facter: 2\n")
     result = cli("solve", str(path), "-o", str(tmp_path / "r.json"))
+    assert result.exit_code == 2, result.stderr
+    assert _error_line(result).startswith(f"Error: {path}:19: slice_facter: unknown key; did you mean 'slice_factor'?")
+
+
+def test_x_keys_are_notes_at_every_level_of_a_yaml_config_even_as_anchors(cli, tmp_path):
+    path = tmp_path / "config.yaml"
+    text = EXAMPLE_YAML.read_text().replace("gpu_info:\n", "gpu_info:\n  x-shared: &cheap {cost: 1.01}\n", 1)
+    text = text.replace("    cost: 1.01 ", "    <<: *cheap ", 1)
+    assert "<<: *cheap" in text
+    path.write_text("x-owner: the inference team\n" + text + "deployment:\n  x-why: pinned for the demo\n")
+    result = cli("solve", str(path), "-o", str(tmp_path / "r.json"))
     assert result.exit_code == 0, result.stderr
-    assert f"Warning: {path}:19: slice_facter: unknown key, ignored; did you mean 'slice_factor'?" in result.stderr
+    assert "x-" not in result.stderr
 
 
 @pytest.mark.parametrize("text, fragment", [

@@ -14,7 +14,7 @@ from conftest import EXAMPLE, REPO
 from melange_sky import ConfigError, load_config, parse_config, solve
 from melange_sky.errors import InfeasibleAllocation
 from melange_sky.deploy.catalog import Catalog
-from melange_sky.deploy.offers import bind_offers, quota
+from melange_sky.deploy.offers import bind_offers, catalog_pricer, quota
 
 MULTICLOUD = json.loads((REPO / "examples" / "multicloud.json").read_text())
 
@@ -25,7 +25,7 @@ def bundled() -> Catalog:
 
 
 def config(data: dict, bundled: Catalog):
-    return parse_config(data, source="c.json", catalog=bundled)
+    return parse_config(data, source="c.json", price=catalog_pricer(bundled))
 
 
 def entry(example: dict, gpu: str, **changes) -> dict:
@@ -202,14 +202,14 @@ def test_per_offer_quotas_spread_the_fleet_over_two_clouds(bundled):
 
 
 def test_multicloud_example_file_loads_and_plans_across_clouds(bundled):
-    cfg = load_config(REPO / "examples" / "multicloud.json", catalog=bundled)
+    cfg = load_config(REPO / "examples" / "multicloud.json", price=catalog_pricer(bundled))
     assert all(g.cost_source == "catalog" for g in cfg.gpus)
     bound = bind_offers(cfg, bundled, per_offer=True)
     assert {o.cloud for o in bound.offers.values()} == {"aws", "azure", "gcp"}
 
 
 def test_per_offer_baselines_are_one_per_gpu_type_spread_over_its_offers(bundled):
-    cfg = load_config(REPO / "examples" / "multicloud.json", catalog=bundled)
+    cfg = load_config(REPO / "examples" / "multicloud.json", price=catalog_pricer(bundled))
     bound = bind_offers(cfg, bundled, per_offer=True)
     result = solve(bound.config, caps=bound.caps)
     baselines = {b.gpu: b for b in result.baselines}

@@ -134,10 +134,33 @@ def test_user_template_file_gets_the_documented_variables(write_config, example,
     tpl = tmp_path / "mine.j2"
     tpl.write_text("name: {{ cluster | tojson }}\nresources:\n  accelerators: {{ accelerators | tojson }}\n"
                    "run: echo {{ fleet }} {{ gpu }} {{ replica }} {{ gpus }} {{ price }} {{ deployment.team }}\n")
-    example["deployment"] = {"template": str(tpl), "team": "infra"}
+    example["deployment"] = {"template": str(tpl), "extra": {"team": "infra"}, "x-note": "not for templates"}
     config = load_config(write_config(example))
     plan = make_plan(config, solve(config, compare=False))
     assert plan.replicas[-1].task["run"] == "echo config A100-80GB 0 1 3.67 infra"
+
+
+def test_a_custom_templates_variable_outside_extra_is_an_unknown_key_that_says_where_it_goes(write_config, example):
+    example["deployment"] = {"template": "vllm", "team": "infra"}
+    with pytest.raises(ConfigError) as caught:
+        deployment_from_config(load_config(write_config(example)))
+    assert str(caught.value) == (f"{write_config(example)}: deployment.team: unknown key; known keys: template, "
+                                 f"model, port, envs, secrets, version, extra_args, readiness_path, api_key_secret, "
+                                 f"extra, router (a custom template's own variables go under deployment.extra; a "
+                                 f"note of your own: start its name with x-)")
+
+
+@pytest.mark.parametrize("deployment, field", [
+    ({"modle": "m"}, "deployment.modle: unknown key; did you mean 'model'?"),
+    ({"router": {"prot": 8080}}, "deployment.router.prot: unknown key; did you mean 'port'?"),
+    ({"router": {"tls": {"certfile": "/c.pem", "keyfile": "/k.pem", "cafile": "/ca.pem"}}},
+     "deployment.router.tls.cafile: unknown key; did you mean 'certfile'?"),
+    ({"extra": ["team"]}, "deployment.extra: must be an object"),
+])
+def test_the_deployment_block_refuses_unknown_keys_at_every_depth(cli, write_config, example, deployment, field):
+    example["deployment"] = deployment
+    result = cli("solve", write_config(example))  # even `solve`, which never reads the deployment
+    assert result.exit_code == 2 and field in result.stderr, result.stderr
 
 
 def test_sglang_template_and_multi_gpu_instances(write_config, example):
@@ -167,7 +190,7 @@ def test_written_yaml_round_trips_to_the_task(example_plan, tmp_path):
 
 
 def test_the_router_task_template_is_not_offered_as_a_replica_template(tmp_path):
-    from melange_sky.deploy.offers import parse_config
+    from melange_sky.core.config import parse_config
     from melange_sky.deploy.plan import deployment_from_config
     from melange_sky.deploy.render import builtin_templates
     from melange_sky.errors import ConfigError
@@ -181,4 +204,4 @@ def test_the_router_task_template_is_not_offered_as_a_replica_template(tmp_path)
     ok = parse_config({**{"workload_distribution": [[1.0]], "total_request_rate": 1,
                           "gpu_info": {"A10G": {"cost": 1.0, "tputs": [[1.0]]}}},
                        "deployment": {"router": {"port": 9000}}}, "c.json")
-    assert "router" not in deployment_from_config(ok).extra  # the router's block is not a replica template's
+    assert deployment_from_config(ok).extra == {}  # the router's block is not a replica template's

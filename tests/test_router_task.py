@@ -23,9 +23,10 @@ from melange_sky import load_config
 from melange_sky.backends import ValidationLevel
 from melange_sky.deploy.catalog import Catalog
 from melange_sky.deploy.plan import CLUSTER_NAME_RE, MAX_CLUSTER_NAME
-from melange_sky.deploy.router_task import (ADMIN_TOKEN_SECRET, CLIENT_KEY_SECRET, DEFAULT_ROUTER_PORT,
-                                            ROUTER_REQUIREMENTS, RouterSpec, build_router_plan, choose_router_offer,
-                                            cpu_offers, package_source_dir, router_cluster_name, router_spec)
+from melange_sky.deploy.router_config import DEFAULT_ROUTER_PORT, RouterSpec, router_spec
+from melange_sky.deploy.router_task import (ADMIN_TOKEN_SECRET, CLIENT_KEY_SECRET, ROUTER_REQUIREMENTS,
+                                            build_router_plan, choose_router_offer, cpu_offers, package_source_dir,
+                                            router_cluster_name)
 from melange_sky.errors import ConfigError, InvalidTask
 
 AWS_HEADER = "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region," \

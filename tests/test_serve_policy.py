@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES
-from melange_sky.deploy.offers import load_config
+from melange_sky.core.config import load_config
 from melange_sky.errors import ServeError
 from melange_sky.serve.observed import ObservedWorkload
 from melange_sky.serve.policy import NoReplica, Replica, SizeAwarePolicy, make_policy

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import click
 
 from melange_sky.cli.main import warn
-from melange_sky.core.config import with_overrides
-from melange_sky.deploy.offers import load_config
-from melange_sky.deploy.plan import DEFAULT_MAX_REPLICAS, PlanSettings
+from melange_sky.core.config import load_config, with_overrides
+from melange_sky.deploy.offers import catalog_pricer
+from melange_sky.deploy.plan import DEFAULT_MAX_REPLICAS, PlanSettings, deployment_from_config
 from melange_sky.solver.model import SolverOptions
 
 
@@ -27,7 +27,10 @@ class SolveArgs:
     max_replicas: int = DEFAULT_MAX_REPLICAS
 
     def load(self, path: str, name: str | None = None):
-        config = with_overrides(load_config(path), rate=self.rate, headroom=self.headroom)
+        """The config at `path` with the command's overrides; its `deployment` block checked too (a misspelt key
+        there is an error for `solve` as for `up`)."""
+        config = with_overrides(load_config(path, price=catalog_pricer()), rate=self.rate, headroom=self.headroom)
+        deployment_from_config(config)
         if name:
             config = dataclasses.replace(config, name=name)
         warn(config.warnings)

@@ -2,7 +2,23 @@
 
 A config is JSON, or YAML when its name ends in .yaml or .yml (SkyPilot users write YAML). Every problem is reported
 as a `ConfigError` naming the file and the field (and, in a YAML file, its line), so the user can fix it in one go.
-Soft problems (unknown keys, a distribution that does not sum to 1) become warnings carried on the `Config`.
+An unknown key is an error at every level, as in SkyPilot's own YAML schema (a misspelt optional key would otherwise
+be silently left at its default); keys starting with `x-` are the user's own notes, kept in the file and ignored.
+Soft problems (a distribution that does not sum to 1) become warnings carried on the `Config`.
+
+Where each part of a config goes (the module that reads it; each points back here):
+- `workload_distribution`, `total_request_rate`, `slice_factor`, `headroom`, `gpu_info.*.cost/tputs/min_count/
+  max_count`: parsed here into `Config`/`GpuSpec`; the ILP in `melange_sky/solver/model.py` uses them.
+- `input_buckets`, `output_buckets`: here; the router buckets requests by them (`serve/routes.py`), `workload`
+  and `profile --into` write them (`core/config_doc.py`).
+- `clouds`, `gpu_info.*.cloud/region/instance_type/accelerators/use_spot/quotas`: here; bound to catalog offers by
+  `melange_sky/deploy/offers.py` (a missing `cost` is priced there, through `Pricer`).
+- `name`: the fleet's name (cluster names, `melange_sky/deploy/plan.py`; the ledger, `melange_sky/fleet/`).
+- `deployment`: only checked to be an object here; its keys and values are `melange_sky/deploy/plan.py`'s
+  (`DEPLOYMENT_KEYS`, `deployment_from_config`, rendered by `templates/*.j2`), its `router` block
+  `melange_sky/deploy/router_config.py`'s (`ROUTER_KEYS`, `TLS_KEYS`; the task: `deploy/router_task.py`).
+A new field is added to the key list of its block (`TOP_LEVEL_KEYS`, `GPU_KEYS`, or the consumer's), parsed where
+that list is, and listed in docs/config.md.
 """
 from __future__ import annotations
 
@@ -12,7 +28,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +49,8 @@ GPU_KEYS = (
     "cloud", "region", "instance_type", "accelerators", "use_spot", "max_count", "min_count", "quotas",
 )
 REQUIRED_TOP_LEVEL = ("workload_distribution", "total_request_rate", "gpu_info")
+#: A key starting with this, at any level of a config, is the user's own note: kept, never read, never an error.
+NOTE_PREFIX = "x-"
 #: File name endings read as YAML; every other config file is JSON.
 YAML_SUFFIXES = (".yaml", ".yml")
 #: Distributions off from 1 by more than this are normalised with a warning (smaller drift is rounding).
@@ -121,6 +139,29 @@ class Config:
         raise KeyError(name)
 
 
+def is_note(key: object) -> bool:
+    """Whether a config key is the user's own note (`x-...`), which every block ignores."""
+    return isinstance(key, str) and key.startswith(NOTE_PREFIX)
+
+
+def unknown_key(source: str, block: str, key: object, known: Sequence[str], hint: str = "") -> ConfigError:
+    """The error for `key`, unknown in `block` ("" at the top level; "deployment.router"): the known key it looks
+    like a misspelling of, else the known keys; `hint` adds what else the block takes; and how to keep a note."""
+    where = f"{block}.{key}" if block else str(key)
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    found = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+    extra = f"{hint}; " if hint else ""
+    return ConfigError(source, where, f"unknown key; {found} ({extra}a note of your own: start its name with "
+                                      f"{NOTE_PREFIX})")
+
+
+def check_keys(obj: Mapping[Any, Any], known: Sequence[str], source: str, block: str, hint: str = "") -> None:
+    """`unknown_key` for the first key of `obj` (a config block) that is neither known nor a note."""
+    for key in obj:
+        if key not in known and not is_note(key):
+            raise unknown_key(source, block, key, known, hint)
+
+
 def is_yaml(path: str | os.PathLike[str]) -> bool:
     """Whether a config file is YAML (by its name: .yaml or .yml), else JSON."""
     return Path(path).suffix.lower() in YAML_SUFFIXES
@@ -171,7 +212,9 @@ def read_config_document(path: str | os.PathLike[str], missing: str = "no such f
 
 def load_config(path: str | os.PathLike[str], price: Pricer | None = None) -> Config:
     """Read, parse and validate a config file (JSON, or YAML by its name); raise `ConfigError` with file and field
-    (and line, in YAML) on any problem."""
+    (and line, in YAML) on any problem. The one way to load a config: the offers layer adds only its `price`
+    (`melange_sky.deploy.offers.catalog_pricer()`); the `deployment` block is checked by its reader
+    (`melange_sky.deploy.plan.deployment_from_config`)."""
     document = read_config_document(path)
     return parse_config(document.data, source=document.source, default_name=Path(path).stem, price=price,
                         lines=document.lines, kind="YAML mapping" if document.format == "yaml" else "JSON object")
@@ -182,9 +225,10 @@ def parse_config(data: Any, source: str = "<config>", default_name: str = "melan
                  kind: str = "JSON object") -> Config:
     """Validate an already-decoded config object (the dict `json.load` or `read_config_document` gives).
 
-    A GPU entry without `cost` is priced by `price` (`melange_sky.deploy.offers.catalog_pricer` gives the catalog's
-    price); without one, a missing cost is an error. Configs that give every cost never need a price. With `lines`
-    (field path -> line, as `read_config_document` gives for YAML), messages say "file:line: field: ...".
+    A GPU entry without `cost` is priced by `price` (`melange_sky.deploy.offers.catalog_pricer()` gives the
+    catalog's price, as every command does); without one, a missing cost is an error. Configs that give every cost
+    never need a price. With `lines` (field path -> line, as `read_config_document` gives for YAML), messages say
+    "file:line: field: ...".
     """
     return _Parser(source, price, lines, kind).parse(data, default_name)
 
@@ -373,7 +417,7 @@ class _Parser:
         if key in obj:
             return
         path = f"{prefix}.{key}" if prefix else key
-        unknown = [str(k) for k in obj if k not in known]
+        unknown = [str(k) for k in obj if k not in known and not is_note(k)]
         close = difflib.get_close_matches(key, unknown, n=1, cutoff=0.6)
         if close:
             typo = f"{prefix}.{close[0]}" if prefix else close[0]
@@ -427,13 +471,11 @@ class _Parser:
 
     # ---- structure -----------------------------------------------------------------------------------------------
     def check_keys(self, obj: dict[str, Any], known: tuple[str, ...], prefix: str) -> None:
-        for key in obj:
-            if key in known:
-                continue
-            where = f"{prefix}.{key}" if prefix else str(key)
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
-            self.warn(where, f"unknown key, ignored{hint}")
+        """`unknown_key` for a key of `obj` that is neither known nor a note, at the line of that key."""
+        try:
+            check_keys(obj, known, self.source, prefix)
+        except ConfigError as exc:
+            raise self.fail(exc.field, exc.message) from None
 
     def matrix(self, value: Any, path: str, shape: tuple[int, int] | None, cell) -> Matrix:
         """A non-empty rectangular list of lists; with `shape`, it must match it."""
@@ -470,9 +512,9 @@ class _Parser:
         if not isinstance(data, dict):
             raise self.fail(None, f"must be a {self.kind} with {', '.join(REQUIRED_TOP_LEVEL)}, "
                                   f"got {_type_name(data)}")
-        self.check_keys(data, TOP_LEVEL_KEYS, "")
-        for key in REQUIRED_TOP_LEVEL:
+        for key in REQUIRED_TOP_LEVEL:  # first: a misspelt required key is named as the key it should be
             self.require(data, key, "", TOP_LEVEL_KEYS)
+        self.check_keys(data, TOP_LEVEL_KEYS, "")
 
         dist = self.matrix(data["workload_distribution"], "workload_distribution", None,
                            lambda x, p: self.non_negative(x, p))
@@ -515,7 +557,7 @@ class _Parser:
     def gpu_info(self, value: Any, shape: tuple[int, int]) -> tuple[GpuSpec, ...]:
         # The original format allows a dict keyed by name or a list of {"name", "cost", "tputs"}.
         if isinstance(value, dict):
-            entries = [(f"gpu_info.{name}", name, entry) for name, entry in value.items()]
+            entries = [(f"gpu_info.{name}", name, entry) for name, entry in value.items() if not is_note(name)]
         elif isinstance(value, list):
             entries = []
             for k, entry in enumerate(value):
@@ -543,8 +585,8 @@ class _Parser:
     def gpu(self, path: str, name: str, entry: Any, shape: tuple[int, int]) -> GpuSpec:
         if not isinstance(entry, dict):
             raise self.fail(path, f"must be an object with cost and tputs, got {_type_name(entry)}")
-        self.check_keys(entry, GPU_KEYS, path)
         self.require(entry, "tputs", path, GPU_KEYS)
+        self.check_keys(entry, GPU_KEYS, path)
         cost = self.positive(entry["cost"], f"{path}.cost") if "cost" in entry else None
         tputs = self.matrix(entry["tputs"], f"{path}.tputs", shape,
                             lambda x, p: self.non_negative(x, p, " (0 means this GPU cannot serve the bucket)"))
@@ -566,6 +608,8 @@ class _Parser:
             raise self.fail(path, f'must be an object like {{"aws": 2, "azure:eastus": 1}}, got {_describe(value)}')
         result = []
         for pattern, cap in value.items():
+            if is_note(pattern):
+                continue
             parts = pattern.split(":")
             if not 1 <= len(parts) <= 3 or not all(p.strip() for p in parts):
                 raise self.fail(f"{path}.{pattern}", "must be cloud, cloud:region or cloud:region:instance_type")
@@ -576,7 +620,9 @@ class _Parser:
     def catalog_cost(self, spec: GpuSpec) -> GpuSpec:
         """`spec` priced per GPU by the pricer; ConfigError naming `cost` if there is no price for it."""
         if self.price is None:
-            raise self.fail(f"{spec.field_path}.cost", "missing: add a cost in $/h per GPU")
+            raise self.fail(f"{spec.field_path}.cost", "missing: add a cost in $/h per GPU (or load the config with "
+                                                      "price=melange_sky.deploy.offers.catalog_pricer() for the "
+                                                      "catalog's)")
         try:
             cost = self.price(spec, self.clouds, self.source)
         except (ConfigError, CatalogError) as exc:

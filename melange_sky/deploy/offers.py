@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from melange_sky.core import config as core_config
 from melange_sky.core.config import Config, GpuSpec, Pricer
 from melange_sky.deploy.catalog import Catalog, Offer, default_catalog, offer_key
 from melange_sky.errors import CatalogError, ConfigError
@@ -123,7 +120,9 @@ def default_offer(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str,
 
 def catalog_pricer(catalog: Catalog | None = None) -> Pricer:
     """A config's price lookup for GPU entries without `cost`: their default offer's price per GPU in `catalog`
-    (default: SkyPilot's downloaded catalogs, else the bundled snapshot, read only when a cost is missing)."""
+    (default: SkyPilot's downloaded catalogs, else the bundled snapshot, read only when a cost is missing). The one
+    config loader is `core.config.load_config`; this is what the offers layer adds to it:
+    `load_config(path, price=catalog_pricer())`."""
     def price(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str) -> float:
         offer = default_offer(spec, clouds, source, catalog)
         hourly = offer.hourly(spec.use_spot)
@@ -131,17 +130,6 @@ def catalog_pricer(catalog: Catalog | None = None) -> Pricer:
         return hourly / offer.gpu_count
 
     return price
-
-
-def load_config(path: str | os.PathLike[str], catalog: Catalog | None = None) -> Config:
-    """`melange_sky.core.config.load_config` with missing costs priced from `catalog` (see `catalog_pricer`)."""
-    return core_config.load_config(path, price=catalog_pricer(catalog))
-
-
-def parse_config(data: Any, source: str = "<config>", default_name: str = "melange",
-                 catalog: Catalog | None = None) -> Config:
-    """`melange_sky.core.config.parse_config` with missing costs priced from `catalog` (see `catalog_pricer`)."""
-    return core_config.parse_config(data, source, default_name, price=catalog_pricer(catalog))
 
 
 def allowed_offers(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str, catalog: Catalog) -> list[Offer]:

@@ -16,11 +16,12 @@ from typing import Any
 
 from melange_sky import __version__
 from melange_sky._io import write_json, write_text
-from melange_sky.core.config import Config, GpuSpec
+from melange_sky.core.config import Config, GpuSpec, check_keys, is_note
 from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.deploy.offers import bind_offers
 from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, Template, builtin_templates, load_template,
                                        render)
+from melange_sky.deploy.router_config import parse_router_block
 from melange_sky.errors import ConfigError, OutputError
 from melange_sky.solver.model import SolverOptions
 from melange_sky.solver.result import SolveResult, solve
@@ -34,8 +35,11 @@ DEFAULT_API_KEY_SECRET = "MELANGE_SKY_API_KEY"
 #: The engine version a builtin template installs when `deployment.version` is absent: the version you profile is
 #: the version you deploy. `"version": null` installs the latest instead.
 DEFAULT_ENGINE_VERSIONS = {"vllm": "0.33.0", "sglang": "0.5.23"}
+#: The keys of the config's `deployment` block (others are errors, `x-` notes aside): what the replicas' templates
+#: render (`Deployment`, `_replica`), `extra` (a custom template's own variables), and the router's block
+#: (`deploy/router_config.py`). Index of every block of a config: `core/config.py`'s docstring.
 DEPLOYMENT_KEYS = ("template", "model", "port", "envs", "secrets", "version", "extra_args", "readiness_path",
-                   "api_key_secret", "router")  # router: the router's block (deploy/router_task.py)
+                   "api_key_secret", "extra", "router")
 #: SkyPilot's cluster-name pattern (checked server-side, sky/utils/common_utils.py).
 CLUSTER_NAME_RE = re.compile(r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")
 #: Longest cluster name we generate; SkyPilot itself truncates on-cloud names per cloud (GCP: 35) with a hash.
@@ -63,7 +67,8 @@ class Deployment:
     version: str | None = None
     extra_args: tuple[str, ...] = ()
     readiness_path: str = "/health"
-    extra: dict[str, Any] = field(default_factory=dict)  # other keys, passed to custom templates as `deployment`
+    #: `deployment.extra`: a custom template's own variables, which it reads as `deployment.<name>`
+    extra: dict[str, Any] = field(default_factory=dict)
     #: The secret (also in `secrets`) whose value the engine requires as its API key; None: the engine admits anyone.
     api_key_secret: str | None = None
 
@@ -204,8 +209,13 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
 
 
 def deployment_from_config(config: Config, template: str | None = None) -> Deployment:
-    """The config's `deployment` block, validated; `template` (from --template) overrides its template."""
+    """The config's `deployment` block, validated (its keys, its values, and its `router` block's); `template` (from
+    --template) overrides its template. Every command that loads a config calls it, so a misspelt key is an error
+    before anything is solved."""
     raw = dict(config.deployment)
+    check_keys(raw, DEPLOYMENT_KEYS, config.source, "deployment",
+               hint="a custom template's own variables go under deployment.extra")
+    parse_router_block(raw.get("router"), config.source)
 
     def fail(key: str, message: str) -> ConfigError:
         return ConfigError(config.source, f"deployment.{key}", message)
@@ -224,6 +234,8 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
         raise fail("envs", f"must be an object of NAME: value, got {type(envs).__name__}")
     clean_envs: dict[str, str] = {}
     for key, value in envs.items():
+        if is_note(key):
+            continue
         if not ENV_NAME_RE.match(key):
             raise fail(f"envs.{key}", "is not a valid environment variable name")
         if isinstance(value, (dict, list)) or value is None:
@@ -272,10 +284,13 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
                                              "environment at launch time, never from the config file")
     if api_key_secret and api_key_secret not in secrets:
         secrets = [*secrets, api_key_secret]  # passed like every secret: named in the task, value from the env
+    extra = raw.get("extra", {})
+    if not isinstance(extra, dict):
+        raise fail("extra", f"must be an object of a custom template's own variables, got {type(extra).__name__}")
     return Deployment(template=chosen_template, model=string("model", DEFAULT_MODEL),
                       port=port, envs=clean_envs, secrets=tuple(secrets), version=version,
                       extra_args=tuple(str(a) for a in extra_args), readiness_path=readiness,
-                      extra={k: v for k, v in raw.items() if k not in DEPLOYMENT_KEYS},
+                      extra={k: v for k, v in extra.items() if not is_note(k)},
                       api_key_secret=api_key_secret)
 
 

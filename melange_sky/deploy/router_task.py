@@ -1,16 +1,19 @@
 """The fleet's router as one more SkyPilot task: a small CPU instance running `melange-sky serve --pushed`.
 
 The router is the fleet's one public endpoint; `up` launches it next to the replicas and pushes it the routes
-(`PUT /admin/routes`). This module plans it: the config's `deployment.router` block (cloud, region, instance_type or
-cpus, port), the CPU offer it runs on (by default the cheapest in the cloud that hosts most replicas, in the region
-that hosts most of them there), and its task rendered from the builtin `router.j2` template.
+(`PUT /admin/routes`). This module plans it: from the config's `deployment.router` block (`deploy.router_config`:
+cloud, region, instance_type or cpus, port, tls), the CPU offer it runs on (by default the cheapest in the cloud
+that hosts most replicas, in the region that hosts most of them there), and its task rendered from the builtin
+`router.j2` template.
 
 The router's host gets melange-sky without any package index: the installed package's own source directory goes to
 the host through `file_mounts` and runs from `PYTHONPATH`; `setup` installs only what `serve` imports
 (`ROUTER_REQUIREMENTS`, the ranges tested here) into a venv. No SkyPilot, PuLP, HiGHS or Jinja on the router.
 
 The task names its secrets (`MELANGE_SKY_ADMIN_TOKEN`, and `MELANGE_SKY_API_KEY` when clients need a key); their
-values come from the launcher's environment at launch time and are never in the rendered YAML.
+values come from the launcher's environment at launch time and are never in the rendered YAML. With
+`deployment.router.tls`, the certificate and key are file mounts from the user's paths (`TLS_CERT`, `TLS_KEY`)
+and `serve` gets `--ssl-certfile/--ssl-keyfile`: the task holds their paths, never their contents.
 """
 from __future__ import annotations
 
@@ -28,15 +31,14 @@ from typing import Any
 import melange_sky
 from melange_sky import __version__
 from melange_sky.core.config import Config
-from melange_sky.deploy.catalog import KNOWN_CLOUDS, Catalog, _float, _rows, default_catalog, offer_key
+from melange_sky.deploy.catalog import Catalog, _float, _rows, default_catalog, offer_key
 from melange_sky.deploy.membership import ADMIN_TOKEN_ENV
 from melange_sky.deploy.plan import CLUSTER_NAME_RE, ENV_NAME_RE, MAX_CLUSTER_NAME, _slug
 from melange_sky.deploy.render import load_template, render
+from melange_sky.deploy.router_config import RouterSpec, check_tls_files, router_spec
 from melange_sky.errors import ConfigError
 
 ROUTER_TEMPLATE = "router"
-DEFAULT_ROUTER_PORT = 8080
-ROUTER_KEYS = ("cloud", "region", "instance_type", "cpus", "port", "use_spot")
 #: The secret `serve --pushed` reads the admin token from (PUT /admin/routes), and the one it reads clients' key from.
 ADMIN_TOKEN_SECRET = ADMIN_TOKEN_ENV
 CLIENT_KEY_SECRET = "MELANGE_SKY_API_KEY"
@@ -53,14 +55,13 @@ ROUTER_REQUIREMENTS = (
 ROUTER_PYTHON = "3.11"
 #: Where the router lives on its host, under the host user's HOME: the shipped source in `src/`, its venv in `venv/`.
 REMOTE_DIR = "melange-sky-router"
-#: Where a TLS router's certificate and key land on its host (file mounts from the user's paths; under HOME).
-TLS_CERT_MOUNT = f"~/{REMOTE_DIR}/tls/cert.pem"
-TLS_KEY_MOUNT = f"~/{REMOTE_DIR}/tls/key.pem"
+#: Where a TLS router's certificate and key land on its host, under REMOTE_DIR (file mounts from the user's paths).
+TLS_CERT, TLS_KEY = "tls/cert.pem", "tls/key.pem"
+TLS_CERT_MOUNT = f"~/{REMOTE_DIR}/{TLS_CERT}"
 #: Without a pin: at least this many vCPUs and GiB of memory (the router itself uses one core; SkyPilot's own
 #: agent runs beside it).
 DEFAULT_MIN_CPUS = 2
 DEFAULT_MIN_MEMORY_GIB = 4.0
-_CPUS_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(\+?)\s*$")
 #: GCP machine families that come with GPUs attached although their catalog rows name none (A2, A3, G2, ...):
 #: never CPU offers (SkyPilot prices them with their GPUs).
 _GCP_GPU_FAMILIES = re.compile(r"^(a\d+|g[2-9])-")
@@ -71,18 +72,6 @@ _NOT_BY_DEFAULT = {
     "gcp": re.compile(r"^(e2-(micro|small|medium)|f1-|g1-|t2a-|c4a-)"),
     "azure": re.compile(r"^Standard_(B|[A-Z]+\d+[a-z]*p[a-z]*_)"),
 }
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    """The config's `deployment.router` block, checked: what the user pinned (None: choose) and the port."""
-
-    cloud: str | None = None
-    region: str | None = None
-    instance_type: str | None = None
-    cpus: str | None = None  # SkyPilot's form: "2" exactly, "2+" at least
-    port: int = DEFAULT_ROUTER_PORT
-    use_spot: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,74 +115,6 @@ class RouterPlan:
         return {"fleet": self.fleet, "cluster": self.cluster, "cloud": self.cloud, "region": self.region,
                 "instance_type": self.instance_type, "offer": self.offer, "price": self.price, "port": self.port,
                 "reason": self.reason, "secrets": list(self.secrets), "task": self.task}
-
-
-# ---- the config block ---------------------------------------------------------------------------------------------
-
-def router_spec(config: Config) -> RouterSpec:
-    """The config's `deployment.router` block, checked (defaults when absent)."""
-    return parse_router_block(config.deployment.get("router"), config.source)
-
-
-def parse_router_block(raw: Any, source: str) -> RouterSpec:
-    """`deployment.router` as a RouterSpec; a ConfigError naming the field (and a close key name) otherwise."""
-    path = "deployment.router"
-    if raw is None:
-        return RouterSpec()
-    if not isinstance(raw, dict):
-        raise ConfigError(source, path, f"must be an object such as {{\"cloud\": \"aws\", \"port\": 8080}}, got "
-                                        f"{type(raw).__name__}")
-    for key in raw:
-        if key not in ROUTER_KEYS:
-            close = difflib.get_close_matches(str(key), ROUTER_KEYS, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(ROUTER_KEYS)}"
-            raise ConfigError(source, f"{path}.{key}", f"unknown key; {hint}")
-
-    def string(key: str) -> str | None:
-        value = raw.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str) or not value.strip() or value != value.strip():
-            raise ConfigError(source, f"{path}.{key}", f"must be a non-empty string without surrounding blanks, "
-                                                       f"got {value!r}")
-        return value
-
-    cloud = string("cloud")
-    if cloud is not None:
-        cloud = cloud.lower()
-        if cloud not in KNOWN_CLOUDS:
-            close = difflib.get_close_matches(cloud, KNOWN_CLOUDS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known clouds: {', '.join(KNOWN_CLOUDS)}"
-            raise ConfigError(source, f"{path}.cloud", f"unknown cloud {raw['cloud']!r}; {hint}")
-    instance_type = string("instance_type")
-    cpus = _cpus(raw.get("cpus"), source, f"{path}.cpus")
-    if instance_type is not None and cpus is not None:
-        raise ConfigError(source, f"{path}.cpus", "give instance_type or cpus, not both (an instance type fixes its "
-                                                  "vCPUs)")
-    port = raw.get("port", DEFAULT_ROUTER_PORT)
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ConfigError(source, f"{path}.port", f"must be an integer port in 1..65535, got {port!r}")
-    use_spot = raw.get("use_spot", False)
-    if use_spot is not False:
-        raise ConfigError(source, f"{path}.use_spot", f"must be false, got {use_spot!r}: the router is the fleet's "
-                                                      f"only endpoint, and a preempted spot instance takes it down")
-    return RouterSpec(cloud=cloud, region=string("region"), instance_type=instance_type, cpus=cpus, port=port)
-
-
-def _cpus(value: Any, source: str, path: str) -> str | None:
-    """SkyPilot's `cpus`: a number (exactly) or "N+" (at least), as a string."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        text = f"{value:g}"
-    elif isinstance(value, str):
-        text = value.strip()
-    else:
-        text = ""
-    match = _CPUS_RE.match(text)
-    if not match or float(match.group(1)) <= 0:
-        raise ConfigError(source, path, f"must be a vCPU count such as 2 or \"2+\" (at least 2), got {value!r}")
-    return f"{float(match.group(1)):g}{match.group(2)}"
 
 
 def _cpus_fit(cpus: str | None, vcpus: float) -> bool:
@@ -361,6 +282,8 @@ def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key:
     `upstream_key_secret`: the secret holding the replicas' key (`deployment.api_key_secret`) when the router must
     send one; it defaults to the client key in `serve`, so it matters only when it is another secret."""
     spec = router_spec(config)
+    if spec.tls is not None:
+        check_tls_files(spec.tls, config.source)
     if upstream_key_secret is not None and not ENV_NAME_RE.match(upstream_key_secret):
         raise ValueError(f"upstream_key_secret must be an environment variable name, got {upstream_key_secret!r}")
     offer, reason = choose_router_offer(spec, replicas, catalog or default_catalog(), config.source, config.clouds)
@@ -377,6 +300,8 @@ def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key:
         "admin_token_secret": ADMIN_TOKEN_SECRET, "client_key_secret": CLIENT_KEY_SECRET,
         "upstream_key_secret": upstream_key_secret, "source_dir": str(package_source_dir()),
         "remote_dir": REMOTE_DIR, "python_version": ROUTER_PYTHON, "requirements": list(ROUTER_REQUIREMENTS),
+        "tls": None if spec.tls is None else {"certfile": spec.tls.certfile, "keyfile": spec.tls.keyfile,
+                                              "cert": TLS_CERT, "key": TLS_KEY},
     }
     text, task = render(load_template(ROUTER_TEMPLATE), context)
     return RouterPlan(fleet=config.name, cluster=cluster, cloud=offer.cloud, region=offer.region,
