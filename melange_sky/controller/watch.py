@@ -333,21 +333,23 @@ class Controller:
             fleet.push_members(self.fleet)
 
     # -- autoscale ------------------------------------------------------------------------------------------------
-    def _workload_source(self) -> tuple[str, str | None]:
+    def _workload_source(self) -> tuple[str, str | None, str | None]:
+        """Where to read the traffic: (URL, key, the certificate an https router must show: the fleet's router's
+        own; a --from URL is trusted as any https server is)."""
         keys = load_keys(self.fleet, self.ledger.home)
         key = self.environ.get("MELANGE_SKY_API_KEY") or (keys.api_key if keys is not None else None)
         if self.options.workload_url is not None:
-            return self.options.workload_url, key
+            return self.options.workload_url, key, None
         router = self.ledger.router(self.fleet)
         if router is None or router.url is None:
             raise ControllerError(f"the fleet's router is not up ({router.state.value if router else 'none'}): no "
                                   f"traffic to autoscale from this pass")
-        return router.url, keys.api_key if keys is not None else key
+        return router.url, keys.api_key if keys is not None else key, router_certfile(router.task)
 
     def _autoscale(self, report: PassReport, config: Config) -> Config:
         """The config to bring up after reading the traffic: the same object when the plan's rate stands."""
-        url, key = self._workload_source()
-        source, doc = fetch_observed(url, key)
+        url, key, cafile = self._workload_source()
+        source, doc = fetch_observed(url, key, cafile=cafile)
         need = rules.need_from_workload(doc, self.options.rate_percentile)
         report.need = need
         if need is None:

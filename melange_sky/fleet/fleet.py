@@ -31,6 +31,7 @@ from typing import Any
 from melange_sky._signals import signals_held
 from melange_sky.deploy.membership import get_admin_routes, normalise_url, push_routes, routes_document
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
+from melange_sky.deploy.router_task import router_certfile
 from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
@@ -67,6 +68,15 @@ class RouterSetup:
     def secrets(self) -> dict[str, str]:
         """What the router's launch gets (in memory, as SkyPilot secrets): its admin token and client key."""
         return {**self.upstream_secrets, ADMIN_TOKEN_ENV: self.keys.admin_token, API_KEY_ENV: self.keys.api_key}
+
+
+@dataclass(frozen=True)
+class _RouterLink:
+    """How to call a fleet's router: its base URL, the admin token, and the certificate an https one must show."""
+
+    url: str
+    admin_token: str = field(repr=False)
+    cafile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +152,7 @@ class Fleet:
                 continue
             endpoint = None
             if info.status is ClusterStatus.UP:
-                endpoint = info.endpoint or row.endpoint or self._endpoint(row)
+                endpoint = _reached_at(row.task, info.endpoint or row.endpoint or self._endpoint(row))
             change = reconcile.status_transition(row, info.status, endpoint)
             if change is not None:
                 self._db.transition(row.cluster, change.state, message=change.message, expect=row,
@@ -352,15 +362,15 @@ class Fleet:
         return router
 
     # -- membership and drains ------------------------------------------------------------------------------------
-    def _router_link(self, fleet: str) -> tuple[str, str] | None:
-        """The router's base URL and the admin token, when the fleet has a router up and its keys."""
+    def _router_link(self, fleet: str) -> _RouterLink | None:
+        """How to call the router's admin API, when the fleet has a router up and its keys."""
         row = self._db.router(fleet)
         if row is None or row.url is None:
             return None
         keys = self._router.keys if self._router is not None else load_keys(fleet, self._db.home)
         if keys is None:
             return None
-        return row.url, keys.admin_token
+        return _RouterLink(row.url, keys.admin_token, router_certfile(row.task))
 
     def push_members(self, fleet: str) -> str | None:
         """Tell the fleet's router which replicas serve (the ledger's up ones) and the stored plan's routing table.
@@ -371,7 +381,7 @@ class Fleet:
             return None
         members = reconcile.members(self._rows(fleet))
         doc, _warnings = routes_document(record.plan, members, source=f"fleet {fleet}")
-        answer = push_routes(link[0], doc, link[1], ROUTER_TIMEOUT_S)
+        answer = push_routes(link.url, doc, link.admin_token, ROUTER_TIMEOUT_S, cafile=link.cafile)
         message = f"{len(members)} replica(s) in the router's routes (generation {answer.get('generation')})"
         self._db.record_event(fleet, "routes-pushed", message)
         self.on_event(ReplicaEvent("", "", None, 0.0, f"router: {message}"))
@@ -434,8 +444,8 @@ class Fleet:
             report.drained.append(row.cluster)
 
     @staticmethod
-    def _wait_drained(link: tuple[str, str] | None, urls: list[str], timeout: float) -> float:
-        """Poll the router (`link`: its URL and admin token) until none of `urls` has a request in flight, or
+    def _wait_drained(link: _RouterLink | None, urls: list[str], timeout: float) -> float:
+        """Poll the router (`link`) until none of `urls` has a request in flight, or
         `timeout`; seconds waited. With no router to ask (routers reading the ledger drop the replicas at their next
         refresh), wait `timeout` out."""
         if link is None:
@@ -444,7 +454,8 @@ class Fleet:
         started = time.monotonic()
         while True:
             try:
-                inflight = get_admin_routes(link[0], link[1], ROUTER_TIMEOUT_S).get("inflight") or {}
+                inflight = get_admin_routes(link.url, link.admin_token, ROUTER_TIMEOUT_S,
+                                            cafile=link.cafile).get("inflight") or {}
             except MelangeError:
                 inflight = {url: 1 for url in urls}  # unknown: assume busy until the timeout
             waited = time.monotonic() - started
@@ -564,7 +575,7 @@ class Fleet:
             row, info = self._row(cluster), live.get(cluster)
             endpoint = None
             if info is not None and info.status is ClusterStatus.UP:
-                endpoint = info.endpoint or self._endpoint(row)
+                endpoint = _reached_at(row.task, info.endpoint or self._endpoint(row))
             change = reconcile.interrupted_transition(row, info.status if info is not None else None, endpoint)
             if change is not None:
                 self._db.transition(cluster, change.state, message=change.message, **change.changes())
@@ -589,7 +600,7 @@ class Fleet:
                                 port=reconcile.task_port(replica.task) or port)
         state, message, endpoint = ReplicaState.UP, "", None
         try:
-            endpoint = self._launcher.launch(request).endpoint
+            endpoint = _reached_at(replica.task, self._launcher.launch(request).endpoint)
         except Exception as exc:  # noqa: BLE001 - a backend bug must not lose the replica's state
             state, message = reconcile.launch_failure(exc)
         finally:
@@ -687,6 +698,14 @@ class Fleet:
             forget_keys(fleet, self._db.home)  # its router is gone: the tokens open nothing any more
         return DownReport(fleet=fleet, removed=sorted(removed), already_gone=sorted(gone), failed=failed,
                           fleet_removed=not failed)
+
+
+def _reached_at(task: Mapping[str, Any] | None, endpoint: str | None) -> str | None:
+    """The endpoint to record for a cluster running `task`: a TLS router's as an https:// URL (the launcher knows
+    only host:port), every other one as the launcher gave it."""
+    if endpoint is None or router_certfile(task) is None:
+        return endpoint
+    return "https://" + endpoint.split("://", 1)[-1]
 
 
 def _router_url(url: str) -> str:
