@@ -36,7 +36,8 @@ import matplotlib
 import pulp
 
 import melange_sky
-from melange_sky.deploy.offers import load_config
+from melange_sky.core.config import load_config
+from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.solver.model import SolverOptions
 from melange_sky.solver.sweep import Sweep, plot_sweep, rate_range, sweep
 from solve_bench import cpu_model, load_instance  # bench/, the script's directory
@@ -77,7 +78,7 @@ def main() -> None:
     print(f"| {os.cpu_count()} | {cpu_model()} | {platform.python_version()} | {melange_sky.__version__} | "
           f"{pulp.__version__} | {matplotlib.__version__} | {os.getloadavg()[0]:.1f} |\n")
 
-    config = load_config(EXAMPLE)
+    config = load_config(EXAMPLE, price=catalog_pricer())
     sweep(config, RATES[:2])  # warm: PuLP and HiGHS imported, not timed
     print(f"## Library: `sweep()` on examples/example.json, 50 rates ({RATES[0]:g} to {RATES[-1]:g} req/s), "
           f"seconds over {args.runs} runs\n")

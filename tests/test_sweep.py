@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 from melange_sky.core.config import with_overrides
-from melange_sky.deploy.offers import load_config
+from melange_sky.core.config import load_config
+from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.solver.model import SharedCap
 from melange_sky.solver.result import solve
 from melange_sky.solver.sweep import default_range, rate_range, sweep
@@ -36,7 +37,7 @@ def _row(stdout: str, rate: str) -> list[str]:
 
 def test_each_rate_matches_a_direct_solve_of_the_mix_split_and_single_types(cli):
     record = _json(cli, EXAMPLE_PATH, "--rates", "3,30,45,60")
-    config = load_config(EXAMPLE_PATH)
+    config = load_config(EXAMPLE_PATH, price=catalog_pricer())
     assert [p["rate"] for p in record["points"]] == [3, 30, 45, 60]
     for point in record["points"]:
         at_rate = with_overrides(config, rate=point["rate"])
@@ -93,7 +94,7 @@ def test_split_formulation_is_solved_once_per_rate(cli):
 
 
 def test_solve_options_are_honoured(cli):
-    config = with_overrides(load_config(EXAMPLE_PATH), rate=30, headroom=0.5)
+    config = with_overrides(load_config(EXAMPLE_PATH, price=catalog_pricer()), rate=30, headroom=0.5)
     point = _json(cli, EXAMPLE_PATH, "--rates", "30", "--headroom", "0.5", "--solver", "cbc")["points"][0]
     assert point["mix"]["cost"] == pytest.approx(solve(config, compare=False).cost)
     assert point["mix"]["cost"] > 6.7
@@ -125,7 +126,7 @@ def test_from_to_steps_spaces_rates_evenly_or_geometrically(cli):
     assert [p["rate"] for p in _json(cli, EXAMPLE_PATH, "--from", "1", "--to", "100", "--steps", "3",
                                      "--log")["points"]] == [1, 10, 100]
     assert rate_range(2, 60, 50)[-1] == 60 and len(rate_range(2, 60, 50)) == 50
-    config = load_config(EXAMPLE_PATH)
+    config = load_config(EXAMPLE_PATH, price=catalog_pricer())
     assert default_range(config, stop=50, steps=5) == [10, 20, 30, 40, 50]
     assert default_range(config, start=100, steps=2) == [100, 200]
 
@@ -185,7 +186,7 @@ def test_plot_without_matplotlib_says_which_extra_to_install(cli, tmp_path, monk
 
 
 def test_library_sweep_returns_records_in_rate_order():
-    result = sweep(load_config(EXAMPLE_PATH), [30, 3])
+    result = sweep(load_config(EXAMPLE_PATH, price=catalog_pricer()), [30, 3])
     assert result.rates == [3, 30]
     assert result.points[1].mix.cost == pytest.approx(6.7) and result.points[1].split.cost == pytest.approx(4.68)
     assert result.points[1].best_baseline is not None and result.points[1].best_baseline.gpu == "A100-80GB"
@@ -202,7 +203,7 @@ def test_sweep_help_imports_neither_the_solver_nor_matplotlib():
 
 
 def test_library_sweep_applies_shared_caps_as_solve_does():
-    config = load_config(EXAMPLE_PATH)
+    config = load_config(EXAMPLE_PATH, price=catalog_pricer())
     caps = [SharedCap("quota", (("A100-80GB", 1),), 1)]  # at most one A100-80GB GPU
     result = sweep(config, [30, 60], caps=caps)
     for point in result.points:
