@@ -6,10 +6,11 @@ prints "PORT <n>" once it listens (on 127.0.0.1). It answers POST /v1/completion
 (streaming or not) with `max_tokens` one-word tokens (16 without), reports usage with prompt_tokens = characters / 4
 (rounded up) of the prompt or of the chat's contents joined by newlines, and says which server answered in
 `served_by`. Knobs for tests (in-process): `gate` holds every stream after its first event until set; `hold` holds
-every generation request before it is answered at all (`held` counts those waiting); `cut` aborts
-a stream's connection after its first event; `status` answers every generation with that HTTP status; `healthy`
-False makes /health answer 503. `requests` keeps every generation request's JSON body; `disconnects` counts streams
-whose client went away before the end.
+every generation request before it is answered at all (`held` counts those waiting); `cut` aborts a stream's
+connection after its first event; `status` answers every generation with that HTTP status; `healthy` False makes
+/health answer 503. A `max_tokens` that is not an integer gets a plain-text 500 (a request that fails on every
+replica, as in issue 21). `requests` keeps every generation request's JSON body; `disconnects` counts streams whose
+client went away before the end.
 """
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ class FakeUpstream:
                                      status=self.status)
         chat = request.path.endswith("/chat/completions")
         n = body.get("max_completion_tokens", body.get("max_tokens", 16))
+        if not isinstance(n, int):  # a "query of death": what an aiohttp server answers when its handler raises
+            return web.Response(status=500, text="500 Internal Server Error\n\nServer got itself in trouble")
         usage = {"prompt_tokens": math.ceil(prompt_chars(body) / 4), "completion_tokens": n,
                  "total_tokens": math.ceil(prompt_chars(body) / 4) + n}
         if not body.get("stream"):

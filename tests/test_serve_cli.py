@@ -20,7 +20,7 @@ from conftest import REPO
 from fake_openai_upstream import FakeUpstream
 from test_serve_policy import DOC, body
 
-from melange_sky.deploy.offers import load_config
+from melange_sky.core.config import load_config
 from melange_sky.deploy.plan import make_plan
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.fleet.reconcile import new_replica

@@ -113,7 +113,7 @@ def test_a_stream_cut_after_it_began_ends_with_an_error_event_and_is_not_generat
     run(scenario)
 
 
-def test_a_failure_before_any_byte_is_retried_on_another_replica_and_the_replica_ejected():
+def test_a_failure_before_any_byte_is_retried_on_another_replica_and_three_in_a_row_eject_it():
     async def scenario():
         # ejected for a minute: its /health answers 200, and a probe must not re-admit it before the end
         async with Fleet(DOC, {"a100-0": "A100-80GB", "a100-1": "A100-80GB"}, eject_base_s=60) as fleet, \
@@ -124,12 +124,16 @@ def test_a_failure_before_any_byte_is_retried_on_another_replica_and_the_replica
                 status, headers, raw = await post(session, fleet.url, Kind.COMPLETIONS,
                                                   {**body(Kind.COMPLETIONS, 1, 1), "stream": stream})
                 assert status == 200, raw
-            assert len(broken.requests) == 2  # two 500s in a row eject it
+            # three 500s in a row, each to a request the other replica then served, eject it
+            assert len(broken.requests) == 3
             assert fleet.router.replicas["a100-0"].ejected
-            assert any("ejected a100-0 (A100-80GB" in line and "HTTP 500" in line for line in fleet.logs)
+            assert any("ejected a100-0 (A100-80GB" in line and "HTTP 500" in line and "consecutive_5xx" in line
+                       for line in fleet.logs)
             metrics = await (await session.get(fleet.url + "/metrics")).text()
-            assert 'melange_retries_total{gpu="A100-80GB"} 2.0' in metrics
-            assert 'melange_upstream_errors_total{gpu="A100-80GB",kind="status_5xx",replica="a100-0"} 2.0' in metrics
+            assert 'melange_retries_total{gpu="A100-80GB"} 3.0' in metrics
+            assert 'melange_upstream_errors_total{gpu="A100-80GB",kind="status_5xx",replica="a100-0"} 3.0' in metrics
+            assert 'melange_ejections_total{gpu="A100-80GB",reason="consecutive_5xx"} 1.0' in metrics
+            assert 'melange_ejected_replicas{gpu="A100-80GB",reason="outlier"} 1.0' in metrics
 
     run(scenario)
 
@@ -146,7 +150,7 @@ def test_a_type_with_no_healthy_replica_spills_to_types_that_can_serve_the_bucke
             assert gpus == {"A10G": 10, "L4": 10}
             routes = await (await session.get(fleet.url + "/routes")).json()
             state = {r["name"]: r for r in routes["replicas"]}
-            assert state["a100-0"]["state"] == "ejected" and "Connection refused" in state["a100-0"]["last_error"]
+            assert state["a100-0"]["state"] == "down" and "Connection refused" in state["a100-0"]["last_error"]
             metrics = await (await session.get(fleet.url + "/metrics")).text()
             assert 'melange_spills_total{bucket="1:1",gpu="A10G"} 10.0' in metrics
 

@@ -14,7 +14,7 @@ from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES
 from melange_sky.core.config import load_config
 from melange_sky.errors import ServeError
 from melange_sky.serve.observed import ObservedWorkload
-from melange_sky.serve.policy import NoReplica, Replica, SizeAwarePolicy, make_policy
+from melange_sky.serve.policy import NoReplica, Replica, SizeAwarePolicy
 from melange_sky.serve.routes import (bucket_edges, name_replicas, normalise_url, parse_replica_arg, parse_routes,
                                       routes_from_plan, routes_from_solve)
 from melange_sky.serve.tokens import Kind, Sizer, load_tokenizer, output_tokens
@@ -56,9 +56,7 @@ MAX_TOKENS = {0: 20, 1: 200}
 def make(doc=None, seed=0) -> SizeAwarePolicy:
     routes = parse_routes(copy.deepcopy(doc or DOC))
     replicas = [Replica(r.name, r.gpu, r.url) for r in routes.replicas]
-    policy = make_policy("size", routes, replicas, Sizer(), random.Random(seed))
-    assert isinstance(policy, SizeAwarePolicy)
-    return policy
+    return SizeAwarePolicy(routes, replicas, Sizer(), random.Random(seed))
 
 
 def body(kind: Kind, row: int, col: int | None, **extra) -> dict:
@@ -157,13 +155,14 @@ def test_with_no_planned_type_left_types_that_can_serve_the_bucket_take_it():
 def test_no_replica_that_can_serve_the_bucket_is_refused_with_the_reason():
     policy = make()
     a100 = replica(policy, "a100-0")
-    a100.ejected, a100.last_error = True, "cannot connect: Connection refused"
+    a100.ejected = a100.down = True
+    a100.last_error = "cannot connect: Connection refused"
     target = policy.target(body(Kind.COMPLETIONS, 2, 1), Kind.COMPLETIONS)
     with pytest.raises(NoReplica) as info:
         policy.choose(target)
     reason = info.value.reason
     assert "(bucket 2:1: input 1000-4000, output 50-500 tokens)" in reason
-    assert "A100-80GB: 1 of 1 replica(s) ejected (last error: cannot connect: Connection refused)" in reason
+    assert "A100-80GB: 1 replica(s), 1 down (last error: cannot connect: Connection refused)" in reason
     assert "A10G cannot serve it (tputs 0)" in reason and "L4 cannot serve it (tputs 0)" in reason
 
 
@@ -248,29 +247,6 @@ def test_without_the_tokenizers_package_the_error_says_what_to_install(monkeypat
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ServeError, match=r"pip install 'melange-sky\[tokenizers\]'"):
         load_tokenizer(tmp_path / "tokenizer.json")
-
-
-# ---- replica health --------------------------------------------------------------------------------------------------
-def test_a_refused_connection_ejects_at_once_and_probes_back_off_exponentially():
-    r = Replica("a", "A10G", "http://x")
-    assert r.fail(100.0, "cannot connect", hard=True, base=1, cap=5)
-    assert r.ejected and r.retry_at == 101.0
-    r.probed(101.0, ok=False, reason="GET /health: HTTP 503", base=1, cap=5)
-    assert r.retry_at == 103.0 and r.last_error == "GET /health: HTTP 503"
-    r.probed(103.0, ok=False, base=1, cap=5)
-    assert r.retry_at == 107.0
-    r.probed(107.0, ok=False, base=1, cap=5)
-    assert r.retry_at == 112.0  # capped at 5 s
-    r.probed(112.0, ok=True)
-    assert not r.ejected and r.failures == 0 and r.ejections == 0
-
-
-def test_soft_failures_eject_only_when_repeated():
-    r = Replica("a", "A10G", "http://x")
-    assert not r.fail(0.0, "the server closed the connection", hard=False)
-    r.succeed()
-    assert not r.fail(0.0, "HTTP 500", hard=False)
-    assert r.fail(0.0, "HTTP 500", hard=False) and r.ejected
 
 
 # ---- the routes document ---------------------------------------------------------------------------------------------

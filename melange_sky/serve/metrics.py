@@ -1,10 +1,11 @@
 """The router's Prometheus metrics (`GET /metrics`), all named `melange_*`, in a registry of its own per router.
 
-Counted on the data path: requests by bucket, GPU type and status; upstream errors by replica and kind; retries;
-spills; the router's added latency; estimated and reported prompt tokens. Read at scrape time from the router's
-state (so nothing is updated per request): requests in flight per replica, whether each replica takes traffic, the
-prompt-token correction factor per endpoint, the routes' generation and the requests still draining on replicas
-the routes no longer have.
+Counted on the data path: requests by bucket, GPU type and status; upstream errors by replica and kind; retries,
+retries the budget refused, requests that failed on two replicas; ejections by GPU type and reason; requests routed
+in panic; spills; the router's added latency; estimated and reported prompt tokens. Read at scrape time from the
+router's state (so nothing is updated per request): requests in flight per replica, whether each replica takes
+traffic, the replicas out of rotation per GPU type, the prompt-token correction factor per endpoint, the routes'
+generation and the requests still draining on replicas the routes no longer have.
 """
 from __future__ import annotations
 
@@ -33,9 +34,19 @@ class _Live(Collector):
         in_flight = GaugeMetricFamily("melange_in_flight", "Requests in flight per replica", labels=["replica", "gpu"])
         up = GaugeMetricFamily("melange_replica_up", "1 if the replica takes traffic, 0 while ejected",
                                labels=["replica", "gpu"])
+        ejected = GaugeMetricFamily("melange_ejected_replicas", "Replicas out of rotation now, by GPU type and reason "
+                                    "(unreachable: the connection failed; outlier: failures in a row)",
+                                    labels=["gpu", "reason"])
+        out: dict[tuple[str, str], int] = {}
         for replica in state["replicas"]:
             in_flight.add_metric([replica.name, replica.gpu], replica.in_flight)
             up.add_metric([replica.name, replica.gpu], 0 if replica.ejected else 1)
+            for reason in ("unreachable", "outlier"):
+                out.setdefault((replica.gpu, reason), 0)
+            if replica.ejected:
+                out[(replica.gpu, "unreachable" if replica.down else "outlier")] += 1
+        for (gpu, reason), count in sorted(out.items()):
+            ejected.add_metric([gpu, reason], count)
         correction = GaugeMetricFamily("melange_prompt_token_correction", "Factor applied to chars/4 (or the "
                                        "tokenizer's count) to estimate prompt tokens, learnt from reported usage",
                                        labels=["endpoint"])
@@ -49,7 +60,9 @@ class _Live(Collector):
         retired = GaugeMetricFamily("melange_retired_in_flight", "Requests in flight on replicas the routes no "
                                     "longer have (they finish; nothing new goes there)")
         retired.add_metric([], state["retired_in_flight"])
-        yield from (in_flight, up, correction, draining, generation, retired)
+        budget = GaugeMetricFamily("melange_retries_in_flight", "Retries in flight now (what the retry budget bounds)")
+        budget.add_metric([], state["retries_in_flight"])
+        yield from (in_flight, up, ejected, budget, correction, draining, generation, retired)
 
 
 class Metrics:
@@ -67,6 +80,15 @@ class Metrics:
                                registry=r)
         self._retries = Counter("melange_retries", "Requests sent again to another replica after a failure before "
                                 "any byte reached the client, by the GPU type that failed", ["gpu"], registry=r)
+        self._budget = Counter("melange_retry_budget_exhausted", "Retries not made because the retry budget was spent "
+                               "(retries in flight at their limit)", registry=r)
+        self._poison = Counter("melange_poison_requests", "Requests answered 5xx by two replicas: not retried "
+                               "further, and charged to no replica", ["bucket"], registry=r)
+        self._ejections = Counter("melange_ejections", "Replicas taken out of rotation, by GPU type and reason "
+                                  "(unreachable, consecutive_gateway_failure, consecutive_5xx)", ["gpu", "reason"],
+                                  registry=r)
+        self._panics = Counter("melange_panic_routed", "Requests routed while too few of their bucket's replicas were "
+                               "healthy (ejections ignored: the panic threshold)", ["bucket"], registry=r)
         self._spills = Counter("melange_spills", "Requests served by another GPU type than the plan's round-robin "
                                "would pick, because a planned type had no available replica", ["bucket", "gpu"],
                                registry=r)
@@ -95,6 +117,18 @@ class Metrics:
 
     def retry(self, gpu: str) -> None:
         self._child(self._retries, gpu).inc()
+
+    def budget_exhausted(self) -> None:
+        self._budget.inc()
+
+    def poison(self, bucket: str) -> None:
+        self._child(self._poison, bucket).inc()
+
+    def ejection(self, gpu: str, reason: str) -> None:
+        self._child(self._ejections, gpu, reason).inc()
+
+    def panic(self, bucket: str) -> None:
+        self._child(self._panics, bucket).inc()
 
     def spill(self, bucket: str, gpu: str) -> None:
         self._child(self._spills, bucket, gpu).inc()

@@ -1,6 +1,6 @@
 """Which replica serves a request: the routing policy, apart from the data path, so it is tested without a socket.
 
-The size-aware policy (`size`, the default) does what the plan assumes:
+The size-aware policy does what the plan assumes:
 
 1. **Bucket**: the request's input tokens (`tokens.Sizer`) and its `max_tokens` pick a bucket with the bucket rules
    of `core.buckets` (lengths past the edges go to the nearest bucket, as `workload` counts them). Without an output
@@ -13,77 +13,70 @@ The size-aware policy (`size`, the default) does what the plan assumes:
 3. **Spill beyond the plan**: when no type with a share is available, types that can serve the bucket (tputs > 0)
    take it in proportion to their planned capacity for it. When none can, the request is refused with the reason.
 4. **Replica**: the one of the type with the fewest requests in flight; ties broken at random.
+5. **Panic**: replicas out of rotation take no part, but when fewer than half (`panic_percent`) of the replicas
+   that can serve a lane are healthy, its ejected replicas count as available again (Envoy's panic threshold):
+   ejections may be wrong, and the plan's shares piled onto the few left would overload them. Replicas that are
+   *down* (their connection failed) never do.
 
-Replica health (ejection with exponential backoff, re-admission after a good probe) is plain state on `Replica`,
-changed by the data path; the policy only reads it.
+Replica health is plain state on `Replica`, changed by `outliers.OutlierDetector`; the policy only reads it.
 """
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, NamedTuple
 
 from melange_sky.core.buckets import Bucketer
 from melange_sky.core.config import Bucket
 from melange_sky.serve.routes import Routes
 from melange_sky.serve.tokens import Kind, Sizer, output_tokens
 
-#: Connection-level failures that are not a refused connection (a reset, a timeout, a 5xx) eject a replica only
-#: after this many in a row: one stale keep-alive connection is no reason to stop sending to a server.
-SOFT_FAILURES_TO_EJECT = 2
-DEFAULT_EJECT_BASE_S = 1.0
-DEFAULT_EJECT_MAX_S = 60.0
+#: Envoy's default panic threshold: below this share of healthy replicas, a lane stops trusting ejections.
+DEFAULT_PANIC_PERCENT = 50.0
 
-__all__ = ["Choice", "Lane", "NoReplica", "NoRoutesPolicy", "Policy", "Replica", "SizeAwarePolicy", "Target",
-           "make_policy"]
+__all__ = ["Choice", "Lane", "NoReplica", "NoRoutesPolicy", "Policy", "Replica", "Rotation", "SizeAwarePolicy",
+           "Target"]
 
 
 @dataclass(eq=False)
 class Replica:
-    """A server behind the router and what the router knows of it right now."""
+    """A server behind the router and what the router knows of it right now (`outliers.OutlierDetector` changes
+    its health; the policy only reads `ejected` and `down`)."""
 
     name: str
     gpu: str
     url: str
     in_flight: int = 0
-    ejected: bool = False
-    failures: int = 0  # failures in a row
-    ejections: int = 0  # ejections in a row (each doubles the wait before the next probe)
+    ejected: bool = False  # out of rotation (down, or an outlier) until a probe re-admits it
+    down: bool = False  # out because its connection failed (a fact: even a panicking lane sends nothing there)
+    failures: int = 0  # connection-level failures in a row (resets, timeouts, empty streams)
+    strikes: int = 0  # 5xx answers in a row that another replica did not give to the same request
+    backoff: int = 0  # ejections and failed probes in a row: each doubles the wait before the next probe
+    ejections: int = 0  # ejections so far
+    capped: int = 0  # ejections the cap on its GPU type prevented
+    readmitted_at: float | None = None
     retry_at: float = 0.0  # while ejected: when to probe GET /health again (monotonic seconds)
     last_error: str | None = None
     served: int = 0  # requests sent to it
 
-    def fail(self, now: float, reason: str, hard: bool, base: float = DEFAULT_EJECT_BASE_S,
-             cap: float = DEFAULT_EJECT_MAX_S) -> bool:
-        """Count a failure; eject on a hard one (connection refused) or after a few soft ones. True if ejected now."""
-        self.last_error = reason
-        self.failures += 1
-        if self.ejected or not (hard or self.failures >= SOFT_FAILURES_TO_EJECT):
-            return False
-        self.ejected = True
-        self.retry_at = now + min(base * 2 ** self.ejections, cap)
-        self.ejections += 1
-        return True
-
-    def succeed(self) -> None:
-        self.failures = 0
-
-    def probed(self, now: float, ok: bool, reason: str | None = None, base: float = DEFAULT_EJECT_BASE_S,
-               cap: float = DEFAULT_EJECT_MAX_S) -> None:
-        """The outcome of a health probe while ejected: re-admit, or wait twice as long before the next one."""
-        if ok:
-            self.ejected, self.failures, self.ejections = False, 0, 0
-            return
-        self.last_error = reason or self.last_error
-        self.retry_at = now + min(base * 2 ** self.ejections, cap)
-        self.ejections += 1
+    @property
+    def state(self) -> str:
+        return "down" if self.down else "ejected" if self.ejected else "up"
 
     def to_dict(self, now: float) -> dict[str, Any]:
-        return {"name": self.name, "gpu": self.gpu, "url": self.url,
-                "state": "ejected" if self.ejected else "up", "in_flight": self.in_flight, "served": self.served,
-                "failures_in_a_row": self.failures, "last_error": self.last_error,
+        return {"name": self.name, "gpu": self.gpu, "url": self.url, "state": self.state,
+                "in_flight": self.in_flight, "served": self.served, "failures_in_a_row": self.failures,
+                "5xx_in_a_row": self.strikes, "ejections": self.ejections, "last_error": self.last_error,
                 "next_probe_in_s": round(max(self.retry_at - now, 0.0), 3) if self.ejected else None}
+
+
+@dataclass
+class Rotation:
+    """How many replicas are out of rotation now, shared by the outlier detector (which keeps it) and the policy
+    (which looks at a lane's health only when it is not 0: the common case costs one attribute read)."""
+
+    out: int = 0
 
 
 @dataclass(eq=False)
@@ -98,6 +91,7 @@ class Lane:
     unservable: tuple[str, ...]  # types whose tputs say they cannot serve it
     scores: dict[str, float] = field(default_factory=dict)
     spill_scores: dict[str, float] = field(default_factory=dict)
+    members: list[Replica] = field(default_factory=list)  # the replicas of its plan and spill types
 
     def shares(self) -> dict[str, float]:
         total = sum(w for _, w in self.plan)
@@ -119,6 +113,7 @@ class Target(NamedTuple):
 class Choice(NamedTuple):
     replica: Replica
     spilled: bool  # a planned type of the lane was unavailable, or none was and a type without a share took it
+    panic: bool = False  # too few of the lane's replicas were healthy: ejections were ignored
 
 
 class NoReplica(Exception):
@@ -130,23 +125,12 @@ class NoReplica(Exception):
 
 
 class Policy:
-    """A routing policy: sizes a request (`target`) and picks its replica (`choose`). Subclasses register under
-    their `name`, so `--policy NAME` (and a routes push) can name one."""
+    """A routing policy: sizes a request (`target`) and picks its replica (`choose`), given the routes and the
+    replicas (whose health it reads, never changes). The router holds one, rebuilt at each swap of the routes.
 
-    registry: ClassVar[dict[str, type[Policy]]] = {}
-    name: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.name:
-            Policy.registry[cls.name] = cls
-
-    def __init__(self, routes: Routes, replicas: Sequence[Replica], sizer: Sizer,
-                 rng: random.Random | None = None):
-        self.routes = routes
-        self.replicas = list(replicas)
-        self.sizer = sizer
-        self.rng = rng or random.Random()
+    `SizeAwarePolicy` routes requests (the plan's shares); `NoRoutesPolicy` stands in until a router has routes.
+    A new policy is a subclass with these two methods, built where the router builds `SizeAwarePolicy`
+    (`Router.swap`): there is no registry by name and no `--policy` flag while one policy routes."""
 
     def target(self, body: dict[str, Any], kind: Kind) -> Target:
         raise NotImplementedError
@@ -155,21 +139,11 @@ class Policy:
         raise NotImplementedError
 
 
-def make_policy(name: str, routes: Routes, replicas: Sequence[Replica], sizer: Sizer,
-                rng: random.Random | None = None) -> Policy:
-    try:
-        cls = Policy.registry[name]
-    except KeyError:
-        raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(sorted(Policy.registry))}") \
-            from None
-    return cls(routes, replicas, sizer, rng)
-
-
 class NoRoutesPolicy(Policy):
     """A router without routes yet (`serve --pushed` before the first `PUT /admin/routes`): every request is refused
-    with `reason`. Not registered: no one chooses it by name."""
+    with `reason`."""
 
-    def __init__(self, reason: str):  # no routes, no replicas: none of Policy's state
+    def __init__(self, reason: str):
         self.why = reason
         self.lane = Lane("none", "no routes", [], [], ())
 
@@ -181,13 +155,19 @@ class NoRoutesPolicy(Policy):
 
 
 class SizeAwarePolicy(Policy):
-    """The plan's shares per bucket, by smooth weighted round-robin; spills; least-in-flight replica."""
+    """The plan's shares per bucket, by smooth weighted round-robin; spills; least-in-flight replica; and, when
+    fewer than `panic_percent` % of the replicas that can serve a lane are healthy, ejections ignored for it.
 
-    name = "size"
+    `rotation` is shared with the outlier detector (see `Rotation`); without one, the policy counts for itself."""
 
-    def __init__(self, routes: Routes, replicas: Sequence[Replica], sizer: Sizer,
-                 rng: random.Random | None = None):
-        super().__init__(routes, replicas, sizer, rng)
+    def __init__(self, routes: Routes, replicas: Sequence[Replica], sizer: Sizer, rng: random.Random | None = None,
+                 panic_percent: float = DEFAULT_PANIC_PERCENT, rotation: Rotation | None = None):
+        self.routes = routes
+        self.replicas = list(replicas)
+        self.sizer = sizer
+        self.rng = rng or random.Random()
+        self.panic_percent = panic_percent
+        self.rotation = rotation
         self.by_gpu: dict[str, list[Replica]] = {g.name: [] for g in routes.gpus}
         for replica in self.replicas:
             if replica.gpu in self.by_gpu:
@@ -197,6 +177,8 @@ class SizeAwarePolicy(Policy):
         rows, cols = routes.shape
         self.lanes = {(i, j): self._bucket_lane((i, j)) for i in range(rows) for j in range(cols)}
         self.rows = {i: self._row_lane(i) for i in range(rows)}
+        for lane in (*self.lanes.values(), *self.rows.values()):
+            lane.members = [r for gpu, _ in lane.plan + lane.spill for r in self.by_gpu.get(gpu, ())]
 
     # -- lanes -------------------------------------------------------------------------------------------------------
     def _capacity(self, gpu_name: str, bucket: Bucket) -> float:
@@ -245,29 +227,42 @@ class SizeAwarePolicy(Policy):
 
     def choose(self, target: Target, exclude: Sequence[Replica] = ()) -> Choice:
         lane = target.lane
-        gpu, skipped = self._round_robin(lane.plan, lane.scores, exclude)
+        panic = (self.rotation is None or self.rotation.out > 0) and self.panicking(lane)
+        gpu, skipped = self._round_robin(lane.plan, lane.scores, exclude, panic)
         if gpu is None:
-            gpu, _ = self._round_robin(lane.spill, lane.spill_scores, exclude)
+            gpu, _ = self._round_robin(lane.spill, lane.spill_scores, exclude, panic)
             if gpu is None:
                 raise NoReplica(self.reason(lane, exclude))
             skipped = True
-        return Choice(self._least_loaded(gpu, exclude), skipped)
+        return Choice(self._least_loaded(gpu, exclude, panic), skipped, panic)
 
-    def available(self, gpu: str, exclude: Sequence[Replica] = ()) -> bool:
+    def panicking(self, lane: Lane) -> bool:
+        """Envoy's panic threshold over the replicas that can serve the lane (down ones aside: they cannot take a
+        request either way): when fewer than `panic_percent` % of them are healthy, ejections are not trusted, and
+        the plan's shares go to every replica that is not down, rather than piling onto the few left."""
+        reachable = healthy = 0
+        for replica in lane.members:
+            if not replica.down:
+                reachable += 1
+                if not replica.ejected:
+                    healthy += 1
+        return healthy < reachable and healthy * 100 < self.panic_percent * reachable
+
+    def available(self, gpu: str, exclude: Sequence[Replica] = (), panic: bool = False) -> bool:
         for replica in self.by_gpu.get(gpu, ()):  # a plain loop: this runs for every type of a lane, per request
-            if not replica.ejected and replica not in exclude:
+            if not (replica.down if panic else replica.ejected) and replica not in exclude:
                 return True
         return False
 
     def _round_robin(self, weights: list[tuple[str, float]], scores: dict[str, float],
-                     exclude: Sequence[Replica]) -> tuple[str | None, bool]:
+                     exclude: Sequence[Replica], panic: bool) -> tuple[str | None, bool]:
         """Smooth weighted round-robin among the available types: (the pick, whether a type was unavailable)."""
         best: str | None = None
         best_score = 0.0
         total = 0.0
         skipped = False
         for gpu, weight in weights:
-            if not self.available(gpu, exclude):
+            if not self.available(gpu, exclude, panic):
                 skipped = True
                 continue
             score = scores.get(gpu, 0.0) + weight
@@ -279,11 +274,11 @@ class SizeAwarePolicy(Policy):
             scores[best] = best_score - total
         return best, skipped
 
-    def _least_loaded(self, gpu: str, exclude: Sequence[Replica]) -> Replica:
+    def _least_loaded(self, gpu: str, exclude: Sequence[Replica], panic: bool) -> Replica:
         least: list[Replica] = []
         low = 0
         for replica in self.by_gpu[gpu]:
-            if replica.ejected or replica in exclude:
+            if (replica.down if panic else replica.ejected) or replica in exclude:
                 continue
             if not least or replica.in_flight < low:
                 least, low = [replica], replica.in_flight
@@ -299,9 +294,11 @@ class SizeAwarePolicy(Policy):
             if not replicas:
                 parts.append(f"{gpu} has no replica")
                 continue
-            ejected = [r for r in replicas if r.ejected]
+            ejected = [r for r in replicas if r.ejected and not r.down]
+            down = [r for r in replicas if r.down]
             tried = [r for r in replicas if r in exclude and not r.ejected]
-            state = f"{gpu}: {len(ejected)} of {len(replicas)} replica(s) ejected"
+            counts = [f"{len(down)} down"] * bool(down) + [f"{len(ejected)} ejected"] * bool(ejected)
+            state = f"{gpu}: {len(replicas)} replica(s), " + (", ".join(counts) or "none out of rotation")
             if tried:
                 state += f", {len(tried)} already tried for this request"
             errors = sorted({r.last_error for r in replicas if r.last_error})

@@ -7,12 +7,14 @@ pool sized for many concurrent streams; no access log.
 
 Failures:
 - A connection error or a 5xx before any byte went to the client: the request goes to another replica (another GPU
-  type if needed), up to `retries` more times. A stream's response starts only with its first upstream chunk, so an
-  upstream that fails before producing anything is retried too.
+  type if needed), up to `retries` more times, each retry drawn from the retry budget (`outliers.RetryBudget`). A
+  stream's response starts only with its first upstream chunk, so an upstream that fails before producing anything
+  is retried too. A request answered 5xx by two replicas is not tried again (a "query of death": it counts against
+  no replica). When every try failed, the client gets 502 (504 after a timeout) naming the last failure.
 - After a stream began, the client has part of a generation: the stream ends with an error event, never a second
   generation.
-- A failing replica is ejected (at once when its connection is refused, after two failures in a row otherwise) and
-  re-probed at `GET /health` with exponential backoff; a good probe re-admits it.
+- Which replica leaves the rotation, within which limits, and how it comes back: `outliers.OutlierDetector`; the
+  probes (`GET /health`) run here.
 - A client that disconnects cancels its handler (aiohttp's handler cancellation), which closes the upstream
   connection, so the replica stops generating.
 - SIGTERM (or Ctrl-C): stop accepting, let in-flight requests finish up to `drain_s`, then exit.
@@ -50,7 +52,9 @@ from melange_sky.deploy.membership import ADMIN_ROUTES_PATH, ADMIN_TOKEN_ENV, MA
 from melange_sky.errors import MelangeError, ServeError
 from melange_sky.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from melange_sky.serve.observed import ObservedWorkload
-from melange_sky.serve.policy import NoReplica, NoRoutesPolicy, Policy, Replica, Target, make_policy
+from melange_sky.serve.openai_errors import error_body, upstream_message
+from melange_sky.serve.outliers import Ejection, OutlierDetector, OutlierSettings, RetryBudget
+from melange_sky.serve.policy import NoReplica, NoRoutesPolicy, Policy, Replica, Rotation, SizeAwarePolicy, Target
 from melange_sky.serve.routes import Routes, RoutesSource, parse_routes
 from melange_sky.serve.settings import ServeSettings
 from melange_sky.serve.tokens import Kind, Sizer
@@ -83,21 +87,29 @@ def _stderr(line: str) -> None:
 def _error(status: int, message: str, kind: str, code: str | int | None = None,
            headers: dict[str, str] | None = None) -> web.Response:
     """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-    body = orjson.dumps({"error": {"message": message, "type": kind, "param": None,
-                                   "code": code if code is not None else status}})
+    body = error_body(message, kind, code if code is not None else status)
     return web.Response(body=body, status=status, headers={"Content-Type": JSON, **(headers or {})})
 
 
 @dataclass
 class _Failure:
-    """An attempt that failed before any byte reached the client: what to answer if no retry succeeds."""
+    """An attempt that failed before any byte reached the client. `status` is the upstream's 5xx when it answered
+    one (`reply`), else 0; `detail` says what happened, for the log and the client's error."""
 
-    status: int
-    body: bytes
-    content_type: str = JSON
+    replica: Replica
+    detail: str
+    kind: str  # the upstream error kind (metrics): connect, disconnect, timeout, empty, status_5xx
+    status: int = 0
 
-    def response(self) -> web.Response:
-        return web.Response(body=self.body, status=self.status, headers={"Content-Type": self.content_type})
+    @property
+    def reply(self) -> bool:
+        return self.status > 0
+
+
+#: Why the router stopped trying other replicas before it ran out of them or of --retries.
+_POISON = ("; two replicas answered it with a 5xx, so the router tried no other (the request itself may be what "
+           "fails; it counts against no replica)")
+_BUDGET = "; the retry budget is spent (too many retries in flight at once), so the router tried no other"
 
 
 class Router:
@@ -136,6 +148,12 @@ class Router:
         self.routes: Routes | None = None
         self.policy: Policy = NoRoutesPolicy(NO_ROUTES)
         self.observed = ObservedWorkload((0, 1), (0, 1), settings.window_s, clock)  # replaced by the first routes
+        self.rotation = Rotation()
+        self.outliers = OutlierDetector(OutlierSettings(
+            consecutive_5xx=settings.consecutive_5xx, consecutive_gateway_failure=settings.consecutive_gateway_failure,
+            max_ejection_percent=settings.max_ejection_percent, base_s=settings.eject_base_s,
+            max_s=settings.eject_max_s), self.rotation)
+        self.budget = RetryBudget(settings.retry_budget_percent, settings.retry_budget_min)
         self._loaded: dict[str, Any] | None = None  # the source's last table, to tell its changes from pushes
         if routes is not None:
             self.swap(routes)
@@ -162,8 +180,10 @@ class Router:
         changes.extend(f"- {r.name} ({r.gpu}) {r.url}" + (f", draining {r.in_flight} request(s) in flight"
                                                           if r.in_flight else "") for r in removed)
         previous = self.routes
-        self.policy = make_policy(self.settings.policy, routes, replicas, self.sizer, self.rng)
+        self.policy = SizeAwarePolicy(routes, replicas, self.sizer, self.rng, self.settings.panic_percent,
+                                      self.rotation)
         self.replicas = {r.name: r for r in replicas}
+        self.outliers.track(replicas)
         self.retired = [r for r in (*self.retired, *removed) if id(r) not in kept and r.in_flight > 0]
         if previous is None or (previous.input_edges, previous.output_edges) != (routes.input_edges,
                                                                                 routes.output_edges):
@@ -208,7 +228,7 @@ class Router:
     def _live_state(self) -> dict[str, Any]:
         return {"replicas": list(self.replicas.values()), "corrections": dict(self.sizer.corrections),
                 "draining": self.draining, "generation": self.generation,
-                "retired_in_flight": sum(r.in_flight for r in self.retired)}
+                "retired_in_flight": sum(r.in_flight for r in self.retired), "retries_in_flight": self.budget.active}
 
     # -- the application ---------------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -300,6 +320,9 @@ class Router:
         self._later(observed.arrival)
         tried: list[Replica] = []
         failure: _Failure | None = None
+        answered_5xx: list[_Failure] = []  # this request's 5xx answers, judged once another replica answers it
+        why = ""
+        retrying = 0
         gpu = "none"
         self.in_flight += 1
         try:
@@ -313,12 +336,19 @@ class Router:
                     if failure is not None:
                         break
                     self.metrics.request(target.lane.label, "none", 503)
-                    return _error(503, exc.reason, "service_unavailable")
+                    return _error(503, exc.reason, "service_unavailable", "no_replica")
                 replica = choice.replica
                 if attempt:
+                    if not self.budget.acquire(self.in_flight):
+                        self.metrics.budget_exhausted()
+                        why = _BUDGET
+                        break
+                    retrying += 1
                     self.metrics.retry(tried[-1].gpu)
                 if choice.spilled:
                     self.metrics.spill(target.lane.label, replica.gpu)
+                if choice.panic:
+                    self.metrics.panic(target.lane.label)
                 tried.append(replica)
                 gpu = replica.gpu
                 replica.in_flight += 1
@@ -331,16 +361,36 @@ class Router:
                 finally:
                     replica.in_flight -= 1
                 if not isinstance(outcome, _Failure):
+                    for earlier in answered_5xx:  # another replica answered what these failed: they are at fault
+                        self._record(self.outliers.confirmed_5xx(earlier.replica, earlier.detail,
+                                                                          time.monotonic()))
                     return outcome
                 failure = outcome
+                if failure.reply:
+                    answered_5xx.append(failure)
+                    if len(answered_5xx) >= 2:  # a "query of death": the request's fault, not the replicas'
+                        self.metrics.poison(target.lane.label)
+                        why = _POISON
+                        break
             assert failure is not None
-            self.metrics.request(target.lane.label, gpu, failure.status)
-            return failure.response()
+            answer = self._gave_up(failure, len(tried), why)
+            self.metrics.request(target.lane.label, gpu, answer.status)
+            return answer
         except asyncio.CancelledError:  # the client went away (or the drain deadline passed)
             self.metrics.request(target.lane.label, gpu, 499)
             raise
         finally:
             self.in_flight -= 1
+            for _ in range(retrying):
+                self.budget.release()
+
+    def _gave_up(self, failure: _Failure, tries: int, why: str) -> web.Response:
+        """Every try failed: 502 (504 when the last one timed out), naming the last failure."""
+        status = 504 if failure.kind == "timeout" else 502
+        message = (f"no replica could serve this request ({tries} tr{'y' if tries == 1 else 'ies'}); the last: "
+                   f"{failure.detail}{why}")
+        return _error(status, message, "upstream_error" if status == 502 else "timeout_error",
+                      "upstream_failed" if status == 502 else "upstream_timeout")
 
     def _headers(self, replica: Replica, target: Target, content_type: str) -> dict[str, str]:
         return {"Content-Type": content_type, "X-Melange-Gpu": replica.gpu, "X-Melange-Bucket": target.lane.label}
@@ -359,8 +409,8 @@ class Router:
             return self._failed(replica, exc)
         received = time.perf_counter()
         if status >= 500:
-            return self._failed_status(replica, status, data, content_type)
-        replica.succeed()
+            return self._failed_status(replica, status, data)
+        self.outliers.answered(replica)
         response = web.Response(body=data, status=status, headers=self._headers(replica, target, content_type))
         self._later(self._answered, target, replica.gpu, status, data if status == 200 else None,
                     (sent - start) + (time.perf_counter() - received))
@@ -390,8 +440,8 @@ class Router:
                     data = await upstream.read()
                     content_type = upstream.headers.get("Content-Type", JSON)
                     if upstream.status >= 500:
-                        return self._failed_status(replica, upstream.status, data, content_type)
-                    replica.succeed()
+                        return self._failed_status(replica, upstream.status, data)
+                    self.outliers.answered(replica)
                     self.metrics.request(target.lane.label, replica.gpu, upstream.status)
                     return web.Response(body=data, status=upstream.status,
                                         headers=self._headers(replica, target, content_type))
@@ -420,7 +470,7 @@ class Router:
             return await self._cut(target, replica, out, exc, tail)
         if out is None:
             return self._failed(replica, None)
-        replica.succeed()
+        self.outliers.answered(replica)
         with contextlib.suppress(ConnectionError):
             await out.write_eof()
         self._later(self._streamed, target, replica.gpu, tail, events)
@@ -435,7 +485,8 @@ class Router:
                    tail: list[bytes]) -> web.StreamResponse:
         """The upstream broke after the stream began: end it with an error event (never a second generation)."""
         reason = _describe(exc)
-        self._record_failure(replica, reason, "stream_cut", hard=False)
+        self.metrics.upstream_error(replica.name, replica.gpu, "stream_cut")
+        self._record(self.outliers.gateway_failure(replica, reason, time.monotonic()))
         event = orjson.dumps({"error": {"message": f"the replica serving this stream failed: {reason}",
                                         "type": "server_error", "param": None, "code": 502}})
         separator = b"" if not tail or tail[-1].endswith(b"\n\n") else b"\n\n"
@@ -450,26 +501,34 @@ class Router:
         return out  # leaving the upstream block closes the upstream connection: the replica stops generating
 
     def _failed(self, replica: Replica, exc: BaseException | None) -> _Failure:
+        """A connection-level failure: counted against the replica at once (down when it cannot be reached)."""
         if exc is None:
-            reason, kind, hard = "the stream ended before any data", "empty", False
+            reason, kind = "the stream ended before any data", "empty"
         else:
             reason, kind = _describe(exc), _error_kind(exc)
-            hard = isinstance(exc, aiohttp.ClientConnectorError)  # refused, unreachable, unknown host
-        self._record_failure(replica, reason, kind, hard)
-        body = orjson.dumps({"error": {"message": f"replica {replica.name} ({replica.gpu}) failed: {reason}",
-                                       "type": "server_error", "param": None, "code": 502}})
-        return _Failure(502, body)
-
-    def _failed_status(self, replica: Replica, status: int, data: bytes, content_type: str) -> _Failure:
-        self._record_failure(replica, f"HTTP {status}", "status_5xx", hard=False)
-        return _Failure(status, data, content_type)
-
-    def _record_failure(self, replica: Replica, reason: str, kind: str, hard: bool) -> None:
         self.metrics.upstream_error(replica.name, replica.gpu, kind)
-        if replica.fail(time.monotonic(), reason, hard, self.settings.eject_base_s, self.settings.eject_max_s):
-            wait = max(replica.retry_at - time.monotonic(), 0.0)
-            self.log(f"ejected {replica.name} ({replica.gpu}, {replica.url}): {reason}; probing /health in "
-                     f"{wait:.3g} s")
+        now = time.monotonic()
+        if kind == "connect":  # refused, unreachable, unknown host, or no connection within the connect timeout
+            ejection = self.outliers.unreachable(replica, reason, now)
+        else:
+            ejection = self.outliers.gateway_failure(replica, reason, now)
+        self._record(ejection)
+        return _Failure(replica, f"replica {replica.name} ({replica.gpu}) failed: {reason}", kind)
+
+    def _failed_status(self, replica: Replica, status: int, data: bytes) -> _Failure:
+        """A 5xx answer: judged later, by what the request gets from another replica (`_generate`)."""
+        self.metrics.upstream_error(replica.name, replica.gpu, "status_5xx")
+        return _Failure(replica, f"replica {replica.name} ({replica.gpu}) answered HTTP {status}: "
+                                 f"{upstream_message(data)}", "status_5xx", status)
+
+    def _record(self, ejection: Ejection | None) -> None:
+        """Log and count an ejection the outlier detector made."""
+        if ejection is None:
+            return
+        replica = ejection.replica
+        self.metrics.ejection(replica.gpu, ejection.reason)
+        self.log(f"ejected {replica.name} ({replica.gpu}, {replica.url}): {ejection.detail} [{ejection.reason}]; "
+                 f"probing /health in {ejection.probe_in_s:.3g} s")
 
     def _learn(self, target: Target, usage: tuple[int, int] | None, events: int | None) -> None:
         """Count the request in the observed workload (reported sizes when the answer has usage) and correct the
@@ -545,7 +604,7 @@ class Router:
         now = time.monotonic()
         doc = self.routes.to_dict()
         doc["replicas"] = [r.to_dict(now) for r in self.replicas.values()]
-        doc.update(policy=self.settings.policy, draining=self.draining, in_flight=self.in_flight,
+        doc.update(policy="size", draining=self.draining, in_flight=self.in_flight,
                    prompt_token_correction={str(k): round(v, 4) for k, v in self.sizer.corrections.items()},
                    warnings=list(self.routes.warnings))
         return doc
@@ -635,8 +694,7 @@ class Router:
             ok, reason = False, f"GET /health: {_describe(exc)}"
         finally:
             self._probing.discard(replica.name)
-        replica.probed(time.monotonic(), ok, reason, self.settings.eject_base_s, self.settings.eject_max_s)
-        if ok:
+        if self.outliers.probed(replica, ok, reason, time.monotonic()):
             self.log(f"re-admitted {replica.name} ({replica.gpu}): /health answered 200")
 
     async def _refresh_loop(self) -> None:
@@ -675,6 +733,8 @@ def _describe(exc: BaseException) -> str:
         return f"cannot connect: {os.strerror(error.errno) if error.errno else error}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "cannot connect: no connection within the connect timeout"
     if isinstance(exc, TimeoutError):
         return "timed out"
     text = str(exc).splitlines()[0] if str(exc) else ""
@@ -682,7 +742,7 @@ def _describe(exc: BaseException) -> str:
 
 
 def _error_kind(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return "connect"
     if isinstance(exc, TimeoutError):
         return "timeout"

@@ -27,8 +27,17 @@ class ServeSettings:
     #: Enables `GET`/`PUT /admin/routes` (membership pushed by the fleet). From the environment only
     #: (`admin_token_from_env`): a command-line flag would show in `ps`.
     admin_token: str | None = field(default=None, repr=False)
-    policy: str = "size"
-    retries: int = 2
+    retries: int = 2  # other replicas to try after a failure before any byte reached the client
+    #: Retries in flight at once: at most this % of the requests in flight, and at least `retry_budget_min`.
+    retry_budget_percent: float = 20.0
+    retry_budget_min: int = 3
+    #: Outlier detection: at most this % of a GPU type's replicas ejected at once (always at least one).
+    max_ejection_percent: float = 10.0
+    consecutive_5xx: int = 3
+    consecutive_gateway_failure: int = 2
+    #: Below this % of healthy replicas among those that can serve a bucket, its ejections are ignored.
+    panic_percent: float = 50.0
+    max_body_mb: float = 64.0  # the largest request body taken; larger ones get 413
     drain_s: float = 30.0
     refresh_s: float = 10.0
     window_s: float = 3600.0
