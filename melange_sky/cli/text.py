@@ -6,6 +6,7 @@ import re
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
+from melange_sky.deploy.router_task import router_certfile
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
 from melange_sky.solver.result import Baseline, SolveResult
 
@@ -213,7 +214,8 @@ def format_up(report: UpReport, shown: Collection[str] = ()) -> str:
                       f"{', '.join(report.drained)}."]
     if report.endpoint:
         lines += ["", f"Endpoint: {report.endpoint}/v1  (OpenAI-compatible; clients send the key in "
-                      f"$MELANGE_SKY_HOME/keys/{report.fleet}.json as 'Authorization: Bearer KEY')"]
+                      f"$MELANGE_SKY_HOME/keys/{report.fleet}.json as 'Authorization: Bearer KEY'"
+                      f"{_trust(report.router)})"]
     if report.unavailable_offers:
         lines += ["", f"No capacity on: {', '.join(report.unavailable_offers)}."]
     lines += [f"Note: {note}" for note in dict.fromkeys(report.notes) if note not in shown]
@@ -253,6 +255,12 @@ def format_dryrun(report: DryRunReport) -> str:
     return "\n".join(lines)
 
 
+def _trust(router: ReplicaRecord | None) -> str:
+    """For a TLS router's endpoint line: the certificate its clients verify it with (deployment.router.tls)."""
+    certfile = router_certfile(router.task) if router is not None else None
+    return f" and trust the certificate {certfile}" if certfile else ""
+
+
 def format_status(report: StatusReport) -> str:
     """`melange-sky status`: per fleet, its endpoint, what it costs (serving, planned, so far) and its replicas with
     state, endpoint, uptime and cost to date."""
@@ -275,7 +283,7 @@ def format_status(report: StatusReport) -> str:
         endpoint = report.endpoint(fleet.name)
         if endpoint:
             lines.append(f"  Endpoint: {endpoint}/v1  (clients send the key in $MELANGE_SKY_HOME/keys/"
-                         f"{fleet.name}.json as 'Authorization: Bearer KEY')")
+                         f"{fleet.name}.json as 'Authorization: Bearer KEY'{_trust(router)})")
         elif router is not None and router.state.may_have_cluster:
             lines.append(f"  Router {router.cluster}: {router.state.value}"
                          + (f" ({router.last_error})" if router.last_error else "") + "; `melange-sky up` or "
