@@ -199,7 +199,7 @@ def format_profile(result: ProfileResult) -> str:
     if headroom is not None:
         lines.append(f"Measured variability: plan with headroom <= {math.floor(100 * headroom) / 100:.2f} (each "
                      f"bucket's tput is known within about {100 * (1 - headroom):.0f}%; bursty traffic needs less, "
-                     f"see the README)")
+                     f"see docs/inputs.md, 'Planning with a profile')")
     lines += ["", "tputs for this GPU type (req/s per bucket; paste into gpu_info, or use --into CONFIG --gpu NAME):",
               format_matrix("tputs", result.tputs)]
     return "\n".join(lines)
