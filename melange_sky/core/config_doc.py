@@ -40,7 +40,7 @@ class MergeResult:
 
 
 def read_config_object(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw object of a config file, JSON or YAML (unknown keys and all), so a merge keeps everything it does not
+    """The raw object of a config file, JSON or YAML (`x-` notes and all), so a merge keeps everything it does not
     own. Read exactly as `load_config` reads it, with the same one-line errors."""
     document = read_config_document(path, missing="no such file (--into needs an existing config)")
     if not isinstance(document.data, dict):

@@ -1,9 +1,9 @@
 """The launch backend interface: a small protocol the fleet drives, its records, and how a backend is chosen by name.
 
-The fleet never talks to SkyPilot directly; it talks to a `Backend`. The real one is `sky_adapter.SkyPilotBackend`
-(the only module that imports `sky`); tests use `tests/fake_backend.FakeBackend`; anyone can plug in another launcher
-through the `melange_sky.backends` entry-point group or a `module:Class` path. This module never imports `sky`, so
-choosing or listing backends is cheap.
+The fleet never talks to SkyPilot directly; it talks to a `Backend`. The real one is
+`melange_sky.fleet.skypilot.SkyPilotBackend` (the only module that imports `sky`); tests use
+`tests/fake_backend.FakeBackend`; anyone can plug in another launcher through the `melange_sky.backends` entry-point
+group or a `module:Class` path. This module never imports `sky`, so choosing or listing backends is cheap.
 """
 from __future__ import annotations
 
