@@ -136,7 +136,7 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
     best = (1.0, 1.0, 1.0)
     best_loss = _loss(before, targets)
     step = math.log(2.0)
-    while step > math.log(1.03):  # coordinate search in log space, halving the step
+    while step > math.log(1.03):  # coordinate search in log space: take the first move that helps, else halve
         improved = False
         for axis in range(3):
             for direction in (1, -1):

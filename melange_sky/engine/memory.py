@@ -73,6 +73,8 @@ def memory_plan(model: ModelSpec, gpu: GpuSpec, tp: int, dtype: str, settings: E
             why = f", no room left for a KV cache at gpu_memory_utilization {s.gpu_memory_utilization:g}"
         raise DoesNotFit(f"does not fit: {weights_total / 1e9:.0f} GB of weights{per_gpu} on {on}{why}",
                          weights_total / 1e9, gpu.memory_gb)
+    if s.num_gpu_blocks_override is not None:
+        blocks = s.num_gpu_blocks_override  # vLLM's override: the profiled size is replaced as is
     return MemoryPlan(requested, weights, activation, non_torch, block_bytes, int(blocks), s.block_size)
 
 

@@ -30,6 +30,7 @@ ENGINE_SETTING_KEYS: dict[str, type] = {
     "tensor_parallel_size": int,
     "dtype": str,
     "kv_cache_dtype": str,
+    "num_gpu_blocks_override": int,
 }
 _BLOCK_SIZES = (1, 8, 16, 32, 64, 128)  # vLLM's --block-size choices
 _KV_DTYPES = {"auto": None, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1,
@@ -49,6 +50,7 @@ class EngineSettings:
     tensor_parallel_size: int | None = None  # None: the engine's `tp` argument
     dtype: str | None = None  # None: the engine's `dtype` argument
     kv_cache_dtype: str = "auto"  # "auto": the weights' 16-bit type; "fp8": 1 byte per element
+    num_gpu_blocks_override: int | None = None  # vLLM's --num-gpu-blocks-override: the KV cache's size in blocks
 
     def __post_init__(self) -> None:
         problems = settings_problems(self)
@@ -115,7 +117,8 @@ def _kind_text(kind: type) -> str:
 def settings_problems(s: EngineSettings) -> list[tuple[str, str]]:
     """(field, what is wrong) for each invalid setting, in vLLM's own terms."""
     found: list[tuple[str, str]] = []
-    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size",
+                 "num_gpu_blocks_override"):
         value = getattr(s, name)
         if value is not None and value < 1:
             found.append((name, f"must be at least 1, got {value}"))

@@ -1,0 +1,88 @@
+"""Model configs, the datasheet table and engine settings: what the engine model is built from."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from melange_sky.engine import (BUNDLED_MODELS, ENGINE_SETTING_KEYS, GPU_NAMES, DoesNotFit, Engine, EngineError,
+                                EngineSettings, gpu_spec, load_model)
+from melange_sky.errors import ConfigError
+
+
+@pytest.mark.parametrize(("name", "billions"), [
+    ("llama-2-7b", 6.74), ("llama-2-13b", 13.02), ("llama-2-70b", 68.98), ("llama-3.1-8b", 8.03),
+    ("llama-3.1-70b", 70.55), ("mistral-7b", 7.25), ("qwen2.5-7b", 7.62), ("qwen2.5-14b", 14.77),
+    ("qwen2.5-32b", 32.76), ("qwen2.5-72b", 72.71), ("qwen3-8b", 8.19), ("qwen3-14b", 14.77), ("qwen3-32b", 32.76),
+])
+def test_parameter_counts_of_the_bundled_models_match_their_model_cards(name: str, billions: float) -> None:
+    assert round(load_model(name).params / 1e9, 2) == billions
+
+
+def test_a_model_is_found_by_bundled_name_or_hugging_face_id_in_any_case() -> None:
+    assert len(BUNDLED_MODELS) == 13
+    assert load_model("meta-llama/Llama-3.1-8B-Instruct").name == "llama-3.1-8b"
+    assert load_model("LLAMA-3.1-8B").name == "llama-3.1-8b"
+    assert load_model("Qwen/Qwen2.5-7B-Instruct").name == "qwen2.5-7b"
+    assert load_model("mistralai/Mistral-7B-Instruct-v0.3").name == "mistral-7b"
+
+
+def test_a_config_json_path_or_its_folder_is_a_model(tmp_path) -> None:
+    config = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    by_folder, by_file = load_model(str(tmp_path)), load_model(str(tmp_path / "config.json"))
+    assert by_folder == by_file
+    # Llama-3.2-1B's shape: 1.24 B parameters, the LM head tied to the embeddings
+    assert round(by_folder.params / 1e9, 2) == 1.24 and by_folder.head_dim == 64
+
+
+def test_an_unknown_model_names_the_bundled_ones_and_how_to_pass_a_config() -> None:
+    with pytest.raises(EngineError) as raised:
+        load_model("gpt-5")
+    message = str(raised.value)
+    assert "llama-3.1-8b" in message and "qwen3-32b" in message and "config.json" in message
+    assert "\n" not in message and raised.value.exit_code == 2
+
+
+def test_mixture_of_experts_models_are_refused_in_one_line(tmp_path) -> None:
+    config = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": 14336, "vocab_size": 32000, "num_local_experts": 8}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EngineError, match="mixture-of-experts model \\(8 experts\\).*dense models only"):
+        load_model(str(tmp_path))
+
+
+def test_a_model_that_does_not_fit_is_an_answer_naming_weights_and_memory() -> None:
+    with pytest.raises(DoesNotFit, match="^does not fit: 141 GB of weights on 24 GB$") as raised:
+        Engine(load_model("llama-3.1-70b"), "A10G")
+    assert raised.value.exit_code == 2
+    with pytest.raises(DoesNotFit, match="71 GB per GPU at TP 2\\) on 2 x 24 GB"):
+        Engine(load_model("llama-3.1-70b"), "L4", tp=2)
+    Engine(load_model("llama-3.1-70b"), "H100", tp=2)  # 70.5 GB per GPU fits 80 GB
+    Engine(load_model("llama-3.1-70b"), "H100", dtype="fp8")  # 1 byte per weight fits one
+
+
+def test_gpu_names_follow_the_catalog_and_a10g_is_not_an_a10() -> None:
+    assert {"T4", "L4", "A10G", "A10", "L40S", "V100", "A100", "A100-80GB", "H100", "H100-PCIE", "H200",
+            "MI300X"} <= set(GPU_NAMES)
+    assert gpu_spec("a100_80gb").name == "A100-80GB" and gpu_spec("NVIDIA H100 PCIe").name == "H100-PCIE"
+    assert gpu_spec("h100-sxm").name == "H100" and gpu_spec("A100-40GB").name == "A100"
+    assert gpu_spec("A10G").bf16_tflops < gpu_spec("A10").bf16_tflops / 1.5
+    with pytest.raises(EngineError, match="no datasheet for GPU 'B300'"):
+        gpu_spec("B300")
+
+
+def test_engine_settings_come_from_the_deployment_under_vllms_names() -> None:
+    settings = EngineSettings.from_deployment({"model": "x", "max_num_seqs": 64, "gpu_memory_utilization": 0.8,
+                                               "enable_chunked_prefill": True}, "c.json")
+    assert settings.max_num_seqs == 64 and settings.gpu_memory_utilization == 0.8
+    assert settings.to_deployment() == {"max_num_seqs": 64, "gpu_memory_utilization": 0.8}
+    assert {"max_num_seqs", "max_num_batched_tokens", "gpu_memory_utilization", "block_size", "max_model_len",
+            "enable_chunked_prefill", "tensor_parallel_size", "dtype"} <= set(ENGINE_SETTING_KEYS)
+    with pytest.raises(ConfigError, match="c.json: deployment.max_num_seqs: must be an integer"):
+        EngineSettings.from_deployment({"max_num_seqs": "many"}, "c.json")
+    with pytest.raises(ConfigError, match="deployment.gpu_memory_utilization: must be in \\(0, 1\\]"):
+        EngineSettings.from_deployment({"gpu_memory_utilization": 1.5}, "c.json")
+    with pytest.raises(ConfigError, match="deployment.max_num_batched_tokens: \\(64\\) must be >= max_num_seqs"):
+        EngineSettings.from_deployment({"max_num_seqs": 128, "max_num_batched_tokens": 64}, "c.json")
