@@ -5,7 +5,13 @@ import math
 
 import pytest
 
-from melange_sky import ConfigError, parse_config
+from conftest import REPO
+from melange_sky import ConfigError, load_config, parse_config
+from melange_sky.deploy.offers import catalog_pricer
+from melange_sky.deploy.plan import deployment_from_config
+
+SHIPPED_CONFIGS = sorted([*(REPO / "examples").glob("*.json"), *(REPO / "examples").glob("*.yaml"),
+                          *(REPO / "tests" / "data").glob("*.json")])
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -254,6 +260,20 @@ def test_x_keys_are_the_users_notes_at_every_level(cli, write_config, example, t
     assert (plain.exit_code, result.exit_code) == (0, 0), result.stderr
     assert "x-note" not in result.stderr
     assert (tmp_path / "noted.json").read_text() == (tmp_path / "plain.json").read_text()
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_still_loads_with_its_deployment(path):
+    config = load_config(path, price=catalog_pricer())
+    deployment_from_config(config)
+    assert config.warnings == ()
+
+
+def test_the_original_melange_list_form_still_loads():
+    original = {"gpu_info": [{"name": "A10G", "cost": 1.01, "tputs": [[2, 1], [5, 2]]},
+                             {"name": "A100-80GB", "cost": 3.67, "tputs": [[20, 20], [40, 20]]}],
+                "workload_distribution": [[0.2, 0.1], [0.5, 0.2]], "total_request_rate": 30, "slice_factor": 1}
+    assert [g.name for g in parse_config(original).gpus] == ["A10G", "A100-80GB"]
 
 
 def test_distribution_off_by_more_than_one_percent_is_normalised_with_warning():
