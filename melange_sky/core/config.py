@@ -9,8 +9,9 @@ Soft problems (a distribution that does not sum to 1) become warnings carried on
 Where each part of a config goes (the module that reads it; each points back here):
 - `workload_distribution`, `total_request_rate`, `slice_factor`, `headroom`, `gpu_info.*.cost/tputs/min_count/
   max_count`: parsed here into `Config`/`GpuSpec`; the ILP in `melange_sky/solver/model.py` uses them.
-- `input_buckets`, `output_buckets`: here; the router buckets requests by them (`serve/routes.py`), `workload`
-  and `profile --into` write them (`core/config_doc.py`).
+- `input_buckets`, `output_buckets`: here; kept in a fleet's plan for its router (`deploy/plan.router_record`),
+  which buckets requests by them (`serve/routes.py`); `workload --into` and `profile --into` write them
+  (`inputs/workload.py`, `inputs/profile_result.py`, through `core/config_doc.py`).
 - `clouds`, `gpu_info.*.cloud/region/instance_type/accelerators/use_spot/quotas`: here; bound to catalog offers by
   `melange_sky/deploy/offers.py` (a missing `cost` is priced there, through `Pricer`).
 - `name`: the fleet's name (cluster names, `melange_sky/deploy/plan.py`; the ledger, `melange_sky/fleet/`).

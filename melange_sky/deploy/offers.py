@@ -5,6 +5,9 @@ fills in the cloud, region, instance type and accelerators of each entry (honour
 and `use_spot`) and returns a new, fully pinned `Config` for the unchanged solver, plus column name -> `Offer`
 for the renderer.
 
+It reads the config's `clouds` and each GPU entry's `cloud`, `region`, `instance_type`, `accelerators`, `use_spot`,
+`quotas` and `max_count`, parsed by `core.config` (whose docstring lists which module reads every key).
+
 Semantics:
 - `cost` and `tputs` in a config are per GPU (as in Mélange). A column bound to an instance with k GPUs costs
   k x the per-GPU cost and serves k x the tputs; the solver then counts instances.
