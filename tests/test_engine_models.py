@@ -86,3 +86,13 @@ def test_engine_settings_come_from_the_deployment_under_vllms_names() -> None:
         EngineSettings.from_deployment({"gpu_memory_utilization": 1.5}, "c.json")
     with pytest.raises(ConfigError, match="deployment.max_num_batched_tokens: \\(64\\) must be >= max_num_seqs"):
         EngineSettings.from_deployment({"max_num_seqs": 128, "max_num_batched_tokens": 64}, "c.json")
+
+
+def test_engine_settings_render_as_the_matching_vllm_serve_flags() -> None:
+    settings = EngineSettings(max_num_seqs=64, max_num_batched_tokens=4096, gpu_memory_utilization=0.85,
+                              enable_chunked_prefill=False, max_model_len=4096, dtype="fp8", tensor_parallel_size=2)
+    assert settings.vllm_args() == ["--max-num-seqs", "64", "--max-num-batched-tokens", "4096",
+                                    "--gpu-memory-utilization", "0.85", "--max-model-len", "4096",
+                                    "--no-enable-chunked-prefill", "--tensor-parallel-size", "2",
+                                    "--quantization", "fp8"]
+    assert EngineSettings().vllm_args() == [] and EngineSettings(dtype="bf16").vllm_args() == ["--dtype", "bfloat16"]

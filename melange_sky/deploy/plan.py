@@ -22,6 +22,7 @@ from melange_sky.deploy.offers import bind_offers
 from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, Template, builtin_templates, load_template,
                                        render)
 from melange_sky.deploy.router_config import parse_router_block
+from melange_sky.engine.settings import ENGINE_SETTING_KEYS, EngineSettings
 from melange_sky.errors import ConfigError, OutputError
 from melange_sky.solver.model import SolverOptions
 from melange_sky.solver.result import SolveResult, solve
@@ -39,7 +40,7 @@ DEFAULT_ENGINE_VERSIONS = {"vllm": "0.33.0", "sglang": "0.5.23"}
 #: render (`Deployment`, `_replica`), `extra` (a custom template's own variables), and the router's block
 #: (`deploy/router_config.py`). Index of every block of a config: `core/config.py`'s docstring.
 DEPLOYMENT_KEYS = ("template", "model", "port", "envs", "secrets", "version", "extra_args", "readiness_path",
-                   "api_key_secret", "extra", "router")
+                   "api_key_secret", "extra", "router", *ENGINE_SETTING_KEYS)
 #: SkyPilot's cluster-name pattern (checked server-side, sky/utils/common_utils.py).
 CLUSTER_NAME_RE = re.compile(r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")
 #: Longest cluster name we generate; SkyPilot itself truncates on-cloud names per cloud (GCP: 35) with a hash.
@@ -71,6 +72,9 @@ class Deployment:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The secret (also in `secrets`) whose value the engine requires as its API key; None: the engine admits anyone.
     api_key_secret: str | None = None
+    #: vLLM engine flags the deployment sets under vLLM's names (max_num_seqs, ...): the engine model's settings
+    #: (`melange_sky.engine.EngineSettings`), rendered as `vllm serve` flags so the server is the one estimated.
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,7 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
                                              "environment at launch time, never from the config file")
     if api_key_secret and api_key_secret not in secrets:
         secrets = [*secrets, api_key_secret]  # passed like every secret: named in the task, value from the env
+    engine = EngineSettings.from_deployment(raw, config.source)
     extra = raw.get("extra", {})
     if not isinstance(extra, dict):
         raise fail("extra", f"must be an object of a custom template's own variables, got {type(extra).__name__}")
@@ -291,7 +296,7 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
                       port=port, envs=clean_envs, secrets=tuple(secrets), version=version,
                       extra_args=tuple(str(a) for a in extra_args), readiness_path=readiness,
                       extra={k: v for k, v in extra.items() if not is_note(k)},
-                      api_key_secret=api_key_secret)
+                      api_key_secret=api_key_secret, engine=engine)
 
 
 def make_plan(config: Config, result: SolveResult, deployment: Deployment | None = None,
@@ -379,6 +384,8 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
         "envs": deployment.envs, "secrets": list(deployment.secrets), "version": deployment.version,
         "extra_args": list(deployment.extra_args), "readiness_path": deployment.readiness_path,
         "api_key_secret": deployment.api_key_secret,
+        "engine_args": deployment.engine.vllm_args(),
+        "tensor_parallel_size": deployment.engine.tensor_parallel_size or 1,
         "deployment": {**deployment.extra, "model": deployment.model, "port": deployment.port},
     }
     text, task = render(template, context)

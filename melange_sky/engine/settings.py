@@ -93,6 +93,21 @@ class EngineSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if getattr(self, f.name) != getattr(defaults, f.name)}
 
+    def vllm_args(self) -> list[str]:
+        """The `vllm serve` flags for the settings that differ from vLLM's defaults, so the deployed server runs the
+        engine the estimate modelled (dtype fp8 is vLLM's `--quantization fp8`)."""
+        args: list[str] = []
+        for key, value in self.to_deployment().items():
+            if key == "dtype":
+                dtype = normalise_dtype(value)
+                args += ["--quantization", "fp8"] if dtype == "fp8" else \
+                    ["--dtype", {"bf16": "bfloat16", "fp16": "float16"}[dtype]]
+            elif isinstance(value, bool):
+                args.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
+            else:
+                args += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float) else str(value)]
+        return args
+
     def resolve(self, gpu: GpuSpec, model: ModelSpec) -> EngineSettings:
         """These settings with every default filled in for `gpu` and `model`, as vLLM would."""
         big = gpu.memory_bytes >= 70 * GIB and not gpu.name.startswith("A100")
