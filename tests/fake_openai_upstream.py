@@ -7,10 +7,11 @@ prints "PORT <n>" once it listens (on 127.0.0.1). It answers POST /v1/completion
 (rounded up) of the prompt or of the chat's contents joined by newlines, and says which server answered in
 `served_by`. Knobs for tests (in-process): `gate` holds every stream after its first event until set; `hold` holds
 every generation request before it is answered at all (`held` counts those waiting); `cut` aborts a stream's
-connection after its first event; `status` answers every generation with that HTTP status; `healthy` False makes
-/health answer 503. A `max_tokens` that is not an integer gets a plain-text 500 (a request that fails on every
-replica, as in issue 21). `requests` keeps every generation request's JSON body; `disconnects` counts streams whose
-client went away before the end.
+connection after its first event; `status` answers every generation with that HTTP status (in OpenAI's error
+shape, or as the plain text `status_text`); `healthy` False makes /health answer 503. A `max_tokens` that is not an
+integer gets a plain-text 500 (a request that fails on every replica, as in issue 21). `requests` keeps every
+generation request's JSON body and `headers` its headers; `disconnects` counts streams whose client went away
+before the end.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import json
 import math
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 
 def prompt_chars(body: dict) -> int:
@@ -35,6 +37,8 @@ class FakeUpstream:
                  delay_s: float = 0.0):
         self.gpu, self.name, self.model, self.api_key, self.delay_s = gpu, name or gpu, model, api_key, delay_s
         self.requests: list[dict] = []
+        self.headers: list[CIMultiDict[str]] = []
+        self.status_text: str | None = None
         self.gate: asyncio.Event | None = None
         self.hold: asyncio.Event | None = None
         self.held = 0
@@ -89,6 +93,7 @@ class FakeUpstream:
             return denied
         body = await request.json()
         self.requests.append(body)
+        self.headers.append(CIMultiDict(request.headers))
         if self.hold is not None:
             self.held += 1
             try:
@@ -97,6 +102,8 @@ class FakeUpstream:
                 self.held -= 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if self.status is not None and self.status_text is not None:
+            return web.Response(status=self.status, text=self.status_text)
         if self.status is not None:
             return web.json_response({"error": {"message": f"simulated {self.status}", "type": "server_error"}},
                                      status=self.status)

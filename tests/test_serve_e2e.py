@@ -319,6 +319,9 @@ def test_bad_requests_get_openai_shaped_errors():
                     assert response.status == 400
                     assert (await response.json())["error"]["type"] == "invalid_request_error"
             async with session.get(fleet.url + "/v1/completions") as response:
-                assert response.status == 404 and "no route GET /v1/completions" in (await response.text())
+                assert response.status == 405 and response.headers["Allow"] == "POST"
+                assert "GET is not allowed on /v1/completions" in (await response.json())["error"]["message"]
+            async with session.get(fleet.url + "/v1/nothing") as response:
+                assert response.status == 404 and "no route GET /v1/nothing" in (await response.text())
 
     run(scenario)

@@ -47,7 +47,18 @@ from melange_sky.solver.result import solve as run_solve
 @click.option("--drain-s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="On SIGTERM or Ctrl-C: how long requests in flight may take to finish.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
-              help="Other replicas to try when one fails before any byte reached the client.")
+              help="Other replicas to try when one fails before any byte reached the client (a request answered "
+                   "5xx by two replicas is not tried again).")
+@click.option("--retry-budget-percent", type=click.FloatRange(0, 100), default=20.0, show_default=True,
+              help="Retries in flight at once: at most this % of the requests in flight (and at least 3).")
+@click.option("--max-ejection-percent", type=click.FloatRange(0, 100), default=10.0, show_default=True,
+              help="At most this % of a GPU type's replicas ejected at once for failing (always at least one; "
+                   "a replica that cannot be reached is taken out whatever this says).")
+@click.option("--panic-percent", type=click.FloatRange(0, 100), default=50.0, show_default=True,
+              help="When fewer than this % of the replicas that can serve a bucket are healthy, its requests ignore "
+                   "ejections (those that cannot be reached aside).")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+              help="The largest request body taken, in MiB; a larger one gets 413.")
 @click.option("--window-s", type=click.FloatRange(min=1), default=3600.0, show_default=True,
               help="GET /workload counts the requests of this last span.")
 @solve_options
@@ -56,6 +67,7 @@ from melange_sky.solver.result import solve as run_solve
 def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_args: tuple[str, ...], pushed: bool,
           routes_file: str | None, host: str, port: int, api_key: str | None, no_auth: bool,
           upstream_api_key: str | None, tokenizer: str | None, refresh_s: float, drain_s: float, retries: int,
+          retry_budget_percent: float, max_ejection_percent: float, panic_percent: float, max_body_mb: float,
           window_s: float, solve_args: SolveArgs) -> None:
     """Serve one OpenAI-compatible endpoint that routes each request to the GPU type the plan chose for its size.
 
@@ -70,6 +82,12 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
     the fewest requests in flight. POST /v1/completions and /v1/chat/completions (streaming or not), GET
     /v1/models, /health, /metrics (Prometheus), /routes, /workload (the observed histogram and per-minute arrival
     rates: see `workload --from`).
+
+    Failures: a request that fails before any byte reached the client is retried on another replica (--retries,
+    within the retry budget), unless two replicas answered it 5xx: then the request is at fault, and no replica is
+    blamed. A replica that cannot be reached is taken out at once; one that fails requests others then serve is
+    ejected (at most --max-ejection-percent of its GPU type); a good GET /health brings either back. Every error
+    is in OpenAI's shape; X-Request-Id (the client's, or one made here) goes to the replica and back.
 
     Admin API, when MELANGE_SKY_ADMIN_TOKEN is set (from the environment only; never the clients' key): PUT
     /admin/routes swaps in a whole routes document at once (an invalid one gets 400 and the old routes keep
@@ -100,7 +118,9 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
         raise click.UsageError("--config needs the servers to route to: --replica GPU=URL (repeat for each)")
     settings = ServeSettings(host=host, port=port, api_key=None if no_auth else api_key,
                              upstream_api_key=upstream_api_key or api_key, admin_token=admin_token, retries=retries,
-                             drain_s=drain_s, refresh_s=refresh_s, window_s=window_s)
+                             retry_budget_percent=retry_budget_percent, max_ejection_percent=max_ejection_percent,
+                             panic_percent=panic_percent, max_body_mb=max_body_mb, drain_s=drain_s,
+                             refresh_s=refresh_s, window_s=window_s)
     check_exposure(settings, no_auth)
     sizer = Sizer(load_tokenizer(tokenizer) if tokenizer else None)
     source: RoutesSource | None = None

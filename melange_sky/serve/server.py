@@ -40,6 +40,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,7 @@ from melange_sky.deploy.membership import ADMIN_ROUTES_PATH, ADMIN_TOKEN_ENV, MA
 from melange_sky.errors import MelangeError, ServeError
 from melange_sky.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from melange_sky.serve.observed import ObservedWorkload
-from melange_sky.serve.openai_errors import error_body, upstream_message
+from melange_sky.serve.openai_errors import error_body, shaped, upstream_message
 from melange_sky.serve.outliers import Ejection, OutlierDetector, OutlierSettings, RetryBudget
 from melange_sky.serve.policy import NoReplica, NoRoutesPolicy, Policy, Replica, Rotation, SizeAwarePolicy, Target
 from melange_sky.serve.routes import Routes, RoutesSource, parse_routes
@@ -75,6 +76,13 @@ _TAIL_CHUNKS = 2
 #: flight hold more than 700 objects, so at the default every collection found them alive and pushed them into the
 #: old generations, hundreds of times a second, and a full collection followed every second or so.
 GC_YOUNG_THRESHOLD = 10_000
+#: The request id: the client's, or one the router makes; the replica and the client get it.
+REQUEST_ID = "X-Request-Id"
+#: Client headers a replica gets as they are (OpenAI's account and beta headers, W3C trace context).
+FORWARDED = ("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "traceparent", "tracestate")
+#: The methods of each path the router serves (any other method on them gets 405).
+ROUTES = {COMPLETIONS_PATH: ("POST",), CHAT_PATH: ("POST",), "/v1/models": ("GET",), "/health": ("GET",),
+          "/metrics": ("GET",), "/routes": ("GET",), "/workload": ("GET",)}
 NO_ROUTES = f"no routes yet: this router serves the routes pushed to PUT {ADMIN_ROUTES_PATH}, and none came yet"
 
 __all__ = ["Router", "RouterServer", "run"]
@@ -135,6 +143,7 @@ class Router:
         self._admin = settings.admin_token.encode() if settings.admin_token else None
         self._admin_lock = asyncio.Lock()
         self.clock = clock
+        self._max_body = int(settings.max_body_mb * 1024 * 1024)
         self._upstream_headers = {"Content-Type": JSON}
         if settings.upstream_api_key:
             self._upstream_headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
@@ -232,7 +241,7 @@ class Router:
 
     # -- the application ---------------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self._max_body)
         app.router.add_post(COMPLETIONS_PATH, self.completions)
         app.router.add_post(CHAT_PATH, self.chat)
         app.router.add_get("/v1/models", self.models)
@@ -303,18 +312,57 @@ class Router:
 
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         start = time.perf_counter()
+        rid = request.headers.get(REQUEST_ID) or os.urandom(12).hex()
         denied = self._denied(request)
         if denied is not None:
+            denied.headers[REQUEST_ID] = rid
             return denied
         if self.draining:
-            return _error(503, "the router is shutting down", "service_unavailable", headers={"Connection": "close"})
-        raw = await request.read()
+            return _error(503, "the router is shutting down", "service_unavailable", "shutting_down",
+                          headers={"Connection": "close", REQUEST_ID: rid})
+        if request.content_length is not None and request.content_length > self._max_body:
+            return self._too_large(rid)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(rid)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return _error(400, "the request body is not valid JSON", "invalid_request_error")
+            return _error(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json",
+                          headers={REQUEST_ID: rid})
         if not isinstance(body, dict):
-            return _error(400, "the request body must be a JSON object", "invalid_request_error")
+            return _error(400, "the request body must be a JSON object", "invalid_request_error", "invalid_json",
+                          headers={REQUEST_ID: rid})
+        try:
+            return await self._route(request, kind, start, rid, raw, body)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: the client still gets an error it reads, the log a traceback
+            self.log(f"internal error on {request.method} {request.path} ({REQUEST_ID} {rid}): "
+                     f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            return _error(500, f"internal error in the router ({type(exc).__name__}); {REQUEST_ID} {rid}",
+                          "server_error", "internal_error", headers={REQUEST_ID: rid})
+
+    def _too_large(self, rid: str) -> web.Response:
+        return _error(413, f"the request body is larger than the router's limit of {self.settings.max_body_mb:g} "
+                           f"MiB (serve --max-body-mb)", "invalid_request_error", "request_too_large",
+                      headers={REQUEST_ID: rid, "Connection": "close"})
+
+    def _forwarded(self, request: web.Request, rid: str) -> dict[str, str]:
+        """The headers a replica gets: the router's (Content-Type, the upstream key), the request id, and the
+        client's OpenAI and tracing headers (`FORWARDED`); never the client's Authorization."""
+        headers = {**self._upstream_headers, REQUEST_ID: rid}
+        client = request.headers
+        for name in FORWARDED:
+            value = client.get(name)
+            if value is not None:
+                headers[name] = value
+        return headers
+
+    async def _route(self, request: web.Request, kind: Kind, start: float, rid: str, raw: bytes,
+                     body: dict[str, Any]) -> web.StreamResponse:
+        upstream_headers = self._forwarded(request, rid)
         policy, observed = self.policy, self.observed
         target = policy.target(body, kind)
         self._later(observed.arrival)
@@ -336,7 +384,7 @@ class Router:
                     if failure is not None:
                         break
                     self.metrics.request(target.lane.label, "none", 503)
-                    return _error(503, exc.reason, "service_unavailable", "no_replica")
+                    return _error(503, exc.reason, "service_unavailable", "no_replica", headers={REQUEST_ID: rid})
                 replica = choice.replica
                 if attempt:
                     if not self.budget.acquire(self.in_flight):
@@ -355,9 +403,9 @@ class Router:
                 replica.served += 1
                 try:
                     if target.stream:
-                        outcome = await self._relay_stream(request, raw, target, replica, start)
+                        outcome = await self._relay_stream(request, raw, upstream_headers, target, replica, start)
                     else:
-                        outcome = await self._relay(request, raw, target, replica, start)
+                        outcome = await self._relay(request, raw, upstream_headers, target, replica, start)
                 finally:
                     replica.in_flight -= 1
                 if not isinstance(outcome, _Failure):
@@ -373,7 +421,7 @@ class Router:
                         why = _POISON
                         break
             assert failure is not None
-            answer = self._gave_up(failure, len(tried), why)
+            answer = self._gave_up(failure, len(tried), why, rid)
             self.metrics.request(target.lane.label, gpu, answer.status)
             return answer
         except asyncio.CancelledError:  # the client went away (or the drain deadline passed)
@@ -384,24 +432,32 @@ class Router:
             for _ in range(retrying):
                 self.budget.release()
 
-    def _gave_up(self, failure: _Failure, tries: int, why: str) -> web.Response:
+    def _gave_up(self, failure: _Failure, tries: int, why: str, rid: str) -> web.Response:
         """Every try failed: 502 (504 when the last one timed out), naming the last failure."""
         status = 504 if failure.kind == "timeout" else 502
         message = (f"no replica could serve this request ({tries} tr{'y' if tries == 1 else 'ies'}); the last: "
                    f"{failure.detail}{why}")
         return _error(status, message, "upstream_error" if status == 502 else "timeout_error",
-                      "upstream_failed" if status == 502 else "upstream_timeout")
+                      "upstream_failed" if status == 502 else "upstream_timeout", headers={REQUEST_ID: rid})
 
-    def _headers(self, replica: Replica, target: Target, content_type: str) -> dict[str, str]:
-        return {"Content-Type": content_type, "X-Melange-Gpu": replica.gpu, "X-Melange-Bucket": target.lane.label}
+    def _headers(self, replica: Replica, target: Target, content_type: str, rid: str) -> dict[str, str]:
+        return {"Content-Type": content_type, "X-Melange-Gpu": replica.gpu, "X-Melange-Bucket": target.lane.label,
+                REQUEST_ID: rid}
 
-    async def _relay(self, request: web.Request, raw: bytes, target: Target, replica: Replica,
-                     start: float) -> web.StreamResponse | _Failure:
+    def _relayed_error(self, status: int, data: bytes, content_type: str, replica: Replica, target: Target,
+                       rid: str) -> web.Response:
+        """An upstream's 4xx, in OpenAI's shape (as it is when it already was)."""
+        wrapped = shaped(status, data)
+        if wrapped is not None:
+            data, content_type = wrapped, JSON
+        return web.Response(body=data, status=status, headers=self._headers(replica, target, content_type, rid))
+
+    async def _relay(self, request: web.Request, raw: bytes, headers: dict[str, str], target: Target,
+                     replica: Replica, start: float) -> web.StreamResponse | _Failure:
         assert self.session is not None
         sent = time.perf_counter()
         try:
-            async with self.session.post(replica.url + request.path, data=raw,
-                                         headers=self._upstream_headers) as upstream:
+            async with self.session.post(replica.url + request.path, data=raw, headers=headers) as upstream:
                 data = await upstream.read()
                 status = upstream.status
                 content_type = upstream.headers.get("Content-Type", JSON)
@@ -411,7 +467,12 @@ class Router:
         if status >= 500:
             return self._failed_status(replica, status, data)
         self.outliers.answered(replica)
-        response = web.Response(body=data, status=status, headers=self._headers(replica, target, content_type))
+        rid = headers[REQUEST_ID]
+        if status >= 400:
+            response = self._relayed_error(status, data, content_type, replica, target, rid)
+        else:
+            response = web.Response(body=data, status=status,
+                                    headers=self._headers(replica, target, content_type, rid))
         self._later(self._answered, target, replica.gpu, status, data if status == 200 else None,
                     (sent - start) + (time.perf_counter() - received))
         return response
@@ -426,16 +487,15 @@ class Router:
         self.metrics.request(target.lane.label, gpu, status)
         self.metrics.added_latency.observe(added)
 
-    async def _relay_stream(self, request: web.Request, raw: bytes, target: Target, replica: Replica,
-                            start: float) -> web.StreamResponse | _Failure:
+    async def _relay_stream(self, request: web.Request, raw: bytes, headers: dict[str, str], target: Target,
+                            replica: Replica, start: float) -> web.StreamResponse | _Failure:
         assert self.session is not None
         sent = time.perf_counter()
         out: web.StreamResponse | None = None
         tail: list[bytes] = []
         events = 0
         try:
-            async with self.session.post(replica.url + request.path, data=raw,
-                                         headers=self._upstream_headers) as upstream:
+            async with self.session.post(replica.url + request.path, data=raw, headers=headers) as upstream:
                 if upstream.status != 200:
                     data = await upstream.read()
                     content_type = upstream.headers.get("Content-Type", JSON)
@@ -443,14 +503,18 @@ class Router:
                         return self._failed_status(replica, upstream.status, data)
                     self.outliers.answered(replica)
                     self.metrics.request(target.lane.label, replica.gpu, upstream.status)
+                    if upstream.status >= 400:
+                        return self._relayed_error(upstream.status, data, content_type, replica, target,
+                                                   headers[REQUEST_ID])
                     return web.Response(body=data, status=upstream.status,
-                                        headers=self._headers(replica, target, content_type))
+                                        headers=self._headers(replica, target, content_type, headers[REQUEST_ID]))
                 content_type = upstream.headers.get("Content-Type", "text/event-stream")
                 async for chunk in upstream.content.iter_any():
                     if out is None:
                         # The response starts with the first upstream chunk: until then a failure is retried.
                         out = web.StreamResponse(status=200, headers={
-                            **self._headers(replica, target, content_type), "Cache-Control": "no-cache"})
+                            **self._headers(replica, target, content_type, headers[REQUEST_ID]),
+                            "Cache-Control": "no-cache"})
                         try:
                             await out.prepare(request)
                         except ConnectionError:
@@ -627,10 +691,16 @@ class Router:
         return web.Response(body=orjson.dumps(doc), headers={"Content-Type": JSON})
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
+        """404 for a path the router does not serve; 405 (with Allow) for a method a path it serves does not take."""
+        allowed = ROUTES.get(request.path) or (("GET", "PUT") if request.path == ADMIN_ROUTES_PATH and self._admin
+                                               else None)
+        if allowed is not None:
+            return _error(405, f"{request.method} is not allowed on {request.path}: use {' or '.join(allowed)}",
+                          "invalid_request_error", "method_not_allowed", headers={"Allow": ", ".join(allowed)})
         return _error(404, f"no route {request.method} {request.path}: this router serves POST {COMPLETIONS_PATH}, "
                            f"POST {CHAT_PATH}, GET /v1/models, /health, /metrics, /routes, /workload"
                            + (f"; GET and PUT {ADMIN_ROUTES_PATH} with the admin token" if self._admin else ""),
-                      "invalid_request_error")
+                      "invalid_request_error", "not_found")
 
     # -- the admin API -----------------------------------------------------------------------------------------------
     async def admin_put_routes(self, request: web.Request) -> web.StreamResponse:
