@@ -371,7 +371,7 @@ def test_deployment_values_that_would_escape_the_run_or_setup_command_are_reject
 def test_user_template_shell_quoting_a_multi_line_value_names_the_line(cli, write_config, example, tmp_path):
     tpl = tmp_path / "mine.j2"
     tpl.write_text("name: {{ cluster | tojson }}\nrun: |\n  echo {{ deployment.note | shell_quote }}\n")
-    example["deployment"] = {"note": "two\nlines: here"}
+    example["deployment"] = {"extra": {"note": "two\nlines: here"}}
     result = cli("plan", write_config(example), "--template", str(tpl), "-o", str(tmp_path / "out"))
     assert_one_error_line(result, f"{tpl}:3:", "line break")
 
