@@ -122,3 +122,19 @@ def test_a_request_longer_than_max_model_len_is_refused_like_vllm_does() -> None
     engine = Engine(LLAMA, "H100", settings=EngineSettings(max_model_len=1024))
     with pytest.raises(Exception, match="maximum context length is 1024"):
         engine.add("x", 1000, 100)
+
+
+@pytest.mark.parametrize(("prefix_caching", "recomputed"), [(True, 17), (False, 33)])
+def test_a_preempted_request_finds_its_unevicted_blocks_in_the_prefix_cache(prefix_caching: bool,
+                                                                            recomputed: int) -> None:
+    # 5 blocks. At step 18 a and b (16 + 17 tokens cached each) both need a 3rd block with 1 free: b is preempted,
+    # its 2 full blocks join the free queue behind the free one. a's next block (step 18) takes the free one, its
+    # 4th (step 34) evicts b's last block; b resumes when a finishes (step 40) with its first block still cached.
+    engine = Engine(LLAMA, "H100", settings=EngineSettings(num_gpu_blocks_override=5,
+                                                           enable_prefix_caching=prefix_caching))
+    engine.add("a", 16, 40)
+    engine.add("b", 16, 20)
+    steps = run(engine)
+    assert [n for n, s in enumerate(steps, start=1) if s.preempted] == [18]
+    assert steps[40].resumed == ("b",) and steps[40].batch_tokens == recomputed
+    assert steps[-1].finished == ("b",) and len(steps) == 43

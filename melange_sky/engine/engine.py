@@ -63,6 +63,9 @@ class _Request:
     offset: int = 0  # while decoding: tokens in the KV cache = offset + the engine's tick
     epoch: int = 0  # bumped at each preemption: stale finish entries are skipped
     started: bool = False  # has emitted a first token (a later prefill completion is a resume)
+    cached_blocks: int = 0  # after a preemption: its full blocks, left in the prefix cache
+    partial_block: bool = False  # ... and whether a partly filled block was freed with them (evicted first)
+    evicted_after: int = 0  # ... the allocation count past which the prefix cache starts evicting them
 
     @property
     def target(self) -> int:
@@ -131,6 +134,8 @@ class Engine:
         self._finish_ticks: list[int] = []  # heap of the keys of _finish_at
         self.peak_blocks_used = 0
         self.preemptions = 0
+        self.prefix_caching = resolved.enable_prefix_caching
+        self._allocated = 0  # blocks taken from the free queue for new content, ever (drives prefix-cache eviction)
 
     # ---- public state ----------------------------------------------------------------------------------------------
     @property
@@ -198,6 +203,7 @@ class Engine:
             preempted.append(self._preempt_newest().id)
             need = self._residues[(-self._tick) % bs]
         self._free -= need
+        self._allocated += need
         budget -= self._decoders
         # the running request still prefilling (the newest), its next chunk
         chunks: list[tuple[_Request, int]] = []
@@ -211,6 +217,7 @@ class Engine:
                 preempted.append(p.id)
             else:
                 self._free -= extra
+                self._allocated += extra
                 p.blocks += extra
                 chunks.append((p, chunk))
                 budget -= chunk
@@ -218,16 +225,20 @@ class Engine:
         if not preempted:
             while self._waiting and budget > 0 and len(self._running) < self.max_num_seqs:
                 request = self._waiting[0]
-                wanted = request.target - request.computed
+                hits = self._cache_hits(request)
+                wanted = request.target - hits * self.block_size
                 if not self.chunked_prefill and wanted > budget:
                     break
                 chunk = min(wanted, budget)
-                blocks = self._blocks_for(request.computed + chunk) - request.blocks
+                blocks = self._blocks_for(hits * self.block_size + chunk)
                 if blocks > self._free:
                     break
                 self._waiting.popleft()
                 self._free -= blocks
-                request.blocks += blocks
+                self._allocated += blocks - hits
+                request.computed = hits * self.block_size
+                request.blocks = blocks
+                request.cached_blocks = 0
                 self._running[request.id] = request
                 chunks.append((request, chunk))
                 budget -= chunk
@@ -291,9 +302,10 @@ class Engine:
             return 0, 0.0
         if self._waiting and len(self._running) < self.max_num_seqs:
             head = self._waiting[0]
-            chunk = min(head.target - head.computed, self.max_num_batched_tokens - d)
-            if chunk > 0 and (self.chunked_prefill or chunk == head.target - head.computed) and \
-                    self._blocks_for(head.computed + chunk) - head.blocks <= self._free:
+            cached = self._cache_hits(head) * self.block_size
+            chunk = min(head.target - cached, self.max_num_batched_tokens - d)
+            if chunk > 0 and (self.chunked_prefill or chunk == head.target - cached) and \
+                    self._blocks_for(cached + chunk) <= self._free:
                 return 0, 0.0  # the next step admits it
         while self._finish_ticks and self._finish_ticks[0] not in self._finish_at:
             heapq.heappop(self._finish_ticks)
@@ -334,6 +346,7 @@ class Engine:
         seconds = k * lin + half * k * k
         need = (k // bs) * d + sum(self._residues[(-(tau + j)) % bs] for j in range((k // bs) * bs, k))
         self._free -= need
+        self._allocated += need
         self._tick += k
         used = self.kv_blocks - self._free
         if used > self.peak_blocks_used:
@@ -368,21 +381,41 @@ class Engine:
         self._residues[request.offset % self.block_size] -= 1
         return request.offset + self._tick
 
-    def _release(self, request: _Request) -> None:
-        """Free a request's blocks (it leaves RUNNING: finished, aborted or preempted)."""
+    def _release(self, request: _Request) -> int:
+        """Free a request's blocks (it leaves RUNNING: finished, aborted or preempted); the tokens it had cached."""
         if request.decoding:
             tokens = self._stop_decoding(request)
             request.generated = tokens - request.prompt + 1
             self._free += self._blocks_for(tokens)
         else:
+            tokens = request.computed
             self._free += request.blocks
             if self._prefilling is request:
                 self._prefilling = None
         request.blocks = 0
+        return tokens
+
+    def _cache_hits(self, request: _Request) -> int:
+        """Full blocks of a preempted request still in the prefix cache (vLLM V1, prefix caching on by default:
+        vllm/v1/core/block_pool.py). Freed blocks join the free queue's tail, a request's last block first, and new
+        allocations take blocks from its head; so once the blocks that were free before it are used up, each new
+        allocation evicts one of its blocks, the partly filled one first, then its full blocks from the end. At
+        least one token is always recomputed, as vLLM does (its logits are needed)."""
+        if not request.cached_blocks or not self.prefix_caching:
+            return 0
+        evicted = max(0, self._allocated - request.evicted_after)
+        lost = max(0, evicted - (1 if request.partial_block else 0))
+        hits = max(0, request.cached_blocks - lost)
+        return min(hits, (request.target - 1) // self.block_size)
 
     def _preempt(self, request: _Request) -> None:
-        """Recompute preemption: blocks freed, back to the front of WAITING, its progress forgotten."""
-        self._release(request)
+        """Recompute preemption: blocks freed, back to the front of WAITING, its progress forgotten (but its full
+        blocks stay in the prefix cache until evicted: see `_cache_hits`)."""
+        free_before = self._free
+        tokens = self._release(request)
+        request.cached_blocks = tokens // self.block_size
+        request.partial_block = tokens % self.block_size != 0
+        request.evicted_after = self._allocated + free_before
         request.computed = 0
         request.epoch += 1
         self._waiting.appendleft(request)

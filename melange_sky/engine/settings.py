@@ -5,8 +5,8 @@ deployed server and the estimate run the same engine. Defaults, from vLLM's sour
 `EngineArgs.get_batch_defaults`, V1 engine, OpenAI server usage context, v0.9-v0.11):
   * GPUs with >= 70 GiB that are not A100s (H100, H200, MI300X): max_num_batched_tokens 8192, max_num_seqs 1024;
   * every other GPU (A100 included, vLLM PR #17885): max_num_batched_tokens 2048, max_num_seqs 256;
-  * gpu_memory_utilization 0.9 and block_size 16 (vllm/config CacheConfig); chunked prefill always on in V1
-    (`_set_default_args_v1`); max_model_len: the model's max_position_embeddings (ModelConfig).
+  * gpu_memory_utilization 0.9 and block_size 16 (vllm/config CacheConfig); chunked prefill always on and prefix
+    caching on by default in V1 (`_set_default_args_v1`); max_model_len: the model's max_position_embeddings.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ ENGINE_SETTING_KEYS: dict[str, type] = {
     "dtype": str,
     "kv_cache_dtype": str,
     "num_gpu_blocks_override": int,
+    "enable_prefix_caching": bool,
 }
 _BLOCK_SIZES = (1, 8, 16, 32, 64, 128)  # vLLM's --block-size choices
 _KV_DTYPES = {"auto": None, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1,
@@ -51,6 +52,7 @@ class EngineSettings:
     dtype: str | None = None  # None: the engine's `dtype` argument
     kv_cache_dtype: str = "auto"  # "auto": the weights' 16-bit type; "fp8": 1 byte per element
     num_gpu_blocks_override: int | None = None  # vLLM's --num-gpu-blocks-override: the KV cache's size in blocks
+    enable_prefix_caching: bool = True  # V1's default: a preempted request finds its blocks again if not evicted
 
     def __post_init__(self) -> None:
         problems = settings_problems(self)
