@@ -261,3 +261,16 @@ def test_the_cli_reference_shows_every_registered_command_with_its_help() -> Non
             for opt in getattr(param, "opts", []):
                 if opt.startswith("--") and not getattr(param, "hidden", False):
                     assert opt in page, (name, opt)
+
+
+def test_ci_runs_the_readmes_one_line_test_command_and_it_builds_the_docs_strictly() -> None:
+    """.ci/run takes the first line of the code block after the marker: it must be the whole command, and it builds
+    the site with --strict somewhere outside the repository (nothing written into the working tree)."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = lines.index("<!-- ci-test-command -->")
+    fence = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("```"))
+    command, closing = lines[fence + 1], lines[fence + 2]
+    assert closing == "```", "the test command must be one line"
+    assert "mkdocs build --strict" in command and "python -m pytest" in command
+    site = re.search(r"mkdocs build --strict(?: -q)? -d (\S+)", command)
+    assert site is not None and site.group(1) not in ("site", "./site", "docs"), command
