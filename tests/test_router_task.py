@@ -28,6 +28,7 @@ from melange_sky.deploy.router_task import (ADMIN_TOKEN_SECRET, CLIENT_KEY_SECRE
                                             build_router_plan, choose_router_offer, cpu_offers, package_source_dir,
                                             router_cluster_name)
 from melange_sky.errors import ConfigError, InvalidTask
+from test_router_tls import make_pair
 
 AWS_HEADER = "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,Price,SpotPrice,Region," \
              "AvailabilityZone,Arch"
@@ -275,7 +276,7 @@ def test_the_router_cluster_name_is_valid_and_bounded():
 # ---- real SkyPilot, offline ---------------------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore:The inplace keyword")  # pandas, inside SkyPilot's GCP catalog
-def test_real_skypilot_validates_the_router_task_in_each_cloud(write_config, example, sky_catalog_home):
+def test_real_skypilot_validates_the_router_task_in_each_cloud(write_config, example, sky_catalog_home, tmp_path):
     from melange_sky.fleet.skypilot import SkyPilotBackend
 
     backend = SkyPilotBackend()
@@ -285,6 +286,11 @@ def test_real_skypilot_validates_the_router_task_in_each_cloud(write_config, exa
         result = backend.validate(plan.task)
         assert result.level is ValidationLevel.FULL, (cloud, result)
         assert plan.instance_type in result.detail, result.detail
+    cert, key = make_pair(tmp_path, "router")  # with TLS: the certificate and key as file mounts (they must exist)
+    tls = load_config(write_config({**example, "deployment": {"router": {"tls": {"certfile": str(cert),
+                                                                                 "keyfile": str(key)}}}}))
+    assert backend.validate(build_router_plan(tls, ["aws"], catalog=Catalog(skypilot_dir=None)).task).level \
+        is ValidationLevel.FULL
     wrong = build_router_plan(config, ["aws"], catalog=Catalog(skypilot_dir=None)).task
     wrong = {**wrong, "resources": {**wrong["resources"], "instance_type": "c6i.lrage"}}
     with pytest.raises(InvalidTask):

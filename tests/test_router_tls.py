@@ -1,13 +1,16 @@
 """`deployment.router.tls`: the router's certificate and key reach its host as file mounts of its task (their paths,
 never their contents: not in the task, the plan, the ledger or the output), the task runs `serve --ssl-certfile
---ssl-keyfile`, real SkyPilot validates it offline, `up` and `status` show an https:// endpoint, and the fleet's own
-calls to the router verify it against that certificate (pinned: no other certificate passes)."""
+--ssl-keyfile` (real SkyPilot validates it offline: tests/test_router_task.py, beside the plain task), `up` and
+`status` show an https:// endpoint, and the fleet's own calls to the router verify it against that certificate
+(pinned: no other certificate passes)."""
 from __future__ import annotations
 
 import json
 import ssl
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from melange_sky.backends import ValidationLevel
 from melange_sky.core.config import load_config
 from melange_sky.deploy.catalog import Catalog
 from melange_sky.deploy.membership import get_admin_routes, push_routes
@@ -27,7 +29,8 @@ from melange_sky.fleet.ledger import Ledger
 EDGES = {"input_buckets": [1, 100, 4000], "output_buckets": [1, 100, 2000]}
 
 
-def _pair(folder: Path, name: str) -> tuple[Path, Path]:
+def make_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `name`.example and its unencrypted key, written by openssl."""
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                     "-nodes", "-days", "2", "-subj", f"/CN={name}.example", "-keyout", str(key), "-out", str(cert)],
@@ -39,8 +42,8 @@ def _pair(folder: Path, name: str) -> tuple[Path, Path]:
 def pem(tmp_path_factory) -> dict[str, Path]:
     """Two self-signed pairs (the router's and another), and the router's key encrypted."""
     folder = tmp_path_factory.mktemp("pem")
-    cert, key = _pair(folder, "router")
-    other_cert, other_key = _pair(folder, "other")
+    cert, key = make_pair(folder, "router")
+    other_cert, other_key = make_pair(folder, "other")
     encrypted = folder / "encrypted.key"
     subprocess.run(["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(encrypted)],
                    check=True, capture_output=True, timeout=60)
@@ -73,16 +76,6 @@ def test_a_router_without_tls_serves_plain_http(write_config, example):
     plan = build_router_plan(load_config(write_config({**example, **EDGES})), ["aws"],
                              catalog=Catalog(skypilot_dir=None))
     assert router_certfile(plan.task) is None and "--ssl" not in plan.task["run"]
-
-
-@pytest.mark.filterwarnings("ignore:The inplace keyword")  # pandas, inside SkyPilot's GCP catalog
-def test_real_skypilot_validates_the_tls_router_task(write_config, example, pem, sky_catalog_home):
-    from melange_sky.fleet.skypilot import SkyPilotBackend
-
-    plan = build_router_plan(tls_config(write_config, example, pem), ["aws"], api_key=True,
-                             catalog=Catalog(skypilot_dir=None))
-    result = SkyPilotBackend().validate(plan.task)
-    assert result.level is ValidationLevel.FULL, result
 
 
 @pytest.mark.parametrize("tls, fragment", [
@@ -191,3 +184,47 @@ def test_up_and_status_show_an_https_endpoint_and_push_to_it_with_the_certificat
     home = Path(fleet_env["MELANGE_SKY_HOME"])
     written = b"".join(f.read_bytes() for f in home.rglob("*") if f.is_file())
     assert _body(pem["key"]) not in written and _body(pem["key"]).decode() not in result.stdout + status.stdout
+
+
+@pytest.fixture
+def processes(tmp_path, monkeypatch):
+    """The local-process launcher (tests/process_backend.py) for the in-process CLI: the router task really runs
+    `serve` with its mounted certificate. Every process it started is killed at the end, pass or fail."""
+    from process_backend import ProcessBackend
+
+    backend = ProcessBackend(tmp_path / "pb")
+    for key, value in {"MELANGE_SKY_HOME": str(tmp_path / "home"), "HF_TOKEN": "hf_test_token_value",
+                       "MELANGE_SKY_BACKEND": "process_backend:ProcessBackend",
+                       "PROCESS_BACKEND_DIR": str(backend.dir)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
+    yield backend
+    backend.kill_all()
+
+
+def test_a_tls_router_brought_up_serves_https_with_its_certificate_and_takes_pushes_over_it(
+        cli, write_config, pem, processes, tmp_path):
+    from conftest import free_port
+    from melange_sky.core.tls import client_context
+    from melange_sky.fleet.keys import load_keys
+
+    port = free_port()
+    config = write_config({"name": "tls", "workload_distribution": [[1.0]], "total_request_rate": 1,
+                           "gpu_info": {"A10G": {"cost": 1.01, "tputs": [[2]]}}, "input_buckets": [1, 4000],
+                           "output_buckets": [1, 2000], "deployment": {"router": {
+                               "port": port, "tls": {"certfile": str(pem["cert"]), "keyfile": str(pem["key"])}}}})
+    result = cli("up", config, "-y")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert f"Endpoint: https://127.0.0.1:{port}/v1" in result.stdout
+    assert "could not update the router's routes" not in result.stdout + result.stderr  # pushed over https
+    key = load_keys("tls").api_key
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/completions", method="POST",
+                                     data=json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2}).encode(),
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30, context=client_context(pem["cert"])) as answer:
+        assert answer.status == 200 and json.loads(answer.read())["served_by"] == "tls-a10g-0"
+    with pytest.raises(urllib.error.URLError):  # the system's CAs do not know a self-signed certificate
+        urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=30)
+    assert cli("down", "tls", "-y").exit_code == 0 and processes.live_processes() == {}
+    written = b"".join(f.read_bytes() for f in (tmp_path / "home").rglob("*") if f.is_file())
+    assert _body(pem["key"]) not in written
