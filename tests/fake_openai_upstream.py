@@ -186,11 +186,13 @@ def free_port_holder():
 class Fleet:
     """Fake upstreams (by replica name) behind an in-process router; `async with Fleet(doc, ...) as fleet:`.
 
-    `replicas` maps a replica name to its GPU type; names listed in `dead` get a URL where nothing listens."""
+    `replicas` maps a replica name to its GPU type; names listed in `dead` get a URL where nothing listens; with
+    `ssl_context` the router serves HTTPS."""
 
     def __init__(self, doc: dict, replicas: dict[str, str], dead: tuple[str, ...] = (), log: list | None = None,
-                 clock=None, **settings):
+                 clock=None, ssl_context=None, **settings):
         self.doc, self.replica_gpus, self.dead, self.settings = doc, replicas, dead, settings
+        self.ssl_context = ssl_context
         self.clock = clock
         self.upstreams: dict[str, FakeUpstream] = {}
         self.holders: list = []
@@ -218,7 +220,7 @@ class Fleet:
         settings = {"port": 0, "seed": 1, "probe_interval_s": 0.02, "eject_base_s": 0.05, **self.settings}
         extra = {"clock": self.clock} if self.clock is not None else {}
         self.router = Router(parse_routes(doc), ServeSettings(**settings), log=self.logs.append, **extra)
-        self.server = RouterServer(self.router, "127.0.0.1", 0)
+        self.server = RouterServer(self.router, "127.0.0.1", 0, self.ssl_context)
         self.url = await self.server.start()
         return self
 

@@ -302,13 +302,14 @@ def test_the_routes_document_of_a_stored_plan_is_what_serve_fleet_routes_by():
 
 
 # ---- serve --pushed, as a process ------------------------------------------------------------------------------------
-def test_serve_pushed_answers_503_until_the_first_push_then_serves_and_never_prints_a_key():
+def test_serve_pushed_answers_503_until_the_first_push_then_serves_and_never_prints_a_key(tmp_path):
     loop = LoopThread()
     upstream = FakeUpstream("A100-80GB", "a100-0", api_key=CLIENT)  # replicas take the client key by default
     proc = None
     try:
         loop.run(upstream.start())
-        env = {ADMIN_TOKEN_ENV: ADMIN, "MELANGE_SKY_API_KEY": CLIENT}
+        home = tmp_path / "home"  # its own: other tests (in this worker) make the session's ledger
+        env = {ADMIN_TOKEN_ENV: ADMIN, "MELANGE_SKY_API_KEY": CLIENT, "MELANGE_SKY_HOME": str(home)}
         proc, url, banner = start_cli("serve", "--pushed", "--port", "0", env=env)
         assert "No routes yet" in banner
 
@@ -342,7 +343,7 @@ def test_serve_pushed_answers_503_until_the_first_push_then_serves_and_never_pri
         printed = banner + out + err
         assert "routes pushed (generation 1): + a100-0" in printed and "refused a routes push" in printed
         assert ADMIN not in printed and CLIENT not in printed
-        assert not Ledger.exists()  # no ledger is read, or made, in this mode
+        assert not Ledger.exists(home)  # no ledger is read, or made, in this mode
     finally:
         if proc is not None:
             stop(proc)

@@ -9,7 +9,8 @@ from melange_sky.deploy.membership import ADMIN_ROUTES_PATH, ADMIN_TOKEN_ENV
 from melange_sky.errors import ServeError
 from melange_sky.serve.routes import (FleetSource, Routes, RoutesSource, StaticSource, load_routes_file,
                                       name_replicas, parse_replica_arg, routes_from_solve)
-from melange_sky.serve.settings import ServeSettings, admin_token_from_env, check_exposure
+from melange_sky.serve.settings import (ServeSettings, admin_token_from_env, check_exposure, plain_http_warning,
+                                        tls_context)
 from melange_sky.serve.tokens import Sizer, load_tokenizer
 from melange_sky.solver.result import solve as run_solve
 
@@ -39,6 +40,10 @@ from melange_sky.solver.result import solve as run_solve
 @click.option("--upstream-api-key", envvar="MELANGE_SKY_UPSTREAM_API_KEY", metavar="KEY",
               help="Bearer key sent to the replicas [env MELANGE_SKY_UPSTREAM_API_KEY; default: the --api-key, "
                    "which is what replicas launched with deployment.api_key_secret expect].")
+@click.option("--ssl-certfile", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="Serve HTTPS with this PEM certificate (its chain after it, if any); needs --ssl-keyfile.")
+@click.option("--ssl-keyfile", type=click.Path(dir_okay=False, path_type=str), metavar="FILE",
+              help="The certificate's private key (PEM, not encrypted); needs --ssl-certfile.")
 @click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=str), metavar="PATH",
               help="Count prompt tokens with this tokenizer.json (pip install 'melange-sky[tokenizers]') instead "
                    "of characters / 4.")
@@ -66,9 +71,9 @@ from melange_sky.solver.result import solve as run_solve
 @click.pass_context
 def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_args: tuple[str, ...], pushed: bool,
           routes_file: str | None, host: str, port: int, api_key: str | None, no_auth: bool,
-          upstream_api_key: str | None, tokenizer: str | None, refresh_s: float, drain_s: float, retries: int,
-          retry_budget_percent: float, max_ejection_percent: float, panic_percent: float, max_body_mb: float,
-          window_s: float, solve_args: SolveArgs) -> None:
+          upstream_api_key: str | None, ssl_certfile: str | None, ssl_keyfile: str | None, tokenizer: str | None,
+          refresh_s: float, drain_s: float, retries: int, retry_budget_percent: float, max_ejection_percent: float,
+          panic_percent: float, max_body_mb: float, window_s: float, solve_args: SolveArgs) -> None:
     """Serve one OpenAI-compatible endpoint that routes each request to the GPU type the plan chose for its size.
 
     FLEET: the replicas that are up in the ledger (re-read every --refresh-s) and the routing table of the fleet's
@@ -120,8 +125,11 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
                              upstream_api_key=upstream_api_key or api_key, admin_token=admin_token, retries=retries,
                              retry_budget_percent=retry_budget_percent, max_ejection_percent=max_ejection_percent,
                              panic_percent=panic_percent, max_body_mb=max_body_mb, drain_s=drain_s,
-                             refresh_s=refresh_s, window_s=window_s)
+                             refresh_s=refresh_s, window_s=window_s, ssl_certfile=ssl_certfile,
+                             ssl_keyfile=ssl_keyfile)
     check_exposure(settings, no_auth)
+    tls = tls_context(settings)
+    warn(filter(None, [plain_http_warning(settings)]))
     sizer = Sizer(load_tokenizer(tokenizer) if tokenizer else None)
     source: RoutesSource | None = None
     routes: Routes | None = None
@@ -152,7 +160,7 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
 
     router = server.Router(routes, settings, sizer, source, log=lambda line: click.echo(line, err=True))
     code = server.run(router, on_listening=lambda url: click.echo(f"Listening on {url}  (Ctrl-C or SIGTERM "
-                                                                  f"drains and stops)"))
+                                                                  f"drains and stops)"), ssl_context=tls)
     ctx.exit(code)
 
 

@@ -38,6 +38,7 @@ import hmac
 import os
 import random
 import signal
+import ssl
 import sys
 import time
 import traceback
@@ -867,10 +868,12 @@ def _usage_pair(usage: Any) -> tuple[int, int] | None:
 
 
 class RouterServer:
-    """A router listening on host:port (port 0: any free port); `start` returns its base URL, `stop` drains."""
+    """A router listening on host:port (port 0: any free port), over HTTPS with `ssl_context`; `start` returns its
+    base URL, `stop` drains."""
 
-    def __init__(self, router: Router, host: str = "127.0.0.1", port: int = 8080):
-        self.router, self.host, self.port = router, host, port
+    def __init__(self, router: Router, host: str = "127.0.0.1", port: int = 8080,
+                 ssl_context: ssl.SSLContext | None = None):
+        self.router, self.host, self.port, self.ssl_context = router, host, port, ssl_context
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -878,7 +881,8 @@ class RouterServer:
         self.runner = web.AppRunner(self.router.app(), access_log=None, handler_cancellation=True,
                                     shutdown_timeout=self.router.settings.drain_s)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, backlog=2048, reuse_address=True)
+        site = web.TCPSite(self.runner, self.host, self.port, backlog=2048, reuse_address=True,
+                           ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -887,7 +891,7 @@ class RouterServer:
         sockets = [s for s in self.runner.addresses if s]
         port = sockets[0][1] if sockets else self.port
         host = f"[{self.host}]" if ":" in self.host else self.host
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self.ssl_context else 'http'}://{host}:{port}"
         return self.url
 
     async def stop(self) -> None:
@@ -898,11 +902,12 @@ class RouterServer:
             self.runner = None
 
 
-def run(router: Router, on_listening: Callable[[str], None] = _stderr) -> int:
-    """Serve until SIGTERM or Ctrl-C, then drain. Blocks; returns the exit code (0 after SIGTERM, 130 after
-    Ctrl-C). Uses uvloop when it is installed."""
+def run(router: Router, on_listening: Callable[[str], None] = _stderr,
+        ssl_context: ssl.SSLContext | None = None) -> int:
+    """Serve until SIGTERM or Ctrl-C, then drain (HTTPS with `ssl_context`). Blocks; returns the exit code (0 after
+    SIGTERM, 130 after Ctrl-C). Uses uvloop when it is installed."""
     with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
-        return runner.run(_serve(router, on_listening))
+        return runner.run(_serve(router, on_listening, ssl_context))
 
 
 def _tune_gc() -> None:
@@ -914,8 +919,8 @@ def _tune_gc() -> None:
     gc.set_threshold(max(gc.get_threshold()[0], GC_YOUNG_THRESHOLD), *gc.get_threshold()[1:])
 
 
-async def _serve(router: Router, on_listening: Callable[[str], None]) -> int:
-    server = RouterServer(router, router.settings.host, router.settings.port)
+async def _serve(router: Router, on_listening: Callable[[str], None], ssl_context: ssl.SSLContext | None) -> int:
+    server = RouterServer(router, router.settings.host, router.settings.port, ssl_context)
     await server.start()
     _tune_gc()
     loop = asyncio.get_running_loop()
