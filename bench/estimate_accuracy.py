@@ -287,7 +287,7 @@ def markdown(comparisons: list[Comparison], summary: dict[str, Any], sources: di
 
 def write_markdown(path: Path, table: str) -> None:
     """Put the table between the markers in `path`, keeping the text around them (create the file if needed)."""
-    block = f"{START}\n{table}{END}\n"
+    block = f"{START}\n\n{table}\n{END}\n"  # blank lines: Markdown would read a comment's paragraph as raw HTML
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(block)
@@ -295,8 +295,8 @@ def write_markdown(path: Path, table: str) -> None:
     text = path.read_text()
     if START in text and END in text:
         before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        path.write_text(before + block + after.lstrip("\n"))
+        after = rest.split(END, 1)[1].lstrip("\n")
+        path.write_text(before + block + ("\n" + after if after else ""))
     else:
         path.write_text(text.rstrip("\n") + "\n\n" + block)
 
