@@ -313,15 +313,15 @@ class Controller:
                       router: ReplicaRecord | None) -> None:
         """Nothing to launch: make sure the router routes to the ledger's replicas up (a router restarted, or a push
         that failed earlier), and push them again if not."""
-        url = router.url if router is not None else None
-        keys = load_keys(self.fleet, self.ledger.home) if url is not None else None
-        if url is None or keys is None:
+        if router is None or router.url is None:
+            return
+        keys = load_keys(self.fleet, self.ledger.home)
+        if keys is None:
             return
         wanted = sorted(normalise_url(u) for _, _, u in reconcile.members(rows))
         try:
-            routes = get_admin_routes(url, keys.admin_token, ROUTER_TIMEOUT_S,
-                                      cafile=router_certfile(router.task if router is not None else None)
-                                      ).get("routes") or {}
+            routes = get_admin_routes(router.url, keys.admin_token, ROUTER_TIMEOUT_S,
+                                      cafile=router_certfile(router.task)).get("routes") or {}
         except MelangeError as exc:
             if self.on_warning is not None:
                 self.on_warning(f"could not read the router's routes: {exc}")

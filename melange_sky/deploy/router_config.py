@@ -50,10 +50,6 @@ class RouterSpec:
     use_spot: bool = False
     tls: RouterTls | None = None  # None: plain HTTP
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.tls is not None else "http"
-
 
 def router_spec(config: Config) -> RouterSpec:
     """The config's `deployment.router` block, checked (defaults when absent)."""
