@@ -346,11 +346,12 @@ class EmulatorServer:
                 req.push = _pusher(answer, transport)  # the rest straight from the engine loop (see _Request)
                 req.each = False
                 await req.wait(sent)
-            sent = req.emitted
+            await out.write(answer.end(req.emitted))
+            await out.write_eof()
+        except ConnectionResetError:  # the client went away between two writes (aiohttp cancels it otherwise)
+            pass
         finally:
             emulator.abort(req)  # a no-op once done; a client gone meanwhile frees its blocks
-        await out.write(answer.end(sent))
-        await out.write_eof()
         return out
 
     async def models(self, _request: web.Request) -> web.StreamResponse:
