@@ -32,13 +32,30 @@ SLO_MS = 15.0
 IN_EDGES, OUT_EDGES = (10, 30, 370), (4, 8, 14)
 
 
+def _start_law(*args: str) -> tuple[subprocess.Popen, str]:
+    return start_server([f"--{k.replace('_', '-')}={v}" for k, v in LAW.items()] + list(args))
+
+
+@pytest.fixture(scope="module")
+def plain_law_server():
+    """One law server without failure options for the module's tests that need nothing else (it keeps no state
+    between profiles but the requests in it, which a finished profile has cancelled)."""
+    proc, url = _start_law()
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
 @pytest.fixture
-def law_server():
-    """Start the law server (a subprocess on 127.0.0.1, ephemeral port) with options; stop it after the test."""
+def law_server(request):
+    """The law server (a subprocess on 127.0.0.1, ephemeral port): the module's plain one, or one started with the
+    options given and stopped after the test."""
     procs: list[subprocess.Popen] = []
 
     def start(*args: str) -> str:
-        proc, url = start_server([f"--{k.replace('_', '-')}={v}" for k, v in LAW.items()] + list(args))
+        if not args:
+            return request.getfixturevalue("plain_law_server")
+        proc, url = _start_law(*args)
         procs.append(proc)
         return url
 
@@ -55,11 +72,15 @@ def fast(**changes) -> ProfileSettings:
 
 
 
+@pytest.mark.xdist_group("profile_accuracy")  # never beside another accuracy profile (see test_profile_accuracy)
 def test_measured_tputs_are_within_15_percent_of_the_true_max_rate(law_server):
     url = law_server()
     events: list[ProfileEvent] = []
+    # 2 bisections and 3 s steps: the fitted crossing lands within a few % (measured: within 6% with another
+    # profile and a busy loop beside it on 2 cores), well inside the 15% asked
     result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES,
-                              cells=[(0, 0), (1, 1)], settings=fast(), on_progress=events.append)
+                              cells=[(0, 0), (1, 1)], settings=fast(bisect_steps=2, max_step_seconds=3.0),
+                              on_progress=events.append)
     report = []
     for b in result.buckets:
         if b.cell not in ((0, 0), (1, 1)):
@@ -191,7 +212,7 @@ def test_bad_edges_are_a_one_line_error_with_exit_2_before_contacting_anything(c
 def test_a_few_transient_errors_do_not_fail_a_bucket(law_server):
     url = law_server("--error-every=17")  # ~6% of requests get an immediate HTTP 500
     result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
-                              settings=fast())
+                              settings=fast(bisect_steps=2, max_step_seconds=3.0))
     b = result.buckets[0]
     truth = true_max_rate(SLO_MS, LAW["base_ms"], LAW["k_ms"], LAW["prefill_ms_per_token"], b.prompt_tokens,
                           b.output_tokens)
@@ -310,7 +331,7 @@ def test_every_slo_given_must_hold_and_the_report_names_the_one_that_set_the_lim
     # than the 15 ms TPOT SLO, so the latency SLO binds well below the TPOT-only maximum (about 0.65 x)
     url = law_server()
     result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
-                              settings=fast(latency_slo_ms=70.0, start_rate=20.0, min_rate=5.0, bisect_steps=2,
+                              settings=fast(latency_slo_ms=70.0, start_rate=20.0, min_rate=5.0, bisect_steps=1,
                                             max_step_seconds=3.0))
     b = result.buckets[0]
     tpot_only = true_max_rate(SLO_MS, LAW["base_ms"], LAW["k_ms"], LAW["prefill_ms_per_token"], b.prompt_tokens,
@@ -327,7 +348,7 @@ def test_queueing_shows_in_ttft_and_a_ttft_slo_limits_the_rate(law_server):
     # only the TTFT SLO can stop the rate below the batch's capacity (4 / 62 ms = 64.5 req/s)
     url = law_server("--max-batch=4")
     result = profile_endpoint(url, "test-model", input_edges=IN_EDGES, output_edges=OUT_EDGES, cells=[(0, 0)],
-                              settings=fast(ttft_slo_ms=10.0, start_rate=16.0, min_rate=2.0, bisect_steps=2,
+                              settings=fast(ttft_slo_ms=10.0, start_rate=16.0, min_rate=2.0, bisect_steps=1,
                                             max_step_seconds=3.0))
     b = result.buckets[0]
     assert b.status == "ok" and b.limit == "ttft", b.message
