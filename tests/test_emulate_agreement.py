@@ -11,15 +11,18 @@ The tolerance is what the two searches can tell apart. The estimate judges each 
 requests, and near the limit its TPOT statistic moves ~15% from seed to seed: its table-mode answer for this bucket
 spreads ~10% over seeds. So the test compares with the mean of ESTIMATE_SEEDS seeds (its own spread ~2%); the
 profile measures until its statistic is known within a few % (or its step cap). 10% is then > 3 standard
-deviations of the difference, and the profile's runs measured 0.95-1.0 of the estimate on a machine loaded 10 deep.
+deviations of the difference, and the profile's runs measured 0.95-1.04 of the estimate on a machine loaded 10 deep.
 Speeds above ~5 are not used: on a loaded 2-core machine the emulator and the profiler, starved of CPU, bunch their
-events and the measured rate drops (0.75-0.9 of the estimate at speed 8 under a load of 9).
+events and the measured rate drops (0.75-0.9 of the estimate at speed 8 under a load of 9); and the test shares the
+profiler accuracy tests' xdist group, so no other profile runs beside it.
 """
 from __future__ import annotations
 
 import statistics
 import subprocess
 import sys
+
+import pytest
 
 from melange_sky.core.slo import Slos
 from melange_sky.engine import load_model
@@ -54,6 +57,7 @@ def start_emulator(speed: float) -> tuple[subprocess.Popen, str]:
             return proc, line.split()[2]
 
 
+@pytest.mark.xdist_group("profile_accuracy")  # never beside another timing-sensitive profile (test_profile_accuracy)
 def test_profile_of_emulate_finds_the_rate_estimate_predicts_within_10_percent():
     expected = estimated_rate(SPEED)
     proc, url = start_emulator(SPEED)
