@@ -3,15 +3,19 @@
 The shape is OpenAI's and vLLM's, `{"error": {"message", "type", "param", "code"}}` (vLLM sets `code` to the HTTP
 status; so does the router when it has no more specific code). An upstream error already in that shape passes
 as it is; any other (plain text, FastAPI's `{"detail": ...}`, vLLM's older top-level `{"message", "type", ...}`) is
-wrapped, its text kept as the message. Plain bytes in, bytes out: no aiohttp here.
+wrapped, its text kept as the message. The shaping functions take and give bytes; `error_response` makes the
+router's own answers.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
+from aiohttp import web
 
-__all__ = ["MAX_MESSAGE_CHARS", "error_body", "error_type", "shaped", "upstream_message"]
+__all__ = ["JSON", "MAX_MESSAGE_CHARS", "error_body", "error_response", "error_type", "shaped", "upstream_message"]
+
+JSON = "application/json"
 
 #: An upstream message is cut to this many characters (an HTML error page, a traceback).
 MAX_MESSAGE_CHARS = 500
@@ -29,6 +33,13 @@ def error_type(status: int) -> str:
 
 def error_body(message: str, kind: str, code: str | int | None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def error_response(status: int, message: str, kind: str, code: str | int | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    """One of the router's own errors (`code` None: the status, as vLLM does)."""
+    body = error_body(message, kind, code if code is not None else status)
+    return web.Response(body=body, status=status, headers={"Content-Type": JSON, **(headers or {})})
 
 
 def _parse(data: bytes) -> Any:
