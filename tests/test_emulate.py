@@ -76,11 +76,13 @@ class Served:
         return events
 
     async def metrics(self) -> dict[str, float]:
+        """Each sample's value by its name, and by name{reason} for request_success_total's finish reasons."""
         assert self.session is not None
         async with self.session.get(self.url + "/metrics") as response:
             text = await response.text()
-        return {sample.name: sample.value for family in text_string_to_metric_families(text)
-                for sample in family.samples}
+        return {sample.name + (f"{{{sample.labels['finished_reason']}}}" if "finished_reason" in sample.labels
+                               else ""): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def predicted(prompt_tokens: int, max_tokens: int, speed: float, requests: int = 1) -> tuple[float, float]:
@@ -247,7 +249,9 @@ def test_metrics_show_a_running_request_and_its_kv_blocks_until_its_client_disco
             while (await s.metrics())["vllm:num_requests_running"] != 0:
                 await asyncio.sleep(0.01)
             after = await s.metrics()
-            assert after["vllm:kv_cache_usage_perc"] == 0 and after["vllm:request_success_total"] == 0
+            assert after["vllm:kv_cache_usage_perc"] == 0
+            assert after["vllm:request_success_total{length}"] == 0
+            assert after["vllm:request_success_total{abort}"] == 1
             assert s.ready.emulator.in_flight == 0 and not s.engine.has_work
 
     run(scenario)

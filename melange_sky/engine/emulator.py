@@ -26,7 +26,7 @@ import itertools
 import signal
 import time
 from collections.abc import Callable, Hashable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
@@ -124,7 +124,6 @@ class Emulator:
         self.finished_total = 0
         self.preemptions_total = 0
         self.aborted_total = 0
-        self.step_count = 0
 
     # -- the handlers' side ------------------------------------------------------------------------------------------
     def submit(self, prompt_tokens: int, max_tokens: int, *, stream: bool) -> _Request:
@@ -218,7 +217,6 @@ class Emulator:
                 self.finished_total += 1
         self.generation_tokens_total += emitters
         self.preemptions_total += len(step.preempted)
-        self.step_count += 1
         if self.steps is not None:
             self.steps.append(StepRecord(end, step.duration_s, emitters))
 
@@ -245,7 +243,6 @@ class EmulatorSettings:
     port: int = 8000
     api_key: str | None = None
     model_root: str = ""  # what /v1/models shows as the model's root (vLLM: the model path)
-    extra_labels: dict[str, str] = field(default_factory=dict)
 
 
 class _VllmGauges(Collector):
@@ -278,6 +275,7 @@ class _VllmGauges(Collector):
         success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                       labels=[*names, "finished_reason"])
         success.add_metric([*values, "length"], e.finished_total)
+        success.add_metric([*values, "abort"], e.aborted_total)
         yield success
 
 
