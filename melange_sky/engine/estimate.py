@@ -289,11 +289,13 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
     checks = [single]
     if not single.passed:
         return BucketRate(cell, prompt_tokens, output_tokens, 0.0, single.limit, tuple(checks))
-    engine = make_engine()
-    fits = max(1, engine.memory.kv_tokens // (prompt_tokens + output_tokens))
-    concurrency = min(engine.max_num_seqs, 2 * fits)
-    saturated = run_point(engine, input_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=concurrency,
-                          requests=3 * concurrency, seed=seed).requests_per_s
+    probe = make_engine()
+    fits = max(1, probe.memory.kv_tokens // (prompt_tokens + output_tokens))
+    # the most the engine completes per second: a closed loop at as many requests as the KV cache holds, and at
+    # twice that (preemptions may cost more than the extra batch gains), each capped by max_num_seqs
+    saturated = max(run_point(make_engine(), input_tokens=prompt_tokens, output_tokens=output_tokens,
+                              concurrency=c, requests=3 * c, seed=seed).requests_per_s
+                    for c in sorted({min(probe.max_num_seqs, fits), min(probe.max_num_seqs, 2 * fits)}))
     lo, hi = 0.0, 1.05 * saturated
     lo_check: RateCheck | None = None
     while hi - lo > precision * hi:
