@@ -27,7 +27,8 @@ from melange_sky.backends import ClusterStatus, LaunchRequest, ValidationLevel
 from melange_sky.errors import CapacityError, InvalidTask, LaunchError
 from melange_sky.fleet.skypilot import SkyPilotBackend
 
-pytestmark = pytest.mark.skypilot_server
+# One worker runs the whole module (pytest-xdist's loadgroup): one private API server, started once, stopped once.
+pytestmark = [pytest.mark.skypilot_server, pytest.mark.xdist_group("skypilot_server")]
 
 T = TypeVar("T")
 REAL_SKY_DIR = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".sky"
