@@ -41,8 +41,9 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
               help="Never bring up a plan costing more (replicas and router): it is reported and recorded, not "
                    "launched, and the fleet stays as it is.")
 @click.option("--from", "workload_url", metavar="URL",
-              help="Read the traffic from this `melange-sky serve` router (its base URL) instead of the fleet's "
-                   "own router; its key from MELANGE_SKY_API_KEY, else the fleet's.")
+              help="Read the traffic from this `melange-sky serve` router (its endpoint as `up` prints it, with or "
+                   "without /v1) instead of the fleet's own router; its key from MELANGE_SKY_API_KEY, else the "
+                   "fleet's.")
 @click.option("--min-requests", type=click.IntRange(min=1), default=DEFAULT_MIN_REQUESTS, show_default=True,
               help="Use the router's observed bucket shares only once it counted this many requests (else the "
                    "config's workload_distribution).")
