@@ -220,10 +220,15 @@ class SizeAwarePolicy(Policy):
     # -- choosing ----------------------------------------------------------------------------------------------------
     def target(self, body: dict[str, Any], kind: Kind) -> Target:
         tokens, raw = self.sizer.prompt_tokens(body, kind)
-        out = output_tokens(body)
+        return self.sized(tokens, output_tokens(body), kind, raw, body.get("stream") is True)
+
+    def sized(self, tokens: int, out: int | None, kind: Kind = Kind.COMPLETIONS, raw: float | None = None,
+              stream: bool = True) -> Target:
+        """The target of a request whose sizes are known (what `target` does after sizing a body; the simulator
+        routes its requests through here, with no body to read)."""
         row = self.inputs.index(tokens)
         lane = self.rows[row] if out is None else self.lanes[(row, self.outputs.index(out))]
-        return Target(lane, kind, tokens, raw, out, body.get("stream") is True)
+        return Target(lane, kind, tokens, float(tokens) if raw is None else raw, out, stream)
 
     def choose(self, target: Target, exclude: Sequence[Replica] = ()) -> Choice:
         lane = target.lane
