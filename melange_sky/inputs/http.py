@@ -239,8 +239,10 @@ class Client:
         """The TLS context for an https endpoint (None for http); `CallFailed` when `cafile` is not usable."""
         if self.endpoint.scheme != "https":
             return None
-        try:
-            return _tls_context(self.cafile)
+        if self.cafile is None:
+            return _system_tls()
+        try:  # read each time: a long-running controller sees a renewed certificate
+            return client_context(self.cafile)
         except MelangeError as exc:
             raise CallFailed(self.endpoint.base_url, f"cannot verify its TLS certificate: {exc}") from None
 
@@ -422,11 +424,11 @@ class Client:
                                  error=f"timed out after {timeout:g} s")
 
 
-@functools.lru_cache(maxsize=16)
-def _tls_context(cafile: str | None) -> ssl.SSLContext:
-    """One context per CA file: building one loads the system's CAs (milliseconds), and a profile makes a
+@functools.cache
+def _system_tls() -> ssl.SSLContext:
+    """One context trusting the system's CAs: building one loads them (milliseconds), and a profile makes a
     connection per request."""
-    return client_context(cafile)
+    return client_context(None)
 
 
 __all__ = [
