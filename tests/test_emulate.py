@@ -257,6 +257,42 @@ def test_metrics_show_a_running_request_and_its_kv_blocks_until_its_client_disco
     run(scenario)
 
 
+def test_the_router_relays_emulated_replicas_streams_by_the_plans_shares():
+    """The emulator looks like vLLM to `melange-sky serve`: streams, usage and the split of a bucket's traffic."""
+    from test_serve_policy import DOC  # noqa: PLC0415 - the router's test plan (A10G and L4 share bucket 0:0)
+
+    from melange_sky.serve.routes import parse_routes  # noqa: PLC0415
+    from melange_sky.serve.server import Router, RouterServer  # noqa: PLC0415
+    from melange_sky.serve.settings import ServeSettings  # noqa: PLC0415
+
+    async def scenario():
+        emulated = {gpu: prepare(MODEL, gpu, speed=50, port=0) for gpu in ("A10G", "L4")}
+        servers = {gpu: EmulatorServer(r.emulator, r.settings) for gpu, r in emulated.items()}
+        replicas = [{"name": gpu.lower(), "gpu": gpu, "url": await server.start()} for gpu, server in servers.items()]
+        router = Router(parse_routes({**DOC, "replicas": replicas}), ServeSettings(port=0, seed=1), log=lambda _: None)
+        front = RouterServer(router, "127.0.0.1", 0)
+        url = await front.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                for _ in range(4):
+                    body = {"model": MODEL, "prompt": "word " * 40, "max_tokens": 10, "stream": True,
+                            "stream_options": {"include_usage": True}}
+                    async with session.post(url + "/v1/completions", json=body) as response:
+                        assert response.status == 200
+                        events = [json.loads(line[6:]) for line in (await response.read()).split(b"\n\n")
+                                  if line.startswith(b"data: {")]
+                    assert sum(1 for e in events if e["choices"]) == 10
+                    assert events[-1]["usage"] == {"prompt_tokens": 40, "completion_tokens": 10, "total_tokens": 50}
+            served = {gpu: r.emulator.finished_total for gpu, r in emulated.items()}
+            assert served == {"A10G": 2, "L4": 2}  # the plan splits bucket 0:0 half and half
+        finally:
+            await front.stop()
+            for server in servers.values():
+                await server.stop()
+
+    run(scenario)
+
+
 # ---- timing --------------------------------------------------------------------------------------------------------
 SPEED = 5.0
 PROMPT, OUTPUT = 500, 30
