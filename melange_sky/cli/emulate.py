@@ -15,7 +15,7 @@ from melange_sky.cli.main import debug_option, main
 @click.option("--config", type=click.Path(dir_okay=False, path_type=str), metavar="CONFIG",
               help="Take the engine settings (max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, "
                    "max_model_len, ...) from this config's `deployment`; vLLM's defaults otherwise.")
-@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True, metavar="X",
               help="Run the GPU X times faster: every step time is divided by X (rates x X, times / X).")
 @click.option("--served-model-name", metavar="NAME", help="The model name clients send [default: --model as given].")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
