@@ -22,6 +22,8 @@ from melange_sky.inputs.http import Client, parse_endpoint
 from melange_sky.inputs.router_workload import fetch_observed
 
 KEY = "sk-test-123"
+#: The stand-in router's observed workload (GET /workload).
+WORKLOAD = {"input_buckets": [1, 100], "output_buckets": [1, 100], "counts": [[3]], "total_request_rate": 1.5}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -53,7 +55,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._answer(401, json.dumps({"error": {"message": "missing or wrong key\nsecond line",
                                                            "type": "invalid_request_error"}}).encode())
         if self.path in ("/workload", "/prefix/workload"):
-            return self._answer(200, json.dumps({"counts": [[1]], "path": self.path}).encode())
+            return self._answer(200, json.dumps({**WORKLOAD, "path": self.path}).encode())
         if self.path == "/echo":
             return self._answer(200, json.dumps({"got": json.loads(body),
                                                  "type": self.headers.get("Content-Type")}).encode())
@@ -142,7 +144,7 @@ def test_endpoints_that_are_not_base_urls_are_one_line_errors_of_the_callers_kin
 def test_json_calls_send_the_key_as_a_bearer_token_and_read_json_objects(server):
     url, seen = server
     client = Client(parse_endpoint(url + "/v1"), api_key=KEY)
-    assert client.get_json("/workload") == {"counts": [[1]], "path": "/workload"}
+    assert client.get_json("/workload") == {**WORKLOAD, "path": "/workload"}
     assert client.put_json("/echo", {"a": [1, 2]}) == {"got": {"a": [1, 2]}, "type": "application/json"}
     assert seen[-2:] == [("GET", "/workload", f"Bearer {KEY}"), ("PUT", "/echo", f"Bearer {KEY}")]
     assert client.status("/down") == 503  # a probe reads any status
@@ -181,7 +183,7 @@ def test_no_answer_is_a_one_line_error_saying_why(server):
     assert slow.value.status is None
 
 
-def test_https_is_verified_against_the_certificate_given(tmp_path):
+def test_https_is_verified_against_the_certificate_given(tmp_path, cli):
     certfile, keyfile = _self_signed(tmp_path, "router")
     other, _ = _self_signed(tmp_path, "other")
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -193,9 +195,16 @@ def test_https_is_verified_against_the_certificate_given(tmp_path):
             with pytest.raises(CallFailed, match="TLS certificate not trusted") as untrusted:
                 Client(parse_endpoint(url), api_key=KEY, cafile=cafile).get_json("/workload")
             assert untrusted.value.status is None and "\n" not in str(untrusted.value)
-        assert len(seen) == 1
+        assert len(seen) == 1  # only the trusted call reached the server
         source, doc = fetch_observed(url + "/v1", KEY, cafile=certfile)
         assert source == f"{url}/workload" and doc["path"] == "/workload"
+        run = cli("workload", "--from", url + "/v1", "--api-key", KEY, "--cacert", certfile, "--json")
+        assert run.exit_code == 0, run.stderr
+        assert json.loads(run.stdout)["counts"] == [[3]]
+        refused = cli("workload", "--from", url + "/v1", "--api-key", KEY)
+        assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+        assert "TLS certificate not trusted" in refused.stderr and "(workload --cacert FILE)" \
+            in refused.stderr
 
 
 @pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/", "/workload", "/prefix/v1", "/prefix/workload"])

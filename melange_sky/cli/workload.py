@@ -31,6 +31,9 @@ _FEW_MINUTES = 20
               "arrival rate): its endpoint as `up` prints it, with or without /v1, e.g. http://127.0.0.1:8080/v1.")
 @click.option("--api-key", envvar="MELANGE_SKY_API_KEY", metavar="KEY", help="With --from: the router's key "
               "[env MELANGE_SKY_API_KEY]; never written to a file.")
+@click.option("--cacert", type=click.Path(dir_okay=False, path_type=str), metavar="FILE", help="With --from "
+              "https://...: the certificate the router must present (its deployment.router.tls certfile, e.g. a "
+              "self-signed one); default: the system's CAs.")
 @bucket_edge_options
 @click.option("--rate", default="auto", show_default=True, help="Total request rate in req/s, or auto: the mean "
               "rate between the trace's first and last timestamp.")
@@ -56,7 +59,8 @@ _FEW_MINUTES = 20
 @click.option("--json", "as_json", is_flag=True, help="Print the full histogram record (counts, shares, rate, "
                                                       "overflow, skipped rows) as JSON on stdout.")
 @debug_option
-def workload(trace: str | None, router_url: str | None, api_key: str | None, input_buckets: str | None,
+def workload(trace: str | None, router_url: str | None, api_key: str | None, cacert: str | None,
+             input_buckets: str | None,
              output_buckets: str | None, rate: str, rate_percentile: str | None, input_column: str | None,
              output_column: str | None, time_column: str | None, time_unit: str, skip_bad: bool, fmt: str,
              into: str | None, output: str | None, as_json: bool) -> None:
@@ -83,6 +87,8 @@ def workload(trace: str | None, router_url: str | None, api_key: str | None, inp
     if bool(trace) == bool(router_url):
         raise click.UsageError("give a TRACE file, or --from URL (a `melange-sky serve` router)")
     columns = ColumnChoice(input_column, output_column, time_column, TimeUnit(time_unit))
+    if cacert and not router_url:
+        raise click.UsageError("--cacert applies to --from URL")
     if router_url and (input_buckets or output_buckets or skip_bad or fmt != "auto" or columns.names_columns
                        or columns.time_unit is not TimeUnit.AUTO):
         raise click.UsageError("--from counts with the router's own bucket edges: --input-buckets, "
@@ -99,7 +105,7 @@ def workload(trace: str | None, router_url: str | None, api_key: str | None, inp
         raise click.UsageError("give --rate or --rate-percentile, not both")
     config = read_config_object(into) if into else None
     if router_url:
-        source, observed = fetch_observed(router_url, api_key)
+        source, observed = fetch_observed(router_url, api_key, cafile=cacert)
         result = observed_workload(observed, source, given_rate, percentile)
     else:
         assert trace is not None

@@ -39,6 +39,9 @@ BODY_LIMIT = 1 << 24
 COMPLETIONS_PATH = "/v1/completions"
 #: Body bytes kept from an async GET (a model list).
 _GET_BODY_LIMIT = 1 << 20
+#: How a `CallFailed` reason starts when the server's TLS certificate is not the one trusted (callers add how to
+#: give it: --cacert, the router's certfile).
+TLS_UNTRUSTED = "TLS certificate not trusted"
 #: Seconds a synchronous call may wait for the connection and then for each read.
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -274,9 +277,7 @@ class Client:
             response = connection.getresponse()
             return Answer(response.status, response.read(limit))
         except ssl.SSLCertVerificationError as exc:
-            hint = "" if self.cafile else "; give the server's certificate (or its CA's) to trust it"
-            raise CallFailed(target, self.clean(f"TLS certificate not trusted: {exc.verify_message}{hint}")) \
-                from None
+            raise CallFailed(target, self.clean(f"{TLS_UNTRUSTED}: {exc.verify_message}")) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise CallFailed(target, self.clean(os_reason(exc))) from None
         finally:
@@ -432,7 +433,7 @@ def _system_tls() -> ssl.SSLContext:
 
 
 __all__ = [
-    "BODY_LIMIT", "COMPLETIONS_PATH", "DEFAULT_TIMEOUT_S", "Answer", "Client", "Endpoint", "HttpError",
+    "BODY_LIMIT", "COMPLETIONS_PATH", "DEFAULT_TIMEOUT_S", "TLS_UNTRUSTED", "Answer", "Client", "Endpoint", "HttpError",
     "RequestRecord", "error_text", "first_line", "is_client_error", "iter_body", "os_reason", "parse_endpoint",
     "read_head", "sse_data",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 
 from melange_sky.core.buckets import check_edges
 from melange_sky.errors import BucketEdgesError, CallFailed, TraceError
-from melange_sky.inputs.http import Client, parse_endpoint
+from melange_sky.inputs.http import TLS_UNTRUSTED, Client, parse_endpoint
 from melange_sky.inputs.trace_rates import observed_rates
 from melange_sky.inputs.workload import RateSource, WorkloadResult
 
@@ -35,7 +35,10 @@ def fetch_observed(url: str, api_key: str | None = None, timeout: float = 10.0,
         return shown, client.get_json(WORKLOAD_PATH)
     except CallFailed as exc:
         if exc.status is None:
-            raise TraceError(f"{shown}: cannot reach the router: {exc.reason}") from None
+            untrusted = exc.reason.startswith(TLS_UNTRUSTED) and cafile is None
+            raise TraceError(f"{shown}: cannot reach the router ({exc.reason})"
+                             + ("; give the router's certificate (workload --cacert FILE)" if untrusted else "")) \
+                from None
         hint = {401: ": pass the router's key with --api-key or MELANGE_SKY_API_KEY",
                 404: ": is this a melange-sky router (`melange-sky serve`)?"}.get(exc.status)
         if hint is not None:
