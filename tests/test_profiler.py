@@ -145,7 +145,7 @@ def test_bucket_shape_mismatch_with_into_config_fails_before_contacting_anything
 def _profile_args(url: str, *extra: str) -> list[str]:
     return ["profile", "--endpoint", url, "--model", "test-model", "--tpot-slo-ms", str(SLO_MS),
             "--input-buckets", ",".join(map(str, IN_EDGES)), "--output-buckets", ",".join(map(str, OUT_EDGES)),
-            "--buckets", "0:0", "--requests-per-step", "10", "--start-rate", "40", "--bisect-steps", "0",
+            "--buckets", "0:0", "--requests-per-step", "10", "--start-rate", "160", "--bisect-steps", "0",
             "--max-rate", "300", "--timeout", "5", *extra]
 
 
