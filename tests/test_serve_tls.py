@@ -100,19 +100,22 @@ def test_tls_flags_go_together_and_unusable_files_are_one_line_errors(cli, write
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_serve_with_a_certificate_listens_on_https_and_the_sdk_gets_answers(write_config, pem):
+def test_serve_with_a_certificate_listens_on_https_and_the_sdk_gets_answers_within_its_body_limit(write_config, pem):
     loop = LoopThread()
     upstream = FakeUpstream("A10G")
     proc = None
     try:
         url = loop.run(upstream.start())
         proc, base, _ = start_cli("serve", "--config", write_config(MIX), "--port", "0", "--replica", f"A10G={url}",
-                                  "--ssl-certfile", pem["cert"], "--ssl-keyfile", pem["key"])
+                                  "--ssl-certfile", pem["cert"], "--ssl-keyfile", pem["key"], "--max-body-mb", "0.01")
         assert base.startswith("https://127.0.0.1:")
         with openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=30,
                            http_client=openai.DefaultHttpxClient(verify=trusting(pem["cert"]))) as sdk:
             answer = sdk.completions.create(model="m", prompt="x" * 40, max_tokens=2)
+            with pytest.raises(openai.APIStatusError, match="larger than the router's limit of 0.01 MiB") as info:
+                sdk.completions.create(model="m", prompt="x" * 20_000, max_tokens=2)
         assert answer.choices[0].text == "tok tok " and answer.model == "test-model"
+        assert info.value.status_code == 413
     finally:
         if proc is not None:
             stop(proc)
