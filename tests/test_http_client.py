@@ -82,7 +82,7 @@ def serving(tls: ssl.SSLContext | None = None):
     server.daemon_threads = True
     if tls is not None:
         server.socket = tls.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     scheme = "https" if tls is not None else "http"
     try:
