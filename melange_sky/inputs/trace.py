@@ -9,6 +9,10 @@ in `bench/workload_bench.py`).
 Buckets follow `melange_sky.core.buckets`: [e_k, e_{k+1}), the last one closed, lengths outside the edges clamped
 into the first or last bucket. Those clamped lengths are counted and reported as warnings, because a histogram that
 hides them would make the solver plan for the wrong sizes.
+
+This module counts; beside it: `trace_rows` reads a file's rows (formats, columns, times), `trace_formats` knows the
+public traces' columns, `trace_rates` the per-minute rates, `workload` the resulting record and its merge into a
+config, and `router_workload` the other source of the same record (a router's counts, `workload --from URL`).
 """
 from __future__ import annotations
 
