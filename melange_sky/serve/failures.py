@@ -92,10 +92,14 @@ class Failures:
         self.outliers.answered(replica)
 
     def record(self, ejection: Ejection | None) -> None:
-        """Log and count an ejection the outlier detector made."""
+        """Log and count an ejection the outlier detector made (count only one its cap prevented: it may come with
+        every failure of a replica while the cap holds)."""
         if ejection is None:
             return
         replica = ejection.replica
+        if ejection.capped:
+            self.metrics.ejection_capped(replica.gpu, ejection.reason)
+            return
         self.metrics.ejection(replica.gpu, ejection.reason)
         self.log(f"ejected {replica.name} ({replica.gpu}, {replica.url}): {ejection.detail} [{ejection.reason}]; "
                  f"probing /health in {ejection.probe_in_s:.3g} s")

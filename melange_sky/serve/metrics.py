@@ -87,6 +87,9 @@ class Metrics:
         self._ejections = Counter("melange_ejections", "Replicas taken out of rotation, by GPU type and reason "
                                   "(unreachable, consecutive_gateway_failure, consecutive_5xx)", ["gpu", "reason"],
                                   registry=r)
+        self._capped = Counter("melange_ejections_capped", "Ejections not made because the GPU type already had its "
+                               "share of replicas ejected (--max-ejection-percent); the replica kept serving",
+                               ["gpu", "reason"], registry=r)
         self._panics = Counter("melange_panic_routed", "Requests routed while too few of their bucket's replicas were "
                                "healthy (ejections ignored: the panic threshold)", ["bucket"], registry=r)
         self._spills = Counter("melange_spills", "Requests served by another GPU type than the plan's round-robin "
@@ -126,6 +129,9 @@ class Metrics:
 
     def ejection(self, gpu: str, reason: str) -> None:
         self._child(self._ejections, gpu, reason).inc()
+
+    def ejection_capped(self, gpu: str, reason: str) -> None:
+        self._child(self._capped, gpu, reason).inc()
 
     def panic(self, bucket: str) -> None:
         self._child(self._panics, bucket).inc()

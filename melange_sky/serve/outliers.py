@@ -30,12 +30,13 @@ from typing import NamedTuple
 
 from melange_sky.serve.policy import Replica, Rotation
 
-__all__ = ["DOWN", "Ejection", "OUTLIER", "OutlierDetector", "OutlierSettings", "RetryBudget"]
+__all__ = ["DOWN", "Ejection", "OUTLIER_5XX", "OUTLIER_GATEWAY", "OutlierDetector", "OutlierSettings",
+           "RetryBudget"]
 
-DOWN = "unreachable"  # the reason label of a down replica's ejection
-OUTLIER_5XX = "consecutive_5xx"
+#: Why a replica left the rotation (the `reason` label of `melange_ejections_total`).
+DOWN = "unreachable"
 OUTLIER_GATEWAY = "consecutive_gateway_failure"
-OUTLIER = "outlier"
+OUTLIER_5XX = "consecutive_5xx"
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,14 @@ class OutlierSettings:
 
 
 class Ejection(NamedTuple):
-    """A replica taken out of rotation now: why (`reason`: DOWN or an outlier rule) and when it is probed."""
+    """A replica taken out of rotation now: why (`reason`: DOWN or an outlier rule) and when it is probed; or, with
+    `capped`, one the cap on its GPU type kept in rotation."""
 
     replica: Replica
     reason: str
     detail: str
     probe_in_s: float
+    capped: bool = False
 
 
 class OutlierDetector:
@@ -140,7 +143,7 @@ class OutlierDetector:
             return None
         if capped and self.ejected(replica.gpu) >= self.allowed(replica.gpu):
             replica.capped += 1
-            return None
+            return Ejection(replica, reason, detail, 0.0, capped=True)
         if replica.readmitted_at is not None and now - replica.readmitted_at >= self.settings.max_s:
             replica.backoff = 0  # served well for a while since its last ejection: start afresh
         replica.ejected = True

@@ -67,7 +67,8 @@ class Replica:
     def to_dict(self, now: float) -> dict[str, Any]:
         return {"name": self.name, "gpu": self.gpu, "url": self.url, "state": self.state,
                 "in_flight": self.in_flight, "served": self.served, "failures_in_a_row": self.failures,
-                "5xx_in_a_row": self.strikes, "ejections": self.ejections, "last_error": self.last_error,
+                "5xx_in_a_row": self.strikes, "ejections": self.ejections, "ejections_capped": self.capped,
+                "last_error": self.last_error,
                 "next_probe_in_s": round(max(self.retry_at - now, 0.0), 3) if self.ejected else None}
 
 
