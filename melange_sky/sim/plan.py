@@ -1,0 +1,160 @@
+"""What is simulated: the plan's replicas, the routing table `serve` would route them by, and the engine model of
+each replica's GPU type for the config's model and engine settings.
+
+From a config, the plan is the one `solve` shows (offers bound as `solve` binds them, the same formulation and
+headroom); from a running fleet, its stored plan and the replicas the ledger has up (read-only). Either way the
+routes are built by `serve.routes`, the module the router builds its own from, so the simulated router and the real
+one split traffic by the same table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from melange_sky.core.config import Config
+from melange_sky.deploy.plan import DEFAULT_MODEL, PlanSettings, deployment_from_config, solve_offers
+from melange_sky.engine import Engine, EngineSettings, ModelSpec, load_model
+from melange_sky.engine.errors import EngineError
+from melange_sky.errors import UnknownFleet
+from melange_sky.fleet.ledger import Ledger, ReplicaState
+from melange_sky.serve.routes import ReplicaSpec, Routes, routes_from_plan, routes_from_solve
+from melange_sky.sim.arrivals import SimulationError
+from melange_sky.solver.result import SolveResult
+
+__all__ = ["GpuModel", "SimPlan", "plan_from_config", "plan_from_fleet", "replica_specs"]
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    """One GPU type's engine model: what every replica of it runs (`make()` builds a fresh engine)."""
+
+    gpu: str
+    model: ModelSpec
+    settings: EngineSettings
+    description: str  # Engine.description of one of them (says whether a calibration fit is used)
+    notes: tuple[str, ...] = ()
+
+    def make(self) -> Engine:
+        return Engine(self.model, self.gpu, settings=self.settings)
+
+
+@dataclass(frozen=True)
+class SimPlan:
+    """The fleet a simulation runs: its routes (with one `ReplicaSpec` per replica), each GPU type's engine model,
+    the $/h and, from a config, the solve it came from."""
+
+    source: str
+    routes: Routes
+    engines: dict[str, GpuModel]
+    cost_per_hour: float
+    counts: dict[str, int]
+    headroom: float | None = None
+    result: SolveResult | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def replicas(self) -> tuple[ReplicaSpec, ...]:
+        return self.routes.replicas
+
+    def describe(self) -> str:
+        """"2x A10G + 1x A100-80GB, $5.69/h"."""
+        parts = [f"{n}x {gpu}" for gpu, n in self.counts.items() if n]
+        return " + ".join(parts) + f", ${self.cost_per_hour:.2f}/h"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "counts": dict(self.counts), "cost_per_hour": round(self.cost_per_hour, 6),
+                "headroom": self.headroom, "replicas": [r.to_dict() | {"url": None} for r in self.replicas],
+                "engines": {g: m.description for g, m in self.engines.items()}, "notes": list(self.notes)}
+
+
+def replica_specs(counts: dict[str, int]) -> list[ReplicaSpec]:
+    """One replica per count, named `<gpu>-<i>` as `serve --replica` names them (a placeholder URL: nothing is
+    called)."""
+    specs: list[ReplicaSpec] = []
+    for gpu, count in counts.items():
+        slug = re.sub(r"[^a-z0-9-]+", "-", gpu.lower()).strip("-") or "gpu"
+        specs.extend(ReplicaSpec(f"{gpu.lower()}-{k}", gpu, f"http://{slug}-{k}.sim.invalid") for k in range(count))
+    return specs
+
+
+def _model(name: str, override: str | None) -> ModelSpec:
+    try:
+        return load_model(override or name)
+    except EngineError as exc:
+        where = "--model" if override else "deployment.model"
+        raise SimulationError(f"{where}: {exc}; give the engine model with --model NAME|config.json") from None
+
+
+def _engines(gpus: Sequence[str], model: ModelSpec, settings: EngineSettings) -> dict[str, GpuModel]:
+    """Each GPU type's engine model, built once here so a GPU that cannot hold the model is an error before the
+    run."""
+    engines = {}
+    for gpu in gpus:
+        try:
+            engine = Engine(model, gpu, settings=settings)
+        except EngineError as exc:
+            raise SimulationError(f"{gpu}: {exc} (the plan has replicas of it; the engine model cannot run them)") \
+                from None
+        engines[gpu] = GpuModel(gpu, model, settings, engine.description, tuple(engine.notes))
+    return engines
+
+
+def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compare=False),
+                     model: str | None = None) -> SimPlan:
+    """The plan `solve` makes of `config` (its formulation, headroom and rate as given), one replica per count, and
+    the engine model of each GPU type: the config's `deployment.model` (or `model`) with its engine settings."""
+    deployment = deployment_from_config(config)
+    result = solve_offers(config, settings)
+    counts = {g.name: g.count for g in result.gpus if g.count}
+    routes = routes_from_solve(config, result, replica_specs(counts))
+    spec = _model(deployment.model, model)
+    engines = _engines(list(counts), spec, deployment.engine)
+    return SimPlan(source=config.source, routes=routes, engines=engines, cost_per_hour=result.cost, counts=counts,
+                   headroom=config.headroom, result=result, notes=tuple(result.warnings))
+
+
+def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None = None) -> SimPlan:
+    """A running fleet's stored plan and the replicas the ledger has up (the plan's replicas when none is up yet),
+    read-only. Its engine settings are vLLM's defaults: the stored plan keeps the model, not the config's engine
+    settings."""
+    if ledger is None:
+        if not Ledger.exists():
+            raise UnknownFleet(f"no fleet named {fleet!r}: there is no ledger yet (`melange-sky up CONFIG` makes one)")
+        with Ledger() as db:
+            return plan_from_fleet(fleet, db, model)
+    record = ledger.get_fleet(fleet)
+    if record is None:
+        raise UnknownFleet(f"no fleet named {fleet!r} in the ledger ({ledger.path}); `melange-sky status` lists "
+                           f"fleets, or give a CONFIG file")
+    plan = record.plan
+    notes: list[str] = []
+    rows = [r for r in ledger.replicas(fleet) if r.state is ReplicaState.UP]
+    counts: dict[str, int] = {}
+    if rows:
+        for row in rows:
+            counts[row.gpu] = counts.get(row.gpu, 0) + 1
+    else:
+        for replica in plan.get("replicas") or []:
+            gpu = str(replica.get("entry") or replica.get("gpu"))
+            counts[gpu] = counts.get(gpu, 0) + 1
+        notes.append(f"no replica of fleet {fleet} is up: simulating the {sum(counts.values())} its plan counts")
+    specs = replica_specs(counts)
+    routes = routes_from_plan(plan, specs, source=f"fleet {fleet}")
+    known = {g.name for g in routes.gpus}
+    routes = dataclasses.replace(routes, replicas=tuple(r for r in routes.replicas if r.gpu in known))
+    notes.extend(routes.warnings)
+    counts = {gpu: n for gpu, n in counts.items() if gpu in known}
+    if not counts:
+        raise SimulationError(f"fleet {fleet}: no replica of a GPU type its plan routes to")
+    spec = _model(str(plan.get("model") or DEFAULT_MODEL), model)
+    notes.append("engine settings: vLLM's defaults (the stored plan does not keep the config's deployment engine "
+                 "settings; simulate the CONFIG to use them)")
+    engines = _engines(list(counts), spec, EngineSettings())
+    price = {r.cluster: r.price_per_hour for r in rows}
+    cost = sum(price.values()) if rows else float(plan.get("cost") or 0.0)
+    solve = plan.get("solve") or {}
+    return SimPlan(source=f"fleet {fleet}", routes=routes, engines=engines, cost_per_hour=cost, counts=counts,
+                   headroom=solve.get("headroom"), notes=tuple(notes))
