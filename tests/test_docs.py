@@ -29,6 +29,9 @@ from click.testing import CliRunner
 from markdown.extensions.toc import slugify
 
 from melange_sky.cli import main
+from melange_sky.core.config import GPU_KEYS, TOP_LEVEL_KEYS
+from melange_sky.deploy.plan import DEPLOYMENT_KEYS
+from melange_sky.deploy.router_config import ROUTER_KEYS, TLS_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -274,3 +277,23 @@ def test_ci_runs_the_readmes_one_line_test_command_and_it_builds_the_docs_strict
     assert "mkdocs build --strict" in command and "python -m pytest" in command
     site = re.search(r"mkdocs build --strict(?: -q)? -d (\S+)", command)
     assert site is not None and site.group(1) not in ("site", "./site", "docs"), command
+
+
+def named(key: str, text: str) -> bool:
+    return f"`{key}`" in text or f'"{key}"' in text or f".{key}`" in text or f"`{key}:" in text
+
+
+def test_every_config_key_the_code_accepts_is_named_in_the_reference() -> None:
+    """Unknown keys are errors, so a key the code accepts but the docs never name is one users cannot find."""
+    def text(*pages: str) -> str:
+        return "\n".join((DOCS / page).read_text() for page in pages)
+
+    blocks = {
+        "top level": (TOP_LEVEL_KEYS, text("config.md")),
+        "gpu_info.<GPU>": (GPU_KEYS, text("config.md")),
+        "deployment": (DEPLOYMENT_KEYS, text("config.md", "templates.md", "fleet.md", "estimate.md")),
+        "deployment.router": (ROUTER_KEYS, text("fleet.md")),
+        "deployment.router.tls": (TLS_KEYS, text("fleet.md")),
+    }
+    missing = {block: [key for key in keys if not named(key, pages)] for block, (keys, pages) in blocks.items()}
+    assert {block: keys for block, keys in missing.items() if keys} == {}
