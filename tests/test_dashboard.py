@@ -100,3 +100,14 @@ def test_every_panel_reads_the_chosen_data_source_and_has_a_place_and_an_id() ->
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert {"h", "w", "x", "y"} <= set(panel["gridPos"]), panel["title"]
         assert panel["targets"] and all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"])
+
+
+def test_every_metric_the_router_exports_is_described_on_the_serving_page() -> None:
+    """The Metrics section names them without the `melange_` prefix (`requests_total{bucket, gpu, status}`)."""
+    page = (DASHBOARD.parent.parent / "serving.md").read_text()
+    undocumented = []
+    for family in Metrics(lambda: _EmptyState()).registry.collect():
+        short = family.name.removeprefix("melange_")
+        if not re.search(rf"`(melange_)?{re.escape(short)}(_total|_seconds)?[`{{ ]", page):
+            undocumented.append(family.name)
+    assert undocumented == []
