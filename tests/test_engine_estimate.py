@@ -92,9 +92,11 @@ def test_a_bucket_max_rate_passes_its_slo_and_twice_as_much_does_not() -> None:
     slos = Slos(tpot_ms=60)
     bucket = max_rate(make, 600, 150, slos)
     assert bucket.tput > 0 and bucket.checks[-1].rate > 0
-    passing = [c for c in bucket.checks if c.passed]
-    assert max(c.rate for c in passing) == pytest.approx(bucket.tput, abs=1e-3)
-    assert all(c.rate > bucket.tput for c in bucket.checks if not c.passed and c.rate > 0.01)
+    # the reported rate lies between the highest rate that passed and the lowest that failed, within 2%
+    best_pass = max(c.rate for c in bucket.checks if c.passed)
+    first_fail = min(c.rate for c in bucket.checks if not c.passed)
+    assert best_pass - 1e-3 <= bucket.tput <= first_fail + 1e-3 and first_fail <= best_pass * 1.021
+    assert bucket.limit == "tpot"
     assert max_rate(make, 600, 150, Slos(tpot_ms=5)).tput == 0  # faster than the GPU can ever go: not met
 
 
@@ -127,9 +129,12 @@ def test_calibration_recovers_perturbed_coefficients_and_later_engines_use_the_f
     record = {"model": "meta-llama/Llama-3.1-8B-Instruct", "tpot_slo_ms": 100,
               "settings": {"tpot_slo_ms": 100, "ttft_slo_ms": None, "latency_slo_ms": None}, "buckets": buckets}
     result = calibrate(LLAMA, "a10g", record, source="p.json")
-    # the fit reproduces the measured rates (3 scales from 4 rates: the rates, not each scale, are what it pins)
-    assert result.error_before > 0.15 and result.error_after < 0.05
-    assert result.scales["memory"] < 0.9
+    # the fit finds the slower memory (and leaves the rest near the datasheet) and reproduces the measured rates
+    # within the noise of a rate search (a few %)
+    assert result.scales["memory"] == pytest.approx(0.6, rel=0.15)
+    assert result.scales["compute"] == pytest.approx(1.0, rel=0.15)
+    assert result.scales["overhead"] == pytest.approx(1.0, rel=0.5)
+    assert result.error_before > 0.15 and result.error_after < 0.10
     fit = load_fit("A10G")
     assert fit is not None and fit.model == "llama-3.1-8b" and fit.path == str(tmp_path / "engine/fits/A10G.json")
     engine = Engine(LLAMA, "A10G")

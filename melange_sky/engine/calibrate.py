@@ -27,8 +27,11 @@ from melange_sky.engine.step_time import Coefficients
 
 #: Buckets used for the fit, at most (spread over the measured ones): each costs a rate search per trial.
 MAX_FIT_BUCKETS = 12
-#: Rate precision during the fit (the final errors are computed at the usual precision).
-FIT_PRECISION = 0.04
+#: Rate precision and requests measured per rate during the fit (the errors before and after are computed as
+#: `estimate` computes rates).
+FIT_PRECISION, FIT_MEASURED = 0.04, 60
+#: Weight of the prior pulling each log scale to 0 (a scale of 2 costs as much as a 12% error on every bucket).
+PRIOR_WEIGHT = 0.03
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,13 @@ def targets_from_profile(record: dict[str, Any], source: str = "<profile>") -> t
 
 def predicted_rates(model: ModelSpec, gpu: str, targets: list[Target], slos: Slos, coefficients: Coefficients, *,
                     tp: int = 1, dtype: str = "bf16", settings: EngineSettings = EngineSettings(),
-                    precision: float = 0.02) -> list[float]:
+                    precision: float = 0.02, min_measured: int | None = None) -> list[float]:
     """The engine model's max rate for each target bucket with `coefficients`."""
     def make() -> Engine:
         return Engine(model, gpu, tp=tp, dtype=dtype, settings=settings, coefficients=coefficients)
 
-    return [max_rate(make, t.prompt_tokens, t.output_tokens, slos, cell=t.cell, precision=precision).tput
+    extra = {} if min_measured is None else {"min_measured": min_measured}
+    return [max_rate(make, t.prompt_tokens, t.output_tokens, slos, cell=t.cell, precision=precision, **extra).tput
             for t in targets]
 
 
@@ -129,12 +133,15 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
     kwargs: dict[str, Any] = {"tp": tp, "dtype": dtype, "settings": settings}
 
     def loss(scales: tuple[float, float, float]) -> float:
-        return _loss(predicted_rates(model, name, targets, slos, scaled(base, *scales), precision=FIT_PRECISION,
-                                     **kwargs), targets)
+        # a weak prior at the datasheet model keeps the scales a profile cannot tell apart (memory against
+        # overheads, on decode-bound buckets) where the physics put them
+        prior = PRIOR_WEIGHT * sum(math.log(x) ** 2 for x in scales)
+        return prior + _loss(predicted_rates(model, name, targets, slos, scaled(base, *scales),
+                                             precision=FIT_PRECISION, min_measured=FIT_MEASURED, **kwargs), targets)
 
     before = predicted_rates(model, name, targets, slos, base, **kwargs)
     best = (1.0, 1.0, 1.0)
-    best_loss = _loss(before, targets)
+    best_loss = loss(best)
     step = math.log(2.0)
     while step > math.log(1.03):  # coordinate search in log space: take the first move that helps, else halve
         improved = False
@@ -142,7 +149,7 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
             for direction in (1, -1):
                 trial = list(best)
                 trial[axis] = best[axis] * math.exp(direction * step)
-                if not 0.05 <= trial[axis] <= 20:
+                if not 0.2 <= trial[axis] <= 5:
                     continue
                 if axis < 2 and trial[axis] * max(base.weight_bw_eff, base.gemm_mfu) > 1.0:
                     continue  # no efficiency above the datasheet peak

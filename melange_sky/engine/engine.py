@@ -244,16 +244,20 @@ class Engine:
                 budget -= chunk
         # 3. run it
         decodes = self._decoders
-        prefill_tokens = sum(c for _r, c in chunks)
-        attention = sum(c * (r.computed + c / 2) for r, c in chunks)
-        context = sum(r.computed for r, _c in chunks)
-        completing = [r for r, c in chunks if r.computed + c == r.target]
+        prefill_tokens = context = completing = 0
+        attention = 0.0
+        for r, c in chunks:
+            prefill_tokens += c
+            context += r.computed
+            attention += c * (r.computed + c / 2)
+            if r.computed + c == r.target:
+                completing += 1
         decode_context = self._offset_sum + decodes * (self._tick + 1)
         if decodes + prefill_tokens == 0:
             raise AssertionError("an engine step scheduled nothing")  # a scheduler bug, never a user error
         seconds = self.cost.seconds(prefill_tokens=prefill_tokens, prefill_attention=attention,
                                     prefill_context=context, decodes=decodes, decode_context=decode_context,
-                                    sampled=decodes + len(completing), requests=decodes + len(chunks))
+                                    sampled=decodes + completing, requests=decodes + len(chunks))
         used = self.kv_blocks - self._free
         if used > self.peak_blocks_used:
             self.peak_blocks_used = used

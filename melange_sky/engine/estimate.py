@@ -157,8 +157,9 @@ EngineFactory = Callable[[], Engine]
 # ---- table mode ----------------------------------------------------------------------------------------------------
 #: Relative precision of a bucket's max rate (the bisection stops when the bracket is this narrow).
 RATE_PRECISION = 0.02
-#: Requests measured per rate, at least and at most (plus a warm-up of about two latencies' worth of arrivals).
-MIN_MEASURED, MAX_MEASURED = 60, 400
+#: Requests measured per rate, at least and at most, after a warm-up of about 1.5 latencies' worth of arrivals
+#: (at most MAX_WARMUP): enough for the requests in flight to settle where the SLOs put them.
+MIN_MEASURED, MAX_MEASURED, MAX_WARMUP = 200, 1000, 2000
 #: A rate is overloaded when requests in flight exceed this many times what the SLOs allow (rate x latency at the
 #: SLO), as `profile` judges a step (melange_sky/inputs/profile.py).
 OVERLOAD_FACTOR = 3.0
@@ -213,18 +214,22 @@ TableProgress = Callable[[str, int, int, "BucketRate | None"], None]
 
 
 def check_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, rate: float, slos: Slos,
-               seed: int = 0, latency_hint_s: float | None = None) -> RateCheck:
+               seed: int = 0, latency_hint_s: float | None = None, capacity: float | None = None,
+               min_measured: int = MIN_MEASURED) -> RateCheck:
     """Run Poisson arrivals at `rate` until the measured requests are done and judge the SLOs at steady state:
-    a warm-up of about two latencies' worth of arrivals is discarded, then MIN..MAX_MEASURED requests are measured
-    while arrivals go on (so the last ones see the same load as the first). Deterministic for a seed."""
+    a warm-up of about 1.5 latencies' worth of arrivals is discarded, then MIN..MAX_MEASURED requests are measured
+    while arrivals go on (so the last ones see the same load as the first). A rate above `capacity` (the engine's
+    saturated throughput, req/s) has no steady state: overloaded, not run. Deterministic for a seed."""
+    limits = slos.limits
+    if capacity is not None and rate > capacity:
+        return RateCheck(rate, False, True, {slo: None for slo in limits}, None)
     engine = make_engine()
     rng = random.Random(seed)
     latency = latency_hint_s or 1.0
-    limits = slos.limits
     allowed = _latency_at_slo(slos, output_tokens, latency)
     in_flight_cap = OVERLOAD_FACTOR * rate * allowed + 8
-    warmup = min(MAX_MEASURED, math.ceil(2 * rate * latency) + 10)
-    measured = min(MAX_MEASURED, max(MIN_MEASURED, math.ceil(2 * rate * latency)))
+    warmup = min(MAX_WARMUP, math.ceil(1.5 * rate * allowed) + 10)
+    measured = min(MAX_MEASURED, max(min_measured, math.ceil(rate * allowed)))
     last = warmup + measured
     arrivals: list[float] = []
     first: dict[int, float] = {}
@@ -279,28 +284,31 @@ def _latency_at_slo(slos: Slos, output_tokens: int, alone_s: float) -> float:
 
 
 def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, slos: Slos, *,
-             cell: tuple[int, int] = (0, 0), seed: int = 0, precision: float = RATE_PRECISION) -> BucketRate:
+             cell: tuple[int, int] = (0, 0), seed: int = 0, precision: float = RATE_PRECISION,
+             min_measured: int = MIN_MEASURED) -> BucketRate:
     """The highest Poisson rate at which every SLO holds at steady state, to `precision` (relative): bracketed by
     the engine's saturated throughput (a closed loop at max_num_seqs), then bisected."""
     probe = make_engine()
     alone = run_point(probe, input_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=1, requests=1)
     alone_s = (alone.latency_ms.mean if alone.latency_ms else 0.0) / 1000
-    single = check_rate(make_engine, prompt_tokens, output_tokens, 1e-3 / max(alone_s, 1e-3), slos, seed, alone_s)
+    single = check_rate(make_engine, prompt_tokens, output_tokens, 1e-3 / max(alone_s, 1e-3), slos, seed, alone_s,
+                        min_measured=min(min_measured, MIN_MEASURED // 4))
     checks = [single]
     if not single.passed:
         return BucketRate(cell, prompt_tokens, output_tokens, 0.0, single.limit, tuple(checks))
     probe = make_engine()
     fits = max(1, probe.memory.kv_tokens // (prompt_tokens + output_tokens))
-    # the most the engine completes per second: a closed loop at as many requests as the KV cache holds, and at
-    # twice that (preemptions may cost more than the extra batch gains), each capped by max_num_seqs
-    saturated = max(run_point(make_engine(), input_tokens=prompt_tokens, output_tokens=output_tokens,
-                              concurrency=c, requests=3 * c, seed=seed).requests_per_s
+    # the most the engine completes per second: its steady-state throughput with as many requests running as the
+    # KV cache holds, and with twice that (preemptions may cost more than the larger batch gains), each capped by
+    # max_num_seqs. No Poisson rate above it has a steady state.
+    saturated = max(saturated_rate(make_engine, prompt_tokens, output_tokens, c)
                     for c in sorted({min(probe.max_num_seqs, fits), min(probe.max_num_seqs, 2 * fits)}))
-    lo, hi = 0.0, 1.05 * saturated
+    lo, hi = 0.0, saturated
     lo_check: RateCheck | None = None
     while hi - lo > precision * hi:
         rate = (lo + hi) / 2 if lo > 0 else hi / 2
-        check = check_rate(make_engine, prompt_tokens, output_tokens, rate, slos, seed, alone_s)
+        check = check_rate(make_engine, prompt_tokens, output_tokens, rate, slos, seed, alone_s, saturated,
+                           min_measured)
         checks.append(check)
         if check.passed:
             lo, lo_check = rate, check
@@ -309,7 +317,70 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
         if lo == 0 and hi < precision * saturated:
             break  # passes alone but not at any rate worth serving
     limit = (checks[-1].limit if lo_check is None else lo_check.limit)
-    return BucketRate(cell, prompt_tokens, output_tokens, round(lo, 3), limit, tuple(checks))
+    if lo <= 0:
+        return BucketRate(cell, prompt_tokens, output_tokens, 0.0, limit, tuple(checks))
+    rate, crossing_limit = _crossing(checks, slos, lo, hi)
+    return BucketRate(cell, prompt_tokens, output_tokens, round(rate, 3), crossing_limit or limit, tuple(checks))
+
+
+def saturated_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, concurrency: int) -> float:
+    """Requests completed per second with `concurrency` requests always in flight, at steady state: counted
+    between the first `concurrency` completions (the start, when they all prefilled together) and the last
+    `concurrency` (the drain)."""
+    engine = make_engine()
+    total = 4 * concurrency + 40
+    for rid in range(concurrency):
+        engine.add(rid, prompt_tokens, output_tokens)
+    added, now = concurrency, 0.0
+    finish_times: list[float] = []
+    while len(finish_times) < total:
+        now += engine.skip_decodes(math.inf)[1]
+        step = engine.step()
+        if step is None:
+            break
+        now += step.duration_s
+        for _rid in step.finished:
+            finish_times.append(now)
+            if added < total:
+                engine.add(added, prompt_tokens, output_tokens)
+                added += 1
+    start, end = concurrency, len(finish_times) - concurrency
+    if end - start < 10:
+        return len(finish_times) / max(now, 1e-12)
+    return (end - start) / max(finish_times[end - 1] - finish_times[start - 1], 1e-12)
+
+
+#: Rates nearest an SLO's limit that its crossing is fitted through (as `profile`'s "fit" estimate).
+CROSSING_POINTS = 4
+
+
+def _crossing(checks: Sequence[RateCheck], slos: Slos, lo: float, hi: float) -> tuple[float, Slo | None]:
+    """Where a least-squares line through each SLO's statistic (over its limit) at the rates nearest the limit meets
+    1, clamped to the bisection's bracket [lo, hi]; the lowest of the SLOs' crossings, and that SLO. This is
+    `profile`'s default estimate, and it evens out the noise of any one rate's statistic. `lo` when no line
+    rises through the limit (an overload-bound bucket)."""
+    best, which = hi, None
+    for slo, limit in slos.limits.items():
+        points = [(c.rate, v / limit) for c in checks
+                  if not c.overloaded and (v := c.statistics.get(slo)) is not None and c.rate > 0]
+        points.sort(key=lambda p: abs(p[1] - 1))
+        points = points[:CROSSING_POINTS]
+        if len(points) < 2:
+            continue
+        mean_r = statistics.fmean(r for r, _ in points)
+        mean_y = statistics.fmean(y for _, y in points)
+        spread = sum((r - mean_r) ** 2 for r, _ in points)
+        if spread <= 0:
+            continue
+        slope = sum((r - mean_r) * (y - mean_y) for r, y in points) / spread
+        if slope <= 0:
+            continue
+        crossing = mean_r + (1 - mean_y) / slope
+        if crossing < best:
+            best, which = crossing, slo
+    if which is None:
+        return lo, None
+    return min(max(best, lo), hi), which
 
 
 def max_rates(model: ModelSpec, gpus: Sequence[str], input_edges: Sequence[int], output_edges: Sequence[int],
@@ -385,4 +456,4 @@ def merge_tables(config: dict[str, Any], tables: dict[str, GpuTable], input_edge
 
 
 __all__ = ["BucketRate", "EngineFactory", "GpuTable", "PointResult", "RateCheck", "Stats", "check_rate", "max_rate",
-           "max_rates", "merge_tables", "run_point"]
+           "max_rates", "merge_tables", "run_point", "saturated_rate"]
