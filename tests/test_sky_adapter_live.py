@@ -1,9 +1,10 @@
 """SkyPilotBackend against the real SkyPilot library and its real local API server (no cloud credentials needed).
 
 The module fixture points SkyPilot at a private port (SKYPILOT_API_SERVER_LOCAL_PORT), so it never talks to, nor
-stops, an API server someone else runs on the default 46580; the SDK starts the server on first use (≈ 8 s) and the
-fixture stops it (`sky.api_stop()`) even when a test fails. The session HOME is temporary (conftest), so SkyPilot's
-state lives there; the last check proves nothing was written under the real ~/.sky.
+stops, an API server someone else runs on the default 46580; the SDK of the module's first client (a child process)
+starts the server on first use (≈ 8 s), every test uses that one, and the fixture stops it (`sky.api_stop()`) even
+when a test fails. The session HOME is temporary (conftest), so SkyPilot's state lives there; the last check proves
+nothing was written under the real ~/.sky.
 """
 from __future__ import annotations
 
@@ -90,13 +91,24 @@ def _snapshot(path: Path) -> list[tuple[str, float]] | None:
     return sorted((str(p), p.stat().st_mtime) for p in path.rglob("*") if p.is_file())
 
 
+#: What the module's first SkyPilot client runs, in a child process as a user's command would: the SDK starts the
+#: private API server on first use, then answers a status and a down. It leaves the server running for this module.
+_FIRST_CLIENT = (
+    "from melange_sky.fleet.skypilot import SkyPilotBackend\n"
+    "backend = SkyPilotBackend()\n"
+    "print('status:', backend.status(['no-such-cluster'])['no-such-cluster'].status.value, flush=True)\n"
+    "print('down:', backend.down('no-such-cluster'), flush=True)\n")
+
+
 @pytest.fixture(scope="module")
 def sky_server(session_home) -> Iterator[dict[str, Any]]:
-    """A private SkyPilot API server for this module; stopped at the end whatever happened."""
+    """A private SkyPilot API server for this module, started once (by a child process: see
+    test_talking_to_skypilots_api_server_prints_nothing_of_skypilots) and stopped at the end whatever happened."""
     real_before = _snapshot(REAL_SKY_DIR)
     assert Path.home() == session_home, "conftest must point HOME at the session's temporary directory"
     saved_port = os.environ.get("SKYPILOT_API_SERVER_LOCAL_PORT")
-    os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = str(_free_api_port())
+    port = str(_free_api_port())
+    os.environ["SKYPILOT_API_SERVER_LOCAL_PORT"] = port
     import sky  # noqa: PLC0415 - only this live module pays for it
     from sky.client import sdk  # noqa: PLC0415
     from sky.server import common as server_common  # noqa: PLC0415
@@ -104,6 +116,11 @@ def sky_server(session_home) -> Iterator[dict[str, Any]]:
     server_common.get_server_url.cache_clear()  # the URL is cached process-wide; make it see the private port
     timings: dict[str, Any] = {"real_before": real_before}
     try:
+        # The server keeps its state in the session HOME, as this process's SDK calls expect; the child sees
+        # SkyPilot's colours forced on and every network address but this machine closed.
+        timings["first_client"] = subprocess.run(
+            [sys.executable, "-c", _FIRST_CLIENT], capture_output=True, text=True, cwd=session_home,
+            env=_fresh_env(session_home, SKYPILOT_API_SERVER_LOCAL_PORT=port), timeout=SLOW_CALL_S)
         yield timings
     finally:
         try:
@@ -336,28 +353,13 @@ def test_up_dryrun_keeps_skypilots_catalog_messages_out_of_its_output_unless_deb
     assert debug.stdout == quiet.stdout
 
 
-def test_talking_to_skypilots_api_server_prints_nothing_of_skypilots(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    script = (
-        "import sys\n"
-        "from melange_sky.fleet.skypilot import SkyPilotBackend\n"
-        "backend = SkyPilotBackend()\n"
-        "try:\n"
-        "    print('status:', backend.status(['no-such-cluster'])['no-such-cluster'].status.value, flush=True)\n"
-        "    print('down:', backend.down('no-such-cluster'), flush=True)\n"
-        "finally:\n"
-        "    print('--- stopping', flush=True)\n"
-        "    sys.stderr.write('--- stopping\\n')\n"
-        "    import sky\n"
-        "    sky.api_stop()\n")
-    env = _fresh_env(home, SKYPILOT_API_SERVER_LOCAL_PORT=str(_free_api_port()))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=home,
-                          timeout=SLOW_CALL_S)
+def test_talking_to_skypilots_api_server_prints_nothing_of_skypilots(sky_server):
+    """The module's first client (the sky_server fixture's child process) started the API server and asked it twice:
+    its output is melange-sky's alone, with no "Starting SkyPilot API server", spinner or colour codes."""
+    done = sky_server["first_client"]
     assert done.returncode == 0, done.stderr
-    out, err = done.stdout.split("--- stopping")[0], done.stderr.split("--- stopping")[0]
-    assert out == "status: gone\ndown: False\n"  # no "Starting SkyPilot API server", spinner or colour codes
-    assert err == ""
+    assert done.stdout == "status: gone\ndown: False\n"
+    assert done.stderr == ""
 
 
 def test_nothing_was_written_under_the_real_sky_dir(sky_server):
