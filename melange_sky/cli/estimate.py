@@ -1,6 +1,7 @@
 """`estimate`: a GPU's performance without the GPU, from the engine model (melange_sky.engine)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -120,6 +121,9 @@ def _table(model: str | None, gpus: str | None, tp: int | None, dtype: str | Non
     config = read_config_object(source)
     deployment = config.get("deployment") if isinstance(config.get("deployment"), dict) else None
     settings = EngineSettings.from_deployment(deployment, source)
+    if tp is not None or dtype is not None:  # the command line wins over the deployment
+        settings = dataclasses.replace(settings, tensor_parallel_size=tp or settings.tensor_parallel_size,
+                                       dtype=dtype or settings.dtype)
     model_name = model or (deployment or {}).get("model")
     if not model_name:
         raise EngineError(f"--model is needed: {source} has no deployment.model")

@@ -12,7 +12,8 @@ The scheduler mirrors vllm/v1/core/sched/scheduler.py `Scheduler.schedule()` (FC
      (else the step stops admitting).
   3. The step runs: every decoding request emits one token; a request whose prefill completes emits its first token
      (or, after a preemption, its next one). A request that has emitted `max_tokens` finishes and frees its blocks.
-Prefix caching is not modelled (random prompts share no prefix); recompute does not reuse freed blocks.
+Prefix caching (on by default in V1) matters here only for preempted requests: random prompts share no prefix, but
+a preempted request's blocks stay cached until evicted, so its recompute skips what is left (`_cache_hits`).
 
 The work per step does not grow with the batch: decoding requests are counters (how many, the sum of their contexts,
 and how many sit at each position mod block_size, since those at a block boundary are the ones needing a new block),
@@ -431,9 +432,4 @@ class Engine:
         return victim
 
 
-def kv_blocks_needed(tokens: int, block_size: int = 16) -> int:
-    """KV blocks a request of `tokens` tokens holds."""
-    return math.ceil(tokens / block_size)
-
-
-__all__ = ["Engine", "Step", "kv_blocks_needed"]
+__all__ = ["Engine", "Step"]
