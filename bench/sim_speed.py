@@ -60,8 +60,9 @@ def main() -> int:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
         report = result.report
         answers.append(report.to_json())
-        print(f"{label}: {wall:.2f} s wall ({cpu:.2f} s CPU) for {result.end_s:,.0f} s simulated, {result.steps:,} engine steps "
-              f"({result.steps / wall / 1000:.0f}k steps/s), {len(arrivals) / wall:,.0f} requests/s; attainment "
+        print(f"{label}: {wall:.2f} s wall ({cpu:.2f} s CPU) for {result.end_s:,.0f} s simulated, "
+              f"{result.steps:,} engine steps ({result.steps / wall / 1000:.0f}k steps/s), "
+              f"{len(arrivals) / wall:,.0f} requests/s; attainment "
               f"{100 * report.attainment:.2f}%, TTFT p50/p99 {report.overall.ttft_ms.p50:.0f}/"
               f"{report.overall.ttft_ms.p99:.0f} ms, TPOT p50/p99 {report.overall.tpot_ms.p50:.1f}/"
               f"{report.overall.tpot_ms.p99:.1f} ms")

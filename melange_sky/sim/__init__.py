@@ -7,8 +7,10 @@ searches the least padding whose plan meets the target. Above `serve` (it drives
 CLI.
 """
 from melange_sky.sim.arrivals import Arrivals, Burst, SimulationError, parse_burst, poisson_arrivals, trace_arrivals
+from melange_sky.sim.headroom import HeadroomAdvice, HeadroomTrial, find_headroom
 from melange_sky.sim.plan import GpuModel, SimPlan, plan_from_config, plan_from_fleet
 from melange_sky.sim.simulate import ReplicaStats, SimResult, build_policy, simulate
 
-__all__ = ["Arrivals", "Burst", "GpuModel", "ReplicaStats", "SimPlan", "SimResult", "SimulationError", "build_policy",
-           "parse_burst", "plan_from_config", "plan_from_fleet", "poisson_arrivals", "simulate", "trace_arrivals"]
+__all__ = ["Arrivals", "Burst", "GpuModel", "HeadroomAdvice", "HeadroomTrial", "ReplicaStats", "SimPlan",
+           "SimResult", "SimulationError", "build_policy", "find_headroom", "parse_burst", "plan_from_config",
+           "plan_from_fleet", "poisson_arrivals", "simulate", "trace_arrivals"]

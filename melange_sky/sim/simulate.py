@@ -80,6 +80,7 @@ class SimResult:
     wall_s: float  # how long the simulation took
     steps: int  # engine steps run, all replicas
     notes: tuple[str, ...] = field(default=())
+    records: list[RequestRecord] = field(default_factory=list, repr=False)  # every request, in arrival order
 
     @property
     def share_per_gpu(self) -> dict[str, float]:
@@ -187,6 +188,7 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
     sized, choose = policy.sized, policy.choose
     answered = RequestRecord.answered
     inf = math.inf
+    too_long = 0
 
     def step_at(server: _Server, k: int, now: float, peek: bool = skip) -> None:
         """Start the replica's next step at `now` (or, with `peek`, a run of pure-decode steps when one comes
@@ -246,6 +248,7 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
                 server.engine.add(rid, prompt, output)
             except EngineError:  # longer than the model's context: vLLM answers 400
                 records[rid] = RequestRecord.failed(now, server.gpu, server.name, buckets[rid], prompt, output)
+                too_long += 1
                 continue
             server.replica.in_flight += 1
             server.replica.served += 1
@@ -287,7 +290,8 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
                                             outputs[rid])
     if progress is not None:
         progress(n, n, now)
-    report = summarise(records, slos, target, bucket_names, duration_s=arrivals.duration_s)  # type: ignore[arg-type]
+    done: list[RequestRecord] = records  # type: ignore[assignment]  # every slot is filled by now
+    report = summarise(done, slos, target, bucket_names, duration_s=arrivals.duration_s)
     span = max(now, arrivals.duration_s, 1e-9)
     stats = []
     for s in servers:
@@ -297,8 +301,13 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
             kv_cache_mean=s.kv_s / busy, kv_cache_peak=s.engine.peak_blocks_used / s.engine.kv_blocks,
             mean_queue=s.queue_s / busy, max_queue=s.max_queue, preemptions=s.engine.preemptions, steps=s.steps))
     notes = list(arrivals.warnings) + list(plan.notes)
+    if too_long:
+        limits = sorted({s.engine.max_model_len for s in servers})
+        notes.append(f"{too_long:,} request(s) were longer (prompt + output) than the model's context "
+                     f"({' or '.join(map(str, limits))} tokens) and were refused, as vLLM answers 400: they count as "
+                     f"missing every SLO")
     if unfinished:
         notes.append(f"{len(unfinished)} request(s) never finished (an engine stopped with work left): counted as "
                      f"missing every SLO")
     return SimResult(report, stats, plan, arrivals, now, time.perf_counter() - started, sum(s.steps for s in stats),
-                     tuple(notes))
+                     tuple(notes), done)
