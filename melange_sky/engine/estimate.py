@@ -401,6 +401,7 @@ def max_rates(model: ModelSpec, gpus: Sequence[str], input_edges: Sequence[int],
             continue
         tputs = [[0.0] * cols for _ in range(rows)]
         buckets: list[BucketRate] = []
+        too_long: list[str] = []
         total = rows * cols
         for k, (i, j) in enumerate((i, j) for i in range(rows) for j in range(cols)):
             prompt, output = bucket_tokens((input_edges[i], input_edges[i + 1]),
@@ -408,17 +409,20 @@ def max_rates(model: ModelSpec, gpus: Sequence[str], input_edges: Sequence[int],
             if progress:
                 progress(spec.name, k, total, None)
             if prompt + output > first.max_model_len:
-                buckets.append(BucketRate((i, j), prompt, output, 0.0, None))
-                continue
+                bucket = BucketRate((i, j), prompt, output, 0.0, None)
+                too_long.append(f"{i}:{j}")
+            else:
+                def make(spec: GpuSpec = spec) -> Engine:
+                    return Engine(model, spec, tp=tp, dtype=dtype, settings=settings)
 
-            def make(spec: GpuSpec = spec) -> Engine:
-                return Engine(model, spec, tp=tp, dtype=dtype, settings=settings)
-
-            bucket = max_rate(make, prompt, output, slos, cell=(i, j), seed=seed)
+                bucket = max_rate(make, prompt, output, slos, cell=(i, j), seed=seed)
             buckets.append(bucket)
             tputs[i][j] = bucket.tput
             if progress:
                 progress(spec.name, k + 1, total, bucket)
+        if too_long:
+            first.notes.append(f"0 where a request is longer than max_model_len {first.max_model_len}: "
+                               f"{', '.join(too_long)}")
         notes = "; ".join(first.notes) or None
         tables[spec.name] = GpuTable(spec.name, tputs, note=notes, engine=first.description,
                                      fit_source=first.fit_source, buckets=tuple(buckets))
