@@ -248,3 +248,14 @@ def test_simulate_report_and_its_errors(cli, write_config, monkeypatch, tmp_path
     monkeypatch.setenv("MELANGE_SKY_HOME", str(tmp_path / "empty-home"))
     missing = cli("simulate", "no-such-fleet", "--rate", "1")
     assert missing.exit_code == 2 and "no fleet named 'no-such-fleet'" in missing.stderr
+
+
+def test_solve_points_at_simulate_when_the_plan_can_be_simulated(cli, write_config):
+    routable = cli("solve", write_config(MIX, "mix.json"))
+    assert routable.exit_code == 0, routable.stderr
+    assert "melange-sky simulate " in routable.stderr and "mix.json --trace FILE" in routable.stderr
+    no_edges = {**MIX, "input_buckets": None, "output_buckets": None}
+    no_edges = {k: v for k, v in no_edges.items() if v is not None}
+    plain = cli("solve", write_config(no_edges, "plain.json"))
+    assert plain.exit_code == 0, plain.stderr
+    assert "simulate" not in plain.stderr  # its routes need bucket edges: no pointer at a command that would fail

@@ -14,6 +14,7 @@ import click
 
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
+from melange_sky.cli.simulate import simulate_hint
 from melange_sky.cli.text import format_down, format_dryrun, format_event, format_preview, format_status, format_up
 from melange_sky.fleet.backends import load_backend
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
@@ -135,6 +136,9 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
             dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=print_warning,
                           router=not no_router, shrink=not no_shrink)
         click.echo(json.dumps(dry.to_dict(), indent=2) if as_json else format_dryrun(dry))
+        hint = None if as_json else simulate_hint(config, cfg)
+        if hint:
+            click.echo(hint, err=True)
         return
     secrets = launch_secrets(cfg, settings, os.environ)
     stdout = sys.stdout  # the preview is this command's output, not the launcher's

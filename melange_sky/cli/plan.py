@@ -9,6 +9,7 @@ from melange_sky._io import write_json
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import (SolveArgs, per_offer_option, plan_options, plan_settings, solve_options,
                                      warn_time_limit)
+from melange_sky.cli.simulate import simulate_hint
 from melange_sky.cli.text import format_offers, format_plan, format_solve
 from melange_sky.deploy.catalog import default_catalog
 from melange_sky.deploy.plan import RESULT_FILE, build_plan, solve_offers, stale_task_files, write_plan
@@ -46,6 +47,9 @@ def solve(config: str, output: str | None, as_json: bool, per_offer: bool, solve
     warn_time_limit(result, solve_args)
     if output:
         click.echo(f"Wrote {output}", err=True)
+    hint = None if as_json else simulate_hint(config, cfg)
+    if hint:
+        click.echo(hint, err=True)
 
 
 @main.command()
