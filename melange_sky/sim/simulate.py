@@ -30,7 +30,7 @@ from melange_sky.core.buckets import Bucketer
 from melange_sky.core.slo import Slos
 from melange_sky.engine import Engine
 from melange_sky.engine.errors import EngineError
-from melange_sky.serve.policy import NoReplica, Replica, SizeAwarePolicy
+from melange_sky.serve.policy import NoReplica, Replica, Rotation, SizeAwarePolicy
 from melange_sky.serve.tokens import Sizer
 from melange_sky.sim.arrivals import Arrivals, SimulationError
 from melange_sky.sim.plan import SimPlan
@@ -138,9 +138,11 @@ class _Server:
 
 
 def build_policy(plan: SimPlan, seed: int = 0) -> tuple[SizeAwarePolicy, list[Replica]]:
-    """The router's policy over the plan's replicas, as `serve` builds it (its tie-breaks seeded)."""
+    """The router's policy over the plan's replicas, as `serve` builds it (its tie-breaks seeded). Its `Rotation`
+    is the one an outlier detector would keep, and no replica leaves it here: simulated replicas do not fail."""
     replicas = [Replica(r.name, r.gpu, r.url) for r in plan.routes.replicas]
-    return SizeAwarePolicy(plan.routes, replicas, Sizer(), rng=random.Random(seed)), replicas
+    policy = SizeAwarePolicy(plan.routes, replicas, Sizer(), rng=random.Random(seed), rotation=Rotation())
+    return policy, replicas
 
 
 def _run_ahead(engine: Engine) -> tuple[Engine, int, float]:
@@ -182,7 +184,8 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
     first = [math.nan] * n
     where = [-1] * n
     records: list[RequestRecord | None] = [None] * n
-    buckets = [(in_b.index(p), out_b.index(o)) for p, o in zip(prompts, outputs)]
+    in_index, out_index = in_b.index, out_b.index
+    buckets = [(in_index(p), out_index(o)) for p, o in zip(prompts, outputs)]
     heap: list[tuple[float, int, int]] = []  # (time, replica, its version): a step's end, or a run's
     heappush, heappop = heapq.heappush, heapq.heappop
     sized, choose = policy.sized, policy.choose
