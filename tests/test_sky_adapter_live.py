@@ -135,7 +135,9 @@ def sky_server(session_home) -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def backend(sky_server) -> SkyPilotBackend:
+def backend(sky_server, sky_catalog_home) -> SkyPilotBackend:
+    """The adapter with SkyPilot's catalog at hand (the bundled snapshot, seeded), so it validates in this process as
+    a user's machine does; the tests of the offline fallbacks below take it away themselves."""
     return SkyPilotBackend()
 
 
@@ -251,7 +253,7 @@ def test_validate_rejects_a_bad_task_in_one_line(backend, task, expected):
 # ---- the CLI's real code path: `up`, `status --refresh` and `down` with the default (SkyPilot) backend ----------
 
 @pytest.fixture
-def live_fleet_env(monkeypatch, tmp_path):
+def live_fleet_env(monkeypatch, tmp_path, sky_catalog_home):
     monkeypatch.setenv("MELANGE_SKY_HOME", str(tmp_path / "melange-home"))
     monkeypatch.delenv("MELANGE_SKY_BACKEND", raising=False)
     monkeypatch.setenv("HF_TOKEN", SECRET)
@@ -334,19 +336,21 @@ def _melange_sky(home: Path, *args: str) -> subprocess.CompletedProcess:
                           env=_fresh_env(home), cwd=home, timeout=SLOW_CALL_S)
 
 
-def test_up_dryrun_keeps_skypilots_catalog_messages_out_of_its_output_unless_debug(tmp_path):
-    from conftest import REPO  # noqa: PLC0415
-
-    example = str(REPO / "examples" / "example.json")
-    quiet = _melange_sky(tmp_path / "quiet", "up", example, "--dryrun")
+def test_up_dryrun_keeps_skypilots_catalog_messages_out_of_its_output_unless_debug(tmp_path, example, write_config):
+    # One GPU type, one replica: one task to validate (each validation without a catalog is a child process).
+    example["gpu_info"] = {"A10G": example["gpu_info"]["A10G"]}
+    example["workload_distribution"] = [[0.5, 0.5], [0, 0]]
+    example["total_request_rate"] = 1.0
+    config = write_config(example, "one-a10g.json")
+    quiet = _melange_sky(tmp_path / "quiet", "up", config, "--dryrun")
     assert quiet.returncode == 0, quiet.stderr
-    assert "would launch 4 replica(s)" in quiet.stdout and "full" in quiet.stdout  # it did validate
+    assert "would launch 1 replica(s)" in quiet.stdout and "full" in quiet.stdout  # it did validate
     for stream in (quiet.stdout, quiet.stderr):
         assert "Failed to fetch" not in stream and "catalog common/accelerators.csv" not in stream
         assert "\x1b[" not in stream
     assert quiet.stderr == ""
 
-    debug = _melange_sky(tmp_path / "debug", "up", example, "--dryrun", "--debug")
+    debug = _melange_sky(tmp_path / "debug", "up", config, "--dryrun", "--debug")
     assert debug.returncode == 0, debug.stderr
     assert "[skypilot] Failed to fetch common catalog common/accelerators.csv." in debug.stderr
     assert "\x1b[" not in debug.stderr  # shown, but without colour codes
