@@ -12,7 +12,7 @@ import click
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.core.attainment import DEFAULT_TARGET, AttainmentReport, Group, Percentiles
 from melange_sky.core.config import Config, load_config, with_overrides
-from melange_sky.core.slo import Slos
+from melange_sky.core.slo import Slos, percentile
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.deploy.plan import DEFAULT_MAX_REPLICAS, PlanSettings, deployment_from_config
 from melange_sky.errors import ServeError
@@ -187,7 +187,8 @@ def simulate_command(plan_source: str, trace: str | None, rate: float | None, du
 
 
 class _Progress:
-    """Progress on stderr for long runs: a line every few seconds once a run has taken more than two."""
+    """Progress on a terminal's stderr for long runs: a line every few seconds once a run has taken more than two
+    (nothing when stderr is a file or a pipe: logs and captured output stay the report alone)."""
 
     def __init__(self, total: int, duration_s: float):
         self.total = total
@@ -195,10 +196,11 @@ class _Progress:
         self.started = time.monotonic()
         self.last = self.started
         self.shown = False
+        self.enabled = sys.stderr.isatty()
 
     def __call__(self, routed: int, total: int, simulated_s: float) -> None:
         now = time.monotonic()
-        if now - self.last < 2.0:
+        if not self.enabled or now - self.last < 2.0:
             return
         self.last = now
         self.shown = True
@@ -311,7 +313,7 @@ def _rate_range(report: AttainmentReport) -> str:
     rates = sorted(m.rate for m in report.per_minute)
     if not rates:
         return "-"
-    return f"{rates[0]:.3g} to {rates[-1]:.3g} req/s (median {rates[len(rates) // 2]:.3g})"
+    return f"{rates[0]:.3g} to {rates[-1]:.3g} req/s (median {percentile(rates, 0.5):.3g})"
 
 
 def format_simulation(result: SimResult) -> str:
