@@ -63,7 +63,8 @@ def test_a_plain_wheel_install_finds_templates_and_the_bundled_catalog(tmp_path)
     # Build from a copy, so the build leaves no build/ or egg-info behind in the checkout.
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "tests"))
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "tests",
+        ".mypy_cache", ".ruff_cache", ".grimp_cache", ".import_linter_cache", "site"))  # caches and the built docs
     dist = tmp_path / "dist"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(source)], check=True,
