@@ -101,7 +101,7 @@ def predicted(prompt_tokens: int, max_tokens: int, speed: float, requests: int =
 
 
 def tokens_of(events: list[tuple[float, dict | str]]) -> list[tuple[float, dict]]:
-    return [(t, e) for t, e in events if isinstance(e, dict) and e["choices"]
+    return [(t, e) for t, e in events if isinstance(e, dict) and e.get("choices")
             and (e["choices"][0].get("text") or e["choices"][0].get("delta", {}).get("content"))]
 
 
@@ -289,6 +289,32 @@ def test_the_router_relays_emulated_replicas_streams_by_the_plans_shares():
             await front.stop()
             for server in servers.values():
                 await server.stop()
+
+    run(scenario)
+
+
+def test_if_the_engine_loop_fails_streams_end_with_an_error_and_new_requests_get_500():
+    async def scenario():
+        async with Served(speed=1) as s:
+            emulator = s.ready.emulator
+            emulator.log = lambda _: None
+            steps = s.engine.step
+
+            def failing_step():
+                if emulator.generation_tokens_total >= 2:  # two tokens out, then the engine breaks
+                    raise RuntimeError("boom")
+                return steps()
+
+            s.engine.step = failing_step  # type: ignore[method-assign]
+            events = await s.stream("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 50,
+                                                        "stream": True})
+            assert len(tokens_of(events)) == 2
+            assert "boom" in events[-2][1]["error"]["message"] and events[-1][1] == "[DONE]"
+            status, raw = await s.post("/v1/completions", {"model": MODEL, "prompt": "x"})
+            assert status == 500 and "engine loop failed" in json.loads(raw)["error"]["message"]
+            assert s.session is not None
+            async with s.session.get(s.url + "/health") as response:
+                assert response.status == 503
 
     run(scenario)
 

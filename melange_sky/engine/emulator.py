@@ -24,6 +24,7 @@ import gc
 import hmac
 import itertools
 import signal
+import sys
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from melange_sky.core.config import read_config_document
-from melange_sky.engine.emulator_openai import Answer, ApiError, Kind, parse_generation
+from melange_sky.engine.emulator_openai import DONE, Answer, ApiError, Kind, error_body, parse_generation
 from melange_sky.engine.engine import Engine, Step
 from melange_sky.engine.models import load_model
 from melange_sky.engine.settings import EngineSettings
@@ -56,6 +57,10 @@ JSON = "application/json"
 EVENT_STREAM = "text/event-stream; charset=utf-8"
 #: Young-generation GC threshold once serving (as the router does: requests in flight hold many objects).
 _GC_YOUNG_THRESHOLD = 10_000
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
 
 __all__ = ["EmulateError", "Emulated", "Emulator", "EmulatorServer", "EmulatorSettings", "StepRecord", "prepare", "run"]
 
@@ -83,12 +88,13 @@ class _Request:
     engine loop calls with each token's index and whether it is the last, right at the step's end: a stream then
     costs one socket write per token and no task switch (hundreds of streams share one core)."""
 
-    __slots__ = ("rid", "prompt_tokens", "max_tokens", "emitted", "done", "each", "waiter", "push")
+    __slots__ = ("rid", "prompt_tokens", "max_tokens", "emitted", "done", "failed", "each", "waiter", "push")
 
     def __init__(self, rid: int, prompt_tokens: int, max_tokens: int, each: bool):
         self.rid, self.prompt_tokens, self.max_tokens = rid, prompt_tokens, max_tokens
         self.emitted = 0
         self.done = False
+        self.failed = False  # the engine loop died before the request finished
         self.each = each  # wake the handler at every token (until it sets `push`), else only at the end
         self.waiter: asyncio.Future[None] | None = None
         self.push: Callable[[int, bool], None] | None = None
@@ -109,8 +115,11 @@ class Emulator:
     """The real-time clock around one engine (see the module docstring). Create it, then `start()` inside the
     event loop that serves; `submit` and `abort` come from the request handlers of that loop."""
 
-    def __init__(self, engine: Engine, *, spin_s: float = SPIN_S, record_steps: bool = False):
+    def __init__(self, engine: Engine, *, spin_s: float = SPIN_S, record_steps: bool = False,
+                 log: Callable[[str], None] = _stderr):
         self.engine = engine
+        self.log = log
+        self.dead: str | None = None  # why the engine loop stopped, if it failed (every request then gets a 500)
         self.spin_s = spin_s
         self.steps: list[StepRecord] | None = [] if record_steps else None
         self._requests: dict[Hashable, _Request] = {}
@@ -128,6 +137,8 @@ class Emulator:
     # -- the handlers' side ------------------------------------------------------------------------------------------
     def submit(self, prompt_tokens: int, max_tokens: int, *, stream: bool) -> _Request:
         """A new request: it waits in the engine's queue until the next step boundary schedules it."""
+        if self.dead is not None:
+            raise ApiError(500, self.dead, "InternalServerError")
         req = _Request(next(self._ids), prompt_tokens, max_tokens, stream)
         self.engine.add(req.rid, prompt_tokens, max_tokens)
         self._requests[req.rid] = req
@@ -153,7 +164,7 @@ class Emulator:
     def start(self) -> None:
         """Start the engine loop in the running event loop."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="emulator-engine")
+            self._task = asyncio.get_running_loop().create_task(self._guarded(), name="emulator-engine")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -161,6 +172,20 @@ class Emulator:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def _guarded(self) -> None:
+        """The engine loop; if it fails (a bug), the requests in flight end with an error and new ones get 500,
+        as vLLM answers once its engine is dead, instead of hanging."""
+        try:
+            await self._run()
+        except Exception as exc:  # noqa: BLE001 - any failure of the loop must reach the clients
+            self.dead = f"the engine loop failed: {type(exc).__name__}: {exc}"
+            self.log(f"Error: {self.dead}")
+            for req in self._requests.values():
+                req.done = req.failed = True
+                req.wake()
+            self._requests.clear()
+            self._decoding.clear()
 
     async def _run(self) -> None:
         loop, clock = asyncio.get_running_loop(), time.monotonic
@@ -321,30 +346,36 @@ class EmulatorServer:
             except orjson.JSONDecodeError:
                 raise ApiError(400, "the request body is not valid JSON") from None
             gen = parse_generation(body, kind, self.settings.served_model_name, self.settings.max_model_len)
+            answer = Answer(gen)
+            emulator = self.emulator
+            if not gen.stream:
+                req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=False)
+                try:
+                    await req.wait(0)
+                finally:
+                    emulator.abort(req)  # a no-op once done; a client gone meanwhile frees its blocks
+                if req.failed:
+                    raise ApiError(500, emulator.dead or "the engine loop failed", "InternalServerError")
+                return web.Response(body=answer.whole(req.emitted), content_type=JSON)
+            req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=True)
         except ApiError as exc:
             return web.Response(body=exc.body(), status=exc.status, content_type=JSON)
-        answer = Answer(gen)
-        emulator = self.emulator
-        if not gen.stream:
-            req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=False)
-            try:
-                await req.wait(0)
-            finally:
-                emulator.abort(req)  # a no-op once done; a client gone meanwhile frees its blocks
-            return web.Response(body=answer.whole(req.emitted), content_type=JSON)
         out = web.StreamResponse(headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})
-        await out.prepare(request)
-        req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=True)
         try:
+            await out.prepare(request)
             await req.wait(0)
             sent = req.emitted  # the first token(s), with the headers, through aiohttp's writer
-            await out.write(answer.tokens(0, sent, req.done))
+            await out.write(answer.tokens(0, sent, req.done and not req.failed))
             transport = request.transport
             if not req.done and transport is not None:
                 req.push = _pusher(answer, transport)  # the rest straight from the engine loop (see _Request)
                 req.each = False
                 await req.wait(sent)
-            await out.write(answer.end(req.emitted))
+            if req.failed:  # vLLM's way to end a stream that broke: an error event, then [DONE]
+                await out.write(b"data: " + error_body(500, emulator.dead or "", "InternalServerError")
+                                + b"\n\n" + DONE)
+            else:
+                await out.write(answer.end(req.emitted))
             await out.write_eof()
         except ConnectionResetError:  # the client went away between two writes (aiohttp cancels it otherwise)
             pass
@@ -359,7 +390,8 @@ class EmulatorServer:
         return web.Response(body=orjson.dumps({"object": "list", "data": [model]}), content_type=JSON)
 
     async def health(self, _request: web.Request) -> web.StreamResponse:
-        return web.Response(status=200)
+        """200, or 503 once the engine loop has failed."""
+        return web.Response(status=503 if self.emulator.dead else 200)
 
     async def metrics(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
