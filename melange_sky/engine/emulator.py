@@ -363,14 +363,20 @@ class EmulatorServer:
         out = web.StreamResponse(headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})
         try:
             await out.prepare(request)
-            await req.wait(0)
-            sent = req.emitted  # the first token(s), with the headers, through aiohttp's writer
-            await out.write(answer.tokens(0, sent, req.done and not req.failed))
-            transport = request.transport
-            if not req.done and transport is not None:
-                req.push = _pusher(answer, transport)  # the rest straight from the engine loop (see _Request)
-                req.each = False
+            transport, sent = request.transport, 0
+            while True:  # the first token(s), with the headers, through aiohttp's writer
                 await req.wait(sent)
+                if req.emitted > sent:
+                    count = req.emitted - sent
+                    await out.write(answer.tokens(sent, count, req.done and not req.failed))
+                    sent += count
+                if req.done:
+                    break
+                if req.emitted == sent and transport is not None:  # caught up: no token can slip between
+                    req.push = _pusher(answer, transport)  # the rest straight from the engine loop (see _Request)
+                    req.each = False
+                    await req.wait(sent)
+                    break
             if req.failed:  # vLLM's way to end a stream that broke: an error event, then [DONE]
                 await out.write(b"data: " + error_body(500, emulator.dead or "", "InternalServerError")
                                 + b"\n\n" + DONE)
