@@ -259,3 +259,46 @@ def test_solve_points_at_simulate_when_the_plan_can_be_simulated(cli, write_conf
     plain = cli("solve", write_config(no_edges, "plain.json"))
     assert plain.exit_code == 0, plain.stderr
     assert "simulate" not in plain.stderr  # its routes need bucket edges: no pointer at a command that would fail
+
+
+def test_simulate_a_trace_planned_for_its_busy_minutes_with_a_plot(cli, write_config, tmp_path):
+    """A trace alternating 2 and 10 req/s by the minute: --rate-percentile 95 plans for the busy minutes (more
+    replicas than the config's 6 req/s), and --plot draws the run."""
+    import random
+
+    rng = random.Random(5)
+    rows, t = [], 0.0
+    for minute in range(4):
+        rate = 2 if minute % 2 == 0 else 10
+        while True:
+            t += rng.expovariate(rate)
+            if t >= 60 * (minute + 1):
+                t = 60.0 * (minute + 1)
+                break
+            rows.append(f"{t:.3f},{rng.randint(20, 400)},{rng.randint(10, 60)}")
+    trace = tmp_path / "trace.csv"
+    trace.write_text("timestamp,input_len,output_len\n" + "\n".join(rows) + "\n")
+    path = write_config({**MIX, "total_request_rate": 6}, "mix.json")
+    base = json.loads(cli("simulate", path, "--trace", str(trace), "--json").stdout)
+    png = tmp_path / "run.png"
+    peak = cli("simulate", path, "--trace", str(trace), "--rate-percentile", "95", "--json", "--plot", str(png))
+    assert peak.exit_code == 0, peak.stderr
+    doc = json.loads(peak.stdout)
+    assert doc["requests"] == base["requests"] == len(rows)
+    assert sum(doc["plan"]["counts"].values()) > sum(base["plan"]["counts"].values())
+    assert [m["requests"] for m in doc["per_minute"]] == [m["requests"] for m in base["per_minute"]]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_a_fleet_by_name(cli, write_config, monkeypatch, tmp_path, mix_config):
+    home = tmp_path / "home"
+    monkeypatch.setenv("MELANGE_SKY_HOME", str(home))
+    with Ledger(home) as ledger:
+        stored = make_plan(mix_config, solve(mix_config, "slices", compare=False))
+        ledger.save_fleet("mix", "digest", stored.to_dict())
+    result = cli("simulate", "mix", "--rate", "4", "--duration", "30", "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["plan"]["source"] == "fleet mix"
+    assert doc["plan"]["counts"] == dict(Counter(r.gpu for r in stored.replicas))
+    assert cli("simulate", "mix", "--rate", "4", "--find-headroom").exit_code == 2  # re-planning needs a CONFIG
