@@ -112,12 +112,16 @@ def matches(expected: list[str], actual: list[str]) -> bool:
 
 @pytest.fixture
 def session_dir(tmp_path: Path) -> Path:
+    return make_session_dir(tmp_path)
+
+
+def make_session_dir(base: Path) -> Path:
     """A working directory that reads as the repository's root, and a HOME of its own, for one block."""
-    work = tmp_path / "work"
+    work = base / "work"
     work.mkdir()
     for name in LINKED_DIRS:
         (work / name).symlink_to(REPO / name, target_is_directory=True)
-    (tmp_path / "home").mkdir()
+    (base / "home").mkdir()
     return work
 
 
@@ -297,3 +301,42 @@ def test_every_config_key_the_code_accepts_is_named_in_the_reference() -> None:
     }
     missing = {block: [key for key in keys if not named(key, pages)] for block, (keys, pages) in blocks.items()}
     assert {block: keys for block, keys in missing.items() if keys} == {}
+
+
+def regenerate(paths: list[Path]) -> list[str]:
+    """Rewrite the output under each `$ ` line of the console blocks in `paths` with what the command prints now.
+    Blocks whose output leaves lines out (`...`) are not touched: they are listed, to be edited by hand."""
+    import os  # noqa: PLC0415 - only this maintenance path changes the process's directory
+    import tempfile  # noqa: PLC0415
+
+    by_hand: list[str] = []
+    for path in paths:
+        lines = path.read_text().splitlines()
+        for block in reversed(console_blocks(path)):  # from the end, so earlier line numbers stay valid
+            if any("..." in step.expected for step in block.steps):
+                by_hand.append(block.name)
+                continue
+            with tempfile.TemporaryDirectory() as base:
+                work = make_session_dir(Path(base))
+                here = os.getcwd()
+                os.chdir(work)
+                try:
+                    outputs = [run_step(step.command, work) for step in block.steps]
+                finally:
+                    os.chdir(here)
+            for step, output in reversed(list(zip(block.steps, outputs))):
+                if normalise(output) == normalise(step.expected):
+                    continue  # only durations differ: keep the printed example as it is
+                start = step.line  # the `$ ` line, 1-based: its output follows it
+                lines[start:start + len(step.expected)] = [line.rstrip() for line in output]
+        path.write_text("\n".join(lines) + "\n")
+    return by_hand
+
+
+if __name__ == "__main__":
+    # `python tests/test_docs.py [FILE.md ...]`: regenerate the console examples (all docs and the README by default).
+    import sys  # noqa: PLC0415
+
+    chosen = [Path(arg).resolve() for arg in sys.argv[1:]] or DOC_FILES
+    for name in regenerate(chosen):
+        print(f"{name}: leaves lines out (...): not regenerated, check it with pytest tests/test_docs.py")
