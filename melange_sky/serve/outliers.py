@@ -41,8 +41,9 @@ OUTLIER_5XX = "consecutive_5xx"
 
 @dataclass(frozen=True)
 class OutlierSettings:
-    """The limits of outlier detection (defaults: Envoy's, but for the thresholds, which count stronger evidence
-    here: a 5xx counts only when another replica served the same request)."""
+    """The limits of outlier detection. The cap is Envoy's default; the thresholds are lower than Envoy's 5 because
+    the evidence is stronger (a 5xx counts only when another replica served the same request); the waits are
+    shorter than Envoy's 30 s ejections because a probe, not a timer, ends them."""
 
     consecutive_5xx: int = 3
     consecutive_gateway_failure: int = 2
