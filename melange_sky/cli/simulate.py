@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import click
 
 from melange_sky.cli.main import debug_option, main, warn
-from melange_sky.core.attainment import DEFAULT_TARGET, AttainmentReport, Group, Percentiles
+from melange_sky.core.attainment import DEFAULT_TARGET, AttainmentReport, Group, Percentiles, per_request_text
 from melange_sky.core.config import Config, load_config, with_overrides
 from melange_sky.core.slo import Slos, percentile
 from melange_sky.deploy.offers import catalog_pricer
@@ -253,11 +253,8 @@ def _group_row(name: str, group: Group, share: float | None = None) -> list[obje
 
 
 def _slo_lines(report: AttainmentReport) -> list[str]:
-    slos = report.slos
-    given = [f"{name} <= {value:g} ms" for name, value in
-             (("TPOT", slos.tpot_ms), ("TTFT", slos.ttft_ms), ("latency", slos.latency_ms)) if value is not None]
-    lines = [f"SLOs, per request: {', '.join(given) or 'none'} (target: {_pct(report.target)} of requests meet "
-             f"every one)"]
+    lines = [f"SLOs, per request: {per_request_text(report.slos) or 'none'} (target: {_pct(report.target)} of "
+             f"requests meet every one)"]
     if report.slo_statistics:
         read = ", ".join(f"{name} {_ms(value)} ms" for name, value in report.slo_statistics.items())
         lines.append(f"As `profile` reads them (a statistic of all requests): {read}")

@@ -33,13 +33,19 @@ MINUTE_S = 60.0
 _TOLERANCE = 1 + 1e-9
 
 __all__ = ["DEFAULT_TARGET", "AttainmentError", "AttainmentReport", "Group", "Minute", "Percentiles",
-           "RequestRecord", "request_tpot", "summarise"]
+           "RequestRecord", "per_request_text", "request_tpot", "summarise"]
 
 
 class AttainmentError(MelangeError):
     """A summary that cannot be made (no requests, a target outside (0, 1])."""
 
     exit_code = 2
+
+
+def per_request_text(slos: Slos) -> str:
+    """The SLOs as each request is held to them: "TPOT <= 100 ms, TTFT <= 2000 ms" ("" when none is given)."""
+    given = (("TPOT", slos.tpot_ms), ("TTFT", slos.ttft_ms), ("latency", slos.latency_ms))
+    return ", ".join(f"{name} <= {value:g} ms" for name, value in given if value is not None)
 
 
 def request_tpot(ttft_s: float, latency_s: float, output_tokens: int) -> float | None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from melange_sky.core.attainment import per_request_text
 from melange_sky.errors import OutputError
 from melange_sky.sim.simulate import SimResult
 
@@ -49,9 +50,7 @@ def plot_result(result: SimResult, path: str | os.PathLike[str]) -> None:
     lines = rate_ax.get_legend_handles_labels()
     more = share_ax.get_legend_handles_labels()
     rate_ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left", fontsize=9)
-    slos = report.slos
-    given = ", ".join(f"{name} <= {value:g} ms" for name, value in
-                      (("TPOT", slos.tpot_ms), ("TTFT", slos.ttft_ms), ("latency", slos.latency_ms)) if value is not None)
+    given = per_request_text(report.slos)
     rate_ax.set_title(f"{result.plan.describe()}: {100 * report.attainment:.2f}% of {report.requests:,} requests "
                       f"met every SLO ({given or 'no SLO'}, per request)", fontsize=10)
     by_gpu: dict[str, list[float]] = {}
