@@ -72,7 +72,6 @@ def fast(**changes) -> ProfileSettings:
 
 
 
-@pytest.mark.xdist_group("profile_accuracy")  # never beside another accuracy profile (see test_profile_accuracy)
 def test_measured_tputs_are_within_15_percent_of_the_true_max_rate(law_server):
     url = law_server()
     events: list[ProfileEvent] = []
