@@ -200,7 +200,7 @@ class StepPlan:
     slo_latency: float
     latency_guess: float
     cap: float
-    precision: dict[Slo, float] | None = None  # per SLO, see `_precision`
+    precision: dict[Slo, float] | None = None  # per SLO, see `profile_stats.precision_needed`
 
 
 def _mean_in_flight(samples: Sequence[tuple[float, float]], since: float, now: float, area_now: float) -> float:
