@@ -302,3 +302,16 @@ def test_simulate_a_fleet_by_name(cli, write_config, monkeypatch, tmp_path, mix_
     assert doc["plan"]["source"] == "fleet mix"
     assert doc["plan"]["counts"] == dict(Counter(r.gpu for r in stored.replicas))
     assert cli("simulate", "mix", "--rate", "4", "--find-headroom").exit_code == 2  # re-planning needs a CONFIG
+
+
+def test_an_instance_of_two_gpus_is_two_data_parallel_replicas(write_config):
+    """vllm.j2 serves gpus / TP data-parallel engines on one instance: the simulator runs one engine for each."""
+    config = load_config(write_config({
+        "name": "dp", "workload_distribution": [[1.0]], "input_buckets": [1, 256], "output_buckets": [1, 128],
+        "total_request_rate": 10, "deployment": {"model": MODEL},
+        "gpu_info": {"A100-80GB": {"cost": 7.35, "tputs": [[40]], "instance_type": "Standard_NC48ads_A100_v4"}}}))
+    plan = plan_from_config(config)
+    assert plan.counts == {"A100-80GB": 1}
+    assert [r.name for r in plan.replicas] == ["a100-80gb-0", "a100-80gb-1"]
+    result = simulate(plan, poisson_arrivals(10, 20, [[1.0]], [1, 256], [1, 128]), Slos())
+    assert all(r.requests > 0 for r in result.replicas)

@@ -109,11 +109,21 @@ def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compa
     deployment = deployment_from_config(config)
     result = solve_offers(config, settings)
     counts = {g.name: g.count for g in result.gpus if g.count}
-    routes = routes_from_solve(config, result, replica_specs(counts))
+    # an instance of several GPUs runs gpus / TP data-parallel engines behind one server (templates/vllm.j2): each
+    # is a replica here, balanced by the router's least-in-flight as vLLM balances its data-parallel ranks
+    tp = deployment.engine.tensor_parallel_size or 1
+    notes = list(result.warnings)
+    engines_per = {g.name: max(1, g.gpus_per_instance // tp) for g in result.gpus if g.count}
+    for gpu, per in engines_per.items():
+        if per > 1:
+            notes.append(f"{gpu}: {counts[gpu]} instance(s) of {per * tp} GPUs, each {per} data-parallel engines "
+                         f"(TP {tp}): simulated as {counts[gpu] * per} replicas")
+    replicas = replica_specs({gpu: n * engines_per[gpu] for gpu, n in counts.items()})
+    routes = routes_from_solve(config, result, replicas)
     spec = _model(deployment.model, model)
     engines = _engines(list(counts), spec, deployment.engine)
     return SimPlan(source=config.source, routes=routes, engines=engines, cost_per_hour=result.cost, counts=counts,
-                   headroom=config.headroom, result=result, notes=tuple(result.warnings))
+                   headroom=config.headroom, result=result, notes=tuple(notes))
 
 
 def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None = None) -> SimPlan:
