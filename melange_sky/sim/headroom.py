@@ -17,6 +17,7 @@ from melange_sky.core.attainment import DEFAULT_TARGET
 from melange_sky.core.config import Config, with_overrides
 from melange_sky.core.slo import Slos
 from melange_sky.deploy.plan import PlanSettings
+from melange_sky.errors import InfeasibleAllocation
 from melange_sky.sim.arrivals import Arrivals, SimulationError
 from melange_sky.sim.plan import SimPlan, plan_from_config
 from melange_sky.sim.simulate import SimResult, simulate
@@ -99,7 +100,11 @@ def find_headroom(config: Config, arrivals: Arrivals, slos: Slos, settings: Plan
     unpadded = trial(1.0)
     if unpadded.meets:
         return HeadroomAdvice(target, unpadded, unpadded, trials, lowest)
-    good = trial(lowest)
+    try:
+        good = trial(lowest)
+    except InfeasibleAllocation as exc:  # e.g. max_count or --max-replicas: no fleet at that much padding
+        raise SimulationError(f"--find-headroom: the config cannot be planned at headroom {lowest:g}, the most "
+                              f"padding the search tries ({exc})") from None
     if not good.meets:
         return HeadroomAdvice(target, unpadded, None, trials, lowest)
     bad_h = 1.0
