@@ -53,6 +53,7 @@ class Point:
 
     id: str
     source: str
+    client: str  # "api-server" (OpenAI server, streamed) or "offline" (vLLM's LLM class in-process)
     gpu: str
     tp: int
     model: str
@@ -69,11 +70,11 @@ class Point:
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Point:
-        return cls(id=row["id"], source=row["source"], gpu=row["gpu"], tp=row["tp"], model=row["model"],
-                   dtype=row["dtype"], input_tokens=row["input_tokens"], output_tokens=row["output_tokens"],
-                   lengths=row["lengths"], concurrency=row.get("concurrency"), rate=row.get("rate"),
-                   requests=row["requests"], deployment=row.get("deployment") or {}, measured=row["measured"],
-                   derivation=row.get("derivation", ""))
+        return cls(id=row["id"], source=row["source"], client=row["client"], gpu=row["gpu"], tp=row["tp"],
+                   model=row["model"], dtype=row["dtype"], input_tokens=row["input_tokens"],
+                   output_tokens=row["output_tokens"], lengths=row["lengths"], concurrency=row.get("concurrency"),
+                   rate=row.get("rate"), requests=row["requests"], deployment=row.get("deployment") or {},
+                   measured=row["measured"], derivation=row.get("derivation", ""))
 
     @property
     def load(self) -> str:
@@ -81,7 +82,7 @@ class Point:
         if self.rate is not None:
             return f"Poisson {self.rate:g} req/s x {self.requests}"
         if self.concurrency == self.requests:
-            return f"batch {self.requests}"
+            return f"{'offline ' if self.client == 'offline' else ''}batch {self.requests}"
         return f"C={self.concurrency} x {self.requests}"
 
     @property

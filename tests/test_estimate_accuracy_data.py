@@ -63,9 +63,10 @@ def test_point_runs_on_a_known_gpu_and_bundled_model(point: dict[str, Any]) -> N
 
 
 @pytest.mark.parametrize("point", _points(), ids=lambda p: p["id"])
-def test_point_setup_is_complete_closed_or_open_loop(point: dict[str, Any]) -> None:
+def test_point_setup_is_complete_client_lengths_and_loop(point: dict[str, Any]) -> None:
     assert _positive_int(point["input_tokens"]) and _positive_int(point["output_tokens"])
     assert point["lengths"] in ("fixed", "mean")
+    assert point["client"] in ("api-server", "offline")
     closed, rate = point.get("concurrency"), point.get("rate")
     assert (closed is None) != (rate is None), "exactly one of concurrency and rate"
     assert _positive_int(point["requests"])
