@@ -315,3 +315,13 @@ def test_an_instance_of_two_gpus_is_two_data_parallel_replicas(write_config):
     assert [r.name for r in plan.replicas] == ["a100-80gb-0", "a100-80gb-1"]
     result = simulate(plan, poisson_arrivals(10, 20, [[1.0]], [1, 256], [1, 128]), Slos())
     assert all(r.requests > 0 for r in result.replicas)
+
+
+def test_speed_divides_every_time_as_emulate_speed_does(write_config):
+    one = [(0.0, 100, 5), (0.01, 300, 8)]
+    slow = simulate(plan_from_config(load_config(write_config(ONE))), arrivals(*one), Slos())
+    fast = simulate(plan_from_config(load_config(write_config(ONE)), speed=4), arrivals(*[(t / 4, p, o)
+                                                                                         for t, p, o in one]), Slos())
+    for x, y in zip(slow.records, fast.records):
+        assert y.ttft_s == pytest.approx(x.ttft_s / 4, rel=1e-9)
+        assert y.latency_s == pytest.approx(x.latency_s / 4, rel=1e-9)

@@ -47,6 +47,9 @@ _REPLICAS_LISTED = 24
               "tie-breaks: the same seed gives the same run.")
 @click.option("--model", help="The engine model (a bundled name or a config.json) [default: the config's "
               "deployment.model, or the fleet's].")
+@click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Model every GPU X times faster (step times divided by X), as `emulate --speed X`: to compare "
+                   "with a fleet of emulators run fast.")
 @click.option("--tpot-slo-ms", type=click.FloatRange(min=0, min_open=True),
               help=f"SLO on each request's own TPOT ((latency - TTFT) / (output - 1)), ms [default: "
                    f"{DEFAULT_TPOT_SLO_MS:g} when no SLO is given].")
@@ -90,7 +93,7 @@ _REPLICAS_LISTED = 24
                    "matplotlib: pip install 'melange-sky[plot]').")
 @debug_option
 def simulate_command(plan_source: str, trace: str | None, rate: float | None, duration: float | None,
-                     burst: str | None, seed: int, model: str | None, tpot_slo_ms: float | None,
+                     burst: str | None, seed: int, model: str | None, speed: float, tpot_slo_ms: float | None,
                      ttft_slo_ms: float | None, ttft_percentile: float, latency_slo_ms: float | None,
                      latency_percentile: float, target: float, find_headroom_: bool, formulation: str,
                      solver_name: str, time_limit: float, headroom: float | None, plan_rate: float | None,
@@ -151,9 +154,9 @@ def simulate_command(plan_source: str, trace: str | None, rate: float | None, du
                 raise click.UsageError("--rate-percentile needs a trace with at least one complete minute")
             planned_rate = arrivals.minute_rates.percentile(p)
         config = with_overrides(config, rate=planned_rate, headroom=headroom)
-        plan = plan_from_config(config, settings, model)
+        plan = plan_from_config(config, settings, model, speed)
     else:
-        plan = plan_from_fleet(plan_source, model=model)
+        plan = plan_from_fleet(plan_source, model=model, speed=speed)
     if arrivals is None:
         assert rate is not None
         routes = plan.routes
@@ -163,7 +166,7 @@ def simulate_command(plan_source: str, trace: str | None, rate: float | None, du
     if find_headroom_:
         assert config is not None
         click.echo(f"Searching the headroom on {arrivals.description} ...", err=True)
-        advice = find_headroom(config, arrivals, slos, settings, target=target, model=model, seed=seed,
+        advice = find_headroom(config, arrivals, slos, settings, target=target, model=model, seed=seed, speed=speed,
                                on_trial=lambda t: click.echo(
                                    f"  headroom {t.headroom:.3g}: {t.plan.describe()}: "
                                    f"{_pct(t.attainment)} met every SLO", err=True))
@@ -321,7 +324,7 @@ def format_simulation(result: SimResult) -> str:
         f", headroom {100 * plan.headroom:g}%)" if plan.headroom is not None else ")")
     lines = [head.replace(" ()", ""), f"  from {plan.source}; traffic: {result.arrivals.description}"]
     for gpu, engine in plan.engines.items():
-        lines.append(f"  {gpu}: {engine.description}")
+        lines.append(f"  {gpu}: {engine.description}" + (f" (speed x{engine.speed:g})" if engine.speed != 1 else ""))
     lines.append("")
     lines += format_report(report)
     lines += ["", "Per replica (busy: share of the run; batch, KV cache and queue: step-time-weighted means):"]

@@ -77,7 +77,7 @@ class HeadroomAdvice:
 
 def find_headroom(config: Config, arrivals: Arrivals, slos: Slos, settings: PlanSettings = PlanSettings(compare=False),
                   *, target: float = DEFAULT_TARGET, model: str | None = None, seed: int = 0,
-                  lowest: float = LOWEST_HEADROOM, precision: float = HEADROOM_PRECISION,
+                  lowest: float = LOWEST_HEADROOM, precision: float = HEADROOM_PRECISION, speed: float = 1.0,
                   on_trial: Callable[[HeadroomTrial], None] | None = None) -> HeadroomAdvice:
     """The highest headroom in [`lowest`, 1] whose plan meets `target` on `arrivals` (see the module docstring)."""
     if not 0 < lowest < 1:
@@ -86,7 +86,7 @@ def find_headroom(config: Config, arrivals: Arrivals, slos: Slos, settings: Plan
     trials: list[HeadroomTrial] = []
 
     def trial(headroom: float) -> HeadroomTrial:
-        plan = plan_from_config(with_overrides(config, headroom=headroom), settings, model)
+        plan = plan_from_config(with_overrides(config, headroom=headroom), settings, model, speed)
         key = tuple(sorted(plan.counts.items()))
         result = by_counts.get(key)
         if result is None:

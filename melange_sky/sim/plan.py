@@ -36,9 +36,10 @@ class GpuModel:
     settings: EngineSettings
     description: str  # Engine.description of one of them (says whether a calibration fit is used)
     notes: tuple[str, ...] = ()
+    speed: float = 1.0  # every step time divided by this (as `emulate --speed`)
 
     def make(self) -> Engine:
-        return Engine(self.model, self.gpu, settings=self.settings)
+        return Engine(self.model, self.gpu, settings=self.settings, speed=self.speed)
 
 
 @dataclass(frozen=True)
@@ -88,24 +89,26 @@ def _model(name: str, override: str | None) -> ModelSpec:
         raise SimulationError(f"{where}: {exc}; give the engine model with --model NAME|config.json") from None
 
 
-def _engines(gpus: Sequence[str], model: ModelSpec, settings: EngineSettings) -> dict[str, GpuModel]:
+def _engines(gpus: Sequence[str], model: ModelSpec, settings: EngineSettings,
+             speed: float = 1.0) -> dict[str, GpuModel]:
     """Each GPU type's engine model, built once here so a GPU that cannot hold the model is an error before the
     run."""
     engines = {}
     for gpu in gpus:
         try:
-            engine = Engine(model, gpu, settings=settings)
+            engine = Engine(model, gpu, settings=settings, speed=speed)
         except EngineError as exc:
             raise SimulationError(f"{gpu}: {exc} (the plan has replicas of it; the engine model cannot run them)") \
                 from None
-        engines[gpu] = GpuModel(gpu, model, settings, engine.description, tuple(engine.notes))
+        engines[gpu] = GpuModel(gpu, model, settings, engine.description, tuple(engine.notes), speed)
     return engines
 
 
 def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compare=False),
-                     model: str | None = None) -> SimPlan:
+                     model: str | None = None, speed: float = 1.0) -> SimPlan:
     """The plan `solve` makes of `config` (its formulation, headroom and rate as given), one replica per count, and
-    the engine model of each GPU type: the config's `deployment.model` (or `model`) with its engine settings."""
+    the engine model of each GPU type: the config's `deployment.model` (or `model`) with its engine settings, every
+    step `speed` times faster (a fleet of `emulate --speed` replicas)."""
     deployment = deployment_from_config(config)
     result = solve_offers(config, settings)
     counts = {g.name: g.count for g in result.gpus if g.count}
@@ -121,12 +124,13 @@ def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compa
     replicas = replica_specs({gpu: n * engines_per[gpu] for gpu, n in counts.items()})
     routes = routes_from_solve(config, result, replicas)
     spec = _model(deployment.model, model)
-    engines = _engines(list(counts), spec, deployment.engine)
+    engines = _engines(list(counts), spec, deployment.engine, speed)
     return SimPlan(source=config.source, routes=routes, engines=engines, cost_per_hour=result.cost, counts=counts,
                    headroom=config.headroom, result=result, notes=tuple(notes))
 
 
-def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None = None) -> SimPlan:
+def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None = None,
+                    speed: float = 1.0) -> SimPlan:
     """A running fleet's stored plan and the replicas the ledger has up (the plan's replicas when none is up yet),
     read-only. Its engine settings are vLLM's defaults: the stored plan keeps the model, not the config's engine
     settings."""
@@ -134,7 +138,7 @@ def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None 
         if not Ledger.exists():
             raise UnknownFleet(f"no fleet named {fleet!r}: there is no ledger yet (`melange-sky up CONFIG` makes one)")
         with Ledger() as db:
-            return plan_from_fleet(fleet, db, model)
+            return plan_from_fleet(fleet, db, model, speed)
     record = ledger.get_fleet(fleet)
     if record is None:
         raise UnknownFleet(f"no fleet named {fleet!r} in the ledger ({ledger.path}); `melange-sky status` lists "
@@ -162,7 +166,7 @@ def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None 
     spec = _model(str(plan.get("model") or DEFAULT_MODEL), model)
     notes.append("engine settings: vLLM's defaults (the stored plan does not keep the config's deployment engine "
                  "settings; simulate the CONFIG to use them)")
-    engines = _engines(list(counts), spec, EngineSettings())
+    engines = _engines(list(counts), spec, EngineSettings(), speed)
     price = {r.cluster: r.price_per_hour for r in rows}
     cost = sum(price.values()) if rows else float(plan.get("cost") or 0.0)
     solve = plan.get("solve") or {}
