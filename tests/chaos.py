@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -732,6 +732,17 @@ def run_scenario(kind: str, subseed: int, root: Path, keep: bool = False) -> Sce
     return s
 
 
+def draws(seed: int, scenarios: Sequence[str] = KINDS) -> Iterator[tuple[str, int]]:
+    """The scenarios `seed` draws from `scenarios`, (kind, subseed), endlessly: rounds of every kind once, each round
+    in a seeded order (so the kinds stay balanced)."""
+    master = random.Random(seed)
+    while True:
+        order = list(scenarios)
+        master.shuffle(order)
+        for kind in order:
+            yield kind, master.getrandbits(31)
+
+
 def run(seed: int, scenarios: Sequence[str] = KINDS, runs_budget: int = 400, *,
         on_scenario: Callable[[Scenario], None] | None = None, keep: bool = False,
         workdir: str | os.PathLike[str] | None = None) -> Report:
@@ -741,20 +752,15 @@ def run(seed: int, scenarios: Sequence[str] = KINDS, runs_budget: int = 400, *,
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenario kinds: {sorted(unknown)}; known: {', '.join(KINDS)}")
-    master = random.Random(seed)
+    drawn = draws(seed, scenarios)
     report = Report(seed=seed, per_kind={k: {"scenarios": 0, "runs": 0, "violations": 0, "leaked": 0}
                                          for k in scenarios})
     started = time.monotonic()
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="melange-chaos-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        order: list[str] = []
-        while not report.scenarios or order or report.cli_runs < runs_budget:
-            if not order:  # every kind once per round, in a seeded order: the kinds stay balanced
-                order = list(scenarios)
-                master.shuffle(order)
-            kind = order.pop(0)
-            subseed = master.getrandbits(31)
+        while not report.scenarios or report.scenarios % len(scenarios) or report.cli_runs < runs_budget:
+            kind, subseed = next(drawn)  # until the budget is spent and the round is complete
             s = run_scenario(kind, subseed, root, keep)
             report.scenarios += 1
             report.cli_runs += len(s.runs)

@@ -1,8 +1,9 @@
 """The real CLI against a fault-injecting launcher (tests/chaos_backend.py), driven by the runner in tests/chaos.py.
 
-- `test_quick_chaos_run_finds_no_violation`: every scenario kind at least once with a fixed seed (about 40 CLI runs),
-  asserting no invariant violation, no leaked cluster and no traceback; `test_ctrl_c_while_the_cli_starts_exits_130`
-  does the same for Ctrl-C while the CLI starts.
+- `test_a_quick_chaos_scenario_finds_no_violation`: one scenario of every kind, drawn with a fixed seed (about 40 CLI
+  runs in all, one test per kind so they spread over the workers), asserting no invariant violation, no leaked
+  cluster and no traceback; `test_ctrl_c_while_the_cli_starts_exits_130` does the same for Ctrl-C while the CLI
+  starts. bench/chaos.py is the long run.
 - One targeted test per bug of issue 13 that the chaos run found, each forcing its interleaving deterministically
   with the backend's scripts and holds (a call blocks until the test releases it), so it fails the same way every
   time the bug is there: items 1 (status --refresh), 2 (a lagging cached status), 3 (an empty ledger file) and 5
@@ -13,13 +14,14 @@ Nothing here asserts on durations.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from chaos import EXAMPLE, KINDS, Scenario, _wait, run
+from chaos import EXAMPLE, KINDS, Scenario, _wait, draws, run_scenario
 from chaos_backend import ChaosBackend
 from melange_sky.backends import LaunchRequest
 
@@ -28,6 +30,10 @@ from melange_sky.backends import LaunchRequest
 QUICK_SEED = 68
 #: Ctrl-C while the CLI starts has its own test (test_ctrl_c_while_the_cli_starts_exits_130), with more landings.
 QUICK_KINDS = tuple(k for k in KINDS if k != "startup-interrupt")
+#: The first round QUICK_SEED draws, as bench/chaos.py's `run(QUICK_SEED, QUICK_KINDS)` starts: kind -> subseed.
+QUICK = dict(itertools.islice(draws(QUICK_SEED, QUICK_KINDS), len(QUICK_KINDS)))
+#: Four startup-interrupt scenarios (3 Ctrl-Cs each), as `run(QUICK_SEED, ["startup-interrupt"], runs_budget=16)`.
+STARTUP = [subseed for _, subseed in itertools.islice(draws(QUICK_SEED, ["startup-interrupt"]), 4)]
 
 
 @pytest.fixture
@@ -43,6 +49,12 @@ def _violations(s: Scenario) -> str:
     return "\n".join(str(v) for v in s.violations) + "\n\nsteps:\n" + "\n".join(s.steps)
 
 
+def _found(s: Scenario) -> str:
+    """What a scenario of the quick run found, with the line to replay it."""
+    return (f"{s.replay} (python bench/chaos.py --replay {s.replay}): {len(s.violations)} violation(s), "
+            f"{s.leaked} leaked, {s.tracebacks} traceback(s), {s.hangs} hang(s)\n" + _violations(s))
+
+
 def _hold(s: Scenario, point: str) -> Path:
     release = s.dir / f"release-{point}"
     s.configure(holds={point: {"release": str(release), "once": True}})
@@ -50,22 +62,27 @@ def _hold(s: Scenario, point: str) -> Path:
 
 
 # -- the quick run ------------------------------------------------------------------------------------------------
-def test_quick_chaos_run_finds_no_violation(tmp_path):
+def test_the_quick_run_has_one_scenario_of_every_kind():
+    assert sorted(QUICK) == sorted(QUICK_KINDS) and len(set(STARTUP)) == 4
+
+
+@pytest.mark.parametrize("kind", QUICK_KINDS)
+def test_a_quick_chaos_scenario_finds_no_violation(kind, tmp_path):
     """Every scenario kind once but startup-interrupt (see QUICK_SEED); bench/chaos.py runs longer."""
-    report = run(QUICK_SEED, QUICK_KINDS, runs_budget=30, workdir=tmp_path)
-    assert set(k for k, c in report.per_kind.items() if c["scenarios"]) == set(QUICK_KINDS)
-    details = "\n".join(f"{v}\n    " + "\n    ".join(v.steps) for v in report.violations)
-    assert report.ok, report.summary() + "\n\n" + details
-    assert report.hangs == 0
+    s = run_scenario(kind, QUICK[kind], tmp_path)
+    assert s.runs, "the scenario ran no command"
+    assert not s.violations and not s.leaked and not s.tracebacks and not s.hangs, _found(s)
 
 
-def test_ctrl_c_while_the_cli_starts_exits_130(tmp_path):
-    """Issue 13 item 4 ("interrupted is exit 130, wherever it lands"): 12 Ctrl-Cs at random moments while `up` and
-    `down` load, plan and open the ledger. Before 8852dc2 a few percent of them crashed (-11, in orjson's extension
-    import), said 'needs highspy' (exit 2) or 'cannot create the ledger ... cannot rollback' (exit 1)."""
-    report = run(QUICK_SEED, ["startup-interrupt"], runs_budget=16, workdir=tmp_path)  # 4 scenarios of 3
-    details = "\n".join(f"{v}\n    " + "\n    ".join(v.steps) for v in report.violations)
-    assert report.ok, report.summary() + "\n\n" + details
+@pytest.mark.parametrize("subseed", STARTUP, ids=[f"scenario-{n}" for n in range(len(STARTUP))])
+def test_ctrl_c_while_the_cli_starts_exits_130(subseed, tmp_path):
+    """Issue 13 item 4 ("interrupted is exit 130, wherever it lands"): 12 Ctrl-Cs at random moments (3 in each of
+    4 scenarios) while `up` and `down` load, plan and open the ledger. Before 8852dc2 a few percent of them crashed
+    (-11, in orjson's extension import), said 'needs highspy' (exit 2) or 'cannot create the ledger ... cannot
+    rollback' (exit 1)."""
+    s = run_scenario("startup-interrupt", subseed, tmp_path)
+    assert len(s.runs) >= 3
+    assert not s.violations and not s.leaked and not s.tracebacks and not s.hangs, _found(s)
 
 
 # -- issue 13, item 1 ---------------------------------------------------------------------------------------------
