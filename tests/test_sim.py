@@ -325,3 +325,15 @@ def test_speed_divides_every_time_as_emulate_speed_does(write_config):
     for x, y in zip(slow.records, fast.records):
         assert y.ttft_s == pytest.approx(x.ttft_s / 4, rel=1e-9)
         assert y.latency_s == pytest.approx(x.latency_s / 4, rel=1e-9)
+
+
+def test_sweep_shows_each_rates_simulated_attainment(cli, write_config):
+    path = write_config(MIX, "mix.json")
+    result = cli("sweep", path, "--rates", "3,6", "--simulate", "30", "--json")
+    assert result.exit_code == 0, result.stderr
+    points = json.loads(result.stdout)["points"]
+    assert [p["rate"] for p in points] == [3, 6]
+    assert all(0 < p["simulated_attainment"] <= 1 for p in points)
+    table = cli("sweep", path, "--rates", "3", "--simulate", "30", "--ttft-slo-ms", "5000")
+    assert table.exit_code == 0, table.stderr
+    assert "attainment" in table.stdout.splitlines()[2]

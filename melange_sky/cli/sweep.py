@@ -7,8 +7,10 @@ import click
 
 from melange_sky._io import write_json
 from melange_sky.cli.main import debug_option, main, warn
-from melange_sky.cli.options import SolveArgs, per_offer_option, solve_options
+from melange_sky.cli.options import SolveArgs, per_offer_option, plan_settings, solve_options
+from melange_sky.core.slo import Slos
 from melange_sky.deploy.offers import bind_offers
+from melange_sky.sim.sweep import RateAttainment, simulate_rates
 from melange_sky.solver.result import Baseline
 from melange_sky.solver.sweep import MixCost, Sweep, check_plotting, plot_sweep, sweep_rates
 from melange_sky.solver.sweep import sweep as run_sweep
@@ -29,11 +31,19 @@ from melange_sky.solver.sweep import sweep as run_sweep
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.png",
               help="Draw cost vs rate (the mix, split, each GPU type alone) above the mix's GPUs per rate, as a "
                    "PNG. Needs matplotlib: pip install 'melange-sky[plot]'.")
+@click.option("--simulate", "simulate_s", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Also simulate each rate's mix under SECONDS of Poisson traffic at that rate (sizes from the "
+                   "histogram) and show the share of requests meeting a per-request TPOT <= 120 ms (or "
+                   "--tpot-slo-ms / --ttft-slo-ms / --latency-slo-ms): see `melange-sky simulate`.")
+@click.option("--tpot-slo-ms", type=click.FloatRange(min=0, min_open=True), help="With --simulate: per request.")
+@click.option("--ttft-slo-ms", type=click.FloatRange(min=0, min_open=True), help="With --simulate: per request.")
+@click.option("--latency-slo-ms", type=click.FloatRange(min=0, min_open=True), help="With --simulate: per request.")
 @per_offer_option
 @solve_options
 @debug_option
 def sweep(config: str, rates: str | None, start: float | None, stop: float | None, steps: int | None, log: bool,
-          as_json: bool, output: str | None, plot: str | None, per_offer: bool, solve_args: SolveArgs) -> None:
+          as_json: bool, output: str | None, plot: str | None, simulate_s: float | None, tpot_slo_ms: float | None,
+          ttft_slo_ms: float | None, latency_slo_ms: float | None, per_offer: bool, solve_args: SolveArgs) -> None:
     """Cost of the cheapest mix and of each single GPU type over request rates, for CONFIG.
 
     Each rate is solved as `solve --rate R` would (GPUs bound to offers as `plan` binds them): the mix under
@@ -55,14 +65,27 @@ def sweep(config: str, rates: str | None, start: float | None, stop: float | Non
     warn([w for w in bound.config.warnings if w not in cfg.warnings])
     result = run_sweep(bound.config, chosen, solve_args.formulation, solve_args.solver, caps=bound.caps,
                        max_replicas=solve_args.max_replicas)
+    simulated = None
+    if simulate_s is not None:
+        if per_offer:
+            raise click.UsageError("--simulate plans each rate per GPU type, as `simulate` does: drop --per-offer")
+        slos = Slos(tpot_ms=tpot_slo_ms if (tpot_slo_ms or ttft_slo_ms or latency_slo_ms) else 120.0,
+                    ttft_ms=ttft_slo_ms, latency_ms=latency_slo_ms)
+        feasible = {p.rate for p in result.points if p.mix.feasible}
+        simulated = simulate_rates(cfg, chosen, slos, simulate_s, plan_settings(solve_args, False, None, False),
+                                   feasible=feasible.__contains__)
+    doc = result.to_dict()
+    if simulated is not None:
+        for point, sim in zip(doc["points"], simulated):
+            point["simulated_attainment"] = None if sim.attainment is None else round(sim.attainment, 6)
     written = []
     if output:
-        write_json(output, result.to_dict())
+        write_json(output, doc)
         written.append(output)
     if plot:
         plot_sweep(result, plot)
         written.append(plot)
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_sweep(result))
+    click.echo(json.dumps(doc, indent=2) if as_json else format_sweep(result, simulated))
     if any(p.mix.status == "feasible" or p.split.status == "feasible" for p in result.points):
         warn([f"the solver hit --time-limit {solve_args.time_limit:g} s at some rates (marked *) before proving "
               f"the fleet optimal"])
@@ -70,20 +93,24 @@ def sweep(config: str, rates: str | None, start: float | None, stop: float | Non
         click.echo(f"Wrote {path}", err=True)
 
 
-def format_sweep(result: Sweep) -> str:
-    """The sweep as an aligned table: one rate per line, $/h per fleet, the saving and the mix's GPUs."""
+def format_sweep(result: Sweep, simulated: list[RateAttainment] | None = None) -> str:
+    """The sweep as an aligned table: one rate per line, $/h per fleet, the saving, the mix's simulated attainment
+    (with --simulate) and the mix's GPUs."""
     split = result.formulation != "split"
     names = result.baseline_names
     headers = ["req/s", f"{result.formulation} $/h", *(["split $/h"] if split else []),
-               *(f"{n} $/h" for n in names), "saving", f"fleet ({result.formulation})"]
+               *(f"{n} $/h" for n in names), "saving", *(["attainment"] if simulated else []),
+               f"fleet ({result.formulation})"]
     rows = []
-    for p in result.points:
+    for k, p in enumerate(result.points):
         by_name = {b.gpu: b for b in p.baselines}
         saving, best = p.saving, p.best_baseline
+        attained = simulated[k].attainment if simulated else None
         rows.append([_rate(p.rate), _mix_cell(p.mix), *([_mix_cell(p.split)] if split else []),
                      *(_baseline_cell(by_name.get(n)) for n in names),
                      "-" if saving is None or best is None or not best.cost
                      else f"{saving:,.2f} ({100 * saving / best.cost:.1f}%)",
+                     *([("-" if attained is None else f"{100 * attained:.2f}%")] if simulated else []),
                      " + ".join(_fleet_part(result, g, n) for g, n in p.mix.counts.items()) or "-"])
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(headers)]
     last = len(headers) - 1
@@ -104,6 +131,9 @@ def format_sweep(result: Sweep) -> str:
     solves = len(result.points) * (2 if split else 1)
     lines += ["", f"Solved {solves} fleets at {len(result.points)} rate(s) in {result.seconds:.2f} s "
                   f"({result.solver}); saving: the mix against the cheapest single-GPU-type fleet."]
+    if simulated:
+        lines.append("attainment: the share of requests meeting the SLOs when the mix is simulated under Poisson "
+                     "traffic at that rate (`melange-sky simulate`).")
     return "\n".join(lines)
 
 
