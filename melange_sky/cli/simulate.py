@@ -19,7 +19,7 @@ from melange_sky.errors import ServeError
 from melange_sky.inputs.trace_formats import ColumnChoice, TimeUnit
 from melange_sky.inputs.trace_rates import parse_rate_percentile
 from melange_sky.serve.routes import bucket_edges
-from melange_sky.sim import (Arrivals, HeadroomAdvice, SimResult, find_headroom, parse_burst,
+from melange_sky.sim import (Arrivals, HeadroomAdvice, HeadroomTrial, SimResult, find_headroom, parse_burst,
                              plan_from_config, plan_from_fleet, poisson_arrivals, simulate, trace_arrivals)
 from melange_sky.sim.plot import check_plotting, plot_result
 from melange_sky.solver.model import SolverOptions
@@ -165,11 +165,15 @@ def simulate_command(plan_source: str, trace: str | None, rate: float | None, du
     progress = _Progress(len(arrivals), arrivals.duration_s)
     if find_headroom_:
         assert config is not None
-        click.echo(f"Searching the headroom on {arrivals.description} ...", err=True)
+        def show(trial: HeadroomTrial) -> None:  # progress on a terminal: the table below has every trial
+            if progress.enabled:
+                click.echo(f"  headroom {trial.headroom:.3g}: {trial.plan.describe()}: {_pct(trial.attainment)} "
+                           f"met every SLO", err=True)
+
+        if progress.enabled:
+            click.echo(f"Searching the headroom on {arrivals.description} ...", err=True)
         advice = find_headroom(config, arrivals, slos, settings, target=target, model=model, seed=seed, speed=speed,
-                               on_trial=lambda t: click.echo(
-                                   f"  headroom {t.headroom:.3g}: {t.plan.describe()}: "
-                                   f"{_pct(t.attainment)} met every SLO", err=True))
+                               on_trial=show)
         if as_json:
             chosen = advice.chosen or advice.unpadded
             click.echo(json.dumps({**chosen.result.to_json(), "headroom_search": advice.to_json()}, indent=2))
