@@ -117,7 +117,13 @@ def test_the_simulation_runs_serves_policy_class(one_plan, mix_config, monkeypat
     before = {r.name: r.requests for r in simulate(plan, offered, Slos()).replicas}
     assert sum(1 for n in before.values() if n) > 2  # least-in-flight spreads requests over a type's replicas
     # serve's policy now always picks a type's last replica: a simulator with its own copy would not notice
-    monkeypatch.setattr(SizeAwarePolicy, "_least_loaded", lambda self, gpu, exclude, panic: self.by_gpu[gpu][-1])
+    original = SizeAwarePolicy.choose
+
+    def last_replica(self, target, exclude=()):
+        choice = original(self, target, exclude)
+        return choice._replace(replica=self.by_gpu[choice.replica.gpu][-1])
+
+    monkeypatch.setattr(SizeAwarePolicy, "choose", last_replica)
     after = {r.name: r.requests for r in simulate(plan, offered, Slos()).replicas}
     last = {gpu: names[-1] for gpu, names in _names_by_gpu(plan).items()}
     assert {n for n, k in after.items() if k} == set(last.values())
