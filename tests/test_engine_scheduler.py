@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from melange_sky.engine import Engine, EngineSettings, Step, load_model
+from melange_sky.engine import Coefficients, Engine, EngineSettings, Step, load_model
 
 LLAMA = load_model("llama-3.1-8b")
+#: The scheduler alone: no API server in front (its own test is below).
+NO_FRONTEND = Coefficients(frontend_request_ms=0, frontend_token_us=0)
 
 
 def run(engine: Engine) -> list[Step]:
@@ -17,7 +19,7 @@ def run(engine: Engine) -> list[Step]:
 
 
 def test_one_request_alone_prefills_in_one_step_then_decodes_one_token_per_step() -> None:
-    engine = Engine(LLAMA, "H100")
+    engine = Engine(LLAMA, "H100", coefficients=NO_FRONTEND)
     engine.add("a", 100, 3)
     steps = run(engine)
     assert [(s.first_token, s.finished, s.batch_tokens, s.decodes) for s in steps] == [
@@ -34,7 +36,8 @@ def test_one_request_alone_prefills_in_one_step_then_decodes_one_token_per_step(
 
 
 def test_token_budget_goes_to_decodes_first_then_prefill_chunks_in_arrival_order() -> None:
-    engine = Engine(LLAMA, "H100", settings=EngineSettings(max_num_batched_tokens=64, max_num_seqs=64))
+    engine = Engine(LLAMA, "H100", coefficients=NO_FRONTEND,
+                    settings=EngineSettings(max_num_batched_tokens=64, max_num_seqs=64))
     engine.add("a", 10, 5)
     engine.add("b", 100, 5)
     engine.add("c", 30, 2)
@@ -51,7 +54,7 @@ def test_token_budget_goes_to_decodes_first_then_prefill_chunks_in_arrival_order
 
 
 def test_max_num_seqs_bounds_the_running_batch() -> None:
-    engine = Engine(LLAMA, "H100", settings=EngineSettings(max_num_seqs=2))
+    engine = Engine(LLAMA, "H100", coefficients=NO_FRONTEND, settings=EngineSettings(max_num_seqs=2))
     for rid in "abc":
         engine.add(rid, 10, 3)
     first = engine.step()
@@ -63,7 +66,7 @@ def test_max_num_seqs_bounds_the_running_batch() -> None:
 
 def test_kv_exhaustion_preempts_the_newest_request_which_later_recomputes_prompt_and_output() -> None:
     # 4 blocks of 16 tokens; two requests of 16 prompt + 40 output tokens (56 tokens = 4 blocks each at the end)
-    engine = Engine(LLAMA, "H100", settings=EngineSettings(num_gpu_blocks_override=4))
+    engine = Engine(LLAMA, "H100", coefficients=NO_FRONTEND, settings=EngineSettings(num_gpu_blocks_override=4))
     assert engine.kv_blocks == 4
     engine.add("a", 16, 40)
     engine.add("b", 16, 40)
@@ -92,7 +95,7 @@ def test_kv_exhaustion_preempts_the_newest_request_which_later_recomputes_prompt
 
 
 def test_a_preempted_request_that_is_aborted_frees_nothing_twice_and_never_emits() -> None:
-    engine = Engine(LLAMA, "H100", settings=EngineSettings(num_gpu_blocks_override=4))
+    engine = Engine(LLAMA, "H100", coefficients=NO_FRONTEND, settings=EngineSettings(num_gpu_blocks_override=4))
     engine.add("a", 16, 40)
     engine.add("b", 16, 40)
     for _ in range(18):
@@ -119,7 +122,7 @@ def test_kv_block_count_for_llama_31_8b_on_an_a10g_follows_vllms_memory_profile(
 
 
 def test_a_request_longer_than_max_model_len_is_refused_like_vllm_does() -> None:
-    engine = Engine(LLAMA, "H100", settings=EngineSettings(max_model_len=1024))
+    engine = Engine(LLAMA, "H100", coefficients=NO_FRONTEND, settings=EngineSettings(max_model_len=1024))
     with pytest.raises(Exception, match="maximum context length is 1024"):
         engine.add("x", 1000, 100)
 
@@ -130,11 +133,40 @@ def test_a_preempted_request_finds_its_unevicted_blocks_in_the_prefix_cache(pref
     # 5 blocks. At step 18 a and b (16 + 17 tokens cached each) both need a 3rd block with 1 free: b is preempted,
     # its 2 full blocks join the free queue behind the free one. a's next block (step 18) takes the free one, its
     # 4th (step 34) evicts b's last block; b resumes when a finishes (step 40) with its first block still cached.
-    engine = Engine(LLAMA, "H100", settings=EngineSettings(num_gpu_blocks_override=5,
-                                                           enable_prefix_caching=prefix_caching))
+    engine = Engine(LLAMA, "H100", coefficients=NO_FRONTEND,
+                    settings=EngineSettings(num_gpu_blocks_override=5, enable_prefix_caching=prefix_caching))
     engine.add("a", 16, 40)
     engine.add("b", 16, 20)
     steps = run(engine)
     assert [n for n, s in enumerate(steps, start=1) if s.preempted] == [18]
     assert steps[40].resumed == ("b",) and steps[40].batch_tokens == recomputed
     assert steps[-1].finished == ("b",) and len(steps) == 43
+
+
+def test_requests_pass_the_api_server_one_at_a_time_and_streamed_tokens_keep_it_busy() -> None:
+    engine = Engine(LLAMA, "H100", coefficients=Coefficients(frontend_request_ms=10, frontend_token_us=0))
+    for rid in "abc":
+        engine.add(rid, 100, 2)
+    firsts: dict[str, float] = {}
+    while (step := engine.step()) is not None:
+        for rid in step.first_token:
+            firsts[rid] = engine.clock
+    prefill = engine.cost.seconds(prefill_tokens=100, prefill_attention=5000, sampled=1, requests=1)
+    # tokenized at 10, 20 and 30 ms; each prefills in the first step that starts once it is through
+    assert firsts["a"] == pytest.approx(0.010 + prefill)
+    assert firsts["b"] >= 0.020 + prefill and firsts["c"] >= 0.030 + prefill
+
+    def wait_for_b(token_us: float) -> float:
+        engine = Engine(LLAMA, "H100", coefficients=Coefficients(frontend_request_ms=10, frontend_token_us=token_us))
+        engine.add("a", 100, 50)
+        for _ in range(5):
+            engine.step()  # a streams a token per step (~7 ms each)
+        added = engine.clock
+        engine.add("b", 100, 2)
+        while "b" not in engine.step().first_token:
+            pass
+        return engine.clock - added
+
+    quiet, streaming = wait_for_b(0), wait_for_b(5000)
+    assert quiet >= 0.010 and streaming >= 0.010 / (1 - 5 / 7.2) > 2 * 0.010
+    assert Engine(LLAMA, "H100").frontend_capacity(200) == pytest.approx(1 / (0.0064 + 200 * 46e-6))

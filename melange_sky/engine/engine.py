@@ -15,6 +15,13 @@ The scheduler mirrors vllm/v1/core/sched/scheduler.py `Scheduler.schedule()` (FC
 Prefix caching (on by default in V1) matters here only for preempted requests: random prompts share no prefix, but
 a preempted request's blocks stay cached until evicted, so its recompute skips what is left (`_cache_hits`).
 
+In front of the engine sits vLLM's API server, modelled as one serial server (engine time): a request added is
+parsed and tokenized there (`frontend_request_ms`) before it joins WAITING, and every token emitted is detokenized
+and streamed there (`frontend_token_us`): the share of its time the last step's tokens take stretches the time each
+new request needs, so a server streaming many tokens admits new requests more slowly (1 / (request cost + output
+tokens x token cost) requests per second at most). When only the API server has work,
+`step()` returns an idle step (no tokens) lasting until its next request is through.
+
 The work per step does not grow with the batch: decoding requests are counters (how many, the sum of their contexts,
 and how many sit at each position mod block_size, since those at a block boundary are the ones needing a new block),
 and a request is touched only when it joins, finishes, is preempted or prefills. Facts this relies on (true in vLLM
@@ -36,6 +43,10 @@ from melange_sky.engine.memory import MemoryPlan, memory_plan
 from melange_sky.engine.models import ModelSpec, normalise_dtype
 from melange_sky.engine.settings import EngineSettings
 from melange_sky.engine.step_time import Coefficients, StepCost
+
+
+#: The API server never spends more than this share of its time streaming: requests still get through, slowly.
+STREAMING_MAX = 0.95
 
 
 @dataclass(frozen=True)
@@ -136,6 +147,13 @@ class Engine:
         self.peak_blocks_used = 0
         self.preemptions = 0
         self.prefix_caching = resolved.enable_prefix_caching
+        # the API server: requests not yet through it (engine time when they are), and when it is next free
+        self.clock = 0.0  # engine time: the sum of step durations and idle gaps (`idle`)
+        self._frontend: deque[tuple[float, _Request]] = deque()
+        self._frontend_free_at = 0.0
+        self._frontend_streaming = 0.0  # share of the API server's time the tokens of the last step take
+        self._frontend_request_s = coefficients.frontend_request_ms * 1e-3 / speed
+        self._frontend_token_s = coefficients.frontend_token_us * 1e-6 / speed
         self._allocated = 0  # blocks taken from the free queue for new content, ever (drives prefix-cache eviction)
 
     # ---- public state ----------------------------------------------------------------------------------------------
@@ -144,12 +162,17 @@ class Engine:
         return len(self._running)
 
     @property
+    def decoding(self) -> int:
+        """Requests decoding (each emits one token per step)."""
+        return self._decoders
+
+    @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     @property
     def has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._frontend)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -166,8 +189,10 @@ class Engine:
                 f"{self.max_num_batched_tokens}{fit}")
 
     # ---- requests --------------------------------------------------------------------------------------------------
-    def add(self, request_id: Hashable, prompt_tokens: int, max_tokens: int) -> None:
-        """A request joins WAITING (FCFS). EngineError if it is longer than max_model_len (vLLM answers 400)."""
+    def add(self, request_id: Hashable, prompt_tokens: int, max_tokens: int, *, at: float | None = None) -> None:
+        """A request enters the API server, then WAITING (FCFS). `at`: when it arrived on the engine clock
+        (`clock`; default now), for a driver that adds arrivals at step boundaries but knows they came mid-step.
+        EngineError if it is longer than max_model_len (vLLM answers 400)."""
         if request_id in self._requests:
             raise EngineError(f"request {request_id!r} is already in the engine")
         if prompt_tokens < 1 or max_tokens < 1:
@@ -177,7 +202,28 @@ class Engine:
                               f"asks for {prompt_tokens} prompt + {max_tokens} output tokens")
         request = _Request(request_id, prompt_tokens, max_tokens)
         self._requests[request_id] = request
-        self._waiting.append(request)
+        arrived = self.clock if at is None else min(at, self.clock)
+        ready = max(arrived, self._frontend_free_at) + self._frontend_request_s / (1 - self._frontend_streaming)
+        self._frontend_free_at = ready
+        if ready <= self.clock:
+            self._waiting.append(request)  # no API server cost modelled
+        else:
+            self._frontend.append((ready, request))
+
+    def frontend_capacity(self, output_tokens: int) -> float:
+        """Requests per second the API server sustains when each streams `output_tokens` tokens (inf without one)."""
+        busy = self._frontend_request_s + output_tokens * self._frontend_token_s
+        return 1 / busy if busy > 0 else math.inf
+
+    def without_frontend(self) -> Engine:
+        """This engine with no API server in front (for measuring what the GPU alone sustains); returns itself."""
+        self._frontend_request_s = self._frontend_token_s = 0.0
+        return self
+
+    def idle(self, seconds: float) -> None:
+        """Time passed with the engine idle (a driver waiting for the next arrival): the engine clock moves on."""
+        if seconds > 0:
+            self.clock += seconds
 
     def abort(self, request_id: Hashable) -> None:
         """A client went away: its blocks are freed and it never emits again (unknown ids are ignored)."""
@@ -187,14 +233,24 @@ class Engine:
         if request_id in self._running:
             del self._running[request_id]
             self._release(request)
-        else:
+        elif request in self._waiting:
             self._waiting.remove(request)
+        else:
+            self._frontend = deque(entry for entry in self._frontend if entry[1] is not request)
 
     # ---- the step --------------------------------------------------------------------------------------------------
     def step(self) -> Step | None:
-        """Schedule and run one step; None when nothing is running or waiting."""
+        """Schedule and run one step; None when nothing is running, waiting or in the API server. With only the API
+        server busy, an idle step (no tokens) until its next request is through."""
+        while self._frontend and self._frontend[0][0] <= self.clock + 1e-12:
+            self._waiting.append(self._frontend.popleft()[1])
         if not self._running and not self._waiting:
-            return None
+            if not self._frontend:
+                return None
+            gap = self._frontend[0][0] - self.clock
+            self.clock += gap
+            return Step(duration_s=gap, first_token=(), resumed=(), finished=(), preempted=(), batch_tokens=0,
+                        decodes=0)
         bs = self.block_size
         budget = self.max_num_batched_tokens
         preempted: list[Hashable] = []
@@ -292,7 +348,11 @@ class Engine:
                 finished.append(request.id)
             else:
                 self._start_decoding(request)
-        return Step(duration_s=seconds / self.speed, first_token=tuple(first), resumed=tuple(resumed),
+        duration = seconds / self.speed
+        self.clock += duration
+        emitted = decodes + len(first) + len(resumed)
+        self._frontend_streaming = min(STREAMING_MAX, emitted * self._frontend_token_s / duration) if duration else 0.0
+        return Step(duration_s=duration, first_token=tuple(first), resumed=tuple(resumed),
                     finished=tuple(finished), preempted=tuple(preempted), batch_tokens=decodes + prefill_tokens,
                     decodes=decodes)
 
@@ -303,6 +363,8 @@ class Engine:
         caller that only needs events (the estimator) loses nothing; `step()` then runs the next eventful step.
         This is what keeps a long decode phase from costing one Python step per token."""
         d = self._decoders
+        if self._frontend:  # stop before the API server lets its next request through
+            limit_s = min(limit_s, self._frontend[0][0] - self.clock)
         if d == 0 or self._prefilling is not None or limit_s <= 0:
             return 0, 0.0
         if self._waiting and len(self._running) < self.max_num_seqs:
@@ -356,6 +418,8 @@ class Engine:
         used = self.kv_blocks - self._free
         if used > self.peak_blocks_used:
             self.peak_blocks_used = used
+        self.clock += seconds
+        self._frontend_streaming = min(STREAMING_MAX, k * d * self._frontend_token_s / seconds)
         return k, seconds
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------------

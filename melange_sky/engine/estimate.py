@@ -105,7 +105,7 @@ def run_point(engine: Engine, *, input_tokens: int, output_tokens: int, concurre
     def admit(at: float) -> None:
         rid = len(timings)
         timings[rid] = _Timing(at)
-        engine.add(rid, input_tokens, output_tokens)
+        engine.add(rid, input_tokens, output_tokens, at=at)
 
     if concurrency is not None:
         for _ in range(min(concurrency, requests)):
@@ -117,6 +117,7 @@ def run_point(engine: Engine, *, input_tokens: int, output_tokens: int, concurre
                 admit(next_arrival)
                 next_arrival += rng.expovariate(rate)
             if not engine.has_work:
+                engine.idle(next_arrival - now)
                 now = next_arrival
                 continue
         if skip:
@@ -242,12 +243,13 @@ def check_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: in
         while next_arrival <= now:
             rid = len(arrivals)
             arrivals.append(next_arrival)
-            engine.add(rid, prompt_tokens, output_tokens)
+            engine.add(rid, prompt_tokens, output_tokens, at=next_arrival)
             next_arrival += rng.expovariate(rate)
         if engine.running + engine.waiting > in_flight_cap:
             overloaded = True
             break
         if not engine.has_work:
+            engine.idle(next_arrival - now)
             now = next_arrival
             continue
         now += engine.skip_decodes(next_arrival - now)[1]
@@ -298,13 +300,22 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
         return BucketRate(cell, prompt_tokens, output_tokens, 0.0, single.limit, tuple(checks))
     probe = make_engine()
     fits = max(1, probe.memory.kv_tokens // (prompt_tokens + output_tokens))
-    # the most the engine completes per second: its steady-state throughput with as many requests running as the
-    # KV cache holds, and with twice that (preemptions may cost more than the larger batch gains), each capped by
-    # max_num_seqs. No Poisson rate above it has a steady state.
-    saturated = max(saturated_rate(make_engine, prompt_tokens, output_tokens, c)
+    # the most the server completes per second: the GPU's steady-state throughput with as many requests running as
+    # the KV cache holds, and with twice that (preemptions may cost more than the larger batch gains), each capped
+    # by max_num_seqs; or what its API server sustains, if less. No Poisson rate above it has a steady state.
+    saturated = max(saturated_rate(make_engine, prompt_tokens, output_tokens, c, seed)
                     for c in sorted({min(probe.max_num_seqs, fits), min(probe.max_num_seqs, 2 * fits)}))
+    saturated = min(saturated, probe.frontend_capacity(output_tokens))
     lo, hi = 0.0, saturated
     lo_check: RateCheck | None = None
+    # many buckets hold their SLOs up to the engine's capacity: try just below it first
+    top = (1 - precision) * saturated
+    first = check_rate(make_engine, prompt_tokens, output_tokens, top, slos, seed, alone_s, saturated, min_measured)
+    checks.append(first)
+    if first.passed:
+        lo, lo_check = top, first
+    else:
+        hi = top
     while hi - lo > precision * hi:
         rate = (lo + hi) / 2 if lo > 0 else hi / 2
         check = check_rate(make_engine, prompt_tokens, output_tokens, rate, slos, seed, alone_s, saturated,
@@ -323,31 +334,38 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
     return BucketRate(cell, prompt_tokens, output_tokens, round(rate, 3), crossing_limit or limit, tuple(checks))
 
 
-def saturated_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, concurrency: int) -> float:
-    """Requests completed per second with `concurrency` requests always in flight, at steady state: counted
-    between the first `concurrency` completions (the start, when they all prefilled together) and the last
-    `concurrency` (the drain)."""
-    engine = make_engine()
-    total = 4 * concurrency + 40
+def saturated_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, concurrency: int,
+                   seed: int = 0) -> float:
+    """Requests per second the engine (the GPU, without its API server) completes with `concurrency` requests
+    always in flight, at steady state: output tokens per second over two rounds of the loop, after the first
+    `concurrency` completions, divided by the tokens of a request. The first round's requests have random output
+    lengths, so the loop starts staggered, as Poisson arrivals would leave it (equal requests started together
+    finish in waves that take many rounds to smear out)."""
+    engine = make_engine().without_frontend()
+    rng = random.Random(seed)
     for rid in range(concurrency):
-        engine.add(rid, prompt_tokens, output_tokens)
-    added, now = concurrency, 0.0
-    finish_times: list[float] = []
-    while len(finish_times) < total:
-        now += engine.skip_decodes(math.inf)[1]
+        engine.add(rid, prompt_tokens, rng.randint(1, output_tokens))
+    added, done, total = concurrency, 0, 3 * concurrency + 40
+    now, tokens = 0.0, 0
+    start_time, start_tokens = 0.0, 0
+    while done < total:
+        steps, seconds = engine.skip_decodes(math.inf)
+        tokens += steps * engine.decoding
+        now += seconds
         step = engine.step()
         if step is None:
             break
         now += step.duration_s
+        tokens += step.decodes - len(step.preempted) + len(step.first_token) + len(step.resumed)
         for _rid in step.finished:
-            finish_times.append(now)
-            if added < total:
-                engine.add(added, prompt_tokens, output_tokens)
-                added += 1
-    start, end = concurrency, len(finish_times) - concurrency
-    if end - start < 10:
-        return len(finish_times) / max(now, 1e-12)
-    return (end - start) / max(finish_times[end - 1] - finish_times[start - 1], 1e-12)
+            done += 1
+            if done == concurrency:
+                start_time, start_tokens = now, tokens
+            engine.add(added, prompt_tokens, output_tokens)
+            added += 1
+    if now <= start_time:
+        return math.inf
+    return (tokens - start_tokens) / (now - start_time) / output_tokens
 
 
 #: Rates nearest an SLO's limit that its crossing is fitted through (as `profile`'s "fit" estimate).

@@ -56,6 +56,13 @@ class Coefficients:
     layer_us: float = 32.0
     request_us: float = 4.0
     step_us: float = 126.0
+    # The API server (one Python process in front of the engine: request parsing and tokenization, then
+    # detokenizing and streaming each output token), a serial server: BLIS's trained α₂ ≈ 46 µs per output token
+    # ("OutputTokenProcessingTime"); per request, what is left of the 15.7 ms per request of vLLM PR #12287's
+    # frontend-bound V1 run (Llama-3.2-1B on an A100, 63.6 req/s of 202 output tokens, before its optimisations)
+    # after 202 x 46 µs: 6.4 ms.
+    frontend_request_ms: float = 6.4
+    frontend_token_us: float = 46.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
