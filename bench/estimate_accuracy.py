@@ -142,6 +142,8 @@ def compare(point: Point) -> Comparison:
     try:
         settings = EngineSettings.from_deployment(point.deployment, source=point.id)
         engine = Engine(load_model(point.model), point.gpu, tp=point.tp, dtype=point.dtype, settings=settings)
+        if point.client == "offline":  # vLLM's LLM class in-process: no API server in front of the engine
+            engine = engine.without_frontend()
         result = run_point(engine, input_tokens=point.input_tokens, output_tokens=point.output_tokens,
                            concurrency=point.concurrency, rate=point.rate, requests=point.requests, seed=0)
     except Exception as exc:  # a refused setup is a result of the bench, shown in the table
