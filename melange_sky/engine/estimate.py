@@ -330,6 +330,8 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
     limit = (checks[-1].limit if lo_check is None else lo_check.limit)
     if lo <= 0:
         return BucketRate(cell, prompt_tokens, output_tokens, 0.0, limit, tuple(checks))
+    if all(c.passed for c in checks):  # held up to the top tried, just below capacity: no crossing to fit
+        return BucketRate(cell, prompt_tokens, output_tokens, round(lo, 3), limit, tuple(checks))
     rate, crossing_limit = _crossing(checks, slos, lo, hi)
     return BucketRate(cell, prompt_tokens, output_tokens, round(rate, 3), crossing_limit or limit, tuple(checks))
 
