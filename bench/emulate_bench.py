@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--speed", type=float, default=1.0)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-nice", type=int, default=0,
+                        help="niceness of the emulator's autogroup (its own session; e.g. -10, needs CAP_SYS_NICE)")
     parser.add_argument("--rt", action="store_true",
                         help="run the emulator under SCHED_FIFO (chrt -f 10): on a machine shared with other work, "
                              "the nearest thing to a core of its own (nice does not help across autogroups)")
@@ -193,15 +195,18 @@ def main() -> None:
         serve(args)
         return
     step_log = Path(tempfile.mkdtemp(prefix="emulate-bench-")) / "steps.json"
-    cmd = ["taskset", "-c", "0", *(["chrt", "-f", "10"] if args.rt else []), sys.executable, __file__, "--serve",
-           "--step-log", str(step_log),
-           "--model", args.model, "--gpu", args.gpu, "--speed", str(args.speed)]
+    cmd = ["setsid", "taskset", "-c", "0", *(["chrt", "-f", "10"] if args.rt else []), sys.executable, __file__,
+           "--serve", "--step-log", str(step_log), "--model", args.model, "--gpu", args.gpu, "--speed", str(args.speed)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if not line.startswith("URL "):
             raise SystemExit(f"the emulator did not start: {line!r}")
         host, port = line.split()[1].removeprefix("http://").rsplit(":", 1)
+        if args.group_nice:  # listening, so in its own session (setsid) and autogroup: weigh that group
+            if os.getsid(proc.pid) != proc.pid:
+                raise SystemExit("the emulator is not in a session of its own: not renicing someone else's group")
+            Path(f"/proc/{proc.pid}/autogroup").write_text(str(args.group_nice))
         os.sched_setaffinity(0, {1})
         cpu0 = _cpu_seconds(proc.pid)
         records, peak, elapsed = _load(host, int(port), args.streams, args.seconds, args.model, args.prompt_tokens,
@@ -212,7 +217,10 @@ def main() -> None:
         proc.wait(timeout=30)
     steps = json.loads(step_log.read_text())
     result = analyse(records, steps, args.warmup)
-    result.update(streams=args.streams, peak_in_flight=peak, server_cpu=cpu, seconds=round(elapsed, 1), rt=args.rt,
+    priority = ("SCHED_FIFO" if args.rt else f"own session, autogroup nice {args.group_nice}" if args.group_nice
+                else "own session")
+    result.update(streams=args.streams, peak_in_flight=peak, server_cpu=cpu, seconds=round(elapsed, 1),
+                  priority=priority,
                   load=os.getloadavg()[0],
                   model=args.model, gpu=args.gpu, speed=args.speed, prompt_tokens=args.prompt_tokens)
     print(json.dumps(result, indent=2))
@@ -223,7 +231,7 @@ def main() -> None:
 def _write(r: dict) -> None:
     g, late, st = r["gap_error_ms"], r["lateness_ms"], r["step_ms"]
     row = (f"| {time.strftime('%Y-%m-%d')} | {r['model']} on {r['gpu']}, speed {r['speed']:g} | "
-           f"{'SCHED_FIFO' if r['rt'] else 'default'} | {r['load']:.1f} | {r['streams']} "
+           f"{r['priority']} | {r['load']:.1f} | {r['streams']} "
            f"(peak {r['peak_in_flight']}) | {r['seconds']:g} | {st['mean']:.1f} ({st['min']:.1f}-{st['max']:.1f}) | "
            f"{r['batch']['mean']:.0f} | {r['gaps']} | {g['p50']:.3f} / {g['p99']:.3f} / {g['max']:.2f} | "
            f"{late['p50']:.3f} / {late['p99']:.3f} | {100 * r['server_cpu']:.0f}% | {r['coalesced_tokens']} |\n")
