@@ -55,6 +55,7 @@ class Relay:
         self.settings = settings
         self.metrics = router.metrics
         self.failures = router.failures
+        self.answered = router.outliers.answered  # a replica answered (not 5xx): its runs of failures end
         self.budget = router.budget
         self.sizer = router.sizer
         self.max_body = int(settings.max_body_mb * 1024 * 1024)
@@ -70,17 +71,13 @@ class Relay:
 
     # -- a request ---------------------------------------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        """Reads and checks the request, then tries replicas until one answers (a 4xx included), within --retries
+        and the retry budget. (One coroutine, not two: on the hot path an extra await costs a microsecond.)"""
         start = time.perf_counter()
         rid = request.headers.get(REQUEST_ID) or os.urandom(12).hex()
-        denied = self.router.access.client(request)
-        if denied is not None:
-            denied.headers[REQUEST_ID] = rid
-            return denied
-        if self.router.draining:
-            return error_response(503, "the router is shutting down", "service_unavailable", "shutting_down",
-                                  headers={"Connection": "close", REQUEST_ID: rid})
-        if request.content_length is not None and request.content_length > self.max_body:
-            return self._too_large(rid)
+        refused = self._refused(request, rid)
+        if refused is not None:
+            return refused
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -94,7 +91,76 @@ class Relay:
             return error_response(400, "the request body must be a JSON object", "invalid_request_error",
                                   "invalid_json", headers={REQUEST_ID: rid})
         try:
-            return await self._route(request, kind, start, rid, raw, body)
+            router, metrics = self.router, self.metrics
+            headers = self._forwarded(request, rid)
+            policy = router.policy
+            target = policy.target(body, kind)
+            router.later(router.observed.arrival)
+            tried: list[Replica] = []
+            failure: Failure | None = None
+            answered_5xx: list[Failure] = []  # this request's 5xx answers, judged once another replica answers it
+            why = ""
+            retrying = 0
+            gpu = "none"
+            router.in_flight += 1
+            try:
+                for attempt in range(self.settings.retries + 1):
+                    if router.policy is not policy:  # routes swapped while it was out: retry along the new ones only
+                        policy = router.policy
+                        target = policy.target(body, kind)
+                    try:
+                        choice = policy.choose(target, tried)
+                    except NoReplica as exc:
+                        if failure is not None:
+                            break
+                        metrics.request(target.lane.label, "none", 503)
+                        return error_response(503, exc.reason, "service_unavailable", "no_replica",
+                                              headers={REQUEST_ID: rid})
+                    replica = choice.replica
+                    if attempt:
+                        if not self.budget.acquire(router.in_flight):
+                            metrics.budget_exhausted()
+                            why = BUDGET_SPENT
+                            break
+                        retrying += 1
+                        metrics.retry(tried[-1].gpu)
+                    if choice.spilled:
+                        metrics.spill(target.lane.label, replica.gpu)
+                    if choice.panic:
+                        metrics.panic(target.lane.label)
+                    tried.append(replica)
+                    gpu = replica.gpu
+                    replica.in_flight += 1
+                    replica.served += 1
+                    try:
+                        if target.stream:
+                            outcome = await self._relay_stream(request, raw, headers, target, replica, start)
+                        else:
+                            outcome = await self._relay(request, raw, headers, target, replica, start)
+                    finally:
+                        replica.in_flight -= 1
+                    if not isinstance(outcome, Failure):
+                        if answered_5xx:  # another replica answered what these failed: they are at fault
+                            self.failures.confirmed(answered_5xx)
+                        return outcome
+                    failure = outcome
+                    if failure.reply:
+                        answered_5xx.append(failure)
+                        if len(answered_5xx) >= 2:  # a "query of death": the request's fault, not the replicas'
+                            metrics.poison(target.lane.label)
+                            why = POISON
+                            break
+                assert failure is not None
+                answer = self.failures.gave_up(failure, len(tried), why, {REQUEST_ID: rid})
+                metrics.request(target.lane.label, gpu, answer.status)
+                return answer
+            except asyncio.CancelledError:  # the client went away (or the drain deadline passed)
+                metrics.request(target.lane.label, gpu, 499)
+                raise
+            finally:
+                router.in_flight -= 1
+                for _ in range(retrying):
+                    self.budget.release()
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: the client still gets an error it reads, the log a traceback
@@ -102,6 +168,17 @@ class Relay:
                             f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             return error_response(500, f"internal error in the router ({type(exc).__name__}); {REQUEST_ID} {rid}",
                                   "server_error", "internal_error", headers={REQUEST_ID: rid})
+
+    def _refused(self, request: web.Request, rid: str) -> web.Response | None:
+        """What a request gets before its body is read: 401, or 503 while draining."""
+        denied = self.router.access.client(request)
+        if denied is not None:
+            denied.headers[REQUEST_ID] = rid
+            return denied
+        if self.router.draining:
+            return error_response(503, "the router is shutting down", "service_unavailable", "shutting_down",
+                                  headers={"Connection": "close", REQUEST_ID: rid})
+        return None  # a body over the limit: `request.read()` stops at it (client_max_size) and raises
 
     def _too_large(self, rid: str) -> web.Response:
         return error_response(413, f"the request body is larger than the router's limit of "
@@ -119,80 +196,6 @@ class Relay:
             if value is not None:
                 headers[name] = value
         return headers
-
-    async def _route(self, request: web.Request, kind: Kind, start: float, rid: str, raw: bytes,
-                     body: dict[str, Any]) -> web.StreamResponse:
-        """Tries replicas until one answers (or a 4xx comes back), within --retries and the retry budget."""
-        router, metrics = self.router, self.metrics
-        headers = self._forwarded(request, rid)
-        policy = router.policy
-        target = policy.target(body, kind)
-        router.later(router.observed.arrival)
-        tried: list[Replica] = []
-        failure: Failure | None = None
-        answered_5xx: list[Failure] = []  # this request's 5xx answers, judged once another replica answers it
-        why = ""
-        retrying = 0
-        gpu = "none"
-        router.in_flight += 1
-        try:
-            for attempt in range(self.settings.retries + 1):
-                if router.policy is not policy:  # routes swapped while it was out: retry along the new ones only
-                    policy = router.policy
-                    target = policy.target(body, kind)
-                try:
-                    choice = policy.choose(target, tried)
-                except NoReplica as exc:
-                    if failure is not None:
-                        break
-                    metrics.request(target.lane.label, "none", 503)
-                    return error_response(503, exc.reason, "service_unavailable", "no_replica",
-                                          headers={REQUEST_ID: rid})
-                replica = choice.replica
-                if attempt:
-                    if not self.budget.acquire(router.in_flight):
-                        metrics.budget_exhausted()
-                        why = BUDGET_SPENT
-                        break
-                    retrying += 1
-                    metrics.retry(tried[-1].gpu)
-                if choice.spilled:
-                    metrics.spill(target.lane.label, replica.gpu)
-                if choice.panic:
-                    metrics.panic(target.lane.label)
-                tried.append(replica)
-                gpu = replica.gpu
-                replica.in_flight += 1
-                replica.served += 1
-                try:
-                    if target.stream:
-                        outcome = await self._relay_stream(request, raw, headers, target, replica, start)
-                    else:
-                        outcome = await self._relay(request, raw, headers, target, replica, start)
-                finally:
-                    replica.in_flight -= 1
-                if not isinstance(outcome, Failure):
-                    if answered_5xx:  # another replica answered what these failed: they are at fault
-                        self.failures.confirmed(answered_5xx)
-                    return outcome
-                failure = outcome
-                if failure.reply:
-                    answered_5xx.append(failure)
-                    if len(answered_5xx) >= 2:  # a "query of death": the request's fault, not the replicas'
-                        metrics.poison(target.lane.label)
-                        why = POISON
-                        break
-            assert failure is not None
-            answer = self.failures.gave_up(failure, len(tried), why, {REQUEST_ID: rid})
-            metrics.request(target.lane.label, gpu, answer.status)
-            return answer
-        except asyncio.CancelledError:  # the client went away (or the drain deadline passed)
-            metrics.request(target.lane.label, gpu, 499)
-            raise
-        finally:
-            router.in_flight -= 1
-            for _ in range(retrying):
-                self.budget.release()
 
     # -- one try -----------------------------------------------------------------------------------------------------
     def _headers(self, replica: Replica, target: Target, content_type: str, rid: str) -> dict[str, str]:
@@ -223,7 +226,7 @@ class Relay:
         received = time.perf_counter()
         if status >= 500:
             return self.failures.answered_5xx(replica, status, data)
-        self.failures.answered(replica)
+        self.answered(replica)
         response = self._answer(status, data, content_type, replica, target, headers[REQUEST_ID])
         self.router.later(self._answered, target, replica.gpu, status, data if status == 200 else None,
                           (sent - start) + (time.perf_counter() - received))
@@ -253,7 +256,7 @@ class Relay:
                     data = await upstream.read()
                     if upstream.status >= 500:
                         return self.failures.answered_5xx(replica, upstream.status, data)
-                    self.failures.answered(replica)
+                    self.answered(replica)
                     self.metrics.request(target.lane.label, replica.gpu, upstream.status)
                     return self._answer(upstream.status, data, upstream.headers.get("Content-Type", JSON), replica,
                                         target, headers[REQUEST_ID])
@@ -283,7 +286,7 @@ class Relay:
             return await self._cut(target, replica, out, exc, tail)
         if out is None:
             return self.failures.connection(replica, None)
-        self.failures.answered(replica)
+        self.answered(replica)
         with contextlib.suppress(ConnectionError):
             await out.write_eof()
         self.router.later(self._streamed, target, replica.gpu, tail, events)
