@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from emulate_bench import engine_version  # bench/, the script's directory
+
 from melange_sky.core.slo import Slos, bucket_tokens
 from melange_sky.engine import load_model
 from melange_sky.engine.estimate import max_rates
@@ -100,8 +102,9 @@ def main() -> None:
 
 
 def _table(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"{time.strftime('%Y-%m-%d')}: {args.model}, mean TPOT <= {args.tpot_slo_ms:g} ms, emulate at speed "
-             f"{args.speed:g} (rates at speed 1), estimate over {args.seeds} seeds.", "",
+    lines = [f"{time.strftime('%Y-%m-%d')}, engine {engine_version()}: {args.model}, mean TPOT <= "
+             f"{args.tpot_slo_ms:g} ms, emulate at speed {args.speed:g} (rates at speed 1), estimate over "
+             f"{args.seeds} seeds.", "",
              "| GPU | prompt / output | estimate (seed 0) | estimate seeds mean ± sd | profile of emulate | profile / "
              "estimate | profile / seeds mean | profile status, steps, minutes |",
              "|---|---|---|---|---|---|---|---|"]

@@ -167,6 +167,15 @@ def analyse(records: list[list[tuple[float, int]]], steps: list[list[float]], wa
     }
 
 
+def engine_version() -> str:
+    """The commit the engine model ran at ("+changes" when its files differ from it), for the results table."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+changes" if git("status", "--porcelain", "melange_sky/engine") else "")
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -220,7 +229,7 @@ def main() -> None:
     priority = ("SCHED_FIFO" if args.rt else f"own session, autogroup nice {args.group_nice}" if args.group_nice
                 else "own session")
     result.update(streams=args.streams, peak_in_flight=peak, server_cpu=cpu, seconds=round(elapsed, 1),
-                  priority=priority,
+                  priority=priority, engine=engine_version(),
                   load=os.getloadavg()[0],
                   model=args.model, gpu=args.gpu, speed=args.speed, prompt_tokens=args.prompt_tokens)
     print(json.dumps(result, indent=2))
@@ -230,7 +239,7 @@ def main() -> None:
 
 def _write(r: dict) -> None:
     g, late, st = r["gap_error_ms"], r["lateness_ms"], r["step_ms"]
-    row = (f"| {time.strftime('%Y-%m-%d')} | {r['model']} on {r['gpu']}, speed {r['speed']:g} | "
+    row = (f"| {time.strftime('%Y-%m-%d')} | {r['model']} on {r['gpu']}, speed {r['speed']:g} ({r['engine']}) | "
            f"{r['priority']} | {r['load']:.1f} | {r['streams']} "
            f"(peak {r['peak_in_flight']}) | {r['seconds']:g} | {st['mean']:.1f} ({st['min']:.1f}-{st['max']:.1f}) | "
            f"{r['batch']['mean']:.0f} | {r['gaps']} | {g['p50']:.3f} / {g['p99']:.3f} / {g['max']:.2f} | "
