@@ -64,7 +64,7 @@ def test_one_replica_ttft_and_tpot_are_the_engines_step_times(one_plan):
     ref.add("A", 100, 5)
     step()  # A's prefill: its first token at its end
     b_at = now + step() / 2  # B arrives in the middle of the next (decode) step ...
-    ref.add("B", 200, 3)  # ... and joins the step after it
+    ref.add("B", 200, 3, at=b_at)  # ... and joins the step after it (through the API server, from when it came)
     while ref.has_work:
         step()
     result = simulate(one_plan, arrivals((0.0, 100, 5), (b_at, 200, 3)), Slos(tpot_ms=None))

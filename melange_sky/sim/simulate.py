@@ -106,8 +106,8 @@ class _Server:
     what it is doing (idle, a step in flight, or a run of pure-decode steps not yet applied), and step-weighted sums
     for its statistics."""
 
-    __slots__ = ("ahead", "batch_s", "busy", "busy_s", "engine", "gpu", "kv_s", "max_queue", "name", "queue_s",
-                 "replica", "run", "run_from", "served", "step", "steps", "version")
+    __slots__ = ("ahead", "batch_s", "busy", "busy_s", "engine", "gpu", "idle_since", "kv_s", "max_queue", "name",
+                 "queue_s", "replica", "run", "run_from", "served", "step", "steps", "version")
 
     def __init__(self, engine: Engine, replica: Replica):
         self.engine = engine
@@ -119,6 +119,7 @@ class _Server:
         self.ahead: Engine | None = None  # ... the engine as it will be at its end
         self.run = (0, 0.0)  # ... and its steps and seconds
         self.busy = False
+        self.idle_since = 0.0  # when it last ran out of work: its engine's clock stands there until told
         self.version = 0  # bumped when a scheduled run end is cut short by an arrival (its heap entry is stale)
         self.busy_s = self.batch_s = self.kv_s = self.queue_s = 0.0
         self.max_queue = self.steps = self.served = 0
@@ -210,6 +211,7 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
         step = engine.step()
         if step is None:
             server.busy = False
+            server.idle_since = now
             return
         server.step = step
         server.busy = True
@@ -248,7 +250,12 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
                 server.ahead = None
                 step_at(server, k, server.run_from + apply_run(server, now - server.run_from), peek=False)
             try:
-                server.engine.add(rid, prompt, output)
+                if server.busy:  # it joins at the next step boundary; the API server takes it from now
+                    server.engine.add(rid, prompt, output, at=now)
+                else:  # the engine's clock catches up with the time it sat idle
+                    server.engine.idle(now - server.idle_since)
+                    server.idle_since = now
+                    server.engine.add(rid, prompt, output)
             except EngineError:  # longer than the model's context: vLLM answers 400
                 records[rid] = RequestRecord.failed(now, server.gpu, server.name, buckets[rid], prompt, output)
                 too_long += 1
