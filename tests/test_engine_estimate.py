@@ -122,7 +122,7 @@ def test_calibration_recovers_perturbed_coefficients_and_later_engines_use_the_f
     truth = scaled(Coefficients(), 0.6, 1.0, 1.0)  # a "real" A10G whose memory is slower than the datasheet says
     slos = Slos(tpot_ms=100)
     buckets = []
-    for k, (prompt, output) in enumerate([(100, 60), (800, 60), (100, 150), (1500, 100)]):
+    for k, (prompt, output) in enumerate([(100, 60), (100, 150), (1500, 100)]):
         rate = max_rate(lambda: Engine(LLAMA, "A10G", coefficients=truth), prompt, output, slos).tput
         buckets.append({"cell": [k // 2, k % 2], "prompt_tokens": prompt, "output_tokens": output, "status": "ok",
                         "tput": rate})
@@ -134,7 +134,7 @@ def test_calibration_recovers_perturbed_coefficients_and_later_engines_use_the_f
     assert result.scales["memory"] == pytest.approx(0.6, rel=0.15)
     assert result.scales["compute"] == pytest.approx(1.0, rel=0.15)
     assert result.scales["overhead"] == pytest.approx(1.0, rel=0.5)
-    assert result.error_before > 0.15 and result.error_after < 0.10
+    assert result.error_after < 0.05 < result.error_before
     fit = load_fit("A10G")
     assert fit is not None and fit.model == "llama-3.1-8b" and fit.path == str(tmp_path / "engine/fits/A10G.json")
     engine = Engine(LLAMA, "A10G")
