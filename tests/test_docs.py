@@ -148,11 +148,21 @@ def run_step(command: str, work: Path) -> list[str]:
 _RUN: dict[str, list[str]] = {}
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[block.name for block in BLOCKS])
+def launches(block: Block) -> bool:
+    return any(shlex.split(step.command)[:2] == ["melange-sky", "up"] for step in block.steps)
+
+
+# Blocks that run `up` import SkyPilot (seconds): under pytest-xdist (--dist loadgroup) they share one worker, so it
+# is imported once and the README's dry run reuses the quickstart's output.
+CASES = [pytest.param(block, id=block.name, marks=[pytest.mark.xdist_group("docs_sky")] if launches(block) else [])
+         for block in BLOCKS]
+
+
+@pytest.mark.parametrize("block", CASES)
 def test_console_example_prints_what_the_docs_show(block: Block, session_dir: Path, monkeypatch,
                                                    request) -> None:
     monkeypatch.chdir(session_dir)
-    if any(shlex.split(step.command)[:2] == ["melange-sky", "up"] for step in block.steps):
+    if launches(block):
         # SkyPilot resolves its catalog directory when imported: import it under the session's HOME, seeded with the
         # bundled prices (conftest's sky_catalog_home), so `up --dryrun` validates in this process in a second
         # instead of trying a download and then a child process per offer. The block's own HOME stays unseeded, so
