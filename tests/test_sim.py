@@ -76,7 +76,11 @@ def test_one_replica_ttft_and_tpot_are_the_engines_step_times(one_plan):
     assert b.latency_s == pytest.approx(done["B"] - b_at, rel=1e-9)
     assert b.ttft_s > first["A"] / 2  # B waited for the step boundary, then its own prefill
     assert (a.replica, b.replica) == ("a100-80gb-0", "a100-80gb-0")
-    assert result.replicas[0].requests == 2 and result.replicas[0].steps == result.steps
+    replica = result.replicas[0]
+    assert replica.requests == 2 and replica.steps == result.steps
+    assert result.end_s == pytest.approx(done["B"])  # the run ends with the last token
+    assert replica.busy_share == pytest.approx(1.0)  # it never sat idle: a request in it from 0 to the end
+    assert 1 <= replica.mean_batch <= 2 and 0 < replica.kv_cache_mean <= replica.kv_cache_peak < 0.01
 
 
 def test_runs_of_decode_steps_give_the_same_answer_as_stepping(write_config):
