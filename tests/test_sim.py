@@ -15,7 +15,7 @@ from melange_sky.engine import Engine, load_model
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.fleet.reconcile import new_replica
 from melange_sky.serve.policy import SizeAwarePolicy
-from melange_sky.sim import (Arrivals, SimulationError, find_headroom, parse_burst, plan_from_config,
+from melange_sky.sim import (Arrivals, ArrivalsError, find_headroom, parse_burst, plan_from_config,
                              plan_from_fleet, poisson_arrivals, simulate, trace_arrivals)
 from melange_sky.solver.result import solve
 
@@ -163,7 +163,7 @@ def test_bursts_keep_the_mean_and_concentrate_arrivals():
     on = sum(1 for t in a.times if t % 300 < 60)
     assert on / 600 == pytest.approx(30, rel=0.08) and (len(a) - on) / 2400 == pytest.approx(5, rel=0.08)
     for bad in ("x", "0.5", "2,400,300", "6,60,300"):
-        with pytest.raises(SimulationError):
+        with pytest.raises(ArrivalsError):
             parse_burst(bad)
 
 
@@ -189,7 +189,7 @@ def test_trace_arrivals_use_timestamps_relative_to_the_first(tmp_path):
 def test_a_trace_without_timestamps_needs_a_rate(tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text('{"input_len": 5, "output_len": 6}\n' * 50)
-    with pytest.raises(SimulationError, match="--rate"):
+    with pytest.raises(ArrivalsError, match="--rate"):
         trace_arrivals(str(trace))
     a = trace_arrivals(str(trace), rate=5.0, seed=1)
     assert len(a) == 50 and a.times == sorted(a.times) and a.times[0] == 0.0

@@ -18,7 +18,8 @@ from melange_sky.core.config import Config, with_overrides
 from melange_sky.core.slo import Slos
 from melange_sky.deploy.plan import PlanSettings
 from melange_sky.errors import InfeasibleAllocation
-from melange_sky.sim.arrivals import Arrivals, SimulationError
+from melange_sky.inputs.arrivals import Arrivals
+from melange_sky.sim.errors import SimulationError
 from melange_sky.sim.plan import SimPlan, plan_from_config
 from melange_sky.sim.simulate import SimResult, simulate
 

@@ -21,7 +21,7 @@ from melange_sky.engine.errors import EngineError
 from melange_sky.errors import UnknownFleet
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.serve.routes import ReplicaSpec, Routes, routes_from_plan, routes_from_solve
-from melange_sky.sim.arrivals import SimulationError
+from melange_sky.sim.errors import SimulationError
 from melange_sky.solver.result import SolveResult
 
 __all__ = ["GpuModel", "SimPlan", "plan_from_config", "plan_from_fleet", "replica_specs"]

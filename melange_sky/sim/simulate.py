@@ -32,7 +32,8 @@ from melange_sky.engine import Engine
 from melange_sky.engine.errors import EngineError
 from melange_sky.serve.policy import NoReplica, Replica, Rotation, SizeAwarePolicy
 from melange_sky.serve.tokens import Sizer
-from melange_sky.sim.arrivals import Arrivals, SimulationError
+from melange_sky.inputs.arrivals import Arrivals
+from melange_sky.sim.errors import SimulationError
 from melange_sky.sim.plan import SimPlan
 
 __all__ = ["ReplicaStats", "SimResult", "build_policy", "simulate"]

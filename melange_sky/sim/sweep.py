@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from melange_sky.core.config import Config, with_overrides
 from melange_sky.core.slo import Slos
 from melange_sky.deploy.plan import PlanSettings
-from melange_sky.sim.arrivals import poisson_arrivals
+from melange_sky.inputs.arrivals import poisson_arrivals
 from melange_sky.sim.plan import plan_from_config
 from melange_sky.sim.simulate import simulate
 

@@ -1,5 +1,6 @@
-"""The requests a simulation offers: a trace's timestamps and sizes, or Poisson arrivals (steady or bursty) with sizes
-drawn from a histogram.
+"""The requests offered to a plan: a trace's timestamps and sizes, or Poisson arrivals (steady or bursty) with sizes
+drawn from a histogram. `simulate` runs them through a model of the fleet; `replay` can send the same ones to a real
+endpoint, so the two see the same requests at the same times.
 
 Arrivals are three parallel lists (seconds from the start, prompt tokens, output tokens), sorted by time: a run of an
 hour at 50 req/s is 180,000 of them, and lists of numbers cost a fraction of a record per request.
@@ -23,11 +24,11 @@ from melange_sky.inputs.trace_formats import ColumnChoice
 from melange_sky.inputs.trace_rates import MinuteBins, MinuteRates
 from melange_sky.inputs.trace_rows import GZIP_ERRORS, Row, TraceRows, detect_format, gzip_reason, open_binary
 
-__all__ = ["Arrivals", "Burst", "SimulationError", "parse_burst", "poisson_arrivals", "trace_arrivals"]
+__all__ = ["Arrivals", "ArrivalsError", "Burst", "parse_burst", "poisson_arrivals", "trace_arrivals"]
 
 
-class SimulationError(MelangeError):
-    """A simulation that cannot run as asked (no arrivals, a bad burst, a plan that cannot be modelled)."""
+class ArrivalsError(MelangeError):
+    """Arrivals that cannot be made as asked (a bad rate, duration or burst; a trace without timestamps or rate)."""
 
     exit_code = 2
 
@@ -72,19 +73,19 @@ class Burst:
 
 
 def parse_burst(text: str) -> Burst:
-    """`FACTOR[,ON_S[,PERIOD_S]]` (default 60 s in every 300 s): e.g. `2`, `3,30,600`. SimulationError otherwise."""
+    """`FACTOR[,ON_S[,PERIOD_S]]` (default 60 s in every 300 s): e.g. `2`, `3,30,600`. ArrivalsError otherwise."""
     parts = [p.strip() for p in text.split(",")]
     try:
         values = [float(p) for p in parts]
     except ValueError:
         values = []
     if not 1 <= len(values) <= 3 or not all(math.isfinite(v) for v in values):
-        raise SimulationError(f"--burst must be FACTOR[,ON_S[,PERIOD_S]] (e.g. 2, or 3,30,600), got {text!r}")
+        raise ArrivalsError(f"--burst must be FACTOR[,ON_S[,PERIOD_S]] (e.g. 2, or 3,30,600), got {text!r}")
     burst = Burst(*values)
     if burst.factor < 1 or burst.on_s <= 0 or burst.period_s <= burst.on_s:
-        raise SimulationError(f"--burst {text}: needs FACTOR >= 1 and 0 < ON_S < PERIOD_S")
+        raise ArrivalsError(f"--burst {text}: needs FACTOR >= 1 and 0 < ON_S < PERIOD_S")
     if burst.factor * burst.on_s > burst.period_s:
-        raise SimulationError(f"--burst {text}: {burst.factor:g}x for {burst.on_s:g} s is more than the mean rate "
+        raise ArrivalsError(f"--burst {text}: {burst.factor:g}x for {burst.on_s:g} s is more than the mean rate "
                               f"offers in a {burst.period_s:g} s period; lower FACTOR or ON_S, or lengthen PERIOD_S")
     return burst
 
@@ -111,15 +112,15 @@ def poisson_arrivals(rate: float, duration_s: float, distribution: Sequence[Sequ
     histogram `distribution` and its lengths uniform within the bucket's edges ([lo, hi), the last bucket's `hi`
     included, at least 1 token). The same seed gives the same requests."""
     if not (math.isfinite(rate) and rate > 0):
-        raise SimulationError(f"--rate must be a positive number of requests per second, got {rate!r}")
+        raise ArrivalsError(f"--rate must be a positive number of requests per second, got {rate!r}")
     if not (math.isfinite(duration_s) and duration_s > 0):
-        raise SimulationError(f"--duration must be a positive number of seconds, got {duration_s!r}")
+        raise ArrivalsError(f"--duration must be a positive number of seconds, got {duration_s!r}")
     in_edges = check_edges(list(input_edges), "input buckets")
     out_edges = check_edges(list(output_edges), "output buckets")
     rows, cols = len(in_edges) - 1, len(out_edges) - 1
     weights = [float(w) for row in distribution for w in row]
     if len(distribution) != rows or any(len(row) != cols for row in distribution) or not sum(weights) > 0:
-        raise SimulationError(f"the workload histogram must be {rows}x{cols} with some weight")
+        raise ArrivalsError(f"the workload histogram must be {rows}x{cols} with some weight")
     cumulative = []
     total = 0.0
     for w in weights:
@@ -143,7 +144,7 @@ def poisson_arrivals(rate: float, duration_s: float, distribution: Sequence[Sequ
             outputs.append(randint(max(1, out_edges[j]), max(1, out_edges[j + 1] - (j < last_out))))
             t += expovariate(level)
     if not times:
-        raise SimulationError(f"no request arrives in {duration_s:g} s at {rate:g} req/s: lengthen --duration")
+        raise ArrivalsError(f"no request arrives in {duration_s:g} s at {rate:g} req/s: lengthen --duration")
     what = f"Poisson at {rate:g} req/s" + (f" with {burst.text()}" if burst else "")
     return Arrivals(times, prompts, outputs, duration_s, f"{what} for {duration_s:g} s (seed {seed})")
 
@@ -176,7 +177,7 @@ def trace_arrivals(path: str, *, columns: ColumnChoice | None = None, fmt: str |
         warnings.append(f"{zero} request(s) with 0 prompt or output tokens are simulated with 1")
     timed = rate is None and all(t is not None for _i, _o, t in rows)
     if rate is None and not timed:
-        raise SimulationError(f"{source}: {sum(1 for r in rows if r[2] is None)} row(s) have no timestamp; pass "
+        raise ArrivalsError(f"{source}: {sum(1 for r in rows if r[2] is None)} row(s) have no timestamp; pass "
                               f"--rate R to offer the trace's requests as Poisson arrivals at R req/s")
     if timed:
         if any(rows[k][2] > rows[k + 1][2] for k in range(len(rows) - 1)):  # type: ignore[operator]
@@ -200,7 +201,7 @@ def trace_arrivals(path: str, *, columns: ColumnChoice | None = None, fmt: str |
     if duration_s is not None:
         cut = bisect.bisect_left(times, duration_s)
         if cut == 0:
-            raise SimulationError(f"--duration {duration_s:g}: no request of {source} arrives that early")
+            raise ArrivalsError(f"--duration {duration_s:g}: no request of {source} arrives that early")
         del times[cut:], prompts[cut:], outputs[cut:]
         span = duration_s
         what += f", the first {duration_s:g} s"
