@@ -113,6 +113,9 @@ def test_each_buckets_split_follows_the_plans_routing_table(mix_config):
         total = sum(served.values())
         for gpu, share in planned.items():
             assert abs(served[gpu] - share * total) <= 1.0  # smooth weighted round-robin: within one request
+    overall = result.share_per_gpu
+    for gpu, share in result.planned_share_per_gpu.items():
+        assert overall[gpu] == pytest.approx(share, abs=len(shares) / len(result.records))
 
 
 def test_the_simulation_runs_serves_policy_class(one_plan, mix_config, monkeypatch):

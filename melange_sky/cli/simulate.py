@@ -252,10 +252,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str
     return [fmt.format(*headers).rstrip()] + [fmt.format(*map(str, row)).rstrip() for row in rows]
 
 
-def _group_row(name: str, group: Group, share: float | None = None) -> list[object]:
-    row: list[object] = [name, f"{group.requests:,}"]
-    if share is not None:
-        row.append(_pct(share))
+def _group_row(name: str, group: Group, *shares: float | None) -> list[object]:
+    row: list[object] = [name, f"{group.requests:,}", *(_pct(s) for s in shares)]
     return row + [_pct(group.attainment), _trio(group.ttft_ms), _trio(group.tpot_ms), _trio(group.latency_ms)]
 
 
@@ -268,9 +266,10 @@ def _slo_lines(report: AttainmentReport) -> list[str]:
     return lines
 
 
-def format_report(report: AttainmentReport) -> list[str]:
-    """The attainment report's lines: overall, misses, per GPU type, per bucket, per minute (shared with replay's
-    shape: the same groups in the same order)."""
+def format_report(report: AttainmentReport, planned: dict[str, float] | None = None) -> list[str]:
+    """The attainment report's lines: overall, misses, per GPU type (with `planned`, each type's share by the routing
+    table beside the share it served), per bucket, per minute (shared with replay's shape: the same groups in the
+    same order)."""
     n = report.requests
     missed = report.missed
     lines = _slo_lines(report) + [
@@ -287,8 +286,13 @@ def format_report(report: AttainmentReport) -> list[str]:
         "Per GPU type (ms: p50 / p90 / p99):",
     ]
     answered = sum(g.requests for g in report.per_gpu.values()) or 1
-    lines += _table(["GPU", "requests", "share", "attainment", "TTFT", "TPOT", "latency"],
-                    [_group_row(gpu, g, g.requests / answered) for gpu, g in report.per_gpu.items()])
+    if planned is None:
+        lines += _table(["GPU", "requests", "share", "attainment", "TTFT", "TPOT", "latency"],
+                        [_group_row(gpu, g, g.requests / answered) for gpu, g in report.per_gpu.items()])
+    else:
+        lines += _table(["GPU", "requests", "share", "plan", "attainment", "TTFT", "TPOT", "latency"],
+                        [_group_row(gpu, g, g.requests / answered, planned.get(gpu, 0.0))
+                         for gpu, g in report.per_gpu.items()])
     lines += ["", "Per bucket (input x output tokens; ms: p50 / p90 / p99):"]
     lines += _table(["bucket", "requests", "attainment", "TTFT", "TPOT", "latency"],
                     [_group_row(_bucket_label(report, b), g) for b, g in report.per_bucket.items()])
@@ -330,7 +334,7 @@ def format_simulation(result: SimResult) -> str:
     for gpu, engine in plan.engines.items():
         lines.append(f"  {gpu}: {engine.description}" + (f" (speed x{engine.speed:g})" if engine.speed != 1 else ""))
     lines.append("")
-    lines += format_report(report)
+    lines += format_report(report, result.planned_share_per_gpu)
     lines += ["", "Per replica (busy: share of the run; batch, KV cache and queue: step-time-weighted means):"]
     rows = []
     stats = result.replicas

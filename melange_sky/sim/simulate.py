@@ -92,8 +92,23 @@ class SimResult:
             shares[r.gpu] = shares.get(r.gpu, 0.0) + r.requests / total
         return shares
 
+    @property
+    def planned_share_per_gpu(self) -> dict[str, float]:
+        """The share of these requests the routing table gives each GPU type (bucket by bucket, the plan's shares
+        weighted by the requests in the bucket): what the realised split should follow."""
+        counts: dict[tuple[int, int], int] = {}
+        for record in self.records:
+            counts[record.bucket] = counts.get(record.bucket, 0) + 1
+        total = sum(counts.values()) or 1
+        planned: dict[str, float] = {}
+        for bucket, n in counts.items():
+            for gpu, share in self.plan.routes.shares.get(bucket, {}).items():
+                planned[gpu] = planned.get(gpu, 0.0) + n * share / total
+        return planned
+
     def to_json(self) -> dict[str, Any]:
         return {**self.report.to_json(), "verdict": self.report.verdict,
+                "planned_share_per_gpu": {g: round(v, 6) for g, v in self.planned_share_per_gpu.items()},
                 "per_replica": [r.to_json() for r in self.replicas], "plan": self.plan.to_json(),
                 "arrivals": {"description": self.arrivals.description, "requests": len(self.arrivals),
                              "duration_s": round(self.arrivals.duration_s, 3),
