@@ -330,7 +330,9 @@ def format_simulation(result: SimResult) -> str:
     rate = result.plan.result.total_request_rate if result.plan.result is not None else None
     head = f"Simulated {plan.describe()}" + (f" (planned for {rate:g} req/s" if rate is not None else " (") + (
         f", headroom {100 * plan.headroom:g}%)" if plan.headroom is not None else ")")
-    lines = [head.replace(" ()", ""), f"  from {plan.source}; traffic: {result.arrivals.description}"]
+    offered = result.arrivals
+    lines = [head.replace(" ()", ""), f"  from {plan.source}; traffic: {offered.description}; "
+             f"{offered.mean_rate:.3g} req/s on average"]
     for gpu, engine in plan.engines.items():
         lines.append(f"  {gpu}: {engine.description}" + (f" (speed x{engine.speed:g})" if engine.speed != 1 else ""))
     lines.append("")
