@@ -85,8 +85,10 @@ def _model(name: str, override: str | None) -> ModelSpec:
     try:
         return load_model(override or name)
     except EngineError as exc:
-        where = "--model" if override else "deployment.model"
-        raise SimulationError(f"{where}: {exc}; give the engine model with --model NAME|config.json") from None
+        if override:
+            raise SimulationError(f"--model: {exc}") from None
+        raise SimulationError(f"deployment.model: {exc}; or give the engine model with --model NAME|config.json") \
+            from None
 
 
 def _engines(gpus: Sequence[str], model: ModelSpec, settings: EngineSettings,
