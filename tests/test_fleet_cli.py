@@ -212,9 +212,9 @@ def test_failed_teardown_keeps_the_fleet_and_the_next_down_retries(cli, fleet_en
     assert second.exit_code == 0 and ledger_rows(env) == {} and fake.clusters() == {}
 
 
-def test_down_without_yes_and_without_a_terminal_refuses_instead_of_hanging(fleet_env):
+def test_down_without_yes_and_without_a_terminal_refuses_instead_of_hanging(cli, fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, *UP, EXAMPLE, "-y").wait(60) == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     proc = run_cli(env, "down", "example", stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "pass -y" in err
@@ -299,15 +299,15 @@ run()
     assert sorted(ledger_rows(env)) == PLANNED
 
 
-def test_a_second_concurrent_up_on_the_same_fleet_is_refused(fleet_env):
+def test_a_second_concurrent_up_on_the_same_fleet_is_refused(cli, fleet_env):
     fake, env = fleet_env
     fake.configure(latency={"launch": 3.0})
     first = run_cli(env, *UP, EXAMPLE, "-y")
     wait_for(lambda: len(fake.clusters()) > 0, what="the first up to start launching")
-    second = run_cli(env, *UP, EXAMPLE, "-y")
-    out, err = second.communicate(timeout=30)
-    assert second.returncode == 3 and "is busy" in err and str(first.pid) in err
-    assert first.wait(60) == 0
+    second = cli(*UP, EXAMPLE, "-y")  # in this process, while the first one launches
+    assert second.exit_code == 3 and "is busy" in second.stderr and str(first.pid) in second.stderr
+    first.communicate(timeout=60)
+    assert first.returncode == 0
     assert {c: fake.launch_count(c) for c in PLANNED} == {c: 1 for c in PLANNED}
 
 
@@ -345,9 +345,9 @@ def test_what_up_shows_is_what_it_launches_on_an_existing_fleet(cli, fleet_env):
     assert "config or plan settings changed" in bigger.stdout
 
 
-def test_up_on_a_complete_fleet_asks_nothing_even_without_a_terminal(fleet_env):
+def test_up_on_a_complete_fleet_asks_nothing_even_without_a_terminal(cli, fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, *UP, EXAMPLE, "-y").wait(60) == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     proc = run_cli(env, *UP, EXAMPLE, stdin=subprocess.DEVNULL)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
@@ -417,8 +417,8 @@ def test_long_launches_report_their_elapsed_time_once_per_heartbeat(fleet_env):
     fleet = Fleet(fake, Ledger(env["MELANGE_SKY_HOME"]), on_event=events.append, heartbeat=0.5)
     planner = functools.partial(build_plan, load_config(EXAMPLE), PlanSettings(compare=False))
     assert fleet.up("example", planner, {"HF_TOKEN": "x"}, "digest", __import__("melange_sky").UpOptions(
-        parallel=1)).complete
-    for cluster in PLANNED:  # in flight 1.3 s, a beat every 0.5 s: one to three lines, with the time so far
+        parallel=4)).complete
+    for cluster in PLANNED:  # each in flight 1.3 s, a beat every 0.5 s: one to three lines, with the time so far
         beats = [e for e in events if e.cluster == cluster and e.message == "still launching"]
         assert 1 <= len(beats) <= 3, (cluster, [round(b.elapsed, 2) for b in beats])
         assert all(0 < b.elapsed < 1.3 + 0.5 for b in beats)
@@ -438,9 +438,9 @@ def test_a_replacement_on_another_offer_is_priced_from_the_catalog_not_the_confi
     assert a100["price_per_hour"] == pytest.approx(offer.price)  # the config's $3.67 is for azure eastus only
 
 
-def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(fleet_env):
+def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(cli, fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, *UP, EXAMPLE, "-y", "--rate", "60").wait(60) == 0
+    assert cli(*UP, EXAMPLE, "-y", "--rate", "60").exit_code == 0
     fake.configure(hard_failures={"example-a10g-9": "boom"})
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:  # a failed replica outside any plan, its cluster left in INIT
         ledger.add_replica("example", __import__("melange_sky.fleet.ledger", fromlist=["NewReplica"]).NewReplica(
@@ -452,7 +452,7 @@ def test_leftover_failed_replicas_are_torn_down_only_after_confirmation(fleet_en
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "tear down 1" in err and "example-a10g-9" in out
     assert "example-a10g-9" in fake.clusters()
-    assert run_cli(env, *UP, EXAMPLE, "-y", "--rate", "60").wait(60) == 0
+    assert cli(*UP, EXAMPLE, "-y", "--rate", "60").exit_code == 0
     assert "example-a10g-9" not in fake.clusters() and ledger_rows(env)["example-a10g-9"] is ReplicaState.GONE
 
 
@@ -473,9 +473,9 @@ def test_up_json_refuses_to_launch_without_yes(cli, fleet_env):
     assert fake.calls("launch") == []
 
 
-def test_status_refresh_never_blocks_up_or_down(fleet_env):
+def test_status_refresh_never_blocks_up_or_down(cli, fleet_env):
     fake, env = fleet_env
-    assert run_cli(env, *UP, EXAMPLE, "-y").wait(60) == 0
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
     fake.configure(latency={"status": 3.0})
     watcher = run_cli(env, "status", "--refresh")
     wait_for(lambda: any(c["method"] == "status" for c in fake.calls()) or watcher.poll() is not None,
