@@ -1,8 +1,9 @@
 """The local-process launcher (tests/process_backend.py): real processes, real ports, real requests.
 
-- Through the real CLI in subprocesses: `up` starts one fake OpenAI server per replica, requests reach each replica
-  at the endpoint the ledger shows, a replica killed out of band is recorded gone by `status --refresh` and relaunched
-  by the next `up`, and `down` leaves no process running. No secret value lands in the backend's files.
+- Through the real CLI (`up` and `down` in subprocesses, `status` in process): `up` starts one fake OpenAI server
+  per replica, requests reach each replica at the endpoint the ledger shows, a replica killed out of band is recorded
+  gone by `status --refresh` and relaunched by the next `up`, and `down` leaves no process running. No secret value
+  lands in the backend's files.
 - In process, the router's path (a CPU task): file_mounts, workdir, envs and secrets reach the process, `setup` is
   skipped, inherited PYTHONPATH and MELANGE_SKY_* are not; failures (the process exits, never opens its port, the
   port is taken) are LaunchErrors with the log's tail, secrets masked, and leave nothing running.
@@ -80,7 +81,10 @@ def gpu_task(name: str, gpu: str = "A10G", run: str = "vllm serve x", secrets: t
 
 # -- through the real CLI -------------------------------------------------------------------------------------------
 class Cli:
-    def __init__(self, tmp_path: Path, backend: ProcessBackend):
+    """`melange-sky` in a subprocess, as a user runs it (`up`, `down`), and `status --json` in this process
+    (`in_process`: the conftest CLI runner), with the same ledger and launcher."""
+
+    def __init__(self, tmp_path: Path, backend: ProcessBackend, in_process, monkeypatch):
         self.cwd = tmp_path
         home = tmp_path / "home"
         home.mkdir()
@@ -89,6 +93,10 @@ class Cli:
                     "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HF_TOKEN": SECRET,
                     "PROCESS_BACKEND_TOKEN_DELAY_MS": "A10G=10,A100-80GB=4", "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
         self.env.pop("MELANGE_SKY_DEBUG", None)
+        for key in ("MELANGE_SKY_HOME", "MELANGE_SKY_BACKEND", "PROCESS_BACKEND_DIR"):
+            monkeypatch.setenv(key, self.env[key])
+        monkeypatch.delenv("MELANGE_SKY_DEBUG", raising=False)
+        self.in_process = in_process
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "melange_sky", *args], env=self.env, cwd=self.cwd,
@@ -101,7 +109,9 @@ class Cli:
         return done
 
     def replicas(self, *extra: str) -> dict[str, dict]:
-        fleets = json.loads(self.ok("status", "--json", *extra).stdout)["fleets"]
+        result = self.in_process("status", "--json", *extra)
+        assert result.exit_code == 0, result.stderr
+        fleets = json.loads(result.stdout)["fleets"]
         return {r["cluster"]: r for fleet in fleets for r in fleet["replicas"]}
 
 
@@ -109,8 +119,8 @@ class Cli:
 UP_REPLICAS = ("up", str(EXAMPLE), "-y", "--no-router")
 
 
-def test_cli_up_serves_from_local_processes_and_down_leaves_none_running(tmp_path, backend):
-    cli = Cli(tmp_path, backend)
+def test_cli_up_serves_from_local_processes_and_down_leaves_none_running(tmp_path, backend, cli, monkeypatch):
+    cli = Cli(tmp_path, backend, cli, monkeypatch)
     cli.ok(*UP_REPLICAS)
 
     replicas = cli.replicas()
@@ -140,8 +150,8 @@ def test_cli_up_serves_from_local_processes_and_down_leaves_none_running(tmp_pat
         assert SECRET not in path.read_text(errors="replace"), f"the secret's value is in {path}"
 
 
-def test_cli_status_refresh_records_a_killed_replica_gone_and_up_relaunches_it(tmp_path, backend):
-    cli = Cli(tmp_path, backend)
+def test_cli_status_refresh_records_a_killed_replica_gone_and_up_relaunches_it(tmp_path, backend, cli, monkeypatch):
+    cli = Cli(tmp_path, backend, cli, monkeypatch)
     cli.ok(*UP_REPLICAS)
     before = cli.replicas()
     victim = "example-a10g-0"
