@@ -1,12 +1,14 @@
 """`melange-sky emulate`: the engine model behind an OpenAI-compatible server, in real time.
 
-One `Emulator` per server drives one `Engine` on the wall clock: a request joins the engine's queue when it arrives
-(`engine.add`) and so its batch at the next step boundary; the loop runs a step (`engine.step()`), sleeps until the
-step's end and then hands each emitting request its one token (the emitters rule of ENGINE_API.md). Step ends are
-absolute deadlines (start of the first step after idling + the sum of the model's step times), so a late wake-up
-never delays the steps after it. The event loop's timers are late by up to a millisecond (epoll and libuv count in
-ms), so the loop sleeps until `SPIN_S` before the deadline and then yields to the other tasks until it is reached
-(`_sleep_until`): the steps' emission times follow the model's to tens of microseconds on an idle core.
+One `Emulator` per server drives one `Engine` on the wall clock. The engine's clock (step durations and idle gaps)
+is mapped onto time.monotonic once: a step ends at `origin + engine.clock`, an absolute deadline, so a late wake-up
+never delays the steps after it; while the engine idles, its clock catches up with the wall clock at the next
+arrival (`engine.idle`). A request enters the engine when it arrives (`engine.add(..., at=its arrival)`): through
+the model of vLLM's API server (a few ms), then WAITING, so it joins the batch at the next step boundary after that.
+The loop runs a step (`engine.step()`), sleeps until the step's end and then hands each emitting request its one
+token (the emitters rule of ENGINE_API.md). The event loop's timers are late by up to a millisecond (epoll and libuv
+count in ms), so the loop sleeps until `SPIN_S` before the deadline and then yields to the other tasks until it is
+reached (`_sleep_until`): the steps' emission times follow the model's to tens of microseconds on an idle core.
 
 `estimate` drives the same `Engine` on a virtual clock: the emulator is that model with a real clock, not another.
 
@@ -125,6 +127,7 @@ class Emulator:
         self._requests: dict[Hashable, _Request] = {}
         self._decoding: set[Hashable] = set()
         self._ids: Iterator[int] = itertools.count()
+        self._origin = time.monotonic() - engine.clock  # the wall time of the engine clock's 0 (time.monotonic)
         self._idle: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         # vLLM's counters (GET /metrics)
@@ -140,7 +143,10 @@ class Emulator:
         if self.dead is not None:
             raise ApiError(500, self.dead, "InternalServerError")
         req = _Request(next(self._ids), prompt_tokens, max_tokens, stream)
-        self.engine.add(req.rid, prompt_tokens, max_tokens)
+        arrived = time.monotonic() - self._origin  # on the engine clock
+        if not self.engine.has_work:  # it was idle meanwhile: its clock catches up with the wall clock
+            self.engine.idle(arrived - self.engine.clock)
+        self.engine.add(req.rid, prompt_tokens, max_tokens, at=arrived)  # mid-step arrivals keep their time
         self._requests[req.rid] = req
         self.prompt_tokens_total += prompt_tokens
         if self._idle is not None and not self._idle.done():
@@ -188,24 +194,19 @@ class Emulator:
             self._decoding.clear()
 
     async def _run(self) -> None:
-        loop, clock = asyncio.get_running_loop(), time.monotonic
-        start = clock()
+        loop = asyncio.get_running_loop()
         while True:
             if not self.engine.has_work:
                 self._idle = loop.create_future()
-                await self._idle
+                await self._idle  # `submit` brought the engine clock up to the wall clock and added the request
                 self._idle = None
-                start = clock()  # the first step after idling starts now
                 continue
-            step = self.engine.step()
-            if step is None:  # nothing the engine can run yet
-                await asyncio.sleep(0)
-                start = clock()
+            step = self.engine.step()  # the engine clock moves to the step's end
+            if step is None:
                 continue
-            end = start + step.duration_s
+            end = self._origin + self.engine.clock
             await self._sleep_until(loop, end, step.duration_s)
             self._emit(step, end)
-            start = end
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, deadline: float, duration: float) -> None:
         """A timer until shortly before `deadline` (time.monotonic), then yield to the other tasks (their I/O
