@@ -243,3 +243,30 @@ def test_below_the_panic_threshold_ejections_are_ignored_but_down_replicas_never
     a.down = True  # down: out of the count and of the traffic; 1 of 2 reachable healthy is 50%: no panic
     picks = [policy.choose(target) for _ in range(10)]
     assert {p.replica.name for p in picks} == {"a100-2"} and not any(p.panic for p in picks)
+
+
+def test_when_too_few_replicas_are_healthy_the_router_ignores_ejections_and_still_serves():
+    async def scenario():
+        a100s = {f"a100-{i}": "A100-80GB" for i in range(3)}  # bucket 2:1 is served by A100-80GB alone
+        async with Fleet(DOC, a100s, max_ejection_percent=100, eject_base_s=60) as fleet, \
+                aiohttp.ClientSession() as session:
+            async def complete() -> int:
+                return (await post(session, fleet.url, Kind.COMPLETIONS, body(Kind.COMPLETIONS, 2, 1)))[0]
+
+            for name in ("a100-0", "a100-1"):  # one broken replica after the other: each failed try is retried
+                fleet.upstreams[name].status = 500  # on a healthy one, which confirms it, until it is ejected
+                for _ in range(40):
+                    assert await complete() == 200
+                    if fleet.router.replicas[name].ejected:
+                        break
+            assert ejected(fleet) == ["a100-0", "a100-1"]  # 1 of 3 healthy: below the panic threshold (50%)
+            for upstream in fleet.upstreams.values():
+                upstream.status = None  # they recover; their next probe is a minute away
+            before = {n: len(u.requests) for n, u in fleet.upstreams.items()}
+            assert [await complete() for _ in range(12)] == [200] * 12
+            # in panic the ejected replicas take their part of the traffic again, rather than a100-2 taking it all
+            assert all(len(u.requests) > before[n] for n, u in fleet.upstreams.items())
+            metrics = await (await session.get(fleet.url + "/metrics")).text()
+            assert 'melange_panic_routed_total{bucket="2:1"} 12.0' in metrics
+
+    run(scenario)
