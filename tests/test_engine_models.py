@@ -1,12 +1,13 @@
 """Model configs, the datasheet table and engine settings: what the engine model is built from."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
-from melange_sky.engine import (BUNDLED_MODELS, ENGINE_SETTING_KEYS, GPU_NAMES, DoesNotFit, Engine, EngineError,
-                                EngineSettings, gpu_spec, load_model)
+from melange_sky.engine import (BUNDLED_MODELS, ENGINE_SETTING_KEYS, GPU_NAMES, Coefficients, DoesNotFit, Engine,
+                                EngineError, EngineSettings, GpuSpec, gpu_spec, load_model)
 from melange_sky.errors import ConfigError
 
 
@@ -71,6 +72,36 @@ def test_gpu_names_follow_the_catalog_and_a10g_is_not_an_a10() -> None:
     assert gpu_spec("A10G").bf16_tflops < gpu_spec("A10").bf16_tflops / 1.5
     with pytest.raises(EngineError, match="no datasheet for GPU 'B300'"):
         gpu_spec("B300")
+
+
+def test_achievable_figures_are_measured_below_the_datasheet_and_differ_by_gpu() -> None:
+    for name in GPU_NAMES:
+        g = gpu_spec(name)
+        assert 0 < g.gemm_tflops < g.bf16_tflops and 0 < g.achievable_bandwidth_gbs < g.bandwidth_gbs
+        assert 0 < g.achievable_attention_tflops < g.bf16_tflops
+        if g.fp8_tflops is not None:
+            assert g.fp8_gemm_tflops is not None and g.fp8_gemm_tflops < g.fp8_tflops
+    a100, h100, mi300x = gpu_spec("A100-80GB"), gpu_spec("H100"), gpu_spec("MI300X")
+    # the datasheets say 3.2x and 4.2x an A100; measured matmuls say less, the MI300X's much less
+    assert h100.gemm_tflops / a100.gemm_tflops < h100.bf16_tflops / a100.bf16_tflops
+    assert mi300x.gemm_tflops < h100.gemm_tflops < mi300x.bf16_tflops
+    assert mi300x.achievable_bandwidth_gbs / mi300x.bandwidth_gbs < h100.achievable_bandwidth_gbs / h100.bandwidth_gbs
+
+
+def test_a_tp_group_on_the_mi300x_mesh_all_reduces_over_its_own_links_only() -> None:
+    llama, mesh = load_model("llama-3.1-70b"), gpu_spec("MI300X")
+    switched = dataclasses.replace(mesh, name="MI300X-on-a-switch", link="nvlink")
+
+    def per_token_s(gpu: GpuSpec, tp: int) -> float:  # the slope of a pure-decode step in its token count
+        cost = Engine(llama, gpu, tp=tp, coefficients=Coefficients()).cost
+        return (cost.seconds(decodes=2048, sampled=2048, requests=2048)
+                - cost.seconds(decodes=1024, sampled=1024, requests=1024)) / 1024
+
+    # TP 2 on the mesh has one 64 GB/s link of seven; behind a switch it would have all 448 GB/s. At TP 8 the mesh
+    # uses every link and costs about what a switch would.
+    tp2_gap = per_token_s(mesh, 2) - per_token_s(switched, 2)
+    tp8_gap = per_token_s(mesh, 8) - per_token_s(switched, 8)
+    assert tp2_gap > 10 * abs(tp8_gap) > 0
 
 
 def test_engine_settings_come_from_the_deployment_under_vllms_names() -> None:

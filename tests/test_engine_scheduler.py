@@ -27,9 +27,9 @@ def test_one_request_alone_prefills_in_one_step_then_decodes_one_token_per_step(
     # the prefill: 100 tokens, attention over t (c + t/2) = 100 x 50, one sampled token
     assert steps[0].duration_s == engine.cost.seconds(prefill_tokens=100, prefill_attention=5000, decodes=0,
                                                       sampled=1, requests=1)
-    # a decode: weight-read bound on an H100 at batch 1, by hand: 16.06 GB / (3.35 TB/s x 0.80) = 5.993 ms,
-    # + 32 layers x 32 us + 126 us, + KV of 101 tokens (131072 B each) at 0.53 x 3.35 TB/s, + 4 us per request
-    by_hand = 16.060522496e9 / (3.35e12 * 0.80) + (32 * 32 + 126) * 1e-6 + 101 * 131072 / (3.35e12 * 0.53) + 4e-6
+    # a decode: weight-read bound on an H100 at batch 1, by hand: 16.06 GB / (2.97 TB/s measured triad x 0.93)
+    # = 5.815 ms, + 32 layers x 32 us + 126 us, + KV of 101 tokens (131072 B each) at 0.59 x 2.97 TB/s, + 4 us
+    by_hand = 16.060522496e9 / (2.97e12 * 0.93) + (32 * 32 + 126) * 1e-6 + 101 * 131072 / (2.97e12 * 0.59) + 4e-6
     assert steps[1].duration_s == pytest.approx(by_hand, rel=1e-6)
     assert steps[2].duration_s > steps[1].duration_s  # one more token of context to read
     assert engine.kv_cache_usage == 0 and not engine.has_work

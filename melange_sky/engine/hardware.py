@@ -1,4 +1,11 @@
-"""What a GPU can do, from its datasheet: memory, memory bandwidth, dense tensor-core TFLOPs, the link TP uses.
+"""What a GPU can do: its datasheet (memory, memory bandwidth, dense tensor-core TFLOPs, the link TP uses) and what
+microbenchmarks measure it actually reaching (matmul TFLOP/s, copy/triad bandwidth, FlashAttention forward TFLOP/s).
+
+The step-time model's efficiencies are relative to the ACHIEVABLE figures, not the datasheet: how far a GPU is from its
+datasheet differs by architecture (power and clock limits: an H100 SXM's best matmul is 80% of its 989 TFLOP/s, an
+MI300X's 51% of 1,307; HBM triad is 77% of datasheet on MI300X, 89% on H100), so one efficiency of the datasheet for
+every GPU flatters the GPUs furthest from theirs. Where no measurement was found, the achievable figure is the
+datasheet times a documented default ratio (the mean of the measured NVIDIA rows).
 
 Every figure carries its source. Peak FLOPs are the DENSE figures (datasheets also print a 2x "with sparsity" number
 that no LLM kernel reaches). Names are the catalog's (SkyPilot's) spellings, so `--gpu a100_80gb` and a config's
@@ -30,6 +37,33 @@ class GpuSpec:
     link: str  # what a tensor-parallel all-reduce runs over: "nvlink", "pcie", "infinity-fabric"
     link_gbs: float  # that link's bandwidth per GPU, one direction, GB/s
     bf16: bool = True  # has BF16 (Turing and Volta run FP16 instead; same peak for the model)
+    # Measured (microbenchmark) figures; None: not measured, the datasheet x the default ratio below is used.
+    mamf_tflops: float | None = None  # maximum achievable BF16/FP16 matmul TFLOP/s (best shape)
+    fp8_mamf_tflops: float | None = None  # the same for FP8 matmuls
+    stream_gbs: float | None = None  # achievable DRAM bandwidth (STREAM/BabelStream triad), GB/s
+    attention_tflops: float | None = None  # FlashAttention-2 forward TFLOP/s (long sequence, BF16/FP16)
+
+    @property
+    def gemm_tflops(self) -> float:
+        """Achievable dense BF16/FP16 matmul TFLOP/s."""
+        return self.mamf_tflops or self.bf16_tflops * DEFAULT_MAMF_RATIO
+
+    @property
+    def fp8_gemm_tflops(self) -> float | None:
+        """Achievable FP8 matmul TFLOP/s; None without FP8 tensor cores."""
+        if self.fp8_tflops is None:
+            return None
+        return self.fp8_mamf_tflops or self.fp8_tflops * DEFAULT_FP8_MAMF_RATIO
+
+    @property
+    def achievable_bandwidth_gbs(self) -> float:
+        """Achievable DRAM bandwidth (triad), GB/s."""
+        return self.stream_gbs or self.bandwidth_gbs * DEFAULT_STREAM_RATIO
+
+    @property
+    def achievable_attention_tflops(self) -> float:
+        """What a FlashAttention forward kernel reaches on this GPU, TFLOP/s."""
+        return self.attention_tflops or self.bf16_tflops * DEFAULT_ATTENTION_RATIO
 
     @property
     def has_fp8(self) -> bool:
@@ -62,6 +96,33 @@ class GpuSpec:
 #          compute as the H100 SXM (BF16 989, FP8 1,979 dense); NVLink 900 GB/s.
 #  MI300X  AMD Instinct MI300X data sheet (amd.com/.../instinct-mi300x-data-sheet.pdf): 192 GB HBM3, 5.3 TB/s, FP16/BF16
 #          1,307.4 TFLOPS dense, FP8 2,614.9 dense; Infinity Fabric 7 links x 64 GB/s one way = 448 GB/s.
+#
+# Achievable figures (measured; the ratio to the datasheet in brackets):
+#  MAMF = "Maximum Achievable Matmul FLOPS", BF16 torch.matmul at the best of a brute-force search of shapes, mean of
+#          100 iterations (Stas Bekman, ml-engineering, compute/accelerator/README.md, "Maximum Achievable Matmul FLOPS
+#          comparison table", 2025): A100 SXM 271.2 (86.9%), A100 PCIe 252.9 (81.1%), H100 SXM 794.5 (80.3%; "H200 is
+#          the same"), MI300X 668.4 (51.4%, ROCm 6.3, PYTORCH_TUNABLEOP_ENABLED=1; the table's earlier ROCm 6.2 row was
+#          781.9). FP8: H100 SXM 1,402.6 (70.9%), H200 SXM 1,453.4 (73.4%).
+#  Azure AI-benchmarking-guide (github.com/Azure/AI-benchmarking-guide, Azure_Results/*_results.md; mirrored at
+#          samuel-bohman/AI-benchmarking-guide): HBM triad ND A100 v4 (A100-SXM4-80GB) 1.70 TB/s (83%), ND H100 v5
+#          2.97 TB/s (89%), ND H200 v5 4.15 TB/s (86%), ND MI300X v5 4.09 TB/s (77%); FlashAttention-2 forward (batch
+#          2, sequence 8192) A100 179.5 TFLOP/s (hdim 64, 58%), H100 327.9 (hdim 128, 33%), H200 329.3 (33%), MI300X
+#          328.6 (hdim 64, 25%); hipBLASLt FP8 on MI300X 1,159 TFLOP/s at 8192^3 (44%) (no FP8 MAMF row for MI300X).
+#  Attention on Hopper: vLLM V1 runs FlashAttention-3 there (vllm-flash-attn picks FA3 on compute capability 9.0),
+#          not FA2: FA3 forward, FP16, hdim 128, sequence 8192 reaches 661 TFLOP/s on H100 SXM (Shah et al. 2024,
+#          "FlashAttention-3", Table 2; 740 at best, 75%), against FA2's 328 on the same setup (33%). H100/H200 rows
+#          carry 661; the H100 PCIe its 67% share of its own 756.
+#  A100 40 GB: the MAMF row is the A100 SXM die (same clocks either memory size); its triad is taken at the 80 GB
+#          part's measured 83% of datasheet.
+#  Not measured (T4, L4, A10G, A10, L40S, V100, H100 PCIe's matmul and triad): datasheet x the default ratios below.
+#: Default achievable/datasheet ratios where no measurement exists: the mean of the measured NVIDIA rows above
+#: (MAMF: A100 SXM 0.869, A100 PCIe 0.811, H100 SXM 0.803 -> 0.83; FP8: H100 0.709, H200 0.734 -> 0.72; triad:
+#: A100 0.83, H100 0.89, H200 0.86 -> 0.86; FlashAttention-2 forward: the A100's 0.58 for the pre-Hopper GPUs,
+#: the Hopper rows carry FlashAttention-3's figure).
+DEFAULT_MAMF_RATIO = 0.83
+DEFAULT_FP8_MAMF_RATIO = 0.72
+DEFAULT_STREAM_RATIO = 0.86
+DEFAULT_ATTENTION_RATIO = 0.58
 # memory_bytes: nvidia-smi's memory.total (MiB) on cloud instances with ECC on (the total torch.cuda.mem_get_info
 # reports, which is what vLLM multiplies by gpu_memory_utilization); MI300X: rocm-smi's 192 GiB.
 _TABLE: tuple[GpuSpec, ...] = (
@@ -72,12 +133,17 @@ _TABLE: tuple[GpuSpec, ...] = (
     GpuSpec("L40S", 48, 46068 * MIB, 864, 362.05, 733, "pcie", 31.5),
     GpuSpec("V100", 16, 16160 * MIB, 900, 125, None, "nvlink", 150, bf16=False),
     GpuSpec("V100-32GB", 32, 32510 * MIB, 900, 125, None, "nvlink", 150, bf16=False),
-    GpuSpec("A100", 40, 40960 * MIB, 1555, 312, None, "nvlink", 300),
-    GpuSpec("A100-80GB", 80, 81920 * MIB, 2039, 312, None, "nvlink", 300),
-    GpuSpec("H100", 80, 81559 * MIB, 3350, 989, 1979, "nvlink", 450),
-    GpuSpec("H100-PCIE", 80, 81559 * MIB, 2000, 756, 1513, "pcie", 63),
-    GpuSpec("H200", 141, 143771 * MIB, 4800, 989, 1979, "nvlink", 450),
-    GpuSpec("MI300X", 192, 192 * 1024 * MIB, 5300, 1307.4, 2614.9, "infinity-fabric", 448),
+    GpuSpec("A100", 40, 40960 * MIB, 1555, 312, None, "nvlink", 300, mamf_tflops=271.2, stream_gbs=1555 * 0.83,
+            attention_tflops=179.5),
+    GpuSpec("A100-80GB", 80, 81920 * MIB, 2039, 312, None, "nvlink", 300, mamf_tflops=271.2, stream_gbs=1700,
+            attention_tflops=179.5),
+    GpuSpec("H100", 80, 81559 * MIB, 3350, 989, 1979, "nvlink", 450, mamf_tflops=794.5, fp8_mamf_tflops=1402.6,
+            stream_gbs=2970, attention_tflops=661),
+    GpuSpec("H100-PCIE", 80, 81559 * MIB, 2000, 756, 1513, "pcie", 63, attention_tflops=756 * 661 / 989),
+    GpuSpec("H200", 141, 143771 * MIB, 4800, 989, 1979, "nvlink", 450, mamf_tflops=794.5, fp8_mamf_tflops=1453.4,
+            stream_gbs=4150, attention_tflops=661),
+    GpuSpec("MI300X", 192, 192 * 1024 * MIB, 5300, 1307.4, 2614.9, "infinity-fabric", 448, mamf_tflops=668.4,
+            fp8_mamf_tflops=1159, stream_gbs=4090, attention_tflops=328.6),
 )
 _BY_NAME = {g.name: g for g in _TABLE}
 #: The GPU types the engine model knows, in the catalog's spelling.

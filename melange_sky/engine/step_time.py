@@ -9,10 +9,16 @@ For a batch of P prefill tokens (chunks) and D decoding requests, per GPU of a T
       + T_allreduce                      TP: two all-reduces of the hidden state per layer
       + L * layer_us + B * request_us + step_us      per-layer, per-request and per-step overheads
 
-T_gemm = 2 FLOPs x matmul parameters x tokens (+ the LM head for sampled tokens) / (peak x gemm_mfu);
-T_weights = weight bytes / (bandwidth x weight_bw_eff); T_attention = 4 x heads x head_dim x sum over chunks of
-t (c + t/2) / (peak x attn_mfu) per layer; T_kv = KV bytes touched / (bandwidth x kv_bw_eff);
+T_gemm = 2 FLOPs x matmul parameters x tokens (+ the LM head for sampled tokens) / (achievable matmul x gemm_mfu);
+T_weights = weight bytes / (achievable bandwidth x weight_bw_eff); T_attention = 4 x heads x head_dim x sum over
+chunks of t (c + t/2) / (achievable FlashAttention x attn_mfu) per layer; T_kv = KV bytes touched / (achievable
+bandwidth x kv_bw_eff);
 T_allreduce = 2 L (latency + tokens x hidden x 2 bytes x 2(tp-1)/tp / (link bandwidth x link_eff)).
+
+The efficiencies are relative to what microbenchmarks measure each GPU reaching (hardware.py: maximum achievable
+matmul FLOP/s, triad bandwidth, FlashAttention-2 forward), not to its datasheet: how far a GPU is from its datasheet
+is a property of the GPU (an H100 SXM's best BF16 matmul is 80% of its peak, an MI300X's 51%), what is left (the
+shapes of a forward pass, the kernels between GEMMs, paging) is a property of the engine and is shared.
 
 BLIS adds its compute and memory terms; taking the max of GEMM compute and weight reads is the roofline itself (a
 GEMM streams its weights once however many tokens it multiplies), so the coefficients keep their physical meaning
@@ -31,19 +37,29 @@ from melange_sky.engine.models import ModelSpec, normalise_dtype
 
 @dataclass(frozen=True)
 class Coefficients:
-    """The step-time model's coefficients: efficiencies (0..1) of the datasheet peaks, and overheads (µs)."""
+    """The step-time model's coefficients: efficiencies (0..1) of the GPU's ACHIEVABLE figures (GpuSpec.gemm_tflops,
+    achievable_bandwidth_gbs, achievable_attention_tflops: measured microbenchmarks), and overheads (µs)."""
 
-    # Weight reads reach ~80% of datasheet DRAM bandwidth: copy kernels reach 85-90% on A100/H100 (NVIDIA's
-    # nvbandwidth, BabelStream results), skinny decode GEMMs less; BLIS's trained β₃ ≈ 1.4 on H100 (71%) brackets it.
-    weight_bw_eff: float = 0.80
-    # Paged-attention KV reads: BLIS's trained decode-memory correction β₂ᵦ ≈ 1.9 on H100 traces -> 1/1.9 ≈ 0.53.
-    kv_bw_eff: float = 0.53
-    # Prefill GEMMs: cuBLAS BF16 GEMMs at LLM shapes reach 60-70% of dense peak (NVIDIA's H100/A100 GEMM
-    # benchmarks; MLPerf-class inference MFU); 0.6 for the realistic lower end.
-    gemm_mfu: float = 0.60
-    # Prefill attention: FlashAttention-2 reaches 50-73% of peak forward on A100 (Dao 2023, "FlashAttention-2"),
-    # causal, variable-length and paged batches less: 0.45.
-    attn_mfu: float = 0.45
+    # Weight reads: decode GEMVs stream the weights at ~93% of triad bandwidth. Until the achievable figures were in
+    # the hardware table this was 0.80 of the datasheet, chosen below the 85-90% that copy kernels reach on A100/H100
+    # (NVIDIA's nvbandwidth, BabelStream); over the measured NVIDIA triad/datasheet ratio (0.86, hardware.py) that
+    # is 0.93. Brackets: BLIS's trained β₃ ≈ 1.4 on H100 (0.71 of datasheet = 0.80 of H100's 2.97 TB/s triad) and a
+    # pure copy (1.0).
+    weight_bw_eff: float = 0.93
+    # Paged-attention KV reads: BLIS's trained decode-memory correction β₂ᵦ ≈ 1.9 on H100 traces -> 1/1.9 of the
+    # H100's 3.35 TB/s datasheet = 1.76 TB/s, which is 0.59 of its measured 2.97 TB/s triad.
+    kv_bw_eff: float = 0.59
+    # Prefill GEMMs and the kernels between them: 0.72 of the maximum achievable matmul rate. cuBLAS BF16 GEMMs at
+    # LLM shapes reach 60-70% of dense peak on A100/H100 (NVIDIA's GEMM benchmarks; MLPerf-class inference MFU),
+    # formerly taken as 0.6 of the datasheet; over the NVIDIA MAMF/datasheet ratio (0.83, hardware.py) that is 0.72.
+    # Large LLM-shaped GEMMs alone reach the best-shape rate (Azure's cuBLASLt 6144x12288x12288 is 99% of 8192^3 on
+    # A100); the rest is norms, activations, rotary embeddings and the KV write between them, and chunk edges.
+    # Small batches are not charged a ramp: below the roofline's ridge the weight-read term is the step's cost.
+    gemm_mfu: float = 0.72
+    # Prefill attention: variable-length, paged, causal chunks reach 0.78 of a dense FlashAttention-2 forward
+    # benchmark (formerly 0.45 of the A100's peak, set from Dao 2023's 50-73% forward on A100; Azure measures 58%
+    # on A100, so 0.45/0.58 = 0.78 of it). On Hopper the benchmark is FlashAttention-3's, the kernel vLLM V1 runs.
+    attn_mfu: float = 0.78
     # All-reduce: NCCL / vLLM custom all-reduce reach ~70% of one-way link bandwidth on large messages
     # (nccl-tests bus bandwidth on NVLink/PCIe systems).
     link_eff: float = 0.70
@@ -51,6 +67,12 @@ class Coefficients:
     # NCCL over PCIe ~20-30 µs (nccl-tests small-message latency). Keyed by GpuSpec.link.
     allreduce_nvlink_us: float = 8.0
     allreduce_pcie_us: float = 25.0
+    # MI300X's Infinity Fabric is a full mesh (7 peer links of 64 GB/s one way), not a switch: a TP group of n GPUs
+    # all-reduces over n - 1 of them. vLLM's custom all-reduce on MI300X at TP 4 (vLLM PR #19744's kernel table,
+    # "baseline" column): 7.2 µs up to 32 KB, 36.6 µs at 2 MB, 118.3 µs at 8 MB, i.e. (8 MB - 1 MB) x 1.5 bus bytes
+    # per byte in 95.4 µs = 0.59 of the 3 x 64 GB/s links the group has.
+    allreduce_infinity_fabric_us: float = 7.2
+    link_eff_infinity_fabric: float = 0.59
     # Overheads from BLIS's trained-physics defaults (trained on vLLM H100 step traces): β₅ per layer ≈ 32 µs,
     # β₆ per request in the batch ≈ 4 µs, β₇ per step ≈ 126 µs.
     layer_us: float = 32.0
@@ -74,6 +96,7 @@ class Coefficients:
 
 
 DEFAULT_COEFFICIENTS = Coefficients()
+_MESH_PEER_LINKS = 7  # MI300X: each GPU has 7 Infinity Fabric links, one to each peer of an 8-GPU board (hardware.py)
 
 
 class StepCost:
@@ -84,20 +107,27 @@ class StepCost:
         self.model, self.gpu, self.tp, self.dtype = model, gpu, tp, normalise_dtype(dtype)
         self.kv_dtype_bytes, self.coefficients = kv_dtype_bytes, coefficients
         c, m, g = coefficients, model, gpu
-        peak = (g.fp8_tflops if self.dtype == "fp8" and g.fp8_tflops else g.bf16_tflops) * 1e12
-        bw = g.bandwidth_gbs * 1e9
+        fp8 = g.fp8_gemm_tflops if self.dtype == "fp8" else None
+        peak = (fp8 or g.gemm_tflops) * 1e12  # FP8 weights without FP8 tensor cores run as W8A16: BF16 math
+        bw = g.achievable_bandwidth_gbs * 1e9
         # seconds per token through the linear layers, and per sampled token through the LM head
         self._gemm_s_per_token = 2 * m.matmul_params / tp / (peak * c.gemm_mfu)
         self._head_s_per_token = 2 * m.hidden_size * m.vocab_size / tp / (peak * c.gemm_mfu)
         self._weights_s = m.weight_bytes(self.dtype) / tp / (bw * c.weight_bw_eff)
-        # attention FLOPs per unit of t (c + t/2), all layers, this GPU's heads (always 16-bit: BF16 peak)
+        # attention FLOPs per unit of t (c + t/2), all layers, this GPU's heads (always 16-bit)
         heads = max(1, m.num_heads // tp)
-        self._attn_s_per_unit = 4 * heads * m.head_dim * m.num_layers / (g.bf16_tflops * 1e12 * c.attn_mfu)
+        attention = g.achievable_attention_tflops * 1e12
+        self._attn_s_per_unit = 4 * heads * m.head_dim * m.num_layers / (attention * c.attn_mfu)
         self._kv_s_per_token = m.kv_bytes_per_token(tp, kv_dtype_bytes) / (bw * c.kv_bw_eff)
         self._ar_fixed_s = self._ar_s_per_token = 0.0
         if tp > 1:
-            latency = c.allreduce_nvlink_us if g.link in ("nvlink", "infinity-fabric") else c.allreduce_pcie_us
-            per_token = m.hidden_size * 2 * 2 * (tp - 1) / tp / (g.link_gbs * 1e9 * c.link_eff)
+            if g.link == "infinity-fabric":  # a mesh: n - 1 of the 7 peer links
+                latency = c.allreduce_infinity_fabric_us
+                link = g.link_gbs * min(tp - 1, _MESH_PEER_LINKS) / _MESH_PEER_LINKS * c.link_eff_infinity_fabric
+            else:
+                latency = c.allreduce_nvlink_us if g.link == "nvlink" else c.allreduce_pcie_us
+                link = g.link_gbs * c.link_eff
+            per_token = m.hidden_size * 2 * 2 * (tp - 1) / tp / (link * 1e9)
             self._ar_fixed_s = 2 * m.num_layers * latency * 1e-6
             self._ar_s_per_token = 2 * m.num_layers * per_token
         self._fixed_s = (m.num_layers * c.layer_us + c.step_us) * 1e-6
