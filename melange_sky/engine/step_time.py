@@ -82,7 +82,9 @@ class Coefficients:
     # detokenizing and streaming each output token), a serial server: BLIS's trained α₂ ≈ 46 µs per output token
     # ("OutputTokenProcessingTime"); per request, what is left of the 15.7 ms per request of vLLM PR #12287's
     # frontend-bound V1 run (Llama-3.2-1B on an A100, 63.6 req/s of 202 output tokens, before its optimisations)
-    # after 202 x 46 µs: 6.4 ms.
+    # after 202 x 46 µs: 6.4 ms. The chat endpoint is charged the same: its one known extra per-request cost (the
+    # chat template's content format re-detected on every request, 6-8 s over 1000 requests) was cached away by
+    # vLLM PR #20065 (June 2025, before vLLM 0.10); rendering a cached template is tens of µs.
     frontend_request_ms: float = 6.4
     frontend_token_us: float = 46.0
 
