@@ -229,7 +229,7 @@ def test_models_health_routes_and_the_observed_workload():
             assert sorted(m["id"] for m in models["data"]) == ["other-model", "test-model"]
             health = await (await session.get(fleet.url + "/health")).json()
             assert health["status"] == "ok" and health["available"] == 2
-            assert health["gpus"]["L4"] == {"planned": 2, "replicas": 0, "available": 0}
+            assert health["gpus"]["L4"] == {"planned": 2, "replicas": 0, "available": 0, "down": 0}
             # reported usage: non-streaming, and a stream that asked for usage; a stream without usage is estimated
             await post(session, fleet.url, Kind.COMPLETIONS, body(Kind.COMPLETIONS, 0, 0))
             await post(session, fleet.url, Kind.COMPLETIONS, {**body(Kind.COMPLETIONS, 1, 1), "stream": True,

@@ -113,6 +113,8 @@ def test_a_dead_replica_is_taken_out_at_once_even_the_only_one_of_its_type_and_g
             for _ in range(20):  # bucket 1:1 is planned on A100-80GB alone; A10G can serve it
                 status, headers, _ = await post(session, fleet.url, Kind.CHAT, body(Kind.CHAT, 1, 1))
                 assert status == 200 and headers["X-Melange-Gpu"] == "A10G"
+            health = await (await session.get(fleet.url + "/health")).json()
+            assert health["gpus"]["A100-80GB"] == {"planned": 1, "replicas": 1, "available": 0, "down": 1}
             dead = fleet.router.replicas["a100-0"]
             assert dead.down and dead.ejected and dead.served == 1
             assert fleet.router.outliers.allowed("A100-80GB") == 1
@@ -260,6 +262,8 @@ def test_when_too_few_replicas_are_healthy_the_router_ignores_ejections_and_stil
                     if fleet.router.replicas[name].ejected:
                         break
             assert ejected(fleet) == ["a100-0", "a100-1"]  # 1 of 3 healthy: below the panic threshold (50%)
+            health = await (await session.get(fleet.url + "/health")).json()
+            assert (health["status"], health["available"], health["ejected"], health["down"]) == ("ok", 1, 2, 0)
             for upstream in fleet.upstreams.values():
                 upstream.status = None  # they recover; their next probe is a minute away
             before = {n: len(u.requests) for n, u in fleet.upstreams.items()}

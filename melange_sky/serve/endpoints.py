@@ -81,21 +81,25 @@ class Endpoints:
             return orjson.loads(await answer.read())
 
     def health_doc(self) -> tuple[int, dict[str, Any]]:
+        """200 while the router can route: some replica is reachable (an ejected one still takes requests when too
+        few are healthy: the panic threshold); 503 when every replica is down, there are no routes, or it drains.
+        `available`: replicas in rotation; `ejected`: out of it, of which `down`: unreachable."""
         router = self.router
         gpus: dict[str, dict[str, int]] = {}
         if router.routes is None:
-            return 503, {"status": "no_routes", "replicas": 0, "available": 0, "ejected": 0,
+            return 503, {"status": "no_routes", "replicas": 0, "available": 0, "ejected": 0, "down": 0,
                          "in_flight": router.in_flight, "gpus": gpus, "reason": NO_ROUTES}
         replicas = router.replicas.values()
         for gpu in router.routes.gpus:
             mine = [r for r in replicas if r.gpu == gpu.name]
             gpus[gpu.name] = {"planned": gpu.planned, "replicas": len(mine),
-                              "available": sum(not r.ejected for r in mine)}
+                              "available": sum(not r.ejected for r in mine), "down": sum(r.down for r in mine)}
         available = sum(not r.ejected for r in replicas)
-        status = "draining" if router.draining else "ok" if available else "unavailable"
+        down = sum(r.down for r in replicas)
+        status = "draining" if router.draining else "ok" if down < len(replicas) else "unavailable"
         return (200 if status == "ok" else 503), {
             "status": status, "replicas": len(replicas), "available": available,
-            "ejected": len(replicas) - available, "in_flight": router.in_flight, "gpus": gpus}
+            "ejected": len(replicas) - available, "down": down, "in_flight": router.in_flight, "gpus": gpus}
 
     async def health(self, _request: web.Request) -> web.StreamResponse:
         code, doc = self.health_doc()
