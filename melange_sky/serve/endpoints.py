@@ -55,7 +55,7 @@ class Endpoints:
         if denied is not None:
             return denied
         replicas = self.router.replicas
-        live = [r for r in replicas.values() if not r.ejected]
+        live = [r for r in replicas.values() if not r.ejected] or [r for r in replicas.values() if not r.down]
         answers = await asyncio.gather(*(self._get_json(r, "/v1/models") for r in live), return_exceptions=True)
         models: dict[str, Any] = {}
         answered = 0
