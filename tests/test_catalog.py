@@ -187,7 +187,10 @@ def test_catalog_command_unknown_gpu_is_one_error_line(cli):
     assert "Traceback" not in result.stderr
 
 
-def test_catalog_command_for_a_gpu_the_snapshot_lacks_says_how_to_get_skypilots_full_catalog(cli):
+def test_catalog_command_for_a_gpu_the_snapshot_lacks_says_how_to_get_skypilots_full_catalog(cli, tmp_path,
+                                                                                             monkeypatch):
+    # A machine where SkyPilot has no catalog (the session HOME has one once a test seeded it: sky_catalog_home).
+    monkeypatch.setenv("SKY_RUNTIME_DIR", str(tmp_path / "no-sky-catalog"))
     result = cli("catalog", "H200")
     assert result.exit_code == 2
     [line] = result.stderr.splitlines()
