@@ -81,10 +81,10 @@ def gpu_task(name: str, gpu: str = "A10G", run: str = "vllm serve x", secrets: t
 
 # -- through the real CLI -------------------------------------------------------------------------------------------
 class Cli:
-    """`melange-sky` in a subprocess, as a user runs it (`up`, `down`), and `status --json` in this process
-    (`in_process`: the conftest CLI runner), with the same ledger and launcher."""
+    """`melange-sky` in a subprocess, as a user runs it, and `status --json` in this process when given
+    `in_process` (the conftest CLI runner) and `monkeypatch` (to point it at the same ledger and launcher)."""
 
-    def __init__(self, tmp_path: Path, backend: ProcessBackend, in_process, monkeypatch):
+    def __init__(self, tmp_path: Path, backend: ProcessBackend, in_process=None, monkeypatch=None):
         self.cwd = tmp_path
         home = tmp_path / "home"
         home.mkdir()
@@ -93,10 +93,11 @@ class Cli:
                     "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HF_TOKEN": SECRET,
                     "PROCESS_BACKEND_TOKEN_DELAY_MS": "A10G=10,A100-80GB=4", "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
         self.env.pop("MELANGE_SKY_DEBUG", None)
-        for key in ("MELANGE_SKY_HOME", "MELANGE_SKY_BACKEND", "PROCESS_BACKEND_DIR"):
-            monkeypatch.setenv(key, self.env[key])
-        monkeypatch.delenv("MELANGE_SKY_DEBUG", raising=False)
         self.in_process = in_process
+        if in_process is not None:
+            for key in ("MELANGE_SKY_HOME", "MELANGE_SKY_BACKEND", "PROCESS_BACKEND_DIR"):
+                monkeypatch.setenv(key, self.env[key])
+            monkeypatch.delenv("MELANGE_SKY_DEBUG", raising=False)
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "melange_sky", *args], env=self.env, cwd=self.cwd,
@@ -109,9 +110,12 @@ class Cli:
         return done
 
     def replicas(self, *extra: str) -> dict[str, dict]:
-        result = self.in_process("status", "--json", *extra)
-        assert result.exit_code == 0, result.stderr
-        fleets = json.loads(result.stdout)["fleets"]
+        if self.in_process is None:
+            fleets = json.loads(self.ok("status", "--json", *extra).stdout)["fleets"]
+        else:
+            result = self.in_process("status", "--json", *extra)
+            assert result.exit_code == 0, result.stderr
+            fleets = json.loads(result.stdout)["fleets"]
         return {r["cluster"]: r for fleet in fleets for r in fleet["replicas"]}
 
 
