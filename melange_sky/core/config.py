@@ -14,6 +14,9 @@ Where each part of a config goes (the module that reads it; each points back her
   (`inputs/workload.py`, `inputs/profile_result.py`, through `core/config_doc.py`).
 - `clouds`, `gpu_info.*.cloud/region/instance_type/accelerators/use_spot/quotas`: here; bound to catalog offers by
   `melange_sky/deploy/offers.py` (a missing `cost` is priced there, through `Pricer`).
+- `spot` (`floor`, `max_region_share`): here, into `SpotPolicy`; `deploy/offers.py` offers every GPU entry that does
+  not pin `use_spot` on both markets (and `cloud: kubernetes`/`ssh` entries as `owned`), and the ILP in
+  `solver/model.py` keeps the floor and the regional spread (`solver/result.py` reports them).
 - `name`: the fleet's name (cluster names, `melange_sky/deploy/plan.py`; the ledger, `melange_sky/fleet/`).
 - `deployment`: only checked to be an object here; its keys and values are `melange_sky/deploy/plan.py`'s
   (`DEPLOYMENT_KEYS`, `deployment_from_config`, rendered by `templates/*.j2`), its `router` block
@@ -42,8 +45,31 @@ Bucket = tuple[int, int]
 TOP_LEVEL_KEYS = (
     "workload_distribution", "total_request_rate", "slice_factor", "gpu_info",
     # melange-sky extensions
-    "name", "input_buckets", "output_buckets", "deployment", "clouds", "headroom",
+    "name", "input_buckets", "output_buckets", "deployment", "clouds", "headroom", "spot",
 )
+SPOT_KEYS = ("floor", "max_region_share")
+#: SkyPilot infra whose GPUs the user owns (a Kubernetes cluster; SSH node pools are a Kubernetes cloud in 0.14): no
+#: catalog price, a cost the user sets (0 allowed) and a GPU cap; market "owned", counted as reliable.
+OWNED_CLOUDS = ("kubernetes", "ssh")
+
+
+class Market:
+    """Where a replica's GPUs come from. On-demand and owned replicas are reliable (they carry the spot floor);
+    spot replicas may be preempted, a region's in waves."""
+
+    ON_DEMAND = "on_demand"
+    SPOT = "spot"
+    OWNED = "owned"
+    RELIABLE = (ON_DEMAND, OWNED)
+
+
+@dataclass(frozen=True)
+class SpotPolicy:
+    """The top-level `spot` block: offer spot beside on-demand, keep reliable replicas able to carry `floor` of
+    every bucket, and put no more than `max_region_share` of the spot GPUs in one region."""
+
+    floor: float = 0.0
+    max_region_share: float = 1.0
 GPU_KEYS = (
     "name", "cost", "tputs",
     # melange-sky extensions
@@ -79,6 +105,9 @@ class GpuSpec:
     quotas: tuple[tuple[str, int], ...] = ()
     cost_source: str = "config"
     entry: str | None = None  # with --per-offer: the GPU entry this offer's column came from (one GPU type)
+    #: `Market.*`: pinned by the entry (`use_spot`, an owned cloud) or set on a bound column; None: an entry that
+    #: leaves it to the plan (on-demand without a `spot` block, both markets with one).
+    market: str | None = None
     path: str | None = field(default=None, compare=False)
 
     @property
@@ -88,6 +117,11 @@ class GpuSpec:
 
     def tput(self, bucket: Bucket) -> float:
         return self.tputs[bucket[0]][bucket[1]]
+
+    @property
+    def reliable(self) -> bool:
+        """Whether this column's replicas count towards the spot floor (on-demand or owned, not spot)."""
+        return not self.use_spot and self.market != Market.SPOT
 
 
 #: Prices a GPU entry that has no `cost`: (entry, the config's clouds, the config's source) -> $/h per GPU. Raises
@@ -110,6 +144,7 @@ class Config:
     output_buckets: tuple[int, ...] | None = None
     deployment: dict[str, Any] = field(default_factory=dict)
     clouds: tuple[str, ...] | None = None
+    spot: SpotPolicy | None = None
     warnings: tuple[str, ...] = ()
 
     @property
@@ -536,6 +571,7 @@ class _Parser:
                 raise self.fail("clouds", f"must be a non-empty array of cloud names, got {_describe(data['clouds'])}")
             clouds = tuple(self.string(c, f"clouds[{k}]").lower() for k, c in enumerate(data["clouds"]))
         self.clouds = clouds
+        spot = self.spot(data["spot"]) if "spot" in data else None
         gpus = self.gpu_info(data["gpu_info"], shape)
 
         name = self.string(data["name"], "name") if "name" in data else default_name
@@ -550,7 +586,7 @@ class _Parser:
 
         config = Config(source=self.source, name=name, workload_distribution=dist, total_request_rate=rate,
                         gpus=gpus, slice_factor=slice_factor, headroom=headroom, input_buckets=input_edges,
-                        output_buckets=output_edges, deployment=deployment, clouds=clouds,
+                        output_buckets=output_edges, deployment=deployment, clouds=clouds, spot=spot,
                         warnings=tuple(self.warnings))
         self.check_servable(config)
         return config
@@ -588,7 +624,16 @@ class _Parser:
             raise self.fail(path, f"must be an object with cost and tputs, got {_type_name(entry)}")
         self.require(entry, "tputs", path, GPU_KEYS)
         self.check_keys(entry, GPU_KEYS, path)
-        cost = self.positive(entry["cost"], f"{path}.cost") if "cost" in entry else None
+        owned = str(entry.get("cloud", "")).lower() in OWNED_CLOUDS
+        if owned:  # the user's own GPUs: no catalog price, a cost of their own (0 allowed) and a cap
+            self.require(entry, "cost", path, GPU_KEYS)
+            if "max_count" not in entry and "quotas" not in entry:
+                raise self.fail(f"{path}.max_count", f"missing: GPUs on {entry['cloud']} are your own, so give "
+                                                     f"their number (max_count or quotas)")
+            if entry.get("use_spot"):
+                raise self.fail(f"{path}.use_spot", f"must be false on {entry['cloud']} (your own GPUs)")
+        cost = (self.non_negative(entry["cost"], f"{path}.cost", " ($/h per GPU: 0, or what owning it costs)")
+                if owned else self.positive(entry["cost"], f"{path}.cost") if "cost" in entry else None)
         tputs = self.matrix(entry["tputs"], f"{path}.tputs", shape,
                             lambda x, p: self.non_negative(x, p, " (0 means this GPU cannot serve the bucket)"))
         min_count = self.integer(entry.get("min_count", 0), f"{path}.min_count", 0)
@@ -599,9 +644,30 @@ class _Parser:
                 for key in ("cloud", "region", "instance_type", "accelerators") if key in entry}
         use_spot = self.boolean(entry["use_spot"], f"{path}.use_spot") if "use_spot" in entry else False
         quotas = self.quotas(entry["quotas"], f"{path}.quotas") if "quotas" in entry else ()
+        market = (Market.OWNED if owned else None if "use_spot" not in entry
+                  else Market.SPOT if use_spot else Market.ON_DEMAND)
+        if owned:
+            pins["cloud"] = pins["cloud"].lower()
         spec = GpuSpec(name=name, cost=cost if cost is not None else 0.0, tputs=tputs, min_count=min_count,
-                       max_count=max_count, use_spot=use_spot, quotas=quotas, path=path, **pins)
+                       max_count=max_count, use_spot=use_spot, quotas=quotas, market=market, path=path, **pins)
         return spec if cost is not None else self.catalog_cost(spec)
+
+    def spot(self, value: Any) -> SpotPolicy:
+        """{"floor": share of every bucket the reliable replicas alone must carry, "max_region_share": most of the
+        spot GPUs one region may hold}."""
+        if not isinstance(value, dict):
+            raise self.fail("spot", f'must be an object like {{"floor": 0.5, "max_region_share": 0.5}}, '
+                                    f"got {_describe(value)}")
+        self.check_keys(value, SPOT_KEYS, "spot")
+        floor = self.number(value.get("floor", 0.0), "spot.floor")
+        if not 0 <= floor <= 1:
+            raise self.fail("spot.floor", f"must be in [0, 1] (the share of every bucket on-demand and owned "
+                                          f"replicas alone must carry), got {_describe(value['floor'])}")
+        share = self.number(value.get("max_region_share", 1.0), "spot.max_region_share")
+        if not 0 < share <= 1:
+            raise self.fail("spot.max_region_share", f"must be in (0, 1] (the most of the spot GPUs one region may "
+                                                     f"hold), got {_describe(value['max_region_share'])}")
+        return SpotPolicy(floor=floor, max_region_share=share)
 
     def quotas(self, value: Any, path: str) -> tuple[tuple[str, int], ...]:
         """{"cloud[:region[:instance_type]]": max instances of each matching offer}."""
