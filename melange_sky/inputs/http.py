@@ -42,6 +42,8 @@ _GET_BODY_LIMIT = 1 << 20
 #: How a `CallFailed` reason starts when the server's TLS certificate is not the one trusted (callers add how to
 #: give it: --cacert, the router's certfile).
 TLS_UNTRUSTED = "TLS certificate not trusted"
+#: The response header in which a melange-sky router names the GPU type of the replica that answered.
+GPU_HEADER = "x-melange-gpu"
 #: Seconds a synchronous call may wait for the connection and then for each read.
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -114,6 +116,7 @@ class RequestRecord:
     error: str | None = None
     timed_out: bool = False
     status: int | None = None  # the HTTP status of an error response
+    gpu: str | None = None  # the GPU type that answered, when a melange-sky router says (its X-Melange-Gpu header)
 
 
 class HttpError(Exception):
@@ -360,6 +363,7 @@ class Client:
         first = last = None
         chunks = 0
         usage: dict[str, Any] | None = None
+        gpu: str | None = None
         try:
             reader, writer = await self.connect()
         except (OSError, TimeoutError) as exc:
@@ -368,6 +372,7 @@ class Client:
             writer.write(self.request_bytes("POST", path, payload))
             await writer.drain()
             status, headers = await read_head(reader)
+            gpu = headers.get(GPU_HEADER)
             if status != 200:
                 body = b""
                 async for data in iter_body(reader, headers):
@@ -375,7 +380,7 @@ class Client:
                     if len(body) > _ERROR_BODY_LIMIT:
                         break
                 return RequestRecord(ok=False, latency=clock() - start, error=error_text(status, body),
-                                     status=status)
+                                     status=status, gpu=gpu)
             async for data in sse_data(iter_body(reader, headers)):
                 if data == b"[DONE]":
                     break
@@ -386,7 +391,7 @@ class Client:
                 if not isinstance(event, dict):
                     continue
                 if "error" in event:
-                    return RequestRecord(ok=False, latency=clock() - start, error=error_text(200, data))
+                    return RequestRecord(ok=False, latency=clock() - start, error=error_text(200, data), gpu=gpu)
                 choices = event.get("choices") or []
                 if choices and isinstance(choices[0], dict) and choices[0].get("text"):
                     now = clock()
@@ -397,12 +402,14 @@ class Client:
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
         except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as exc:
-            return RequestRecord(ok=False, latency=clock() - start, error=f"broken response: {os_reason(exc)}")
+            return RequestRecord(ok=False, latency=clock() - start, error=f"broken response: {os_reason(exc)}",
+                                 gpu=gpu)
         finally:
             writer.close()
         end = clock()
         if first is None or last is None:
-            return RequestRecord(ok=False, latency=end - start, error="the stream ended without any token")
+            return RequestRecord(ok=False, latency=end - start, error="the stream ended without any token",
+                                 gpu=gpu)
         tokens = chunks
         prompt_tokens = None
         if usage:
@@ -413,7 +420,7 @@ class Client:
             prompt_tokens = usage.get("prompt_tokens")
         tpot = (last - first) / (tokens - 1) if tokens > 1 else None
         return RequestRecord(ok=True, latency=end - start, ttft=first - start, tpot=tpot, output_tokens=tokens,
-                             prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None)
+                             prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None, gpu=gpu)
 
     async def timed_completion(self, payload: bytes, timeout: float, path: str = COMPLETIONS_PATH) -> RequestRecord:
         """`stream_completion` bounded by `timeout` seconds in all; past it, a record marked `timed_out`."""
@@ -433,7 +440,8 @@ def _system_tls() -> ssl.SSLContext:
 
 
 __all__ = [
-    "BODY_LIMIT", "COMPLETIONS_PATH", "DEFAULT_TIMEOUT_S", "TLS_UNTRUSTED", "Answer", "Client", "Endpoint", "HttpError",
+    "BODY_LIMIT", "COMPLETIONS_PATH", "DEFAULT_TIMEOUT_S", "GPU_HEADER", "TLS_UNTRUSTED", "Answer", "Client",
+    "Endpoint", "HttpError",
     "RequestRecord", "error_text", "first_line", "is_client_error", "iter_body", "os_reason", "parse_endpoint",
     "read_head", "sse_data",
 ]
