@@ -188,11 +188,22 @@ def test_plan_above_max_cost_is_reported_recorded_and_not_launched(cli, fleet_en
 
 def workload_doc(per_minute: int, minutes: int = 10, counts=((40, 20), (100, 40))) -> dict:
     """A router's /workload: the example's 2x2 buckets, `per_minute` arrivals in each complete minute."""
+    return minutes_doc([per_minute] * minutes, counts)
+
+
+def minutes_doc(minute_arrivals: list[int], counts=((40, 20), (100, 40))) -> dict:
+    """A router's /workload with these arrivals per complete minute (oldest first) and their percentiles."""
+    rates = sorted(n / 60 for n in minute_arrivals)
     return {"input_buckets": [1, 100, 1000], "output_buckets": [1, 100, 1000], "counts": [list(r) for r in counts],
-            "total_request_rate": per_minute / 60, "requests": sum(map(sum, counts)),
-            "minute_arrivals": [per_minute] * minutes,
-            "rate_percentiles": {"p50": per_minute / 60, "p95": per_minute / 60, "p99": per_minute / 60,
-                                 "max": per_minute / 60}}
+            "total_request_rate": sum(rates) / len(rates), "requests": sum(map(sum, counts)),
+            "minute_arrivals": list(minute_arrivals),
+            "rate_percentiles": {"p50": rates[(len(rates) + 1) // 2 - 1], "p95": rates[-1], "p99": rates[-1],
+                                 "max": rates[-1]}}
+
+
+def percentiles_only(doc: dict) -> dict:
+    """The same document from a router that sends no per-minute counts (older than `minute_arrivals`)."""
+    return {k: v for k, v in doc.items() if k != "minute_arrivals"}
 
 
 @pytest.fixture
@@ -209,12 +220,63 @@ def router_stub():
         yield state
 
 
-def test_autoscale_scales_up_at_once_and_down_only_after_the_hold(cli, fleet_env, router_stub):
+def test_after_a_burst_minute_autoscale_scales_down_once_the_quiet_window_it_names_has_passed(cli, fleet_env,
+                                                                                              router_stub):
+    """Issue 20's try: one busy minute (38 req/s) among quiet ones (2 req/s). With --scale-down-after 2 the need is
+    read over the router's last 2 minutes: up at once on the burst, the same while the burst is in the window, down
+    to 2 req/s at the first pass after 2 quiet minutes, whatever the passes before it recorded."""
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0  # planned for 30 req/s: $6.70/h
+    common = ["--once", "--no-health-check", "--autoscale", "--from", router_stub["url"], "--drain-timeout", "0",
+              "--scale-down-after", "2", "--json"]
+    quiet = [120] * 20
+    router_stub["doc"] = minutes_doc(quiet + [2280])
+    burst = cli("watch", "example", *common)
+    assert burst.exit_code == 0, burst.stderr
+    report = json.loads(burst.stdout)
+    assert report["decision"]["scale"] == "scale-up" and report["need"] == {
+        "rate": 38, "window_min": 2, "source": "p95 over a 2 min window (the last 2 of 21 complete minutes)"}
+    grown, downs = up_replicas(env), len(fake.calls("down"))
+
+    router_stub["doc"] = minutes_doc(quiet + [2280, 120])  # one quiet minute: the burst is still in the window
+    held = cli("watch", "example", *common)
+    assert held.exit_code == 0, held.stderr
+    assert json.loads(held.stdout)["decision"]["scale"] == "none"
+    assert up_replicas(env) == grown and len(fake.calls("down")) == downs
+
+    router_stub["doc"] = minutes_doc(quiet + [2280, 120, 120])  # the 2 min window has passed the burst
+    shrink = cli("watch", "example", "--once", "--no-health-check", "--autoscale", "--from", router_stub["url"],
+                 "--drain-timeout", "0", "--scale-down-after", "2")
+    assert shrink.exit_code == 0, shrink.stderr
+    assert ("watch example: need: 2 req/s (p95 over a 2 min window (the last 2 of 23 complete minutes)): need below "
+            "plan 38 req/s for 2 min of the router's minutes (2 min window, hold 2 min); highest need in the hold 2 "
+            "req/s") in shrink.stderr
+    assert "watch example: scale-down: 38 -> 2 req/s: " in shrink.stderr
+    assert len(fake.calls("down")) > downs and set(up_replicas(env)) != set(grown)
+    with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
+        assert ledger.get_fleet("example").plan["config"]["total_request_rate"] == 2
+    assert [m.split(" (")[0] for m in events(env, "need")] == ["38 req/s", "38 req/s", "2 req/s"]
+
+
+def test_a_burst_scales_up_at_once_with_a_window_longer_than_the_hold(cli, fleet_env, router_stub):
+    fake, env = fleet_env
+    assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0
+    router_stub["doc"] = minutes_doc([120] * 40 + [2280])
+    result = cli("watch", "example", "--once", "--no-health-check", "--autoscale", "--from", router_stub["url"],
+                 "--scale-down-after", "1", "--window", "15", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["decision"]["scale"] == "scale-up" and report["need"]["rate"] == 38
+    assert report["need"]["window_min"] == 15 and report["up"]["complete"]
+
+
+def test_autoscale_without_per_minute_counts_scales_down_only_after_the_recorded_hold(cli, fleet_env, router_stub):
+    """A router that sends only its percentiles (no `minute_arrivals`): the hold is the passes' recorded needs."""
     fake, env = fleet_env
     assert cli("up", "--no-router", EXAMPLE, "-y").exit_code == 0  # planned for 30 req/s: $6.70/h
     common = ["--once", "--no-health-check", "--autoscale", "--from", router_stub["url"], "--drain-timeout", "0",
               "--json"]
-    router_stub["doc"] = workload_doc(60 * 60)  # 60 req/s in every minute
+    router_stub["doc"] = percentiles_only(workload_doc(60 * 60))  # 60 req/s in every minute
     grow = cli("watch", "example", *common, "--scale-down-after", "0.04")
     assert grow.exit_code == 0, grow.stderr
     report = json.loads(grow.stdout)
@@ -223,7 +285,7 @@ def test_autoscale_scales_up_at_once_and_down_only_after_the_hold(cli, fleet_env
     grown, grown_cost, downs = up_replicas(env), report["up"]["cost_up"], len(fake.calls("down"))
     assert events(env, "scale-up")[0].startswith("30 -> 60 req/s")
 
-    router_stub["doc"] = workload_doc(10 * 60)  # the load falls to 10 req/s
+    router_stub["doc"] = percentiles_only(workload_doc(10 * 60))  # the load falls to 10 req/s
     held = cli("watch", "example", *common, "--scale-down-after", "0.04")  # 2.4 s
     assert held.exit_code == 0, held.stderr
     assert json.loads(held.stdout)["decision"]["scale"] == "hold"
@@ -239,9 +301,8 @@ def test_autoscale_scales_up_at_once_and_down_only_after_the_hold(cli, fleet_env
         stored = ledger.get_fleet("example").plan["config"]
     assert stored["total_request_rate"] == 10  # the next pass plans from the scaled config
     assert stored["workload_distribution"] == [[0.2, 0.1], [0.5, 0.2]]
-    assert [m.split(":")[0] for m in events(env, "need")] == ["60 req/s (p95 of 10 complete minute(s))",
-                                                             "10 req/s (p95 of 10 complete minute(s))",
-                                                             "10 req/s (p95 of 10 complete minute(s))"]
+    assert [m.split(" (")[0] for m in events(env, "need")] == ["60 req/s", "10 req/s", "10 req/s"]
+    assert "its whole window: it sends no per-minute counts to cut a 1 min window from" in events(env, "need")[0]
 
 
 def test_autoscale_above_max_cost_keeps_the_fleet(cli, fleet_env, router_stub):

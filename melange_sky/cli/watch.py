@@ -36,7 +36,11 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
 @click.option("--scale-down-after", type=click.FloatRange(min=0), default=DEFAULT_SCALE_DOWN_AFTER_MIN,
               show_default=True, metavar="MINUTES",
               help="Scale down only once the need has stayed below the plan's rate this long; then to the highest "
-                   "need seen in that window.")
+                   "need seen in that time.")
+@click.option("--window", "window", type=click.IntRange(min=1), metavar="MINUTES",
+              help="Read the need from the router's last MINUTES complete minutes (their --rate-percentile), not "
+                   "its whole hour, so a burst stops counting once this window has passed it. Default: "
+                   "--scale-down-after, rounded up to a whole minute.")
 @click.option("--max-cost", type=click.FloatRange(min=0), metavar="$/H",
               help="Never bring up a plan costing more (replicas and router): it is reported and recorded, not "
                    "launched, and the fleet stays as it is.")
@@ -60,9 +64,9 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
 @backend_option
 @debug_option
 def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_percentile: str,
-          scale_down_after: float, max_cost: float | None, workload_url: str | None, min_requests: int,
-          no_health_check: bool, no_shrink: bool, drain_timeout: float, parallel: int, as_json: bool,
-          backend: str | None) -> None:
+          scale_down_after: float, window: int | None, max_cost: float | None, workload_url: str | None,
+          min_requests: int, no_health_check: bool, no_shrink: bool, drain_timeout: float, parallel: int,
+          as_json: bool, backend: str | None) -> None:
     """Keep FLEET (brought up by `melange-sky up`) serving: the controller.
 
     Each pass asks the clouds for every cluster's live state, and probes each replica up at its readiness path
@@ -72,9 +76,11 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     from the config and settings its last `up` stored in the ledger: no config file is needed.
 
     With --autoscale, the pass reads the router's observed traffic and plans for the --rate-percentile of its
-    per-minute rates. A higher need than the plan's rate scales up at once; a lower one scales down only after it
-    has held for --scale-down-after minutes (the need is recorded each pass, so `watch --once` from cron keeps the
-    hold too). A scale-down is make-before-break: replicas no longer needed leave the router and drain first.
+    per-minute rates over the last --window minutes (by default the --scale-down-after hold). A higher need than
+    the plan's rate scales up at once; a lower one scales down only after it has held for --scale-down-after
+    minutes, as the router's minutes show (and the need recorded each pass, so `watch --once` from cron keeps the
+    hold across a router's restart). A scale-down is make-before-break: replicas no longer needed leave the router
+    and drain first.
 
     Every action is recorded in the ledger as a fleet event and printed as one line. Ctrl-C leaves the fleet as
     it is (exit 130). One controller per fleet: a second `watch` of it is refused. Secrets the replicas need
@@ -85,12 +91,13 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
       melange-sky watch llama2-chat --once                      # heal once: relaunch what died
       melange-sky watch llama2-chat --autoscale --max-cost 40   # heal and follow the load, every 60 s
       melange-sky watch llama2-chat --autoscale --rate-percentile 99 --scale-down-after 30
+      melange-sky watch llama2-chat --autoscale --scale-down-after 10 --window 60   # size on the last hour
       melange-sky watch demo --autoscale --from http://127.0.0.1:8080   # a fleet served by `melange-sky serve`
       */5 * * * *  melange-sky watch llama2-chat --once --autoscale --json >> watch.jsonl   # from cron
     """
     options = WatchOptions(autoscale=autoscale, rate_percentile=parse_rate_percentile(rate_percentile),
-                           scale_down_after_s=scale_down_after * 60, max_cost=max_cost, workload_url=workload_url,
-                           min_requests=min_requests, health_check=not no_health_check,
+                           scale_down_after_s=scale_down_after * 60, window_min=window, max_cost=max_cost,
+                           workload_url=workload_url, min_requests=min_requests, health_check=not no_health_check,
                            up=UpOptions(parallel=parallel, shrink=not no_shrink, drain_timeout=drain_timeout))
     with Ledger() as ledger:
         controller = Controller(fleet_name, load_backend(backend), ledger, os.environ, options,

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from melange_sky.inputs.trace_rates import MINUTE_S, observed_rates
+from melange_sky.inputs.trace_rates import MINUTE_S, MinuteRates, observed_rates
 
 __all__ = ["DEFAULT_MIN_REQUESTS", "DEFAULT_RATE_PERCENTILE", "DEFAULT_SCALE_DOWN_AFTER_MIN", "Decision", "Need",
-           "Scale", "distribution_from", "need_data", "need_from_workload", "need_message",
+           "Scale", "default_window_min", "distribution_from", "need_data", "need_from_workload", "need_message",
            "needs_from_events", "over_budget", "scale_decision", "to_replace"]
 
 DEFAULT_RATE_PERCENTILE = 95.0
@@ -28,26 +28,52 @@ DEFAULT_MIN_REQUESTS = 100
 NEED_EVENT = "need"
 
 
+def default_window_min(hold_s: float) -> int:
+    """The need's window when the user names none: the scale-down hold, in whole minutes (the router counts whole
+    minutes), at least one. A scale-down then plans for the load of exactly the time it waited."""
+    return max(1, math.ceil(hold_s / MINUTE_S - 1e-9))
+
+
 @dataclass(frozen=True)
 class Need:
-    """The request rate (req/s) the fleet should be planned for, and where it came from (for the event line)."""
+    """The request rate (req/s) the fleet should be planned for, and where it came from (for the event line).
+
+    `recent`: the needs of the full windows ending at each of the router's latest complete minutes, newest first
+    (`recent[0]` is `rate`), as far back as its per-minute counts go; empty when it has not counted one full
+    window (then only the passes' recorded needs can show how long the load has been low)."""
 
     rate: float
-    source: str  # e.g. "p95 of 12 complete minute(s)", "mean over 40 s (no complete minute yet)"
+    source: str  # e.g. "p95 over a 10 min window (the last 10 of 42 complete minutes)"
+    window_min: int | None = None  # the window the rate was read over (None: the router sent no per-minute counts)
+    recent: tuple[float, ...] = ()
 
 
-def need_from_workload(doc: Mapping[str, Any], percentile: float) -> Need | None:
-    """The need a router's `/workload` document shows: the `percentile` of its per-minute arrival rates (its
-    `minute_arrivals`, else its `rate_percentiles` when `percentile` is one of those), else, with no complete minute
-    yet, its mean rate. None when it reports no arrivals at all (no decision is taken on silence: scaling to nothing
-    is `down`)."""
+def need_from_workload(doc: Mapping[str, Any], percentile: float, window_min: int) -> Need | None:
+    """The need a router's `/workload` document shows: the `percentile` of its arrival rates in the last
+    `window_min` complete minutes (its `minute_arrivals`, oldest first), not of its whole window (an hour by
+    default), so that a burst stops counting once the window has passed it; else its `rate_percentiles` (its
+    whole window) when `percentile` is one of those; else, with no complete minute yet, its mean rate. None when
+    the window saw no arrival at all (no decision is taken on silence: scaling to nothing is `down`)."""
     minutes, shown = observed_rates(doc)
+    recent: tuple[float, ...] = ()
+    window: int | None = None
     if minutes is not None:
-        rate = minutes.percentile(percentile)
-        source = f"p{percentile:g} of {minutes.minutes} complete minute(s)"
+        counts = [int(n) for n in doc["minute_arrivals"]]
+        window = window_min
+        if len(counts) >= window_min:
+            recent = tuple(MinuteRates.of(counts[len(counts) - j - window_min:len(counts) - j]).percentile(percentile)
+                           for j in range(len(counts) - window_min + 1))
+            rate = recent[0]
+            source = (f"p{percentile:g} over a {window_min} min window (the last {window_min} of {len(counts)} "
+                      f"complete minutes)")
+        else:
+            rate = MinuteRates.of(counts).percentile(percentile)
+            source = (f"p{percentile:g} over {len(counts)} min of a {window_min} min window (the router has "
+                      f"counted {len(counts)} complete minute(s))")
     elif shown is not None and shown.get(percentile) is not None:
         rate = float(shown.get(percentile) or 0.0)
-        source = f"p{percentile:g} of the router's per-minute rates"
+        source = (f"p{percentile:g} of the router's per-minute rates (its whole window: it sends no per-minute "
+                  f"counts to cut a {window_min} min window from)")
     else:
         mean = doc.get("total_request_rate")
         if not isinstance(mean, (int, float)) or isinstance(mean, bool) or not math.isfinite(mean):
@@ -55,7 +81,7 @@ def need_from_workload(doc: Mapping[str, Any], percentile: float) -> Need | None
         span = doc.get("span_s")
         over = f" over {span:.0f} s" if isinstance(span, (int, float)) and not isinstance(span, bool) else ""
         rate, source = float(mean), f"mean{over} (no complete minute yet)"
-    return Need(rate, source) if rate > 0 else None
+    return Need(rate, source, window, recent) if rate > 0 else None
 
 
 def distribution_from(doc: Mapping[str, Any], shape: tuple[int, int], input_edges: Sequence[int] | None,
@@ -95,27 +121,46 @@ class Decision:
 
 
 def scale_decision(current: float, need: float, history: Iterable[tuple[float, float]], now: float,
-                   hold_s: float) -> Decision:
-    """Scale up at once when `need` is above the plan's `current` rate; scale down only when every need observed
-    since some moment at least `hold_s` ago (`history`: (time, rate) observations, `need` at `now` included or
-    not) has stayed below `current`, and then to the highest need seen in the hold window (never below what the
-    window saw)."""
+                   hold_s: float, recent: Sequence[float] = (), window_s: float = 0.0) -> Decision:
+    """Scale up at once when `need` is above the plan's `current` rate; scale down only once the need has stayed
+    below `current` for `hold_s`, and then to the highest need seen in that hold (never below what it saw).
+
+    How long the need has stayed low is read first from the router's own minutes (`recent`: the needs of the
+    `window_s` windows ending at its latest complete minutes, newest first, `need` first): a run of k windows
+    below the plan means the load has been low for the window plus k - 1 minutes, whenever the passes ran. When
+    those minutes are all low but too few to cover the hold (a router restarted, or a window longer than what it
+    keeps), the passes' recorded needs decide (`history`: (time, rate) observations, `need` at `now` included or
+    not): every need observed since some moment at least `hold_s` ago below `current`."""
     if need > current:
         return Decision(Scale.UP, need, f"need {need:.4g} req/s > plan {current:.4g} req/s")
     if need == current:
         return Decision(Scale.NONE, current, f"need {need:.4g} req/s = plan")
+    if recent:
+        run = next((k for k, rate in enumerate(recent) if rate >= current), len(recent))
+        held = window_s + (run - 1) * MINUTE_S if run else 0.0  # low since the start of the oldest low window
+        if held >= hold_s:
+            windows = max(1, math.ceil((hold_s - window_s) / MINUTE_S - 1e-9) + 1)  # those covering the hold
+            target = max([need, *recent[:windows]])
+            return Decision(Scale.DOWN, target, f"need below plan {current:.4g} req/s for {_duration(held)} of the "
+                                                f"router's minutes ({_duration(window_s)} window, hold "
+                                                f"{_duration(hold_s)}); highest need in the hold {target:.4g} req/s")
+        if run < len(recent):  # the router's minutes show a busier window inside the hold
+            return Decision(Scale.HOLD, current, f"need {need:.4g} req/s < plan {current:.4g} req/s for "
+                                                 f"{_duration(held)} of {_duration(hold_s)} before scaling down "
+                                                 f"({_duration(window_s)} window)")
+    else:
+        held = 0.0
     observed = sorted([*[(at, rate) for at, rate in history if at <= now], (now, need)])
     start = now  # when the current run of needs below the plan began
     for at, rate in reversed(observed):
         if rate >= current:
             break
         start = at
-    held = now - start
+    held = max(held, now - start)  # the router's minutes are all low but too few: the passes may remember more
     if held < hold_s:
         return Decision(Scale.HOLD, current, f"need {need:.4g} req/s < plan {current:.4g} req/s for "
                                              f"{_duration(held)} of {_duration(hold_s)} before scaling down")
-    window = [rate for at, rate in observed if at >= now - hold_s]
-    target = max(window)
+    target = max([rate for at, rate in observed if at >= now - hold_s] + list(recent))
     return Decision(Scale.DOWN, target, f"need below plan {current:.4g} req/s for {_duration(held)} (hold "
                                         f"{_duration(hold_s)}); highest need in that window {target:.4g} req/s")
 
@@ -140,8 +185,9 @@ def need_message(need: Need) -> str:
 
 
 def need_data(need: Need) -> dict[str, Any]:
-    """A need event's data, what the next pass reads back (`needs_from_events`): the rate as a number."""
-    return {"rate": need.rate, "source": need.source}
+    """A need event's data, what the next pass reads back (`needs_from_events`): the rate as a number, and the window
+    it was read over."""
+    return {"rate": need.rate, "source": need.source, "window_min": need.window_min}
 
 
 def needs_from_events(events: Iterable[tuple[float, Mapping[str, Any] | None]]) -> list[tuple[float, float]]:

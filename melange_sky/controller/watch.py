@@ -5,8 +5,10 @@ It does the reading and acting; the decisions (need, scale up/down, budget, whic
 pure rules of `rules`. What it keeps:
 - the ledger stays the truth of what was launched, the launcher's refreshed status the truth of what runs;
 - every action is one fleet event in the ledger and one call of `on_action` (the CLI prints it as one line);
-- the scale-down hold lives in the ledger (`need` events, their rates kept as data), so passes of separate
-  processes (`watch --once` from cron) share it;
+- the need is read over a window of the router's latest minutes (the scale-down hold by default), so a burst stops
+  counting once that window has passed it; the hold is read from the router's minutes, and also lives in the ledger
+  (`need` events, their rates kept as data), so passes of separate processes (`watch --once` from cron) share it
+  when the router's minutes are too few (restarted);
 - a plan above `max_cost` is reported and recorded, never launched: the fleet stays as it is;
 - one controller per fleet (`watch_lock`); each change runs under the fleet's own lock, taken by `up`.
 """
@@ -34,6 +36,7 @@ from melange_sky.fleet.reports import Preview, ReplicaEvent, UpReport
 from melange_sky.fleet.up import bring_up, fleet_config, launch_secrets, make_planner, router_setup
 from melange_sky.inputs.http import Client, parse_endpoint
 from melange_sky.inputs.router_workload import fetch_observed
+from melange_sky.inputs.trace_rates import MINUTE_S
 from melange_sky.controller import rules
 from melange_sky.controller.rules import Decision, Need, Scale
 
@@ -52,11 +55,17 @@ class WatchOptions:
     autoscale: bool = False
     rate_percentile: float = rules.DEFAULT_RATE_PERCENTILE
     scale_down_after_s: float = rules.DEFAULT_SCALE_DOWN_AFTER_MIN * 60
+    window_min: int | None = None  # minutes of the router's per-minute rates the need is read from (None: the hold)
     max_cost: float | None = None  # $/h of the replicas and the router together
     workload_url: str | None = None  # a `melange-sky serve` to read /workload from instead of the fleet's router
     min_requests: int = rules.DEFAULT_MIN_REQUESTS
     health_check: bool = True  # probe each replica's readiness path (off: only the launcher's status counts)
     up: UpOptions = UpOptions()
+
+    @property
+    def need_window_min(self) -> int:
+        """The window the need is read over: the one given, else the scale-down hold in whole minutes."""
+        return self.window_min if self.window_min is not None else rules.default_window_min(self.scale_down_after_s)
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,8 @@ class PassReport:
         up = self.up
         return {"fleet": self.fleet, "started": self.started, "seconds": round(self.seconds, 3), "ok": self.ok,
                 "plan_rate": self.plan_rate, "actions": [a.to_dict() for a in self.actions],
-                "need": None if self.need is None else {"rate": self.need.rate, "source": self.need.source},
+                "need": None if self.need is None else {"rate": self.need.rate, "source": self.need.source,
+                                                        "window_min": self.need.window_min},
                 "decision": None if self.decision is None else {"scale": self.decision.scale.value,
                                                                 "rate": self.decision.rate,
                                                                 "reason": self.decision.reason},
@@ -350,16 +360,17 @@ class Controller:
         """The config to bring up after reading the traffic: the same object when the plan's rate stands."""
         url, key, cafile = self._workload_source()
         source, doc = fetch_observed(url, key, cafile=cafile)
-        need = rules.need_from_workload(doc, self.options.rate_percentile)
+        window = self.options.need_window_min
+        need = rules.need_from_workload(doc, self.options.rate_percentile, window)
         report.need = need
         if need is None:
-            self._act(report, "no-traffic", f"{source}: no arrivals counted; no scaling decision (scaling to "
-                                            f"nothing is `melange-sky down`)")
+            self._act(report, "no-traffic", f"{source}: no arrivals counted in the last {window} min; no scaling "
+                                            f"decision (scaling to nothing is `melange-sky down`)")
             return config
         history = rules.needs_from_events((e.at, e.data)
                                           for e in self.ledger.history(fleet=self.fleet, kind=rules.NEED_EVENT))
         decision = rules.scale_decision(config.total_request_rate, need.rate, history, self.clock(),
-                                        self.options.scale_down_after_s)
+                                        self.options.scale_down_after_s, need.recent, window * MINUTE_S)
         report.decision = decision
         self._act(report, rules.NEED_EVENT, f"{rules.need_message(need)}: {decision.reason}", rules.need_data(need))
         if decision.scale not in (Scale.UP, Scale.DOWN):
