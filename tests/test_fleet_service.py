@@ -193,9 +193,11 @@ def test_status_of_a_fleet_whose_replicas_all_failed_claims_no_serving_cost(cli,
     assert fleet["cost_serving"] == 0 and fleet["cost_planned"] == pytest.approx(6.70)
 
 
-def test_a_config_the_router_cannot_route_gets_no_router_and_says_why(cli, service_env):
+def test_a_config_the_router_cannot_route_gets_no_router_and_says_why(cli, service_env, example, write_config):
     fake, env = service_env
-    result = cli("up", EXAMPLE, "-y")  # the original example: a 2x2 histogram without bucket edges
+    example.pop("input_buckets", None)  # the original Mélange example: a 2x2 histogram without bucket edges
+    example.pop("output_buckets", None)
+    result = cli("up", write_config(example, "example.json"), "-y")  # fleet "example"
     assert result.exit_code == 0, result.stderr
     assert ROUTER not in fake.clusters() and "no router is launched" in result.stdout
     assert "input_buckets/output_buckets" in result.stdout
