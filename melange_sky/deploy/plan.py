@@ -38,9 +38,13 @@ DEFAULT_API_KEY_SECRET = "MELANGE_SKY_API_KEY"
 DEFAULT_ENGINE_VERSIONS = {"vllm": "0.33.0", "sglang": "0.5.23"}
 #: The keys of the config's `deployment` block (others are errors, `x-` notes aside): what the replicas' templates
 #: render (`Deployment`, `_replica`), `extra` (a custom template's own variables), and the router's block
-#: (`deploy/router_config.py`). Index of every block of a config: `core/config.py`'s docstring.
+#: (`deploy/router_config.py`), and `local` (LOCAL_KEYS, read by the local launcher `fleet/local.py`). Index of
+#: every block of a config: `core/config.py`'s docstring.
 DEPLOYMENT_KEYS = ("template", "model", "port", "envs", "secrets", "version", "extra_args", "readiness_path",
-                   "api_key_secret", "extra", "router", *ENGINE_SETTING_KEYS)
+                   "api_key_secret", "extra", "router", "local", *ENGINE_SETTING_KEYS)
+#: `deployment.local`: how the local launcher (`--backend local`) runs the fleet; `speed`: its emulated GPUs run that
+#: many times faster than real.
+LOCAL_KEYS = ("speed",)
 #: SkyPilot's cluster-name pattern (checked server-side, sky/utils/common_utils.py).
 CLUSTER_NAME_RE = re.compile(r"^[a-zA-Z]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?$")
 #: Longest cluster name we generate; SkyPilot itself truncates on-cloud names per cloud (GCP: 35) with a hash.
@@ -212,6 +216,18 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
                      names=names, taken=request.taken)
 
 
+def _check_local_block(block: Any, source: str) -> None:
+    """`deployment.local` (the local launcher's block), checked with the rest: an object of LOCAL_KEYS."""
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise ConfigError(source, "deployment.local", f"must be an object, got {type(block).__name__}")
+    check_keys(block, LOCAL_KEYS, source, "deployment.local")
+    speed = block.get("speed", 1)
+    if isinstance(speed, bool) or not isinstance(speed, int | float) or not speed > 0:
+        raise ConfigError(source, "deployment.local.speed", f"must be a number above 0, got {speed!r}")
+
+
 def deployment_from_config(config: Config, template: str | None = None) -> Deployment:
     """The config's `deployment` block, validated (its keys, its values, and its `router` block's); `template` (from
     --template) overrides its template. Every command that loads a config calls it, so a misspelt key is an error
@@ -220,6 +236,7 @@ def deployment_from_config(config: Config, template: str | None = None) -> Deplo
     check_keys(raw, DEPLOYMENT_KEYS, config.source, "deployment",
                hint="a custom template's own variables go under deployment.extra")
     parse_router_block(raw.get("router"), config.source)
+    _check_local_block(raw.get("local"), config.source)
 
     def fail(key: str, message: str) -> ConfigError:
         return ConfigError(config.source, f"deployment.{key}", message)
