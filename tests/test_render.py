@@ -146,7 +146,7 @@ def test_a_custom_templates_variable_outside_extra_is_an_unknown_key_that_says_w
         deployment_from_config(load_config(write_config(example)))
     assert str(caught.value) == (f"{write_config(example)}: deployment.team: unknown key; known keys: template, "
                                  f"model, port, envs, secrets, version, extra_args, readiness_path, api_key_secret, "
-                                 f"extra, router, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, "
+                                 f"extra, router, local, max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, "
                                  f"block_size, max_model_len, enable_chunked_prefill, tensor_parallel_size, dtype, "
                                  f"kv_cache_dtype, num_gpu_blocks_override, enable_prefix_caching (a custom "
                                  f"template's own variables go under deployment.extra; a "
