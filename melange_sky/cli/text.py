@@ -30,14 +30,25 @@ def format_solve(result: SolveResult) -> str:
     lines = [f"Fleet for {result.name}: formulation {result.formulation}, slice_factor {result.slice_factor}, "
              f"{result.total_request_rate:,g} req/s, headroom {100 * result.headroom:g}%", ""]
     shown = [g for g in result.gpus if g.count or g.entry in (None, g.name)]
-    rows = [(_column_label(g.name, g.gpus_per_instance), f"{g.count:,}", _price(g.price), f"{g.cost:,.2f}",
-             "-" if g.utilisation is None else f"{100 * g.utilisation:.1f}%") for g in shown]
+    markets = result.markets
+    if markets is not None:
+        shown = [g for g in result.gpus if g.count or (g.entry in (None, g.name) and g.market != "spot")]
+    rows: list[tuple[str, ...]] = [
+        (_column_label(g.name, g.gpus_per_instance), f"{g.count:,}", _price(g.price), f"{g.cost:,.2f}",
+         "-" if g.utilisation is None else f"{100 * g.utilisation:.1f}%") for g in shown]
     rows.append(("total", f"{result.replicas:,}", "", f"{result.cost:,.2f}", ""))
-    table = _table(("GPU", "count", "$/h each", "$/h", "utilisation"), rows, right={1, 2, 3, 4})
+    headers: tuple[str, ...] = ("GPU", "count", "$/h each", "$/h", "utilisation")
+    if markets is not None:  # where each column runs, and on which market
+        rows = [(*row, g.market.replace("_", "-"), f"{g.cloud or '-'}:{g.region or '-'}")
+                for row, g in zip(rows, shown)] + [(*rows[-1], "", "")]
+        headers += ("market", "where")
+    table = _table(headers, rows, right={1, 2, 3, 4})
     lines += table
     if len(shown) < len(result.gpus):
         lines.append(f"  ({len(result.gpus) - len(shown)} offers with no replica not shown)")
     lines.append(f"  ${result.cost:,.2f}/h = {per_month(result.cost)} ({HOURS_PER_MONTH} h)")
+    if markets is not None:
+        lines += format_markets(result)
 
     lines += ["", "Single-GPU-type fleets:"]
     width = len(table[0]) - len(table[0].lstrip()) + max(len(r[0]) for r in rows) - 2
@@ -74,6 +85,32 @@ def format_solve(result: SolveResult) -> str:
         lines.append(f"Not proven optimal within the time limit: the optimum lies between "
                      f"${result.lower_bound:.2f}/h and ${result.cost:.2f}/h. Raise --time-limit to keep searching.")
     return "\n".join(lines)
+
+
+def format_markets(result: SolveResult) -> list[str]:
+    """The `spot` block's lines: replicas and $/h per market, the floor kept, the spread, and what spot saves
+    against the same plan all on-demand and what the floor costs against floor 0."""
+    m = result.markets
+    assert m is not None
+    parts = [f"{label} {result.market_count(market):,} (${result.market_cost(market):,.2f}/h)"
+             for market, label in (("on_demand", "on-demand"), ("spot", "spot"), ("owned", "owned"))
+             if market != "owned" or result.market_count(market)]
+    spot = sum(m.spot_gpus.values())
+    spread = ", ".join(f"{region} {n}" for region, n in m.spot_gpus.items()) or "none"
+    lines = ["", "Markets: " + ", ".join(parts) + ".",
+             f"  Floor {100 * m.floor:g}%: the on-demand and owned replicas alone can carry "
+             f"{100 * m.reliable_share:.1f}% of every bucket.",
+             f"  Spot GPUs per region (at most {100 * m.max_region_share:g}% of {spot:,} in one): {spread}."]
+    if m.on_demand_cost is None:
+        lines.append("  All on-demand: no fleet fits without spot.")
+    else:
+        saving = m.on_demand_cost - result.cost
+        lines.append(f"  All on-demand: ${m.on_demand_cost:,.2f}/h; spot saves ${saving:,.2f}/h "
+                     f"({100 * saving / m.on_demand_cost:.1f}%).")
+    if m.no_floor_cost is not None:
+        lines.append(f"  The floor costs ${result.cost - m.no_floor_cost:,.2f}/h (with floor 0: "
+                     f"${m.no_floor_cost:,.2f}/h).")
+    return lines
 
 
 def _column_label(name: str, gpus_per_instance: int) -> str:

@@ -33,11 +33,13 @@ import difflib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from melange_sky.core.config import Config, GpuSpec, Pricer
+from melange_sky.core.config import Config, GpuSpec, Market, Pricer
 from melange_sky.deploy.catalog import Catalog, Offer, default_catalog, offer_key
 from melange_sky.errors import CatalogError, ConfigError
 from melange_sky.solver.model import SharedCap
 
+#: What a spot column's name adds to its on-demand twin's ("A10G:spot", "A10G@aws:us-west-2:spot").
+SPOT_SUFFIX = ":spot"
 #: A config cost further than this from the catalog's price (relative to the catalog) gets a warning.
 COST_MISMATCH_WARN = 0.10
 
@@ -75,44 +77,104 @@ def bind_offers(config: Config, catalog: Catalog | None = None, *, per_offer: bo
     offers: dict[str, Offer] = {}
     entries: dict[str, str] = {}
     caps: list[SharedCap] = []
-    for spec in config.gpus:
-        unknown = None if strict else _unknown_gpu(spec, config.clouds, config.source, catalog)
+    for entry_spec in config.gpus:
+        if entry_spec.market == Market.OWNED:
+            column, offer = _owned_column(entry_spec, config.source)
+            columns.append(column)
+            offers[column.name] = offer
+            entries[column.name] = entry_spec.name
+            continue
+        unknown = None if strict else _unknown_gpu(entry_spec, config.clouds, config.source, catalog)
         if unknown is not None:
             warnings.append(unknown)
-            columns.append(spec)
-            entries[spec.name] = spec.name
+            columns.append(entry_spec)
+            entries[entry_spec.name] = entry_spec.name
             continue
-        candidates = allowed_offers(spec, config.clouds, config.source, catalog)
-        default = _pick(candidates, spec)  # the offer the config's cost is about
-        if exclude and not per_offer:
-            candidates = [o for o in candidates if offer_key(o.cloud, o.region, o.instance_type, spec.use_spot)
-                          not in exclude] or candidates
-        chosen = _pick(candidates, spec)
-        if spec.cost_source == "config":
-            _warn_mismatch(config.source, spec, default, warnings)
-        picked = candidates if per_offer else [chosen]
-        names = _column_names(spec.name, picked) if per_offer else [spec.name]
-        if per_offer and spec.max_count is not None and len(picked) > 1:
-            warnings.append(f"{config.source}: {spec.field_path}.max_count: with --per-offer it caps each of its "
-                            f"{len(picked)} offers (use quotas for per-offer limits)")
-        limits = quota_caps(spec.quotas, dict(zip(names, picked)))
-        for name, offer in zip(names, picked):
-            # The config's cost belongs to the offer the default mode picks; other offers keep the catalog's price.
-            if offer is default and spec.cost_source == "config":
-                cost_per_gpu = spec.cost
-            else:
-                cost_per_gpu = _price(offer, spec.use_spot) / offer.gpu_count
-            alone = [cap // offer.gpu_count for _, matched, cap in limits if matched == (name,)]
-            columns.append(_column(spec, name, offer, cost_per_gpu,
-                                   min_count=spec.min_count if offer is chosen else 0,
-                                   max_count=_min(spec.max_count, min(alone, default=None))))
-            offers[name] = offer
-            entries[name] = spec.name
-        caps += [SharedCap(f"{spec.field_path}.quotas.{pattern}", tuple((n, offers[n].gpu_count) for n in matched),
-                           cap) for pattern, matched, cap in limits if len(matched) > 1]
-        _warn_unused_quotas(config.source, spec, candidates, warnings)
+        for spec, suffix in _markets(entry_spec, config, catalog):
+            automatic = spec.market == Market.SPOT and entry_spec.market is None  # spot beside on-demand
+            try:
+                candidates = allowed_offers(spec, config.clouds, config.source, catalog)
+            except ConfigError:
+                if automatic:  # no spot price for this GPU here: an on-demand entry only
+                    continue
+                raise
+            if config.spot is not None and spec.use_spot:
+                candidates = [o for o in candidates if o.spot_price is not None and o.spot_price < o.price]
+                if not candidates:
+                    if entry_spec.market == Market.SPOT:
+                        raise ConfigError(config.source, f"{spec.field_path}.use_spot",
+                                          "no offer has a spot price below its on-demand price")
+                    continue
+            default = _pick(candidates, spec)  # the offer the config's cost is about
+            if exclude and not per_offer:
+                candidates = [o for o in candidates if offer_key(o.cloud, o.region, o.instance_type, spec.use_spot)
+                              not in exclude] or candidates
+            chosen = _pick(candidates, spec)
+            own_cost = spec.cost_source == "config" and not automatic  # the config's cost is not a spot price
+            if own_cost:
+                _warn_mismatch(config.source, spec, default, warnings)
+            picked = candidates if per_offer else [chosen]
+            names = ([name + suffix for name in _column_names(spec.name, picked)] if per_offer
+                     else [spec.name + suffix])
+            if per_offer and spec.max_count is not None and len(picked) > 1:
+                warnings.append(f"{config.source}: {spec.field_path}.max_count: with --per-offer it caps each of "
+                                f"its {len(picked)} offers (use quotas for per-offer limits)")
+            limits = quota_caps(spec.quotas, dict(zip(names, picked)))
+            for name, offer in zip(names, picked):
+                # The config's cost belongs to the offer the default mode picks; other offers keep the catalog's.
+                if offer is default and own_cost:
+                    cost_per_gpu = spec.cost
+                else:
+                    cost_per_gpu = _price(offer, spec.use_spot) / offer.gpu_count
+                alone = [cap // offer.gpu_count for _, matched, cap in limits if matched == (name,)]
+                columns.append(_column(spec, name, offer, cost_per_gpu,
+                                       min_count=spec.min_count if offer is chosen else 0,
+                                       max_count=_min(spec.max_count, min(alone, default=None))))
+                offers[name] = offer
+                entries[name] = spec.name
+            caps += [SharedCap(f"{spec.field_path}.quotas.{pattern}{suffix}",
+                               tuple((n, offers[n].gpu_count) for n in matched), cap)
+                     for pattern, matched, cap in limits if len(matched) > 1]
+            _warn_unused_quotas(config.source, spec, candidates, warnings)
     bound = dataclasses.replace(config, gpus=tuple(columns), warnings=tuple(dict.fromkeys(warnings)))
     return BoundConfig(config=bound, offers=offers, entries=entries, per_offer=per_offer, caps=tuple(caps))
+
+
+def _markets(spec: GpuSpec, config: Config, catalog: Catalog) -> list[tuple[GpuSpec, str]]:
+    """The markets an entry is offered on, as (the entry priced for that market, its columns' name suffix): its
+    pinned market, else on-demand, and with a `spot` block spot too (suffix ":spot"; its min_count stays with
+    on-demand). Without a `spot` block, exactly as before markets existed."""
+    if config.spot is None or spec.market is not None:
+        market = spec.market or (Market.SPOT if spec.use_spot else Market.ON_DEMAND)
+        return [(dataclasses.replace(spec, market=market), "")]
+    on_demand = dataclasses.replace(spec, market=Market.ON_DEMAND)
+    spot = dataclasses.replace(spec, market=Market.SPOT, use_spot=True, min_count=0)
+    return [(on_demand, ""), (spot, SPOT_SUFFIX)]
+
+
+def _owned_column(spec: GpuSpec, source: str) -> tuple[GpuSpec, Offer]:
+    """An owned entry (`cloud: kubernetes` or `ssh`) as one column at the user's cost, capped by its max_count and
+    the quotas matching it; the offer it renders from has no instance type (the cluster's nodes decide)."""
+    _, gpu, count = _wanted_gpu(spec, source)
+    k = count or 1
+    cloud = (spec.cloud or "kubernetes").lower()
+    offer = Offer(gpu=gpu, cloud=cloud, region=spec.region or "", instance_type="", gpu_count=k,
+                  price=round(spec.cost * k, 9), spot_price=None, source="config")
+    caps = [cap // k for pattern, cap in spec.quotas if _matches_owned(pattern, offer)]
+    limit = _min(spec.max_count, min(caps, default=None))
+    if limit is None:
+        raise ConfigError(source, f"{spec.field_path}.quotas", f"matches none of its {cloud} GPUs: give their "
+                                                               f"number as max_count or a quota {cloud!r}")
+    tputs = spec.tputs if k == 1 else tuple(tuple(k * x for x in row) for row in spec.tputs)
+    column = dataclasses.replace(spec, entry=spec.name, cost=offer.price, tputs=tputs, market=Market.OWNED,
+                                 use_spot=False, max_count=max(limit, spec.min_count), cloud=cloud,
+                                 region=spec.region, instance_type=None, accelerators=offer.accelerators)
+    return column, offer
+
+
+def _matches_owned(pattern: str, offer: Offer) -> bool:
+    keys = pattern.split(":")
+    return keys[0] == offer.cloud and (len(keys) < 2 or keys[1] == offer.region)
 
 
 def default_offer(spec: GpuSpec, clouds: tuple[str, ...] | None, source: str,

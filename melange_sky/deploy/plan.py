@@ -16,7 +16,7 @@ from typing import Any
 
 from melange_sky import __version__
 from melange_sky._io import write_json, write_text
-from melange_sky.core.config import Config, GpuSpec, check_keys, is_note
+from melange_sky.core.config import Config, GpuSpec, Market, check_keys, is_note
 from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.deploy.offers import bind_offers
 from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, Template, builtin_templates, load_template,
@@ -98,6 +98,7 @@ class ReplicaPlan:
     price: float  # $/h for the instance
     task: dict[str, Any]
     yaml: str
+    market: str = Market.ON_DEMAND  # on_demand, spot or owned (a Kubernetes cluster or SSH node pool of the user's)
 
     @property
     def offer(self) -> str:
@@ -108,8 +109,8 @@ class ReplicaPlan:
         return {"cluster": self.cluster, "gpu": self.gpu, "entry": self.entry, "index": self.index,
                 "file": self.file_name,
                 "cloud": self.cloud, "region": self.region, "instance_type": self.instance_type,
-                "accelerators": self.accelerators, "use_spot": self.use_spot, "price": self.price,
-                "offer": self.offer}
+                "accelerators": self.accelerators, "use_spot": self.use_spot, "market": self.market,
+                "price": self.price, "offer": self.offer}
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,8 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
     return ReplicaPlan(cluster=cluster, gpu=gpu.name, entry=gpu.entry or gpu.name, index=index,
                        file_name=file_name, cloud=gpu.cloud,
                        region=gpu.region, instance_type=gpu.instance_type, accelerators=accelerators,
-                       use_spot=gpu.use_spot, price=gpu.cost, task=task, yaml=text)
+                       use_spot=gpu.use_spot, price=gpu.cost, task=task, yaml=text,
+                       market=gpu.market or (Market.SPOT if gpu.use_spot else Market.ON_DEMAND))
 
 
 def _gpu_count(accelerators: str) -> int:

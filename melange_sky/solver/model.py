@@ -28,6 +28,7 @@ PuLP is imported inside the functions that use it: `melange-sky --help` never pa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -62,6 +63,8 @@ OPTIMALITY_GAP_ABS = 1e-6
 #: Share of HiGHS's effort spent on primal heuristics (its default is 0.05). On the benchmark the bound is reached
 #: early and the time goes into finding a fleet that meets it; 0.3 roughly halved the median (bench/solve_bench.py).
 HIGHS_HEURISTIC_EFFORT = 0.3
+#: How long `solve_split_first` looks for whole slices at the `split` counts before it searches in full.
+SPLIT_FIRST_FIT_SECONDS = 2.0
 
 
 def _pulp() -> Any:
@@ -133,7 +136,7 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
     demand = [b for b in config.buckets if rate[b] > 0]
     dominated = dominated_gpus(config, caps)
     columns = [g for g in config.gpus if g.name not in dominated]
-    shared = {column for cap in caps for column, _ in cap.columns}
+    shared = {column for cap in caps for column, _ in cap.columns} | _spread_columns(config)
     members = offer_groups(columns)
     gpus = [group[0] for group in members.values()]  # one representative per type: its tputs serve for all
     servers = {b: [g for g in gpus if g.tput(b) > 0] for b in demand}
@@ -190,8 +193,94 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
     for g in gpus:
         load = pulp.lpSum(share[b, g.name] * (rate[b] / g.tput(b)) for b in demand if (b, g.name) in share)
         model += load <= config.headroom * y[g.name], f"capacity_{label[g.name]}"
+    if config.spot is not None:
+        _add_markets(model, config, members, y, z, demand, rate, label)
     return model, ModelVariables(count=y, assign=assign, share=share, members=members, offer=z,
                                  integral=frozenset(shared & set(z)))
+
+
+def _add_markets(model: Any, config: Config, members: dict[str, list[GpuSpec]], y: dict[str, Any],
+                 z: dict[str, Any], demand: list[Bucket], rate: dict[Bucket, float], label: dict[str, str]) -> None:
+    """The spot block's two rules (see the module's docstring): the floor, a second assignment w[b, t] over the
+    reliable types only, and the regional spread of spot GPUs."""
+    pulp = _pulp()
+    assert config.spot is not None
+    floor, kappa = config.spot.floor, config.spot.max_region_share
+    reliable = [group[0] for group in members.values() if group[0].reliable]
+    if floor > 0:
+        w: dict[tuple[Bucket, str], Any] = {}
+        for b in demand:
+            i, j = b
+            for g in reliable:
+                if g.tput(b) > 0:
+                    w[b, g.name] = model.add_variable(f"w_{i}_{j}_{label[g.name]}", 0, 1, pulp.LpContinuous)
+            model += pulp.lpSum(w[b, g.name] for g in reliable if (b, g.name) in w) >= floor, f"floor_{i}_{j}"
+        for g in reliable:
+            load = pulp.lpSum(w[b, g.name] * (rate[b] / g.tput(b)) for b in demand if (b, g.name) in w)
+            model += load <= config.headroom * y[g.name], f"reliable_capacity_{label[g.name]}"
+    if kappa < 1:
+        spot = [(g, z[g.name] if g.name in z else y[g.name]) for group in members.values() for g in group
+                if not g.reliable and (g.name in z or g.name in y)]
+        everywhere = pulp.lpSum(gpus_per_instance(g) * v for g, v in spot)
+        for region in sorted({spot_region(g) for g, _ in spot}):
+            here = pulp.lpSum(gpus_per_instance(g) * v for g, v in spot if spot_region(g) == region)
+            model += here <= kappa * everywhere, f"region_share_{_safe(region)}"
+
+
+def spot_region(gpu: GpuSpec) -> str:
+    """The region a spot column's preemptions come together in ("aws:us-east-1")."""
+    return f"{gpu.cloud or 'any'}:{gpu.region or 'any'}"
+
+
+def _spread_columns(config: Config) -> set[str]:
+    """Spot columns under the regional spread: their counts are integers (the spread weighs them across types)."""
+    if config.spot is None or config.spot.max_region_share >= 1:
+        return set()
+    return {g.name for g in config.gpus if not g.reliable}
+
+
+def gpus_per_instance(gpu: GpuSpec) -> int:
+    """GPUs in one instance of a column bound to an offer ("A100-80GB:8" -> 8); 1 for an unbound entry, whose
+    counts are GPUs."""
+    if gpu.entry is None or not gpu.accelerators:
+        return 1
+    _, _, count = gpu.accelerators.partition(":")
+    try:
+        return max(1, int(float(count))) if count.strip() else 1
+    except ValueError:
+        return 1
+
+
+def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[SharedCap] = ()
+                      ) -> tuple[SolveStatus, float, ModelVariables] | None:
+    """`slices` proven from its relaxation: `split` lets a bucket be divided in any proportion, so its optimum L is a
+    lower bound on `slices`. Solve `split` (fast: its shares are continuous), then look for whole slices that fit the
+    same counts; a fleet found at cost L is optimal with no search. Else solve `slices` with the valid cut
+    cost >= L, which gives the search its bound from the start. None when `split` itself stops short (infeasible
+    or out of time): the caller solves `slices` as usual and explains. Seconds are all three solves'."""
+    pulp = _pulp()
+
+    relaxed, split = build_model(config, Formulation.SPLIT, caps=caps)
+    status, seconds = run_model(relaxed, options)
+    if status is not SolveStatus.OPTIMAL:
+        return None
+    bound = pulp.value(relaxed.objective) or 0.0
+    model, variables = build_model(config, Formulation.SLICES, caps=caps)
+    for name, var in [*variables.count.items(), *((n, v) for n, v in variables.offer.items()
+                                                   if n in variables.integral)]:
+        value = round(pulp.value(split.count[name] if name in split.count else split.offer[name]) or 0)
+        var.lowBound = var.upBound = value
+    limit = min(SPLIT_FIRST_FIT_SECONDS, options.time_limit or SPLIT_FIRST_FIT_SECONDS)
+    fit_status, fit_seconds = run_model(model, dataclasses.replace(options, time_limit=limit))
+    seconds += fit_seconds
+    if fit_status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE) and \
+            (pulp.value(model.objective) or 0.0) <= bound + OPTIMALITY_GAP_ABS:
+        return SolveStatus.OPTIMAL, seconds, variables
+    model, variables = build_model(config, Formulation.SLICES, caps=caps)
+    model += model.objective >= bound - OPTIMALITY_GAP_ABS, "split_bound"
+    left = None if options.time_limit is None else max(options.time_limit - seconds, 1.0)
+    status, more = run_model(model, dataclasses.replace(options, time_limit=left))
+    return status, seconds + more, variables
 
 
 def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
@@ -200,7 +289,7 @@ def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
     column is a type of its own, as in the paper (two entries are two types even when their tputs are equal)."""
     types: dict[tuple, list[GpuSpec]] = {}
     for g in gpus:
-        key = (g.entry, g.tputs) if g.entry is not None else (g.name,)
+        key = (g.entry, g.tputs, g.reliable) if g.entry is not None else (g.name,)
         types.setdefault(key, []).append(g)
     return {group[0].name: group for group in types.values()}
 
@@ -218,8 +307,11 @@ def dominated_gpus(config: Config, caps: Sequence[SharedCap] = ()) -> dict[str, 
     demand = [b for b in config.buckets if config.bucket_rate(b) > 0]
     order = {g.name: k for k, g in enumerate(config.gpus)}
     shared = {column for cap in caps for column, _ in cap.columns}
+    markets = config.spot is not None
 
     def dominates(h: GpuSpec, g: GpuSpec) -> bool:
+        if markets and not (h.reliable and g.reliable):  # spot is bound by the spread, reliable by the floor
+            return False
         if h is g or h.max_count is not None or h.name in shared or g.min_count > 0 or h.cost > g.cost:
             return False
         if any(h.tput(b) < g.tput(b) for b in demand):

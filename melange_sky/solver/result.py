@@ -16,13 +16,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from melange_sky.core.config import Bucket, Config, GpuSpec
+from melange_sky.core.config import Bucket, Config, GpuSpec, Market
 from melange_sky.errors import AllocationCheckError, InfeasibleAllocation, SolverError
 from melange_sky.solver.model import (Formulation, SharedCap, SolverOptions, SolveStatus, build_model,
-                                     extract_allocation, lp_bound, max_servable_fraction, run_model)
+                                     extract_allocation, gpus_per_instance, lp_bound, max_servable_fraction, run_model,
+                                     solve_split_first, spot_region)
 
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
+MARKETS = (Market.ON_DEMAND, Market.SPOT, Market.OWNED)
 #: Two fleets' $/h closer than this are the same cost (solvers stop within 1e-6 of the optimum).
 SAME_COST = 1e-6
 
@@ -38,6 +40,9 @@ class GpuAllocation:
     utilisation: float | None  # load / count; None when count is 0
     gpus_per_instance: int = 1  # GPUs in one instance of this column (bound to an 8-GPU offer: 8; counts instances)
     entry: str | None = None  # the config's GPU entry, when this column is one offer of it (`--per-offer`)
+    cloud: str | None = None  # where its replicas run (None: a GPU the catalog does not know, solved as given)
+    region: str | None = None
+    market: str = Market.ON_DEMAND  # on_demand, spot or owned (`core.config.Market`)
 
     @property
     def cost(self) -> float:
@@ -75,6 +80,20 @@ class Alternative:
 
 
 @dataclass(frozen=True)
+class MarketReport:
+    """What a `spot` block did to the plan: the floor asked and the reliable share planned (the most of every
+    bucket the on-demand and owned replicas alone can carry), the spot GPUs per region, and the same config solved
+    all on-demand (no spot columns) and with no floor, for what spot saves and what the floor costs."""
+
+    floor: float
+    max_region_share: float
+    reliable_share: float
+    spot_gpus: dict[str, int]  # region ("aws:us-east-1") -> spot GPUs there
+    on_demand_cost: float | None  # the same config with no spot offers; None if none fits
+    no_floor_cost: float | None  # the same config with floor 0; None if not solved to optimality
+
+
+@dataclass(frozen=True)
 class SolveResult:
     """Everything later stages (plan, up, router, simulator) need from a solve."""
 
@@ -93,10 +112,17 @@ class SolveResult:
     lower_bound: float | None = None  # proven: no fleet under this formulation costs less
     alternative: Alternative | None = None
     warnings: list[str] = field(default_factory=list)
+    markets: MarketReport | None = None  # with a `spot` block
 
     @property
     def cost(self) -> float:
         return sum(g.cost for g in self.gpus)
+
+    def market_cost(self, market: str) -> float:
+        return sum(g.cost for g in self.gpus if g.market == market)
+
+    def market_count(self, market: str) -> int:
+        return sum(g.count for g in self.gpus if g.market == market)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -150,7 +176,18 @@ class SolveResult:
             "lower_bound": None if self.lower_bound is None else round(self.lower_bound, 6),
             "alternative": asdict(self.alternative) if self.alternative else None,
             "warnings": list(self.warnings),
+            **({} if self.markets is None else {"markets": self._markets_dict(self.markets)}),
         }
+
+    def _markets_dict(self, m: MarketReport) -> dict[str, Any]:
+        return {"floor": m.floor, "reliable_share": round(m.reliable_share, 6),
+                "max_region_share": m.max_region_share, "spot_gpus": m.spot_gpus,
+                "cost": {market: round(self.market_cost(market), 6) for market in MARKETS},
+                "count": {market: self.market_count(market) for market in MARKETS},
+                "on_demand_cost": None if m.on_demand_cost is None else round(m.on_demand_cost, 6),
+                "spot_saving": None if m.on_demand_cost is None else round(m.on_demand_cost - self.cost, 6),
+                "no_floor_cost": None if m.no_floor_cost is None else round(m.no_floor_cost, 6),
+                "floor_cost": None if m.no_floor_cost is None else round(self.cost - m.no_floor_cost, 6)}
 
 
 def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
@@ -166,6 +203,8 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
                           f"{', '.join(f.value for f in Formulation)}") from None
     result = solve_fleet(config, formulation, options, caps, max_replicas)
     result = dataclasses.replace(result, baselines=baselines(config, formulation, options, caps))
+    if config.spot is not None:
+        result = dataclasses.replace(result, markets=market_report(config, result, formulation, options, caps))
     if not compare:
         return result
     # The best proven lower bound: the LP relaxation, or the split optimum (split relaxes slices and paper).
@@ -187,8 +226,13 @@ def solve_fleet(config: Config, formulation: Formulation, options: SolverOptions
     """The cheapest fleet alone, without `solve`'s baselines and comparisons (for a caller that solves one config
     under several formulations and needs its baselines once: a sweep's mix and split). InfeasibleAllocation says
     why when no fleet fits, or when it has more than `max_replicas` instances."""
-    model, variables = build_model(config, formulation, caps=caps)
-    status, seconds = run_model(model, options)
+    fast = (solve_split_first(config, options, caps)
+            if config.spot is not None and formulation is Formulation.SLICES else None)
+    if fast is not None:
+        status, seconds, variables = fast
+    else:
+        model, variables = build_model(config, formulation, caps=caps)
+        status, seconds = run_model(model, options)
     if status is SolveStatus.INFEASIBLE:
         raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options, caps)}")
     counts, routing = extract_allocation(config, variables)
@@ -210,7 +254,8 @@ def make_result(config: Config, formulation: Formulation, options: SolverOptions
     loads = _loads(config, routing)
     gpus = [GpuAllocation(name=g.name, count=counts[g.name], price=g.cost, load=loads[g.name],
                           utilisation=(loads[g.name] / counts[g.name]) if counts[g.name] else None,
-                          gpus_per_instance=gpus_per_instance(g), entry=g.entry)
+                          gpus_per_instance=gpus_per_instance(g), entry=g.entry, cloud=g.cloud, region=g.region,
+                          market=g.market or (Market.SPOT if g.use_spot else Market.ON_DEMAND))
             for g in config.gpus]
     routes = [Route(bucket=b, name=config.bucket_name(b), rate=config.bucket_rate(b), shares=routing[b])
               for b in config.buckets if b in routing]
@@ -219,18 +264,6 @@ def make_result(config: Config, formulation: Formulation, options: SolverOptions
                        total_request_rate=config.total_request_rate, solver=options.name, status=status,
                        solve_seconds=seconds, gpus=gpus, routing=routes, baselines=[],
                        warnings=list(config.warnings))
-
-
-def gpus_per_instance(gpu: GpuSpec) -> int:
-    """GPUs in one instance of a column bound to an offer ("A100-80GB:8" -> 8); 1 for an unbound entry, whose
-    counts are GPUs."""
-    if gpu.entry is None or not gpu.accelerators:
-        return 1
-    _, _, count = gpu.accelerators.partition(":")
-    try:
-        return max(1, int(float(count))) if count.strip() else 1
-    except ValueError:
-        return 1
 
 
 def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucket, dict[str, float]],
@@ -256,9 +289,59 @@ def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucke
     for cap in caps:
         if cap.gpus(counts) > cap.cap:
             problems.append(f"{cap.name}: {cap.gpus(counts)} GPUs over its cap {cap.cap}")
+    if config.spot is not None:
+        spot = {g.name: gpus_per_instance(g) * counts[g.name] for g in config.gpus if not g.reliable}
+        for region in {spot_region(g) for g in config.gpus if not g.reliable}:
+            here = sum(n for name, n in spot.items() if spot_region(config.gpu(name)) == region)
+            if here > config.spot.max_region_share * sum(spot.values()) + CHECK_TOLERANCE:
+                problems.append(f"{here} of {sum(spot.values())} spot GPUs in {region}, over max_region_share "
+                                f"{config.spot.max_region_share:g}")
     if problems:
         raise AllocationCheckError("internal error, please report: the solved allocation fails its check: "
                                    + "; ".join(problems))
+
+
+def market_report(config: Config, result: SolveResult, formulation: Formulation, options: SolverOptions,
+                  caps: Sequence[SharedCap] = ()) -> MarketReport:
+    """The `spot` block's outcome for `result`: the reliable share planned, spot GPUs per region, and the same
+    config solved all on-demand and with floor 0 (what spot saves, what the floor costs)."""
+    assert config.spot is not None
+    counts = result.counts
+    reliable = [dataclasses.replace(g, min_count=0, max_count=counts[g.name]) for g in config.gpus
+                if g.reliable and counts[g.name]]
+    share = 0.0
+    if reliable:  # an LP over the planned reliable replicas: the most of every bucket they alone can carry
+        alone = dataclasses.replace(config, gpus=tuple(reliable), spot=None)
+        if all(any(g.tput(b) > 0 for g in reliable) for b in config.buckets if config.bucket_rate(b) > 0):
+            share = min(1.0, max_servable_fraction(alone, options))
+    if share < config.spot.floor - CHECK_TOLERANCE:
+        raise AllocationCheckError(f"internal error, please report: the reliable replicas carry {share:.6g} of "
+                                   f"every bucket, below the floor {config.spot.floor:g}")
+    spot_gpus: dict[str, int] = {}
+    for g in config.gpus:
+        if not g.reliable and counts[g.name]:
+            spot_gpus[spot_region(g)] = spot_gpus.get(spot_region(g), 0) + counts[g.name] * gpus_per_instance(g)
+    names = {g.name for g in config.gpus if g.reliable}
+    on_demand = dataclasses.replace(config, gpus=tuple(g for g in config.gpus if g.reliable), spot=None)
+    own_caps = [dataclasses.replace(cap, columns=tuple((c, n) for c, n in cap.columns if c in names))
+                for cap in caps if any(c in names for c, _ in cap.columns)]
+    no_floor = dataclasses.replace(config, spot=dataclasses.replace(config.spot, floor=0.0))
+    return MarketReport(floor=config.spot.floor, max_region_share=config.spot.max_region_share,
+                        reliable_share=share, spot_gpus=dict(sorted(spot_gpus.items())),
+                        on_demand_cost=_optimal_cost(on_demand, formulation, options, own_caps),
+                        no_floor_cost=(result.cost if config.spot.floor == 0
+                                       else _optimal_cost(no_floor, formulation, options, caps)))
+
+
+def _optimal_cost(config: Config, formulation: Formulation, options: SolverOptions,
+                  caps: Sequence[SharedCap]) -> float | None:
+    if not config.gpus:
+        return None
+    try:
+        fleet = solve_fleet(config, formulation, options, caps)
+    except InfeasibleAllocation:
+        return None
+    return fleet.cost if fleet.status is SolveStatus.OPTIMAL else None
 
 
 def baselines(config: Config, formulation: Formulation | str = Formulation.SLICES,
