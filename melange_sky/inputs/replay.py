@@ -49,6 +49,8 @@ __all__ = ["PromptKind", "ReplayError", "ReplayProgress", "ReplayResult", "Repla
 _ID_RANGE = (1000, 20000)
 #: A send more than this late (the client itself behind: a busy machine) is worth a note in the report.
 _LAG_NOTE_S = 0.05
+#: Seconds the one-token check of the endpoint may take.
+_CHECK_S = 60.0
 #: Seconds between progress calls.
 _PROGRESS_EVERY_S = 2.0
 
@@ -154,7 +156,8 @@ def replay(arrivals: Arrivals, slos: Slos, settings: ReplaySettings, *, target: 
 
     Checks the endpoint first (GET /v1/models, and one tiny completion): `ReplayError` in one line when nothing
     listens, the key is refused or the server refuses completions. A Ctrl-C or SIGTERM during the run (in the
-    main thread), or `stop` being set, ends it early with a partial report (`interrupted`)."""
+    main thread), or `stop` being set, ends it early with a partial report (`interrupted`); KeyboardInterrupt when
+    no request had finished by then."""
     if not len(arrivals):
         raise ReplayError("no requests to replay")
     ep = parse_endpoint(settings.endpoint, error=ReplayError)
@@ -211,8 +214,8 @@ class _Run:
     async def main(self) -> ReplayResult:
         loop = asyncio.get_running_loop()
         stopped = asyncio.Event()
+        await self.check()  # a Ctrl-C here is a plain interrupt: nothing was measured yet
         with _stop_on_signals(loop, stopped):
-            await self.check()
             watcher = asyncio.create_task(self._watch_outside(stopped)) if self.outside_stop else None
             started = time.perf_counter()
             sender = asyncio.create_task(self.send_all(loop.time()))
@@ -273,7 +276,7 @@ class _Run:
         elif self.model is not None and served and self.model not in served:
             raise ReplayError(f"{ep.url} does not serve model {self.model!r}; it serves: {', '.join(served)}. Pass "
                               f"one of them as --model")
-        probe = await client.timed_completion(self.payload(1, 2), self.settings.request_timeout)
+        probe = await client.timed_completion(self.payload(1, 2), min(self.settings.request_timeout, _CHECK_S))
         if is_client_error(probe.status):
             raise ReplayError(f"POST {ep.full_url(COMPLETIONS_PATH)} answered {probe.error}: is --endpoint the "
                               f"server's base URL (e.g. {ep.origin})" + (f" and --model {self.model!r} right?"
@@ -335,8 +338,9 @@ class _Run:
         done = [r for r in self.records if r is not None]
         cancelled = self.sent - len(done)
         if not done:
-            what = "interrupted before any request finished" if interrupted else "no request finished"
-            raise ReplayError(f"{what}: nothing to report")
+            if interrupted:  # nothing to report: an interrupt like any other (exit 130)
+                raise KeyboardInterrupt
+            raise ReplayError("no request finished: nothing to report")
         settings = self.settings
         speedup = settings.speedup
         offered_span = (self.arrivals.times[self.n - 1] - self.arrivals.times[0]) / speedup
