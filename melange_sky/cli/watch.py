@@ -13,6 +13,7 @@ import click
 from melange_sky.cli.fleet import launcher_output, print_event, print_warning, terminations_interrupt
 from melange_sky.cli.main import INTERRUPTED, debug_option, main
 from melange_sky.cli.options import backend_option
+from melange_sky.controller.placer import DEFAULT_SPOT_HOLD_MIN
 from melange_sky.controller.rules import DEFAULT_MIN_REQUESTS, DEFAULT_SCALE_DOWN_AFTER_MIN
 from melange_sky.controller.watch import DEFAULT_INTERVAL_S, Action, Controller, PassReport, WatchOptions, watch_lock
 from melange_sky.errors import UnknownFleet
@@ -41,6 +42,11 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
               help="Read the need from the router's last MINUTES complete minutes (their --rate-percentile), not "
                    "its whole hour, so a burst stops counting once this window has passed it. Default: "
                    "--scale-down-after, rounded up to a whole minute.")
+@click.option("--spot-hold", type=click.FloatRange(min=0), default=DEFAULT_SPOT_HOLD_MIN, show_default=True,
+              metavar="MINUTES",
+              help="A spot pool (instance type and region) whose replicas were preempted, or that had no capacity, "
+                   "is kept out of the plan this long (its load goes to other offers), then offered again: the load "
+                   "moves back to it when that is cheaper.")
 @click.option("--max-cost", type=click.FloatRange(min=0), metavar="$/H",
               help="Never bring up a plan costing more (replicas and router): it is reported and recorded, not "
                    "launched, and the fleet stays as it is.")
@@ -64,9 +70,9 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
 @backend_option
 @debug_option
 def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_percentile: str,
-          scale_down_after: float, window: int | None, max_cost: float | None, workload_url: str | None,
-          min_requests: int, no_health_check: bool, no_shrink: bool, drain_timeout: float, parallel: int,
-          as_json: bool, backend: str | None) -> None:
+          scale_down_after: float, window: int | None, spot_hold: float, max_cost: float | None,
+          workload_url: str | None, min_requests: int, no_health_check: bool, no_shrink: bool, drain_timeout: float,
+          parallel: int, as_json: bool, backend: str | None) -> None:
     """Keep FLEET (brought up by `melange-sky up`) serving: the controller.
 
     Each pass asks the clouds for every cluster's live state, and probes each replica up at its readiness path
@@ -81,6 +87,11 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     minutes, as the router's minutes show (and the need recorded each pass, so `watch --once` from cron keeps the
     hold across a router's restart). A scale-down is make-before-break: replicas no longer needed leave the router
     and drain first.
+
+    Spot replicas the clouds take away (preempted) are relaunched elsewhere: their pool (instance type and region)
+    is kept out of the plan for --spot-hold minutes, as is one where a launch found no capacity, so the load is
+    re-planned on the other offers (spot in another region, another GPU type); once the hold is over the pool is
+    offered again and the load moves back when that is cheaper (new replicas up first, then the others drain).
 
     Every action is recorded in the ledger as a fleet event and printed as one line. Ctrl-C leaves the fleet as
     it is (exit 130). One controller per fleet: a second `watch` of it is refused. Secrets the replicas need
@@ -98,6 +109,7 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     options = WatchOptions(autoscale=autoscale, rate_percentile=parse_rate_percentile(rate_percentile),
                            scale_down_after_s=scale_down_after * 60, window_min=window, max_cost=max_cost,
                            workload_url=workload_url, min_requests=min_requests, health_check=not no_health_check,
+                           spot_hold_s=spot_hold * 60,
                            up=UpOptions(parallel=parallel, shrink=not no_shrink, drain_timeout=drain_timeout))
     with Ledger() as ledger:
         controller = Controller(fleet_name, load_backend(backend), ledger, os.environ, options,

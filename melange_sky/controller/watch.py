@@ -37,7 +37,8 @@ from melange_sky.fleet.up import bring_up, fleet_config, launch_secrets, make_pl
 from melange_sky.inputs.http import Client, parse_endpoint
 from melange_sky.inputs.router_workload import fetch_observed
 from melange_sky.inputs.trace_rates import MINUTE_S
-from melange_sky.controller import rules
+from melange_sky.controller import placer, rules
+from melange_sky.controller.placer import SpotStep
 from melange_sky.controller.rules import Decision, Need, Scale
 
 __all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "WatchOptions", "watch_lock"]
@@ -60,6 +61,7 @@ class WatchOptions:
     workload_url: str | None = None  # a `melange-sky serve` to read /workload from instead of the fleet's router
     min_requests: int = rules.DEFAULT_MIN_REQUESTS
     health_check: bool = True  # probe each replica's readiness path (off: only the launcher's status counts)
+    spot_hold_s: float = placer.DEFAULT_SPOT_HOLD_MIN * 60  # a spot pool that failed is avoided this long
     up: UpOptions = UpOptions()
 
     @property
@@ -194,10 +196,16 @@ class Controller:
 
     def _pass(self, report: PassReport, config: Config, settings: PlanSettings) -> None:
         fleet = Fleet(self.backend, self.ledger, self.on_event)
+        before = self.ledger.replicas(self.fleet)
         try:
             fleet.status(self.fleet, refresh=True)  # preempted, stopped or vanished clusters are recorded so
         except MelangeError as exc:
             self._act(report, "status-failed", f"the launcher's status failed ({exc}); `up` asks again")
+        now = self.clock()
+        self._spot(report, placer.lost_spot(before, self.ledger.replicas(self.fleet), now, self.options.spot_hold_s))
+        returned = placer.back(self._placer(), now)
+        self._spot(report, returned)
+        avoid = self._placer().avoided(now)
         if self.options.health_check:
             self._replace_unhealthy(report, fleet, config, settings)
         target = self._autoscale(report, config) if self.options.autoscale else config
@@ -211,7 +219,7 @@ class Controller:
         router_down = router is not None and router.state is not ReplicaState.UP
         router_cost = router.price_per_hour if router is not None else 0.0
         if target is not config:
-            plan = self._planned(target, settings, rows)
+            plan = self._planned(target, settings, rows, avoid)
             decision = report.decision
             assert decision is not None
             if self._refused(report, f"{decision.scale.value} to {decision.rate:.4g} req/s needs",
@@ -223,16 +231,30 @@ class Controller:
                           f"{report.plan_rate:.4g} -> {decision.rate:.4g} req/s: {len(plan.replicas)} replica(s), "
                           f"${report.cost_planned:.2f}/h ({decision.reason})")
         if target is config:
-            if not missing and not router_down:
+            if not missing and not router_down and returned is None:
                 self._check_routes(report, fleet, rows, router)
                 return
-            plan = self._planned(config, settings, rows)
+            plan = self._planned(config, settings, rows, avoid)
             what = ", ".join(missing + ([router.cluster] if router is not None and router_down else []))
-            if self._refused(report, f"relaunching {what} needs the plan at", plan.cost + router_cost):
+            doing = f"relaunching {what}" if what else "handing load back to spot"
+            if self._refused(report, f"{doing} needs the plan at", plan.cost + router_cost):
                 return
             report.cost_planned = plan.cost + router_cost
-            self._act(report, "relaunch", f"not up: {what}; bringing the plan back (${report.cost_planned:.2f}/h)")
-        self._bring_up(report, target, settings, router)
+            if what:
+                self._act(report, "relaunch", f"not up: {what}; bringing the plan back "
+                                              f"(${report.cost_planned:.2f}/h)")
+        self._bring_up(report, target, settings, router, avoid)
+
+    def _placer(self) -> placer.Placer:
+        """The spot placer's memory: the fleet's spot events, oldest first."""
+        events = sorted((e for kind in placer.KINDS for e in self.ledger.history(fleet=self.fleet, kind=kind)),
+                        key=lambda e: e.id)
+        return placer.Placer.of((e.at, e.new_state, e.data) for e in events)
+
+    def _spot(self, report: PassReport, step: SpotStep | None) -> None:
+        """Record a placer step (one event with its data, one line)."""
+        if step is not None:
+            self._act(report, step.kind, step.message, step.data)
 
     def _refused(self, report: PassReport, what: str, cost: float) -> bool:
         """Whether `cost` ($/h) is over --max-cost: then the refusal is an action (event and line), nothing launches."""
@@ -244,7 +266,7 @@ class Controller:
         return True
 
     def _bring_up(self, report: PassReport, config: Config, settings: PlanSettings,
-                  router: ReplicaRecord | None) -> None:
+                  router: ReplicaRecord | None, avoid: frozenset[str] = frozenset()) -> None:
         def on_preview(preview: Preview, notes: list[str]) -> None:
             if preview.changes:
                 self._act(report, "plan", _preview_line(preview))
@@ -252,7 +274,8 @@ class Controller:
         secrets = launch_secrets(config, settings, self.environ)
         setup = router_setup(config, settings, self.environ) if router is not None else None
         up = bring_up(config, settings, self.backend, self.ledger, secrets, self.options.up, confirm=None,
-                      on_preview=on_preview, on_event=self.on_event, on_warning=self.on_warning, router=setup)
+                      on_preview=on_preview, on_event=self.on_event, on_warning=self.on_warning, router=setup,
+                      exclude=avoid)
         report.up = up
         report.interrupted = up.interrupted
         planned = len(up.plan.replicas)
@@ -261,11 +284,14 @@ class Controller:
         notes = f"; {'; '.join(up.notes)}" if up.notes and not up.complete else ""
         self._act(report, "up", f"{done}: {len(up.up)}/{planned} planned replica(s) up, ${up.cost:.2f}/h"
                                 f"{extra}{notes}")
+        self._spot(report, placer.unavailable_spot(up.unavailable_offers, self.clock(), self.options.spot_hold_s))
 
-    def _planned(self, config: Config, settings: PlanSettings, rows: list[ReplicaRecord]) -> Plan:
+    def _planned(self, config: Config, settings: PlanSettings, rows: list[ReplicaRecord],
+                 avoid: frozenset[str] = frozenset()) -> Plan:
         """The plan `up` would bring up for `config` given the ledger's rows (the rule of `Fleet.up`): the one keeping
-        every replica up, unless shrinking is allowed and a fresh plan is cheaper."""
-        return reconcile.choose_plan(rows, make_planner(config, settings), self.options.up.shrink)[0]
+        every replica up, unless shrinking is allowed and a fresh plan is cheaper; never adding replicas on the
+        spot pools avoided."""
+        return reconcile.choose_plan(rows, make_planner(config, settings, exclude=avoid), self.options.up.shrink)[0]
 
     # -- health ---------------------------------------------------------------------------------------------------
     def _replace_unhealthy(self, report: PassReport, fleet: Fleet, config: Config, settings: PlanSettings) -> None:

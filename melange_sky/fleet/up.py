@@ -97,14 +97,18 @@ def launch_secrets(config: Config, settings: PlanSettings, environ: Mapping[str,
     return secrets_from_env(deployment_from_config(config, settings.template).secrets, environ)
 
 
-def make_planner(config: Config, settings: PlanSettings, on_warning: OnWarning | None = None) -> Planner:
+def make_planner(config: Config, settings: PlanSettings, on_warning: OnWarning | None = None,
+                 exclude: frozenset[str] = frozenset()) -> Planner:
     """The planner `up` calls on each (re-)plan. Only the first plan of a fleet compares formulations (re-plans
     are for capacity, not for advice); each solver warning is passed to `on_warning` once (the config's own are
-    the caller's to show)."""
+    the caller's to show). `exclude`: offers every plan avoids besides those a launch finds full (a controller's
+    spot pools that were just preempted)."""
     warned = set(config.warnings)
 
     def planner(request: PlanRequest) -> Plan:
         first = request == PlanRequest()
+        if exclude:
+            request = dataclasses.replace(request, exclude=request.exclude | exclude)
         plan = build_plan(config, settings if first else dataclasses.replace(settings, compare=False), request)
         for warning in [w for w in plan.result.warnings if w not in warned]:
             if on_warning is not None:
@@ -149,19 +153,22 @@ def router_setup(config: Config, settings: PlanSettings, environ: Mapping[str, s
 def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger, secrets: Mapping[str, str],
              options: UpOptions = UpOptions(), *, confirm: Callable[[Preview], bool] | None = None,
              on_preview: Callable[[Preview, list[str]], None] | None = None, on_event: OnEvent | None = None,
-             on_warning: OnWarning | None = None, router: RouterSetup | None = None) -> UpReport:
+             on_warning: OnWarning | None = None, router: RouterSetup | None = None,
+             exclude: frozenset[str] = frozenset()) -> UpReport:
     """Bring fleet `config.name` up (or what is missing of it) and return what happened.
 
     Under the fleet's lock, `on_preview` is shown the plan and what it changes (with notes); `confirm` is asked only
     when something would be launched or torn down, and False stops there (None: go ahead). `secrets` come from
-    `launch_secrets` or the caller's own store; they reach the launcher only, never the ledger."""
+    `launch_secrets` or the caller's own store; they reach the launcher only, never the ledger. `exclude`: offers
+    no plan may add replicas on (`make_planner`)."""
     def gate(preview: Preview, notes: list[str]) -> bool:
         if on_preview is not None:
             on_preview(preview, notes)
         return not preview.changes or confirm is None or confirm(preview)
 
     fleet = Fleet(backend, ledger, on_event)
-    return fleet.up(config.name, make_planner(config, settings, on_warning), secrets, config_digest(config, settings),
+    return fleet.up(config.name, make_planner(config, settings, on_warning, exclude), secrets,
+                    config_digest(config, settings),
                     options, gate, router=router, record=fleet_record(config, settings))
 
 

@@ -1,0 +1,201 @@
+"""Spot fallback (issue 20 item 3): the placer's pure rules (melange_sky/controller/placer.py), then `watch`'s passes
+against the FakeBackend with an injected clock: spot replicas the cloud takes away are relaunched on other offers
+(another region, or another GPU type when every pool of the entry is avoided), never on the pool that just failed,
+and the load moves back once its hold is over; each step is one ledger event with data."""
+from __future__ import annotations
+
+import pytest
+
+from fake_backend import FakeBackend
+from melange_sky.controller.placer import Placer, back, lost_spot, pool_where, unavailable_spot
+from melange_sky.controller.watch import Controller, WatchOptions
+from melange_sky.fleet.fleet import UpOptions
+from melange_sky.fleet.ledger import Ledger, ReplicaRecord, ReplicaState
+
+EAST2 = "aws:us-east-2:g5.xlarge:spot"
+EAST1 = "aws:us-east-1:g5.xlarge:spot"
+HOLD = 600.0
+NOW = 1_800_000_000.0
+
+
+def row(cluster: str, state: ReplicaState, offer: str = EAST2, spot: bool = True) -> ReplicaRecord:
+    cloud, region, instance = offer.split(":")[:3]
+    return ReplicaRecord(cluster=cluster, fleet="f", gpu="A10G", offer=offer, cloud=cloud, region=region,
+                         instance_type=instance, use_spot=spot, price_per_hour=0.4, round=1, task=None, state=state,
+                         endpoint=None, last_error=None, created=0.0, updated=0.0)
+
+
+def test_spot_replicas_the_cloud_took_away_are_one_step_avoiding_their_pools_for_the_hold():
+    before = [row("f-a10g-0", ReplicaState.UP), row("f-a10g-1", ReplicaState.UP),
+              row("f-a10g-2", ReplicaState.UP, EAST1)]
+    after = [row("f-a10g-0", ReplicaState.GONE), row("f-a10g-1", ReplicaState.STOPPED),
+             row("f-a10g-2", ReplicaState.UP, EAST1)]
+    step = lost_spot(before, after, NOW, HOLD)
+    assert step is not None and step.kind == "spot-preempted" and step.pools == (EAST2,)
+    assert step.message == ("f-a10g-0, f-a10g-1 lost on aws us-east-2 g5.xlarge (spot): avoided for 10 min; their "
+                            "load is re-planned on the other offers")
+    assert step.data == {"pools": [EAST2], "since": NOW, "until": NOW + HOLD}
+
+
+def test_on_demand_replicas_our_own_teardowns_and_replicas_not_up_before_are_not_preemptions():
+    od = "aws:us-east-2:g5.xlarge"
+    before = [row("f-a-0", ReplicaState.UP, od, spot=False), row("f-a10g-0", ReplicaState.UP),
+              row("f-a10g-1", ReplicaState.UNAVAILABLE)]
+    after = [row("f-a-0", ReplicaState.GONE, od, spot=False), row("f-a10g-0", ReplicaState.TERMINATING),
+             row("f-a10g-1", ReplicaState.GONE)]
+    assert lost_spot(before, after, NOW, HOLD) is None
+
+
+def test_only_spot_offers_found_without_capacity_are_avoided():
+    step = unavailable_spot(["aws:us-east-2:g5.xlarge", EAST2, EAST1, EAST2], NOW, HOLD)
+    assert step is not None and step.kind == "spot-unavailable" and step.pools == (EAST1, EAST2)
+    assert unavailable_spot(["aws:us-east-2:g5.xlarge"], NOW, HOLD) is None
+
+
+def test_the_placer_avoids_a_pool_until_its_latest_end_and_a_return_ends_it():
+    events = [(NOW, "spot-preempted", {"pools": [EAST2], "since": NOW, "until": NOW + 600}),
+              (NOW + 5, "spot-unavailable", {"pools": [EAST2, EAST1], "since": NOW + 5, "until": NOW + 300}),
+              (NOW + 6, "need", {"rate": 3.0}),  # another kind: not the placer's
+              (NOW + 7, "spot-preempted", {"pools": ["x"], "until": "soon"}),  # damaged data: skipped
+              (NOW + 8, "spot-return", {"pools": [EAST1]})]
+    placer = Placer.of(events)
+    assert placer.avoided(NOW + 10) == frozenset({EAST2})
+    assert placer.avoiding[EAST2].until == NOW + 600  # the later end is kept
+    assert placer.avoided(NOW + 599) == frozenset({EAST2}) and placer.avoided(NOW + 600) == frozenset()
+
+
+def test_a_pool_is_offered_again_once_its_hold_is_over_not_before():
+    placer = Placer.of([(NOW, "spot-preempted", {"pools": [EAST2], "since": NOW, "until": NOW + HOLD})])
+    assert back(placer, NOW + HOLD - 1) is None
+    step = back(placer, NOW + HOLD)
+    assert step is not None and step.kind == "spot-return" and step.data == {"pools": [EAST2]}
+    assert step.message == ("aws us-east-2 g5.xlarge (spot) held 10 min without a failure: offered again (the load "
+                            "moves back when that is cheaper)")
+    assert Placer.of([(NOW, "spot-preempted", step.data | {"until": NOW + HOLD}),
+                      (NOW + HOLD, step.kind, step.data)]).avoiding == {}
+
+
+def test_pools_read_as_people_name_them():
+    assert pool_where(EAST2) == "aws us-east-2 g5.xlarge (spot)"
+    assert pool_where("gcp:any:a2-highgpu-1g") == "gcp a2-highgpu-1g"
+
+
+# -- through watch's passes ----------------------------------------------------------------------------------------
+SPOT_A10G = {"name": "spotty", "gpu_info": {"A10G": {"tputs": [[2, 1], [5, 2]], "use_spot": True},
+                                            "A100-80GB": {"tputs": [[20, 20], [40, 20]]}},
+             "workload_distribution": [[0.2, 0.1], [0.5, 0.2]], "total_request_rate": 6, "slice_factor": 1,
+             "input_buckets": [1, 25, 100], "output_buckets": [1, 25, 100], "clouds": ["aws"]}
+
+
+class Clock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def spot_fleet(cli, tmp_path, monkeypatch, write_config):
+    """Bring up a fleet from `config` (FakeBackend, private ledger) and return (fake, controller for it, clock)."""
+    home, state = tmp_path / "melange-home", tmp_path / "fake.json"
+    for key, value in {"MELANGE_SKY_HOME": str(home), "MELANGE_SKY_BACKEND": "fake_backend:FakeBackend",
+                       "MELANGE_SKY_FAKE_STATE": str(state), "HF_TOKEN": "hf_test"}.items():
+        monkeypatch.setenv(key, value)
+    ledgers = []
+
+    def make(config: dict, *up_args: str):
+        result = cli("up", "--no-router", write_config(config), "-y", *up_args)
+        assert result.exit_code == 0, result.stderr
+        fake, ledger, clock = FakeBackend(str(state)), Ledger(str(home)), Clock(NOW)
+        ledgers.append(ledger)
+        options = WatchOptions(health_check=False, spot_hold_s=HOLD, up=UpOptions(drain_timeout=0))
+        controller = Controller(config["name"], fake, ledger, {"HF_TOKEN": "hf_test"}, options, clock=clock)
+        return fake, controller, clock
+
+    yield make
+    for ledger in ledgers:
+        ledger.close()
+
+
+def offers(controller: Controller) -> dict[str, str]:
+    return {r.cluster: r.offer for r in controller.ledger.replicas(controller.fleet) if r.state is ReplicaState.UP}
+
+
+def spot_events(controller: Controller) -> list[tuple[str, dict]]:
+    return [(e.new_state, e.data) for e in controller.ledger.history(fleet=controller.fleet)
+            if e.cluster is None and e.new_state.startswith("spot-")]
+
+
+def test_preempted_spot_replicas_go_to_another_region_and_come_back_after_the_hold(spot_fleet):
+    fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")  # each region priced apart, to move back to
+    planned = offers(controller)
+    assert set(planned.values()) == {EAST2} and len(planned) == 3  # the cheapest spot pool
+    for cluster in planned:  # one wave: every spot replica of the region, and no spot capacity left there
+        fake.remove_cluster(cluster)
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    launches = len(fake.calls("launch"))
+
+    report = controller.run_pass()
+    assert report.ok, report.to_dict()
+    assert [a.kind for a in report.actions] == ["spot-preempted", "relaunch", "plan", "up"]
+    moved = offers(controller)
+    assert len(moved) == 3 and set(moved.values()) == {EAST1}  # spot elsewhere
+    assert len(fake.calls("launch")) == launches + 3  # none tried on the pool that just failed
+    assert spot_events(controller) == [("spot-preempted", {"pools": [EAST2], "since": NOW, "until": NOW + HOLD})]
+
+    fake.configure(capacity_failures=[])  # spot is back in us-east-2, but the hold is not over
+    clock.now = NOW + HOLD - 1
+    assert controller.run_pass().actions == [] and offers(controller) == moved
+
+    clock.now = NOW + HOLD
+    report = controller.run_pass()
+    assert report.ok, report.to_dict()
+    assert [a.kind for a in report.actions] == ["spot-return", "plan", "up"]
+    assert report.up is not None and sorted(report.up.drained) == sorted(moved)  # make-before-break
+    assert set(offers(controller).values()) == {EAST2} and len(offers(controller)) == 3
+    assert [kind for kind, _ in spot_events(controller)] == ["spot-preempted", "spot-return"]
+    assert controller.run_pass().actions == []  # settled
+
+
+def test_a_pool_still_full_after_its_hold_is_avoided_again_and_the_fleet_stays_served(spot_fleet):
+    fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")
+    for cluster in offers(controller):
+        fake.remove_cluster(cluster)
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    assert controller.run_pass().ok and set(offers(controller).values()) == {EAST1}
+    clock.now = NOW + HOLD  # offered again, still without capacity: the trial fails, the fleet keeps serving
+    report = controller.run_pass()
+    assert [a.kind for a in report.actions][:1] == ["spot-return"]
+    assert [a.kind for a in report.actions][-1] == "spot-unavailable"
+    assert len(offers(controller)) == 3 and set(offers(controller).values()) == {EAST1}
+    kind, data = spot_events(controller)[-1]
+    assert kind == "spot-unavailable" and data == {"pools": [EAST2], "since": NOW + HOLD, "until": NOW + 2 * HOLD}
+
+
+def test_with_every_pool_of_a_pinned_spot_entry_avoided_the_load_moves_to_another_gpu_type_and_back(spot_fleet):
+    pinned = {**SPOT_A10G, "name": "pinned",  # spot A10G in one region only; on-demand L4, one at least
+              "gpu_info": {"A10G": {"tputs": [[2, 1], [5, 2]], "use_spot": True, "region": "us-east-2"},
+                           "L4": {"tputs": [[2, 1], [5, 2]], "min_count": 1}}}
+    fake, controller, clock = spot_fleet(pinned)
+
+    def reliable() -> int:
+        return sum(1 for offer in offers(controller).values() if not offer.endswith(":spot"))
+
+    start = offers(controller)
+    floor = reliable()
+    assert floor == 1 and any(o == EAST2 for o in start.values())
+    for cluster, offer in start.items():
+        if offer == EAST2:
+            fake.remove_cluster(cluster)
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    report = controller.run_pass()
+    assert report.ok, report.to_dict()
+    assert not any(o.endswith(":spot") for o in offers(controller).values())  # another GPU type covers the load
+    assert reliable() > floor
+    fake.configure(capacity_failures=[])
+    clock.now = NOW + HOLD
+    report = controller.run_pass()
+    assert report.ok, report.to_dict()
+    assert any(o == EAST2 for o in offers(controller).values()) and reliable() >= floor  # back on spot, floor kept
+    assert report.up is not None and report.up.drained
