@@ -47,7 +47,7 @@ from typing import Any
 
 import pulp
 
-from melange_sky.core.config import Config, parse_config
+from melange_sky.core.config import Config, Market, SpotPolicy, parse_config
 from melange_sky.solver.model import SolverOptions, dominated_gpus
 from melange_sky.solver.result import solve
 
@@ -162,6 +162,31 @@ def load_instance(seed: int, slice_factor: int = 8, quotas: bool = False, per_of
     if per_offer:
         config = replace(config, gpus=tuple(replace(g, entry=g.name.split("@")[0]) for g in config.gpus))
     return config
+
+
+SPOT_DISCOUNT = (0.3, 0.7)  # a spot offer costs its on-demand price x a factor in this range
+REGIONS_PER_CLOUD = 2  # each offer is in one of its cloud's regions (drawn), so spot spreads over 10 regions
+MARKET_POLICY = SpotPolicy(floor=0.5, max_region_share=0.5)
+
+
+def load_market_instance(seed: int, slice_factor: int = 8) -> Config:
+    """The quota instance (`quotas=True`) with markets, as `--per-offer` binds it under a `spot` block: each of the
+    40 offers is an on-demand column and a spot column (spot price = on-demand x a factor in SPOT_DISCOUNT; the
+    spot column gets its own quota where the on-demand one has one), in one of its cloud's regions; the reliable
+    replicas must carry half of every bucket (floor 0.5) and no region may hold more than half the spot GPUs. 80
+    columns, 16 types (8 GPUs x reliable or spot)."""
+    config = load_instance(seed, slice_factor, quotas=True, per_offer=True)
+    rng = random.Random(f"{seed}-markets")
+    columns = []
+    for g in config.gpus:
+        gpu, cloud = g.name.split("@")
+        region = f"r{rng.randrange(REGIONS_PER_CLOUD)}"
+        on_demand = replace(g, cloud=cloud, region=region, market=Market.ON_DEMAND)
+        spot_cap = None if g.max_count is None else rng.randint(*QUOTA_RANGE)
+        spot = replace(on_demand, name=f"{g.name}:spot", cost=round(g.cost * rng.uniform(*SPOT_DISCOUNT), 4),
+                       use_spot=True, market=Market.SPOT, max_count=spot_cap)
+        columns += [on_demand, spot]
+    return replace(config, name=f"bench-{seed}-markets", gpus=tuple(columns), spot=MARKET_POLICY)
 
 
 # ---- measuring --------------------------------------------------------------------------------------------------
