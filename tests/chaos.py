@@ -706,13 +706,97 @@ def sc_preemption(s: Scenario) -> None:
     s.cli("up", EXAMPLE, "-y", "--rate", s.rate(), allowed={0, 1})
 
 
+#: Spot capacity scenarios (issue 20), run by name like any kind (`run(seed, SPOT_KINDS)`, `replay("spot-outage:1")`,
+#: tests/test_spot_fallback.py). Kept out of KINDS so the quick run's seeded draws over KINDS stay as they are.
+SPOT_KINDS = ("spot-outage", "spot-outage-pinned")
+SPOT_HOLD_MIN = 0.03  # `watch --spot-hold`: 1.8 s, so a scenario sees the pool come back
+SPOT_FLEET = "spotty"
+
+
+def _spot_config(pinned: bool) -> dict[str, Any]:
+    """Spot A10G (any AWS region, or only us-east-2 when `pinned`) and at least one on-demand L4: the floor."""
+    a10g: dict[str, Any] = {"tputs": [[2, 1], [5, 2]], "use_spot": True, **({"region": "us-east-2"} if pinned else {})}
+    return {"name": SPOT_FLEET, "gpu_info": {"A10G": a10g, "L4": {"tputs": [[2, 1], [5, 2]], "min_count": 1}},
+            "workload_distribution": [[0.2, 0.1], [0.5, 0.2]], "total_request_rate": 6, "slice_factor": 1,
+            "input_buckets": [1, 25, 100], "output_buckets": [1, 25, 100], "clouds": ["aws"]}
+
+
+def _up_in(s: Scenario, spot: bool, region: str | None = None) -> list[str]:
+    """Clusters up in the cloud that are (not) spot, in `region` if given."""
+    where = s.cloud.placements()
+    return sorted(c for c, real in s.cloud.existing().items() if real == "up" and c in where
+                  and where[c]["spot"] == spot and (region is None or where[c]["region"] == region))
+
+
+def _lowest_reliable(s: Scenario, since: float) -> int:
+    """The fewest on-demand clusters up in the cloud at any moment since `since` (by the cloud's timeline)."""
+    timeline, where = s.cloud.timeline(), s.cloud.placements()
+    reliable = [c for c, p in where.items() if not p["spot"]]
+    moments = sorted({since} | {e[0] for c in reliable for e in timeline.get(c, []) if e[0] >= since})
+
+    def up_at(cluster: str, at: float) -> bool:
+        state = "gone"
+        for t, real, *_ in sorted(timeline.get(cluster, []), key=lambda e: e[0]):
+            if t > at:
+                break
+            state = real
+        return state == "up"
+
+    return min(sum(up_at(c, t) for c in reliable) for t in moments)
+
+
+def _sc_spot_outage(s: Scenario, pinned: bool) -> None:
+    """Every spot replica of one region preempted at once, then no spot capacity there: `watch --once` restores the
+    full fleet (spot in another region, or the on-demand type when the spot entry is pinned to that region) without
+    the reliable capacity ever falling below its floor; once the region has capacity again and the hold is over,
+    the next pass moves the load back to spot there."""
+    config = s.dir / "spot.json"
+    config.write_text(json.dumps(_spot_config(pinned)))
+    s.cli("up", str(config), "-y", "--per-offer", allowed={0})
+    started = time.time()
+    spot = _up_in(s, spot=True)
+    floor = len(_up_in(s, spot=False))
+    region = s.cloud.placements()[spot[0]]["region"] if spot else None
+    if region is None or floor < 1:
+        s.violation("spot-setup", f"the spot fleet came up with {len(spot)} spot and {floor} on-demand replica(s)")
+        return
+    s.configure(spot_outage=[region])
+    for cluster in _up_in(s, spot=True, region=region):
+        s.cloud.preempt(cluster, "gone")
+    s.step(f"cloud: every spot replica in {region} preempted; no spot capacity there")
+    watch = ("watch", SPOT_FLEET, "--once", "--no-health-check", "--drain-timeout", "0", "--spot-hold",
+             str(SPOT_HOLD_MIN))
+    s.cli(*watch, allowed={0}, why="the fleet restored on other offers")
+    if _up_in(s, spot=True, region=region):
+        s.violation("spot-fallback", f"spot replicas up in {region} during its outage")
+    if not _up_in(s, spot=True) and not pinned:
+        s.violation("spot-fallback", "the load left spot although other regions had spot capacity")
+    s.configure(spot_outage=[])
+    time.sleep(SPOT_HOLD_MIN * 60 + 0.5)  # the hold itself, not a synchronisation: the pool comes back after it
+    s.cli(*watch, allowed={0}, why="the load moved back to spot")
+    if not _up_in(s, spot=True, region=region):
+        s.violation("spot-return", f"no spot replica back in {region} once its hold was over")
+    lowest = _lowest_reliable(s, started)
+    if lowest < floor:
+        s.violation("spot-floor", f"on-demand replicas up fell to {lowest}, below the floor of {floor}")
+
+
+def sc_spot_outage(s: Scenario) -> None:
+    _sc_spot_outage(s, pinned=False)
+
+
+def sc_spot_outage_pinned(s: Scenario) -> None:
+    _sc_spot_outage(s, pinned=True)
+
+
 SCENARIOS: dict[str, Callable[[Scenario], None]] = {
     "plain": sc_plain, "launch-faults": sc_launch_faults, "exceptions": sc_exceptions,
     "created-then-fail": sc_created_then_fail, "status-race": sc_status_race, "concurrent": sc_concurrent,
     "interrupt": sc_interrupt, "startup-interrupt": sc_startup_interrupt, "failing-teardown": sc_failing_teardown,
     "corrupt-ledger": sc_corrupt_ledger, "preemption": sc_preemption,
+    "spot-outage": sc_spot_outage, "spot-outage-pinned": sc_spot_outage_pinned,
 }
-assert tuple(SCENARIOS) == KINDS
+assert tuple(SCENARIOS) == KINDS + SPOT_KINDS
 
 
 def run_scenario(kind: str, subseed: int, root: Path, keep: bool = False) -> Scenario:

@@ -26,6 +26,9 @@ What it models, after SkyPilot:
   `fail_after_ms`, the cache still says UP), status that raises (BackendError or RuntimeError), teardowns that fail
   (down raises, the cluster stays).
 - **Out of band**, for the runner: `preempt(cluster, to="gone" | "stopped" | "init")`.
+- **Spot pools**: every launch's region and market are kept in `placements` (cluster -> {"region", "spot"}, kept
+  after the cluster goes); `config["spot_outage"]` lists regions with no spot capacity: a spot launch there is a
+  capacity error (rolled back), whatever the draws say.
 - **Holds**, for deterministic interleavings: `config["holds"][point] = {"release": path, "once": bool, "skip": n}`
   makes the call block at `point` until the file `path` exists (or its launch is cancelled); the first n calls pass;
   `held(point)` tells the test a call is there. Points: `launch` (after the cluster was written INIT),
@@ -53,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from backend_doubles import CancellableLaunches, locked_json
+from fake_backend import offer_of
 from melange_sky.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
 from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchCancelled, LaunchError
 
@@ -88,6 +92,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "lag_ms": 0,
     "script": {},
     "holds": {},
+    "spot_outage": [],  # regions where a spot launch finds no capacity
 }
 
 _EXISTS = ("init", "up", "stopped")
@@ -125,6 +130,7 @@ class ChaosBackend(CancellableLaunches):
             state.setdefault("attempts", {})
             state.setdefault("calls", [])
             state.setdefault("held", [])
+            state.setdefault("placements", {})
             state["instances"] = state.get("instances", 0) + 1
             self.instance = state["instances"]
 
@@ -200,6 +206,10 @@ class ChaosBackend(CancellableLaunches):
 
     def timeline(self) -> dict[str, list[list[Any]]]:
         return self.snapshot()["timeline"]
+
+    def placements(self) -> dict[str, dict[str, Any]]:
+        """Where each cluster was last launched: {"region", "spot"}, kept after it goes."""
+        return self.snapshot()["placements"]
 
     def calls(self, method: str | None = None) -> list[dict[str, Any]]:
         return [c for c in self.snapshot()["calls"] if method is None or c["method"] == method]
@@ -335,6 +345,12 @@ class ChaosBackend(CancellableLaunches):
                 return self._info(cluster, record, request.port)
             attempt = state["attempts"][f"launch:{cluster}"] = state["attempts"].get(f"launch:{cluster}", 0) + 1
             outcome, rng = self._launch_outcome(state, cluster, attempt)
+            resources = (request.task or {}).get("resources") or {}
+            region = next((o["region"] for o in offer_of(request.task or {}) if o.get("region")), None)
+            spot = bool(resources.get("use_spot"))
+            state["placements"][cluster] = {"region": region, "spot": spot}
+            if spot and region in config.get("spot_outage", []):
+                outcome = "capacity"
             delay = self._ms(rng, config["launch_delay_ms"])
             if outcome == "runtime_error" or outcome == "value_error":  # the launcher broke before creating anything
                 self._record(state, "launch", outcome, cluster=cluster, attempt=attempt)

@@ -199,3 +199,13 @@ def test_with_every_pool_of_a_pinned_spot_entry_avoided_the_load_moves_to_anothe
     assert report.ok, report.to_dict()
     assert any(o == EAST2 for o in offers(controller).values()) and reliable() >= floor  # back on spot, floor kept
     assert report.up is not None and report.up.drained
+
+
+# -- the chaos runner's spot scenarios (real CLI processes against the fault-injecting cloud) ------------------------
+@pytest.mark.parametrize("kind", ["spot-outage", "spot-outage-pinned"])
+def test_a_regional_spot_outage_is_covered_by_watch_and_handed_back_without_breaking_the_floor(kind, tmp_path):
+    from chaos import run_scenario
+
+    s = run_scenario(kind, 1, tmp_path)
+    assert not s.violations, "\n".join(map(str, s.violations)) + "\n" + "\n".join(s.steps)
+    assert [r.args[0] for r in s.runs] == ["up", "watch", "watch", "down"]
