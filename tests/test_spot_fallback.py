@@ -209,3 +209,31 @@ def test_a_regional_spot_outage_is_covered_by_watch_and_handed_back_without_brea
     s = run_scenario(kind, 1, tmp_path)
     assert not s.violations, "\n".join(map(str, s.violations)) + "\n" + "\n".join(s.steps)
     assert [r.args[0] for r in s.runs] == ["up", "watch", "watch", "down"]
+
+
+def test_with_markets_a_lost_spot_pool_is_re_solved_over_every_offer_and_the_floor_is_never_drained(spot_fleet):
+    """A fleet planned with markets (a floor, a regional spread; the stored spot block is read back by watch)."""
+    markets = {**SPOT_A10G, "name": "markets", "total_request_rate": 30,
+               "gpu_info": {"A10G": {"tputs": [[2, 1], [5, 2]]}, "L4": {"tputs": [[2, 1], [5, 2]]}},
+               "spot": {"floor": 0.5, "max_region_share": 0.5}}
+    fake, controller, clock = spot_fleet(markets, "--per-offer")
+
+    def reliable() -> int:
+        return sum(1 for offer in offers(controller).values() if not offer.endswith(":spot"))
+
+    start = offers(controller)
+    floor = reliable()
+    lost = sorted(c for c, o in start.items() if o == EAST2)
+    assert floor >= 1 and lost
+    for cluster in lost:
+        fake.remove_cluster(cluster)
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    report = controller.run_pass()
+    assert report.ok, report.to_dict()
+    assert report.actions[0].kind == "spot-preempted" and EAST2 not in offers(controller).values()
+    assert len(offers(controller)) == len(start) and reliable() >= floor  # here: spot of another type elsewhere
+    fake.configure(capacity_failures=[])
+    clock.now = NOW + HOLD
+    report = controller.run_pass()
+    assert report.ok, report.to_dict()
+    assert report.actions[0].kind == "spot-return" and reliable() >= floor

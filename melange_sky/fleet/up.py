@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from melange_sky.core.config import Config, GpuSpec
+from melange_sky.core.config import Config, GpuSpec, SpotPolicy
 from melange_sky.deploy.plan import (DEFAULT_MAX_REPLICAS, Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
                                      deployment_from_config)
 from melange_sky.deploy.router_task import ROUTER_TEMPLATE, build_router_plan
@@ -58,6 +58,7 @@ def fleet_config(record: Mapping[str, Any], source: str) -> tuple[Config, PlanSe
                        "input_buckets": _edges(fields.get("input_buckets")),
                        "output_buckets": _edges(fields.get("output_buckets")),
                        "clouds": None if fields.get("clouds") is None else tuple(fields["clouds"]),
+                       "spot": None if fields.get("spot") is None else SpotPolicy(**fields["spot"]),
                        "warnings": ()})
     solver = options.get("solver") or {}
     settings = PlanSettings(formulation=options.get("formulation", "slices"),
