@@ -80,7 +80,10 @@ def test_unknown_name_is_one_line_listing_the_available_backends():
         load_backend("nosuch")
     message = str(err.value)
     assert "\n" not in message
-    assert "unknown backend 'nosuch'" in message and "available: skypilot" in message and "module:Class" in message
+    registered = sorted(ep.name for ep in metadata.entry_points(group="melange_sky.backends"))  # as installed
+    assert "skypilot" in registered
+    assert "unknown backend 'nosuch'" in message and f"available: {', '.join(registered)}" in message
+    assert "module:Class" in message
     assert err.value.exit_code == 2
 
 
