@@ -7,10 +7,10 @@ emulator runs at --speed 4 (step times / 4: rates x 4 and the SLO / 4), one buck
 the answer with small growth (its search and its fitted crossing are the real ones: a server 15% off would be
 found off).
 
-The tolerance is what the two searches can tell apart. The estimate judges each rate on one Poisson sample of 60+
-requests, and near the limit its TPOT statistic moves ~15% from seed to seed: its table-mode answer for this bucket
-spreads ~10% over seeds. So the test compares with the mean of ESTIMATE_SEEDS seeds (its own spread ~2%); the
-profile measures until its statistic is known within a few % (or its step cap). 10% is then > 3 standard
+The tolerance is what the two searches can tell apart. The estimate judges each rate on one Poisson sample, and
+near the limit its statistic moves from seed to seed: its table-mode answer for this bucket spread ~10% over seeds
+on the first engine, ~5% now. So the test compares with the mean of ESTIMATE_SEEDS seeds (its own spread ~1-2%);
+the profile measures until its statistic is known within a few % (or its step cap). 10% is then > 3 standard
 deviations of the difference, and the profile's runs measured 0.95-1.04 of the estimate on a machine loaded 10 deep.
 Speeds above ~5 are not used: on a loaded 2-core machine the emulator and the profiler, starved of CPU, bunch their
 events and the measured rate drops (0.75-0.9 of the estimate at speed 8 under a load of 9); and the test shares the
