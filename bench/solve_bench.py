@@ -48,8 +48,8 @@ from typing import Any
 import pulp
 
 from melange_sky.core.config import Config, Market, SpotPolicy, parse_config
-from melange_sky.solver.model import SolverOptions, dominated_gpus
-from melange_sky.solver.result import solve
+from melange_sky.solver.model import Formulation, SolverOptions, dominated_gpus
+from melange_sky.solver.result import solve, solve_fleet
 
 DEFAULT_SOLVER = SolverOptions().name  # what `melange-sky solve` uses
 
@@ -428,6 +428,52 @@ def cli_table(repeats: int) -> None:
     emit()
 
 
+def market_table(seeds: Sequence[int], time_limit: float) -> None:
+    """Table 6: the quota instances with markets (`load_market_instance`), the fleet alone (`solve_fleet`: the
+    all-on-demand and floor-0 comparisons that `solve` adds are left out)."""
+    progress("Table 6")
+    runs: dict[str, list[Run]] = {"slices": [], "split": []}
+    spot_shares: list[float] = []
+    for seed in seeds:
+        config = load_market_instance(seed)
+        for formulation, results in runs.items():
+            result = solve_fleet(config, Formulation(formulation), SolverOptions(time_limit=time_limit))
+            progress(f"  seed {seed:>3} {formulation:<6} markets {result.status:<8} {result.solve_seconds:7.2f} s  "
+                     f"${result.cost:.4f}/h")
+            results.append(Run(seed=seed, rate=config.total_request_rate, formulation=formulation,
+                               solver=DEFAULT_SOLVER, status=result.status, cost=result.cost, gpus=result.replicas,
+                               seconds=result.solve_seconds, kept_columns=len(config.gpus) - len(
+                                   dominated_gpus(config))))
+            if formulation == "slices":
+                spot = sum(g.cost for g in result.gpus if g.market == Market.SPOT)
+                spot_shares.append(spot / result.cost if result.cost else 0.0)
+    emit(f"## Table 6: markets (spot beside on-demand, floor {MARKET_POLICY.floor:g}, max_region_share "
+         f"{MARKET_POLICY.max_region_share:g}) with per-offer quotas, {DEFAULT_SOLVER}, time limit {time_limit:g} s")
+    emit()
+    emit("The Table 2 instances as `--per-offer` binds them under a `spot` block: each of the 40 offers is an "
+         f"on-demand column and a spot column (spot at {SPOT_DISCOUNT[0]:g}-{SPOT_DISCOUNT[1]:g} x on-demand, with "
+         f"its own quota where the on-demand offer has one), each in one of {REGIONS_PER_CLOUD} regions of its "
+         "cloud: 80 columns in 16 types (8 GPUs x reliable or spot). The reliable replicas alone must carry "
+         f"{MARKET_POLICY.floor:g} of every bucket; no region may hold more than "
+         f"{MARKET_POLICY.max_region_share:g} of the spot GPUs.")
+    emit()
+    proven = {f: [r for r in results if r.optimal and r.seconds <= 5] for f, results in runs.items()}
+    emit(table(["formulation", "proved optimal", "median s", "p90 s", "max s", "target: all proven within 5 s, "
+                                                                              "median <= 0.5 s"],
+               [[formulation, *timing_cells(results),
+                 "met" if len(proven[formulation]) == len(results)
+                 and statistics.median(r.seconds for r in results) <= 0.5 else "**not met**"]
+                for formulation, results in runs.items()]))
+    emit()
+    emit(table(["seed", "req/s", "columns kept", "slices status", "slices s", "slices $/h", "split status",
+                "split s", "split $/h"],
+               [[a.seed, a.rate, a.kept_columns, a.status, f"{a.seconds:.2f}", f"{a.cost:.4f}", b.status,
+                 f"{b.seconds:.2f}", f"{b.cost:.4f}"] for a, b in zip(runs["slices"], runs["split"])]))
+    emit()
+    emit(f"Spot's share of the slices fleet's $/h: {spread([round(100 * x) for x in spot_shares])} %.")
+    emit()
+
+
 # ---- entry point ------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -441,6 +487,7 @@ class Plan:
     quota_sweep_time_limit: float  # Tables 2 and 4
     paper_time_limit: float  # Table 3
     cli_repeats: int
+    markets_only: bool = False
 
 
 FULL = Plan(seeds=10, paper_seeds=5, sweep_seeds=3, time_limit=60, quota_sweep_time_limit=30, paper_time_limit=60,
@@ -461,13 +508,15 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
                         help=f"seconds per solve in Table 1 (default {FULL.time_limit:g})")
     parser.add_argument("--quota-sweep-time-limit", type=float,
                         help=f"seconds per solve in Tables 2 and 4 (default {FULL.quota_sweep_time_limit:g})")
+    parser.add_argument("--markets-only", action="store_true", help="only Table 6 (markets)")
     parser.add_argument("--paper-time-limit", type=float,
                         help=f"seconds per paper solve in Table 3 (default {FULL.paper_time_limit:g})")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     overrides = {name: getattr(args, name) for name in ("seeds", "paper_seeds", "sweep_seeds", "time_limit",
                                                          "quota_sweep_time_limit", "paper_time_limit")}
-    plan = replace(plan, **{name: value for name, value in overrides.items() if value is not None})
+    plan = replace(plan, **{name: value for name, value in overrides.items() if value is not None},
+                   markets_only=args.markets_only)
     if plan.seeds < 1:
         parser.error("--seeds must be at least 1")
     return replace(plan, paper_seeds=min(plan.paper_seeds, plan.seeds), sweep_seeds=min(plan.sweep_seeds, plan.seeds))
@@ -482,11 +531,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     emit(table(["cores", "CPU", "Python", "PuLP", "platform"],
                [[os.cpu_count(), cpu_model(), platform.python_version(), pulp.__version__, platform.platform()]]))
     emit()
+    if plan.markets_only:
+        market_table(seeds, plan.quota_sweep_time_limit)
+        return
     sliced = main_table(seeds, plan.time_limit)
     quota_table(seeds, plan.quota_sweep_time_limit)
     paper_table(seeds[:plan.paper_seeds], sliced, plan.paper_time_limit)
     slice_factor_table(seeds[:plan.sweep_seeds], plan.quota_sweep_time_limit)
     cli_table(plan.cli_repeats)
+    market_table(seeds, plan.quota_sweep_time_limit)
     emit(f"Total benchmark wall time: {time.perf_counter() - started:.0f} s.")
 
 

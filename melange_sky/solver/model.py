@@ -265,14 +265,19 @@ def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[Sha
     if status is not SolveStatus.OPTIMAL:
         return None
     bound = pulp.value(relaxed.objective) or 0.0
+    # Whole slices for the relaxation's counts: a fit costs L, so it is optimal with no search.
     model, variables = build_model(config, Formulation.SLICES, caps=caps)
     for name, var in [*variables.count.items(), *((n, v) for n, v in variables.offer.items()
                                                    if n in variables.integral)]:
         value = round(pulp.value(split.count[name] if name in split.count else split.offer[name]) or 0)
         var.lowBound = var.upBound = value
     limit = min(SPLIT_FIRST_FIT_SECONDS, options.time_limit or SPLIT_FIRST_FIT_SECONDS)
-    fit_status, fit_seconds = run_model(model, dataclasses.replace(options, time_limit=limit))
-    seconds += fit_seconds
+    started = time.perf_counter()
+    try:
+        fit_status, _ = run_model(model, dataclasses.replace(options, time_limit=limit))
+    except SolverError:  # none found within the limit
+        fit_status = SolveStatus.INFEASIBLE
+    seconds += time.perf_counter() - started
     if fit_status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE) and \
             (pulp.value(model.objective) or 0.0) <= bound + OPTIMALITY_GAP_ABS:
         return SolveStatus.OPTIMAL, seconds, variables
