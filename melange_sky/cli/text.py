@@ -102,7 +102,7 @@ def format_markets(result: SolveResult) -> list[str]:
              f"{100 * m.reliable_share:.1f}% of every bucket.",
              f"  Spot GPUs per region (at most {100 * m.max_region_share:g}% of {spot:,} in one): {spread}."]
     if m.on_demand_cost is None:
-        lines.append("  All on-demand: no fleet fits without spot.")
+        lines.append("  All on-demand: no proven optimum (no fleet fits without spot, or the time limit stopped it).")
     else:
         saving = m.on_demand_cost - result.cost
         lines.append(f"  All on-demand: ${m.on_demand_cost:,.2f}/h; spot saves ${saving:,.2f}/h "
