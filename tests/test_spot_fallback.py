@@ -4,6 +4,8 @@ against the FakeBackend with an injected clock: spot replicas the cloud takes aw
 and the load moves back once its hold is over; each step is one ledger event with data."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from fake_backend import FakeBackend
@@ -88,6 +90,8 @@ SPOT_A10G = {"name": "spotty", "gpu_info": {"A10G": {"tputs": [[2, 1], [5, 2]], 
 
 
 class Clock:
+    """The controller's clock, moved by the test (it starts at the real time: `up` reads the real one)."""
+
     def __init__(self, now: float):
         self.now = now
 
@@ -107,7 +111,7 @@ def spot_fleet(cli, tmp_path, monkeypatch, write_config):
     def make(config: dict, *up_args: str):
         result = cli("up", "--no-router", write_config(config), "-y", *up_args)
         assert result.exit_code == 0, result.stderr
-        fake, ledger, clock = FakeBackend(str(state)), Ledger(str(home)), Clock(NOW)
+        fake, ledger, clock = FakeBackend(str(state)), Ledger(str(home)), Clock(time.time())
         ledgers.append(ledger)
         options = WatchOptions(health_check=False, spot_hold_s=HOLD, up=UpOptions(drain_timeout=0))
         controller = Controller(config["name"], fake, ledger, {"HF_TOKEN": "hf_test"}, options, clock=clock)
@@ -129,6 +133,7 @@ def spot_events(controller: Controller) -> list[tuple[str, dict]]:
 
 def test_preempted_spot_replicas_go_to_another_region_and_come_back_after_the_hold(spot_fleet):
     fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")  # each region priced apart, to move back to
+    t0 = clock.now
     planned = offers(controller)
     assert set(planned.values()) == {EAST2} and len(planned) == 3  # the cheapest spot pool
     for cluster in planned:  # one wave: every spot replica of the region, and no spot capacity left there
@@ -142,13 +147,13 @@ def test_preempted_spot_replicas_go_to_another_region_and_come_back_after_the_ho
     moved = offers(controller)
     assert len(moved) == 3 and set(moved.values()) == {EAST1}  # spot elsewhere
     assert len(fake.calls("launch")) == launches + 3  # none tried on the pool that just failed
-    assert spot_events(controller) == [("spot-preempted", {"pools": [EAST2], "since": NOW, "until": NOW + HOLD})]
+    assert spot_events(controller) == [("spot-preempted", {"pools": [EAST2], "since": t0, "until": t0 + HOLD})]
 
     fake.configure(capacity_failures=[])  # spot is back in us-east-2, but the hold is not over
-    clock.now = NOW + HOLD - 1
+    clock.now = t0 + HOLD - 1
     assert controller.run_pass().actions == [] and offers(controller) == moved
 
-    clock.now = NOW + HOLD
+    clock.now = t0 + HOLD
     report = controller.run_pass()
     assert report.ok, report.to_dict()
     assert [a.kind for a in report.actions] == ["spot-return", "plan", "up"]
@@ -160,17 +165,18 @@ def test_preempted_spot_replicas_go_to_another_region_and_come_back_after_the_ho
 
 def test_a_pool_still_full_after_its_hold_is_avoided_again_and_the_fleet_stays_served(spot_fleet):
     fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")
+    t0 = clock.now
     for cluster in offers(controller):
         fake.remove_cluster(cluster)
     fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
     assert controller.run_pass().ok and set(offers(controller).values()) == {EAST1}
-    clock.now = NOW + HOLD  # offered again, still without capacity: the trial fails, the fleet keeps serving
+    clock.now = t0 + HOLD  # offered again, still without capacity: the trial fails, the fleet keeps serving
     report = controller.run_pass()
     assert [a.kind for a in report.actions][:1] == ["spot-return"]
     assert [a.kind for a in report.actions][-1] == "spot-unavailable"
     assert len(offers(controller)) == 3 and set(offers(controller).values()) == {EAST1}
     kind, data = spot_events(controller)[-1]
-    assert kind == "spot-unavailable" and data == {"pools": [EAST2], "since": NOW + HOLD, "until": NOW + 2 * HOLD}
+    assert kind == "spot-unavailable" and data == {"pools": [EAST2], "since": t0 + HOLD, "until": t0 + 2 * HOLD}
 
 
 def test_with_every_pool_of_a_pinned_spot_entry_avoided_the_load_moves_to_another_gpu_type_and_back(spot_fleet):
@@ -178,6 +184,7 @@ def test_with_every_pool_of_a_pinned_spot_entry_avoided_the_load_moves_to_anothe
               "gpu_info": {"A10G": {"tputs": [[2, 1], [5, 2]], "use_spot": True, "region": "us-east-2"},
                            "L4": {"tputs": [[2, 1], [5, 2]], "min_count": 1}}}
     fake, controller, clock = spot_fleet(pinned)
+    t0 = clock.now
 
     def reliable() -> int:
         return sum(1 for offer in offers(controller).values() if not offer.endswith(":spot"))
@@ -194,7 +201,7 @@ def test_with_every_pool_of_a_pinned_spot_entry_avoided_the_load_moves_to_anothe
     assert not any(o.endswith(":spot") for o in offers(controller).values())  # another GPU type covers the load
     assert reliable() > floor
     fake.configure(capacity_failures=[])
-    clock.now = NOW + HOLD
+    clock.now = t0 + HOLD
     report = controller.run_pass()
     assert report.ok, report.to_dict()
     assert any(o == EAST2 for o in offers(controller).values()) and reliable() >= floor  # back on spot, floor kept
@@ -217,6 +224,7 @@ def test_with_markets_a_lost_spot_pool_is_re_solved_over_every_offer_and_the_flo
                "gpu_info": {"A10G": {"tputs": [[2, 1], [5, 2]]}, "L4": {"tputs": [[2, 1], [5, 2]]}},
                "spot": {"floor": 0.5, "max_region_share": 0.5}}
     fake, controller, clock = spot_fleet(markets, "--per-offer")
+    t0 = clock.now
 
     def reliable() -> int:
         return sum(1 for offer in offers(controller).values() if not offer.endswith(":spot"))
@@ -233,7 +241,20 @@ def test_with_markets_a_lost_spot_pool_is_re_solved_over_every_offer_and_the_flo
     assert report.actions[0].kind == "spot-preempted" and EAST2 not in offers(controller).values()
     assert len(offers(controller)) == len(start) and reliable() >= floor  # here: spot of another type elsewhere
     fake.configure(capacity_failures=[])
-    clock.now = NOW + HOLD
+    clock.now = t0 + HOLD
     report = controller.run_pass()
     assert report.ok, report.to_dict()
     assert report.actions[0].kind == "spot-return" and reliable() >= floor
+
+
+def test_a_manual_up_does_not_move_back_onto_a_pool_watch_is_avoiding(spot_fleet, cli, write_config):
+    fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")  # the clock is the real one here, as up's
+    for cluster in offers(controller):
+        fake.remove_cluster(cluster)
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    assert controller.run_pass().ok and set(offers(controller).values()) == {EAST1}
+    fake.configure(capacity_failures=[])  # us-east-2 would take them again, and is cheaper: up would shrink onto it
+    launches = len(fake.calls("launch"))
+    again = cli("up", "--no-router", write_config(SPOT_A10G), "-y", "--per-offer")
+    assert again.exit_code == 0, again.stderr
+    assert set(offers(controller).values()) == {EAST1} and len(fake.calls("launch")) == launches

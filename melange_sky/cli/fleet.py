@@ -8,6 +8,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import click
@@ -16,6 +17,7 @@ from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
 from melange_sky.cli.simulate import simulate_hint
 from melange_sky.cli.text import format_down, format_dryrun, format_event, format_preview, format_status, format_up
+from melange_sky.controller.watch import spot_avoided
 from melange_sky.fleet.backends import load_backend
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
 from melange_sky.fleet.ledger import Ledger
@@ -156,7 +158,8 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     with Ledger() as ledger, launcher_output(), terminations_interrupt():
         report = bring_up(cfg, settings, load_backend(backend), ledger, secrets, options,
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
-                          on_warning=print_warning, router=router)
+                          on_warning=print_warning, router=router,
+                          exclude=spot_avoided(ledger, cfg.name, time.time()))  # pools `watch` saw fail
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report, shown))
     if report.interrupted:
         sys.exit(130)

@@ -41,7 +41,8 @@ from melange_sky.controller import placer, rules
 from melange_sky.controller.placer import SpotStep
 from melange_sky.controller.rules import Decision, Need, Scale
 
-__all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "WatchOptions", "watch_lock"]
+__all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "WatchOptions", "read_placer", "spot_avoided",
+           "watch_lock"]
 
 DEFAULT_INTERVAL_S = 60.0
 PROBE_TIMEOUT_S = 5.0  # one readiness probe
@@ -119,6 +120,18 @@ class PassReport:
                                                "unavailable_offers": up.unavailable_offers, "notes": up.notes,
                                                "endpoint": up.endpoint},
                 "error": self.error, "interrupted": self.interrupted, "refused": self.refused}
+
+
+def read_placer(ledger: Ledger, fleet: str) -> placer.Placer:
+    """The spot placer's memory of `fleet`: its spot events in the ledger, folded oldest first. `up` reads it too
+    (`spot_avoided`), so a manual `up` does not relaunch on a pool `watch` just saw fail."""
+    events = sorted((e for kind in placer.KINDS for e in ledger.history(fleet=fleet, kind=kind)), key=lambda e: e.id)
+    return placer.Placer.of((e.at, e.new_state, e.data) for e in events)
+
+
+def spot_avoided(ledger: Ledger, fleet: str, now: float) -> frozenset[str]:
+    """The spot pools (offer keys) no plan of `fleet` may add replicas on at `now`."""
+    return read_placer(ledger, fleet).avoided(now)
 
 
 def watch_lock(ledger: Ledger, fleet: str) -> FleetLock:
@@ -246,10 +259,7 @@ class Controller:
         self._bring_up(report, target, settings, router, avoid)
 
     def _placer(self) -> placer.Placer:
-        """The spot placer's memory: the fleet's spot events, oldest first."""
-        events = sorted((e for kind in placer.KINDS for e in self.ledger.history(fleet=self.fleet, kind=kind)),
-                        key=lambda e: e.id)
-        return placer.Placer.of((e.at, e.new_state, e.data) for e in events)
+        return read_placer(self.ledger, self.fleet)
 
     def _spot(self, report: PassReport, step: SpotStep | None) -> None:
         """Record a placer step (one event with its data, one line)."""
