@@ -28,24 +28,36 @@ def row(cluster: str, state: ReplicaState, offer: str = EAST2, spot: bool = True
 
 
 def test_spot_replicas_the_cloud_took_away_are_one_step_avoiding_their_pools_for_the_hold():
-    before = [row("f-a10g-0", ReplicaState.UP), row("f-a10g-1", ReplicaState.UP),
-              row("f-a10g-2", ReplicaState.UP, EAST1)]
-    after = [row("f-a10g-0", ReplicaState.GONE), row("f-a10g-1", ReplicaState.STOPPED),
-             row("f-a10g-2", ReplicaState.UP, EAST1)]
-    step = lost_spot(before, after, NOW, HOLD)
+    rows = [row("f-a10g-0", ReplicaState.GONE), row("f-a10g-1", ReplicaState.STOPPED),
+            row("f-a10g-2", ReplicaState.UP, EAST1)]
+    last = {"f-a10g-0": (ReplicaState.UP, "gone", NOW - 5), "f-a10g-1": (ReplicaState.UP, "stopped", NOW - 4),
+            "f-a10g-2": (ReplicaState.LAUNCHING, "up", NOW - 9)}
+    step = lost_spot(rows, last, Placer({}), NOW, HOLD)
     assert step is not None and step.kind == "spot-preempted" and step.pools == (EAST2,)
     assert step.message == ("f-a10g-0, f-a10g-1 lost on aws us-east-2 g5.xlarge (spot): avoided for 10 min; their "
                             "load is re-planned on the other offers")
     assert step.data == {"pools": [EAST2], "since": NOW, "until": NOW + HOLD}
 
 
-def test_on_demand_replicas_our_own_teardowns_and_replicas_not_up_before_are_not_preemptions():
+def test_a_loss_counts_once_whichever_refresh_recorded_it():
+    rows = [row("f-a10g-0", ReplicaState.GONE)]
+    last = {"f-a10g-0": (ReplicaState.UP, "gone", NOW - 5)}  # e.g. by `status --refresh` between two passes
+    step = lost_spot(rows, last, Placer({}), NOW, HOLD)
+    assert step is not None
+    known = Placer.of([(NOW, step.kind, step.data)])  # the next pass: the loss is recorded
+    assert lost_spot(rows, last, known, NOW + 60, HOLD) is None
+    later = {"f-a10g-0": (ReplicaState.UP, "gone", NOW + 30)}  # relaunched there and lost again since
+    assert lost_spot(rows, later, known, NOW + 60, HOLD) is not None
+
+
+def test_on_demand_replicas_our_own_teardowns_and_failed_launches_are_not_preemptions():
     od = "aws:us-east-2:g5.xlarge"
-    before = [row("f-a-0", ReplicaState.UP, od, spot=False), row("f-a10g-0", ReplicaState.UP),
-              row("f-a10g-1", ReplicaState.UNAVAILABLE)]
-    after = [row("f-a-0", ReplicaState.GONE, od, spot=False), row("f-a10g-0", ReplicaState.TERMINATING),
-             row("f-a10g-1", ReplicaState.GONE)]
-    assert lost_spot(before, after, NOW, HOLD) is None
+    rows = [row("f-a-0", ReplicaState.GONE, od, spot=False), row("f-a10g-0", ReplicaState.GONE),
+            row("f-a10g-1", ReplicaState.UNAVAILABLE), row("f-a10g-2", ReplicaState.FAILED)]
+    last = {"f-a-0": (ReplicaState.UP, "gone", NOW), "f-a10g-0": (ReplicaState.TERMINATING, "gone", NOW),
+            "f-a10g-1": (ReplicaState.LAUNCHING, "unavailable", NOW),
+            "f-a10g-2": (ReplicaState.LAUNCHING, "failed", NOW)}
+    assert lost_spot(rows, last, Placer({}), NOW, HOLD) is None
 
 
 def test_only_spot_offers_found_without_capacity_are_avoided():
@@ -258,3 +270,16 @@ def test_a_manual_up_does_not_move_back_onto_a_pool_watch_is_avoiding(spot_fleet
     again = cli("up", "--no-router", write_config(SPOT_A10G), "-y", "--per-offer")
     assert again.exit_code == 0, again.stderr
     assert set(offers(controller).values()) == {EAST1} and len(fake.calls("launch")) == launches
+
+
+def test_a_loss_a_status_refresh_recorded_before_the_pass_is_still_avoided(spot_fleet, cli):
+    fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")
+    for cluster in offers(controller):
+        fake.remove_cluster(cluster)
+    assert cli("status", "spotty", "--refresh").exit_code == 0  # the ledger says gone before watch looks
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    launches = len(fake.calls("launch"))
+    report = controller.run_pass()
+    assert report.ok and report.actions[0].kind == "spot-preempted"
+    assert set(offers(controller).values()) == {EAST1} and len(fake.calls("launch")) == launches + 3
+    assert [a.kind for a in controller.run_pass().actions] == []  # counted once

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
@@ -71,17 +71,22 @@ class SpotStep:
 
 @dataclass(frozen=True)
 class Placer:
-    """The pools avoided now (their latest reason and end), as folded from the fleet's events."""
+    """The pools avoided now (their latest reason and end), as folded from the fleet's events, and when each pool
+    was last named by one (a loss recorded before that is known already)."""
 
     avoiding: Mapping[str, Avoid]
+    named: Mapping[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, events: Iterable[tuple[float, str, Mapping[str, Any] | None]]) -> Placer:
         """The placer after these (time, kind, data) fleet events, oldest first; other kinds and events without
         usable data are skipped. A pool marked again keeps the later end."""
         avoiding: dict[str, Avoid] = {}
+        named: dict[str, float] = {}
         for at, kind, data in events:
             pools = [p for p in (data or {}).get("pools") or [] if isinstance(p, str)]
+            for pool in pools:
+                named[pool] = max(at, named.get(pool, at))
             if kind == RETURN_EVENT:
                 for pool in pools:
                     avoiding.pop(pool, None)
@@ -94,25 +99,30 @@ class Placer:
                 old = avoiding.get(pool)
                 if old is None or until > old.until:
                     avoiding[pool] = Avoid(pool, Why(kind), at if since is None else since, until)
-        return cls(avoiding)
+        return cls(avoiding, named)
 
     def avoided(self, now: float) -> frozenset[str]:
         """The pools to keep out of a plan made at `now`."""
         return frozenset(p for p, a in self.avoiding.items() if a.until > now)
 
 
-def lost_spot(before: Sequence[ReplicaRecord], after: Sequence[ReplicaRecord], now: float,
-              hold_s: float) -> SpotStep | None:
-    """The spot replicas the clouds took away between two reads of the fleet's rows (up before; gone, stopped or
-    failed after, not torn down by us, which goes through terminating): their pools are avoided for `hold_s`. One
-    step for all of them (a wave)."""
-    was_up = {r.cluster: r for r in before if r.use_spot and r.state is ReplicaState.UP}
-    lost = sorted((r for r in after if r.cluster in was_up
-                   and r.state in (ReplicaState.GONE, ReplicaState.STOPPED, ReplicaState.FAILED)),
-                  key=lambda r: r.cluster)
+def lost_spot(rows: Sequence[ReplicaRecord], last: Mapping[str, tuple[ReplicaState | None, str, float]],
+              placer: Placer, now: float, hold_s: float) -> SpotStep | None:
+    """The spot replicas the clouds took away: rows whose latest ledger event (`last`: cluster -> (old state, new
+    state, time)) went straight from up to gone, stopped or failed (a refresh saw it: our own teardowns go through
+    terminating), recorded after any spot event naming their pool (so each loss counts once, whichever command's
+    refresh recorded it). Their pools are avoided for `hold_s`; one step for all of them (a wave)."""
+    lost = []
+    for row in rows:
+        event = last.get(row.cluster)
+        if (row.use_spot and event is not None and event[0] is ReplicaState.UP
+                and event[1] in (ReplicaState.GONE.value, ReplicaState.STOPPED.value, ReplicaState.FAILED.value)
+                and row.state.value == event[1] and event[2] > placer.named.get(row.offer, -math.inf)):
+            lost.append(row)
     if not lost:
         return None
-    pools = tuple(sorted({was_up[r.cluster].offer for r in lost}))
+    lost.sort(key=lambda r: r.cluster)
+    pools = tuple(sorted({r.offer for r in lost}))
     names = ", ".join(r.cluster for r in lost)
     return SpotStep(Why.PREEMPTED.value, f"{names} lost on {_pools_text(pools)}: avoided for {_minutes(hold_s)}; "
                                          f"their load is re-planned on the other offers", pools, now, now + hold_s)

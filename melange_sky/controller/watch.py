@@ -209,13 +209,12 @@ class Controller:
 
     def _pass(self, report: PassReport, config: Config, settings: PlanSettings) -> None:
         fleet = Fleet(self.backend, self.ledger, self.on_event)
-        before = self.ledger.replicas(self.fleet)
         try:
             fleet.status(self.fleet, refresh=True)  # preempted, stopped or vanished clusters are recorded so
         except MelangeError as exc:
             self._act(report, "status-failed", f"the launcher's status failed ({exc}); `up` asks again")
         now = self.clock()
-        self._spot(report, placer.lost_spot(before, self.ledger.replicas(self.fleet), now, self.options.spot_hold_s))
+        self._spot(report, self._lost_spot(now))
         returned = placer.back(self._placer(), now)
         self._spot(report, returned)
         avoid = self._placer().avoided(now)
@@ -260,6 +259,17 @@ class Controller:
 
     def _placer(self) -> placer.Placer:
         return read_placer(self.ledger, self.fleet)
+
+    def _lost_spot(self, now: float) -> SpotStep | None:
+        """Spot replicas a refresh (this pass's, or `status --refresh`'s or `up`'s since) found taken away."""
+        rows = [r for r in self.ledger.replicas(self.fleet) if r.use_spot and r.state in
+                (ReplicaState.GONE, ReplicaState.STOPPED, ReplicaState.FAILED)]
+        last = {}
+        for row in rows:
+            events = self.ledger.history(cluster=row.cluster)
+            if events:
+                last[row.cluster] = (events[-1].old_state, events[-1].new_state, events[-1].at)
+        return placer.lost_spot(rows, last, self._placer(), now, self.options.spot_hold_s)
 
     def _spot(self, report: PassReport, step: SpotStep | None) -> None:
         """Record a placer step (one event with its data, one line)."""
