@@ -120,6 +120,7 @@ def test_a_fleet_on_the_local_launcher_serves_heals_and_leaves_no_process(cli, l
         stat = Path(f"/proc/{pid}/stat")
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"), pid
     assert _records(home) == {}
+    assert LocalBackend(home / "local").leftovers() == {}
 
 
 def test_a_recycled_pid_is_not_taken_for_the_replica_it_once_was(tmp_path):
@@ -167,6 +168,18 @@ def test_the_emulator_models_the_engine_flags_the_task_gives_vllm():
            '--enable-lora')
     assert engine_settings(run) == {"max_num_seqs": 64, "gpu_memory_utilization": 0.8,
                                     "enable_prefix_caching": False, "dtype": "fp8", "tensor_parallel_size": 2}
+
+
+def test_a_speed_given_to_the_launcher_reaches_the_emulator(tmp_path):
+    backend = LocalBackend(tmp_path, speed=7)
+    info = backend.launch(LaunchRequest(cluster="f-a10g-0", task=_gpu_task("llama-2-7b")))
+    try:
+        assert info.status is ClusterStatus.UP and info.endpoint is not None
+        assert "At 7x speed" in backend.log_path("f-a10g-0").read_text()
+        assert set(backend.leftovers()) == set()  # a known cluster's process is not a leftover
+    finally:
+        assert backend.down("f-a10g-0") is True
+    assert backend.leftovers() == {} and backend.records() == {}
 
 
 def test_the_local_launcher_is_registered_by_name():

@@ -56,6 +56,8 @@ LAUNCH_TIMEOUT_S = 120.0
 #: After SIGTERM, how long `down` waits before SIGKILL.
 GRACE_S = 5.0
 POLL_S = 0.05
+#: How many launches `state.json` remembers after their cluster is gone (`leftovers`).
+SPAWNED_KEPT = 200
 LOG_TAIL_CHARS = 800
 _LISTENING = re.compile(r"Listening on (https?)://\S*?:(\d+)")
 _API_KEY_SECRET = re.compile(r"VLLM_API_KEY=\"?\$\{([A-Za-z_][A-Za-z0-9_]*)")
@@ -250,8 +252,13 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None):
+    def __init__(self, directory: str | os.PathLike[str] | None = None, speed: float | None = None):
+        """`directory`: the launcher's state (default `$MELANGE_SKY_HOME/local`); `speed`: every GPU this object
+        launches runs that many times faster than real (default: `launch_speed`'s answer for its fleet)."""
+        if speed is not None and not speed > 0:
+            raise ValueError(f"speed must be above 0, got {speed!r}")
         self.dir = Path(directory) if directory is not None else ledger_home() / "local"
+        self.speed = speed
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # the processes this object started, to reap
@@ -279,6 +286,20 @@ class LocalBackend:
         """Each known cluster's record: status, kind, pid, started, port, log, ..."""
         with self._state() as state:
             return json.loads(json.dumps(state["clusters"]))
+
+    def leftovers(self) -> dict[str, list[int]]:
+        """Processes still running from any of the last SPAWNED_KEPT launches that are not a known cluster's, by
+        cluster: `{}` after a clean `down` (and what a test or an operator checks for)."""
+        with self._state() as state:
+            spawned = list(state.get("spawned", []))
+            known = {(int(r["pid"]), int(r["started"])) for r in state["clusters"].values()}
+        found: dict[str, list[int]] = {}
+        for entry in spawned:
+            leader = ProcessId(int(entry["pid"]), int(entry["started"]))
+            members = _group(leader) if (leader.pid, leader.started) not in known else []
+            if members:
+                found.setdefault(entry["cluster"], []).extend(members)
+        return found
 
     def log_path(self, cluster: str) -> Path:
         return self.dir / "logs" / f"{cluster}.log"
@@ -353,7 +374,7 @@ class LocalBackend:
         run = str(task_run(request.task))
         settings = engine_settings(run)
         tp = int(settings.pop("tensor_parallel_size", 0) or gpu[1])
-        speed = launch_speed(envs.get("MELANGE_FLEET"))
+        speed = self.speed or launch_speed(envs.get("MELANGE_FLEET"))
         config = self.dir / "engine" / f"{request.cluster}.json"  # the engine flags, as emulate reads them
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps({"deployment": settings}))
@@ -410,6 +431,9 @@ class LocalBackend:
                   "started": proc.started, "port": None, "log": str(log_path), "offset": offset,
                   "gpu": gpu[0] if gpu else None, "launched_at": time.time()}
         state["clusters"][request.cluster] = record
+        spawned = state.setdefault("spawned", [])
+        spawned.append({"cluster": request.cluster, "pid": proc.pid, "started": proc.started})
+        del spawned[:-SPAWNED_KEPT]
         return record
 
     def _wait_ready(self, request: LaunchRequest, record: dict[str, Any], cancel: threading.Event) -> ClusterInfo:
