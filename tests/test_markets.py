@@ -140,6 +140,9 @@ def test_a_pinned_use_spot_is_respected(catalog):
     assert [(g.name, g.market) for g in a10g] == [("A10G", Market.SPOT)]
     # The floor falls on L4 on demand (5 GPUs, $4); A10G spot carries the rest (5 x $0.40).
     assert result.cost == pytest.approx(5 * 0.8 + 5 * 0.40)
+    alone = {b.gpu: b for b in result.baselines}  # spot alone cannot keep a floor: no single-type fleet of it
+    assert alone["A10G"].cost is None and "nothing reliable to carry the floor" in (alone["A10G"].reason or "")
+    assert alone["L4"].cost == pytest.approx(10 * 0.8)
 
 
 def test_a_config_without_a_spot_block_is_planned_as_before(catalog):

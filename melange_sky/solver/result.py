@@ -365,7 +365,11 @@ def baselines(config: Config, formulation: Formulation | str = Formulation.SLICE
                     for cap in caps if any(c in names for c, _ in cap.columns)]
         limit = (f"its max_count {columns[0].max_count}" if len(columns) == 1 and not own_caps
                  else f"the quotas of its {len(columns)} offer{'s' if len(columns) > 1 else ''}")
-        if len(columns) == 1 and not own_caps:
+        if config.spot is not None and config.spot.floor > 0 and not any(g.reliable for g in columns):
+            result.append(Baseline(label, None, None, f"only spot offers: nothing reliable to carry the floor "
+                                                      f"{config.spot.floor:g}"))
+            continue
+        if len(columns) == 1 and not own_caps and config.spot is None:
             gpu = columns[0]
             load = sum(config.bucket_rate(b) / gpu.tput(b) for b in demand)
             count = max(math.ceil(load / config.headroom - 1e-9), gpu.min_count)
