@@ -215,9 +215,9 @@ class Controller:
             self._act(report, "status-failed", f"the launcher's status failed ({exc}); `up` asks again")
         now = self.clock()
         self._spot(report, self._lost_spot(now))
-        returned = placer.back(self._placer(), now)
-        self._spot(report, returned)
-        avoid = self._placer().avoided(now)
+        placed = self._placer()
+        returned = placer.back(placed, now)  # recorded once the plan has been brought up on it (else retried)
+        avoid = placed.avoided(now)
         if self.options.health_check:
             self._replace_unhealthy(report, fleet, config, settings)
         target = self._autoscale(report, config) if self.options.autoscale else config
@@ -255,7 +255,7 @@ class Controller:
             if what:
                 self._act(report, "relaunch", f"not up: {what}; bringing the plan back "
                                               f"(${report.cost_planned:.2f}/h)")
-        self._bring_up(report, target, settings, router, avoid)
+        self._bring_up(report, target, settings, router, avoid, returned)
 
     def _placer(self) -> placer.Placer:
         return read_placer(self.ledger, self.fleet)
@@ -286,7 +286,8 @@ class Controller:
         return True
 
     def _bring_up(self, report: PassReport, config: Config, settings: PlanSettings,
-                  router: ReplicaRecord | None, avoid: frozenset[str] = frozenset()) -> None:
+                  router: ReplicaRecord | None, avoid: frozenset[str] = frozenset(),
+                  returned: SpotStep | None = None) -> None:
         def on_preview(preview: Preview, notes: list[str]) -> None:
             if preview.changes:
                 self._act(report, "plan", _preview_line(preview))
@@ -298,6 +299,8 @@ class Controller:
                       exclude=avoid)
         report.up = up
         report.interrupted = up.interrupted
+        if returned is not None and not up.interrupted:  # before a new failure there, which starts a new hold
+            self._spot(report, returned)
         planned = len(up.plan.replicas)
         done = "interrupted" if up.interrupted else "complete" if up.complete else "incomplete"
         extra = f"; drained {', '.join(up.drained)}" if up.drained else ""
