@@ -3,17 +3,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+from pathlib import Path
 
 import click
 
 from melange_sky._io import write_config_json
-from melange_sky.cli.main import debug_option, main, warn
-from melange_sky.cli.options import bucket_edge_options
-from melange_sky.cli.text import format_matrix
+from melange_sky.cli.fleet import launcher_output, terminations_interrupt
+from melange_sky.cli.main import INTERRUPTED, debug_option, main, warn
+from melange_sky.cli.options import backend_option, bucket_edge_options
+from melange_sky.cli.text import format_event, format_matrix
 from melange_sky.core.buckets import parse_edges
 from melange_sky.core.config_doc import edges_for_config, read_config_object
 from melange_sky.deploy.offers import catalog_pricer
-from melange_sky.errors import ProfileError
+from melange_sky.errors import LaunchError, ProfileError
+from melange_sky.fleet.backends import load_backend
+from melange_sky.fleet.ledger import Ledger
+from melange_sky.fleet.profile_launch import (DEFAULT_READY_TIMEOUT, LaunchProfileReport, LaunchProfileRequest,
+                                              merge_profiles, profile_launched)
+from melange_sky.fleet.reports import ReplicaEvent
 from melange_sky.inputs.profile import parse_cells, profile_endpoint
 from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind, ProfileEvent, ProfileResult,
                                                ProfileSettings, ProfileSize, config_edges, merge_profile, slo_label)
@@ -23,9 +32,22 @@ DEFAULT_TPOT_SLO_MS = 120.0
 
 
 @main.command()
-@click.option("--endpoint", required=True, metavar="URL", help="Base URL of the OpenAI-compatible server (vLLM, "
+@click.option("--endpoint", metavar="URL", help="Base URL of the OpenAI-compatible server (vLLM, "
               "SGLang), e.g. http://10.0.0.5:8000. Nothing but this host and port is contacted.")
-@click.option("--model", required=True, help="Model name as the server knows it (see URL/v1/models).")
+@click.option("--launch", "launch", metavar="GPU[,GPU...]", help="Instead of --endpoint: launch one replica of each "
+              "GPU type through the launcher (the config's template and engine settings), profile them all at once, "
+              "and tear them down (on success, failure or Ctrl-C). Prints what it cost.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str), metavar="CONFIG",
+              help="With --launch: the config whose deployment (template, engine settings), clouds and buckets to "
+                   "use [default: --into's].")
+@backend_option
+@click.option("--calibrate", "calibrate_fits", is_flag=True, help="With --launch: refit each GPU type's engine-model "
+              "coefficients on its profile (as `estimate --calibrate`), where the engine model knows the GPU.")
+@click.option("--ready-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_READY_TIMEOUT,
+              show_default=True, help="With --launch: seconds a launched replica may take to answer its readiness "
+                                      "path (deployment.readiness_path).")
+@click.option("--model", required=True, help="Model name as the server knows it (see URL/v1/models); with --launch, "
+                                             "the model the replicas serve (deployment.model).")
 @click.option("--tpot-slo-ms", type=click.FloatRange(min=0, min_open=True),
               help=f"SLO on the mean time per output token, ms [default: {DEFAULT_TPOT_SLO_MS:g} when no other SLO "
                    f"is given].")
@@ -49,7 +71,8 @@ DEFAULT_TPOT_SLO_MS = 120.0
 @click.option("--requests-per-step", type=click.IntRange(min=1), default=20, show_default=True,
               help="Measured requests per rate tried, at least (a step usually measures more: see above).")
 @click.option("--start-rate", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="First rate tried, req/s; it doubles while the SLOs hold, then bisects.")
+              help="First rate tried, req/s; it doubles while the SLOs hold, then bisects. With --launch and no "
+                   "--start-rate: 0.8x the engine model's estimate (of the slowest bucket), where it knows the GPU.")
 @click.option("--max-rate", type=click.FloatRange(min=0, min_open=True), default=512.0, show_default=True,
               help="Highest rate tried, req/s.")
 @click.option("--min-rate", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
@@ -68,15 +91,19 @@ DEFAULT_TPOT_SLO_MS = 120.0
 @click.option("--api-key", envvar="MELANGE_SKY_API_KEY", help="Bearer token for the server "
                                                               "[env MELANGE_SKY_API_KEY]; never written to a file.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
-              help="Write the full profile (tputs, headroom, per-bucket steps, TTFT/TPOT/latency) as JSON.")
+              help="Write the full profile (tputs, headroom, per-bucket steps, TTFT/TPOT/latency) as JSON; with "
+                   "--launch, one file per GPU type: {gpu} in the name is replaced by it.")
 @click.option("--into", type=click.Path(dir_okay=False, path_type=str), metavar="CONFIG",
-              help="Set --gpu's tputs in this config (in place); gpu_info may be a dict or a list.")
+              help="Set --gpu's tputs in this config (in place); gpu_info may be a dict or a list. With --launch: "
+                   "every GPU type's.")
 @click.option("--gpu", help="GPU type name the endpoint runs on, for --into (added to gpu_info if missing).")
 @click.option("--cost", type=click.FloatRange(min=0, min_open=True), help="$/h of --gpu, for --into.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full profile as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No estimate or progress lines on stderr.")
 @debug_option
-def profile(endpoint: str, model: str, tpot_slo_ms: float | None, ttft_slo_ms: float | None, ttft_percentile: float,
+def profile(endpoint: str | None, launch: str | None, config_path: str | None, backend: str | None,
+            calibrate_fits: bool, ready_timeout: float, model: str, tpot_slo_ms: float | None,
+            ttft_slo_ms: float | None, ttft_percentile: float,
             latency_slo_ms: float | None, latency_percentile: float, input_buckets: str | None,
             output_buckets: str | None, cells: str, max_minutes: float | None, max_step_seconds: float | None,
             requests_per_step: int, start_rate: float, max_rate: float, min_rate: float, bisect_steps: int,
@@ -113,8 +140,17 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float | None, ttft_slo_ms: f
       melange-sky profile --endpoint URL --model M --ttft-slo-ms 500 --tpot-slo-ms 50 --max-minutes 10
       melange-sky profile --endpoint URL --model M --buckets 0:*,1:* -o a10g.json
       melange-sky profile --endpoint URL --model M --into config.json --gpu A10G --cost 1.01
+      melange-sky profile --launch A10G,L4 --model M --config config.json --into config.json
     """
-    if bool(into) != bool(gpu):
+    if bool(endpoint) == bool(launch):
+        raise click.UsageError("give --endpoint URL (a server that runs) or --launch GPU[,GPU...] (launch, profile, "
+                               "tear down), one of them")
+    if not launch and (config_path or backend or calibrate_fits):
+        raise click.UsageError("--config, --backend and --calibrate go with --launch")
+    if launch and (gpu or cost):
+        raise click.UsageError("--gpu and --cost go with --endpoint: with --launch each GPU type's own tputs are "
+                               "set, priced from the config or the catalog")
+    if not launch and bool(into) != bool(gpu):
         raise ProfileError("--into CONFIG and --gpu NAME go together: which GPU type's tputs to set in which config")
     if tpot_slo_ms is None and ttft_slo_ms is None and latency_slo_ms is None:
         tpot_slo_ms = DEFAULT_TPOT_SLO_MS
@@ -126,6 +162,11 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float | None, ttft_slo_ms: f
         size=ProfileSize(size), estimate=Estimate(estimate), ignore_eos=not no_ignore_eos, api_key=api_key)
     given_in = parse_edges(input_buckets, "--input-buckets") if input_buckets else None
     given_out = parse_edges(output_buckets, "--output-buckets") if output_buckets else None
+    if launch:
+        _launched(launch, model, config_path or into, into, backend, calibrate_fits, ready_timeout, settings,
+                  given_in, given_out, cells, output, as_json, quiet)
+        return
+    assert endpoint is not None
     config = read_config_object(into) if into else None
     if config is not None and into:
         in_edges, out_edges = config_edges(config, given_in, given_out, into)
@@ -157,6 +198,101 @@ def profile(endpoint: str, model: str, tpot_slo_ms: float | None, ttft_slo_ms: f
         warn(merged.warnings)
         write_config_json(into, merged.data)
         click.echo(f"Wrote {gpu}'s tputs into {into}", err=True)
+
+
+def _launched(launch: str, model: str, source: str | None, into: str | None, backend: str | None,
+              calibrate_fits: bool, ready_timeout: float, settings: ProfileSettings,
+              given_in: tuple[int, ...] | None, given_out: tuple[int, ...] | None, cells: str, output: str | None,
+              as_json: bool, quiet: bool) -> None:
+    """`profile --launch`: launch, profile, tear down (`fleet.profile_launch`), then print and write."""
+    gpus = tuple(dict.fromkeys(g.strip() for g in launch.split(",") if g.strip()))
+    if not gpus:
+        raise click.UsageError("--launch: no GPU type given (e.g. --launch A10G,L4)")
+    if output and len(gpus) > 1 and "{gpu}" not in output:
+        raise click.UsageError("-o with several GPU types: put {gpu} in the file name (e.g. -o profile-{gpu}.json)")
+    config = read_config_object(source) if source else None
+    if config is not None and source:
+        in_edges, out_edges = config_edges(config, given_in, given_out, source)
+    else:
+        in_edges, out_edges = edges_for_config(None, given_in, given_out)
+    chosen = parse_cells(cells, (len(in_edges) - 1, len(out_edges) - 1))
+    name = str(config.get("name") or "") if config else ""
+    request = LaunchProfileRequest(gpus=gpus, model=model, input_edges=tuple(in_edges), output_edges=tuple(out_edges),
+                                   settings=settings, config=config, source=source or "<profile --launch>",
+                                   name=name or (Path(source).stem if source else "melange"), cells=chosen,
+                                   ready_timeout=ready_timeout,
+                                   start_at_estimate=click.get_current_context().get_parameter_source("start_rate")
+                                   is not click.core.ParameterSource.COMMANDLINE)
+
+    def note(line: str) -> None:
+        if not quiet:
+            click.echo(f"  {line}", err=True)
+
+    def show(gpu: str, event: ProfileEvent) -> None:
+        line = format_profile_event(event)
+        if line and not quiet:
+            click.echo(f"  {gpu}: {line}", err=True)
+
+    def replica(event: ReplicaEvent) -> None:
+        if not quiet:
+            click.echo(format_event(event), err=True)
+
+    launcher = load_backend(backend)
+    if not quiet:
+        click.echo(f"Launching {', '.join(gpus)} ({launcher.name}) to profile {model}; every replica is torn down "
+                   f"at the end (Ctrl-C too)", err=True)
+    with Ledger() as ledger, launcher_output(), terminations_interrupt():
+        report = profile_launched(request, launcher, ledger, os.environ, calibrate_fits=calibrate_fits,
+                                  on_replica=replica, on_profile=show, on_note=note)
+    for gpu in report.gpus:
+        if gpu.result is not None:
+            warn(gpu.result.warnings)
+            if output:
+                path = output.replace("{gpu}", gpu.gpu)
+                write_config_json(path, gpu.result.to_dict())
+                click.echo(f"Wrote {path}", err=True)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_launched(report))
+    if report.left:
+        raise LaunchError(report.fleet, f"could not tear down {', '.join(report.left)}: run `melange-sky down "
+                                        f"{report.fleet}`")
+    if report.interrupted:
+        click.echo("Interrupted: every replica was torn down; nothing written.", err=True)
+        sys.exit(INTERRUPTED)
+    if into and config is not None and any(g.result is not None for g in report.gpus):
+        merged = merge_profiles(config, report, into)
+        warn(merged.warnings)
+        write_config_json(into, merged.data)
+        written = [g.gpu for g in report.gpus if g.result is not None]
+        click.echo(f"Wrote the tputs of {', '.join(written)} into {into}", err=True)
+    if report.failed:
+        sys.exit(1)
+
+
+def format_launched(report: LaunchProfileReport) -> str:
+    """`profile --launch`'s report: each GPU type's profile, one line per GPU type that has none, the cost."""
+    lines: list[str] = []
+    for gpu in report.gpus:
+        if gpu.result is not None:
+            lines += [f"{gpu.gpu} ({gpu.cluster}):", format_profile(gpu.result), ""]
+    if report.speed != 1:
+        lines.append(f"The {report.launcher} launcher ran each GPU {report.speed:g}x faster than real: profiled with "
+                     f"the SLOs / {report.speed:g}, rates / {report.speed:g} above (the real GPU's).")
+    for gpu in report.gpus:
+        if gpu.result is None:
+            lines.append(f"{gpu.gpu}: not profiled: {gpu.error}")
+        if gpu.calibration is not None:
+            lines.append(gpu.calibration.text())
+        if gpu.calibration_note:
+            lines.append(gpu.calibration_note)
+    parts = [f"{g.gpu} ${g.price:.4g}/h x {_minutes(g.seconds)} = ${g.cost:.2f}" for g in report.gpus]
+    emulated = " (the catalog's prices; the local launcher bills nothing)" if report.launcher == "local" else ""
+    lines.append(f"Profiling cost: {'; '.join(parts)}; total ${report.cost:.2f}{emulated}")
+    lines.append(f"Torn down: {', '.join(report.teardown.removed) or 'nothing was up'}" if report.teardown else
+                 "Torn down: nothing")
+    return "\n".join(lines)
 
 
 # ---- text ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""`profile --launch` (issue 19, item 3) on the real `local` launcher: each GPU type gets a replica (an emulator in its
+own process), is profiled beside the others, and every replica is torn down — after the profiles, after a launch
+failure, after Ctrl-C.
+
+The agreement test measures what `estimate` predicts, as tests/test_emulate_agreement.py does for one emulator: the
+same bucket shape (a TPOT SLO binding below saturation), the emulators at speed 4 (the profile runs with the SLO / 4
+and divides the rates found by 4, so the tputs written are the real GPU's and compare with `estimate` as printed),
+the estimate's mean over seeds (one seed's answer moves ~5-10% near the limit). Two emulators and two profiles share
+the machine here, so the bucket is one whose A100-80GB rate stays ~40 req/s at speed 4 (a bucket of 37-token
+outputs asks ~250 req/s of it, more than a loaded 2-core machine streams on time); the search starts at 0.8x the
+engine model's estimate (what `profile --launch` does without --start-rate), so it takes 4 steps per GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from melange_sky.core.slo import Slos
+from melange_sky.engine import load_model
+from melange_sky.engine.estimate import max_rates
+from melange_sky.errors import LaunchError
+from melange_sky.fleet.backends import LaunchRequest
+from melange_sky.fleet.ledger import Ledger
+from melange_sky.fleet.local import LocalBackend, accelerator
+
+MODEL, GPUS = "llama-2-7b", ("A10G", "A100-80GB")
+INPUT_EDGES, OUTPUT_EDGES = [500, 1000], [50, 100]  # profiled at 750 prompt / 75 output tokens
+TPOT_SLO_MS = 60.0
+SPEED = 4
+ESTIMATE_SEEDS = 16
+TOLERANCE = 0.10
+FLEET = "bench-profile"
+
+
+def expected_tputs() -> dict[str, float]:
+    """`estimate`'s tput of the bucket per GPU type (real time), the mean over seeds."""
+    out = {}
+    for gpu in GPUS:
+        rates = [max_rates(load_model(MODEL), [gpu], INPUT_EDGES, OUTPUT_EDGES, Slos(tpot_ms=TPOT_SLO_MS),
+                           seed=seed)[gpu].tputs for seed in range(ESTIMATE_SEEDS)]
+        out[gpu] = statistics.fmean(t[0][0] for t in rates if t)
+    return out
+
+
+@pytest.fixture
+def launch_env(tmp_path, monkeypatch):
+    """A fresh MELANGE_SKY_HOME and a config (named "bench": the fleet is bench-profile) with one bucket, the
+    emulators at speed 4, no secrets; kills whatever a failed test left."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MELANGE_SKY_HOME", str(home))
+    for name in ("MELANGE_SKY_API_KEY", "MELANGE_SKY_LOCAL_SPEED", "MELANGE_SKY_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "bench.json"
+    config.write_text(json.dumps({
+        "name": "bench", "gpu_info": {"A10G": {"cost": 1.01, "tputs": [[0.5]]}},
+        "workload_distribution": [[1.0]], "total_request_rate": 1,
+        "input_buckets": INPUT_EDGES, "output_buckets": OUTPUT_EDGES,
+        "deployment": {"secrets": [], "local": {"speed": SPEED}}}))
+    yield config, home
+    for pid in _processes_of(home):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _processes_of(home: Path) -> list[int]:
+    """Live processes started for this test's fleet: their command line names its home (an emulator's engine file
+    is under it). Zombies are not running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(home) in cmdline and state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _assert_nothing_left(home: Path, pids: list[int] = ()) -> None:
+    """No fleet in the ledger, no cluster the launcher knows, no process of ours (those recorded, and any other)."""
+    with Ledger(home) as ledger:
+        assert ledger.fleets() == []
+    assert LocalBackend(home / "local").records() == {}
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"), pid
+    assert _processes_of(home) == []
+
+
+@pytest.mark.xdist_group("profile_accuracy")  # never beside another timing-sensitive profile
+def test_launched_profiles_write_the_tputs_estimate_predicts_and_leave_nothing_running(cli, launch_env):
+    config, home = launch_env
+    expected = expected_tputs()
+    done = cli("profile", "--launch", ",".join(GPUS), "--backend", "local", "--model", MODEL, "--config",
+               str(config), "--into", str(config), "--tpot-slo-ms", f"{TPOT_SLO_MS:g}", "--bisect-steps", "2",
+               "--max-step-seconds", "6")
+    assert done.exit_code == 0, done.stderr + done.stdout
+    written = json.loads(config.read_text())["gpu_info"]
+    for gpu in GPUS:
+        measured = written[gpu]["tputs"][0][0]
+        assert abs(measured / expected[gpu] - 1) <= TOLERANCE, (gpu, measured, expected[gpu], done.stderr)
+    assert written["A10G"]["cost"] == 1.01  # the config's own entry keeps its price; the new one is priced
+    assert "A100-80GB" in done.stderr and "catalog" in done.stderr
+    assert "Profiling cost: A10G $1.01/h x " in done.stdout and "A100-80GB $" in done.stdout
+    _assert_nothing_left(home)
+
+
+class OneGpuFails(LocalBackend):
+    """The local launcher, but no A100-80GB can be launched: a provisioning error, as a cloud would raise one."""
+
+    def launch(self, request: LaunchRequest):
+        found = accelerator(request.task)
+        if found is not None and found[0] == "A100-80GB":
+            raise LaunchError(request.cluster, "no A100-80GB in this zone (injected)")
+        return super().launch(request)
+
+
+def test_a_launch_failure_is_one_line_and_the_other_gpu_is_still_profiled_and_torn_down(cli, launch_env):
+    config, home = launch_env
+    done = cli("profile", "--launch", ",".join(GPUS), "--backend", f"{__name__}:OneGpuFails", "--model", MODEL,
+               "--config", str(config), "--into", str(config), "--start-rate", "1", "--max-rate", "1",
+               "--requests-per-step", "5", "--max-step-seconds", "4")
+    assert done.exit_code == 1, done.stderr + done.stdout
+    [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("A100-80GB: ")]
+    assert line.startswith("A100-80GB: not profiled: launch failed: ") and "no A100-80GB in this zone" in line
+    written = json.loads(config.read_text())
+    assert written["gpu_info"]["A10G"]["tputs"] == [[1.0]]  # measured (capped at --max-rate 1), was 0.5
+    assert "A100-80GB" not in written["gpu_info"]
+    _assert_nothing_left(home)
+
+
+def test_ctrl_c_once_the_replicas_are_up_tears_them_all_down(launch_env):
+    config, home = launch_env
+    command = [sys.executable, "-m", "melange_sky", "profile", "--launch", ",".join(GPUS), "--backend", "local",
+               "--model", MODEL, "--config", str(config), "--into", str(config), "--start-rate", "0.5"]
+    before = config.read_text()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MELANGE_SKY_HOME": str(home)})
+    assert proc.stderr is not None
+    profiling, lines = set(), []
+    deadline = time.monotonic() + 120
+    while len(profiling) < len(GPUS) and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+        profiling |= {gpu for gpu in GPUS if line.strip().startswith(f"{gpu}: ready after")}
+    pids = [int(r["pid"]) for r in LocalBackend(home / "local").records().values()]
+    assert len(pids) == len(GPUS), "".join(lines)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, "".join(lines) + err
+    assert "Interrupted" in err and "Torn down: " in out
+    assert config.read_text() == before  # nothing written
+    _assert_nothing_left(home, pids)
