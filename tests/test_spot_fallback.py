@@ -301,3 +301,18 @@ def test_a_move_back_the_pass_could_not_make_is_tried_again_by_the_next_pass(spo
     report = controller.run_pass()
     assert report.ok and "spot-return" in [a.kind for a in report.actions]
     assert set(offers(controller).values()) == {EAST2}
+
+
+def test_a_spot_pool_up_found_full_is_remembered_and_watch_moves_back_after_its_hold(spot_fleet, tmp_path):
+    FakeBackend(str(tmp_path / "fake.json")).configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")  # up: us-east-2 full, so us-east-1
+    t0 = clock.now
+    assert set(offers(controller).values()) == {EAST1}
+    kind, data = spot_events(controller)[0]
+    assert kind == "spot-unavailable" and data["pools"] == [EAST2] and data["until"] >= t0 + HOLD - 60
+    fake.configure(capacity_failures=[])
+    assert controller.run_pass().actions == []  # still held
+    clock.now = t0 + HOLD + 60
+    report = controller.run_pass()
+    assert report.ok and "spot-return" in [a.kind for a in report.actions]
+    assert set(offers(controller).values()) == {EAST2}

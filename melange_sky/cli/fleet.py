@@ -17,7 +17,7 @@ from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
 from melange_sky.cli.simulate import simulate_hint
 from melange_sky.cli.text import format_down, format_dryrun, format_event, format_preview, format_status, format_up
-from melange_sky.controller.watch import spot_avoided
+from melange_sky.controller.watch import remember_unavailable, spot_avoided
 from melange_sky.fleet.backends import load_backend
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
 from melange_sky.fleet.ledger import Ledger
@@ -160,6 +160,9 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
                           on_warning=print_warning, router=router,
                           exclude=spot_avoided(ledger, cfg.name, time.time()))  # pools `watch` saw fail
+        full = remember_unavailable(ledger, cfg.name, report.unavailable_offers, time.time())
+    if full is not None:
+        click.echo(f"up {cfg.name}: {full.kind}: {full.message}", err=True)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_up(report, shown))
     if report.interrupted:
         sys.exit(130)

@@ -41,8 +41,8 @@ from melange_sky.controller import placer, rules
 from melange_sky.controller.placer import SpotStep
 from melange_sky.controller.rules import Decision, Need, Scale
 
-__all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "WatchOptions", "read_placer", "spot_avoided",
-           "watch_lock"]
+__all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "WatchOptions", "read_placer",
+           "remember_unavailable", "spot_avoided", "watch_lock"]
 
 DEFAULT_INTERVAL_S = 60.0
 PROBE_TIMEOUT_S = 5.0  # one readiness probe
@@ -132,6 +132,17 @@ def read_placer(ledger: Ledger, fleet: str) -> placer.Placer:
 def spot_avoided(ledger: Ledger, fleet: str, now: float) -> frozenset[str]:
     """The spot pools (offer keys) no plan of `fleet` may add replicas on at `now`."""
     return read_placer(ledger, fleet).avoided(now)
+
+
+def remember_unavailable(ledger: Ledger, fleet: str, offers: list[str], now: float,
+                         hold_s: float = placer.DEFAULT_SPOT_HOLD_MIN * 60) -> Action | None:
+    """Record the spot pools a launch outside `watch` (`up`) found without capacity, as `watch` would: the next
+    plans avoid them for the hold, and `watch` moves the load back once it is over. The action recorded, if any."""
+    step = placer.unavailable_spot(offers, now, hold_s)
+    if step is None:
+        return None
+    ledger.record_event(fleet, step.kind, step.message, step.data)
+    return Action(step.kind, step.message)
 
 
 def watch_lock(ledger: Ledger, fleet: str) -> FleetLock:
