@@ -35,12 +35,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from melange_sky.core.attainment import RequestRecord
 from melange_sky.core.config import load_config
+from melange_sky.core.slo import Slos, percentile
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.deploy.plan import PlanSettings
-from melange_sky.inputs.arrivals import Burst, poisson_arrivals
-from melange_sky.serve.routes import Routes
-from melange_sky.sim import plan_from_config
+from melange_sky.inputs.arrivals import Burst, poisson_arrivals, trace_arrivals
+from melange_sky.inputs.replay import PromptKind, ReplaySettings, replay
+from melange_sky.serve.routes import Routes, bucket_edges
+from melange_sky.sim import plan_from_config, simulate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "data", "sim_fidelity.json")
@@ -103,11 +106,22 @@ def write_trace(path: str, times: list[float], prompts: list[int], outputs: list
             writer.writerow([f"{EPOCH + t / speed:.6f}", p, o])
 
 
-def run_json(args: list[str]) -> dict[str, Any]:
-    done = subprocess.run(args, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout)
+def paired(replayed: list[RequestRecord], simulated: list[RequestRecord]) -> dict[str, Any]:
+    """Request by request (both in arrival order): how much later replay's TTFT and TPOT were than the simulation's
+    (ms; p10, p50, p90 of the differences), and how many requests went to another GPU type."""
+    assert len(replayed) == len(simulated)
+    ttft, tpot, moved = [], [], 0
+    for r, s in zip(replayed, simulated):
+        moved += r.gpu != s.gpu
+        if r.ok and s.ok and r.ttft_s is not None and s.ttft_s is not None:
+            ttft.append(1000 * (r.ttft_s - s.ttft_s))
+            if r.tpot_s is not None and s.tpot_s is not None:
+                tpot.append(1000 * (r.tpot_s - s.tpot_s))
+    ttft.sort()
+    tpot.sort()
+    return {"ttft_diff_ms": {q: round(percentile(ttft, p), 2) for q, p in (("p10", .1), ("p50", .5), ("p90", .9))},
+            "tpot_diff_ms": {q: round(percentile(tpot, p), 3) for q, p in (("p10", .1), ("p50", .5), ("p90", .9))},
+            "other_gpu": moved}
 
 
 def rel(a: float | None, b: float | None) -> float | None:
@@ -140,10 +154,12 @@ def fmt_rel(a: float | None, b: float | None) -> str:
 
 def table(rows: list[dict[str, Any]], rate_at: dict[str, float]) -> list[str]:
     head = ("| point | req/s | requests | attainment replay / sim (diff) | TPOT p50 replay / sim | TPOT p90 replay / "
-            "sim | TTFT p50 replay / sim | verdict replay / sim | within the bar |")
-    lines = [head, "|" + "---|" * 9]
+            "sim | TTFT p50 replay / sim | verdict replay / sim | within the bar | TTFT replay - sim, per request: "
+            "p10 / p50 / p90 | machine load |")
+    lines = [head, "|" + "---|" * 11]
     for row in rows:
         p, r, s, c = row["point"], row["replay"], row["simulate"], row["checks"]
+        d = row["paired"]["ttft_diff_ms"]
         key = f"{p['shape']}:{p['load']:g}"
         missed = [name for name, ok in c.items() if not ok]
         lines.append(
@@ -157,7 +173,8 @@ def table(rows: list[dict[str, Any]], rate_at: dict[str, float]) -> list[str]:
             f"{fmt_ms(r['ttft_ms']['p50'])} / {fmt_ms(s['ttft_ms']['p50'])} "
             f"({fmt_rel(r['ttft_ms']['p50'], s['ttft_ms']['p50'])}) | "
             f"{'meets' if r['meets_target'] else 'misses'} / {'meets' if s['meets_target'] else 'misses'} | "
-            f"{'yes' if row['ok'] else 'no: ' + ', '.join(missed)} |")
+            f"{'yes' if row['ok'] else 'no: ' + ', '.join(missed)} | "
+            f"{d['p10']:+.1f} / {d['p50']:+.1f} / {d['p90']:+.1f} ms | {row['load_average']:.1f} |")
     return lines
 
 
@@ -187,6 +204,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of traffic per point (real time)")
     parser.add_argument("--points", default=POINTS, help="shape:load,... (load: share of the plan's capacity)")
     parser.add_argument("--write", action="store_true", help=f"write {os.path.relpath(RESULTS)}")
+    parser.add_argument("--prompt", choices=["ids", "words"], default="ids", help="how replay sends prompts (words: "
+                        "the router estimates their size from characters, as for most clients)")
     parser.add_argument("--keep", help="keep the traces, logs and JSON reports in this directory")
     args = parser.parse_args()
     speed = args.speed
@@ -194,9 +213,10 @@ def main() -> int:
     plan = plan_from_config(config, PlanSettings(compare=False), speed=speed)
     cap, binding = capacity(plan.routes, plan.counts)
     points = []
-    for k, item in enumerate(args.points.split(",")):
+    for item in args.points.split(","):
         shape, _, load = item.partition(":")
-        points.append(Point(shape, float(load), seed=k + 1))
+        # the seed follows the point, not its place in --points: a point run alone offers the same trace
+        points.append(Point(shape, float(load), seed=round(100 * float(load)) + (1000 if shape == "bursty" else 0)))
     work = args.keep or tempfile.mkdtemp(prefix="sim-fidelity-")
     os.makedirs(work, exist_ok=True)
     print(f"plan: {plan.describe()}; capacity {cap:.2f} req/s (binding: {binding}); speed x{speed:g}; "
@@ -204,8 +224,8 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     rows: list[dict[str, Any]] = []
     rate_at: dict[str, float] = {}
-    tpot_slo, ttft_slo = TPOT_SLO_MS / speed, TTFT_SLO_MS / speed
-    slo_args = ["--tpot-slo-ms", f"{tpot_slo:g}", "--ttft-slo-ms", f"{ttft_slo:g}"]
+    slos = Slos(tpot_ms=TPOT_SLO_MS / speed, ttft_ms=TTFT_SLO_MS / speed)
+    in_edges, out_edges = bucket_edges(config)
     model = config.deployment.get("model") if isinstance(config.deployment, dict) else None
     try:
         replicas = []
@@ -219,6 +239,8 @@ def main() -> int:
                                    os.path.join(work, "serve.log"))
         procs.append(router)
         print(f"router {router_url} over {len(plan.replicas)} emulators", flush=True)
+        if pin(1):  # replay and simulate run here, on the other core
+            os.sched_setaffinity(0, {1})
         for point in points:
             rate = point.load * cap
             key = f"{point.shape}:{point.load:g}"
@@ -229,21 +251,26 @@ def main() -> int:
                                         burst=BURST if point.shape == "bursty" else None)
             trace = os.path.join(work, f"{point.shape}-{point.load:g}.csv")
             write_trace(trace, arrivals.times, arrivals.prompts, arrivals.outputs, speed)
+            offered = trace_arrivals(trace)  # the file both read, as `replay` and `simulate` would read it
             started = time.monotonic()
-            replayed = run_json([*pin(1), *MELANGE, "replay", trace, "--endpoint", router_url, "--config", CONFIG,
-                                 "--prompt", "ids", *slo_args, "--json"])
+            measured = replay(offered, slos, ReplaySettings(endpoint=router_url, prompt=PromptKind(args.prompt),
+                                                            input_edges=in_edges, output_edges=out_edges))
             replay_s = time.monotonic() - started
-            simulated = run_json([*pin(1), *MELANGE, "simulate", CONFIG, "--trace", trace, "--speed", f"{speed:g}",
-                                  *slo_args, "--json"])
+            modelled = simulate(plan, offered, slos)
+            replayed, simulated = measured.to_json(), modelled.to_json()
             for name, doc in (("replay", replayed), ("simulate", simulated)):
                 with open(os.path.join(work, f"{point.shape}-{point.load:g}.{name}.json"), "w") as handle:
                     json.dump(doc, handle, indent=1)
             row = compare(point, replayed, simulated)
+            row["paired"] = paired(measured.records, modelled.records)
+            row["load_average"] = os.getloadavg()[0]
             rows.append(row)
             lag = replayed["replay"]["send_lag_ms"]
             print(f"{key}: {rate:.2f} req/s, {replayed['requests']} requests in {replay_s:.0f} s (send lag p99 "
                   f"{lag['p99']:.1f} ms): attainment {100 * replayed['attainment']:.1f}% replayed, "
-                  f"{100 * simulated['attainment']:.1f}% simulated; {'ok' if row['ok'] else 'MISS'}", flush=True)
+                  f"{100 * simulated['attainment']:.1f}% simulated; paired TTFT diff p50 "
+                  f"{row['paired']['ttft_diff_ms']['p50']:+.1f} ms (load average {row['load_average']:.1f}); "
+                  f"{'ok' if row['ok'] else 'MISS'}", flush=True)
     finally:
         for proc in procs:
             proc.terminate()
@@ -253,6 +280,8 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    with open(os.path.join(work, "rows.json"), "w") as handle:
+        json.dump(rows, handle, indent=1)
     lines = table(rows, rate_at)
     print()
     print("\n".join(lines))
