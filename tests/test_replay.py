@@ -213,18 +213,18 @@ def test_an_unknown_model_is_refused_before_sending(law, cli, tmp_path):
     assert run.exit_code == 2 and "does not serve model 'nope'; it serves: test-model" in run.stderr
 
 
-def test_ctrl_c_stops_sending_cancels_what_is_in_flight_and_prints_the_partial_report(law, tmp_path):
-    # three quick requests, one that hangs, then one due in ten minutes: a Ctrl-C once the quick ones have finished
-    rows = [(0.0, 10, 3), (0.01, 10, 3), (0.02, 10, 3), (0.03, HANG_ABOVE + 1, 3), (600.0, 10, 3)]
+def _interrupt_once(law: str, rows: list[tuple[float, int, int]], shown: bytes, tmp_path) -> tuple[int, str, str]:
+    """Run `replay --json` in a subprocess with stderr on a terminal (so it shows its progress every 2 s), send it
+    a SIGINT once a progress line contains `shown`; (exit code, stdout, what the terminal showed)."""
     trace = write_trace(tmp_path / "t.csv", rows)
-    leader, follower = pty.openpty()  # stderr on a terminal: replay shows its progress there, every 2 s
+    leader, follower = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "melange_sky", "replay", trace, "--endpoint", law, "--json"],
                             stdout=subprocess.PIPE, stderr=follower, cwd=tmp_path, text=True)
     os.close(follower)
     seen = b""
     try:
         deadline = time.monotonic() + 60
-        while b"3 finished" not in seen:
+        while shown not in seen:
             assert time.monotonic() < deadline and proc.poll() is None, seen
             try:
                 seen += os.read(leader, 4096)
@@ -242,11 +242,24 @@ def test_ctrl_c_stops_sending_cancels_what_is_in_flight_and_prints_the_partial_r
             proc.kill()
             proc.wait()
         os.close(leader)
-    assert proc.returncode == 130, seen
+    return proc.returncode, out, seen.decode()
+
+
+def test_ctrl_c_stops_sending_cancels_what_is_in_flight_and_prints_the_partial_report(law, tmp_path):
+    # three quick requests, one that hangs, then one due in ten minutes: a Ctrl-C once the quick ones have finished
+    rows = [(0.0, 10, 3), (0.01, 10, 3), (0.02, 10, 3), (0.03, HANG_ABOVE + 1, 3), (600.0, 10, 3)]
+    code, out, shown = _interrupt_once(law, rows, b"3 finished", tmp_path)
+    assert code == 130, shown
     doc = json.loads(out)
     assert doc["requests"] == 3 and doc["attainment"] == 1.0
     assert doc["replay"] | {"wall_s": None, "send_lag_ms": None} == {
         "endpoint": law, "model": "test-model", "sent": 4, "cancelled": 1, "interrupted": True, "wall_s": None,
         "send_lag_ms": None}
-    assert seen.decode().strip().splitlines()[-1] == "Interrupted."
-    assert "Traceback" not in seen.decode()
+    assert shown.strip().splitlines()[-1] == "Interrupted." and "Traceback" not in shown
+
+
+def test_ctrl_c_before_any_request_finished_exits_130_with_nothing_to_report(law, tmp_path):
+    rows = [(0.0, HANG_ABOVE + 1, 3), (600.0, 10, 3)]
+    code, out, shown = _interrupt_once(law, rows, b"1 in flight", tmp_path)
+    assert code == 130 and out == "", shown
+    assert shown.strip().splitlines()[-1] == "Interrupted." and "Traceback" not in shown and "Error" not in shown
