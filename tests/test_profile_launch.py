@@ -2,13 +2,19 @@
 own process), is profiled beside the others, and every replica is torn down — after the profiles, after a launch
 failure, after Ctrl-C.
 
-The agreement test measures what `estimate` predicts, as tests/test_emulate_agreement.py does for one emulator: the
-same bucket shape (a TPOT SLO binding below saturation), the emulators at speed 4 (the profile runs with the SLO / 4
-and divides the rates found by 4, so the tputs written are the real GPU's and compare with `estimate` as printed),
-the estimate's mean over seeds (one seed's answer moves ~5-10% near the limit). Two emulators and two profiles share
-the machine here, so the bucket is one whose A100-80GB rate stays ~40 req/s at speed 4 (a bucket of 37-token
-outputs asks ~250 req/s of it, more than a loaded 2-core machine streams on time); the search starts at 0.8x the
-engine model's estimate (what `profile --launch` does without --start-rate), so it takes 4 steps per GPU.
+The agreement test measures what `estimate` predicts, as tests/test_emulate_agreement.py does for one emulator: a
+TPOT SLO binding below saturation, the emulators at speed 4 (the profile runs with the SLO / 4 and divides the rates
+found by 4, so the tputs written are the real GPU's and compare with `estimate` as printed), the estimate's mean over
+seeds. Two emulators and two profiles (threads of this process) share the machine here, so the bucket is one whose
+A100-80GB rate stays ~40 req/s at speed 4 (the single-emulator test's 37-token bucket asks ~250 req/s of it, more than
+a loaded 2-core machine streams on time); the search starts at 0.8x the engine model's estimate and grows x1.3 (what
+`profile --launch` does without --start-rate), 4 steps per GPU at most 6 s each.
+
+TOLERANCE is 20%, not the single-emulator test's 10%: on this machine (load 4-6 from other work) the same run measured
+A10G 1.03-1.18x the estimate (few requests in flight: ~6, with 750-token prefills landing among them; the estimate's
+own seed-to-seed spread there is ~17%) and A100-80GB 0.88-0.99x (its emulator and profile starved at ~40 req/s). 20%
+still catches every mistake of this command: rates not divided by the speed (4x), a GPU's profile written under the
+other's name (~7x), the SLO not scaled (> 2x).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ INPUT_EDGES, OUTPUT_EDGES = [500, 1000], [50, 100]  # profiled at 750 prompt / 7
 TPOT_SLO_MS = 60.0
 SPEED = 4
 ESTIMATE_SEEDS = 16
-TOLERANCE = 0.10
+TOLERANCE = 0.20
 FLEET = "bench-profile"
 
 
@@ -106,12 +112,14 @@ def test_launched_profiles_write_the_tputs_estimate_predicts_and_leave_nothing_r
     config, home = launch_env
     expected = expected_tputs()
     done = cli("profile", "--launch", ",".join(GPUS), "--backend", "local", "--model", MODEL, "--config",
-               str(config), "--into", str(config), "--tpot-slo-ms", f"{TPOT_SLO_MS:g}", "--bisect-steps", "2",
+               str(config), "--into", str(config), "--tpot-slo-ms", f"{TPOT_SLO_MS:g}", "--bisect-steps", "1",
                "--max-step-seconds", "6")
     assert done.exit_code == 0, done.stderr + done.stdout
     written = json.loads(config.read_text())["gpu_info"]
     for gpu in GPUS:
         measured = written[gpu]["tputs"][0][0]
+        print(f"{gpu}: profile --launch {measured:.3g} req/s, estimate {expected[gpu]:.3g}: "
+              f"{measured / expected[gpu]:.3f}")
         assert abs(measured / expected[gpu] - 1) <= TOLERANCE, (gpu, measured, expected[gpu], done.stderr)
     assert written["A10G"]["cost"] == 1.01  # the config's own entry keeps its price; the new one is priced
     assert "A100-80GB" in done.stderr and "catalog" in done.stderr
@@ -133,13 +141,15 @@ def test_a_launch_failure_is_one_line_and_the_other_gpu_is_still_profiled_and_to
     config, home = launch_env
     done = cli("profile", "--launch", ",".join(GPUS), "--backend", f"{__name__}:OneGpuFails", "--model", MODEL,
                "--config", str(config), "--into", str(config), "--start-rate", "1", "--max-rate", "1",
-               "--requests-per-step", "5", "--max-step-seconds", "4")
+               "--requests-per-step", "5", "--max-step-seconds", "4", "--calibrate")
     assert done.exit_code == 1, done.stderr + done.stdout
     [line] = [ln for ln in done.stdout.splitlines() if ln.startswith("A100-80GB: ")]
     assert line.startswith("A100-80GB: not profiled: launch failed: ") and "no A100-80GB in this zone" in line
     written = json.loads(config.read_text())
     assert written["gpu_info"]["A10G"]["tputs"] == [[1.0]]  # measured (capped at --max-rate 1), was 0.5
     assert "A100-80GB" not in written["gpu_info"]
+    # --calibrate fits only on buckets whose limit was found (status ok): a capped one is said, not fitted
+    assert "A10G: not calibrated: " in done.stdout and "no bucket was measured (status ok)" in done.stdout
     _assert_nothing_left(home)
 
 

@@ -60,6 +60,9 @@ _THREAD_JOIN_S = 10.0
 _JOIN_POLL_S = 0.2
 #: With `start_at_estimate`, the first rate tried, as a share of the estimate (the lowest over the buckets measured).
 ESTIMATE_START_SHARE = 0.8
+#: ... and the rate grows by this factor while the SLOs hold (not x2): from just below the answer, doubling would
+#: overshoot into an overload that takes a step to drain, and bills for it.
+ESTIMATE_GROWTH = 1.3
 #: What a GPU entry of the config keeps for its profiling replica: where it runs and what it costs, not its limits.
 _ENTRY_KEYS = ("cost", "cloud", "region", "instance_type", "accelerators", "use_spot")
 
@@ -304,7 +307,8 @@ def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Le
                 note(f"{replica.entry}: starting at {start:.3g} req/s, {ESTIMATE_START_SHARE:g}x the engine model's "
                      f"estimate")
             own = settings if start is None else _at_speed(dataclasses.replace(
-                request.settings, start_rate=start, min_rate=min(request.settings.min_rate, start)), speed)
+                request.settings, start_rate=start, min_rate=min(request.settings.min_rate, start),
+                growth=min(request.settings.growth, ESTIMATE_GROWTH)), speed)
             if own.api_key is None and settings.api_key is not None:
                 own = dataclasses.replace(own, api_key=settings.api_key)
             thread = threading.Thread(target=_run_job, name=f"melange-profile-{replica.entry}", daemon=True,
@@ -358,7 +362,7 @@ def _estimated_start(request: LaunchProfileRequest, accelerators: str, engine: E
         return None
     cells = request.cells or [(i, j) for i in range(len(table.tputs)) for j in range(len(table.tputs[0]))]
     rates = [table.tputs[i][j] for i, j in cells if table.tputs[i][j] > 0]
-    return round(ESTIMATE_START_SHARE * min(rates), 4) if rates else None
+    return min(round(ESTIMATE_START_SHARE * min(rates), 4), request.settings.max_rate) if rates else None
 
 
 def _run_job(job: _Job, request: LaunchProfileRequest, settings: ProfileSettings, readiness_path: str,
