@@ -153,7 +153,8 @@ def test_a_launch_failure_is_one_line_and_the_other_gpu_is_still_profiled_and_to
     _assert_nothing_left(home)
 
 
-def test_ctrl_c_once_the_replicas_are_up_tears_them_all_down(launch_env):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_once_the_replicas_are_up_tears_them_all_down(launch_env, sig):
     config, home = launch_env
     command = [sys.executable, "-m", "melange_sky", "profile", "--launch", ",".join(GPUS), "--backend", "local",
                "--model", MODEL, "--config", str(config), "--into", str(config), "--start-rate", "0.5"]
@@ -170,7 +171,10 @@ def test_ctrl_c_once_the_replicas_are_up_tears_them_all_down(launch_env):
         profiling |= {gpu for gpu in GPUS if line.strip().startswith(f"{gpu}: ready after")}
     pids = [int(r["pid"]) for r in LocalBackend(home / "local").records().values()]
     assert len(pids) == len(GPUS), "".join(lines)
-    proc.send_signal(signal.SIGINT)
+    with Ledger(home) as ledger:  # a fleet like any other while it runs: `status` shows it, `down --all` finds it
+        assert [f.name for f in ledger.fleets()] == [FLEET]
+        assert sorted(r.state.value for r in ledger.replicas(FLEET)) == ["up", "up"]
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, "".join(lines) + err
     assert "Interrupted" in err and "Torn down: " in out
