@@ -347,6 +347,8 @@ class LocalBackend:
         dropped = set(task.get("secrets") or {})
         env = {k: v for k, v in os.environ.items() if not k.startswith(_STRIPPED_ENV_PREFIX) and k not in dropped}
         if gpu is not None:
+            if "MELANGE_SKY_HOME" in os.environ:  # an emulator reads the engine's calibrated fits from this home
+                env["MELANGE_SKY_HOME"] = os.environ["MELANGE_SKY_HOME"]
             return self._replica_command(request, gpu, envs, env)
         shutil.rmtree(host, ignore_errors=True)
         host.mkdir(parents=True)
