@@ -90,7 +90,7 @@ def test_failures_behind_the_router_read_as_openai_errors_in_the_sdk():
                 fleet.router.policy.target = lambda *args: 1 / 0  # a bug in the router
                 error = await sdk_error(sdk.completions.create(model="m", prompt="hi", max_tokens=5))
                 assert error.status_code == 500 and "ZeroDivisionError" in error.message
-                assert any("internal error" in line and "Traceback" in line for line in fleet.logs)
+                assert any("internal error" in line and "Traceback" in line for line in fleet.logs), fleet.logs
             finally:
                 await sdk.close()
 

@@ -370,3 +370,12 @@ def test_nothing_was_written_under_the_real_sky_dir(sky_server):
     """Runs last in this module: the server and SDK kept all their state in the session's temporary HOME."""
     assert _snapshot(REAL_SKY_DIR) == sky_server["real_before"]
     assert (Path.home() / ".sky").is_dir()
+
+
+def test_a_task_skypilot_refuses_leaves_the_processs_tracebacks_whole():
+    """SkyPilot hides a schema error's traceback by setting `sys.tracebacklimit = 0`, and never puts it back when the
+    error leaves; the adapter does, so `--debug` and a router's internal-error log in the same process keep theirs."""
+    before = getattr(sys, "tracebacklimit", None)
+    with pytest.raises(InvalidTask, match="nonsense_field"):
+        SkyPilotBackend().validate({"resources": {"accelerators": "A10G:1"}, "run": "serve", "nonsense_field": 1})
+    assert getattr(sys, "tracebacklimit", None) == before

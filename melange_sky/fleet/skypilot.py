@@ -117,11 +117,21 @@ def _sky_quiet() -> Iterator[Any]:
 
 
 def _sky_call(method: Callable[P, T]) -> Callable[P, T]:
-    """Run a backend method with SkyPilot's own output kept out of melange-sky's (see `_sky_quiet`)."""
+    """Run a backend method with SkyPilot's own output kept out of melange-sky's (see `_sky_quiet`), and the
+    process's traceback limit as it was: SkyPilot's `ux_utils.print_exception_no_traceback` sets
+    `sys.tracebacklimit = 0` and, when the error it hides leaves its block, never puts it back — after that every
+    traceback in the process (`--debug`'s, a router's internal-error log) would be one line."""
     @functools.wraps(method)
     def quiet(*args: P.args, **kwargs: P.kwargs) -> T:
-        with _sky_quiet():
-            return method(*args, **kwargs)
+        had_limit, limit = hasattr(sys, "tracebacklimit"), getattr(sys, "tracebacklimit", None)
+        try:
+            with _sky_quiet():
+                return method(*args, **kwargs)
+        finally:
+            if had_limit:
+                sys.tracebacklimit = limit
+            elif hasattr(sys, "tracebacklimit"):
+                del sys.tracebacklimit
 
     return quiet
 
