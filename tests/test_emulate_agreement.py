@@ -58,7 +58,7 @@ def start_emulator(speed: float) -> tuple[subprocess.Popen, str]:
             return proc, line.split()[2]
 
 
-@pytest.mark.xdist_group("profile_accuracy")  # never beside another timing-sensitive profile (test_profile_accuracy)
+@pytest.mark.timing  # measured on the clock: runs alone, after the rest (setup.cfg: markers)
 def test_profile_of_emulate_finds_the_rate_estimate_predicts_within_10_percent():
     expected = estimated_rate(SPEED)
     proc, url = start_emulator(SPEED)

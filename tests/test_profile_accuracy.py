@@ -96,7 +96,7 @@ def test_the_grid_spans_1_to_100_requests_in_flight_at_the_true_maximum():
     assert in_flight[0] == pytest.approx(1) and in_flight[-1] >= 99
 
 
-@pytest.mark.xdist_group("profile_accuracy")
+@pytest.mark.timing  # measured on the clock: runs alone, after the rest (setup.cfg: markers)
 @pytest.mark.parametrize("name", list(GRID))
 def test_profile_is_within_10_percent_of_the_true_max_rate(law_server, name):
     case = GRID[name]

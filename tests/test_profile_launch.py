@@ -107,7 +107,7 @@ def _assert_nothing_left(home: Path, pids: list[int] = ()) -> None:
     assert _processes_of(home) == []
 
 
-@pytest.mark.xdist_group("profile_accuracy")  # never beside another timing-sensitive profile
+@pytest.mark.timing  # measured on the clock: runs alone, after the rest (setup.cfg: markers)
 def test_launched_profiles_write_the_tputs_estimate_predicts_and_leave_nothing_running(cli, launch_env):
     config, home = launch_env
     expected = expected_tputs()
