@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,6 +68,16 @@ def pytest_unconfigure(config) -> None:
             os.environ[key] = value
     if _SESSION_HOME:
         shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _whole_tracebacks():
+    """Each test starts with whole tracebacks: SkyPilot's `print_exception_no_traceback` sets `sys.tracebacklimit = 0`
+    and leaves it so when the error it hides escapes, and several tests call SkyPilot directly with tasks it refuses
+    (the adapter puts the limit back after its own calls: melange_sky/fleet/skypilot.py `_sky_call`)."""
+    yield
+    if hasattr(sys, "tracebacklimit"):
+        del sys.tracebacklimit
 
 
 @pytest.fixture(scope="session")
