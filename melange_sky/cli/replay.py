@@ -9,8 +9,7 @@ import click
 
 from melange_sky.cli.main import INTERRUPTED, debug_option, main, warn
 from melange_sky.cli.options import bucket_edge_options
-from melange_sky.cli.simulate import DEFAULT_TPOT_SLO_MS, format_report
-from melange_sky.core.attainment import DEFAULT_TARGET
+from melange_sky.cli.simulate import DEFAULT_TPOT_SLO_MS, format_report, per_request_slo_options
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, parse_edges
 from melange_sky.core.config import load_config
 from melange_sky.core.slo import Slos
@@ -50,19 +49,7 @@ from melange_sky.serve.routes import bucket_edges
               show_default=True, help="Seconds one request may take in all; longer counts as unanswered.")
 @click.option("--cacert", type=click.Path(exists=True, dir_okay=False, path_type=str), metavar="PEM",
               help="Trust only this certificate (or CA) for an https endpoint (a router's own).")
-@click.option("--tpot-slo-ms", type=click.FloatRange(min=0, min_open=True),
-              help=f"SLO on each request's own TPOT ((latency - TTFT) / (output - 1)), ms [default: "
-                   f"{DEFAULT_TPOT_SLO_MS:g} when no SLO is given].")
-@click.option("--ttft-slo-ms", type=click.FloatRange(min=0, min_open=True),
-              help="SLO on each request's time to first token, ms.")
-@click.option("--ttft-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
-              show_default=True, help="The TTFT percentile shown beside the attainment as profile reads the SLO.")
-@click.option("--latency-slo-ms", type=click.FloatRange(min=0, min_open=True),
-              help="SLO on each request's end-to-end latency, ms.")
-@click.option("--latency-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
-              show_default=True, help="The latency percentile shown beside the attainment as profile reads it.")
-@click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_TARGET, show_default=True,
-              help="The share of requests that must meet every SLO for the verdict to pass.")
+@per_request_slo_options
 @click.option("--input-column", metavar="NAME", help="The trace's column holding prompt tokens.")
 @click.option("--output-column", metavar="NAME", help="The trace's column holding completion tokens.")
 @click.option("--time-column", metavar="NAME", help="The trace's column holding arrival times.")

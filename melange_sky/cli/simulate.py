@@ -26,6 +26,31 @@ from melange_sky.solver.model import SolverOptions
 
 #: The tpot SLO when no SLO flag is given (profile's and estimate's default).
 DEFAULT_TPOT_SLO_MS = 120.0
+
+
+def per_request_slo_options(command):
+    """simulate's and replay's SLO flags (each request's own TPOT, TTFT and latency against its limit, profile's
+    percentiles shown beside) and --target: one definition, so the two reports answer the same question."""
+    for option in reversed(_PER_REQUEST_SLO_OPTIONS):
+        command = option(command)
+    return command
+
+
+_PER_REQUEST_SLO_OPTIONS = [
+    click.option("--tpot-slo-ms", type=click.FloatRange(min=0, min_open=True),
+                 help=f"SLO on each request's own TPOT ((latency - TTFT) / (output - 1)), ms [default: "
+                      f"{DEFAULT_TPOT_SLO_MS:g} when no SLO is given]."),
+    click.option("--ttft-slo-ms", type=click.FloatRange(min=0, min_open=True),
+                 help="SLO on each request's time to first token, ms."),
+    click.option("--ttft-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
+                 show_default=True, help="The TTFT percentile shown beside the attainment as profile reads the SLO."),
+    click.option("--latency-slo-ms", type=click.FloatRange(min=0, min_open=True),
+                 help="SLO on each request's end-to-end latency, ms."),
+    click.option("--latency-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
+                 show_default=True, help="The latency percentile shown beside the attainment as profile reads it."),
+    click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_TARGET, show_default=True,
+                 help="The share of requests that must meet every SLO for the verdict to pass."),
+]
 #: Replicas listed one per line in the report; a larger fleet is summarised per GPU type.
 _REPLICAS_LISTED = 24
 
@@ -50,19 +75,7 @@ _REPLICAS_LISTED = 24
 @click.option("--speed", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
               help="Model every GPU X times faster (step times divided by X), as `emulate --speed X`: to compare "
                    "with a fleet of emulators run fast.")
-@click.option("--tpot-slo-ms", type=click.FloatRange(min=0, min_open=True),
-              help=f"SLO on each request's own TPOT ((latency - TTFT) / (output - 1)), ms [default: "
-                   f"{DEFAULT_TPOT_SLO_MS:g} when no SLO is given].")
-@click.option("--ttft-slo-ms", type=click.FloatRange(min=0, min_open=True),
-              help="SLO on each request's time to first token, ms.")
-@click.option("--ttft-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
-              show_default=True, help="The TTFT percentile shown beside the attainment as profile reads the SLO.")
-@click.option("--latency-slo-ms", type=click.FloatRange(min=0, min_open=True),
-              help="SLO on each request's end-to-end latency, ms.")
-@click.option("--latency-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
-              show_default=True, help="The latency percentile shown beside the attainment as profile reads it.")
-@click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_TARGET, show_default=True,
-              help="The share of requests that must meet every SLO for the verdict to pass.")
+@per_request_slo_options
 @click.option("--find-headroom", "find_headroom_", is_flag=True, help="Search the least headroom (highest planned "
               "utilisation) whose plan meets --target on these arrivals, beside the unpadded plan (CONFIG only).")
 @click.option("--formulation", type=click.Choice(["slices", "paper", "split"]), default="slices", show_default=True,
