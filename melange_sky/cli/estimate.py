@@ -7,6 +7,7 @@ import time
 
 import click
 
+from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS
 from melange_sky._io import write_config_json
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.text import format_matrix
@@ -18,8 +19,6 @@ from melange_sky.engine.calibrate import calibrate
 from melange_sky.engine.estimate import BucketRate, GpuTable, PointResult, max_rates, merge_tables, run_point
 from melange_sky.inputs.profile_result import config_edges
 
-#: The TPOT SLO when no SLO is given (as `profile`).
-DEFAULT_TPOT_SLO_MS = 120.0
 
 
 @main.command()

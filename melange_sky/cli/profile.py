@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS
 from melange_sky._io import write_config_json
 from melange_sky.cli.fleet import launcher_output, terminations_interrupt
 from melange_sky.cli.main import INTERRUPTED, debug_option, main, warn
@@ -27,8 +28,6 @@ from melange_sky.inputs.profile import parse_cells, profile_endpoint
 from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind, ProfileEvent, ProfileResult,
                                                ProfileSettings, ProfileSize, config_edges, merge_profile, slo_label)
 
-#: The TPOT SLO when no SLO is given.
-DEFAULT_TPOT_SLO_MS = 120.0
 
 
 @main.command()

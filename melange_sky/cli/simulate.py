@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import click
 
+from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.core.attainment import DEFAULT_TARGET, AttainmentReport, Group, Percentiles, per_request_text
 from melange_sky.core.config import Config, load_config, with_overrides
@@ -24,8 +25,6 @@ from melange_sky.sim import (Arrivals, HeadroomAdvice, HeadroomTrial, SimResult,
 from melange_sky.sim.plot import check_plotting, plot_result
 from melange_sky.solver.model import SolverOptions
 
-#: The tpot SLO when no SLO flag is given (profile's and estimate's default).
-DEFAULT_TPOT_SLO_MS = 120.0
 
 
 def per_request_slo_options(command):

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
+#: The SLO held when none is given: mean TPOT <= 120 ms (profile, estimate, simulate and replay alike).
+DEFAULT_TPOT_SLO_MS = 120.0
+
+
 class Slo(StrEnum):
     """The SLOs a rate can be held to (`--tpot-slo-ms`, `--ttft-slo-ms`, `--latency-slo-ms`)."""
 
@@ -53,7 +57,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 class Slos:
     """The SLOs a rate must hold (ms; None: not held) and the percentiles TTFT and latency are read at."""
 
-    tpot_ms: float | None = 120.0
+    tpot_ms: float | None = DEFAULT_TPOT_SLO_MS
     ttft_ms: float | None = None
     ttft_percentile: float = 90.0
     latency_ms: float | None = None

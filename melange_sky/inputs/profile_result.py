@@ -14,7 +14,7 @@ from typing import Any
 
 from melange_sky.core.config import Pricer
 from melange_sky.core.config_doc import MergeResult, check_merged, edges_for_config, gpu_entry
-from melange_sky.core.slo import ProfileSize, Slo, Slos
+from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS, ProfileSize, Slo, Slos
 from melange_sky.errors import ProfileError, ProfileFailed
 
 #: A bucket's cell in the config's matrices: (input bucket index, output bucket index), 0-based.
@@ -60,7 +60,7 @@ class ProfileSettings:
     Every SLO given must hold; `tpot_slo_ms` alone (120 ms) is the default when none is given.
     """
 
-    tpot_slo_ms: float | None = 120.0  # mean time per output token, ms
+    tpot_slo_ms: float | None = DEFAULT_TPOT_SLO_MS  # mean time per output token, ms
     ttft_slo_ms: float | None = None  # time to first token at ttft_percentile, ms
     ttft_percentile: float = 90.0
     latency_slo_ms: float | None = None  # whole request at latency_percentile, ms
