@@ -256,3 +256,30 @@ def test_property_markets_never_cost_more_than_on_demand_and_keep_floor_and_spre
             for region in {spot_region(cfg.gpu(n)) for n in spot}:
                 here = sum(n for name, n in spot.items() if spot_region(cfg.gpu(name)) == region)
                 assert here <= policy.max_region_share * sum(spot.values()) + 1e-9, (case, formulation, region)
+
+
+def kept_spot_config(kept: int, regions: tuple[str, ...]):
+    """One bucket, 10 req/s at 1 req/s per GPU: A10G on demand at $1 and spot at $0.40 in `regions`, the first
+    region holding `kept` spot replicas a re-plan keeps (its min_count)."""
+    base = config({"A10G": {"tputs": [[1]], "cost": 1.0}})
+    on_demand = dataclasses.replace(base.gpus[0], entry="A10G", cloud="aws", region="r0", market=Market.ON_DEMAND)
+    spot = [dataclasses.replace(on_demand, name=f"A10G@{region}:spot", region=region, cost=0.40, use_spot=True,
+                                market=Market.SPOT, min_count=kept if k == 0 else 0)
+            for k, region in enumerate(regions)]
+    return dataclasses.replace(base, gpus=(on_demand, *spot), spot=SpotPolicy(floor=0.2, max_region_share=0.5))
+
+
+def test_spot_kept_in_a_lone_region_is_planned_not_infeasible_and_no_more_is_added_there():
+    # All spot in one region is over a 0.5 share, but 3 replicas already run there: they stay, nothing joins them.
+    result = solve(kept_spot_config(3, ("r0",)), compare=False)
+    assert by_market(result) == {"on_demand": 7, "spot": 3}
+
+
+def test_a_region_holding_kept_spot_adds_at_most_its_share_of_the_other_spot_gpus():
+    # 8 spot GPUs to place (floor 0.2 of 10 is on demand); r0 keeps 4: r0 - 4 <= 0.5 x (r0 + r1 - 4), so r0 = 6,
+    # r1 = 2 (with nothing kept the plain rule gives 4 + 4, here 4 + 4 too: both cost the same).
+    result = solve(kept_spot_config(4, ("r0", "r1")), compare=False)
+    spot = {g.region: g.count for g in result.gpus if g.market == Market.SPOT}
+    assert spot["r0"] >= 4 and spot["r0"] - 4 <= 0.5 * (sum(spot.values()) - 4) + 1e-9
+    assert sum(spot.values()) == 8 and result.markets is not None
+    assert result.markets.spot_gpus == {f"aws:{r}": n for r, n in spot.items() if n}

@@ -316,3 +316,28 @@ def test_a_spot_pool_up_found_full_is_remembered_and_watch_moves_back_after_its_
     report = controller.run_pass()
     assert report.ok and "spot-return" in [a.kind for a in report.actions]
     assert set(offers(controller).values()) == {EAST2}
+
+
+def test_without_per_offer_spot_kept_in_the_region_a_lost_pool_moves_to_is_no_reason_to_fail_the_re_plan(spot_fleet):
+    """Each entry's cheapest offer per market: A10G spot in us-east-2, L4 spot and on demand in us-east-1. Losing
+    us-east-2 moves A10G's spot column to us-east-1, beside the 3 L4 spot replicas kept there: with them counted
+    in, max_region_share 0.5 had no solution. A region's share rises to what already runs there instead, and the
+    kept replicas of each market are theirs alone (the L4 spot column is not also given the L4 on-demand ones)."""
+    markets = {**SPOT_A10G, "name": "markets", "total_request_rate": 30,
+               "gpu_info": {"A10G": {"tputs": [[2, 1], [5, 2]]}, "L4": {"tputs": [[2, 1], [5, 2]]}},
+               "spot": {"floor": 0.5, "max_region_share": 0.5}}
+    fake, controller, clock = spot_fleet(markets)
+    start = offers(controller)
+    lost = sorted(c for c, o in start.items() if o == EAST2)
+    kept = {c: o for c, o in start.items() if c not in lost}
+    assert lost and any(o.endswith(":spot") for o in kept.values())
+    for cluster in lost:
+        fake.remove_cluster(cluster)
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    report = controller.run_pass()
+    assert report.ok, report.to_dict()
+    now = offers(controller)
+    assert EAST2 not in now.values() and kept.items() <= now.items()  # nothing kept was drained or moved
+    assert len(now) == len(start)  # the lost load is carried again (here: on demand, us-east-1 holds all spot)
+    assert sum(o.endswith(":spot") for o in now.values()) == sum(o.endswith(":spot") for o in kept.values())
+    assert report.up is not None and report.cost_planned == pytest.approx(report.up.cost)  # what runs is the plan

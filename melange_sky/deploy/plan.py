@@ -193,10 +193,11 @@ def build_plan(config: Config, settings: PlanSettings = PlanSettings(),
     names: dict[str, list[str]] = {}
     for gpu in bound.config.gpus:
         entry, offer = gpu.entry or gpu.name, offer_key(gpu.cloud, gpu.region, gpu.instance_type, gpu.use_spot)
-        # Per offer, a column owns the replicas on its offer; per GPU type, it owns every replica of its entry
-        # (a re-plan may have moved some to another offer; they are the same GPU).
-        def mine(e: str, o: str, entry: str = entry, offer: str = offer) -> bool:
-            return (e, o) == (entry, offer) if settings.per_offer else e == entry
+        # Per offer, a column owns the replicas on its offer; per GPU type, it owns every replica of its entry in
+        # its market (a re-plan may have moved some to another offer; they are the same GPU), not the spot ones of
+        # its on-demand twin under a spot block.
+        def mine(e: str, o: str, entry: str = entry, offer: str = offer, spot: bool = gpu.use_spot) -> bool:
+            return (e, o) == (entry, offer) if settings.per_offer else e == entry and o.endswith(":spot") == spot
 
         fixed = sum(n for (e, o), n in request.fixed.items() if mine(e, o))
         names[gpu.name] = [cluster for e, o, cluster in request.names if mine(e, o)]

@@ -222,9 +222,23 @@ def _add_markets(model: Any, config: Config, members: dict[str, list[GpuSpec]], 
         spot = [(g, z[g.name] if g.name in z else y[g.name]) for group in members.values() for g in group
                 if not g.reliable and (g.name in z or g.name in y)]
         everywhere = pulp.lpSum(gpus_per_instance(g) * v for g, v in spot)
+        kept = kept_spot_gpus(config)
         for region in sorted({spot_region(g) for g, _ in spot}):
             here = pulp.lpSum(gpus_per_instance(g) * v for g, v in spot if spot_region(g) == region)
-            model += here <= kappa * everywhere, f"region_share_{_safe(region)}"
+            model += here <= kappa * everywhere + (1 - kappa) * kept.get(region, 0), f"region_share_{_safe(region)}"
+
+
+def kept_spot_gpus(config: Config) -> dict[str, int]:
+    """Spot GPUs each region must hold whatever the plan (its spot columns' min_count: replicas a re-plan keeps, or
+    the user's). The spread rule lets a region's share rise to them: here <= kappa * everywhere + (1 - kappa) * kept,
+    i.e. what a region adds beyond its kept GPUs is at most kappa of every other spot GPU. With nothing kept it is
+    the plain rule; it is the convex hull of "here <= max(kappa * everywhere, kept)", and a re-plan that adds no spot
+    to a region always meets it, so a kept replica never makes the model infeasible."""
+    kept: dict[str, int] = {}
+    for g in config.gpus:
+        if not g.reliable and g.min_count:
+            kept[spot_region(g)] = kept.get(spot_region(g), 0) + gpus_per_instance(g) * g.min_count
+    return kept
 
 
 def spot_region(gpu: GpuSpec) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 from melange_sky.core.config import Bucket, Config, GpuSpec, Market
 from melange_sky.errors import AllocationCheckError, InfeasibleAllocation, SolverError
 from melange_sky.solver.model import (Formulation, SharedCap, SolverOptions, SolveStatus, build_model,
-                                     extract_allocation, gpus_per_instance, lp_bound, max_servable_fraction, run_model,
-                                     solve_split_first, spot_region)
+                                     extract_allocation, gpus_per_instance, kept_spot_gpus, lp_bound,
+                                     max_servable_fraction, run_model, solve_split_first, spot_region)
 
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
@@ -291,11 +291,12 @@ def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucke
             problems.append(f"{cap.name}: {cap.gpus(counts)} GPUs over its cap {cap.cap}")
     if config.spot is not None:
         spot = {g.name: gpus_per_instance(g) * counts[g.name] for g in config.gpus if not g.reliable}
+        kappa, kept = config.spot.max_region_share, kept_spot_gpus(config)
         for region in {spot_region(g) for g in config.gpus if not g.reliable}:
             here = sum(n for name, n in spot.items() if spot_region(config.gpu(name)) == region)
-            if here > config.spot.max_region_share * sum(spot.values()) + CHECK_TOLERANCE:
+            if here > kappa * sum(spot.values()) + (1 - kappa) * kept.get(region, 0) + CHECK_TOLERANCE:
                 problems.append(f"{here} of {sum(spot.values())} spot GPUs in {region}, over max_region_share "
-                                f"{config.spot.max_region_share:g}")
+                                f"{kappa:g}" + (f" with {kept[region]} kept there" if region in kept else ""))
     if problems:
         raise AllocationCheckError("internal error, please report: the solved allocation fails its check: "
                                    + "; ".join(problems))
