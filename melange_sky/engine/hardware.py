@@ -42,6 +42,10 @@ class GpuSpec:
     fp8_mamf_tflops: float | None = None  # the same for FP8 matmuls
     stream_gbs: float | None = None  # achievable DRAM bandwidth (STREAM/BabelStream triad), GB/s
     attention_tflops: float | None = None  # FlashAttention-2 forward TFLOP/s (long sequence, BF16/FP16)
+    # What one decode-sized GEMM kernel takes beyond streaming its weights at the triad rate (µs): kernel start, the
+    # split-K reduction and the tail that a GEMM too small to fill the GPU cannot hide. 0 where the per-layer
+    # overhead of the step-time model (BLIS's, trained on H100) already holds it.
+    small_gemm_us: float = 0.0
 
     @property
     def gemm_tflops(self) -> float:
@@ -115,6 +119,11 @@ class GpuSpec:
 #          carry 661; the H100 PCIe its 67% share of its own 756.
 #  A100 40 GB: the MAMF row is the A100 SXM die (same clocks either memory size); its triad is taken at the 80 GB
 #          part's measured 83% of datasheet.
+#  Small GEMMs on MI300X: ROCm/aiter PR #1092 ("[MI300X] tune Gemm performance for llama 70b/405b", Sept 2025) times
+#          Llama-3.1-70B's TP 8 QKV projection in FP8 (m x n x k = 1..64 x 1280 x 8192, 10.5 MB of weights): 10.7 µs
+#          with tuned CK kernels (17.6 µs untuned) where the triad rate streams 10.5 MB in 2.6 µs: 8.1 µs more per GEMM
+#          (the tuned figure, the smaller one). No such table was found for NVIDIA GPUs; there the per-layer overhead
+#          BLIS trained on H100 step traces holds what their small GEMMs cost.
 #  Not measured (T4, L4, A10G, A10, L40S, V100, H100 PCIe's matmul and triad): datasheet x the default ratios below.
 #: Default achievable/datasheet ratios where no measurement exists: the mean of the measured NVIDIA rows above
 #: (MAMF: A100 SXM 0.869, A100 PCIe 0.811, H100 SXM 0.803 -> 0.83; FP8: H100 0.709, H200 0.734 -> 0.72; triad:
@@ -144,7 +153,7 @@ _TABLE: tuple[GpuSpec, ...] = (
     GpuSpec("H200", 141, 143771 * MIB, 4800, 989, 1979, "nvlink", 450, mamf_tflops=794.5, fp8_mamf_tflops=1453.4,
             stream_gbs=4150, attention_tflops=661),
     GpuSpec("MI300X", 192, 192 * 1024 * MIB, 5300, 1307.4, 2614.9, "infinity-fabric", 448, mamf_tflops=668.4,
-            fp8_mamf_tflops=1159, stream_gbs=4090, attention_tflops=328.6),
+            fp8_mamf_tflops=1159, stream_gbs=4090, attention_tflops=328.6, small_gemm_us=10.7 - 2.6),
 )
 _BY_NAME = {g.name: g for g in _TABLE}
 #: The GPU types the engine model knows, in the catalog's spelling.

@@ -67,25 +67,23 @@ class Coefficients:
     # NCCL over PCIe ~20-30 µs (nccl-tests small-message latency). Keyed by GpuSpec.link.
     allreduce_nvlink_us: float = 8.0
     allreduce_pcie_us: float = 25.0
-    # MI300X's Infinity Fabric is a full mesh (7 peer links of 64 GB/s one way), not a switch: a TP group of n GPUs
-    # all-reduces over n - 1 of them. vLLM's custom all-reduce on MI300X at TP 4 (vLLM PR #19744's kernel table,
-    # "baseline" column): 7.2 µs up to 32 KB, 36.6 µs at 2 MB, 118.3 µs at 8 MB, i.e. (8 MB - 1 MB) x 1.5 bus bytes
-    # per byte in 95.4 µs = 0.59 of the 3 x 64 GB/s links the group has.
-    allreduce_infinity_fabric_us: float = 7.2
-    link_eff_infinity_fabric: float = 0.59
     # Overheads from BLIS's trained-physics defaults (trained on vLLM H100 step traces): β₅ per layer ≈ 32 µs,
     # β₆ per request in the batch ≈ 4 µs, β₇ per step ≈ 126 µs.
     layer_us: float = 32.0
     request_us: float = 4.0
     step_us: float = 126.0
-    # The API server (one Python process in front of the engine: request parsing and tokenization, then
-    # detokenizing and streaming each output token), a serial server: BLIS's trained α₂ ≈ 46 µs per output token
-    # ("OutputTokenProcessingTime"); per request, what is left of the 15.7 ms per request of vLLM PR #12287's
-    # frontend-bound V1 run (Llama-3.2-1B on an A100, 63.6 req/s of 202 output tokens, before its optimisations)
-    # after 202 x 46 µs: 6.4 ms. The chat endpoint is charged the same: its one known extra per-request cost (the
-    # chat template's content format re-detected on every request, 6-8 s over 1000 requests) was cached away by
-    # vLLM PR #20065 (June 2025, before vLLM 0.10); rendering a cached template is tens of µs.
-    frontend_request_ms: float = 6.4
+    # The API server (one Python process in front of the engine: HTTP and request validation, chat template and
+    # tokenization, then detokenizing and streaming each output token), a serial server on one core. Per request:
+    # BLIS's trained α₀ ≈ 15.6 ms ("QueueingTime": HTTP parsing, request validation, queue insertion) plus α₁ ≈
+    # 0.78 ms ("PostDecodeFixedOverhead": finishing the response), from vLLM H100 serving traces
+    # (inference-sim/inference-sim docs/guide/latency-models.md, trained-physics defaults); per output token BLIS's
+    # α₂ ≈ 46 µs ("OutputTokenProcessingTime"). A cross-check and its limit: vLLM PR #12287's frontend-bound V1 run
+    # of plain completions (Llama-3.2-1B, A100, 202 output tokens) served 63.6 req/s, 15.7 ms per request with its
+    # tokens, so a light completions load costs the server less (about 6.4 ms a request besides its tokens) and the
+    # model under-estimates such a server's request rate by up to 1.6x; chat requests under a burst cost what BLIS
+    # measured or more (GPUStack's 1000-request chat bursts of 128/4 tokens took 22.7 s on an H100 whose GPU work
+    # is ~4 s: bench/results/estimate_accuracy.md).
+    frontend_request_ms: float = 15.6 + 0.78
     frontend_token_us: float = 46.0
 
     def to_dict(self) -> dict[str, float]:
@@ -98,7 +96,52 @@ class Coefficients:
 
 
 DEFAULT_COEFFICIENTS = Coefficients()
-_MESH_PEER_LINKS = 7  # MI300X: each GPU has 7 Infinity Fabric links, one to each peer of an 8-GPU board (hardware.py)
+_GEMMS_PER_LAYER = 4  # QKV, attention output, gate/up, down projections (vLLM fuses QKV and gate/up)
+
+# One all-reduce of a message of B bytes (the hidden state of a step's tokens, 16-bit) as measured, where a kernel
+# benchmark of the all-reduce vLLM runs exists: (bytes, µs) points, linear between them and past the last two. A
+# decode step's all-reduce is 16 KB (one token of an 8192-wide model) to a few MB: there the time is neither the
+# small-message latency nor bytes over the link's bandwidth (the model's form for the other links), but a curve.
+# MI300X (Infinity Fabric, a full mesh of 7 links of 64 GB/s one way per GPU): vLLM's custom all-reduce, the
+# "baseline" column of vLLM PR #19744's kernel table (ROCm quick all-reduce, June 2025; TP 4): 7.18 µs at 2 KB, 7.26
+# at 16 KB, 7.58 at 32 KB, 14.39 at 256 KB, 14.65 at 512 KB, 22.91 at 1 MB, 36.64 at 2 MB, 63.86 at 4 MB, 118.31 at
+# 8 MB, 230.48 at 16 MB; TP 2: the "vllm cr" column of ROCm/aiter PR #801 (7.53 µs at 16 KB, 8.70 at 128 KB, 11.45
+# at 256 KB, 17.13 at 512 KB, 28.15 at 1 MB, 49.67 at 2 MB, 93.79 at 4 MB, 181.43 at 8 MB, 355.91 at 16 MB). TP 8:
+# no custom all-reduce table was found, TP 4's is used up to 8 MB (vLLM's custom all-reduce takes messages up to
+# 8 MB, vllm/distributed/device_communicators/custom_all_reduce.py max_size; vLLM PR #39080's TP 8 table on the newer
+# MI355X, 6.3 µs at 24 KB, 16.0 at 768 KB, 24.2 at 1.5 MB, is of the same size); above it RCCL runs, and its time is
+# bytes x 2 (n - 1) / n over RCCL's bus bandwidth measured on 8 MI300X (Azure AI-benchmarking-guide,
+# Azure_Results/ND_MI300X_v5_results.md, RCCL AllReduce: 171.46 GB/s at 16 MB, 230.35 at 32 MB, 266.34 at 64 MB,
+# 290.81 at 128 MB, 302.80 at 256 MB, 308.89 at 512 MB, 313.92 at 1 GB). TP 2 and 4 past 16 MB: their last segment.
+_KB, _MB = 1024, 1024 * 1024
+_RCCL_8 = tuple((mb * _MB, mb * _MB * 1.75 / (gbs * 1e3)) for mb, gbs in (
+    (16, 171.46), (32, 230.35), (64, 266.34), (128, 290.81), (256, 302.80), (512, 308.89), (1024, 313.92)))
+_CUSTOM_4 = ((2 * _KB, 7.18), (16 * _KB, 7.26), (32 * _KB, 7.58), (256 * _KB, 14.39), (512 * _KB, 14.65),
+             (_MB, 22.91), (2 * _MB, 36.64), (4 * _MB, 63.86), (8 * _MB, 118.31))
+_ALLREDUCE_US: dict[tuple[str, int], tuple[tuple[int, float], ...]] = {
+    ("infinity-fabric", 2): ((16 * _KB, 7.53), (128 * _KB, 8.70), (256 * _KB, 11.45), (512 * _KB, 17.13),
+                             (_MB, 28.15), (2 * _MB, 49.67), (4 * _MB, 93.79), (8 * _MB, 181.43),
+                             (16 * _MB, 355.91)),
+    ("infinity-fabric", 4): _CUSTOM_4 + ((16 * _MB, 230.48),),
+    ("infinity-fabric", 8): _CUSTOM_4 + _RCCL_8,
+}
+
+
+def _allreduce_table(link: str, tp: int) -> tuple[tuple[int, float], ...] | None:
+    """The measured all-reduce curve for this link at the largest measured TP size <= tp, or None."""
+    sizes = [n for (name, n) in _ALLREDUCE_US if name == link and n <= tp]
+    return _ALLREDUCE_US[(link, max(sizes))] if sizes else None
+
+
+def _interpolate(table: tuple[tuple[int, float], ...], x: float) -> float:
+    """Piecewise-linear through the table's points, flat below the first, extended along the last segment."""
+    if x <= table[0][0]:
+        return table[0][1]
+    for (x0, y0), (x1, y1) in zip(table, table[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    (x0, y0), (x1, y1) = table[-2], table[-1]
+    return y1 + (y1 - y0) * (x - x1) / (x1 - x0)
 
 
 class StepCost:
@@ -122,17 +165,20 @@ class StepCost:
         self._attn_s_per_unit = 4 * heads * m.head_dim * m.num_layers / (attention * c.attn_mfu)
         self._kv_s_per_token = m.kv_bytes_per_token(tp, kv_dtype_bytes) / (bw * c.kv_bw_eff)
         self._ar_fixed_s = self._ar_s_per_token = 0.0
+        self._ar_table: tuple[tuple[int, float], ...] | None = None
         if tp > 1:
-            if g.link == "infinity-fabric":  # a mesh: n - 1 of the 7 peer links
-                latency = c.allreduce_infinity_fabric_us
-                link = g.link_gbs * min(tp - 1, _MESH_PEER_LINKS) / _MESH_PEER_LINKS * c.link_eff_infinity_fabric
-            else:
+            self._ar_table = _allreduce_table(g.link, tp)
+            if self._ar_table is None:
                 latency = c.allreduce_nvlink_us if g.link == "nvlink" else c.allreduce_pcie_us
                 link = g.link_gbs * c.link_eff
-            per_token = m.hidden_size * 2 * 2 * (tp - 1) / tp / (link * 1e9)
-            self._ar_fixed_s = 2 * m.num_layers * latency * 1e-6
-            self._ar_s_per_token = 2 * m.num_layers * per_token
-        self._fixed_s = (m.num_layers * c.layer_us + c.step_us) * 1e-6
+                per_token = m.hidden_size * 2 * 2 * (tp - 1) / tp / (link * 1e9)
+                self._ar_fixed_s = 2 * m.num_layers * latency * 1e-6
+                self._ar_s_per_token = 2 * m.num_layers * per_token
+            self._ar_bytes_per_token = m.hidden_size * 2  # the hidden state of one token, 16-bit activations
+            self._ar_calls = 2 * m.num_layers
+        # the linear layers' kernels per layer (QKV, output, gate/up, down projections), each paying the GPU's
+        # small-GEMM time (hardware.py) on top of the per-layer overhead
+        self._fixed_s = (m.num_layers * (c.layer_us + _GEMMS_PER_LAYER * g.small_gemm_us) + c.step_us) * 1e-6
         self._request_s = c.request_us * 1e-6
 
     def decode_line(self, decodes: int) -> tuple[float, float]:
@@ -142,6 +188,12 @@ class StepCost:
             return 0.0, 0.0
         a = self.seconds(decodes=decodes, sampled=decodes, requests=decodes)
         return a, self._kv_s_per_token
+
+    def allreduce_seconds(self, tokens: int) -> float:
+        """The tensor-parallel all-reduces of a step of `tokens` tokens (two per layer; 0 without TP)."""
+        if self._ar_table is None:
+            return self._ar_fixed_s + tokens * self._ar_s_per_token if tokens > 0 else 0.0
+        return self._ar_calls * _interpolate(self._ar_table, tokens * self._ar_bytes_per_token) * 1e-6
 
     def seconds(self, *, prefill_tokens: int = 0, prefill_attention: float = 0.0, prefill_context: int = 0,
                 decodes: int = 0, decode_context: int = 0, sampled: int = 0, requests: int = 0) -> float:
@@ -155,7 +207,7 @@ class StepCost:
         linear = gemm if gemm > self._weights_s else self._weights_s
         attention = prefill_attention * self._attn_s_per_unit
         kv = (decode_context + prefill_context + prefill_tokens) * self._kv_s_per_token
-        allreduce = self._ar_fixed_s + tokens * self._ar_s_per_token
+        allreduce = self.allreduce_seconds(tokens)
         overhead = self._fixed_s + requests * self._request_s
         return linear + attention + kv + allreduce + overhead
 
