@@ -1,14 +1,14 @@
 """`watch` through the real CLI against the FakeBackend (tests/fake_backend.py): a pass relaunches what the cloud
 lost and replaces what stops answering, a second controller is refused, --max-cost refuses a plan and records it,
 and --autoscale follows a router's /workload (a small local HTTP server here): up at once, down after the hold. The
-ledger is read back to prove what was recorded."""
+ledger is read back to prove what was recorded. On real processes (the local launcher), one pass replacing a replica
+killed from outside is tests/test_local_backend.py's."""
 from __future__ import annotations
 
 import json
 import signal
 import threading
 import time
-import urllib.request
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,7 +19,6 @@ from fake_backend import FakeBackend
 from melange_sky.fleet.keys import load_keys
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from test_fleet_cli import EXAMPLE, PLANNED, run_cli, wait_for
-from test_process_backend import Cli, backend  # noqa: F401 - backend is a fixture (local processes)
 
 
 @pytest.fixture
@@ -418,23 +417,3 @@ def test_watch_once_relaunches_the_router_the_cloud_lost(cli, fleet_env, example
     assert fake.launch_count("example-router") == 2 and all(fake.launch_count(c) == 1 for c in PLANNED)
     assert sorted(fake.clusters()["example-router"]["secret_names"]) == ["MELANGE_SKY_ADMIN_TOKEN",
                                                                          "MELANGE_SKY_API_KEY"]
-
-
-def test_on_local_processes_one_pass_replaces_a_killed_and_a_sick_replica(tmp_path, backend):  # noqa: F811
-    cli = Cli(tmp_path, backend)
-    cli.ok("up", EXAMPLE, "-y", "--no-router")
-    before = {c: r["endpoint"] for c, r in cli.replicas().items()}
-    backend.kill("example-a10g-0")  # preempted: the launcher's cache still says up
-    backend.control("example-a10g-1", healthy=False)  # its host runs, its /health answers 503
-    done = cli.ok("watch", "example", "--once")
-    assert "unhealthy: replica example-a10g-1: readiness probe failed twice (HTTP 503" in done.stderr
-    assert "relaunch: not up: example-a10g-0, example-a10g-1" in done.stderr
-    after = cli.replicas()
-    assert {r["state"] for r in after.values()} == {"up"} and set(after) == set(PLANNED)
-    moved = {c for c in PLANNED if after[c]["endpoint"] != before[c]}
-    assert moved == {"example-a10g-0", "example-a10g-1"}  # fresh processes; the healthy ones untouched
-    for replica in after.values():
-        with urllib.request.urlopen(f"http://{replica['endpoint']}/health", timeout=10) as answer:
-            assert answer.status == 200
-    assert set(backend.live_processes()) == set(PLANNED)
-    assert cli("watch", "example", "--once", "--json").returncode == 0

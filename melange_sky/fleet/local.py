@@ -9,7 +9,8 @@ run unchanged and real requests flow through the fleet's router:
   `deployment`) is what the emulator models; its model is the task's `MODEL_NAME` (`deployment.model`), which the
   engine must know (a bundled model or its Hugging Face id). `deployment.local.speed` (or `$MELANGE_SKY_LOCAL_SPEED`)
   runs every GPU that many times faster than real. When the task makes vLLM demand a key (`VLLM_API_KEY` from a
-  secret), the emulator demands the same one.
+  secret), the emulator demands the same one. An emulator downloads no weights, so the launcher needs none of the
+  model's secrets (`needs_model_secrets = False`: `up` runs without HF_TOKEN), and passes none to a replica.
 - **A CPU task** (the router) runs its own `run` script with bash, as on a fresh host: `file_mounts` land under the
   cluster's directory (its HOME: directories linked, files copied), `setup` is skipped (this Python already has
   what `serve` needs: `python` is this interpreter), and its `melange-sky serve` listens on 127.0.0.1.
@@ -18,6 +19,9 @@ Every process listens on a port the OS picks (`--port 0`) and prints it ("Listen
 race for one. State lives in `$MELANGE_SKY_HOME/local/`: `state.json` (read-modify-written under an flock, so each
 CLI invocation shares it), `clusters/<cluster>/` (a CPU task's HOME), and `logs/<cluster>.log` (every launch of the
 cluster appended, each after a header line). No secret value is ever written there.
+
+A launch is over once its process prints the port it listens on; one that has not after
+`$MELANGE_SKY_LOCAL_LAUNCH_TIMEOUT` s (default 120: a busy machine imports slowly) fails, and leaves nothing.
 
 Processes start in a session of their own (they outlive the `up` that started them, as a VM outlives `sky
 launch`) and are known by pid *and* start time (from /proc: Linux), so a recycled pid is never taken for a replica.
@@ -51,6 +55,7 @@ from melange_sky.fleet.ledger import Ledger, ledger_home
 __all__ = ["LocalBackend", "ProcessId", "launch_speed", "process_id", "running"]
 
 SPEED_ENV = "MELANGE_SKY_LOCAL_SPEED"
+LAUNCH_TIMEOUT_ENV = "MELANGE_SKY_LOCAL_LAUNCH_TIMEOUT"
 #: How long a launch may take until its process listens (a busy machine imports slowly).
 LAUNCH_TIMEOUT_S = 120.0
 #: After SIGTERM, how long `down` waits before SIGKILL.
@@ -221,6 +226,23 @@ def launch_speed(fleet: str | None, environ: Mapping[str, str] | None = None) ->
     return 1.0
 
 
+def _launch_timeout(given: float | None) -> float:
+    """The launch timeout: `given`, else `$MELANGE_SKY_LOCAL_LAUNCH_TIMEOUT`, else LAUNCH_TIMEOUT_S."""
+    if given is None:
+        text = os.environ.get(LAUNCH_TIMEOUT_ENV)
+        if not text:
+            return LAUNCH_TIMEOUT_S
+        try:
+            given = float(text)
+        except ValueError:
+            given = 0.0
+        if not given > 0:
+            raise LaunchError("local", f"{LAUNCH_TIMEOUT_ENV}={text!r}: expected a number of seconds above 0")
+    if not given > 0:
+        raise ValueError(f"launch_timeout_s must be above 0, got {given!r}")
+    return float(given)
+
+
 def _tail(path: Path, offset: int, secrets: Mapping[str, str]) -> str:
     try:
         with open(path, "rb") as log:
@@ -251,14 +273,21 @@ class LocalBackend:
     """See the module docstring. Thread- and process-safe; follows `melange_sky.fleet.backends.Backend`."""
 
     name = "local"
+    #: Its GPU replicas are emulators: they download no model, so the deployment's model secrets (HF_TOKEN) are
+    #: not required (only the replicas' API key secret is: the emulator demands it as vLLM would).
+    needs_model_secrets = False
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None, speed: float | None = None):
+    def __init__(self, directory: str | os.PathLike[str] | None = None, speed: float | None = None,
+                 launch_timeout_s: float | None = None):
         """`directory`: the launcher's state (default `$MELANGE_SKY_HOME/local`); `speed`: every GPU this object
-        launches runs that many times faster than real (default: `launch_speed`'s answer for its fleet)."""
+        launches runs that many times faster than real (default: `launch_speed`'s answer for its fleet);
+        `launch_timeout_s`: how long a launch may take until its process listens (default
+        `$MELANGE_SKY_LOCAL_LAUNCH_TIMEOUT`, else LAUNCH_TIMEOUT_S)."""
         if speed is not None and not speed > 0:
             raise ValueError(f"speed must be above 0, got {speed!r}")
         self.dir = Path(directory) if directory is not None else ledger_home() / "local"
         self.speed = speed
+        self.launch_timeout_s = _launch_timeout(launch_timeout_s)
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}  # the processes this object started, to reap
@@ -441,7 +470,7 @@ class LocalBackend:
     def _wait_ready(self, request: LaunchRequest, record: dict[str, Any], cancel: threading.Event) -> ClusterInfo:
         cluster, proc = request.cluster, self._proc(record)
         log_path = Path(record["log"])
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        deadline = time.monotonic() + self.launch_timeout_s
         while True:
             if cancel.is_set():
                 self._abandon(cluster, proc)
@@ -463,7 +492,8 @@ class LocalBackend:
                                            f"{_tail(log_path, record['offset'], request.secrets)}")
             if time.monotonic() > deadline:
                 self._abandon(cluster, proc)
-                raise LaunchError(cluster, f"local launcher: not listening after {LAUNCH_TIMEOUT_S:g} s: "
+                raise LaunchError(cluster, f"local launcher: not listening after {self.launch_timeout_s:g} s "
+                                           f"({LAUNCH_TIMEOUT_ENV} sets the limit): "
                                            f"{_tail(log_path, record['offset'], request.secrets)}")
             time.sleep(POLL_S)
 
