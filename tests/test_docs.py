@@ -28,7 +28,7 @@ import yaml
 from click.testing import CliRunner
 from markdown.extensions.toc import slugify
 
-from melange_sky.cli import main
+from melange_sky.cli import all_commands, main
 from melange_sky.core.config import GPU_KEYS, TOP_LEVEL_KEYS
 from melange_sky.deploy.plan import DEPLOYMENT_KEYS
 from melange_sky.deploy.router_config import ROUTER_KEYS, TLS_KEYS
@@ -217,7 +217,7 @@ def anchors(path: Path) -> set[str]:
             text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", match.group(2)).replace("`", "").replace("*", "")
             ids.add(slugify(text, "-"))
     if path.name == "cli.md":  # the hook adds a section per command
-        ids |= {"melange-sky", *main.commands}
+        ids |= {"melange-sky", *all_commands()}
     return ids
 
 
@@ -271,7 +271,7 @@ def test_the_cli_reference_shows_every_registered_command_with_its_help() -> Non
     spec.loader.exec_module(hook)
     page = hook.on_page_markdown((DOCS / "cli.md").read_text(), None, None, None)
     assert hook.MARKER not in page
-    for name, command in main.commands.items():
+    for name, command in all_commands().items():
         assert f"\n## {name}\n" in page, name
         assert f"Usage: melange-sky {name} " in page, name
         for param in command.params:

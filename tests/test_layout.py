@@ -81,6 +81,21 @@ def test_help_imports_neither_skypilot_nor_the_solver():
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+def test_a_command_loads_only_its_own_module_of_the_cli():
+    """`melange-sky solve` is the command scripts run most: it must not pay for the simulator, the router's server or
+    the other commands' imports."""
+    code = ("import sys; from melange_sky.cli import main\n"
+            "try:\n    main(['solve', 'examples/example.json', '-o', '/dev/null'])\nexcept SystemExit:\n    pass\n"
+            "names = [m for m in sys.modules if m.startswith('melange_sky.')]\n"
+            "print(sorted({m.split('.')[2] for m in names if m.startswith('melange_sky.cli.')}))\n"
+            "print(sorted({m.split('.')[1] for m in names if m.count('.') > 1}), 'aiohttp' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=PACKAGE.parent)
+    cli_modules, rooms = done.stdout.strip().splitlines()[-2:]
+    assert cli_modules == "['main', 'options', 'plan', 'text']"
+    assert "'sim'" not in rooms and rooms.endswith("False"), rooms
+
+
 def test_public_names_are_not_shadowed_by_the_rooms_whatever_was_imported_first():
     code = ("import melange_sky.solver.result, melange_sky.deploy.plan, melange_sky.fleet.fleet\n"
             "import melange_sky\n"

@@ -1,6 +1,17 @@
-"""The `melange-sky` command line. Importing this package registers every command on `main`."""
-from melange_sky.cli import (  # noqa: F401 - registers the commands
-    emulate, estimate, fleet, plan, profile, replay, serve, simulate, sweep, watch, workload)
-from melange_sky.cli.main import main
+"""The `melange-sky` command line: `main`, whose commands load on first use (cli/main.py's COMMAND_MODULES).
 
-__all__ = ["main"]
+`all_commands()` loads every one, for whatever walks them all (the docs' CLI reference, tests)."""
+from __future__ import annotations
+
+import click
+
+from melange_sky.cli.main import COMMAND_MODULES, load_commands, main
+
+__all__ = ["all_commands", "main"]
+
+
+def all_commands() -> dict[str, click.Command]:
+    """Every command by name, each module loaded."""
+    for module in sorted(set(COMMAND_MODULES.values())):
+        load_commands(module)
+    return dict(sorted(main.commands.items()))

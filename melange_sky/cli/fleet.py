@@ -15,8 +15,8 @@ import click
 
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
-from melange_sky.cli.simulate import simulate_hint
-from melange_sky.cli.text import format_down, format_dryrun, format_event, format_preview, format_status, format_up
+from melange_sky.cli.text import (format_down, format_dryrun, format_event, format_preview, format_status, format_up,
+                                   simulate_hint)
 from melange_sky.controller.watch import remember_unavailable, spot_avoided
 from melange_sky.fleet.backends import load_backend
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions

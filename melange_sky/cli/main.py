@@ -4,6 +4,7 @@ The commands live beside it, one module per room they drive (plan, inputs, fleet
 and prints. No solver, SQL or SkyPilot code in this package."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -12,11 +13,30 @@ from typing import Any
 import click
 
 from melange_sky import __version__
+from melange_sky._signals import deliver, signals_held
 from melange_sky.errors import MelangeError
 
 DEBUG_KEY = "melange_sky.debug"
 LOGS_KEY = "melange_sky.logs"
 INTERRUPTED = 130  # the exit code of a Ctrl-C, SIGTERM or SIGHUP, wherever it lands (README: exit codes)
+
+# Where each command lives (a module of this package). A command's module is imported when that command runs, or
+# when the help lists them all: `melange-sky solve` does not pay for the engine's, the router's or the fleet's
+# imports, and neither does each of the many short CLI runs a script or a test makes.
+COMMAND_MODULES = {
+    "catalog": "plan", "plan": "plan", "solve": "plan", "sweep": "sweep",
+    "workload": "workload", "profile": "profile",
+    "estimate": "estimate", "emulate": "emulate", "simulate": "simulate", "replay": "replay",
+    "up": "fleet", "status": "fleet", "down": "fleet", "watch": "watch", "serve": "serve",
+}
+
+
+def load_commands(module: str) -> None:
+    """Import a command module (its decorators register its commands on `main`). A Ctrl-C is held meanwhile and
+    raised right after: raised in the middle of an import it could leave a C extension half-initialised."""
+    with signals_held() as held:
+        importlib.import_module(f"melange_sky.cli.{module}")
+    deliver(held)
 
 
 class MelangeGroup(click.Group):
@@ -46,6 +66,14 @@ class MelangeGroup(click.Group):
             sys.exit(INTERRUPTED)
         # Without standalone mode Click returns an exit code (from ctx.exit) instead of exiting: exit with it.
         sys.exit(rv if isinstance(rv, int) else 0)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            load_commands(COMMAND_MODULES[cmd_name])
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context):
         if _debug(ctx):  # MELANGE_SKY_DEBUG=1 (--debug itself turns them on as it is parsed)

@@ -9,8 +9,7 @@ from melange_sky._io import write_json
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import (SolveArgs, per_offer_option, plan_options, plan_settings, solve_options,
                                      warn_time_limit)
-from melange_sky.cli.simulate import simulate_hint
-from melange_sky.cli.text import format_offers, format_plan, format_solve
+from melange_sky.cli.text import format_offers, format_plan, format_solve, simulate_hint
 from melange_sky.deploy.catalog import default_catalog
 from melange_sky.deploy.plan import RESULT_FILE, build_plan, solve_offers, stale_task_files, write_plan
 

@@ -12,14 +12,12 @@ import click
 from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS
 from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.core.attainment import DEFAULT_TARGET, AttainmentReport, Group, Percentiles, per_request_text
-from melange_sky.core.config import Config, load_config, with_overrides
+from melange_sky.core.config import load_config, with_overrides
 from melange_sky.core.slo import Slos, percentile
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.deploy.plan import DEFAULT_MAX_REPLICAS, PlanSettings, deployment_from_config
-from melange_sky.errors import ServeError
 from melange_sky.inputs.trace_formats import ColumnChoice, TimeUnit
 from melange_sky.inputs.trace_rates import parse_rate_percentile
-from melange_sky.serve.routes import bucket_edges
 from melange_sky.sim import (Arrivals, HeadroomAdvice, HeadroomTrial, SimResult, find_headroom, parse_burst,
                              plan_from_config, plan_from_fleet, poisson_arrivals, simulate, trace_arrivals)
 from melange_sky.sim.plot import check_plotting, plot_result
@@ -230,16 +228,6 @@ class _Progress:
     def done(self) -> None:
         if self.shown:
             click.echo(f"simulate: done in {time.monotonic() - self.started:.1f} s", err=True)
-
-
-def simulate_hint(path: str, config: Config) -> str | None:
-    """The one line `solve` and `up --dryrun` print after a plan: how to check it on real traffic first; None when
-    the config cannot be simulated (no bucket edges for its routes)."""
-    try:
-        bucket_edges(config)
-    except ServeError:
-        return None
-    return f"Simulate this plan on your traffic before paying for it: melange-sky simulate {path} --trace FILE"
 
 
 # ---- the report ------------------------------------------------------------------------------------------------------

@@ -7,11 +7,14 @@ from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING
 
 from melange_sky.deploy.router_task import router_certfile
+from melange_sky.errors import ServeError
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
+from melange_sky.serve.routes import bucket_edges
 from melange_sky.solver.result import Baseline, SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
+    from melange_sky.core.config import Config
     from melange_sky.deploy.plan import Plan, ReplicaPlan
 
 
@@ -394,3 +397,13 @@ def _table(headers: tuple[str, ...], rows: Sequence[Sequence[object]], right: Co
     widths = [max([len(h)] + [len(str(row[k])) for row in rows]) for k, h in enumerate(headers)]
     fmt = indent + "  ".join(f"{{:{'>' if k in right else '<'}{w}}}" for k, w in enumerate(widths))
     return [fmt.format(*headers).rstrip()] + [fmt.format(*map(str, row)).rstrip() for row in rows]
+
+
+def simulate_hint(path: str, config: Config) -> str | None:
+    """The one line `solve` and `up --dryrun` print after a plan: how to check it on real traffic first; None when
+    the config cannot be simulated (no bucket edges for its routes)."""
+    try:
+        bucket_edges(config)
+    except ServeError:
+        return None
+    return f"Simulate this plan on your traffic before paying for it: melange-sky simulate {path} --trace FILE"
