@@ -331,6 +331,33 @@ def test_a_launch_timeout_from_the_environment_must_be_a_positive_number(monkeyp
         LocalBackend()
 
 
+# -- secrets --------------------------------------------------------------------------------------------------------
+def test_up_on_the_local_launcher_needs_no_model_token_but_still_the_replicas_api_key(tmp_path, cli, example,
+                                                                                      write_config, monkeypatch):
+    """An emulator downloads no weights: HF_TOKEN is passed when set, not required. A launcher that fetches the
+    model (SkyPilot; no backend given) still requires it, and the local one still requires the replicas' API key."""
+    from melange_sky.core.config import load_config
+    from melange_sky.deploy.plan import PlanSettings
+    from melange_sky.errors import MissingSecret
+    from melange_sky.fleet.up import launch_secrets
+
+    config = load_config(write_config(example))
+    local = LocalBackend(tmp_path / "local")
+    assert launch_secrets(config, PlanSettings(), {}, local) == {}
+    assert launch_secrets(config, PlanSettings(), {"HF_TOKEN": "x"}, local) == {"HF_TOKEN": "x"}
+    with pytest.raises(MissingSecret, match="^HF_TOKEN not set in the environment"):
+        launch_secrets(config, PlanSettings(), {})
+    keyed = load_config(write_config({**example, "deployment": {"api_key_secret": "REPLICA_KEY"}}, "keyed.json"))
+    with pytest.raises(MissingSecret, match="^REPLICA_KEY not set"):
+        launch_secrets(keyed, PlanSettings(), {"HF_TOKEN": "x"}, local)
+
+    monkeypatch.setenv("MELANGE_SKY_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    dry = cli("up", write_config(example), "--dryrun", "--backend", "local")
+    assert dry.exit_code == 0 and "local launcher" in dry.stdout, dry.stderr
+    assert "HF_TOKEN" not in dry.stdout  # the dry run does not ask for it either
+
+
 # -- identity and refusals -----------------------------------------------------------------------------------------
 def test_a_recycled_pid_is_not_taken_for_the_replica_it_once_was(tmp_path):
     sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)

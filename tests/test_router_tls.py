@@ -188,43 +188,52 @@ def test_up_and_status_show_an_https_endpoint_and_push_to_it_with_the_certificat
 
 @pytest.fixture
 def processes(tmp_path, monkeypatch):
-    """The local-process launcher (tests/process_backend.py) for the in-process CLI: the router task really runs
-    `serve` with its mounted certificate. Every process it started is killed at the end, pass or fail."""
-    from process_backend import ProcessBackend
+    """The local launcher (melange_sky/fleet/local.py) for the in-process CLI: the router task really runs `serve`
+    with its mounted certificate, the replica is an emulator. Every process it started is killed at the end."""
+    import os
+    import signal
 
-    backend = ProcessBackend(tmp_path / "pb")
-    for key, value in {"MELANGE_SKY_HOME": str(tmp_path / "home"), "HF_TOKEN": "hf_test_token_value",
-                       "MELANGE_SKY_BACKEND": "process_backend:ProcessBackend",
-                       "PROCESS_BACKEND_DIR": str(backend.dir)}.items():
+    from melange_sky.fleet.local import LocalBackend
+
+    for key, value in {"MELANGE_SKY_HOME": str(tmp_path / "home"), "MELANGE_SKY_BACKEND": "local",
+                       "MELANGE_SKY_LOCAL_SPEED": "20"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
+    backend = LocalBackend(tmp_path / "home" / "local")
     yield backend
-    backend.kill_all()
+    for record in backend.records().values():
+        try:
+            os.killpg(int(record["pid"]), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def test_a_tls_router_brought_up_serves_https_with_its_certificate_and_takes_pushes_over_it(
         cli, write_config, pem, processes, tmp_path):
-    from conftest import free_port
     from melange_sky.core.tls import client_context
     from melange_sky.fleet.keys import load_keys
 
-    port = free_port()
     config = write_config({"name": "tls", "workload_distribution": [[1.0]], "total_request_rate": 1,
                            "gpu_info": {"A10G": {"cost": 1.01, "tputs": [[2]]}}, "input_buckets": [1, 4000],
                            "output_buckets": [1, 2000], "deployment": {"router": {
-                               "port": port, "tls": {"certfile": str(pem["cert"]), "keyfile": str(pem["key"])}}}})
+                               "tls": {"certfile": str(pem["cert"]), "keyfile": str(pem["key"])}}}})
     result = cli("up", config, "-y")
     assert result.exit_code == 0, result.stdout + result.stderr
-    assert f"Endpoint: https://127.0.0.1:{port}/v1" in result.stdout
+    [fleet] = json.loads(cli("status", "tls", "--json").stdout)["fleets"]
+    url = fleet["endpoint"]
+    assert url.startswith("https://127.0.0.1:") and f"Endpoint: {url}/v1" in result.stdout
     assert "could not update the router's routes" not in result.stdout + result.stderr  # pushed over https
     key = load_keys("tls").api_key
-    request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/completions", method="POST",
-                                     data=json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2}).encode(),
+    request = urllib.request.Request(f"{url}/v1/completions", method="POST",
+                                     data=json.dumps({"model": "meta-llama/Llama-2-7b-chat-hf", "prompt": "hi",
+                                                      "max_tokens": 2}).encode(),
                                      headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30, context=client_context(pem["cert"])) as answer:
-        assert answer.status == 200 and json.loads(answer.read())["served_by"] == "tls-a10g-0"
+        assert answer.status == 200 and answer.headers["X-Melange-Gpu"] == "A10G"  # the replica's answer, relayed
+        assert json.loads(answer.read())["usage"]["completion_tokens"] == 2
     with pytest.raises(urllib.error.URLError):  # the system's CAs do not know a self-signed certificate
-        urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=30)
-    assert cli("down", "tls", "-y").exit_code == 0 and processes.live_processes() == {}
+        urllib.request.urlopen(f"{url}/health", timeout=30)
+    assert cli("down", "tls", "-y").exit_code == 0
+    assert processes.records() == {} and processes.leftovers() == {}
     written = b"".join(f.read_bytes() for f in (tmp_path / "home").rglob("*") if f.is_file())
     assert _body(pem["key"]) not in written

@@ -142,7 +142,8 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
         if hint:
             click.echo(hint, err=True)
         return
-    secrets = launch_secrets(cfg, settings, os.environ)
+    launcher = load_backend(backend)
+    secrets = launch_secrets(cfg, settings, os.environ, launcher)  # the local launcher needs no HF_TOKEN
     stdout = sys.stdout  # the preview is this command's output, not the launcher's
     shown: list[str] = []  # notes the preview printed: the summary does not repeat them
 
@@ -156,7 +157,7 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
                         drain_timeout=drain_timeout)
     router = None if no_router else router_setup(cfg, settings, os.environ)
     with Ledger() as ledger, launcher_output(), terminations_interrupt():
-        report = bring_up(cfg, settings, load_backend(backend), ledger, secrets, options,
+        report = bring_up(cfg, settings, launcher, ledger, secrets, options,
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
                           on_warning=print_warning, router=router,
                           exclude=spot_avoided(ledger, cfg.name, time.time()))  # pools `watch` saw fail

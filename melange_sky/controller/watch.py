@@ -182,7 +182,7 @@ class Controller:
         """Refuse at once what no pass could do: an unknown fleet, one without a stored config, a missing secret,
         autoscaling with no router to read the traffic from."""
         config, settings = self._config()
-        launch_secrets(config, settings, self.environ)
+        launch_secrets(config, settings, self.environ, self.backend)
         if self.options.autoscale and self.options.workload_url is None and self.ledger.router(self.fleet) is None:
             raise ControllerError(f"--autoscale reads the traffic from the fleet's router, and fleet {self.fleet!r} "
                                   f"has none: `melange-sky up` it without --no-router, or pass --from URL of a "
@@ -303,7 +303,7 @@ class Controller:
             if preview.changes:
                 self._act(report, "plan", _preview_line(preview))
 
-        secrets = launch_secrets(config, settings, self.environ)
+        secrets = launch_secrets(config, settings, self.environ, self.backend)
         setup = router_setup(config, settings, self.environ) if router is not None else None
         up = bring_up(config, settings, self.backend, self.ledger, secrets, self.options.up, confirm=None,
                       on_preview=on_preview, on_event=self.on_event, on_warning=self.on_warning, router=setup,

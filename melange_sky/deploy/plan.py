@@ -80,6 +80,12 @@ class Deployment:
     #: (`melange_sky.engine.EngineSettings`), rendered as `vllm serve` flags so the server is the one estimated.
     engine: EngineSettings = field(default_factory=EngineSettings)
 
+    def needed_secrets(self, model_secrets: bool = True) -> tuple[str, ...]:
+        """The secrets a launch cannot go without: every one of `secrets`, or, on a launcher whose replicas fetch no
+        model (`model_secrets` False: the local launcher's emulators), only the replicas' API key secret, which
+        they still demand."""
+        return self.secrets if model_secrets else tuple(s for s in self.secrets if s == self.api_key_secret)
+
 
 @dataclass(frozen=True)
 class ReplicaPlan:

@@ -24,7 +24,7 @@ BUILTIN_BACKENDS = {"skypilot": "melange_sky.fleet.skypilot:SkyPilotBackend"}
 
 __all__ = [
     "Backend", "ClusterInfo", "ClusterStatus", "DEFAULT_BACKEND", "ENTRY_POINT_GROUP", "ENV_VAR", "LaunchRequest",
-    "Validation", "ValidationLevel", "available_backends", "load_backend",
+    "Validation", "ValidationLevel", "available_backends", "load_backend", "needs_model_secrets",
 ]
 
 
@@ -96,6 +96,10 @@ class Validation:
 class Backend(Protocol):
     """What the fleet needs from a launcher. Every method is thread-safe: the fleet calls them from worker threads.
 
+    Optional: a class attribute `needs_model_secrets = False` says its replicas fetch no model (the local launcher
+    runs emulators), so the deployment's secrets other than the replicas' API key are not required to launch
+    (`needs_model_secrets(backend)`; SkyPilot and any launcher without it need them all).
+
     Errors: `launch` raises `errors.CapacityError` when the offer has no capacity (the fleet re-solves without it),
     `errors.LaunchCancelled` after `cancel`, and `errors.LaunchError` for any other failure, each with a one-line
     reason. `validate` raises `errors.InvalidTask`. Other methods raise `errors.BackendError` when the launcher
@@ -129,6 +133,12 @@ class Backend(Protocol):
         """Cancel in-flight launches (of these clusters, or all) started by this backend object, e.g. on Ctrl-C; their
         `launch` calls then raise `LaunchCancelled`. Returns the clusters whose launch was cancelled."""
         ...
+
+
+def needs_model_secrets(backend: object | None) -> bool:
+    """Whether `backend`'s replicas need the model's secrets (HF_TOKEN) to launch; True unless it says otherwise
+    (or for no backend: the check before one is chosen assumes a real one)."""
+    return bool(getattr(backend, "needs_model_secrets", True))
 
 
 def _entry_points() -> dict[str, Any]:

@@ -34,7 +34,8 @@ from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
 from melange_sky.deploy.router_task import router_certfile
 from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
-from melange_sky.fleet.backends import Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation
+from melange_sky.fleet.backends import (Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation,
+                                        needs_model_secrets)
 from melange_sky.fleet.keys import ADMIN_TOKEN_ENV, API_KEY_ENV, FleetKeys, forget_keys, load_keys
 from melange_sky.fleet.ledger import Event, Ledger, ReplicaRecord, ReplicaState, Role
 from melange_sky.fleet.reports import (DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport,
@@ -230,7 +231,8 @@ class Fleet:
             validations[router_plan.cluster] = self._launcher.validate(router_plan.task,
                                                                        {n: "placeholder" for n in names})
         return DryRunReport(preview=preview, validations=validations,
-                            missing_secrets=sorted(set(secrets) - set(given)),
+                            missing_secrets=sorted(set(preview.plan.deployment.needed_secrets(
+                                needs_model_secrets(self._launcher))) - set(given)),
                             notes=[unroutable] if unroutable else [])
 
     def up(self, fleet: str, planner: Planner, secrets: Mapping[str, str], config_digest: str,

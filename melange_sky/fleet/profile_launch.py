@@ -34,7 +34,7 @@ from melange_sky.engine.estimate import max_rates
 from melange_sky.engine.models import load_model
 from melange_sky.engine.settings import EngineSettings
 from melange_sky.errors import MelangeError, ProfileError
-from melange_sky.fleet.backends import Backend
+from melange_sky.fleet.backends import Backend, needs_model_secrets
 from melange_sky.fleet.fleet import Fleet, UpOptions
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.fleet.local import launch_speed
@@ -261,13 +261,15 @@ def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Le
     """Launch one replica per GPU type of `request`, profile each as soon as it answers (all at once), tear them all
     down, and return what was measured and what it cost. The teardown happens on success, on a failure (a launch,
     a profile) and on Ctrl-C (the report says `interrupted`); a replica it could not remove is in `report.left`.
-    `environ` holds the replicas' secrets (`deployment.secrets`; one missing is an error before anything launches).
+    `environ` holds the replicas' secrets (`deployment.secrets`; one the launcher needs and is missing is an error
+    before anything launches: the local launcher's emulators need no HF_TOKEN).
     Progress: `on_replica` (launches, teardown), `on_profile` (per GPU
     type, the profile's events), `on_note` (readiness)."""
     note = on_note or (lambda message: None)
     config = _profiling_config(request)
     deployment = deployment_from_config(config)
-    secrets = secrets_from_env(deployment.secrets, environ)
+    secrets = {**{name: environ[name] for name in deployment.secrets if environ.get(name)},
+               **secrets_from_env(deployment.needed_secrets(needs_model_secrets(backend)), environ)}
     fleet_name = config.name
     if ledger.get_fleet(fleet_name) is not None:
         raise ProfileError(f"fleet {fleet_name!r} is in the ledger already (a profile in progress, or one left "

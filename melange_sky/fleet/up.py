@@ -16,7 +16,7 @@ from melange_sky.deploy.plan import (DEFAULT_MAX_REPLICAS, Plan, PlanRequest, Pl
 from melange_sky.deploy.router_task import ROUTER_TEMPLATE, build_router_plan
 from melange_sky.errors import LedgerError, MissingSecret
 from melange_sky.solver.model import SolverOptions
-from melange_sky.fleet.backends import Backend
+from melange_sky.fleet.backends import Backend, needs_model_secrets
 from melange_sky.fleet.fleet import Fleet, Planner, RouterSetup, UpOptions
 from melange_sky.fleet.keys import API_KEY_ENV, fleet_keys
 from melange_sky.fleet.ledger import Ledger
@@ -92,10 +92,14 @@ def secrets_from_env(names: Sequence[str], environ: Mapping[str, str]) -> dict[s
     return {name: environ[name] for name in names}
 
 
-def launch_secrets(config: Config, settings: PlanSettings, environ: Mapping[str, str]) -> dict[str, str]:
-    """The secrets the config's replicas need, from `environ`: checked before a ledger is opened or a launcher
-    loaded, so a missing token costs nothing."""
-    return secrets_from_env(deployment_from_config(config, settings.template).secrets, environ)
+def launch_secrets(config: Config, settings: PlanSettings, environ: Mapping[str, str],
+                   backend: object | None = None) -> dict[str, str]:
+    """The secrets the config's replicas need, from `environ`: checked before a ledger is opened, so a missing token
+    costs nothing. On a launcher whose replicas fetch no model (`needs_model_secrets`: the local launcher), only
+    the replicas' API key secret is required; the others are passed when set."""
+    deployment = deployment_from_config(config, settings.template)
+    needed = secrets_from_env(deployment.needed_secrets(needs_model_secrets(backend)), environ)
+    return {**{name: environ[name] for name in deployment.secrets if environ.get(name)}, **needed}
 
 
 def make_planner(config: Config, settings: PlanSettings, on_warning: OnWarning | None = None,
