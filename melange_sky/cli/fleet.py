@@ -17,12 +17,13 @@ from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
 from melange_sky.cli.text import (format_down, format_dryrun, format_event, format_preview, format_status, format_up,
                                    simulate_hint)
-from melange_sky.controller.watch import remember_unavailable, spot_avoided
+from melange_sky.controller.watch import DEFAULT_INTERVAL_S, remember_unavailable, spot_avoided
 from melange_sky.fleet.backends import load_backend
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.reports import Preview, ReplicaEvent
-from melange_sky.fleet.up import bring_up, dry_run, launch_secrets, router_setup
+from melange_sky.fleet.hosted import HOSTED, LOCAL
+from melange_sky.fleet.up import bring_up, controller_choice, dry_run, launch_secrets, router_setup
 
 
 def launcher_output() -> contextlib.redirect_stdout:
@@ -101,14 +102,21 @@ def confirm_or_refuse(question: str, yes: bool) -> bool:
 @click.option("--drain-timeout", type=click.FloatRange(min=0), default=DEFAULT_DRAIN_TIMEOUT, show_default=True,
               metavar="SECONDS", help="A replica the plan no longer needs leaves the router first; its requests in "
                                       "flight get this long to finish before it is torn down.")
+@click.option("--controller", type=click.Choice([HOSTED, LOCAL]),
+              help="Where the fleet's controller (healing, spot fallback) runs: `hosted` on the router's host, "
+                   "launched with it, so a sleeping laptop leaves nothing unhealed; `local`: run `melange-sky "
+                   "watch` yourself. Default: hosted when the fleet may have spot replicas and the launcher can be "
+                   "shared with the router's host (the local launcher, or a SkyPilot API server both reach).")
+@click.option("--controller-interval", type=click.FloatRange(min=1), default=DEFAULT_INTERVAL_S, show_default=True,
+              metavar="SECONDS", help="A hosted controller's seconds between passes.")
 @backend_option
 @plan_options
 @solve_options
 @debug_option
 def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: int, max_rounds: int,
        retry_until_up: bool, idle_minutes_to_autostop: int | None, autodown: bool, as_json: bool, no_router: bool,
-       no_shrink: bool, drain_timeout: float, backend: str | None, per_offer: bool, template: str | None,
-       solve_args: SolveArgs) -> None:
+       no_shrink: bool, drain_timeout: float, controller: str | None, controller_interval: float,
+       backend: str | None, per_offer: bool, template: str | None, solve_args: SolveArgs) -> None:
     """Launch the cheapest mixed fleet for CONFIG: one SkyPilot cluster per replica, across clouds, and a router
     (a small CPU instance) as the fleet's one OpenAI-compatible endpoint.
 
@@ -155,12 +163,18 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
                         idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown, shrink=not no_shrink,
                         drain_timeout=drain_timeout)
-    router = None if no_router else router_setup(cfg, settings, os.environ)
+    hosted, note = controller_choice(cfg, settings, launcher, os.environ, controller, router=not no_router,
+                                     interval=controller_interval)
+    if note is not None:
+        print_warning(note)
+    router = None if no_router else router_setup(cfg, settings, os.environ, hosted)
+    mode = {"mode": HOSTED, "interval": controller_interval} if hosted is not None else {"mode": LOCAL}
     with Ledger() as ledger, launcher_output(), terminations_interrupt():
         report = bring_up(cfg, settings, launcher, ledger, secrets, options,
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
                           on_warning=print_warning, router=router,
-                          exclude=spot_avoided(ledger, cfg.name, time.time()))  # pools `watch` saw fail
+                          exclude=spot_avoided(ledger, cfg.name, time.time()),  # pools `watch` saw fail
+                          controller=mode)
         full = remember_unavailable(ledger, cfg.name, report.unavailable_offers, time.time())
     if full is not None:
         click.echo(f"up {cfg.name}: {full.kind}: {full.message}", err=True)
@@ -213,6 +227,9 @@ def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | 
     with Ledger() as ledger, launcher_output():
         report = Fleet(load_backend(backend) if refresh else None, ledger).status_report(fleet_name, refresh)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_status(report))
+    if not as_json:
+        for name, view in sorted(report.controllers.items()):
+            click.echo(view.line(name))
 
 
 @main.command()
@@ -250,7 +267,8 @@ def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, paral
         with launcher_output():
             reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2) if as_json
-                   else "\n".join(format_down(r) for r in reports) or "No fleets in the ledger: nothing to tear down.")
+                   else "\n".join(format_down(r) + (f"\n{r.fleet}: {r.controller}" if r.controller else "")
+                                  for r in reports) or "No fleets in the ledger: nothing to tear down.")
     if any(r.failed for r in reports):
         sys.exit(1)
     if any(r.busy for r in reports):

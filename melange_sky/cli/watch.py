@@ -15,6 +15,7 @@ from melange_sky.cli.main import INTERRUPTED, debug_option, main
 from melange_sky.cli.options import backend_option
 from melange_sky.controller.placer import DEFAULT_SPOT_HOLD_MIN
 from melange_sky.controller.rules import DEFAULT_MIN_REQUESTS, DEFAULT_SCALE_DOWN_AFTER_MIN
+from melange_sky.controller.hosted import HostedLoop, hosted_backend
 from melange_sky.controller.watch import DEFAULT_INTERVAL_S, Action, Controller, PassReport, WatchOptions, watch_lock
 from melange_sky.errors import UnknownFleet
 from melange_sky.fleet.backends import load_backend
@@ -67,12 +68,18 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
               help="Launches in flight at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per pass on stdout (progress stays on "
                                                       "stderr).")
+@click.option("--hosted", is_flag=True, hidden=True,
+              help="Run as the fleet's hosted controller, on its router's host (the router's task starts it).")
+@click.option("--router-url", hidden=True, metavar="URL", help="--hosted: the router on this host.")
+@click.option("--launcher-dir", hidden=True, metavar="DIR",
+              help="--hosted: the local launcher's state directory, shared with the user's machine.")
 @backend_option
 @debug_option
 def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_percentile: str,
           scale_down_after: float, window: int | None, spot_hold: float, max_cost: float | None,
           workload_url: str | None, min_requests: int, no_health_check: bool, no_shrink: bool, drain_timeout: float,
-          parallel: int, as_json: bool, backend: str | None) -> None:
+          parallel: int, as_json: bool, hosted: bool, router_url: str | None, launcher_dir: str | None,
+          backend: str | None) -> None:
     """Keep FLEET (brought up by `melange-sky up`) serving: the controller.
 
     Each pass asks the clouds for every cluster's live state, and probes each replica up at its readiness path
@@ -97,6 +104,9 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     it is (exit 130). One controller per fleet: a second `watch` of it is refused. Secrets the replicas need
     (e.g. HF_TOKEN) must be set in this environment, as for `up`.
 
+    A fleet brought up with `up --controller hosted` (the default with spot replicas) is watched by a controller
+    running on its router's host instead; `watch` refuses it, and `status` shows that controller's last pass.
+
     \b
     Examples:
       melange-sky watch llama2-chat --once                      # heal once: relaunch what died
@@ -109,18 +119,27 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     options = WatchOptions(autoscale=autoscale, rate_percentile=parse_rate_percentile(rate_percentile),
                            scale_down_after_s=scale_down_after * 60, window_min=window, max_cost=max_cost,
                            workload_url=workload_url, min_requests=min_requests, health_check=not no_health_check,
-                           spot_hold_s=spot_hold * 60,
+                           spot_hold_s=spot_hold * 60, hosted=hosted,
                            up=UpOptions(parallel=parallel, shrink=not no_shrink, drain_timeout=drain_timeout))
+    if hosted and not router_url:
+        raise click.UsageError("--hosted needs --router-url")
     with Ledger() as ledger:
-        controller = Controller(fleet_name, load_backend(backend), ledger, os.environ, options,
+        launcher = hosted_backend(backend, launcher_dir) if hosted else load_backend(backend)
+        controller = Controller(fleet_name, launcher, ledger, os.environ, options,
                                 on_action=_print_action(fleet_name), on_event=print_event,
                                 on_warning=print_warning)
-        controller.check()
+        run: Callable[[], PassReport | None] = controller.run_pass
+        if hosted:
+            assert router_url is not None
+            run = HostedLoop(controller, router_url, os.environ, on_action=_print_action(fleet_name),
+                             on_warning=print_warning).step
+        else:
+            controller.check()
         lock = watch_lock(ledger, fleet_name)
         stdout = sys.stdout  # the passes' JSON: this command's output, not the launcher's (sent to stderr)
         try:
             with launcher_output(), terminations_interrupt():
-                code = _loop(controller, once, interval, as_json, stdout)
+                code = _loop(controller.fleet, run, once, interval, as_json, stdout)
         except KeyboardInterrupt:
             code = INTERRUPTED
         finally:
@@ -130,16 +149,20 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     sys.exit(code)
 
 
-def _loop(controller: Controller, once: bool, interval: float, as_json: bool, stdout: TextIO) -> int:
-    """Passes until --once is done, the fleet is gone, or Ctrl-C; the exit code."""
+def _loop(fleet: str, run: Callable[[], PassReport | None], once: bool, interval: float, as_json: bool,
+          stdout: TextIO) -> int:
+    """Passes until --once is done, the fleet is gone, or Ctrl-C; the exit code. A pass of None (a hosted
+    controller the fleet was not handed to yet) waits for the next interval."""
     while True:
         started = time.monotonic()
         try:
-            report = controller.run_pass()
+            report = run()
         except UnknownFleet:
-            click.echo(f"Fleet {controller.fleet} is no longer in the ledger (`down`?): nothing left to watch.",
-                       err=True)
+            click.echo(f"Fleet {fleet} is no longer in the ledger (`down`?): nothing left to watch.", err=True)
             return 0
+        if report is None:
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+            continue
         if as_json:
             click.echo(json.dumps(report.to_dict()), file=stdout)
         else:

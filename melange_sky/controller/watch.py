@@ -30,6 +30,7 @@ from melange_sky.errors import CallFailed, ControllerError, FleetBusy, MelangeEr
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import Backend
 from melange_sky.fleet.fleet import Fleet, UpOptions
+from melange_sky.fleet.hosted import HOSTED, controller_mode
 from melange_sky.fleet.keys import load_keys
 from melange_sky.fleet.ledger import FleetLock, Ledger, ReplicaRecord, ReplicaState, Role, safe_name
 from melange_sky.fleet.reports import Preview, ReplicaEvent, UpReport
@@ -64,6 +65,7 @@ class WatchOptions:
     health_check: bool = True  # probe each replica's readiness path (off: only the launcher's status counts)
     spot_hold_s: float = placer.DEFAULT_SPOT_HOLD_MIN * 60  # a spot pool that failed is avoided this long
     up: UpOptions = UpOptions()
+    hosted: bool = False  # this controller runs on the router's host (`controller.hosted`): it never launches it
 
     @property
     def need_window_min(self) -> int:
@@ -182,6 +184,11 @@ class Controller:
         """Refuse at once what no pass could do: an unknown fleet, one without a stored config, a missing secret,
         autoscaling with no router to read the traffic from."""
         config, settings = self._config()
+        record = self.ledger.get_fleet(self.fleet)
+        if controller_mode(record) == HOSTED and not self.options.hosted:
+            raise ControllerError(f"fleet {self.fleet!r}'s controller runs on its router's host (`up --controller "
+                                  f"hosted`): `melange-sky status {self.fleet}` shows its passes; to watch it from "
+                                  f"here instead, `melange-sky down {self.fleet}` and `up --controller local`")
         launch_secrets(config, settings, self.environ, self.backend)
         if self.options.autoscale and self.options.workload_url is None and self.ledger.router(self.fleet) is None:
             raise ControllerError(f"--autoscale reads the traffic from the fleet's router, and fleet {self.fleet!r} "
@@ -239,7 +246,8 @@ class Controller:
         states = {r.cluster: r.state for r in rows}
         missing = [str(r["cluster"]) for r in record.plan.get("replicas") or []
                    if states.get(str(r["cluster"])) is not ReplicaState.UP]
-        router_down = router is not None and router.state is not ReplicaState.UP
+        # a hosted controller runs beside the router: it is not this controller's to relaunch
+        router_down = router is not None and router.state is not ReplicaState.UP and not self.options.hosted
         router_cost = router.price_per_hour if router is not None else 0.0
         if target is not config:
             plan = self._planned(target, settings, rows, avoid)
@@ -304,7 +312,8 @@ class Controller:
                 self._act(report, "plan", _preview_line(preview))
 
         secrets = launch_secrets(config, settings, self.environ, self.backend)
-        setup = router_setup(config, settings, self.environ) if router is not None else None
+        setup = router_setup(config, settings, self.environ) if router is not None and not self.options.hosted \
+            else None
         up = bring_up(config, settings, self.backend, self.ledger, secrets, self.options.up, confirm=None,
                       on_preview=on_preview, on_event=self.on_event, on_warning=self.on_warning, router=setup,
                       exclude=avoid)
@@ -333,7 +342,8 @@ class Controller:
         leave the router and are torn down, recorded, for the bring-up to relaunch under the same name."""
         path = deployment_from_config(config, settings.template).readiness_path
         targets = {r.cluster: _Probe(r.url.rstrip("/") + path, r.role is Role.ROUTER, router_certfile(r.task))
-                   for r in self.ledger.replicas(self.fleet, roles=None) if r.url is not None}
+                   for r in self.ledger.replicas(self.fleet, roles=None)
+                   if r.url is not None and not (self.options.hosted and r.role is Role.ROUTER)}
         if not targets:
             return
         results = _probe_all(targets)

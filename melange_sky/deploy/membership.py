@@ -25,9 +25,14 @@ ADMIN_TOKEN_ENV = "MELANGE_SKY_ADMIN_TOKEN"
 ADMIN_ROUTES_PATH = "/admin/routes"
 #: The largest routes document a router takes (a 64x64-bucket plan with 50 GPU types and 1,000 replicas is ~2 MiB).
 MAX_ROUTES_BYTES = 8 * 1024 * 1024
+#: Where a fleet's hosted controller and the user's machine exchange the fleet's state through its router (admin
+#: token only): `up` PUTs the ledger's snapshot for the controller to adopt, the controller PUTs its own after every
+#: pass (with the pass), and `status`/`down` GET it. The router only keeps the latest document, in memory.
+ADMIN_CONTROLLER_PATH = "/admin/controller"
 
-__all__ = ["ADMIN_ROUTES_PATH", "ADMIN_TOKEN_ENV", "MAX_ROUTES_BYTES", "ROUTES_VERSION", "get_admin_routes",
-           "normalise_url", "push_routes", "routes_document"]
+__all__ = ["ADMIN_CONTROLLER_PATH", "ADMIN_ROUTES_PATH", "ADMIN_TOKEN_ENV", "MAX_ROUTES_BYTES", "ROUTES_VERSION",
+           "get_admin_routes", "get_controller_doc", "normalise_url", "push_controller_doc", "push_routes",
+           "routes_document"]
 
 
 def normalise_url(url: str, where: str = "--replica") -> str:
@@ -124,16 +129,28 @@ def get_admin_routes(url: str, admin_token: str, timeout: float = 10.0, *,
     return _call("GET", url, admin_token, timeout, None, cafile)
 
 
+def push_controller_doc(url: str, doc: Mapping[str, Any], admin_token: str, timeout: float = 10.0, *,
+                        cafile: str | None = None) -> dict[str, Any]:
+    """Hand the router the fleet's latest state document (`ADMIN_CONTROLLER_PATH`); `RouterError` as `push_routes`."""
+    return _call("PUT", url, admin_token, timeout, doc, cafile, ADMIN_CONTROLLER_PATH)
+
+
+def get_controller_doc(url: str, admin_token: str, timeout: float = 10.0, *,
+                       cafile: str | None = None) -> dict[str, Any]:
+    """The router's latest fleet state document ({"doc": ... or None}); `RouterError` as `push_routes`."""
+    return _call("GET", url, admin_token, timeout, None, cafile, ADMIN_CONTROLLER_PATH)
+
+
 def _call(method: str, url: str, admin_token: str, timeout: float, body: Mapping[str, Any] | None,
-          cafile: str | None = None) -> dict[str, Any]:
-    what = f"{method} {ADMIN_ROUTES_PATH}"
+          cafile: str | None = None, path: str = ADMIN_ROUTES_PATH) -> dict[str, Any]:
+    what = f"{method} {path}"
     endpoint = parse_endpoint(url, "router URL", RouterError, "http://10.0.0.5:8080")
     base = endpoint.base_url
     if not admin_token:
         raise RouterError(f"router {base}: {what} needs the fleet's admin token, and it is empty")
     client = Client(endpoint, api_key=admin_token, timeout=timeout, cafile=cafile)
     try:
-        return client.json_call(method, ADMIN_ROUTES_PATH, body)
+        return client.json_call(method, path, body)
     except CallFailed as exc:
         if exc.status is None:
             raise RouterError(f"router {base} unreachable ({what}): {exc.reason}") from None

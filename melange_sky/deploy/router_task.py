@@ -14,6 +14,13 @@ The task names its secrets (`MELANGE_SKY_ADMIN_TOKEN`, and `MELANGE_SKY_API_KEY`
 values come from the launcher's environment at launch time and are never in the rendered YAML. With
 `deployment.router.tls`, the certificate and key are file mounts from the user's paths (`TLS_CERT`, `TLS_KEY`)
 and `serve` gets `--ssl-certfile/--ssl-keyfile`: the task holds their paths, never their contents.
+
+With a hosted controller (`HostedController`, `up --controller hosted`), the same task also runs the fleet's
+controller (`melange-sky watch FLEET --hosted`) beside `serve`, on the same host: `setup` installs what the
+controller imports too (the solver, the templates, SkyPilot with the replicas' clouds), its state lives in its own
+`MELANGE_SKY_HOME` on the host, it reaches the router on the host's loopback, and it drives the launcher the user's
+machine used (SkyPilot through the user's SkyPilot API server; the local launcher through its state directory).
+The replicas' secrets and the API server's token are secrets of the task: names here, values at launch.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import difflib
 import hashlib
 import math
 import re
+import shlex
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +59,17 @@ ROUTER_REQUIREMENTS = (
     "prometheus-client>=0.26,<0.27",
     "uvloop>=0.23,<0.24",
 )
+#: What the hosted controller imports beyond the router (melange-sky's own dependencies: setup.cfg's
+#: install_requires, checked by tests/test_controller_hosted.py); SkyPilot gets the replicas' clouds as extras.
+CONTROLLER_REQUIREMENTS = (
+    "pulp>=3.3,<3.4",
+    "highspy>=1.13,<1.17",
+    "jinja2>=3.1,<4",
+    "pyyaml>=6,<7",
+)
+SKYPILOT_REQUIREMENT = "skypilot{extras}>=0.14.1,<0.15"
+#: Where the hosted controller keeps its ledger on the router's host (its MELANGE_SKY_HOME), under REMOTE_DIR.
+CONTROLLER_HOME = "home"
 #: The Python the router's venv gets (uv fetches it when the host has none): the version melange-sky is tested on.
 ROUTER_PYTHON = "3.11"
 #: Where the router lives on its host, under the host user's HOME: the shipped source in `src/`, its venv in `venv/`.
@@ -115,6 +134,38 @@ class RouterPlan:
         return {"fleet": self.fleet, "cluster": self.cluster, "cloud": self.cloud, "region": self.region,
                 "instance_type": self.instance_type, "offer": self.offer, "price": self.price, "port": self.port,
                 "reason": self.reason, "secrets": list(self.secrets), "task": self.task}
+
+
+@dataclass(frozen=True)
+class HostedController:
+    """The fleet's controller, run by the router's task beside `serve` (`up --controller hosted`).
+
+    `backend`: the launcher it drives (a name `--backend` takes); `launcher_dir`: the local launcher's state
+    directory, shared with the user's machine (as a SkyPilot API server would be); `envs`: plain settings it needs
+    (the SkyPilot API server's endpoint); `secrets`: names of what it launches with (the replicas' secrets, the API
+    server's token), values given at launch, never rendered; `watch_args`: `watch` options (`--autoscale`, ...)."""
+
+    interval: float = 60.0
+    backend: str = "skypilot"
+    launcher_dir: str | None = None
+    envs: Mapping[str, str] = field(default_factory=dict)
+    secrets: tuple[str, ...] = ()
+    watch_args: tuple[str, ...] = ()
+    clouds: tuple[str, ...] = ()  # SkyPilot's extras to install on the host (the replicas' clouds)
+
+    def requirements(self) -> list[str]:
+        if self.backend != "skypilot":
+            return list(CONTROLLER_REQUIREMENTS)
+        extras = f"[{','.join(sorted(set(self.clouds)))}]" if self.clouds else ""
+        return [*CONTROLLER_REQUIREMENTS, SKYPILOT_REQUIREMENT.format(extras=extras)]
+
+    def command(self, fleet: str) -> str:
+        """The `watch` line the host runs (after `ROUTER_URL` is known): every word shell-quoted."""
+        words = ["python", "-m", "melange_sky", "watch", fleet, "--hosted", "--interval", f"{self.interval:g}",
+                 "--backend", self.backend, *self.watch_args]
+        if self.launcher_dir is not None:
+            words += ["--launcher-dir", self.launcher_dir]
+        return " ".join(shlex.quote(w) for w in words) + ' --router-url "$ROUTER_URL"'
 
 
 def _cpus_fit(cpus: str | None, vcpus: float) -> bool:
@@ -274,13 +325,15 @@ def package_source_dir() -> Path:
 
 
 def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key: bool = False,
-                      upstream_key_secret: str | None = None, catalog: Catalog | None = None) -> RouterPlan:
+                      upstream_key_secret: str | None = None, catalog: Catalog | None = None,
+                      controller: HostedController | None = None) -> RouterPlan:
     """Plan the fleet's router: the `deployment.router` block, the offer, the rendered task.
 
     `replicas`: where the plan's replicas run (clouds, or (cloud, region) pairs). `api_key`: clients must send the
     key in secret MELANGE_SKY_API_KEY (else the router serves anyone who reaches its port: `--no-auth`).
     `upstream_key_secret`: the secret holding the replicas' key (`deployment.api_key_secret`) when the router must
-    send one; it defaults to the client key in `serve`, so it matters only when it is another secret."""
+    send one; it defaults to the client key in `serve`, so it matters only when it is another secret.
+    `controller`: the task runs the fleet's hosted controller too."""
     spec = router_spec(config)
     if spec.tls is not None:
         check_tls_files(spec.tls, config.source)
@@ -293,13 +346,27 @@ def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key:
         secrets.append(CLIENT_KEY_SECRET)
     if upstream_key_secret and upstream_key_secret not in secrets:
         secrets.append(upstream_key_secret)
+    if controller is not None:
+        if spec.tls is not None:
+            raise ConfigError(config.source, "deployment.router.tls", "a hosted controller reaches the router on its "
+                                                                      "host's loopback, which a TLS router's "
+                                                                      "certificate does not name: use `up "
+                                                                      "--controller local` with TLS")
+        for name in controller.secrets:
+            if not ENV_NAME_RE.match(name):
+                raise ValueError(f"a controller secret must be an environment variable name, got {name!r}")
+            if name not in secrets:
+                secrets.append(name)
     context = {
         "melange_version": __version__, "fleet": config.name, "cluster": cluster, "cloud": offer.cloud,
         "region": offer.region, "instance_type": offer.instance_type, "cpus": spec.cpus, "price": offer.price,
         "port": spec.port, "use_spot": False, "secrets": secrets, "api_key": api_key,
         "admin_token_secret": ADMIN_TOKEN_SECRET, "client_key_secret": CLIENT_KEY_SECRET,
         "upstream_key_secret": upstream_key_secret, "source_dir": str(package_source_dir()),
-        "remote_dir": REMOTE_DIR, "python_version": ROUTER_PYTHON, "requirements": list(ROUTER_REQUIREMENTS),
+        "remote_dir": REMOTE_DIR, "python_version": ROUTER_PYTHON,
+        "requirements": [*ROUTER_REQUIREMENTS, *(controller.requirements() if controller is not None else [])],
+        "controller": None if controller is None else {"command": controller.command(config.name),
+                                                       "home": CONTROLLER_HOME, "envs": dict(controller.envs)},
         "tls": None if spec.tls is None else {"certfile": spec.tls.certfile, "keyfile": spec.tls.keyfile,
                                               "cert": TLS_CERT, "key": TLS_KEY},
     }

@@ -36,6 +36,7 @@ from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFle
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import (Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation,
                                         needs_model_secrets)
+from melange_sky.fleet.hosted import HOSTED, controller_mode, sync_from_controller
 from melange_sky.fleet.keys import ADMIN_TOKEN_ENV, API_KEY_ENV, FleetKeys, forget_keys, load_keys
 from melange_sky.fleet.ledger import Event, Ledger, ReplicaRecord, ReplicaState, Role
 from melange_sky.fleet.reports import (DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport,
@@ -631,6 +632,13 @@ class Fleet:
         return self.ledger.replicas(fleet)
 
     def status_report(self, fleet: str | None = None, refresh: bool = False) -> StatusReport:
+        """`status`: the ledger's fleets (refreshed first with `refresh`); a fleet whose controller is hosted on
+        its router's host is first brought up to date from the controller's snapshot, with its last pass."""
+        controllers = {}
+        if self.ledger is not None:
+            for record in self.ledger.fleets():
+                if fleet in (None, record.name) and controller_mode(record) == HOSTED:
+                    controllers[record.name] = sync_from_controller(self.ledger, record.name)
         replicas = self.status(fleet, refresh)
         fleets = [f for f in (self.ledger.fleets() if self.ledger is not None else []) if fleet in (None, f.name)]
         routers = {f.name: r for f in fleets if self.ledger is not None and (r := self.ledger.router(f.name))}
@@ -644,7 +652,7 @@ class Fleet:
                     events.setdefault(event.cluster, []).append(event)
             for row in [*[r for r in replicas if r.fleet == record.name], *filter(None, [routers.get(record.name)])]:
                 spent[row.cluster] = usage(row, events.get(row.cluster, []), now, since=record.created)
-        return StatusReport(fleets=fleets, replicas=replicas, routers=routers, usage=spent)
+        return StatusReport(fleets=fleets, replicas=replicas, routers=routers, usage=spent, controllers=controllers)
 
     # -- down -----------------------------------------------------------------------------------------------------
     def down(self, fleet: str, purge: bool = False, parallel: int = DEFAULT_PARALLEL) -> DownReport:
@@ -663,7 +671,6 @@ class Fleet:
             lock.release()
 
     def _down_locked(self, fleet: str, purge: bool, parallel: int) -> DownReport:
-        rows = [r for r in self._clusters(fleet) if r.state.may_have_cluster]
         removed: list[str] = []
         gone: list[str] = []
         failed: dict[str, str] = {}
@@ -687,19 +694,47 @@ class Fleet:
                                        f"down failed: {reason}"))
             return row.cluster, None, reason
 
+        def tally(cluster: str, torn: bool | None, reason: str) -> None:
+            if torn is None:
+                failed[cluster] = reason
+            elif torn:
+                removed.append(cluster)
+            else:
+                gone.append(cluster)
+
+        stopped = None
+        if controller_mode(self._db.get_fleet(fleet)) == HOSTED:
+            stopped = self._stop_hosted_controller(fleet, one, tally)
+            if failed:  # its controller may still run: tearing its replicas down now, it would relaunch them
+                return DownReport(fleet=fleet, removed=[], already_gone=[], failed=failed, fleet_removed=False,
+                                  controller=stopped)
+        rows = [r for r in self._clusters(fleet) if r.state.may_have_cluster]
         with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="melange-down") as pool:
             for cluster, torn, reason in pool.map(one, rows):
-                if torn is None:
-                    failed[cluster] = reason
-                elif torn:
-                    removed.append(cluster)
-                else:
-                    gone.append(cluster)
+                tally(cluster, torn, reason)
         if not failed:
             self._db.remove_fleet(fleet)
             forget_keys(fleet, self._db.home)  # its router is gone: the tokens open nothing any more
         return DownReport(fleet=fleet, removed=sorted(removed), already_gone=sorted(gone), failed=failed,
-                          fleet_removed=not failed)
+                          fleet_removed=not failed, controller=stopped)
+
+    def _stop_hosted_controller(self, fleet: str, one: Callable[[ReplicaRecord], tuple[str, bool | None, str]],
+                                tally: Callable[[str, bool | None, str], None]) -> str:
+        """Before anything else: learn every cluster the hosted controller launched (its snapshot, through the
+        router), then tear down the router's cluster, which stops the controller running on it. What happened, in
+        one line."""
+        view = sync_from_controller(self._db, fleet)
+        known = ("its clusters adopted" if view.last_pass_at is not None
+                 else f"its clusters not read ({view.reason}): ones it launched since the last `status` may be left")
+        router = self._db.router(fleet)
+        if router is None or not router.state.may_have_cluster:
+            return f"hosted controller: its host is gone already; {known}"
+        cluster, torn, reason = one(router)
+        tally(cluster, torn, reason)
+        if torn is None:
+            return (f"hosted controller: its host {cluster} could not be torn down ({reason}): the replicas are "
+                    f"kept, since it may still relaunch them; `down` again")
+        return f"hosted controller: stopped first, with its host {cluster}; {known}"
 
 
 def _reached_at(task: Mapping[str, Any] | None, endpoint: str | None) -> str | None:

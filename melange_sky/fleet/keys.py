@@ -17,7 +17,8 @@ from pathlib import Path
 from melange_sky.errors import LedgerError, MissingSecret
 from melange_sky.fleet.ledger import ledger_home, safe_name
 
-__all__ = ["ADMIN_TOKEN_ENV", "API_KEY_ENV", "FleetKeys", "fleet_keys", "forget_keys", "keys_path", "load_keys"]
+__all__ = ["ADMIN_TOKEN_ENV", "API_KEY_ENV", "FleetKeys", "fleet_keys", "forget_keys", "keys_path", "load_keys",
+           "store_keys"]
 
 #: The environment variables the router reads its keys from (passed as SkyPilot secrets).
 ADMIN_TOKEN_ENV = "MELANGE_SKY_ADMIN_TOKEN"
@@ -63,6 +64,14 @@ def load_keys(fleet: str, home: str | os.PathLike[str] | None = None) -> FleetKe
     if stored is None:
         return None
     return FleetKeys(path, stored["admin_token"], stored["api_key"], bool(stored.get("api_key_generated")))
+
+
+def store_keys(fleet: str, admin_token: str, api_key: str, home: str | os.PathLike[str] | None = None) -> FleetKeys:
+    """Keep keys the fleet already has (a hosted controller's, given to its host as secrets) in this home's 0600
+    key file, as `fleet_keys` keeps the ones it makes."""
+    path = keys_path(fleet, home)
+    _write(path, {"admin_token": admin_token, "api_key": api_key, "api_key_generated": False})
+    return FleetKeys(path, admin_token, api_key)
 
 
 def forget_keys(fleet: str, home: str | os.PathLike[str] | None = None) -> None:

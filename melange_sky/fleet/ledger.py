@@ -547,6 +547,35 @@ class Ledger:
                         message or f"re-planned on {replica.offer}", now)
         return self._replica_or_raise(replica.cluster)
 
+    def adopt_replica(self, fleet: str, replica: NewReplica, state: ReplicaState, *, endpoint: str | None = None,
+                      error: str | None = None, message: str = "") -> ReplicaRecord | None:
+        """Write a row as another ledger has it (the fleet's hosted controller's, or the user's for the controller):
+        created, or overwritten with the other's offer, task, state and endpoint, one history event. None when the
+        row already says the same. Refused for a cluster of another fleet."""
+        task = _storable_task(replica)
+        task_json = json.dumps(task, sort_keys=True) if task is not None else None
+        now = time.time()
+        state = ReplicaState(state)
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM fleets WHERE name = ?", (fleet,)).fetchone() is None:
+                raise LedgerError(f"no fleet {fleet!r} in the ledger; save_fleet() it first")
+            row = conn.execute("SELECT fleet, state, endpoint, offer, task, last_error FROM replicas "
+                               "WHERE cluster = ?", (replica.cluster,)).fetchone()
+            if row is not None and row[0] != fleet:
+                raise LedgerError(f"cluster {replica.cluster} belongs to fleet {row[0]!r}, not {fleet!r}")
+            if row is not None and tuple(row[1:]) == (state.value, endpoint, replica.offer, task_json, error):
+                return None
+            conn.execute("DELETE FROM replicas WHERE cluster = ?", (replica.cluster,))
+            conn.execute(
+                "INSERT INTO replicas (cluster, fleet, gpu, offer, cloud, region, instance_type, use_spot, "
+                "price_per_hour, round, task, state, endpoint, last_error, created, updated, role) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (replica.cluster, fleet, replica.gpu, replica.offer, replica.cloud, replica.region,
+                 replica.instance_type, int(replica.use_spot), float(replica.price_per_hour), replica.round,
+                 task_json, state.value, endpoint, error, now, now, Role(replica.role).value))
+            self._event(conn, fleet, replica.cluster, row[1] if row is not None else None, state.value, message, now)
+        return self._replica_or_raise(replica.cluster)
+
     @staticmethod
     def exists(home: str | os.PathLike[str] | None = None) -> bool:
         """Whether a ledger database is there (so read-only commands can avoid creating one)."""

@@ -195,6 +195,40 @@ class DryRunReport:
 
 
 @dataclass(frozen=True)
+class ControllerView:
+    """Where a fleet's controller runs and, for one hosted on its router's host, its last pass and health."""
+
+    mode: str  # "hosted" (on the router's host) or "local" (`melange-sky watch` on the user's machine)
+    host: str | None = None  # the cluster it runs on
+    interval: float | None = None
+    reachable: bool = True
+    last_pass_at: float | None = None
+    last_pass_ok: bool | None = None
+    actions: list[str] = field(default_factory=list)
+    error: str | None = None
+    healthy: bool | None = None
+    reason: str = ""
+    age: float | None = None  # seconds since its last pass began
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "host": self.host, "interval": self.interval, "reachable": self.reachable,
+                "last_pass_at": self.last_pass_at, "last_pass_ok": self.last_pass_ok, "actions": self.actions,
+                "error": self.error, "healthy": self.healthy, "reason": self.reason}
+
+    def line(self, fleet: str) -> str:
+        """One line for `status` (and `down`)."""
+        if self.mode != "hosted":
+            return f"{fleet}: controller: local (run `melange-sky watch {fleet}`)"
+        where = f"hosted on {self.host}" if self.host else "hosted"
+        if self.last_pass_at is None:
+            return f"{fleet}: controller: {where}: unhealthy: {self.reason}"
+        health = "healthy" if self.healthy else f"unhealthy: {self.reason}"
+        did = "; ".join(self.actions) if self.actions else "nothing to do"
+        return (f"{fleet}: controller: {where}: last pass {self.age or 0.0:.0f} s ago, "
+                f"{'ok' if self.last_pass_ok else 'failed'} ({did}); {health}")
+
+
+@dataclass(frozen=True)
 class StatusReport:
     """Fleets and their replicas as the ledger has them (after a refresh, as the launcher saw them)."""
 
@@ -202,6 +236,7 @@ class StatusReport:
     replicas: list[ReplicaRecord]
     routers: dict[str, ReplicaRecord] = field(default_factory=dict)  # fleet -> its router's row, if it has one
     usage: dict[str, Usage] = field(default_factory=dict)  # cluster -> its time and cost so far
+    controllers: dict[str, ControllerView] = field(default_factory=dict)  # fleet -> its hosted controller
 
     def serving_cost(self, fleet: str) -> float:
         """$/h of what serves: replicas up, and the router when up (what the fleet costs while it works)."""
@@ -237,7 +272,9 @@ class StatusReport:
                             "cost_to_date": round(self.cost_to_date(f.name), 6),
                             "endpoint": self.endpoint(f.name),
                             "router": self._row(self.routers[f.name]) if f.name in self.routers else None,
-                            "replicas": [self._row(r) for r in self.of(f.name)]} for f in self.fleets]}
+                            "replicas": [self._row(r) for r in self.of(f.name)],
+                            "controller": (self.controllers[f.name].to_dict() if f.name in self.controllers
+                                           else None)} for f in self.fleets]}
 
     def _row(self, row: ReplicaRecord) -> dict[str, Any]:
         return {**row.to_dict(), **(self.usage[row.cluster].to_dict() if row.cluster in self.usage else {})}
@@ -253,7 +290,9 @@ class DownReport:
     failed: dict[str, str]  # cluster -> reason; kept in the ledger for the next `down`
     fleet_removed: bool
     busy: str | None = None  # another process held the fleet's lock: nothing was done
+    controller: str | None = None  # how its hosted controller was stopped (first), or why the rest was kept
 
     def to_dict(self) -> dict[str, Any]:
         return {"fleet": self.fleet, "removed": self.removed, "already_gone": self.already_gone,
-                "failed": self.failed, "fleet_removed": self.fleet_removed, "busy": self.busy}
+                "failed": self.failed, "fleet_removed": self.fleet_removed, "busy": self.busy,
+                "controller": self.controller}

@@ -7,23 +7,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from melange_sky.core.config import Config, GpuSpec, SpotPolicy
 from melange_sky.deploy.plan import (DEFAULT_MAX_REPLICAS, Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
                                      deployment_from_config)
-from melange_sky.deploy.router_task import ROUTER_TEMPLATE, build_router_plan
-from melange_sky.errors import LedgerError, MissingSecret
+from melange_sky.deploy.router_task import ROUTER_TEMPLATE, HostedController, build_router_plan
+from melange_sky.errors import ControllerError, LedgerError, MelangeError, MissingSecret
 from melange_sky.solver.model import SolverOptions
 from melange_sky.fleet.backends import Backend, needs_model_secrets
 from melange_sky.fleet.fleet import Fleet, Planner, RouterSetup, UpOptions
+from melange_sky.fleet.hosted import (HOSTED, LOCAL, controller_mode, controller_settings, push_from_ledger,
+                                      sync_from_controller)
 from melange_sky.fleet.keys import API_KEY_ENV, fleet_keys
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.reports import DryRunReport, Preview, ReplicaEvent, UpReport
 
-__all__ = ["bring_up", "config_digest", "config_hash", "dry_run", "fleet_config", "fleet_record", "launch_secrets",
-           "make_planner", "router_planner", "router_setup", "secrets_from_env"]
+__all__ = ["bring_up", "config_digest", "config_hash", "controller_choice", "dry_run", "fleet_config", "fleet_record",
+           "launch_secrets", "make_planner", "router_planner", "router_setup", "secrets_from_env",
+           "skypilot_api_server"]
+
+#: The SkyPilot client's settings a hosted controller shares with the user's machine (SkyPilot's own names).
+SKYPILOT_ENDPOINT_ENV = "SKYPILOT_API_SERVER_ENDPOINT"
+SKYPILOT_TOKEN_ENV = "SKYPILOT_SERVICE_ACCOUNT_TOKEN"
 
 OnEvent = Callable[[ReplicaEvent], None]
 OnWarning = Callable[[str], None]
@@ -35,11 +45,15 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def fleet_record(config: Config, settings: PlanSettings) -> dict[str, Any]:
+def fleet_record(config: Config, settings: PlanSettings,
+                 controller: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What the ledger keeps beside a fleet's plan so a controller can re-plan it without the config file: the
-    effective config (costs resolved, overrides applied) and the plan settings `up` used."""
+    effective config (costs resolved, overrides applied), the plan settings `up` used, and where its controller
+    runs (`controller`: {"mode": "hosted", "interval": ...}; none: the user's machine)."""
     solver = settings.solver
-    return {"config": dataclasses.asdict(config),
+    hosted = {"controller": dict(controller)} if controller is not None and controller.get("mode") == HOSTED else {}
+    return {**hosted,
+            "config": dataclasses.asdict(config),
             "settings": {"formulation": settings.formulation, "per_offer": settings.per_offer,
                          "template": settings.template, "max_replicas": settings.max_replicas,
                          "solver": {"name": solver.name, "path": solver.path, "time_limit": solver.time_limit}}}
@@ -124,14 +138,19 @@ def make_planner(config: Config, settings: PlanSettings, on_warning: OnWarning |
     return planner
 
 
-def router_planner(config: Config, settings: PlanSettings) -> Callable[[Plan], ReplicaPlan]:
+def router_planner(config: Config, settings: PlanSettings,
+                   controller: HostedController | None = None) -> Callable[[Plan], ReplicaPlan]:
     """The fleet's router task for a plan of its replicas (near most of them), as a row `up` launches like one. It
-    always asks clients for a key: the user's MELANGE_SKY_API_KEY, else one made for the fleet (in its key file)."""
+    always asks clients for a key: the user's MELANGE_SKY_API_KEY, else one made for the fleet (in its key file).
+    `controller`: the task runs the fleet's hosted controller too."""
     upstream = _upstream_key_secret(config, settings)
 
     def plan_router(plan: Plan) -> ReplicaPlan:
+        hosted = controller
+        if hosted is not None and hosted.backend == "skypilot":
+            hosted = dataclasses.replace(hosted, clouds=tuple(sorted({r.cloud for r in plan.replicas if r.cloud})))
         router = build_router_plan(config, [(r.cloud, r.region) for r in plan.replicas], api_key=True,
-                                   upstream_key_secret=upstream, catalog=settings.catalog)
+                                   upstream_key_secret=upstream, catalog=settings.catalog, controller=hosted)
         return ReplicaPlan(cluster=router.cluster, gpu=ROUTER_TEMPLATE, entry=ROUTER_TEMPLATE, index=0,
                            file_name=f"skypilot_{ROUTER_TEMPLATE}.yaml", cloud=router.cloud, region=router.region,
                            instance_type=router.instance_type, accelerators="", use_spot=False, price=router.price,
@@ -146,35 +165,125 @@ def _upstream_key_secret(config: Config, settings: PlanSettings) -> str | None:
     return secret if secret != API_KEY_ENV else None
 
 
-def router_setup(config: Config, settings: PlanSettings, environ: Mapping[str, str]) -> RouterSetup:
+def router_setup(config: Config, settings: PlanSettings, environ: Mapping[str, str],
+                 controller: HostedController | None = None) -> RouterSetup:
     """What `up` needs to run the fleet's router: its task planner and the fleet's keys (made at the first `up`, in
-    a 0600 file under $MELANGE_SKY_HOME), plus the replicas' key when it is a secret of another name."""
+    a 0600 file under $MELANGE_SKY_HOME), plus the replicas' key when it is a secret of another name, and with a
+    hosted `controller` the secrets it launches with (in memory: SkyPilot secrets of the router's task)."""
     upstream = _upstream_key_secret(config, settings)
     keys = fleet_keys(config.name, api_key=environ.get(API_KEY_ENV) or None)
     extra = secrets_from_env([upstream], environ) if upstream else {}
-    return RouterSetup(plan=router_planner(config, settings), keys=keys, upstream_secrets=extra)
+    if controller is not None:
+        extra.update(secrets_from_env([s for s in controller.secrets if s not in extra], environ))
+    return RouterSetup(plan=router_planner(config, settings, controller), keys=keys, upstream_secrets=extra)
+
+
+def may_use_spot(config: Config) -> bool:
+    """Whether the fleet may get spot replicas: a `spot` block (markets) or an entry pinned to spot."""
+    return config.spot is not None or any(g.use_spot for g in config.gpus)
+
+
+def skypilot_api_server(environ: Mapping[str, str], config_path: str | None = None) -> str | None:
+    """The SkyPilot API server the user's SkyPilot client talks to, when it is one another host can reach too:
+    `$SKYPILOT_API_SERVER_ENDPOINT`, else `api_server.endpoint` of `~/.sky/config.yaml`; None for none or a local
+    one (127.0.0.1: a hosted controller could not reach it). Read without importing SkyPilot."""
+    endpoint = environ.get(SKYPILOT_ENDPOINT_ENV)
+    if not endpoint:
+        import yaml  # noqa: PLC0415 - only when a hosted controller is planned
+
+        path = Path(config_path or os.path.expanduser("~/.sky/config.yaml"))
+        try:
+            doc = yaml.safe_load(path.read_text()) if path.is_file() else None
+        except (OSError, yaml.YAMLError):
+            doc = None
+        server = doc.get("api_server") if isinstance(doc, Mapping) else None
+        endpoint = server.get("endpoint") if isinstance(server, Mapping) else None
+    if not isinstance(endpoint, str) or not endpoint:
+        return None
+    host = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}").hostname or ""
+    return None if host in ("127.0.0.1", "localhost", "::1", "0.0.0.0") else endpoint  # noqa: S104 - compared
+
+
+def controller_choice(config: Config, settings: PlanSettings, backend: Backend, environ: Mapping[str, str],
+                      asked: str | None, router: bool, interval: float = 60.0,
+                      watch_args: Sequence[str] = ()) -> tuple[HostedController | None, str | None]:
+    """Where `up` puts the fleet's controller: (the hosted controller, or None for the user's machine; a note).
+
+    `asked`: `--controller` (None: hosted when the fleet may use spot and it can be, else local). Hosted needs a
+    router (it runs on its host) and a launcher both machines share: the local launcher's state directory, or a
+    SkyPilot API server the host can reach (else the host's SkyPilot would not know the replicas `up` launched).
+    Asked for and impossible: ControllerError; by default: local, with the note saying why."""
+    if asked == LOCAL or (asked is None and not may_use_spot(config)):
+        return None, None
+    why = None
+    envs: dict[str, str] = {}
+    deployment = deployment_from_config(config, settings.template)
+    needed = deployment.needed_secrets(needs_model_secrets(backend))  # what it relaunches replicas with
+    secret_names = [name for name in deployment.secrets if name in needed or environ.get(name)]
+    launcher_dir = None
+    if not router:
+        why = "it runs on the router's host, and --no-router launches none"
+    elif backend.name == "local" and getattr(backend, "dir", None) is not None:
+        launcher_dir = str(Path(backend.dir).absolute())  # type: ignore[attr-defined]  # LocalBackend's state
+    elif backend.name == "skypilot":
+        endpoint = skypilot_api_server(environ)
+        if endpoint is None:
+            why = ("the replicas are launched through this machine's own SkyPilot API server, which the router's "
+                   "host cannot reach: set up a shared one (`sky api login -e URL`)")
+        else:
+            envs[SKYPILOT_ENDPOINT_ENV] = endpoint
+            if environ.get(SKYPILOT_TOKEN_ENV):
+                secret_names.append(SKYPILOT_TOKEN_ENV)
+    else:
+        why = f"the {backend.name!r} launcher cannot be driven from the router's host"
+    if why is not None:
+        if asked == HOSTED:
+            raise ControllerError(f"--controller hosted: {why}; or pass --controller local and run "
+                                  f"`melange-sky watch {config.name}` here")
+        return None, (f"the controller stays on this machine (`melange-sky watch {config.name}`): {why}")
+    return HostedController(interval=interval, backend=backend.name, launcher_dir=launcher_dir, envs=envs,
+                            secrets=tuple(dict.fromkeys(secret_names)), watch_args=tuple(watch_args)), None
 
 
 def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger, secrets: Mapping[str, str],
              options: UpOptions = UpOptions(), *, confirm: Callable[[Preview], bool] | None = None,
              on_preview: Callable[[Preview, list[str]], None] | None = None, on_event: OnEvent | None = None,
              on_warning: OnWarning | None = None, router: RouterSetup | None = None,
-             exclude: frozenset[str] = frozenset()) -> UpReport:
+             exclude: frozenset[str] = frozenset(), controller: Mapping[str, Any] | None = None) -> UpReport:
     """Bring fleet `config.name` up (or what is missing of it) and return what happened.
 
     Under the fleet's lock, `on_preview` is shown the plan and what it changes (with notes); `confirm` is asked only
     when something would be launched or torn down, and False stops there (None: go ahead). `secrets` come from
     `launch_secrets` or the caller's own store; they reach the launcher only, never the ledger. `exclude`: offers
-    no plan may add replicas on (`make_planner`)."""
+    no plan may add replicas on (`make_planner`). `controller`: where the fleet's controller runs, kept in the
+    ledger (None: as the fleet's record already says)."""
     def gate(preview: Preview, notes: list[str]) -> bool:
         if on_preview is not None:
             on_preview(preview, notes)
         return not preview.changes or confirm is None or confirm(preview)
 
     fleet = Fleet(backend, ledger, on_event)
-    return fleet.up(config.name, make_planner(config, settings, on_warning, exclude), secrets,
-                    config_digest(config, settings),
-                    options, gate, router=router, record=fleet_record(config, settings))
+    record = ledger.get_fleet(config.name)
+    announce = controller is not None and controller.get("mode") == HOSTED  # the user's `up` of a hosted fleet
+    if controller is None:
+        controller = controller_settings(record)
+    elif record is not None and controller_mode(record) != controller.get("mode", LOCAL):
+        router_row = ledger.router(config.name)
+        if router_row is not None and router_row.state.may_have_cluster:
+            raise ControllerError(f"fleet {config.name}'s controller runs {controller_mode(record)}, and its router "
+                                  f"(where a hosted one runs) is up: `melange-sky down {config.name}` first to "
+                                  f"move it, or pass --controller {controller_mode(record)}")
+    if announce and record is not None:  # what the hosted controller launched since, known here first
+        sync_from_controller(ledger, config.name)
+    report = fleet.up(config.name, make_planner(config, settings, on_warning, exclude), secrets,
+                      config_digest(config, settings),
+                      options, gate, router=router, record=fleet_record(config, settings, controller))
+    if announce and not report.interrupted and ledger.get_fleet(config.name) is not None:
+        try:  # the hosted controller adopts the fleet as this `up` left it before its next pass
+            push_from_ledger(ledger, config.name, "up")
+        except MelangeError as exc:
+            report.notes.append(f"could not hand the fleet to its hosted controller: {exc}; `up` again to retry")
+    return report
 
 
 def dry_run(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger | None,

@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from melange_sky.deploy.membership import ADMIN_ROUTES_PATH, MAX_ROUTES_BYTES
+from melange_sky.deploy.membership import ADMIN_CONTROLLER_PATH, ADMIN_ROUTES_PATH, MAX_ROUTES_BYTES
 from melange_sky.errors import ServeError
 from melange_sky.serve.metrics import CONTENT_TYPE_LATEST
 from melange_sky.serve.openai_errors import JSON, error_response
@@ -48,6 +48,7 @@ class Endpoints:
         self.router = router
         self.access = router.access
         self._admin_lock = asyncio.Lock()
+        self._controller_doc: Any = None  # the fleet's latest state (`PUT /admin/controller`), kept for its readers
 
     # -- the operator's view -----------------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -142,7 +143,8 @@ class Endpoints:
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         """404 for a path the router does not serve; 405 (with Allow) for a method a path it serves does not take."""
         admin = self.access.admin_token is not None
-        allowed = ROUTES.get(request.path) or (("GET", "PUT") if request.path == ADMIN_ROUTES_PATH and admin
+        allowed = ROUTES.get(request.path) or (("GET", "PUT") if request.path in (ADMIN_ROUTES_PATH,
+                                                                                  ADMIN_CONTROLLER_PATH) and admin
                                                else None)
         if allowed is not None:
             return error_response(405, f"{request.method} is not allowed on {request.path}: use "
@@ -195,6 +197,30 @@ class Endpoints:
         return _json({"routes": None if router.routes is None else router.routes.to_dict(),
                       "generation": router.generation, "inflight": router.in_flight_by_url(),
                       "draining": router.draining_in_flight()})
+
+
+    async def admin_put_controller(self, request: web.Request) -> web.StreamResponse:
+        """Keep the fleet's latest state document (any JSON object): the router only holds it between the fleet's
+        hosted controller and the user's machine (`deploy.membership.ADMIN_CONTROLLER_PATH`)."""
+        denied = self.access.admin(request)
+        if denied is not None:
+            return denied
+        raw = await _read_limited(request, MAX_ROUTES_BYTES)
+        try:
+            doc = orjson.loads(raw) if raw is not None else None
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            return error_response(400, f"PUT {ADMIN_CONTROLLER_PATH} takes one JSON object of at most "
+                                       f"{MAX_ROUTES_BYTES} bytes", "invalid_request_error", "invalid_document")
+        self._controller_doc = doc
+        return _json({"accepted": True})
+
+    async def admin_get_controller(self, request: web.Request) -> web.StreamResponse:
+        denied = self.access.admin(request)
+        if denied is not None:
+            return denied
+        return _json({"doc": self._controller_doc})
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes | None:

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from melange_sky.deploy.membership import ADMIN_ROUTES_PATH
+from melange_sky.deploy.membership import ADMIN_CONTROLLER_PATH, ADMIN_ROUTES_PATH
 from melange_sky.errors import MelangeError, ServeError
 from melange_sky.serve.access import Access
 from melange_sky.serve.endpoints import CHAT_PATH, COMPLETIONS_PATH, NO_ROUTES, Endpoints
@@ -190,6 +190,8 @@ class Router:
         app.router.add_get("/workload", endpoints.workload)
         app.router.add_put(ADMIN_ROUTES_PATH, endpoints.admin_put_routes)
         app.router.add_get(ADMIN_ROUTES_PATH, endpoints.admin_get_routes)
+        app.router.add_put(ADMIN_CONTROLLER_PATH, endpoints.admin_put_controller)
+        app.router.add_get(ADMIN_CONTROLLER_PATH, endpoints.admin_get_controller)
         app.router.add_route("*", "/{tail:.*}", endpoints.not_found)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)

@@ -1,0 +1,96 @@
+"""The controller hosted on the fleet's router host (`watch --hosted`, started by the router's task): the same
+`Controller` passes as `watch`, around them the exchange with the user's machine through the router
+(`fleet.hosted`): adopt the snapshot `up` handed over, and after every pass hand back this host's own.
+
+Its state is its own: a ledger under the host's `MELANGE_SKY_HOME` (never the user's: one writer per ledger), the
+fleet's keys from its secrets (kept in that home's 0600 key file, as the user's machine keeps them), and the
+launcher the user's machine used. Every action is a ledger event here and one line in the host's log, as `watch`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from melange_sky.controller.watch import Action, Controller, PassReport
+from melange_sky.errors import ControllerError, MelangeError
+from melange_sky.fleet import hosted
+from melange_sky.fleet.backends import Backend, load_backend
+from melange_sky.fleet.keys import ADMIN_TOKEN_ENV, API_KEY_ENV, store_keys
+from melange_sky.fleet.ledger import Ledger
+
+__all__ = ["HostedLoop", "hosted_backend"]
+
+ADOPTED = "adopted"  # the event kind of a snapshot taken over from `up`
+
+
+def hosted_backend(name: str | None, launcher_dir: str | None) -> Backend:
+    """The launcher the user's machine used: the local launcher on its state directory (shared, as a SkyPilot API
+    server is), or a launcher by name (SkyPilot: through the API server its settings name)."""
+    if launcher_dir is not None:
+        from melange_sky.fleet.local import LocalBackend  # noqa: PLC0415 - only the local launcher needs it
+
+        return LocalBackend(Path(launcher_dir))
+    return load_backend(name)
+
+
+class HostedLoop:
+    """One step = adopt what `up` handed over (if newer), a controller pass, and this host's snapshot back to the
+    router. Prints nothing: actions go to `on_action`, as the controller's own."""
+
+    def __init__(self, controller: Controller, router_url: str, environ: Mapping[str, str],
+                 on_action: Callable[[Action], None] | None = None,
+                 on_warning: Callable[[str], None] | None = None):
+        self.controller = controller
+        self.ledger: Ledger = controller.ledger
+        self.fleet = controller.fleet
+        self.router_url = router_url.rstrip("/")
+        self.on_action = on_action or (lambda action: None)
+        self.on_warning = on_warning or (lambda message: None)
+        token, key = environ.get(ADMIN_TOKEN_ENV), environ.get(API_KEY_ENV)
+        if not token or not key:
+            raise ControllerError(f"a hosted controller needs {ADMIN_TOKEN_ENV} and {API_KEY_ENV} (the router's "
+                                  f"secrets) in its environment")
+        self.admin_token = token
+        store_keys(self.fleet, token, key, self.ledger.home)
+        self.adopted_at = 0.0
+        self.checked = False
+
+    def _adopt(self) -> None:
+        """Take over `up`'s snapshot when the router has a newer one than this host adopted."""
+        try:
+            doc = hosted.fetch(self.router_url, self.admin_token)
+        except MelangeError as exc:
+            self.on_warning(f"could not read the fleet's snapshot from the router: {exc}")
+            return
+        if doc is None or doc.get("writer") != "up" or doc.get("fleet") != self.fleet:
+            return
+        at = float(doc.get("at") or 0.0)
+        if at <= self.adopted_at:
+            return
+        changed = hosted.adopt(self.ledger, doc, router_url=self.router_url, message="adopted from `up`")
+        self.adopted_at = at
+        message = (f"the fleet as `up` left it: {len(doc.get('clusters') or [])} cluster(s), "
+                   f"{len(changed)} changed here")
+        self.ledger.record_event(self.fleet, ADOPTED, message)
+        self.on_action(Action(ADOPTED, message))
+
+    def step(self) -> PassReport | None:
+        """None while no `up` has handed the fleet over yet (nothing to watch)."""
+        self._adopt()
+        if self.ledger.get_fleet(self.fleet) is None:
+            return None
+        if not self.checked:  # a missing secret or setting: the errors `watch` refuses at its start
+            self.controller.check()
+            self.checked = True
+        report = self.controller.run_pass()
+        try:
+            latest = hosted.fetch(self.router_url, self.admin_token)
+            if latest is not None and latest.get("writer") == "up" and float(latest.get("at") or 0.0) > \
+                    self.adopted_at:
+                return report  # `up` handed over a newer fleet meanwhile: adopted before the next pass
+            hosted.push(self.router_url, self.admin_token,
+                        hosted.snapshot(self.ledger, self.fleet, "controller", report.to_dict()))
+        except MelangeError as exc:
+            self.on_warning(f"could not hand this pass to the router: {exc}")
+        return report
+

@@ -1,0 +1,239 @@
+"""The controller hosted with the fleet (`up --controller hosted`): on the local launcher the router's task runs
+`watch --hosted` beside `serve`, so the whole story runs here — a replica killed from outside is healed by the
+hosted controller with no `watch` run by the test, `status` shows the controller's last pass, and `down` stops the
+controller first and leaves no process. Plus the router task that carries it, rendered and validated by SkyPilot,
+and where `up` puts the controller when asked nothing."""
+from __future__ import annotations
+
+import configparser
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from melange_sky.core.config import load_config
+from melange_sky.deploy.plan import PlanSettings
+from melange_sky.deploy.router_task import (ROUTER_REQUIREMENTS, HostedController,
+                                            build_router_plan)
+from melange_sky.errors import ControllerError
+from melange_sky.fleet.ledger import Ledger
+from melange_sky.fleet.local import LocalBackend, ProcessId, running
+from melange_sky.fleet.up import controller_choice, skypilot_api_server
+
+FLEET = "hostedfleet"
+A10G, A100, ROUTER = f"{FLEET}-a10g-0", f"{FLEET}-a100-80gb-0", f"{FLEET}-router"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _wait(predicate, timeout: float = 60.0, every: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+@pytest.fixture
+def hosted_env(tmp_path, monkeypatch, example, write_config):
+    """A fresh home, the local launcher, one A10G and one A100-80GB (with bucket edges: a router) at 20x speed.
+    Kills whatever a failed test left."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("MELANGE_SKY_HOME", str(home))
+    monkeypatch.setenv("MELANGE_SKY_BACKEND", "local")
+    monkeypatch.setenv("HF_TOKEN", "unused-by-emulators")
+    monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
+    monkeypatch.delenv("MELANGE_SKY_LOCAL_SPEED", raising=False)
+    example.update(name=FLEET, total_request_rate=3, input_buckets=[1, 25, 100], output_buckets=[1, 25, 100],
+                   deployment={"local": {"speed": 20}})
+    for gpu in ("A10G", "A100-80GB"):
+        example["gpu_info"][gpu].update(min_count=1, max_count=1)
+    config = write_config(example, "hosted.json")
+    seen: set[int] = set()
+    yield config, home, seen
+    for record in LocalBackend(home / "local").records().values():
+        seen.add(int(record["pid"]))
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        _reap(pid)
+
+
+def _status(cli) -> dict:
+    answer = cli("status", FLEET, "--json")
+    assert answer.exit_code == 0, answer.stderr + answer.stdout
+    [fleet] = json.loads(answer.stdout)["fleets"]
+    return fleet
+
+
+def _group_alive(leader: int) -> bool:
+    """Any process of the group `leader` started (the router's: bash, serve, the controller) still runs."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == leader and fields[0] not in ("Z", "X"):
+                    return True
+    return False
+
+
+def test_the_hosted_controller_heals_a_killed_replica_status_shows_its_pass_and_down_stops_it_first(cli, hosted_env):
+    config, home, seen = hosted_env
+    up = cli("up", config, "-y", "--controller", "hosted", "--controller-interval", "1")
+    assert up.exit_code == 0, up.stderr + up.stdout
+    records = LocalBackend(home / "local").records()
+    assert set(records) == {A10G, A100, ROUTER}
+    seen.update(int(r["pid"]) for r in records.values())
+    router_pid = int(records[ROUTER]["pid"])
+
+    # The controller adopts the fleet `up` handed over, and its passes reach `status` through the router.
+    assert _wait(lambda: (_status(cli)["controller"] or {}).get("last_pass_at") is not None), \
+        (home / "local" / "logs" / f"{ROUTER}.log").read_text()
+    assert _status(cli)["controller"]["mode"] == "hosted"
+
+    # A replica killed from outside: the hosted controller relaunches it (a new process), no `watch` run here.
+    victim = ProcessId(int(records[A10G]["pid"]), int(records[A10G]["started"]))
+    os.kill(victim.pid, signal.SIGKILL)
+    assert _wait(lambda: not running(victim))
+    _reap(victim.pid)
+
+    def healed() -> bool:
+        record = LocalBackend(home / "local").records().get(A10G)
+        return record is not None and record["status"] == "up" and int(record["pid"]) != victim.pid
+
+    assert _wait(healed), (home / "local" / "logs" / f"{ROUTER}.log").read_text()
+    seen.add(int(LocalBackend(home / "local").records()[A10G]["pid"]))
+    log = (home / "local" / "logs" / f"{ROUTER}.log").read_text()
+    assert f"watch {FLEET}: adopted: " in log and f"watch {FLEET}: relaunch: not up: {A10G}" in log
+
+    # The relaunch is one event in the controller's own ledger (on its host), not in the user's.
+    host_home = home / "local" / "clusters" / ROUTER / "melange-sky-router" / "home"
+    with Ledger(host_home) as theirs:
+        assert [e.message for e in theirs.history(fleet=FLEET, kind="relaunch")]
+    with Ledger(home) as ours:
+        assert not ours.history(fleet=FLEET, kind="relaunch")
+
+    # status learns the relaunch from the controller and shows its last pass and health in one line.
+    def shown() -> bool:
+        fleet = _status(cli)
+        states = {r["cluster"]: r["state"] for r in fleet["replicas"]}
+        return states == {A10G: "up", A100: "up"} and fleet["controller"]["healthy"] is True
+    assert _wait(shown)
+    text = cli("status", FLEET)
+    assert f"{FLEET}: controller: hosted on {ROUTER}: last pass " in text.stdout and "healthy" in text.stdout
+
+    # down: the controller's host goes first (the controller with it), then the replicas; no process is left.
+    down = cli("down", FLEET, "-y")
+    assert down.exit_code == 0, down.stderr + down.stdout
+    assert f"{FLEET}: hosted controller: stopped first, with its host {ROUTER}" in down.stdout
+    with Ledger(home) as ours:
+        gone = [e for e in ours.history(fleet=FLEET) if e.new_state == "gone"]
+        terminating = [e for e in ours.history(fleet=FLEET) if e.new_state == "terminating"]
+    first_gone = next(e for e in gone if e.cluster == ROUTER)
+    assert all(e.id > first_gone.id for e in terminating if e.cluster != ROUTER)
+    assert not _group_alive(router_pid)
+    for pid in seen:
+        _reap(pid)
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"), pid
+    assert LocalBackend(home / "local").records() == {}
+    assert LocalBackend(home / "local").leftovers() == {}
+
+
+# ---- where `up` puts the controller -----------------------------------------------------------------------------
+
+class _Launcher:
+    def __init__(self, name: str, directory: Path | None = None):
+        self.name = name
+        if directory is not None:
+            self.dir = directory
+
+
+@pytest.fixture
+def spot_config(write_config, example):
+    example["gpu_info"]["A10G"]["use_spot"] = True
+    return load_config(write_config({**example, "name": FLEET, "input_buckets": [1, 25, 100],
+                                     "output_buckets": [1, 25, 100]}))
+
+
+def test_a_fleet_with_spot_is_hosted_by_default_where_the_launcher_can_be_shared(spot_config, tmp_path):
+    settings = PlanSettings()
+    hosted, note = controller_choice(spot_config, settings, _Launcher("local", tmp_path), {}, None, router=True)
+    assert note is None and hosted is not None and hosted.launcher_dir == str(tmp_path)
+    assert hosted.secrets == ("HF_TOKEN",)  # the replicas' secret: the controller relaunches them
+    # SkyPilot through this machine's own API server: the host could not see the replicas; local, and why.
+    hosted, note = controller_choice(spot_config, settings, _Launcher("skypilot"), {}, None, router=True)
+    assert hosted is None and "sky api login" in note
+    with pytest.raises(ControllerError, match="--controller hosted: .*--no-router"):
+        controller_choice(spot_config, settings, _Launcher("local", tmp_path), {}, "hosted", router=False)
+    # A shared SkyPilot API server: hosted, told the endpoint (a setting) and the token's name (a secret).
+    environ = {"SKYPILOT_API_SERVER_ENDPOINT": "https://sky.example.com", "SKYPILOT_SERVICE_ACCOUNT_TOKEN": "t0k"}
+    hosted, note = controller_choice(spot_config, settings, _Launcher("skypilot"), environ, None, router=True)
+    assert hosted is not None and hosted.envs == {"SKYPILOT_API_SERVER_ENDPOINT": "https://sky.example.com"}
+    assert hosted.secrets == ("HF_TOKEN", "SKYPILOT_SERVICE_ACCOUNT_TOKEN")
+
+
+def test_a_fleet_without_spot_keeps_its_controller_local_unless_asked(write_config, example, tmp_path):
+    config = load_config(write_config({**example, "input_buckets": [1, 25, 100], "output_buckets": [1, 25, 100]}))
+    assert controller_choice(config, PlanSettings(), _Launcher("local", tmp_path), {}, None, router=True) == \
+        (None, None)
+    hosted, _ = controller_choice(config, PlanSettings(), _Launcher("local", tmp_path), {}, "hosted", router=True)
+    assert hosted is not None
+
+
+def test_only_an_api_server_another_host_can_reach_is_shared(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("api_server:\n  endpoint: http://10.1.2.3:46580\n")
+    assert skypilot_api_server({}, str(config)) == "http://10.1.2.3:46580"
+    config.write_text("api_server:\n  endpoint: http://127.0.0.1:46580\n")
+    assert skypilot_api_server({}, str(config)) is None
+    assert skypilot_api_server({}, str(tmp_path / "none.yaml")) is None
+
+
+# ---- the router task that carries it ----------------------------------------------------------------------------
+
+def test_the_controller_requirements_are_melange_skys_own():
+    """What the host installs for the controller: setup.cfg's install_requires, nothing else and nothing less."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    wanted = {line.split(";")[0].strip() for line in parser["options"]["install_requires"].splitlines()
+              if line.strip() and not line.strip().startswith("#")}
+    hosted = HostedController(backend="skypilot", clouds=("aws",))
+    installed = {r.replace("[aws]", "") for r in [*ROUTER_REQUIREMENTS, *hosted.requirements()]}
+    assert installed == wanted
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")  # pandas, inside SkyPilot's GCP catalog
+def test_real_skypilot_validates_the_router_task_with_its_hosted_controller(spot_config, sky_catalog_home,
+                                                                            monkeypatch):
+    from melange_sky.backends import ValidationLevel
+    from melange_sky.deploy.catalog import Catalog
+    from melange_sky.fleet.skypilot import SkyPilotBackend
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
+    monkeypatch.setenv("SKYPILOT_SERVICE_ACCOUNT_TOKEN", "sky_secret_value")
+    environ = {**os.environ, "SKYPILOT_API_SERVER_ENDPOINT": "https://sky.example.com"}
+    hosted, _ = controller_choice(spot_config, PlanSettings(), _Launcher("skypilot"), environ, "hosted",
+                                  router=True, interval=30, watch_args=("--autoscale",))
+    assert hosted is not None
+    plan = build_router_plan(spot_config, ["aws"], api_key=True, catalog=Catalog(skypilot_dir=None),
+                             controller=hosted)
+    assert "hf_secret_value" not in plan.yaml and "sky_secret_value" not in plan.yaml
+    assert plan.task["secrets"] == {"MELANGE_SKY_ADMIN_TOKEN": None, "MELANGE_SKY_API_KEY": None, "HF_TOKEN": None,
+                                    "SKYPILOT_SERVICE_ACCOUNT_TOKEN": None}
+    assert plan.task["envs"]["SKYPILOT_API_SERVER_ENDPOINT"] == "https://sky.example.com"
+    run = plan.task["run"]
+    assert (f"MELANGE_SKY_HOME=\"$ROUTER_DIR/home\" python -m melange_sky watch {FLEET} --hosted --interval 30 "
+            f"--backend skypilot --autoscale --router-url \"$ROUTER_URL\" &") in run
+    assert "python -m melange_sky serve --pushed --host 0.0.0.0 --port 8080" in run and 'wait "$SERVE_PID"' in run
+    assert "'skypilot>=0.14.1,<0.15'" in plan.task["setup"] and "'pulp>=3.3,<3.4'" in plan.task["setup"]
+    assert SkyPilotBackend().validate(plan.task).level is ValidationLevel.FULL
