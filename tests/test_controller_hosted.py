@@ -237,3 +237,49 @@ def test_real_skypilot_validates_the_router_task_with_its_hosted_controller(spot
     assert "python -m melange_sky serve --pushed --host 0.0.0.0 --port 8080" in run and 'wait "$SERVE_PID"' in run
     assert "'skypilot>=0.14.1,<0.15'" in plan.task["setup"] and "'pulp>=3.3,<3.4'" in plan.task["setup"]
     assert SkyPilotBackend().validate(plan.task).level is ValidationLevel.FULL
+
+
+# ---- one controller per fleet, and `down` when the host does not answer -----------------------------------------
+
+def _hosted_fleet(home: Path, backend) -> Ledger:
+    """A hosted fleet in the ledger: a replica and a router up at an address nothing answers on."""
+    from melange_sky.fleet.ledger import NewReplica, ReplicaState, Role
+
+    ledger = Ledger(home)
+    ledger.save_fleet(FLEET, "h", {"controller": {"mode": "hosted", "interval": 1}})
+    for cluster, role in ((A10G, Role.REPLICA), (ROUTER, Role.ROUTER)):
+        ledger.add_replica(FLEET, NewReplica(cluster, "A10G" if role is Role.REPLICA else "router", "o", 1.0,
+                                             role=role))
+        ledger.transition(cluster, ReplicaState.UP, endpoint="127.0.0.1:9")  # the discard port: refused
+        backend.add_cluster(cluster)
+    return ledger
+
+
+def test_watch_here_refuses_a_fleet_whose_controller_is_hosted(tmp_path):
+    from fake_backend import FakeBackend
+
+    from melange_sky.controller.watch import Controller
+
+    backend = FakeBackend(tmp_path / "fake.json")
+    with _hosted_fleet(tmp_path / "home", backend) as ledger:
+        with pytest.raises(ControllerError, match="runs on its router's host"):
+            Controller(FLEET, backend, ledger, {}).check()
+
+
+def test_down_stops_the_controllers_host_first_and_keeps_the_replicas_when_it_cannot(tmp_path):
+    from fake_backend import FakeBackend
+
+    from melange_sky.fleet.fleet import Fleet
+
+    backend = FakeBackend(tmp_path / "fake.json")
+    backend.configure(down_failures={ROUTER: "the cloud refused"})
+    with _hosted_fleet(tmp_path / "home", backend) as ledger:
+        kept = Fleet(backend, ledger).down(FLEET)
+        assert list(kept.failed) == [ROUTER] and "the cloud refused" in kept.failed[ROUTER] and not kept.fleet_removed
+        assert "could not be torn down" in kept.controller and "replicas are kept" in kept.controller
+        assert [c["cluster"] for c in backend.calls("down")] == [ROUTER]  # the replica was not touched
+        backend.configure(down_failures={})
+        done = Fleet(backend, ledger).down(FLEET)
+    assert done.fleet_removed and sorted(done.removed) == [A10G, ROUTER]
+    assert "stopped first" in done.controller and "not read" in done.controller  # the router did not answer
+    assert [c["cluster"] for c in backend.calls("down")][1] == ROUTER

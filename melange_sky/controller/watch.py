@@ -183,12 +183,12 @@ class Controller:
     def check(self) -> None:
         """Refuse at once what no pass could do: an unknown fleet, one without a stored config, a missing secret,
         autoscaling with no router to read the traffic from."""
-        config, settings = self._config()
         record = self.ledger.get_fleet(self.fleet)
         if controller_mode(record) == HOSTED and not self.options.hosted:
             raise ControllerError(f"fleet {self.fleet!r}'s controller runs on its router's host (`up --controller "
                                   f"hosted`): `melange-sky status {self.fleet}` shows its passes; to watch it from "
                                   f"here instead, `melange-sky down {self.fleet}` and `up --controller local`")
+        config, settings = self._config()
         launch_secrets(config, settings, self.environ, self.backend)
         if self.options.autoscale and self.options.workload_url is None and self.ledger.router(self.fleet) is None:
             raise ControllerError(f"--autoscale reads the traffic from the fleet's router, and fleet {self.fleet!r} "
