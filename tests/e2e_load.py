@@ -12,10 +12,12 @@ off. The mix cycles through `SHAPES`: small and large prompts, few and many toke
 completions and chat, in the shares of tests/data/e2e_fleet.json's buckets (so the router observes that workload).
 
 Every request becomes an `Outcome` with its start and end (time.monotonic(), comparable with the test's own
-clock), whether it succeeded and the replica that served it: fake replicas (tests/fake_replica.py) put `served_by`
-in every answer and every SSE event, so even a stream cut halfway says where it was. A request succeeds when it
-got HTTP 200 and its whole answer: all its tokens, and for a stream the `[DONE]` end with no error event.
-Standard library only (urllib), so the load shares nothing with the router it measures.
+clock), whether it succeeded and the GPU type that served it: the router names it in its `X-Melange-Gpu` header,
+sent before the first byte of the answer, so even a stream cut halfway says where it was. A request succeeds when
+it got HTTP 200 and its whole answer: all its tokens, and for a stream the `[DONE]` end with no error event.
+Prompts are words of one token each (`abc`, 4 characters with its space), so the router's estimate of a prompt's
+size (characters / 4) and the replica's count (an emulator counts words) agree. `send(shape)` adds one request
+outside the schedule. Standard library only (urllib), so the load shares nothing with the router it measures.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ class Shape:
 
     name: str
     path: str  # /v1/completions or /v1/chat/completions
-    prompt_chars: int  # the fake replica counts chars/4 as prompt tokens
+    prompt_chars: int  # prompt tokens x 4 (words of one token: the router estimates chars/4, an emulator counts
+    # words)
     max_tokens: int
     stream: bool
 
@@ -67,7 +70,7 @@ class Outcome:
     ended: float = 0.0
     ok: bool = False
     status: int | None = None
-    served_by: str | None = None  # the replica (cluster) that answered, or that was streaming when it broke
+    gpu: str | None = None  # the GPU type that answered, or that was streaming when it broke (X-Melange-Gpu)
     tokens: int = 0
     error: str | None = None
 
@@ -80,7 +83,7 @@ class Load:
     """A steady open-loop load through `url` (the router's base URL), sending `api_key` as the Bearer key."""
 
     def __init__(self, url: str, api_key: str, rate: float, shapes: Iterable[Shape] = SHAPES, workers: int = 24,
-                 model: str = "test-model"):
+                 model: str = "llama-2-7b"):
         self.url = url.rstrip("/")
         self._headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
         self.shapes = tuple(shapes)
@@ -93,6 +96,7 @@ class Load:
         self._lock = threading.Lock()
         self._outcomes: list[Outcome] = []
         self._sent = 0
+        self._extra = 0
 
     # -- control ----------------------------------------------------------------------------------------------------
     def start(self) -> Load:
@@ -110,6 +114,15 @@ class Load:
     def rate(self) -> float:
         with self._lock:
             return self._rate
+
+    def send(self, shape: Shape) -> None:
+        """One request of `shape` now, besides the schedule (its outcome is kept like the others')."""
+        assert self._pool is not None, "start() the load first"
+        with self._lock:
+            self._sent += 1
+            self._extra += 1
+            index = -self._extra
+        self._pool.submit(self._one, index, shape)
 
     def stop(self, timeout: float = REQUEST_TIMEOUT_S) -> None:
         """Start nothing new and wait for the requests in flight to end (each has its own timeout)."""
@@ -134,8 +147,8 @@ class Load:
         return [o for o in self.outcomes() if not o.ok]
 
     def served(self, since: float = 0.0) -> Counter[str]:
-        """Successful requests per replica among those started at or after `since`."""
-        return Counter(o.served_by for o in self.outcomes() if o.ok and o.started >= since and o.served_by)
+        """Successful requests per GPU type among those started at or after `since`."""
+        return Counter(o.gpu for o in self.outcomes() if o.ok and o.started >= since and o.gpu)
 
     def wait_until(self, condition: Callable[[Load], bool], timeout: float, what: str) -> None:
         """Poll until `condition(self)` holds; AssertionError naming `what` after `timeout` seconds."""
@@ -165,7 +178,7 @@ class Load:
             next_at = max(next_at + 1.0 / self.rate, time.monotonic() - 1.0)
 
     def _body(self, index: int, shape: Shape) -> dict:
-        text = (f"request {index} " + "lorem ipsum " * (shape.prompt_chars // 12 + 1))[:shape.prompt_chars]
+        text = f"request {index} " + "abc " * max(shape.prompt_chars // 4 - 2, 1)
         body: dict = {"model": self.model, "max_tokens": shape.max_tokens, "stream": shape.stream}
         if shape.stream:
             body["stream_options"] = {"include_usage": True}
@@ -182,11 +195,11 @@ class Load:
         try:
             with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as answer:
                 outcome.status = answer.status
+                outcome.gpu = answer.headers.get("X-Melange-Gpu")
                 if shape.stream:
                     self._read_stream(answer, shape, outcome)
                 else:
                     doc = json.loads(answer.read())
-                    outcome.served_by = doc.get("served_by")
                     usage = doc.get("usage") or {}
                     outcome.tokens = int(usage.get("completion_tokens") or 0)
                     outcome.ok = outcome.tokens == shape.max_tokens
@@ -194,6 +207,7 @@ class Load:
                         outcome.error = f"answer with {outcome.tokens} of {shape.max_tokens} tokens"
         except urllib.error.HTTPError as exc:
             outcome.status = exc.code
+            outcome.gpu = exc.headers.get("X-Melange-Gpu")
             outcome.error = f"HTTP {exc.code}: {exc.read()[:300].decode(errors='replace')}"
         except Exception as exc:  # noqa: BLE001 - every failure of a client is an outcome to report
             outcome.error = f"{type(exc).__name__}: {exc}"
@@ -216,9 +230,9 @@ class Load:
             if "error" in event:
                 outcome.error = f"stream error event: {event['error'].get('message')}"
                 continue
-            outcome.served_by = event.get("served_by") or outcome.served_by
-            if event.get("choices"):
-                outcome.tokens += 1
+            for choice in event.get("choices") or ():  # a token's text (a chat's first event has only its role)
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                    outcome.tokens += 1
         if outcome.error is None and not done:
             outcome.error = "the stream ended without [DONE]"
         if outcome.error is None and outcome.tokens != shape.max_tokens:
