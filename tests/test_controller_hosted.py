@@ -283,3 +283,16 @@ def test_down_stops_the_controllers_host_first_and_keeps_the_replicas_when_it_ca
     assert done.fleet_removed and sorted(done.removed) == [A10G, ROUTER]
     assert "stopped first" in done.controller and "not read" in done.controller  # the router did not answer
     assert [c["cluster"] for c in backend.calls("down")][1] == ROUTER
+
+
+def test_up_checks_the_hosted_controllers_watch_options_and_its_dryrun_says_where_it_runs(cli, hosted_env):
+    config, home, _ = hosted_env
+    typo = cli("up", config, "--controller", "hosted", "--watch-args", "--autoscal", "-y")
+    assert typo.exit_code == 2 and "--watch-args" in typo.stderr and "--autoscale" in typo.stderr
+    own = cli("up", config, "--controller", "hosted", "--watch-args", "--interval 5", "-y")
+    assert own.exit_code == 2 and "--controller-interval" in own.stderr
+    assert not (home / "local").exists()  # nothing was launched
+    dry = cli("up", config, "--controller", "hosted", "--watch-args", "--autoscale --max-cost 20", "--dryrun")
+    assert dry.exit_code == 0, dry.stderr + dry.stdout
+    assert "the controller runs on the router's host (`watch --hosted`, every 60 s), driving the local launcher" \
+        in dry.stdout

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import select
+import shlex
 import signal
 import sys
 import threading
@@ -109,6 +110,9 @@ def confirm_or_refuse(question: str, yes: bool) -> bool:
                    "shared with the router's host (the local launcher, or a SkyPilot API server both reach).")
 @click.option("--controller-interval", type=click.FloatRange(min=1), default=DEFAULT_INTERVAL_S, show_default=True,
               metavar="SECONDS", help="A hosted controller's seconds between passes.")
+@click.option("--watch-args", metavar="'OPTIONS'", default="",
+              help="`watch` options for the hosted controller, quoted as one argument (e.g. '--autoscale "
+                   "--max-cost 20'); checked here, before anything launches.")
 @backend_option
 @plan_options
 @solve_options
@@ -116,7 +120,7 @@ def confirm_or_refuse(question: str, yes: bool) -> bool:
 def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: int, max_rounds: int,
        retry_until_up: bool, idle_minutes_to_autostop: int | None, autodown: bool, as_json: bool, no_router: bool,
        no_shrink: bool, drain_timeout: float, controller: str | None, controller_interval: float,
-       backend: str | None, per_offer: bool, template: str | None, solve_args: SolveArgs) -> None:
+       watch_args: str, backend: str | None, per_offer: bool, template: str | None, solve_args: SolveArgs) -> None:
     """Launch the cheapest mixed fleet for CONFIG: one SkyPilot cluster per replica, across clouds, and a router
     (a small CPU instance) as the fleet's one OpenAI-compatible endpoint.
 
@@ -140,17 +144,20 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     cfg = solve_args.load(config, fleet_name)
     settings = plan_settings(solve_args, per_offer, template)
     on_event = None if as_json else print_event
+    launcher = load_backend(backend)
+    hosted, note = controller_choice(cfg, settings, launcher, os.environ, controller, router=not no_router,
+                                     interval=controller_interval, watch_args=_watch_args(cfg.name, watch_args))
+    if note is not None:
+        print_warning(note)
     if dryrun:  # writes nothing: no ledger is created on a machine that has none
-        launcher = load_backend(backend)
         with (Ledger() if Ledger.exists() else contextlib.nullcontext()) as ledger, launcher_output():
             dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=print_warning,
-                          router=not no_router, shrink=not no_shrink)
+                          router=not no_router, shrink=not no_shrink, controller=hosted)
         click.echo(json.dumps(dry.to_dict(), indent=2) if as_json else format_dryrun(dry))
         hint = None if as_json else simulate_hint(config, cfg)
         if hint:
             click.echo(hint, err=True)
         return
-    launcher = load_backend(backend)
     secrets = launch_secrets(cfg, settings, os.environ, launcher)  # the local launcher needs no HF_TOKEN
     stdout = sys.stdout  # the preview is this command's output, not the launcher's
     shown: list[str] = []  # notes the preview printed: the summary does not repeat them
@@ -163,10 +170,6 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     options = UpOptions(parallel=parallel, max_rounds=max_rounds, retry_until_up=retry_until_up,
                         idle_minutes_to_autostop=idle_minutes_to_autostop, down=autodown, shrink=not no_shrink,
                         drain_timeout=drain_timeout)
-    hosted, note = controller_choice(cfg, settings, launcher, os.environ, controller, router=not no_router,
-                                     interval=controller_interval)
-    if note is not None:
-        print_warning(note)
     router = None if no_router else router_setup(cfg, settings, os.environ, hosted)
     mode = {"mode": HOSTED, "interval": controller_interval} if hosted is not None else {"mode": LOCAL}
     with Ledger() as ledger, launcher_output(), terminations_interrupt():
@@ -183,6 +186,31 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
         sys.exit(130)
     if not report.complete:
         sys.exit(1)
+
+
+#: `watch` options a hosted controller's task sets itself (or `up` sets with its own options).
+_HOSTED_OWN = ("--once", "--interval", "--json", "--from", "--backend", "--hosted", "--router-url", "--launcher-dir",
+               "--debug")
+
+
+def _watch_args(fleet: str, text: str) -> list[str]:
+    """--watch-args as words, checked by `watch`'s own parser (a typo fails here, not on the router's host)."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--watch-args") from None
+    own = [w for w in words if w.split("=", 1)[0] in _HOSTED_OWN]
+    if own:
+        raise click.BadParameter(f"{own[0]} is set by the hosted controller's task itself "
+                                 f"(--controller-interval for its interval)", param_hint="--watch-args")
+    if words:
+        from melange_sky.cli.watch import watch  # noqa: PLC0415 - only when there is something to check
+
+        try:
+            watch.make_context("watch", [fleet, *words])
+        except click.UsageError as exc:
+            raise click.BadParameter(exc.format_message(), param_hint="--watch-args") from None
+    return words
 
 
 def _up_confirmation(yes: bool, as_json: bool) -> Callable[[Preview], bool]:

@@ -288,10 +288,15 @@ def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: L
 
 def dry_run(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger | None,
             environ: Mapping[str, str], *, on_event: OnEvent | None = None,
-            on_warning: OnWarning | None = None, router: bool = True, shrink: bool = True) -> DryRunReport:
+            on_warning: OnWarning | None = None, router: bool = True, shrink: bool = True,
+            controller: HostedController | None = None) -> DryRunReport:
     """What `bring_up` would launch, every task validated by the launcher (the router's too, unless `router` is
-    False); writes nothing (`ledger` None: a machine that never launched). Secrets missing from `environ` are
-    listed, not an error."""
-    return Fleet(backend, ledger, on_event).dryrun(config.name, make_planner(config, settings, on_warning), environ,
-                                                   router=router_planner(config, settings) if router else None,
-                                                   shrink=shrink)
+    False, with the hosted `controller` it would run); writes nothing (`ledger` None: a machine that never
+    launched). Secrets missing from `environ` are listed, not an error."""
+    report = Fleet(backend, ledger, on_event).dryrun(
+        config.name, make_planner(config, settings, on_warning), environ,
+        router=router_planner(config, settings, controller) if router else None, shrink=shrink)
+    if controller is not None and router:
+        report.notes.append(f"the controller runs on the router's host (`watch --hosted`, every "
+                            f"{controller.interval:g} s), driving the {controller.backend} launcher")
+    return report
