@@ -131,6 +131,13 @@ def test_the_hosted_controller_heals_a_killed_replica_status_shows_its_pass_and_
     text = cli("status", FLEET)
     assert f"{FLEET}: controller: hosted on {ROUTER}: last pass " in text.stdout and "healthy" in text.stdout
 
+    # `up` again: it adopts the controller's rows first (nothing to launch), then hands the fleet over again.
+    again = cli("up", config, "-y", "--controller", "hosted", "--controller-interval", "1")
+    assert again.exit_code == 0, again.stderr + again.stdout
+    assert set(LocalBackend(home / "local").records()) == {A10G, A100, ROUTER}
+    assert _wait(lambda: (home / "local" / "logs" / f"{ROUTER}.log").read_text().count(f"watch {FLEET}: adopted: ")
+                 == 2)
+
     # down: the controller's host goes first (the controller with it), then the replicas; no process is left.
     down = cli("down", FLEET, "-y")
     assert down.exit_code == 0, down.stderr + down.stdout

@@ -8,6 +8,7 @@ launcher the user's machine used. Every action is a ledger event here and one li
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -80,17 +81,29 @@ class HostedLoop:
         if self.ledger.get_fleet(self.fleet) is None:
             return None
         if not self.checked:  # a missing secret or setting: the errors `watch` refuses at its start
-            self.controller.check()
+            try:
+                self.controller.check()
+            except MelangeError as exc:  # said where `status` reads it, and tried again next time
+                report = PassReport(self.fleet, time.time(), 0.0, error=str(exc))
+                self.ledger.record_event(self.fleet, "check-failed", str(exc))
+                report.actions.append(Action("check-failed", str(exc)))
+                self.on_action(report.actions[-1])
+                self._hand_back(report)
+                return report
             self.checked = True
         report = self.controller.run_pass()
+        self._hand_back(report)
+        return report
+
+    def _hand_back(self, report: PassReport) -> None:
+        """This host's snapshot and `report`, to the router (unless `up` handed over a newer fleet meanwhile)."""
         try:
             latest = hosted.fetch(self.router_url, self.admin_token)
             if latest is not None and latest.get("writer") == "up" and float(latest.get("at") or 0.0) > \
                     self.adopted_at:
-                return report  # `up` handed over a newer fleet meanwhile: adopted before the next pass
+                return  # adopted before the next pass
             hosted.push(self.router_url, self.admin_token,
                         hosted.snapshot(self.ledger, self.fleet, "controller", report.to_dict()))
         except MelangeError as exc:
             self.on_warning(f"could not hand this pass to the router: {exc}")
-        return report
 
