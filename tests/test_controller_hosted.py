@@ -303,3 +303,37 @@ def test_up_checks_the_hosted_controllers_watch_options_and_its_dryrun_says_wher
     assert dry.exit_code == 0, dry.stderr + dry.stdout
     assert "the controller runs on the router's host (`watch --hosted`, every 60 s), driving the local launcher" \
         in dry.stdout
+
+
+def test_the_routers_controller_document_is_the_admin_tokens_only_and_holds_one_json_object():
+    import asyncio
+
+    import aiohttp
+    from fake_openai_upstream import Fleet as Upstreams
+    from test_serve_cli import HANG_GUARD_S
+    from test_serve_policy import DOC
+
+    from melange_sky.deploy.membership import ADMIN_CONTROLLER_PATH
+
+    admin, client = "admin-token-5e1d", "client-key-9c0a"
+
+    async def scenario():
+        async with Upstreams(DOC, {"a100-0": "A100-80GB"}, api_key=client, admin_token=admin) as fleet, \
+                aiohttp.ClientSession() as session:
+            url = fleet.url + ADMIN_CONTROLLER_PATH
+
+            async def call(method: str, token: str, data: bytes | None = None) -> tuple[int, dict]:
+                async with session.request(method, url, data=data,
+                                           headers={"Authorization": f"Bearer {token}"}) as answer:
+                    return answer.status, await answer.json()
+
+            assert await call("GET", admin) == (200, {"doc": None})  # nothing handed over yet
+            for token in (client, "wrong"):
+                assert (await call("GET", token))[0] == 401
+                assert (await call("PUT", token, b'{"writer": "up"}'))[0] == 401
+            assert (await call("PUT", admin, b"[1, 2]"))[0] == 400
+            assert (await call("PUT", admin, b"not json"))[0] == 400
+            assert await call("PUT", admin, b'{"writer": "controller", "at": 1.5}') == (200, {"accepted": True})
+            assert await call("GET", admin) == (200, {"doc": {"writer": "controller", "at": 1.5}})
+
+    asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD_S))
