@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 from pathlib import Path
 
 from melange_sky.controller.watch import Action, Controller, PassReport
@@ -17,7 +18,8 @@ from melange_sky.errors import ControllerError, MelangeError
 from melange_sky.fleet import hosted
 from melange_sky.fleet.backends import Backend, load_backend
 from melange_sky.fleet.keys import ADMIN_TOKEN_ENV, API_KEY_ENV, store_keys
-from melange_sky.fleet.ledger import Ledger
+from melange_sky.fleet.ledger import Ledger, ReplicaState
+from melange_sky.fleet.reports import ReplicaEvent
 
 __all__ = ["HostedLoop", "hosted_backend"]
 
@@ -55,6 +57,24 @@ class HostedLoop:
         store_keys(self.fleet, token, key, self.ledger.home)
         self.adopted_at = 0.0
         self.checked = False
+        self.last_pass: dict[str, Any] | None = None
+        inner = controller.on_event
+
+        def on_event(event: ReplicaEvent) -> None:
+            if event.state is ReplicaState.PENDING and event.cluster:
+                self._announce()  # before its launch is requested: `down` must know it even if this host dies
+            if inner is not None:
+                inner(event)
+
+        controller.on_event = on_event
+
+    def _announce(self) -> None:
+        """Hand the router this host's snapshot now (with the last pass): a replica was just written as PENDING."""
+        try:
+            hosted.push(self.router_url, self.admin_token,
+                        hosted.snapshot(self.ledger, self.fleet, "controller", self.last_pass))
+        except MelangeError as exc:
+            self.on_warning(f"could not hand the new replica to the router before its launch: {exc}")
 
     def _adopt(self) -> None:
         """Take over `up`'s snapshot when the router has a newer one than this host adopted."""
@@ -97,6 +117,7 @@ class HostedLoop:
 
     def _hand_back(self, report: PassReport) -> None:
         """This host's snapshot and `report`, to the router (unless `up` handed over a newer fleet meanwhile)."""
+        self.last_pass = report.to_dict()
         try:
             latest = hosted.fetch(self.router_url, self.admin_token)
             if latest is not None and latest.get("writer") == "up" and float(latest.get("at") or 0.0) > \

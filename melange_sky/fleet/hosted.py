@@ -142,7 +142,8 @@ def sync_from_controller(ledger: Ledger, fleet: str, now: float | None = None) -
     ok = bool(last.get("ok"))
     actions = [f"{a.get('kind')}: {a.get('message')}" for a in last.get("actions") or []]
     reason = (f"no pass for {age:.0f} s (every {interval:g} s expected)" if stale
-              else "" if ok else str(last.get("error") or "the last pass left the fleet incomplete"))
+              else "" if ok else "its first pass is still running" if not last
+              else str(last.get("error") or "the last pass left the fleet incomplete"))
     return ControllerView(mode=HOSTED, host=host, interval=interval, last_pass_at=at, last_pass_ok=ok,
                           actions=actions, error=last.get("error"), healthy=ok and not stale, reason=reason,
                           age=age)
