@@ -724,7 +724,7 @@ class Fleet:
         router), then tear down the router's cluster, which stops the controller running on it. What happened, in
         one line."""
         view = sync_from_controller(self._db, fleet)
-        known = ("its clusters adopted" if view.last_pass_at is not None
+        known = ("its clusters adopted" if view.adopted
                  else f"its clusters not read ({view.reason}): ones it launched since the last `status` may be left")
         router = self._db.router(fleet)
         if router is None or not router.state.may_have_cluster:

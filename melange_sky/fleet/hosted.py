@@ -136,14 +136,14 @@ def sync_from_controller(ledger: Ledger, fleet: str, now: float | None = None) -
                               reason="no pass yet: the controller has not adopted the fleet")
     adopt(ledger, doc, message="from the hosted controller")
     last = doc.get("pass") or {}
-    at = float(last.get("started") or doc.get("at") or 0.0)
-    age = now - at
+    at = float(last["started"]) if last.get("started") else None
+    age = now - (at if at is not None else float(doc.get("at") or 0.0))
     stale = age > STALE_INTERVALS * interval + float(last.get("seconds") or 0.0)
     ok = bool(last.get("ok"))
     actions = [f"{a.get('kind')}: {a.get('message')}" for a in last.get("actions") or []]
     reason = (f"no pass for {age:.0f} s (every {interval:g} s expected)" if stale
               else "" if ok else "its first pass is still running" if not last
               else str(last.get("error") or "the last pass left the fleet incomplete"))
-    return ControllerView(mode=HOSTED, host=host, interval=interval, last_pass_at=at, last_pass_ok=ok,
-                          actions=actions, error=last.get("error"), healthy=ok and not stale, reason=reason,
-                          age=age)
+    return ControllerView(mode=HOSTED, host=host, interval=interval, last_pass_at=at,
+                          last_pass_ok=ok if at is not None else None, actions=actions, error=last.get("error"),
+                          healthy=ok and not stale, reason=reason, age=age, adopted=True)

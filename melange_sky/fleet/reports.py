@@ -209,11 +209,12 @@ class ControllerView:
     healthy: bool | None = None
     reason: str = ""
     age: float | None = None  # seconds since its last pass began
+    adopted: bool = False  # its snapshot was read and its rows written into this ledger
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "host": self.host, "interval": self.interval, "reachable": self.reachable,
                 "last_pass_at": self.last_pass_at, "last_pass_ok": self.last_pass_ok, "actions": self.actions,
-                "error": self.error, "healthy": self.healthy, "reason": self.reason}
+                "error": self.error, "healthy": self.healthy, "reason": self.reason, "adopted": self.adopted}
 
     def line(self, fleet: str) -> str:
         """One line for `status` (and `down`)."""
