@@ -180,6 +180,10 @@ def test_a_fleet_with_spot_is_hosted_by_default_where_the_launcher_can_be_shared
     # SkyPilot through this machine's own API server: the host could not see the replicas; local, and why.
     hosted, note = controller_choice(spot_config, settings, _Launcher("skypilot"), {}, None, router=True)
     assert hosted is None and "sky api login" in note
+    custom = PlanSettings(template=str(ROOT / "templates" / "vllm.j2"))  # a file the host would not have
+    hosted, note = controller_choice(spot_config, custom, _Launcher("skypilot"),
+                                     {"SKYPILOT_API_SERVER_ENDPOINT": "https://sky.example.com"}, None, router=True)
+    assert hosted is None and "a file on this machine only" in note
     with pytest.raises(ControllerError, match="--controller hosted: .*--no-router"):
         controller_choice(spot_config, settings, _Launcher("local", tmp_path), {}, "hosted", router=False)
     # A shared SkyPilot API server: hosted, told the endpoint (a setting) and the token's name (a secret).
@@ -243,6 +247,8 @@ def test_real_skypilot_validates_the_router_task_with_its_hosted_controller(spot
             f"--backend skypilot --autoscale --router-url \"$ROUTER_URL\" &") in run
     assert "python -m melange_sky serve --pushed --host 0.0.0.0 --port 8080" in run and 'wait "$SERVE_PID"' in run
     assert "'skypilot>=0.14.1,<0.15'" in plan.task["setup"] and "'pulp>=3.3,<3.4'" in plan.task["setup"]
+    # the replicas' templates go with the source, where it looks for them (an installed package has them inside)
+    assert (Path(plan.task["file_mounts"]["~/melange-sky-router/src/templates"]) / "vllm.j2").is_file()
     assert SkyPilotBackend().validate(plan.task).level is ValidationLevel.FULL
 
 

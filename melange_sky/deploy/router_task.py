@@ -42,7 +42,7 @@ from melange_sky.core.config import Config
 from melange_sky.deploy.catalog import Catalog, _float, _rows, default_catalog, offer_key
 from melange_sky.deploy.membership import ADMIN_TOKEN_ENV
 from melange_sky.deploy.plan import CLUSTER_NAME_RE, ENV_NAME_RE, MAX_CLUSTER_NAME, _slug
-from melange_sky.deploy.render import load_template, render
+from melange_sky.deploy.render import builtin_template_dir, load_template, render
 from melange_sky.deploy.router_config import RouterSpec, check_tls_files, router_spec
 from melange_sky.errors import ConfigError
 
@@ -366,7 +366,8 @@ def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key:
         "remote_dir": REMOTE_DIR, "python_version": ROUTER_PYTHON,
         "requirements": [*ROUTER_REQUIREMENTS, *(controller.requirements() if controller is not None else [])],
         "controller": None if controller is None else {"command": controller.command(config.name),
-                                                       "home": CONTROLLER_HOME, "envs": dict(controller.envs)},
+                                                       "home": CONTROLLER_HOME, "envs": dict(controller.envs),
+                                                       "templates": str(builtin_template_dir())},
         "tls": None if spec.tls is None else {"certfile": spec.tls.certfile, "keyfile": spec.tls.keyfile,
                                               "cert": TLS_CERT, "key": TLS_KEY},
     }

@@ -16,6 +16,7 @@ from typing import Any
 from melange_sky.core.config import Config, GpuSpec, SpotPolicy
 from melange_sky.deploy.plan import (DEFAULT_MAX_REPLICAS, Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
                                      deployment_from_config)
+from melange_sky.deploy.render import builtin_templates
 from melange_sky.deploy.router_task import ROUTER_TEMPLATE, HostedController, build_router_plan
 from melange_sky.errors import ControllerError, LedgerError, MelangeError, MissingSecret
 from melange_sky.solver.model import SolverOptions
@@ -227,7 +228,9 @@ def controller_choice(config: Config, settings: PlanSettings, backend: Backend, 
         launcher_dir = str(Path(backend.dir).absolute())  # type: ignore[attr-defined]  # LocalBackend's state
     elif backend.name == "skypilot":
         endpoint = skypilot_api_server(environ)
-        if endpoint is None:
+        if settings.template is not None and settings.template not in builtin_templates():
+            why = f"the replicas' template {settings.template} is a file on this machine only"
+        elif endpoint is None:
             why = ("the replicas are launched through this machine's own SkyPilot API server, which the router's "
                    "host cannot reach: set up a shared one (`sky api login -e URL`)")
         else:
