@@ -333,13 +333,19 @@ def test_the_routers_controller_document_is_the_admin_tokens_only_and_holds_one_
                                            headers={"Authorization": f"Bearer {token}"}) as answer:
                     return answer.status, await answer.json()
 
-            assert await call("GET", admin) == (200, {"doc": None})  # nothing handed over yet
+            assert await call("GET", admin) == (200, {"docs": {}})  # nothing handed over yet
             for token in (client, "wrong"):
                 assert (await call("GET", token))[0] == 401
                 assert (await call("PUT", token, b'{"writer": "up"}'))[0] == 401
-            assert (await call("PUT", admin, b"[1, 2]"))[0] == 400
-            assert (await call("PUT", admin, b"not json"))[0] == 400
+            for bad in (b"[1, 2]", b"not json", b'{"at": 1}', b'{"writer": ""}'):
+                assert (await call("PUT", admin, bad))[0] == 400, bad
             assert await call("PUT", admin, b'{"writer": "controller", "at": 1.5}') == (200, {"accepted": True})
-            assert await call("GET", admin) == (200, {"doc": {"writer": "controller", "at": 1.5}})
+            assert await call("PUT", admin, b'{"writer": "up", "at": 2.5}') == (200, {"accepted": True})
+            # each writer's latest: `up` handing over never hides the controller's pass, nor the other way round
+            assert await call("GET", admin) == (200, {"docs": {"controller": {"writer": "controller", "at": 1.5},
+                                                               "up": {"writer": "up", "at": 2.5}}})
+            for writer in ("a", "b"):
+                assert (await call("PUT", admin, json.dumps({"writer": writer}).encode()))[0] == 200
+            assert (await call("PUT", admin, b'{"writer": "one-too-many"}'))[0] == 400
 
     asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD_S))

@@ -79,7 +79,7 @@ class HostedLoop:
     def _adopt(self) -> None:
         """Take over `up`'s snapshot when the router has a newer one than this host adopted."""
         try:
-            doc = hosted.fetch(self.router_url, self.admin_token)
+            doc = hosted.fetch(self.router_url, self.admin_token, "up")
         except MelangeError as exc:
             self.on_warning(f"could not read the fleet's snapshot from the router: {exc}")
             return
@@ -119,10 +119,6 @@ class HostedLoop:
         """This host's snapshot and `report`, to the router (unless `up` handed over a newer fleet meanwhile)."""
         self.last_pass = report.to_dict()
         try:
-            latest = hosted.fetch(self.router_url, self.admin_token)
-            if latest is not None and latest.get("writer") == "up" and float(latest.get("at") or 0.0) > \
-                    self.adopted_at:
-                return  # adopted before the next pass
             hosted.push(self.router_url, self.admin_token,
                         hosted.snapshot(self.ledger, self.fleet, "controller", report.to_dict()))
         except MelangeError as exc:

@@ -27,7 +27,7 @@ ADMIN_ROUTES_PATH = "/admin/routes"
 MAX_ROUTES_BYTES = 8 * 1024 * 1024
 #: Where a fleet's hosted controller and the user's machine exchange the fleet's state through its router (admin
 #: token only): `up` PUTs the ledger's snapshot for the controller to adopt, the controller PUTs its own after every
-#: pass (with the pass), and `status`/`down` GET it. The router only keeps the latest document, in memory.
+#: pass (with the pass), and `status`/`down` GET them. The router keeps each writer's latest document, in memory.
 ADMIN_CONTROLLER_PATH = "/admin/controller"
 
 __all__ = ["ADMIN_CONTROLLER_PATH", "ADMIN_ROUTES_PATH", "ADMIN_TOKEN_ENV", "MAX_ROUTES_BYTES", "ROUTES_VERSION",
@@ -137,7 +137,8 @@ def push_controller_doc(url: str, doc: Mapping[str, Any], admin_token: str, time
 
 def get_controller_doc(url: str, admin_token: str, timeout: float = 10.0, *,
                        cafile: str | None = None) -> dict[str, Any]:
-    """The router's latest fleet state document ({"doc": ... or None}); `RouterError` as `push_routes`."""
+    """The router's latest fleet state documents, by writer ({"docs": {writer: document}}); `RouterError` as
+    `push_routes`."""
     return _call("GET", url, admin_token, timeout, None, cafile, ADMIN_CONTROLLER_PATH)
 
 

@@ -102,9 +102,12 @@ def push(url: str, admin_token: str, doc: Mapping[str, Any], cafile: str | None 
     push_controller_doc(url, doc, admin_token, timeout, cafile=cafile)
 
 
-def fetch(url: str, admin_token: str, cafile: str | None = None, timeout: float = TIMEOUT_S) -> dict[str, Any] | None:
-    """The router's latest snapshot, None if none was pushed (RouterError when it cannot be reached)."""
-    doc = get_controller_doc(url, admin_token, timeout, cafile=cafile).get("doc")
+def fetch(url: str, admin_token: str, writer: str, cafile: str | None = None,
+          timeout: float = TIMEOUT_S) -> dict[str, Any] | None:
+    """`writer`'s latest snapshot on the router ("up" or "controller"), None if it pushed none (RouterError when
+    the router cannot be reached)."""
+    docs = get_controller_doc(url, admin_token, timeout, cafile=cafile).get("docs")
+    doc = docs.get(writer) if isinstance(docs, dict) else None
     return doc if isinstance(doc, dict) else None
 
 
@@ -127,7 +130,7 @@ def sync_from_controller(ledger: Ledger, fleet: str, now: float | None = None) -
     now = time.time() if now is None else now
     try:
         url, token, cafile = _link(ledger, fleet)
-        doc = fetch(url, token, cafile)
+        doc = fetch(url, token, "controller", cafile)
     except MelangeError as exc:
         return ControllerView(mode=HOSTED, host=host, interval=interval, reachable=False, healthy=False,
                               reason=f"cannot reach the controller's host: {exc}")

@@ -34,6 +34,8 @@ CHAT_PATH = "/v1/chat/completions"
 #: The methods of each path the router serves (any other method on them gets 405).
 ROUTES = {COMPLETIONS_PATH: ("POST",), CHAT_PATH: ("POST",), "/v1/models": ("GET",), "/health": ("GET",),
           "/metrics": ("GET",), "/routes": ("GET",), "/workload": ("GET",)}
+#: `PUT /admin/controller`: how many writers' documents the router keeps, and how long a writer's name may be.
+MAX_WRITERS, MAX_WRITER_CHARS = 4, 32
 NO_ROUTES = f"no routes yet: this router serves the routes pushed to PUT {ADMIN_ROUTES_PATH}, and none came yet"
 
 
@@ -48,7 +50,7 @@ class Endpoints:
         self.router = router
         self.access = router.access
         self._admin_lock = asyncio.Lock()
-        self._controller_doc: Any = None  # the fleet's latest state (`PUT /admin/controller`), kept for its readers
+        self._controller_docs: dict[str, Any] = {}  # the fleet's latest state per writer (`PUT /admin/controller`)
 
     # -- the operator's view -----------------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -200,8 +202,9 @@ class Endpoints:
 
 
     async def admin_put_controller(self, request: web.Request) -> web.StreamResponse:
-        """Keep the fleet's latest state document (any JSON object): the router only holds it between the fleet's
-        hosted controller and the user's machine (`deploy.membership.ADMIN_CONTROLLER_PATH`)."""
+        """Keep the fleet's latest state document of its writer (a JSON object naming its `writer`): the router
+        only holds them between the fleet's hosted controller and the user's machine, one per writer so neither
+        overwrites the other's (`deploy.membership.ADMIN_CONTROLLER_PATH`)."""
         denied = self.access.admin(request)
         if denied is not None:
             return denied
@@ -210,17 +213,21 @@ class Endpoints:
             doc = orjson.loads(raw) if raw is not None else None
         except orjson.JSONDecodeError:
             doc = None
-        if not isinstance(doc, dict):
+        writer = doc.get("writer") if isinstance(doc, dict) else None
+        if not isinstance(writer, str) or not 0 < len(writer) <= MAX_WRITER_CHARS or (
+                writer not in self._controller_docs and len(self._controller_docs) >= MAX_WRITERS):
             return error_response(400, f"PUT {ADMIN_CONTROLLER_PATH} takes one JSON object of at most "
-                                       f"{MAX_ROUTES_BYTES} bytes", "invalid_request_error", "invalid_document")
-        self._controller_doc = doc
+                                       f"{MAX_ROUTES_BYTES} bytes with a `writer` name (at most {MAX_WRITERS} "
+                                       f"writers)", "invalid_request_error", "invalid_document")
+        self._controller_docs[writer] = doc
         return _json({"accepted": True})
 
     async def admin_get_controller(self, request: web.Request) -> web.StreamResponse:
+        """Every writer's latest document ({"docs": {writer: document}})."""
         denied = self.access.admin(request)
         if denied is not None:
             return denied
-        return _json({"doc": self._controller_doc})
+        return _json({"docs": self._controller_docs})
 
 
 async def _read_limited(request: web.Request, limit: int) -> bytes | None:
