@@ -27,6 +27,7 @@ from melange_sky.fleet.up import controller_choice, skypilot_api_server
 FLEET = "hostedfleet"
 A10G, A100, ROUTER = f"{FLEET}-a10g-0", f"{FLEET}-a100-80gb-0", f"{FLEET}-router"
 ROOT = Path(__file__).resolve().parent.parent
+HF_TOKEN = "hf-secret-7d1c9a"  # handed to the hosted controller as a secret: never in a file
 
 
 def _wait(predicate, timeout: float = 60.0, every: float = 0.1) -> bool:
@@ -50,7 +51,7 @@ def hosted_env(tmp_path, monkeypatch, example, write_config):
     home = tmp_path / "home"
     monkeypatch.setenv("MELANGE_SKY_HOME", str(home))
     monkeypatch.setenv("MELANGE_SKY_BACKEND", "local")
-    monkeypatch.setenv("HF_TOKEN", "unused-by-emulators")
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     monkeypatch.delenv("MELANGE_SKY_API_KEY", raising=False)
     monkeypatch.delenv("MELANGE_SKY_LOCAL_SPEED", raising=False)
     example.update(name=FLEET, total_request_rate=3, input_buckets=[1, 25, 100], output_buckets=[1, 25, 100],
@@ -130,6 +131,15 @@ def test_the_hosted_controller_heals_a_killed_replica_status_shows_its_pass_and_
     assert _wait(shown)
     text = cli("status", FLEET)
     assert f"{FLEET}: controller: hosted on {ROUTER}: last pass " in text.stdout and "healthy" in text.stdout
+
+    # No secret value in any file but the key files (yours, and the host's own): not in the task, the ledgers, the
+    # launcher's state or any log.
+    keys = json.loads((home / "keys" / f"{FLEET}.json").read_text())
+    secrets = [HF_TOKEN.encode(), keys["admin_token"].encode(), keys["api_key"].encode()]
+    for path in home.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.parent.name != "keys":
+            data = path.read_bytes()
+            assert not any(secret in data for secret in secrets), path
 
     # `up` again: it adopts the controller's rows first (nothing to launch), then hands the fleet over again.
     again = cli("up", config, "-y", "--controller", "hosted", "--controller-interval", "1")
