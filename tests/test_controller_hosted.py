@@ -58,6 +58,7 @@ def hosted_env(tmp_path, monkeypatch, example, write_config):
                    deployment={"local": {"speed": 20}})
     for gpu in ("A10G", "A100-80GB"):
         example["gpu_info"][gpu].update(min_count=1, max_count=1)
+    example["gpu_info"]["A10G"]["use_spot"] = True  # a fleet with spot: its controller is hosted by default
     config = write_config(example, "hosted.json")
     seen: set[int] = set()
     yield config, home, seen
@@ -89,7 +90,7 @@ def _group_alive(leader: int) -> bool:
 
 def test_the_hosted_controller_heals_a_killed_replica_status_shows_its_pass_and_down_stops_it_first(cli, hosted_env):
     config, home, seen = hosted_env
-    up = cli("up", config, "-y", "--controller", "hosted", "--controller-interval", "1")
+    up = cli("up", config, "-y", "--controller-interval", "1")
     assert up.exit_code == 0, up.stderr + up.stdout
     records = LocalBackend(home / "local").records()
     assert set(records) == {A10G, A100, ROUTER}
