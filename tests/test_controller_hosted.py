@@ -132,6 +132,7 @@ def test_the_hosted_controller_heals_a_killed_replica_status_shows_its_pass_and_
     assert _wait(shown)
     text = cli("status", FLEET)
     assert f"{FLEET}: controller: hosted on {ROUTER}: last pass " in text.stdout and "healthy" in text.stdout
+    assert any(a.startswith(f"relaunch: not up: {A10G}") for a in _status(cli)["controller"]["recent"])
 
     # No secret value in any file but the key files (yours, and the host's own): not in the task, the ledgers, the
     # launcher's state or any log.

@@ -9,6 +9,7 @@ launcher the user's machine used. Every action is a ledger event here and one li
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 from pathlib import Path
@@ -24,6 +25,8 @@ from melange_sky.fleet.reports import ReplicaEvent
 __all__ = ["HostedLoop", "hosted_backend"]
 
 ADOPTED = "adopted"  # the event kind of a snapshot taken over from `up`
+RECENT_ACTIONS = 5  # how many of its latest actions the controller hands over with each snapshot
+QUIET_KINDS = frozenset({"need", "no-traffic"})  # recorded every pass with --autoscale: not news for `status`
 
 
 def hosted_backend(name: str | None, launcher_dir: str | None) -> Backend:
@@ -47,7 +50,15 @@ class HostedLoop:
         self.ledger: Ledger = controller.ledger
         self.fleet = controller.fleet
         self.router_url = router_url.rstrip("/")
-        self.on_action = on_action or (lambda action: None)
+        shown = on_action or (lambda action: None)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ACTIONS)  # for `status`, with the snapshot
+
+        def on_action_kept(action: Action) -> None:
+            if action.kind not in QUIET_KINDS:
+                self.recent.append({"at": time.time(), **action.to_dict()})
+            shown(action)
+
+        self.on_action = on_action_kept
         self.on_warning = on_warning or (lambda message: None)
         token, key = environ.get(ADMIN_TOKEN_ENV), environ.get(API_KEY_ENV)
         if not token or not key:
@@ -59,6 +70,7 @@ class HostedLoop:
         self.checked = False
         self.last_pass: dict[str, Any] | None = None
         inner = controller.on_event
+        controller.on_action = self.on_action  # the controller's own actions are kept too
 
         def on_event(event: ReplicaEvent) -> None:
             if event.state is ReplicaState.PENDING and event.cluster:
@@ -72,7 +84,7 @@ class HostedLoop:
         """Hand the router this host's snapshot now (with the last pass): a replica was just written as PENDING."""
         try:
             hosted.push(self.router_url, self.admin_token,
-                        hosted.snapshot(self.ledger, self.fleet, "controller", self.last_pass))
+                        hosted.snapshot(self.ledger, self.fleet, "controller", self.last_pass, list(self.recent)))
         except MelangeError as exc:
             self.on_warning(f"could not hand the new replica to the router before its launch: {exc}")
 
@@ -120,7 +132,7 @@ class HostedLoop:
         self.last_pass = report.to_dict()
         try:
             hosted.push(self.router_url, self.admin_token,
-                        hosted.snapshot(self.ledger, self.fleet, "controller", report.to_dict()))
+                        hosted.snapshot(self.ledger, self.fleet, "controller", report.to_dict(), list(self.recent)))
         except MelangeError as exc:
             self.on_warning(f"could not hand this pass to the router: {exc}")
 

@@ -44,15 +44,17 @@ def controller_mode(record: FleetRecord | Mapping[str, Any] | None) -> str:
     return HOSTED if controller_settings(record).get("mode") == HOSTED else LOCAL
 
 
-def snapshot(ledger: Ledger, fleet: str, writer: str, last_pass: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The fleet as `ledger` has it, as a document: record and every cluster row (tasks with secret names only)."""
+def snapshot(ledger: Ledger, fleet: str, writer: str, last_pass: Mapping[str, Any] | None = None,
+             recent: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The fleet as `ledger` has it, as a document: record and every cluster row (tasks with secret names only);
+    from the controller, its last pass and its latest actions ({"at", "kind", "message"})."""
     record = ledger.get_fleet(fleet)
     if record is None:
         raise MelangeError(f"no fleet {fleet!r} in the ledger")
     rows = ledger.replicas(fleet, roles=None)
     return {"version": SNAPSHOT_VERSION, "fleet": fleet, "writer": writer, "at": time.time(),
             "record": {"config_hash": record.config_hash, "plan": record.plan},
-            "clusters": [{**r.to_dict(), "task": r.task} for r in rows], "pass": last_pass}
+            "clusters": [{**r.to_dict(), "task": r.task} for r in rows], "pass": last_pass, "recent": recent or []}
 
 
 def adopt(ledger: Ledger, doc: Mapping[str, Any], *, router_url: str | None = None, message: str) -> list[str]:
@@ -147,6 +149,11 @@ def sync_from_controller(ledger: Ledger, fleet: str, now: float | None = None) -
     reason = (f"no pass for {age:.0f} s (every {interval:g} s expected)" if stale
               else "" if ok else "its first pass is still running" if not last
               else str(last.get("error") or "the last pass left the fleet incomplete"))
+    recent = [a for a in doc.get("recent") or [] if isinstance(a, Mapping)]
+    latest = recent[-1] if recent else None
     return ControllerView(mode=HOSTED, host=host, interval=interval, last_pass_at=at,
                           last_pass_ok=ok if at is not None else None, actions=actions, error=last.get("error"),
-                          healthy=ok and not stale, reason=reason, age=age, adopted=True)
+                          healthy=ok and not stale, reason=reason, age=age, adopted=True,
+                          recent=[f"{a.get('kind')}: {a.get('message')}" for a in recent],
+                          last_action=None if latest is None else f"{latest.get('kind')}: {latest.get('message')}",
+                          last_action_age=None if latest is None else now - float(latest.get("at") or now))

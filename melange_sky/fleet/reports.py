@@ -210,11 +210,15 @@ class ControllerView:
     reason: str = ""
     age: float | None = None  # seconds since its last pass began
     adopted: bool = False  # its snapshot was read and its rows written into this ledger
+    recent: list[str] = field(default_factory=list)  # its latest actions ("kind: message"), oldest first
+    last_action: str | None = None
+    last_action_age: float | None = None  # seconds ago
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "host": self.host, "interval": self.interval, "reachable": self.reachable,
                 "last_pass_at": self.last_pass_at, "last_pass_ok": self.last_pass_ok, "actions": self.actions,
-                "error": self.error, "healthy": self.healthy, "reason": self.reason, "adopted": self.adopted}
+                "error": self.error, "healthy": self.healthy, "reason": self.reason, "adopted": self.adopted,
+                "recent": self.recent}
 
     def line(self, fleet: str) -> str:
         """One line for `status` (and `down`)."""
@@ -225,8 +229,10 @@ class ControllerView:
             return f"{fleet}: controller: {where}: unhealthy: {self.reason}"
         health = "healthy" if self.healthy else f"unhealthy: {self.reason}"
         did = "; ".join(self.actions) if self.actions else "nothing to do"
+        acted = ("" if self.last_action is None or self.actions
+                 else f"; last action {self.last_action_age or 0.0:.0f} s ago: {self.last_action}")
         return (f"{fleet}: controller: {where}: last pass {self.age or 0.0:.0f} s ago, "
-                f"{'ok' if self.last_pass_ok else 'failed'} ({did}); {health}")
+                f"{'ok' if self.last_pass_ok else 'failed'} ({did}); {health}{acted}")
 
 
 @dataclass(frozen=True)
