@@ -522,3 +522,66 @@ def test_a_capped_cheap_offer_and_a_dearer_uncapped_one_beat_a_type_between_them
     result = solve(spread_over_offers(*CAPPED_FILL_CASE[:2]), compare=False)
     assert result.cost == pytest.approx(0.24)
     assert {name: n for name, n in result.counts.items() if n} == {"G1-x@o0": 1, "G1-x@o1": 1}
+
+
+# ---- markets: spot beside on-demand under a spot block -----------------------------------------------------------
+@st.composite
+def market_instances(draw):
+    """A small instance under a spot block: each GPU type on demand in r0 and spot in one or two of r0-r2 at a
+    discount (maybe capped), with a floor and a regional share drawn."""
+    import dataclasses
+
+    from melange_sky.core.config import Market, SpotPolicy
+
+    base = parse_config(draw(small_instances()))
+    columns = []
+    for g in base.gpus:
+        on_demand = dataclasses.replace(g, entry=g.name, cloud="c", region="r0", market=Market.ON_DEMAND)
+        columns.append(on_demand)
+        for region in draw(st.lists(st.sampled_from(["r0", "r1", "r2"]), min_size=1, max_size=2, unique=True)):
+            columns.append(dataclasses.replace(
+                on_demand, name=f"{g.name}@{region}:spot", region=region, use_spot=True, market=Market.SPOT,
+                cost=round(g.cost * draw(st.integers(3, 9)) / 10, 2), max_count=draw(st.none() | st.integers(0, 3))))
+    policy = SpotPolicy(floor=draw(st.sampled_from([0.0, 0.5, 1.0])),
+                        max_region_share=draw(st.sampled_from([0.5, 1.0])))
+    return dataclasses.replace(base, gpus=tuple(columns), spot=policy)
+
+
+def market_cost(config, formulation: str) -> float | None:
+    from melange_sky.solver.model import Formulation
+    from melange_sky.solver.result import solve_fleet
+
+    try:
+        return solve_fleet(config, Formulation(formulation)).cost
+    except InfeasibleAllocation:
+        return None
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(market_instances())
+def test_with_markets_one_gpus_spot_and_on_demand_serving_as_one_class_is_exact_for_split(config):
+    """Work goes to a GPU whichever market its instances are in (one class, its capacity the sum of both): for
+    split that is the same optimum as a separate type per market, which divides a class's share by counts."""
+    import dataclasses
+
+    apart = dataclasses.replace(config, gpus=tuple(
+        dataclasses.replace(g, entry=f"{g.entry}#spot") if not g.reliable else g for g in config.gpus))
+    cost = market_cost(config, "split")
+    event("feasible" if cost is not None else "infeasible")
+    assert_same_cost(cost, market_cost(apart, "split"))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(market_instances())
+def test_with_markets_slices_from_splits_bound_is_the_plain_slices_models_optimum(config):
+    """`slices` under a spot block starts from `split`'s optimum (a fit at its counts, else a search bounded by
+    it): the same cost as solving the plain slices model, never below the split optimum."""
+    model, _ = build_model(config, "slices")
+    status, _ = run_model(model, SolverOptions())
+    plain = pulp.value(model.objective) if status == "optimal" else None
+    fast = market_cost(config, "slices")
+    assert_same_cost(fast, plain)
+    split = market_cost(config, "split")
+    assert split is not None or fast is None  # split relaxes slices
+    if fast is not None and split is not None:
+        assert split <= fast + COST

@@ -19,6 +19,12 @@ and the model keeps one integer per type however many offers there are. A quota 
 cloud's regional GPU quota, `SharedCap`) breaks that structure (it weighs columns by their GPUs per instance and may
 span types), so the columns under one get integer counts: exact again, at the price of more integers.
 
+Under a `spot` block one GPU entry is two types, reliable (on-demand, owned) and spot, each with its own count
+(the floor reads the reliable one, the regional spread the spot one), but they serve as one class: work is assigned
+to the GPU, and its capacity is the sum of both counts (`serving_classes`). For `split` that is exact (a class's share
+divides among its types by counts); for `slices` a slice goes to a GPU whichever market holds the instance, as it
+already goes to a GPU whichever offer. It halves the assignment variables the markets would double.
+
 The dominance presolve (`dominated_gpus`) drops columns no optimal fleet needs. A column that is one offer of a type
 may only be dropped for a cheaper uncapped offer of the same type, or together with its whole type: its share of
 the work cannot move to another type on its own, since work is assigned to types, not offers.
@@ -121,6 +127,7 @@ class ModelVariables:
     members: dict[str, list[GpuSpec]] = field(default_factory=dict)  # type -> its columns
     offer: dict[str, Any] = field(default_factory=dict)  # z[g]: instances of column g (types with several columns)
     integral: frozenset[str] = frozenset()  # columns whose z is an integer (under a shared cap)
+    classes: dict[str, list[str]] = field(default_factory=dict)  # serving class -> its types (`serving_classes`)
 
 
 def build_model(config: Config, formulation: Formulation | str, relax: bool = False,
@@ -138,7 +145,8 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
     columns = [g for g in config.gpus if g.name not in dominated]
     shared = {column for cap in caps for column, _ in cap.columns} | _spread_columns(config)
     members = offer_groups(columns)
-    gpus = [group[0] for group in members.values()]  # one representative per type: its tputs serve for all
+    classes = serving_classes(members)
+    gpus = [members[groups[0]][0] for groups in classes.values()]  # one per class: its tputs serve for all
     servers = {b: [g for g in gpus if g.tput(b) > 0] for b in demand}
     label = {g.name: f"{k}_{_safe(g.name)}" for k, g in enumerate(config.gpus)}
 
@@ -192,11 +200,12 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
 
     for g in gpus:
         load = pulp.lpSum(share[b, g.name] * (rate[b] / g.tput(b)) for b in demand if (b, g.name) in share)
-        model += load <= config.headroom * y[g.name], f"capacity_{label[g.name]}"
+        model += load <= config.headroom * pulp.lpSum(y[name] for name in classes[g.name]), \
+            f"capacity_{label[g.name]}"
     if config.spot is not None:
         _add_markets(model, config, members, y, z, demand, rate, label)
     return model, ModelVariables(count=y, assign=assign, share=share, members=members, offer=z,
-                                 integral=frozenset(shared & set(z)))
+                                 integral=frozenset(shared & set(z)), classes=classes)
 
 
 def _add_markets(model: Any, config: Config, members: dict[str, list[GpuSpec]], y: dict[str, Any],
@@ -265,13 +274,24 @@ def gpus_per_instance(gpu: GpuSpec) -> int:
         return 1
 
 
-def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[SharedCap] = ()
-                      ) -> tuple[SolveStatus, float, ModelVariables] | None:
+@dataclass(frozen=True)
+class SplitFirst:
+    """`solve_split_first`'s outcome: the `slices` model solved (or stopped by the time limit), and the proven
+    lower bound it started from (the `split` optimum)."""
+
+    status: SolveStatus
+    seconds: float
+    variables: ModelVariables
+    bound: float
+
+
+def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[SharedCap] = ()) -> SplitFirst | None:
     """`slices` proven from its relaxation: `split` lets a bucket be divided in any proportion, so its optimum L is a
     lower bound on `slices`. Solve `split` (fast: its shares are continuous), then look for whole slices that fit the
     same counts; a fleet found at cost L is optimal with no search. Else solve `slices` with the valid cut
-    cost >= L, which gives the search its bound from the start. None when `split` itself stops short (infeasible
-    or out of time): the caller solves `slices` as usual and explains. Seconds are all three solves'."""
+    cost >= L, which gives the search its bound from the start (and the result its gap, should the time limit stop
+    it). None when `split` itself stops short (infeasible or out of time): the caller solves `slices` as usual and
+    explains. Seconds are all three solves'."""
     pulp = _pulp()
 
     relaxed, split = build_model(config, Formulation.SPLIT, caps=caps)
@@ -294,12 +314,12 @@ def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[Sha
     seconds += time.perf_counter() - started
     if fit_status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE) and \
             (pulp.value(model.objective) or 0.0) <= bound + OPTIMALITY_GAP_ABS:
-        return SolveStatus.OPTIMAL, seconds, variables
+        return SplitFirst(SolveStatus.OPTIMAL, seconds, variables, bound)
     model, variables = build_model(config, Formulation.SLICES, caps=caps)
     model += model.objective >= bound - OPTIMALITY_GAP_ABS, "split_bound"
     left = None if options.time_limit is None else max(options.time_limit - seconds, 1.0)
     status, more = run_model(model, dataclasses.replace(options, time_limit=left))
-    return status, seconds + more, variables
+    return SplitFirst(status, seconds + more, variables, bound)
 
 
 def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
@@ -311,6 +331,21 @@ def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
         key = (g.entry, g.tputs, g.reliable) if g.entry is not None else (g.name,)
         types.setdefault(key, []).append(g)
     return {group[0].name: group for group in types.values()}
+
+
+def serving_classes(members: dict[str, list[GpuSpec]]) -> dict[str, list[str]]:
+    """Types that serve as one: the spot and the reliable types of one GPU entry (same tputs) under a spot block.
+    Work is assigned to a class, whose capacity is the sum of its types' counts; each type keeps its own count
+    (the floor reads the reliable ones). For `split` this is exact: a class's share divides among its types in
+    proportion to their counts. For `slices` a slice goes to a GPU, whichever market its instance is bought in, as
+    it already goes to a GPU whichever offer (the router spreads a column's share by instances). Without a spot
+    block every class is one type."""
+    classes: dict[tuple, list[str]] = {}
+    for name, group in members.items():
+        g = group[0]
+        key = (g.entry, g.tputs) if g.entry is not None else (name,)
+        classes.setdefault(key, []).append(name)
+    return {names[0]: names for names in classes.values()}
 
 
 def dominated_gpus(config: Config, caps: Sequence[SharedCap] = ()) -> dict[str, str]:
@@ -419,10 +454,11 @@ def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[
         share_sum = sum(shares.values())
         denominator = config.slice_factor if len(shares) > 1 else 1
         routing[b] = {g: _snap(s / share_sum, denominator) for g, s in shares.items()}
-    for b, shares in routing.items():  # a type's share is spread over its offers in proportion to their counts
+    for b, shares in routing.items():  # a class's share is spread over its offers in proportion to their counts
         spread: dict[str, float] = {}
         for name, share in shares.items():
-            group = variables.members.get(name) or [config.gpu(name)]
+            group = ([g for member in variables.classes[name] for g in variables.members[member]]
+                     if name in variables.classes else variables.members.get(name) or [config.gpu(name)])
             instances = sum(counts[column.name] for column in group)
             for column in group:
                 if len(group) == 1 or counts[column.name]:

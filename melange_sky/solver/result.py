@@ -125,6 +125,14 @@ class SolveResult:
         return sum(g.count for g in self.gpus if g.market == market)
 
     @property
+    def gap(self) -> float | None:
+        """$/h between this fleet and the proven lower bound: 0 when proven optimal, None when no bound is known
+        for a fleet the time limit stopped."""
+        if self.status is SolveStatus.OPTIMAL:
+            return 0.0
+        return None if self.lower_bound is None else max(self.cost - self.lower_bound, 0.0)
+
+    @property
     def counts(self) -> dict[str, int]:
         return {g.name: g.count for g in self.gpus}
 
@@ -174,6 +182,7 @@ class SolveResult:
             "saving_pct": (None if best is None or best.cost is None or self.saving is None
                            else round(100 * self.saving / best.cost, 2)),
             "lower_bound": None if self.lower_bound is None else round(self.lower_bound, 6),
+            "gap": None if self.gap is None else round(self.gap, 6),
             "alternative": asdict(self.alternative) if self.alternative else None,
             "warnings": list(self.warnings),
             **({} if self.markets is None else {"markets": self._markets_dict(self.markets)}),
@@ -217,7 +226,7 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
         bounds.append(split.cost if split.status is SolveStatus.OPTIMAL else None)
         if split.cost < result.cost - 1e-9:
             alternative = Alternative(Formulation.SPLIT, split.cost, split.counts)
-    lower_bound = max((b for b in bounds if b is not None), default=None)
+    lower_bound = max((b for b in [*bounds, result.lower_bound] if b is not None), default=None)
     return dataclasses.replace(result, lower_bound=lower_bound, alternative=alternative)
 
 
@@ -229,7 +238,7 @@ def solve_fleet(config: Config, formulation: Formulation, options: SolverOptions
     fast = (solve_split_first(config, options, caps)
             if config.spot is not None and formulation is Formulation.SLICES else None)
     if fast is not None:
-        status, seconds, variables = fast
+        status, seconds, variables = fast.status, fast.seconds, fast.variables
     else:
         model, variables = build_model(config, formulation, caps=caps)
         status, seconds = run_model(model, options)
@@ -237,6 +246,8 @@ def solve_fleet(config: Config, formulation: Formulation, options: SolverOptions
         raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options, caps)}")
     counts, routing = extract_allocation(config, variables)
     result = make_result(config, formulation, options, status, seconds, counts, routing, caps)
+    if fast is not None:  # split's optimum bounds slices: a search the time limit stopped says its gap
+        result = dataclasses.replace(result, lower_bound=min(fast.bound, result.cost))
     if max_replicas is not None and result.replicas > max_replicas:
         fleet = ", ".join(f"{g.count:,} x {g.name}" for g in result.gpus if g.count)
         raise InfeasibleAllocation(f"{config.source}: the cheapest fleet at {config.total_request_rate:g} req/s has "
