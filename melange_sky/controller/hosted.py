@@ -128,7 +128,7 @@ class HostedLoop:
         return report
 
     def _hand_back(self, report: PassReport) -> None:
-        """This host's snapshot and `report`, to the router (unless `up` handed over a newer fleet meanwhile)."""
+        """This host's snapshot and `report`, to the router (kept apart from `up`'s, which it never overwrites)."""
         self.last_pass = report.to_dict()
         try:
             hosted.push(self.router_url, self.admin_token,

@@ -68,6 +68,8 @@ CONTROLLER_REQUIREMENTS = (
     "pyyaml>=6,<7",
 )
 SKYPILOT_REQUIREMENT = "skypilot{extras}>=0.14.1,<0.15"
+#: Seconds before the router's task starts a hosted controller again after it exited on an error.
+CONTROLLER_RESTART_S = 10
 #: Where the hosted controller keeps its ledger on the router's host (its MELANGE_SKY_HOME), under REMOTE_DIR.
 CONTROLLER_HOME = "home"
 #: The Python the router's venv gets (uv fetches it when the host has none): the version melange-sky is tested on.
@@ -367,7 +369,8 @@ def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key:
         "requirements": [*ROUTER_REQUIREMENTS, *(controller.requirements() if controller is not None else [])],
         "controller": None if controller is None else {"command": controller.command(config.name),
                                                        "home": CONTROLLER_HOME, "envs": dict(controller.envs),
-                                                       "templates": str(builtin_template_dir())},
+                                                       "templates": str(builtin_template_dir()),
+                                                       "restart_s": CONTROLLER_RESTART_S},
         "tls": None if spec.tls is None else {"certfile": spec.tls.certfile, "keyfile": spec.tls.keyfile,
                                               "cert": TLS_CERT, "key": TLS_KEY},
     }
