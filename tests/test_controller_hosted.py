@@ -6,6 +6,7 @@ and where `up` puts the controller when asked nothing."""
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import contextlib
 import json
 import os
@@ -198,6 +199,9 @@ def test_a_fleet_with_spot_is_hosted_by_default_where_the_launcher_can_be_shared
     assert hosted is None and "a file on this machine only" in note
     with pytest.raises(ControllerError, match="--controller hosted: .*--no-router"):
         controller_choice(spot_config, settings, _Launcher("local", tmp_path), {}, "hosted", router=False)
+    tls = dataclasses.replace(spot_config, deployment={"router": {"tls": {"certfile": "/c.pem", "keyfile": "/k.pem"}}})
+    hosted, note = controller_choice(tls, settings, _Launcher("local", tmp_path), {}, None, router=True)
+    assert hosted is None and "TLS" in note
     # A shared SkyPilot API server: hosted, told the endpoint (a setting) and the token's name (a secret).
     environ = {"SKYPILOT_API_SERVER_ENDPOINT": "https://sky.example.com", "SKYPILOT_SERVICE_ACCOUNT_TOKEN": "t0k"}
     hosted, note = controller_choice(spot_config, settings, _Launcher("skypilot"), environ, None, router=True)

@@ -17,6 +17,7 @@ from melange_sky.core.config import Config, GpuSpec, SpotPolicy
 from melange_sky.deploy.plan import (DEFAULT_MAX_REPLICAS, Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
                                      deployment_from_config)
 from melange_sky.deploy.render import builtin_templates
+from melange_sky.deploy.router_config import router_spec
 from melange_sky.deploy.router_task import ROUTER_TEMPLATE, HostedController, build_router_plan
 from melange_sky.errors import ControllerError, LedgerError, MelangeError, MissingSecret
 from melange_sky.solver.model import SolverOptions
@@ -224,6 +225,8 @@ def controller_choice(config: Config, settings: PlanSettings, backend: Backend, 
     launcher_dir = None
     if not router:
         why = "it runs on the router's host, and --no-router launches none"
+    elif router_spec(config).tls is not None:
+        why = "it reaches the router on its host's loopback, which a TLS router's certificate does not name"
     elif backend.name == "local" and getattr(backend, "dir", None) is not None:
         launcher_dir = str(Path(backend.dir).absolute())  # type: ignore[attr-defined]  # LocalBackend's state
     elif backend.name == "skypilot":
