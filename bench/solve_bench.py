@@ -434,10 +434,14 @@ def market_table(seeds: Sequence[int], time_limit: float) -> None:
     progress("Table 6")
     runs: dict[str, list[Run]] = {"slices": [], "split": []}
     spot_shares: list[float] = []
+    gaps: list[str] = []  # slices: $/h between the fleet and its proven lower bound (split's optimum)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for seed in seeds:
         config = load_market_instance(seed)
         for formulation, results in runs.items():
             result = solve_fleet(config, Formulation(formulation), SolverOptions(time_limit=time_limit))
+            if formulation == "slices":
+                gaps.append("-" if result.gap is None else f"{result.gap:.4f}")
             progress(f"  seed {seed:>3} {formulation:<6} markets {result.status:<8} {result.solve_seconds:7.2f} s  "
                      f"${result.cost:.4f}/h")
             results.append(Run(seed=seed, rate=config.total_request_rate, formulation=formulation,
@@ -453,7 +457,8 @@ def market_table(seeds: Sequence[int], time_limit: float) -> None:
     emit("The Table 2 instances as `--per-offer` binds them under a `spot` block: each of the 40 offers is an "
          f"on-demand column and a spot column (spot at {SPOT_DISCOUNT[0]:g}-{SPOT_DISCOUNT[1]:g} x on-demand, with "
          f"its own quota where the on-demand offer has one), each in one of {REGIONS_PER_CLOUD} regions of its "
-         "cloud: 80 columns in 16 types (8 GPUs x reliable or spot). The reliable replicas alone must carry "
+         "cloud: 80 columns in 16 types (8 GPUs x reliable or spot), serving as 8 classes (a GPU's work goes to "
+         "either market). The reliable replicas alone must carry "
          f"{MARKET_POLICY.floor:g} of every bucket; no region may hold more than "
          f"{MARKET_POLICY.max_region_share:g} of the spot GPUs.")
     emit()
@@ -465,10 +470,14 @@ def market_table(seeds: Sequence[int], time_limit: float) -> None:
                  and statistics.median(r.seconds for r in results) <= 0.5 else "**not met**"]
                 for formulation, results in runs.items()]))
     emit()
-    emit(table(["seed", "req/s", "columns kept", "slices status", "slices s", "slices $/h", "split status",
-                "split s", "split $/h"],
-               [[a.seed, a.rate, a.kept_columns, a.status, f"{a.seconds:.2f}", f"{a.cost:.4f}", b.status,
-                 f"{b.seconds:.2f}", f"{b.cost:.4f}"] for a, b in zip(runs["slices"], runs["split"])]))
+    emit(table(["seed", "req/s", "columns kept", "slices status", "slices s", "slices $/h", "slices gap $/h",
+                "split status", "split s", "split $/h"],
+               [[a.seed, a.rate, a.kept_columns, a.status, f"{a.seconds:.2f}", f"{a.cost:.4f}", gap, b.status,
+                 f"{b.seconds:.2f}", f"{b.cost:.4f}"] for a, b, gap in zip(runs["slices"], runs["split"], gaps)]))
+    emit()
+    emit(f"Load average (1 min) when the table started: {load:.1f} on {os.cpu_count()} cores. A slices fleet the "
+         "time limit stopped says its gap: its $/h minus the proven lower bound (split's optimum, where slices "
+         "starts).")
     emit()
     emit(f"Spot's share of the slices fleet's $/h: {spread([round(100 * x) for x in spot_shares])} %.")
     emit()

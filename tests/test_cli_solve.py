@@ -53,7 +53,7 @@ def test_json_prints_full_record_with_routing_table(cli):
     assert routes[(0, 0)] == {"A100-80GB": 1.0}
     assert record["best_baseline"] == "A100-80GB" and record["saving"] == pytest.approx(7.34 - 4.68)
     assert {b["gpu"]: b["count"] for b in record["baselines"]} == {"A10G": 12, "A100-80GB": 2}
-    assert record["lower_bound"] == pytest.approx(4.68)
+    assert record["lower_bound"] == pytest.approx(4.68) and record["gap"] == 0  # proven: no gap
 
 
 def test_rate_override_scales_the_fleet(cli):
