@@ -1,5 +1,6 @@
-"""What the test launchers (`fake_backend`, `chaos_backend`, `process_backend`) share: a JSON state file every process
-read-modify-writes under one flock, and the per-object registry of in-flight launches that `cancel` sets."""
+"""What the test launchers (`fake_backend`, `chaos_backend`) share: a JSON state file every process read-modify-writes
+under one flock, and the per-object registry of in-flight launches that `cancel` sets. (Real processes run on the
+local launcher, melange_sky/fleet/local.py, not a double.)"""
 from __future__ import annotations
 
 import contextlib

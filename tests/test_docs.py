@@ -357,7 +357,7 @@ REPO_PATH = re.compile(r"`((?:melange_sky|tests|bench|templates|examples|docs)/[
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=[str(path.relative_to(REPO)) for path in DOC_FILES])
 def test_every_file_the_docs_name_exists(path: Path) -> None:
-    """`melange_sky/serve/policy.py`, `tests/process_backend.py`, `bench/...`: modules move; the docs must follow
+    """`melange_sky/serve/policy.py`, `tests/fake_backend.py`, `bench/...`: modules move; the docs must follow
     (the extension points name the file each lives in)."""
     text = path.read_text()
     missing = sorted({name for name in REPO_PATH.findall(text) if not (REPO / name.rstrip(".")).exists()})

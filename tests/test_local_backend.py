@@ -323,6 +323,44 @@ def test_cancel_stops_a_launch_in_flight_and_leaves_nothing(tmp_path):
     assert backend.cancel() == []
 
 
+def test_a_launcher_killed_before_it_recorded_its_process_leaves_none_running(tmp_path):
+    """`up` killed (-9) after the launcher started a process and before state.json records it: the process runs
+    nothing and exits (it waits for the launcher's word on a pipe), so no process ever runs unknown to `down`."""
+    marker = tmp_path / f"ran-{os.getpid()}"
+    task = _router_like(f"touch {marker}; sleep 600")
+    script = f"""
+import os, signal
+from melange_sky.fleet import local
+from melange_sky.fleet.backends import LaunchRequest
+replace = os.replace
+def killed(src, dst):  # the launcher dies as it is about to record the process it started
+    if str(dst).endswith("state.json") and '"pid"' in open(src).read():
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+local.os.replace = killed
+local.LocalBackend({str(tmp_path / "local")!r}).launch(LaunchRequest("orphan", {task!r}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+    def alive() -> list[int]:  # processes of that launch, found by the marker on their command line
+        found = []
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and str(marker) in (entry / "cmdline").read_text():
+                    found.append(int(entry.name))
+        return found
+
+    _wait(lambda: not alive(), 10)
+    leaked = alive()
+    for pid in leaked:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert leaked == [], "the unrecorded process still runs"
+    assert not marker.exists(), "the unrecorded process ran its command"
+    assert LocalBackend(tmp_path / "local").records() == {}
+
+
 def test_a_launch_timeout_from_the_environment_must_be_a_positive_number(monkeypatch):
     monkeypatch.setenv("MELANGE_SKY_LOCAL_LAUNCH_TIMEOUT", "2.5")
     assert LocalBackend().launch_timeout_s == 2.5

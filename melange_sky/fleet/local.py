@@ -70,6 +70,10 @@ _SERVE = re.compile(r"melange[-_]sky\s+serve\b")
 _ZOMBIE = ("Z", "X", "x")
 #: Not inherited by a task's process: melange-sky's own settings (the emulator would read the user's client key).
 _STRIPPED_ENV_PREFIX = "MELANGE_SKY_"
+#: What a launch's process runs first: it waits for a line on stdin, which the launcher writes once the process is in
+#: state.json. A launcher killed (-9) in between closes the pipe, and the process exits before it runs anything:
+#: no process ever runs unrecorded.
+_GATE = 'read -r _ || exit 0; exec "$@"'
 
 
 # -- processes, by /proc ------------------------------------------------------------------------------------------
@@ -348,19 +352,28 @@ class LocalBackend:
         cancel = threading.Event()
         with self._lock:
             self._cancel[cluster] = cancel
+        spawned: int | None = None
         try:
-            with self._state() as state:
-                record = state["clusters"].get(cluster)
-                if record is not None and running(self._proc(record)):
-                    if record["status"] == ClusterStatus.UP.value:
-                        return self._info(cluster, record)
-                    # another process's launch of it is in flight: wait for that one below
-                else:
-                    if record is not None:  # it died since: what is left of it goes
-                        _stop(self._proc(record), 0.0)
-                        del state["clusters"][cluster]
-                    argv, cwd, env = self._command(request)
-                    record = self._spawn(state, request, argv, cwd, env)
+            try:
+                with self._state() as state:
+                    record = state["clusters"].get(cluster)
+                    if record is not None and running(self._proc(record)):
+                        if record["status"] == ClusterStatus.UP.value:
+                            return self._info(cluster, record)
+                        # another process's launch of it is in flight: wait for that one below
+                    else:
+                        if record is not None:  # it died since: what is left of it goes
+                            _stop(self._proc(record), 0.0)
+                            del state["clusters"][cluster]
+                        argv, cwd, env = self._command(request)
+                        record = self._spawn(state, request, argv, cwd, env)
+                        spawned = int(record["pid"])
+            except BaseException:
+                if spawned is not None:  # not recorded: it must not run
+                    self._release(spawned, go=False)
+                raise
+            if spawned is not None:  # recorded in state.json: it may run
+                self._release(spawned, go=True)
             return self._wait_ready(request, record, cancel)
         finally:
             with self._lock:
@@ -449,8 +462,9 @@ class LocalBackend:
                       f"{shlex.join(argv[:4] if argv[0] == 'bash' else argv)}\n".encode())
             offset = log.tell()
             log.flush()
-            child = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+            child = subprocess.Popen(["bash", "-c", _GATE, "melange-sky-local", *argv], cwd=cwd, env=env,
+                                     stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, close_fds=True)
         self._children[child.pid] = child
         proc = process_id(child.pid)
         if proc is None:  # it exited at once
@@ -466,6 +480,16 @@ class LocalBackend:
         spawned.append({"cluster": request.cluster, "pid": proc.pid, "started": proc.started})
         del spawned[:-SPAWNED_KEPT]
         return record
+
+    def _release(self, pid: int, go: bool) -> None:
+        """Open a spawned process's gate (`go`: it runs its command), or close it (it exits)."""
+        child = self._children.get(pid)
+        if child is None or child.stdin is None:
+            return
+        with contextlib.suppress(OSError):  # it died already: a broken pipe
+            if go:
+                child.stdin.write(b"go\n")
+            child.stdin.close()
 
     def _wait_ready(self, request: LaunchRequest, record: dict[str, Any], cancel: threading.Event) -> ClusterInfo:
         cluster, proc = request.cluster, self._proc(record)
