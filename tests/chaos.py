@@ -1,7 +1,8 @@
-"""A randomized, seeded chaos runner over the real CLI, against `chaos_backend.ChaosBackend`.
+"""A randomized, seeded chaos runner over the real CLI, against `chaos_backend.ChaosBackend` or the local launcher.
 
     from chaos import run
     report = run(seed=7, scenarios=KINDS, runs_budget=400)
+    report = run(seed=7, scenarios=LOCAL_KINDS, runs_budget=100, backend="local")   # real processes
     print(report.summary())
 
 Each scenario gets its own temporary HOME, MELANGE_SKY_HOME and cloud (a ChaosBackend state file), runs a short
@@ -25,6 +26,13 @@ corrupt-ledger, preemption. After every scenario it checks:
 - internal-error: `up` never dies with "internal error" because the launcher raised an unexpected exception type;
 - corrupt-ledger-accepted: a corrupted ledger file is refused with a message, never taken for an empty one;
 - hang: no process outlives its timeout.
+
+On the local launcher (`backend="local"`, melange_sky/fleet/local.py: every replica a real `melange-sky emulate`
+process) the "cloud" is the machine's processes (`LocalCloud`): a cluster exists while its process runs, and a process
+of a launch that is no known cluster's (`leftovers`) is a violation of its own (unknown-process) and a leak at the end.
+The launcher injects no fault, so only the kinds whose faults are the runner's own run there (LOCAL_KINDS: signals,
+concurrency, a corrupt ledger, processes killed from outside), without HF_TOKEN (an emulator needs none); and
+gone-while-existed is not checked (there is no record of when a process ran).
 
 A scenario is determined by its kind and sub-seed (`KIND:SUBSEED`, printed with every violation): fault draws are
 keyed on them, not on timing, so `replay("status-race:123")` reruns the same commands and faults — the interleaving
@@ -56,6 +64,7 @@ if str(TESTS) not in sys.path:  # bench/chaos.py imports this module from outsid
     sys.path.insert(0, str(TESTS))
 
 from chaos_backend import ChaosBackend  # noqa: E402
+from melange_sky.fleet.local import LocalBackend, ProcessId, running  # noqa: E402
 
 #: The `melange-sky` command as installed (`melange_sky.__main__`, which `python -m melange_sky` runs too); a checkout
 #: from before that module existed runs `python -m melange_sky.cli`.
@@ -78,6 +87,11 @@ CAUSE_INTERRUPT = "an interrupt did not end in exit 130 without a traceback (iss
 CAUSE_EXCEPTION = "an unexpected launcher exception aborted `up` with 'internal error' (issue 13 item 5)"
 KINDS = ("plain", "launch-faults", "exceptions", "created-then-fail", "status-race", "concurrent", "interrupt",
          "startup-interrupt", "failing-teardown", "corrupt-ledger", "preemption")
+#: The launchers the runner drives: the fault-injecting double (every kind) and the local launcher (real processes).
+BACKENDS = ("chaos", "local")
+#: The kinds whose faults are the runner's own (signals, concurrency, the ledger file, processes killed out of band),
+#: so they mean something on a launcher that injects none.
+LOCAL_KINDS = ("plain", "concurrent", "interrupt", "startup-interrupt", "corrupt-ledger", "preemption")
 
 
 # -- records ------------------------------------------------------------------------------------------------------
@@ -171,27 +185,97 @@ class Report:
         return "\n".join(lines)
 
 
+# -- the local launcher as the runner's cloud ---------------------------------------------------------------------
+class LocalCloud:
+    """The local launcher's processes (state in `directory`) as the runner's "cloud": what exists is what runs. It
+    injects no fault: `configure` and `calm` do nothing, and it keeps no timeline."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def _launcher(self) -> LocalBackend:
+        return LocalBackend(self.dir)
+
+    def configure(self, **config: Any) -> None:
+        pass
+
+    def calm(self) -> None:
+        pass
+
+    def existing(self) -> dict[str, str]:
+        """Clusters whose process runs, by their launcher state (init: launching; up), and "leftover" for one whose
+        process runs outside its cluster (a launch no record holds)."""
+        launcher = self._launcher()
+        found = {cluster: str(record["status"]) for cluster, record in launcher.records().items()
+                 if running(ProcessId(int(record["pid"]), int(record["started"])))}
+        for cluster in launcher.leftovers():
+            found.setdefault(cluster, "leftover")
+        return found
+
+    def timeline(self) -> dict[str, list[list[Any]]]:
+        return {}
+
+    def held(self, point: str | None = None) -> list[dict[str, Any]]:
+        """The launches in flight (a process that runs and does not listen yet): where a signal lands mid-launch."""
+        return [{"cluster": c} for c, state in self.existing().items() if state == "init"]
+
+    def preempt(self, cluster: str, to: str = "gone") -> bool:
+        """Kill the cluster's processes out of band (a process has no stopped state to fall back to: gone, whatever
+        `to` says). Returns whether it ran."""
+        record = self._launcher().records().get(cluster)
+        if record is None:
+            return False
+        leader = ProcessId(int(record["pid"]), int(record["started"]))
+        if not running(leader):
+            return False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        _wait(lambda: not running(leader), 30)
+        return True
+
+    def kill_all(self) -> None:
+        """Every process of every launch still running (a scenario's cleanup, pass or fail)."""
+        launcher = self._launcher()
+        pids = [int(r["pid"]) for r in launcher.records().values()]
+        pids += [pid for members in launcher.leftovers().values() for pid in members]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
 # -- one scenario -------------------------------------------------------------------------------------------------
 class Scenario:
     """A private HOME, ledger and cloud; the CLI runs and steps so far; the violations found."""
 
-    def __init__(self, kind: str, subseed: int, root: Path):
+    def __init__(self, kind: str, subseed: int, root: Path, backend: str = "chaos"):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         self.kind = kind
         self.subseed = subseed
+        self.backend = backend
         self.replay = f"{kind}:{subseed}"
         self.rng = random.Random(self.replay)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"chaos-{kind}-", dir=root))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"chaos-{backend}-{kind}-", dir=root))
         self.home = self.dir / "melange-home"
         self.state_path = self.dir / "cloud.json"
         self.env = {**os.environ,
                     "HOME": str(self.dir / "home"), "MELANGE_SKY_HOME": str(self.home),
-                    "MELANGE_SKY_BACKEND": "chaos_backend:ChaosBackend", "MELANGE_CHAOS_STATE": str(self.state_path),
-                    "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "HF_TOKEN": "hf_chaos_token",
+                    "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]),
                     "SKYPILOT_DISABLE_USAGE_COLLECTION": "1", "PYTHONUNBUFFERED": "1"}
-        for key in ("MELANGE_SKY_DEBUG", "MELANGE_CHAOS_SEED"):
+        for key in ("MELANGE_SKY_DEBUG", "MELANGE_CHAOS_SEED", "MELANGE_SKY_API_KEY", "MELANGE_SKY_LOCAL_SPEED",
+                    "HF_TOKEN"):
             self.env.pop(key, None)
         Path(self.env["HOME"]).mkdir()
-        self.cloud = ChaosBackend(self.state_path)
+        self.cloud: ChaosBackend | LocalCloud
+        if backend == "local":  # real processes; an emulator needs no HF_TOKEN
+            self.env["MELANGE_SKY_BACKEND"] = "local"
+            self.cloud = LocalCloud(self.home / "local")
+        else:
+            self.env.update({"MELANGE_SKY_BACKEND": "chaos_backend:ChaosBackend",
+                             "MELANGE_CHAOS_STATE": str(self.state_path), "HF_TOKEN": "hf_chaos_token"})
+            self.cloud = ChaosBackend(self.state_path)
         self.cloud.configure(seed=self.rng.getrandbits(32))
         self.runs: list[CliRun] = []
         self.steps: list[str] = []
@@ -242,7 +326,8 @@ class Scenario:
 
     def configure(self, **config: Any) -> None:
         self.cloud.configure(**config)
-        self.step(f"cloud: configure {json.dumps(config, sort_keys=True)}")
+        if self.backend == "chaos":  # the local launcher injects nothing
+            self.step(f"cloud: configure {json.dumps(config, sort_keys=True)}")
 
     def rate(self) -> str:
         return self.rng.choice(RATES)
@@ -306,8 +391,14 @@ class Scenario:
         self.step(f"#{self.runs.index(run)} <- {sig.name}")
         return True
 
+    def cleanup(self) -> None:
+        """Stop every CLI process of the scenario, and on the local launcher every process of its launches."""
+        self.kill_all()
+        if isinstance(self.cloud, LocalCloud):
+            self.cloud.kill_all()
+
     def kill_all(self) -> None:
-        """Stop every process this scenario started and still runs (by its own process group)."""
+        """Stop every CLI process this scenario started and still runs (by its own process group)."""
         for run, proc in list(self._live):
             if proc.poll() is None:
                 self.step(f"#{self.runs.index(run)} still running at cleanup: killed")
@@ -382,7 +473,10 @@ class Scenario:
             return
         rows, _ = ledger
         for cluster, real in sorted(existing.items()):
-            if rows.get(cluster) in (None, "gone"):
+            if real == "leftover":
+                self.violation("unknown-process", f"{when}: a process of a launch of {cluster} runs outside any "
+                                                  f"cluster the launcher knows", [cluster])
+            elif rows.get(cluster) in (None, "gone"):
                 self.violation("unknown-cluster", f"{when}: {cluster} is {real} in the cloud but the ledger has "
                                                   f"{'it gone' if cluster in rows else 'no row for it'}", [cluster])
 
@@ -392,9 +486,10 @@ class Scenario:
                 if r.started <= at and (r.returncode is None or at <= r.ended)]
 
     def check_history(self) -> None:
-        """Every `gone` the ledger recorded, against the cloud's timeline; events already checked are skipped."""
+        """Every `gone` the ledger recorded, against the cloud's timeline; events already checked are skipped. (The
+        local launcher keeps no timeline: not checked there.)"""
         ledger = self.read_ledger()
-        if ledger is None:
+        if ledger is None or self.backend != "chaos":
             return
         timeline = self.cloud.timeline()
         for event in ledger[1]:
@@ -699,7 +794,7 @@ def sc_preemption(s: Scenario) -> None:
     for cluster in s.rng.sample(existing, min(len(existing), s.rng.randint(1, 2))):
         to = s.rng.choice(["gone", "stopped", "init"])
         s.cloud.preempt(cluster, to)
-        s.step(f"cloud: preempt {cluster} -> {to}")
+        s.step(f"cloud: preempt {cluster} -> {to if s.backend == 'chaos' else 'killed'}")
     if s.rng.random() < 0.5:
         s.cli("up", EXAMPLE, "-y", "--rate", s.rate(), allowed={0, 1})
     s.cli("status", "--refresh", allowed={0})
@@ -799,9 +894,12 @@ SCENARIOS: dict[str, Callable[[Scenario], None]] = {
 assert tuple(SCENARIOS) == KINDS + SPOT_KINDS
 
 
-def run_scenario(kind: str, subseed: int, root: Path, keep: bool = False) -> Scenario:
+def run_scenario(kind: str, subseed: int, root: Path, keep: bool = False, backend: str = "chaos") -> Scenario:
     """Run one scenario and its end-of-scenario checks; every process it started is stopped before it returns."""
-    s = Scenario(kind, subseed, root)
+    if backend == "local" and kind not in LOCAL_KINDS:
+        raise ValueError(f"scenario kind {kind!r} needs the fault-injecting launcher; on the local launcher: "
+                         f"{', '.join(LOCAL_KINDS)}")
+    s = Scenario(kind, subseed, root, backend)
     try:
         SCENARIOS[kind](s)
         s.kill_all()
@@ -810,7 +908,7 @@ def run_scenario(kind: str, subseed: int, root: Path, keep: bool = False) -> Sce
     except Exception as exc:  # a runner bug must not hide what was found so far, nor leave processes behind
         s.violation("runner-error", f"the chaos runner failed: {type(exc).__name__}: {exc}")
     finally:
-        s.kill_all()
+        s.cleanup()
         if not keep and not s.violations:
             shutil.rmtree(s.dir, ignore_errors=True)
     return s
@@ -829,13 +927,15 @@ def draws(seed: int, scenarios: Sequence[str] = KINDS) -> Iterator[tuple[str, in
 
 def run(seed: int, scenarios: Sequence[str] = KINDS, runs_budget: int = 400, *,
         on_scenario: Callable[[Scenario], None] | None = None, keep: bool = False,
-        workdir: str | os.PathLike[str] | None = None) -> Report:
+        workdir: str | os.PathLike[str] | None = None, backend: str = "chaos") -> Report:
     """Scenarios drawn with `seed` from `scenarios`, in rounds of every kind once (a seeded order each round), until
-    `runs_budget` CLI runs are spent and the round is complete (so every kind runs as often as the others).
-    Scenario directories are removed unless they found something (or `keep`)."""
-    unknown = set(scenarios) - set(SCENARIOS)
+    `runs_budget` CLI runs are spent and the round is complete (so every kind runs as often as the others), on
+    `backend` (BACKENDS; "local": LOCAL_KINDS only). Scenario directories are removed unless they found something
+    (or `keep`)."""
+    unknown = set(scenarios) - set(SCENARIOS if backend == "chaos" else LOCAL_KINDS)
     if unknown:
-        raise ValueError(f"unknown scenario kinds: {sorted(unknown)}; known: {', '.join(KINDS)}")
+        raise ValueError(f"unknown scenario kinds: {sorted(unknown)}; known: "
+                         f"{', '.join(KINDS if backend == 'chaos' else LOCAL_KINDS)}")
     drawn = draws(seed, scenarios)
     report = Report(seed=seed, per_kind={k: {"scenarios": 0, "runs": 0, "violations": 0, "leaked": 0}
                                          for k in scenarios})
@@ -845,7 +945,7 @@ def run(seed: int, scenarios: Sequence[str] = KINDS, runs_budget: int = 400, *,
     try:
         while not report.scenarios or report.scenarios % len(scenarios) or report.cli_runs < runs_budget:
             kind, subseed = next(drawn)  # until the budget is spent and the round is complete
-            s = run_scenario(kind, subseed, root, keep)
+            s = run_scenario(kind, subseed, root, keep, backend)
             report.scenarios += 1
             report.cli_runs += len(s.runs)
             report.violations += s.violations
@@ -866,19 +966,21 @@ def run(seed: int, scenarios: Sequence[str] = KINDS, runs_budget: int = 400, *,
     return report
 
 
-def replay(spec: str, keep: bool = True, workdir: str | os.PathLike[str] | None = None) -> Scenario:
+def replay(spec: str, keep: bool = True, workdir: str | os.PathLike[str] | None = None,
+           backend: str = "chaos") -> Scenario:
     """Rerun one scenario from its `KIND:SUBSEED`; its directory (CLI outputs, cloud state, ledger) is kept."""
     kind, _, subseed = spec.rpartition(":")
     root = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="melange-chaos-replay-"))
     root.mkdir(parents=True, exist_ok=True)
-    return run_scenario(kind, int(subseed), root, keep=keep)
+    return run_scenario(kind, int(subseed), root, keep=keep, backend=backend)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Replay one chaos scenario (KIND:SUBSEED) and print its steps.")
     parser.add_argument("spec", help="KIND:SUBSEED, as printed with a violation")
+    parser.add_argument("--backend", choices=BACKENDS, default="chaos", help="the launcher it ran on")
     args = parser.parse_args(argv)
-    s = replay(args.spec)
+    s = replay(args.spec, backend=args.backend)
     print("\n".join(s.steps))
     print(f"\n{len(s.violations)} violation(s); files in {s.dir}")
     for v in s.violations:

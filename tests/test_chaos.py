@@ -9,6 +9,9 @@
   time the bug is there: items 1 (status --refresh), 2 (a lagging cached status), 3 (an empty ledger file) and 5
   (unexpected launcher exceptions inside `up`). Each failed on 4400da3 and 00c69b2 and passes since 67b70e6.
 - A few tests of the test double and the runner themselves, so a green chaos run means what it says.
+- The runner on the local launcher (real emulator processes, no fault injection): `up` SIGKILLed while its launches
+  are in flight, then `up` again and `down --all`: no process left (`python bench/chaos.py --backend local` runs
+  every kind that means something there).
 
 Nothing here asserts on durations.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from chaos import EXAMPLE, KINDS, Scenario, _wait, draws, run_scenario
+from chaos import EXAMPLE, KINDS, LOCAL_KINDS, Scenario, _wait, draws, run_scenario
 from chaos_backend import ChaosBackend
 from melange_sky.backends import LaunchRequest
 
@@ -90,6 +93,28 @@ def test_ctrl_c_while_the_cli_starts_exits_130(subseed, tmp_path):
     s = run_scenario("startup-interrupt", subseed, tmp_path)
     assert len(s.runs) >= 3
     assert not s.violations and not s.leaked and not s.tracebacks and not s.hangs, _found(s)
+
+
+# -- the local launcher -------------------------------------------------------------------------------------------
+#: The third interrupt scenario QUICK_SEED draws over LOCAL_KINDS: `up --rate 30` (4 replicas, 2 launches at a time)
+#: SIGKILLed once a launch is in flight.
+LOCAL_QUICK = ("interrupt", 1783122058)
+
+
+def test_on_the_local_launcher_an_up_killed_mid_launch_leaves_no_process_after_down(tmp_path):
+    kind, subseed = LOCAL_QUICK
+    assert kind in LOCAL_KINDS
+    s = run_scenario(kind, subseed, tmp_path, backend="local")
+    assert s.runs[0].signal == "SIGKILL" and s.runs[0].returncode == -signal.SIGKILL, _found(s)
+    assert any("after a launch was held" in step for step in s.steps), _found(s)  # landed mid-launch
+    assert s.runs[-1].args[:2] == ["down", "--all"] and s.runs[-1].returncode == 0, _found(s)
+    assert not s.violations and not s.leaked and not s.tracebacks and not s.hangs, _found(s)
+
+
+def test_the_local_launcher_runs_only_the_kinds_whose_faults_are_the_runners_own(tmp_path):
+    with pytest.raises(ValueError, match="fault-injecting launcher"):
+        run_scenario("launch-faults", 1, tmp_path, backend="local")
+    assert set(LOCAL_KINDS) < set(KINDS)
 
 
 # -- issue 13, item 1 ---------------------------------------------------------------------------------------------
