@@ -286,12 +286,19 @@ def _router_like(run: str) -> dict:
 
 
 def test_a_task_that_exits_fails_its_launch_with_the_log_tail_secrets_masked(tmp_path):
-    backend = LocalBackend(tmp_path)
-    task = _router_like('echo "token is $ROUTER_TOKEN"; echo cannot start >&2; exit 3')
+    """Its `workdir` and `file_mounts` were in place, where SkyPilot puts them (`run` starts in ~/sky_workdir)."""
+    backend = LocalBackend(tmp_path / "local")
+    (tmp_path / "wd").mkdir()
+    (tmp_path / "wd" / "marker.txt").write_text("from the workdir")
+    (tmp_path / "settings.txt").write_text("from a file mount")
+    task = {**_router_like('echo "token is $ROUTER_TOKEN"; echo "in $(basename "$PWD"): $(cat marker.txt)"; '
+                           'cat ~/conf/settings.txt; echo cannot start >&2; exit 3'),
+            "workdir": str(tmp_path / "wd"), "file_mounts": {"~/conf/settings.txt": str(tmp_path / "settings.txt")}}
     with pytest.raises(LaunchError) as failed:
         backend.launch(LaunchRequest("bad-router", task, secrets={"ROUTER_TOKEN": SECRET}))
     message = str(failed.value)
     assert "exited (3)" in message and "token is ***" in message and "cannot start" in message
+    assert "in sky_workdir: from the workdir" in message and "from a file mount" in message
     assert SECRET not in message and "\n" not in message
     assert backend.leftovers() == {} and backend.records() == {}
     assert backend.status(["bad-router"])["bad-router"].status is ClusterStatus.GONE

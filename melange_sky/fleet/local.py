@@ -12,7 +12,8 @@ run unchanged and real requests flow through the fleet's router:
   secret), the emulator demands the same one. An emulator downloads no weights, so the launcher needs none of the
   model's secrets (`needs_model_secrets = False`: `up` runs without HF_TOKEN), and passes none to a replica.
 - **A CPU task** (the router) runs its own `run` script with bash, as on a fresh host: `file_mounts` land under the
-  cluster's directory (its HOME: directories linked, files copied), `setup` is skipped (this Python already has
+  cluster's directory (its HOME: directories linked, files copied), a `workdir` is copied to `~/sky_workdir` where
+  `run` starts, `setup` is skipped (this Python already has
   what `serve` needs: `python` is this interpreter), and its `melange-sky serve` listens on 127.0.0.1.
 
 Every process listens on a port the OS picks (`--port 0`) and prints it ("Listening on URL"), so two replicas never
@@ -443,6 +444,10 @@ class LocalBackend:
             lines[i] = line if "--port 0" in line else f"{line} --port 0"
         for destination, source in (request.task.get("file_mounts") or {}).items():
             _mount(request.cluster, host, str(destination), source)
+        cwd = host
+        if request.task.get("workdir"):  # as SkyPilot: synced to ~/sky_workdir, where `run` starts
+            _mount(request.cluster, host, "~/sky_workdir", str(request.task["workdir"]), copy_dir=True)
+            cwd = host / "sky_workdir"
         bin_dir = host / ".local-launcher-bin"  # `python` on PATH is this interpreter, as setup's venv would be
         bin_dir.mkdir()
         python = bin_dir / "python"
@@ -450,7 +455,7 @@ class LocalBackend:
         python.chmod(python.stat().st_mode | stat.S_IXUSR)
         env = {**env, "HOME": str(host), "PATH": os.pathsep.join([str(bin_dir), env.get("PATH", os.defpath)]),
                **envs, **request.secrets}
-        return ["bash", "-c", "\n".join(lines)], host, env
+        return ["bash", "-c", "\n".join(lines)], cwd, env
 
     def _spawn(self, state: dict[str, Any], request: LaunchRequest, argv: list[str], cwd: Path,
                env: dict[str, str]) -> dict[str, Any]:
@@ -610,9 +615,14 @@ def task_run(task: Mapping[str, Any]) -> str:
     return str(task.get("run") or "")
 
 
-def _mount(cluster: str, host: Path, destination: str, source: Any) -> None:
-    """A file mount on this machine: a directory is linked, a file copied (a task may change its copy, e.g. chmod
-    a key)."""
+#: Left out of a copied workdir (as SkyPilot's sync leaves out what .gitignore names, roughly).
+_NOT_COPIED = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.pyc", ".mypy_cache", ".pytest_cache",
+                                     ".ruff_cache")
+
+
+def _mount(cluster: str, host: Path, destination: str, source: Any, copy_dir: bool = False) -> None:
+    """A file mount on this machine: a directory is linked (copied with `copy_dir`: a workdir the task may write
+    in), a file copied (a task may change its copy, e.g. chmod a key)."""
     if isinstance(source, Mapping):
         source = source.get("source")
     if not isinstance(source, str) or "://" in source:
@@ -623,7 +633,9 @@ def _mount(cluster: str, host: Path, destination: str, source: Any) -> None:
     target = host / destination.lstrip("~").lstrip("/")
     local = Path(os.path.expanduser(source)).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    if local.is_dir():
+    if local.is_dir() and copy_dir:
+        shutil.copytree(local, target, symlinks=True, ignore=_NOT_COPIED)
+    elif local.is_dir():
         target.symlink_to(local, target_is_directory=True)
     elif local.is_file():
         shutil.copy2(local, target)
