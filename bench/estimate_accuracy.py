@@ -4,7 +4,9 @@
 
 Each point of bench/data/published_vllm.json is a benchmark someone ran on a real GPU and published (source, vLLM
 version and setup in the file). The bench builds the same engine (`melange_sky.engine.Engine`: model, GPU, TP, weight
-dtype, the vLLM flags the run set) and runs `estimate.run_point` with the run's lengths and concurrency, then prints
+dtype, the vLLM flags the run set, the API server's costs for the endpoint its client used, none for vLLM's offline
+`LLM` class; a model the engine does not bundle is a config.json under bench/data/models) and runs
+`estimate.run_point` with the run's lengths and concurrency, then prints
 measured against predicted output tokens/s, TPOT and TTFT (mean), the error of each, and the medians and worst. It
 is a comparison, not a fitter: it never changes a coefficient, and the points are not the model's training data.
 
@@ -36,7 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from melange_sky.engine import Engine, EngineSettings, load_model  # noqa: E402
+from melange_sky.engine import Coefficients, Engine, EngineSettings, load_model  # noqa: E402
 from melange_sky.engine.estimate import run_point  # noqa: E402
 
 DATA = ROOT / "bench" / "data" / "published_vllm.json"
@@ -54,6 +56,7 @@ class Point:
     id: str
     source: str
     client: str  # "api-server" (OpenAI server, streamed) or "offline" (vLLM's LLM class in-process)
+    endpoint: str | None  # the API server's endpoint the client used: "chat" or "completions" (None offline)
     gpu: str
     tp: int
     model: str
@@ -70,7 +73,8 @@ class Point:
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Point:
-        return cls(id=row["id"], source=row["source"], client=row["client"], gpu=row["gpu"], tp=row["tp"],
+        return cls(id=row["id"], source=row["source"], client=row["client"], endpoint=row.get("endpoint"),
+                   gpu=row["gpu"], tp=row["tp"],
                    model=row["model"], dtype=row["dtype"], input_tokens=row["input_tokens"],
                    output_tokens=row["output_tokens"], lengths=row["lengths"], concurrency=row.get("concurrency"),
                    rate=row.get("rate"), requests=row["requests"], deployment=row.get("deployment") or {},
@@ -136,12 +140,21 @@ def load_data(path: Path = DATA) -> tuple[dict[str, dict[str, str]], list[Point]
     return data["sources"], [Point.from_json(row) for row in data["points"]]
 
 
+def model_path(model: str) -> str:
+    """A bundled model's name, or a config.json folder under bench/data/models (models only the bench needs)."""
+    local = ROOT / model
+    return str(local) if "/" in model and local.exists() else model
+
+
 def compare(point: Point) -> Comparison:
     """Run the engine model's point mode on one published setup."""
     started = time.perf_counter()
     try:
         settings = EngineSettings.from_deployment(point.deployment, source=point.id)
-        engine = Engine(load_model(point.model), point.gpu, tp=point.tp, dtype=point.dtype, settings=settings)
+        # the engine's own coefficients for the endpoint the client used (a chat request costs the API server more)
+        coefficients = Coefficients().for_endpoint(point.endpoint or "chat")
+        engine = Engine(load_model(model_path(point.model)), point.gpu, tp=point.tp, dtype=point.dtype,
+                        settings=settings, coefficients=coefficients)
         if point.client == "offline":  # vLLM's LLM class in-process: no API server in front of the engine
             engine = engine.without_frontend()
         result = run_point(engine, input_tokens=point.input_tokens, output_tokens=point.output_tokens,
@@ -245,10 +258,11 @@ def markdown(comparisons: list[Comparison], summary: dict[str, Any], sources: di
         p = c.point
         notes = c.error or (f"KV {c.kv_cache_use:.0%}" + (f", {c.preempted} preempted" if c.preempted else ""))
         setup = f"{p.input_tokens}/{p.output_tokens} ({p.lengths}), {p.load}"
+        setup += f", {p.endpoint}" if p.endpoint else ""
         ttft = p.measured.get("ttft_ms_mean")
         ttft_text = "-" if ttft is None else f"{_num(ttft, 0)} / {_num(c.predicted.get('ttft_ms_mean'), 0)}"
         lines.append(
-            f"| {p.id} | {p.gpu} | {p.model} ({p.dtype}{f', TP{p.tp}' if p.tp > 1 else ''}) | {setup} "
+            f"| {p.id} | {p.gpu} | {Path(p.model).name} ({p.dtype}{f', TP{p.tp}' if p.tp > 1 else ''}) | {setup} "
             f"| {_num(p.measured.get('output_tokens_per_s'))} "
             f"| {_num(c.predicted.get('output_tokens_per_s')) if 'output_tokens_per_s' in p.measured else '-'} "
             f"| {_pct(c.relative_error('output_tokens_per_s'))} "

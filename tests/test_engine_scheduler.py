@@ -171,3 +171,8 @@ def test_requests_pass_the_api_server_one_at_a_time_and_streamed_tokens_keep_it_
     assert quiet >= 0.010 and streaming >= 0.010 / (1 - 5 / 7.2) > 2 * 0.010
     # the default API server: BLIS's per-request (15.6 + 0.78 ms) and per-token (46 µs) costs
     assert Engine(LLAMA, "H100").frontend_capacity(200) == pytest.approx(1 / (0.01638 + 200 * 46e-6))
+    # a plain completions request costs it less (vLLM PR #12287's completions run)
+    completions = Engine(LLAMA, "H100", coefficients=Coefficients().for_endpoint("completions"))
+    assert completions.frontend_capacity(200) == pytest.approx(1 / (0.0064 + 200 * 46e-6))
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        Coefficients().for_endpoint("embeddings")

@@ -72,22 +72,31 @@ class Coefficients:
     layer_us: float = 32.0
     request_us: float = 4.0
     step_us: float = 126.0
-    # The API server (one Python process in front of the engine: HTTP and request validation, chat template and
-    # tokenization, then detokenizing and streaming each output token), a serial server on one core. Per request:
-    # BLIS's trained α₀ ≈ 15.6 ms ("QueueingTime": HTTP parsing, request validation, queue insertion) plus α₁ ≈
-    # 0.78 ms ("PostDecodeFixedOverhead": finishing the response), from vLLM H100 serving traces
+    # The API server (one Python process in front of the engine: HTTP and request validation, the chat template and
+    # tokenization, then detokenizing and streaming each output token), a serial server on one core. Per chat request
+    # (the default): BLIS's trained α₀ ≈ 15.6 ms ("QueueingTime": HTTP parsing, request validation, queue insertion)
+    # plus α₁ ≈ 0.78 ms ("PostDecodeFixedOverhead": finishing the response), from vLLM H100 serving traces
     # (inference-sim/inference-sim docs/guide/latency-models.md, trained-physics defaults); per output token BLIS's
-    # α₂ ≈ 46 µs ("OutputTokenProcessingTime"). A cross-check and its limit: vLLM PR #12287's frontend-bound V1 run
-    # of plain completions (Llama-3.2-1B, A100, 202 output tokens) served 63.6 req/s, 15.7 ms per request with its
-    # tokens, so a light completions load costs the server less (about 6.4 ms a request besides its tokens) and the
-    # model under-estimates such a server's request rate by up to 1.6x; chat requests under a burst cost what BLIS
-    # measured or more (GPUStack's 1000-request chat bursts of 128/4 tokens took 22.7 s on an H100 whose GPU work
-    # is ~4 s: bench/results/estimate_accuracy.md).
+    # α₂ ≈ 46 µs ("OutputTokenProcessingTime"). GPUStack's bursts of 1000 chat requests of 128/4 tokens (vLLM 0.11)
+    # took 22.7 s on an H100 whose GPU work is ~4 s: ~20 ms a chat request (bench/results/estimate_accuracy.md).
     frontend_request_ms: float = 15.6 + 0.78
+    # A plain completions request costs the server less (no chat template, smaller response objects): vLLM PR
+    # #12287's frontend-bound V1 run of completions (Llama-3.2-1B, A100) served 63.6 req/s of 202 output tokens,
+    # 15.7 ms a request with its tokens, 6.4 ms without them (202 x 46 µs). `for_endpoint("completions")` uses it.
+    frontend_completion_request_ms: float = 6.4
     frontend_token_us: float = 46.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def for_endpoint(self, endpoint: str) -> Coefficients:
+        """These coefficients for clients of one OpenAI endpoint: "chat" (chat completions, the default costs) or
+        "completions" (plain completions: the API server's cheaper per-request cost)."""
+        if endpoint == "chat":
+            return self
+        if endpoint == "completions":
+            return replace(self, frontend_request_ms=self.frontend_completion_request_ms)
+        raise ValueError(f"unknown endpoint {endpoint!r} (chat or completions)")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Coefficients:
