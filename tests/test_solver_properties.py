@@ -585,3 +585,36 @@ def test_with_markets_slices_from_splits_bound_is_the_plain_slices_models_optimu
     assert split is not None or fast is None  # split relaxes slices
     if fast is not None and split is not None:
         assert split <= fast + COST
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(market_instances(), st.sampled_from(["r0", "r1", "r2"]))
+def test_with_markets_a_re_plan_keeping_the_spot_replicas_left_after_a_regional_loss_always_has_a_fleet(config,
+                                                                                                        lost):
+    """What a re-plan after a spot loss asks (issue 20): the spot columns of one region gone, every other spot
+    replica kept (its count as min_count). On-demand is uncapped here, so a fleet always exists: the spread may not
+    make the kept replicas infeasible; a region's share rises to what already runs there, and no more is added."""
+    import dataclasses
+
+    from melange_sky.solver.model import Formulation, spot_region
+    from melange_sky.solver.result import solve_fleet
+
+    try:
+        first = solve_fleet(config, Formulation.SPLIT)
+    except InfeasibleAllocation:
+        return  # a quota of 0 somewhere: nothing to re-plan
+    kept = tuple(dataclasses.replace(g, min_count=first.counts[g.name]) if not g.reliable else g
+                 for g in config.gpus if g.reliable or g.region != lost)
+    again = dataclasses.replace(config, gpus=kept)
+    for formulation in (Formulation.SPLIT, Formulation.SLICES):
+        result = solve_fleet(again, formulation)  # raises InfeasibleAllocation if the kept replicas broke it
+        event(f"kept spot: {sum(g.min_count for g in kept if not g.reliable) > 0}")
+        spot = {g.name: g.count for g in result.gpus if g.market == "spot"}
+        for g in kept:
+            if not g.reliable:
+                assert spot[g.name] >= g.min_count
+        kappa, total = config.spot.max_region_share, sum(spot.values())
+        for region in {spot_region(g) for g in kept if not g.reliable}:
+            here = sum(n for name, n in spot.items() if spot_region(again.gpu(name)) == region)
+            held = sum(g.min_count for g in kept if not g.reliable and spot_region(g) == region)
+            assert here - held <= kappa * (total - held) + SLACK  # what is added keeps the spread
