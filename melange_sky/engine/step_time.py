@@ -7,13 +7,15 @@ For a batch of P prefill tokens (chunks) and D decoding requests, per GPU of a T
       + T_attention                      prefill attention FLOPs, quadratic in the chunk's context
       + T_kv                             KV cache reads (decode context, earlier chunks) and writes (new tokens)
       + T_allreduce                      TP: two all-reduces of the hidden state per layer
-      + L * layer_us + B * request_us + step_us      per-layer, per-request and per-step overheads
+      + L * (layer_us + 4 small_gemm_us) + B * request_us + step_us      per-layer, per-request, per-step overheads
 
 T_gemm = 2 FLOPs x matmul parameters x tokens (+ the LM head for sampled tokens) / (achievable matmul x gemm_mfu);
 T_weights = weight bytes / (achievable bandwidth x weight_bw_eff); T_attention = 4 x heads x head_dim x sum over
 chunks of t (c + t/2) / (achievable FlashAttention x attn_mfu) per layer; T_kv = KV bytes touched / (achievable
 bandwidth x kv_bw_eff);
-T_allreduce = 2 L (latency + tokens x hidden x 2 bytes x 2(tp-1)/tp / (link bandwidth x link_eff)).
+T_allreduce = 2 L x the time of one all-reduce of tokens x hidden x 2 bytes: a measured curve of time against message
+size where one exists (MI300X: vLLM's custom all-reduce, RCCL above 8 MB), else latency + bytes x 2(tp-1)/tp /
+(link bandwidth x link_eff).
 
 The efficiencies are relative to what microbenchmarks measure each GPU reaching (hardware.py: maximum achievable
 matmul FLOP/s, triad bandwidth, FlashAttention-2 forward), not to its datasheet: how far a GPU is from its datasheet
