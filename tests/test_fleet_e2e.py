@@ -56,8 +56,10 @@ LOW, HIGH = 4.0, 16.0  # req/s: LOW is 1 L4 + 1 A10G ($1.81/h)
 #: rise (HIGH then takes it past NEED in a second or two, not in ~0.7x the time spent so far). Nothing is sized on it.
 START = 8.0
 NEED = 9.0  # req/s observed before autoscaling: 3 or 4 replicas ($2.8-4.0/h) whatever the observed bucket shares
-#: A stream that lasts seconds (600 tokens at 5x: ~3 s on an A10G, ~6 s on an L4), in flight when the shrink starts.
-LONG = Shape("long-stream", "/v1/completions", 40, 600, True)
+#: Streams that last seconds (600 tokens at 5x: ~3 s on an A10G, ~6 s on an L4), in flight when the shrink starts: in
+#: output bucket 1, from input row 0 or 1 (whichever the plan gives the leaving replicas' GPU type).
+LONG = {0: Shape("long-stream", "/v1/completions", 40, 600, True),
+        1: Shape("long-stream", "/v1/completions", 800, 600, True)}
 HF_SECRET = "hf_e2e_secret_value_5d1c"
 WAIT_S = 45.0  # the deadline of any one wait (generous: the machine is shared)
 
@@ -111,12 +113,15 @@ class Fleet:
         with Ledger(self.home) as ledger:
             return [e.message for e in ledger.history(fleet=FLEET) if e.cluster is None and e.new_state == "drained"]
 
-    def router_members(self, url: str) -> dict[str, str]:
+    def routes(self, url: str) -> dict:
+        """The router's routes document (GET /admin/routes, with the admin token)."""
         request = urllib.request.Request(f"{url}/admin/routes",
                                          headers={"Authorization": f"Bearer {self.keys()['admin_token']}"})
         with urllib.request.urlopen(request, timeout=10) as answer:
-            doc = json.loads(answer.read())
-        return {r["name"]: r["url"] for r in doc["routes"]["replicas"]}
+            return dict(json.loads(answer.read())["routes"])
+
+    def router_members(self, url: str) -> dict[str, str]:
+        return {r["name"]: r["url"] for r in self.routes(url)["replicas"]}
 
     def check_membership(self, url: str, step: str) -> dict[str, str]:
         """The router routes to exactly the ledger's up replicas, each a running process of the launcher, and no
@@ -241,10 +246,15 @@ def test_fleet_serves_heals_grows_and_shrinks_under_continuous_load_and_down_lea
         leaving = set(plan["drain"])
         assert leaving and leaving < set(grown), f"the dry run of the shrink drains {sorted(leaving)}"
         load.set_rate(LOW)
+        routes = fleet.routes(url)
+        gpu_of = {r["name"]: r["gpu"] for r in routes["replicas"]}
+        rows = {row for gpu in {gpu_of[c] for c in leaving} for (row, col), shares in
+                ((tuple(r["bucket"]), r["shares"]) for r in routes["routing"]) if col == 1 and shares.get(gpu)}
+        assert rows, f"the plan gives the leaving replicas' GPU types no long outputs: {routes['routing']}"
         long_sent = 0
         while not all(replica_counts(grown[c])[1] >= 1 for c in leaving):  # a long stream on each leaving replica
             assert long_sent < 40, "no long stream in flight on every replica about to leave"
-            load.send(LONG)
+            load.send(LONG[sorted(rows)[long_sent % len(rows)]])
             long_sent += 1
             time.sleep(0.1)
         shrink_started = time.monotonic()
@@ -275,7 +285,7 @@ def test_fleet_serves_heals_grows_and_shrinks_under_continuous_load_and_down_lea
 
     # the client's view of the whole run ----------------------------------------------------------------------------
     outcomes = load.outcomes()
-    long_streams = [o for o in outcomes if o.shape == LONG.name]
+    long_streams = [o for o in outcomes if o.shape == LONG[0].name]
     assert len(long_streams) == long_sent and all(o.ok and o.overlaps(shrink_started) for o in long_streams), \
         "a long stream in flight when the shrink started failed (cut by a teardown before the drain?)"
     assert len(outcomes) == load.sent and len(outcomes) >= 40
