@@ -204,8 +204,8 @@ def _watch_args(fleet: str, text: str) -> list[str]:
         raise click.BadParameter(f"{own[0]} is set by the hosted controller's task itself "
                                  f"(--controller-interval for its interval)", param_hint="--watch-args")
     if words:
-        from melange_sky.cli.watch import watch  # noqa: PLC0415 - only when there is something to check
-
+        watch = main.get_command(click.get_current_context(), "watch")  # loaded now, and no import loop
+        assert watch is not None
         try:
             watch.make_context("watch", [fleet, *words])
         except click.UsageError as exc:
