@@ -1,7 +1,12 @@
 """`solve`, `catalog` and `plan`: from a config to a fleet on paper."""
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import click
 
@@ -37,7 +42,8 @@ def solve(config: str, output: str | None, as_json: bool, per_offer: bool, solve
       melange-sky solve config.json --formulation split --rate 50 --json
     """
     cfg = solve_args.load(config)
-    result = solve_offers(cfg, plan_settings(solve_args, per_offer, None))
+    with _status_line() as progress:
+        result = solve_offers(cfg, plan_settings(solve_args, per_offer, None), progress=progress)
     warn([w for w in result.warnings if w not in cfg.warnings])
     output = output or (None if as_json else RESULT_FILE)
     if output:
@@ -112,3 +118,39 @@ def plan(config: str, output_dir: str, formats: tuple[str, ...], as_json: bool, 
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
     warn_time_limit(result.result, solve_args)
     click.echo(f"Wrote {len(written)} file(s) to {output_dir}", err=True)
+
+
+#: A solve shows what it is doing once it has run this long (a quick one prints nothing extra).
+STATUS_AFTER_SECONDS = 1.0
+
+
+@contextlib.contextmanager
+def _status_line() -> Iterator[Callable[[str], None] | None]:
+    """On a terminal, one line on stderr saying which solve runs and for how long, redrawn twice a second once
+    the solve has taken STATUS_AFTER_SECONDS, and erased when it ends; None (no callback) when stderr is a file or
+    a pipe, so `--json` and scripts see nothing."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    started = time.monotonic()
+    stage = ["solving"]
+    stop = threading.Event()
+
+    def draw() -> None:
+        shown = False
+        while not stop.wait(0.5):
+            if time.monotonic() - started >= STATUS_AFTER_SECONDS:
+                sys.stderr.write(f"\r\033[K{stage[0]}... {time.monotonic() - started:.0f} s")
+                sys.stderr.flush()
+                shown = True
+        if shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    thread = threading.Thread(target=draw, name="solve-status", daemon=True)
+    thread.start()
+    try:
+        yield lambda what: stage.__setitem__(0, what)
+    finally:
+        stop.set()
+        thread.join()

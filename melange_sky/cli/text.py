@@ -10,7 +10,7 @@ from melange_sky.deploy.router_task import router_certfile
 from melange_sky.errors import ServeError
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
 from melange_sky.serve.routes import bucket_edges
-from melange_sky.solver.result import Baseline, SolveResult
+from melange_sky.solver.result import COMPARISON_SECONDS, Baseline, SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
@@ -25,6 +25,10 @@ HOURS_PER_MONTH = 730
 def per_month(cost_per_hour: float) -> str:
     """"$4,891/month" for $6.70/h, run around the clock."""
     return f"${cost_per_hour * HOURS_PER_MONTH:,.0f}/month"
+
+
+#: What a comparison line says when its time limit stopped it (`solver.result.COMPARISON_SECONDS`).
+CUT_SHORT = f"not proven optimal; a comparison gets at most {COMPARISON_SECONDS:g} s"
 
 
 def format_solve(result: SolveResult) -> str:
@@ -59,9 +63,10 @@ def format_solve(result: SolveResult) -> str:
     best = result.best_baseline
     for b in result.baselines:
         if b.cost is None or not b.count:
-            lines.append(f"  {b.gpu:<{width}}  cannot serve alone: {b.reason}")
+            lines.append(f"  {b.gpu:<{width}}  {'cannot serve alone' if b.proven else 'cut short'}: {b.reason}")
             continue
         mark = "  <- cheapest" if best is not None and b.gpu == best.gpu else ""
+        mark += "" if b.proven else f"  (cut short: {CUT_SHORT})"
         if _plain(result, b):
             lines.append(f"  {b.gpu:<{width}}  {b.count:>{count_width},} x ${b.cost / b.count:,.2f} = "
                          f"${b.cost:,.2f}/h{mark}")
@@ -105,12 +110,19 @@ def format_markets(result: SolveResult) -> list[str]:
              f"{100 * m.reliable_share:.1f}% of every bucket.",
              f"  Spot GPUs per region (at most {100 * m.max_region_share:g}% of {spot:,} in one): {spread}."]
     if m.on_demand_cost is None:
-        lines.append("  All on-demand: no proven optimum (no fleet fits without spot, or the time limit stopped it).")
+        lines.append("  All on-demand: no fleet (none fits without spot, or none was found in time).")
+    elif "on_demand" in m.cut_short:
+        saving = m.on_demand_cost - result.cost
+        lines.append(f"  All on-demand: at most ${m.on_demand_cost:,.2f}/h; spot saves up to ${saving:,.2f}/h "
+                     f"(cut short: {CUT_SHORT}).")
     else:
         saving = m.on_demand_cost - result.cost
         lines.append(f"  All on-demand: ${m.on_demand_cost:,.2f}/h; spot saves ${saving:,.2f}/h "
                      f"({100 * saving / m.on_demand_cost:.1f}%).")
-    if m.no_floor_cost is not None:
+    if m.no_floor_cost is not None and "no_floor" in m.cut_short:
+        lines.append(f"  The floor costs at least ${result.cost - m.no_floor_cost:,.2f}/h (with floor 0: at most "
+                     f"${m.no_floor_cost:,.2f}/h; cut short: {CUT_SHORT}).")
+    elif m.no_floor_cost is not None:
         lines.append(f"  The floor costs ${result.cost - m.no_floor_cost:,.2f}/h (with floor 0: "
                      f"${m.no_floor_cost:,.2f}/h).")
     return lines

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,13 +179,14 @@ class PlanSettings:
     max_replicas: int | None = DEFAULT_MAX_REPLICAS
 
 
-def solve_offers(config: Config, settings: PlanSettings = PlanSettings()) -> SolveResult:
+def solve_offers(config: Config, settings: PlanSettings = PlanSettings(),
+                 progress: Callable[[str], None] | None = None) -> SolveResult:
     """The fleet `plan` would make of `config` with `settings`, without rendering it: entries bound to offers as
     `plan` binds them (per offer or not, spot prices, quotas), solved by the same model. What `solve` shows.
     A GPU the catalog does not know is solved at its config cost, with a warning (`plan` refuses it)."""
     bound = bind_offers(config, settings.catalog, per_offer=settings.per_offer, strict=False)
     return solve(bound.config, settings.formulation, settings.solver, compare=settings.compare, caps=bound.caps,
-                 max_replicas=settings.max_replicas)
+                 max_replicas=settings.max_replicas, progress=progress)
 
 
 def build_plan(config: Config, settings: PlanSettings = PlanSettings(),

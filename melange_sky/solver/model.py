@@ -74,6 +74,11 @@ SPLIT_FIRST_FIT_SECONDS = 2.0
 #: HiGHS's heuristic effort in `slices` after `split`'s bound: the bound is known, so the search is for a fleet that
 #: meets it (issue 20's market instances: 6-7 s instead of 8-19 s where one exists, measured on seeds 1, 2, 8).
 BOUNDED_HEURISTIC_EFFORT = 1.0
+#: HiGHS options for `split` under a spot block. Its root LP is within 0.1-0.5% of the optimum and the tree is small
+#: (a few hundred nodes); HiGHS's sub-MIP heuristics (RINS, RENS) and its restarts took most of the time. Without
+#: them the median market instance of bench/solve_bench.py solves in 0.7 s instead of 1.9 s (measured side by side).
+MARKET_SPLIT_TUNING: dict[str, float | bool] = {"mip_heuristic_effort": 0.05, "mip_heuristic_run_rins": False,
+                                                "mip_heuristic_run_rens": False, "mip_allow_restart": False}
 
 
 def _pulp() -> Any:
@@ -286,6 +291,8 @@ class SplitFirst:
     seconds: float
     variables: ModelVariables
     bound: float
+    split: ModelVariables  # split's own optimum (the bound), for a caller that also reports it
+    split_seconds: float
 
 
 def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[SharedCap] = ()) -> SplitFirst | None:
@@ -298,9 +305,10 @@ def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[Sha
     pulp = _pulp()
 
     relaxed, split = build_model(config, Formulation.SPLIT, caps=caps)
-    status, seconds = run_model(relaxed, options)
+    status, seconds = run_model(relaxed, options, tuning=split_tuning(config))
     if status is not SolveStatus.OPTIMAL:
         return None
+    split_seconds = seconds
     bound = pulp.value(relaxed.objective) or 0.0
     # Whole slices for the relaxation's counts: a fit costs L, so it is optimal with no search.
     model, variables = build_model(config, Formulation.SLICES, caps=caps)
@@ -317,13 +325,13 @@ def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[Sha
     seconds += time.perf_counter() - started
     if fit_status in (SolveStatus.OPTIMAL, SolveStatus.FEASIBLE) and \
             (pulp.value(model.objective) or 0.0) <= bound + OPTIMALITY_GAP_ABS:
-        return SplitFirst(SolveStatus.OPTIMAL, seconds, variables, bound)
+        return SplitFirst(SolveStatus.OPTIMAL, seconds, variables, bound, split, split_seconds)
     model, variables = build_model(config, Formulation.SLICES, caps=caps)
     model += model.objective >= bound - OPTIMALITY_GAP_ABS, "split_bound"
     left = None if options.time_limit is None else max(options.time_limit - seconds, 1.0)
     status, more = run_model(model, dataclasses.replace(options, time_limit=left),
                              heuristic_effort=BOUNDED_HEURISTIC_EFFORT)
-    return SplitFirst(status, seconds + more, variables, bound)
+    return SplitFirst(status, seconds + more, variables, bound, split, split_seconds)
 
 
 def offer_groups(gpus: list[GpuSpec]) -> dict[str, list[GpuSpec]]:
@@ -389,13 +397,18 @@ def dominated_gpus(config: Config, caps: Sequence[SharedCap] = ()) -> dict[str, 
     return result
 
 
-def run_model(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT
-              ) -> tuple[SolveStatus, float]:
+def split_tuning(config: Config) -> dict[str, float | bool]:
+    """HiGHS options for a `split` model of `config` (`MARKET_SPLIT_TUNING` under a spot block, else none)."""
+    return dict(MARKET_SPLIT_TUNING) if config.spot is not None else {}
+
+
+def run_model(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT,
+              tuning: dict[str, float | bool] | None = None) -> tuple[SolveStatus, float]:
     """Solve `model` in place; return its status and the wall seconds it took. `heuristic_effort`: HiGHS's share of
-    effort on primal heuristics."""
+    effort on primal heuristics; `tuning`: more HiGHS options (CBC ignores both)."""
     pulp = _pulp()
 
-    solver = make_solver(options, heuristic_effort)
+    solver = make_solver(options, heuristic_effort, tuning)
     started = time.perf_counter()
     try:
         with _quiet_stdout(options.name == "highs" and not options.msg):
@@ -413,7 +426,8 @@ def run_model(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEU
     raise SolverError(f"{options.name} found no solution{limit} (status: {pulp.LpStatus[model.status]})")
 
 
-def make_solver(options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT):
+def make_solver(options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT,
+                tuning: dict[str, float | bool] | None = None):
     """A PuLP solver object for `options`, with an actionable error when it cannot run here."""
     pulp = _pulp()
 
@@ -431,8 +445,9 @@ def make_solver(options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTI
             raise SolverError("--solver-path applies to --solver cbc only")
         if not pulp.HiGHS().available():
             raise SolverError("--solver highs needs highspy: pip install highspy (or --solver cbc)")
+        params: dict[str, Any] = {"mip_heuristic_effort": heuristic_effort, **(tuning or {})}
         return pulp.HiGHS(msg=options.msg, timeLimit=options.time_limit, gapRel=0.0, gapAbs=OPTIMALITY_GAP_ABS,
-                          mip_heuristic_effort=heuristic_effort)
+                          **params)
     raise SolverError(f"unknown solver {options.name!r}; choose one of {', '.join(SOLVERS)}")
 
 

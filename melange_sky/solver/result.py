@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,13 +20,25 @@ from melange_sky.core.config import Bucket, Config, GpuSpec, Market
 from melange_sky.errors import AllocationCheckError, InfeasibleAllocation, SolverError
 from melange_sky.solver.model import (Formulation, SharedCap, SolverOptions, SolveStatus, build_model,
                                      extract_allocation, gpus_per_instance, kept_spot_gpus, lp_bound,
-                                     max_servable_fraction, run_model, solve_split_first, spot_region)
+                                     max_servable_fraction, run_model, solve_split_first, split_tuning,
+                                     spot_region)
 
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
 MARKETS = (Market.ON_DEMAND, Market.SPOT, Market.OWNED)
 #: Two fleets' $/h closer than this are the same cost (solvers stop within 1e-6 of the optimum).
 SAME_COST = 1e-6
+#: Time limit of each comparison solve (a single-GPU-type baseline, all on-demand, floor 0): they explain the
+#: plan, so a slow one is cut short and says so (its cost is then the best fleet found, an upper bound) instead of
+#: holding the answer for the full --time-limit.
+COMPARISON_SECONDS = 3.0
+
+#: `solve`'s progress callback: called with what it starts next ("the single-GPU-type fleets"), for a CLI to show.
+Progress = Callable[[str], None]
+
+
+def _silent(_: str) -> None:
+    """The default progress callback: a library function never prints."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,7 @@ class Baseline:
     cost: float | None
     reason: str | None = None
     counts: dict[str, int] = field(default_factory=dict)  # column -> instances, where they are (offers, sizes)
+    proven: bool = True  # False: COMPARISON_SECONDS stopped it; cost is the best fleet found (an upper bound)
 
 
 @dataclass(frozen=True)
@@ -89,8 +102,9 @@ class MarketReport:
     max_region_share: float
     reliable_share: float
     spot_gpus: dict[str, int]  # region ("aws:us-east-1") -> spot GPUs there
-    on_demand_cost: float | None  # the same config with no spot offers; None if none fits
-    no_floor_cost: float | None  # the same config with floor 0; None if not solved to optimality
+    on_demand_cost: float | None  # the same config with no spot offers; None if none fits (or none found in time)
+    no_floor_cost: float | None  # the same config with floor 0; None if none found in time
+    cut_short: tuple[str, ...] = ()  # "on_demand", "no_floor": stopped by COMPARISON_SECONDS (cost: an upper bound)
 
 
 @dataclass(frozen=True)
@@ -196,33 +210,47 @@ class SolveResult:
                 "on_demand_cost": None if m.on_demand_cost is None else round(m.on_demand_cost, 6),
                 "spot_saving": None if m.on_demand_cost is None else round(m.on_demand_cost - self.cost, 6),
                 "no_floor_cost": None if m.no_floor_cost is None else round(m.no_floor_cost, 6),
-                "floor_cost": None if m.no_floor_cost is None else round(self.cost - m.no_floor_cost, 6)}
+                "floor_cost": None if m.no_floor_cost is None else round(self.cost - m.no_floor_cost, 6),
+                "cut_short": list(m.cut_short)}
 
 
 def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
           options: SolverOptions = SolverOptions(), compare: bool = True,
-          caps: Sequence[SharedCap] = (), max_replicas: int | None = None) -> SolveResult:
+          caps: Sequence[SharedCap] = (), max_replicas: int | None = None,
+          progress: Progress | None = None) -> SolveResult:
     """Find the cheapest fleet and the single-GPU-type baselines. With `compare`, also the LP lower bound and a
     cheaper `split` alternative. `caps` bound the GPUs of several columns together (quotas across offers); a fleet
-    of more than `max_replicas` instances raises InfeasibleAllocation (before baselines and comparisons)."""
+    of more than `max_replicas` instances raises InfeasibleAllocation (before baselines and comparisons).
+
+    Each model is solved once: under a spot block `slices` starts from `split`'s optimum, which is then also the
+    lower bound and the alternative. The comparisons (baselines, all on-demand, floor 0) run with at most
+    COMPARISON_SECONDS each and say when that stopped them. `progress` hears what starts next."""
+    note = progress or _silent
     try:
         formulation = Formulation(formulation)
     except ValueError:
         raise SolverError(f"unknown formulation {formulation!r}; choose one of "
                           f"{', '.join(f.value for f in Formulation)}") from None
-    result = solve_fleet(config, formulation, options, caps, max_replicas)
-    result = dataclasses.replace(result, baselines=baselines(config, formulation, options, caps))
+    note(f"solving the fleet ({formulation})")
+    result, split = _fleet_and_split(config, formulation, options, caps)
+    _check_replicas(config, result, max_replicas)
+    quick = comparison_options(options)
+    note("single-GPU-type fleets")
+    result = dataclasses.replace(result, baselines=baselines(config, formulation, quick, caps, note))
     if config.spot is not None:
-        result = dataclasses.replace(result, markets=market_report(config, result, formulation, options, caps))
+        result = dataclasses.replace(result, markets=market_report(config, result, formulation, quick, caps, note))
     if not compare:
         return result
     # The best proven lower bound: the LP relaxation, or the split optimum (split relaxes slices and paper).
+    note("lower bound")
     bounds = [lp_bound(config, options, caps)]
     alternative = None
     if formulation is Formulation.SPLIT:
         bounds.append(result.cost if result.status is SolveStatus.OPTIMAL else None)
     else:
-        split = solve_fleet(config, Formulation.SPLIT, options, caps)
+        if split is None:
+            note("the split alternative")
+            split = solve_fleet(config, Formulation.SPLIT, quick, caps)
         bounds.append(split.cost if split.status is SolveStatus.OPTIMAL else None)
         if split.cost < result.cost - 1e-9:
             alternative = Alternative(Formulation.SPLIT, split.cost, split.counts)
@@ -230,30 +258,54 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     return dataclasses.replace(result, lower_bound=lower_bound, alternative=alternative)
 
 
+def comparison_options(options: SolverOptions) -> SolverOptions:
+    """`options` with the time limit of one comparison solve (COMPARISON_SECONDS, or less under --time-limit)."""
+    limit = COMPARISON_SECONDS if options.time_limit is None else min(options.time_limit, COMPARISON_SECONDS)
+    return dataclasses.replace(options, time_limit=limit)
+
+
 def solve_fleet(config: Config, formulation: Formulation, options: SolverOptions = SolverOptions(),
                 caps: Sequence[SharedCap] = (), max_replicas: int | None = None) -> SolveResult:
     """The cheapest fleet alone, without `solve`'s baselines and comparisons (for a caller that solves one config
     under several formulations and needs its baselines once: a sweep's mix and split). InfeasibleAllocation says
     why when no fleet fits, or when it has more than `max_replicas` instances."""
+    result, _ = _fleet_and_split(config, formulation, options, caps)
+    _check_replicas(config, result, max_replicas)
+    return result
+
+
+def _fleet_and_split(config: Config, formulation: Formulation, options: SolverOptions,
+                     caps: Sequence[SharedCap]) -> tuple[SolveResult, SolveResult | None]:
+    """The cheapest fleet, and `split`'s optimum when it was solved on the way (`slices` under a spot block starts
+    from it: `solve_split_first`), so that `solve` need not solve it again."""
     fast = (solve_split_first(config, options, caps)
             if config.spot is not None and formulation is Formulation.SLICES else None)
     if fast is not None:
         status, seconds, variables = fast.status, fast.seconds, fast.variables
     else:
         model, variables = build_model(config, formulation, caps=caps)
-        status, seconds = run_model(model, options)
+        status, seconds = run_model(model, options,
+                                    tuning=split_tuning(config) if formulation is Formulation.SPLIT else None)
     if status is SolveStatus.INFEASIBLE:
         raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options, caps)}")
     counts, routing = extract_allocation(config, variables)
     result = make_result(config, formulation, options, status, seconds, counts, routing, caps)
-    if fast is not None:  # split's optimum bounds slices: a search the time limit stopped says its gap
-        result = dataclasses.replace(result, lower_bound=min(fast.bound, result.cost))
+    if fast is None:
+        return result, None
+    # split's optimum bounds slices: a search the time limit stopped says its gap
+    result = dataclasses.replace(result, lower_bound=min(fast.bound, result.cost))
+    counts, routing = extract_allocation(config, fast.split)
+    split = make_result(config, Formulation.SPLIT, options, SolveStatus.OPTIMAL, fast.split_seconds, counts,
+                        routing, caps)
+    return result, split
+
+
+def _check_replicas(config: Config, result: SolveResult, max_replicas: int | None) -> None:
     if max_replicas is not None and result.replicas > max_replicas:
         fleet = ", ".join(f"{g.count:,} x {g.name}" for g in result.gpus if g.count)
         raise InfeasibleAllocation(f"{config.source}: the cheapest fleet at {config.total_request_rate:g} req/s has "
                                    f"{result.replicas:,} replicas ({fleet}), above --max-replicas {max_replicas}: "
                                    f"check the request rate, or raise --max-replicas")
-    return result
 
 
 def make_result(config: Config, formulation: Formulation, options: SolverOptions, status: SolveStatus,
@@ -314,10 +366,12 @@ def check_allocation(config: Config, counts: dict[str, int], routing: dict[Bucke
 
 
 def market_report(config: Config, result: SolveResult, formulation: Formulation, options: SolverOptions,
-                  caps: Sequence[SharedCap] = ()) -> MarketReport:
+                  caps: Sequence[SharedCap] = (), progress: Progress | None = None) -> MarketReport:
     """The `spot` block's outcome for `result`: the reliable share planned, spot GPUs per region, and the same
-    config solved all on-demand and with floor 0 (what spot saves, what the floor costs)."""
+    config solved all on-demand and with floor 0 (what spot saves, what the floor costs), each within `options`'
+    time limit (`cut_short` names those it stopped)."""
     assert config.spot is not None
+    note = progress or _silent
     counts = result.counts
     reliable = [dataclasses.replace(g, min_count=0, max_count=counts[g.name]) for g in config.gpus
                 if g.reliable and counts[g.name]]
@@ -338,29 +392,44 @@ def market_report(config: Config, result: SolveResult, formulation: Formulation,
     own_caps = [dataclasses.replace(cap, columns=tuple((c, n) for c, n in cap.columns if c in names))
                 for cap in caps if any(c in names for c, _ in cap.columns)]
     no_floor = dataclasses.replace(config, spot=dataclasses.replace(config.spot, floor=0.0))
+    note("the same fleet all on-demand")
+    on_demand_cost, on_demand_proven = _best_cost(on_demand, formulation, options, own_caps)
+    no_floor_cost: float | None = result.cost
+    no_floor_proven = result.status is SolveStatus.OPTIMAL
+    if config.spot.floor > 0:
+        note("the same fleet with floor 0")
+        no_floor_cost, no_floor_proven = _best_cost(no_floor, formulation, options, caps)
+        if no_floor_cost is None or no_floor_cost > result.cost:  # the plan itself meets floor 0
+            no_floor_cost = result.cost
+    cut_short = tuple(name for name, cost, proven in (("on_demand", on_demand_cost, on_demand_proven),
+                                                       ("no_floor", no_floor_cost, no_floor_proven))
+                      if cost is not None and not proven)
     return MarketReport(floor=config.spot.floor, max_region_share=config.spot.max_region_share,
                         reliable_share=share, spot_gpus=dict(sorted(spot_gpus.items())),
-                        on_demand_cost=_optimal_cost(on_demand, formulation, options, own_caps),
-                        no_floor_cost=(result.cost if config.spot.floor == 0
-                                       else _optimal_cost(no_floor, formulation, options, caps)))
+                        on_demand_cost=on_demand_cost, no_floor_cost=no_floor_cost, cut_short=cut_short)
 
 
-def _optimal_cost(config: Config, formulation: Formulation, options: SolverOptions,
-                  caps: Sequence[SharedCap]) -> float | None:
+def _best_cost(config: Config, formulation: Formulation, options: SolverOptions,
+               caps: Sequence[SharedCap]) -> tuple[float | None, bool]:
+    """The cheapest fleet's $/h within `options`' time limit, and whether it is proven optimal; (None, False) when
+    no fleet fits, or none was found in time."""
     if not config.gpus:
-        return None
+        return None, False
     try:
         fleet = solve_fleet(config, formulation, options, caps)
-    except InfeasibleAllocation:
-        return None
-    return fleet.cost if fleet.status is SolveStatus.OPTIMAL else None
+    except (InfeasibleAllocation, SolverError):  # SolverError: no fleet found within the time limit
+        return None, False
+    return fleet.cost, fleet.status is SolveStatus.OPTIMAL
 
 
 def baselines(config: Config, formulation: Formulation | str = Formulation.SLICES,
-              options: SolverOptions = SolverOptions(), caps: Sequence[SharedCap] = ()) -> list[Baseline]:
+              options: SolverOptions = SolverOptions(), caps: Sequence[SharedCap] = (),
+              progress: Progress | None = None) -> list[Baseline]:
     """Single-GPU-type fleets (what teams do today): per GPU entry, the cheapest fleet of it alone under the same
     model, with every column of it (with `--per-offer`: every offer, quota and instance size). One plain column is
-    ceil(total load / headroom) instances; several, or shared caps, are solved."""
+    ceil(total load / headroom) instances; several, or shared caps, are solved (within `options`' time limit: a
+    baseline it stops is not `proven`)."""
+    note = progress or _silent
     entries: dict[str, list[GpuSpec]] = {}
     for g in config.gpus:
         entries.setdefault(g.entry or g.name, []).append(g)
@@ -391,13 +460,19 @@ def baselines(config: Config, formulation: Formulation | str = Formulation.SLICE
                 result.append(Baseline(label, count, count * gpu.cost, counts={gpu.name: count}))
             continue
         alone = dataclasses.replace(config, gpus=tuple(columns))
+        note(f"single-GPU-type fleets: {label}")
         try:
             fleet = solve_fleet(alone, Formulation(formulation), options, own_caps)
         except InfeasibleAllocation:
             result.append(Baseline(label, None, None, f"the load does not fit {limit}"))
             continue
+        except SolverError:  # the time limit stopped it before any fleet
+            result.append(Baseline(label, None, None, f"no fleet found within {options.time_limit or 0:g} s",
+                                   proven=False))
+            continue
         result.append(Baseline(label, fleet.replicas, fleet.cost,
-                               counts={name: n for name, n in fleet.counts.items() if n}))
+                               counts={name: n for name, n in fleet.counts.items() if n},
+                               proven=fleet.status is SolveStatus.OPTIMAL))
     return result
 
 
