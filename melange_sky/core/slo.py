@@ -5,14 +5,17 @@ requests. One definition here, so an estimate and a profile of the same server a
 from __future__ import annotations
 
 import math
+import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
 
 #: The SLO held when none is given: mean TPOT <= 120 ms (profile, estimate, simulate and replay alike).
 DEFAULT_TPOT_SLO_MS = 120.0
+#: A rate is measured on arrivals that come in blocks of at least this many (see `arrival_gaps`).
+ARRIVAL_BLOCK_MIN = 20
 
 
 class Slo(StrEnum):
@@ -53,6 +56,20 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
+def arrival_gaps(rate: float, latency_s: float, rng: random.Random) -> Iterator[float]:
+    """The gaps (s) between the arrivals a rate is judged on, by `profile` against a server and by `estimate` on the
+    engine model: Poisson at `rate`, in blocks of max(ARRIVAL_BLOCK_MIN, rate x `latency_s`) arrivals (a request's
+    latency at the SLO, `Slos.latency_at`), each block rescaled to last exactly block / rate. Bursts as in real
+    traffic within a request's lifetime, and the rate asked for over every block: unconditioned, a short measurement's
+    count is off by ~1/sqrt(count), and near saturation a few % more arrivals move the mean TPOT several times as
+    much. (Over longer spans this traffic is smoother than Poisson: a rate holds its SLOs a few % higher on it.)"""
+    block = max(ARRIVAL_BLOCK_MIN, math.ceil(rate * latency_s))
+    while True:
+        gaps = [rng.expovariate(1.0) for _ in range(block)]
+        scale = block / rate / sum(gaps)
+        yield from (gap * scale for gap in gaps)
+
+
 @dataclass(frozen=True)
 class Slos:
     """The SLOs a rate must hold (ms; None: not held) and the percentiles TTFT and latency are read at."""
@@ -79,6 +96,21 @@ class Slos:
     def text(self) -> str:
         """The SLOs in words: "mean TPOT <= 120 ms, p90 TTFT <= 500 ms"."""
         return ", ".join(f"{self.label(slo)} <= {value:g} ms" for slo, value in self.limits.items())
+
+    def latency_at(self, output_tokens: int, alone_ttft_s: float = 0.0, alone_tpot_s: float = 0.0,
+                   alone_latency_s: float = 0.0) -> float:
+        """Seconds a request of `output_tokens` takes with the server exactly at the tightest SLO, from a request
+        alone (its TTFT, TPOT and latency): what sizes a measurement's warm-up, its arrival blocks and the load it
+        calls overloaded, in `profile` and `estimate` alike."""
+        options = []
+        if self.tpot_ms is not None:
+            options.append(alone_ttft_s + (output_tokens - 1) * self.tpot_ms / 1000)
+        if self.latency_ms is not None:
+            options.append(self.latency_ms / 1000)
+        if self.ttft_ms is not None:
+            options.append(self.ttft_ms / 1000 + (output_tokens - 1) * alone_tpot_s)
+        value = max(min(options, default=1.0), alone_latency_s)
+        return max(value, 0.001)
 
     def statistic_ms(self, slo: Slo, tpots_s: Sequence[float], ttfts_s: Sequence[float],
                      latencies_s: Sequence[float]) -> float | None:

@@ -11,17 +11,18 @@ statistics (melange_sky.core.slo), so an estimate and a profile of the same serv
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import statistics
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky.core.config import Pricer
 from melange_sky.core.config_doc import MergeResult, check_merged, gpu_entry
 from melange_sky.core.gpus import same_gpu
-from melange_sky.core.slo import ProfileSize, Slo, Slos, bucket_tokens, percentile
+from melange_sky.core.slo import ProfileSize, Slo, Slos, arrival_gaps, bucket_tokens, percentile
 from melange_sky.engine.engine import Engine
 from melange_sky.engine.errors import DoesNotFit, EngineError
 from melange_sky.engine.hardware import GpuSpec, gpu_spec
@@ -156,25 +157,56 @@ def _summarise(engine: Engine, timings: dict[Hashable, _Timing], output_tokens: 
 EngineFactory = Callable[[], Engine]
 
 # ---- table mode ----------------------------------------------------------------------------------------------------
-#: Relative precision of a bucket's max rate (the bisection stops when the bracket is this narrow).
+#: Relative width of the bisection's final bracket (the reported rate is then fitted inside it).
 RATE_PRECISION = 0.02
-#: Requests measured per rate, at least and at most, after a warm-up of about 1.5 latencies' worth of arrivals
-#: (at most MAX_WARMUP): enough for the requests in flight to settle where the SLOs put them.
-MIN_MEASURED, MAX_MEASURED, MAX_WARMUP = 200, 1000, 2000
-#: A rate is overloaded when requests in flight exceed this many times what the SLOs allow (rate x latency at the
-#: SLO), as `profile` judges a step (melange_sky/inputs/profile.py).
+#: How well each rate's SLO statistic is measured near the limit: its ~95% interval, turned into a rate by the
+#: statistic's elasticity (d ln statistic / d ln rate), is within this share of the rate. The answer's seed-to-seed
+#: spread is then about a third of it: one estimate is the estimate, not one draw of it.
+RATE_ACCURACY = 0.02
+#: ... but never looser than this share of the limit, however steeply the statistic climbs (near saturation a loose
+#: statistic is a short run, and a short run there is not yet at steady state).
+STATISTIC_ACCURACY_MAX = 0.03
+#: Requests measured per rate: at least MIN_MEASURED (the first look), then twice as many at each look until every
+#: SLO's statistic is decided or known to the accuracy asked for, at most MAX_MEASURED. On the virtual clock a
+#: request costs tens of microseconds.
+MIN_MEASURED, MAX_MEASURED = 200, 12800
+#: The requests measured are those arriving once WARMUP_LATENCIES request latencies (a moving mean of those
+#: finishing) have passed and WARMUP_MIN requests have finished, or after MAX_WARMUP arrivals: `profile` likewise
+#: measures once a step has settled, a fraction to a few request durations in.
+WARMUP_LATENCIES, WARMUP_MIN, MAX_WARMUP = 1.5, 5, 2000
+#: A rate is overloaded when its mean requests in flight exceed this many times what the SLOs allow (rate x the
+#: latency at the SLO), with `profile`'s allowance for noise (melange_sky/inputs/profile_load.py `run_step`): the
+#: same bound `profile` fails a step by, here read at steady state.
 OVERLOAD_FACTOR = 3.0
+#: ... and it runs away (overloaded, stopped at once) when the requests in flight at any moment pass this many times
+#: that bound: a queue growing without end (above the capacity the bracket allows for, or preemptions thrashing).
+RUNAWAY_FACTOR = 4.0
+#: Batch means: at most this many batches, each at least one request duration long and of at least this many
+#: requests (a percentile's batches: 20).
+MAX_BATCHES, BATCH_MIN, PERCENTILE_BATCH_MIN = 30, 8, 20
+#: A statistic decides pass or fail early only when the limit lies this many half-widths of its interval away (it is
+#: looked at again as the measurement grows: as `profile`'s steps do).
+SEQUENTIAL = 1.5
+#: Rates nearest an SLO's limit that its crossing is fitted through (as `profile`'s "fit" estimate).
+CROSSING_POINTS = 4
+#: The bisection's checks are measured this many times less precisely (a verdict, not a value); then the two ends of
+#: its last bracket are measured to RATE_ACCURACY, and moved (at most REFINE_MOVES times) where a coarse verdict was
+#: wrong.
+COARSE, REFINE_MOVES = 3.0, 4
 
 
 @dataclass(frozen=True)
 class RateCheck:
-    """One rate tried at steady state: whether every SLO held, and each SLO's statistic (ms)."""
+    """One rate tried at steady state: whether every SLO held, and each SLO's statistic (ms) with the half-width of
+    its ~95% interval (ms; inf when too few requests to tell)."""
 
     rate: float
     passed: bool
     overloaded: bool
     statistics: dict[Slo, float | None]
     limit: Slo | None = None  # the SLO that failed (or, passing, came nearest its limit)
+    half_widths: dict[Slo, float] = field(default_factory=dict)
+    measured: int = 0  # requests measured
 
 
 @dataclass(frozen=True)
@@ -214,87 +246,166 @@ class GpuTable:
 TableProgress = Callable[[str, int, int, "BucketRate | None"], None]
 
 
-def check_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, rate: float, slos: Slos,
-               seed: int = 0, latency_hint_s: float | None = None, capacity: float | None = None,
-               min_measured: int = MIN_MEASURED) -> RateCheck:
-    """Run Poisson arrivals at `rate` until the measured requests are done and judge the SLOs at steady state:
-    a warm-up of about 1.5 latencies' worth of arrivals is discarded, then MIN..MAX_MEASURED requests are measured
-    while arrivals go on (so the last ones see the same load as the first). A rate above `capacity` (the engine's
-    saturated throughput, req/s) has no steady state: overloaded, not run. Deterministic for a seed."""
+def slo_latency(slos: Slos, output_tokens: int, alone: PointResult | None = None) -> float:
+    """Seconds a request of the bucket takes with the server exactly at the tightest SLO, from one request alone
+    (`Slos.latency_at`, as `profile` reads it from its probe request)."""
+    if alone is None:
+        return slos.latency_at(output_tokens)
+    return slos.latency_at(output_tokens, alone.ttft_ms.mean / 1000, alone.tpot_ms.mean / 1000,
+                           (alone.latency_ms.mean if alone.latency_ms else 0.0) / 1000)
+
+
+def _t95(batches: int) -> float:
+    """Student's t for a two-sided 95% interval from `batches` batch means (batches - 1 degrees of freedom)."""
+    dof = max(1, batches - 1)
+    return {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}.get(dof, 1.96 + 2.4 / dof)
+
+
+def _interval(slos: Slos, slo: Slo, values: Sequence[float], durations: float) -> tuple[float, float]:
+    """An SLO's statistic (ms) over `values` (seconds, in arrival order, spanning `durations` latencies at the SLO)
+    and the half-width of its ~95% interval from batch means (requests in flight together share the load, so their
+    values are correlated; batches a latency or more long much less so); inf when too few to tell."""
+    q = 0.0 if slo == Slo.TPOT else (slos.ttft_percentile if slo == Slo.TTFT else slos.latency_percentile) / 100
+
+    def of(batch: Sequence[float]) -> float:
+        return statistics.fmean(batch) if slo == Slo.TPOT else percentile(batch, q)
+
+    point = 1000 * of(values)
+    per_batch = BATCH_MIN if slo == Slo.TPOT else PERCENTILE_BATCH_MIN
+    count = min(MAX_BATCHES, int(durations), len(values) // per_batch)
+    if count < 3:
+        return point, math.inf
+    size = len(values) / count
+    batches = [of(values[round(k * size):round((k + 1) * size)]) for k in range(count)]
+    half = _t95(count) * statistics.stdev(batches) / math.sqrt(count)
+    if slo == Slo.TPOT:  # never narrower than the requests taken as independent
+        half = max(half, 1.96 * statistics.stdev(values) / math.sqrt(len(values)))
+    return point, 1000 * half
+
+
+def check_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, rate: float, slos: Slos, *,
+               seed: int = 0, latency_s: float | None = None, capacity: float | None = None,
+               min_measured: int = MIN_MEASURED, max_measured: int = MAX_MEASURED,
+               accuracy: Mapping[Slo, float] | None = None) -> RateCheck:
+    """Run arrivals at `rate` (`core.slo.arrival_gaps`: the traffic `profile` sends) and judge the SLOs at steady
+    state: a warm-up of about WARMUP_LATENCIES request latencies is discarded, then `min_measured` requests are
+    measured while arrivals go on (so the last ones see the same load as the first), and twice as many at each look
+    until every SLO's statistic is decided (the limit SEQUENTIAL half-widths away) or known within `accuracy` (per
+    SLO, a share of its limit), or `max_measured` were measured. `latency_s`: the latency at the SLO
+    (`slo_latency`). Overloaded: a rate above `capacity` (the engine's saturated throughput, req/s; not run), one
+    whose requests in flight run away, or one whose mean in flight over the measured requests exceeds
+    OVERLOAD_FACTOR x what the SLOs allow (`profile`'s bound). Deterministic for a seed."""
     limits = slos.limits
+    nothing: dict[Slo, float | None] = {slo: None for slo in limits}
     if capacity is not None and rate > capacity:
-        return RateCheck(rate, False, True, {slo: None for slo in limits}, None)
+        return RateCheck(rate, False, True, nothing)
+    latency = latency_s or slo_latency(slos, output_tokens)
+    want = rate * latency
+    bound = OVERLOAD_FACTOR * want + 3 * math.sqrt(want) + 2
+    runaway = RUNAWAY_FACTOR * bound + 8
+    measured = max(2, min_measured)
+    warmup = last = 1 << 62  # until the warm-up is over
     engine = make_engine()
-    rng = random.Random(seed)
-    latency = latency_hint_s or 1.0
-    allowed = _latency_at_slo(slos, output_tokens, latency)
-    in_flight_cap = OVERLOAD_FACTOR * rate * allowed + 8
-    warmup = min(MAX_WARMUP, math.ceil(1.5 * rate * allowed) + 10)
-    measured = min(MAX_MEASURED, max(min_measured, math.ceil(rate * allowed)))
-    last = warmup + measured
+    arrivals_at = itertools.accumulate(arrival_gaps(rate, latency, random.Random(seed)))
     arrivals: list[float] = []
     first: dict[int, float] = {}
     done: dict[int, float] = {}
     now = 0.0
-    next_arrival = rng.expovariate(rate)
+    next_arrival = next(arrivals_at)
     pending = measured
-    overloaded = False
-    while pending > 0:
-        while next_arrival <= now:
-            rid = len(arrivals)
-            arrivals.append(next_arrival)
-            engine.add(rid, prompt_tokens, output_tokens, at=next_arrival)
-            next_arrival += rng.expovariate(rate)
-        if engine.running + engine.waiting > in_flight_cap:
-            overloaded = True
+    recent = 0.0  # a moving mean of the latencies of the requests finishing (s)
+    while True:
+        while pending > 0:
+            while next_arrival <= now:
+                rid = len(arrivals)
+                arrivals.append(next_arrival)
+                engine.add(rid, prompt_tokens, output_tokens, at=next_arrival)
+                next_arrival = next(arrivals_at)
+            if engine.running + engine.waiting > runaway:
+                return RateCheck(rate, False, True, nothing, measured=0)
+            if warmup > len(arrivals) and (len(arrivals) >= MAX_WARMUP or (
+                    len(done) >= WARMUP_MIN and now >= WARMUP_LATENCIES * recent)):
+                warmup = len(arrivals)  # the requests from here on are measured
+                last = warmup + measured
+            if not engine.has_work:
+                engine.idle(next_arrival - now)
+                now = next_arrival
+                continue
+            now += engine.skip_decodes(next_arrival - now)[1]
+            step = engine.step()
+            if step is None:
+                continue
+            now += step.duration_s
+            for got in step.first_token:
+                first[int(got)] = now  # type: ignore[call-overload]  # ids here are the ints added above
+            for got in step.finished:
+                rid = int(got)  # type: ignore[call-overload]
+                done[rid] = now
+                recent += (now - arrivals[rid] - recent) * (0.1 if len(done) > 1 else 1.0)
+                if warmup <= rid < last:
+                    pending -= 1
+        ids = range(warmup, last)
+        in_flight = sum(done[i] - arrivals[i] for i in ids) / max(arrivals[last - 1] - arrivals[warmup], 1e-12)
+        if in_flight > bound:
+            return RateCheck(rate, False, True, nothing, measured=len(ids))
+        series = {Slo.TTFT: [first[i] - arrivals[i] for i in ids], Slo.LATENCY: [done[i] - arrivals[i] for i in ids],
+                  Slo.TPOT: [(done[i] - first[i]) / (output_tokens - 1) for i in ids] if output_tokens > 1 else []}
+        # the span measured, in request durations as they were (batches of about one are nearly independent)
+        durations = (arrivals[last - 1] - arrivals[warmup]) / max(statistics.fmean(series[Slo.LATENCY]), 1e-9)
+        values: dict[Slo, float | None] = {}
+        halves: dict[Slo, float] = {}
+        settled = True
+        for slo, limit in limits.items():
+            if not series[slo]:
+                values[slo], halves[slo] = None, math.inf
+                continue
+            point, half = _interval(slos, slo, series[slo], durations)
+            values[slo], halves[slo] = point, half
+            wanted = (accuracy or {}).get(slo, RATE_ACCURACY) * limit
+            settled = settled and (abs(point - limit) > SEQUENTIAL * half or half <= wanted)
+        if settled or measured >= max_measured:
             break
-        if not engine.has_work:
-            engine.idle(next_arrival - now)
-            now = next_arrival
-            continue
-        now += engine.skip_decodes(next_arrival - now)[1]
-        step = engine.step()
-        if step is None:
-            continue
-        now += step.duration_s
-        for got in step.first_token:
-            first[int(got)] = now  # type: ignore[call-overload]  # ids here are the ints added above
-        for got in step.finished:
-            rid = int(got)  # type: ignore[call-overload]
-            done[rid] = now
-            if warmup <= rid < last:
-                pending -= 1
-    if overloaded:
-        return RateCheck(rate, False, True, {slo: None for slo in limits}, None)
-    ids = range(warmup, last)
-    ttfts = [first[i] - arrivals[i] for i in ids]
-    tpots = [(done[i] - first[i]) / (output_tokens - 1) for i in ids] if output_tokens > 1 else []
-    latencies = [done[i] - arrivals[i] for i in ids]
-    values = {slo: slos.statistic_ms(slo, tpots, ttfts, latencies) for slo in limits}
+        more = min(measured, max_measured - measured)
+        measured += more
+        pending += sum(1 for rid in range(last, last + more) if rid not in done)  # some are done already
+        last += more
     ratios = {slo: (v / limits[slo]) if v is not None else 0.0 for slo, v in values.items()}
     worst = max(ratios, key=lambda k: ratios[k]) if ratios else None
     passed = all(r <= 1.0 for r in ratios.values())
-    return RateCheck(rate, passed, False, values, worst)
+    return RateCheck(rate, passed, False, values, worst, halves, measured)
 
 
-def _latency_at_slo(slos: Slos, output_tokens: int, alone_s: float) -> float:
-    """How long a request may take under the SLOs (s): what `profile` scales its in-flight bound by."""
-    if slos.latency_ms is not None:
-        return slos.latency_ms / 1000
-    allowed = (slos.ttft_ms or 0) / 1000 + (output_tokens - 1) * (slos.tpot_ms or 0) / 1000
-    return max(allowed, 2 * alone_s)
+def _accuracy(checks: Sequence[RateCheck], slos: Slos, accuracy: float = RATE_ACCURACY) -> dict[Slo, float]:
+    """Per SLO, how well its statistic must be known for the rate to be known within `accuracy`: that share
+    times the statistic's elasticity between the checks on either side of the limit (1 before there are both), as
+    `profile`'s `precision_needed`."""
+    out = {}
+    for slo, limit in slos.limits.items():
+        points = [(c.rate, v) for c in checks if not c.overloaded and (v := c.statistics.get(slo)) is not None
+                  and v > 0 and c.rate > 0]
+        below = max((p for p in points if p[1] <= limit), default=None)
+        above = min((p for p in points if p[1] > limit), default=None)
+        elasticity = 1.0
+        if below is not None and above is not None and above[0] > below[0] and above[1] > below[1]:
+            elasticity = math.log(above[1] / below[1]) / math.log(above[0] / below[0])
+        out[slo] = min(max(accuracy * elasticity, accuracy / 10), STATISTIC_ACCURACY_MAX)
+    return out
 
 
 def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int, slos: Slos, *,
              cell: tuple[int, int] = (0, 0), seed: int = 0, precision: float = RATE_PRECISION,
-             min_measured: int = MIN_MEASURED) -> BucketRate:
-    """The highest Poisson rate at which every SLO holds at steady state, to `precision` (relative): bracketed by
-    the engine's saturated throughput (a closed loop at max_num_seqs), then bisected."""
+             min_measured: int = MIN_MEASURED, max_measured: int = MAX_MEASURED,
+             accuracy: float = RATE_ACCURACY) -> BucketRate:
+    """The highest Poisson rate at which every SLO holds at steady state: bracketed by the engine's saturated
+    throughput (a closed loop at max_num_seqs), bisected to `precision`, then fitted where the SLO statistics cross
+    their limits (each measured until its interval pins the rate within `accuracy`)."""
     probe = make_engine()
     alone = run_point(probe, input_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=1, requests=1)
+    latency = slo_latency(slos, output_tokens, alone)
     alone_s = (alone.latency_ms.mean if alone.latency_ms else 0.0) / 1000
-    single = check_rate(make_engine, prompt_tokens, output_tokens, 1e-3 / max(alone_s, 1e-3), slos, seed, alone_s,
-                        min_measured=min(min_measured, MIN_MEASURED // 4))
+    single = check_rate(make_engine, prompt_tokens, output_tokens, 1e-3 / max(alone_s, 1e-3), slos, seed=seed,
+                        latency_s=latency, min_measured=min(min_measured, MIN_MEASURED // 4),
+                        max_measured=min(max_measured, MIN_MEASURED // 4))
     checks = [single]
     if not single.passed:
         return BucketRate(cell, prompt_tokens, output_tokens, 0.0, single.limit, tuple(checks))
@@ -306,31 +417,55 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
     saturated = max(saturated_rate(make_engine, prompt_tokens, output_tokens, c, seed)
                     for c in sorted({min(probe.max_num_seqs, fits), min(probe.max_num_seqs, 2 * fits)}))
     saturated = min(saturated, probe.frontend_capacity(output_tokens))
+
+    fine: set[float] = set()
+
+    def check(rate: float, precise: bool = False) -> RateCheck:
+        shares = {slo: share * (1 if precise else COARSE) for slo, share in _accuracy(checks, slos, accuracy).items()}
+        result = check_rate(make_engine, prompt_tokens, output_tokens, rate, slos, seed=seed, latency_s=latency,
+                            capacity=saturated, min_measured=min_measured, max_measured=max_measured,
+                            accuracy=shares)
+        if precise:
+            fine.add(rate)
+            checks[:] = [c for c in checks if c.rate != rate]  # the same arrivals, measured longer
+        checks.append(result)
+        return result
+
     lo, hi = 0.0, saturated
     lo_check: RateCheck | None = None
+    hi_check: RateCheck | None = None
     # many buckets hold their SLOs up to the engine's capacity: try just below it first
     top = (1 - precision) * saturated
-    first = check_rate(make_engine, prompt_tokens, output_tokens, top, slos, seed, alone_s, saturated, min_measured)
-    checks.append(first)
-    if first.passed:
+    if (first := check(top)).passed:
         lo, lo_check = top, first
     else:
-        hi = top
-    while hi - lo > precision * hi:
+        hi, hi_check = top, first
+    while hi - lo > precision * hi * (1 + 1e-9):
         rate = (lo + hi) / 2 if lo > 0 else hi / 2
-        check = check_rate(make_engine, prompt_tokens, output_tokens, rate, slos, seed, alone_s, saturated,
-                           min_measured)
-        checks.append(check)
-        if check.passed:
-            lo, lo_check = rate, check
+        if (result := check(rate)).passed:
+            lo, lo_check = rate, result
         else:
-            hi = rate
+            hi, hi_check = rate, result
         if lo == 0 and hi < precision * saturated:
             break  # passes alone but not at any rate worth serving
+    if lo > 0:
+        # the bracket's ends measured to `accuracy` (the bisection's checks are COARSE): the crossing is fitted
+        # through them; where a coarse verdict was wrong, the bracket moves by its width and is measured again
+        for _ in range(REFINE_MOVES):
+            width = max(hi - lo, precision * lo)
+            if lo not in fine and not (lo_check := check(lo, precise=True)).passed:
+                hi, hi_check = lo, lo_check  # the crossing lies lower
+                lo, lo_check = (lo - width if lo > width else lo / 2), None
+                continue
+            if hi_check is None or hi_check.overloaded or hi in fine or not (hi_check := check(hi, True)).passed:
+                break
+            lo, lo_check = hi, hi_check  # the crossing lies higher
+            hi = min(hi + width, saturated)
+            hi_check = None if hi >= saturated else check(hi)
     limit = (checks[-1].limit if lo_check is None else lo_check.limit)
-    if lo <= 0:
-        return BucketRate(cell, prompt_tokens, output_tokens, 0.0, limit, tuple(checks))
-    if all(c.passed for c in checks):  # held up to the top tried, just below capacity: no crossing to fit
+    if lo <= 0 or lo_check is None or not lo_check.passed:
+        return BucketRate(cell, prompt_tokens, output_tokens, 0.0 if lo <= 0 else round(lo, 3), limit, tuple(checks))
+    if hi_check is None:  # held up to the top tried, just below capacity: no crossing to fit
         return BucketRate(cell, prompt_tokens, output_tokens, round(lo, 3), limit, tuple(checks))
     rate, crossing_limit = _crossing(checks, slos, lo, hi)
     return BucketRate(cell, prompt_tokens, output_tokens, round(rate, 3), crossing_limit or limit, tuple(checks))
@@ -370,29 +505,27 @@ def saturated_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens
     return (tokens - start_tokens) / (now - start_time) / output_tokens
 
 
-#: Rates nearest an SLO's limit that its crossing is fitted through (as `profile`'s "fit" estimate).
-CROSSING_POINTS = 4
-
-
 def _crossing(checks: Sequence[RateCheck], slos: Slos, lo: float, hi: float) -> tuple[float, Slo | None]:
-    """Where a least-squares line through each SLO's statistic (over its limit) at the rates nearest the limit meets
-    1, clamped to the bisection's bracket [lo, hi]; the lowest of the SLOs' crossings, and that SLO. This is
-    `profile`'s default estimate, and it evens out the noise of any one rate's statistic. `lo` when no line
-    rises through the limit (an overload-bound bucket)."""
+    """Where a line through each SLO's statistic (over its limit) at the rates nearest the limit meets 1, least
+    squares weighted by each statistic's precision, clamped to the bisection's bracket [lo, hi]; the lowest of the
+    SLOs' crossings, and that SLO. This is `profile`'s default estimate, and it evens out what noise is left. `lo`
+    when no line rises through the limit (an overload-bound bucket)."""
     best, which = hi, None
     for slo, limit in slos.limits.items():
-        points = [(c.rate, v / limit) for c in checks
+        points = [(c.rate, v / limit, max(c.half_widths.get(slo, math.inf), 1e-3 * limit) / limit) for c in checks
                   if not c.overloaded and (v := c.statistics.get(slo)) is not None and c.rate > 0]
         points.sort(key=lambda p: abs(p[1] - 1))
-        points = points[:CROSSING_POINTS]
+        points = [p for p in points[:CROSSING_POINTS] if math.isfinite(p[2])]
         if len(points) < 2:
             continue
-        mean_r = statistics.fmean(r for r, _ in points)
-        mean_y = statistics.fmean(y for _, y in points)
-        spread = sum((r - mean_r) ** 2 for r, _ in points)
+        weights = [1 / (h * h) for _r, _y, h in points]
+        total = sum(weights)
+        mean_r = sum(w * r for w, (r, _y, _h) in zip(weights, points)) / total
+        mean_y = sum(w * y for w, (_r, y, _h) in zip(weights, points)) / total
+        spread = sum(w * (r - mean_r) ** 2 for w, (r, _y, _h) in zip(weights, points))
         if spread <= 0:
             continue
-        slope = sum((r - mean_r) * (y - mean_y) for r, y in points) / spread
+        slope = sum(w * (r - mean_r) * (y - mean_y) for w, (r, y, _h) in zip(weights, points)) / spread
         if slope <= 0:
             continue
         crossing = mean_r + (1 - mean_y) / slope
@@ -479,5 +612,5 @@ def merge_tables(config: dict[str, Any], tables: dict[str, GpuTable], input_edge
     return MergeResult(data=data, warnings=tuple(warnings), valid=parsed is not None)
 
 
-__all__ = ["BucketRate", "EngineFactory", "GpuTable", "PointResult", "RateCheck", "Stats", "check_rate", "max_rate",
-           "max_rates", "merge_tables", "run_point", "saturated_rate"]
+__all__ = ["BucketRate", "EngineFactory", "GpuTable", "PointResult", "RateCheck", "Stats", "check_rate",
+           "max_rate", "max_rates", "merge_tables", "run_point", "saturated_rate", "slo_latency"]

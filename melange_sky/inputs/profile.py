@@ -132,21 +132,13 @@ async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) ->
 
 # ---- one bucket ----------------------------------------------------------------------------------------------------
 def slo_latency(settings: ProfileSettings, output_tokens: int, probe: RequestRecord | None = None) -> float:
-    """Seconds a request of the bucket takes when the server sits exactly at the tightest SLO: what fills the
-    server at a step's start (rate x this many in flight) and sets the pace of a step (settling, measuring)."""
-    ttft0 = probe.ttft if probe is not None and probe.ok and probe.ttft is not None else 0.0
-    tpot0 = probe.tpot if probe is not None and probe.ok and probe.tpot is not None else 0.0
-    options = []
-    if settings.tpot_slo_ms is not None:
-        options.append(ttft0 + (output_tokens - 1) * settings.tpot_slo_ms / 1000)
-    if settings.latency_slo_ms is not None:
-        options.append(settings.latency_slo_ms / 1000)
-    if settings.ttft_slo_ms is not None:
-        options.append(settings.ttft_slo_ms / 1000 + (output_tokens - 1) * tpot0)
-    value = min(options)
-    if probe is not None and probe.ok:
-        value = max(value, probe.latency)
-    return max(value, 0.001)
+    """Seconds a request of the bucket takes when the server sits exactly at the tightest SLO (`Slos.latency_at`,
+    from the probe request alone, as `estimate` reads it): what fills the server at a step's start (rate x this many
+    in flight) and sets the pace of a step (settling, measuring)."""
+    ok = probe is not None and probe.ok
+    return settings.slo_spec.latency_at(
+        output_tokens, (probe.ttft or 0.0) if probe is not None and ok else 0.0,
+        (probe.tpot or 0.0) if probe is not None and ok else 0.0, probe.latency if probe is not None and ok else 0.0)
 
 
 def step_cap(settings: ProfileSettings, latency: float) -> float:

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from melange_sky.core.slo import Slo
+from melange_sky.core.slo import ARRIVAL_BLOCK_MIN, Slo, arrival_gaps
 from melange_sky.inputs.http import Client, RequestRecord, is_client_error
 from melange_sky.inputs.profile_result import ProfileSettings, StepResult
 from melange_sky.inputs.profile_stats import ERROR_TOLERANCE, OVERLOAD, slo_checks, summarise
@@ -51,9 +51,6 @@ _SETTLE_MIN, _SETTLE_MAX = 0.5, 3.0
 _GUARD = 1.5
 #: A step measures for at least this many request durations.
 _MIN_SPAN = 2.0
-#: A step's default time cap: this many seconds, or this many request durations at the SLO, the larger.
-#: Arrivals come in rescaled blocks of at least this many (see `Load._gaps`).
-_BLOCK_MIN = 20
 #: The step's latency is the mean of its last this-many requests to finish.
 _RECENT = 20
 
@@ -139,18 +136,9 @@ class Load:
         self._wake.set()
 
     def _gaps(self) -> Iterator[float]:
-        """Poisson inter-arrival times, in blocks rescaled to last exactly block / rate seconds.
-
-        A Poisson process conditioned on its count per block: bursts as in real traffic within a request's
-        lifetime, but the realised rate of a step is the rate asked for. Unconditioned, a step's count is off by
-        ~1/sqrt(count), and near saturation a few % more arrivals move the mean TPOT by several times as much.
-        """
-        rate = self.rate
-        block = max(_BLOCK_MIN, math.ceil(rate * self.block_seconds))
-        while True:
-            gaps = [self.rng.expovariate(1.0) for _ in range(block)]
-            scale = block / rate / sum(gaps)
-            yield from (g * scale for g in gaps)
+        """The gaps between arrivals at the current rate: `core.slo.arrival_gaps` (Poisson in blocks of about one
+        latency's worth, each rescaled to the rate asked for), the traffic `estimate` judges a rate on too."""
+        return arrival_gaps(self.rate, self.block_seconds, self.rng)
 
     async def _arrivals(self) -> None:
         next_at = self.loop.time()
@@ -256,7 +244,7 @@ async def run_step(load: Load, rate: float, plan: StepPlan, settings: ProfileSet
         done = load.done.get(step, [])
         latency = _recent_latency(done, plan.latency_guess)
         elapsed = now - t0
-        window = max(2 * plan.slo_latency, _BLOCK_MIN / rate)  # not the latency seen: overloaded, it only grows
+        window = max(2 * plan.slo_latency, ARRIVAL_BLOCK_MIN / rate)  # not the latency seen: overloaded, it only grows
         while samples and samples[0][0] < now - max(_SETTLE_MAX * latency, window) - 1:
             samples.popleft()
         window_mean = _mean_in_flight(samples, now - window, now, area)
