@@ -16,6 +16,7 @@ import sys
 import time
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from melange_sky.engine import Engine, load_model
@@ -85,12 +86,13 @@ class Served:
                 for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
-def predicted(prompt_tokens: int, max_tokens: int, speed: float, requests: int = 1) -> tuple[float, float]:
-    """(time to the first token, time to the last) of `requests` identical requests added together, as a fresh
-    engine of the same model steps them."""
+def predicted(prompt_tokens: int, max_tokens: int, speed: float, requests: int = 1,
+              endpoint: str = "completions") -> tuple[float, float]:
+    """(time to the first token, time to the last) of `requests` identical requests to `endpoint` added together,
+    as a fresh engine of the same model steps them."""
     engine = Engine(load_model(MODEL), GPU, speed=speed)
     for rid in range(requests):
-        engine.add(rid, prompt_tokens, max_tokens)
+        engine.add(rid, prompt_tokens, max_tokens, endpoint=endpoint)
     now, first = 0.0, None
     while (step := engine.step()) is not None:
         now += step.duration_s
@@ -402,3 +404,17 @@ def test_the_command_prints_its_url_serves_and_stops_on_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_request_costs_the_model_of_vllms_api_server_what_its_endpoint_costs_as_estimate_charges_it():
+    through = {}
+    for endpoint in ("chat", "completions"):
+        emulator = prepare(MODEL, GPU, port=0).emulator  # a fresh (idle) engine
+        emulator.submit(10, 2, stream=False, endpoint=endpoint)
+        step = emulator.engine.step()  # nothing else to do: an idle step until the API server lets it through
+        assert step is not None and step.batch_tokens == 0
+        through[endpoint] = step.duration_s
+    coefficients = emulator.engine.coefficients
+    assert through["chat"] == pytest.approx(coefficients.frontend_request_ms * 1e-3)
+    assert through["completions"] == pytest.approx(coefficients.for_endpoint("completions").frontend_request_ms * 1e-3)
+    assert through["completions"] < through["chat"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from melange_sky.engine import Coefficients, Engine, EngineSettings, Step, load_model
+from melange_sky.engine import Coefficients, Engine, EngineError, EngineSettings, Step, load_model
 
 LLAMA = load_model("llama-3.1-8b")
 #: The scheduler alone: no API server in front (its own test is below).
@@ -176,3 +176,22 @@ def test_requests_pass_the_api_server_one_at_a_time_and_streamed_tokens_keep_it_
     assert completions.frontend_capacity(200) == pytest.approx(1 / (0.0064 + 200 * 46e-6))
     with pytest.raises(ValueError, match="unknown endpoint"):
         Coefficients().for_endpoint("embeddings")
+
+
+def test_a_request_pays_the_api_server_cost_of_the_endpoint_it_came_to() -> None:
+    def through(endpoint: str | None) -> float:
+        engine = Engine(LLAMA, "H100", coefficients=Coefficients(frontend_token_us=0))
+        engine.add("a", 100, 2, endpoint=endpoint)
+        step = engine.step()
+        assert step is not None and step.batch_tokens == 0  # idle until the API server lets it through
+        return step.duration_s
+
+    chat, completions = Coefficients().frontend_request_ms, Coefficients().frontend_completion_request_ms
+    assert through("chat") == pytest.approx(chat * 1e-3)
+    assert through("completions") == pytest.approx(completions * 1e-3) and completions < chat
+    assert through(None) == pytest.approx(chat * 1e-3)  # no endpoint: the engine's coefficients as given
+    engine = Engine(LLAMA, "H100").without_frontend()
+    engine.add("a", 100, 2, endpoint="chat")
+    assert engine.step().batch_tokens == 100  # no API server: straight into the first step
+    with pytest.raises(EngineError, match="unknown endpoint"):
+        Engine(LLAMA, "H100").add("a", 100, 2, endpoint="embeddings")

@@ -138,15 +138,18 @@ class Emulator:
         self.aborted_total = 0
 
     # -- the handlers' side ------------------------------------------------------------------------------------------
-    def submit(self, prompt_tokens: int, max_tokens: int, *, stream: bool) -> _Request:
-        """A new request: it waits in the engine's queue until the next step boundary schedules it."""
+    def submit(self, prompt_tokens: int, max_tokens: int, *, stream: bool, endpoint: str | None = None) -> _Request:
+        """A new request: it waits in the engine's queue until the next step boundary schedules it. `endpoint`
+        ("chat" or "completions"): the OpenAI endpoint it came to, which sets its cost in the model of vLLM's API
+        server (a chat request costs more: `Coefficients.for_endpoint`), as `estimate` charges per endpoint."""
         if self.dead is not None:
             raise ApiError(500, self.dead, "InternalServerError")
         req = _Request(next(self._ids), prompt_tokens, max_tokens, stream)
         arrived = time.monotonic() - self._origin  # on the engine clock
         if not self.engine.has_work:  # it was idle meanwhile: its clock catches up with the wall clock
             self.engine.idle(arrived - self.engine.clock)
-        self.engine.add(req.rid, prompt_tokens, max_tokens, at=arrived)  # mid-step arrivals keep their time
+        # mid-step arrivals keep their time
+        self.engine.add(req.rid, prompt_tokens, max_tokens, at=arrived, endpoint=endpoint)
         self._requests[req.rid] = req
         self.prompt_tokens_total += prompt_tokens
         if self._idle is not None and not self._idle.done():
@@ -350,7 +353,7 @@ class EmulatorServer:
             answer = Answer(gen)
             emulator = self.emulator
             if not gen.stream:
-                req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=False)
+                req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=False, endpoint=kind.value)
                 try:
                     await req.wait(0)
                 finally:
@@ -358,7 +361,7 @@ class EmulatorServer:
                 if req.failed:
                     raise ApiError(500, emulator.dead or "the engine loop failed", "InternalServerError")
                 return web.Response(body=answer.whole(req.emitted), content_type=JSON)
-            req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=True)
+            req = emulator.submit(gen.prompt_tokens, gen.max_tokens, stream=True, endpoint=kind.value)
         except ApiError as exc:
             return web.Response(body=exc.body(), status=exc.status, content_type=JSON)
         out = web.StreamResponse(headers={"Content-Type": EVENT_STREAM, "Cache-Control": "no-cache"})

@@ -153,6 +153,11 @@ class Engine:
         self._frontend_free_at = 0.0
         self._frontend_streaming = 0.0  # share of the API server's time the tokens of the last step take
         self._frontend_request_s = coefficients.frontend_request_ms * 1e-3 / speed
+        # the API server's per-request cost by the endpoint a request came to (`add(..., endpoint=)`): a chat request
+        # costs it more than a plain completion (step_time.Coefficients.for_endpoint); None: the cost above
+        self._frontend_endpoint_s = {
+            endpoint: coefficients.for_endpoint(endpoint).frontend_request_ms * 1e-3 / speed
+            for endpoint in ("chat", "completions")}
         self._frontend_token_s = coefficients.frontend_token_us * 1e-6 / speed
         self._allocated = 0  # blocks taken from the free queue for new content, ever (drives prefix-cache eviction)
 
@@ -189,10 +194,13 @@ class Engine:
                 f"{self.max_num_batched_tokens}{fit}")
 
     # ---- requests --------------------------------------------------------------------------------------------------
-    def add(self, request_id: Hashable, prompt_tokens: int, max_tokens: int, *, at: float | None = None) -> None:
+    def add(self, request_id: Hashable, prompt_tokens: int, max_tokens: int, *, at: float | None = None,
+            endpoint: str | None = None) -> None:
         """A request enters the API server, then WAITING (FCFS). `at`: when it arrived on the engine clock
         (`clock`; default now), for a driver that adds arrivals at step boundaries but knows they came mid-step.
-        EngineError if it is longer than max_model_len (vLLM answers 400)."""
+        `endpoint` ("chat" or "completions"): the OpenAI endpoint it came to, which sets what it costs the API
+        server (default: the engine's coefficients as given). EngineError if it is longer than max_model_len (vLLM
+        answers 400)."""
         if request_id in self._requests:
             raise EngineError(f"request {request_id!r} is already in the engine")
         if prompt_tokens < 1 or max_tokens < 1:
@@ -200,10 +208,13 @@ class Engine:
         if prompt_tokens + max_tokens > self.max_model_len:
             raise EngineError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
                               f"asks for {prompt_tokens} prompt + {max_tokens} output tokens")
+        cost_s = self._frontend_request_s if endpoint is None else self._frontend_endpoint_s.get(endpoint)
+        if cost_s is None:
+            raise EngineError(f"unknown endpoint {endpoint!r} (chat or completions)")
         request = _Request(request_id, prompt_tokens, max_tokens)
         self._requests[request_id] = request
         arrived = self.clock if at is None else min(at, self.clock)
-        ready = max(arrived, self._frontend_free_at) + self._frontend_request_s / (1 - self._frontend_streaming)
+        ready = max(arrived, self._frontend_free_at) + cost_s / (1 - self._frontend_streaming)
         self._frontend_free_at = ready
         if ready <= self.clock:
             self._waiting.append(request)  # no API server cost modelled
@@ -218,6 +229,7 @@ class Engine:
     def without_frontend(self) -> Engine:
         """This engine with no API server in front (for measuring what the GPU alone sustains); returns itself."""
         self._frontend_request_s = self._frontend_token_s = 0.0
+        self._frontend_endpoint_s = dict.fromkeys(self._frontend_endpoint_s, 0.0)
         return self
 
     def idle(self, seconds: float) -> None:
