@@ -11,8 +11,10 @@ measured against predicted output tokens/s, TPOT and TTFT (mean), the error of e
 is a comparison, not a fitter: it never changes a coefficient, and the points are not the model's training data.
 
 Issue 17's target: median absolute error <= 20% on output tokens/s and on TPOT, no point off by more than 2x
-(`--check` exits 1 when it is missed). Points whose lengths are a variable-length dataset's means ("mean" in the
-file) are shown and counted, and the medians over fixed-length points alone are printed beside them.
+(`--check` exits 1 when it is missed). A variable-length dataset's point ("distribution" in the file) runs on
+per-request lengths of that dataset's shape, from a published table (the file's `workloads`), drawn with a fixed seed
+and scaled to the run's published means (`melange_sky.engine.workload_run`); one with no such table ("mean") runs at
+its mean lengths. All are shown and counted, and the medians over fixed-length points alone are printed beside them.
 
 The engine runs with its own coefficients: a calibration fit saved under $MELANGE_SKY_HOME (`estimate
 --calibrate`) is hidden from it, so the table is the datasheet model's accuracy, whoever runs the bench.
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from melange_sky.engine import Coefficients, Engine, EngineSettings, load_model  # noqa: E402
 from melange_sky.engine.estimate import run_point  # noqa: E402
+from melange_sky.engine.workload_run import Request, run_requests, sample_requests  # noqa: E402
 
 DATA = ROOT / "bench" / "data" / "published_vllm.json"
 START = "<!-- estimate-accuracy:table:start (bench/estimate_accuracy.py writes between these markers) -->"
@@ -70,6 +73,7 @@ class Point:
     deployment: dict[str, Any]
     measured: dict[str, float]
     derivation: str = ""
+    workload: str | None = None  # lengths == "distribution": the per-request length table (data file's workloads)
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> Point:
@@ -78,7 +82,7 @@ class Point:
                    model=row["model"], dtype=row["dtype"], input_tokens=row["input_tokens"],
                    output_tokens=row["output_tokens"], lengths=row["lengths"], concurrency=row.get("concurrency"),
                    rate=row.get("rate"), requests=row["requests"], deployment=row.get("deployment") or {},
-                   measured=row["measured"], derivation=row.get("derivation", ""))
+                   measured=row["measured"], derivation=row.get("derivation", ""), workload=row.get("workload"))
 
     @property
     def load(self) -> str:
@@ -140,14 +144,31 @@ def load_data(path: Path = DATA) -> tuple[dict[str, dict[str, str]], list[Point]
     return data["sources"], [Point.from_json(row) for row in data["points"]]
 
 
+def load_workloads(path: Path = DATA) -> dict[str, dict[str, Any]]:
+    """The data file's per-request length tables of variable-length datasets (by name)."""
+    return json.loads(path.read_text()).get("workloads", {})
+
+
+def point_requests(point: Point, workloads: dict[str, dict[str, Any]]) -> list[Request]:
+    """A distribution point's requests: its dataset's published per-request lengths (shape), drawn with a fixed
+    seed and scaled to the run's published means, within the benchmark's length filter."""
+    table = workloads[point.workload or ""]
+    limits = table.get("filter", {})
+    return sample_requests([tuple(pair) for pair in table["pairs"]], point.requests,
+                           prompt_mean=point.input_tokens, output_mean=point.output_tokens,
+                           max_prompt=limits.get("max_prompt"), max_total=limits.get("max_total"),
+                           min_tokens=min(limits.get("min_prompt", 1), limits.get("min_output", 1)), seed=0)
+
+
 def model_path(model: str) -> str:
     """A bundled model's name, or a config.json folder under bench/data/models (models only the bench needs)."""
     local = ROOT / model
     return str(local) if "/" in model and local.exists() else model
 
 
-def compare(point: Point) -> Comparison:
-    """Run the engine model's point mode on one published setup."""
+def compare(point: Point, workloads: dict[str, dict[str, Any]] | None = None) -> Comparison:
+    """Run the engine model's point mode on one published setup (a 'distribution' point: on its dataset's
+    per-request lengths, `workload_run.run_requests`)."""
     started = time.perf_counter()
     try:
         settings = EngineSettings.from_deployment(point.deployment, source=point.id)
@@ -157,8 +178,13 @@ def compare(point: Point) -> Comparison:
                         settings=settings, coefficients=coefficients)
         if point.client == "offline":  # vLLM's LLM class in-process: no API server in front of the engine
             engine = engine.without_frontend()
-        result = run_point(engine, input_tokens=point.input_tokens, output_tokens=point.output_tokens,
-                           concurrency=point.concurrency, rate=point.rate, requests=point.requests, seed=0)
+        if point.lengths == "distribution":
+            result = run_requests(engine, point_requests(point, workloads if workloads is not None else
+                                                         load_workloads()),
+                                  concurrency=point.concurrency, rate=point.rate, seed=0)
+        else:
+            result = run_point(engine, input_tokens=point.input_tokens, output_tokens=point.output_tokens,
+                               concurrency=point.concurrency, rate=point.rate, requests=point.requests, seed=0)
     except Exception as exc:  # a refused setup is a result of the bench, shown in the table
         return Comparison(point, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - started)
     predicted = {"output_tokens_per_s": result.output_tokens_per_s, "tpot_ms_mean": result.tpot_ms.mean,
@@ -248,7 +274,9 @@ def markdown(comparisons: list[Comparison], summary: dict[str, Any], sources: di
     lines = [
         f"Engine model at commit `{revision}`; {summary['points']} points over {len(summary['gpus'])} GPU types "
         f"({', '.join(summary['gpus'])}). Errors are (predicted - measured) / measured; **!** marks a point off by "
-        "more than 2x. TTFT is shown, not judged. `mean` lengths: a variable-length dataset run at its mean lengths.",
+        "more than 2x. TTFT is shown, not judged. `distribution` lengths: a variable-length dataset, its published "
+        "means shown, run on per-request lengths of the dataset's shape (the data file's workloads); `mean`: run at "
+        "its mean lengths.",
         "",
         "| point | GPU | model | setup | tok/s measured | tok/s predicted | error | TPOT ms measured | TPOT predicted "
         "| error | TTFT ms measured / predicted | engine notes |",
@@ -354,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     sources, points = load_data(args.data)
+    workloads = load_workloads(args.data)
     if args.only:
         unknown = set(args.only) - {p.id for p in points}
         if unknown:
@@ -362,7 +391,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     started = time.perf_counter()
     comparisons = []
     for p in points:
-        comparisons.append(compare(p))
+        comparisons.append(compare(p, workloads))
         print(f"  {p.id}: {comparisons[-1].seconds:.1f} s", file=sys.stderr)
     summary = summarise(comparisons)
     revision = args.engine_revision or engine_revision()

@@ -70,7 +70,11 @@ def test_point_runs_on_a_known_gpu_and_a_bundled_or_bench_model(point: dict[str,
 @pytest.mark.parametrize("point", _points(), ids=lambda p: p["id"])
 def test_point_setup_is_complete_client_lengths_and_loop(point: dict[str, Any]) -> None:
     assert _positive_int(point["input_tokens"]) and _positive_int(point["output_tokens"])
-    assert point["lengths"] in ("fixed", "mean")
+    assert point["lengths"] in ("fixed", "distribution", "mean")
+    # a variable-length dataset's point names the table of per-request lengths it is run on
+    assert ("workload" in point) == (point["lengths"] == "distribution")
+    if "workload" in point:
+        assert point["workload"] in _data()["workloads"], point["workload"]
     assert point["client"] in ("api-server", "offline")
     # the API server's per-request cost differs by endpoint: an API-server point says which one its client used
     if point["client"] == "offline":
@@ -99,6 +103,17 @@ def test_point_measures_throughput_or_tpot(point: dict[str, Any]) -> None:
     assert set(measured) <= set(MEASURES) and measured
     assert "output_tokens_per_s" in measured or "tpot_ms_mean" in measured
     assert all(_positive_number(v) for v in measured.values())
+
+
+def test_every_workload_table_cites_its_source_and_its_lengths_pass_its_filter() -> None:
+    for name, table in _data()["workloads"].items():
+        assert table["about"].strip() and table["source"]["url"].startswith("https://"), name
+        limits, pairs = table["filter"], table["pairs"]
+        assert len(pairs) >= 100, f"{name}: too few requests to carry a shape"
+        for prompt, output in pairs:
+            assert _positive_int(prompt) and _positive_int(output)
+            assert limits["min_prompt"] <= prompt <= limits["max_prompt"] and output >= limits["min_output"]
+            assert prompt + output <= limits["max_total"]
 
 
 def test_the_table_covers_fifteen_points_over_five_gpu_types() -> None:
