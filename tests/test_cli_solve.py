@@ -179,3 +179,27 @@ def test_table_stays_aligned_for_short_gpu_names_and_large_counts(cli, write_con
         for row in lines:
             assert row[end - 1] != " " and (len(row) == end or row[end] == " "), (column, row)
     assert "300" in rows[-1] and "$175,200/month" in "\n".join(out)
+
+
+def test_a_comparison_cut_short_by_its_time_limit_says_so_and_gives_its_cost_as_a_bound():
+    import dataclasses
+
+    from melange_sky.cli.text import format_solve
+    from melange_sky.core.config import parse_config
+    from melange_sky.solver.result import solve
+
+    data = {"workload_distribution": [[1.0]], "total_request_rate": 10, "slice_factor": 10, "spot": {"floor": 0.5},
+            "gpu_info": {"A10G": {"cost": 1.0, "tputs": [[1]], "use_spot": False},
+                         "A10G-spot": {"cost": 0.4, "tputs": [[1]], "use_spot": True}}}
+    result = solve(parse_config(data, source="test.json"))
+    assert result.markets is not None and result.markets.cut_short == ()
+    assert "cut short" not in format_solve(result)  # 5 on demand + 5 spot = $7/h; all on demand $10, floor 0 $4
+    cut = dataclasses.replace(
+        result, markets=dataclasses.replace(result.markets, cut_short=("on_demand", "no_floor")),
+        baselines=[dataclasses.replace(b, proven=False) for b in result.baselines])
+    text = format_solve(cut)
+    assert "All on-demand: at most $10.00/h; spot saves up to $3.00/h (cut short: not proven optimal; a " \
+           "comparison gets at most 3 s)." in text
+    assert "The floor costs at least $3.00/h (with floor 0: at most $4.00/h; cut short:" in text
+    assert "A10G          10 x $1.00 = $10.00/h  <- cheapest  (cut short: not proven optimal; a comparison" in text
+    assert cut.to_dict()["markets"]["cut_short"] == ["on_demand", "no_floor"]

@@ -283,3 +283,35 @@ def test_a_region_holding_kept_spot_adds_at_most_its_share_of_the_other_spot_gpu
     assert spot["r0"] >= 4 and spot["r0"] - 4 <= 0.5 * (sum(spot.values()) - 4) + 1e-9
     assert sum(spot.values()) == 8 and result.markets is not None
     assert result.markets.spot_gpus == {f"aws:{r}": n for r, n in spot.items() if n}
+
+
+def test_solve_with_markets_solves_split_once_and_reports_it_as_the_bound_and_the_cheaper_alternative(monkeypatch):
+    # Mélange's example with a spot A10G at $0.40 beside the on-demand one, floor 0.5, one slice per bucket:
+    # slices $4.87/h, split $4.07/h (1 spot A10G + 1 A100). Slices starts from split's optimum, and `solve` reports
+    # that same solve (its bound and its alternative) instead of solving split a second time.
+    from melange_sky.solver import model, result as result_module
+
+    data = {"workload_distribution": [[0.2, 0.1], [0.5, 0.2]], "total_request_rate": 30, "slice_factor": 1,
+            "gpu_info": {"A10G": {"cost": 1.01, "tputs": [[2, 1], [5, 2]], "use_spot": False},
+                         "A10G-spot": {"cost": 0.4, "tputs": [[2, 1], [5, 2]], "use_spot": True},
+                         "A100-80GB": {"cost": 3.67, "tputs": [[20, 20], [40, 20]], "use_spot": False}},
+            "spot": {"floor": 0.5}}
+    cfg = parse_config(data, source="test.json")
+    builds = []
+
+    def counted(config, formulation, *args, **kwargs):
+        if config.gpus == cfg.gpus and config.spot == cfg.spot and formulation == "split" and \
+                not kwargs.get("relax", args[0] if args else False):
+            builds.append(formulation)
+        return build_model(config, formulation, *args, **kwargs)
+
+    build_model = model.build_model
+    monkeypatch.setattr(model, "build_model", counted)
+    monkeypatch.setattr(result_module, "build_model", counted)
+    result = solve(cfg, "slices")
+    assert builds == ["split"]
+    assert result.cost == pytest.approx(4.87) and result.status == "optimal"
+    assert result.lower_bound == pytest.approx(4.07)
+    assert result.alternative is not None and result.alternative.cost == pytest.approx(4.07)
+    assert {name: n for name, n in result.alternative.counts.items() if n} == {"A10G-spot": 1, "A100-80GB": 1}
+    assert result.markets is not None and result.markets.cut_short == ()

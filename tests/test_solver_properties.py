@@ -618,3 +618,55 @@ def test_with_markets_a_re_plan_keeping_the_spot_replicas_left_after_a_regional_
             here = sum(n for name, n in spot.items() if spot_region(again.gpu(name)) == region)
             held = sum(g.min_count for g in kept if not g.reliable and spot_region(g) == region)
             assert here - held <= kappa * (total - held) + SLACK  # what is added keeps the spread
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(market_instances())
+def test_with_markets_split_tuned_for_speed_reaches_the_default_highs_optimum(config):
+    """`split` under a spot block runs HiGHS without its sub-MIP heuristics and restarts (MARKET_SPLIT_TUNING):
+    the same proven optimum as the model solved with HiGHS's defaults."""
+    model, _ = build_model(config, "split")
+    status, _ = run_model(model, SolverOptions())
+    plain = pulp.value(model.objective) if status == "optimal" else None
+    event("feasible" if plain is not None else "infeasible")
+    assert_same_cost(market_cost(config, "split"), plain)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(market_instances())
+def test_with_markets_solve_reuses_splits_optimum_as_its_bound_and_alternative_and_its_comparisons_are_optima(
+        config):
+    """`solve` under a spot block solves `split` once, on the way to `slices`: its lower bound and its cheaper
+    split alternative are split's own optimum, solved apart; the all-on-demand and floor-0 lines are those
+    configs' own optima (proven: nothing here needs the comparison time limit), and the mix is never dearer than a
+    proven single-GPU baseline."""
+    import dataclasses
+
+    from melange_sky.solver.model import Formulation
+    from melange_sky.solver.result import solve_fleet
+
+    try:
+        result = solve(config, "slices")
+    except InfeasibleAllocation:
+        assert market_cost(config, "slices") is None
+        return
+    split = market_cost(config, "split")
+    assert split is not None
+    assert_same_cost(result.lower_bound, split)
+    if split < result.cost - COST:
+        assert result.alternative is not None
+        assert_same_cost(result.alternative.cost, split)
+    else:
+        assert result.alternative is None
+    markets = result.markets
+    assert markets is not None and markets.cut_short == ()
+    on_demand = dataclasses.replace(config, gpus=tuple(g for g in config.gpus if g.reliable), spot=None)
+    try:
+        expected_on_demand: float | None = solve_fleet(on_demand, Formulation.SLICES).cost
+    except InfeasibleAllocation:
+        expected_on_demand = None
+    assert_same_cost(markets.on_demand_cost, expected_on_demand)
+    no_floor = dataclasses.replace(config, spot=dataclasses.replace(config.spot, floor=0.0))
+    assert_same_cost(markets.no_floor_cost, market_cost(no_floor, "slices"))
+    assert all(b.proven for b in result.baselines)
+    assert all(result.cost <= b.cost + COST for b in result.baselines if b.cost is not None)
