@@ -31,6 +31,7 @@ all-A100-80GB fleet would need 10-60 GPUs. Solve times are ``SolveResult.solve_s
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -187,6 +188,17 @@ def load_market_instance(seed: int, slice_factor: int = 8) -> Config:
                        use_spot=True, market=Market.SPOT, max_count=spot_cap)
         columns += [on_demand, spot]
     return replace(config, name=f"bench-{seed}-markets", gpus=tuple(columns), spot=MARKET_POLICY)
+
+
+def market_cli_config(seed: int) -> dict[str, Any]:
+    """The seed's workload and throughputs as a config for `melange-sky solve --per-offer` under the same `spot`
+    block: one entry per GPU type (no `@cloud`), so the CLI binds them to its catalog's offers and spot prices (a
+    GPU the catalog lacks is solved at its list price, on demand). For timing `solve` end to end."""
+    data = make_instance(seed)
+    tputs = {name.split("@")[0]: spec["tputs"] for name, spec in data["gpu_info"].items()}
+    gpu_info = {gpu.name: {"cost": gpu.price, "tputs": tputs[gpu.name]} for gpu in GPU_TYPES}
+    return {**data, "name": f"bench-{seed}-markets-cli", "gpu_info": gpu_info,
+            "spot": {"floor": MARKET_POLICY.floor, "max_region_share": MARKET_POLICY.max_region_share}}
 
 
 # ---- measuring --------------------------------------------------------------------------------------------------
@@ -518,6 +530,9 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     parser.add_argument("--quota-sweep-time-limit", type=float,
                         help=f"seconds per solve in Tables 2 and 4 (default {FULL.quota_sweep_time_limit:g})")
     parser.add_argument("--markets-only", action="store_true", help="only Table 6 (markets)")
+    parser.add_argument("--write-config", nargs=2, metavar=("SEED", "PATH"),
+                        help="write seed SEED's market instance as a config for `melange-sky solve --per-offer` "
+                             "(catalog offers and spot prices) to PATH, and exit")
     parser.add_argument("--paper-time-limit", type=float,
                         help=f"seconds per paper solve in Table 3 (default {FULL.paper_time_limit:g})")
     args = parser.parse_args(argv)
@@ -526,6 +541,10 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
                                                          "quota_sweep_time_limit", "paper_time_limit")}
     plan = replace(plan, **{name: value for name, value in overrides.items() if value is not None},
                    markets_only=args.markets_only)
+    if args.write_config:
+        seed, path = args.write_config
+        Path(path).write_text(json.dumps(market_cli_config(int(seed)), indent=1) + "\n")
+        parser.exit(0, f"Wrote {path}\n")
     if plan.seeds < 1:
         parser.error("--seeds must be at least 1")
     return replace(plan, paper_seeds=min(plan.paper_seeds, plan.seeds), sweep_seeds=min(plan.sweep_seeds, plan.seeds))

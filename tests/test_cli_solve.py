@@ -203,3 +203,32 @@ def test_a_comparison_cut_short_by_its_time_limit_says_so_and_gives_its_cost_as_
     assert "The floor costs at least $3.00/h (with floor 0: at most $4.00/h; cut short:" in text
     assert "A10G          10 x $1.00 = $10.00/h  <- cheapest  (cut short: not proven optimal; a comparison" in text
     assert cut.to_dict()["markets"]["cut_short"] == ["on_demand", "no_floor"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_solve_names_each_solve_on_a_terminals_stderr_and_erases_it_and_says_nothing_on_a_pipe(monkeypatch,
+                                                                                                terminal):
+    import io
+
+    from melange_sky.cli import plan
+    from melange_sky.core.config import parse_config
+    from melange_sky.solver.result import solve
+
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return terminal
+
+    stderr = Stderr()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    data = {"workload_distribution": [[1.0]], "total_request_rate": 10, "slice_factor": 10, "spot": {"floor": 0.5},
+            "gpu_info": {"A10G": {"cost": 1.0, "tputs": [[1]], "use_spot": False},
+                         "A10G-spot": {"cost": 0.4, "tputs": [[1]], "use_spot": True}}}
+    with plan._status_line() as progress:
+        solve(parse_config(data, source="test.json"), progress=progress)
+    if not terminal:
+        assert progress is None and stderr.getvalue() == ""
+        return
+    shown = stderr.getvalue().split("\r\033[K")
+    assert shown[1].startswith("solving the fleet (slices)... (0 s so far)")
+    assert any(line.startswith("the same fleet with floor 0...") for line in shown)
+    assert shown[-1] == ""  # erased at the end

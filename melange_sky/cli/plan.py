@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -120,37 +119,26 @@ def plan(config: str, output_dir: str, formats: tuple[str, ...], as_json: bool, 
     click.echo(f"Wrote {len(written)} file(s) to {output_dir}", err=True)
 
 
-#: A solve shows what it is doing once it has run this long (a quick one prints nothing extra).
-STATUS_AFTER_SECONDS = 1.0
-
-
 @contextlib.contextmanager
 def _status_line() -> Iterator[Callable[[str], None] | None]:
-    """On a terminal, one line on stderr saying which solve runs and for how long, redrawn twice a second once
-    the solve has taken STATUS_AFTER_SECONDS, and erased when it ends; None (no callback) when stderr is a file or
-    a pipe, so `--json` and scripts see nothing."""
+    """On a terminal, one line on stderr naming the solve that runs now and the seconds so far, rewritten as each
+    starts and erased at the end; None (no callback) when stderr is a file or a pipe, so `--json` and scripts see
+    nothing. (Drawn when a solve starts, not on a timer: HiGHS holds the interpreter while it runs.)"""
     if not sys.stderr.isatty():
         yield None
         return
     started = time.monotonic()
-    stage = ["solving"]
-    stop = threading.Event()
+    shown = False
 
-    def draw() -> None:
-        shown = False
-        while not stop.wait(0.5):
-            if time.monotonic() - started >= STATUS_AFTER_SECONDS:
-                sys.stderr.write(f"\r\033[K{stage[0]}... {time.monotonic() - started:.0f} s")
-                sys.stderr.flush()
-                shown = True
+    def show(what: str) -> None:
+        nonlocal shown
+        sys.stderr.write(f"\r\033[K{what}... ({time.monotonic() - started:.0f} s so far)")
+        sys.stderr.flush()
+        shown = True
+
+    try:
+        yield show
+    finally:
         if shown:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
-
-    thread = threading.Thread(target=draw, name="solve-status", daemon=True)
-    thread.start()
-    try:
-        yield lambda what: stage.__setitem__(0, what)
-    finally:
-        stop.set()
-        thread.join()
