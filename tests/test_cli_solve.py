@@ -203,6 +203,8 @@ def test_a_comparison_cut_short_by_its_time_limit_says_so_and_gives_its_cost_as_
     assert "The floor costs at least $3.00/h (with floor 0: at most $4.00/h; cut short:" in text
     assert "A10G          10 x $1.00 = $10.00/h  <- cheapest  (cut short: not proven optimal; a comparison" in text
     assert cut.to_dict()["markets"]["cut_short"] == ["on_demand", "no_floor"]
+    stopped = format_solve(dataclasses.replace(result, status="feasible", lower_bound=6.5))
+    assert "between $6.50/h and $7.00/h. Raise --time-limit to keep searching, or use --formulation split" in stopped
 
 
 @pytest.mark.parametrize("terminal", [True, False])

@@ -91,7 +91,9 @@ def format_solve(result: SolveResult) -> str:
     lines.append(f"Solved by {result.solver} in {result.solve_seconds:.2f} s ({result.status}).")
     if result.status != "optimal" and result.lower_bound is not None:
         lines.append(f"Not proven optimal within the time limit: the optimum lies between "
-                     f"${result.lower_bound:.2f}/h and ${result.cost:.2f}/h. Raise --time-limit to keep searching.")
+                     f"${result.lower_bound:.2f}/h and ${result.cost:.2f}/h. Raise --time-limit to keep searching"
+                     + (", or use --formulation split (proven in seconds with spot, never dearer)."
+                        if markets is not None and result.formulation == "slices" else "."))
     return "\n".join(lines)
 
 
