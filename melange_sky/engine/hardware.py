@@ -113,10 +113,11 @@ class GpuSpec:
 #          2, sequence 8192) A100 179.5 TFLOP/s (hdim 64, 58%), H100 327.9 (hdim 128, 33%), H200 329.3 (33%), MI300X
 #          328.6 (hdim 64, 25%); hipBLASLt FP8 on MI300X 1,159 TFLOP/s at 8192^3 (44%) (no FP8 MAMF row for MI300X).
 #  Attention on Hopper: vLLM V1 runs FlashAttention-3 there (vllm/attention/utils/fa_utils.py get_flash_attn_version:
-#          version 3 when the compute capability's major is 9 and vllm-flash-attn has FA3),
-#          not FA2: FA3 forward, FP16, hdim 128, sequence 8192 reaches 661 TFLOP/s on H100 SXM (Shah et al. 2024,
-#          "FlashAttention-3", Table 2; 740 at best, 75%), against FA2's 328 on the same setup (33%). H100/H200 rows
-#          carry 661; the H100 PCIe its 67% share of its own 756.
+#          version 3 when the compute capability's major is 9 and vllm-flash-attn has FA3; since vLLM PR #12093,
+#          January 2025, vLLM 0.7), not FA2: FA3 forward, FP16, hdim 128, sequence 8192 reaches 661 TFLOP/s on H100
+#          SXM (Shah et al. 2024, "FlashAttention-3", Table 2; 740 at best, 75%), against FA2's 328 on the same setup
+#          (33%). H100/H200 rows carry 661; the H100 PCIe its 67% share of its own 756. Older vLLM ran FA2 on Hopper;
+#          with prompts of 2-4k tokens attention is 3-6% of a prefill's FLOPs, so that choice moves a run a few %.
 #  A100 40 GB: the MAMF row is the A100 SXM die (same clocks either memory size); its triad is taken at the 80 GB
 #          part's measured 83% of datasheet.
 #  Small GEMMs on MI300X: ROCm/aiter PR #1092 ("[MI300X] tune Gemm performance for llama 70b/405b", Sept 2025) times

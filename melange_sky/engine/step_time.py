@@ -57,6 +57,13 @@ class Coefficients:
     # Large LLM-shaped GEMMs alone reach the best-shape rate (Azure's cuBLASLt 6144x12288x12288 is 99% of 8192^3 on
     # A100); the rest is norms, activations, rotary embeddings and the KV write between them, and chunk edges.
     # Small batches are not charged a ramp: below the roofline's ridge the weight-read term is the step's cost.
+    # One efficiency for every generation, checked for Hopper: Vidur's per-operator profiles of Llama-2-7B
+    # (microsoft/vidur, data/profiling/compute/{a100,h100}/meta-llama/Llama-2-7b-hf/mlp.csv, 4096 tokens, TP 1)
+    # time its four projections at 7.30 ms a layer on A100 and 2.20 ms on H100: 227 TFLOP/s (0.84 of MAMF) and 754
+    # (0.95); with the layer's norms, rotary, activation and residual add, 208 (0.77) and 641 (0.81). Hopper's GEMMs
+    # reach no smaller share of their ceiling than Ampere's, so no per-generation factor is modelled. A prefill-bound
+    # vLLM V1 run on Hopper (vLLM PR #12093: Llama-3.1-8B, 1000 x 2048/128 offline, 16384-token budget, FA3: 14.24
+    # req/s; the rate rules out an A100) is predicted at 12.7 req/s, 11% slow, not fast.
     gemm_mfu: float = 0.72
     # Prefill attention: variable-length, paged, causal chunks reach 0.78 of a dense FlashAttention-2 forward
     # benchmark (formerly 0.45 of the A100's peak, set from Dao 2023's 50-73% forward on A100; Azure measures 58%
