@@ -2,19 +2,16 @@
 own process), is profiled beside the others, and every replica is torn down — after the profiles, after a launch
 failure, after Ctrl-C.
 
-The agreement test measures what `estimate` predicts, as tests/test_emulate_agreement.py does for one emulator: a
-TPOT SLO binding below saturation, the emulators at speed 4 (the profile runs with the SLO / 4 and divides the rates
-found by 4, so the tputs written are the real GPU's and compare with `estimate` as printed), the estimate's mean over
-seeds. Two emulators and two profiles (threads of this process) share the machine here, so the bucket is one whose
-A100-80GB rate stays ~40 req/s at speed 4 (the single-emulator test's 37-token bucket asks ~250 req/s of it, more than
-a loaded 2-core machine streams on time); the search starts at 0.8x the engine model's estimate and grows x1.3 (what
-`profile --launch` does without --start-rate), 4 steps per GPU at most 6 s each.
-
-TOLERANCE is 20%, not the single-emulator test's 10%: on this machine (load 4-6 from other work) the same run measured
-A10G 1.03-1.18x the estimate (few requests in flight: ~6, with 750-token prefills landing among them; the estimate's
-own seed-to-seed spread there is ~17%) and A100-80GB 0.88-0.99x (its emulator and profile starved at ~40 req/s). 20%
-still catches every mistake of this command: rates not divided by the speed (4x), a GPU's profile written under the
-other's name (~7x), the SLO not scaled (> 2x).
+The agreement test is issue 19's judge: the tputs `profile --launch A10G,A100-80GB --backend local` writes match
+`estimate` for the same model within 10%. A TPOT SLO binding below saturation on the A10G (the A100-80GB reaches it
+near its capacity, at ~0.94 of its saturated throughput: the steep end, where a short step reads it hardest), the
+emulators at speed 4 (the profile runs with the SLO / 4 and divides the rates found by 4, so the tputs written are
+the real GPU's and compare with `estimate` as printed), one estimate per GPU type (deterministic to ~1%). The search
+starts at 0.8x the engine model's estimate and grows x1.3 (what `profile --launch` does without --start-rate), then
+bisects twice, steps of at most 5 s: ~24 s. Measured on the loaded 2-core machine, 4 runs: A10G 0.966-0.980 and
+A100-80GB 0.941-0.980 of the estimate (with one bisection instead of two the A100-80GB's bracket stayed 13% wide and
+its fit, clamped to the highest pass, read 0.86-0.92). The two profiles are threads of one process: they use ~20% of
+a core between them, so the GIL does not distort their timing; what does is a step too short near the limit.
 """
 from __future__ import annotations
 
@@ -22,7 +19,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -42,19 +38,14 @@ MODEL, GPUS = "llama-2-7b", ("A10G", "A100-80GB")
 INPUT_EDGES, OUTPUT_EDGES = [500, 1000], [50, 100]  # profiled at 750 prompt / 75 output tokens
 TPOT_SLO_MS = 60.0
 SPEED = 4
-ESTIMATE_SEEDS = 16
-TOLERANCE = 0.20
+TOLERANCE = 0.10
 FLEET = "bench-profile"
 
 
 def expected_tputs() -> dict[str, float]:
-    """`estimate`'s tput of the bucket per GPU type (real time), the mean over seeds."""
-    out = {}
-    for gpu in GPUS:
-        rates = [max_rates(load_model(MODEL), [gpu], INPUT_EDGES, OUTPUT_EDGES, Slos(tpot_ms=TPOT_SLO_MS),
-                           seed=seed)[gpu].tputs for seed in range(ESTIMATE_SEEDS)]
-        out[gpu] = statistics.fmean(t[0][0] for t in rates if t)
-    return out
+    """`estimate`'s tput of the bucket per GPU type (real time): one estimate, as `melange-sky estimate` prints it."""
+    tables = max_rates(load_model(MODEL), list(GPUS), INPUT_EDGES, OUTPUT_EDGES, Slos(tpot_ms=TPOT_SLO_MS))
+    return {gpu: tables[gpu].tputs[0][0] for gpu in GPUS}
 
 
 @pytest.fixture
@@ -112,8 +103,8 @@ def test_launched_profiles_write_the_tputs_estimate_predicts_and_leave_nothing_r
     config, home = launch_env
     expected = expected_tputs()
     done = cli("profile", "--launch", ",".join(GPUS), "--backend", "local", "--model", MODEL, "--config",
-               str(config), "--into", str(config), "--tpot-slo-ms", f"{TPOT_SLO_MS:g}", "--bisect-steps", "1",
-               "--max-step-seconds", "6")
+               str(config), "--into", str(config), "--tpot-slo-ms", f"{TPOT_SLO_MS:g}", "--bisect-steps", "2",
+               "--max-step-seconds", "5")
     assert done.exit_code == 0, done.stderr + done.stdout
     written = json.loads(config.read_text())["gpu_info"]
     for gpu in GPUS:
