@@ -10,10 +10,11 @@ found off).
 The tolerance is what the two searches can tell apart. The estimate is deterministic to ~1% (each rate near the limit
 is measured until its statistic pins the rate within 2%), so the test compares with one estimate, as `melange-sky
 estimate` prints it; the profile measures until its statistic is known within a few % (or its 5 s step cap), and
-measured 0.99-1.04 of the estimate here (~11 s on the loaded 2-core machine; 0.98-1.01 with 8 s caps, 12-16 s). Both judge a rate on the same traffic
-(`core.slo.arrival_gaps`) and the same latency at the SLO. Speeds above ~5 are not used: on a loaded 2-core machine
-the emulator and the profiler, starved of CPU, bunch their events and the measured rate drops (0.75-0.9 of the
-estimate at speed 8 under a load of 9); the test runs with the other `timing` tests, alone (`-m timing -n 0`).
+measured 0.99-1.04 of the estimate here (~11 s on the loaded 2-core machine; 0.98-1.01 with 8 s caps, 12-16 s). Both
+judge a rate on the same traffic (`core.slo.arrival_gaps`) and the same latency at the SLO. Speeds above ~5 are not
+used: on a loaded 2-core machine the emulator and the profiler, starved of CPU, bunch their events and the measured
+rate drops (0.75-0.9 of the estimate at speed 8 under a load of 9); the test runs with the other `timing` tests,
+alone (`-m timing -n 0`).
 """
 from __future__ import annotations
 
