@@ -30,6 +30,9 @@ MAX_FIT_BUCKETS = 12
 #: Rate precision and requests measured per rate during the fit: as `estimate` computes rates (a lighter search
 #: was hardly faster, and its noise misled the fit).
 FIT_PRECISION, FIT_MEASURED = 0.02, 200
+#: ... and how well each trial's rates are measured (estimate's default is 0.02: twice as loose costs the fit half the
+#: time and moved no scale in its test).
+FIT_ACCURACY = 0.04
 #: Weight of the prior pulling each log scale to 0 (a scale of 2 costs as much as a 12% error on every bucket).
 PRIOR_WEIGHT = 0.03
 
@@ -100,12 +103,15 @@ def targets_from_profile(record: dict[str, Any], source: str = "<profile>") -> t
 
 def predicted_rates(model: ModelSpec, gpu: str, targets: list[Target], slos: Slos, coefficients: Coefficients, *,
                     tp: int = 1, dtype: str = "bf16", settings: EngineSettings = EngineSettings(),
-                    precision: float = 0.02, min_measured: int | None = None) -> list[float]:
+                    precision: float = 0.02, min_measured: int | None = None,
+                    accuracy: float | None = None) -> list[float]:
     """The engine model's max rate for each target bucket with `coefficients`."""
     def make() -> Engine:
         return Engine(model, gpu, tp=tp, dtype=dtype, settings=settings, coefficients=coefficients)
 
-    extra = {} if min_measured is None else {"min_measured": min_measured}
+    extra: dict[str, Any] = {} if min_measured is None else {"min_measured": min_measured}
+    if accuracy is not None:
+        extra["accuracy"] = accuracy
     return [max_rate(make, t.prompt_tokens, t.output_tokens, slos, cell=t.cell, precision=precision, **extra).tput
             for t in targets]
 
@@ -137,7 +143,8 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
         # overheads, on decode-bound buckets) where the physics put them
         prior = PRIOR_WEIGHT * sum(math.log(x) ** 2 for x in scales)
         return prior + _loss(predicted_rates(model, name, targets, slos, scaled(base, *scales),
-                                             precision=FIT_PRECISION, min_measured=FIT_MEASURED, **kwargs), targets)
+                                             precision=FIT_PRECISION, min_measured=FIT_MEASURED, accuracy=FIT_ACCURACY,
+                                             **kwargs), targets)
 
     before = predicted_rates(model, name, targets, slos, base, **kwargs)
     best = (1.0, 1.0, 1.0)
