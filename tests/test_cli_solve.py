@@ -234,3 +234,16 @@ def test_solve_names_each_solve_on_a_terminals_stderr_and_erases_it_and_says_not
     assert shown[1].startswith("solving the fleet (slices)... (0 s so far)")
     assert any(line.startswith("the same fleet with floor 0...") for line in shown)
     assert shown[-1] == ""  # erased at the end
+
+
+def test_the_default_formulation_is_slices_and_split_under_a_spot_block_and_an_explicit_one_is_kept(cli):
+    """Markets double the types and `slices` there is often not proven in seconds; `split` is (solve_bench)."""
+    spot = str(REPO / "docs" / "spot-config.json")
+    chosen = {}
+    for name, args in {"plain": [EXAMPLE_PATH], "spot": [spot, "--per-offer"],
+                       "spot, slices asked": [spot, "--per-offer", "--formulation", "slices", "--time-limit", "5"]
+                       }.items():
+        result = cli("solve", *args, "--json", "-o", "/dev/null")
+        assert result.exit_code == 0, result.stderr
+        chosen[name] = json.loads(result.stdout)["formulation"]
+    assert chosen == {"plain": "slices", "spot": "split", "spot, slices asked": "slices"}

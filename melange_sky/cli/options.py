@@ -45,10 +45,11 @@ class SolveArgs:
 def solve_options(command):
     """Add the solve options to a command; it receives them as one `solve_args: SolveArgs`."""
     options = [
-        click.option("--formulation", type=click.Choice(["slices", "paper", "split"]), default="slices",
+        click.option("--formulation", type=click.Choice(["auto", "slices", "paper", "split"]), default="auto",
                      show_default=True, help="slices: the paper's optimum at the config's slice_factor (fast form); "
                      "paper: the paper's literal ILP, for cross-checking; split: buckets divided among GPU types in "
-                     "any proportion (never dearer)."),
+                     "any proportion (never dearer); auto: slices, or split under a `spot` block (where markets make "
+                     "slices slow to prove)."),
         click.option("--solver", "solver_name", type=click.Choice(["highs", "cbc"]), default="highs",
                      show_default=True, help="MILP solver: HiGHS, or CBC (PuLP's bundled binary, or --solver-path)."),
         click.option("--solver-path", type=click.Path(dir_okay=False, path_type=str),

@@ -20,8 +20,8 @@ from melange_sky.core.config import Bucket, Config, GpuSpec, Market
 from melange_sky.errors import AllocationCheckError, InfeasibleAllocation, SolverError
 from melange_sky.solver.model import (Formulation, SharedCap, SolverOptions, SolveStatus, build_model,
                                      extract_allocation, gpus_per_instance, kept_spot_gpus, lp_bound,
-                                     max_servable_fraction, run_model, solve_split_first, split_tuning,
-                                     spot_region)
+                                     max_servable_fraction, resolve_formulation, run_model, solve_split_first,
+                                     split_tuning, spot_region)
 
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
@@ -226,11 +226,7 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     lower bound and the alternative. The comparisons (baselines, all on-demand, floor 0) run with at most
     COMPARISON_SECONDS each and say when that stopped them. `progress` hears what starts next."""
     note = progress or _silent
-    try:
-        formulation = Formulation(formulation)
-    except ValueError:
-        raise SolverError(f"unknown formulation {formulation!r}; choose one of "
-                          f"{', '.join(f.value for f in Formulation)}") from None
+    formulation = resolve_formulation(config, formulation)
     note(f"solving the fleet ({formulation})")
     result, split = _fleet_and_split(config, formulation, options, caps)
     _check_replicas(config, result, max_replicas)
@@ -264,12 +260,12 @@ def comparison_options(options: SolverOptions) -> SolverOptions:
     return dataclasses.replace(options, time_limit=limit)
 
 
-def solve_fleet(config: Config, formulation: Formulation, options: SolverOptions = SolverOptions(),
+def solve_fleet(config: Config, formulation: Formulation | str, options: SolverOptions = SolverOptions(),
                 caps: Sequence[SharedCap] = (), max_replicas: int | None = None) -> SolveResult:
     """The cheapest fleet alone, without `solve`'s baselines and comparisons (for a caller that solves one config
     under several formulations and needs its baselines once: a sweep's mix and split). InfeasibleAllocation says
     why when no fleet fits, or when it has more than `max_replicas` instances."""
-    result, _ = _fleet_and_split(config, formulation, options, caps)
+    result, _ = _fleet_and_split(config, resolve_formulation(config, formulation), options, caps)
     _check_replicas(config, result, max_replicas)
     return result
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from melange_sky.core.config import Config, with_overrides
 from melange_sky.errors import ConfigError, InfeasibleAllocation, OutputError
-from melange_sky.solver.model import Formulation, SharedCap, SolverOptions
+from melange_sky.solver.model import Formulation, SharedCap, SolverOptions, resolve_formulation
 from melange_sky.solver.result import SAME_COST, Baseline, SolveResult, baselines, solve_fleet
 
 #: More rates than this is a typo (a --steps of 10000), not a figure anyone can read.
@@ -204,7 +204,7 @@ def sweep(config: Config, rates: list[float], formulation: Formulation | str = F
     single-GPU-type fleets, as `solve` reports them. `caps` are the shared quotas of a config bound to offers (see
     `solve`). A rate no fleet fits, or whose fleet has more than `max_replicas` instances, becomes an infeasible
     point with its reason, not an error."""
-    formulation = Formulation(formulation)
+    formulation = resolve_formulation(config, formulation)
     rates = check_rates(list(rates))
     started = time.perf_counter()
     points = []
