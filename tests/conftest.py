@@ -20,6 +20,12 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import settings
 
+# With PYTHONDONTWRITEBYTECODE=1 (set on some machines, CI's among them) every CLI, router and emulator process a test
+# starts would compile melange_sky's modules anew (~0.1 CPU-s each; installed packages are compiled at install):
+# the session caches their bytecode instead, as a plain shell would.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 # Property tests draw the same cases on every run (a suite that passes passes again), from a fixed seed; the long
 # random search is `bench/property_search.py`, or HYPOTHESIS_PROFILE=random here.
 settings.register_profile("ci", derandomize=True, print_blob=True)
