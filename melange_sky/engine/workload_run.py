@@ -12,12 +12,56 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from melange_sky.engine.engine import Engine
 from melange_sky.engine.errors import EngineError
-from melange_sky.engine.estimate import PointResult, Stats
+from melange_sky.core.slo import percentile
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Mean, median and 90th percentile (ms)."""
+
+    mean: float
+    p50: float
+    p90: float
+
+    @classmethod
+    def of(cls, values_s: list[float]) -> Stats:
+        if not values_s:
+            return cls(0.0, 0.0, 0.0)
+        return cls(1000 * statistics.fmean(values_s), 1000 * percentile(values_s, 0.5),
+                   1000 * percentile(values_s, 0.9))
+
+    def to_json(self) -> dict[str, float]:
+        return {"mean": round(self.mean, 3), "p50": round(self.p50, 3), "p90": round(self.p90, 3)}
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """What one benchmark point measures."""
+
+    output_tokens_per_s: float
+    requests_per_s: float
+    ttft_ms: Stats
+    tpot_ms: Stats
+    kv_cache_use: float  # peak share of KV blocks used
+    preempted: int  # preemptions that happened
+    requests: int = 0
+    duration_s: float = 0.0
+    latency_ms: Stats | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The keys the issue fixes: output_tokens_per_s, requests_per_s, ttft_ms, tpot_ms, kv_cache_use,
+        preempted."""
+        return {"output_tokens_per_s": round(self.output_tokens_per_s, 3),
+                "requests_per_s": round(self.requests_per_s, 4),
+                "ttft_ms": self.ttft_ms.to_json(), "tpot_ms": self.tpot_ms.to_json(),
+                "kv_cache_use": round(self.kv_cache_use, 4), "preempted": self.preempted}
 
 
 @dataclass(frozen=True)
