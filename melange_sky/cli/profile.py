@@ -166,12 +166,7 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
                   given_in, given_out, cells, output, as_json, quiet)
         return
     assert endpoint is not None
-    config = read_config_object(into) if into else None
-    if config is not None and into:
-        in_edges, out_edges = config_edges(config, given_in, given_out, into)
-    else:
-        in_edges, out_edges = edges_for_config(None, given_in, given_out)
-    chosen = parse_cells(cells, (len(in_edges) - 1, len(out_edges) - 1))
+    config, in_edges, out_edges, chosen = _buckets(into, given_in, given_out, cells)
 
     def show(event: ProfileEvent) -> None:
         line = format_profile_event(event)
@@ -199,6 +194,17 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
         click.echo(f"Wrote {gpu}'s tputs into {into}", err=True)
 
 
+
+def _buckets(source: str | None, given_in, given_out, cells):
+    """The config at `source` (None without one), the bucket edges to profile (its own, or the ones given) and the
+    cells chosen among them: what both ways of profiling start from."""
+    config = read_config_object(source) if source else None
+    if config is not None and source:
+        in_edges, out_edges = config_edges(config, given_in, given_out, source)
+    else:
+        in_edges, out_edges = edges_for_config(None, given_in, given_out)
+    return config, in_edges, out_edges, parse_cells(cells, (len(in_edges) - 1, len(out_edges) - 1))
+
 def _launched(launch: str, model: str, source: str | None, into: str | None, backend: str | None,
               calibrate_fits: bool, ready_timeout: float, settings: ProfileSettings,
               given_in: tuple[int, ...] | None, given_out: tuple[int, ...] | None, cells: str, output: str | None,
@@ -209,12 +215,7 @@ def _launched(launch: str, model: str, source: str | None, into: str | None, bac
         raise click.UsageError("--launch: no GPU type given (e.g. --launch A10G,L4)")
     if output and len(gpus) > 1 and "{gpu}" not in output:
         raise click.UsageError("-o with several GPU types: put {gpu} in the file name (e.g. -o profile-{gpu}.json)")
-    config = read_config_object(source) if source else None
-    if config is not None and source:
-        in_edges, out_edges = config_edges(config, given_in, given_out, source)
-    else:
-        in_edges, out_edges = edges_for_config(None, given_in, given_out)
-    chosen = parse_cells(cells, (len(in_edges) - 1, len(out_edges) - 1))
+    config, in_edges, out_edges, chosen = _buckets(source, given_in, given_out, cells)
     name = str(config.get("name") or "") if config else ""
     request = LaunchProfileRequest(gpus=gpus, model=model, input_edges=tuple(in_edges), output_edges=tuple(out_edges),
                                    settings=settings, config=config, source=source or "<profile --launch>",

@@ -43,11 +43,7 @@ def run_point(engine: Engine, *, input_tokens: int, output_tokens: int, concurre
         raise EngineError("give exactly one of --concurrency and --rate")
     if input_tokens < 1 or output_tokens < 1:
         raise EngineError("--input-tokens and --output-tokens must be at least 1")
-    if concurrency is not None and concurrency < 1:
-        raise EngineError(f"--concurrency must be at least 1, got {concurrency}")
-    if rate is not None and not rate > 0:
-        raise EngineError(f"--rate must be positive, got {rate}")
-    if requests is None:
+    if requests is None:  # run_requests checks concurrency and rate themselves
         requests = max(concurrency, 200) if concurrency is not None else max(200, math.ceil(60 * (rate or 0)))
     if requests < 1:
         raise EngineError(f"--requests must be at least 1, got {requests}")
