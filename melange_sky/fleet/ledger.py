@@ -468,7 +468,6 @@ class Ledger:
     def add_replica(self, fleet: str, replica: NewReplica, message: str = "") -> ReplicaRecord:
         """Record a replica as PENDING — call this before requesting its launch. A GONE row of the same cluster
         name is replaced; any other existing row raises LedgerError (never a duplicate)."""
-        task = _storable_task(replica)
         now = time.time()
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM fleets WHERE name = ?", (fleet,)).fetchone() is None:
@@ -480,14 +479,7 @@ class Ledger:
                     raise LedgerError(f"replica {replica.cluster} is already in the ledger (state {row[0]})")
                 old = row[0]
                 conn.execute("DELETE FROM replicas WHERE cluster = ?", (replica.cluster,))
-            conn.execute(
-                "INSERT INTO replicas (cluster, fleet, gpu, offer, cloud, region, instance_type, use_spot, "
-                "price_per_hour, round, task, state, endpoint, last_error, created, updated, role) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, ?, ?)",
-                (replica.cluster, fleet, replica.gpu, replica.offer, replica.cloud, replica.region,
-                 replica.instance_type, int(replica.use_spot), float(replica.price_per_hour), replica.round,
-                 json.dumps(task, sort_keys=True) if task is not None else None, ReplicaState.PENDING.value,
-                 now, now, Role(replica.role).value))
+            _insert_replica(conn, fleet, replica, _task_json(replica), ReplicaState.PENDING, None, None, now)
             self._event(conn, fleet, replica.cluster, old, ReplicaState.PENDING.value, message, now)
         return self._replica_or_raise(replica.cluster)
 
@@ -525,7 +517,6 @@ class Ledger:
         """Reuse an existing, not-up row of `fleet` for a new launch attempt: back to PENDING with the new plan's
         offer, price, round and task (a re-plan may move it to another offer). Raises LedgerError if the row is
         missing, belongs to another fleet, or is UP."""
-        task = _storable_task(replica)
         now = time.time()
         with self._tx() as conn:
             row = conn.execute("SELECT fleet, state FROM replicas WHERE cluster = ?", (replica.cluster,)).fetchone()
@@ -540,9 +531,8 @@ class Ledger:
                 "price_per_hour = ?, round = ?, task = ?, state = ?, endpoint = NULL, last_error = NULL, updated = ? "
                 "WHERE cluster = ?",
                 (replica.gpu, replica.offer, replica.cloud, replica.region, replica.instance_type,
-                 int(replica.use_spot), float(replica.price_per_hour), replica.round,
-                 json.dumps(task, sort_keys=True) if task is not None else None, ReplicaState.PENDING.value, now,
-                 replica.cluster))
+                 int(replica.use_spot), float(replica.price_per_hour), replica.round, _task_json(replica),
+                 ReplicaState.PENDING.value, now, replica.cluster))
             self._event(conn, fleet, replica.cluster, row[1], ReplicaState.PENDING.value,
                         message or f"re-planned on {replica.offer}", now)
         return self._replica_or_raise(replica.cluster)
@@ -552,8 +542,7 @@ class Ledger:
         """Write a row as another ledger has it (the fleet's hosted controller's, or the user's for the controller):
         created, or overwritten with the other's offer, task, state and endpoint, one history event. None when the
         row already says the same. Refused for a cluster of another fleet."""
-        task = _storable_task(replica)
-        task_json = json.dumps(task, sort_keys=True) if task is not None else None
+        task_json = _task_json(replica)
         now = time.time()
         state = ReplicaState(state)
         with self._tx() as conn:
@@ -566,13 +555,7 @@ class Ledger:
             if row is not None and tuple(row[1:]) == (state.value, endpoint, replica.offer, task_json, error):
                 return None
             conn.execute("DELETE FROM replicas WHERE cluster = ?", (replica.cluster,))
-            conn.execute(
-                "INSERT INTO replicas (cluster, fleet, gpu, offer, cloud, region, instance_type, use_spot, "
-                "price_per_hour, round, task, state, endpoint, last_error, created, updated, role) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (replica.cluster, fleet, replica.gpu, replica.offer, replica.cloud, replica.region,
-                 replica.instance_type, int(replica.use_spot), float(replica.price_per_hour), replica.round,
-                 task_json, state.value, endpoint, error, now, now, Role(replica.role).value))
+            _insert_replica(conn, fleet, replica, task_json, state, endpoint, error, now)
             self._event(conn, fleet, replica.cluster, row[1] if row is not None else None, state.value, message, now)
         return self._replica_or_raise(replica.cluster)
 
@@ -653,6 +636,23 @@ class Ledger:
             raise LedgerError(f"replica {cluster} vanished from the ledger")
         return record
 
+
+
+def _task_json(replica: NewReplica) -> str | None:
+    task = _storable_task(replica)
+    return json.dumps(task, sort_keys=True) if task is not None else None
+
+
+def _insert_replica(conn: sqlite3.Connection, fleet: str, replica: NewReplica, task_json: str | None,
+                    state: ReplicaState, endpoint: str | None, error: str | None, now: float) -> None:
+    """One replica row, every column (add_replica's PENDING row, adopt_replica's copy of another ledger's)."""
+    conn.execute(
+        "INSERT INTO replicas (cluster, fleet, gpu, offer, cloud, region, instance_type, use_spot, "
+        "price_per_hour, round, task, state, endpoint, last_error, created, updated, role) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (replica.cluster, fleet, replica.gpu, replica.offer, replica.cloud, replica.region, replica.instance_type,
+         int(replica.use_spot), float(replica.price_per_hour), replica.round, task_json, state.value, endpoint,
+         error, now, now, Role(replica.role).value))
 
 def _storable_task(replica: NewReplica) -> dict[str, Any] | None:
     """The replica's task as the ledger keeps it; one carrying secret values is refused (they stay in memory)."""
