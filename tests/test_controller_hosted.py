@@ -6,24 +6,33 @@ and where `up` puts the controller when asked nothing."""
 from __future__ import annotations
 
 import configparser
-import dataclasses
 import contextlib
+import dataclasses
+import http.client
+import ipaddress
 import json
 import os
 import signal
+import ssl
+import threading
 import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from melange_sky.core.config import load_config
 from melange_sky.deploy.plan import PlanSettings
-from melange_sky.deploy.router_task import (ROUTER_REQUIREMENTS, HostedController,
-                                            build_router_plan)
+from melange_sky.deploy.router_task import (ROUTER_REQUIREMENTS, HostedController, build_router_plan,
+                                            router_certfile)
 from melange_sky.errors import ControllerError
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.local import LocalBackend, ProcessId, running
 from melange_sky.fleet.up import controller_choice, skypilot_api_server
+from test_router_tls import make_pair
 
 FLEET = "hostedfleet"
 A10G, A100, ROUTER = f"{FLEET}-a10g-0", f"{FLEET}-a100-80gb-0", f"{FLEET}-router"
@@ -169,6 +178,160 @@ def test_the_hosted_controller_heals_a_killed_replica_status_shows_its_pass_and_
     assert LocalBackend(home / "local").leftovers() == {}
 
 
+def _listening_ports(leader: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket listening in a process of the group `leader` started (from /proc)."""
+    inodes = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != leader:
+                continue
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    address, port = fields[1].split(":")
+                    shown = str(ipaddress.IPv4Address(bytes.fromhex(address)[::-1])) if width == 8 else address
+                    found.add((shown, int(port, 16)))
+    return found
+
+
+def test_a_tls_router_keeps_its_hosted_controller_which_calls_it_over_https_pinned_and_heals(cli, hosted_env,
+                                                                                             tmp_path):
+    """The secure configuration loses nothing: with deployment.router.tls the controller still runs with the fleet.
+    It calls the router's one listener, https, on the host's loopback, pinned to the certificate the router serves
+    there (this one names router.example only: the pin is checked, not a name); the router has no other listener
+    (none in clear text); its pass reaches `status`, and it heals a killed replica."""
+    config, home, seen = hosted_env
+    cert, key = make_pair(tmp_path, "router")
+    data = json.loads(Path(config).read_text())
+    data["deployment"]["router"] = {"tls": {"certfile": str(cert), "keyfile": str(key)}}
+    Path(config).write_text(json.dumps(data))
+    up = cli("up", config, "-y", "--controller-interval", "1")
+    assert up.exit_code == 0, up.stderr + up.stdout
+    assert "controller stays on this machine" not in up.stdout + up.stderr
+    records = LocalBackend(home / "local").records()
+    seen.update(int(r["pid"]) for r in records.values())
+    log = home / "local" / "logs" / f"{ROUTER}.log"
+    assert _wait(lambda: (_status(cli)["controller"] or {}).get("last_pass_at") is not None), log.read_text()
+    url = _status(cli)["endpoint"]
+    port = urllib.parse.urlsplit(url).port
+    assert url.startswith("https://127.0.0.1:")
+
+    # The controller's own ledger: the router at its https loopback URL, pinned to the certificate on its host.
+    host = home / "local" / "clusters" / ROUTER / "melange-sky-router"
+    with Ledger(host / "home") as theirs:
+        router = theirs.router(FLEET)
+        assert router is not None and router.url == url
+        assert router_certfile(router.task) == str(host / "tls" / "cert.pem")
+    # One listener, the https one: the admin API is nowhere in clear text (the local launcher binds 127.0.0.1).
+    assert _listening_ports(int(records[ROUTER]["pid"])) == {("127.0.0.1", port)}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises((OSError, http.client.HTTPException)):  # TLS only: plain HTTP gets no answer
+        opener.open(f"http://127.0.0.1:{port}/admin/controller", timeout=30)
+
+    victim = ProcessId(int(records[A10G]["pid"]), int(records[A10G]["started"]))
+    os.kill(victim.pid, signal.SIGKILL)
+    assert _wait(lambda: not running(victim))
+    _reap(victim.pid)
+
+    def healed() -> bool:
+        fleet = _status(cli)
+        states = {r["cluster"]: r["state"] for r in fleet["replicas"]}
+        record = LocalBackend(home / "local").records().get(A10G)
+        return (states == {A10G: "up", A100: "up"} and fleet["controller"]["healthy"] is True
+                and record is not None and int(record["pid"]) != victim.pid)
+
+    assert _wait(healed), log.read_text()
+    seen.add(int(LocalBackend(home / "local").records()[A10G]["pid"]))
+    text = log.read_text().split("Listening on https://127.0.0.1:", 1)[-1]  # what ran, after the script
+    assert f"watch {FLEET}: relaunch: not up: {A10G}" in text
+    assert "routes pushed (generation 2)" in text  # the controller's push of the new replica, over https
+    assert "could not" not in text and "certificate" not in text, text  # every call to the router went through
+
+    down = cli("down", FLEET, "-y")
+    assert down.exit_code == 0, down.stderr + down.stdout
+    assert f"{FLEET}: hosted controller: stopped first, with its host {ROUTER}" in down.stdout
+    assert not _group_alive(int(records[ROUTER]["pid"]))
+    assert LocalBackend(home / "local").records() == {} and LocalBackend(home / "local").leftovers() == {}
+    body = b"".join(line for line in key.read_bytes().splitlines() if not line.startswith(b"-----"))
+    for path in home.rglob("*"):  # the key: only in the host's copy of the file mount (as SkyPilot makes one)
+        if path.is_file() and not path.is_symlink() and path != host / "tls" / "key.pem":
+            assert body not in path.read_bytes(), path
+
+
+@contextlib.contextmanager
+def _admin_api_over_tls(cert: Path, key: Path) -> Iterator[tuple[str, list[str | None]]]:
+    """A stand-in for the router's admin API over TLS with `cert`: answers GET /admin/controller with no documents
+    and keeps the Authorization header of every request that reached it."""
+    seen: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"docs": {}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_the_hosted_controller_sends_the_admin_token_only_to_the_router_showing_the_pinned_certificate(tmp_path):
+    """A process that took the router's port (the router restarting) cannot pass for it without its key: the TLS
+    handshake fails before any request, so the admin token never leaves; and the controller never falls back to
+    clear text or to the system's CAs."""
+    from fake_backend import FakeBackend
+
+    from melange_sky.controller.hosted import HostedLoop
+    from melange_sky.controller.watch import Controller, WatchOptions
+
+    cert, key = make_pair(tmp_path, "router")
+    other_cert, other_key = make_pair(tmp_path, "other")
+    environ = {"MELANGE_SKY_ADMIN_TOKEN": "admin-token-3f9b", "MELANGE_SKY_API_KEY": "client-key-77ac"}
+    with Ledger(tmp_path / "home") as ledger:
+        controller = Controller(FLEET, FakeBackend(tmp_path / "fake.json"), ledger, environ,
+                                WatchOptions(hosted=True))
+        for impostor, (served_cert, served_key) in ((True, (other_cert, other_key)), (False, (cert, key))):
+            warnings: list[str] = []
+            with _admin_api_over_tls(served_cert, served_key) as (url, seen):
+                loop = HostedLoop(controller, url, environ, on_warning=warnings.append, router_cafile=str(cert))
+                assert loop.step() is None  # no fleet handed over (yet)
+            if impostor:
+                assert seen == [] and len(warnings) == 1 and "certificate" in warnings[0]
+                assert "admin-token-3f9b" not in warnings[0]
+            else:  # the router itself: the call went through, with the token
+                assert seen == ["Bearer admin-token-3f9b"] and warnings == []
+        with pytest.raises(ControllerError, match="not https: the admin token would cross in clear text"):
+            HostedLoop(controller, "http://127.0.0.1:9", environ, router_cafile=str(cert))
+        with pytest.raises(ControllerError, match="is https: give --router-cafile"):
+            HostedLoop(controller, "https://127.0.0.1:9", environ)
+
+
 # ---- where `up` puts the controller -----------------------------------------------------------------------------
 
 class _Launcher:
@@ -199,9 +362,10 @@ def test_a_fleet_with_spot_is_hosted_by_default_where_the_launcher_can_be_shared
     assert hosted is None and "a file on this machine only" in note
     with pytest.raises(ControllerError, match="--controller hosted: .*--no-router"):
         controller_choice(spot_config, settings, _Launcher("local", tmp_path), {}, "hosted", router=False)
+    # A TLS router is no reason to keep it local: it calls the router over https, pinned to its certificate.
     tls = dataclasses.replace(spot_config, deployment={"router": {"tls": {"certfile": "/c.pem", "keyfile": "/k.pem"}}})
     hosted, note = controller_choice(tls, settings, _Launcher("local", tmp_path), {}, None, router=True)
-    assert hosted is None and "TLS" in note
+    assert hosted is not None and note is None
     # A shared SkyPilot API server: hosted, told the endpoint (a setting) and the token's name (a secret).
     environ = {"SKYPILOT_API_SERVER_ENDPOINT": "https://sky.example.com", "SKYPILOT_SERVICE_ACCOUNT_TOKEN": "t0k"}
     hosted, note = controller_choice(spot_config, settings, _Launcher("skypilot"), environ, None, router=True)
@@ -240,8 +404,9 @@ def test_the_controller_requirements_are_melange_skys_own():
 
 
 @pytest.mark.filterwarnings("ignore:The inplace keyword")  # pandas, inside SkyPilot's GCP catalog
-def test_real_skypilot_validates_the_router_task_with_its_hosted_controller(spot_config, sky_catalog_home,
-                                                                            monkeypatch):
+def test_real_skypilot_validates_the_router_task_with_its_hosted_controller_plain_and_tls(spot_config,
+                                                                                          sky_catalog_home,
+                                                                                          monkeypatch, tmp_path):
     from melange_sky.backends import ValidationLevel
     from melange_sky.deploy.catalog import Catalog
     from melange_sky.fleet.skypilot import SkyPilotBackend
@@ -266,6 +431,21 @@ def test_real_skypilot_validates_the_router_task_with_its_hosted_controller(spot
     # the replicas' templates go with the source, where it looks for them (an installed package has them inside)
     assert (Path(plan.task["file_mounts"]["~/melange-sky-router/src/templates"]) / "vllm.j2").is_file()
     assert SkyPilotBackend().validate(plan.task).level is ValidationLevel.FULL
+
+    # With TLS: serve gets the mounted certificate and key, the controller the https loopback URL and the certificate
+    # to pin; nothing else changes (one listener, the certificate's contents never in the task).
+    cert, key = make_pair(tmp_path, "router")
+    tls = dataclasses.replace(spot_config, deployment={"router": {"tls": {"certfile": str(cert),
+                                                                          "keyfile": str(key)}}})
+    secure = build_router_plan(tls, ["aws"], api_key=True, catalog=Catalog(skypilot_dir=None), controller=hosted)
+    lines = secure.task["run"].splitlines()
+    [serve] = [line for line in lines if "melange_sky serve" in line]
+    assert serve.startswith("python -m melange_sky serve --pushed --host 0.0.0.0 --port 8080 --ssl-certfile "
+                            "\"$ROUTER_DIR/tls/cert.pem\" --ssl-keyfile \"$ROUTER_DIR/tls/key.pem\" > >(tee")
+    assert '  ROUTER_URL="https://127.0.0.1:$ROUTER_PORT"' in lines
+    assert '--router-url "$ROUTER_URL" --router-cafile "$ROUTER_DIR/tls/cert.pem" || true' in secure.task["run"]
+    assert router_certfile(secure.task) == str(cert)
+    assert SkyPilotBackend().validate(secure.task).level is ValidationLevel.FULL
 
 
 # ---- one controller per fleet, and `down` when the host does not answer -----------------------------------------

@@ -71,6 +71,8 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
 @click.option("--hosted", is_flag=True, hidden=True,
               help="Run as the fleet's hosted controller, on its router's host (the router's task starts it).")
 @click.option("--router-url", hidden=True, metavar="URL", help="--hosted: the router on this host.")
+@click.option("--router-cafile", hidden=True, metavar="FILE",
+              help="--hosted, a TLS router: the certificate it serves (its calls are pinned to it).")
 @click.option("--launcher-dir", hidden=True, metavar="DIR",
               help="--hosted: the local launcher's state directory, shared with the user's machine.")
 @backend_option
@@ -78,8 +80,8 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
 def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_percentile: str,
           scale_down_after: float, window: int | None, spot_hold: float, max_cost: float | None,
           workload_url: str | None, min_requests: int, no_health_check: bool, no_shrink: bool, drain_timeout: float,
-          parallel: int, as_json: bool, hosted: bool, router_url: str | None, launcher_dir: str | None,
-          backend: str | None) -> None:
+          parallel: int, as_json: bool, hosted: bool, router_url: str | None, router_cafile: str | None,
+          launcher_dir: str | None, backend: str | None) -> None:
     """Keep FLEET (brought up by `melange-sky up`) serving: the controller.
 
     Each pass asks the clouds for every cluster's live state, and probes each replica up at its readiness path
@@ -123,6 +125,8 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
                            up=UpOptions(parallel=parallel, shrink=not no_shrink, drain_timeout=drain_timeout))
     if hosted and not router_url:
         raise click.UsageError("--hosted needs --router-url")
+    if router_cafile and not hosted:
+        raise click.UsageError("--router-cafile goes with --hosted")
     with Ledger() as ledger:
         launcher = hosted_backend(backend, launcher_dir) if hosted else load_backend(backend)
         controller = Controller(fleet_name, launcher, ledger, os.environ, options,
@@ -132,7 +136,7 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
         if hosted:
             assert router_url is not None
             run = HostedLoop(controller, router_url, os.environ, on_action=_print_action(fleet_name),
-                             on_warning=print_warning).step
+                             on_warning=print_warning, router_cafile=router_cafile).step
         else:
             controller.check()
         lock = watch_lock(ledger, fleet_name)

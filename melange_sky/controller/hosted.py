@@ -9,11 +9,13 @@ launcher the user's machine used. Every action is a ledger event here and one li
 from __future__ import annotations
 
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 from pathlib import Path
 
+from melange_sky.core.tls import first_certificate
 from melange_sky.controller.watch import Action, Controller, PassReport
 from melange_sky.errors import ControllerError, MelangeError
 from melange_sky.fleet import hosted
@@ -41,15 +43,20 @@ def hosted_backend(name: str | None, launcher_dir: str | None) -> Backend:
 
 class HostedLoop:
     """One step = adopt what `up` handed over (if newer), a controller pass, and this host's snapshot back to the
-    router. Prints nothing: actions go to `on_action`, as the controller's own."""
+    router. Prints nothing: actions go to `on_action`, as the controller's own.
+
+    `router_cafile`: a TLS router's certificate, the file it serves on this host; `router_url` is then its https
+    listener on the loopback, and every call to it is pinned to that certificate (`core.tls`). Plain http with a
+    certificate, or https without one, is refused: never a silent fall back to clear text or to the system's CAs."""
 
     def __init__(self, controller: Controller, router_url: str, environ: Mapping[str, str],
                  on_action: Callable[[Action], None] | None = None,
-                 on_warning: Callable[[str], None] | None = None):
+                 on_warning: Callable[[str], None] | None = None, router_cafile: str | None = None):
         self.controller = controller
         self.ledger: Ledger = controller.ledger
         self.fleet = controller.fleet
         self.router_url = router_url.rstrip("/")
+        self.router_cafile = _checked_cafile(self.router_url, router_cafile)
         shown = on_action or (lambda action: None)
         self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ACTIONS)  # for `status`, with the snapshot
 
@@ -84,14 +91,15 @@ class HostedLoop:
         """Hand the router this host's snapshot now (with the last pass): a replica was just written as PENDING."""
         try:
             hosted.push(self.router_url, self.admin_token,
-                        hosted.snapshot(self.ledger, self.fleet, "controller", self.last_pass, list(self.recent)))
+                        hosted.snapshot(self.ledger, self.fleet, "controller", self.last_pass, list(self.recent)),
+                        self.router_cafile)
         except MelangeError as exc:
             self.on_warning(f"could not hand the new replica to the router before its launch: {exc}")
 
     def _adopt(self) -> None:
         """Take over `up`'s snapshot when the router has a newer one than this host adopted."""
         try:
-            doc = hosted.fetch(self.router_url, self.admin_token, "up")
+            doc = hosted.fetch(self.router_url, self.admin_token, "up", self.router_cafile)
         except MelangeError as exc:
             self.on_warning(f"could not read the fleet's snapshot from the router: {exc}")
             return
@@ -100,7 +108,8 @@ class HostedLoop:
         at = float(doc.get("at") or 0.0)
         if at <= self.adopted_at:
             return
-        changed = hosted.adopt(self.ledger, doc, router_url=self.router_url, message="adopted from `up`")
+        changed = hosted.adopt(self.ledger, doc, router_url=self.router_url, router_cafile=self.router_cafile,
+                               message="adopted from `up`")
         self.adopted_at = at
         message = (f"the fleet as `up` left it: {len(doc.get('clusters') or [])} cluster(s), "
                    f"{len(changed)} changed here")
@@ -132,7 +141,21 @@ class HostedLoop:
         self.last_pass = report.to_dict()
         try:
             hosted.push(self.router_url, self.admin_token,
-                        hosted.snapshot(self.ledger, self.fleet, "controller", report.to_dict(), list(self.recent)))
+                        hosted.snapshot(self.ledger, self.fleet, "controller", report.to_dict(), list(self.recent)),
+                        self.router_cafile)
         except MelangeError as exc:
             self.on_warning(f"could not hand this pass to the router: {exc}")
 
+
+def _checked_cafile(router_url: str, cafile: str | None) -> str | None:
+    """`cafile` when it goes with `router_url`'s scheme (and holds a certificate); ControllerError otherwise."""
+    scheme = urllib.parse.urlsplit(router_url).scheme
+    if cafile is None and scheme == "https":
+        raise ControllerError(f"--router-url {router_url} is https: give --router-cafile, the certificate the router "
+                              f"serves (a hosted controller trusts that certificate only)")
+    if cafile is not None and scheme != "https":
+        raise ControllerError(f"--router-cafile is for a TLS router, and --router-url {router_url} is not https: "
+                              f"the admin token would cross in clear text")
+    if cafile is not None:
+        first_certificate(cafile)  # unreadable, or no certificate in it: one line now, not a warning every pass
+    return cafile

@@ -21,6 +21,13 @@ controller imports too (the solver, the templates, SkyPilot with the replicas' c
 `MELANGE_SKY_HOME` on the host, it reaches the router on the host's loopback, and it drives the launcher the user's
 machine used (SkyPilot through the user's SkyPilot API server; the local launcher through its state directory).
 The replicas' secrets and the API server's token are secrets of the task: names here, values at launch.
+
+A TLS router with a hosted controller: the controller calls the router's one listener over https on 127.0.0.1,
+verified against the certificate file mounted on the host (`--router-cafile`; pinned as every melange-sky client of
+the router, `core.tls`: no host name check, so a certificate that names only the public DNS name is fine). No second,
+plain-HTTP listener: the admin token never crosses a socket in clear text, even the loopback, and a process that
+took the router's port while it restarted cannot present the certificate (the key is 0600 on the host), so the
+controller's TLS handshake fails before it sends the token (`docs/fleet.md`, "The controller runs with the fleet").
 """
 from __future__ import annotations
 
@@ -321,6 +328,16 @@ def router_certfile(task: Mapping[str, Any] | None) -> str | None:
     return certfile if isinstance(certfile, str) else None
 
 
+def with_certfile(task: Mapping[str, Any] | None, certfile: str) -> dict[str, Any] | None:
+    """`task` as the router's own host sees it: the certificate it mounts is `certfile` there (the file `serve`
+    reads), so `router_certfile` of the result names a file on that host. The hosted controller keeps the router's
+    row so: every call it makes to the router (pushes, reads of the traffic) is then pinned to the certificate the
+    router serves. A task without TLS is returned unchanged."""
+    if task is None or router_certfile(task) is None:
+        return None if task is None else dict(task)
+    return {**task, "file_mounts": {**task["file_mounts"], TLS_CERT_MOUNT: certfile}}
+
+
 def package_source_dir() -> Path:
     """The directory of the melange_sky package this process runs: what the router's host gets."""
     return Path(melange_sky.__file__).resolve().parent
@@ -349,11 +366,6 @@ def build_router_plan(config: Config, replicas: Iterable[Placement], *, api_key:
     if upstream_key_secret and upstream_key_secret not in secrets:
         secrets.append(upstream_key_secret)
     if controller is not None:
-        if spec.tls is not None:
-            raise ConfigError(config.source, "deployment.router.tls", "a hosted controller reaches the router on its "
-                                                                      "host's loopback, which a TLS router's "
-                                                                      "certificate does not name: use `up "
-                                                                      "--controller local` with TLS")
         for name in controller.secrets:
             if not ENV_NAME_RE.match(name):
                 raise ValueError(f"a controller secret must be an environment variable name, got {name!r}")

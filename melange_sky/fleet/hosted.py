@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from melange_sky.deploy.membership import get_controller_doc, push_controller_doc
-from melange_sky.deploy.router_task import router_certfile
+from melange_sky.deploy.router_task import router_certfile, with_certfile
 from melange_sky.errors import MelangeError
 from melange_sky.fleet.keys import load_keys
 from melange_sky.fleet.ledger import FleetRecord, Ledger, NewReplica, ReplicaState, Role
@@ -57,11 +57,14 @@ def snapshot(ledger: Ledger, fleet: str, writer: str, last_pass: Mapping[str, An
             "clusters": [{**r.to_dict(), "task": r.task} for r in rows], "pass": last_pass, "recent": recent or []}
 
 
-def adopt(ledger: Ledger, doc: Mapping[str, Any], *, router_url: str | None = None, message: str) -> list[str]:
+def adopt(ledger: Ledger, doc: Mapping[str, Any], *, router_url: str | None = None,
+          router_cafile: str | None = None, message: str) -> list[str]:
     """Write the snapshot's record and rows into `ledger` (each changed row one history event, saying `message`);
     the clusters changed. `router_url` (the controller's side): the router's row gets this endpoint, since the
-    controller reaches the router on its own host; None (the user's side): the router's row is the user's own (the
-    controller never launches the router it runs beside), so it is left as it is."""
+    controller reaches the router on its own host, and with `router_cafile` (a TLS router) its task names that
+    certificate, the file the router serves on this host (the user's task names a file on the user's machine), so
+    every call to the router from here is pinned to it; None (the user's side): the router's row is the user's own
+    (the controller never launches the router it runs beside), so it is left as it is."""
     fleet = str(doc["fleet"])
     record = doc.get("record") or {}
     current = ledger.get_fleet(fleet)
@@ -71,15 +74,18 @@ def adopt(ledger: Ledger, doc: Mapping[str, Any], *, router_url: str | None = No
     for row in doc.get("clusters") or []:
         role = Role(row.get("role") or Role.REPLICA.value)
         endpoint = row.get("endpoint")
+        task = row.get("task")
         if role is Role.ROUTER:
             if router_url is None:
                 continue
             if row.get("state") == ReplicaState.UP.value:
                 endpoint = router_url
+            if router_cafile is not None:
+                task = with_certfile(task, router_cafile)
         new = NewReplica(cluster=row["cluster"], gpu=row["gpu"], offer=row["offer"],
                          price_per_hour=float(row["price_per_hour"]), cloud=row.get("cloud"),
                          region=row.get("region"), instance_type=row.get("instance_type"),
-                         use_spot=bool(row.get("use_spot")), round=int(row.get("round") or 0), task=row.get("task"),
+                         use_spot=bool(row.get("use_spot")), round=int(row.get("round") or 0), task=task,
                          role=role)
         if ledger.adopt_replica(fleet, new, ReplicaState(row["state"]), endpoint=endpoint,
                                 error=row.get("last_error"), message=message) is not None:

@@ -17,7 +17,6 @@ from melange_sky.core.config import Config, GpuSpec, SpotPolicy
 from melange_sky.deploy.plan import (DEFAULT_MAX_REPLICAS, Plan, PlanRequest, PlanSettings, ReplicaPlan, build_plan,
                                      deployment_from_config)
 from melange_sky.deploy.render import builtin_templates
-from melange_sky.deploy.router_config import router_spec
 from melange_sky.deploy.router_task import ROUTER_TEMPLATE, HostedController, build_router_plan
 from melange_sky.errors import ControllerError, LedgerError, MelangeError, MissingSecret
 from melange_sky.solver.model import SolverOptions
@@ -214,7 +213,8 @@ def controller_choice(config: Config, settings: PlanSettings, backend: Backend, 
     `asked`: `--controller` (None: hosted when the fleet may use spot and it can be, else local). Hosted needs a
     router (it runs on its host) and a launcher both machines share: the local launcher's state directory, or a
     SkyPilot API server the host can reach (else the host's SkyPilot would not know the replicas `up` launched).
-    Asked for and impossible: ControllerError; by default: local, with the note saying why."""
+    Asked for and impossible: ControllerError; by default: local, with the note saying why. A TLS router is no
+    obstacle: the controller calls it over https on its host's loopback, pinned to its certificate (`router.j2`)."""
     if asked == LOCAL or (asked is None and not may_use_spot(config)):
         return None, None
     why = None
@@ -225,8 +225,6 @@ def controller_choice(config: Config, settings: PlanSettings, backend: Backend, 
     launcher_dir = None
     if not router:
         why = "it runs on the router's host, and --no-router launches none"
-    elif router_spec(config).tls is not None:
-        why = "it reaches the router on its host's loopback, which a TLS router's certificate does not name"
     elif backend.name == "local" and getattr(backend, "dir", None) is not None:
         launcher_dir = str(Path(backend.dir).absolute())  # type: ignore[attr-defined]  # LocalBackend's state
     elif backend.name == "skypilot":
