@@ -1,6 +1,7 @@
 """Point mode, table mode and calibration of the engine model."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import pytest
@@ -8,12 +9,16 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from melange_sky.core.slo import Slos
-from melange_sky.engine import Engine, load_model
+from melange_sky.engine import CLIENT_ENDPOINT, Engine, load_model
+from melange_sky.engine.emulator import Emulator, EmulatorServer, prepare
 from melange_sky.engine.calibrate import calibrate, scaled
 from melange_sky.engine.calibration import load_fit
 from melange_sky.engine.estimate import (check_rate, max_rate, max_rates, merge_tables, run_point, saturated_rate,
                                          slo_latency)
 from melange_sky.engine.step_time import Coefficients
+from melange_sky.inputs.http import parse_endpoint
+from melange_sky.inputs.profile import check_endpoint
+from melange_sky.inputs.profile_result import ProfileSettings
 
 LLAMA = load_model("llama-3.1-8b")
 
@@ -125,6 +130,51 @@ def test_no_rate_above_what_the_engine_completes_passes() -> None:
     slos = Slos(tpot_ms=200)
     above = check_rate(make, 150, 37, 2 * capacity, slos, latency_s=slo_latency(slos, 37))
     assert above.overloaded and not above.passed
+
+
+def _endpoint_profile_sends(monkeypatch) -> str:
+    """The endpoint (as the engine's API-server model names it) that `profile`'s requests come to: its probe
+    request, sent to an in-process emulator, which charges each request by the path it came to."""
+    seen: list[str | None] = []
+    submit = Emulator.submit
+
+    def spy(self, prompt_tokens, max_tokens, *, stream, endpoint=None):
+        seen.append(endpoint)
+        return submit(self, prompt_tokens, max_tokens, stream=stream, endpoint=endpoint)
+
+    monkeypatch.setattr(Emulator, "submit", spy)
+
+    async def scenario() -> None:
+        ready = prepare("llama-3.1-8b", "A10G", speed=100, port=0)
+        server = EmulatorServer(ready.emulator, ready.settings)
+        url = await server.start()
+        try:
+            await check_endpoint(parse_endpoint(url), ready.settings.served_model_name, ProfileSettings())
+        finally:
+            await server.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    monkeypatch.undo()
+    assert len(seen) == 1 and seen[0] is not None, seen
+    return seen[0]
+
+
+def test_table_mode_charges_the_api_server_for_the_endpoint_profile_sends_to(monkeypatch) -> None:
+    # an estimate and a profile of one server agree (issue 17, item 6) only if both send the same requests: `profile`
+    # posts completions, which cost vLLM's API server less than chat requests. An engine on which every other
+    # endpoint costs the API server 10 s a request must give every bucket the same max rate as the default engine:
+    # one request charged at another endpoint's cost (by default or by name) would collapse it.
+    endpoint = _endpoint_profile_sends(monkeypatch)
+    assert endpoint == CLIENT_ENDPOINT
+    base = Coefficients()
+    dear = dataclasses.replace(base, frontend_request_ms=10_000.0)  # chat, and requests added without an endpoint
+    if endpoint == "chat":
+        dear = dataclasses.replace(base, frontend_completion_request_ms=10_000.0)
+    assert dear.for_endpoint(endpoint) == base.for_endpoint(endpoint)  # profile's requests cost the same
+    for prompt, output, slos in ((150, 37, Slos(tpot_ms=60)), (32, 4, Slos(tpot_ms=10_000))):
+        rates = [max_rate(lambda c=c: Engine(LLAMA, "A10G", coefficients=c), prompt, output, slos).tput
+                 for c in (base, dear)]
+        assert rates[0] > 0 and rates[0] == rates[1], (prompt, output, rates)
 
 
 def test_merge_writes_tputs_edges_and_catalog_costs_but_no_entry_for_a_gpu_that_does_not_fit() -> None:

@@ -11,7 +11,7 @@ import pytest
 from melange_sky.core.config import load_config
 from melange_sky.core.slo import Slos
 from melange_sky.deploy.plan import make_plan
-from melange_sky.engine import Engine, load_model
+from melange_sky.engine import CLIENT_ENDPOINT, Engine, load_model
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.fleet.reconcile import new_replica
 from melange_sky.serve.policy import SizeAwarePolicy
@@ -61,10 +61,11 @@ def test_one_replica_ttft_and_tpot_are_the_engines_step_times(one_plan):
         done.update((r, now) for r in s.finished)
         return s.duration_s
 
-    ref.add("A", 100, 5)
+    ref.add("A", 100, 5, endpoint=CLIENT_ENDPOINT)  # simulate charges what replay's completions cost the API server
     step()  # A's prefill: its first token at its end
     b_at = now + step() / 2  # B arrives in the middle of the next (decode) step ...
-    ref.add("B", 200, 3, at=b_at)  # ... and joins the step after it (through the API server, from when it came)
+    # ... and joins the step after it (through the API server, from when it came)
+    ref.add("B", 200, 3, at=b_at, endpoint=CLIENT_ENDPOINT)
     while ref.has_work:
         step()
     result = simulate(one_plan, arrivals((0.0, 100, 5), (b_at, 200, 3)), Slos(tpot_ms=None))

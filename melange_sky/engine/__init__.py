@@ -9,9 +9,9 @@ from melange_sky.engine.errors import DoesNotFit, EngineError
 from melange_sky.engine.hardware import GPU_NAMES, GpuSpec, gpu_spec
 from melange_sky.engine.models import BUNDLED_MODELS, ModelSpec, load_model
 from melange_sky.engine.settings import ENGINE_SETTING_KEYS, EngineSettings
-from melange_sky.engine.step_time import Coefficients
+from melange_sky.engine.step_time import CLIENT_ENDPOINT, Coefficients
 
 __all__ = [
-    "BUNDLED_MODELS", "Coefficients", "DoesNotFit", "ENGINE_SETTING_KEYS", "Engine", "EngineError", "EngineSettings",
-    "GPU_NAMES", "GpuSpec", "ModelSpec", "Step", "gpu_spec", "load_model",
+    "BUNDLED_MODELS", "CLIENT_ENDPOINT", "Coefficients", "DoesNotFit", "ENGINE_SETTING_KEYS", "Engine", "EngineError",
+    "EngineSettings", "GPU_NAMES", "GpuSpec", "ModelSpec", "Step", "gpu_spec", "load_model",
 ]

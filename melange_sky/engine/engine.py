@@ -221,9 +221,13 @@ class Engine:
         else:
             self._frontend.append((ready, request))
 
-    def frontend_capacity(self, output_tokens: int) -> float:
-        """Requests per second the API server sustains when each streams `output_tokens` tokens (inf without one)."""
-        busy = self._frontend_request_s + output_tokens * self._frontend_token_s
+    def frontend_capacity(self, output_tokens: int, endpoint: str | None = None) -> float:
+        """Requests per second the API server sustains when each streams `output_tokens` tokens and came to
+        `endpoint` (as `add`; None: the engine's coefficients as given); inf without an API server."""
+        request_s = self._frontend_request_s if endpoint is None else self._frontend_endpoint_s.get(endpoint)
+        if request_s is None:
+            raise EngineError(f"unknown endpoint {endpoint!r} (chat or completions)")
+        busy = request_s + output_tokens * self._frontend_token_s
         return 1 / busy if busy > 0 else math.inf
 
     def without_frontend(self) -> Engine:

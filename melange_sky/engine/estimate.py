@@ -6,7 +6,8 @@ exactly O output tokens (ignore_eos). Returns throughput, TTFT and TPOT statisti
 
 Table mode (`max_rates`): per GPU type and bucket, the highest Poisson rate whose SLO statistics hold at steady
 state — the question `melange-sky profile` asks a real server, with the same representative lengths and the same
-statistics (melange_sky.core.slo), so an estimate and a profile of the same server agree.
+statistics (melange_sky.core.slo), and requests to the same endpoint (`CLIENT_ENDPOINT`: plain completions, the
+API server's cost for them), so an estimate and a profile of the same server agree.
 """
 from __future__ import annotations
 
@@ -28,17 +29,19 @@ from melange_sky.engine.errors import DoesNotFit, EngineError
 from melange_sky.engine.hardware import GpuSpec, gpu_spec
 from melange_sky.engine.models import ModelSpec
 from melange_sky.engine.settings import EngineSettings
+from melange_sky.engine.step_time import CLIENT_ENDPOINT
 from melange_sky.engine.workload_run import PointResult, Request, Stats, run_requests
 
 
 
 def run_point(engine: Engine, *, input_tokens: int, output_tokens: int, concurrency: int | None = None,
               rate: float | None = None, requests: int | None = None, seed: int = 0,
-              skip: bool = True) -> PointResult:
+              skip: bool = True, endpoint: str | None = None) -> PointResult:
     """Run one benchmark point on `engine` (which must be idle) and measure it. Exactly one of `concurrency` (closed
     loop) and `rate` (open loop, Poisson) is given; `requests` defaults to max(concurrency, 200) closed, or
     max(200, 60 s of arrivals) open. `skip` jumps over eventless decode steps (`Engine.skip_decodes`): the same
-    answer, faster."""
+    answer, faster. `endpoint`: the OpenAI endpoint the client sends to ("chat" or "completions": its API-server
+    cost; None: the engine's coefficients as given)."""
     if (concurrency is None) == (rate is None):
         raise EngineError("give exactly one of --concurrency and --rate")
     if input_tokens < 1 or output_tokens < 1:
@@ -48,7 +51,7 @@ def run_point(engine: Engine, *, input_tokens: int, output_tokens: int, concurre
     if requests < 1:
         raise EngineError(f"--requests must be at least 1, got {requests}")
     return run_requests(engine, [Request(input_tokens, output_tokens)] * requests, concurrency=concurrency,
-                        rate=rate, seed=seed, skip=skip)
+                        rate=rate, seed=seed, skip=skip, endpoint=endpoint)
 
 
 EngineFactory = Callable[[], Engine]
@@ -184,14 +187,14 @@ def check_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: in
                seed: int = 0, latency_s: float | None = None, capacity: float | None = None,
                min_measured: int = MIN_MEASURED, max_measured: int = MAX_MEASURED,
                accuracy: Mapping[Slo, float] | None = None) -> RateCheck:
-    """Run arrivals at `rate` (`core.slo.arrival_gaps`: the traffic `profile` sends) and judge the SLOs at steady
-    state: a warm-up of about WARMUP_LATENCIES request latencies is discarded, then `min_measured` requests are
-    measured while arrivals go on (so the last ones see the same load as the first), and twice as many at each look
-    until every SLO's statistic is decided (the limit SEQUENTIAL half-widths away) or known within `accuracy` (per
-    SLO, a share of its limit), or `max_measured` were measured. `latency_s`: the latency at the SLO
-    (`slo_latency`). Overloaded: a rate above `capacity` (the engine's saturated throughput, req/s; not run), one
-    whose requests in flight run away, or one whose mean in flight over the measured requests exceeds
-    OVERLOAD_FACTOR x what the SLOs allow (`profile`'s bound). Deterministic for a seed."""
+    """Run arrivals at `rate` (`core.slo.arrival_gaps`: the traffic `profile` sends, to its endpoint,
+    `CLIENT_ENDPOINT`) and judge the SLOs at steady state: a warm-up of about WARMUP_LATENCIES request latencies is
+    discarded, then `min_measured` requests are measured while arrivals go on (so the last ones see the same load as
+    the first), and twice as many at each look until every SLO's statistic is decided (the limit SEQUENTIAL
+    half-widths away) or known within `accuracy` (per SLO, a share of its limit), or `max_measured` were measured.
+    `latency_s`: the latency at the SLO (`slo_latency`). Overloaded: a rate above `capacity` (the engine's saturated
+    throughput, req/s; not run), one whose requests in flight run away, or one whose mean in flight over the measured
+    requests exceeds OVERLOAD_FACTOR x what the SLOs allow (`profile`'s bound). Deterministic for a seed."""
     limits = slos.limits
     nothing: dict[Slo, float | None] = {slo: None for slo in limits}
     if capacity is not None and rate > capacity:
@@ -216,7 +219,7 @@ def check_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: in
             while next_arrival <= now:
                 rid = len(arrivals)
                 arrivals.append(next_arrival)
-                engine.add(rid, prompt_tokens, output_tokens, at=next_arrival)
+                engine.add(rid, prompt_tokens, output_tokens, at=next_arrival, endpoint=CLIENT_ENDPOINT)
                 next_arrival = next(arrivals_at)
             if engine.running + engine.waiting > runaway:
                 return RateCheck(rate, False, True, nothing, measured=0)
@@ -297,7 +300,8 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
     throughput (a closed loop at max_num_seqs), bisected to `precision`, then fitted where the SLO statistics cross
     their limits (each measured until its interval pins the rate within `accuracy`)."""
     probe = make_engine()
-    alone = run_point(probe, input_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=1, requests=1)
+    alone = run_point(probe, input_tokens=prompt_tokens, output_tokens=output_tokens, concurrency=1, requests=1,
+                      endpoint=CLIENT_ENDPOINT)
     latency = slo_latency(slos, output_tokens, alone)
     alone_s = (alone.latency_ms.mean if alone.latency_ms else 0.0) / 1000
     single = check_rate(make_engine, prompt_tokens, output_tokens, 1e-3 / max(alone_s, 1e-3), slos, seed=seed,
@@ -313,7 +317,7 @@ def max_rate(make_engine: EngineFactory, prompt_tokens: int, output_tokens: int,
     # by max_num_seqs; or what its API server sustains, if less. No Poisson rate above it has a steady state.
     saturated = max(saturated_rate(make_engine, prompt_tokens, output_tokens, c, seed)
                     for c in sorted({min(probe.max_num_seqs, fits), min(probe.max_num_seqs, 2 * fits)}))
-    saturated = min(saturated, probe.frontend_capacity(output_tokens))
+    saturated = min(saturated, probe.frontend_capacity(output_tokens, CLIENT_ENDPOINT))
 
     fine: set[float] = set()
 

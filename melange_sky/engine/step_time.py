@@ -114,6 +114,10 @@ class Coefficients:
 
 
 DEFAULT_COEFFICIENTS = Coefficients()
+#: The OpenAI endpoint melange-sky's own load generators send to (`profile` and `replay`: POST /v1/completions,
+#: melange_sky/inputs/http.py COMPLETIONS_PATH): what table mode (which answers `profile`'s question) and the simulator
+#: (which `replay` checks) charge the API server per request, so that an estimate and a profile of one server agree.
+CLIENT_ENDPOINT = "completions"
 _GEMMS_PER_LAYER = 4  # QKV, attention output, gate/up, down projections (vLLM fuses QKV and gate/up)
 
 # One all-reduce of a message of B bytes (the hidden state of a step's tokens, 16-bit) as measured, where a kernel
@@ -230,4 +234,4 @@ class StepCost:
         return linear + attention + kv + allreduce + overhead
 
 
-__all__ = ["DEFAULT_COEFFICIENTS", "Coefficients", "StepCost"]
+__all__ = ["CLIENT_ENDPOINT", "DEFAULT_COEFFICIENTS", "Coefficients", "StepCost"]

@@ -81,11 +81,13 @@ class _Timing:
 
 
 def run_requests(engine: Engine, requests: Sequence[Request], *, concurrency: int | None = None,
-                 rate: float | None = None, seed: int = 0, skip: bool = True) -> PointResult:
+                 rate: float | None = None, seed: int = 0, skip: bool = True,
+                 endpoint: str | None = None) -> PointResult:
     """Run `requests` in order on `engine` (which must be idle) and measure the run. Exactly one of `concurrency`
     (closed loop: that many in flight until all are done; concurrency >= len(requests) is a burst or an offline
     batch) and `rate` (open loop, Poisson arrivals with a fixed seed). `skip` jumps over eventless decode steps
-    (`Engine.skip_decodes`): the same answer, faster."""
+    (`Engine.skip_decodes`): the same answer, faster. `endpoint`: the OpenAI endpoint the requests come to, which
+    sets their API-server cost (`Engine.add`; None: the engine's coefficients as given)."""
     if (concurrency is None) == (rate is None):
         raise EngineError("give exactly one of concurrency and rate")
     if not requests:
@@ -107,7 +109,7 @@ def run_requests(engine: Engine, requests: Sequence[Request], *, concurrency: in
         rid = len(timings)
         r = requests[rid]
         timings[rid] = _Timing(at, r.output_tokens)
-        engine.add(rid, r.prompt_tokens, r.output_tokens, at=at)
+        engine.add(rid, r.prompt_tokens, r.output_tokens, at=at, endpoint=endpoint)
 
     if concurrency is not None:
         for _ in range(min(concurrency, total)):

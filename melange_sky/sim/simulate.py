@@ -31,7 +31,7 @@ from typing import Any
 from melange_sky.core.attainment import DEFAULT_TARGET, AttainmentReport, RequestRecord, summarise
 from melange_sky.core.buckets import Bucketer
 from melange_sky.core.slo import Slos
-from melange_sky.engine import Engine
+from melange_sky.engine import CLIENT_ENDPOINT, Engine
 from melange_sky.engine.errors import EngineError
 from melange_sky.inputs.arrivals import Arrivals
 from melange_sky.serve.policy import NoReplica, Replica, Rotation, SizeAwarePolicy
@@ -269,12 +269,13 @@ def simulate(plan: SimPlan, arrivals: Arrivals, slos: Slos, *, target: float = D
                 server.ahead = None
                 step_at(server, k, server.run_from + apply_run(server, now - server.run_from), peek=False)
             try:
+                # charged as the completions `replay` sends (CLIENT_ENDPOINT) cost vLLM's API server
                 if server.busy:  # it joins at the next step boundary; the API server takes it from now
-                    server.engine.add(rid, prompt, output, at=now)
+                    server.engine.add(rid, prompt, output, at=now, endpoint=CLIENT_ENDPOINT)
                 else:  # the engine's clock catches up with the time it sat idle
                     server.engine.idle(now - server.idle_since)
                     server.idle_since = now
-                    server.engine.add(rid, prompt, output)
+                    server.engine.add(rid, prompt, output, endpoint=CLIENT_ENDPOINT)
             except EngineError:  # longer than the model's context: vLLM answers 400
                 records[rid] = RequestRecord.failed(now, server.gpu, server.name, buckets[rid], prompt, output)
                 too_long += 1
