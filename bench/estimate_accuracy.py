@@ -172,19 +172,20 @@ def compare(point: Point, workloads: dict[str, dict[str, Any]] | None = None) ->
     started = time.perf_counter()
     try:
         settings = EngineSettings.from_deployment(point.deployment, source=point.id)
-        # the engine's own coefficients for the endpoint the client used (a chat request costs the API server more)
-        coefficients = Coefficients().for_endpoint(point.endpoint or "chat")
+        # the engine's own coefficients; each request charged the API server's cost (and passed through it as
+        # requests to) the endpoint the client used
         engine = Engine(load_model(model_path(point.model)), point.gpu, tp=point.tp, dtype=point.dtype,
-                        settings=settings, coefficients=coefficients)
+                        settings=settings, coefficients=Coefficients())
         if point.client == "offline":  # vLLM's LLM class in-process: no API server in front of the engine
             engine = engine.without_frontend()
         if point.lengths == "distribution":
             result = run_requests(engine, point_requests(point, workloads if workloads is not None else
                                                          load_workloads()),
-                                  concurrency=point.concurrency, rate=point.rate, seed=0)
+                                  concurrency=point.concurrency, rate=point.rate, seed=0, endpoint=point.endpoint)
         else:
             result = run_point(engine, input_tokens=point.input_tokens, output_tokens=point.output_tokens,
-                               concurrency=point.concurrency, rate=point.rate, requests=point.requests, seed=0)
+                               concurrency=point.concurrency, rate=point.rate, requests=point.requests, seed=0,
+                               endpoint=point.endpoint)
     except Exception as exc:  # a refused setup is a result of the bench, shown in the table
         return Comparison(point, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - started)
     predicted = {"output_tokens_per_s": result.output_tokens_per_s, "tpot_ms_mean": result.tpot_ms.mean,

@@ -143,18 +143,28 @@ def test_a_preempted_request_finds_its_unevicted_blocks_in_the_prefix_cache(pref
     assert steps[-1].finished == ("b",) and len(steps) == 43
 
 
-def test_requests_pass_the_api_server_one_at_a_time_and_streamed_tokens_keep_it_busy() -> None:
-    engine = Engine(LLAMA, "H100", coefficients=Coefficients(frontend_request_ms=10, frontend_token_us=0))
-    for rid in "abc":
-        engine.add(rid, 100, 2)
-    firsts: dict[str, float] = {}
-    while (step := engine.step()) is not None:
-        for rid in step.first_token:
-            firsts[rid] = engine.clock
-    prefill = engine.cost.seconds(prefill_tokens=100, prefill_attention=5000, sampled=1, requests=1)
-    # tokenized at 10, 20 and 30 ms; each prefills in the first step that starts once it is through
-    assert firsts["a"] == pytest.approx(0.010 + prefill)
-    assert firsts["b"] >= 0.020 + prefill and firsts["c"] >= 0.030 + prefill
+def test_completions_pass_the_api_server_one_at_a_time_and_a_burst_of_chats_passes_it_together() -> None:
+    def first_tokens(endpoint: str) -> dict[str, float]:
+        coefficients = Coefficients(frontend_request_ms=10, frontend_completion_request_ms=10, frontend_token_us=0)
+        engine = Engine(LLAMA, "H100", coefficients=coefficients)
+        for rid in "abc":
+            engine.add(rid, 100, 2, endpoint=endpoint)
+        firsts: dict[str, float] = {}
+        while (step := engine.step()) is not None:
+            for rid in step.first_token:
+                firsts[rid] = engine.clock
+        return firsts
+
+    prefill = Engine(LLAMA, "H100").cost.seconds(prefill_tokens=100, prefill_attention=5000, sampled=1, requests=1)
+    # completions, first come first served: through at 10, 20 and 30 ms; each prefills in the first step that
+    # starts once it is through
+    completions = first_tokens("completions")
+    assert completions["a"] == pytest.approx(0.010 + prefill)
+    assert completions["b"] >= 0.020 + prefill and completions["c"] >= 0.030 + prefill
+    # chats share the server (processor sharing): all three are through at 30 ms and prefill in one step
+    chats = first_tokens("chat")
+    batch = Engine(LLAMA, "H100").cost.seconds(prefill_tokens=300, prefill_attention=15000, sampled=3, requests=3)
+    assert chats == pytest.approx(dict.fromkeys("abc", 0.030 + batch))
 
     def wait_for_b(token_us: float) -> float:
         engine = Engine(LLAMA, "H100", coefficients=Coefficients(frontend_request_ms=10, frontend_token_us=token_us))
