@@ -87,7 +87,8 @@ class Coefficients:
     # plus α₁ ≈ 0.78 ms ("PostDecodeFixedOverhead": finishing the response), from vLLM H100 serving traces
     # (inference-sim/inference-sim docs/guide/latency-models.md, trained-physics defaults); per output token BLIS's
     # α₂ ≈ 46 µs ("OutputTokenProcessingTime"). GPUStack's bursts of 1000 chat requests of 128/4 tokens (vLLM 0.11)
-    # took 22.7 s on an H100 whose GPU work is ~4 s: ~20 ms a chat request (bench/results/estimate_accuracy.md).
+    # took 22.7 s on an H100: 1000 x 16.4 ms in the API server, the burst then reaching the engine together
+    # (engine.py), plus the ~6 s its prefills take there (bench/results/estimate_accuracy.md).
     frontend_request_ms: float = 15.6 + 0.78
     # A plain completions request costs the server less (no chat template, smaller response objects): vLLM PR
     # #12287's frontend-bound V1 run of completions (Llama-3.2-1B, A100) served 63.6 req/s of 202 output tokens,
