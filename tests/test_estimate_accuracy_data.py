@@ -116,6 +116,19 @@ def test_every_workload_table_cites_its_source_and_its_lengths_pass_its_filter()
             assert prompt + output <= limits["max_total"]
 
 
+def test_a_workload_table_is_the_population_of_its_1000_request_runs_not_a_stand_in() -> None:
+    # the bench scales a table to each run's published means; for the table to carry the run's shape (its short
+    # outputs and long tail), its own means must already be the run's, up to the noise of a 1000-request draw
+    points = [p for p in _points() if p.get("workload") and p["requests"] >= 1000]
+    assert points
+    for point in points:
+        pairs = _data()["workloads"][point["workload"]]["pairs"]
+        prompt = sum(p for p, _ in pairs) / len(pairs)
+        output = sum(o for _, o in pairs) / len(pairs)
+        assert abs(prompt / point["input_tokens"] - 1) < 0.06 and abs(output / point["output_tokens"] - 1) < 0.06, (
+            point["id"], prompt, output)
+
+
 def test_the_table_covers_fifteen_points_over_five_gpu_types() -> None:
     points = _points()
     assert len(points) >= 15
