@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from melange_sky._io import write_text
 from melange_sky.engine.errors import EngineError
 from melange_sky.engine.step_time import Coefficients
 
@@ -58,7 +59,5 @@ def save_fit(fit_data: dict[str, Any], gpu: str) -> Path:
     """Write a fit for `gpu`; its path."""
     path = fit_path(gpu)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fit_data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(fit_data, indent=2) + "\n")
     return path

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Any
 
+from melange_sky._io import write_bytes
 from melange_sky.core.attainment import per_request_text
 from melange_sky.errors import OutputError
 from melange_sky.sim.simulate import SimResult
@@ -71,11 +71,4 @@ def plot_result(result: SimResult, path: str | os.PathLike[str]) -> None:
     cdf_ax.legend(loc="lower right", fontsize=9, title="GPU type", title_fontsize=9)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_bytes(buffer.getvalue())
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+    write_bytes(path, buffer.getvalue())

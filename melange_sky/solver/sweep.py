@@ -14,9 +14,9 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
+from melange_sky._io import write_bytes
 from melange_sky.core.config import Config, with_overrides
 from melange_sky.errors import ConfigError, InfeasibleAllocation, OutputError
 from melange_sky.solver.model import Formulation, SharedCap, SolverOptions, resolve_formulation
@@ -320,7 +320,7 @@ def plot_sweep(result: Sweep, path: str | os.PathLike[str]) -> None:
         count_ax.set_xscale("log")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _write_bytes(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _is_geometric(rates: list[float]) -> bool:
@@ -343,17 +343,6 @@ def _bar_spans(rates: list[float], log: bool) -> tuple[list[float], list[float]]
     lefts = [back(x - h) for x, h in zip(forward, half)]
     rights = [back(x + h) for x, h in zip(forward, half)]
     return lefts, [r - left for left, r in zip(lefts, rights)]
-
-
-def _write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
 
 
 __all__ = ["MixCost", "Sweep", "SweepPoint", "check_plotting", "check_rates", "default_range", "parse_rates",
