@@ -14,8 +14,9 @@ one endpoint from the moment `up` returns until `down`:
    need is its /workload mean since it started, as `watch` says; the load stays high until that mean is.
 4. The load falls, and `up --rate LOW` shrinks make-before-break: the replicas no longer needed (those its dry run
    names) leave the router, drain and are removed. Long streams (600 tokens) are sent first until every leaving
-   replica has one in flight, so the drain has something to wait for: it waits (the ledger's `drained` event says
-   how long), and every one of those streams succeeds (a teardown before the drain would cut them).
+   replica has one in flight, and more while `up` runs, so the drain has something to wait for however long `up`
+   takes to get there: it waits (the ledger's `drained` event says how long), and every one of those streams
+   succeeds (a teardown before the drain would cut them).
 5. `down` leaves no process running and no fleet in the ledger.
 
 After every step the router's membership (`GET /admin/routes` with the admin token from the fleet's key file) is the
@@ -34,6 +35,7 @@ import json
 import os
 import signal
 import stat
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -251,14 +253,38 @@ def test_fleet_serves_heals_grows_and_shrinks_under_continuous_load_and_down_lea
         rows = {row for gpu in {gpu_of[c] for c in leaving} for (row, col), shares in
                 ((tuple(r["bucket"]), r["shares"]) for r in routes["routing"]) if col == 1 and shares.get(gpu)}
         assert rows, f"the plan gives the leaving replicas' GPU types no long outputs: {routes['routing']}"
+        # A long stream on each leaving replica: at least one per replica of the leaving GPU types (the router gives
+        # each to the least busy replica of the type the bucket's round-robin picks), until each leaving replica has
+        # one in flight (a short request in flight alone, with none sent yet, ended before the drain began).
+        sharing = sum(1 for c in grown if gpu_of[c] in {gpu_of[c] for c in leaving})
         long_sent = 0
-        while not all(replica_counts(grown[c])[1] >= 1 for c in leaving):  # a long stream on each leaving replica
+        while long_sent < sharing or not all(replica_counts(grown[c])[1] >= 1 for c in leaving):
             assert long_sent < 40, "no long stream in flight on every replica about to leave"
             load.send(LONG[sorted(rows)[long_sent % len(rows)]])
             long_sent += 1
             time.sleep(0.1)
         shrink_started = time.monotonic()
-        shrink = fleet.cli("up", str(fleet.config), "--rate", str(LOW), "-y", "--drain-timeout", "30")
+        # More long streams while `up` runs (until it returns), so the leaving replicas still have some in flight
+        # when it drains them, however slowly it gets there on a busy machine (the ones above may have ended).
+        shrinking = threading.Event()
+
+        def feed() -> None:
+            n = 0
+            while True:
+                load.send(LONG[sorted(rows)[n % len(rows)]])
+                n += 1
+                if shrinking.wait(0.5):
+                    break
+            fed.append(n)
+
+        fed: list[int] = []
+        feeder = threading.Thread(target=feed, name="e2e-long-feeder", daemon=True)
+        feeder.start()
+        try:
+            shrink = fleet.cli("up", str(fleet.config), "--rate", str(LOW), "-y", "--drain-timeout", "30")
+        finally:
+            shrinking.set()
+            feeder.join(10)
         shrunk = fleet.check_membership(url, "up --rate LOW (shrink)")
         removed = set(grown) - set(shrunk)
         assert removed == leaving, "the shrink did not remove what its preview said"
@@ -286,8 +312,11 @@ def test_fleet_serves_heals_grows_and_shrinks_under_continuous_load_and_down_lea
     # the client's view of the whole run ----------------------------------------------------------------------------
     outcomes = load.outcomes()
     long_streams = [o for o in outcomes if o.shape == LONG[0].name]
-    assert len(long_streams) == long_sent and all(o.ok and o.overlaps(shrink_started) for o in long_streams), \
-        "a long stream in flight when the shrink started failed (cut by a teardown before the drain?)"
+    assert len(long_streams) == long_sent + sum(fed) and all(o.ok for o in long_streams), \
+        "a long stream in flight during the shrink failed (cut by a teardown before the drain?)"
+    before_shrink = [o for o in long_streams if -o.index <= long_sent]  # the load numbers extra requests -1, -2, ...
+    assert all(o.overlaps(shrink_started) for o in before_shrink), \
+        "a long stream sent before the shrink had ended before it started"
     assert len(outcomes) == load.sent and len(outcomes) >= 40
     unexplained = [o for o in load.failures() if not explained_by_kill(o, killed)]
     assert unexplained == [], f"{len(unexplained)} requests failed outside the kill: {unexplained[:5]}"
