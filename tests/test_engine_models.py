@@ -156,3 +156,46 @@ def test_engine_settings_render_as_the_matching_vllm_serve_flags() -> None:
                                     "--no-enable-chunked-prefill", "--tensor-parallel-size", "2",
                                     "--quantization", "fp8"]
     assert EngineSettings().vllm_args() == [] and EngineSettings(dtype="bf16").vllm_args() == ["--dtype", "bfloat16"]
+
+
+LLAMA_1B = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "intermediate_size": 8192, "vocab_size": 128256, "tie_word_embeddings": True}
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"hidden_size": -1}, "hidden_size: must be a positive integer, got -1"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers: must be a positive integer, got 0"),
+    ({"vocab_size": "32000"}, 'vocab_size: must be a positive integer, got "32000"'),
+    ({"intermediate_size": 8192.5}, "intermediate_size: must be a positive integer, got 8192.5"),
+    ({"num_attention_heads": True}, "num_attention_heads: must be a positive integer, got true"),
+    ({"num_key_value_heads": 6}, "num_key_value_heads: 6 does not divide num_attention_heads 32"),
+    ({"num_attention_heads": 30, "num_key_value_heads": 10}, "num_attention_heads: 30 does not divide hidden_size "
+                                                             "2048, and the config gives no head_dim"),
+    ({"head_dim": -64}, "head_dim: must be a positive integer, got -64"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings: must be a positive integer, got -5"),
+    ({"tie_word_embeddings": "yes"}, 'tie_word_embeddings: must be true or false, got "yes"'),
+    ({"vocab_size": None}, "vocab_size: missing: not a decoder-only transformer config"),
+])
+def test_a_model_config_with_a_bad_field_is_refused_naming_the_file_and_the_field(tmp_path, change, says) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in {**LLAMA_1B, **change}.items() if v is not None}))
+    with pytest.raises(EngineError) as raised:
+        load_model(str(tmp_path))
+    assert str(raised.value).startswith(f"{path}: {says}"), str(raised.value)
+    assert "\n" not in str(raised.value) and raised.value.exit_code == 2
+
+
+def test_a_config_may_give_a_head_dim_that_is_not_hidden_size_over_heads(tmp_path) -> None:
+    # Gemma's shape: 16 heads of 256 on a hidden size of 3072; and an integral float is a whole number
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_1B, "hidden_size": 3072.0, "num_attention_heads": 16,
+                                                      "num_key_value_heads": 16, "head_dim": 256}))
+    spec = load_model(str(tmp_path))
+    assert (spec.hidden_size, spec.head_dim, spec.q_dim) == (3072, 256, 4096)
+
+
+def test_the_cli_says_a_bad_model_config_in_one_line(cli, tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_1B, "hidden_size": -1}))
+    result = cli("estimate", "--model", str(tmp_path), "--gpu", "A10G", "--input-tokens", "10", "--output-tokens",
+                 "10", "--rate", "1")
+    assert result.exit_code == 2
+    assert result.stderr == f"Error: {tmp_path / 'config.json'}: hidden_size: must be a positive integer, got -1\n"

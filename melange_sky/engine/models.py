@@ -11,6 +11,7 @@ the final norm, and the LM head unless it is tied to the embeddings. Mixture-of-
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from importlib import resources
@@ -138,7 +139,8 @@ def load_model(model: str) -> ModelSpec:
             config = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise EngineError(f"{path}: cannot read the model config: {exc}") from exc
-        return model_from_config(config, name=str(config.get("_name_or_path") or path.parent.name or model))
+        name = config.get("_name_or_path") if isinstance(config, dict) else None
+        return model_from_config(config, name=str(name or path.parent.name or model), source=str(path))
     files = _bundled_files()
     key = _key(model)
     found = files.get(key)
@@ -152,40 +154,95 @@ def load_model(model: str) -> ModelSpec:
     return model_from_config(config, name=found.name[:-5])
 
 
-def model_from_config(config: dict[str, Any], name: str = "model") -> ModelSpec:
-    """A ModelSpec from a Hugging Face config dict (multimodal configs: their `text_config`)."""
+class _Fields:
+    """Reads a Hugging Face config's fields with one-line errors naming the file and the field: a config with
+    `hidden_size: -1` must be refused where it is read, not turn into "-0 GB of weights" further on."""
+
+    def __init__(self, config: dict[str, Any], where: str, nested: frozenset[str] = frozenset()):
+        self.config = config
+        self.where = where
+        self.nested = nested  # keys read from the config's text_config (a multimodal model's language model)
+
+    def fail(self, key: str, message: str) -> EngineError:
+        field = f"text_config.{key}" if key in self.nested else key
+        return EngineError(f"{self.where}: {field}: {message}")
+
+    def positive_int(self, key: str, default: int | None = None) -> int:
+        """A whole number >= 1 (an integral float such as 4096.0 too, as JSON writers sometimes give)."""
+        value = self.config.get(key)
+        if value is None:
+            if default is None:
+                raise self.fail(key, "missing: not a decoder-only transformer config the engine model can read")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+            raise self.fail(key, f"must be a positive integer, got {json.dumps(value)}")
+        if value < 1:
+            raise self.fail(key, f"must be a positive integer, got {json.dumps(value)}")
+        return int(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.config.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, got {json.dumps(value)}")
+        return value
+
+    def string(self, *keys: str, default: str) -> str:
+        for key in keys:
+            value = self.config.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.strip():
+                raise self.fail(key, f"must be a type name such as \"bfloat16\", got {json.dumps(value)}")
+            return value
+        return default
+
+
+def model_from_config(config: dict[str, Any], name: str = "model", source: str | None = None) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config dict (multimodal configs: their `text_config`). Every field is checked
+    (positive whole numbers, K/V heads dividing the query heads, heads dividing the hidden size when the config
+    gives no head_dim): EngineError naming `source` (the file; else `name`) and the field."""
+    where = source or name
     if not isinstance(config, dict):
-        raise EngineError(f"{name}: a model config must be a JSON object")
+        raise EngineError(f"{where}: a model config must be a JSON object")
+    nested: frozenset[str] = frozenset()
     if isinstance(config.get("text_config"), dict):
+        nested = frozenset(config["text_config"])
         config = {**config, **config["text_config"]}
     experts = next((config[k] for k in _MOE_KEYS if isinstance(config.get(k), int) and config[k] > 1), None)
     if experts is not None:
         raise EngineError(f"{name} is a mixture-of-experts model ({experts} experts): the engine model supports "
                           f"dense models only")
-    try:
-        d = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        spec = ModelSpec(
-            name=name,
-            hidden_size=d,
-            num_layers=int(config["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or d // heads),
-            intermediate_size=int(config["intermediate_size"]),
-            vocab_size=int(config["vocab_size"]),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
-            torch_dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
-            qkv_bias=config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False)),
-            qk_norm=config.get("model_type") == "qwen3",
-        )
-    except KeyError as exc:
-        raise EngineError(f"{name}: the model config has no {exc.args[0]!r}: not a decoder-only transformer "
-                          f"config the engine model can read") from exc
-    except (TypeError, ValueError) as exc:
-        raise EngineError(f"{name}: a model config field is not a number: {exc}") from exc
-    return spec
+    fields = _Fields(config, where, nested)
+    d = fields.positive_int("hidden_size")
+    layers = fields.positive_int("num_hidden_layers")
+    heads = fields.positive_int("num_attention_heads")
+    kv_heads = fields.positive_int("num_key_value_heads", default=heads)
+    if heads % kv_heads:
+        raise fields.fail("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}: "
+                                                 f"grouped-query attention gives each K/V head a whole number of "
+                                                 f"query heads")
+    if config.get("head_dim") is None and d % heads:
+        raise fields.fail("num_attention_heads", f"{heads} does not divide hidden_size {d}, and the config gives no "
+                                                 f"head_dim")
+    head_dim = fields.positive_int("head_dim", default=d // heads)
+    return ModelSpec(
+        name=name,
+        hidden_size=d,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=fields.positive_int("intermediate_size"),
+        vocab_size=fields.positive_int("vocab_size"),
+        tie_word_embeddings=fields.boolean("tie_word_embeddings", False),
+        max_position_embeddings=fields.positive_int("max_position_embeddings", default=4096),
+        torch_dtype=fields.string("torch_dtype", "dtype", default="bfloat16"),
+        qkv_bias=config.get("model_type") == "qwen2" or fields.boolean("attention_bias", False),
+        qk_norm=config.get("model_type") == "qwen3",
+    )
 
 
 __all__ = ["BUNDLED_MODELS", "DTYPE_BYTES", "ModelSpec", "load_model", "model_from_config", "normalise_dtype"]
