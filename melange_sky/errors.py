@@ -187,3 +187,10 @@ class ControllerError(MelangeError):
     workload from."""
 
     exit_code = 2
+
+
+class LauncherMismatch(MelangeError):
+    """`--backend`/`MELANGE_SKY_BACKEND` names another launcher than the one a fleet was brought up with: that one
+    would not know its clusters (and would take them for gone while they run and bill)."""
+
+    exit_code = 2

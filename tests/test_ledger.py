@@ -356,3 +356,20 @@ def test_need_events_of_a_version_2_ledger_keep_their_rates_as_data_after_the_mi
         assert [(e.at, e.data) for e in db.history(fleet="f", kind="need")] == [
             (1.0, {"rate": 12.5}), (2.0, {"rate": 1e-05}), (3.0, None)]
         assert [e.data for e in db.history(fleet="f", kind="scale-up")] == [None]
+
+
+def test_a_version_3_ledger_keeps_its_fleets_without_a_launcher_and_new_ones_record_theirs(tmp_path):
+    conn = sqlite3.connect(tmp_path / "ledger.db")
+    for statement in [s for migration in ledger_mod.MIGRATIONS[:3] for s in migration]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute("INSERT INTO fleets VALUES ('old', 'h', '{}', 0, 0)")
+    conn.commit()
+    conn.close()
+    with Ledger(tmp_path) as db:
+        assert db.schema_version == len(ledger_mod.MIGRATIONS)
+        assert db.get_fleet("old").launcher is None  # its commands use the launcher they are given, as before
+        db.save_fleet("new", "h", PLAN, launcher={"name": "local", "class": "m:C", "dir": "/x"})
+        db.save_fleet("new", "h2", PLAN)  # a re-plan (or an adopted snapshot) keeps the launcher recorded
+        assert db.get_fleet("new").launcher == {"name": "local", "class": "m:C", "dir": "/x"}
+        assert db.get_fleet("new").config_hash == "h2"

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterator
 import click
 
 from melange_sky.cli.main import debug_option, main, warn
-from melange_sky.cli.options import SolveArgs, backend_option, plan_options, plan_settings, solve_options
+from melange_sky.cli.options import SolveArgs, plan_options, plan_settings, solve_options
 from melange_sky.cli.text import (format_down, format_dryrun, format_event, format_preview, format_status, format_up,
                                    simulate_hint)
 from melange_sky.controller.watch import DEFAULT_INTERVAL_S, remember_unavailable, spot_avoided
-from melange_sky.fleet.backends import load_backend
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
+from melange_sky.fleet.launchers import asked_launcher, fleet_launchers, up_launcher
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.reports import Preview, ReplicaEvent
 from melange_sky.fleet.hosted import HOSTED, LOCAL
@@ -49,6 +49,14 @@ def terminations_interrupt() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def fleet_backend_option(command):
+    """--backend for commands on a fleet that exists: its recorded launcher is the default, another is refused."""
+    return click.option("--backend", metavar="NAME|MODULE:CLASS",
+                        help="Launcher (default: the one the fleet was brought up with, as the ledger records it; "
+                             "for a new fleet skypilot, or $MELANGE_SKY_BACKEND). Naming another than a fleet's "
+                             "own is an error: it would not know the fleet's clusters.")(command)
 
 
 PROMPT_POLL_S = 0.1  # how soon a Ctrl-C at a confirmation prompt is acted on
@@ -113,7 +121,7 @@ def confirm_or_refuse(question: str, yes: bool) -> bool:
 @click.option("--watch-args", metavar="'OPTIONS'", default="",
               help="`watch` options for the hosted controller, quoted as one argument (e.g. '--autoscale "
                    "--max-cost 20'); checked here, before anything launches.")
-@backend_option
+@fleet_backend_option
 @plan_options
 @solve_options
 @debug_option
@@ -144,7 +152,7 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     cfg = solve_args.load(config, fleet_name)
     settings = plan_settings(solve_args, per_offer, template)
     on_event = None if as_json else print_event
-    launcher = load_backend(backend)
+    launcher = up_launcher(cfg.name, asked_launcher(backend))  # a fleet in the ledger: its own launcher
     hosted, note = controller_choice(cfg, settings, launcher, os.environ, controller, router=not no_router,
                                      interval=controller_interval, watch_args=_watch_args(cfg.name, watch_args))
     if note is not None:
@@ -239,10 +247,10 @@ def print_warning(message: str) -> None:
 
 @main.command()
 @click.argument("fleet_name", metavar="[FLEET]", required=False)
-@click.option("--refresh", is_flag=True, help="Ask the launcher (SkyPilot) for each cluster's live state and "
-                                              "endpoint first, and record it.")
+@click.option("--refresh", is_flag=True, help="Ask each fleet's launcher (the one it was brought up with) for "
+                                              "each cluster's live state and endpoint first, and record it.")
 @click.option("--json", "as_json", is_flag=True, help="Print fleets and replicas as JSON on stdout.")
-@backend_option
+@fleet_backend_option
 @debug_option
 def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | None) -> None:
     """Show every fleet (or FLEET): replicas, their state, endpoint and $/h, from the ledger.
@@ -253,7 +261,9 @@ def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | 
       melange-sky status llama2-chat --refresh --json
     """
     with Ledger() as ledger, launcher_output():
-        report = Fleet(load_backend(backend) if refresh else None, ledger).status_report(fleet_name, refresh)
+        launchers = fleet_launchers(ledger, [fleet_name] if fleet_name else None,
+                                    asked_launcher(backend)) if refresh else {}  # each fleet's own
+        report = Fleet(None, ledger, launchers=launchers).status_report(fleet_name, refresh)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_status(report))
     if not as_json:
         for name, view in sorted(report.controllers.items()):
@@ -269,13 +279,14 @@ def status(fleet_name: str | None, refresh: bool, as_json: bool, backend: str | 
 @click.option("--parallel", type=click.IntRange(min=1), default=DEFAULT_PARALLEL, show_default=True,
               help="Teardowns in flight at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON on stdout.")
-@backend_option
+@fleet_backend_option
 @debug_option
 def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, parallel: int, as_json: bool,
          backend: str | None) -> None:
     """Tear down FLEET (or --all): every replica's cluster, concurrently.
 
-    A cluster the launcher no longer knows counts as gone. The fleet leaves the ledger only when all its
+    Each fleet is torn down through the launcher it was brought up with (the ledger records it); a cluster that
+    launcher no longer knows counts as gone. The fleet leaves the ledger only when all its
     clusters are gone; failures are kept and retried by the next `down`. A fleet that is not in the ledger
     (already down) is a no-op.
 
@@ -289,9 +300,10 @@ def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, paral
     with Ledger() as ledger:
         names = [f.name for f in ledger.fleets()] if all_fleets or not fleet_name else [fleet_name]
         known = [n for n in names if ledger.get_fleet(n) is not None]
+        launchers = fleet_launchers(ledger, known, asked_launcher(backend))  # each fleet's own, checked first
         if known:
             confirm_or_refuse(f"Tear down {', '.join(known)}? Their clusters and disks are deleted.", yes)
-        fleet = Fleet(load_backend(backend) if known else None, ledger, on_event=None if as_json else print_event)
+        fleet = Fleet(None, ledger, on_event=None if as_json else print_event, launchers=launchers)
         with launcher_output():
             reports = [fleet.down(name, purge=purge, parallel=parallel) for name in names]
         click.echo(json.dumps([r.to_dict() for r in reports], indent=2) if as_json

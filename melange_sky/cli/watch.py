@@ -10,15 +10,15 @@ from typing import TextIO
 
 import click
 
-from melange_sky.cli.fleet import launcher_output, print_event, print_warning, terminations_interrupt
+from melange_sky.cli.fleet import (fleet_backend_option, launcher_output, print_event, print_warning,
+                                   terminations_interrupt)
 from melange_sky.cli.main import INTERRUPTED, debug_option, main
-from melange_sky.cli.options import backend_option
 from melange_sky.controller.placer import DEFAULT_SPOT_HOLD_MIN
 from melange_sky.controller.rules import DEFAULT_MIN_REQUESTS, DEFAULT_SCALE_DOWN_AFTER_MIN
 from melange_sky.controller.hosted import HostedLoop, hosted_backend
 from melange_sky.controller.watch import DEFAULT_INTERVAL_S, Action, Controller, PassReport, WatchOptions, watch_lock
 from melange_sky.errors import UnknownFleet
-from melange_sky.fleet.backends import load_backend
+from melange_sky.fleet.launchers import asked_launcher, fleet_launcher
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_PARALLEL, UpOptions
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.inputs.trace_rates import parse_rate_percentile
@@ -75,7 +75,7 @@ from melange_sky.inputs.trace_rates import parse_rate_percentile
               help="--hosted, a TLS router: the certificate it serves (its calls are pinned to it).")
 @click.option("--launcher-dir", hidden=True, metavar="DIR",
               help="--hosted: the local launcher's state directory, shared with the user's machine.")
-@backend_option
+@fleet_backend_option
 @debug_option
 def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_percentile: str,
           scale_down_after: float, window: int | None, spot_hold: float, max_cost: float | None,
@@ -128,7 +128,8 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     if router_cafile and not hosted:
         raise click.UsageError("--router-cafile goes with --hosted")
     with Ledger() as ledger:
-        launcher = hosted_backend(backend, launcher_dir) if hosted else load_backend(backend)
+        launcher = (hosted_backend(backend, launcher_dir) if hosted  # the fleet's own (recorded) launcher
+                    else fleet_launcher(ledger.get_fleet(fleet_name), asked_launcher(backend)))
         controller = Controller(fleet_name, launcher, ledger, os.environ, options,
                                 on_action=_print_action(fleet_name), on_event=print_event,
                                 on_warning=print_warning)

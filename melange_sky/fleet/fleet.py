@@ -32,12 +32,13 @@ from melange_sky._signals import signals_held
 from melange_sky.deploy.membership import get_admin_routes, normalise_url, push_routes, routes_document
 from melange_sky.deploy.plan import Plan, PlanRequest, ReplicaPlan
 from melange_sky.deploy.router_task import router_certfile
-from melange_sky.errors import BackendError, FleetBusy, MelangeError, UnknownFleet
+from melange_sky.errors import BackendError, FleetBusy, LauncherMismatch, MelangeError, UnknownFleet
 from melange_sky.fleet import reconcile
 from melange_sky.fleet.backends import (Backend, ClusterInfo, ClusterStatus, LaunchRequest, Validation,
                                         needs_model_secrets)
 from melange_sky.fleet.hosted import HOSTED, controller_mode, sync_from_controller
 from melange_sky.fleet.keys import ADMIN_TOKEN_ENV, API_KEY_ENV, FleetKeys, forget_keys, load_keys
+from melange_sky.fleet.launchers import check_launcher, launcher_record, launcher_text, reaches
 from melange_sky.fleet.ledger import Event, Ledger, ReplicaRecord, ReplicaState, Role
 from melange_sky.fleet.reports import (DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport,
                                        Usage, usage)
@@ -99,11 +100,16 @@ class Fleet:
     rules (what to plan, launch, record, tear down) are `reconcile`'s; this class reads, writes and waits.
 
     `ledger` may be None for a dry run on a machine that has never launched anything (nothing is written), and
-    `backend` None for reading the ledger without a refresh."""
+    `backend` None for reading the ledger without a refresh. `launchers`: the launcher of each fleet by name
+    (`launchers.fleet_launchers`: each its own), for `status` and `down` over fleets of several launchers; a fleet
+    not in it uses `backend`. A fleet is never driven through another launcher than the one it records
+    (LauncherMismatch): that one would take its clusters for gone."""
 
     def __init__(self, backend: Backend | None, ledger: Ledger | None,
-                 on_event: Callable[[ReplicaEvent], None] | None = None, heartbeat: float = HEARTBEAT_S):
+                 on_event: Callable[[ReplicaEvent], None] | None = None, heartbeat: float = HEARTBEAT_S,
+                 launchers: Mapping[str, Backend] | None = None):
         self.backend = backend
+        self.launchers = dict(launchers or {})
         self.ledger = ledger
         self.on_event = on_event or (lambda event: None)
         self.heartbeat = heartbeat
@@ -123,6 +129,15 @@ class Fleet:
     def _launcher(self) -> Backend:
         assert self.backend is not None, "this operation needs a backend"
         return self.backend
+
+    def _for(self, fleet: str) -> Fleet:
+        """This object on `fleet`'s own launcher (`launchers`), checked against the one the ledger records."""
+        backend = self.launchers.get(fleet, self.backend)
+        assert backend is not None, "this operation needs a backend"
+        check_launcher(self.ledger.get_fleet(fleet) if self.ledger is not None else None, backend)
+        if backend is self.backend:
+            return self
+        return Fleet(backend, self.ledger, self.on_event, self.heartbeat)
 
     # -- reading the ledger and the launcher ----------------------------------------------------------------------
     def _rows(self, fleet: str) -> list[ReplicaRecord]:
@@ -249,6 +264,7 @@ class Fleet:
         `record`: kept in the ledger beside the plan (the config and settings, for a controller to re-plan)."""
         started = time.monotonic()
         with self._db.lock(fleet):
+            self._check_up_launcher(fleet)
             unsynced = None
             try:  # the clouds' truth, not the launcher's cache: a replica preempted or stopped meanwhile is redone
                 self._sync(self._clusters(fleet), refresh=True, may_write_in_flight=True)
@@ -274,7 +290,8 @@ class Fleet:
                 report.notes.append("not confirmed: nothing was launched")
                 return report
             self._record = dict(record or {})
-            self._db.save_fleet(fleet, config_digest, {**plan.to_dict(), **self._record})
+            self._db.save_fleet(fleet, config_digest, {**plan.to_dict(), **self._record},
+                                launcher=launcher_record(self._launcher))
             self._router = router
             self._router_cluster = router_plan.cluster if router_plan is not None else None
             drain = frozenset(r.cluster for r in preview.drain)
@@ -294,6 +311,19 @@ class Fleet:
             report.router = self._db.router(fleet)
         report.seconds = time.monotonic() - started
         return report
+
+    def _check_up_launcher(self, fleet: str) -> None:
+        """`up` drives the fleet through its recorded launcher; through another only while none of its clusters may
+        exist (then `up` records the new one): any other would launch a second fleet beside the first."""
+        record = self._db.get_fleet(fleet)
+        if record is None or record.launcher is None or reaches(record.launcher, self._launcher):
+            return
+        alive = [r.cluster for r in self._clusters(fleet) if r.state.may_have_cluster]
+        if alive:
+            raise LauncherMismatch(f"fleet {fleet!r} was brought up with the launcher "
+                                   f"{launcher_text(record.launcher)}, and {len(alive)} of its clusters may still "
+                                   f"exist there ({', '.join(alive[:3])}{', ...' if len(alive) > 3 else ''}); "
+                                   f"`melange-sky down {fleet}` first to move it, or drop --backend")
 
     def _plan(self, fleet: str, planner: Planner, shrink: bool) -> tuple[Plan, bool]:
         return reconcile.choose_plan(self._rows(fleet), planner, shrink)
@@ -627,8 +657,9 @@ class Fleet:
             return []
         if refresh:  # read-only as far as locks go: `status` never blocks a concurrent `up` or `down`
             names = [fleet] if fleet is not None else [f.name for f in self.ledger.fleets()]
-            for name in names:
-                self._sync(self._clusters(name), refresh=True, may_write_in_flight=False)
+            each = {name: self._for(name) for name in names}  # every launcher checked before any is asked
+            for name, on_its_launcher in each.items():
+                on_its_launcher._sync(self._clusters(name), refresh=True, may_write_in_flight=False)
         return self.ledger.replicas(fleet)
 
     def status_report(self, fleet: str | None = None, refresh: bool = False) -> StatusReport:
@@ -660,13 +691,14 @@ class Fleet:
         process holds is reported busy (not an error), so `down --all` goes on with the others."""
         if self.ledger is None or self.ledger.get_fleet(fleet) is None:
             return DownReport(fleet=fleet, removed=[], already_gone=[], failed={}, fleet_removed=False)
+        on_its_launcher = self._for(fleet)
         try:
             lock = self.ledger.lock(fleet).acquire()
         except FleetBusy as exc:
             return DownReport(fleet=fleet, removed=[], already_gone=[], failed={}, fleet_removed=False,
                               busy=str(exc))
         try:
-            return self._down_locked(fleet, purge, parallel)
+            return on_its_launcher._down_locked(fleet, purge, parallel)
         finally:
             lock.release()
 

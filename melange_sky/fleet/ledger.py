@@ -131,6 +131,10 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ("ALTER TABLE events ADD COLUMN data TEXT",
      "UPDATE events SET data = '{\"rate\": ' || CAST(substr(message, 1, instr(message, ' req/s') - 1) AS REAL) || '}' "
      "WHERE cluster IS NULL AND new_state = 'need' AND message GLOB '[0-9]*' AND instr(message, ' req/s') > 1"),
+    # 4: the launcher a fleet was brought up with (a JSON object: its name, its class, what reaches it again, e.g. the
+    # local launcher's state directory), so `status`, `down` and `watch` ask that launcher, never another that would
+    # take its clusters for gone. Fleets recorded before keep NULL: the launcher the command is given, as before.
+    ("ALTER TABLE fleets ADD COLUMN launcher TEXT",),
 ]
 
 
@@ -148,6 +152,9 @@ class FleetRecord:
     plan: dict[str, Any]
     created: float
     updated: float
+    #: The launcher it was brought up with (`fleet.launchers.launcher_record`); None for a fleet recorded before
+    #: launchers were (schema 3 and older).
+    launcher: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -424,15 +431,20 @@ class Ledger:
         process (or another lock object) holds it."""
         return FleetLock(self.home / "locks" / f"{safe_name(fleet)}.lock", fleet)
 
-    def save_fleet(self, name: str, config_hash: str, plan: Mapping[str, Any]) -> FleetRecord:
-        """Create the fleet, or update its config hash and plan (a re-run `up` may re-plan)."""
+    def save_fleet(self, name: str, config_hash: str, plan: Mapping[str, Any],
+                   launcher: Mapping[str, Any] | None = None) -> FleetRecord:
+        """Create the fleet, or update its config hash and plan (a re-run `up` may re-plan). `launcher`: the launcher
+        it is brought up with (None keeps the one recorded)."""
         now = time.time()
         plan_json = json.dumps(plan, sort_keys=True)
+        launcher_json = json.dumps(dict(launcher), sort_keys=True) if launcher is not None else None
         with self._tx() as conn:
             existed = conn.execute("SELECT 1 FROM fleets WHERE name = ?", (name,)).fetchone() is not None
-            conn.execute("INSERT INTO fleets (name, config_hash, plan, created, updated) VALUES (?, ?, ?, ?, ?) "
+            conn.execute("INSERT INTO fleets (name, config_hash, plan, created, updated, launcher) "
+                         "VALUES (?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT(name) DO UPDATE SET config_hash = excluded.config_hash, plan = excluded.plan, "
-                         "updated = excluded.updated", (name, config_hash, plan_json, now, now))
+                         "updated = excluded.updated, launcher = COALESCE(excluded.launcher, fleets.launcher)",
+                         (name, config_hash, plan_json, now, now, launcher_json))
             conn.execute("INSERT INTO events (fleet, cluster, old_state, new_state, message, at) "
                          "VALUES (?, NULL, NULL, ?, ?, ?)",
                          (name, "fleet-updated" if existed else "fleet-created", f"config {config_hash}", now))
@@ -676,7 +688,9 @@ def _event_data(text: str | None) -> dict[str, Any] | None:
 
 
 def _fleet(row: sqlite3.Row) -> FleetRecord:
-    return FleetRecord(row["name"], row["config_hash"], json.loads(row["plan"]), row["created"], row["updated"])
+    launcher = _event_data(row["launcher"])  # a JSON object, else None (as an event's data)
+    return FleetRecord(row["name"], row["config_hash"], json.loads(row["plan"]), row["created"], row["updated"],
+                       launcher)
 
 
 #: A replica's version: its latest history event's id (events are never deleted while a row exists).
