@@ -137,10 +137,16 @@ class _Progress:
 def format_replay(result: ReplayResult) -> str:
     """The `replay` report: what was sent where, the attainment report (simulate's lines), the verdict."""
     offered = result.arrivals
-    head = f"Replayed {result.offered:,} requests against {result.endpoint}" + (
+    head = f"Replayed {result.sent:,} requests against {result.endpoint}" + (
         f" (model {result.model})" if result.model else "")
+    due = []  # what was not sent, and why
+    if result.sent < result.offered:
+        due.append(f"{'interrupted' if result.interrupted else 'stopped'} after {result.sent:,} of "
+                   f"{result.offered:,}")
     if result.offered < len(result.arrivals):
-        head += f": the first {result.offered:,} of the trace's {len(result.arrivals):,}"
+        due.append(f"the first {result.offered:,} of the trace's {len(result.arrivals):,}")
+    if due:
+        head += ": " + ", ".join(due)
     lines = [head, f"  traffic: {offered.description}; {offered.mean_rate:.3g} req/s on average"]
     lag = result.send_lag_ms
     lines.append(f"  sent {result.sent:,} in {result.wall_s:,.1f} s; sends late by p50 {lag['p50']:.1f} ms, p99 "

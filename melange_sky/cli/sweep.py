@@ -67,12 +67,10 @@ def sweep(config: str, rates: str | None, start: float | None, stop: float | Non
                        max_replicas=solve_args.max_replicas)
     simulated = None
     if simulate_s is not None:
-        if per_offer:
-            raise click.UsageError("--simulate plans each rate per GPU type, as `simulate` does: drop --per-offer")
         slos = Slos(tpot_ms=tpot_slo_ms if (tpot_slo_ms or ttft_slo_ms or latency_slo_ms) else 120.0,
                     ttft_ms=ttft_slo_ms, latency_ms=latency_slo_ms)
         feasible = {p.rate for p in result.points if p.mix.feasible}
-        simulated = simulate_rates(cfg, chosen, slos, simulate_s, plan_settings(solve_args, False, None, False),
+        simulated = simulate_rates(cfg, chosen, slos, simulate_s, plan_settings(solve_args, per_offer, None, False),
                                    feasible=feasible.__contains__)
     doc = result.to_dict()
     if simulated is not None:

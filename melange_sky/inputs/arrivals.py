@@ -51,6 +51,8 @@ class Arrivals:
 
     @property
     def mean_rate(self) -> float:
+        """Requests per second over the span they were offered in (a trace that runs out before --duration: its
+        own span)."""
         return len(self.times) / self.duration_s if self.duration_s > 0 else 0.0
 
 
@@ -202,9 +204,14 @@ def trace_arrivals(path: str, *, columns: ColumnChoice | None = None, fmt: str |
         cut = bisect.bisect_left(times, duration_s)
         if cut == 0:
             raise ArrivalsError(f"--duration {duration_s:g}: no request of {source} arrives that early")
-        del times[cut:], prompts[cut:], outputs[cut:]
-        span = duration_s
-        what += f", the first {duration_s:g} s"
+        if cut < len(times):
+            del times[cut:], prompts[cut:], outputs[cut:]
+            span = duration_s
+            what += f", the first {duration_s:g} s"
+        elif len(times) > 1:  # the trace runs out first: its requests were offered over its own span
+            what += f", all of them: the last arrives at {span:.3g} s, before --duration {duration_s:g}"
+        else:
+            span = duration_s
     minutes = MinuteBins()
     for t in times:
         minutes.bins[int(t // 60)] = minutes.bins.get(int(t // 60), 0) + 1
