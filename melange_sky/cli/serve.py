@@ -4,15 +4,15 @@ from __future__ import annotations
 import click
 
 from melange_sky.cli.main import debug_option, main, warn
-from melange_sky.cli.options import SolveArgs, solve_options, warn_time_limit
+from melange_sky.cli.options import SolveArgs, per_offer_option, plan_settings, solve_options, warn_time_limit
 from melange_sky.deploy.membership import ADMIN_ROUTES_PATH, ADMIN_TOKEN_ENV
+from melange_sky.deploy.plan import solve_offers
 from melange_sky.errors import ServeError
 from melange_sky.serve.routes import (FleetSource, Routes, RoutesSource, StaticSource, load_routes_file,
                                       name_replicas, parse_replica_arg, routes_from_solve)
 from melange_sky.serve.settings import (ServeSettings, admin_token_from_env, check_exposure, plain_http_warning,
                                         tls_context)
 from melange_sky.serve.tokens import Sizer, load_tokenizer
-from melange_sky.solver.result import solve as run_solve
 
 
 @main.command()
@@ -66,6 +66,7 @@ from melange_sky.solver.result import solve as run_solve
               help="The largest request body taken, in MiB; a larger one gets 413.")
 @click.option("--window-s", type=click.FloatRange(min=1), default=3600.0, show_default=True,
               help="GET /workload counts the requests of this last span.")
+@per_offer_option
 @solve_options
 @debug_option
 @click.pass_context
@@ -73,7 +74,7 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
           routes_file: str | None, host: str, port: int, api_key: str | None, no_auth: bool,
           upstream_api_key: str | None, ssl_certfile: str | None, ssl_keyfile: str | None, tokenizer: str | None,
           refresh_s: float, drain_s: float, retries: int, retry_budget_percent: float, max_ejection_percent: float,
-          panic_percent: float, max_body_mb: float, window_s: float, solve_args: SolveArgs) -> None:
+          panic_percent: float, max_body_mb: float, window_s: float, per_offer: bool, solve_args: SolveArgs) -> None:
     """Serve one OpenAI-compatible endpoint that routes each request to the GPU type the plan chose for its size.
 
     FLEET: the replicas that are up in the ledger (re-read every --refresh-s) and the routing table of the fleet's
@@ -137,7 +138,7 @@ def serve(ctx: click.Context, fleet: str | None, config: str | None, replica_arg
         routes = load_routes_file(routes_file) if routes_file else None
     elif config:
         cfg = solve_args.load(config)
-        result = run_solve(cfg, solve_args.formulation, solve_args.solver, compare=False)
+        result = solve_offers(cfg, plan_settings(solve_args, per_offer, None, compare=False))  # as `solve` plans
         warn_time_limit(result, solve_args)
         pairs = [parse_replica_arg(arg, [g.name for g in cfg.gpus]) for arg in replica_args]
         source = StaticSource(routes_from_solve(cfg, result, name_replicas(pairs)))

@@ -11,6 +11,7 @@ import click
 
 from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS
 from melange_sky.cli.main import debug_option, main, warn
+from melange_sky.cli.options import per_offer_option
 from melange_sky.core.attainment import DEFAULT_TARGET, AttainmentReport, Group, Percentiles, per_request_text
 from melange_sky.core.config import load_config, with_overrides
 from melange_sky.core.slo import Slos, percentile
@@ -75,8 +76,9 @@ _REPLICAS_LISTED = 24
 @per_request_slo_options
 @click.option("--find-headroom", "find_headroom_", is_flag=True, help="Search the least headroom (highest planned "
               "utilisation) whose plan meets --target on these arrivals, beside the unpadded plan (CONFIG only).")
-@click.option("--formulation", type=click.Choice(["slices", "paper", "split"]), default="slices", show_default=True,
-              help="The solve's formulation (as `solve`).")
+@click.option("--formulation", type=click.Choice(["auto", "slices", "paper", "split"]), default="auto",
+              show_default=True, help="The solve's formulation (as `solve`: auto is slices, or split under a `spot` "
+                                      "block).")
 @click.option("--solver", "solver_name", type=click.Choice(["highs", "cbc"]), default="highs", show_default=True,
               help="MILP solver (as `solve`).")
 @click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
@@ -86,6 +88,7 @@ _REPLICAS_LISTED = 24
               "(overrides total_request_rate, as `solve --rate`).")
 @click.option("--rate-percentile", metavar="P", help="With --trace: plan for this percentile of the trace's "
               "per-minute arrival rate (95, p99, max), as `workload --rate-percentile` writes it.")
+@per_offer_option
 @click.option("--max-replicas", type=click.IntRange(min=1), default=DEFAULT_MAX_REPLICAS, show_default=True,
               help="Most replicas a plan may have.")
 @click.option("--input-column", metavar="NAME", help="With --trace: the column holding prompt tokens.")
@@ -107,7 +110,7 @@ def simulate_command(plan_source: str, trace: str | None, rate: float | None, du
                      ttft_slo_ms: float | None, ttft_percentile: float, latency_slo_ms: float | None,
                      latency_percentile: float, target: float, find_headroom_: bool, formulation: str,
                      solver_name: str, time_limit: float, headroom: float | None, plan_rate: float | None,
-                     rate_percentile: str | None, max_replicas: int, input_column: str | None,
+                     rate_percentile: str | None, per_offer: bool, max_replicas: int, input_column: str | None,
                      output_column: str | None, time_column: str | None, time_unit: str, fmt: str, skip_bad: bool,
                      as_json: bool, plot: str | None) -> None:
     """Simulate a plan on a trace (or Poisson traffic): SLO attainment before paying for the fleet.
@@ -141,16 +144,21 @@ def simulate_command(plan_source: str, trace: str | None, rate: float | None, du
     slos = Slos(tpot_ms=tpot_slo_ms, ttft_ms=ttft_slo_ms, ttft_percentile=ttft_percentile,
                 latency_ms=latency_slo_ms, latency_percentile=latency_percentile)
     is_config = os.path.exists(plan_source)
-    if not is_config and (find_headroom_ or headroom is not None or plan_rate is not None or rate_percentile):
+    if not is_config and (find_headroom_ or headroom is not None or plan_rate is not None or rate_percentile
+                          or per_offer):
         raise click.UsageError(f"{plan_source!r} is not a file: a running fleet's plan is simulated as it stands "
-                               f"(--find-headroom, --headroom, --plan-rate and --rate-percentile re-plan a CONFIG)")
+                               f"(--find-headroom, --headroom, --plan-rate, --rate-percentile and --per-offer "
+                               f"re-plan a CONFIG)")
+    if find_headroom_ and headroom is not None:
+        raise click.UsageError("--find-headroom tries headrooms from 1 down to 0.5 itself: drop --headroom (or "
+                               "drop --find-headroom to simulate the plan at --headroom H)")
     arrivals: Arrivals | None = None
     if trace:
         columns = ColumnChoice(input_column, output_column, time_column, TimeUnit(time_unit))
         arrivals = trace_arrivals(trace, columns=columns, fmt=None if fmt == "auto" else fmt, skip_bad=skip_bad,
                                   rate=rate, duration_s=duration, seed=seed)
     settings = PlanSettings(formulation=formulation, solver=SolverOptions(name=solver_name, time_limit=time_limit),
-                            compare=False, max_replicas=max_replicas)
+                            compare=False, max_replicas=max_replicas, per_offer=per_offer)
     config = None
     if is_config:
         config = load_config(plan_source, price=catalog_pricer())
@@ -328,10 +336,11 @@ def format_simulation(result: SimResult) -> str:
     """The `simulate` report: what ran, the attainment report, the replicas, the verdict."""
     plan, report = result.plan, result.report
     rate = result.plan.result.total_request_rate if result.plan.result is not None else None
-    head = f"Simulated {plan.describe()}" + (f" (planned for {rate:g} req/s" if rate is not None else " (") + (
-        f", headroom {100 * plan.headroom:g}%)" if plan.headroom is not None else ")")
+    planned = ([f"planned for {rate:g} req/s"] if rate is not None else []) + (
+        [f"headroom {100 * plan.headroom:g}%"] if plan.headroom is not None else [])
+    head = f"Simulated {plan.describe()}" + (f" ({', '.join(planned)})" if planned else "")
     offered = result.arrivals
-    lines = [head.replace(" ()", ""), f"  from {plan.source}; traffic: {offered.description}; "
+    lines = [head, f"  from {plan.source}; traffic: {offered.description}; "
              f"{offered.mean_rate:.3g} req/s on average"]
     for gpu, engine in plan.engines.items():
         lines.append(f"  {gpu}: {engine.description}" + (f" (speed x{engine.speed:g})" if engine.speed != 1 else ""))

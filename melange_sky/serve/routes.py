@@ -19,6 +19,7 @@ from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, 
 from melange_sky.core.config import Bucket, Config
 from melange_sky.core.gpus import same_gpu
 from melange_sky.deploy.membership import ROUTES_VERSION, normalise_url, routes_document
+from melange_sky.deploy.plan import router_record
 from melange_sky.errors import BucketEdgesError, ServeError, UnknownFleet
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.solver.result import SolveResult
@@ -118,14 +119,14 @@ def bucket_edges(config: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def routes_from_solve(config: Config, result: SolveResult, replicas: Sequence[ReplicaSpec] = ()) -> Routes:
-    """The table of a solved config (`serve --config`): its edges, tputs and the solve's shares."""
+    """The table of a solved config (`serve --config`, `simulate CONFIG`): its edges, histogram and tputs, and the
+    solve's shares. The solve's columns may be offers of the config's GPU entries ("A10G:spot" under a `spot` block,
+    "A10G@aws:us-west-2" with `--per-offer`): the table is the one `up` stores and routes by (`routes_from_plan`),
+    each column's shares summed into its entry, so replicas name GPU entries as ledger rows do."""
     in_edges, out_edges = bucket_edges(config)
-    routes = Routes(
-        source=config.source, input_edges=in_edges, output_edges=out_edges, distribution=config.workload_distribution,
-        gpus=tuple(GpuRoute(g.name, result.counts.get(g.name, 0), g.tputs) for g in config.gpus),
-        shares={r.bucket: dict(r.shares) for r in result.routing}, replicas=tuple(replicas),
-        total_request_rate=config.total_request_rate)
-    return parse_routes(routes.to_dict(), config.source)  # one set of checks for every source
+    router = {**router_record(config), "input_buckets": list(in_edges), "output_buckets": list(out_edges),
+              "entries": {g.name: g.entry or g.name for g in result.gpus}}
+    return routes_from_plan({"solve": result.to_dict(), "router": router}, replicas, config.source)
 
 
 def routes_from_plan(plan: Mapping[str, Any], replicas: Sequence[ReplicaSpec] = (), source: str = "plan") -> Routes:

@@ -83,12 +83,12 @@ def find_headroom(config: Config, arrivals: Arrivals, slos: Slos, settings: Plan
     """The highest headroom in [`lowest`, 1] whose plan meets `target` on `arrivals` (see the module docstring)."""
     if not 0 < lowest < 1:
         raise SimulationError(f"the lowest headroom to try must be in (0, 1), got {lowest!r}")
-    by_counts: dict[tuple[tuple[str, int], ...], SimResult] = {}
+    by_counts: dict[tuple[str, ...], SimResult] = {}
     trials: list[HeadroomTrial] = []
 
     def trial(headroom: float) -> HeadroomTrial:
         plan = plan_from_config(with_overrides(config, headroom=headroom), settings, model, speed)
-        key = tuple(sorted(plan.counts.items()))
+        key = tuple(sorted(r.gpu for r in plan.replicas))  # the engines run (instances of several GPUs run several)
         result = by_counts.get(key)
         if result is None:
             result = by_counts[key] = simulate(plan, arrivals, slos, target=target, seed=seed)

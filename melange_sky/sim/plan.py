@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from melange_sky.core.config import Config
+from melange_sky.core.config import Config, Market
 from melange_sky.deploy.plan import DEFAULT_MODEL, PlanSettings, deployment_from_config, solve_offers
 from melange_sky.engine import Engine, EngineSettings, ModelSpec, load_model
 from melange_sky.engine.errors import EngineError
@@ -55,19 +55,22 @@ class SimPlan:
     headroom: float | None = None
     result: SolveResult | None = None
     notes: tuple[str, ...] = field(default=())
+    spot_counts: dict[str, int] = field(default_factory=dict)  # of `counts`, the instances on the spot market
 
     @property
     def replicas(self) -> tuple[ReplicaSpec, ...]:
         return self.routes.replicas
 
     def describe(self) -> str:
-        """"2x A10G + 1x A100-80GB, $5.69/h"."""
-        parts = [f"{n}x {gpu}" for gpu, n in self.counts.items() if n]
+        """"2x A10G + 1x A100-80GB, $5.69/h" ("4x A10G (3 spot)" under a `spot` block)."""
+        parts = [f"{n}x {gpu}" + (f" ({self.spot_counts[gpu]} spot)" if self.spot_counts.get(gpu) else "")
+                 for gpu, n in self.counts.items() if n]
         return " + ".join(parts) + f", ${self.cost_per_hour:.2f}/h"
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "counts": dict(self.counts), "cost_per_hour": round(self.cost_per_hour, 6),
-                "headroom": self.headroom, "replicas": [r.to_dict() | {"url": None} for r in self.replicas],
+                "spot_counts": dict(self.spot_counts), "headroom": self.headroom,
+                "replicas": [r.to_dict() | {"url": None} for r in self.replicas],
                 "engines": {g: m.description for g, m in self.engines.items()}, "notes": list(self.notes)}
 
 
@@ -106,29 +109,50 @@ def _engines(gpus: Sequence[str], model: ModelSpec, settings: EngineSettings,
     return engines
 
 
+def _spot_note(spot: dict[str, int], counts: dict[str, int]) -> list[str]:
+    """What the simulation leaves out of spot replicas: they run as the same GPU and are never preempted."""
+    shown = [f"{gpu}: {n} of {counts[gpu]}" for gpu, n in spot.items() if n and gpu in counts]
+    return [f"spot replicas are simulated as the same GPUs as on-demand ones, never preempted ({', '.join(shown)})"
+            ] if shown else []
+
+
 def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compare=False),
                      model: str | None = None, speed: float = 1.0) -> SimPlan:
-    """The plan `solve` makes of `config` (its formulation, headroom and rate as given), one replica per count, and
-    the engine model of each GPU type: the config's `deployment.model` (or `model`) with its engine settings, every
-    step `speed` times faster (a fleet of `emulate --speed` replicas)."""
+    """The plan `solve` makes of `config` (its formulation, headroom, rate and `--per-offer` as given), one replica
+    per count, and the engine model of each GPU type: the config's `deployment.model` (or `model`) with its engine
+    settings, every step `speed` times faster (a fleet of `emulate --speed` replicas).
+
+    A solve column is a GPU entry at one offer and market ("A10G:spot", "A10G@aws:us-west-2"): the same GPU for the
+    engine, so replicas, counts and engine models are per entry, as `up` names its replicas and routes to them."""
     deployment = deployment_from_config(config)
     result = solve_offers(config, settings)
-    counts = {g.name: g.count for g in result.gpus if g.count}
     # an instance of several GPUs runs gpus / TP data-parallel engines behind one server (templates/vllm.j2): each
     # is a replica here, balanced by the router's least-in-flight as vLLM balances its data-parallel ranks
     tp = deployment.engine.tensor_parallel_size or 1
     notes = list(result.warnings)
-    engines_per = {g.name: max(1, g.gpus_per_instance // tp) for g in result.gpus if g.count}
-    for gpu, per in engines_per.items():
+    counts: dict[str, int] = {}  # instances per GPU entry
+    engines_of: dict[str, int] = {}  # replicas (engines) per GPU entry
+    markets: dict[str, dict[str, int]] = {}  # instances per GPU entry and market
+    for column in result.gpus:
+        if not column.count:
+            continue
+        entry = column.entry or column.name
+        per = max(1, column.gpus_per_instance // tp)
+        counts[entry] = counts.get(entry, 0) + column.count
+        engines_of[entry] = engines_of.get(entry, 0) + column.count * per
+        by_market = markets.setdefault(entry, {})
+        by_market[column.market] = by_market.get(column.market, 0) + column.count
         if per > 1:
-            notes.append(f"{gpu}: {counts[gpu]} instance(s) of {per * tp} GPUs, each {per} data-parallel engines "
-                         f"(TP {tp}): simulated as {counts[gpu] * per} replicas")
-    replicas = replica_specs({gpu: n * engines_per[gpu] for gpu, n in counts.items()})
-    routes = routes_from_solve(config, result, replicas)
+            notes.append(f"{column.name}: {column.count} instance(s) of {per * tp} GPUs, each {per} data-parallel "
+                         f"engines (TP {tp}): simulated as {column.count * per} replicas")
+    spot = {entry: by_market.get(Market.SPOT, 0) for entry, by_market in markets.items()}
+    notes.extend(_spot_note(spot, counts))
+    routes = routes_from_solve(config, result, replica_specs(engines_of))
     spec = _model(deployment.model, model)
     engines = _engines(list(counts), spec, deployment.engine, speed)
     return SimPlan(source=config.source, routes=routes, engines=engines, cost_per_hour=result.cost, counts=counts,
-                   headroom=config.headroom, result=result, notes=tuple(notes))
+                   headroom=config.headroom, result=result, notes=tuple(notes),
+                   spot_counts={entry: n for entry, n in spot.items() if n})
 
 
 def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None = None,
@@ -149,13 +173,13 @@ def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None 
     notes: list[str] = []
     rows = [r for r in ledger.replicas(fleet) if r.state is ReplicaState.UP]
     counts: dict[str, int] = {}
-    if rows:
-        for row in rows:
-            counts[row.gpu] = counts.get(row.gpu, 0) + 1
-    else:
-        for replica in plan.get("replicas") or []:
-            gpu = str(replica.get("entry") or replica.get("gpu"))
-            counts[gpu] = counts.get(gpu, 0) + 1
+    spot: dict[str, int] = {}
+    running = [(row.gpu, row.use_spot) for row in rows] or [
+        (str(r.get("entry") or r.get("gpu")), bool(r.get("use_spot"))) for r in plan.get("replicas") or []]
+    for gpu, use_spot in running:
+        counts[gpu] = counts.get(gpu, 0) + 1
+        spot[gpu] = spot.get(gpu, 0) + use_spot
+    if not rows:
         notes.append(f"no replica of fleet {fleet} is up: simulating the {sum(counts.values())} its plan counts")
     specs = replica_specs(counts)
     routes = routes_from_plan(plan, specs, source=f"fleet {fleet}")
@@ -165,6 +189,7 @@ def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None 
     counts = {gpu: n for gpu, n in counts.items() if gpu in known}
     if not counts:
         raise SimulationError(f"fleet {fleet}: no replica of a GPU type its plan routes to")
+    notes.extend(_spot_note(spot, counts))
     spec = _model(str(plan.get("model") or DEFAULT_MODEL), model)
     notes.append("engine settings: vLLM's defaults (the stored plan does not keep the config's deployment engine "
                  "settings; simulate the CONFIG to use them)")
@@ -173,4 +198,5 @@ def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None 
     cost = sum(price.values()) if rows else float(plan.get("cost") or 0.0)
     solve = plan.get("solve") or {}
     return SimPlan(source=f"fleet {fleet}", routes=routes, engines=engines, cost_per_hour=cost, counts=counts,
-                   headroom=solve.get("headroom"), notes=tuple(notes))
+                   headroom=solve.get("headroom"), notes=tuple(notes),
+                   spot_counts={gpu: n for gpu, n in spot.items() if n and gpu in counts})
