@@ -8,11 +8,15 @@ import stat
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from melange_sky._io import write_bytes, write_json, write_text
 from melange_sky.errors import OutputError
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE_PATH = str(REPO / "examples" / "example.json")
 
 
 def test_an_output_through_a_symlink_rewrites_its_target_and_leaves_the_link(cli, tmp_path, example, write_config):
@@ -123,3 +127,49 @@ def test_a_closed_pipe_on_stdout_ends_the_command_quietly(tmp_path):
         os.close(write_end)
     assert proc.stderr == ""
     assert proc.returncode == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tpot-slo-ms", "100"], "--tpot-slo-ms applies to --simulate's traffic only"),
+    (["--ttft-slo-ms", "5", "--latency-slo-ms", "9"], "--ttft-slo-ms/--latency-slo-ms applies to --simulate's"),
+    (["--rates", "1,2", "--rate", "5"], "--rate only sets the rate the default range is built from, and --rates "
+                                        "replaces that range"),
+    (["--from", "1", "--to", "4", "--rate", "5"], "and --to replaces that range"),
+])
+def test_a_sweep_flag_that_would_be_ignored_is_a_usage_error(cli, args, message):
+    result = cli("sweep", EXAMPLE_PATH, *args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"Error: {args[0] if 'slo' in args[0] else '--rate'}") and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+
+
+def test_sweep_rate_still_builds_the_default_range(cli):
+    result = cli("sweep", EXAMPLE_PATH, "--rate", "5", "--steps", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert [p["rate"] for p in json.loads(result.stdout)["points"]] == [5, 10]
+
+
+def test_a_solver_path_with_solver_highs_is_refused_not_run_on_cbc(cli):
+    result = cli("solve", EXAMPLE_PATH, "--solver", "highs", "--solver-path", "/usr/bin/cbc")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Error: --solver-path names a CBC binary, and --solver highs runs HiGHS")
+    assert result.stdout == ""
+
+
+def test_sweep_rates_of_a_range_print_with_the_tables_decimals(cli):
+    result = cli("sweep", EXAMPLE_PATH, "--from", "1", "--to", "12", "--steps", "8")
+    assert result.exit_code == 0, result.stderr
+    assert "8 rate(s), 1.00 to 12.00 req/s" in result.stdout
+    rates = [line.split()[0] for line in result.stdout.splitlines()[3:11]]
+    assert rates == ["1.00", "2.57", "4.14", "5.71", "7.29", "8.86", "10.43", "12.00"]
+    small = cli("sweep", EXAMPLE_PATH, "--rates", "0.001,0.0015,0.002")
+    assert [line.split()[0] for line in small.stdout.splitlines()[3:6]] == ["0.0010", "0.0015", "0.0020"]
+
+
+def test_bucket_edge_help_names_each_commands_own_default(cli):
+    replay = cli("replay", "--help").stdout
+    assert "--into" not in replay and "(default: Mélange's" in " ".join(replay.split())
+    workload = " ".join(cli("workload", "--help").stdout.split())
+    assert "(default: those of the config (--into), else Mélange's 1,25,100,250,500,1000,2000)" in workload
+    profile = " ".join(cli("profile", "--help").stdout.split())
+    assert "(default: those of the config (--config, else --into), else Mélange's" in profile

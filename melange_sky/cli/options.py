@@ -67,6 +67,9 @@ def solve_options(command):
 
     @functools.wraps(command)
     def wrapper(*args, formulation, solver_name, solver_path, time_limit, headroom, rate, max_replicas, **kwargs):
+        if solver_path and solver_name != "cbc" and _given("solver_name"):
+            raise click.UsageError(f"--solver-path names a CBC binary, and --solver {solver_name} runs HiGHS "
+                                   f"through highspy (no binary): drop --solver-path, or use --solver cbc")
         solve_args = SolveArgs(formulation, solver_name, solver_path, time_limit, headroom, rate, max_replicas)
         return command(*args, solve_args=solve_args, **kwargs)
 
@@ -75,18 +78,32 @@ def solve_options(command):
     return wrapper
 
 
+def _given(param: str) -> bool:
+    """Whether the user set `param` (on the command line or by its environment variable), not Click's default."""
+    source = click.get_current_context().get_parameter_source(param)
+    return source not in (None, click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+
+
 def warn_time_limit(result, solve_args: SolveArgs) -> None:
     if result.status != "optimal":
         warn([f"the solver hit --time-limit {solve_args.time_limit:g} s before proving this fleet optimal"])
 
 
-def bucket_edge_options(command):
-    """--input-buckets / --output-buckets, shared by `workload` and `profile`."""
-    command = click.option("--output-buckets", metavar="EDGES", help="Output-length bucket edges in tokens (default: "
-                           "the config's with --into, else Mélange's 1,25,100,250,500,1000,2000).")(command)
-    return click.option("--input-buckets", metavar="EDGES", help="Input-length bucket edges in tokens, "
-                        "comma-separated (default: the config's with --into, else Mélange's "
-                        "1,25,100,250,500,1000,2000,4000,8000).")(command)
+def bucket_edge_options(config_default: str | None):
+    """--input-buckets / --output-buckets, shared by `workload`, `profile` and `replay`. `config_default` names the
+    option whose config's edges a command takes when none are given ("--into"); None where it takes none."""
+    def default(edges: str) -> str:
+        melange = f"Mélange's {edges}"
+        return f"default: those of the config ({config_default}), else {melange}" if config_default \
+            else f"default: {melange}"
+
+    def decorate(command):
+        command = click.option("--output-buckets", metavar="EDGES", help=f"Output-length bucket edges in tokens "
+                               f"({default('1,25,100,250,500,1000,2000')}).")(command)
+        return click.option("--input-buckets", metavar="EDGES", help=f"Input-length bucket edges in tokens, "
+                            f"comma-separated ({default('1,25,100,250,500,1000,2000,4000,8000')}).")(command)
+
+    return decorate
 
 
 def per_offer_option(command):

@@ -58,7 +58,7 @@ from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind
               help="SLO on the whole request's latency at --latency-percentile, ms.")
 @click.option("--latency-percentile", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=90.0,
               show_default=True, help="Percentile --latency-slo-ms holds at.")
-@bucket_edge_options
+@bucket_edge_options("--config, else --into")
 @click.option("--buckets", "cells", default="all", show_default=True, metavar="all|I:J,...",
               help="Which buckets to measure: all, or 0-based cells such as 0:0,0:1,2:* (a whole row); the others "
                    "are 0 in tputs (with --into they keep their previous values).")

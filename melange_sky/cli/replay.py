@@ -38,7 +38,7 @@ from melange_sky.serve.routes import bucket_edges
               "arrivals).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=str), metavar="CONFIG",
               help="Bucket each request with this config's edges (the plan's buckets, as `simulate` does).")
-@bucket_edge_options
+@bucket_edge_options(None)
 @click.option("--gpu", help="The GPU type to report a plain server's requests under (a melange-sky router names "
               "each request's own in its X-Melange-Gpu header).")
 @click.option("--prompt", "prompt_kind", type=click.Choice([k.value for k in PromptKind]), default="words",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import click
 
@@ -57,6 +58,7 @@ def sweep(config: str, rates: str | None, start: float | None, stop: float | Non
       melange-sky sweep examples/example.json --rates 1,2,5,10,20,50,100 --json
       melange-sky sweep examples/example.json --from 1 --to 100 --steps 50 --plot sweep.png
     """
+    _check_applicable(rates, stop, simulate_s, solve_args, tpot=tpot_slo_ms, ttft=ttft_slo_ms, latency=latency_slo_ms)
     if plot:
         check_plotting()  # before any solving: a missing extra is a one-line error, at once
     cfg = solve_args.load(config)
@@ -91,6 +93,20 @@ def sweep(config: str, rates: str | None, start: float | None, stop: float | Non
         click.echo(f"Wrote {path}", err=True)
 
 
+def _check_applicable(rates: str | None, stop: float | None, simulate_s: float | None, solve_args: SolveArgs,
+                      **slos: float | None) -> None:
+    """A flag this sweep would ignore is a usage error, not silence: SLOs judge only simulated traffic, and --rate
+    only builds the default range, which --rates or --to replace."""
+    given = [f"--{name}-slo-ms" for name, value in slos.items() if value is not None]
+    if given and simulate_s is None:
+        raise click.UsageError(f"{'/'.join(given)} applies to --simulate's traffic only: add --simulate SECONDS or "
+                               f"drop it")
+    if solve_args.rate is not None and (rates is not None or stop is not None):
+        other = "--rates" if rates is not None else "--to"
+        raise click.UsageError(f"--rate only sets the rate the default range is built from, and {other} replaces "
+                               f"that range: drop --rate")
+
+
 def format_sweep(result: Sweep, simulated: list[RateAttainment] | None = None) -> str:
     """The sweep as an aligned table: one rate per line, $/h per fleet, the saving, the mix's simulated attainment
     (with --simulate) and the mix's GPUs."""
@@ -99,12 +115,13 @@ def format_sweep(result: Sweep, simulated: list[RateAttainment] | None = None) -
     headers = ["req/s", f"{result.formulation} $/h", *(["split $/h"] if split else []),
                *(f"{n} $/h" for n in names), "saving", *(["attainment"] if simulated else []),
                f"fleet ({result.formulation})"]
+    rate = _rate_format(result.rates)
     rows = []
     for k, p in enumerate(result.points):
         by_name = {b.gpu: b for b in p.baselines}
         saving, best = p.saving, p.best_baseline
         attained = simulated[k].attainment if simulated else None
-        rows.append([_rate(p.rate), _mix_cell(p.mix), *([_mix_cell(p.split)] if split else []),
+        rows.append([rate(p.rate), _mix_cell(p.mix), *([_mix_cell(p.split)] if split else []),
                      *(_baseline_cell(by_name.get(n)) for n in names),
                      "-" if saving is None or best is None or not best.cost
                      else f"{saving:,.2f} ({100 * saving / best.cost:.1f}%)",
@@ -117,11 +134,11 @@ def format_sweep(result: Sweep, simulated: list[RateAttainment] | None = None) -
         return "  " + "  ".join(c.ljust(w) if k == last else c.rjust(w)
                                 for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    span = f"{_rate(result.rates[0])} to {_rate(result.rates[-1])}"
+    span = f"{rate(result.rates[0])} to {rate(result.rates[-1])}"
     lines = [f"Cost sweep for {result.name}: {len(result.points)} rate(s), {span} req/s; formulation "
              f"{result.formulation}, slice_factor {result.slice_factor}, headroom {100 * result.headroom:g}%. "
              f"Costs in $/h.", "", line(headers), *(line(r) for r in rows)]
-    notes = _infeasible_notes(result)
+    notes = _infeasible_notes(result, rate)
     if notes:
         lines += ["", *notes]
     if any("*" in cell for r in rows for cell in r[1:-1]):
@@ -151,12 +168,22 @@ def _baseline_cell(baseline: Baseline | None) -> str:
     return "infeasible" if baseline is None or baseline.cost is None else f"{baseline.cost:,.2f}"
 
 
-def _rate(rate: float) -> str:
-    """1,000,000 rather than 1e+06; 2.5 stays 2.5."""
-    return f"{int(rate):,}" if rate == int(rate) else f"{rate:,.6g}"
+def _rate_format(rates: list[float]) -> Callable[[float], str]:
+    """How a sweep's rates print: whole rates as integers (1,000,000 rather than 1e+06); a range with fractions
+    (--from 1 --to 12 --steps 8: 2.57142857...) with the table's 2 decimals throughout, or as many more as keep
+    neighbouring rates apart and a small rate above 0 (at most 6)."""
+    if all(r == int(r) for r in rates):
+        return lambda rate: f"{int(rate):,}"
+    places = next((d for d in range(2, 7) if _distinct(rates, d)), 6)
+    return lambda rate: f"{rate:,.{places}f}"
 
 
-def _infeasible_notes(result: Sweep) -> list[str]:
+def _distinct(rates: list[float], places: int) -> bool:
+    shown = [f"{r:.{places}f}" for r in rates]
+    return len(set(shown)) == len(shown) and all(float(text) > 0 for text in shown)
+
+
+def _infeasible_notes(result: Sweep, rate: Callable[[float], str]) -> list[str]:
     """Why each infeasible column is so: how many rates, the first one, and the solver's reason there."""
     seen: dict[str, tuple[int, float, str]] = {}
 
@@ -172,5 +199,5 @@ def _infeasible_notes(result: Sweep) -> list[str]:
             if b.cost is None:
                 note(f"{b.gpu} alone", p.rate, b.reason)
     total = len(result.points)
-    return [f"{label}: infeasible at {count} of {total} rate(s), first at {_rate(first)} req/s: {why}"
+    return [f"{label}: infeasible at {count} of {total} rate(s), first at {rate(first)} req/s: {why}"
             for label, (count, first, why) in seen.items()]

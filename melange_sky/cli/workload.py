@@ -34,7 +34,7 @@ _FEW_MINUTES = 20
 @click.option("--cacert", type=click.Path(dir_okay=False, path_type=str), metavar="FILE", help="With --from "
               "https://...: the certificate the router must present (its deployment.router.tls certfile, e.g. a "
               "self-signed one); default: the system's CAs.")
-@bucket_edge_options
+@bucket_edge_options("--into")
 @click.option("--rate", default="auto", show_default=True, help="Total request rate in req/s, or auto: the mean "
               "rate between the trace's first and last timestamp.")
 @click.option("--rate-percentile", metavar="P", help="Write this percentile of the per-minute arrival rate into "
