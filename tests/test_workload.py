@@ -182,6 +182,23 @@ def test_a_broken_csv_row_is_an_error_naming_its_line(tmp_path):
         read_trace(path, rate=1)
 
 
+def test_csv_errors_name_columns_as_the_file_spells_them(tmp_path):
+    """CSV headers are matched lower-cased, but a message quotes the header as written (ContextTokens, TIMESTAMP)."""
+    path = tmp_path / "azure.csv"
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46,5,5\n2023-11-16 18:15:47,-3,5\n")
+    with pytest.raises(TraceError, match=r"line 3: ContextTokens is negative \(-3\)"):
+        read_trace(path)
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nsoon,5,5\n")
+    with pytest.raises(TraceError, match=r"line 2: TIMESTAMP 'soon' is neither a number nor an ISO-8601 time"):
+        read_trace(path)
+    path.write_text("When,Prompt,Completion\n1,5,5\n")
+    with pytest.raises(TraceError, match=r"--input-column 'prompts' is not a column of the trace \(found When, "
+                                         r"Prompt, Completion\)"):
+        read_trace(path, columns=ColumnChoice(input="Prompts", output="Completion"))
+    with pytest.raises(TraceError, match=r"the CSV header has no token columns \(found When, Prompt, Completion\)"):
+        read_trace(path)
+
+
 def test_skip_bad_skips_and_counts_broken_rows(tmp_path, cli):
     path = tmp_path / "t.jsonl"
     good = '{"input_len": 5, "output_len": 5}'

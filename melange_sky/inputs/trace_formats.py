@@ -107,8 +107,10 @@ def _choose(found: TraceColumns, choice: ColumnChoice) -> TraceColumns:
                    times=(choice.time,) if choice.time else found.times, time_unit=unit)
 
 
-def find_columns(names: Sequence[str], choice: ColumnChoice, source: str) -> TraceColumns | None:
-    """The columns among `names` (a CSV header lower-cased, or the keys of a trace's first JSON object).
+def find_columns(names: Sequence[str], choice: ColumnChoice, source: str,
+                 spelled: Sequence[str] | None = None) -> TraceColumns | None:
+    """The columns among `names` (a CSV header lower-cased, or the keys of a trace's first JSON object);
+    `spelled`: the same names as the file writes them, for messages.
 
     None when neither a recognised format, nor the generic names, nor the user's columns give both token counts.
     Raises `TraceError` when a column the user named is not among `names`.
@@ -118,7 +120,7 @@ def find_columns(names: Sequence[str], choice: ColumnChoice, source: str) -> Tra
                           (choice.time, "--time-column")):
         if given and given not in present:
             raise TraceError(f"{source}: {option} {given!r} is not a column of the trace (found "
-                             f"{', '.join(names) or 'nothing'})")
+                             f"{', '.join(spelled if spelled is not None else names) or 'nothing'})")
     found: TraceColumns | None = None
     for known in KNOWN_FORMATS:
         if known.input in present and known.output in present:

@@ -283,7 +283,7 @@ class TraceRows:
             try:
                 if not found and type(obj) is dict:
                     names = _json_names(obj)
-                    columns = self._json_columns(list(names))
+                    columns = self._json_columns(names)
                     if columns is not None:
                         found = True
                         clock = self.clock
@@ -318,9 +318,9 @@ class TraceRows:
                 continue
             yield i_len, o_len, ts
 
-    def _json_columns(self, names: list[str]) -> TraceColumns | None:
+    def _json_columns(self, names: dict[str, str]) -> TraceColumns | None:
         """The columns of a JSONL trace, judged by its first object's keys (lower-cased, nested ones dotted)."""
-        columns = find_columns(names, self.choice, self.source)
+        columns = find_columns(list(names), self.choice, self.source, spelled=list(names.values()))
         if columns is None and "usage" in names:
             columns = usage_columns(self.choice)
         return self._found(columns) if columns is not None else None
@@ -335,19 +335,22 @@ class TraceRows:
             raise TraceError(f"{self.source}: empty trace, expected a CSV header row naming the token columns "
                              f"(input_len,output_len or prompt_tokens,completion_tokens)")
         delimiter = "\t" if header_line.count("\t") > header_line.count(",") else ","
-        header = [h.strip().lower() for h in next(csv.reader([header_line], delimiter=delimiter))]
-        columns = find_columns(header, self.choice, self.source)
+        written = [h.strip() for h in next(csv.reader([header_line], delimiter=delimiter))]
+        header = [h.lower() for h in written]  # compared lower-cased; named to the user as the file spells them
+        columns = find_columns(header, self.choice, self.source, spelled=written)
         usage_col = None
         if columns is None and "usage" in header:
             columns, usage_col = usage_columns(self.choice), header.index("usage")
         if columns is None:
             raise TraceError(f"{self.source}: line 1: the CSV header has no token columns (found "
-                             f"{', '.join(header) or 'nothing'}); expected {expected_names()}")
+                             f"{', '.join(written) or 'nothing'}); expected {expected_names()}")
         self._found(columns)
-        lengths = ((header.index(columns.input), header.index(columns.output), columns.input, columns.output)
-                   if columns.input is not None and columns.output is not None else None)
+        lengths = None
+        if columns.input is not None and columns.output is not None:
+            in_col, out_col = header.index(columns.input), header.index(columns.output)
+            lengths = (in_col, out_col, written[in_col], written[out_col])
         ts_col = next((header.index(c) for c in columns.times if c in header), None)
-        ts_name = header[ts_col] if ts_col is not None else ""
+        ts_name = written[ts_col] if ts_col is not None else ""
         fail_zero = columns.zero_output_is_failure
         seconds = self.clock.seconds
 
