@@ -199,3 +199,15 @@ def test_the_cli_says_a_bad_model_config_in_one_line(cli, tmp_path) -> None:
                  "10", "--rate", "1")
     assert result.exit_code == 2
     assert result.stderr == f"Error: {tmp_path / 'config.json'}: hidden_size: must be a positive integer, got -1\n"
+
+
+def test_every_gpu_the_catalog_names_has_a_sourced_datasheet_row() -> None:
+    """QA 18: the catalog knew A6000, B200, GH200 and L40, estimate had no datasheet for them."""
+    from melange_sky.core.gpus import CANONICAL_GPUS
+
+    assert set(CANONICAL_GPUS) <= set(GPU_NAMES)
+    assert gpu_spec("NVIDIA RTX A6000").name == "A6000" and gpu_spec("NVIDIA GH200 480GB").name == "GH200"
+    assert gpu_spec("L40").bf16_tflops == pytest.approx(gpu_spec("L40S").bf16_tflops / 2, rel=1e-3)  # half the rate
+    gh200, h100 = gpu_spec("GH200"), gpu_spec("H100")
+    assert gh200.gemm_tflops == h100.gemm_tflops and gh200.bandwidth_gbs > h100.bandwidth_gbs  # Hopper, on HBM3 4 TB/s
+    assert gpu_spec("A6000").fp8_tflops is None and gpu_spec("B200").fp8_tflops == 2 * gpu_spec("B200").bf16_tflops

@@ -98,6 +98,25 @@ class GpuSpec:
 #          dense, FP8 1,513 dense; PCIe Gen5 x16: 63 GB/s one way.
 #  H200    NVIDIA H200 datasheet (nvidia.com/en-us/data-center/h200/), SXM: 141 GB HBM3e, 4.8 TB/s, same Hopper
 #          compute as the H100 SXM (BF16 989, FP8 1,979 dense); NVLink 900 GB/s.
+#  A6000   NVIDIA RTX A6000 datasheet (nvidia.com/content/dam/en-zz/Solutions/design-visualization/quadro-product-
+#          literature/proviz-print-nvidia-rtx-a6000-datasheet-us-nvidia-1454980-r9-web.pdf): 48 GB GDDR6 with ECC,
+#          768 GB/s, tensor performance 309.7 TFLOPS with sparsity -> 154.8 dense FP16/BF16 (GA102, third-generation
+#          tensor cores: no FP8). PCIe Gen4 x16 (its NVLink bridge joins 2 cards at 112.5 GB/s both ways; clouds rent
+#          it on PCIe).
+#  L40     NVIDIA L40 datasheet (nvidia.com/en-us/data-center/l40/): 48 GB GDDR6 with ECC, 864 GB/s, BF16/FP16 181.05
+#          dense (362.1 sparse), FP8 362 dense (724 sparse); PCIe Gen4 x16, no NVLink. The L40S's memory and die with
+#          half its tensor rate.
+#  GH200   NVIDIA GH200 Grace Hopper Superchip datasheet (nvidia.com/en-us/data-center/grace-hopper-superchip/): a
+#          Hopper GPU (the H100's: FP16/BF16 tensor 1,979 and FP8 3,958 TFLOPS with sparsity -> 989 / 1,979 dense)
+#          with 96 GB HBM3 at 4 TB/s (the GH200 480GB clouds rent, e.g. Lambda's 1x GH200) or 144 GB HBM3e at
+#          4.9 TB/s; NVLink-C2C 900 GB/s to the Grace CPU; GPU to GPU over NVLink (900 GB/s, 450 one way) only
+#          inside an NVLink Switch system (NVL32), else over the network. This row is the 96 GB HBM3 part.
+#  B200    NVIDIA HGX B200 datasheet (nvidia.com/en-us/data-center/hgx/, 8 GPUs, figures with sparsity): 1.44 TB
+#          HBM3e (180 GB per GPU), 64 TB/s (8 TB/s per GPU), FP16/BF16 36 PFLOPS (4.5 per GPU -> 2,250 dense),
+#          FP8 72 PFLOPS (9 per GPU -> 4,500 dense), fifth-generation NVLink 1.8 TB/s per GPU (900 one way).
+#          Sourced: those datasheet figures and its memory.total. Not sourced: anything measured (matmul, triad,
+#          attention): the default ratios below, fitted on Ampere and Hopper, stand in, so a B200 estimate is a
+#          datasheet estimate until calibrated (`estimate --calibrate`).
 #  MI300X  AMD Instinct MI300X data sheet (amd.com/.../instinct-mi300x-data-sheet.pdf): 192 GB HBM3, 5.3 TB/s, FP16/BF16
 #          1,307.4 TFLOPS dense, FP8 2,614.9 dense; Infinity Fabric 7 links x 64 GB/s one way = 448 GB/s.
 #
@@ -125,7 +144,10 @@ class GpuSpec:
 #          with tuned CK kernels (17.6 µs untuned) where the triad rate streams 10.5 MB in 2.6 µs: 8.1 µs more per GEMM
 #          (the tuned figure, the smaller one). No such table was found for NVIDIA GPUs; there the per-layer overhead
 #          BLIS trained on H100 step traces holds what their small GEMMs cost.
-#  Not measured (T4, L4, A10G, A10, L40S, V100, H100 PCIe's matmul and triad): datasheet x the default ratios below.
+#  GH200: its GPU is the H100 SXM's die at the same clocks, so it carries the H100 SXM's measured matmul figures
+#          and FlashAttention-3's Hopper figure; its HBM3 triad is not measured (the default ratio).
+#  Not measured (T4, L4, A10G, A10, A6000, L40, L40S, V100, B200, H100 PCIe's matmul and triad): datasheet x the
+#          default ratios below.
 #: Default achievable/datasheet ratios where no measurement exists: the mean of the measured NVIDIA rows above
 #: (MAMF: A100 SXM 0.869, A100 PCIe 0.811, H100 SXM 0.803 -> 0.83; FP8: H100 0.709, H200 0.734 -> 0.72; triad:
 #: A100 0.83, H100 0.89, H200 0.86 -> 0.86; FlashAttention-2 forward: the A100's 0.58 for the pre-Hopper GPUs,
@@ -135,13 +157,17 @@ DEFAULT_FP8_MAMF_RATIO = 0.72
 DEFAULT_STREAM_RATIO = 0.86
 DEFAULT_ATTENTION_RATIO = 0.58
 # memory_bytes: nvidia-smi's memory.total (MiB) on cloud instances with ECC on (the total torch.cuda.mem_get_info
-# reports, which is what vLLM multiplies by gpu_memory_utilization); MI300X: rocm-smi's 192 GiB.
+# reports, which is what vLLM multiplies by gpu_memory_utilization); MI300X: rocm-smi's 192 GiB. The rows added later
+# quote nvidia-smi as published in users' run logs: "NVIDIA RTX A6000, 49140 MiB", "NVIDIA L40, 46068 MiB",
+# "NVIDIA GH200 480GB, 97871 MiB", "NVIDIA B200, 183359 MiB".
 _TABLE: tuple[GpuSpec, ...] = (
     GpuSpec("T4", 16, 15360 * MIB, 320, 65, None, "pcie", 15.75, bf16=False),
     GpuSpec("L4", 24, 23034 * MIB, 300, 121, 242.5, "pcie", 31.5),
     GpuSpec("A10G", 24, 23028 * MIB, 600, 70, None, "pcie", 31.5),
     GpuSpec("A10", 24, 23028 * MIB, 600, 125, None, "pcie", 31.5),
     GpuSpec("L40S", 48, 46068 * MIB, 864, 362.05, 733, "pcie", 31.5),
+    GpuSpec("L40", 48, 46068 * MIB, 864, 181.05, 362, "pcie", 31.5),
+    GpuSpec("A6000", 48, 49140 * MIB, 768, 154.8, None, "pcie", 31.5),
     GpuSpec("V100", 16, 16160 * MIB, 900, 125, None, "nvlink", 150, bf16=False),
     GpuSpec("V100-32GB", 32, 32510 * MIB, 900, 125, None, "nvlink", 150, bf16=False),
     GpuSpec("A100", 40, 40960 * MIB, 1555, 312, None, "nvlink", 300, mamf_tflops=271.2, stream_gbs=1555 * 0.83,
@@ -153,6 +179,9 @@ _TABLE: tuple[GpuSpec, ...] = (
     GpuSpec("H100-PCIE", 80, 81559 * MIB, 2000, 756, 1513, "pcie", 63, attention_tflops=756 * 661 / 989),
     GpuSpec("H200", 141, 143771 * MIB, 4800, 989, 1979, "nvlink", 450, mamf_tflops=794.5, fp8_mamf_tflops=1453.4,
             stream_gbs=4150, attention_tflops=661),
+    GpuSpec("GH200", 96, 97871 * MIB, 4000, 989, 1979, "nvlink", 450, mamf_tflops=794.5, fp8_mamf_tflops=1402.6,
+            attention_tflops=661),
+    GpuSpec("B200", 180, 183359 * MIB, 8000, 2250, 4500, "nvlink", 900),
     GpuSpec("MI300X", 192, 192 * 1024 * MIB, 5300, 1307.4, 2614.9, "infinity-fabric", 448, mamf_tflops=668.4,
             fp8_mamf_tflops=1159, stream_gbs=4090, attention_tflops=328.6, small_gemm_us=10.7 - 2.6),
 )
@@ -162,7 +191,8 @@ GPU_NAMES: tuple[str, ...] = tuple(g.name for g in _TABLE)
 # Spellings that core.gpus folds into one catalog name but whose datasheets differ.
 _OWN_KEYS = {"H100PCIE": "H100-PCIE", "H100PCIE80GB": "H100-PCIE", "H100SXM": "H100", "H100SXM5": "H100",
              "A10040GB": "A100", "A100SXM": "A100", "A100SXM80GB": "A100-80GB", "V10016GB": "V100",
-             "MI300X": "MI300X", "MI300": "MI300X", "H200SXM": "H200", "H200141GB": "H200"}
+             "MI300X": "MI300X", "MI300": "MI300X", "H200SXM": "H200", "H200141GB": "H200",
+             "RTXA6000": "A6000", "GH200480GB": "GH200", "B200SXM": "B200"}
 
 
 def gpu_spec(name: str | GpuSpec) -> GpuSpec:
