@@ -545,3 +545,43 @@ def test_the_routers_controller_document_is_the_admin_tokens_only_and_holds_one_
             assert (await call("PUT", admin, b'{"writer": "one-too-many"}'))[0] == 400
 
     asyncio.run(asyncio.wait_for(scenario(), HANG_GUARD_S))
+
+
+def _controller_snapshot(controller: Ledger, pass_started: float) -> dict:
+    from melange_sky.fleet import hosted
+
+    return hosted.snapshot(controller, "h", "controller", {"started": pass_started, "ok": True, "actions": []})
+
+
+def test_an_older_controller_snapshot_never_brings_back_a_replica_this_machine_saw_die(tmp_path):
+    from melange_sky.fleet import hosted
+    from melange_sky.fleet.ledger import NewReplica, ReplicaState
+
+    new = NewReplica(cluster="h-a10g-0", gpu="A10G", offer="local", price_per_hour=1.0)
+    with Ledger(tmp_path / "controller") as controller, Ledger(tmp_path / "user") as user:
+        controller.save_fleet("h", "digest", {"cost": 1.0})
+        controller.add_replica("h", new)
+        controller.transition(new.cluster, ReplicaState.UP, endpoint="127.0.0.1:9")
+        user.save_fleet("h", "digest", {"cost": 1.0})
+        first_pass = time.time()
+        assert hosted.adopt(user, _controller_snapshot(controller, first_pass), message="m") == [new.cluster]
+        assert user.get_replica(new.cluster).state is ReplicaState.UP
+
+        time.sleep(0.01)  # the clock moves: this machine's refresh is later than that pass
+        user.transition(new.cluster, ReplicaState.GONE, endpoint=None, message="backend: not found")
+        user.save_fleet("h", "digest2", {"cost": 2.0})  # and an `up` here re-planned after it
+        stale = _controller_snapshot(controller, first_pass)  # the router still holds that pass's view
+        assert hosted.adopt(user, stale, message="from the hosted controller") == []
+        assert user.get_replica(new.cluster).state is ReplicaState.GONE
+        assert user.get_fleet("h").plan == {"cost": 2.0}  # nor an older plan over a newer one
+        assert [e.new_state for e in user.history(cluster=new.cluster)][-1] == "gone"
+
+        time.sleep(0.01)  # the controller's next pass (it saw the death too, and relaunched): that is newer
+        controller.transition(new.cluster, ReplicaState.LAUNCHING)
+        controller.transition(new.cluster, ReplicaState.UP, endpoint="127.0.0.1:10")
+        controller.save_fleet("h", "digest3", {"cost": 3.0})
+        fresh = _controller_snapshot(controller, time.time())
+        assert hosted.adopt(user, fresh, message="from the hosted controller") == [new.cluster]
+        row = user.get_replica(new.cluster)
+        assert (row.state, row.endpoint) == (ReplicaState.UP, "127.0.0.1:10")
+        assert user.get_fleet("h").plan == {"cost": 3.0}

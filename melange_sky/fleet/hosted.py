@@ -53,7 +53,7 @@ def snapshot(ledger: Ledger, fleet: str, writer: str, last_pass: Mapping[str, An
         raise MelangeError(f"no fleet {fleet!r} in the ledger")
     rows = ledger.replicas(fleet, roles=None)
     return {"version": SNAPSHOT_VERSION, "fleet": fleet, "writer": writer, "at": time.time(),
-            "record": {"config_hash": record.config_hash, "plan": record.plan},
+            "record": {"config_hash": record.config_hash, "plan": record.plan, "updated": record.updated},
             "clusters": [{**r.to_dict(), "task": r.task} for r in rows], "pass": last_pass, "recent": recent or []}
 
 
@@ -64,11 +64,19 @@ def adopt(ledger: Ledger, doc: Mapping[str, Any], *, router_url: str | None = No
     controller reaches the router on its own host, and with `router_cafile` (a TLS router) its task names that
     certificate, the file the router serves on this host (the user's task names a file on the user's machine), so
     every call to the router from here is pinned to it; None (the user's side): the router's row is the user's own
-    (the controller never launches the router it runs beside), so it is left as it is."""
+    (the controller never launches the router it runs beside), so it is left as it is.
+
+    An older view never overwrites a newer one: the snapshot knew each row as of its own last change or the
+    writer's last look at the launcher (a controller's pass began with one), whichever is later; a row (or the
+    fleet's record) this ledger wrote after that is kept (`Ledger.adopt_replica`'s `as_of`). Both sides' clocks are
+    compared: hosts kept in time (NTP) are assumed."""
     fleet = str(doc["fleet"])
     record = doc.get("record") or {}
+    checked = _checked_at(doc)
     current = ledger.get_fleet(fleet)
-    if current is None or current.plan != record.get("plan") or current.config_hash != record.get("config_hash"):
+    record_as_of = _latest(record.get("updated"), checked)
+    if current is None or ((current.plan != record.get("plan") or current.config_hash != record.get("config_hash"))
+                           and (record_as_of is None or current.updated <= record_as_of)):
         ledger.save_fleet(fleet, str(record.get("config_hash")), record.get("plan") or {})
     changed = []
     for row in doc.get("clusters") or []:
@@ -88,9 +96,22 @@ def adopt(ledger: Ledger, doc: Mapping[str, Any], *, router_url: str | None = No
                          use_spot=bool(row.get("use_spot")), round=int(row.get("round") or 0), task=task,
                          role=role)
         if ledger.adopt_replica(fleet, new, ReplicaState(row["state"]), endpoint=endpoint,
-                                error=row.get("last_error"), message=message) is not None:
+                                error=row.get("last_error"), message=message,
+                                as_of=_latest(row.get("updated"), checked)) is not None:
             changed.append(new.cluster)
     return changed
+
+
+def _checked_at(doc: Mapping[str, Any]) -> float | None:
+    """When the snapshot's writer last looked at the launcher: a controller's pass starts with a refresh."""
+    last = doc.get("pass")
+    return _latest(last.get("started") if isinstance(last, Mapping) else None)
+
+
+def _latest(*times: Any) -> float | None:
+    """The latest of the numbers given (None for none: a snapshot from before rows were dated is adopted as is)."""
+    found = [float(t) for t in times if isinstance(t, int | float) and not isinstance(t, bool)]
+    return max(found) if found else None
 
 
 def _link(ledger: Ledger, fleet: str) -> tuple[str, str, str | None]:

@@ -550,24 +550,30 @@ class Ledger:
         return self._replica_or_raise(replica.cluster)
 
     def adopt_replica(self, fleet: str, replica: NewReplica, state: ReplicaState, *, endpoint: str | None = None,
-                      error: str | None = None, message: str = "") -> ReplicaRecord | None:
+                      error: str | None = None, message: str = "", as_of: float | None = None) -> ReplicaRecord | None:
         """Write a row as another ledger has it (the fleet's hosted controller's, or the user's for the controller):
         created, or overwritten with the other's offer, task, state and endpoint, one history event. None when the
-        row already says the same. Refused for a cluster of another fleet."""
+        row already says the same, or (`as_of`: when the other ledger last knew the row to be so) when this
+        ledger's row was written later: an older view never overwrites a newer one (a replica this machine saw die
+        is not brought back "up" by a snapshot taken before). The row written is dated `as_of` (never later than
+        now), the time of what it says. Refused for a cluster of another fleet."""
         task_json = _task_json(replica)
         now = time.time()
         state = ReplicaState(state)
         with self._tx() as conn:
             if conn.execute("SELECT 1 FROM fleets WHERE name = ?", (fleet,)).fetchone() is None:
                 raise LedgerError(f"no fleet {fleet!r} in the ledger; save_fleet() it first")
-            row = conn.execute("SELECT fleet, state, endpoint, offer, task, last_error FROM replicas "
+            row = conn.execute("SELECT fleet, state, endpoint, offer, task, last_error, updated FROM replicas "
                                "WHERE cluster = ?", (replica.cluster,)).fetchone()
             if row is not None and row[0] != fleet:
                 raise LedgerError(f"cluster {replica.cluster} belongs to fleet {row[0]!r}, not {fleet!r}")
-            if row is not None and tuple(row[1:]) == (state.value, endpoint, replica.offer, task_json, error):
+            if row is not None and tuple(row[1:6]) == (state.value, endpoint, replica.offer, task_json, error):
+                return None
+            if row is not None and as_of is not None and row[6] > as_of:
                 return None
             conn.execute("DELETE FROM replicas WHERE cluster = ?", (replica.cluster,))
-            _insert_replica(conn, fleet, replica, task_json, state, endpoint, error, now)
+            _insert_replica(conn, fleet, replica, task_json, state, endpoint, error, now,
+                            updated=min(now, as_of) if as_of is not None else None)
             self._event(conn, fleet, replica.cluster, row[1] if row is not None else None, state.value, message, now)
         return self._replica_or_raise(replica.cluster)
 
@@ -656,15 +662,17 @@ def _task_json(replica: NewReplica) -> str | None:
 
 
 def _insert_replica(conn: sqlite3.Connection, fleet: str, replica: NewReplica, task_json: str | None,
-                    state: ReplicaState, endpoint: str | None, error: str | None, now: float) -> None:
-    """One replica row, every column (add_replica's PENDING row, adopt_replica's copy of another ledger's)."""
+                    state: ReplicaState, endpoint: str | None, error: str | None, now: float,
+                    updated: float | None = None) -> None:
+    """One replica row, every column (add_replica's PENDING row, adopt_replica's copy of another ledger's, dated
+    `updated` when given)."""
     conn.execute(
         "INSERT INTO replicas (cluster, fleet, gpu, offer, cloud, region, instance_type, use_spot, "
         "price_per_hour, round, task, state, endpoint, last_error, created, updated, role) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (replica.cluster, fleet, replica.gpu, replica.offer, replica.cloud, replica.region, replica.instance_type,
          int(replica.use_spot), float(replica.price_per_hour), replica.round, task_json, state.value, endpoint,
-         error, now, now, Role(replica.role).value))
+         error, now, now if updated is None else updated, Role(replica.role).value))
 
 def _storable_task(replica: NewReplica) -> dict[str, Any] | None:
     """The replica's task as the ledger keeps it; one carrying secret values is refused (they stay in memory)."""
