@@ -173,3 +173,14 @@ def test_bucket_edge_help_names_each_commands_own_default(cli):
     assert "(default: those of the config (--into), else Mélange's 1,25,100,250,500,1000,2000)" in workload
     profile = " ".join(cli("profile", "--help").stdout.split())
     assert "(default: those of the config (--config, else --into), else Mélange's" in profile
+
+
+def test_down_of_a_fleet_not_in_the_ledger_is_a_documented_no_op_while_status_is_an_error(cli):
+    """As `sky down` with a cluster it does not know: a retried or scripted teardown succeeds, and says so."""
+    down = cli("down", "nosuch-fleet", "-y")
+    assert down.exit_code == 0, down.stderr
+    assert down.stdout == "Fleet nosuch-fleet is not in the ledger: nothing to tear down.\n"
+    assert cli("status", "nosuch-fleet").exit_code == 2
+    help_text = " ".join(cli("down", "--help").stdout.split())
+    assert "A FLEET the ledger does not hold (already down, or never up" in help_text
+    assert "Exit codes: 0 every fleet named is gone (or was not in the ledger), 1 a teardown failed" in help_text

@@ -287,8 +287,14 @@ def down(fleet_name: str | None, all_fleets: bool, yes: bool, purge: bool, paral
 
     Each fleet is torn down through the launcher it was brought up with (the ledger records it); a cluster that
     launcher no longer knows counts as gone. The fleet leaves the ledger only when all its
-    clusters are gone; failures are kept and retried by the next `down`. A fleet that is not in the ledger
-    (already down) is a no-op.
+    clusters are gone; failures are kept and retried by the next `down`.
+
+    A FLEET the ledger does not hold (already down, or never up: check the name with `melange-sky status`) is a
+    no-op that says so and exits 0, as `sky down` does for a cluster it does not know: a retried or scripted `down`
+    never fails for having nothing left to do. (`status FLEET` exits 2 for it: there is nothing to show.)
+
+    Exit codes: 0 every fleet named is gone (or was not in the ledger), 1 a teardown failed (the fleet stays in
+    the ledger), 2 bad input, 3 a fleet is busy (another melange-sky process holds it), 130 interrupted.
 
     \b
     Examples:
