@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 from melange_sky.cli.replay import format_replay
-from melange_sky.cli.simulate import format_simulation
+from melange_sky.cli.simulate import format_headroom, format_simulation
 from melange_sky.core.attainment import RequestRecord, summarise
 from melange_sky.core.config import Market, load_config
 from melange_sky.core.slo import Slos
@@ -20,7 +20,7 @@ from melange_sky.fleet.ledger import Ledger
 from melange_sky.inputs.arrivals import trace_arrivals
 from melange_sky.inputs.replay import ReplayResult
 from melange_sky.serve.routes import routes_from_plan, routes_from_solve
-from melange_sky.sim import plan_from_config, poisson_arrivals, simulate
+from melange_sky.sim import HeadroomAdvice, HeadroomTrial, plan_from_config, poisson_arrivals, simulate
 
 MULTICLOUD = str(REPO / "examples" / "multicloud.json")
 #: The original example under a `spot` block (as the QA report's myspot.json): A10G on-demand and A10G:spot columns.
@@ -143,6 +143,16 @@ def test_the_simulation_header_names_only_what_is_known(spot_config):
     assert first.endswith("(planned for 8 req/s, headroom 100%)")
     no_solve = dataclasses.replace(run, plan=dataclasses.replace(plan, result=None, headroom=None))
     assert format_simulation(no_solve).splitlines()[0] == f"Simulated {plan.describe()}"
+
+
+def test_the_headroom_advice_names_the_solve_that_plans_it_per_offer_when_searched_so(spot_config):
+    plan = plan_from_config(spot_config, FAST)
+    run = simulate(plan, poisson_arrivals(2, 3, plan.routes.distribution, plan.routes.input_edges,
+                                          plan.routes.output_edges), Slos())
+    advice = HeadroomAdvice(0.99, HeadroomTrial(1.0, plan, run), HeadroomTrial(0.8, plan, run), [], 0.5)
+    assert "Plan with it: melange-sky solve s.json --per-offer --headroom 0.8 " in format_headroom(advice, "s.json",
+                                                                                                   True)
+    assert "Plan with it: melange-sky solve s.json --headroom 0.8 " in format_headroom(advice, "s.json")
 
 
 def _replay_result(trace: str, *, offered: int, sent: int, interrupted: bool) -> ReplayResult:

@@ -196,7 +196,7 @@ def simulate_command(plan_source: str, trace: str | None, rate: float | None, du
             chosen = advice.chosen or advice.unpadded
             click.echo(json.dumps({**chosen.result.to_json(), "headroom_search": advice.to_json()}, indent=2))
         else:
-            click.echo(format_headroom(advice, config.source))
+            click.echo(format_headroom(advice, config.source, per_offer))
         if plot:
             plot_result((advice.chosen or advice.unpadded).result, plot)
             click.echo(f"Wrote {plot}", err=True)
@@ -376,9 +376,9 @@ def format_simulation(result: SimResult) -> str:
     return "\n".join(lines)
 
 
-def format_headroom(advice: HeadroomAdvice, source: str) -> str:
+def format_headroom(advice: HeadroomAdvice, source: str, per_offer: bool = False) -> str:
     """The headroom search: every headroom tried, then the least padding that meets the target beside the
-    unpadded plan."""
+    unpadded plan (and the `solve` command that plans with it)."""
     target = _pct(advice.target)
     rows = [[f"{t.headroom:.3g}", t.plan.describe(), _pct(t.attainment), "yes" if t.meets else "no"]
             for t in sorted(advice.trials, key=lambda t: -t.headroom)]
@@ -397,6 +397,7 @@ def format_headroom(advice: HeadroomAdvice, source: str) -> str:
         chosen = advice.chosen
         lines.append(f"Least headroom that meets {target}: {chosen.headroom:.3g}: {chosen.plan.describe()}: "
                      f"{_pct(chosen.attainment)} (+${advice.extra_cost or 0:.2f}/h)")
-        lines.append(f"Plan with it: melange-sky solve {source} --headroom {chosen.headroom:.3g} (or set "
+        lines.append(f"Plan with it: melange-sky solve {source}{' --per-offer' if per_offer else ''} --headroom "
+                     f"{chosen.headroom:.3g} (or set "
                      f"\"headroom\": {chosen.headroom:.3g} in the config)")
     return "\n".join(lines)
