@@ -497,3 +497,38 @@ def test_a_replica_found_up_by_a_refresh_gets_its_endpoint_from_the_backend(cli,
     record = json.loads(cli("status", "example", "--refresh", "--json").stdout)
     row = {r["cluster"]: r for r in record["fleets"][0]["replicas"]}["example-a10g-0"]
     assert row["state"] == "up" and row["endpoint"] == "10.9.9.9:8000"
+
+
+def test_status_counts_a_dead_replica_against_the_plan_and_shows_it_until_it_is_replaced(cli, fleet_env):
+    fake, env = fleet_env
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
+    fake.remove_cluster("example-a10g-1")  # died: the refresh records it gone, nothing replaces it yet
+    text = cli("status", "example", "--refresh")
+    assert text.exit_code == 0, text.stderr
+    assert text.stdout.startswith("Fleet example: 3/4 up, $5.69/h serving")
+    assert "1 planned replica(s) not running, not yet replaced: example-a10g-1" in text.stdout
+    [dead] = [line for line in text.stdout.splitlines() if "example-a10g-1" in line and "aws" in line]
+    assert dead.split()[:2] == ["⨯", "example-a10g-1"] and " gone " in dead
+    assert "not shown" not in text.stdout  # it is neither replaced nor torn down
+    [fleet] = json.loads(cli("status", "example", "--json").stdout)["fleets"]
+    assert fleet["replicas_count"] == {"up": 3, "planned": 4, "up_outside_plan": 0,
+                                       "gone_to_replace": ["example-a10g-1"], "not_launched": [], "gone_replaced": 0}
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0  # replaced under its name: counted up again
+    assert cli("status", "example").stdout.startswith("Fleet example: 4/4 up")
+
+
+def test_status_counts_the_plan_after_an_interrupted_up_and_hides_only_replicas_truly_replaced():
+    from melange_sky.fleet.ledger import ReplicaRecord
+    from melange_sky.fleet.reports import fleet_counts
+
+    def row(cluster: str, state: ReplicaState) -> ReplicaRecord:
+        return ReplicaRecord(cluster, "f", "A10G", "o", None, None, None, False, 1.0, 0, None, state, None, None,
+                             0.0, 0.0)
+
+    plan = {"replicas": [{"cluster": f"f-a10g-{i}"} for i in range(4)]}
+    interrupted = fleet_counts(plan, [row("f-a10g-0", ReplicaState.FAILED), row("f-a10g-1", ReplicaState.PENDING)])
+    assert (interrupted.up, interrupted.planned, interrupted.not_launched) == (0, 4, ["f-a10g-2", "f-a10g-3"])
+    replaced = fleet_counts(plan, [*(row(f"f-a10g-{i}", ReplicaState.UP) for i in range(4)),
+                                   row("f-a10g-9", ReplicaState.GONE), row("f-a10g-8", ReplicaState.UP)])
+    assert (replaced.up, replaced.planned, replaced.up_outside_plan, replaced.gone_replaced) == (4, 4, 1, 1)
+    assert replaced.gone_to_replace == []

@@ -262,7 +262,8 @@ def format_up(report: UpReport, shown: Collection[str] = ()) -> str:
     lines = [f"Fleet {report.fleet}: {planned_up}/{len(report.plan.replicas)} planned replicas up, "
              f"${report.cost:.2f}/h running (plan ${report.plan.cost:.2f}/h), {report.rounds} round(s), "
              f"{report.seconds:.1f} s", ""]
-    lines += _live_replica_table([*report.replicas, *([report.router] if report.router is not None else [])])
+    lines += _live_replica_table([*report.replicas, *([report.router] if report.router is not None else [])],
+                                 planned={r.cluster for r in report.plan.replicas})
     if report.drained:
         lines += ["", f"Drained and torn down {len(report.drained)} replica(s) the plan no longer needs: "
                       f"{', '.join(report.drained)}."]
@@ -323,12 +324,16 @@ def format_status(report: StatusReport) -> str:
     lines: list[str] = []
     for fleet in report.fleets:
         rows = report.of(fleet.name)
-        live = [r for r in rows if r.state.may_have_cluster]
-        up = sum(1 for r in rows if r.state is ReplicaState.UP)
+        counts = report.counts(fleet.name)
         serving, planned = report.serving_cost(fleet.name), report.planned_cost(fleet.name)
-        lines.append(f"Fleet {fleet.name}: {up}/{len(live)} up, ${serving:.2f}/h serving ({per_month(serving)})"
-                     + (f", plan ${planned:.2f}/h" if planned is not None else "")
+        outside = f" (+{counts.up_outside_plan} outside the plan)" if counts.up_outside_plan else ""
+        lines.append(f"Fleet {fleet.name}: {counts.up}/{counts.planned} up{outside}, ${serving:.2f}/h serving "
+                     f"({per_month(serving)})" + (f", plan ${planned:.2f}/h" if planned is not None else "")
                      + f", ${report.cost_to_date(fleet.name):,.2f} so far")
+        missing = counts.gone_to_replace + counts.not_launched
+        if missing:
+            lines.append(f"  {len(missing)} planned replica(s) not running, not yet replaced: {', '.join(missing)}; "
+                         f"`melange-sky up` (or `watch`) relaunches them")
         unsure = [r for r in rows if r.state in (ReplicaState.FAILED, ReplicaState.STOPPED)]
         if unsure:
             lines.append(f"  {len(unsure)} failed or stopped replica(s) may still bill (a failed launch may hold a "
@@ -343,7 +348,9 @@ def format_status(report: StatusReport) -> str:
                          + (f" ({router.last_error})" if router.last_error else "") + "; `melange-sky up` or "
                          "`watch` relaunches it")
         lines.append("")
-        lines += _live_replica_table(report.clusters(fleet.name), report)
+        lines += _replica_table(report.shown(fleet.name), report)
+        if counts.gone_replaced:
+            lines.append(f"  ({counts.gone_replaced} gone replica(s) not shown: replaced or torn down)")
         lines.append("")
     if len(report.fleets) > 1:
         total = sum(report.serving_cost(f.name) for f in report.fleets)
@@ -367,24 +374,28 @@ def format_down(report: DownReport) -> str:
     return "\n".join(lines)
 
 
-def _live_replica_table(replicas: list[ReplicaRecord], report: StatusReport | None = None) -> list[str]:
-    """The replicas that may have a cluster; gone ones (torn down, or replaced after no capacity) only counted.
-    With a status `report`, each row's uptime and cost to date too."""
-    live = [r for r in replicas if r.state.may_have_cluster]
-    gone = len(replicas) - len(live)
-    return (_replica_table(live, report)
+def _live_replica_table(replicas: list[ReplicaRecord], planned: Collection[str] = ()) -> list[str]:
+    """The replicas that may have a cluster, and the `planned` ones gone (not yet replaced); the other gone ones
+    (torn down, or replaced after no capacity) only counted."""
+    shown = [r for r in replicas if r.state.may_have_cluster or r.cluster in planned]
+    gone = len(replicas) - len(shown)
+    return (_replica_table(shown)
             + ([f"  ({gone} gone replica(s) not shown: replaced or torn down)"] if gone else []))
 
 
 def _replica_table(replicas: list[ReplicaRecord], report: StatusReport | None = None) -> list[str]:
+    """Every row given: a gone one listed is one still to be replaced (⨯), not one torn down (✓)."""
+    def mark(r: ReplicaRecord) -> str:
+        return "⨯" if r.state is ReplicaState.GONE else _MARKS.get(r.state, " ")
+
     if report is None:
-        plain = [(f"{_MARKS.get(r.state, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value,
+        plain = [(f"{mark(r)} {r.cluster}", r.gpu, r.offer, r.state.value,
                   r.endpoint or "-", f"{r.price_per_hour:.4g}", (r.last_error or "")[:80]) for r in replicas]
         return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "last error"), plain)
     rows: list[tuple[str, ...]] = []
     for r in replicas:
         spent = report.usage.get(r.cluster)
-        rows.append((f"{_MARKS.get(r.state, ' ')} {r.cluster}", r.gpu, r.offer, r.state.value, r.endpoint or "-",
+        rows.append((f"{mark(r)} {r.cluster}", r.gpu, r.offer, r.state.value, r.endpoint or "-",
                      f"{r.price_per_hour:.4g}", _duration(spent.uptime_seconds) if spent else "-",
                      f"{spent.cost_to_date:,.2f}" if spent else "-", (r.last_error or "")[:80]))
     return _table(("replica", "GPU", "offer", "state", "endpoint", "$/h", "uptime", "$ so far", "last error"), rows,

@@ -236,6 +236,42 @@ class ControllerView:
 
 
 @dataclass(frozen=True)
+class FleetCounts:
+    """A fleet's replicas against its plan, for `status`'s "N/M up": the planned ones up out of those planned
+    (the plan's count, not the rows left in the ledger: a replica that died, or one an interrupted `up` never
+    launched, still counts), those up outside the plan, and the gone ones still to be replaced apart from the
+    gone ones truly replaced or torn down."""
+
+    up: int  # planned replicas up
+    planned: int  # replicas the plan has (rows that may have a cluster, for a fleet whose plan lists none)
+    up_outside_plan: int  # replicas up that the plan no longer has (kept by --no-shrink, or draining)
+    gone_to_replace: list[str]  # planned replicas gone (dead, preempted, torn down as unhealthy): not yet back
+    not_launched: list[str]  # planned replicas with no row yet (an `up` interrupted before recording them)
+    gone_replaced: int  # gone replicas outside the plan: replaced (re-planned elsewhere) or torn down
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"up": self.up, "planned": self.planned, "up_outside_plan": self.up_outside_plan,
+                "gone_to_replace": self.gone_to_replace, "not_launched": self.not_launched,
+                "gone_replaced": self.gone_replaced}
+
+
+def fleet_counts(plan: dict[str, Any], replicas: list[ReplicaRecord]) -> FleetCounts:
+    """`FleetCounts` of one fleet's replica rows (its router aside) against its stored plan."""
+    planned = [str(r["cluster"]) for r in plan.get("replicas") or [] if isinstance(r, dict) and r.get("cluster")]
+    wanted = set(planned)
+    rows = {r.cluster: r for r in replicas}
+    up = [r for r in replicas if r.state is ReplicaState.UP]
+    gone = [r for r in replicas if r.state is ReplicaState.GONE]
+    if not planned:  # a plan stored without its replicas: count what may have a cluster, as before
+        return FleetCounts(len(up), sum(1 for r in replicas if r.state.may_have_cluster), 0, [], [], len(gone))
+    return FleetCounts(up=sum(1 for r in up if r.cluster in wanted), planned=len(planned),
+                       up_outside_plan=sum(1 for r in up if r.cluster not in wanted),
+                       gone_to_replace=[r.cluster for r in gone if r.cluster in wanted],
+                       not_launched=[c for c in planned if c not in rows],
+                       gone_replaced=sum(1 for r in gone if r.cluster not in wanted))
+
+
+@dataclass(frozen=True)
 class StatusReport:
     """Fleets and their replicas as the ledger has them (after a refresh, as the launcher saw them)."""
 
@@ -270,6 +306,17 @@ class StatusReport:
         router = self.routers.get(fleet)
         return router.url if router is not None else None
 
+    def counts(self, fleet: str) -> FleetCounts:
+        record = next((f for f in self.fleets if f.name == fleet), None)
+        return fleet_counts(record.plan if record is not None else {}, self.of(fleet))
+
+    def shown(self, fleet: str) -> list[ReplicaRecord]:
+        """The clusters `status` lists: every one that may exist, and the gone ones still to be replaced (planned
+        replicas, and the router, which `up` and `watch` relaunch); the others are only counted."""
+        replace = set(self.counts(fleet).gone_to_replace)
+        return [r for r in self.clusters(fleet)
+                if r.state.may_have_cluster or r.cluster in replace or r.role.value == "router"]
+
     def to_dict(self) -> dict[str, Any]:
         return {"fleets": [{"name": f.name, "config_hash": f.config_hash, "created": f.created,
                             "updated": f.updated,
@@ -278,6 +325,7 @@ class StatusReport:
                             "cost_planned": self.planned_cost(f.name),
                             "cost_to_date": round(self.cost_to_date(f.name), 6),
                             "endpoint": self.endpoint(f.name),
+                            "replicas_count": self.counts(f.name).to_dict(),
                             "router": self._row(self.routers[f.name]) if f.name in self.routers else None,
                             "replicas": [self._row(r) for r in self.of(f.name)],
                             "controller": (self.controllers[f.name].to_dict() if f.name in self.controllers
