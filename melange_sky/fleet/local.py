@@ -62,7 +62,8 @@ LAUNCH_TIMEOUT_S = 120.0
 #: After SIGTERM, how long `down` waits before SIGKILL.
 GRACE_S = 5.0
 POLL_S = 0.05
-#: How many launches `state.json` remembers after their cluster is gone (`leftovers`).
+#: At most how many launches `state.json` remembers (`leftovers`): those whose processes are all gone are pruned
+#: anyway, at every launch, status and teardown; this only bounds a machine running that many at once.
 SPAWNED_KEPT = 200
 LOG_TAIL_CHARS = 800
 _LISTENING = re.compile(r"Listening on (https?)://\S*?:(\d+)")
@@ -123,6 +124,39 @@ def _group(leader: ProcessId) -> list[int]:
             if member is not None and member[1] == leader.pid and member[0] not in _ZOMBIE:
                 members.append(int(entry.name))
     return members
+
+
+def _live_groups() -> dict[int, int]:
+    """Each live process group's number and how many live processes it has, from one look at /proc."""
+    groups: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            member = _stat(int(entry.name))
+            if member is not None and member[0] not in _ZOMBIE:
+                groups[member[1]] = groups.get(member[1], 0) + 1
+    return groups
+
+
+def _prune_spawned(state: dict[str, Any]) -> None:
+    """Forget the launches in `state["spawned"]` none of whose processes runs any more and that are no known
+    cluster's (torn down, failed, or died and were found so): they can leave nothing behind, and `leftovers` needs
+    only the others. Called under the state's lock, so no concurrent launch or teardown is lost."""
+    spawned = state.get("spawned")
+    if not spawned:
+        return
+    known = {(int(r["pid"]), int(r["started"])) for r in state["clusters"].values()}
+    groups = _live_groups()
+
+    def alive(entry: Mapping[str, Any]) -> bool:
+        leader = ProcessId(int(entry["pid"]), int(entry["started"]))
+        if (leader.pid, leader.started) in known:
+            return True
+        found = _stat(leader.pid)
+        if found is not None and found[2] != leader.started:  # its pid names another process: not its group now
+            return False
+        return groups.get(leader.pid, 0) > 0
+
+    state["spawned"] = [entry for entry in spawned if alive(entry)]
 
 
 def _stop(leader: ProcessId, grace_s: float, child: subprocess.Popen[bytes] | None = None) -> None:
@@ -481,6 +515,7 @@ class LocalBackend:
                   "started": proc.started, "port": None, "log": str(log_path), "offset": offset,
                   "gpu": gpu[0] if gpu else None, "launched_at": time.time()}
         state["clusters"][request.cluster] = record
+        _prune_spawned(state)
         spawned = state.setdefault("spawned", [])
         spawned.append({"cluster": request.cluster, "pid": proc.pid, "started": proc.started})
         del spawned[:-SPAWNED_KEPT]
@@ -533,6 +568,7 @@ class LocalBackend:
             current = state["clusters"].get(cluster)
             if current is not None and current["pid"] == proc.pid:
                 del state["clusters"][cluster]
+            _prune_spawned(state)
 
     # -- status, endpoint, down -----------------------------------------------------------------------------------
     @staticmethod
@@ -561,6 +597,9 @@ class LocalBackend:
                 answer[cluster] = self._info(cluster, record)
         for proc in dead:
             _stop(proc, 0.0, self._children.get(proc.pid))
+        if dead:
+            with self._state() as state:
+                _prune_spawned(state)
         self._reap()
         return answer
 
@@ -573,6 +612,8 @@ class LocalBackend:
     def down(self, cluster: str, purge: bool = False) -> bool:
         with self._state() as state:
             record = state["clusters"].pop(cluster, None)
+            if record is None:  # nothing to stop: what earlier launches left in the state file may go
+                _prune_spawned(state)
         if record is None:
             return False
         _stop(self._proc(record), GRACE_S, self._children.get(int(record["pid"])))
@@ -580,6 +621,7 @@ class LocalBackend:
             if cluster not in state["clusters"]:
                 shutil.rmtree(self.dir / "clusters" / cluster, ignore_errors=True)
                 (self.dir / "engine" / f"{cluster}.json").unlink(missing_ok=True)
+            _prune_spawned(state)
         self._reap()
         return True
 
