@@ -304,3 +304,50 @@ def test_slice_factor_defaults_to_one_as_in_the_original_tool(example):
 def test_integral_float_slice_factor_is_accepted(example):
     example["slice_factor"] = 4.0
     assert parse_config(example).slice_factor == 4
+
+
+@pytest.mark.parametrize("command", [("solve",), ("plan", "-o", "out"), ("up", "--dryrun"),
+                                     ("simulate", "--rate", "5", "--duration", "5"),
+                                     ("estimate", "--gpus", "A10G", "--config")])
+def test_tensor_parallelism_beyond_an_instances_gpus_is_refused_by_every_command(cli, write_config, example, command):
+    """QA 7: TP 3 on single-GPU g5.xlarge instances rendered `--tensor-parallel-size 3` and simulated a triple KV
+    cache for the price of one GPU."""
+    example["deployment"] = {"tensor_parallel_size": 3}
+    path = write_config(example)
+    result = cli(*command, path) if command[-1] == "--config" else cli(command[0], path, *command[1:])
+    assert_one_line_error(result, "config.json: gpu_info.A10G.accelerators: missing: deployment.tensor_parallel_size "
+                                  "is 3, so each replica needs 3 GPUs of one instance, and without an accelerators "
+                                  "pin A10G gets single-GPU instances; pin \"A10G:3\"")
+
+
+def test_an_instance_whose_gpus_tp_does_not_divide_is_refused_naming_its_pin(cli, write_config, example):
+    example["deployment"] = {"tensor_parallel_size": 3}
+    for name in ("A10G", "A100-80GB"):
+        example["gpu_info"][name]["accelerators"] = f"{name}:4"
+    assert_one_line_error(cli("plan", write_config(example)),
+                          "gpu_info.A10G.accelerators: 'A10G:4' is 4 GPU(s) per instance, which "
+                          "deployment.tensor_parallel_size 3 does not divide")
+
+
+def test_tp_that_divides_the_pinned_gpus_renders_tp_and_data_parallel_engines(cli, write_config, example, tmp_path):
+    example["deployment"] = {"tensor_parallel_size": 2}
+    example["gpu_info"]["A10G"]["accelerators"] = "A10G:4"
+    example["gpu_info"]["A100-80GB"]["accelerators"] = "A100-80GB:2"
+    result = cli("plan", write_config(example), "-o", str(tmp_path / "out"), "--rate", "60")
+    assert result.exit_code == 0, result.stderr
+    runs = {p.name: p.read_text() for p in (tmp_path / "out").glob("skypilot_*.yaml")}
+    assert runs and all("--tensor-parallel-size 2" in text for text in runs.values())
+    assert all(("--data-parallel-size 2" in text) == name.startswith("skypilot_A10G") for name, text in runs.items())
+
+
+def test_a_plan_never_renders_tp_an_offer_cannot_hold(example, write_config):
+    """The config's check sees the pins; the plan checks the offer each column was bound to as well."""
+    import dataclasses
+
+    from melange_sky.deploy.plan import make_plan
+    from melange_sky.solver.result import solve
+
+    config = load_config(write_config(example))
+    config = dataclasses.replace(config, deployment={"tensor_parallel_size": 2})
+    with pytest.raises(ConfigError, match=r"gpu_info\.A10G\.accelerators: 'A10G:1' is 1 GPU\(s\) per instance"):
+        make_plan(config, solve(config, compare=False))

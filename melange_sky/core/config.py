@@ -18,7 +18,9 @@ Where each part of a config goes (the module that reads it; each points back her
   not pin `use_spot` on both markets (and `cloud: kubernetes`/`ssh` entries as `owned`), and the ILP in
   `solver/model.py` keeps the floor and the regional spread (`solver/result.py` reports them).
 - `name`: the fleet's name (cluster names, `melange_sky/deploy/plan.py`; the ledger, `melange_sky/fleet/`).
-- `deployment`: only checked to be an object here; its keys and values are `melange_sky/deploy/plan.py`'s
+- `deployment`: only checked to be an object here, and its `tensor_parallel_size` against each GPU entry's GPUs per
+  instance (`check_instance_gpus`: a replica's TP GPUs are one instance's); its keys and values are
+  `melange_sky/deploy/plan.py`'s
   (`DEPLOYMENT_KEYS`, `deployment_from_config`, rendered by `templates/*.j2`), its `router` block
   `melange_sky/deploy/router_config.py`'s (`ROUTER_KEYS`, `TLS_KEYS`; the task: `deploy/router_task.py`).
 A new field is added to the key list of its block (`TOP_LEVEL_KEYS`, `GPU_KEYS`, or the consumer's), parsed where
@@ -175,6 +177,54 @@ class Config:
         raise KeyError(name)
 
 
+def tensor_parallel_size(deployment: Any) -> int | None:
+    """A deployment block's `tensor_parallel_size` when it is a whole number >= 1, else None (absent; a wrong value
+    is its reader's to report: `melange_sky.engine.EngineSettings.from_deployment`)."""
+    value = deployment.get("tensor_parallel_size") if isinstance(deployment, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def pinned_gpus(accelerators: Any) -> int | None:
+    """GPUs per instance an `accelerators` pin gives ("A10G:4" -> 4, "A10G" -> 1, as SkyPilot reads it); None when the
+    pin is malformed (`deploy/offers.py` says why)."""
+    if not isinstance(accelerators, str):
+        return None
+    name, _, count = accelerators.partition(":")
+    try:
+        number = float(count) if count.strip() else 1.0
+    except ValueError:
+        return None
+    return int(number) if name.strip() and number.is_integer() and number >= 1 else None
+
+
+def check_instance_gpus(source: str, path: str, name: str, accelerators: Any, instance_type: Any,
+                        tp: int | None) -> ConfigError | None:
+    """The error for a GPU entry whose instances cannot run replicas of `tp` GPUs, else None. A replica's tensor-
+    parallel GPUs are GPUs of one instance, and an instance of k GPUs runs k / tp replicas (templates/vllm.j2), so k
+    must be a multiple of tp. k is what the entry's `accelerators` pin says; without one an entry gets single-GPU
+    instances (`deploy/offers.py` picks those first), so tp > 1 needs the pin."""
+    if tp is None or tp <= 1:
+        return None
+    field_path = f"{path}.accelerators"
+    base = name
+    if accelerators is None:
+        why = (f"instance_type {instance_type!r} alone does not say its GPUs per instance" if instance_type else
+               f"without an accelerators pin {name} gets single-GPU instances")
+        return ConfigError(source, field_path, f"missing: deployment.tensor_parallel_size is {tp}, so each replica "
+                                               f"needs {tp} GPUs of one instance, and {why}; pin "
+                                               f"\"{base}:{tp}\" (or another multiple of {tp})")
+    count = pinned_gpus(accelerators)
+    if count is None or count % tp == 0:
+        return None  # a malformed pin is the offers layer's to report
+    base = str(accelerators).partition(":")[0].strip() or name
+    return ConfigError(source, field_path, f"{accelerators!r} is {count} GPU(s) per instance, which "
+                                           f"deployment.tensor_parallel_size {tp} does not divide: each replica needs "
+                                           f"{tp} GPUs of one instance; pin \"{base}:{tp}\" (or another multiple of "
+                                           f"{tp}), or set tensor_parallel_size to a divisor of {count}")
+
+
 def is_note(key: object) -> bool:
     """Whether a config key is the user's own note (`x-...`), which every block ignores."""
     return isinstance(key, str) and key.startswith(NOTE_PREFIX)
@@ -267,6 +317,24 @@ def parse_config(data: Any, source: str = "<config>", default_name: str = "melan
     "file:line: field: ...".
     """
     return _Parser(source, price, lines, kind).parse(data, default_name)
+
+
+def parse_gpu_entry(data: Mapping[str, Any], path: str, name: str, entry: Mapping[str, Any],
+                    source: str = "<config>", price: Pricer | None = None) -> GpuSpec:
+    """One GPU entry of the config document `data`, checked alone as `parse_config` checks it — its pins and limits,
+    its cost or the catalog's price in the document's clouds, the deployment's tensor parallelism — whatever else the
+    document still lacks. A command about to write tputs for it (`estimate --into`) calls this first, so it never
+    writes an entry that cannot validate. The entry's own tputs are not read (the caller replaces them)."""
+    parser = _Parser(source, price)
+    clouds = data.get("clouds")
+    if isinstance(clouds, list) and clouds and all(isinstance(c, str) and c.strip() for c in clouds):
+        parser.clouds = tuple(c.lower() for c in clouds)
+    spec = parser.gpu(path, parser.string(name, f"{path}.name"), {**entry, "tputs": [[1.0]]}, None)
+    problem = check_instance_gpus(source, spec.field_path, spec.name, spec.accelerators, spec.instance_type,
+                                  tensor_parallel_size(data.get("deployment")))
+    if problem is not None:
+        raise problem
+    return spec
 
 
 # ---- YAML ---------------------------------------------------------------------------------------------------------
@@ -583,6 +651,12 @@ class _Parser:
         deployment = data.get("deployment", {})
         if not isinstance(deployment, dict):
             raise self.fail("deployment", f"must be an object, got {_type_name(deployment)}")
+        tp = tensor_parallel_size(deployment)
+        for gpu in gpus:
+            problem = check_instance_gpus(self.source, gpu.field_path, gpu.name, gpu.accelerators,
+                                          gpu.instance_type, tp)
+            if problem is not None:
+                raise self.fail(problem.field, problem.message)
 
         config = Config(source=self.source, name=name, workload_distribution=dist, total_request_rate=rate,
                         gpus=gpus, slice_factor=slice_factor, headroom=headroom, input_buckets=input_edges,
@@ -619,7 +693,7 @@ class _Parser:
             gpus.append(self.gpu(path, name, entry, shape))
         return tuple(gpus)
 
-    def gpu(self, path: str, name: str, entry: Any, shape: tuple[int, int]) -> GpuSpec:
+    def gpu(self, path: str, name: str, entry: Any, shape: tuple[int, int] | None) -> GpuSpec:
         if not isinstance(entry, dict):
             raise self.fail(path, f"must be an object with cost and tputs, got {_type_name(entry)}")
         self.require(entry, "tputs", path, GPU_KEYS)

@@ -16,7 +16,7 @@ from typing import Any
 
 from melange_sky import __version__
 from melange_sky._io import write_json, write_text
-from melange_sky.core.config import Config, GpuSpec, Market, check_keys, is_note
+from melange_sky.core.config import Config, GpuSpec, Market, check_instance_gpus, check_keys, is_note
 from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.deploy.offers import bind_offers
 from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, Template, builtin_templates, load_template,
@@ -338,8 +338,14 @@ def make_plan(config: Config, result: SolveResult, deployment: Deployment | None
     fleet_slug = _slug(config.name, "fleet")
     used = set(taken) | {c for cs in (names or {}).values() for c in cs}
     replicas = []
+    tp = deployment.engine.tensor_parallel_size
     for allocation in result.gpus:
         gpu = config.gpu(allocation.name)
+        # the config's own check (core.config) saw the pins; this sees the offer each column was bound to
+        problem = check_instance_gpus(config.source, gpu.field_path, gpu.entry or gpu.name,
+                                      gpu.accelerators or f"{gpu.name}:1", gpu.instance_type, tp)
+        if allocation.count and problem is not None:
+            raise problem
         reuse = list((names or {}).get(gpu.name, ()))[: allocation.count]
         index = 0
         for position in range(allocation.count):
