@@ -6,7 +6,9 @@ memory-side efficiencies (weight and KV reads), compute-side efficiencies (GEMM 
 (per step, per layer, per request) — so that the engine model's max rates for those buckets match the measured ones
 (least squares on log rates, coordinate search). Three scales, not every coefficient: one profile cannot tell more
 apart, and the roofline shape keeps its physics for other models and lengths. The fit is saved where every later
-Engine of that GPU type finds it (engine/calibration.py).
+Engine of that GPU type finds it (engine/calibration.py) — unless it still misses the profile's own rates by more
+than MAX_FIT_ERROR (median): then the profile and the model disagree about what was measured, and the fit is refused
+(`PoorFit`) unless forced; a forced one is flagged in every estimate that uses it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from melange_sky.core.slo import Slos
-from melange_sky.engine.calibration import fit_path, save_fit
+from melange_sky.engine.calibration import MAX_FIT_ERROR, fit_path, save_fit
 from melange_sky.engine.engine import Engine
 from melange_sky.engine.errors import EngineError
 from melange_sky.engine.estimate import max_rate
@@ -35,6 +37,10 @@ FIT_PRECISION, FIT_MEASURED = 0.02, 200
 FIT_ACCURACY = 0.04
 #: Weight of the prior pulling each log scale to 0 (a scale of 2 costs as much as a 12% error on every bucket).
 PRIOR_WEIGHT = 0.03
+
+
+class PoorFit(EngineError):
+    """The best fit still misses the profile's own max rates by more than MAX_FIT_ERROR (median): not saved."""
 
 
 @dataclass(frozen=True)
@@ -59,17 +65,36 @@ class CalibrationResult:
     error_after: float
     buckets: int
     path: str
+    saved: bool = True
+
+    @property
+    def poor(self) -> bool:
+        """Whether the fit leaves more than MAX_FIT_ERROR of median error (saved only when forced)."""
+        return self.error_after > MAX_FIT_ERROR
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What the user must hear besides the result: a poor fit saved anyway."""
+        if not (self.saved and self.poor):
+            return ()
+        return (f"{self.gpu}: the fit leaves {100 * self.error_after:.0f}% median error (more than "
+                f"{100 * MAX_FIT_ERROR:.0f}%) and was saved because of --force: every later estimate, emulation and "
+                f"simulation on {self.gpu} uses it and says so; delete {self.path} to return to the datasheet model",)
 
     def to_json(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "model": self.model, "scales": self.scales,
                 "coefficients": self.coefficients.to_dict(), "error_before": round(self.error_before, 4),
-                "error_after": round(self.error_after, 4), "buckets": self.buckets, "path": self.path}
+                "error_after": round(self.error_after, 4), "buckets": self.buckets, "path": self.path,
+                "saved": self.saved}
 
     def text(self) -> str:
         scales = ", ".join(f"{k} x{v:.3g}" for k, v in self.scales.items())
-        return (f"Calibrated {self.gpu} on {self.buckets} measured bucket(s) of {self.model}: median error of the "
-                f"max rates {100 * self.error_before:.0f}% before, {100 * self.error_after:.0f}% after ({scales}).\n"
-                f"Saved {self.path}: later estimates and emulations on {self.gpu} use it.")
+        head = (f"Calibrated {self.gpu} on {self.buckets} measured bucket(s) of {self.model}: median error of the "
+                f"max rates {100 * self.error_before:.0f}% before, {100 * self.error_after:.0f}% after ({scales}).")
+        if not self.saved:
+            return head + "\nNot saved."
+        return (head + f"\nSaved {self.path}: later estimates and emulations on {self.gpu} use it (delete the file to "
+                       f"return to the datasheet model).")
 
 
 def scaled(base: Coefficients, memory: float, compute: float, overhead: float) -> Coefficients:
@@ -126,10 +151,11 @@ def _loss(predicted: list[float], targets: list[Target]) -> float:
 
 
 def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str = "<profile>", tp: int = 1,
-              dtype: str = "bf16", settings: EngineSettings = EngineSettings(), save: bool = True
-              ) -> CalibrationResult:
+              dtype: str = "bf16", settings: EngineSettings = EngineSettings(), save: bool = True,
+              force: bool = False) -> CalibrationResult:
     """Fit `gpu`'s coefficient scales to a profile record measured with `model`; save the fit (unless `save` is
-    False) where later engines of that GPU type find it."""
+    False) where later engines of that GPU type find it. PoorFit, and nothing saved, when the fit still misses the
+    measured rates by more than MAX_FIT_ERROR (median), unless `force`."""
     name = gpu_spec(gpu).name
     targets, slos = targets_from_profile(record, source)
     if len(targets) > MAX_FIT_BUCKETS:
@@ -170,7 +196,12 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
     after = predicted_rates(model, name, targets, slos, fitted, **kwargs)
     scales = {"memory": round(best[0], 4), "compute": round(best[1], 4), "overhead": round(best[2], 4)}
     result = CalibrationResult(name, model.name, scales, fitted, median_error(before, targets),
-                               median_error(after, targets), len(targets), str(fit_path(name)))
+                               median_error(after, targets), len(targets), str(fit_path(name)), saved=save)
+    if save and result.poor and not force:
+        raise PoorFit(f"{source}: the best fit of {name} still misses the profile's max rates by "
+                      f"{100 * result.error_after:.0f}% (median; {100 * result.error_before:.0f}% before), more than "
+                      f"the {100 * MAX_FIT_ERROR:.0f}% a saved fit may leave: not saved. Was the profile measured "
+                      f"with {model.name} on {name} at TP {tp} with these engine settings? (--force saves it anyway)")
     if save:
         data = result.to_json()
         data["profile"] = source
@@ -179,5 +210,5 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
     return result
 
 
-__all__ = ["CalibrationResult", "Target", "calibrate", "median_error", "predicted_rates", "scaled",
+__all__ = ["CalibrationResult", "PoorFit", "Target", "calibrate", "median_error", "predicted_rates", "scaled",
            "targets_from_profile"]

@@ -17,6 +17,12 @@ from melange_sky.engine.errors import EngineError
 from melange_sky.engine.step_time import Coefficients
 
 HOME_ENV_VAR = "MELANGE_SKY_HOME"  # the same variable the ledger reads (fleet/ledger.py)
+#: The largest median error of a profile's max rates a fit may leave and still be saved (unless forced). The datasheet
+#: model alone is within about 8-13% of published runs (docs/estimate-accuracy.md) and a fit only has to reproduce the
+#: profile it was fitted on, so a fit that stays further off than this means the profile and the engine model disagree
+#: about what was measured (another model, GPU type, TP or engine settings; a capped or noisy profile): applying it to
+#: every later estimate would spread that mistake, silently.
+MAX_FIT_ERROR = 0.25
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,16 @@ def load_fit(gpu: str) -> Fit | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EngineError(f"{path}: unreadable calibration fit ({exc}); delete it or re-run estimate "
                           f"--calibrate") from exc
+
+
+def poor_fit_warning(gpu: str) -> str | None:
+    """A warning for every estimate that uses `gpu`'s saved fit when that fit was saved with more than MAX_FIT_ERROR
+    of median error left (`estimate --calibrate --force`); None for a good fit or none."""
+    fit = load_fit(gpu)
+    if fit is None or not isinstance(fit.error_after, (int, float)) or fit.error_after <= MAX_FIT_ERROR:
+        return None
+    return (f"{gpu}: the calibration fit {fit.path} left {100 * fit.error_after:.0f}% median error on its own profile "
+            f"(saved with --force); delete it to return to the datasheet model")
 
 
 def save_fit(fit_data: dict[str, Any], gpu: str) -> Path:
