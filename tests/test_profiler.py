@@ -138,7 +138,8 @@ def test_bucket_shape_mismatch_with_into_config_fails_before_contacting_anything
     run = cli("profile", "--endpoint", f"http://127.0.0.1:{free_port()}", "--model", "m", "--into", path,
               "--gpu", "A10G")
     assert run.exit_code == 2
-    assert "workload_distribution is 2x2 but the buckets to profile are 8x6" in run.stderr
+    assert ("workload_distribution is 2x2 but it gives no bucket edges, and Mélange's defaults (only for its 8x6 "
+            "grid) make 8x6 buckets; pass --input-buckets and --output-buckets with 3 and 3 edges") in run.stderr
 
 
 def _profile_args(url: str, *extra: str) -> list[str]:

@@ -22,7 +22,8 @@ from typing import Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
 from melange_sky._io import config_json, write_text
-from melange_sky.core.config import Config, Pricer, is_yaml, parse_config, read_config_document
+from melange_sky.core.config import (Config, Pricer, check_instance_gpus, is_yaml, parse_config, parse_gpu_entry,
+                                     read_config_document, tensor_parallel_size)
 from melange_sky.core.gpus import same_gpu
 from melange_sky.errors import BucketEdgesError, ConfigError
 
@@ -166,6 +167,36 @@ def edges_for_config(config: dict[str, Any] | None, input_edges: Sequence[int] |
         else:
             chosen.append(tuple(default))
     return chosen[0], chosen[1]
+
+
+def new_gpu_entry(gpu: str, tp: int | None) -> dict[str, Any]:
+    """What a merge adds for a GPU the config lacks: nothing but, under tensor parallelism, the GPUs per instance a
+    replica needs (`accelerators: "GPU:tp"`), since an entry's instances must hold whole replicas."""
+    return {"accelerators": f"{gpu}:{tp}"} if tp is not None and tp > 1 else {}
+
+
+def check_gpu_entries(data: dict[str, Any], source: str = "<config>", gpus: Sequence[str] = (),
+                      price: Pricer | None = None) -> None:
+    """ConfigError, before any work, for what would leave `data` invalid once tputs of `gpus` are written into it:
+    an existing entry whose instances the deployment's tensor parallelism does not fit (every command refuses that
+    config), and an entry of `gpus` — as it is, or the empty one a merge would add — that cannot validate (no cost and
+    no catalog price, a pin or TP it cannot meet). A merge that would only write a broken entry should not run."""
+    gpu_info = data.get("gpu_info")
+    tp = tensor_parallel_size(data.get("deployment"))
+    for path, name, entry in gpu_entries(gpu_info):
+        problem = check_instance_gpus(source, path, name, entry.get("accelerators"), entry.get("instance_type"), tp)
+        if problem is not None:
+            raise problem
+    for gpu in gpus:
+        found = next(((p, n, e) for p, n, e in gpu_entries(gpu_info) if same_gpu(n, gpu)), None)
+        path, name, entry = found or ((f"gpu_info[{len(gpu_info)}]" if isinstance(gpu_info, list)
+                                       else f"gpu_info.{gpu}"), gpu, new_gpu_entry(gpu, tp))
+        try:
+            parse_gpu_entry(data, path, name, entry, source, price)
+        except ConfigError as exc:
+            raise ConfigError(exc.source, exc.field, f"{exc.message} (nothing was estimated or written: --into "
+                                                     f"writes no GPU entry that would not validate; fix the entry, "
+                                                     f"or leave {gpu} out)") from None
 
 
 def check_merged(data: dict[str, Any], source: str = "<config>", price: Pricer | None = None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky.core.config import Pricer
-from melange_sky.core.config_doc import MergeResult, check_merged, gpu_entry
+from melange_sky.core.config_doc import MergeResult, check_merged, gpu_entry, new_gpu_entry
 from melange_sky.core.gpus import same_gpu
 from melange_sky.core.slo import ProfileSize, Slo, Slos, arrival_gaps, bucket_tokens, percentile
 from melange_sky.engine.engine import Engine
@@ -484,10 +484,14 @@ def max_rates(model: ModelSpec, gpus: Sequence[str], input_edges: Sequence[int],
 
 
 def merge_tables(config: dict[str, Any], tables: dict[str, GpuTable], input_edges: Sequence[int],
-                 output_edges: Sequence[int], source: str = "<config>", price: Pricer | None = None) -> MergeResult:
+                 output_edges: Sequence[int], source: str = "<config>", price: Pricer | None = None,
+                 replica_gpus: int = 1) -> MergeResult:
     """`config` with each estimated GPU's tputs set (a new gpu_info entry where needed, gpu_info as a dict or a list),
     the bucket edges recorded, and a catalog cost written for a GPU that has none (priced by `price`, as `profile
-    --into` does). GPUs without a matrix (does not fit) are left out, with a warning."""
+    --into` does). GPUs without a matrix (does not fit) are left out, with a warning. A config's tputs are per GPU
+    (an instance of k GPUs serves k times them, deploy/offers.py), so a replica of `replica_gpus` (its TP) is
+    written as its rate over that many GPUs, and a new entry gets the pin `accelerators: "GPU:tp"` (core.config_doc
+    .new_gpu_entry) so its instances hold whole replicas."""
     data = copy.deepcopy(config)
     warnings: list[str] = []
     added: list[str] = []
@@ -496,7 +500,9 @@ def merge_tables(config: dict[str, Any], tables: dict[str, GpuTable], input_edge
             warnings.append(f"{name}: {table.note}: no entry written")
             continue
         entry, new = gpu_entry(data, name, source)
-        entry["tputs"] = [list(row) for row in table.tputs]
+        if new:
+            entry.update(new_gpu_entry(name, replica_gpus))
+        entry["tputs"] = [[round(x / replica_gpus, 4) if replica_gpus > 1 else x for x in row] for row in table.tputs]
         if "cost" not in entry:
             added.append(name)
     data.setdefault("input_buckets", list(input_edges))

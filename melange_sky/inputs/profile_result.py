@@ -310,15 +310,21 @@ ProgressCallback = Callable[[ProfileEvent], None]
 # ---- merging into a config -----------------------------------------------------------------------------------------
 def config_edges(config: dict[str, Any], input_edges: Sequence[int] | None, output_edges: Sequence[int] | None,
                  source: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The bucket edges to profile for `--into CONFIG`, checked against its workload shape before any measuring."""
+    """The bucket edges to measure for CONFIG (`profile`, `estimate`: both take --input-buckets/--output-buckets),
+    checked against its workload shape before any measuring. A config without edges (Mélange's original 2x2 example)
+    gets Mélange's default 8x6 edges only if its matrices are 8x6: no other grid implies token ranges."""
     dist = config.get("workload_distribution")
     shape = (len(dist), len(dist[0])) if isinstance(dist, list) and dist and isinstance(dist[0], list) else None
     in_edges, out_edges = edges_for_config(config, input_edges, output_edges, source)
     if shape is not None and shape != (len(in_edges) - 1, len(out_edges) - 1):
+        origin = ("the --input-buckets/--output-buckets given make" if input_edges or output_edges else
+                  "its input_buckets/output_buckets make" if "input_buckets" in config or "output_buckets" in config
+                  else "it gives no bucket edges, and Mélange's defaults (only for its 8x6 grid) make")
         raise ProfileError(
-            f"{source}: workload_distribution is {shape[0]}x{shape[1]} but the buckets to profile are "
-            f"{len(in_edges) - 1}x{len(out_edges) - 1}; pass --input-buckets and --output-buckets with "
-            f"{shape[0] + 1} and {shape[1] + 1} edges (or add input_buckets/output_buckets to the config)")
+            f"{source}: workload_distribution is {shape[0]}x{shape[1]} but {origin} "
+            f"{len(in_edges) - 1}x{len(out_edges) - 1} buckets; pass --input-buckets and --output-buckets with "
+            f"{shape[0] + 1} and {shape[1] + 1} edges, the token ranges the config's matrices are for (or add "
+            f"input_buckets/output_buckets to the config)")
     return in_edges, out_edges
 
 
