@@ -16,6 +16,7 @@ MULTICLOUD_PATH = str(REPO / "examples" / "multicloud.json")
 MULTICLOUD = json.loads(Path(MULTICLOUD_PATH).read_text())
 EXAMPLE_FILES = {"skypilot_A10G_0.yaml", "skypilot_A10G_1.yaml", "skypilot_A10G_2.yaml", "skypilot_A100-80GB_0.yaml"}
 JSON_FILES = {"melange_result.json", "melange_plan.json"}
+MANIFEST = ".melange-sky-plan.json"  # what melange-sky wrote there: the next plan removes its own stale files
 
 
 def assert_one_error_line(result, *needles: str) -> str:
@@ -41,7 +42,7 @@ def plan_ok(cli, *args: str):
 def test_plan_f_skypilot_writes_one_task_per_replica_on_the_original_melange_offers(cli, tmp_path):
     out = tmp_path / "out"
     plan_ok(cli, EXAMPLE_PATH, "-f", "skypilot", "-o", str(out))
-    assert {p.name for p in out.iterdir()} == EXAMPLE_FILES
+    assert {p.name for p in out.iterdir()} == EXAMPLE_FILES | {MANIFEST}
     for name in sorted(EXAMPLE_FILES):
         resources = yaml.safe_load((out / name).read_text())["resources"]
         if name.startswith("skypilot_A10G_"):
@@ -55,7 +56,7 @@ def test_plan_f_skypilot_writes_one_task_per_replica_on_the_original_melange_off
 def test_plan_f_json_writes_the_original_result_shape_and_the_plan(cli, tmp_path):
     out = tmp_path / "out"
     plan_ok(cli, EXAMPLE_PATH, "-f", "json", "-o", str(out))
-    assert {p.name for p in out.iterdir()} == JSON_FILES
+    assert {p.name for p in out.iterdir()} == JSON_FILES | {MANIFEST}
     assert json.loads((out / "melange_result.json").read_text()) == {"A10G": 3, "A100-80GB": 1, "cost": 6.7}
     record = json.loads((out / "melange_plan.json").read_text())
     assert [r["file"] for r in record["replicas"]] == sorted(EXAMPLE_FILES, key=lambda n: ("A100" in n, n))
@@ -66,7 +67,7 @@ def test_plan_f_json_writes_the_original_result_shape_and_the_plan(cli, tmp_path
 
 def test_plan_writes_both_formats_by_default_and_prints_the_replica_table(cli, tmp_path):
     result = plan_ok(cli, EXAMPLE_PATH, "-o", str(tmp_path / "out"))
-    assert {p.name for p in (tmp_path / "out").iterdir()} == EXAMPLE_FILES | JSON_FILES
+    assert {p.name for p in (tmp_path / "out").iterdir()} == EXAMPLE_FILES | JSON_FILES | {MANIFEST}
     assert "example-a10g-2" in result.stdout and "Standard_NC24ads_A100_v4" in result.stdout
     assert "Total $6.70/h ($4,891/month) across aws, azure." in result.stdout
     assert "Wrote 6 file(s)" in result.stderr
@@ -277,7 +278,7 @@ def test_hostile_gpu_labels_never_write_outside_the_output_dir(cli, write_config
     assert created and all(Path(p).resolve() == out or Path(p).resolve().parent == out for p in created), created
     record = json.loads((out / "melange_plan.json").read_text())
     assert len(record["replicas"]) == 4 and len({r["file"] for r in record["replicas"]}) == 4
-    assert {p.name for p in out.iterdir()} == {r["file"] for r in record["replicas"]} | JSON_FILES
+    assert {p.name for p in out.iterdir()} == {r["file"] for r in record["replicas"]} | JSON_FILES | {MANIFEST}
 
 
 @pytest.mark.parametrize("name", ["A10G/../../etc", "..", "my gpu", "a b/.. c"])
@@ -446,3 +447,23 @@ def test_dry_run_validates_in_one_line_per_kind_of_offer_at_the_plans_price(cli,
         "Validated azure:eastus:Standard_NC24ads_A100_v4: 1 replica at $3.67/h, schema: fake backend: shape, envs "
         "and secrets checked"]
     assert "$4,891/month" in result.stdout
+
+
+def test_a_smaller_plan_removes_the_task_files_an_earlier_plan_wrote_and_nothing_else(cli, tmp_path):
+    out = tmp_path / "stale"
+    plan_ok(cli, EXAMPLE_PATH, "-o", str(out), "-f", "skypilot")
+    (out / "notes.txt").write_text("mine")
+    (out / "skypilot_custom.yaml").write_text("name: mine\n")  # the task pattern, but not melange-sky's
+    (out / "skypilot_A10G_2.yaml").write_text((out / "skypilot_A10G_2.yaml").read_text() + "# edited\n")
+    smaller = plan_ok(cli, EXAMPLE_PATH, "-o", str(out), "-f", "skypilot", "--rate", "5")
+    planned = {r["file"] for r in json.loads(cli("plan", EXAMPLE_PATH, "-o", str(tmp_path / "x"), "--rate", "5",
+                                                 "--json").stdout)["replicas"]}
+    assert len(planned) == 2 and planned < EXAMPLE_FILES  # the smaller plan reuses two of the names
+    removed = sorted(EXAMPLE_FILES - planned - {"skypilot_A10G_2.yaml"})
+    assert {p.name for p in out.iterdir()} == planned | {MANIFEST, "notes.txt", "skypilot_custom.yaml",
+                                                         "skypilot_A10G_2.yaml"}
+    assert f"removed {len(removed)} an earlier plan wrote there: {', '.join(removed)}" in smaller.stderr
+    assert "2 task file(s) not from this plan, kept" in smaller.stderr  # the edited one and the user's own
+    assert "skypilot_A10G_2.yaml" in smaller.stderr and "skypilot_custom.yaml" in smaller.stderr
+    again = plan_ok(cli, EXAMPLE_PATH, "-o", str(out), "-f", "skypilot", "--rate", "5")
+    assert "removed" not in again.stderr and (out / "skypilot_A10G_2.yaml").exists()  # the edited one is the user's

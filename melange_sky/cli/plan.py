@@ -15,7 +15,8 @@ from melange_sky.cli.options import (SolveArgs, per_offer_option, plan_options, 
                                      warn_time_limit)
 from melange_sky.cli.text import format_offers, format_plan, format_solve, simulate_hint
 from melange_sky.deploy.catalog import default_catalog
-from melange_sky.deploy.plan import RESULT_FILE, build_plan, solve_offers, stale_task_files, write_plan
+from melange_sky.deploy.plan import RESULT_FILE, build_plan, solve_offers
+from melange_sky.deploy.plan_files import write_plan_files
 
 
 @main.command()
@@ -98,7 +99,8 @@ def plan(config: str, output_dir: str, formats: tuple[str, ...], as_json: bool, 
 
     Each file launches one replica on its own: `sky launch -c NAME skypilot_A10G_0.yaml --secret HF_TOKEN`
     (secret values come from your environment and are never written to the files). `melange-sky up` launches
-    them all.
+    them all. The files an earlier plan wrote in the directory and this one does not are removed (listed in its
+    .melange-sky-plan.json; one edited since is kept), so no stale task is left to launch; other files are kept.
 
     \b
     Examples:
@@ -109,14 +111,17 @@ def plan(config: str, output_dir: str, formats: tuple[str, ...], as_json: bool, 
     cfg = solve_args.load(config)
     result = build_plan(cfg, plan_settings(solve_args, per_offer, template))
     warn([w for w in result.result.warnings if w not in cfg.warnings])
-    written = write_plan(result, output_dir, tuple(formats) or ("skypilot", "json"))
-    stale = stale_task_files(result, output_dir)
-    if stale:
-        warn([f"{output_dir}: {len(stale)} task file(s) not from this plan: {', '.join(stale[:5])}"
-               + (" ..." if len(stale) > 5 else "") + "; delete them before launching by hand"])
+    files = write_plan_files(result, output_dir, tuple(formats) or ("skypilot", "json"))
+    kept = files.stale + files.edited
+    if kept:
+        warn([f"{output_dir}: {len(kept)} task file(s) not from this plan, kept (not written by melange-sky as they "
+              f"are now): {', '.join(kept[:5])}" + (" ..." if len(kept) > 5 else "")
+              + "; delete them before launching by hand"])
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
     warn_time_limit(result.result, solve_args)
-    click.echo(f"Wrote {len(written)} file(s) to {output_dir}", err=True)
+    removed = (f"; removed {len(files.removed)} an earlier plan wrote there: {', '.join(files.removed)}"
+               if files.removed else "")
+    click.echo(f"Wrote {len(files.written)} file(s) to {output_dir}{removed}", err=True)
 
 
 @contextlib.contextmanager
