@@ -4,7 +4,9 @@ against the FakeBackend with an injected clock: spot replicas the cloud takes aw
 and the load moves back once its hold is over; each step is one ledger event with data."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -341,3 +343,26 @@ def test_without_per_offer_spot_kept_in_the_region_a_lost_pool_moves_to_is_no_re
     assert len(now) == len(start)  # the lost load is carried again (here: on demand, us-east-1 holds all spot)
     assert sum(o.endswith(":spot") for o in now.values()) == sum(o.endswith(":spot") for o in kept.values())
     assert report.up is not None and report.cost_planned == pytest.approx(report.up.cost)  # what runs is the plan
+
+
+def test_up_dryrun_plans_what_up_launches_with_a_hold_recorded_before_the_fleets_down(spot_fleet, cli):
+    fake, controller, clock = spot_fleet(SPOT_A10G, "--per-offer")
+    assert set(offers(controller).values()) == {EAST2}
+    for cluster in offers(controller):  # a wave: the pass records it, avoids the pool, relaunches elsewhere
+        fake.remove_cluster(cluster)
+    assert controller.run_pass().ok and set(offers(controller).values()) == {EAST1}
+    assert cli("down", "spotty", "-y").exit_code == 0  # the fleet leaves the ledger; the pool's wave is still on
+
+    config = str(Path.cwd() / "config.json")  # what spot_fleet wrote
+    dry = cli("up", "--no-router", config, "--dryrun", "--per-offer")
+    assert dry.exit_code == 0, dry.stderr
+    why = "spot pool aws us-east-2 g5.xlarge (spot) is left out of the plan for 9 min"  # of the 10 min hold
+    assert f"Note: {why}" in dry.stdout and "its spot replicas were preempted" in dry.stdout
+    assert "the hold outlives a `down`" in dry.stdout
+    dry_json = json.loads(cli("up", "--no-router", config, "--dryrun", "--per-offer", "--json").stdout)
+    planned = sorted(r["offer"] for r in dry_json["launch"])
+    assert planned and EAST2 not in planned and any(why in n for n in dry_json["notes"])
+
+    up = json.loads(cli("up", "--no-router", config, "-y", "--per-offer", "--json").stdout)
+    assert sorted(r["offer"] for r in up["replicas"] if r["state"] == "up") == planned  # what the dry run showed
+    assert any(why in n for n in up["notes"])

@@ -18,7 +18,7 @@ from melange_sky.cli.main import debug_option, main, warn
 from melange_sky.cli.options import SolveArgs, plan_options, plan_settings, solve_options
 from melange_sky.cli.text import (format_down, format_dryrun, format_event, format_preview, format_status, format_up,
                                    simulate_hint)
-from melange_sky.controller.watch import DEFAULT_INTERVAL_S, remember_unavailable, spot_avoided
+from melange_sky.controller.watch import DEFAULT_INTERVAL_S, remember_unavailable, spot_holds
 from melange_sky.fleet.fleet import DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_ROUNDS, DEFAULT_PARALLEL, Fleet, UpOptions
 from melange_sky.fleet.launchers import asked_launcher, fleet_launchers, up_launcher
 from melange_sky.fleet.ledger import Ledger
@@ -159,8 +159,10 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
         print_warning(note)
     if dryrun:  # writes nothing: no ledger is created on a machine that has none
         with (Ledger() if Ledger.exists() else contextlib.nullcontext()) as ledger, launcher_output():
+            holds = spot_holds(ledger, cfg.name, time.time())  # the spot pools `up` would leave out, and why
             dry = dry_run(cfg, settings, launcher, ledger, os.environ, on_event=on_event, on_warning=print_warning,
-                          router=not no_router, shrink=not no_shrink, controller=hosted)
+                          router=not no_router, shrink=not no_shrink, controller=hosted, exclude=holds.pools,
+                          notes=holds.notes)
         click.echo(json.dumps(dry.to_dict(), indent=2) if as_json else format_dryrun(dry))
         hint = None if as_json else simulate_hint(config, cfg)
         if hint:
@@ -181,10 +183,10 @@ def up(config: str, fleet_name: str | None, dryrun: bool, yes: bool, parallel: i
     router = None if no_router else router_setup(cfg, settings, os.environ, hosted)
     mode = {"mode": HOSTED, "interval": controller_interval} if hosted is not None else {"mode": LOCAL}
     with Ledger() as ledger, launcher_output(), terminations_interrupt():
+        holds = spot_holds(ledger, cfg.name, time.time())  # pools `watch` (or an `up`) saw fail, as the dry run
         report = bring_up(cfg, settings, launcher, ledger, secrets, options,
                           confirm=_up_confirmation(yes, as_json), on_preview=show, on_event=on_event,
-                          on_warning=print_warning, router=router,
-                          exclude=spot_avoided(ledger, cfg.name, time.time()),  # pools `watch` saw fail
+                          on_warning=print_warning, router=router, exclude=holds.pools, notes=holds.notes,
                           controller=mode)
         full = remember_unavailable(ledger, cfg.name, report.unavailable_offers, time.time())
     if full is not None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
 
-__all__ = ["DEFAULT_SPOT_HOLD_MIN", "Avoid", "Placer", "SpotStep", "Why", "back", "lost_spot",
+__all__ = ["DEFAULT_SPOT_HOLD_MIN", "Avoid", "Placer", "SpotStep", "Why", "back", "hold_note", "lost_spot",
            "pool_where", "unavailable_spot"]
 
 DEFAULT_SPOT_HOLD_MIN = 10.0
@@ -104,6 +104,21 @@ class Placer:
     def avoided(self, now: float) -> frozenset[str]:
         """The pools to keep out of a plan made at `now`."""
         return frozenset(p for p, a in self.avoiding.items() if a.until > now)
+
+    def holds(self, now: float) -> list[Avoid]:
+        """The holds in force at `now`, by pool."""
+        return [a for _, a in sorted(self.avoiding.items()) if a.until > now]
+
+
+def hold_note(hold: Avoid, now: float) -> str:
+    """Why a plan made at `now` leaves `hold`'s pool out, as one line for `up` and its dry run. A hold is kept after
+    the fleet's `down`: a preemption wave (or a pool out of capacity) is a fact about the pool, minutes long, not
+    about the fleet, so an `up` right after a `down` avoids it too."""
+    what = ("its spot replicas were preempted" if hold.why is Why.PREEMPTED
+            else "a launch found no spot capacity there")
+    return (f"spot pool {pool_where(hold.pool)} is left out of the plan for {_minutes(hold.until - now)} more: "
+            f"{what} {_minutes(max(0.0, now - hold.since))} ago (a wave of preemptions is the pool's, not the "
+            f"fleet's: the hold outlives a `down`)")
 
 
 def lost_spot(rows: Sequence[ReplicaRecord], last: Mapping[str, tuple[ReplicaState | None, str, float]],

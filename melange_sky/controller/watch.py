@@ -42,8 +42,8 @@ from melange_sky.controller import placer, rules
 from melange_sky.controller.placer import SpotStep
 from melange_sky.controller.rules import Decision, Need, Scale
 
-__all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "WatchOptions", "read_placer",
-           "remember_unavailable", "spot_avoided", "watch_lock"]
+__all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "SpotHolds", "WatchOptions", "read_placer",
+           "remember_unavailable", "spot_avoided", "spot_holds", "watch_lock"]
 
 DEFAULT_INTERVAL_S = 60.0
 PROBE_TIMEOUT_S = 5.0  # one readiness probe
@@ -134,6 +134,24 @@ def read_placer(ledger: Ledger, fleet: str) -> placer.Placer:
 def spot_avoided(ledger: Ledger, fleet: str, now: float) -> frozenset[str]:
     """The spot pools (offer keys) no plan of `fleet` may add replicas on at `now`."""
     return read_placer(ledger, fleet).avoided(now)
+
+
+@dataclass(frozen=True)
+class SpotHolds:
+    """The spot pools a plan of a fleet leaves out now, and one line per pool saying why (`placer.hold_note`)."""
+
+    pools: frozenset[str] = frozenset()
+    notes: tuple[str, ...] = ()
+
+
+def spot_holds(ledger: Ledger | None, fleet: str, now: float) -> SpotHolds:
+    """What `up` and `up --dryrun` both exclude (so the dry run shows the plan `up` launches), with the reasons.
+    The fleet's spot events count even when they were recorded before a `down` of it: the ledger keeps a removed
+    fleet's history, and a pool's preemption wave outlives the fleet that met it. None (no ledger yet): none."""
+    if ledger is None:
+        return SpotHolds()
+    holds = read_placer(ledger, fleet).holds(now)
+    return SpotHolds(frozenset(h.pool for h in holds), tuple(placer.hold_note(h, now) for h in holds))
 
 
 def remember_unavailable(ledger: Ledger, fleet: str, offers: list[str], now: float,

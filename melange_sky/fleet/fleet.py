@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,14 +254,16 @@ class Fleet:
     def up(self, fleet: str, planner: Planner, secrets: Mapping[str, str], config_digest: str,
            options: UpOptions = UpOptions(),
            confirm: Callable[[Preview, list[str]], bool] | None = None,
-           router: RouterSetup | None = None, record: Mapping[str, Any] | None = None) -> UpReport:
+           router: RouterSetup | None = None, record: Mapping[str, Any] | None = None,
+           notes: Sequence[str] = ()) -> UpReport:
         """Launch the planned fleet (or what is missing of it), re-planning around offers without capacity; with
         `options.shrink`, drain and tear down the replicas up that the plan no longer needs, once it is up.
 
         `planner` must plan fleet `fleet`. `confirm` is shown the preview (under the lock, before anything is
         launched); returning False stops there. `router`: launch the fleet's router if it is not up, and push it
         the replicas after every change (None: no router is launched; one that is up is still kept informed).
-        `record`: kept in the ledger beside the plan (the config and settings, for a controller to re-plan)."""
+        `record`: kept in the ledger beside the plan (the config and settings, for a controller to re-plan).
+        `notes`: the caller's, shown with the preview and kept in the report (e.g. why a spot pool is avoided)."""
         started = time.monotonic()
         with self._db.lock(fleet):
             self._check_up_launcher(fleet)
@@ -274,7 +276,7 @@ class Fleet:
             router_plan, unroutable = self._router_to_launch(fleet, plan, router.plan if router else None)
             preview = self._preview(fleet, plan, config_digest, shrink=shrinking, router=router_plan)
             report = UpReport(fleet=fleet, plan=plan, replicas=[], rounds=0, unavailable_offers=[],
-                              notes=list(preview.notes) + [n for n in (unsynced, unroutable) if n],
+                              notes=[*notes, *preview.notes, *[n for n in (unsynced, unroutable) if n]],
                               expects_router=router is not None and unroutable is None)
             if not shrinking:
                 try:  # only for a note: a fresh plan that ignores what is up (it may not even be feasible)

@@ -253,14 +253,15 @@ def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: L
              options: UpOptions = UpOptions(), *, confirm: Callable[[Preview], bool] | None = None,
              on_preview: Callable[[Preview, list[str]], None] | None = None, on_event: OnEvent | None = None,
              on_warning: OnWarning | None = None, router: RouterSetup | None = None,
-             exclude: frozenset[str] = frozenset(), controller: Mapping[str, Any] | None = None) -> UpReport:
+             exclude: frozenset[str] = frozenset(), controller: Mapping[str, Any] | None = None,
+             notes: Sequence[str] = ()) -> UpReport:
     """Bring fleet `config.name` up (or what is missing of it) and return what happened.
 
     Under the fleet's lock, `on_preview` is shown the plan and what it changes (with notes); `confirm` is asked only
     when something would be launched or torn down, and False stops there (None: go ahead). `secrets` come from
     `launch_secrets` or the caller's own store; they reach the launcher only, never the ledger. `exclude`: offers
-    no plan may add replicas on (`make_planner`). `controller`: where the fleet's controller runs, kept in the
-    ledger (None: as the fleet's record already says)."""
+    no plan may add replicas on (`make_planner`), and `notes` (why) shown with the preview. `controller`: where the
+    fleet's controller runs, kept in the ledger (None: as the fleet's record already says)."""
     def gate(preview: Preview, notes: list[str]) -> bool:
         if on_preview is not None:
             on_preview(preview, notes)
@@ -281,7 +282,7 @@ def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: L
         sync_from_controller(ledger, config.name)
     report = fleet.up(config.name, make_planner(config, settings, on_warning, exclude), secrets,
                       config_digest(config, settings),
-                      options, gate, router=router, record=fleet_record(config, settings, controller))
+                      options, gate, router=router, record=fleet_record(config, settings, controller), notes=notes)
     if announce and not report.interrupted and ledger.get_fleet(config.name) is not None:
         try:  # the hosted controller adopts the fleet as this `up` left it before its next pass
             push_from_ledger(ledger, config.name, "up")
@@ -293,13 +294,16 @@ def bring_up(config: Config, settings: PlanSettings, backend: Backend, ledger: L
 def dry_run(config: Config, settings: PlanSettings, backend: Backend, ledger: Ledger | None,
             environ: Mapping[str, str], *, on_event: OnEvent | None = None,
             on_warning: OnWarning | None = None, router: bool = True, shrink: bool = True,
-            controller: HostedController | None = None) -> DryRunReport:
+            controller: HostedController | None = None, exclude: frozenset[str] = frozenset(),
+            notes: Sequence[str] = ()) -> DryRunReport:
     """What `bring_up` would launch, every task validated by the launcher (the router's too, unless `router` is
     False, with the hosted `controller` it would run); writes nothing (`ledger` None: a machine that never
-    launched). Secrets missing from `environ` are listed, not an error."""
+    launched). Secrets missing from `environ` are listed, not an error. `exclude` and `notes`: as `bring_up`'s, so
+    the dry run plans what `up` would."""
     report = Fleet(backend, ledger, on_event).dryrun(
-        config.name, make_planner(config, settings, on_warning), environ,
+        config.name, make_planner(config, settings, on_warning, exclude), environ,
         router=router_planner(config, settings, controller) if router else None, shrink=shrink)
+    report.notes[:0] = list(notes)
     if controller is not None and router:
         report.notes.append(f"the controller runs on the router's host (`watch --hosted`, every "
                             f"{controller.interval:g} s), driving the {controller.backend} launcher")
