@@ -18,6 +18,7 @@ from melange_sky.deploy.plan import DEFAULT_MODEL
 from melange_sky.engine import BUNDLED_MODELS, GPU_NAMES, Engine, EngineError, EngineSettings, gpu_spec, load_model
 from melange_sky.engine.calibrate import calibrate
 from melange_sky.engine.calibration import MAX_FIT_ERROR, poor_fit_warning
+from melange_sky.engine.models import normalise_dtype
 from melange_sky.engine.estimate import BucketRate, GpuTable, PointResult, max_rates, merge_tables, run_point
 from melange_sky.inputs.profile_result import config_edges
 
@@ -224,8 +225,8 @@ def _table(model: str | None, gpus: str | None, tp: int | None, dtype: str | Non
 def _check_into(into: str, target: dict, settings: EngineSettings, tp: int | None, dtype: str | None) -> None:
     """--into writes tputs for the server the config deploys: a --tp or --dtype other than its deployment's would
     write another server's rates."""
-    deployed = {"tp": settings.tensor_parallel_size or 1, "dtype": settings.dtype or "bf16"}
-    asked = {"tp": tp, "dtype": dtype}
+    deployed = {"tp": settings.tensor_parallel_size or 1, "dtype": normalise_dtype(settings.dtype or "bf16")}
+    asked = {"tp": tp, "dtype": None if dtype is None else normalise_dtype(dtype)}
     for key, name in (("tp", "tensor_parallel_size"), ("dtype", "dtype")):
         if asked[key] is not None and asked[key] != deployed[key]:
             raise click.UsageError(f"--{key} {asked[key]} is not the deployment's {name} ({deployed[key]}): --into "
