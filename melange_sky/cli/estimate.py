@@ -18,8 +18,8 @@ from melange_sky.deploy.plan import DEFAULT_MODEL
 from melange_sky.engine import BUNDLED_MODELS, GPU_NAMES, Engine, EngineError, EngineSettings, gpu_spec, load_model
 from melange_sky.engine.calibrate import calibrate
 from melange_sky.engine.calibration import MAX_FIT_ERROR, poor_fit_warning
-from melange_sky.engine.models import normalise_dtype
 from melange_sky.engine.estimate import BucketRate, GpuTable, PointResult, max_rates, merge_tables, run_point
+from melange_sky.engine.models import normalise_dtype
 from melange_sky.inputs.profile_result import config_edges
 
 #: Options each mode reads (besides --model, --tp, --dtype, --json, --quiet and --debug); any other one given is an
