@@ -30,6 +30,7 @@ def solo(tmp_path, monkeypatch, example, write_config):
     monkeypatch.setenv("MELANGE_SKY_HOME", str(home))
     for name in ("MELANGE_SKY_BACKEND", "MELANGE_SKY_API_KEY", "MELANGE_SKY_LOCAL_SPEED"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MELANGE_SKY_FAKE_STATE", str(tmp_path / "fake.json"))  # the launcher --backend names
 
     def no_skypilot(self):
         raise AssertionError("the SkyPilot launcher was loaded for a fleet brought up on the local launcher")

@@ -467,3 +467,13 @@ def test_a_smaller_plan_removes_the_task_files_an_earlier_plan_wrote_and_nothing
     assert "skypilot_A10G_2.yaml" in smaller.stderr and "skypilot_custom.yaml" in smaller.stderr
     again = plan_ok(cli, EXAMPLE_PATH, "-o", str(out), "-f", "skypilot", "--rate", "5")
     assert "removed" not in again.stderr and (out / "skypilot_A10G_2.yaml").exists()  # the edited one is the user's
+
+
+def test_a_plan_without_json_removes_the_earlier_plans_json_records_unless_edited(cli, tmp_path):
+    out = tmp_path / "out"
+    plan_ok(cli, EXAMPLE_PATH, "-o", str(out))
+    (out / "melange_result.json").write_text('{"A10G": 9}')  # rewritten since, e.g. by hand: the user's now
+    again = plan_ok(cli, EXAMPLE_PATH, "-o", str(out), "-f", "skypilot")
+    assert {p.name for p in out.iterdir()} == EXAMPLE_FILES | {MANIFEST, "melange_result.json"}
+    assert "removed 1 an earlier plan wrote there: melange_plan.json" in again.stderr
+    assert "not from this plan" not in again.stderr  # no task file is left over

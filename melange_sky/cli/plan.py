@@ -112,10 +112,9 @@ def plan(config: str, output_dir: str, formats: tuple[str, ...], as_json: bool, 
     result = build_plan(cfg, plan_settings(solve_args, per_offer, template))
     warn([w for w in result.result.warnings if w not in cfg.warnings])
     files = write_plan_files(result, output_dir, tuple(formats) or ("skypilot", "json"))
-    kept = files.stale + files.edited
-    if kept:
-        warn([f"{output_dir}: {len(kept)} task file(s) not from this plan, kept (not written by melange-sky as they "
-              f"are now): {', '.join(kept[:5])}" + (" ..." if len(kept) > 5 else "")
+    if files.stale:
+        warn([f"{output_dir}: {len(files.stale)} task file(s) not from this plan, kept (not written by melange-sky "
+              f"as they are now): {', '.join(files.stale[:5])}" + (" ..." if len(files.stale) > 5 else "")
               + "; delete them before launching by hand"])
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
     warn_time_limit(result.result, solve_args)

@@ -30,7 +30,8 @@ class PlanFiles:
     written: list[Path]
     removed: list[str]  # files an earlier plan wrote and this one did not: deleted (unchanged since)
     edited: list[str]  # files an earlier plan wrote, changed since: kept as the user's
-    stale: list[str]  # task files not from this plan that melange-sky did not write (or wrote before manifests)
+    stale: list[str]  # task files left that this plan did not write: edited ones, and others melange-sky did not
+    #                   write (or wrote before manifests); launching one by hand would start an unplanned replica
 
 
 def _digest(path: Path) -> str:
@@ -76,4 +77,4 @@ def write_plan_files(plan: Plan, out_dir: str | Path, formats: tuple[str, ...] =
                                  "next plan removes those it does not write again (unless edited)",
                                  "files": {path.name: _digest(path) for path in written}})
     return PlanFiles(written=written, removed=removed, edited=edited,
-                     stale=[name for name in stale_task_files(plan, root) if name not in edited])
+                     stale=stale_task_files(plan, root))
