@@ -532,3 +532,16 @@ def test_status_counts_the_plan_after_an_interrupted_up_and_hides_only_replicas_
                                    row("f-a10g-9", ReplicaState.GONE), row("f-a10g-8", ReplicaState.UP)])
     assert (replaced.up, replaced.planned, replaced.up_outside_plan, replaced.gone_replaced) == (4, 4, 1, 1)
     assert replaced.gone_to_replace == []
+
+
+def test_a_fleet_keeps_its_launcher_a_rerun_up_on_another_is_refused_and_down_uses_its_own(cli, fleet_env,
+                                                                                            monkeypatch):
+    fake, env = fleet_env
+    assert cli(*UP, EXAMPLE, "-y").exit_code == 0
+    other = cli(*UP, EXAMPLE, "-y", "--backend", "local")
+    assert other.exit_code == 2 and other.stderr.startswith("Error: fleet 'example' was brought up with the "
+                                                            "launcher 'fake', not 'local'")
+    monkeypatch.delenv("MELANGE_SKY_BACKEND")  # no launcher named at all: the fleet's own, not SkyPilot
+    again = cli(*UP, EXAMPLE, "-y")
+    assert again.exit_code == 0 and "Nothing to launch" in again.stdout and len(fake.calls("launch")) == 4
+    assert cli("down", "example", "-y").exit_code == 0 and fake.clusters() == {}
