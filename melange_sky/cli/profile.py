@@ -16,7 +16,7 @@ from melange_sky.cli.main import INTERRUPTED, debug_option, main, warn
 from melange_sky.cli.options import backend_option, bucket_edge_options
 from melange_sky.cli.text import format_event, format_matrix
 from melange_sky.core.buckets import parse_edges
-from melange_sky.core.config_doc import edges_for_config, read_config_object
+from melange_sky.core.config_doc import edges_for_config, read_config_object, write_config
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import LaunchError, ProfileError
 from melange_sky.fleet.backends import load_backend
@@ -26,7 +26,8 @@ from melange_sky.fleet.profile_launch import (DEFAULT_READY_TIMEOUT, LaunchProfi
 from melange_sky.fleet.reports import ReplicaEvent
 from melange_sky.inputs.profile import parse_cells, profile_endpoint
 from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind, ProfileEvent, ProfileResult,
-                                               ProfileSettings, ProfileSize, config_edges, merge_profile, slo_label)
+                                               ProfileSettings, ProfileSize, config_edges, merge_profile, server_gpus,
+                                               slo_label)
 
 
 
@@ -97,6 +98,10 @@ from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind
                    "every GPU type's.")
 @click.option("--gpu", help="GPU type name the endpoint runs on, for --into (added to gpu_info if missing).")
 @click.option("--cost", type=click.FloatRange(min=0, min_open=True), help="$/h of --gpu, for --into.")
+@click.option("--server-gpus", "gpus_given", type=click.IntRange(min=1), metavar="N",
+              help="GPUs the endpoint's server runs on (tensor-parallel x data-parallel): tputs are per GPU, so its "
+                   "rates / N go into --into [default: the --gpu entry's accelerators pin in --into (GPU:N), else "
+                   "deployment.tensor_parallel_size, else 1].")
 @click.option("--json", "as_json", is_flag=True, help="Print the full profile as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No estimate or progress lines on stderr.")
 @debug_option
@@ -107,8 +112,8 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
             output_buckets: str | None, cells: str, max_minutes: float | None, max_step_seconds: float | None,
             requests_per_step: int, start_rate: float, max_rate: float, min_rate: float, bisect_steps: int,
             request_timeout: float, size: str, estimate: str, no_ignore_eos: bool, api_key: str | None,
-            output: str | None, into: str | None, gpu: str | None, cost: float | None, as_json: bool,
-            quiet: bool) -> None:
+            output: str | None, into: str | None, gpu: str | None, cost: float | None, gpus_given: int | None,
+            as_json: bool, quiet: bool) -> None:
     """Measure one GPU type's tputs (max req/s per bucket within the SLOs) from a running model server.
 
     Per bucket it streams synthetic requests of the bucket's size with Poisson arrivals at rising rates, then
@@ -139,6 +144,7 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
       melange-sky profile --endpoint URL --model M --ttft-slo-ms 500 --tpot-slo-ms 50 --max-minutes 10
       melange-sky profile --endpoint URL --model M --buckets 0:*,1:* -o a10g.json
       melange-sky profile --endpoint URL --model M --into config.json --gpu A10G --cost 1.01
+      melange-sky profile --endpoint URL --model M --into config.yaml --gpu A100-80GB --server-gpus 2
       melange-sky profile --launch A10G,L4 --model M --config config.json --into config.json
     """
     if bool(endpoint) == bool(launch):
@@ -146,9 +152,10 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
                                "tear down), one of them")
     if not launch and (config_path or backend or calibrate_fits):
         raise click.UsageError("--config, --backend and --calibrate go with --launch")
-    if launch and (gpu or cost):
-        raise click.UsageError("--gpu and --cost go with --endpoint: with --launch each GPU type's own tputs are "
-                               "set, priced from the config or the catalog")
+    if launch and (gpu or cost or gpus_given):
+        raise click.UsageError("--gpu, --cost and --server-gpus go with --endpoint: with --launch each GPU type's own "
+                               "tputs are set (per GPU of its replica's instance), priced from the config or the "
+                               "catalog")
     if not launch and bool(into) != bool(gpu):
         raise ProfileError("--into CONFIG and --gpu NAME go together: which GPU type's tputs to set in which config")
     if tpot_slo_ms is None and ttft_slo_ms is None and latency_slo_ms is None:
@@ -167,6 +174,7 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
         return
     assert endpoint is not None
     config, in_edges, out_edges, chosen = _buckets(into, given_in, given_out, cells)
+    server = server_gpus(config, gpu, gpus_given, into or "<config>")  # before measuring: a wrong N is an error
 
     def show(event: ProfileEvent) -> None:
         line = format_profile_event(event)
@@ -185,13 +193,14 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        click.echo(format_profile(result))
+        click.echo(format_profile(result, server.count))
     result.check_usable(into)  # only zeros: exit non-zero, and never overwrite a GPU's tputs with them
     if config is not None and into and gpu:
-        merged = merge_profile(config, result, gpu, cost, source=into, price=catalog_pricer())
+        merged = merge_profile(config, result, gpu, cost, source=into, price=catalog_pricer(), gpus=server.count)
         warn(merged.warnings)
-        write_config_json(into, merged.data)
-        click.echo(f"Wrote {gpu}'s tputs into {into}", err=True)
+        warn(write_config(into, merged.data))  # YAML stays YAML (a .bak keeps its comments), as workload --into
+        per_gpu = f" (per GPU: the server's rates / {server.text()})" if server.count > 1 else ""
+        click.echo(f"Wrote {gpu}'s tputs into {into}{per_gpu}", err=True)
 
 
 
@@ -264,9 +273,11 @@ def _launched(launch: str, model: str, source: str | None, into: str | None, bac
     if into and config is not None and any(g.result is not None for g in report.gpus):
         merged = merge_profiles(config, report, into)
         warn(merged.warnings)
-        write_config_json(into, merged.data)
+        warn(write_config(into, merged.data))  # YAML stays YAML (a .bak keeps its comments), as workload --into
         written = [g.gpu for g in report.gpus if g.result is not None]
-        click.echo(f"Wrote the tputs of {', '.join(written)} into {into}", err=True)
+        shared = [f"{g.gpu}'s / {g.gpus}" for g in report.gpus if g.result is not None and g.gpus > 1]
+        per_gpu = (f" (per GPU: a replica's rates / its instance's GPUs: {', '.join(shared)})" if shared else "")
+        click.echo(f"Wrote the tputs of {', '.join(written)} into {into}{per_gpu}", err=True)
     if report.failed:
         sys.exit(1)
 
@@ -276,7 +287,7 @@ def format_launched(report: LaunchProfileReport) -> str:
     lines: list[str] = []
     for gpu in report.gpus:
         if gpu.result is not None:
-            lines += [f"{gpu.gpu} ({gpu.cluster}):", format_profile(gpu.result), ""]
+            lines += [f"{gpu.gpu} ({gpu.cluster}):", format_profile(gpu.result, gpu.gpus), ""]
     if report.speed != 1:
         lines.append(f"The {report.launcher} launcher ran each GPU {report.speed:g}x faster than real: profiled with "
                      f"the SLOs / {report.speed:g}, rates / {report.speed:g} above (the real GPU's).")
@@ -304,9 +315,9 @@ def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def format_profile(result: ProfileResult) -> str:
+def format_profile(result: ProfileResult, gpus: int = 1) -> str:
     """The `melange-sky profile` report: one line per measured bucket, the headroom to plan with, then the tputs
-    matrix to paste."""
+    matrix to paste: per GPU, the rates of a server of `gpus` GPUs / `gpus`."""
     settings = result.settings
     lines = [f"Profile of {result.model} at {result.endpoint}: {settings.slo_text()}, {_minutes(result.seconds)}", ""]
     header = (f"  {'bucket':<7} {'input':>11} {'output':>11} {'req/s':>8}  {'limit':<12} {'passed at':>9} "
@@ -336,8 +347,13 @@ def format_profile(result: ProfileResult) -> str:
         lines.append(f"Measured variability: plan with headroom <= {math.floor(100 * headroom) / 100:.2f} (each "
                      f"bucket's tput is known within about {100 * (1 - headroom):.0f}%; bursty traffic needs less, "
                      f"see docs/inputs.md, 'Planning with a profile')")
-    lines += ["", "tputs for this GPU type (req/s per bucket; paste into gpu_info, or use --into CONFIG --gpu NAME):",
-              format_matrix("tputs", result.tputs)]
+    if gpus == 1:
+        lines += ["", "tputs for this GPU type (req/s per bucket; paste into gpu_info, or use --into CONFIG --gpu "
+                      "NAME):", format_matrix("tputs", result.tputs)]
+    else:
+        lines += ["", f"tputs for this GPU type, per GPU (req/s per bucket: the {gpus}-GPU server's above / {gpus}; "
+                      f"paste into gpu_info, or use --into CONFIG --gpu NAME):",
+                  format_matrix("tputs", [[round(x / gpus, 4) for x in row] for row in result.tputs])]
     return "\n".join(lines)
 
 

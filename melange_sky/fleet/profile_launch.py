@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky._signals import signals_held
-from melange_sky.core.config import Config, parse_config
-from melange_sky.core.config_doc import MergeResult, gpu_entries
+from melange_sky.core.config import Config, parse_config, pinned_gpus, tensor_parallel_size
+from melange_sky.core.config_doc import MergeResult, gpu_entries, new_gpu_entry
 from melange_sky.core.gpus import same_gpu
 from melange_sky.deploy.offers import bind_offers, catalog_pricer
 from melange_sky.deploy.plan import Plan, PlanSettings, deployment_from_config, make_plan
@@ -100,6 +100,9 @@ class GpuProfile:
     error: str | None = None
     calibration: CalibrationResult | None = None
     calibration_note: str | None = None
+    #: GPUs of the replica's instance: its server answers for all of them (k / TP data-parallel engines,
+    #: templates/vllm.j2), so the config's per-GPU tputs are its rates / gpus (`merge_profiles`)
+    gpus: int = 1
 
     @property
     def cost(self) -> float:
@@ -138,8 +141,8 @@ class LaunchProfileReport:
         return {"fleet": self.fleet, "launcher": self.launcher, "speed": self.speed, "interrupted": self.interrupted,
                 "seconds": round(self.seconds, 2), "cost": round(self.cost, 6), "notes": list(self.notes),
                 "left": self.left,
-                "gpus": {g.gpu: {"cluster": g.cluster, "price": g.price, "seconds": round(g.seconds, 2),
-                                 "cost": round(g.cost, 6), "error": g.error,
+                "gpus": {g.gpu: {"cluster": g.cluster, "instance_gpus": g.gpus, "price": g.price,
+                                 "seconds": round(g.seconds, 2), "cost": round(g.cost, 6), "error": g.error,
                                  "profile": g.result.to_dict() if g.result is not None else None,
                                  "calibration": g.calibration.to_json() if g.calibration is not None else None,
                                  "calibration_note": g.calibration_note}
@@ -158,8 +161,11 @@ def _profiling_config(request: LaunchProfileRequest) -> Config:
     given = dict(request.config or {})
     rows, cols = len(request.input_edges) - 1, len(request.output_edges) - 1
     gpu_info: dict[str, Any] = {}
+    tp = tensor_parallel_size(given.get("deployment"))
     for gpu in request.gpus:
-        own = next((e for _path, name, e in gpu_entries(given.get("gpu_info")) if same_gpu(name, gpu)), {})
+        # a GPU type the config lacks gets, under tensor parallelism, the pin a TP replica needs (as --into adds it)
+        own = next((e for _path, name, e in gpu_entries(given.get("gpu_info")) if same_gpu(name, gpu)),
+                   new_gpu_entry(gpu, tp))
         gpu_info[gpu] = {**{k: own[k] for k in _ENTRY_KEYS if k in own}, "tputs": [[1.0] * cols] * rows}
     deployment = dict(given.get("deployment") or {})
     deployment["model"] = request.model
@@ -339,7 +345,8 @@ def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Le
         result = real_time(done.result, request.settings, speed) if done.result is not None else None
         error = done.error or (None if result is not None else "interrupted before its profile ended")
         report.gpus.append(GpuProfile(gpu=replica.entry, cluster=replica.cluster, price=replica.price,
-                                      seconds=ended - started, result=result, error=error))
+                                      seconds=ended - started, result=result, error=error,
+                                      gpus=pinned_gpus(replica.accelerators) or 1))
     order = {r.entry: k for k, r in enumerate(plan.replicas)}
     report.gpus.sort(key=lambda g: order.get(g.gpu, 0))
     # a failed launch bills until it failed: only the replicas that came up count the whole time
@@ -407,12 +414,13 @@ def _calibrated(gpu: GpuProfile, request: LaunchProfileRequest, engine: EngineSe
 
 # ---- into the config -----------------------------------------------------------------------------------------------
 def merge_profiles(config: dict[str, Any], report: LaunchProfileReport, source: str) -> MergeResult:
-    """`config` with each profiled GPU type's tputs set (added with its replica's price when the config lacks it)."""
+    """`config` with each profiled GPU type's tputs set (added with its replica's price when the config lacks it), per
+    GPU: each replica's rates over its instance's GPUs."""
     data, warnings, valid = config, [], True
     for gpu in report.gpus:
         if gpu.result is None:
             continue
-        merged = merge_profile(data, gpu.result, gpu.gpu, source=source, price=catalog_pricer())
+        merged = merge_profile(data, gpu.result, gpu.gpu, source=source, price=catalog_pricer(), gpus=gpu.gpus)
         data, valid = merged.data, merged.valid
         warnings += list(merged.warnings)
     return MergeResult(data=data, warnings=tuple(warnings), valid=valid)

@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
-from melange_sky.core.config import Pricer
-from melange_sky.core.config_doc import MergeResult, check_merged, edges_for_config, gpu_entry
+from melange_sky.core.config import Pricer, pinned_gpus, tensor_parallel_size
+from melange_sky.core.config_doc import (MergeResult, check_merged, edges_for_config, gpu_entries, gpu_entry,
+                                         new_gpu_entry)
+from melange_sky.core.gpus import same_gpu
 from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS, ProfileSize, Slo, Slos
 from melange_sky.errors import ProfileError, ProfileFailed
 
@@ -328,20 +330,60 @@ def config_edges(config: dict[str, Any], input_edges: Sequence[int] | None, outp
     return in_edges, out_edges
 
 
+@dataclass(frozen=True)
+class ServerGpus:
+    """The GPUs a profiled server runs on, and where that number comes from (said in `profile`'s output). A config's
+    tputs are per GPU (an instance of k GPUs serves k times them: `deploy/offers.py`), while a server answers for all
+    of its GPUs: its rates are divided by `count` before they go into a config."""
+
+    count: int
+    source: str  # e.g. "--server-gpus", "gpu_info.A10G.accelerators 'A10G:4'", "deployment.tensor_parallel_size"
+
+    def text(self) -> str:
+        return f"{self.count} GPU(s), from {self.source}"
+
+
+def server_gpus(config: dict[str, Any] | None, gpu: str | None, given: int | None = None,
+                source: str = "<config>") -> ServerGpus:
+    """The GPUs of the server `profile --endpoint` measured, for a config's per-GPU tputs: `given` (--server-gpus),
+    else the GPUs per instance of `gpu`'s entry's `accelerators` pin (an instance of k GPUs runs k / TP data-parallel
+    engines behind one server: templates/vllm.j2), else the deployment's tensor_parallel_size (one replica), else 1.
+    ProfileError when `given` is not a multiple of the deployment's tensor parallelism (no server of the config has
+    that many GPUs)."""
+    tp = tensor_parallel_size((config or {}).get("deployment"))
+    if given is not None:
+        if tp is not None and given % tp:
+            raise ProfileError(f"--server-gpus {given} is not a multiple of {source}'s deployment.tensor_parallel_size "
+                               f"({tp}): a server of that config runs on a multiple of {tp} GPUs")
+        return ServerGpus(given, "--server-gpus")
+    if config is not None and gpu is not None:
+        for path, name, entry in gpu_entries(config.get("gpu_info")):
+            if same_gpu(name, gpu) and (count := pinned_gpus(entry.get("accelerators"))) is not None:
+                return ServerGpus(count, f"{source}: {path}.accelerators {entry['accelerators']!r}")
+    if tp is not None:
+        return ServerGpus(tp, f"{source}: deployment.tensor_parallel_size")
+    return ServerGpus(1, "the default: one GPU")
+
+
 def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost: float | None = None,
-                  source: str = "<config>", price: Pricer | None = None) -> MergeResult:
+                  source: str = "<config>", price: Pricer | None = None, gpus: int = 1) -> MergeResult:
     """`config` with `gpu`'s tputs set from `result` (gpu_info as a dict or a list); a new GPU entry if needed.
 
     `gpu` matches an entry case-insensitively and through the GPU aliases of `core.gpus` ("a10g" is "A10G"). Buckets not
     measured, and buckets that failed (errors, timeouts: no measurement), keep the GPU's previous value when it had
     a tputs matrix of the same shape, else 0; a bucket whose SLO was not met is a measured 0. `price` prices a GPU
     added without `cost` (see `core.config.Pricer`); without one the merge warns that the GPU needs a cost.
+    A config's tputs are per GPU: the measured rates of a server of `gpus` GPUs (`server_gpus`) are divided by
+    `gpus` (a kept previous value is per GPU already); a new entry under tensor parallelism gets the pin
+    `accelerators: "GPU:tp"` (`core.config_doc.new_gpu_entry`), as `estimate --into` adds it.
     """
     data = copy.deepcopy(config)
     warnings: list[str] = []
-    tputs = result.tputs
+    tputs = [[round(x / gpus, 4) if gpus > 1 else x for x in row] for row in result.tputs]
     rows, cols = len(tputs), len(tputs[0])
     entry, added = gpu_entry(data, gpu, source)
+    if added:
+        entry.update(new_gpu_entry(gpu, tensor_parallel_size(data.get("deployment"))))
     if cost is not None:
         entry["cost"] = cost
     old = entry.get("tputs")
@@ -374,6 +416,6 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
 
 __all__ = [
     "BucketProfile", "BucketStatus", "Cell", "Estimate", "EventKind", "ProfileEvent", "ProfileResult",
-    "ProfileSettings", "ProfileSize", "ProgressCallback", "Slo", "SloCheck", "StepResult", "config_edges",
-    "merge_profile", "slo_label",
+    "ProfileSettings", "ProfileSize", "ProgressCallback", "ServerGpus", "Slo", "SloCheck", "StepResult",
+    "config_edges", "merge_profile", "server_gpus", "slo_label",
 ]
