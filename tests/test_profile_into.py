@@ -102,21 +102,11 @@ def test_into_a_yaml_config_writes_yaml_keeping_its_comments_in_a_bak(emulator, 
     assert load_config(path, price=catalog_pricer()).gpu("A10G").tputs[0][0] == RATE
 
 
-def test_a_json_config_stays_json_with_no_bak(emulator, cli, tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(yaml.safe_load(CONFIG_YAML)))
-    run = cli(*_endpoint(emulator, "-q", "--into", str(path), "--gpu", "A10G"))
-    assert run.exit_code == 0, run.stderr
-    assert json.loads(path.read_text())["gpu_info"]["A10G"]["tputs"] == [[RATE, 1], [5, 2]]
-    assert not (tmp_path / "config.json.bak").exists() and "rewritten" not in run.stderr
-
-
 @pytest.mark.parametrize(("deployment", "entry", "extra", "gpus", "source"), [
     ({"tensor_parallel_size": 2}, {"accelerators": "A10G:4"}, (), 4,
      "config.yaml: gpu_info.A10G.accelerators 'A10G:4'"),
     ({"tensor_parallel_size": 4}, {"accelerators": "A10G:4"}, ("--server-gpus", "8"), 8, "--server-gpus"),
-    ({}, {}, ("--server-gpus", "2"), 2, "--server-gpus"),
-], ids=["the-entry-pin", "the-option-wins", "the-option-alone"])
+], ids=["the-entry-pin", "the-option-wins"])
 def test_a_server_of_several_gpus_is_written_per_gpu_and_the_output_says_so(emulator, cli, tmp_path, deployment,
                                                                              entry, extra, gpus, source):
     data = yaml.safe_load(CONFIG_YAML)
