@@ -632,6 +632,77 @@ def test_with_markets_split_tuned_for_speed_reaches_the_default_highs_optimum(co
     assert_same_cost(market_cost(config, "split"), plain)
 
 
+def seeded_market_instance(seed: int):
+    """A fixed instance under a spot block, drawn from `seed` (the bench's market instance in miniature): 2 x 2
+    buckets, 3 GPU types at 3 clouds, each offer on demand and spot (spot at 0.3-0.7 x, half of them capped),
+    regions r0/r1, floor 0.5, max_region_share 0.5."""
+    import dataclasses
+    import random
+
+    from melange_sky.core.config import Market, SpotPolicy
+
+    rng = random.Random(seed)
+    rows, cols = 2, 2
+    weights = [[rng.randint(1, 9) for _ in range(cols)] for _ in range(rows)]
+    gpu_info = {}
+    for k in range(3):
+        speed = rng.uniform(1, 8)
+        tputs = [[0 if (i == rows - 1 and k == 0) else round(speed * rng.uniform(0.5, 1.5) * (rows - i), 2)
+                  for _ in range(cols)] for i in range(rows)]
+        price = round(0.5 * speed * rng.uniform(0.8, 1.3), 2)
+        for cloud in ("a", "b", "c"):
+            spec = {"cost": round(price * rng.uniform(0.8, 1.35), 2), "tputs": tputs}
+            if rng.random() < 0.5:
+                spec["max_count"] = rng.randint(1, 4)
+            gpu_info[f"G{k}@{cloud}"] = spec
+    config = parse_config({"workload_distribution": weights, "total_request_rate": rng.randint(20, 60),
+                           "gpu_info": gpu_info}, source=f"seeded-{seed}")
+    columns = []
+    for g in config.gpus:
+        gpu, cloud = g.name.split("@")
+        on_demand = dataclasses.replace(g, entry=gpu, cloud=cloud, region=f"r{rng.randrange(2)}",
+                                        market=Market.ON_DEMAND)
+        columns += [on_demand, dataclasses.replace(
+            on_demand, name=f"{g.name}:spot", cost=round(g.cost * rng.uniform(0.3, 0.7), 2), use_spot=True,
+            market=Market.SPOT, max_count=None if g.max_count is None else rng.randint(1, 4))]
+    return dataclasses.replace(config, gpus=tuple(columns), spot=SpotPolicy(floor=0.5, max_region_share=0.5))
+
+
+#: The proven optima of `seeded_market_instance(1..8)`: the plain split model under HiGHS's default options, and
+#: `solve_fleet` at 15b4c8a (before root-only cuts and one thread in MARKET_SPLIT_TUNING) agree on every one.
+SEEDED_MARKET_OPTIMA = {1: 15.14, 2: 17.46, 3: 6.82, 4: 12.38, 5: 13.01, 6: 6.36, 7: 11.83, 8: 7.32}
+
+
+@pytest.mark.parametrize("seed", sorted(SEEDED_MARKET_OPTIMA))
+def test_with_markets_split_tuned_for_speed_keeps_the_optimum_of_the_untuned_model(seed):
+    """A speed-up of `split` under a spot block (HiGHS options, its thread count) may change how long a solve
+    takes, never its answer: the same proven optimum as before, and the fleet it returns costs that much."""
+    from melange_sky.solver.model import Formulation
+    from melange_sky.solver.result import solve_fleet
+
+    result = solve_fleet(seeded_market_instance(seed), Formulation.SPLIT)
+    assert result.status == "optimal"
+    assert result.cost == pytest.approx(SEEDED_MARKET_OPTIMA[seed], abs=COST)
+    assert sum(g.count * g.price for g in result.gpus) == pytest.approx(result.cost, abs=COST)
+
+
+def test_a_split_solve_on_one_thread_between_default_solves_leaves_every_solve_proven():
+    """HiGHS sizes one thread pool per process at its first run and refuses a run asking for another size; `split`
+    under a spot block asks for one thread. Whatever ran before or runs after (here the default pool on either
+    side), every solve still runs and proves its optimum."""
+    import dataclasses
+
+    from melange_sky.solver.model import Formulation
+    from melange_sky.solver.result import solve_fleet
+
+    markets = seeded_market_instance(6)
+    plain = dataclasses.replace(markets, gpus=tuple(g for g in markets.gpus if g.reliable), spot=None)
+    for config, formulation in [(plain, Formulation.SLICES), (markets, Formulation.SPLIT),
+                                (plain, Formulation.SLICES), (markets, Formulation.SPLIT)]:
+        assert solve_fleet(config, formulation).status == "optimal"
+    assert solve_fleet(markets, Formulation.SPLIT).cost == pytest.approx(SEEDED_MARKET_OPTIMA[6], abs=COST)
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(market_instances())
 def test_with_markets_solve_reuses_splits_optimum_as_its_bound_and_alternative_and_its_comparisons_are_optima(

@@ -95,8 +95,12 @@ BOUNDED_HEURISTIC_EFFORT = 1.0
 #: HiGHS options for `split` under a spot block. Its root LP is within 0.1-0.5% of the optimum and the tree is small
 #: (a few hundred nodes); HiGHS's sub-MIP heuristics (RINS, RENS) and its restarts took most of the time. Without
 #: them the median market instance of bench/solve_bench.py solves in 0.7 s instead of 1.9 s (measured side by side).
+#: Cuts are separated at the root only: in the tree they cost more than they prune (~8% less CPU on seeds 1-20).
+#: One thread: HiGHS 1.16's parallel tree search (a second worker) spent ~20% more CPU for no shorter wall time on
+#: an idle 2-core machine, and waits when the cores are shared (wall median 1.14 -> 1.07 s at load 7, seeds 21-40).
 MARKET_SPLIT_TUNING: dict[str, float | bool] = {"mip_heuristic_effort": 0.05, "mip_heuristic_run_rins": False,
-                                                "mip_heuristic_run_rens": False, "mip_allow_restart": False}
+                                                "mip_heuristic_run_rens": False, "mip_allow_restart": False,
+                                                "mip_allow_cut_separation_at_nodes": False, "threads": 1}
 
 
 def _pulp() -> Any:
@@ -464,9 +468,38 @@ def make_solver(options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTI
         if not pulp.HiGHS().available():
             raise SolverError("--solver highs needs highspy: pip install highspy (or --solver cbc)")
         params: dict[str, Any] = {"mip_heuristic_effort": heuristic_effort, **(tuning or {})}
-        return pulp.HiGHS(msg=options.msg, timeLimit=options.time_limit, gapRel=0.0, gapAbs=OPTIMALITY_GAP_ABS,
-                          **params)
+        return _highs_class()(msg=options.msg, timeLimit=options.time_limit, gapRel=0.0, gapAbs=OPTIMALITY_GAP_ABS,
+                              **params)
     raise SolverError(f"unknown solver {options.name!r}; choose one of {', '.join(SOLVERS)}")
+
+
+_HIGHS_CLASS: Any = None
+
+
+def _highs_class() -> Any:
+    """PuLP's in-process HiGHS, made able to run one model on a thread count of its own (`threads` in the tuning).
+
+    HiGHS keeps one thread pool per process, sized by the first run: a later run asking for another count fails.
+    Runs here are sequential, so a run that pins its threads gets a fresh pool, and the next run gets a fresh
+    default one again (HiGHS's `resetGlobalScheduler`: tens of microseconds)."""
+    global _HIGHS_CLASS
+    if _HIGHS_CLASS is None:
+        pulp = _pulp()
+
+        class PinnedThreadsHiGHS(pulp.HiGHS):  # type: ignore[name-defined]
+            def callSolver(self, lp: Any) -> None:
+                if self.threads is None:
+                    super().callSolver(lp)
+                    return
+                import highspy  # noqa: PLC0415 - loaded with PuLP by _pulp()
+                highspy.Highs.resetGlobalScheduler(True)
+                try:
+                    super().callSolver(lp)
+                finally:
+                    highspy.Highs.resetGlobalScheduler(True)
+
+        _HIGHS_CLASS = PinnedThreadsHiGHS
+    return _HIGHS_CLASS
 
 
 def extract_allocation(config: Config, variables: ModelVariables) -> tuple[dict[str, int], dict]:
