@@ -11,6 +11,10 @@ with the test and across invocations:
     subprocess.run(["melange-sky", "up", ...], env=env)
     fake.max_concurrency(); fake.calls("launch"); fake.clusters()
 
+A hold makes the next call of a method wait, in flight, until the test releases it (a deterministic interleaving,
+where a latency would only make one likely): `fake.configure(holds={"status": release_path})`, then
+`fake.held("status")` once it waits, and `release_path.touch()`.
+
 Behaviour follows SkyPilot where it matters: a launch shows the cluster INIT while in flight; a capacity failure
 leaves no cluster; a hard failure leaves the cluster INIT (SkyPilot keeps it for debugging, so `down` must remove it);
 relaunching an UP cluster reuses it; `down` of an unknown cluster returns False.
@@ -34,7 +38,9 @@ from melange_sky.errors import BackendError, CapacityError, InvalidTask, LaunchC
 
 STATE_ENV_VAR = "MELANGE_SKY_FAKE_STATE"
 METHODS = ("launch", "status", "endpoint", "down", "validate")
-_EMPTY_CONFIG: dict[str, Any] = {"latency": {}, "capacity_failures": [], "hard_failures": {}, "down_failures": {}}
+_EMPTY_CONFIG: dict[str, Any] = {"latency": {}, "capacity_failures": [], "hard_failures": {}, "down_failures": {},
+                                  "holds": {}}
+HOLD_TIMEOUT_S = 120.0  # a hold nobody releases never hangs a test for ever
 
 
 def offer_of(task: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -100,7 +106,8 @@ class FakeBackend(CancellableLaunches):
     def configure(self, *, latency: Mapping[str, float] | None = None,
                   capacity_failures: Sequence[Mapping[str, Any]] | None = None,
                   hard_failures: Mapping[str, str] | None = None,
-                  down_failures: Mapping[str, str] | None = None) -> None:
+                  down_failures: Mapping[str, str] | None = None,
+                  holds: Mapping[str, str | os.PathLike[str]] | None = None) -> None:
         """Set (replace) parts of the injected behaviour; unspecified parts stay.
 
         latency: seconds per method name ("launch", "status", "endpoint", "down", "validate").
@@ -109,14 +116,17 @@ class FakeBackend(CancellableLaunches):
           A rule with "times": N fails only N launches.
         hard_failures: cluster name -> reason; its launch raises LaunchError and leaves the cluster INIT.
         down_failures: cluster name -> reason; its `down` raises BackendError.
+        holds: method name -> a file path: the next call of that method (from any process) waits in flight (a
+          launch after its cluster shows INIT) until the file exists, at most HOLD_TIMEOUT_S; one call per hold.
         """
-        unknown = set(latency or {}) - set(METHODS)
+        unknown = (set(latency or {}) | set(holds or {})) - set(METHODS)
         if unknown:
-            raise ValueError(f"latency for unknown methods: {sorted(unknown)}")
+            raise ValueError(f"latency or holds for unknown methods: {sorted(unknown)}")
         with self._state() as state:
             config = state["config"]
             for key, value in (("latency", latency), ("capacity_failures", capacity_failures),
-                               ("hard_failures", hard_failures), ("down_failures", down_failures)):
+                               ("hard_failures", hard_failures), ("down_failures", down_failures),
+                               ("holds", {m: str(path) for m, path in (holds or {}).items()} if holds else None)):
                 if value is not None:
                     config[key] = json.loads(json.dumps(value))
 
@@ -124,6 +134,10 @@ class FakeBackend(CancellableLaunches):
     def calls(self, method: str | None = None) -> list[dict[str, Any]]:
         """Recorded calls (every process), oldest first: method, cluster(s), pid, start, end, outcome."""
         return [c for c in self._read()["calls"] if method is None or c["method"] == method]
+
+    def held(self, method: str | None = None) -> list[dict[str, Any]]:
+        """The calls waiting on a hold now (every process): method, pid."""
+        return [h for h in self._read().get("held", []) if method is None or h["method"] == method]
 
     def max_concurrency(self) -> int:
         """Most launches observed in flight at once within one process."""
@@ -156,6 +170,26 @@ class FakeBackend(CancellableLaunches):
     def _latency(self, method: str) -> float:
         return float(self._read()["config"]["latency"].get(method, 0.0))
 
+    def _hold(self, method: str, cancel: threading.Event | None = None) -> None:
+        """Wait here while this call holds the method's hold (if one is set, this call takes it) until its release
+        file exists, `cancel` is set, or HOLD_TIMEOUT_S passed."""
+        with self._state() as state:
+            release = state["config"].get("holds", {}).pop(method, None)
+            if release is None:
+                return
+            mine = {"method": method, "pid": os.getpid(), "since": time.time()}
+            state.setdefault("held", []).append(mine)
+        try:
+            deadline = time.monotonic() + HOLD_TIMEOUT_S
+            while not Path(release).exists() and time.monotonic() < deadline:
+                if cancel is not None and cancel.wait(0.01):
+                    break
+                if cancel is None:
+                    time.sleep(0.01)
+        finally:
+            with self._state() as state:
+                state["held"] = [h for h in state.get("held", []) if h != mine]
+
     def _record(self, state: dict[str, Any], method: str, start: float, outcome: str, **extra: Any) -> None:
         state["calls"].append({"method": method, "pid": os.getpid(), "start": start, "end": time.time(),
                                "outcome": outcome, **extra})
@@ -184,6 +218,7 @@ class FakeBackend(CancellableLaunches):
             state["clusters"][cluster] = {"status": ClusterStatus.INIT.value, "endpoint": None, "head_ip": None,
                                           "task": dict(request.task), "offer": offer_of(request.task),
                                           "secret_names": sorted(request.secrets)}
+        self._hold("launch", cancel)
         cancelled = cancel.wait(self._latency("launch"))
         with self._state() as state:
             config = state["config"]
@@ -225,6 +260,7 @@ class FakeBackend(CancellableLaunches):
 
     def status(self, clusters: Sequence[str], refresh: bool = False) -> dict[str, ClusterInfo]:
         start = time.time()
+        self._hold("status")
         time.sleep(self._latency("status"))
         with self._state() as state:
             self._record(state, "status", start, "ok", clusters=list(clusters), refresh=refresh)
@@ -242,6 +278,7 @@ class FakeBackend(CancellableLaunches):
 
     def endpoint(self, cluster: str, port: int) -> str | None:
         start = time.time()
+        self._hold("endpoint")
         time.sleep(self._latency("endpoint"))
         with self._state() as state:
             self._record(state, "endpoint", start, "ok", cluster=cluster, port=port)
@@ -252,6 +289,7 @@ class FakeBackend(CancellableLaunches):
 
     def down(self, cluster: str, purge: bool = False) -> bool:
         start = time.time()
+        self._hold("down")
         time.sleep(self._latency("down"))
         with self._state() as state:
             reason = state["config"]["down_failures"].get(cluster)
@@ -265,6 +303,7 @@ class FakeBackend(CancellableLaunches):
     def validate(self, task: Mapping[str, Any], secrets: Mapping[str, str] | None = None) -> Validation:
         """The checks a fake can make honestly: shape, string envs, and every referenced secret supplied."""
         start = time.time()
+        self._hold("validate")
         time.sleep(self._latency("validate"))
         if not isinstance(task, Mapping):
             raise InvalidTask(f"invalid task: expected a mapping, got {type(task).__name__}")

@@ -299,12 +299,14 @@ run()
     assert sorted(ledger_rows(env)) == PLANNED
 
 
-def test_a_second_concurrent_up_on_the_same_fleet_is_refused(cli, fleet_env):
+def test_a_second_concurrent_up_on_the_same_fleet_is_refused(cli, fleet_env, tmp_path):
     fake, env = fleet_env
-    fake.configure(latency={"launch": 3.0})
+    release = tmp_path / "release-launch"
+    fake.configure(holds={"launch": release})  # the first up's first launch waits until the second up is done
     first = run_cli(env, *UP, EXAMPLE, "-y")
-    wait_for(lambda: len(fake.clusters()) > 0, what="the first up to start launching")
+    wait_for(lambda: bool(fake.held("launch")) or first.poll() is not None, what="the first up to be launching")
     second = cli(*UP, EXAMPLE, "-y")  # in this process, while the first one launches
+    release.touch()
     assert second.exit_code == 3 and "is busy" in second.stderr and str(first.pid) in second.stderr
     first.communicate(timeout=60)
     assert first.returncode == 0
@@ -473,15 +475,18 @@ def test_up_json_refuses_to_launch_without_yes(cli, fleet_env):
     assert fake.calls("launch") == []
 
 
-def test_status_refresh_never_blocks_up_or_down(cli, fleet_env):
+def test_status_refresh_never_blocks_up_or_down(cli, fleet_env, tmp_path):
     fake, env = fleet_env
     assert cli(*UP, EXAMPLE, "-y").exit_code == 0
-    fake.configure(latency={"status": 3.0})
+    release = tmp_path / "release-status"
+    fake.configure(holds={"status": release})  # status --refresh's backend call waits until down is done
     watcher = run_cli(env, "status", "--refresh")
-    wait_for(lambda: any(c["method"] == "status" for c in fake.calls()) or watcher.poll() is not None,
+    wait_for(lambda: bool(fake.held("status")) or watcher.poll() is not None,
              what="status to be asking the backend")
     down = run_cli(env, "down", "example", "-y")
     out, err = down.communicate(timeout=60)
+    assert fake.held("status"), "status --refresh was no longer waiting on the backend"
+    release.touch()
     assert down.returncode == 0, err
     watcher.communicate(timeout=60)
     assert watcher.returncode == 0 and fake.clusters() == {}
