@@ -104,8 +104,11 @@ def test_watch_once_on_a_whole_fleet_does_nothing_and_says_so(cli, fleet_env):
 
 
 def test_replica_failing_its_readiness_probe_twice_is_torn_down_and_relaunched(cli, fleet_env, example,
-                                                                               write_config):
+                                                                               write_config, monkeypatch):
     fake, env = fleet_env
+    # The second probe comes 2 s after the first in the product; here 0.2 s (the sick replica's address has no
+    # server at all, so it fails both, whatever the gap).
+    monkeypatch.setattr("melange_sky.controller.watch.PROBE_RETRY_S", 0.2)
     port = free_port()
     config = write_config({**example, "name": "example", "deployment": {"port": port}})
     assert cli("up", "--no-router", config, "-y").exit_code == 0
