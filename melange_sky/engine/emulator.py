@@ -12,6 +12,18 @@ reached (`_sleep_until`): the steps' emission times follow the model's to tens o
 
 `estimate` drives the same `Engine` on a virtual clock: the emulator is that model with a real clock, not another.
 
+Data parallelism (`--data-parallel-size N`, vLLM's flag; what templates/vllm.j2 renders for an instance of N x TP
+GPUs): N engines behind one server, each its own `Emulator` on its own clock (`DataParallel`). vLLM's front end
+picks an engine per request (vllm/v1/engine/core_client.py, `DPLBAsyncMPClient.get_core_engine_for_request`): the
+lowest `4 x waiting + running` over the engines, scanning from its own start index, with the counts its DP
+coordinator publishes every 100 ms and the chosen engine's waiting count raised at once between two updates. Here
+the counts are exact at every choice (the limit of that scheme; a request still in the API server counts as
+waiting, as vLLM's local raise counts it), and the scan starts one engine further at each request: vLLM runs one API
+server per engine by default (`api_server_count` = the DP size, vllm/entrypoints/cli/serve.py), the kernel spreads
+connections over them, and each scans from its own index, so ties do not all fall on engine 0. Each engine keeps its
+own model of an API server (one per engine, as vLLM's default). /metrics has one series per engine (label
+`engine`, as vLLM's PrometheusStatLogger): sum over it for the server's totals.
+
 The server (aiohttp) looks like vLLM's OpenAI server to a client, the router and the profiler: POST
 /v1/completions and /v1/chat/completions (streamed or not, `usage`, `stream_options.include_usage`), GET
 /v1/models, /health and /metrics (vLLM's gauge names). With an API key, /v1/* needs `Authorization: Bearer KEY`
@@ -28,7 +40,7 @@ import itertools
 import signal
 import sys
 import time
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -64,7 +76,8 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["EmulateError", "Emulated", "Emulator", "EmulatorServer", "EmulatorSettings", "StepRecord", "prepare", "run"]
+__all__ = ["DataParallel", "EmulateError", "Emulated", "Emulator", "EmulatorServer", "EmulatorSettings", "Serving",
+           "StepRecord", "prepare", "run"]
 
 
 class EmulateError(MelangeError):
@@ -90,7 +103,7 @@ class _Request:
     engine loop calls with each token's index and whether it is the last, right at the step's end: a stream then
     costs one socket write per token and no task switch (hundreds of streams share one core)."""
 
-    __slots__ = ("rid", "prompt_tokens", "max_tokens", "emitted", "done", "failed", "each", "waiter", "push")
+    __slots__ = ("rid", "prompt_tokens", "max_tokens", "emitted", "done", "failed", "each", "waiter", "push", "rank")
 
     def __init__(self, rid: int, prompt_tokens: int, max_tokens: int, each: bool):
         self.rid, self.prompt_tokens, self.max_tokens = rid, prompt_tokens, max_tokens
@@ -100,6 +113,7 @@ class _Request:
         self.each = each  # wake the handler at every token (until it sets `push`), else only at the end
         self.waiter: asyncio.Future[None] | None = None
         self.push: Callable[[int, bool], None] | None = None
+        self.rank = 0  # the data-parallel engine serving it (`DataParallel`)
 
     async def wait(self, seen: int) -> None:
         """Until a token after the first `seen` came out (when woken at each token) or the request is done."""
@@ -130,6 +144,7 @@ class Emulator:
         self._origin = time.monotonic() - engine.clock  # the wall time of the engine clock's 0 (time.monotonic)
         self._idle: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._finishing = 0  # requests the engine finished in the step now sleeping, not yet emitted
         # vLLM's counters (GET /metrics)
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -168,6 +183,17 @@ class Emulator:
     def in_flight(self) -> int:
         """Requests submitted and neither finished nor aborted."""
         return len(self._requests)
+
+    @property
+    def ranks(self) -> tuple[Emulator, ...]:
+        """The engines behind the server: this one."""
+        return (self,)
+
+    def load(self) -> tuple[int, int]:
+        """(waiting, running) as vLLM's DP coordinator publishes them for an engine: waiting counts the requests
+        still in the API server, running those in the batch (`DataParallel` balances by them)."""
+        running = self.engine.running
+        return max(0, len(self._requests) - running - self._finishing), running
 
     # -- the clock ---------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -208,7 +234,9 @@ class Emulator:
             if step is None:
                 continue
             end = self._origin + self.engine.clock
+            self._finishing = len(step.finished)
             await self._sleep_until(loop, end, step.duration_s)
+            self._finishing = 0
             self._emit(step, end)
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, deadline: float, duration: float) -> None:
@@ -250,6 +278,72 @@ class Emulator:
             self.steps.append(StepRecord(end, step.duration_s, emitters))
 
 
+class DataParallel:
+    """N engines behind one server (`vllm serve --data-parallel-size N`): each an `Emulator` on its own clock, a
+    request given to the one vLLM's load balancer would pick (module docstring). Offers what the server needs of an
+    `Emulator`: `submit`, `abort`, `start`, `stop`, `dead`, `in_flight`, `ranks`."""
+
+    #: vLLM's score of an engine: waiting requests weigh this many running ones (DPLBAsyncMPClient).
+    WAITING_WEIGHT = 4
+
+    def __init__(self, ranks: Sequence[Emulator]):
+        if not ranks:
+            raise ValueError("data parallelism needs at least one engine")
+        self._ranks = tuple(ranks)
+        self._next_start = 0
+
+    @property
+    def ranks(self) -> tuple[Emulator, ...]:
+        return self._ranks
+
+    @property
+    def dead(self) -> str | None:
+        """Why an engine loop stopped, if one did: vLLM's server fails as a whole when one of its engines dies."""
+        return next((rank.dead for rank in self._ranks if rank.dead is not None), None)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(rank.in_flight for rank in self._ranks)
+
+    def choose(self) -> int:
+        """The engine the next request goes to: the lowest 4 x waiting + running, scanning from a start index that
+        moves on by one at each request (first lowest wins)."""
+        count = len(self._ranks)
+        start, self._next_start = self._next_start, (self._next_start + 1) % count
+        best, best_score = start, -1
+        for offset in range(count):
+            index = (start + offset) % count
+            waiting, running = self._ranks[index].load()
+            score = self.WAITING_WEIGHT * waiting + running
+            if best_score < 0 or score < best_score:
+                best, best_score = index, score
+        return best
+
+    def submit(self, prompt_tokens: int, max_tokens: int, *, stream: bool, endpoint: str | None = None) -> _Request:
+        """As `Emulator.submit`, on the engine the load balancer picks."""
+        if (dead := self.dead) is not None:
+            raise ApiError(500, dead, "InternalServerError")
+        rank = self.choose()
+        req = self._ranks[rank].submit(prompt_tokens, max_tokens, stream=stream, endpoint=endpoint)
+        req.rank = rank
+        return req
+
+    def abort(self, req: _Request) -> None:
+        self._ranks[req.rank].abort(req)
+
+    def start(self) -> None:
+        for rank in self._ranks:
+            rank.start()
+
+    async def stop(self) -> None:
+        for rank in self._ranks:
+            await rank.stop()
+
+
+#: What a server serves: one engine, or several data-parallel ones.
+Serving = Emulator | DataParallel
+
+
 # ---- the server ----------------------------------------------------------------------------------------------------
 def _pusher(answer: Answer, transport: asyncio.Transport) -> Callable[[int, bool], None]:
     """Writes token `index` of `answer` to the socket as one HTTP chunk (the response is chunked and its headers
@@ -275,43 +369,51 @@ class EmulatorSettings:
 
 
 class _VllmGauges(Collector):
-    """vLLM's metric names (v1: vllm/v1/metrics/loggers.py), read from the engine at scrape time."""
+    """vLLM's metric names (v1: vllm/v1/metrics/loggers.py), read from the engines at scrape time: one series per
+    engine (label `engine`, its data-parallel rank), as vLLM labels them."""
 
-    def __init__(self, emulator: Emulator, model_name: str):
-        self.emulator, self.labels = emulator, {"model_name": model_name, "engine": "0"}
+    def __init__(self, emulator: Serving, model_name: str):
+        self.emulator, self.model_name = emulator, model_name
 
     def collect(self) -> Iterator[Metric]:
-        e = self.emulator
-        names, values = list(self.labels), list(self.labels.values())
+        ranks = [([self.model_name, str(index)], e) for index, e in enumerate(self.emulator.ranks)]
+        names = ["model_name", "engine"]
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+        def gauge(name: str, doc: str, value: Callable[[Emulator], float]) -> GaugeMetricFamily:
             metric = GaugeMetricFamily(name, doc, labels=names)
-            metric.add_metric(values, value)
+            for values, e in ranks:
+                metric.add_metric(values, value(e))
             return metric
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        def counter(name: str, doc: str, value: Callable[[Emulator], float]) -> CounterMetricFamily:
             metric = CounterMetricFamily(name, doc, labels=names)
-            metric.add_metric(values, value)
+            for values, e in ranks:
+                metric.add_metric(values, value(e))
             return metric
 
-        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.", e.engine.running)
-        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", e.engine.waiting)
+        yield gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
+                    lambda e: e.engine.running)
+        yield gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
+                    lambda e: e.engine.waiting)
         yield gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                    float(e.engine.kv_cache_usage))
-        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.", e.preemptions_total)
-        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", e.prompt_tokens_total)
-        yield counter("vllm:generation_tokens", "Number of generation tokens processed.", e.generation_tokens_total)
+                    lambda e: float(e.engine.kv_cache_usage))
+        yield counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
+                      lambda e: e.preemptions_total)
+        yield counter("vllm:prompt_tokens", "Number of prefill tokens processed.", lambda e: e.prompt_tokens_total)
+        yield counter("vllm:generation_tokens", "Number of generation tokens processed.",
+                      lambda e: e.generation_tokens_total)
         success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
                                       labels=[*names, "finished_reason"])
-        success.add_metric([*values, "length"], e.finished_total)
-        success.add_metric([*values, "abort"], e.aborted_total)
+        for values, e in ranks:
+            success.add_metric([*values, "length"], e.finished_total)
+            success.add_metric([*values, "abort"], e.aborted_total)
         yield success
 
 
 class EmulatorServer:
     """The OpenAI-compatible server around an `Emulator`. `start()` (port 0: any free port) returns its URL."""
 
-    def __init__(self, emulator: Emulator, settings: EmulatorSettings):
+    def __init__(self, emulator: Serving, settings: EmulatorSettings):
         self.emulator, self.settings = emulator, settings
         self._key = settings.api_key.encode() if settings.api_key else None
         self.registry = CollectorRegistry(auto_describe=False)
@@ -432,13 +534,13 @@ class EmulatorServer:
         await self.emulator.stop()
 
 
-def run(emulator: Emulator, settings: EmulatorSettings, on_listening: Callable[[str], None]) -> int:
+def run(emulator: Serving, settings: EmulatorSettings, on_listening: Callable[[str], None]) -> int:
     """Serve until SIGTERM or Ctrl-C. Blocks; the exit code (0 after SIGTERM, 130 after Ctrl-C)."""
     with asyncio.Runner(loop_factory=_LOOP_FACTORY) as runner:
         return runner.run(_serve(emulator, settings, on_listening))
 
 
-async def _serve(emulator: Emulator, settings: EmulatorSettings, on_listening: Callable[[str], None]) -> int:
+async def _serve(emulator: Serving, settings: EmulatorSettings, on_listening: Callable[[str], None]) -> int:
     server = EmulatorServer(emulator, settings)
     url = await server.start()
     gc.collect()
@@ -467,30 +569,44 @@ async def _serve(emulator: Emulator, settings: EmulatorSettings, on_listening: C
 # ---- building one from the command line's terms --------------------------------------------------------------------
 @dataclass(frozen=True)
 class Emulated:
-    """An emulator ready to serve, and what it emulates in words (what `emulate` prints before listening)."""
+    """An emulator ready to serve (one engine, or `DataParallel` ones), and what it emulates in words (what `emulate`
+    prints before listening)."""
 
-    emulator: Emulator
+    emulator: Serving
     settings: EmulatorSettings
     summary: str
 
 
 def prepare(model: str, gpu: str, *, tp: int = 1, dtype: str = "bf16", speed: float = 1.0,
             config: str | None = None, served_model_name: str | None = None, host: str = "127.0.0.1",
-            port: int = 8000, api_key: str | None = None, record_steps: bool = False) -> Emulated:
+            port: int = 8000, api_key: str | None = None, record_steps: bool = False,
+            data_parallel_size: int = 1) -> Emulated:
     """The engine for `model` on `gpu` (engine settings from `config`'s `deployment`, else vLLM's defaults) behind
-    an emulator. Raises DoesNotFit (and the engine's other one-line errors) before anything listens."""
+    an emulator; `data_parallel_size` N > 1: N such engines behind one server (`DataParallel`), as `vllm serve
+    --data-parallel-size N` runs on N x TP GPUs. Raises DoesNotFit (and the engine's other one-line errors) before
+    anything listens."""
+    if data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size must be at least 1, got {data_parallel_size}")
     engine_settings = EngineSettings()
     if config is not None:
         document = read_config_document(config)
         deployment = document.data.get("deployment") if isinstance(document.data, dict) else None
         engine_settings = EngineSettings.from_deployment(deployment, source=document.source)
-    engine = Engine(load_model(model), gpu, tp=tp, dtype=dtype, settings=engine_settings, speed=speed)
+    spec = load_model(model)
+    engines = [Engine(spec, gpu, tp=tp, dtype=dtype, settings=engine_settings, speed=speed)
+               for _ in range(data_parallel_size)]
+    engine = engines[0]
     settings = EmulatorSettings(served_model_name=served_model_name or model, max_model_len=engine.max_model_len,
                                 host=host, port=port, api_key=api_key, model_root=model)
-    lines = [f"Emulating {engine.description}, max_model_len {engine.max_model_len}.",
+    emulating = (f"Emulating {engine.description}" if data_parallel_size == 1 else
+                 f"Emulating {data_parallel_size} data-parallel engines behind one server (vLLM's load balancing), "
+                 f"each {engine.description}")
+    lines = [f"{emulating}, max_model_len {engine.max_model_len}.",
              *(f"Note: {note}" for note in engine.notes),
              ("Real time (--speed 1)." if speed == 1 else
               f"At {speed:g}x speed: every step time / {speed:g} (rates x {speed:g}, times / {speed:g})."),
              f"Serving it as {settings.served_model_name!r}"
              + ("; clients send the API key as a Bearer token." if api_key else "; no API key.")]
-    return Emulated(Emulator(engine, record_steps=record_steps), settings, "\n".join(lines))
+    ranks = [Emulator(e, record_steps=record_steps) for e in engines]
+    serving: Serving = ranks[0] if data_parallel_size == 1 else DataParallel(ranks)
+    return Emulated(serving, settings, "\n".join(lines))
