@@ -152,12 +152,21 @@ def _loss(predicted: list[float], targets: list[Target]) -> float:
 
 def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str = "<profile>", tp: int = 1,
               dtype: str = "bf16", settings: EngineSettings = EngineSettings(), save: bool = True,
-              force: bool = False) -> CalibrationResult:
+              force: bool = False, data_parallel: int = 1) -> CalibrationResult:
     """Fit `gpu`'s coefficient scales to a profile record measured with `model`; save the fit (unless `save` is
     False) where later engines of that GPU type find it. PoorFit, and nothing saved, when the fit still misses the
-    measured rates by more than MAX_FIT_ERROR (median), unless `force`."""
+    measured rates by more than MAX_FIT_ERROR (median), unless `force`.
+
+    `data_parallel` N: the profiled server ran N engines of `tp` GPUs (`vllm serve --data-parallel-size N`), so each
+    measured rate is N engines' and one engine is fitted to rate / N. vLLM's balancer keeps the engines evenly
+    loaded, so that is an engine's share; pooling makes N engines' SLO-bound rate slightly more than N times one's
+    (a request waits for the least loaded of N), so the fit comes out a little fast, not N times."""
+    if data_parallel < 1:
+        raise EngineError(f"data_parallel must be at least 1, got {data_parallel}")
     name = gpu_spec(gpu).name
     targets, slos = targets_from_profile(record, source)
+    if data_parallel > 1:
+        targets = [replace(t, tput=t.tput / data_parallel) for t in targets]
     if len(targets) > MAX_FIT_BUCKETS:
         stride = len(targets) / MAX_FIT_BUCKETS
         targets = [targets[int(k * stride)] for k in range(MAX_FIT_BUCKETS)]
@@ -201,7 +210,9 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
         raise PoorFit(f"{source}: the best fit of {name} still misses the profile's max rates by "
                       f"{100 * result.error_after:.0f}% (median; {100 * result.error_before:.0f}% before), more than "
                       f"the {100 * MAX_FIT_ERROR:.0f}% a saved fit may leave: not saved. Was the profile measured "
-                      f"with {model.name} on {name} at TP {tp} with these engine settings? (--force saves it anyway)")
+                      f"with {model.name} on {name} at TP {tp}"
+                      + (f" x {data_parallel} data-parallel engines" if data_parallel > 1 else "")
+                      + " with these engine settings? (--force saves it anyway)")
     if save:
         data = result.to_json()
         data["profile"] = source

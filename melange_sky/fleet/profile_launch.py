@@ -359,9 +359,11 @@ def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Le
 def _estimated_start(request: LaunchProfileRequest, accelerators: str, engine: EngineSettings) -> float | None:
     """The first rate to try on a GPU type (real req/s): just below the engine model's estimate of the slowest
     bucket measured; None when the engine model does not know the GPU or the model."""
-    gpu, _, count = accelerators.partition(":")
+    gpu = accelerators.partition(":")[0]
     try:
-        tp = engine.tensor_parallel_size or max(1, int(float(count or 1)))
+        # the replica's server runs gpus / TP engines (templates/vllm.j2): its rates are that many engines'
+        tp = engine.tensor_parallel_size or 1
+        engines = max(1, (pinned_gpus(accelerators) or 1) // tp)
         table = max_rates(load_model(request.model), [gpu], request.input_edges, request.output_edges,
                           request.settings.slo_spec, tp=tp, dtype=engine.dtype or "bf16", settings=engine,
                           size=request.settings.size)[gpu]
@@ -370,7 +372,7 @@ def _estimated_start(request: LaunchProfileRequest, accelerators: str, engine: E
     if table.tputs is None:
         return None
     cells = request.cells or [(i, j) for i in range(len(table.tputs)) for j in range(len(table.tputs[0]))]
-    rates = [table.tputs[i][j] for i, j in cells if table.tputs[i][j] > 0]
+    rates = [engines * table.tputs[i][j] for i, j in cells if table.tputs[i][j] > 0]
     return min(round(ESTIMATE_START_SHARE * min(rates), 4), request.settings.max_rate) if rates else None
 
 
@@ -401,12 +403,15 @@ def _run_job(job: _Job, request: LaunchProfileRequest, settings: ProfileSettings
 
 
 def _calibrated(gpu: GpuProfile, request: LaunchProfileRequest, engine: EngineSettings) -> GpuProfile:
-    """`gpu` with the engine model's fit on its profile (`estimate --calibrate`), or why there is none."""
+    """`gpu` with the engine model's fit on its profile (`estimate --calibrate`), or why there is none. The replica
+    ran gpus / TP data-parallel engines behind its server (templates/vllm.j2): one engine is fitted to that share of
+    its rates (`calibrate(..., data_parallel=)`), not to all of them."""
     if gpu.result is None:
         return gpu
+    tp = engine.tensor_parallel_size or 1
     try:
         fit = calibrate(load_model(request.model), gpu.gpu, gpu.result.to_dict(), source=f"profile --launch {gpu.gpu}",
-                        tp=engine.tensor_parallel_size or 1, dtype=engine.dtype or "bf16", settings=engine)
+                        tp=tp, dtype=engine.dtype or "bf16", settings=engine, data_parallel=max(1, gpu.gpus // tp))
     except (EngineError, MelangeError) as exc:
         return dataclasses.replace(gpu, calibration_note=f"{gpu.gpu}: not calibrated: {exc}")
     return dataclasses.replace(gpu, calibration=fit)
