@@ -6,11 +6,13 @@ run unchanged and real requests flow through the fleet's router:
 - **A GPU task** (a replica: `resources.accelerators`) runs `melange-sky emulate` for the task's model and GPU type:
   the engine model of that GPU in real time behind an OpenAI-compatible server, as vLLM would serve it. What the
   task's `vllm serve` line sets (`--max-num-seqs`, `--tensor-parallel-size`, ... the engine settings of
-  `deployment`) is what the emulator models; its model is the task's `MODEL_NAME` (`deployment.model`), which the
-  engine must know (a bundled model or its Hugging Face id). `deployment.local.speed` (or `$MELANGE_SKY_LOCAL_SPEED`)
-  runs every GPU that many times faster than real. When the task makes vLLM demand a key (`VLLM_API_KEY` from a
-  secret), the emulator demands the same one. An emulator downloads no weights, so the launcher needs none of the
-  model's secrets (`needs_model_secrets = False`: `up` runs without HF_TOKEN), and passes none to a replica.
+  `deployment`) is what the emulator models, `--data-parallel-size N` included: N engines behind the replica's one
+  server, as vLLM runs them on an instance of N x TP GPUs (flags absent: TP 1 and one engine, vLLM's defaults). Its
+  model is the task's `MODEL_NAME` (`deployment.model`), which the engine must know (a bundled model or its Hugging
+  Face id). `deployment.local.speed` (or `$MELANGE_SKY_LOCAL_SPEED`) runs every GPU that many times faster than real.
+  When the task makes vLLM demand a key (`VLLM_API_KEY` from a secret), the emulator demands the same one. An emulator
+  downloads no weights, so the launcher needs none of the model's secrets (`needs_model_secrets = False`: `up` runs
+  without HF_TOKEN), and passes none to a replica.
 - **A CPU task** (the router) runs its own `run` script with bash, as on a fresh host: `file_mounts` land under the
   cluster's directory (its HOME: directories linked, files copied), a `workdir` is copied to `~/sky_workdir` where
   `run` starts, `setup` is skipped (this Python already has
@@ -53,7 +55,7 @@ from melange_sky.errors import InvalidTask, LaunchCancelled, LaunchError, Melang
 from melange_sky.fleet.backends import ClusterInfo, ClusterStatus, LaunchRequest, Validation, ValidationLevel
 from melange_sky.fleet.ledger import Ledger, ledger_home
 
-__all__ = ["LocalBackend", "ProcessId", "launch_speed", "process_id", "running"]
+__all__ = ["LocalBackend", "ProcessId", "launch_speed", "parallel_sizes", "process_id", "running"]
 
 SPEED_ENV = "MELANGE_SKY_LOCAL_SPEED"
 LAUNCH_TIMEOUT_ENV = "MELANGE_SKY_LOCAL_LAUNCH_TIMEOUT"
@@ -239,6 +241,26 @@ def engine_settings(run: str) -> dict[str, Any]:
             except ValueError:
                 continue
     return found
+
+
+def parallel_sizes(run: str) -> tuple[int, int]:
+    """(tensor-parallel size, data-parallel engines) a task's `vllm serve` line runs, as vLLM reads its flags
+    (`--tensor-parallel-size`/`-tp`, `--data-parallel-size`/`-dp`; 1 when absent): templates/vllm.j2 renders
+    `--data-parallel-size gpus / TP` on an instance of several GPUs."""
+    args = _serve_args(run)
+    sizes = {"tp": 1, "dp": 1}
+    names = {"--tensor-parallel-size": "tp", "-tp": "tp", "--data-parallel-size": "dp", "-dp": "dp"}
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if name not in names:
+            continue
+        if not equals:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        try:
+            sizes[names[name]] = max(1, int(value))
+        except ValueError:
+            continue
+    return sizes["tp"], sizes["dp"]
 
 
 def launch_speed(fleet: str | None, environ: Mapping[str, str] | None = None) -> float:
@@ -452,13 +474,20 @@ class LocalBackend:
             raise LaunchError(request.cluster, f"local launcher: cannot emulate GPU {gpu[0]!r}: {exc}") from None
         run = str(task_run(request.task))
         settings = engine_settings(run)
-        tp = int(settings.pop("tensor_parallel_size", 0) or gpu[1])
+        settings.pop("tensor_parallel_size", None)
+        # the replica serves as its `vllm serve` line says: DP engines of TP GPUs each behind one server
+        tp, dp = parallel_sizes(run)
+        if tp * dp > gpu[1]:
+            raise LaunchError(request.cluster, f"local launcher: vllm serve asks for {dp} data-parallel engine(s) of "
+                                               f"{tp} GPU(s), {tp * dp} GPUs; the instance has {gpu[1]} "
+                                               f"({gpu[0]}:{gpu[1]})")
         speed = self.speed or launch_speed(envs.get("MELANGE_FLEET"))
         config = self.dir / "engine" / f"{request.cluster}.json"  # the engine flags, as emulate reads them
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(json.dumps({"deployment": settings}))
         argv = [sys.executable, "-m", "melange_sky", "emulate", "--model", model, "--gpu", gpu[0], "--tp", str(tp),
-                "--speed", f"{speed:g}", "--config", str(config), "--host", "127.0.0.1", "--port", "0"]
+                "--data-parallel-size", str(dp), "--speed", f"{speed:g}", "--config", str(config),
+                "--host", "127.0.0.1", "--port", "0"]
         key_secret = _API_KEY_SECRET.search(run)
         if key_secret and request.secrets.get(key_secret.group(1)):
             env["MELANGE_SKY_API_KEY"] = request.secrets[key_secret.group(1)]  # emulate's --api-key, out of `ps`
