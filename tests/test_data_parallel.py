@@ -17,12 +17,18 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from melange_sky.core.config import load_config
+from melange_sky.deploy.plan import PlanSettings, build_plan
 from melange_sky.engine import EngineSettings, load_model
 from melange_sky.engine.calibrate import calibrate
 from melange_sky.engine.emulator import DataParallel, EmulatorServer, prepare
 from melange_sky.engine.estimate import max_rates
+from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.local import parallel_sizes
+from melange_sky.fleet.reconcile import new_replica
+from melange_sky.fleet.up import fleet_record
 from melange_sky.inputs.profile_result import ProfileSettings
+from melange_sky.sim import plan_from_config, plan_from_fleet
 
 MODEL, GPU = "llama-2-7b", "A10G"
 HANG_GUARD_S = 60
@@ -167,3 +173,24 @@ def test_calibrating_on_a_data_parallel_profile_fits_one_engine_to_its_share(mon
     whole = calibrate(load_model(MODEL), GPU, record, tp=2, settings=settings, save=False)
     assert whole.error_before == pytest.approx(0.5, abs=0.05)  # one engine's model: half the measured rate
     assert max(whole.scales.values()) > 1.3 or min(whole.scales.values()) < 0.77
+
+
+def test_simulating_a_running_fleet_runs_each_instance_as_its_data_parallel_engines(tmp_path):
+    """A running fleet of A10G:4 instances at TP 2 (its config stored beside the plan by `up`): two TP-2 engines per
+    instance, with the config's engine settings, as `simulate CONFIG` runs them."""
+    path = tmp_path / "dp.yaml"
+    path.write_text(CONFIG.replace("total_request_rate: 1", "total_request_rate: 6"))
+    config = load_config(str(path))
+    stored = build_plan(config, PlanSettings(compare=False))  # as `up` plans it: 2 instances of A10G:4
+    ledger = Ledger(tmp_path / "home")
+    ledger.save_fleet("dp", "digest", {**stored.to_dict(), **fleet_record(config, PlanSettings())})
+    for replica in stored.replicas:
+        ledger.add_replica("dp", new_replica(replica, 0))
+    from_config = plan_from_config(config)
+    from_fleet = plan_from_fleet("dp", ledger)
+    assert from_fleet.counts == from_config.counts == {"A10G": len(stored.replicas)}
+    assert [r.name for r in from_fleet.replicas] == [r.name for r in from_config.replicas]
+    assert len(from_fleet.replicas) == 2 * len(stored.replicas)
+    assert from_fleet.engines["A10G"].description == from_config.engines["A10G"].description
+    assert "on A10G x2" in from_fleet.engines["A10G"].description and "max_num_seqs 4" in \
+        from_fleet.engines["A10G"].description

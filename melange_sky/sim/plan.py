@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from melange_sky.core.config import Config, Market
+from melange_sky.core.config import Config, Market, pinned_gpus
 from melange_sky.deploy.plan import DEFAULT_MODEL, PlanSettings, deployment_from_config, solve_offers
 from melange_sky.engine import Engine, EngineSettings, ModelSpec, load_model
 from melange_sky.engine.errors import EngineError
-from melange_sky.errors import UnknownFleet
+from melange_sky.errors import MelangeError, UnknownFleet
 from melange_sky.fleet.ledger import Ledger, ReplicaState
 from melange_sky.serve.routes import ReplicaSpec, Routes, routes_from_plan, routes_from_solve
 from melange_sky.sim.errors import SimulationError
@@ -155,11 +155,37 @@ def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compa
                    spot_counts={entry: n for entry, n in spot.items() if n})
 
 
+def _stored_engine_settings(plan: dict[str, Any], fleet: str) -> EngineSettings | None:
+    """The engine settings of the config a fleet was brought up with (`up` stores it beside the plan), None when the
+    ledger has none (an older `up`, a plan stored alone) or they no longer read."""
+    deployment = (plan.get("config") or {}).get("deployment") if isinstance(plan.get("config"), dict) else None
+    if not isinstance(deployment, dict):
+        return None
+    try:
+        return EngineSettings.from_deployment(deployment, source=f"fleet {fleet}")
+    except MelangeError:
+        return None
+
+
+def _instance_gpus(plan: dict[str, Any]) -> dict[str, int]:
+    """GPUs per instance of each cluster the stored plan launches, and of each GPU entry the stored config pins
+    (by its entry name): what a replica's server runs its data-parallel engines on."""
+    gpus: dict[str, int] = {}
+    config = plan.get("config") if isinstance(plan.get("config"), dict) else {}
+    for entry in (config or {}).get("gpus") or []:
+        if isinstance(entry, dict) and (count := pinned_gpus(entry.get("accelerators"))):
+            gpus[str(entry.get("entry") or entry.get("name"))] = count
+    for replica in plan.get("replicas") or []:
+        if isinstance(replica, dict) and (count := pinned_gpus(replica.get("accelerators"))):
+            gpus[str(replica.get("cluster"))] = count
+    return gpus
+
+
 def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None = None,
                     speed: float = 1.0) -> SimPlan:
     """A running fleet's stored plan and the replicas the ledger has up (the plan's replicas when none is up yet),
-    read-only. Its engine settings are vLLM's defaults: the stored plan keeps the model, not the config's engine
-    settings."""
+    read-only. Its engine settings are those of the config `up` stored beside the plan, else vLLM's defaults. An
+    instance of k GPUs is k / TP data-parallel engines (templates/vllm.j2), one replica each, as from a config."""
     if ledger is None:
         if not Ledger.exists():
             raise UnknownFleet(f"no fleet named {fleet!r}: there is no ledger yet (`melange-sky up CONFIG` makes one)")
@@ -172,16 +198,27 @@ def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None 
     plan = record.plan
     notes: list[str] = []
     rows = [r for r in ledger.replicas(fleet) if r.state is ReplicaState.UP]
-    counts: dict[str, int] = {}
+    settings = _stored_engine_settings(plan, fleet)
+    tp = (settings.tensor_parallel_size if settings is not None else None) or 1
+    instance_gpus = _instance_gpus(plan)
+    counts: dict[str, int] = {}  # instances per GPU entry
+    engines_of: dict[str, int] = {}  # replicas (data-parallel engines) per GPU entry
     spot: dict[str, int] = {}
-    running = [(row.gpu, row.use_spot) for row in rows] or [
-        (str(r.get("entry") or r.get("gpu")), bool(r.get("use_spot"))) for r in plan.get("replicas") or []]
-    for gpu, use_spot in running:
+    running = [(row.cluster, row.gpu, row.use_spot) for row in rows] or [
+        (str(r.get("cluster")), str(r.get("entry") or r.get("gpu")), bool(r.get("use_spot")))
+        for r in plan.get("replicas") or []]
+    for cluster, gpu, use_spot in running:
+        per = max(1, instance_gpus.get(cluster, instance_gpus.get(gpu, 1)) // tp)
         counts[gpu] = counts.get(gpu, 0) + 1
+        engines_of[gpu] = engines_of.get(gpu, 0) + per
         spot[gpu] = spot.get(gpu, 0) + use_spot
     if not rows:
         notes.append(f"no replica of fleet {fleet} is up: simulating the {sum(counts.values())} its plan counts")
-    specs = replica_specs(counts)
+    for gpu, total in engines_of.items():
+        if total > counts[gpu]:
+            notes.append(f"{gpu}: {counts[gpu]} instance(s) of {total} data-parallel engines (TP {tp}) in all: "
+                         f"simulated as {total} replicas")
+    specs = replica_specs(engines_of)
     routes = routes_from_plan(plan, specs, source=f"fleet {fleet}")
     known = {g.name for g in routes.gpus}
     routes = dataclasses.replace(routes, replicas=tuple(r for r in routes.replicas if r.gpu in known))
@@ -191,9 +228,10 @@ def plan_from_fleet(fleet: str, ledger: Ledger | None = None, model: str | None 
         raise SimulationError(f"fleet {fleet}: no replica of a GPU type its plan routes to")
     notes.extend(_spot_note(spot, counts))
     spec = _model(str(plan.get("model") or DEFAULT_MODEL), model)
-    notes.append("engine settings: vLLM's defaults (the stored plan does not keep the config's deployment engine "
-                 "settings; simulate the CONFIG to use them)")
-    engines = _engines(list(counts), spec, EngineSettings(), speed)
+    if settings is None:
+        notes.append("engine settings: vLLM's defaults (the ledger keeps no config of this fleet's with its "
+                     "deployment engine settings; simulate the CONFIG to use them)")
+    engines = _engines(list(counts), spec, settings or EngineSettings(), speed)
     price = {r.cluster: r.price_per_hour for r in rows}
     cost = sum(price.values()) if rows else float(plan.get("cost") or 0.0)
     solve = plan.get("solve") or {}
