@@ -152,9 +152,10 @@ def test_profile_launch_on_the_local_launcher_measures_two_tp2_engines_and_write
     engine = max_rates(load_model(MODEL), [GPU], (1, 40), (1, 100), slos, tp=2,
                        settings=EngineSettings(max_num_seqs=4, tensor_parallel_size=2))[GPU].tputs
     assert engine is not None
-    # one TP-2 engine's estimate ~3.9 req/s: per GPU of a 2-engine server ~1.97 (measured 1.875: the bisection
-    # passes 7.5 and fails 9 server req/s); a replica run as one engine would write half that
-    assert 0.7 * engine[0][0] / 2 < written < 1.2 * engine[0][0] / 2, (written, engine[0][0])
+    # one TP-2 engine's estimate ~3.9 req/s: per GPU of a 2-engine server ~1.97 (measured 1.875, 0.95 of it: this
+    # search passes 7.5 and fails 9 server req/s; a bisection one step shorter can land 0.76 or 1.14 of it); a
+    # replica run as one engine writes half
+    assert 0.7 * engine[0][0] / 2 < written < 1.35 * engine[0][0] / 2, (written, engine[0][0])
 
 
 def test_calibrating_on_a_data_parallel_profile_fits_one_engine_to_its_share(monkeypatch, tmp_path):
