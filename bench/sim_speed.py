@@ -1,9 +1,10 @@
-"""How fast `melange-sky simulate` runs: one hour of 50 req/s (about 180,000 requests) across a 20-replica plan.
+"""How fast `melange-sky simulate` runs: one hour of 50 req/s (about 180,000 requests) across a 21-replica plan.
 
-The plan is bench/data/sim_bench.json (llama-2-7b, tputs from `melange-sky estimate`, headroom 0.9: 5x L4 + 15x
-A100-80GB); arrivals are Poisson at 50 req/s for --duration seconds with sizes from its histogram (seed 0). Prints
-the wall time, the engine steps simulated and the events the queue handled, and with --compare also the same run
-stepped one step at a time (no pure-decode runs), which must give the same answer.
+The plan is bench/data/sim_bench.json solved (llama-2-7b, tputs from `melange-sky estimate`, headroom 0.9, at most
+12 A100-80GB: 4x A10G + 5x L4 + 12x A100-80GB, as the script's first line prints); arrivals are Poisson at 50 req/s
+for --duration seconds with sizes from its histogram (seed 0). Prints the wall and CPU time, the engine steps
+simulated, the attainment and the TTFT/TPOT percentiles, and with --compare also the same run stepped one step at a
+time (no pure-decode runs), which must give the same answer.
 
 Target (issue 18): <= 30 s on one core. The CPU time is printed beside the wall time: on a shared machine the wall
 time includes the time other processes held the core. Run it pinned:
