@@ -281,7 +281,8 @@ def _fleet_and_split(config: Config, formulation: Formulation, options: SolverOp
     else:
         model, variables = build_model(config, formulation, caps=caps)
         status, seconds = run_model(model, options,
-                                    tuning=split_tuning(config) if formulation is Formulation.SPLIT else None)
+                                    tuning=split_tuning(config) if formulation is Formulation.SPLIT else None,
+                                    dive_start=formulation is Formulation.SPLIT and config.spot is not None)
     if status is SolveStatus.INFEASIBLE:
         raise InfeasibleAllocation(f"{config.source}: {explain_infeasible(config, formulation, options, caps)}")
     counts, routing = extract_allocation(config, variables)
