@@ -9,11 +9,12 @@ for seed 0 (what `estimate` prints) and for --seeds seeds (its spread: each seed
 tried). Both answer the same question with the same representative lengths and SLO statistic; `emulate` and
 `estimate` run one engine model on two clocks, so the difference is the two searches' precision.
 At --speed X the emulator's step times are divided by X and the SLO with them; rates are reported at speed 1.
---write appends the table to bench/results/emulate.md.
+--write appends the table (with the machine's load average at the start and the end) to bench/results/emulate.md.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def main() -> None:
     in_edges = [int(x) for x in args.input_edges.split(",")]
     out_edges = [int(x) for x in args.output_edges.split(",")]
     slos = Slos(tpot_ms=args.tpot_slo_ms)
+    args.load_start = os.getloadavg()  # the machine is shared: its load goes with the table
     rows = []
     for gpu in args.gpus.split(","):
         tables = [max_rates(model, [gpu], in_edges, out_edges, slos, seed=seed)[gpu] for seed in range(args.seeds)]
@@ -93,6 +95,7 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
+    args.load_end = os.getloadavg()
     table = _table(rows, args)
     print(table)
     if args.write:
@@ -101,10 +104,15 @@ def main() -> None:
         RESULTS.write_text(text.replace(marker, marker + table + "\n", 1))
 
 
+def _load(averages: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.1f}" for x in averages)
+
+
 def _table(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [f"{time.strftime('%Y-%m-%d')}, engine {engine_version()}: {args.model}, mean TPOT <= "
              f"{args.tpot_slo_ms:g} ms, emulate at speed {args.speed:g} (rates at speed 1), estimate over "
-             f"{args.seeds} seeds.", "",
+             f"{args.seeds} seeds. Load average (1/5/15 min) {_load(args.load_start)} at the start, "
+             f"{_load(args.load_end)} at the end.", "",
              "| GPU | prompt / output | estimate (seed 0) | estimate seeds mean ± sd | profile of emulate | profile / "
              "estimate | profile / seeds mean | profile status, steps, minutes |",
              "|---|---|---|---|---|---|---|---|"]
