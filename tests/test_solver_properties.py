@@ -686,6 +686,41 @@ def test_with_markets_split_tuned_for_speed_keeps_the_optimum_of_the_untuned_mod
     assert sum(g.count * g.price for g in result.gpus) == pytest.approx(result.cost, abs=COST)
 
 
+@pytest.mark.parametrize("seed", [1, 4, 5])
+def test_with_markets_the_dived_start_is_a_whole_fleet_that_fits_and_costs_no_less_than_the_optimum(seed):
+    """The dive hands HiGHS a start (HiGHS would silently drop a bad one, and with it the speed-up): every integer
+    variable whole, every row of the model within its bounds, and a cost no lower than the proven optimum."""
+    import highspy
+
+    from melange_sky.solver.model import _highs_class, dive_for_a_start
+
+    model, _ = build_model(seeded_market_instance(seed), "split")
+    solver = _highs_class()(msg=False)
+    solver.createAndConfigureSolver(model)
+    solver.buildSolverModel(model)
+    mip = model.solverModel
+    start = dive_for_a_start(mip)
+    assert start is not None
+    lp = mip.getLp()
+    x = list(start.col_value)
+    for j, kind in enumerate(lp.integrality_):
+        if kind == highspy.HighsVarType.kInteger:
+            assert x[j] == round(x[j])
+    for j, value in enumerate(x):
+        assert lp.col_lower_[j] - SLACK <= value <= lp.col_upper_[j] + SLACK
+    matrix = lp.a_matrix_
+    by_row = matrix.format_ == highspy.MatrixFormat.kRowwise
+    rows = [0.0] * lp.num_row_
+    for outer in range(lp.num_row_ if by_row else lp.num_col_):
+        for k in range(matrix.start_[outer], matrix.start_[outer + 1]):
+            i, j = (outer, matrix.index_[k]) if by_row else (matrix.index_[k], outer)
+            rows[i] += matrix.value_[k] * x[j]
+    for i, activity in enumerate(rows):
+        assert lp.row_lower_[i] - SLACK <= activity <= lp.row_upper_[i] + SLACK
+    cost = sum(c * v for c, v in zip(lp.col_cost_, x)) + lp.offset_
+    assert cost >= SEEDED_MARKET_OPTIMA[seed] - COST
+
+
 def test_a_split_solve_on_one_thread_between_default_solves_leaves_every_solve_proven():
     """HiGHS sizes one thread pool per process at its first run and refuses a run asking for another size; `split`
     under a spot block asks for one thread. Whatever ran before or runs after (here the default pool on either
