@@ -512,7 +512,8 @@ def _highs_class() -> Any:
     return _HIGHS_CLASS
 
 
-#: A dive stops (and hands HiGHS no start) after this many LP solves per integer variable.
+#: A dive gives up (and hands HiGHS no start) after this many LP solves per integer variable, and its polish stops
+#: after as many again.
 DIVE_SOLVES_PER_INTEGER = 4
 
 
@@ -568,8 +569,10 @@ def dive_for_a_start(mip: Any) -> Any | None:
         relaxed.changeColBounds(j, n, n)
     if not solved():
         return None
+    tries = DIVE_SOLVES_PER_INTEGER * len(ints)  # the same bound for the polish: a large fleet stays cheap
     for j in sorted(ints, key=lambda j: -cost[j]):  # one fewer of each, dearest first, while it still fits
-        while counts[j] - 1 >= lp.col_lower_[j]:
+        while counts[j] - 1 >= lp.col_lower_[j] and tries > 0:
+            tries -= 1
             relaxed.changeColBounds(j, counts[j] - 1, counts[j] - 1)
             if not solved():
                 relaxed.changeColBounds(j, counts[j], counts[j])
