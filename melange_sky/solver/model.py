@@ -68,7 +68,7 @@ AUTO = "auto"  # the CLI's default formulation: see resolve_formulation
 def resolve_formulation(config: Config, formulation: Formulation | str) -> Formulation:
     """`auto` is `slices` (the paper's model, whole slices per GPU type), except under a `spot` block: markets double
     the types and `slices` there is often not proven within seconds, where `split` (never dearer) is proven at once
-    (bench/solve_bench.py --markets-only: split optimal on all 10 instances, median 0.38 s, slowest 0.76 s; slices
+    (bench/solve_bench.py --markets-only: split optimal on all 10 instances, median 0.31 s, slowest 0.79 s; slices
     proven on 6 of 10 in 30 s). An explicit formulation is kept as given."""
     if formulation == AUTO:
         return Formulation.SPLIT if config.spot is not None else Formulation.SLICES
