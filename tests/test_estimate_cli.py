@@ -70,15 +70,16 @@ def test_calibrate_fits_a_profile_then_estimates_say_they_use_it(cli, tmp_path, 
     monkeypatch.setenv("MELANGE_SKY_HOME", str(tmp_path / "home"))
     truth = scaled(Coefficients(), 0.75, 1.0, 1.0)
     llama = load_model("llama-3.1-8b")
-    buckets = [{"cell": [0, k], "prompt_tokens": 300, "output_tokens": out, "status": "ok",
-                "tput": max_rate(lambda: Engine(llama, "L4", coefficients=truth), 300, out, Slos(tpot_ms=150)).tput}
-               for k, out in enumerate((40, 120))]
+    # one bucket: the command's behaviour (fit, save, later estimates say so) needs no more; a fit costs a rate search
+    # per bucket per trial (two buckets, 300/40 and 300/120: 4.8 CPU-s; this one 1.4)
+    buckets = [{"cell": [0, 0], "prompt_tokens": 300, "output_tokens": 120, "status": "ok",
+                "tput": max_rate(lambda: Engine(llama, "L4", coefficients=truth), 300, 120, Slos(tpot_ms=150)).tput}]
     profile = tmp_path / "p.json"
     profile.write_text(json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "tpot_slo_ms": 150,
                                    "settings": {"tpot_slo_ms": 150}, "buckets": buckets}))
     result = cli("estimate", "--model", "llama-3.1-8b", "--gpu", "L4", "--calibrate", str(profile))
     assert result.exit_code == 0, result.stderr
-    assert result.stdout.startswith("Calibrated L4 on 2 measured bucket(s) of llama-3.1-8b: median error")
+    assert result.stdout.startswith("Calibrated L4 on 1 measured bucket(s) of llama-3.1-8b: median error")
     assert (tmp_path / "home" / "engine" / "fits" / "L4.json").is_file()
     later = cli("estimate", "--model", "llama-3.1-8b", "--gpu", "L4", "--input-tokens", "100", "--output-tokens",
                 "10", "--concurrency", "1", "--requests", "1")
