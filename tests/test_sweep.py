@@ -222,6 +222,18 @@ def test_a_rate_above_max_replicas_is_an_infeasible_row_not_a_crash(cli):
     assert point["mix"]["counts"] == {"A100-80GB": 37500}
 
 
+def test_single_gpu_fleets_above_max_replicas_are_infeasible_too(cli):
+    result = cli("sweep", EXAMPLE_PATH, "--rates", "30,1e6")  # QA 21: 404,000,000 $/h was printed at 1e9
+    assert result.exit_code == 0, result.stderr
+    assert _row(result.stdout, "1,000,000")[3:5] == ["infeasible", "infeasible"]
+    assert "A10G alone: infeasible at 1 of 2 rate(s), first at 1,000,000 req/s: needs 400,000 replicas, above " \
+           "--max-replicas 500" in result.stdout
+    assert _row(result.stdout, "30")[3:5] == ["12.12", "7.34"]  # below the cap: as before
+    point = _json(cli, EXAMPLE_PATH, "--rates", "1e6", "--max-replicas", "40000")["points"][0]
+    costs = {b["gpu"]: b["cost"] for b in point["baselines"]}
+    assert costs["A10G"] is None and costs["A100-80GB"] == pytest.approx(37500 * 3.67)
+
+
 def test_per_offer_sweep_gives_what_solve_per_offer_gives(cli):
     multicloud = str(REPO / "examples" / "multicloud.json")
     point = _json(cli, multicloud, "--per-offer", "--rates", "50")["points"][0]

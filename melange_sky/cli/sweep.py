@@ -48,9 +48,9 @@ def sweep(config: str, rates: str | None, start: float | None, stop: float | Non
     """Cost of the cheapest mix and of each single GPU type over request rates, for CONFIG.
 
     Each rate is solved as `solve --rate R` would (GPUs bound to offers as `plan` binds them): the mix under
-    --formulation, the `split` mix and every single-GPU-type fleet. A rate no fleet fits, or whose fleet is
-    above --max-replicas, shows as infeasible. --rate sets the config's rate that the default range (20 steps up
-    to twice it) is built from.
+    --formulation, the `split` mix and every single-GPU-type fleet. A fleet that does not fit, or has more
+    replicas than --max-replicas, shows as infeasible (mix and single types alike). --rate sets the config's
+    rate that the default range (20 steps up to twice it) is built from.
 
     \b
     Examples:

@@ -8,6 +8,7 @@ Mélange paper's cost-vs-rate figure with the fleet's composition beneath; matpl
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -202,8 +203,8 @@ def sweep(config: Config, rates: list[float], formulation: Formulation | str = F
           max_replicas: int | None = None) -> Sweep:
     """Solve `config` at every rate (in this process): the mix under `formulation`, the `split` mix and the
     single-GPU-type fleets, as `solve` reports them. `caps` are the shared quotas of a config bound to offers (see
-    `solve`). A rate no fleet fits, or whose fleet has more than `max_replicas` instances, becomes an infeasible
-    point with its reason, not an error."""
+    `solve`). A fleet that does not fit, or has more than `max_replicas` instances (the mix's or a single GPU
+    type's), is infeasible at that rate with its reason, not an error."""
     formulation = resolve_formulation(config, formulation)
     rates = check_rates(list(rates))
     started = time.perf_counter()
@@ -215,7 +216,8 @@ def sweep(config: Config, rates: list[float], formulation: Formulation | str = F
         mix, result = _mix(at_rate, formulation, options, caps, max_replicas)
         split = (mix if formulation is Formulation.SPLIT
                  else _mix(at_rate, Formulation.SPLIT, options, caps, max_replicas)[0])
-        found = baselines(at_rate, formulation, options, caps)  # once per rate: the mix's, not split's
+        found = _within_replicas(baselines(at_rate, formulation, options, caps),  # once per rate: the mix's
+                                 max_replicas)
         if result is not None:
             instance_gpus.update({g.name: g.gpus_per_instance for g in result.gpus})
         points.append(SweepPoint(rate=rate, mix=mix, split=split, baselines=found,
@@ -233,6 +235,16 @@ def _mix(config: Config, formulation: Formulation, options: SolverOptions,
     except InfeasibleAllocation as exc:
         return MixCost(formulation, None, {}, "infeasible", _reason(str(exc), config.source)), None
     return MixCost(formulation, result.cost, {k: v for k, v in result.counts.items() if v}, str(result.status)), result
+
+
+def _within_replicas(found: list[Baseline], max_replicas: int | None) -> list[Baseline]:
+    """Single-GPU-type fleets above `max_replicas` instances are infeasible at this rate, as the mix is: a sweep
+    never prints a fleet the command would refuse to plan."""
+    if max_replicas is None:
+        return found
+    return [dataclasses.replace(b, count=None, cost=None, counts={},
+                                reason=f"needs {b.count:,} replicas, above --max-replicas {max_replicas:,}")
+            if b.count is not None and b.count > max_replicas else b for b in found]
 
 
 def _reason(message: str, source: str) -> str:
