@@ -40,9 +40,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -93,6 +94,14 @@ SPLIT_FIRST_FIT_SECONDS = 2.0
 #: HiGHS's heuristic effort in `slices` after `split`'s bound: the bound is known, so the search is for a fleet that
 #: meets it (issue 20's market instances: 6-7 s instead of 8-19 s where one exists, measured on seeds 1, 2, 8).
 BOUNDED_HEURISTIC_EFFORT = 1.0
+#: How long past its time limit the bounded `slices` search (`solve_split_first`) may run before it is stopped from
+#: outside. That search runs HiGHS's sub-MIP heuristics at full effort, and a sub-MIP checks neither HiGHS's time
+#: limit everywhere in its presolve (ERGO-Code/HiGHS#2226, #1501) nor the user interrupt (polled by the top-level
+#: MIP only): in bench/solve_bench.py's Table 6 a RINS -> RENS -> root-reduced-cost chain twice ran for minutes past
+#: a 30 s limit. So that search runs in a child process (`run_model_watched`), killed at limit + grace, and its
+#: result is the best fleet it reported. Without those sub-MIPs it cannot stall so, but it proves less: seeds 3 and
+#: 4 of Table 6 ended at the limit 3.3% and 4.1% above the optimum (before: 0.04% above, and proven).
+WATCHDOG_GRACE_SECONDS = 2.0
 #: HiGHS options for `split` under a spot block. Its root LP is within 0.1-0.5% of the optimum and the tree is small
 #: (a few hundred nodes); HiGHS's sub-MIP heuristics (RINS, RENS) and its restarts took most of the time. Without
 #: them the median market instance of bench/solve_bench.py solves in 0.7 s instead of 1.9 s (measured side by side).
@@ -352,8 +361,8 @@ def solve_split_first(config: Config, options: SolverOptions, caps: Sequence[Sha
     model, variables = build_model(config, Formulation.SLICES, caps=caps)
     model += model.objective >= bound - OPTIMALITY_GAP_ABS, "split_bound"
     left = None if options.time_limit is None else max(options.time_limit - seconds, 1.0)
-    status, more = run_model(model, dataclasses.replace(options, time_limit=left),
-                             heuristic_effort=BOUNDED_HEURISTIC_EFFORT)
+    status, more = run_model_watched(model, dataclasses.replace(options, time_limit=left),
+                                     heuristic_effort=BOUNDED_HEURISTIC_EFFORT)
     return SplitFirst(status, seconds + more, variables, bound, split, split_seconds)
 
 
@@ -426,13 +435,16 @@ def split_tuning(config: Config) -> dict[str, float | bool]:
 
 
 def run_model(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT,
-              tuning: dict[str, float | bool] | None = None, dive_start: bool = False) -> tuple[SolveStatus, float]:
+              tuning: dict[str, float | bool] | None = None, dive_start: bool = False,
+              on_incumbent: Callable[[list[float]], None] | None = None) -> tuple[SolveStatus, float]:
     """Solve `model` in place; return its status and the wall seconds it took (the dive's included).
     `heuristic_effort`: HiGHS's share of effort on primal heuristics; `tuning`: more HiGHS options; `dive_start`:
-    hand HiGHS a first fleet from a dive of its LP relaxation (`dive_for_a_start`). CBC ignores all three."""
+    hand HiGHS a first fleet from a dive of its LP relaxation (`dive_for_a_start`); `on_incumbent`: hears each
+    improving fleet HiGHS finds (its column values, in `model.variables()`'s order). CBC ignores all four."""
     pulp = _pulp()
 
     solver = make_solver(options, heuristic_effort, tuning, dive_start)
+    solver.on_incumbent = on_incumbent
     started = time.perf_counter()
     try:
         with _quiet_stdout(options.name == "highs" and not options.msg):
@@ -448,6 +460,88 @@ def run_model(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEU
         return SolveStatus.INFEASIBLE, seconds
     limit = f" within the {options.time_limit:g} s time limit" if options.time_limit else ""
     raise SolverError(f"{options.name} found no solution{limit} (status: {pulp.LpStatus[model.status]})")
+
+
+def run_model_watched(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT,
+                      tuning: dict[str, float | bool] | None = None,
+                      grace: float = WATCHDOG_GRACE_SECONDS) -> tuple[SolveStatus, float]:
+    """`run_model` with a time limit that holds: HiGHS runs in a child process, killed `grace` seconds past
+    `options.time_limit` if it has not returned by then (see `WATCHDOG_GRACE_SECONDS`); the model then holds the
+    best fleet HiGHS reported (status FEASIBLE: not proven), or SolverError says none was found. In process when
+    there is no limit to hold, or for CBC (a subprocess of its own). Costs a Python start (~0.5 s)."""
+    pulp = _pulp()
+
+    if options.time_limit is None or options.name != "highs":
+        return run_model(model, options, heuristic_effort, tuning)
+    import multiprocessing  # noqa: PLC0415 - only this path needs it
+
+    started = time.perf_counter()
+    deadline = time.time() + options.time_limit  # wall clock: the child reads its own limit from it
+    context = multiprocessing.get_context("spawn")  # a fork would copy HiGHS's thread pool without its threads
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_watched_solve, daemon=True, name="melange-sky-highs",
+                            args=(sender, model.toDict(), options, deadline, heuristic_effort, tuning))
+    child.start()
+    sender.close()
+    names: list[str] = []
+    best: list[float] | None = None
+    outcome: tuple | None = None
+    try:
+        while outcome is None:
+            left = deadline + grace - time.time()
+            if left <= 0 or not receiver.poll(left):
+                break  # overran: HiGHS stuck where it checks no limit
+            try:
+                message = receiver.recv()
+            except EOFError:  # the child died without an answer
+                break
+            if message[0] == "columns":
+                names = message[1]
+            elif message[0] == "incumbent":
+                best = message[1]
+            else:
+                outcome = message
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receiver.close()
+    seconds = time.perf_counter() - started
+    if outcome is not None and outcome[0] == "error":
+        raise SolverError(outcome[1])
+    values = dict(zip(names, best)) if outcome is None and best is not None else \
+        (outcome[2] if outcome is not None else None)
+    if values is None:
+        raise SolverError(f"{options.name} found no solution within the {options.time_limit:g} s time limit "
+                          f"(stopped {seconds - options.time_limit:.1f} s past it)")
+    for var in model.variables():
+        var.varValue = values.get(var.name)
+    status = SolveStatus(outcome[1]) if outcome is not None else SolveStatus.FEASIBLE
+    model.status = pulp.LpStatusOptimal if status is not SolveStatus.INFEASIBLE else pulp.LpStatusInfeasible
+    model.sol_status = {SolveStatus.OPTIMAL: pulp.LpSolutionOptimal, SolveStatus.FEASIBLE:
+                        pulp.LpSolutionIntegerFeasible}.get(status, pulp.LpSolutionInfeasible)
+    return status, seconds
+
+
+def _watched_solve(sender: Any, problem: dict, options: SolverOptions, deadline: float, heuristic_effort: float,
+                   tuning: dict[str, float | bool] | None) -> None:
+    """`run_model_watched`'s child: solve `problem` within what is left before `deadline`, sending each improving
+    fleet as HiGHS finds it, then the outcome."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's: it stops this process
+    with open(os.devnull, "w") as devnull:  # a clean stdout for --json: nothing of HiGHS's gets through
+        os.dup2(devnull.fileno(), 1)
+    pulp = _pulp()
+    _, model = pulp.LpProblem.fromDict(problem)
+    names = [var.name for var in model.variables()]  # PuLP's HiGHS columns, in order
+    sender.send(("columns", names))
+    limited = dataclasses.replace(options, time_limit=max(deadline - time.time(), 0.01))
+    try:
+        status, _ = run_model(model, limited, heuristic_effort, tuning,
+                              on_incumbent=lambda values: sender.send(("incumbent", values)))
+    except SolverError as exc:
+        sender.send(("error", str(exc)))
+        return
+    sender.send(("done", str(status), {var.name: var.varValue for var in model.variables()}))
 
 
 def make_solver(options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT,
@@ -493,6 +587,7 @@ def _highs_class() -> Any:
 
         class MelangeHiGHS(pulp.HiGHS):  # type: ignore[name-defined]
             dive_start = False
+            on_incumbent: Callable[[list[float]], None] | None = None
 
             def callSolver(self, lp: Any) -> None:
                 import highspy  # noqa: PLC0415 - loaded with PuLP by _pulp()
@@ -503,6 +598,10 @@ def _highs_class() -> Any:
                         start = dive_for_a_start(lp.solverModel)
                         if start is not None:
                             lp.solverModel.setSolution(start)
+                    if self.on_incumbent is not None:
+                        hear = self.on_incumbent
+                        lp.solverModel.cbMipImprovingSolution += \
+                            lambda event: hear([float(v) for v in event.data_out.mip_solution])
                     super().callSolver(lp)
                 finally:
                     if self.threads is not None:
