@@ -3,15 +3,19 @@ own process), is profiled beside the others, and every replica is torn down — 
 failure, after Ctrl-C.
 
 The agreement test is issue 19's judge: the tputs `profile --launch A10G,A100-80GB --backend local` writes match
-`estimate` for the same model within 10%. A TPOT SLO binding below saturation on the A10G (the A100-80GB reaches it
-near its capacity, at ~0.94 of its saturated throughput: the steep end, where a short step reads it hardest), the
-emulators at speed 4 (the profile runs with the SLO / 4 and divides the rates found by 4, so the tputs written are
-the real GPU's and compare with `estimate` as printed), one estimate per GPU type (deterministic to ~1%). The search
-starts at 0.8x the engine model's estimate and grows x1.3 (what `profile --launch` does without --start-rate), then
-bisects twice, steps of at most 5 s: ~24 s. Measured on the loaded 2-core machine, 4 runs: A10G 0.966-0.980 and
-A100-80GB 0.941-0.980 of the estimate (with one bisection instead of two the A100-80GB's bracket stayed 13% wide and
-its fit, clamped to the highest pass, read 0.86-0.92). The two profiles are threads of one process: they use ~20% of
-a core between them, so the GIL does not distort their timing; what does is a step too short near the limit.
+`estimate` for the same model within 10%. It is issue 17's (item 9) too: its replicas are `melange-sky emulate`
+processes, so it is `profile` against `emulate` finding the rate `estimate` predicts within 10%, for two GPU types
+(tests/test_emulate_agreement.py proved the same on one, and went).
+
+A TPOT SLO binding below saturation on the A10G (the A100-80GB reaches it near its capacity, at ~0.94 of its saturated
+throughput: the steep end, where a short step reads it hardest), the emulators at speed 4 (the profile runs with the SLO
+/ 4 and divides the rates found by 4, so the tputs written are the real GPU's and compare with `estimate` as printed),
+one estimate per GPU type (deterministic to ~1%). The search starts at 0.8x the engine model's estimate and grows x1.3
+(what `profile --launch` does without --start-rate), then bisects twice, steps of at most 5 s: ~24 s. Measured on the
+loaded 2-core machine, 4 runs: A10G 0.966-0.980 and A100-80GB 0.941-0.980 of the estimate (with one bisection instead of
+two the A100-80GB's bracket stayed 13% wide and its fit, clamped to the highest pass, read 0.86-0.92). The two profiles
+are threads of one process: they use ~20% of a core between them, so the GIL does not distort their timing; what does is
+a step too short near the limit.
 """
 from __future__ import annotations
 
