@@ -211,6 +211,37 @@ def test_a_gpu_missing_from_skypilots_own_catalog_names_that_catalog(tmp_path):
     assert str(info.value) == f"no offer for GPU 'H200' in aws (SkyPilot's catalog in {tmp_path})"
 
 
+def test_a_skypilot_catalog_missing_a_column_is_one_error_naming_the_file_and_column_not_a_dropped_cloud(
+        cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SKY_RUNTIME_DIR", str(tmp_path))
+    path = skypilot_catalog_dir() / "aws" / "vms.csv"
+    _write(path, "InstanceType,AcceleratorName,AcceleratorCount,vCPUs,MemoryGiB,GpuInfo,PriceUSD,SpotPrice,Region,"
+                 "AvailabilityZone\n"
+                 "g5.xlarge,A10G,1.0,4,16,,1.006,0.4,us-west-2,usw2-az1\n")
+    for args in (("catalog", "--cloud", "aws"), ("catalog", "A10G")):
+        result = cli(*args)
+        assert result.exit_code == 2, result.stdout
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"Error: the catalog {path} has no 'Price' column (its header: InstanceType,")
+        assert "bundled catalog snapshot" not in line
+
+
+def test_a_gcp_catalog_missing_its_host_vm_columns_names_them(tmp_path):
+    _write(tmp_path / "gcp" / "vms.csv", "InstanceType,AcceleratorName,AcceleratorCount,Price,SpotPrice,Region\n"
+                                         ",L4,1,0.6,0.2,us-east4\n")
+    with pytest.raises(CatalogError, match="has no 'AvailabilityZone', 'vCPUs', 'MemoryGiB' columns"):
+        Catalog(skypilot_dir=tmp_path).offers("L4", ["gcp"])
+
+
+def test_a_skypilot_catalog_with_a_utf8_bom_and_extra_columns_is_read_as_skypilot_reads_it(tmp_path):
+    (tmp_path / "aws").mkdir()
+    (tmp_path / "aws" / "vms.csv").write_bytes(  # Excel's UTF-8 BOM first
+        b"\xef\xbb\xbfInstanceType,AcceleratorName,AcceleratorCount,Price,SpotPrice,Region,SomethingNew\n"
+        b"g5.xlarge,A10G,1.0,1.006,0.4,us-west-2,x\n")
+    [offer] = Catalog(skypilot_dir=tmp_path).offers("A10G", ["aws"])
+    assert (offer.instance_type, offer.region, offer.price, offer.spot_price) == ("g5.xlarge", "us-west-2", 1.006, 0.4)
+
+
 def test_solve_warns_on_a_gpu_the_catalog_does_not_know_and_still_solves(cli, write_config, example):
     example["gpu_info"]["RTX4090"] = {"cost": 0.5, "tputs": [[1, 1], [1, 1]]}
     result = cli("solve", write_config(example))

@@ -177,13 +177,28 @@ def _count(value: str | None) -> int | None:
     return int(number)
 
 
-def _rows(path: Path, skip_without: str | None = None) -> Iterator[dict[str, str]]:
-    """The CSV's rows as dicts; with `skip_without`, rows whose column of that name is empty are dropped before
+# The columns read from each layout. SkyPilot itself reads these files with pandas and indexes the same columns
+# (sky/catalog/common.py: InstanceType, AcceleratorName, AcceleratorCount, Price, Region; vCPUs/MemoryGiB for GCP's
+# host VMs); SpotPrice and AvailabilityZone may be absent there too, and extra columns are ignored.
+REQUIRED_COLUMNS = ("InstanceType", "AcceleratorName", "AcceleratorCount", "Price", "Region")
+REQUIRED_GCP_COLUMNS = REQUIRED_COLUMNS + ("AvailabilityZone", "vCPUs", "MemoryGiB")
+
+
+def _rows(path: Path, required: Sequence[str], skip_without: str | None = None) -> Iterator[dict[str, str]]:
+    """The CSV's rows as dicts; CatalogError naming the file and column when a `required` one is missing (a changed
+    file would otherwise yield no offers and drop its cloud in silence). A UTF-8 BOM (Excel writes one) is skipped,
+    as pandas does for SkyPilot. With `skip_without`, rows whose column of that name is empty are dropped before
     building a dict (most rows of SkyPilot's AWS catalog have no GPU; this keeps a 3.6 MB file near 100 ms)."""
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = next(reader, [])
+            missing = [name for name in required if name not in header]
+            if missing:
+                raise CatalogError(
+                    f"the catalog {path} has no {', '.join(repr(m) for m in missing)} column"
+                    f"{'s' if len(missing) > 1 else ''} (its header: {','.join(header)[:200] or 'empty'}); "
+                    f"fix its header, or delete it to use SkyPilot's download (or the bundled snapshot)")
             index = header.index(skip_without) if skip_without in header else None
             for row in reader:
                 if index is not None and (index >= len(row) or not row[index]):
@@ -215,7 +230,7 @@ def read_vms_csv(path: Path, cloud: str, source: str) -> list[Offer]:
     if cloud == "gcp":
         return _read_gcp(path, source)
     offers = []
-    for row in _rows(path, skip_without="AcceleratorName"):
+    for row in _rows(path, REQUIRED_COLUMNS, skip_without="AcceleratorName"):
         name, count = (row.get("AcceleratorName") or "").strip(), _count(row.get("AcceleratorCount"))
         instance, region, price = (row.get("InstanceType") or "").strip(), (row.get("Region") or "").strip(), \
             _float(row.get("Price"))
@@ -230,7 +245,7 @@ def read_vms_csv(path: Path, cloud: str, source: str) -> list[Offer]:
 def _read_gcp(path: Path, source: str) -> list[Offer]:
     hosts: dict[str, list[tuple[str, float, float, float, float | None]]] = {}
     gpus = []
-    for row in _rows(path):
+    for row in _rows(path, REQUIRED_GCP_COLUMNS):
         instance, name = (row.get("InstanceType") or "").strip(), (row.get("AcceleratorName") or "").strip()
         zone, price = (row.get("AvailabilityZone") or "").strip(), _float(row.get("Price"))
         if price is None or not zone:
