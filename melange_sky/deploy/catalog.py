@@ -184,7 +184,7 @@ REQUIRED_COLUMNS = ("InstanceType", "AcceleratorName", "AcceleratorCount", "Pric
 REQUIRED_GCP_COLUMNS = REQUIRED_COLUMNS + ("AvailabilityZone", "vCPUs", "MemoryGiB")
 
 
-def _rows(path: Path, required: Sequence[str], skip_without: str | None = None) -> Iterator[dict[str, str]]:
+def _rows(path: Path, required: Sequence[str] = (), skip_without: str | None = None) -> Iterator[dict[str, str]]:
     """The CSV's rows as dicts; CatalogError naming the file and column when a `required` one is missing (a changed
     file would otherwise yield no offers and drop its cloud in silence). A UTF-8 BOM (Excel writes one) is skipped,
     as pandas does for SkyPilot. With `skip_without`, rows whose column of that name is empty are dropped before
