@@ -619,3 +619,38 @@ def test_iso_times_in_every_spelling_read_the_same_instant_across_minute_and_day
     assert result.first_timestamp == pytest.approx(instants[0].timestamp(), abs=1e-6)
     assert result.last_timestamp == pytest.approx(instants[-1].timestamp(), abs=1e-6)
     assert result.rate == pytest.approx(11 / (37.125 * 11))
+
+
+# ---- a router's rate (workload --from): over the time it has seen traffic, not its whole life ----------------------
+def _router_up_7_s_then_8_s_of_traffic():
+    """A router's GET /workload after 7 idle seconds and then 37 requests in 8 s (4.625 req/s)."""
+    from melange_sky.serve.observed import ObservedWorkload
+
+    now = [0.0]
+    observed = ObservedWorkload((1, 100, 1000), (1, 100, 1000), window_s=3600, clock=lambda: now[0])
+    for k in range(37):
+        now[0] = 7.0 + 8.0 * k / 37
+        observed.arrival()
+        observed.record(50, 50, reported=True)
+    now[0] = 15.0
+    return observed.to_dict()
+
+
+def test_a_routers_rate_is_its_requests_over_the_time_since_its_first_not_since_it_started():
+    doc = _router_up_7_s_then_8_s_of_traffic()
+    assert doc["total_request_rate"] == pytest.approx(37 / 8)  # not 37 / 15: the idle start is no load
+    assert (doc["span_s"], doc["up_s"], doc["arrivals"]) == (pytest.approx(8.0), pytest.approx(15.0), 37)
+
+
+def test_a_short_router_sample_written_into_a_config_is_warned_about_loudly(tmp_path, cli, example, monkeypatch):
+    doc = _router_up_7_s_then_8_s_of_traffic()
+    monkeypatch.setattr("melange_sky.cli.workload.fetch_observed", lambda url, *a, **k: (url + "/workload", doc))
+    target = tmp_path / "config.json"
+    target.write_text(json.dumps(dict(example, input_buckets=[1, 100, 1000], output_buckets=[1, 100, 1000])))
+    run = cli("workload", "--from", "http://127.0.0.1:9", "--into", str(target))
+    assert run.exit_code == 0, run.stderr
+    assert "Rate: 4.625 req/s (arrivals the router counted over the 8.0 s since its first request)" in run.stdout
+    assert json.loads(target.read_text())["total_request_rate"] == pytest.approx(4.625)
+    assert run.stderr.splitlines()[-1] == (
+        f"Warning: {target} now has total_request_rate 4.625 req/s: the router's 37 requests in only 8.0 s of "
+        f"traffic (3600 s window); check it before planning on it, or write your own with --rate")

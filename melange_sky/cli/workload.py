@@ -28,7 +28,10 @@ _FEW_MINUTES = 20
 @click.argument("trace", type=click.Path(path_type=str), required=False)
 @click.option("--from", "router_url", metavar="URL", help="Instead of a TRACE: the workload a `melange-sky serve` "
               "router observed (its GET /workload: requests per bucket by reported usage over its window, and the "
-              "arrival rate): its endpoint as `up` prints it, with or without /v1, e.g. http://127.0.0.1:8080/v1.")
+              "arrival rate: requests / the seconds since its first request, or its window once that is older; "
+              "idle time before the first request is not counted): its endpoint as `up` prints it, with or without "
+              "/v1, e.g. http://127.0.0.1:8080/v1. A sample shorter than the window is warned about, loudly when "
+              "its rate is written (--into, -o).")
 @click.option("--api-key", envvar="MELANGE_SKY_API_KEY", metavar="KEY", help="With --from: the router's key "
               "[env MELANGE_SKY_API_KEY]; never written to a file.")
 @click.option("--cacert", type=click.Path(dir_okay=False, path_type=str), metavar="FILE", help="With --from "
@@ -104,6 +107,7 @@ def workload(trace: str | None, router_url: str | None, api_key: str | None, cac
     if given_rate is not None and percentile is not None:
         raise click.UsageError("give --rate or --rate-percentile, not both")
     config = read_config_object(into) if into else None
+    observed: dict | None = None
     if router_url:
         source, observed = fetch_observed(router_url, api_key, cafile=cacert)
         result = observed_workload(observed, source, given_rate, percentile)
@@ -129,9 +133,34 @@ def workload(trace: str | None, router_url: str | None, api_key: str | None, cac
     if as_json:
         click.echo(json.dumps({**result.to_dict(), "written": written}, indent=2))
     else:
-        click.echo(format_workload(result))
+        span = _span(observed)
+        window = observed.get("window_s") if observed is not None else None
+        short = span if span is not None and isinstance(window, (int, float)) and span < window else None
+        click.echo(format_workload(result, short))
     if written:
         click.echo(f"Wrote {written}", err=True)
+        short = _short_sample_written(result, observed, written)
+        if short:
+            warn([short])
+
+
+def _span(observed: dict | None) -> float | None:
+    span = observed.get("span_s") if observed is not None else None
+    return float(span) if isinstance(span, (int, float)) and not isinstance(span, bool) else None
+
+
+def _short_sample_written(result: WorkloadResult, observed: dict | None, written: str) -> str | None:
+    """The loud warning when a router's mean rate over less than its window went into a file someone will plan
+    with: the mean of a few seconds is easy to miss among the other lines."""
+    span, window = _span(observed), observed.get("window_s") if observed is not None else None
+    if (observed is None or span is None or not isinstance(window, (int, float)) or span >= window
+            or result.rate is None or result.rate_source != RateSource.OBSERVED or result.rate_percentile is not None):
+        return None
+    arrivals = observed.get("arrivals")
+    counted = f"{arrivals} requests in" if isinstance(arrivals, int) else "arrivals over"
+    return (f"{written} now has total_request_rate {result.rate:.4g} req/s: the router's {counted} only "
+            f"{span:.{1 if span < 10 else 0}f} s of traffic ({window:.0f} s window); check it before planning on "
+            f"it, or write your own with --rate")
 
 
 def _ranges(edges: tuple[int, ...]) -> list[str]:
@@ -142,7 +171,7 @@ def _percentile_name(p: float) -> str:
     return "max" if p == 100 else f"p{p:g}"
 
 
-def _rate_lines(result: WorkloadResult) -> list[str]:
+def _rate_lines(result: WorkloadResult, observed_span: float | None = None) -> list[str]:
     """What total_request_rate is, the mean and the per-minute peaks, and which to plan for."""
     pct = result.rate_percentiles
     source = result.rate_source
@@ -155,7 +184,9 @@ def _rate_lines(result: WorkloadResult) -> list[str]:
         first = (f"Rate: {result.rate:.4g} req/s (the {_percentile_name(result.rate_percentile)} of the per-minute "
                  f"rate over {over}" + (f"; mean {result.mean_rate:.4g})" if result.mean_rate else ")"))
     elif source == RateSource.OBSERVED:
-        first = f"Rate: {result.rate:.4g} req/s (arrivals the router counted over its window)"
+        over = ("its window" if observed_span is None else
+                f"the {observed_span:.{1 if observed_span < 10 else 0}f} s since its first request")
+        first = f"Rate: {result.rate:.4g} req/s (arrivals the router counted over {over})"
     else:
         first = f"Rate: {result.rate:.4g} req/s (mean over {result.duration:,.0f} s of timestamps)"
     lines = [first]
@@ -174,14 +205,14 @@ def _rate_lines(result: WorkloadResult) -> list[str]:
     return lines
 
 
-def format_workload(result: WorkloadResult) -> str:
+def format_workload(result: WorkloadResult, observed_span: float | None = None) -> str:
     """The `melange-sky workload` report: what was read, the rate and its peaks, the histogram in %, and the keys
-    to paste."""
+    to paste (`observed_span`: the seconds a router's rate is counted over, when shorter than its window)."""
     read = f"{result.format}, {result.columns}" if result.columns else result.format
     lines = [f"{result.rows:,} requests from {result.source} ({read})"
              + (f", {result.skipped:,} broken rows skipped" if result.skipped else "")
              + (f", {result.failed:,} failed requests skipped" if result.failed else "")]
-    lines += _rate_lines(result)
+    lines += _rate_lines(result, observed_span)
     cols = _ranges(result.output_edges)
     corner = "input \\ output"
     width = max(len(corner), *(len(r) for r in _ranges(result.input_edges)))

@@ -13,9 +13,12 @@ can size on a high percentile of the recent per-minute rates instead of the wind
 complete minute of the window, oldest first) and `rate_percentiles` (p50/p95/p99/max of those minutes in req/s,
 nearest-rank: each one a rate some minute really had).
 `to_dict()` is `GET /workload`: the config's keys (`workload_distribution`, `total_request_rate`, `input_buckets`,
-`output_buckets`) plus `window_s`, `span_s`, `counts`, `requests`, the per-minute arrivals and the lengths counted
-past the edges, so
-`melange-sky workload --from URL` can turn it into config keys for a re-plan.
+`output_buckets`) plus `window_s`, `span_s`, `up_s`, `counts`, `requests`, the per-minute arrivals and the lengths
+counted past the edges, so `melange-sky workload --from URL` can turn it into config keys for a re-plan.
+
+`total_request_rate` is the arrivals over `span_s`, the time the router has seen traffic: from its first request
+(idle time before any client came is not load to plan for) or, once that is older than the window, from the
+window's start; quiet spells after the first request count (they are real). `up_s` is the router's own age.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ class ObservedWorkload:
         self.slot_s = window_s / SLOTS
         self.clock = clock
         self.started = clock()
+        self.first_arrival: float | None = None  # when the first request came: the rate's span starts there
         self.slots: list[_Slot | None] = [None] * SLOTS
         #: Complete minutes kept: those the window holds whole (at least one).
         self.minutes_kept = max(int(window_s // MINUTE_S), 1)
@@ -75,6 +79,8 @@ class ObservedWorkload:
 
     def arrival(self) -> None:
         now = self.clock()
+        if self.first_arrival is None:
+            self.first_arrival = now
         self._slot(now).arrivals += 1
         if now >= self._minute_end:  # one comparison per request; the division only once a minute
             self._roll(int((now - self.started) / MINUTE_S))
@@ -117,8 +123,10 @@ class ObservedWorkload:
                     counts[k] += n
         requests = sum(counts)
         arrivals = sum(s.arrivals for s in live)
-        # The span the live slots cover: from the start of the oldest one (or the router's start) to now.
-        span = (now - self.started) - max(current - SLOTS + 1, 0) * self.slot_s
+        # The span the rate is counted over: from the first request, or the start of the oldest live slot once
+        # the first request is older than that (the router's start before any request: the rate is 0 then).
+        window_start = self.started + max(current - SLOTS + 1, 0) * self.slot_s
+        span = now - max(window_start, self.first_arrival if self.first_arrival is not None else window_start)
         rows = [counts[i * self.cols:(i + 1) * self.cols] for i in range(len(self.input_edges) - 1)]
         clamped = [sum(s.clamped[k] for s in live) for k in range(4)]
         minutes = self.minute_arrivals()
@@ -126,7 +134,8 @@ class ObservedWorkload:
             "workload_distribution": [[round(c / requests, 6) if requests else 0.0 for c in row] for row in rows],
             "total_request_rate": round(arrivals / span, 6) if span > 0 else 0.0,
             "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
-            "window_s": self.window_s, "span_s": round(span, 3), "counts": rows, "requests": requests,
+            "window_s": self.window_s, "span_s": round(span, 3), "up_s": round(now - self.started, 3),
+            "counts": rows, "requests": requests,
             "arrivals": arrivals, "minute_arrivals": minutes,
             "rate_percentiles": rate_percentiles([n / MINUTE_S for n in minutes]),
             "usage_source": {"reported": sum(s.reported for s in live), "estimated": sum(s.estimated for s in live)},
