@@ -139,9 +139,9 @@ def workload(trace: str | None, router_url: str | None, api_key: str | None, cac
         click.echo(format_workload(result, short))
     if written:
         click.echo(f"Wrote {written}", err=True)
-        short = _short_sample_written(result, observed, written)
-        if short:
-            warn([short])
+        loud = _short_sample_written(result, observed, written)
+        if loud:
+            warn([loud])
 
 
 def _span(observed: dict | None) -> float | None:
