@@ -4,6 +4,11 @@ Templates are plain Jinja files (`templates/*.j2`: `vllm`, `sglang`) or any file
 `StrictUndefined`, so a variable the template needs but the plan does not provide is an error naming it, never an
 empty string in a YAML that would launch the wrong thing. Values go into YAML through the `tojson` filter (a JSON
 scalar is a YAML scalar), so no model name or env value can break or inject YAML structure.
+
+A template may come from a config someone shared (`deployment.template`), so every template renders in Jinja's
+immutable sandbox: it reads the variables it is given and nothing else (no `__globals__`, no `os`, no mutation), and an
+attempt is a one-line error naming the template. A replica's rendered `resources` must ask for the offer the plan bound
+(`bind_resources`): a template cannot launch another GPU, cloud or market than the one the plan priced.
 """
 from __future__ import annotations
 
@@ -68,6 +73,9 @@ def load_template(name_or_path: str) -> Template:
             raise TemplateError(f"template {name_or_path!r}: no such builtin template; choose one of "
                                 f"{', '.join(builtin_templates())} or give a file path")
         path = builtin
+    elif path.is_dir():
+        raise TemplateError(f"template {name_or_path}: is a directory, not a template file; give a file path or a "
+                            f"builtin name ({', '.join(builtin_templates())})")
     elif not path.is_file():
         raise TemplateError(f"template {name_or_path}: no such file")
     return Template(name=name_or_path, path=path, jinja=_compile(str(path.resolve())))
@@ -76,9 +84,12 @@ def load_template(name_or_path: str) -> Template:
 @lru_cache(maxsize=32)
 def _compile(path: str):
     import jinja2  # noqa: PLC0415 - heavy: kept off `--help`
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(path).parent)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
+    # Sandboxed: a template (possibly from a shared config) cannot reach Python (`lipsum.__globals__["os"]`), any
+    # attribute starting with `_`, or a method that changes the plan's values; it renders text, nothing more.
+    env = ImmutableSandboxedEnvironment(loader=jinja2.FileSystemLoader(str(Path(path).parent)),
+                                        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     env.filters["tojson"] = _to_json
     env.filters["shell_quote"] = _shell_quote
     try:
@@ -93,9 +104,15 @@ def render(template: Template, context: Mapping[str, Any]) -> tuple[str, dict[st
     """The rendered YAML text and the task config it parses to (a mapping, checked)."""
     import jinja2  # noqa: PLC0415 - heavy: kept off `--help`
     import yaml  # noqa: PLC0415 - heavy: kept off `--help`
+    from jinja2.sandbox import SecurityError  # noqa: PLC0415
 
     try:
         text = template.jinja.render(**context)
+    except SecurityError as exc:
+        line = _template_line(exc, template)
+        where = f"{template.path}:{line}" if line else str(template.path)
+        raise TemplateError(f"{where}: refused: {str(exc).rstrip('.')} (templates render in a sandbox: they read the "
+                            f"plan's variables and cannot reach Python or change those values)") from None
     except jinja2.UndefinedError as exc:
         line = _template_line(exc, template)
         where = f"{template.path}:{line}" if line else str(template.path)
