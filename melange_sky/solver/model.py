@@ -99,8 +99,8 @@ BOUNDED_HEURISTIC_EFFORT = 1.0
 #: limit everywhere in its presolve (ERGO-Code/HiGHS#2226, #1501) nor the user interrupt (polled by the top-level
 #: MIP only): in bench/solve_bench.py's Table 6 a RINS -> RENS -> root-reduced-cost chain twice ran for minutes past
 #: a 30 s limit. So that search runs in a child process (`run_model_watched`), killed at limit + grace, and its
-#: result is the best fleet it reported. Without those sub-MIPs it cannot stall so, but it proves less: seeds 3 and
-#: 4 of Table 6 ended at the limit 3.3% and 4.1% above the optimum (before: 0.04% above, and proven).
+#: result is the best fleet it reported. Without those sub-MIPs it cannot stall so, but its fleets are worse: seeds 3
+#: and 4 of Table 6 ended at the limit 3.4% and 4.1% above split's bound (with them: seed 3 0.04% above, seed 4 proven).
 WATCHDOG_GRACE_SECONDS = 2.0
 #: HiGHS options for `split` under a spot block. Its root LP is within 0.1-0.5% of the optimum and the tree is small
 #: (a few hundred nodes); HiGHS's sub-MIP heuristics (RINS, RENS) and its restarts took most of the time. Without
