@@ -85,8 +85,7 @@ def test_a_pool_is_offered_again_once_its_hold_is_over_not_before():
     assert back(placer, NOW + HOLD - 1) is None
     step = back(placer, NOW + HOLD)
     assert step is not None and step.kind == "spot-return" and step.data == {"pools": [EAST2]}
-    assert step.message == ("aws us-east-2 g5.xlarge (spot) held 10 min without a failure: offered again (the load "
-                            "moves back when that is cheaper)")
+    assert step.message == "aws us-east-2 g5.xlarge (spot) held 10 min without a failure: offered again"
     assert Placer.of([(NOW, "spot-preempted", step.data | {"until": NOW + HOLD}),
                       (NOW + HOLD, step.kind, step.data)]).avoiding == {}
 
@@ -171,10 +170,28 @@ def test_preempted_spot_replicas_go_to_another_region_and_come_back_after_the_ho
     report = controller.run_pass()
     assert report.ok, report.to_dict()
     assert [a.kind for a in report.actions] == ["plan", "spot-return", "up"]
+    assert report.actions[1].message.endswith("offered again: 3 replica(s) run there again")
     assert report.up is not None and sorted(report.up.drained) == sorted(moved)  # make-before-break
     assert set(offers(controller).values()) == {EAST2} and len(offers(controller)) == 3
     assert [kind for kind, _ in spot_events(controller)] == ["spot-preempted", "spot-return"]
     assert controller.run_pass().actions == []  # settled
+
+
+def test_without_per_offer_the_spot_return_says_the_load_stays_and_how_to_move_it_back(spot_fleet):
+    fake, controller, clock = spot_fleet(SPOT_A10G)  # one A10G column, priced at its cheapest offer
+    t0 = clock.now
+    for cluster in offers(controller):
+        fake.remove_cluster(cluster)
+    fake.configure(capacity_failures=[{"cloud": "aws", "region": "us-east-2"}])
+    assert controller.run_pass().ok and set(offers(controller).values()) == {EAST1}
+    fake.configure(capacity_failures=[])
+    clock.now = t0 + HOLD
+    report = controller.run_pass()
+    [line] = [a.message for a in report.actions if a.kind == "spot-return"]
+    assert line.endswith("offered again; the load stays where it runs: without --per-offer a GPU entry's replicas are "
+                         "priced at its cheapest offer wherever they run, so re-plan with --per-offer (`melange-sky up "
+                         "CONFIG --per-offer`) to move it back")
+    assert set(offers(controller).values()) == {EAST1}  # what the line says: nothing moved
 
 
 def test_a_pool_still_full_after_its_hold_is_avoided_again_and_the_fleet_stays_served(spot_fleet):

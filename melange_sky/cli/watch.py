@@ -100,7 +100,9 @@ def watch(fleet_name: str, once: bool, interval: float, autoscale: bool, rate_pe
     Spot replicas the clouds take away (preempted) are relaunched elsewhere: their pool (instance type and region)
     is kept out of the plan for --spot-hold minutes, as is one where a launch found no capacity, so the load is
     re-planned on the other offers (spot in another region, another GPU type); once the hold is over the pool is
-    offered again and the load moves back when that is cheaper (new replicas up first, then the others drain).
+    offered again and the load moves back when that is cheaper (new replicas up first, then the others drain):
+    with --per-offer plans; without it, load that went to another region of the same GPU entry stays, and the
+    spot-return line says so.
 
     Every action is recorded in the ledger as a fleet event and printed as one line. Ctrl-C leaves the fleet as
     it is (exit 130). One controller per fleet: a second `watch` of it is refused. Secrets the replicas need

@@ -9,7 +9,8 @@ and the next replica goes to the cheapest active location not in use. Ours diffe
   another GPU type, or (with markets) on-demand; nothing resets when every pool is avoided, since the plan has other
   offers to fall back on;
 - a pool comes back after a hold since its last failure (SkyServe has no timer: it waits for a preemption elsewhere),
-  and the plan then hands the load back to it if that is cheaper, replicas there first, the fallback drained after.
+  and the plan then hands the load back to it if that is cheaper, replicas there first, the fallback drained after
+  (with --per-offer; without it, only load that went to another GPU type or market moves back, see `returned`).
 
 The placer's memory is the ledger's fleet events (`watch` records each step as one, with data): `Placer.of` folds
 them back, so passes of separate processes share it.
@@ -25,7 +26,7 @@ from typing import Any
 from melange_sky.fleet.ledger import ReplicaRecord, ReplicaState
 
 __all__ = ["DEFAULT_SPOT_HOLD_MIN", "Avoid", "Placer", "SpotStep", "Why", "back", "hold_note", "lost_spot",
-           "pool_where", "unavailable_spot"]
+           "pool_where", "returned", "unavailable_spot"]
 
 DEFAULT_SPOT_HOLD_MIN = 10.0
 
@@ -154,14 +155,31 @@ def unavailable_spot(offers: Iterable[str], now: float, hold_s: float) -> SpotSt
 
 
 def back(placer: Placer, now: float) -> SpotStep | None:
-    """The pools whose hold is over at `now`: offered to the plan again, which moves load back to them when that is
-    cheaper (make-before-break)."""
+    """The pools whose hold is over at `now`: offered to the plan again, which may move load back to them
+    (make-before-break); `returned` says whether it did, once the plan is known."""
     pools = tuple(sorted(p for p, a in placer.avoiding.items() if a.until <= now))
     if not pools:
         return None
     held = min(now - placer.avoiding[p].since for p in pools)
-    return SpotStep(RETURN_EVENT, f"{_pools_text(pools)} held {_minutes(held)} without a failure: offered again "
-                                  f"(the load moves back when that is cheaper)", pools)
+    return SpotStep(RETURN_EVENT, f"{_pools_text(pools)} held {_minutes(held)} without a failure: offered again",
+                    pools)
+
+
+def returned(step: SpotStep, running: Iterable[str], per_offer: bool) -> SpotStep:
+    """`step` (from `back`) saying what bringing the plan up did with the pools (`running`: the offer keys of the
+    replicas up after it): a promise that load "moves back" would be false where the plan cannot move it. Without
+    `per_offer` a GPU entry is priced at its cheapest offer wherever its replicas run, so load that went to another
+    region of the same entry stays there (docs/fleet.md); only a re-plan with --per-offer moves it."""
+    placed = sum(1 for offer in running if offer in step.pools)
+    if placed:
+        outcome = f": {placed} replica(s) run there again"
+    elif per_offer:
+        outcome = "; no replica runs there now: the load stays where it runs until the plan finds it cheaper there"
+    else:
+        outcome = ("; the load stays where it runs: without --per-offer a GPU entry's replicas are priced at its "
+                   "cheapest offer wherever they run, so re-plan with --per-offer (`melange-sky up CONFIG "
+                   "--per-offer`) to move it back")
+    return SpotStep(step.kind, step.message + outcome, step.pools, step.since, step.until)
 
 
 def pool_where(pool: str) -> str:

@@ -338,7 +338,8 @@ class Controller:
         report.up = up
         report.interrupted = up.interrupted
         if returned is not None and not up.interrupted:  # before a new failure there, which starts a new hold
-            self._spot(report, returned)
+            running = [r.offer for r in self.ledger.replicas(self.fleet) if r.state is ReplicaState.UP]
+            self._spot(report, placer.returned(returned, running, settings.per_offer))
         planned = len(up.plan.replicas)
         done = "interrupted" if up.interrupted else "complete" if up.complete else "incomplete"
         extra = f"; drained {', '.join(up.drained)}" if up.drained else ""
