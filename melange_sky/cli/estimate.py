@@ -81,9 +81,11 @@ MODES = {
               help="Table mode: write each GPU's tputs (and a catalog cost where it has none) into this config.")
 @click.option("--calibrate", "profile_path", type=click.Path(exists=True, dir_okay=False, path_type=str),
               metavar="PROFILE", help="Refit --gpu's coefficients on a profile record (`profile -o`) measured on a "
-              "real server of that GPU type running --model; later estimates and emulations use the fit.")
-@click.option("--force", is_flag=True, help=f"With --calibrate: save the fit even when it still misses the "
-              f"profile's rates by more than {100 * MAX_FIT_ERROR:.0f}% (median); every later estimate warns of it.")
+              "real server of that GPU type running --model; later estimates and emulations use the fit. A record "
+              "that says it measured another GPU type or model, or the local launcher's emulator, is refused.")
+@click.option("--force", is_flag=True, help=f"With --calibrate: save the fit even from a profile of another GPU type, "
+              f"model or an emulator, or when it still misses the profile's rates by more than "
+              f"{100 * MAX_FIT_ERROR:.0f}% (median); every later estimate warns of it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (arrivals).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")

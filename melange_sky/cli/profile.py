@@ -1,6 +1,7 @@
 """`profile`: each bucket's max throughput under the SLOs, measured on a running OpenAI-compatible server."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -42,7 +43,10 @@ from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind
                    "use [default: --into's].")
 @backend_option
 @click.option("--calibrate", "calibrate_fits", is_flag=True, help="With --launch: refit each GPU type's engine-model "
-              "coefficients on its profile (as `estimate --calibrate`), where the engine model knows the GPU.")
+              "coefficients on its profile (as `estimate --calibrate`), where the engine model knows the GPU; not "
+              "on the local launcher (its replicas are the engine model itself) unless --force.")
+@click.option("--force", is_flag=True, help="With --launch --calibrate: save each fit even from the local launcher's "
+              "emulated replicas, or when it misses its profile by more than the 25% a fit may leave.")
 @click.option("--ready-timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_READY_TIMEOUT,
               show_default=True, help="With --launch: seconds a launched replica may take to answer its readiness "
                                       "path (deployment.readiness_path).")
@@ -96,7 +100,9 @@ from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind
 @click.option("--into", type=click.Path(dir_okay=False, path_type=str), metavar="CONFIG",
               help="Set --gpu's tputs in this config (in place); gpu_info may be a dict or a list. With --launch: "
                    "every GPU type's.")
-@click.option("--gpu", help="GPU type name the endpoint runs on, for --into (added to gpu_info if missing).")
+@click.option("--gpu", help="GPU type name the endpoint runs on: recorded in the profile (-o, --json), which "
+              "`estimate --calibrate` checks; for --into, the entry whose tputs to set (added to gpu_info if "
+              "missing).")
 @click.option("--cost", type=click.FloatRange(min=0, min_open=True), help="$/h of --gpu, for --into.")
 @click.option("--server-gpus", "gpus_given", type=click.IntRange(min=1), metavar="N",
               help="GPUs the endpoint's server runs on (tensor-parallel x data-parallel): tputs are per GPU, so its "
@@ -106,7 +112,7 @@ from melange_sky.inputs.profile_result import (BucketStatus, Estimate, EventKind
 @click.option("-q", "--quiet", is_flag=True, help="No estimate or progress lines on stderr.")
 @debug_option
 def profile(endpoint: str | None, launch: str | None, config_path: str | None, backend: str | None,
-            calibrate_fits: bool, ready_timeout: float, model: str, tpot_slo_ms: float | None,
+            calibrate_fits: bool, force: bool, ready_timeout: float, model: str, tpot_slo_ms: float | None,
             ttft_slo_ms: float | None, ttft_percentile: float,
             latency_slo_ms: float | None, latency_percentile: float, input_buckets: str | None,
             output_buckets: str | None, cells: str, max_minutes: float | None, max_step_seconds: float | None,
@@ -152,12 +158,14 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
                                "tear down), one of them")
     if not launch and (config_path or backend or calibrate_fits):
         raise click.UsageError("--config, --backend and --calibrate go with --launch")
+    if force and not calibrate_fits:
+        raise click.UsageError("--force goes with --launch --calibrate (it saves a fit the checks would refuse)")
     if launch and (gpu or cost or gpus_given):
         raise click.UsageError("--gpu, --cost and --server-gpus go with --endpoint: with --launch each GPU type's own "
                                "tputs are set (per GPU of its replica's instance), priced from the config or the "
                                "catalog")
-    if not launch and bool(into) != bool(gpu):
-        raise ProfileError("--into CONFIG and --gpu NAME go together: which GPU type's tputs to set in which config")
+    if not launch and into and not gpu:
+        raise ProfileError("--into CONFIG needs --gpu NAME: which GPU type's tputs to set in the config")
     if tpot_slo_ms is None and ttft_slo_ms is None and latency_slo_ms is None:
         tpot_slo_ms = DEFAULT_TPOT_SLO_MS
     settings = ProfileSettings(
@@ -169,7 +177,7 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
     given_in = parse_edges(input_buckets, "--input-buckets") if input_buckets else None
     given_out = parse_edges(output_buckets, "--output-buckets") if output_buckets else None
     if launch:
-        _launched(launch, model, config_path or into, into, backend, calibrate_fits, ready_timeout, settings,
+        _launched(launch, model, config_path or into, into, backend, calibrate_fits, force, ready_timeout, settings,
                   given_in, given_out, cells, output, as_json, quiet)
         return
     assert endpoint is not None
@@ -183,6 +191,8 @@ def profile(endpoint: str | None, launch: str | None, config_path: str | None, b
 
     result = profile_endpoint(endpoint, model, input_edges=in_edges, output_edges=out_edges, cells=chosen,
                               settings=settings, on_progress=show)
+    if gpu:  # what it was measured on, for `estimate --calibrate` to check
+        result = dataclasses.replace(result, gpu=gpu)
     failed = [b for b in result.buckets if b.status in (BucketStatus.FAILED, BucketStatus.SLO_NOT_MET)]
     warn([f"bucket {b.cell[0]}:{b.cell[1]} {b.status}: {b.message} "
           f"({'kept from the config' if into and b.status == BucketStatus.FAILED else '0 in tputs'})" for b in failed])
@@ -215,7 +225,7 @@ def _buckets(source: str | None, given_in, given_out, cells):
     return config, in_edges, out_edges, parse_cells(cells, (len(in_edges) - 1, len(out_edges) - 1))
 
 def _launched(launch: str, model: str, source: str | None, into: str | None, backend: str | None,
-              calibrate_fits: bool, ready_timeout: float, settings: ProfileSettings,
+              calibrate_fits: bool, force: bool, ready_timeout: float, settings: ProfileSettings,
               given_in: tuple[int, ...] | None, given_out: tuple[int, ...] | None, cells: str, output: str | None,
               as_json: bool, quiet: bool) -> None:
     """`profile --launch`: launch, profile, tear down (`fleet.profile_launch`), then print and write."""
@@ -252,10 +262,13 @@ def _launched(launch: str, model: str, source: str | None, into: str | None, bac
                    f"at the end (Ctrl-C too)", err=True)
     with Ledger() as ledger, launcher_output(), terminations_interrupt():
         report = profile_launched(request, launcher, ledger, os.environ, calibrate_fits=calibrate_fits,
+                                  force_fits=force,
                                   on_replica=replica, on_profile=show, on_note=note)
     for gpu in report.gpus:
         if gpu.result is not None:
             warn(gpu.result.warnings)
+            if gpu.calibration is not None:
+                warn(gpu.calibration.warnings)  # a fit saved because of --force says so loudly
             if output:
                 path = output.replace("{gpu}", gpu.gpu)
                 write_config_json(path, gpu.result.to_dict())

@@ -9,6 +9,12 @@ apart, and the roofline shape keeps its physics for other models and lengths. Th
 Engine of that GPU type finds it (engine/calibration.py) — unless it still misses the profile's own rates by more
 than MAX_FIT_ERROR (median): then the profile and the model disagree about what was measured, and the fit is refused
 (`PoorFit`) unless forced; a forced one is flagged in every estimate that uses it.
+
+Before fitting, the record is checked against what it calibrates (`check_record`): a profile measured on another GPU
+type or with another model would move that GPU's model the wrong way for every later estimate, and one measured on
+the local launcher's emulator is the engine model itself (plus HTTP overhead its speed-up does not scale), so it
+fits nothing real. Those are refused (`ProfileMismatch`) unless forced, as a poor fit is. An older record, or one of
+`profile --endpoint` without --gpu, does not say what it measured: a warning that it could not be checked.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from melange_sky.engine.engine import Engine
 from melange_sky.engine.errors import EngineError
 from melange_sky.engine.estimate import max_rate
 from melange_sky.engine.hardware import gpu_spec
-from melange_sky.engine.models import ModelSpec
+from melange_sky.engine.models import ModelSpec, _key, load_model
 from melange_sky.engine.settings import EngineSettings
 from melange_sky.engine.step_time import Coefficients
 
@@ -41,6 +47,68 @@ PRIOR_WEIGHT = 0.03
 
 class PoorFit(EngineError):
     """The best fit still misses the profile's own max rates by more than MAX_FIT_ERROR (median): not saved."""
+
+
+class ProfileMismatch(EngineError):
+    """The profile was measured on another GPU type, with another model, or on an emulator: not fitted (unless
+    forced)."""
+
+
+@dataclass(frozen=True)
+class RecordCheck:
+    """What a profile record says it measured, against the GPU type and model it is to calibrate."""
+
+    problems: tuple[str, ...] = ()  # why it is not a profile of them: "measured on A10G, not L4"
+    unchecked: str | None = None  # a warning: what it does not say (an older record), so could not be checked
+
+
+def same_model(spec: ModelSpec, reported: str) -> bool:
+    """Whether a server's model name is `spec`: compared as the engine resolves names (org, case and chat/instruct
+    suffixes aside; a bundled model's Hugging Face id is that model)."""
+    if _key(reported) == _key(spec.name):
+        return True
+    try:
+        return load_model(reported).name == spec.name
+    except EngineError:
+        return False
+
+
+def _gpu_name(name: str) -> str:
+    try:
+        return gpu_spec(name).name
+    except EngineError:  # a GPU type the engine model lacks: compared as written
+        return name.strip()
+
+
+def check_record(model: ModelSpec, gpu: str, record: dict[str, Any], source: str = "<profile>") -> RecordCheck:
+    """Check a profile record (`profile -o`) against the `gpu` and `model` a fit from it would calibrate: its `gpu`,
+    `model` and `emulated` fields, where it has them."""
+    name = _gpu_name(gpu)
+    problems: list[str] = []
+    missing: list[str] = []
+    measured_gpu, measured_model = record.get("gpu"), record.get("model")
+    if isinstance(measured_gpu, str) and measured_gpu.strip():
+        if _gpu_name(measured_gpu).lower() != name.lower():
+            problems.append(f"measured on {measured_gpu}, not {name}")
+    else:
+        missing.append("GPU type")
+    if isinstance(measured_model, str) and measured_model.strip():
+        if not same_model(model, measured_model):
+            problems.append(f"measured with {measured_model}, not {model.name}")
+    else:
+        missing.append("model")
+    if record.get("emulated") is True:
+        speed = record.get("speed")
+        at = f" at {speed:g}x real time" if isinstance(speed, int | float) and not isinstance(speed, bool) else ""
+        problems.append(f"measured on the local launcher's emulator{at}, not a real {name} (the emulator runs this "
+                        f"engine model: a fit to it fits the model to itself and to HTTP overhead its speed-up does "
+                        f"not scale)")
+    unchecked = None
+    if missing:
+        unchecked = (f"{source}: the profile does not say which {' or '.join(missing)} it was measured on (an older "
+                     f"record, or `profile --endpoint` without --gpu): cannot check that it measured {model.name} "
+                     f"on a real {name}")
+    return RecordCheck(tuple(problems), unchecked)
 
 
 @dataclass(frozen=True)
@@ -66,6 +134,8 @@ class CalibrationResult:
     buckets: int
     path: str
     saved: bool = True
+    forced: tuple[str, ...] = ()  # the record's mismatches a fit was saved despite (--force): `RecordCheck.problems`
+    unchecked: str | None = None  # `RecordCheck.unchecked`
 
     @property
     def poor(self) -> bool:
@@ -74,18 +144,26 @@ class CalibrationResult:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What the user must hear besides the result: a poor fit saved anyway."""
-        if not (self.saved and self.poor):
-            return ()
-        return (f"{self.gpu}: the fit leaves {100 * self.error_after:.0f}% median error (more than "
-                f"{100 * MAX_FIT_ERROR:.0f}%) and was saved because of --force: every later estimate, emulation and "
-                f"simulation on {self.gpu} uses it and says so; delete {self.path} to return to the datasheet model",)
+        """What the user must hear besides the result: a poor fit, or one from a mismatched profile, saved anyway;
+        a profile that could not be checked."""
+        found: list[str] = []
+        later = (f"every later estimate, emulation and simulation on {self.gpu} uses it and says so; delete "
+                 f"{self.path} to return to the datasheet model")
+        if self.saved and self.poor:
+            found.append(f"{self.gpu}: the fit leaves {100 * self.error_after:.0f}% median error (more than "
+                         f"{100 * MAX_FIT_ERROR:.0f}%) and was saved because of --force: {later}")
+        if self.saved and self.forced:
+            found.append(f"{self.gpu}: the fit was saved because of --force from a profile {'; '.join(self.forced)}: "
+                         f"{later}")
+        if self.unchecked:
+            found.append(self.unchecked)
+        return tuple(found)
 
     def to_json(self) -> dict[str, Any]:
         return {"gpu": self.gpu, "model": self.model, "scales": self.scales,
                 "coefficients": self.coefficients.to_dict(), "error_before": round(self.error_before, 4),
                 "error_after": round(self.error_after, 4), "buckets": self.buckets, "path": self.path,
-                "saved": self.saved}
+                "saved": self.saved, "forced": list(self.forced), "warnings": list(self.warnings)}
 
     def text(self) -> str:
         scales = ", ".join(f"{k} x{v:.3g}" for k, v in self.scales.items())
@@ -155,7 +233,8 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
               force: bool = False, data_parallel: int = 1) -> CalibrationResult:
     """Fit `gpu`'s coefficient scales to a profile record measured with `model`; save the fit (unless `save` is
     False) where later engines of that GPU type find it. PoorFit, and nothing saved, when the fit still misses the
-    measured rates by more than MAX_FIT_ERROR (median), unless `force`.
+    measured rates by more than MAX_FIT_ERROR (median), unless `force`; ProfileMismatch, before fitting, when the
+    record says it measured another GPU type or model or an emulator (`check_record`), unless `force`.
 
     `data_parallel` N: the profiled server ran N engines of `tp` GPUs (`vllm serve --data-parallel-size N`), so each
     measured rate is N engines' and one engine is fitted to rate / N. vLLM's balancer keeps the engines evenly
@@ -165,6 +244,10 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
         raise EngineError(f"data_parallel must be at least 1, got {data_parallel}")
     name = gpu_spec(gpu).name
     targets, slos = targets_from_profile(record, source)
+    checked = check_record(model, name, record, source)
+    if save and checked.problems and not force:
+        raise ProfileMismatch(f"{source}: {'; '.join(checked.problems)}: a fit must come from a real server of the "
+                              f"GPU type and model it calibrates; not saved (--force saves it anyway)")
     if data_parallel > 1:
         targets = [replace(t, tput=t.tput / data_parallel) for t in targets]
     if len(targets) > MAX_FIT_BUCKETS:
@@ -205,7 +288,8 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
     after = predicted_rates(model, name, targets, slos, fitted, **kwargs)
     scales = {"memory": round(best[0], 4), "compute": round(best[1], 4), "overhead": round(best[2], 4)}
     result = CalibrationResult(name, model.name, scales, fitted, median_error(before, targets),
-                               median_error(after, targets), len(targets), str(fit_path(name)), saved=save)
+                               median_error(after, targets), len(targets), str(fit_path(name)), saved=save,
+                               forced=checked.problems if save else (), unchecked=checked.unchecked)
     if save and result.poor and not force:
         raise PoorFit(f"{source}: the best fit of {name} still misses the profile's max rates by "
                       f"{100 * result.error_after:.0f}% (median; {100 * result.error_before:.0f}% before), more than "
@@ -217,9 +301,10 @@ def calibrate(model: ModelSpec, gpu: str, record: dict[str, Any], *, source: str
         data = result.to_json()
         data["profile"] = source
         data.pop("path")
+        data.pop("warnings")
         save_fit(data, name)
     return result
 
 
-__all__ = ["CalibrationResult", "PoorFit", "Target", "calibrate", "median_error", "predicted_rates", "scaled",
-           "targets_from_profile"]
+__all__ = ["CalibrationResult", "PoorFit", "ProfileMismatch", "RecordCheck", "Target", "calibrate", "check_record",
+           "median_error", "predicted_rates", "same_model", "scaled", "targets_from_profile"]

@@ -35,6 +35,7 @@ class Fit:
     path: str
     error_before: float | None = None  # median relative error of the rates before the fit
     error_after: float | None = None
+    forced: tuple[str, ...] = ()  # what its profile did not match, saved anyway (--force): "measured on A10G, not L4"
 
 
 def fits_dir() -> Path:
@@ -55,7 +56,8 @@ def load_fit(gpu: str) -> Fit | None:
     try:
         data = json.loads(path.read_text())
         return Fit(gpu=gpu, coefficients=Coefficients.from_dict(data["coefficients"]), model=str(data.get("model")),
-                   path=str(path), error_before=data.get("error_before"), error_after=data.get("error_after"))
+                   path=str(path), error_before=data.get("error_before"), error_after=data.get("error_after"),
+                   forced=tuple(str(x) for x in data.get("forced") or ()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EngineError(f"{path}: unreadable calibration fit ({exc}); delete it or re-run estimate "
                           f"--calibrate") from exc
@@ -63,12 +65,20 @@ def load_fit(gpu: str) -> Fit | None:
 
 def poor_fit_warning(gpu: str) -> str | None:
     """A warning for every estimate that uses `gpu`'s saved fit when that fit was saved with more than MAX_FIT_ERROR
-    of median error left (`estimate --calibrate --force`); None for a good fit or none."""
+    of median error left, or from a profile of another GPU type or model or of an emulator (`estimate --calibrate
+    --force`); None for a good fit or none."""
     fit = load_fit(gpu)
-    if fit is None or not isinstance(fit.error_after, (int, float)) or fit.error_after <= MAX_FIT_ERROR:
+    if fit is None:
         return None
-    return (f"{gpu}: the calibration fit {fit.path} left {100 * fit.error_after:.0f}% median error on its own profile "
-            f"(saved with --force); delete it to return to the datasheet model")
+    reasons = []
+    if isinstance(fit.error_after, (int, float)) and fit.error_after > MAX_FIT_ERROR:
+        reasons.append(f"left {100 * fit.error_after:.0f}% median error on its own profile")
+    if fit.forced:
+        reasons.append(f"was fitted to a profile {'; '.join(fit.forced)}")
+    if not reasons:
+        return None
+    return (f"{gpu}: the calibration fit {fit.path} {' and '.join(reasons)} (saved with --force); delete it to return "
+            f"to the datasheet model")
 
 
 def save_fit(fit_data: dict[str, Any], gpu: str) -> Path:

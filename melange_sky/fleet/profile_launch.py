@@ -9,7 +9,10 @@ server), and the fleet is torn down whatever happens: after the profiles, after 
 `up` holds it, so the teardown itself is never cut short).
 
 A local launcher (`--backend local`) runs emulated GPUs `speed` times faster than real: its replicas are profiled
-with every SLO / speed, and the rates found are divided by speed, so what is written is the real GPU's tputs.
+with every SLO / speed, and the rates found are divided by speed, so what is written is the real GPU's tputs. Each
+profile record says what it measured (`ProfileResult.gpu`, `emulated`, `speed`): `--calibrate` refuses to fit the
+engine model to a local replica (the engine model itself, plus HTTP overhead the speed-up does not scale) unless
+forced.
 """
 from __future__ import annotations
 
@@ -46,8 +49,8 @@ from melange_sky.inputs.profile_result import (Cell, ProfileEvent, ProfileResult
 from melange_sky.solver.model import Formulation, SolveStatus
 from melange_sky.solver.result import GpuAllocation, SolveResult
 
-__all__ = ["DEFAULT_READY_TIMEOUT", "GpuProfile", "LaunchProfileReport", "LaunchProfileRequest", "merge_profiles",
-           "profile_fleet_name", "profile_launched", "real_time"]
+__all__ = ["DEFAULT_READY_TIMEOUT", "GpuProfile", "LaunchProfileReport", "LaunchProfileRequest", "launched_record",
+           "merge_profiles", "profile_fleet_name", "profile_launched", "real_time"]
 
 #: How long a replica may take, once launched, to answer its readiness path (a vLLM server loads its weights).
 DEFAULT_READY_TIMEOUT = 1200.0
@@ -226,6 +229,15 @@ def real_time(result: ProfileResult, settings: ProfileSettings, speed: float) ->
     return dataclasses.replace(result, buckets=buckets, settings=settings, tpot_slo_ms=settings.tpot_slo_ms)
 
 
+def launched_record(result: ProfileResult, settings: ProfileSettings, speed: float, gpu: str, *,
+                    emulated: bool) -> ProfileResult:
+    """A launched replica's profile as its record: in real time (`real_time`), saying what it measured — the GPU
+    type, and whether the replica was the local launcher's emulator and at what speed — for `estimate --calibrate`
+    (and `--calibrate` here) to refuse fitting the engine model to an emulator, or to another GPU type."""
+    return dataclasses.replace(real_time(result, settings, speed), gpu=gpu, emulated=emulated,
+                               speed=speed if emulated else None)
+
+
 # ---- waiting and profiling -----------------------------------------------------------------------------------------
 class _Stopped(Exception):
     """Raised from a profile's progress callback once the command stops: ends that profile at its next event."""
@@ -260,7 +272,7 @@ class _Job:
 
 
 def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Ledger,
-                     environ: Mapping[str, str], *, calibrate_fits: bool = False,
+                     environ: Mapping[str, str], *, calibrate_fits: bool = False, force_fits: bool = False,
                      on_replica: Callable[[ReplicaEvent], None] | None = None,
                      on_profile: Callable[[str, ProfileEvent], None] | None = None,
                      on_note: Callable[[str], None] | None = None) -> LaunchProfileReport:
@@ -270,7 +282,8 @@ def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Le
     `environ` holds the replicas' secrets (`deployment.secrets`; one the launcher needs and is missing is an error
     before anything launches: the local launcher's emulators need no HF_TOKEN).
     Progress: `on_replica` (launches, teardown), `on_profile` (per GPU
-    type, the profile's events), `on_note` (readiness)."""
+    type, the profile's events), `on_note` (readiness). `calibrate_fits`: refit each GPU type's engine model on its
+    profile (`force_fits`: save what `estimate --calibrate` would refuse, an emulated replica's or a poor fit)."""
     note = on_note or (lambda message: None)
     config = _profiling_config(request)
     deployment = deployment_from_config(config)
@@ -342,7 +355,9 @@ def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Le
     for replica in plan.replicas:
         if (done := jobs.get(replica.cluster)) is None:
             continue
-        result = real_time(done.result, request.settings, speed) if done.result is not None else None
+        result = None if done.result is None else launched_record(
+            done.result, request.settings, speed, replica.accelerators.partition(":")[0] or replica.entry,
+            emulated=backend.name == "local")
         error = done.error or (None if result is not None else "interrupted before its profile ended")
         report.gpus.append(GpuProfile(gpu=replica.entry, cluster=replica.cluster, price=replica.price,
                                       seconds=ended - started, result=result, error=error,
@@ -352,7 +367,7 @@ def profile_launched(request: LaunchProfileRequest, backend: Backend, ledger: Le
     # a failed launch bills until it failed: only the replicas that came up count the whole time
     report.seconds = ended - started
     if calibrate_fits and not report.interrupted:
-        report.gpus = [_calibrated(g, request, deployment.engine) for g in report.gpus]
+        report.gpus = [_calibrated(g, request, deployment.engine, force_fits) for g in report.gpus]
     return report
 
 
@@ -402,8 +417,10 @@ def _run_job(job: _Job, request: LaunchProfileRequest, settings: ProfileSettings
         job.result, job.error = None, f"{type(exc).__name__}: {exc}"
 
 
-def _calibrated(gpu: GpuProfile, request: LaunchProfileRequest, engine: EngineSettings) -> GpuProfile:
-    """`gpu` with the engine model's fit on its profile (`estimate --calibrate`), or why there is none. The replica
+def _calibrated(gpu: GpuProfile, request: LaunchProfileRequest, engine: EngineSettings,
+                force: bool = False) -> GpuProfile:
+    """`gpu` with the engine model's fit on its profile (`estimate --calibrate`), or why there is none (an emulated
+    replica's record is refused unless `force`, as `estimate --calibrate` refuses it). The replica
     ran gpus / TP data-parallel engines behind its server (templates/vllm.j2): one engine is fitted to that share of
     its rates (`calibrate(..., data_parallel=)`), not to all of them."""
     if gpu.result is None:
@@ -411,7 +428,8 @@ def _calibrated(gpu: GpuProfile, request: LaunchProfileRequest, engine: EngineSe
     tp = engine.tensor_parallel_size or 1
     try:
         fit = calibrate(load_model(request.model), gpu.gpu, gpu.result.to_dict(), source=f"profile --launch {gpu.gpu}",
-                        tp=tp, dtype=engine.dtype or "bf16", settings=engine, data_parallel=max(1, gpu.gpus // tp))
+                        tp=tp, dtype=engine.dtype or "bf16", settings=engine, data_parallel=max(1, gpu.gpus // tp),
+                        force=force)
     except (EngineError, MelangeError) as exc:
         return dataclasses.replace(gpu, calibration_note=f"{gpu.gpu}: not calibrated: {exc}")
     return dataclasses.replace(gpu, calibration=fit)

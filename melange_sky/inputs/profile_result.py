@@ -225,6 +225,12 @@ class ProfileResult:
     buckets: tuple[BucketProfile, ...]
     settings: ProfileSettings
     seconds: float
+    #: What it was measured on, for `estimate --calibrate` to check the record against its --gpu and --model: the GPU
+    #: type (None: not known, `profile --endpoint` without --gpu), whether the server was the local launcher's
+    #: emulator (None: not known) and, if so, how many times faster than real it ran (`deployment.local.speed`).
+    gpu: str | None = None
+    emulated: bool | None = None
+    speed: float | None = None
 
     @property
     def tputs(self) -> list[list[float]]:
@@ -272,10 +278,13 @@ class ProfileResult:
         raise ProfileFailed(f"{what}" + (f"; {into} not changed" if into else ""))
 
     def to_dict(self) -> dict[str, Any]:
-        """The full profile as JSON-ready data (`profile --json` / `-o`), without the API key."""
+        """The full profile as JSON-ready data (`profile --json` / `-o`), without the API key. `model` is the name
+        the server serves (it listed it); `gpu`, `emulated` and `speed` only where known."""
         settings = asdict(self.settings)
         settings.pop("api_key", None)  # never written to a file
-        return {"endpoint": self.endpoint, "model": self.model, "tpot_slo_ms": self.tpot_slo_ms,
+        known = {key: value for key, value in (("gpu", self.gpu), ("emulated", self.emulated), ("speed", self.speed))
+                 if value is not None}
+        return {"endpoint": self.endpoint, "model": self.model, **known, "tpot_slo_ms": self.tpot_slo_ms,
                 "slos": {str(slo): value for slo, value in self.settings.slos.items()},
                 "input_buckets": list(self.input_edges), "output_buckets": list(self.output_edges),
                 "tputs": self.tputs, "headroom": self.headroom, "seconds": round(self.seconds, 2),
