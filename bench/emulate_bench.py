@@ -168,15 +168,15 @@ def analyse(records: list[list[tuple[float, int]]], steps: list[list[float]], wa
 
 
 def engine_version() -> str:
-    """The commit the engine model ran at ("+changes" when its files differ from it), and the engine's last commit
-    when it is older (HEAD moves with every commit in the shared tree), for the results table."""
+    """The engine's last commit ("+changes" when its files differ from it) and HEAD when that is later (HEAD moves
+    with every commit in the shared tree), for the results table."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    engine = git("log", "-1", "--format=%h", "--", "melange_sky/engine")
+    engine = git("log", "-1", "--format=%h", "--", "melange_sky/engine") or head
     changes = "+changes" if git("status", "--porcelain", "melange_sky/engine") else ""
-    return head + changes + (f" (engine {engine})" if engine and engine != head else "")
+    return engine + changes + (f" at HEAD {head}" if engine != head else "")
 
 
 def _cpu_seconds(pid: int) -> float:
