@@ -19,8 +19,8 @@ from melange_sky._io import write_json, write_text
 from melange_sky.core.config import Config, GpuSpec, Market, check_instance_gpus, check_keys, is_note
 from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.deploy.offers import bind_offers
-from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, Template, builtin_templates, load_template,
-                                       render)
+from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, BoundOffer, Template, bind_resources,
+                                       builtin_templates, load_template, render)
 from melange_sky.deploy.router_config import parse_router_block
 from melange_sky.engine.settings import ENGINE_SETTING_KEYS, EngineSettings
 from melange_sky.errors import ConfigError, OutputError
@@ -421,6 +421,10 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
         "deployment": {**deployment.extra, "model": deployment.model, "port": deployment.port},
     }
     text, task = render(template, context)
+    # The task must launch the offer this replica was bound to and priced at, whatever the template renders.
+    text, task = bind_resources(template, text, task, cluster, BoundOffer(
+        accelerators=accelerators, cloud=gpu.cloud, region=gpu.region, instance_type=gpu.instance_type,
+        use_spot=gpu.use_spot))
     return ReplicaPlan(cluster=cluster, gpu=gpu.name, entry=gpu.entry or gpu.name, index=index,
                        file_name=file_name, cloud=gpu.cloud,
                        region=gpu.region, instance_type=gpu.instance_type, accelerators=accelerators,

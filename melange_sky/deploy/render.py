@@ -138,6 +138,133 @@ def render(template: Template, context: Mapping[str, Any]) -> tuple[str, dict[st
     return text, task
 
 
+@dataclass(frozen=True)
+class BoundOffer:
+    """What the plan bound a replica to and priced: the resources its rendered task must ask for."""
+
+    accelerators: str  # "A10G:1"
+    cloud: str | None = None
+    region: str | None = None
+    instance_type: str | None = None
+    use_spot: bool = False
+
+    def describe(self) -> str:
+        where = " ".join(p for p in (self.cloud, self.region, self.instance_type) if p)
+        return (f"{self.accelerators}{f' on {where}' if where else ' (no cloud pinned)'}"
+                f"{', spot' if self.use_spot else ', on-demand'}")
+
+
+#: `infra: k8s/ctx` names the Kubernetes cloud as SkyPilot does.
+_CLOUD_ALIASES = {"k8s": "kubernetes"}
+
+
+def bind_resources(template: Template, text: str, task: dict[str, Any], cluster: str,
+                   offer: BoundOffer) -> tuple[str, dict[str, Any]]:
+    """The rendered task asking for exactly `offer`: each of accelerators, cloud, region, instance_type and use_spot
+    the template renders must equal the offer's, and one it leaves out is filled in from the offer (the YAML text is
+    then written again from the task, so the file still launches what the plan priced). A template rendering another
+    GPU, count, cloud, region, instance type or market, alternatives (`any_of`, `ordered`), several nodes, or no
+    `resources` at all is refused: `up` would launch something the plan never priced, and its dry run would call it
+    validated."""
+    def refuse(what: str, hint: str = "") -> TemplateError:
+        return TemplateError(f"{template.path} renders {what} for {cluster}, but the plan bound "
+                             f"{offer.describe()}{hint}")
+
+    resources = task.get("resources")
+    if resources is None:
+        raise refuse("no resources", "; without them SkyPilot launches a CPU instance of its choice (the builtin "
+                                     "templates show the resources block)")
+    if not isinstance(resources, dict):
+        raise refuse(f"resources as a {type(resources).__name__}, not a mapping")
+    for key in ("any_of", "ordered"):
+        if key in resources:
+            raise refuse(f"resources.{key} (alternatives)", "; a replica runs on the one offer its plan priced")
+    nodes = task.get("num_nodes")
+    if nodes is not None and nodes != 1:
+        raise refuse(f"num_nodes {_shown(nodes)}", "; the plan prices one instance per replica")
+    filled = dict(resources)
+    value = resources.get("accelerators")
+    if value is None:
+        filled["accelerators"] = offer.accelerators
+    elif _accelerator(value) != _accelerator(offer.accelerators):
+        raise refuse(f"resources.accelerators {_shown(value)}")
+    infra = resources.get("infra")
+    if infra is not None:
+        parts = [None if part in ("", "*") else part for part in str(infra).split("/", 2)]
+        given = dict(zip(("cloud", "region"), parts))
+        given["cloud"] = given["cloud"] and _CLOUD_ALIASES.get(given["cloud"].lower(), given["cloud"].lower())
+        for key in ("cloud", "region"):
+            if given.get(key) is not None and given[key] != getattr(offer, key):
+                raise refuse(f"resources.infra {_shown(infra)}")
+        if any(given.get(key) is None and getattr(offer, key) for key in ("cloud", "region")):
+            zone = parts[2] if len(parts) > 2 and offer.region else None
+            filled["infra"] = "/".join(p for p in (offer.cloud, offer.region, zone) if p)
+    for key in ("cloud", "region", "instance_type"):
+        value, bound = resources.get(key), getattr(offer, key)
+        if value is None:
+            if bound is not None and not (key != "instance_type" and infra is not None):
+                filled[key] = bound
+            continue
+        same = (_CLOUD_ALIASES.get(str(value).lower(), str(value).lower()) == bound if key == "cloud"
+                else str(value) == bound)
+        if not same:
+            raise refuse(f"resources.{key} {_shown(value)}")
+    value = resources.get("use_spot")
+    if value is None:
+        if offer.use_spot:
+            filled["use_spot"] = True
+    elif value is not offer.use_spot:
+        raise refuse(f"resources.use_spot {_shown(value)}")
+    if filled == resources:
+        return text, task
+    task = {**task, "resources": filled}
+    return _dump_task(text, task), task
+
+
+def _accelerator(value: Any) -> tuple[str, float] | None:
+    """(name, count) of one SkyPilot `accelerators` value ("A10G", "a10g:1", {"A10G": 1}); None for anything else
+    (a list or several names: alternatives). SkyPilot reads GPU names case-insensitively."""
+    if isinstance(value, dict) and len(value) == 1:
+        ((name, count),) = value.items()
+    elif isinstance(value, str) and value.strip():
+        name, _, count = value.strip().partition(":")
+    else:
+        return None
+    try:
+        number = float(count) if count not in (None, "") else 1.0
+    except (TypeError, ValueError):
+        return None
+    return str(name).strip().lower(), number
+
+
+def _shown(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def _dump_task(text: str, task: dict[str, Any]) -> str:
+    """The task as YAML, after its resources were completed: the template's leading comments, a note of what was
+    added, then the task (multi-line strings as `|` blocks, as templates write `run:`)."""
+    import yaml  # noqa: PLC0415 - heavy: kept off `--help`
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    _Dumper.add_representer(str, _str)
+    header = []
+    for line in text.split("\n"):
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    header.append("# resources completed by melange-sky with the plan's offer (the template leaves some out).")
+    body = yaml.dump(task, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=120)
+    dumped = "\n".join(header) + "\n" + body
+    # The template's own comments go along only where they stay comments (a raw U+2028 in one would end it).
+    return dumped if yaml.safe_load(dumped) == task else f"{header[-1]}\n{body}"
+
+
 def _to_json(value: Any) -> str:
     # Jinja's own tojson escapes <, >, & and ' for HTML; YAML wants plain JSON, with YAML's extra line breaks and
     # non-printable characters escaped (JSON's \uXXXX is also a YAML double-quoted escape).
