@@ -177,7 +177,7 @@ def test_preempted_spot_replicas_go_to_another_region_and_come_back_after_the_ho
     assert controller.run_pass().actions == []  # settled
 
 
-def test_without_per_offer_the_spot_return_says_the_load_stays_and_how_to_move_it_back(spot_fleet):
+def test_without_per_offer_the_spot_return_says_the_load_stays_and_how_to_move_it_back(spot_fleet, cli):
     fake, controller, clock = spot_fleet(SPOT_A10G)  # one A10G column, priced at its cheapest offer
     t0 = clock.now
     for cluster in offers(controller):
@@ -192,6 +192,9 @@ def test_without_per_offer_the_spot_return_says_the_load_stays_and_how_to_move_i
                          "priced at its cheapest offer wherever they run, so re-plan with --per-offer (`melange-sky up "
                          "CONFIG --per-offer`) to move it back")
     assert set(offers(controller).values()) == {EAST1}  # what the line says: nothing moved
+    status = cli("status", "spotty").stdout.splitlines()[0]  # the plan's figure is labelled as the plan's
+    running, planned = (float(status.split(label)[1].split("/h")[0]) for label in ("replicas $", "plan $"))
+    assert running > planned and f"replicas ${running:.2f}/h running, plan ${planned:.2f}/h at its offers" in status
 
 
 def test_a_pool_still_full_after_its_hold_is_avoided_again_and_the_fleet_stays_served(spot_fleet):

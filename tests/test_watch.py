@@ -86,8 +86,8 @@ def test_watch_once_relaunches_a_replica_the_cloud_lost(cli, fleet_env):
     assert fake.launch_count("example-a10g-1") == 2
     assert [c["cluster"] for c in fake.calls("launch")][4:] == ["example-a10g-1"]  # only the lost one
     assert "watch example: relaunch: not up: example-a10g-1" in result.stderr
-    assert "watch example: up: complete: 4/4 planned replica(s) up, $6.70/h" in result.stderr
-    assert events(env, "relaunch") == ["not up: example-a10g-1; bringing the plan back ($6.70/h)"]
+    assert "watch example: up: complete: 4/4 planned replica(s) up, replicas $6.70/h" in result.stderr
+    assert events(env, "relaunch") == ["not up: example-a10g-1; bringing the plan back ($6.70/h)"]  # no router
     with Ledger(env["MELANGE_SKY_HOME"]) as ledger:
         history = [e.new_state for e in ledger.history(cluster="example-a10g-1")]
     assert history[-4:] == ["gone", "pending", "launching", "up"]

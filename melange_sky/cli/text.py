@@ -13,7 +13,8 @@ from melange_sky.serve.routes import bucket_edges
 from melange_sky.solver.result import COMPARISON_SECONDS, Baseline, SolveResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from melange_sky.fleet.reports import DownReport, DryRunReport, Preview, ReplicaEvent, StatusReport, UpReport
+    from melange_sky.fleet.reports import (ControllerView, DownReport, DryRunReport, Preview, ReplicaEvent,
+                                           StatusReport, UpReport)
     from melange_sky.core.config import Config
     from melange_sky.deploy.plan import Plan, ReplicaPlan
 
@@ -259,9 +260,10 @@ def format_up(report: UpReport, shown: Collection[str] = ()) -> str:
     (those the preview printed) are not repeated."""
     up = {r.cluster for r in report.up}
     planned_up = sum(1 for r in report.plan.replicas if r.cluster in up)
+    router = report.router.price_per_hour if report.router is not None and report.router.state is ReplicaState.UP \
+        else None
     lines = [f"Fleet {report.fleet}: {planned_up}/{len(report.plan.replicas)} planned replicas up, "
-             f"${report.cost:.2f}/h running (plan ${report.plan.cost:.2f}/h), {report.rounds} round(s), "
-             f"{report.seconds:.1f} s", ""]
+             f"{_costs(report.cost, report.plan.cost, router)}, {report.rounds} round(s), {report.seconds:.1f} s", ""]
     lines += _live_replica_table([*report.replicas, *([report.router] if report.router is not None else [])],
                                  planned={r.cluster for r in report.plan.replicas})
     if report.drained:
@@ -326,27 +328,32 @@ def format_status(report: StatusReport) -> str:
         rows = report.of(fleet.name)
         counts = report.counts(fleet.name)
         serving, planned = report.serving_cost(fleet.name), report.planned_cost(fleet.name)
+        router = report.routers.get(fleet.name)
+        router_cost = router.price_per_hour if router is not None and router.state is ReplicaState.UP else None
         outside = f" (+{counts.up_outside_plan} outside the plan)" if counts.up_outside_plan else ""
-        lines.append(f"Fleet {fleet.name}: {counts.up}/{counts.planned} up{outside}, ${serving:.2f}/h serving "
-                     f"({per_month(serving)})" + (f", plan ${planned:.2f}/h" if planned is not None else "")
-                     + f", ${report.cost_to_date(fleet.name):,.2f} so far")
+        lines.append(f"Fleet {fleet.name}: {counts.up}/{counts.planned} up{outside}, ${serving:.2f}/h serving"
+                     f"{' with the router' if router_cost is not None else ''} ({per_month(serving)}; "
+                     f"{_costs(serving - (router_cost or 0.0), planned, router_cost)}), "
+                     f"${report.cost_to_date(fleet.name):,.2f} so far")
+        hosted = report.controllers.get(fleet.name)
+        hosted = hosted if hosted is not None and hosted.mode == "hosted" else None
         missing = counts.gone_to_replace + counts.not_launched
         if missing:
             lines.append(f"  {len(missing)} planned replica(s) not running, not yet replaced: {', '.join(missing)}; "
-                         f"`melange-sky up` (or `watch`) relaunches them")
+                         f"{_relauncher(hosted)}")
         unsure = [r for r in rows if r.state in (ReplicaState.FAILED, ReplicaState.STOPPED)]
         if unsure:
             lines.append(f"  {len(unsure)} failed or stopped replica(s) may still bill (a failed launch may hold a "
                          f"cluster, a stopped one its disks): `melange-sky status {fleet.name} --refresh` checks")
-        router = report.routers.get(fleet.name)
         endpoint = report.endpoint(fleet.name)
         if endpoint:
             lines.append(f"  Endpoint: {endpoint}/v1  (clients send the key in $MELANGE_SKY_HOME/keys/"
                          f"{fleet.name}.json as 'Authorization: Bearer KEY'{_trust(router)})")
         elif router is not None and router.state.may_have_cluster:
             lines.append(f"  Router {router.cluster}: {router.state.value}"
-                         + (f" ({router.last_error})" if router.last_error else "") + "; `melange-sky up` or "
-                         "`watch` relaunches it")
+                         + (f" ({router.last_error})" if router.last_error else "")
+                         + ("; `melange-sky up` relaunches it (and the hosted controller on it)" if hosted is not None
+                            else "; `melange-sky up` or `watch` relaunches it"))
         lines.append("")
         lines += _replica_table(report.shown(fleet.name), report)
         if counts.gone_replaced:
@@ -356,6 +363,26 @@ def format_status(report: StatusReport) -> str:
         total = sum(report.serving_cost(f.name) for f in report.fleets)
         lines.append(f"All fleets: ${total:.2f}/h serving ({per_month(total)})")
     return "\n".join(lines).rstrip()
+
+
+def _costs(replicas: float, planned: float | None, router: float | None) -> str:
+    """The replicas' running $/h beside the plan's, each labelled, and the router's apart: `up`, `status` and `watch`
+    all say which figure includes the router (the plan's never does; after a fallback the replicas may run on other
+    offers than those the plan priced)."""
+    text = f"replicas ${replicas:.2f}/h running" + (f", plan ${planned:.2f}/h at its offers"
+                                                     if planned is not None else "")
+    return text + (f", router ${router:.2f}/h" if router is not None else "")
+
+
+def _relauncher(hosted: ControllerView | None) -> str:
+    """Who brings missing replicas back: the hosted controller (when its next pass is due), or `up`/`watch`."""
+    if hosted is None:
+        return "`melange-sky up` (or `watch`) relaunches them"
+    if not hosted.healthy or hosted.interval is None or hosted.age is None:
+        why = f": {hosted.reason}" if hosted.reason else ""
+        return f"the hosted controller relaunches them, but it is unhealthy{why}; `melange-sky up` does it too"
+    due = max(hosted.interval - hosted.age, 0.0)
+    return f"the hosted controller relaunches them (its next pass in about {due:.0f} s)"
 
 
 def format_down(report: DownReport) -> str:

@@ -278,7 +278,7 @@ class Controller:
                 report.cost_planned = plan.cost + router_cost
                 self._act(report, decision.scale.value,
                           f"{report.plan_rate:.4g} -> {decision.rate:.4g} req/s: {len(plan.replicas)} replica(s), "
-                          f"${report.cost_planned:.2f}/h ({decision.reason})")
+                          f"{_dollars(report.cost_planned, router_cost)} ({decision.reason})")
         if target is config:
             if not missing and not router_down and returned is None:
                 self._check_routes(report, fleet, rows, router)
@@ -291,7 +291,7 @@ class Controller:
             report.cost_planned = plan.cost + router_cost
             if what:
                 self._act(report, "relaunch", f"not up: {what}; bringing the plan back "
-                                              f"(${report.cost_planned:.2f}/h)")
+                                              f"({_dollars(report.cost_planned, router_cost)})")
         self._bring_up(report, target, settings, router, avoid, returned)
 
     def _placer(self) -> placer.Placer:
@@ -344,7 +344,7 @@ class Controller:
         done = "interrupted" if up.interrupted else "complete" if up.complete else "incomplete"
         extra = f"; drained {', '.join(up.drained)}" if up.drained else ""
         notes = f"; {'; '.join(up.notes)}" if up.notes and not up.complete else ""
-        self._act(report, "up", f"{done}: {len(up.up)}/{planned} planned replica(s) up, ${up.cost:.2f}/h"
+        self._act(report, "up", f"{done}: {len(up.up)}/{planned} planned replica(s) up, replicas ${up.cost:.2f}/h"
                                 f"{extra}{notes}")
         self._spot(report, placer.unavailable_spot(up.unavailable_offers, self.clock(), self.options.spot_hold_s))
 
@@ -512,5 +512,10 @@ def _preview_line(preview: Preview) -> str:
     if preview.drain:
         parts.append(f"drain and tear down {', '.join(r.cluster for r in preview.drain)} "
                      f"(-${preview.drain_saving:.2f}/h)")
-    return f"{'; '.join(parts)}; planned ${preview.plan.cost:.2f}/h"
+    return f"{'; '.join(parts)}; planned replicas ${preview.plan.cost:.2f}/h"
+
+
+def _dollars(cost: float, router_cost: float) -> str:
+    """A $/h that includes the router's, saying so (the plan's and the replicas' figures beside it do not)."""
+    return f"${cost:.2f}/h with the router" if router_cost else f"${cost:.2f}/h"
 
