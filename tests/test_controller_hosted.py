@@ -471,7 +471,7 @@ def test_watch_here_refuses_a_fleet_whose_controller_is_hosted(tmp_path):
 
     backend = FakeBackend(tmp_path / "fake.json")
     with _hosted_fleet(tmp_path / "home", backend) as ledger:
-        with pytest.raises(ControllerError, match="runs on its router's host"):
+        with pytest.raises(ControllerError, match=f"^the controller of fleet '{FLEET}' runs on its router's host"):
             Controller(FLEET, backend, ledger, {}).check()
 
 

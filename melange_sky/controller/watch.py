@@ -203,7 +203,7 @@ class Controller:
         autoscaling with no router to read the traffic from."""
         record = self.ledger.get_fleet(self.fleet)
         if controller_mode(record) == HOSTED and not self.options.hosted:
-            raise ControllerError(f"fleet {self.fleet!r}'s controller runs on its router's host (`up --controller "
+            raise ControllerError(f"the controller of fleet {self.fleet!r} runs on its router's host (`up --controller "
                                   f"hosted`): `melange-sky status {self.fleet}` shows its passes; to watch it from "
                                   f"here instead, `melange-sky down {self.fleet}` and `up --controller local`")
         config, settings = self._config()
