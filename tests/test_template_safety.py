@@ -183,3 +183,14 @@ def _accelerator_of(resources):
         return name.lower(), float(count)
     name, _, count = value.partition(":")
     return name.lower(), float(count or 1)
+
+
+def test_a_template_includes_only_files_of_its_own_directory(tmp_path):
+    (tmp_path / "part.yaml").write_text("run: echo hi\n")
+    (tmp_path / "ok.j2").write_text('name: x\n{% include "part.yaml" %}\n')
+    assert render(load_template(str(tmp_path / "ok.j2")), {})[1] == {"name": "x", "run": "echo hi"}
+    (tmp_path / "out.j2").write_text('name: x\n{% include "../secret.txt" %}\n')
+    (tmp_path.parent / "secret.txt").write_text("run: leaked\n")
+    with pytest.raises(TemplateError, match=rf"out.j2:2: includes '../secret.txt', which is not a file of the "
+                                            rf"template's own directory \({tmp_path}\)"):
+        render(load_template(str(tmp_path / "out.j2")), {})

@@ -118,6 +118,11 @@ def render(template: Template, context: Mapping[str, Any]) -> tuple[str, dict[st
         where = f"{template.path}:{line}" if line else str(template.path)
         raise TemplateError(f"{where}: undefined template variable: {exc.message}; available: "
                             f"{', '.join(sorted(context))}") from None
+    except jinja2.TemplateNotFound as exc:
+        line = _template_line(exc, template)
+        where = f"{template.path}:{line}" if line else str(template.path)
+        raise TemplateError(f"{where}: includes {exc.name!r}, which is not a file of the template's own directory "
+                            f"({template.path.resolve().parent})") from None
     except jinja2.TemplateError as exc:
         raise TemplateError(f"{template.path}: rendering failed: {exc}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
