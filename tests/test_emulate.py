@@ -418,3 +418,25 @@ def test_a_request_costs_the_model_of_vllms_api_server_what_its_endpoint_costs_a
     assert through["chat"] == pytest.approx(coefficients.frontend_request_ms * 1e-3)
     assert through["completions"] == pytest.approx(coefficients.for_endpoint("completions").frontend_request_ms * 1e-3)
     assert through["completions"] < through["chat"]
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("temperature", "hot", "temperature: Input should be a valid number, unable to parse string as a number"),
+    ("temperature", [1], "temperature: Input should be a valid number"),
+    ("temperature", -0.5, "temperature must be non-negative, got -0.5."),
+    ("top_p", 0, "top_p must be in (0, 1], got 0."),
+    ("top_p", 1.5, "top_p must be in (0, 1], got 1.5."),
+    ("presence_penalty", 3, "presence_penalty must be in [-2, 2], got 3."),
+    ("repetition_penalty", 0, "repetition_penalty must be greater than zero, got 0."),
+    ("top_k", 2.5, "top_k: Input should be a valid integer, got a number with a fractional part"),
+    ("top_k", -2, "top_k must be -1 (disable), or at least 1, got -2."),
+    ("seed", "x", "seed: Input should be a valid integer, unable to parse string as an integer"),
+])
+def test_sampling_params_of_the_wrong_type_or_range_are_refused_as_vllm_refuses_them(field, value, words):
+    from melange_sky.engine.emulator_openai import ApiError, Kind, parse_generation
+
+    with pytest.raises(ApiError) as info:
+        parse_generation({"model": MODEL, "prompt": "x", field: value}, Kind.COMPLETIONS, MODEL, 4096)
+    assert info.value.status == 400 and words in str(info.value)
+    accepted = {"temperature": "0.7", "top_p": 1, "top_k": -1, "seed": True, "min_p": 0, "presence_penalty": -2}
+    assert parse_generation({"model": MODEL, "prompt": "x", **accepted}, Kind.COMPLETIONS, MODEL, 4096).max_tokens == 16

@@ -110,6 +110,65 @@ def _positive_int(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
+#: Sampling parameters vLLM reads (its request models' types and `SamplingParams._verify_args`' ranges): the
+#: emulator ignores their values but refuses what vLLM refuses, so a client's bad request fails here as it would
+#: there. name -> (integer, lowest, lowest allowed, highest, highest allowed) with None for no bound.
+_SAMPLING: dict[str, tuple[bool, float | None, bool, float | None, bool]] = {
+    "temperature": (False, 0.0, True, None, True),
+    "top_p": (False, 0.0, False, 1.0, True),
+    "min_p": (False, 0.0, True, 1.0, True),
+    "presence_penalty": (False, -2.0, True, 2.0, True),
+    "frequency_penalty": (False, -2.0, True, 2.0, True),
+    "repetition_penalty": (False, 0.0, False, None, True),
+    "top_k": (True, -1.0, True, None, True),
+    "seed": (True, None, True, None, True),
+    "min_tokens": (True, 0.0, True, None, True),
+}
+
+
+def _sampling_value(name: str, value: Any, integer: bool) -> float:
+    """`value` read as pydantic's lax mode reads a JSON number for vLLM (numbers, numeric strings and booleans);
+    ApiError 400 with pydantic's words otherwise."""
+    kind = "integer" if integer else "number"
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ApiError(400, f"{name}: Input should be a valid {kind}, unable to parse string as "
+                                f"{'an integer' if integer else 'a number'} (got {value!r})") from None
+    elif isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        raise ApiError(400, f"{name}: Input should be a valid {kind} (got {value!r})")
+    if integer and not number.is_integer():
+        raise ApiError(400, f"{name}: Input should be a valid integer, got a number with a fractional part "
+                            f"(got {value!r})")
+    return number
+
+
+def _check_sampling(body: dict[str, Any]) -> None:
+    """Refuse sampling parameters of the wrong type or out of vLLM's range, in its words."""
+    for name, (integer, low, low_ok, high, high_ok) in _SAMPLING.items():
+        if body.get(name) is None:
+            continue
+        number = _sampling_value(name, body[name], integer)
+        shown = f"{number:g}" if not integer else f"{int(number)}"
+        if low is not None and (number < low or (number == low and not low_ok)) or \
+                high is not None and (number > high or (number == high and not high_ok)) or number != number:
+            if name == "temperature":
+                raise ApiError(400, f"temperature must be non-negative, got {shown}.")
+            if name == "repetition_penalty":
+                raise ApiError(400, f"repetition_penalty must be greater than zero, got {shown}.")
+            if name == "top_k":
+                raise ApiError(400, f"top_k must be -1 (disable), or at least 1, got {shown}.")
+            if name == "min_tokens":
+                raise ApiError(400, f"min_tokens must be greater than or equal to 0, got {shown}.")
+            bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+            raise ApiError(400, f"{name} must be in {bounds}, got {shown}.")
+
+
 def parse_generation(body: Any, kind: Kind, served_model: str, max_model_len: int) -> Generation:
     """Read a /v1/completions or /v1/chat/completions body; ApiError (400 or 404, vLLM's messages) if the server
     would refuse it. max_tokens beyond the context (max_model_len - prompt) is refused, as vLLM does."""
@@ -120,6 +179,7 @@ def parse_generation(body: Any, kind: Kind, served_model: str, max_model_len: in
         raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError")
     if body.get("n", 1) != 1:
         raise ApiError(400, "n: the emulator serves n = 1 only")
+    _check_sampling(body)
     prompt_tokens = _prompt_tokens(body, kind)
     stream = bool(body.get("stream", False))
     options = body.get("stream_options")
