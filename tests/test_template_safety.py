@@ -194,3 +194,14 @@ def test_a_template_includes_only_files_of_its_own_directory(tmp_path):
     with pytest.raises(TemplateError, match=rf"out.j2:2: includes '../secret.txt', which is not a file of the "
                                             rf"template's own directory \({tmp_path}\)"):
         render(load_template(str(tmp_path / "out.j2")), {})
+
+
+def test_a_task_completed_with_the_offer_reads_back_the_same_from_its_file():
+    task = {"name": "c", "resources": {"ports": 8000},
+            "envs": {"PORT": "8000", "B": "yes", "C": "null", "D": "a: b # c", "E": "\u00e9\u2028x"},
+            "run": "echo a  \n  echo b\t\n", "setup": "x\n\n\ny"}
+    text, bound = bind_resources(load_template("vllm"), "# mine\nname: c\n", task, "c", OFFER)
+    assert yaml.safe_load(text) == bound and bound["envs"] == task["envs"] and bound["run"] == task["run"]
+    assert bound["resources"] == {"ports": 8000, "accelerators": "A10G:1", "cloud": "aws", "region": "us-west-2",
+                                  "instance_type": "g5.xlarge"}
+    assert text.startswith("# mine\n# resources completed by melange-sky")

@@ -223,7 +223,7 @@ def bind_resources(template: Template, text: str, task: dict[str, Any], cluster:
     if filled == resources:
         return text, task
     task = {**task, "resources": filled}
-    return _dump_task(text, task), task
+    return _dump_task(template, text, task), task
 
 
 def _accelerator(value: Any) -> tuple[str, float] | None:
@@ -246,7 +246,7 @@ def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
 
 
-def _dump_task(text: str, task: dict[str, Any]) -> str:
+def _dump_task(template: Template, text: str, task: dict[str, Any]) -> str:
     """The task as YAML, after its resources were completed: the template's leading comments, a note of what was
     added, then the task (multi-line strings as `|` blocks, as templates write `run:`)."""
     import yaml  # noqa: PLC0415 - heavy: kept off `--help`
@@ -265,9 +265,12 @@ def _dump_task(text: str, task: dict[str, Any]) -> str:
         header.append(line)
     header.append("# resources completed by melange-sky with the plan's offer (the template leaves some out).")
     body = yaml.dump(task, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=120)
-    dumped = "\n".join(header) + "\n" + body
     # The template's own comments go along only where they stay comments (a raw U+2028 in one would end it).
-    return dumped if yaml.safe_load(dumped) == task else f"{header[-1]}\n{body}"
+    for dumped in ("\n".join(header) + "\n" + body, f"{header[-1]}\n{body}"):
+        if yaml.safe_load(dumped) == task:
+            return dumped
+    raise TemplateError(f"{template.path}: the task, with its resources completed from the plan's offer, does not "
+                        f"read back the same as YAML; give the resources in the template")
 
 
 def _to_json(value: Any) -> str:
