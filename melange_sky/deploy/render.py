@@ -2,11 +2,11 @@
 
 Templates are plain Jinja files (`templates/*.j2`: `vllm`, `sglang`) or any file the user names. They render with
 `StrictUndefined`, so a variable the template needs but the plan does not provide is an error naming it, never an
-empty string in a YAML that would launch the wrong thing. Values go into YAML through the `tojson` filter (a JSON
-scalar is a YAML scalar), so no model name or env value can break or inject YAML structure.
+empty string in a YAML that would launch the wrong thing. The builtin templates put values into YAML through the
+`tojson` filter (a JSON scalar is a YAML scalar), so no model name or env value can break or inject YAML structure.
 
 A template may come from a config someone shared (`deployment.template`), so every template renders in Jinja's
-immutable sandbox: it reads the variables it is given and nothing else (no `__globals__`, no `os`, no mutation), and an
+immutable sandbox: it cannot reach Python (no `__globals__`, no `os`) nor change the values it is given, and an
 attempt is a one-line error naming the template. A replica's rendered `resources` must ask for the offer the plan bound
 (`bind_resources`): a template cannot launch another GPU, cloud or market than the one the plan priced.
 """
