@@ -324,6 +324,10 @@ def _num(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _times(ms: float | None, speed: float) -> float | None:
+    return None if ms is None else ms * speed
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
@@ -332,6 +336,9 @@ def format_profile(result: ProfileResult, gpus: int = 1) -> str:
     """The `melange-sky profile` report: one line per measured bucket, the headroom to plan with, then the tputs
     matrix to paste: per GPU, the rates of a server of `gpus` GPUs / `gpus`."""
     settings = result.settings
+    # An emulator run `speed` times faster than real was measured at its own scale; the table shows the real GPU's,
+    # as the SLOs in the heading and req/s (tputs) are.
+    speed = result.speed if result.speed and result.speed > 0 else 1.0
     lines = [f"Profile of {result.model} at {result.endpoint}: {settings.slo_text()}, {_minutes(result.seconds)}", ""]
     header = (f"  {'bucket':<7} {'input':>11} {'output':>11} {'req/s':>8}  {'limit':<12} {'passed at':>9} "
               f"{'TPOT ms':>7} {'TTFT p50/p99 ms':>17} {'latency p50/p99 ms':>19} {'time':>8}  status")
@@ -340,10 +347,11 @@ def format_profile(result: ProfileResult, gpus: int = 1) -> str:
         if b.status == BucketStatus.NOT_MEASURED:
             continue
         best = b.best
-        ttft = f"{_num(best.p50_ttft_ms)}/{_num(best.p99_ttft_ms)}" if best else "-"
-        latency = f"{_num(best.p50_latency_ms, '.0f')}/{_num(best.p99_latency_ms, '.0f')}" if best else "-"
-        tpot = _num(best.mean_tpot_ms) if best else "-"
-        passed_at = f"{best.rate:.3g}" if best else "-"
+        ttft = f"{_num(_times(best.p50_ttft_ms, speed))}/{_num(_times(best.p99_ttft_ms, speed))}" if best else "-"
+        latency = (f"{_num(_times(best.p50_latency_ms, speed), '.0f')}/"
+                   f"{_num(_times(best.p99_latency_ms, speed), '.0f')}" if best else "-")
+        tpot = _num(_times(best.mean_tpot_ms, speed)) if best else "-"
+        passed_at = f"{best.rate / speed:.3g}" if best else "-"
         limit = slo_label(b.limit, settings) if b.limit is not None and b.status.has_tput else "-"
         status = b.status if b.status == BucketStatus.OK else f"{b.status}: {b.message}"
         lines.append(f"  {b.cell[0]}:{b.cell[1]:<5} {f'{b.input_range[0]}-{b.input_range[1]}':>11} "
@@ -352,6 +360,9 @@ def format_profile(result: ProfileResult, gpus: int = 1) -> str:
     lines.append("  (input/output: bucket ranges in tokens, profiled at their midpoint unless --size upper; req/s: "
                  "the estimate in tputs; limit: the SLO that set it; TPOT/TTFT/latency: measured at the highest "
                  "rate that passed)")
+    if speed != 1:
+        lines.append(f"  (measured on an emulator {speed:g}x faster than real: passed at / {speed:g} and "
+                     f"TPOT/TTFT/latency x {speed:g}, the real GPU's scale, as the SLOs and req/s are)")
     skipped = result.not_measured
     if skipped:
         lines.append(f"Not measured (0 in tputs): {', '.join(f'{i}:{j}' for i, j in skipped)}")
