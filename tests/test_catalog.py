@@ -288,3 +288,16 @@ def test_real_skypilot_accepts_and_prices_every_bundled_offer(sky_catalog_home):
             failures.append(f"{offer.key} {offer.accelerators}: {type(exc).__name__}: {exc}")
     assert not failures, "\n".join(failures)
     assert (BUNDLED_DIR / "common" / "accelerators.csv").is_file()
+
+
+def test_a_gpu_missing_from_both_skypilots_file_and_the_snapshot_names_each_and_asks_only_for_the_missing_files(
+        tmp_path):
+    _write(tmp_path / "aws" / "vms.csv",
+           "InstanceType,AcceleratorName,AcceleratorCount,Price,SpotPrice,Region\n"
+           "g5.xlarge,A10G,1.0,0.9,0.5,us-east-1\n")
+    with pytest.raises(CatalogError) as info:
+        Catalog(skypilot_dir=tmp_path).offers("H200", ["aws", "azure"])
+    message = str(info.value)
+    assert message.startswith("the bundled catalog snapshot (2025-11 prices, a few regions) has no offer for 'H200' "
+                              f"in azure (nor has SkyPilot's catalog for aws in {tmp_path}); ")
+    assert "/azure/vms.csv into " in message and "/aws/vms.csv" not in message

@@ -368,8 +368,10 @@ class Catalog:
                 raise CatalogError(f"no offer for GPU {gpu!r} in {where}; clouds with one: {', '.join(elsewhere)}")
             bundled = [c for c in clouds if self.path(c)[1] == "bundled"]
             if bundled:  # a GPU we know by name, but the snapshot's few regions do not rent it
+                own = [c for c in clouds if c not in bundled]  # read from SkyPilot's files: none there either
+                also = (f" (nor has SkyPilot's catalog for {', '.join(own)} in {self.skypilot_dir})" if own else "")
                 raise CatalogError(f"the bundled catalog snapshot ({BUNDLED_DATE} prices, a few regions) has no "
-                                   f"offer for {gpu!r} in {', '.join(bundled)}; {full_catalog_hint(bundled)}")
+                                   f"offer for {gpu!r} in {', '.join(bundled)}{also}; {full_catalog_hint(bundled)}")
             raise CatalogError(f"no offer for GPU {gpu!r} in {where} (SkyPilot's catalog in {self.skypilot_dir})")
         return gpu
 
