@@ -20,8 +20,8 @@ from melange_sky.core.config import Bucket, Config, GpuSpec, Market
 from melange_sky.errors import AllocationCheckError, InfeasibleAllocation, SolverError
 from melange_sky.solver.model import (Formulation, SharedCap, SolverOptions, SolveStatus, build_model,
                                      extract_allocation, gpus_per_instance, kept_spot_gpus, lp_bound,
-                                     max_servable_fraction, resolve_formulation, run_model, solve_split_first,
-                                     split_tuning, spot_region)
+                                     max_servable_fraction, resolve_formulation, run_model, run_model_watched,
+                                     solve_split_first, split_tuning, spot_region)
 
 #: Relative slack allowed when re-checking a solved allocation (MILP solvers work to ~1e-9 feasibility).
 CHECK_TOLERANCE = 1e-6
@@ -278,6 +278,10 @@ def _fleet_and_split(config: Config, formulation: Formulation, options: SolverOp
             if config.spot is not None and formulation is Formulation.SLICES else None)
     if fast is not None:
         status, seconds, variables = fast.status, fast.seconds, fast.variables
+    elif config.spot is not None and formulation is not Formulation.SPLIT:
+        # `split` stopped short (or `paper`): the whole search, which stalls as the bounded one can, watched as it is
+        model, variables = build_model(config, formulation, caps=caps)
+        status, seconds = run_model_watched(model, options)
     else:
         model, variables = build_model(config, formulation, caps=caps)
         status, seconds = run_model(model, options,
