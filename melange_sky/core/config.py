@@ -77,6 +77,10 @@ GPU_KEYS = (
     # melange-sky extensions
     "cloud", "region", "instance_type", "accelerators", "use_spot", "max_count", "min_count", "quotas",
 )
+#: The dearest GPU a config may price, $/h per GPU (the dearest cloud GPUs cost ~$10/h). Far above any price, and
+#: low enough for the solver: HiGHS reads a cost from 1e20 as infinite, and a fleet's $/h must stay small enough
+#: (500 replicas x 1e6 = 5e8) that its absolute optimality gap of 1e-6 $/h is still above double rounding (~1e-7).
+MAX_GPU_COST = 1e6
 REQUIRED_TOP_LEVEL = ("workload_distribution", "total_request_rate", "gpu_info")
 #: A key starting with this, at any level of a config, is the user's own note: kept, never read, never an error.
 NOTE_PREFIX = "x-"
@@ -708,6 +712,8 @@ class _Parser:
                 raise self.fail(f"{path}.use_spot", f"must be false on {entry['cloud']} (your own GPUs)")
         cost = (self.non_negative(entry["cost"], f"{path}.cost", " ($/h per GPU: 0, or what owning it costs)")
                 if owned else self.positive(entry["cost"], f"{path}.cost") if "cost" in entry else None)
+        if cost is not None and cost > MAX_GPU_COST:
+            raise self.fail(f"{path}.cost", f"must be at most {MAX_GPU_COST:g} $/h per GPU, got {_describe(cost)}")
         tputs = self.matrix(entry["tputs"], f"{path}.tputs", shape,
                             lambda x, p: self.non_negative(x, p, " (0 means this GPU cannot serve the bucket)"))
         min_count = self.integer(entry.get("min_count", 0), f"{path}.min_count", 0)
