@@ -169,11 +169,11 @@ def _baseline_cell(baseline: Baseline | None) -> str:
 
 
 def _rate_format(rates: list[float]) -> Callable[[float], str]:
-    """How a sweep's rates print: whole rates as integers (1,000,000 rather than 1e+06); a range with fractions
-    (--from 1 --to 12 --steps 8: 2.57142857...) with the table's 2 decimals throughout, or as many more as keep
-    neighbouring rates apart and a small rate above 0 (at most 6)."""
-    if all(r == int(r) for r in rates):
-        return lambda rate: f"{int(rate):,}"
+    """How a sweep's rates print: whole rates as integers (1,000,000 rather than 1e+06, up to 1e+15); a range with
+    fractions (--from 1 --to 12 --steps 8: 2.57142857...) with the table's 2 decimals throughout, or as many more as
+    keep neighbouring rates apart and a small rate above 0 (at most 6)."""
+    if all(r == int(r) for r in rates):  # up to 1e15: a 1e308 as digits would be a line of 400
+        return lambda rate: f"{int(rate):,}" if rate < 1e15 else f"{rate:g}"
     places = next((d for d in range(2, 7) if _distinct(rates, d)), 6)
     return lambda rate: f"{rate:,.{places}f}"
 

@@ -114,6 +114,30 @@ MARKET_SPLIT_TUNING: dict[str, float | bool] = {"mip_heuristic_effort": 0.05, "m
                                                 "mip_allow_cut_separation_at_nodes": False, "threads": 1}
 
 
+#: Largest load coefficient (a bucket's req/s over one GPU's req/s on it: GPUs' worth of work) a model may hold.
+#: HiGHS refuses matrix values from 1e15 (its `large_matrix_value`; PuLP then fails with an IndexError), and its
+#: feasibility tolerance (1e-7) on a share becomes 1e-7 x coefficient GPUs of error: 100 GPUs at 1e9, the ratio to
+#: the model's unit coefficients past which its results stop being counts. Such a coefficient means a GPU doing
+#: next to nothing for its bucket (tputs 1e-300) or a rate no fleet could meet.
+MAX_LOAD_COEFFICIENT = 1e9
+
+
+def check_coefficients(config: Config) -> None:
+    """Refuse, naming the tputs cell, a model whose load coefficients the solver cannot count with
+    (`MAX_LOAD_COEFFICIENT`): SolverError before HiGHS fails on it obscurely."""
+    for b in config.buckets:
+        rate = config.bucket_rate(b)
+        if rate <= 0:
+            continue
+        for g in config.gpus:
+            tput = g.tput(b)
+            if tput > 0 and rate / tput > MAX_LOAD_COEFFICIENT:
+                raise SolverError(f"{config.source}: {g.field_path}.tputs[{b[0]}][{b[1]}] is {tput:g} req/s, so "
+                                  f"bucket {config.bucket_name(b)}'s {rate:g} req/s would take {rate / tput:.3g} "
+                                  f"GPUs of it, more than the solver can count ({MAX_LOAD_COEFFICIENT:g}): check "
+                                  f"the request rate, or set that tput to 0 if the GPU cannot serve the bucket")
+
+
 def _pulp() -> Any:
     """PuLP, imported on first use (~0.3 s, kept off `--help`) so that a Ctrl-C meanwhile is never lost.
 
@@ -176,6 +200,7 @@ def build_model(config: Config, formulation: Formulation | str, relax: bool = Fa
     """The MILP for `formulation` as (model, variables). `relax` makes every variable continuous; `caps` bound
     the GPUs of several columns together."""
     pulp = _pulp()
+    check_coefficients(config)
 
     integer = pulp.LpContinuous if relax else pulp.LpInteger
     binary = pulp.LpContinuous if relax else pulp.LpBinary
@@ -452,6 +477,9 @@ def run_model(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEU
             model.solve(solver)
     except pulp.PulpSolverError as exc:
         raise SolverError(f"{options.name} failed: {exc}") from exc
+    except IndexError as exc:  # PuLP reads row values HiGHS never made: it refuses matrix values from 1e15
+        raise SolverError(f"{options.name} returned no usable solution: the model has a coefficient out of its "
+                          f"range (1e15 or more)") from exc
     seconds = time.perf_counter() - started
     if model.sol_status == pulp.LpSolutionOptimal:
         return SolveStatus.OPTIMAL, seconds
@@ -459,8 +487,23 @@ def run_model(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEU
         return SolveStatus.FEASIBLE, seconds
     if model.status == pulp.LpStatusInfeasible or model.sol_status == pulp.LpSolutionInfeasible:
         return SolveStatus.INFEASIBLE, seconds
-    limit = f" within the {options.time_limit:g} s time limit" if options.time_limit else ""
-    raise SolverError(f"{options.name} found no solution{limit} (status: {pulp.LpStatus[model.status]})")
+    status = _highs_status(model) if options.name == "highs" else None
+    timed_out = (status == "Time limit reached" if status is not None
+                 else options.time_limit is not None and seconds >= options.time_limit)
+    limit = f" within the {options.time_limit:g} s time limit" if timed_out and options.time_limit else ""
+    raise SolverError(f"{options.name} found no solution{limit} (status: {status or pulp.LpStatus[model.status]})")
+
+
+def _highs_status(model: Any) -> str | None:
+    """HiGHS's own model status of a solved PuLP model ("Time limit reached", "Model error"), or None if unknown:
+    PuLP folds several into "Not Solved", and only the time limit is about time."""
+    highs = getattr(model, "solverModel", None)
+    if highs is None:
+        return None
+    try:
+        return str(highs.modelStatusToString(highs.getModelStatus()))
+    except Exception:  # noqa: BLE001 - a status is a detail of a message; never fail the message for it
+        return None
 
 
 def run_model_watched(model, options: SolverOptions, heuristic_effort: float = HIGHS_HEURISTIC_EFFORT,
@@ -775,6 +818,7 @@ def max_servable_fraction(config: Config, options: SolverOptions, caps: Sequence
     """Largest share of every bucket's demand that the max_count limits and shared caps can carry (an LP)."""
     pulp = _pulp()
 
+    check_coefficients(config)
     model = pulp.LpProblem("max_servable", pulp.LpMaximize)
     alpha = model.add_variable("alpha", 0, 1)
     model += alpha, "served_fraction"

@@ -227,6 +227,7 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     COMPARISON_SECONDS each and say when that stopped them. `progress` hears what starts next."""
     note = progress or _silent
     formulation = resolve_formulation(config, formulation)
+    check_replica_bound(config, max_replicas)
     note(f"solving the fleet ({formulation})")
     result, split = _fleet_and_split(config, formulation, options, caps)
     _check_replicas(config, result, max_replicas)
@@ -265,7 +266,9 @@ def solve_fleet(config: Config, formulation: Formulation | str, options: SolverO
     """The cheapest fleet alone, without `solve`'s baselines and comparisons (for a caller that solves one config
     under several formulations and needs its baselines once: a sweep's mix and split). InfeasibleAllocation says
     why when no fleet fits, or when it has more than `max_replicas` instances."""
-    result, _ = _fleet_and_split(config, resolve_formulation(config, formulation), options, caps)
+    formulation = resolve_formulation(config, formulation)
+    check_replica_bound(config, max_replicas)
+    result, _ = _fleet_and_split(config, formulation, options, caps)
     _check_replicas(config, result, max_replicas)
     return result
 
@@ -299,6 +302,32 @@ def _fleet_and_split(config: Config, formulation: Formulation, options: SolverOp
     split = make_result(config, Formulation.SPLIT, options, SolveStatus.OPTIMAL, fast.split_seconds, counts,
                         routing, caps)
     return result, split
+
+
+def replica_lower_bound(config: Config) -> float:
+    """Instances any fleet needs at least: each bucket's req/s on its fastest GPU at headroom, summed (a type's
+    count carries at least its load / headroom, and no share of a bucket is served faster)."""
+    needed = 0.0
+    for b in config.buckets:
+        rate = config.bucket_rate(b)
+        best = max((g.tput(b) for g in config.gpus), default=0.0)
+        if rate > 0 and best > 0:
+            needed += rate / (best * config.headroom)
+    return needed
+
+
+def check_replica_bound(config: Config, max_replicas: int | None) -> None:
+    """InfeasibleAllocation before any model is built when every fleet has more than `max_replicas` instances
+    (`replica_lower_bound`): no need to solve for the answer, nor to hand the solver numbers it cannot count with
+    (a rate of 1e16 req/s, a tput of 1e-300)."""
+    if max_replicas is None:
+        return
+    bound = replica_lower_bound(config)
+    if bound > max_replicas + 1e-9:
+        at_least = f"{math.ceil(bound - 1e-9):,}" if bound < 1e15 else f"{bound:.3g}"
+        raise InfeasibleAllocation(f"{config.source}: any fleet at {config.total_request_rate:g} req/s has at least "
+                                   f"{at_least} replicas (each bucket on its fastest GPU), above --max-replicas "
+                                   f"{max_replicas}: check the request rate and tputs, or raise --max-replicas")
 
 
 def _check_replicas(config: Config, result: SolveResult, max_replicas: int | None) -> None:
@@ -454,6 +483,9 @@ def baselines(config: Config, formulation: Formulation | str = Formulation.SLICE
         if len(columns) == 1 and not own_caps and config.spot is None:
             gpu = columns[0]
             load = sum(config.bucket_rate(b) / gpu.tput(b) for b in demand)
+            if not math.isfinite(load / config.headroom):
+                result.append(Baseline(label, None, None, f"needs {load / config.headroom:g} replicas"))
+                continue
             count = max(math.ceil(load / config.headroom - 1e-9), gpu.min_count)
             if gpu.max_count is not None and count > gpu.max_count:
                 result.append(Baseline(label, None, None, f"needs {count}, above {limit}"))

@@ -243,8 +243,13 @@ def _within_replicas(found: list[Baseline], max_replicas: int | None) -> list[Ba
     if max_replicas is None:
         return found
     return [dataclasses.replace(b, count=None, cost=None, counts={},
-                                reason=f"needs {b.count:,} replicas, above --max-replicas {max_replicas:,}")
+                                reason=f"needs {_count(b.count)} replicas, above --max-replicas {max_replicas:,}")
             if b.count is not None and b.count > max_replicas else b for b in found]
+
+
+def _count(count: int) -> str:
+    """A replica count for a message: 37,500, or 4e+307 for a count no one should read 300 digits of."""
+    return f"{count:,}" if count < 1e15 else f"{count:.3g}"
 
 
 def _reason(message: str, source: str) -> str:
