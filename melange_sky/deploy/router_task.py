@@ -70,7 +70,7 @@ ROUTER_REQUIREMENTS = (
 #: install_requires, checked by tests/test_controller_hosted.py); SkyPilot gets the replicas' clouds as extras.
 CONTROLLER_REQUIREMENTS = (
     "pulp>=3.3,<3.4",
-    "highspy>=1.13,<1.17",
+    "highspy>=1.16,<1.17",
     "jinja2>=3.1,<4",
     "pyyaml>=6,<7",
 )
