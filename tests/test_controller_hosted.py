@@ -13,13 +13,11 @@ import ipaddress
 import json
 import os
 import signal
-import ssl
-import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,7 @@ from melange_sky.errors import ControllerError
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.local import LocalBackend, ProcessId, running
 from melange_sky.fleet.up import controller_choice, skypilot_api_server
-from test_router_tls import make_pair
+from test_router_tls import make_pair, serving_https
 
 FLEET = "hostedfleet"
 A10G, A100, ROUTER = f"{FLEET}-a10g-0", f"{FLEET}-a100-80gb-0", f"{FLEET}-router"
@@ -287,18 +285,8 @@ def _admin_api_over_tls(cert: Path, key: Path) -> Iterator[tuple[str, list[str |
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serving_https(Handler, cert, key) as url:
+        yield url, seen
 
 
 def test_the_hosted_controller_sends_the_admin_token_only_to_the_router_showing_the_pinned_certificate(tmp_path):

@@ -120,11 +120,18 @@ def https_router(cert: Path, key: Path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with serving_https(Handler, cert, key) as url:
+        yield url
+
+
+@contextmanager
+def serving_https(handler: type[BaseHTTPRequestHandler], cert: Path, key: Path) -> Iterator[str]:
+    """`handler` served over TLS with `cert` on a free loopback port, in a thread; yields its https URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"https://127.0.0.1:{server.server_address[1]}"
