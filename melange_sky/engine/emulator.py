@@ -50,7 +50,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from melange_sky.core.config import read_config_document
-from melange_sky.engine.emulator_openai import DONE, Answer, ApiError, Kind, error_body, parse_generation
+from melange_sky.engine.emulator_openai import (DONE, EMULATOR_HEADER, Answer, ApiError, Kind, emulator_header_value,
+                                                error_body, parse_generation)
 from melange_sky.engine.engine import Engine, Step
 from melange_sky.engine.models import load_model
 from melange_sky.engine.settings import EngineSettings
@@ -366,6 +367,7 @@ class EmulatorSettings:
     port: int = 8000
     api_key: str | None = None
     model_root: str = ""  # what /v1/models shows as the model's root (vLLM: the model path)
+    speed: float = 1.0  # the engines' --speed, said on every answer (EMULATOR_HEADER)
 
 
 class _VllmGauges(Collector):
@@ -416,6 +418,7 @@ class EmulatorServer:
     def __init__(self, emulator: Serving, settings: EmulatorSettings):
         self.emulator, self.settings = emulator, settings
         self._key = settings.api_key.encode() if settings.api_key else None
+        self._identity = emulator_header_value(settings.speed)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_VllmGauges(emulator, settings.served_model_name))
         self.runner: web.AppRunner | None = None
@@ -423,12 +426,17 @@ class EmulatorServer:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._auth])
+        app.on_response_prepare.append(self._identify)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
+
+    async def _identify(self, _request: web.Request, response: web.StreamResponse) -> None:
+        """Every answer says it comes from the emulator, and at what speed (see `EMULATOR_HEADER`)."""
+        response.headers[EMULATOR_HEADER] = self._identity
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
@@ -597,7 +605,7 @@ def prepare(model: str, gpu: str, *, tp: int = 1, dtype: str = "bf16", speed: fl
                for _ in range(data_parallel_size)]
     engine = engines[0]
     settings = EmulatorSettings(served_model_name=served_model_name or model, max_model_len=engine.max_model_len,
-                                host=host, port=port, api_key=api_key, model_root=model)
+                                host=host, port=port, api_key=api_key, model_root=model, speed=speed)
     emulating = (f"Emulating {engine.description}" if data_parallel_size == 1 else
                  f"Emulating {data_parallel_size} data-parallel engines behind one server (vLLM's load balancing), "
                  f"each {engine.description}")

@@ -31,6 +31,24 @@ CHAT_DEFAULT_MAX_TOKENS = 256
 FILLER = tuple(" the of and to in is it you that he was for on are with as his they at be this from have or by".split())
 _FILLER_BYTES = tuple(f" {w}".encode() for w in FILLER)
 DONE = b"data: [DONE]\n\n"
+#: The one thing that tells the emulator from vLLM: a response header on every answer, its value the emulator's
+#: `--speed`. vLLM's clients ignore it; `profile --endpoint` reads it so its record says it measured an emulator
+#: (which `estimate --calibrate` refuses to fit).
+EMULATOR_HEADER = "X-Melange-Sky-Emulator"
+
+
+def emulator_header_value(speed: float) -> str:
+    """The header's value: the speed, as `--speed` takes it ("50", "1", "0.5")."""
+    return f"{speed:g}"
+
+
+def parse_emulator_header(value: str) -> float | None:
+    """The speed an emulator's header gives; None when the value is not a positive number (emulated all the same)."""
+    try:
+        speed = float(value.strip())
+    except ValueError:
+        return None
+    return speed if speed > 0 and speed != float("inf") else None
 
 
 class Kind(StrEnum):
@@ -284,5 +302,6 @@ class Answer:
                              "choices": [choice], "usage": usage(self.gen, completion_tokens)})
 
 
-__all__ = ["CHAT_DEFAULT_MAX_TOKENS", "COMPLETIONS_DEFAULT_MAX_TOKENS", "FILLER", "Answer", "ApiError", "Generation",
-           "Kind", "count_words", "error_body", "filler_text", "parse_generation"]
+__all__ = ["CHAT_DEFAULT_MAX_TOKENS", "COMPLETIONS_DEFAULT_MAX_TOKENS", "EMULATOR_HEADER", "FILLER", "Answer",
+           "ApiError", "Generation", "Kind", "count_words", "emulator_header_value", "error_body", "filler_text",
+           "parse_emulator_header", "parse_generation"]

@@ -34,13 +34,15 @@ import random
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from melange_sky.core.buckets import DEFAULT_INPUT_EDGES, DEFAULT_OUTPUT_EDGES, check_edges
 from melange_sky.core.slo import Slo, bucket_tokens
+from melange_sky.engine.emulator_openai import EMULATOR_HEADER, parse_emulator_header
 from melange_sky.errors import EndpointUnreachable, ProfileError
 from melange_sky.inputs.http import (COMPLETIONS_PATH, Client, Endpoint, HttpError, RequestRecord, error_text,
-                                     is_client_error, os_reason, parse_endpoint)
+                                     is_client_error, iter_body, os_reason, parse_endpoint, read_head)
 from melange_sky.inputs.profile_load import Load, StepPlan, completion_payload, run_step, synthetic_prompt
 from melange_sky.inputs.profile_result import (BucketProfile, BucketStatus, Cell, Estimate, EventKind, ProfileEvent,
                                                ProfileResult, ProfileSettings, ProgressCallback, StepResult)
@@ -98,12 +100,42 @@ def _client(ep: Endpoint, settings: ProfileSettings) -> Client:
 
 
 # ---- checking the endpoint -----------------------------------------------------------------------------------------
-async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) -> None:
+@dataclass(frozen=True)
+class ServerIdentity:
+    """What the server said of itself when first reached: whether it is `melange-sky emulate` (its
+    `EMULATOR_HEADER`, which vLLM never sends), and at what speed (None: not said)."""
+
+    emulated: bool = False
+    speed: float | None = None
+
+
+_MODELS_BODY_LIMIT = 1 << 20
+
+
+async def _get_models(client: Client) -> tuple[int, dict[str, str], bytes]:
+    """GET /v1/models: (status, headers with lower-case names, body up to about 1 MB)."""
+    reader, writer = await client.connect()
+    try:
+        writer.write(client.request_bytes("GET", "/v1/models", None))
+        await writer.drain()
+        status, headers = await read_head(reader)
+        body = b""
+        async for data in iter_body(reader, headers):
+            body += data
+            if len(body) > _MODELS_BODY_LIMIT:
+                break
+        return status, headers, body
+    finally:
+        writer.close()
+
+
+async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) -> ServerIdentity:
     """Fail fast, in one line, when nothing listens at the endpoint or it does not serve `model`: a wrong URL or
-    model would otherwise show up as every bucket failing, after minutes of measuring."""
+    model would otherwise show up as every bucket failing, after minutes of measuring. Returns whether the server
+    says it is the emulator, for the profile's record (`estimate --calibrate` refuses a fit to an emulator)."""
     client = _client(ep, settings)
     try:
-        status, body = await asyncio.wait_for(client.get("/v1/models"), settings.connect_timeout * 2)
+        status, headers, body = await asyncio.wait_for(_get_models(client), settings.connect_timeout * 2)
     except (TimeoutError, OSError) as exc:
         raise EndpointUnreachable(f"cannot reach {ep.url} ({os_reason(exc)}): is the server running and the port "
                                   f"open? Try: curl {ep.url}/v1/models") from None
@@ -128,6 +160,8 @@ async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) ->
         raise ProfileError(f"POST {ep.full_url(COMPLETIONS_PATH)} answered {record.error}: is --endpoint the "
                            f"server's base URL (e.g. {ep.origin}) and --model {model!r} right? Try: "
                            f"curl {ep.full_url('/v1/models')}")
+    said = headers.get(EMULATOR_HEADER.lower())
+    return ServerIdentity() if said is None else ServerIdentity(emulated=True, speed=parse_emulator_header(said))
 
 
 # ---- one bucket ----------------------------------------------------------------------------------------------------
@@ -346,8 +380,8 @@ async def _search(step: Callable[[float], Awaitable[StepResult]], stopped: Calla
 
 async def _profile(ep: Endpoint, model: str, input_edges: tuple[int, ...], output_edges: tuple[int, ...],
                    cells: list[Cell], settings: ProfileSettings, on_progress: ProgressCallback | None
-                   ) -> list[BucketProfile]:
-    await check_endpoint(ep, model, settings)
+                   ) -> tuple[ServerIdentity, list[BucketProfile]]:
+    identity = await check_endpoint(ep, model, settings)
     client = _client(ep, settings)
     rng = random.Random(settings.seed)
     results = []
@@ -372,7 +406,7 @@ async def _profile(ep: Endpoint, model: str, input_edges: tuple[int, ...], outpu
         bucket = await _profile_bucket(client, model, cell, ranges, settings, rng, emit)
         emit(EventKind.BUCKET_DONE, None, bucket)
         results.append(bucket)
-    return results
+    return identity, results
 
 
 def profile_endpoint(endpoint: str, model: str, *, input_edges: Sequence[int] = DEFAULT_INPUT_EDGES,
@@ -394,7 +428,7 @@ def profile_endpoint(endpoint: str, model: str, *, input_edges: Sequence[int] = 
         if not (0 <= i < shape[0] and 0 <= j < shape[1]):
             raise ProfileError(f"bucket {i}:{j} is outside the {shape[0]}x{shape[1]} buckets")
     started = time.perf_counter()
-    measured = asyncio.run(_profile(ep, model, in_edges, out_edges, chosen, settings, on_progress))
+    identity, measured = asyncio.run(_profile(ep, model, in_edges, out_edges, chosen, settings, on_progress))
     by_cell = {b.cell: b for b in measured}
     buckets = []
     for i in range(shape[0]):
@@ -406,10 +440,11 @@ def profile_endpoint(endpoint: str, model: str, *, input_edges: Sequence[int] = 
                 status=BucketStatus.NOT_MEASURED, tput=0.0, message="not in --buckets"))
     return ProfileResult(endpoint=ep.url, model=model, tpot_slo_ms=settings.tpot_slo_ms, input_edges=in_edges,
                          output_edges=out_edges, buckets=tuple(buckets), settings=settings,
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started,
+                         emulated=True if identity.emulated else None, speed=identity.speed)
 
 
 __all__ = [
-    "ProfileResult", "ProfileSettings", "bucket_timeout", "check_endpoint", "estimate_seconds", "parse_cells",
-    "profile_endpoint", "slo_latency", "step_cap",
+    "ProfileResult", "ProfileSettings", "ServerIdentity", "bucket_timeout", "check_endpoint", "estimate_seconds",
+    "parse_cells", "profile_endpoint", "slo_latency", "step_cap",
 ]
