@@ -62,7 +62,7 @@ def test_a_profile_of_the_local_launchers_emulator_is_refused(cli, tmp_path, hom
     record = launched_record(at_speed, ProfileSettings(tpot_slo_ms=150), 20.0, "L4", emulated=True).to_dict()
     assert (record["gpu"], record["emulated"], record["speed"]) == ("L4", True, 20.0)
     assert record["buckets"][0]["tput"] == 100.0  # in real time, as before
-    _refused(cli, tmp_path, home, record, "measured on the local launcher's emulator at 20x real time, not a real L4")
+    _refused(cli, tmp_path, home, record, "measured on melange-sky's emulator at 20x real time, not a real L4")
 
 
 @pytest.mark.parametrize(("gpu", "model"), [("L4", "meta-llama/Llama-3.1-8B-Instruct"), ("l4", "llama-3.1-8b"),

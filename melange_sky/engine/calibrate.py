@@ -100,7 +100,7 @@ def check_record(model: ModelSpec, gpu: str, record: dict[str, Any], source: str
     if record.get("emulated") is True:
         speed = record.get("speed")
         at = f" at {speed:g}x real time" if isinstance(speed, int | float) and not isinstance(speed, bool) else ""
-        problems.append(f"measured on the local launcher's emulator{at}, not a real {name} (the emulator runs this "
+        problems.append(f"measured on melange-sky's emulator{at}, not a real {name} (the emulator runs this "
                         f"engine model: a fit to it fits the model to itself and to HTTP overhead its speed-up does "
                         f"not scale)")
     unchecked = None
