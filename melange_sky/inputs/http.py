@@ -338,6 +338,11 @@ class Client:
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """GET an API path: (status, body, at most about 1 MB). Raises what connecting and reading raise."""
+        status, _, body = await self.get_with_headers(path)
+        return status, body
+
+    async def get_with_headers(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        """GET an API path: (status, headers with lower-case names, body, at most about 1 MB)."""
         reader, writer = await self.connect()
         try:
             writer.write(self.request_bytes("GET", path, None))
@@ -348,7 +353,7 @@ class Client:
                 body += data
                 if len(body) > _GET_BODY_LIMIT:
                     break
-            return status, body
+            return status, headers, body
         finally:
             writer.close()
 

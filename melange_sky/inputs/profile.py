@@ -42,7 +42,7 @@ from melange_sky.core.slo import Slo, bucket_tokens
 from melange_sky.engine.emulator_openai import EMULATOR_HEADER, parse_emulator_header
 from melange_sky.errors import EndpointUnreachable, ProfileError
 from melange_sky.inputs.http import (COMPLETIONS_PATH, Client, Endpoint, HttpError, RequestRecord, error_text,
-                                     is_client_error, iter_body, os_reason, parse_endpoint, read_head)
+                                     is_client_error, os_reason, parse_endpoint)
 from melange_sky.inputs.profile_load import Load, StepPlan, completion_payload, run_step, synthetic_prompt
 from melange_sky.inputs.profile_result import (BucketProfile, BucketStatus, Cell, Estimate, EventKind, ProfileEvent,
                                                ProfileResult, ProfileSettings, ProgressCallback, StepResult)
@@ -109,33 +109,14 @@ class ServerIdentity:
     speed: float | None = None
 
 
-_MODELS_BODY_LIMIT = 1 << 20
-
-
-async def _get_models(client: Client) -> tuple[int, dict[str, str], bytes]:
-    """GET /v1/models: (status, headers with lower-case names, body up to about 1 MB)."""
-    reader, writer = await client.connect()
-    try:
-        writer.write(client.request_bytes("GET", "/v1/models", None))
-        await writer.drain()
-        status, headers = await read_head(reader)
-        body = b""
-        async for data in iter_body(reader, headers):
-            body += data
-            if len(body) > _MODELS_BODY_LIMIT:
-                break
-        return status, headers, body
-    finally:
-        writer.close()
-
-
 async def check_endpoint(ep: Endpoint, model: str, settings: ProfileSettings) -> ServerIdentity:
     """Fail fast, in one line, when nothing listens at the endpoint or it does not serve `model`: a wrong URL or
     model would otherwise show up as every bucket failing, after minutes of measuring. Returns whether the server
     says it is the emulator, for the profile's record (`estimate --calibrate` refuses a fit to an emulator)."""
     client = _client(ep, settings)
     try:
-        status, headers, body = await asyncio.wait_for(_get_models(client), settings.connect_timeout * 2)
+        status, headers, body = await asyncio.wait_for(client.get_with_headers("/v1/models"),
+                                                       settings.connect_timeout * 2)
     except (TimeoutError, OSError) as exc:
         raise EndpointUnreachable(f"cannot reach {ep.url} ({os_reason(exc)}): is the server running and the port "
                                   f"open? Try: curl {ep.url}/v1/models") from None
