@@ -247,10 +247,14 @@ def solve(config: Config, formulation: Formulation | str = Formulation.SLICES,
     else:
         if split is None:
             note("the split alternative")
-            split = solve_fleet(config, Formulation.SPLIT, quick, caps)
-        bounds.append(split.cost if split.status is SolveStatus.OPTIMAL else None)
-        if split.cost < result.cost - 1e-9:
-            alternative = Alternative(Formulation.SPLIT, split.cost, split.counts)
+            try:
+                split = solve_fleet(config, Formulation.SPLIT, quick, caps)
+            except SolverError:  # no split fleet within the comparison's time: no bound, no alternative
+                split = None
+        if split is not None:
+            bounds.append(split.cost if split.status is SolveStatus.OPTIMAL else None)
+            if split.cost < result.cost - 1e-9:
+                alternative = Alternative(Formulation.SPLIT, split.cost, split.counts)
     lower_bound = max((b for b in [*bounds, result.lower_bound] if b is not None), default=None)
     return dataclasses.replace(result, lower_bound=lower_bound, alternative=alternative)
 
