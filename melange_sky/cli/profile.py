@@ -17,7 +17,7 @@ from melange_sky.cli.main import INTERRUPTED, debug_option, main, warn
 from melange_sky.cli.options import backend_option, bucket_edge_options
 from melange_sky.cli.text import format_event, format_matrix
 from melange_sky.core.buckets import parse_edges
-from melange_sky.core.config_doc import edges_for_config, read_config_object, write_config
+from melange_sky.core.config_doc import edges_for_config, per_gpu_tputs, read_config_object, write_config
 from melange_sky.deploy.offers import catalog_pricer
 from melange_sky.errors import LaunchError, ProfileError
 from melange_sky.fleet.backends import load_backend
@@ -377,7 +377,7 @@ def format_profile(result: ProfileResult, gpus: int = 1) -> str:
     else:
         lines += ["", f"tputs for this GPU type, per GPU (req/s per bucket: the {gpus}-GPU server's above / {gpus}; "
                       f"paste into gpu_info, or use --into CONFIG --gpu NAME):",
-                  format_matrix("tputs", [[round(x / gpus, 4) for x in row] for row in result.tputs])]
+                  format_matrix("tputs", per_gpu_tputs(result.tputs, gpus))]
     return "\n".join(lines)
 
 

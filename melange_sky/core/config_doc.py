@@ -175,6 +175,12 @@ def new_gpu_entry(gpu: str, tp: int | None) -> dict[str, Any]:
     return {"accelerators": f"{gpu}:{tp}"} if tp is not None and tp > 1 else {}
 
 
+def per_gpu_tputs(tputs: Sequence[Sequence[float]], gpus: int) -> list[list[float]]:
+    """A server's (or replica's) measured rates as a config's `tputs`, which are per GPU: divided by the `gpus` it
+    ran on (rounded to 4 places; untouched for one GPU). One place, so what is printed and what is written agree."""
+    return [[round(x / gpus, 4) if gpus > 1 else x for x in row] for row in tputs]
+
+
 def check_gpu_entries(data: dict[str, Any], source: str = "<config>", gpus: Sequence[str] = (),
                       price: Pricer | None = None) -> None:
     """ConfigError, before any work, for what would leave `data` invalid once tputs of `gpus` are written into it:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melange_sky.core.config import Pricer
-from melange_sky.core.config_doc import MergeResult, check_merged, gpu_entry, new_gpu_entry
+from melange_sky.core.config_doc import MergeResult, check_merged, gpu_entry, new_gpu_entry, per_gpu_tputs
 from melange_sky.core.gpus import same_gpu
 from melange_sky.core.slo import ProfileSize, Slo, Slos, arrival_gaps, bucket_tokens, percentile
 from melange_sky.engine.engine import Engine
@@ -502,7 +502,7 @@ def merge_tables(config: dict[str, Any], tables: dict[str, GpuTable], input_edge
         entry, new = gpu_entry(data, name, source)
         if new:
             entry.update(new_gpu_entry(name, replica_gpus))
-        entry["tputs"] = [[round(x / replica_gpus, 4) if replica_gpus > 1 else x for x in row] for row in table.tputs]
+        entry["tputs"] = per_gpu_tputs(table.tputs, replica_gpus)
         if "cost" not in entry:
             added.append(name)
     data.setdefault("input_buckets", list(input_edges))

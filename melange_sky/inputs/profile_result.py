@@ -14,7 +14,7 @@ from typing import Any
 
 from melange_sky.core.config import Pricer, pinned_gpus, tensor_parallel_size
 from melange_sky.core.config_doc import (MergeResult, check_merged, edges_for_config, gpu_entries, gpu_entry,
-                                         new_gpu_entry)
+                                         new_gpu_entry, per_gpu_tputs)
 from melange_sky.core.gpus import same_gpu
 from melange_sky.core.slo import DEFAULT_TPOT_SLO_MS, ProfileSize, Slo, Slos
 from melange_sky.errors import ProfileError, ProfileFailed
@@ -388,7 +388,7 @@ def merge_profile(config: dict[str, Any], result: ProfileResult, gpu: str, cost:
     """
     data = copy.deepcopy(config)
     warnings: list[str] = []
-    tputs = [[round(x / gpus, 4) if gpus > 1 else x for x in row] for row in result.tputs]
+    tputs = per_gpu_tputs(result.tputs, gpus)
     rows, cols = len(tputs), len(tputs[0])
     entry, added = gpu_entry(data, gpu, source)
     if added:
