@@ -43,7 +43,7 @@ from melange_sky.controller.placer import SpotStep
 from melange_sky.controller.rules import Decision, Need, Scale
 
 __all__ = ["Action", "Controller", "DEFAULT_INTERVAL_S", "PassReport", "SpotHolds", "WatchOptions", "read_placer",
-           "remember_unavailable", "spot_avoided", "spot_holds", "watch_lock"]
+           "remember_unavailable", "spot_holds", "watch_lock"]
 
 DEFAULT_INTERVAL_S = 60.0
 PROBE_TIMEOUT_S = 5.0  # one readiness probe
@@ -126,14 +126,9 @@ class PassReport:
 
 def read_placer(ledger: Ledger, fleet: str) -> placer.Placer:
     """The spot placer's memory of `fleet`: its spot events in the ledger, folded oldest first. `up` reads it too
-    (`spot_avoided`), so a manual `up` does not relaunch on a pool `watch` just saw fail."""
+    (`spot_holds`), so a manual `up` does not relaunch on a pool `watch` just saw fail."""
     events = sorted((e for kind in placer.KINDS for e in ledger.history(fleet=fleet, kind=kind)), key=lambda e: e.id)
     return placer.Placer.of((e.at, e.new_state, e.data) for e in events)
-
-
-def spot_avoided(ledger: Ledger, fleet: str, now: float) -> frozenset[str]:
-    """The spot pools (offer keys) no plan of `fleet` may add replicas on at `now`."""
-    return read_placer(ledger, fleet).avoided(now)
 
 
 @dataclass(frozen=True)
