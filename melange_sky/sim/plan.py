@@ -132,7 +132,7 @@ def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compa
     notes = list(result.warnings)
     counts: dict[str, int] = {}  # instances per GPU entry
     engines_of: dict[str, int] = {}  # replicas (engines) per GPU entry
-    markets: dict[str, dict[str, int]] = {}  # instances per GPU entry and market
+    spot: dict[str, int] = {}  # spot instances per GPU entry
     for column in result.gpus:
         if not column.count:
             continue
@@ -140,12 +140,10 @@ def plan_from_config(config: Config, settings: PlanSettings = PlanSettings(compa
         per = max(1, column.gpus_per_instance // tp)
         counts[entry] = counts.get(entry, 0) + column.count
         engines_of[entry] = engines_of.get(entry, 0) + column.count * per
-        by_market = markets.setdefault(entry, {})
-        by_market[column.market] = by_market.get(column.market, 0) + column.count
+        spot[entry] = spot.get(entry, 0) + (column.count if column.market == Market.SPOT else 0)
         if per > 1:
             notes.append(f"{column.name}: {column.count} instance(s) of {per * tp} GPUs, each {per} data-parallel "
                          f"engines (TP {tp}): simulated as {column.count * per} replicas")
-    spot = {entry: by_market.get(Market.SPOT, 0) for entry, by_market in markets.items()}
     notes.extend(_spot_note(spot, counts))
     routes = routes_from_solve(config, result, replica_specs(engines_of))
     spec = _model(deployment.model, model)
