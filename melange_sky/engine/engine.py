@@ -233,9 +233,7 @@ class Engine:
         if prompt_tokens + max_tokens > self.max_model_len:
             raise EngineError(f"this model's maximum context length is {self.max_model_len} tokens; the request "
                               f"asks for {prompt_tokens} prompt + {max_tokens} output tokens")
-        cost_s = self._frontend_request_s if endpoint is None else self._frontend_endpoint_s.get(endpoint)
-        if cost_s is None:
-            raise EngineError(f"unknown endpoint {endpoint!r} (chat or completions)")
+        cost_s = self._request_cost_s(endpoint)
         request = _Request(request_id, prompt_tokens, max_tokens)
         self._requests[request_id] = request
         arrived = self.clock if at is None else min(at, self.clock)
@@ -260,11 +258,15 @@ class Engine:
     def frontend_capacity(self, output_tokens: int, endpoint: str | None = None) -> float:
         """Requests per second the API server sustains when each streams `output_tokens` tokens and came to
         `endpoint` (as `add`; None: the engine's coefficients as given); inf without an API server."""
-        request_s = self._frontend_request_s if endpoint is None else self._frontend_endpoint_s.get(endpoint)
-        if request_s is None:
-            raise EngineError(f"unknown endpoint {endpoint!r} (chat or completions)")
-        busy = request_s + output_tokens * self._frontend_token_s
+        busy = self._request_cost_s(endpoint) + output_tokens * self._frontend_token_s
         return 1 / busy if busy > 0 else math.inf
+
+    def _request_cost_s(self, endpoint: str | None) -> float:
+        """The API server's time for one request that came to `endpoint` (None: the coefficients as given)."""
+        cost_s = self._frontend_request_s if endpoint is None else self._frontend_endpoint_s.get(endpoint)
+        if cost_s is None:
+            raise EngineError(f"unknown endpoint {endpoint!r} (chat or completions)")
+        return cost_s
 
     def without_frontend(self) -> Engine:
         """This engine with no API server in front (for measuring what the GPU alone sustains); returns itself."""
