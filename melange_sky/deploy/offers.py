@@ -33,7 +33,7 @@ import difflib
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from melange_sky.core.config import Config, GpuSpec, Market, Pricer
+from melange_sky.core.config import Config, GpuSpec, Market, Pricer, pinned_gpus
 from melange_sky.deploy.catalog import Catalog, Offer, default_catalog, offer_key
 from melange_sky.errors import CatalogError, ConfigError
 from melange_sky.solver.model import SharedCap
@@ -293,15 +293,11 @@ def _wanted_gpu(spec: GpuSpec, source: str) -> tuple[str, str, int | None]:
     default as in SkyPilot), else the entry's name with any count."""
     if spec.accelerators is None:
         return "", spec.name, None
-    name, _, count = spec.accelerators.partition(":")
-    try:
-        number = float(count) if count.strip() else 1.0
-    except ValueError:
-        number = 0.0
-    if not name.strip() or not number.is_integer() or number < 1:
+    count = pinned_gpus(spec.accelerators)
+    if count is None:
         raise ConfigError(source, f"{spec.field_path}.accelerators",
                           f"must look like \"A100-80GB:1\" (a GPU name and a whole count), got {spec.accelerators!r}")
-    return ".accelerators", name.strip(), int(number)
+    return ".accelerators", spec.accelerators.partition(":")[0].strip(), count
 
 
 def _with_instance_type(spec: GpuSpec, offers: list[Offer], allowed: tuple[str, ...], gpu: str, source: str,

@@ -16,7 +16,7 @@ from typing import Any
 
 from melange_sky import __version__
 from melange_sky._io import write_json, write_text
-from melange_sky.core.config import Config, GpuSpec, Market, check_instance_gpus, check_keys, is_note
+from melange_sky.core.config import Config, GpuSpec, Market, check_instance_gpus, check_keys, is_note, pinned_gpus
 from melange_sky.deploy.catalog import Catalog, offer_key
 from melange_sky.deploy.offers import bind_offers
 from melange_sky.deploy.render import (INTERNAL_TEMPLATES, LINE_BREAKS, BoundOffer, Template, bind_resources,
@@ -411,7 +411,7 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
         "melange_version": __version__, "fleet": fleet, "cluster": cluster, "replica": index, "gpu": gpu.name,
         "entry": gpu.entry or gpu.name,
         "file_name": file_name, "cloud": gpu.cloud, "region": gpu.region, "instance_type": gpu.instance_type,
-        "accelerators": accelerators, "accelerator": accelerators.split(":")[0], "gpus": _gpu_count(accelerators),
+        "accelerators": accelerators, "accelerator": accelerators.split(":")[0], "gpus": pinned_gpus(accelerators) or 1,
         "use_spot": gpu.use_spot, "price": gpu.cost, "model": deployment.model, "port": deployment.port,
         "envs": deployment.envs, "secrets": list(deployment.secrets), "version": deployment.version,
         "extra_args": list(deployment.extra_args), "readiness_path": deployment.readiness_path,
@@ -432,12 +432,6 @@ def _replica(fleet: str, gpu: GpuSpec, cluster: str, index: int, file_part: str,
                        market=gpu.market or (Market.SPOT if gpu.use_spot else Market.ON_DEMAND))
 
 
-def _gpu_count(accelerators: str) -> int:
-    _, _, count = accelerators.partition(":")
-    try:
-        return max(1, int(float(count))) if count else 1
-    except ValueError:
-        return 1
 
 
 def _slug(name: str, fallback: str = "gpu") -> str:

@@ -50,7 +50,7 @@ from enum import StrEnum
 from typing import Any
 
 from melange_sky._signals import deliver, signals_held
-from melange_sky.core.config import Bucket, Config, GpuSpec
+from melange_sky.core.config import Bucket, Config, GpuSpec, pinned_gpus
 from melange_sky.errors import AllocationCheckError, SolverError
 
 SOLVERS = ("highs", "cbc")
@@ -333,11 +333,7 @@ def gpus_per_instance(gpu: GpuSpec) -> int:
     counts are GPUs."""
     if gpu.entry is None or not gpu.accelerators:
         return 1
-    _, _, count = gpu.accelerators.partition(":")
-    try:
-        return max(1, int(float(count))) if count.strip() else 1
-    except ValueError:
-        return 1
+    return pinned_gpus(gpu.accelerators) or 1
 
 
 @dataclass(frozen=True)
