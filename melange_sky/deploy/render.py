@@ -109,27 +109,20 @@ def render(template: Template, context: Mapping[str, Any]) -> tuple[str, dict[st
     try:
         text = template.jinja.render(**context)
     except SecurityError as exc:
-        line = _template_line(exc, template)
-        where = f"{template.path}:{line}" if line else str(template.path)
-        raise TemplateError(f"{where}: refused: {str(exc).rstrip('.')} (templates render in a sandbox: they read the "
-                            f"plan's variables and cannot reach Python or change those values)") from None
+        raise TemplateError(f"{_where(exc, template)}: refused: {str(exc).rstrip('.')} (templates render in a "
+                            f"sandbox: they read the plan's variables and cannot reach Python or change those "
+                            f"values)") from None
     except jinja2.UndefinedError as exc:
-        line = _template_line(exc, template)
-        where = f"{template.path}:{line}" if line else str(template.path)
-        raise TemplateError(f"{where}: undefined template variable: {exc.message}; available: "
+        raise TemplateError(f"{_where(exc, template)}: undefined template variable: {exc.message}; available: "
                             f"{', '.join(sorted(context))}") from None
     except jinja2.TemplateNotFound as exc:
-        line = _template_line(exc, template)
-        where = f"{template.path}:{line}" if line else str(template.path)
-        raise TemplateError(f"{where}: includes {exc.name!r}, which is not a file of the template's own directory "
-                            f"({template.path.resolve().parent})") from None
+        raise TemplateError(f"{_where(exc, template)}: includes {exc.name!r}, which is not a file of the "
+                            f"template's own directory ({template.path.resolve().parent})") from None
     except jinja2.TemplateError as exc:
         raise TemplateError(f"{template.path}: rendering failed: {exc}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError) as exc:
         # A template's own mistake ({{ port + "x" }}, {{ 1 / 0 }}) or a value a filter refuses: name the line.
-        line = _template_line(exc, template)
-        where = f"{template.path}:{line}" if line else str(template.path)
-        raise TemplateError(f"{where}: rendering failed: {type(exc).__name__}: {exc}") from None
+        raise TemplateError(f"{_where(exc, template)}: rendering failed: {type(exc).__name__}: {exc}") from None
     try:  # libyaml's loader where PyYAML has it: the pure-Python one is 90% of the time of a 100-replica plan
         task = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
@@ -285,6 +278,12 @@ def _shell_quote(value: Any) -> str:
         raise ValueError(f"shell_quote: {text!r} contains a line break, which cannot stay inside the task's "
                          f"`run:`/`setup:` block")
     return shlex.quote(text)
+
+
+def _where(exc: BaseException, template: Template) -> str:
+    """`path:line` of the template line an exception was raised from, or the path when no line is known."""
+    line = _template_line(exc, template)
+    return f"{template.path}:{line}" if line else str(template.path)
 
 
 def _template_line(exc: BaseException, template: Template) -> int | None:
