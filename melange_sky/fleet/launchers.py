@@ -18,7 +18,7 @@ from melange_sky.errors import LauncherMismatch, UnknownBackend
 from melange_sky.fleet.backends import ENV_VAR, Backend, load_backend
 from melange_sky.fleet.ledger import FleetRecord, Ledger
 
-__all__ = ["asked_launcher", "check_launcher", "fleet_launcher", "fleet_launchers", "launcher_record",
+__all__ = ["asked_launcher", "check_launcher", "fleet_launcher", "fleet_launchers", "launcher_record", "state_dir",
            "launcher_text", "reaches", "up_launcher"]
 
 
@@ -36,7 +36,7 @@ def _path_of(kind: type) -> str:
     return f"{kind.__module__}:{kind.__qualname__}"
 
 
-def _state_dir(backend: object) -> str | None:
+def state_dir(backend: object) -> str | None:
     """What reaches a launcher keeping its state in a directory (the local launcher's `dir`), absolute."""
     directory = getattr(backend, "dir", None) if getattr(backend, "name", None) == "local" else None
     return str(Path(directory).absolute()) if directory is not None else None
@@ -46,7 +46,7 @@ def launcher_record(backend: Backend) -> dict[str, Any]:
     """What the ledger keeps of a fleet's launcher: enough to load it again (`module:Class`, as `--backend` takes
     it) and to reach the same clusters (the local launcher's state directory)."""
     record: dict[str, Any] = {"name": str(backend.name), "class": _class_path(backend)}
-    directory = _state_dir(backend)
+    directory = state_dir(backend)
     if directory is not None:
         record["dir"] = directory
     return record
@@ -66,7 +66,7 @@ def reaches(record: Mapping[str, Any], backend: object) -> bool:
     """Whether `backend` is the recorded launcher: the same class, and for one with a state directory, that one."""
     if not _same_kind(record, backend):
         return False
-    wanted, given = record.get("dir"), _state_dir(backend)
+    wanted, given = record.get("dir"), state_dir(backend)
     return wanted is None or given is None or Path(wanted).resolve() == Path(given).resolve()
 
 
@@ -76,7 +76,7 @@ def check_launcher(fleet: FleetRecord | None, backend: object) -> None:
     if fleet is None or fleet.launcher is None or reaches(fleet.launcher, backend):
         return
     raise LauncherMismatch(_mismatch(fleet, f"{getattr(backend, 'name', _class_path(backend))!r}"
-                                            f"{f' (state in {_state_dir(backend)})' if _state_dir(backend) else ''}"))
+                                            f"{f' (state in {state_dir(backend)})' if state_dir(backend) else ''}"))
 
 
 def _mismatch(fleet: FleetRecord, given: str) -> str:

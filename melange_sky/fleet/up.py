@@ -25,6 +25,7 @@ from melange_sky.fleet.fleet import Fleet, Planner, RouterSetup, UpOptions
 from melange_sky.fleet.hosted import (HOSTED, LOCAL, controller_mode, controller_settings, push_from_ledger,
                                       sync_from_controller)
 from melange_sky.fleet.keys import API_KEY_ENV, fleet_keys
+from melange_sky.fleet.launchers import state_dir
 from melange_sky.fleet.ledger import Ledger
 from melange_sky.fleet.reports import DryRunReport, Preview, ReplicaEvent, UpReport
 
@@ -222,12 +223,10 @@ def controller_choice(config: Config, settings: PlanSettings, backend: Backend, 
     deployment = deployment_from_config(config, settings.template)
     needed = deployment.needed_secrets(needs_model_secrets(backend))  # what it relaunches replicas with
     secret_names = [name for name in deployment.secrets if name in needed or environ.get(name)]
-    launcher_dir = None
+    launcher_dir = state_dir(backend)  # the local launcher's state, shared with the router's host
     if not router:
         why = "it runs on the router's host, and --no-router launches none"
-    elif backend.name == "local" and getattr(backend, "dir", None) is not None:
-        launcher_dir = str(Path(backend.dir).absolute())  # type: ignore[attr-defined]  # LocalBackend's state
-    elif backend.name == "skypilot":
+    elif launcher_dir is None and backend.name == "skypilot":
         endpoint = skypilot_api_server(environ)
         if settings.template is not None and settings.template not in builtin_templates():
             why = f"the replicas' template {settings.template} is a file on this machine only"
@@ -238,7 +237,7 @@ def controller_choice(config: Config, settings: PlanSettings, backend: Backend, 
             envs[SKYPILOT_ENDPOINT_ENV] = endpoint
             if environ.get(SKYPILOT_TOKEN_ENV):
                 secret_names.append(SKYPILOT_TOKEN_ENV)
-    else:
+    elif launcher_dir is None:
         why = f"the {backend.name!r} launcher cannot be driven from the router's host"
     if why is not None:
         if asked == HOSTED:
