@@ -21,9 +21,6 @@ from melange_sky.errors import MelangeError
 DEBUG_KEY = "melange_sky.debug"
 LOGS_KEY = "melange_sky.logs"
 INTERRUPTED = 130  # the exit code of a Ctrl-C, SIGTERM or SIGHUP, wherever it lands (README: exit codes)
-# stdout's reader went away (`| head -1`): end quietly with 1, as Click itself and Python's documented recipe do. Not
-# 141 (128 + SIGPIPE): that says "killed by the signal", which a Python process that ignores SIGPIPE never is.
-BROKEN_PIPE = 1
 
 # Where each command lives (a module of this package). A command's module is imported when that command runs, or
 # when the help lists them all: `melange-sky solve` does not pay for the engine's, the router's or the fleet's
@@ -93,9 +90,8 @@ class MelangeGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
-            if isinstance(exc, BrokenPipeError) and _stdout_gone():  # not a bug: the reader closed our stdout
-                _silence_stdout()
-                ctx.exit(BROKEN_PIPE)
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():  # not a bug: the reader closed our stdout;
+                raise  # Click's main exits 1 quietly on EPIPE (and pacifies the flush at shutdown)
             if _debug(ctx):
                 raise
             click.echo(f"Error: internal error: {type(exc).__name__}: {exc}. Rerun with --debug for the traceback "
@@ -112,14 +108,6 @@ def _stdout_gone() -> bool:
         return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no real descriptor (a test's runner)
         return False
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null, so the text still buffered for the closed pipe does not fail a second time at
-    interpreter shutdown ("Exception ignored ... BrokenPipeError"): Python's documented recipe for SIGPIPE."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def _debug(ctx: click.Context) -> bool:
